@@ -1,0 +1,27 @@
+#!/bin/sh
+# deps.sh: make sure the Debian packages protoq builds and tests with are
+# installed. As root it installs what is missing with apt-get; otherwise it
+# prints the exact command to run and exits 1.
+set -eu
+
+PKGS="build-essential pkg-config libevent-dev libprotobuf-c-dev protobuf-c-compiler check"
+
+missing=""
+for p in $PKGS; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+        missing="$missing $p"
+    fi
+done
+
+[ -z "$missing" ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "protoq: missing Debian packages:$missing" >&2
+    echo "run: sudo apt-get install -y$missing" >&2
+    exit 1
+fi
+
+echo "protoq: installing$missing" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q >&2 || true
+apt-get install -y -q --no-install-recommends $missing >&2

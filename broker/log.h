@@ -1,0 +1,25 @@
+/*
+ * log.h: leveled logging to stderr ("protoqd: warn: ..."); journald adds
+ * the timestamps under systemd. The level is process-wide (set from config,
+ * changed on SIGHUP). Thread-safe: each line is one write(2).
+ */
+#ifndef PQ_LOG_H
+#define PQ_LOG_H
+
+enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERR };
+
+void log_set_level(enum log_level lvl);
+enum log_level log_get_level(void);
+/* log_parse_level: "debug"|"info"|"warn"|"error" -> 0, else PQ_EINVAL. */
+int log_parse_level(const char *s, enum log_level *out);
+const char *log_level_name(enum log_level lvl);
+
+void log_msg(enum log_level lvl, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+#define log_debug(...) log_msg(LOG_DEBUG, __VA_ARGS__)
+#define log_info(...) log_msg(LOG_INFO, __VA_ARGS__)
+#define log_warn(...) log_msg(LOG_WARN, __VA_ARGS__)
+#define log_err(...) log_msg(LOG_ERR, __VA_ARGS__)
+
+#endif

@@ -1,0 +1,273 @@
+/*
+ * frame.c: see frame.h. The hand-written parts (the length prefix and the
+ * Deliver splice) follow the protobuf wire format exactly: a field is a
+ * varint key (number << 3 | wire type), then a varint value (type 0) or a
+ * varint length and that many bytes (type 2). tests/unit/check_frame.c
+ * decodes every spliced frame with protobuf-c to hold this file to it.
+ */
+#include "frame.h"
+#include "pqerr.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+enum { WT_VARINT = 0, WT_LEN = 2 };
+
+ssize_t
+frame_check_header(const uint8_t *buf, size_t len, uint32_t max_bytes)
+{
+    uint32_t n;
+
+    if (len < FRAME_HEADER_LEN) {
+        return PQ_EAGAIN;
+    }
+    n = (uint32_t)buf[0] << 24 | (uint32_t)buf[1] << 16 |
+        (uint32_t)buf[2] << 8 | (uint32_t)buf[3];
+    if (n == 0) {
+        return PQ_EPROTO;
+    }
+    if (n > max_bytes) {
+        return PQ_ETOOBIG;
+    }
+    return (ssize_t)n;
+}
+
+/* ---- budgeted allocator for protobuf-c ---- */
+
+struct budget {
+    size_t left;
+    int exceeded;
+};
+
+/* Each block records its size so frees give the budget back. */
+static void *
+budget_alloc(void *data, size_t size)
+{
+    struct budget *b = data;
+    size_t need = size + 16;
+    unsigned char *p;
+
+    if (size > b->left || need > b->left) {
+        b->exceeded = 1;
+        return NULL;
+    }
+    p = malloc(need);
+    if (p == NULL) {
+        return NULL;
+    }
+    b->left -= need;
+    memcpy(p, &need, sizeof(need));
+    return p + 16;
+}
+
+static void
+budget_free(void *data, void *ptr)
+{
+    struct budget *b = data;
+    unsigned char *p;
+    size_t need;
+
+    if (ptr == NULL) {
+        return;
+    }
+    p = (unsigned char *)ptr - 16;
+    memcpy(&need, p, sizeof(need));
+    if (b != NULL) {
+        b->left += need;
+    }
+    free(p);
+}
+
+/* Frees after the decode are not counted: the budget is gone by then. */
+static void
+plain_free(void *data, void *ptr)
+{
+    (void)data;
+    budget_free(NULL, ptr);
+}
+
+static ProtobufCAllocator free_allocator = {
+    .alloc = NULL,
+    .free = plain_free,
+    .allocator_data = NULL,
+};
+
+size_t
+frame_decode_budget(size_t len)
+{
+    /* Real frames need well under 24x (a batch of tiny messages is the
+     * worst legitimate case); 64 KiB covers fixed overheads. */
+    return 24 * len + 65536;
+}
+
+int
+frame_unpack(const uint8_t *body, size_t len, size_t budget_bytes,
+             Protoq__Frame **out)
+{
+    struct budget b = {.left = budget_bytes, .exceeded = 0};
+    ProtobufCAllocator a = {
+        .alloc = budget_alloc, .free = budget_free, .allocator_data = &b};
+    Protoq__Frame *f;
+
+    *out = NULL;
+    f = protoq__frame__unpack(&a, len, body);
+    if (f == NULL) {
+        return b.exceeded ? PQ_ETOOBIG : PQ_EPROTO;
+    }
+    *out = f;
+    return PQ_OK;
+}
+
+void
+frame_free(Protoq__Frame *f)
+{
+    if (f != NULL) {
+        protoq__frame__free_unpacked(f, &free_allocator);
+    }
+}
+
+size_t
+frame_packed_size(const Protoq__Frame *f)
+{
+    return FRAME_HEADER_LEN + protoq__frame__get_packed_size(f);
+}
+
+size_t
+frame_pack(const Protoq__Frame *f, uint8_t *out)
+{
+    size_t n = protoq__frame__pack(f, out + FRAME_HEADER_LEN);
+
+    out[0] = (uint8_t)(n >> 24);
+    out[1] = (uint8_t)(n >> 16);
+    out[2] = (uint8_t)(n >> 8);
+    out[3] = (uint8_t)n;
+    return FRAME_HEADER_LEN + n;
+}
+
+/* ---- protobuf primitives ---- */
+
+size_t
+pb_varint_size(uint64_t v)
+{
+    size_t n = 1;
+
+    while (v >= 0x80) {
+        v >>= 7;
+        n++;
+    }
+    return n;
+}
+
+size_t
+pb_put_varint(uint8_t *p, uint64_t v)
+{
+    size_t n = 0;
+
+    while (v >= 0x80) {
+        p[n++] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    p[n++] = (uint8_t)v;
+    return n;
+}
+
+static size_t
+key_size(unsigned field)
+{
+    return pb_varint_size((uint64_t)field << 3);
+}
+
+/* A varint field, omitted when 0 as proto3 does. */
+static size_t
+varint_field_size(unsigned field, uint64_t v)
+{
+    return v == 0 ? 0 : key_size(field) + pb_varint_size(v);
+}
+
+static size_t
+put_varint_field(uint8_t *p, unsigned field, uint64_t v)
+{
+    size_t n;
+
+    if (v == 0) {
+        return 0;
+    }
+    n = pb_put_varint(p, (uint64_t)field << 3 | WT_VARINT);
+    return n + pb_put_varint(p + n, v);
+}
+
+static size_t
+len_field_size(unsigned field, size_t len)
+{
+    return key_size(field) + pb_varint_size(len) + len;
+}
+
+static size_t
+put_len_field(uint8_t *p, unsigned field, const void *data, size_t len)
+{
+    size_t n = pb_put_varint(p, (uint64_t)field << 3 | WT_LEN);
+
+    n += pb_put_varint(p + n, len);
+    if (len > 0) {
+        memcpy(p + n, data, len);
+    }
+    return n + len;
+}
+
+/* Size of the Deliver message body (without its own key and length). */
+static size_t
+deliver_body_size(const struct frame_deliver *d, size_t msg_len)
+{
+    size_t qlen = d->queue ? strlen(d->queue) : 0;
+    size_t n = 0;
+
+    n += varint_field_size(1, d->subscription_id);
+    n += qlen ? len_field_size(2, qlen) : 0;
+    n += varint_field_size(3, d->message_id);
+    n += varint_field_size(4, d->attempt);
+    n += varint_field_size(5, d->lease_ms);
+    n += varint_field_size(6, d->published_at_ms);
+    n += len_field_size(7, msg_len);
+    n += d->progress ? len_field_size(8, d->progress_len) : 0;
+    return n;
+}
+
+size_t
+frame_deliver_size(const struct frame_deliver *d, size_t msg_len)
+{
+    /* Frame field 34 (deliver); request_id 0 is omitted. */
+    return FRAME_HEADER_LEN +
+           len_field_size(PROTOQ__FRAME__KIND_DELIVER,
+                          deliver_body_size(d, msg_len));
+}
+
+size_t
+frame_deliver_encode(const struct frame_deliver *d, const uint8_t *msg,
+                     size_t msg_len, uint8_t *out)
+{
+    size_t body = deliver_body_size(d, msg_len);
+    size_t qlen = d->queue ? strlen(d->queue) : 0;
+    uint8_t *p = out + FRAME_HEADER_LEN;
+    size_t total;
+
+    p += pb_put_varint(p, (uint64_t)PROTOQ__FRAME__KIND_DELIVER << 3 | WT_LEN);
+    p += pb_put_varint(p, body);
+    p += put_varint_field(p, 1, d->subscription_id);
+    if (qlen) {
+        p += put_len_field(p, 2, d->queue, qlen);
+    }
+    p += put_varint_field(p, 3, d->message_id);
+    p += put_varint_field(p, 4, d->attempt);
+    p += put_varint_field(p, 5, d->lease_ms);
+    p += put_varint_field(p, 6, d->published_at_ms);
+    p += put_len_field(p, 7, msg, msg_len);
+    if (d->progress) {
+        p += put_len_field(p, 8, d->progress, d->progress_len);
+    }
+    total = (size_t)(p - out);
+    out[0] = (uint8_t)((total - FRAME_HEADER_LEN) >> 24);
+    out[1] = (uint8_t)((total - FRAME_HEADER_LEN) >> 16);
+    out[2] = (uint8_t)((total - FRAME_HEADER_LEN) >> 8);
+    out[3] = (uint8_t)(total - FRAME_HEADER_LEN);
+    return total;
+}
