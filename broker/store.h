@@ -264,7 +264,7 @@ void store_get_stats(struct store *st, struct store_stats *out);
 
 /*
  * store_read: read back the record at loc (pread + CRC check). On PQ_OK,
- * *type is its type and *body/*len a new copy of its body that the caller
+ * *type is its type and *body (*len bytes) a new copy of its body that the caller
  * frees with pq_free. PQ_EAGAIN when the record is not written yet (still
  * in a batch: try again after it is reaped), PQ_ECORRUPT on a CRC or length
  * mismatch, PQ_ENOTFOUND when the segment is gone, PQ_ESYS/PQ_EIO on a
