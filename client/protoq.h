@@ -290,7 +290,9 @@ typedef void (*protoq_confirm_fn)(void *arg, int err, uint64_t message_id,
  * (or protoq_close never: closing drops pending callbacks). The frame is
  * buffered and written when the buffer fills or on the next flush/poll/wait.
  * cb may be NULL (the outcome is then only counted). Returns PQ_OK when
- * queued, or an error (nothing queued, cb not called).
+ * queued; PQ_EINVAL, PQ_ETOOBIG or PQ_ENOMEM when nothing was queued (cb
+ * not called); or a connection error met while flushing, in which case cb
+ * has already run with that error too.
  */
 int protoq_publish_async(protoq_client *c, const char *queue,
                          const struct protoq_message *msg,
