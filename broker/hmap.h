@@ -13,6 +13,7 @@
 #ifndef PQ_HMAP_H
 #define PQ_HMAP_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
