@@ -17,6 +17,9 @@ enum fsync_policy { FSYNC_ALWAYS, FSYNC_INTERVAL, FSYNC_NEVER };
 
 enum { CONFIG_PATH_MAX = 4096, CONFIG_ADDR_MAX = 300 };
 
+/* Longest line config_load_file accepts, newline excluded. */
+enum { CONFIG_LINE_MAX = 4096 };
+
 struct config {
     /* ---- network ---- */
     char listen[CONFIG_ADDR_MAX];      /* HOST:PORT, [v6]:PORT; port 0 = any */
@@ -47,6 +50,8 @@ struct config {
     uint64_t dedup_window_ms;
     /* ---- logging ---- */
     enum log_level log_level;
+    /* ---- bookkeeping, not a setting ---- */
+    uint64_t overridden;               /* bit per key set by config_override() */
 };
 
 /* config_defaults: fill c with every default. */
@@ -56,6 +61,10 @@ void config_defaults(struct config *c);
  * config_load_file: apply `key value` lines from path on top of c. On error
  * writes "PATH:LINE: KEY: expected ..., got \"...\"" into err and returns
  * PQ_EINVAL (PQ_ESYS when the file cannot be read, with strerror in err).
+ * Lines: `key value` (value = rest of the line, trimmed; "" = empty string),
+ * whole-line `#` comments, blank lines; a later line for a key wins. Each
+ * value is range-checked; cross-field checks wait for config_validate, after
+ * the flags. c may be partly updated on error.
  */
 int config_load_file(struct config *c, const char *path, char *err,
                      size_t errlen);
@@ -68,12 +77,79 @@ int config_load_file(struct config *c, const char *path, char *err,
 int config_set(struct config *c, const char *key, const char *value,
                char *err, size_t errlen);
 
-/* config_dump: write every key and its value, one `key value` per line. */
+/*
+ * config_override: config_set for a command-line flag. Besides setting the
+ * key it marks it in c->overridden, so config_reload_file keeps the flag's
+ * value (and does not report it as an ignored change) on every SIGHUP.
+ */
+int config_override(struct config *c, const char *key, const char *value,
+                    char *err, size_t errlen);
+
+/*
+ * config_validate: range-check every key and run the cross-field checks
+ * (max_frame_bytes >= max_message_bytes + 64 KiB, heartbeat_timeout_ms >
+ * heartbeat_ms when heartbeats are on, backoff_cap_ms >= backoff_base_ms,
+ * max_lease_ms 0 or >= ack_timeout_ms, metrics not on listen's port). Call it
+ * once after the file and the flags are applied. PQ_OK, or PQ_EINVAL with
+ * "KEY: expected ..., got \"...\"" in err.
+ */
+int config_validate(const struct config *c, char *err, size_t errlen);
+
+/*
+ * config_dump: write every key and its value, one `key value` per line, in
+ * table order; sizes in bytes, durations in ms, strings that are empty or
+ * start/end with blanks in double quotes. The output loads back unchanged.
+ */
 void config_dump(const struct config *c, int fd);
 
 /*
+ * config_get: the canonical text of one key's value (as config_dump writes
+ * it, strings unquoted) into buf. PQ_ENOTFOUND for an unknown key,
+ * PQ_ETOOBIG when buf is too small.
+ */
+int config_get(const struct config *c, const char *key, char *buf,
+               size_t len);
+
+/* config_key_reloadable: true when SIGHUP applies key (false if unknown). */
+bool config_key_reloadable(const char *key);
+
+/* config_key_count, config_key_name: the key table, in dump order. */
+size_t config_key_count(void);
+const char *config_key_name(size_t i);
+
+/*
+ * config_reload_file: SIGHUP. Parse path over the defaults into a copy,
+ * put back the keys in live->overridden (flags win), validate it, then copy
+ * only the reloadable keys into live (log_level, max_connections,
+ * max_hello_bytes, max_message_bytes, max_batch, conn_output_high_bytes,
+ * heartbeat_ms, heartbeat_timeout_ms, idle_timeout_ms, memory_high_bytes).
+ * A key missing from the file goes back to its default, as on a restart.
+ * PQ_OK on success; non-reloadable keys whose value in the file differs
+ * from the running one are ignored and named in err ("ignored until
+ * restart: data_dir, fsync"; err is "" when none). On any error (unreadable
+ * file, bad line, invalid result) live is left unchanged and a negative
+ * PQ_E* comes back with the message in err. Side effects such as
+ * log_set_level() are the caller's job.
+ */
+int config_reload_file(struct config *live, const char *path, char *err,
+                       size_t errlen);
+
+/*
+ * config_split_hostport: "HOST:PORT", "[V6]:PORT" (brackets stripped) ->
+ * host and port 0..65535. host may be NULL (validate only). PQ_EINVAL for a
+ * malformed address, PQ_ETOOBIG when host does not fit in hostlen.
+ */
+int config_split_hostport(const char *s, char *host, size_t hostlen,
+                          uint16_t *port);
+
+/* config_fsync_name: "always", "interval" or "never". */
+const char *config_fsync_name(enum fsync_policy p);
+
+/*
  * Parsers shared with the CLI (durations accept ms, s, m, h, d suffixes;
- * a bare number is milliseconds; sizes accept k, m, g (KiB...)).
+ * a bare number is milliseconds; sizes accept k, m, g (KiB...)). Strict:
+ * digits then an optional suffix, nothing else (no sign, blanks or
+ * fractions). PQ_EINVAL for garbage, an empty string or a uint64_t overflow.
  */
 int config_parse_duration_ms(const char *s, uint64_t *out);
 int config_parse_bytes(const char *s, uint64_t *out);
