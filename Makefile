@@ -51,7 +51,7 @@ CORE_OBJS  = $(B)/broker/mem.o $(B)/broker/log.o
 QUEUE_OBJS = $(B)/broker/queue.o $(B)/broker/heap.o $(B)/broker/hmap.o $(B)/broker/body.o
 STORE_OBJS = $(B)/broker/store.o $(B)/broker/record.o $(B)/broker/crc32c.o
 BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
-              $(B)/broker/dispatch.o $(B)/broker/recover.o $(B)/broker/config.o \
+              $(B)/broker/dispatch.o $(B)/broker/journal.o $(B)/broker/config.o \
               $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS)
 
 LIB_OBJS   = $(B)/client/client.o

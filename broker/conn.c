@@ -1,0 +1,510 @@
+/*
+ * conn.c: client connections. Owns struct conn, its bufferevent callbacks,
+ * the framing of input (length checked before any allocation, decode under
+ * a budget, at most FRAMES_PER_WAKEUP frames per callback), the framing of
+ * output, output backpressure and close-after-flush. A conn is never freed
+ * from under its own callback: closing marks it CLOSED and moves it to the
+ * reap list, which the loop pass empties (conn_reap).
+ */
+#include "conn.h"
+
+#include <arpa/inet.h>
+#include <assert.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+
+#include "dispatch.h"
+#include "frame.h"
+#include "log.h"
+#include "mem.h"
+#include "pqerr.h"
+#include "server.h"
+
+enum { FRAMES_PER_WAKEUP = 64 };
+
+static const char *const state_names[] = {
+    [CONN_HANDSHAKE] = "handshake",
+    [CONN_READY] = "ready",
+    [CONN_CLOSING] = "closing",
+    [CONN_CLOSED] = "closed",
+};
+
+const char *
+conn_state_name(enum conn_state s)
+{
+    return state_names[s];
+}
+
+void
+conn_set_state(struct conn *c, enum conn_state s)
+{
+    bool legal;
+
+    switch (s) {
+    case CONN_READY:
+        legal = c->state == CONN_HANDSHAKE;
+        break;
+    case CONN_CLOSING:
+        legal = c->state == CONN_HANDSHAKE || c->state == CONN_READY;
+        break;
+    case CONN_CLOSED:
+        legal = c->state != CONN_CLOSED;
+        break;
+    default:
+        legal = false;
+        break;
+    }
+    assert(legal);
+    log_debug("conn %llu %s: %s -> %s", (unsigned long long)c->id, c->peer,
+              state_names[c->state], state_names[s]);
+    c->state = s;
+}
+
+bool
+conn_is_open(const struct conn *c)
+{
+    return c->state == CONN_HANDSHAKE || c->state == CONN_READY;
+}
+
+static bool
+conn_writes(const struct conn *c)
+{
+    return c->bev != NULL &&
+           (c->state == CONN_HANDSHAKE || c->state == CONN_READY ||
+            c->state == CONN_CLOSING);
+}
+
+/* ---- output ---- */
+
+bool
+conn_output_pending(const struct conn *c)
+{
+    return c->bev != NULL &&
+           evbuffer_get_length(bufferevent_get_output(c->bev)) > 0;
+}
+
+static void
+note_output(struct conn *c)
+{
+    struct evbuffer *out = bufferevent_get_output(c->bev);
+
+    c->last_tx_ms = c->srv->now_mono_ms;
+    c->srv->stats.frames_out++;
+    if (!c->output_full &&
+        evbuffer_get_length(out) > c->srv->cfg.conn_output_high_bytes) {
+        c->output_full = true;
+        dispatch_conn_output(c, true);
+    }
+}
+
+uint8_t *
+conn_reserve(struct conn *c, size_t n)
+{
+    struct evbuffer_iovec v;
+
+    if (!conn_writes(c)) {
+        return NULL;
+    }
+    if (evbuffer_reserve_space(bufferevent_get_output(c->bev),
+                               (ev_ssize_t)n, &v, 1) != 1) {
+        return NULL;
+    }
+    c->resv = v.iov_base;
+    return v.iov_base;
+}
+
+void
+conn_commit(struct conn *c, size_t n)
+{
+    struct evbuffer_iovec v = {.iov_base = c->resv, .iov_len = n};
+
+    assert(c->resv != NULL);
+    evbuffer_commit_space(bufferevent_get_output(c->bev), &v, 1);
+    c->resv = NULL;
+    note_output(c);
+}
+
+int
+conn_send(struct conn *c, const Protoq__Frame *f)
+{
+    size_t n = frame_packed_size(f);
+    uint8_t *p = conn_reserve(c, n);
+
+    if (p == NULL) {
+        return conn_writes(c) ? PQ_ENOMEM : PQ_ECLOSED;
+    }
+    conn_commit(c, frame_pack(f, p));
+    return PQ_OK;
+}
+
+static int
+send_errorv(struct conn *c, uint64_t request_id, int code, const char *fmt,
+            va_list ap)
+{
+    Protoq__Frame f = PROTOQ__FRAME__INIT;
+    Protoq__Error e = PROTOQ__ERROR__INIT;
+    char msg[512];
+
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    e.code = (Protoq__ErrorCode)code;
+    e.message = msg;
+    f.request_id = request_id;
+    f.kind_case = PROTOQ__FRAME__KIND_ERROR;
+    f.error = &e;
+    return conn_send(c, &f);
+}
+
+int
+conn_send_error(struct conn *c, uint64_t request_id, int code,
+                const char *fmt, ...)
+{
+    va_list ap;
+    int rc;
+
+    va_start(ap, fmt);
+    rc = send_errorv(c, request_id, code, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+/* ---- closing ---- */
+
+static void
+move_to_reap(struct conn *c)
+{
+    struct server *srv = c->srv;
+
+    if (c->prev) {
+        c->prev->next = c->next;
+    } else {
+        srv->conns = c->next;
+    }
+    if (c->next) {
+        c->next->prev = c->prev;
+    }
+    srv->nconns--;
+    c->prev = NULL;
+    c->next = srv->reap;
+    if (srv->reap) {
+        srv->reap->prev = c;
+    }
+    srv->reap = c;
+}
+
+void
+conn_close(struct conn *c, const char *why)
+{
+    if (c->state == CONN_CLOSED) {
+        return;
+    }
+    log_debug("conn %llu %s: closed: %s", (unsigned long long)c->id,
+              c->peer, why);
+    dispatch_conn_closed(c);
+    conn_set_state(c, CONN_CLOSED);
+    if (c->bev) {
+        bufferevent_free(c->bev); /* BEV_OPT_CLOSE_ON_FREE closes the fd */
+        c->bev = NULL;
+    }
+    move_to_reap(c);
+}
+
+void
+conn_fatal(struct conn *c, uint64_t request_id, int code, const char *fmt,
+           ...)
+{
+    va_list ap;
+    char msg[512];
+
+    if (!conn_is_open(c)) {
+        return;
+    }
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    log_info("conn %llu %s: closing: %s", (unsigned long long)c->id, c->peer,
+             msg);
+    c->srv->stats.protocol_errors++;
+    conn_send_error(c, request_id, code, "%s", msg);
+    conn_set_state(c, CONN_CLOSING);
+    /* Stop reading; the write callback closes once the output is empty. */
+    bufferevent_disable(c->bev, EV_READ);
+    bufferevent_setwatermark(c->bev, EV_WRITE, 0, 0);
+    bufferevent_enable(c->bev, EV_WRITE);
+    /* The subscriptions go now: a closing peer must not get deliveries. */
+    dispatch_conn_closed(c);
+}
+
+void
+conn_unref(struct conn *c)
+{
+    assert(c->refs > 0);
+    c->refs--;
+}
+
+void
+conn_reap(struct server *srv)
+{
+    struct conn *c = srv->reap, *next;
+
+    for (; c != NULL; c = next) {
+        next = c->next;
+        if (c->refs > 0) {
+            continue;
+        }
+        if (c->prev) {
+            c->prev->next = c->next;
+        } else {
+            srv->reap = c->next;
+        }
+        if (c->next) {
+            c->next->prev = c->prev;
+        }
+        pq_free(c);
+    }
+}
+
+/* ---- input ---- */
+
+/* Say what a peer that does not speak protoq probably is. */
+static const char *
+guess_foreign(const uint8_t *h)
+{
+    if (h[0] == 0x16 && h[1] == 0x03) {
+        return " (this looks like a TLS ClientHello; this port speaks plain protoq)";
+    }
+    if (memcmp(h, "GET ", 4) == 0 || memcmp(h, "POST", 4) == 0 ||
+        memcmp(h, "PUT ", 4) == 0 || memcmp(h, "HEAD", 4) == 0) {
+        return " (this looks like HTTP; this port speaks protoq)";
+    }
+    return "";
+}
+
+/*
+ * read_frames: decode and dispatch up to FRAMES_PER_WAKEUP frames. Returns
+ * true when more complete input may remain.
+ */
+static bool
+read_frames(struct conn *c)
+{
+    struct evbuffer *in = bufferevent_get_input(c->bev);
+
+    for (int i = 0; i < FRAMES_PER_WAKEUP; i++) {
+        uint8_t hdr[FRAME_HEADER_LEN];
+        size_t avail = evbuffer_get_length(in);
+        Protoq__Frame *f;
+        ssize_t n;
+        int rc;
+
+        if (!conn_is_open(c)) {
+            return false;
+        }
+        if (avail < FRAME_HEADER_LEN) {
+            return false;
+        }
+        evbuffer_copyout(in, hdr, FRAME_HEADER_LEN);
+        n = frame_check_header(hdr, FRAME_HEADER_LEN, c->max_frame_bytes);
+        if (n == PQ_ETOOBIG) {
+            conn_fatal(c, 0, PROTOQ__ERROR_CODE__FRAME_TOO_LARGE,
+                       "frame length %u over the limit of %u bytes%s",
+                       (unsigned)hdr[0] << 24 | (unsigned)hdr[1] << 16 |
+                           (unsigned)hdr[2] << 8 | hdr[3],
+                       c->max_frame_bytes, guess_foreign(hdr));
+            return false;
+        }
+        if (n < 0) {
+            conn_fatal(c, 0, PROTOQ__ERROR_CODE__MALFORMED_FRAME,
+                       "frame length 0");
+            return false;
+        }
+        if (avail < FRAME_HEADER_LEN + (size_t)n) {
+            return false;
+        }
+        rc = frame_unpack(evbuffer_pullup(in, FRAME_HEADER_LEN + n) +
+                              FRAME_HEADER_LEN,
+                          (size_t)n, frame_decode_budget((size_t)n), &f);
+        evbuffer_drain(in, FRAME_HEADER_LEN + (size_t)n);
+        if (rc != PQ_OK) {
+            conn_fatal(c, 0, PROTOQ__ERROR_CODE__MALFORMED_FRAME,
+                       rc == PQ_ETOOBIG
+                           ? "frame of %zd bytes needs too much memory to decode"
+                           : "frame of %zd bytes is not a valid protoq.Frame",
+                       n);
+            return false;
+        }
+        c->last_rx_ms = c->srv->now_mono_ms;
+        c->srv->stats.frames_in++;
+        dispatch_frame(c, f);
+        frame_free(f);
+    }
+    return conn_is_open(c) && evbuffer_get_length(in) >= FRAME_HEADER_LEN;
+}
+
+static void
+read_cb(struct bufferevent *bev, void *arg)
+{
+    struct conn *c = arg;
+
+    (void)bev;
+    if (read_frames(c) && conn_is_open(c)) {
+        /* Fairness: yield, and come back in a later pass. */
+        bufferevent_trigger(c->bev, EV_READ, BEV_TRIG_DEFER_CALLBACKS);
+    }
+}
+
+static void
+write_cb(struct bufferevent *bev, void *arg)
+{
+    struct conn *c = arg;
+    struct evbuffer *out = bufferevent_get_output(bev);
+
+    if (c->state == CONN_CLOSING) {
+        if (evbuffer_get_length(out) == 0) {
+            conn_close(c, "error reply flushed");
+        }
+        return;
+    }
+    if (c->output_full &&
+        evbuffer_get_length(out) <= c->srv->cfg.conn_output_high_bytes / 2) {
+        c->output_full = false;
+        dispatch_conn_output(c, false);
+    }
+}
+
+static void
+event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    struct conn *c = arg;
+
+    (void)bev;
+    if (what & BEV_EVENT_EOF) {
+        conn_close(c, "peer closed");
+    } else if (what & BEV_EVENT_ERROR) {
+        conn_close(c, evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+    }
+}
+
+static void
+format_peer(const struct sockaddr *sa, char *buf, size_t len)
+{
+    char host[INET6_ADDRSTRLEN] = "?";
+    unsigned port = 0;
+
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *s4 = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &s4->sin_addr, host, sizeof(host));
+        port = ntohs(s4->sin_port);
+        snprintf(buf, len, "%s:%u", host, port);
+    } else if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)sa;
+        inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof(host));
+        port = ntohs(s6->sin6_port);
+        snprintf(buf, len, "[%s]:%u", host, port);
+    } else {
+        snprintf(buf, len, "unknown");
+    }
+}
+
+void
+conn_accept(struct server *srv, evutil_socket_t fd, const struct sockaddr *sa,
+            int salen)
+{
+    struct conn *c;
+    int one = 1;
+
+    (void)salen;
+    if (srv->nconns >= srv->cfg.max_connections) {
+        srv->stats.conns_rejected++;
+        log_warn("refusing a connection: max_connections (%u) reached",
+                 srv->cfg.max_connections);
+        evutil_closesocket(fd);
+        return;
+    }
+    c = pq_calloc(1, sizeof(*c));
+    if (c == NULL) {
+        log_warn("refusing a connection: out of memory");
+        evutil_closesocket(fd);
+        return;
+    }
+    c->bev = bufferevent_socket_new(srv->base, fd, BEV_OPT_CLOSE_ON_FREE);
+    if (c->bev == NULL) {
+        log_warn("refusing a connection: cannot create bufferevent");
+        evutil_closesocket(fd);
+        pq_free(c);
+        return;
+    }
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    c->srv = srv;
+    c->state = CONN_HANDSHAKE;
+    c->id = ++srv->next_conn_id;
+    c->max_frame_bytes = srv->cfg.max_hello_bytes;
+    c->accepted_ms = c->last_rx_ms = c->last_tx_ms = srv->now_mono_ms;
+    format_peer(sa, c->peer, sizeof(c->peer));
+    snprintf(c->name, sizeof(c->name), "-");
+
+    c->next = srv->conns;
+    if (srv->conns) {
+        srv->conns->prev = c;
+    }
+    srv->conns = c;
+    srv->nconns++;
+    srv->stats.conns_accepted++;
+
+    /* No connection buffers more than one largest frame unparsed. */
+    bufferevent_setwatermark(c->bev, EV_READ, 0,
+                             FRAME_HEADER_LEN + (size_t)srv->cfg.max_frame_bytes);
+    bufferevent_setcb(c->bev, read_cb, write_cb, event_cb, c);
+    bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+    log_debug("conn %llu %s: accepted", (unsigned long long)c->id, c->peer);
+}
+
+/* ---- timers ---- */
+
+static void
+send_heartbeat(struct conn *c)
+{
+    Protoq__Frame f = PROTOQ__FRAME__INIT;
+    Protoq__Heartbeat hb = PROTOQ__HEARTBEAT__INIT;
+
+    f.kind_case = PROTOQ__FRAME__KIND_HEARTBEAT;
+    f.heartbeat = &hb;
+    conn_send(c, &f);
+}
+
+void
+conn_housekeeping(struct server *srv, uint64_t now_ms)
+{
+    struct conn *c, *next;
+
+    for (c = srv->conns; c != NULL; c = next) {
+        next = c->next;
+        if (c->state == CONN_HANDSHAKE &&
+            now_ms - c->accepted_ms >= srv->cfg.idle_timeout_ms) {
+            conn_fatal(c, 0, PROTOQ__ERROR_CODE__UNEXPECTED_FRAME,
+                       "no Hello within %u ms", srv->cfg.idle_timeout_ms);
+            continue;
+        }
+        if (c->state != CONN_READY || c->heartbeat_ms == 0) {
+            continue;
+        }
+        /* Liveness matters where jobs are held: a silent consumer is
+         * closed so its deliveries go to someone else. */
+        if (c->nsubs > 0 &&
+            now_ms - c->last_rx_ms >= srv->cfg.heartbeat_timeout_ms) {
+            log_info("conn %llu %s: no frame for %llu ms, closing",
+                     (unsigned long long)c->id, c->peer,
+                     (unsigned long long)(now_ms - c->last_rx_ms));
+            conn_close(c, "heartbeat timeout");
+            continue;
+        }
+        if (now_ms - c->last_tx_ms >= c->heartbeat_ms) {
+            send_heartbeat(c);
+        }
+    }
+}

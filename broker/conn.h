@@ -1,0 +1,105 @@
+/*
+ * conn.h: one struct conn per client socket: its bufferevent, its state,
+ * framing of input and output, backpressure, and close-after-flush.
+ * Decoded frames go to dispatch.c; conn.c knows nothing of queues.
+ */
+#ifndef PQ_CONN_H
+#define PQ_CONN_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <event2/util.h>
+
+#include "protoq.pb-c.h"
+
+struct server;
+struct sub;
+struct bufferevent;
+struct sockaddr;
+
+/*
+ * States and their legal transitions (conn_set_state asserts them):
+ *   HANDSHAKE -> READY      Hello accepted
+ *   HANDSHAKE -> CLOSING    bad first frame: Error queued, reads off
+ *   READY     -> CLOSING    protocol error or shutdown: Error queued
+ *   any       -> CLOSED     EOF, socket error, or CLOSING output flushed;
+ *                           subscriptions dropped, deliveries requeued
+ * A CLOSED conn is freed after the loop pass once no wait refers to it.
+ */
+enum conn_state { CONN_HANDSHAKE, CONN_READY, CONN_CLOSING, CONN_CLOSED };
+
+struct conn {
+    struct server *srv;
+    struct bufferevent *bev;      /* NULL once CLOSED */
+    enum conn_state state;
+    uint64_t id;                  /* for logs */
+    char peer[64];                /* "127.0.0.1:53122" */
+    char name[64];                /* Hello.client_name, sanitised */
+    struct conn *prev, *next;     /* srv->conns, then srv->reap */
+    struct sub *subs;             /* this connection's subscriptions */
+    uint32_t nsubs;
+    uint32_t refs;                /* waits that still hold this conn */
+    uint32_t max_frame_bytes;     /* max_hello_bytes until Hello, then full */
+    uint32_t heartbeat_ms;        /* agreed interval; 0 = off */
+    uint64_t last_rx_ms;          /* mono: last frame received */
+    uint64_t last_tx_ms;          /* mono: last frame queued */
+    uint64_t accepted_ms;         /* mono */
+    bool output_full;             /* over conn_output_high_bytes */
+    uint8_t *resv;                /* conn_reserve'd space, until commit */
+};
+
+/* conn_accept: wrap an accepted socket; closes fd on failure. */
+void conn_accept(struct server *srv, evutil_socket_t fd,
+                 const struct sockaddr *sa, int salen);
+
+const char *conn_state_name(enum conn_state s);
+void conn_set_state(struct conn *c, enum conn_state s);
+
+/* conn_is_open: may still receive frames (not CLOSING or CLOSED). */
+bool conn_is_open(const struct conn *c);
+
+/*
+ * conn_send: pack f (with its length prefix) into c's output. Returns
+ * PQ_OK, PQ_ECLOSED when c no longer writes, PQ_ENOMEM.
+ */
+int conn_send(struct conn *c, const Protoq__Frame *f);
+
+/*
+ * conn_reserve / conn_commit: room for n bytes of encoded output written
+ * directly into the output buffer (the Deliver fast path). conn_reserve
+ * returns NULL when c does not write or memory ran out.
+ */
+uint8_t *conn_reserve(struct conn *c, size_t n);
+void conn_commit(struct conn *c, size_t n);
+
+/* conn_send_error: an Error frame answering request_id. */
+int conn_send_error(struct conn *c, uint64_t request_id, int code,
+                    const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/*
+ * conn_fatal: send an Error (request_id 0 unless given) and close once it is
+ * flushed; reads stop at once. Used for every framing and handshake error.
+ */
+void conn_fatal(struct conn *c, uint64_t request_id, int code,
+                const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+/* conn_close: close now (EOF, error, shutdown); freed after the pass. */
+void conn_close(struct conn *c, const char *why);
+
+/* conn_output_pending: bytes are still queued for c's socket. */
+bool conn_output_pending(const struct conn *c);
+
+/* conn_unref: a wait is done with c; frees nothing itself. */
+void conn_unref(struct conn *c);
+
+/* conn_reap: free CLOSED connections that nothing refers to. */
+void conn_reap(struct server *srv);
+
+/* conn_housekeeping: heartbeats out, dead and idle peers closed. */
+void conn_housekeeping(struct server *srv, uint64_t now_ms);
+
+#endif

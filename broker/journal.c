@@ -1,0 +1,1101 @@
+/*
+ * journal.c: the bridge between the queues and the log (see journal.h).
+ *
+ * Records and when they are written (durable queues only):
+ *   QUEUE_CREATE  on create, and again for every durable queue as the first
+ *                 records of each new segment (so old segments can go)
+ *   QUEUE_DELETE  on delete;  QUEUE_PURGE with the ids in flight that stay
+ *   PUBLISH       on publish (the whole message and its state), and again
+ *                 when compaction moves a live message forward
+ *   ACK           on ack;  DROP on expiry, cancel, or a failed dead-letter
+ *   REQUEUE       on every failed attempt or release (attempt, failures,
+ *                 and when it becomes visible, as wall-clock time)
+ *   DEAD_LETTER   when a message moves to its dead-letter queue (new body)
+ *   PROGRESS      when a touch or release carries progress
+ *
+ * Segment references: every live durable message refs the segment of its
+ * PUBLISH (or DEAD_LETTER) record (m->pub_seg) and of its latest state
+ * record (m->state_seg); the store deletes the oldest segments once they
+ * hold nothing live.
+ *
+ * Replay: records are applied in log order with the queue listener off.
+ * Nothing is in flight after a restart: every message comes back READY, or
+ * DELAYED while its deliver-at time is in the future, with the attempt and
+ * failure counts of its last record.
+ */
+#include "journal.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "body.h"
+#include "log.h"
+#include "mem.h"
+#include "pqerr.h"
+#include "queue.h"
+#include "record.h"
+#include "server.h"
+#include "store.h"
+
+enum { COMPACT_MSGS_PER_CALL = 20000 };
+
+struct journal {
+    struct store *st;
+    uint8_t *buf;                 /* scratch for encoding one record */
+    size_t cap;
+    uint64_t max_id;              /* replay: largest message id seen */
+    uint64_t replayed;            /* replay: records applied */
+    uint64_t mono_at_open;        /* replay: clocks read once */
+    uint64_t wall_at_open;
+    struct server *srv;
+};
+
+/* mkdir_p: create dir and its parents (mode 0750); existing is fine. */
+static int
+mkdir_p(const char *dir, char *err, size_t errlen)
+{
+    char path[CONFIG_PATH_MAX];
+    size_t len = strlen(dir);
+
+    if (len == 0 || len >= sizeof(path)) {
+        snprintf(err, errlen, "data_dir \"%s\": bad path", dir);
+        return PQ_EINVAL;
+    }
+    memcpy(path, dir, len + 1);
+    for (size_t i = 1; i <= len; i++) {
+        if (path[i] != '/' && path[i] != '\0') {
+            continue;
+        }
+        path[i] = '\0';
+        if (mkdir(path, 0750) != 0 && errno != EEXIST) {
+            snprintf(err, errlen, "mkdir %s: %s", path, strerror(errno));
+            return PQ_ESYS;
+        }
+        path[i] = i < len ? '/' : '\0';
+    }
+    return PQ_OK;
+}
+
+/*
+ * message_payload_size: the payload length inside an encoded
+ * protoq.Message (field 1), for the max_bytes accounting of replayed
+ * messages. Walks the top-level fields with bounds checks; 0 if absent
+ * or malformed (the body was CRC-checked, so malformed means a bug).
+ */
+static uint32_t
+message_payload_size(const struct body *b)
+{
+    const uint8_t *p = b->data, *end = b->data + b->len;
+
+    while (p < end) {
+        uint64_t key = 0, v = 0;
+        int shift = 0;
+
+        while (p < end && shift < 64) {
+            key |= (uint64_t)(*p & 0x7f) << shift;
+            shift += 7;
+            if (!(*p++ & 0x80)) {
+                break;
+            }
+        }
+        switch (key & 7) {
+        case 0:
+            while (p < end && (*p++ & 0x80)) {
+            }
+            break;
+        case 1:
+            p += 8;
+            break;
+        case 5:
+            p += 4;
+            break;
+        case 2:
+            shift = 0;
+            while (p < end && shift < 64) {
+                v |= (uint64_t)(*p & 0x7f) << shift;
+                shift += 7;
+                if (!(*p++ & 0x80)) {
+                    break;
+                }
+            }
+            if (v > (uint64_t)(end - p)) {
+                return 0;
+            }
+            if ((key >> 3) == 1) {
+                return (uint32_t)v;
+            }
+            p += v;
+            break;
+        default:
+            return 0;
+        }
+    }
+    return 0;
+}
+
+/* ---- clocks: the log stores wall time, the queues run on mono time ---- */
+
+static uint64_t
+mono_to_wall(const struct server *srv, uint64_t mono, bool never_zero)
+{
+    if (mono == 0) {
+        return 0;
+    }
+    if (mono <= srv->now_mono_ms) {
+        return never_zero ? clock_wall_ms() : 0;
+    }
+    return clock_wall_ms() + (mono - srv->now_mono_ms);
+}
+
+static uint64_t
+wall_to_mono(const struct journal *j, uint64_t wall, bool never_zero)
+{
+    if (wall == 0) {
+        return 0;
+    }
+    if (wall <= j->wall_at_open) {
+        return never_zero ? j->mono_at_open : 0;
+    }
+    return j->mono_at_open + (wall - j->wall_at_open);
+}
+
+/* ---- appending ---- */
+
+static int
+encode(uint8_t **buf, size_t *cap, const struct record *r, size_t *len)
+{
+    ssize_t n = record_encoded_size(r);
+
+    if (n < 0) {
+        return (int)n;
+    }
+    if ((size_t)n > *cap) {
+        size_t ncap = (size_t)n < 4096 ? 4096 : (size_t)n * 2;
+        uint8_t *nb = pq_realloc(*buf, ncap);
+
+        if (nb == NULL) {
+            return PQ_ENOMEM;
+        }
+        *buf = nb;
+        *cap = ncap;
+    }
+    n = record_encode(r, *buf, *cap);
+    if (n < 0) {
+        return (int)n;
+    }
+    *len = (size_t)n;
+    return PQ_OK;
+}
+
+static int
+append(struct journal *j, const struct record *r, uint64_t *lsn,
+       struct store_loc *loc)
+{
+    size_t len;
+    int rc = encode(&j->buf, &j->cap, r, &len);
+
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    return store_append(j->st, r->type, j->buf, len, lsn, loc);
+}
+
+static struct rec_str
+rstr(const char *s)
+{
+    struct rec_str r = {.ptr = s ? s : "", .len = s ? (uint32_t)strlen(s) : 0};
+    return r;
+}
+
+static void
+attrs_to_rec(struct rec_queue_attrs *r, const struct queue_attrs *a)
+{
+    r->transient = a->transient;
+    r->max_length = a->max_length;
+    r->max_bytes = a->max_bytes;
+    r->ack_timeout_ms = a->ack_timeout_ms;
+    r->max_attempts = a->max_attempts;
+    r->dead_letter = rstr(a->dead_letter);
+    r->backoff_base_ms = a->backoff_base_ms;
+    r->backoff_cap_ms = a->backoff_cap_ms;
+    r->ttl_ms = a->ttl_ms;
+    r->dedup_window_ms = a->dedup_window_ms;
+    r->max_lease_ms = a->max_lease_ms;
+    r->dead_letter_expired = a->dead_letter_expired;
+}
+
+static void
+queue_create_rec(struct record *r, const struct queue *q)
+{
+    memset(r, 0, sizeof(*r));
+    r->type = REC_QUEUE_CREATE;
+    r->u.queue_create.name = rstr(queue_name(q));
+    attrs_to_rec(&r->u.queue_create.attrs, queue_attrs(q));
+}
+
+static bool
+durable(const struct queue *q)
+{
+    return q != NULL && !queue_attrs(q)->transient;
+}
+
+/* Every new segment starts with the definitions of all durable queues. Its
+ * own buffer: the record that caused the roll is in j->buf. */
+static void
+on_roll(void *arg, uint32_t new_seg)
+{
+    struct journal *j = arg;
+    uint8_t *buf = NULL;
+    size_t cap = 0, len;
+    struct record r;
+
+    for (struct queue *q = qset_first(j->srv->qs); q; q = qset_next(q)) {
+        if (!durable(q)) {
+            continue;
+        }
+        queue_create_rec(&r, q);
+        if (encode(&buf, &cap, &r, &len) != PQ_OK ||
+            store_append(j->st, r.type, buf, len, NULL, NULL) != PQ_OK) {
+            log_warn("segment %u: could not write the definition of queue %s",
+                     new_seg, queue_name(q));
+        }
+    }
+    pq_free(buf);
+}
+
+/* ---- segment references ---- */
+
+static void
+ref_msg(struct journal *j, struct msg *m)
+{
+    store_seg_ref(j->st, m->pub_seg, 0);
+    store_seg_ref(j->st, m->state_seg, 0);
+}
+
+static void
+unref_msg(struct journal *j, struct msg *m)
+{
+    store_seg_unref(j->st, m->pub_seg, 0);
+    store_seg_unref(j->st, m->state_seg, 0);
+}
+
+/* m got a new state record at loc: move its state reference there. */
+static void
+move_state(struct journal *j, struct msg *m, uint32_t seg)
+{
+    store_seg_ref(j->st, seg, 0);
+    store_seg_unref(j->st, m->state_seg, 0);
+    m->state_seg = seg;
+}
+
+/* ---- writing ---- */
+
+int
+journal_queue_create(struct server *srv, struct queue *q, uint64_t *lsn)
+{
+    struct record r;
+
+    queue_create_rec(&r, q);
+    return append(srv->journal, &r, lsn, NULL);
+}
+
+static void
+unref_cb(void *arg, struct msg *m)
+{
+    unref_msg(arg, m);
+}
+
+int
+journal_queue_delete(struct server *srv, struct queue *q, uint64_t *lsn)
+{
+    struct journal *j = srv->journal;
+    struct record r = {.type = REC_QUEUE_DELETE};
+    int rc;
+
+    r.u.queue_delete.name = rstr(queue_name(q));
+    rc = append(j, &r, lsn, NULL);
+    if (rc == PQ_OK) {
+        queue_foreach_msg(q, unref_cb, j);
+        store_reserve_set(j->st, store_reserve_count(j->st) -
+                                     queue_total_count(q));
+    }
+    return rc;
+}
+
+struct purge_walk {
+    struct journal *j;
+    uint64_t *keep;
+    uint32_t n_keep, cap;
+    uint64_t gone;
+    bool oom;
+};
+
+static void
+purge_cb(void *arg, struct msg *m)
+{
+    struct purge_walk *w = arg;
+
+    if (m->state == MSG_INFLIGHT) {
+        if (w->n_keep == w->cap) {
+            uint32_t cap = w->cap ? w->cap * 2 : 64;
+            uint64_t *k = pq_realloc(w->keep, cap * sizeof(*k));
+
+            if (k == NULL) {
+                w->oom = true;
+                return;
+            }
+            w->keep = k;
+            w->cap = cap;
+        }
+        w->keep[w->n_keep++] = m->id;
+    }
+}
+
+static void
+purge_unref_cb(void *arg, struct msg *m)
+{
+    struct purge_walk *w = arg;
+
+    if (m->state != MSG_INFLIGHT) {
+        unref_msg(w->j, m);
+        w->gone++;
+    }
+}
+
+int
+journal_queue_purge(struct server *srv, struct queue *q, uint64_t *lsn)
+{
+    struct journal *j = srv->journal;
+    struct purge_walk w = {.j = j};
+    struct record r = {.type = REC_QUEUE_PURGE};
+    int rc;
+
+    queue_foreach_msg(q, purge_cb, &w);
+    if (w.oom) {
+        rc = PQ_ENOMEM;
+        goto out;
+    }
+    r.u.queue_purge.name = rstr(queue_name(q));
+    r.u.queue_purge.n_keep = w.n_keep;
+    r.u.queue_purge.keep_ids = w.keep;
+    rc = append(j, &r, lsn, NULL);
+    if (rc == PQ_OK) {
+        queue_foreach_msg(q, purge_unref_cb, &w);
+        store_reserve_set(j->st, store_reserve_count(j->st) - w.gone);
+    }
+out:
+    pq_free(w.keep);
+    return rc;
+}
+
+static void
+publish_rec_from_pending(struct server *srv, struct record *r,
+                         const struct pending *p, struct rec_kv *req)
+{
+    const struct msg_new *mn = &p->mn;
+
+    memset(r, 0, sizeof(*r));
+    r->type = REC_PUBLISH;
+    r->u.publish.id = mn->id;
+    r->u.publish.queue = rstr(queue_name(p->q));
+    r->u.publish.priority = mn->priority;
+    r->u.publish.published_wall_ms = mn->published_wall_ms;
+    r->u.publish.deliver_at_wall_ms = mono_to_wall(srv, mn->due_ms, false);
+    r->u.publish.expire_wall_ms = mono_to_wall(srv, mn->expire_ms, true);
+    r->u.publish.idem_key = rstr(p->idem_key);
+    for (size_t i = 0; i < mn->n_requires; i++) {
+        req[i].key = rstr(p->requires[i].key);
+        req[i].value = rstr(p->requires[i].value);
+    }
+    r->u.publish.n_requires = (uint32_t)mn->n_requires;
+    r->u.publish.requires = req;
+    r->u.publish.body.ptr = mn->body->data;
+    r->u.publish.body.len = mn->body->len;
+}
+
+int
+journal_publish(struct server *srv, struct pending *items, uint32_t n,
+                uint64_t *lsn)
+{
+    struct journal *j = srv->journal;
+    struct rec_kv req[32];
+    uint64_t bytes = 0;
+    uint32_t count = 0;
+    int rc;
+
+    for (uint32_t i = 0; i < n; i++) {
+        if (!items[i].duplicate && durable(items[i].q)) {
+            count++;
+            bytes += items[i].mn.body->len + 128;
+        }
+    }
+    rc = store_space_check(j->st, count, bytes);
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        struct pending *p = &items[i];
+        struct store_loc loc;
+        struct record r;
+
+        if (p->duplicate || !durable(p->q)) {
+            continue;
+        }
+        if (p->mn.n_requires > sizeof(req) / sizeof(req[0])) {
+            return PQ_EINVAL;
+        }
+        publish_rec_from_pending(srv, &r, p, req);
+        /* A failure past the first record leaves earlier ones in the
+         * batch: they may survive unconfirmed (at-least-once), never the
+         * reverse. */
+        rc = append(j, &r, lsn, &loc);
+        if (rc != PQ_OK) {
+            return rc;
+        }
+        p->mn.pub_seg = p->mn.state_seg = loc.seg;
+    }
+    return PQ_OK;
+}
+
+void
+journal_msg_stored(struct server *srv, struct msg *m)
+{
+    ref_msg(srv->journal, m);
+}
+
+int
+journal_ack(struct server *srv, struct msg *m, uint64_t *lsn)
+{
+    struct journal *j = srv->journal;
+    struct record r = {.type = REC_ACK};
+    int rc;
+
+    r.u.ack.id = m->id;
+    rc = append(j, &r, lsn, NULL);
+    unref_msg(j, m);
+    return rc;
+}
+
+/* A PUBLISH carrying m's whole current state (compaction, or a message
+ * that moves from a transient queue into a durable one). */
+static int
+republish(struct journal *j, struct msg *m, struct store_loc *loc)
+{
+    struct server *srv = j->srv;
+    struct rec_kv req[32];
+    size_t n_req = 0;
+    const struct kv *kv = msg_requires(m, &n_req);
+    struct body *prog = msg_progress(m);
+    struct record r = {.type = REC_PUBLISH};
+
+    if (m->body == NULL || n_req > sizeof(req) / sizeof(req[0])) {
+        return PQ_EINVAL;
+    }
+    for (size_t i = 0; i < n_req; i++) {
+        req[i].key = rstr(kv[i].key);
+        req[i].value = rstr(kv[i].value);
+    }
+    r.u.publish.id = m->id;
+    r.u.publish.queue = rstr(queue_name(m->q));
+    r.u.publish.priority = m->priority;
+    r.u.publish.attempt = m->attempt;
+    r.u.publish.failures = m->failures;
+    r.u.publish.published_wall_ms = m->published_wall_ms;
+    r.u.publish.deliver_at_wall_ms =
+        m->state == MSG_DELAYED ? mono_to_wall(srv, m->due_ms, false) : 0;
+    r.u.publish.expire_wall_ms = mono_to_wall(srv, m->expire_ms, true);
+    r.u.publish.idem_key = rstr(msg_idem_key(m));
+    r.u.publish.n_requires = (uint32_t)n_req;
+    r.u.publish.requires = req;
+    if (prog) {
+        r.u.publish.progress.ptr = prog->data;
+        r.u.publish.progress.len = prog->len;
+    }
+    r.u.publish.body.ptr = m->body->data;
+    r.u.publish.body.len = m->body->len;
+    return append(j, &r, NULL, loc);
+}
+
+static void
+write_progress(struct journal *j, struct msg *m)
+{
+    struct body *prog = msg_progress(m);
+    struct record r = {.type = REC_PROGRESS};
+    struct store_loc loc;
+
+    if (prog == NULL) {
+        return;
+    }
+    r.u.progress.id = m->id;
+    r.u.progress.progress.ptr = prog->data;
+    r.u.progress.progress.len = prog->len;
+    if (append(j, &r, NULL, &loc) == PQ_OK) {
+        move_state(j, m, loc.seg);
+    }
+}
+
+void
+journal_qevent(struct server *srv, const struct qevent *ev)
+{
+    struct journal *j = srv->journal;
+    struct msg *m = ev->m;
+    struct store_loc loc;
+    struct record r;
+    int rc = PQ_OK;
+
+    memset(&r, 0, sizeof(r));
+    switch (ev->type) {
+    case QEV_REQUEUE:
+        if (!durable(ev->q)) {
+            return;
+        }
+        r.type = REC_REQUEUE;
+        r.u.requeue.id = m->id;
+        r.u.requeue.attempt = m->attempt;
+        r.u.requeue.failures = m->failures;
+        r.u.requeue.deliver_at_wall_ms =
+            m->state == MSG_DELAYED ? mono_to_wall(srv, m->due_ms, false) : 0;
+        rc = append(j, &r, NULL, &loc);
+        if (rc == PQ_OK) {
+            move_state(j, m, loc.seg);
+            if (ev->reason && strcmp(ev->reason, "release") == 0) {
+                write_progress(j, m);
+            }
+        }
+        break;
+    case QEV_TOUCH:
+        if (durable(ev->q)) {
+            write_progress(j, m);
+        }
+        break;
+    case QEV_DROP:
+        if (!durable(ev->q)) {
+            return;
+        }
+        r.type = REC_DROP;
+        r.u.drop.id = m->id;
+        r.u.drop.reason = rstr(ev->reason);
+        rc = append(j, &r, NULL, NULL);
+        unref_msg(j, m);
+        break;
+    case QEV_DEAD_LETTER:
+        if (durable(ev->from) && durable(ev->q)) {
+            r.type = REC_DEAD_LETTER;
+            r.u.dead_letter.id = m->id;
+            r.u.dead_letter.target = rstr(queue_name(ev->q));
+            r.u.dead_letter.reason = rstr(ev->reason);
+            r.u.dead_letter.body.ptr = m->body ? m->body->data : NULL;
+            r.u.dead_letter.body.len = m->body ? m->body->len : 0;
+            rc = append(j, &r, NULL, &loc);
+            unref_msg(j, m);
+            m->pub_seg = m->state_seg = loc.seg;
+            if (rc == PQ_OK) {
+                ref_msg(j, m);
+            }
+        } else if (durable(ev->from)) {
+            r.type = REC_DROP;
+            r.u.drop.id = m->id;
+            r.u.drop.reason = rstr("dead-lettered to a transient queue");
+            rc = append(j, &r, NULL, NULL);
+            unref_msg(j, m);
+        } else if (durable(ev->q)) {
+            rc = republish(j, m, &loc);
+            m->pub_seg = m->state_seg = loc.seg;
+            if (rc == PQ_OK) {
+                ref_msg(j, m);
+            }
+        }
+        break;
+    case QEV_READY:
+        break;
+    }
+    if (rc != PQ_OK) {
+        log_warn("queue %s: message %llu: %s record not written: %s",
+                 queue_name(ev->q), (unsigned long long)m->id,
+                 ev->type == QEV_DROP ? "drop" : "state", pq_strerror(rc));
+    }
+}
+
+uint64_t
+journal_last_lsn(struct server *srv)
+{
+    return store_last_lsn(srv->journal->st);
+}
+
+struct body *
+journal_load_body(struct server *srv, struct msg *m)
+{
+    (void)srv;
+    (void)m;
+    /* Payloads are always kept in memory for now (no payload budget yet);
+     * a message without a body cannot be read back. */
+    return NULL;
+}
+
+void
+journal_submit(struct server *srv)
+{
+    store_submit(srv->journal->st);
+}
+
+void
+journal_reap(struct server *srv,
+             void (*done)(void *arg, uint64_t upto_lsn, int status), void *arg)
+{
+    store_reap(srv->journal->st, done, arg);
+}
+
+/* ---- compaction ---- */
+
+struct compact_walk {
+    struct journal *j;
+    uint32_t seg;
+    uint32_t moved;
+};
+
+static void
+compact_cb(void *arg, struct msg *m)
+{
+    struct compact_walk *w = arg;
+    struct store_loc loc;
+
+    if (w->moved >= COMPACT_MSGS_PER_CALL ||
+        (m->pub_seg != w->seg && m->state_seg != w->seg)) {
+        return;
+    }
+    if (republish(w->j, m, &loc) != PQ_OK) {
+        return;
+    }
+    unref_msg(w->j, m);
+    m->pub_seg = m->state_seg = loc.seg;
+    ref_msg(w->j, m);
+    w->moved++;
+}
+
+void
+journal_compact(struct server *srv)
+{
+    struct journal *j = srv->journal;
+    struct compact_walk w = {.j = j};
+
+    if (store_compact_candidate(j->st, &w.seg) != PQ_OK) {
+        return;
+    }
+    for (struct queue *q = qset_first(srv->qs); q; q = qset_next(q)) {
+        if (durable(q)) {
+            queue_foreach_msg(q, compact_cb, &w);
+        }
+    }
+    if (w.moved > 0) {
+        log_info("compaction: moved %u live messages out of segment %u",
+                 w.moved, w.seg);
+    }
+}
+
+/* ---- replay ---- */
+
+static struct queue *
+replay_queue(struct journal *j, struct rec_str name)
+{
+    char buf[QUEUE_NAME_MAX + 1];
+
+    if (name.len == 0 || name.len > QUEUE_NAME_MAX) {
+        return NULL;
+    }
+    memcpy(buf, name.ptr, name.len);
+    buf[name.len] = '\0';
+    return qset_find(j->srv->qs, buf);
+}
+
+/* Remove a replayed message (all are READY or DELAYED during replay). */
+static void
+replay_remove(struct journal *j, uint64_t id)
+{
+    qset_cancel(j->srv->qs, id, NULL);
+}
+
+static int
+replay_create(struct journal *j, const struct rec_queue_create *c)
+{
+    const struct rec_queue_attrs *ra = &c->attrs;
+    struct queue_attrs a = {0};
+    char name[QUEUE_NAME_MAX + 1];
+    int rc;
+
+    if (c->name.len == 0 || c->name.len > QUEUE_NAME_MAX ||
+        ra->dead_letter.len > QUEUE_NAME_MAX) {
+        return PQ_ECORRUPT;
+    }
+    memcpy(name, c->name.ptr, c->name.len);
+    name[c->name.len] = '\0';
+    a.transient = ra->transient;
+    a.max_length = ra->max_length;
+    a.max_bytes = ra->max_bytes;
+    a.ack_timeout_ms = ra->ack_timeout_ms;
+    a.max_attempts = ra->max_attempts;
+    memcpy(a.dead_letter, ra->dead_letter.ptr, ra->dead_letter.len);
+    a.dead_letter[ra->dead_letter.len] = '\0';
+    a.backoff_base_ms = ra->backoff_base_ms;
+    a.backoff_cap_ms = ra->backoff_cap_ms;
+    a.ttl_ms = ra->ttl_ms;
+    a.dedup_window_ms = ra->dedup_window_ms;
+    a.max_lease_ms = ra->max_lease_ms;
+    a.dead_letter_expired = ra->dead_letter_expired;
+    rc = qset_create(j->srv->qs, name, &a, NULL);
+    /* A later definition of the same name (re-created with other
+     * attributes after a delete in a segment since removed) wins. */
+    if (rc == PQ_EEXIST) {
+        log_warn("replay: queue %s redefined with other attributes", name);
+        rc = PQ_OK;
+    }
+    return rc;
+}
+
+static int
+replay_publish(struct journal *j, const struct rec_publish *p,
+               const struct store_loc *loc)
+{
+    struct queue *q = replay_queue(j, p->queue);
+    struct kv req[32];
+    char keys[32][2][257];
+    char idem[257];
+    struct msg_new mn = {0};
+    struct rec_kv kv;
+    size_t cursor = 0, n = 0;
+    int rc;
+
+    if (p->id > j->max_id) {
+        j->max_id = p->id;
+    }
+    if (q == NULL) {
+        return PQ_OK; /* its queue was deleted in a segment since removed */
+    }
+    if (qset_msg(j->srv->qs, p->id) != NULL) {
+        replay_remove(j, p->id); /* compaction moved it: the newest wins */
+    }
+    while (record_publish_next_require(p, &cursor, &kv)) {
+        if (n >= 32 || kv.key.len > 256 || kv.value.len > 256) {
+            return PQ_ECORRUPT;
+        }
+        memcpy(keys[n][0], kv.key.ptr, kv.key.len);
+        keys[n][0][kv.key.len] = '\0';
+        memcpy(keys[n][1], kv.value.ptr, kv.value.len);
+        keys[n][1][kv.value.len] = '\0';
+        req[n].key = keys[n][0];
+        req[n].value = keys[n][1];
+        n++;
+    }
+    if (p->idem_key.len > 256) {
+        return PQ_ECORRUPT;
+    }
+    memcpy(idem, p->idem_key.ptr, p->idem_key.len);
+    idem[p->idem_key.len] = '\0';
+    mn.id = p->id;
+    mn.body = body_new(p->body.ptr, p->body.len);
+    mn.progress = p->progress.len ? body_new(p->progress.ptr, p->progress.len)
+                                  : NULL;
+    if (mn.body == NULL || (p->progress.len && mn.progress == NULL)) {
+        rc = PQ_ENOMEM;
+        goto out;
+    }
+    mn.size = message_payload_size(mn.body);
+    mn.priority = p->priority > 9 ? 9 : p->priority;
+    mn.due_ms = wall_to_mono(j, p->deliver_at_wall_ms, false);
+    mn.expire_ms = wall_to_mono(j, p->expire_wall_ms, true);
+    mn.published_wall_ms = p->published_wall_ms;
+    mn.idem_key = idem[0] ? idem : NULL;
+    mn.requires = req;
+    mn.n_requires = n;
+    mn.attempt = p->attempt;
+    mn.failures = p->failures;
+    mn.pub_seg = mn.state_seg = loc->seg;
+    rc = queue_push(q, &mn, j->mono_at_open, NULL);
+    if (rc == PQ_EEXIST) {
+        rc = PQ_OK; /* an idempotency key already live: keep the first */
+    }
+out:
+    body_unref(&mn.body);
+    body_unref(&mn.progress);
+    return rc;
+}
+
+/* Re-push m with a new state (requeue, dead-letter): replay has no
+ * in-flight messages, so remove and add is exact but for its position. */
+static int
+replay_reset(struct journal *j, struct msg *m, struct queue *to,
+             struct body *new_body, uint32_t attempt, uint32_t failures,
+             uint64_t due_ms, uint32_t seg, bool new_pub)
+{
+    struct kv req[32];
+    size_t n_req = 0;
+    const struct kv *kv = msg_requires(m, &n_req);
+    char *keys = NULL;
+    char *idem = NULL;
+    struct msg_new mn = {0};
+    int rc = PQ_ENOMEM;
+
+    if (n_req > 32) {
+        return PQ_ECORRUPT;
+    }
+    /* Copy what the old message owns before it goes. */
+    keys = pq_calloc(n_req ? n_req : 1, 2 * 257);
+    if (keys == NULL) {
+        goto out;
+    }
+    for (size_t i = 0; i < n_req; i++) {
+        snprintf(keys + i * 514, 257, "%s", kv[i].key);
+        snprintf(keys + i * 514 + 257, 257, "%s", kv[i].value);
+        req[i].key = keys + i * 514;
+        req[i].value = keys + i * 514 + 257;
+    }
+    if (msg_idem_key(m) && (idem = pq_strdup(msg_idem_key(m))) == NULL) {
+        goto out;
+    }
+    mn.id = m->id;
+    mn.body = new_body ? body_ref(new_body) : body_ref(m->body);
+    mn.progress = body_ref(msg_progress(m));
+    mn.size = m->size;
+    mn.priority = m->priority;
+    mn.due_ms = due_ms;
+    mn.expire_ms = m->expire_ms;
+    mn.published_wall_ms = m->published_wall_ms;
+    mn.idem_key = idem;
+    mn.requires = req;
+    mn.n_requires = n_req;
+    mn.attempt = attempt;
+    mn.failures = failures;
+    mn.pub_seg = new_pub ? seg : m->pub_seg;
+    mn.state_seg = seg;
+    replay_remove(j, m->id);
+    rc = queue_push(to, &mn, j->mono_at_open, NULL);
+    if (rc == PQ_EEXIST) {
+        rc = PQ_OK;
+    }
+out:
+    body_unref(&mn.body);
+    body_unref(&mn.progress);
+    pq_free(idem);
+    pq_free(keys);
+    return rc;
+}
+
+struct purge_replay {
+    const struct rec_queue_purge *p;
+    uint64_t *drop;
+    size_t n, cap;
+    bool oom;
+};
+
+static void
+purge_replay_cb(void *arg, struct msg *m)
+{
+    struct purge_replay *w = arg;
+
+    for (uint32_t i = 0; i < w->p->n_keep; i++) {
+        if (record_purge_keep_id(w->p, i) == m->id) {
+            return;
+        }
+    }
+    if (w->n == w->cap) {
+        size_t cap = w->cap ? w->cap * 2 : 256;
+        uint64_t *d = pq_realloc(w->drop, cap * sizeof(*d));
+
+        if (d == NULL) {
+            w->oom = true;
+            return;
+        }
+        w->drop = d;
+        w->cap = cap;
+    }
+    w->drop[w->n++] = m->id;
+}
+
+static int
+replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
+              const struct store_loc *loc)
+{
+    struct journal *j = arg;
+    struct qset *qs = j->srv->qs;
+    struct record r;
+    struct msg *m;
+    struct queue *q;
+    int rc;
+
+    rc = record_decode(type, body, len, &r);
+    if (rc != PQ_OK) {
+        log_err("replay: segment %u offset %llu: undecodable %s record",
+                loc->seg, (unsigned long long)loc->off, record_type_name(type));
+        return PQ_ECORRUPT;
+    }
+    j->replayed++;
+    switch (r.type) {
+    case REC_QUEUE_CREATE:
+        return replay_create(j, &r.u.queue_create);
+    case REC_QUEUE_DELETE:
+        q = replay_queue(j, r.u.queue_delete.name);
+        if (q) {
+            qset_delete(qs, q);
+        }
+        return PQ_OK;
+    case REC_QUEUE_PURGE: {
+        struct purge_replay w = {.p = &r.u.queue_purge};
+
+        q = replay_queue(j, r.u.queue_purge.name);
+        if (q == NULL) {
+            return PQ_OK;
+        }
+        queue_foreach_msg(q, purge_replay_cb, &w);
+        for (size_t i = 0; i < w.n; i++) {
+            replay_remove(j, w.drop[i]);
+        }
+        pq_free(w.drop);
+        return w.oom ? PQ_ENOMEM : PQ_OK;
+    }
+    case REC_PUBLISH:
+        return replay_publish(j, &r.u.publish, loc);
+    case REC_ACK:
+        replay_remove(j, r.u.ack.id);
+        return PQ_OK;
+    case REC_DROP:
+        replay_remove(j, r.u.drop.id);
+        return PQ_OK;
+    case REC_REQUEUE:
+        m = qset_msg(qs, r.u.requeue.id);
+        if (m == NULL) {
+            return PQ_OK;
+        }
+        return replay_reset(j, m, m->q, NULL, r.u.requeue.attempt,
+                            r.u.requeue.failures,
+                            wall_to_mono(j, r.u.requeue.deliver_at_wall_ms, false),
+                            loc->seg, false);
+    case REC_DEAD_LETTER: {
+        struct body *nb;
+
+        m = qset_msg(qs, r.u.dead_letter.id);
+        q = replay_queue(j, r.u.dead_letter.target);
+        if (m == NULL) {
+            return PQ_OK;
+        }
+        if (q == NULL) {
+            replay_remove(j, m->id);
+            return PQ_OK;
+        }
+        nb = body_new(r.u.dead_letter.body.ptr, r.u.dead_letter.body.len);
+        if (nb == NULL) {
+            return PQ_ENOMEM;
+        }
+        rc = replay_reset(j, m, q, nb, 0, 0, 0, loc->seg, true);
+        body_unref(&nb);
+        return rc;
+    }
+    case REC_PROGRESS:
+        m = qset_msg(qs, r.u.progress.id);
+        if (m != NULL) {
+            struct body *pb = body_new(r.u.progress.progress.ptr,
+                                       r.u.progress.progress.len);
+            if (pb == NULL) {
+                return PQ_ENOMEM;
+            }
+            rc = msg_set_progress(m, pb);
+            body_unref(&pb);
+            m->state_seg = loc->seg;
+            return rc;
+        }
+        return PQ_OK;
+    default:
+        log_warn("replay: segment %u offset %llu: unknown record type %u "
+                 "skipped", loc->seg, (unsigned long long)loc->off, type);
+        return PQ_OK;
+    }
+}
+
+struct ref_walk {
+    struct journal *j;
+    uint64_t n;
+};
+
+static void
+ref_cb(void *arg, struct msg *m)
+{
+    struct ref_walk *w = arg;
+
+    ref_msg(w->j, m);
+    w->n++;
+}
+
+int
+journal_open(struct server *srv, char *err, size_t errlen)
+{
+    struct store_config sc = {
+        .dir = srv->cfg.data_dir,
+        .fsync_policy = srv->cfg.fsync,
+        .fsync_interval_ms = srv->cfg.fsync_interval_ms,
+        .segment_bytes = srv->cfg.segment_bytes,
+        .read_only = false,
+    };
+    struct journal *j;
+    struct ref_walk w;
+    uint64_t t0 = clock_mono_ms(), floor;
+    int rc;
+
+    if (mkdir_p(srv->cfg.data_dir, err, errlen) != PQ_OK) {
+        return PQ_ESYS;
+    }
+    j = pq_calloc(1, sizeof(*j));
+    if (j == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return PQ_ENOMEM;
+    }
+    srv->journal = j;
+    j->srv = srv;
+    j->mono_at_open = srv->now_mono_ms = clock_mono_ms();
+    j->wall_at_open = clock_wall_ms();
+    rc = store_open(&sc, replay_record, j, &j->st, err, errlen);
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    srv->store = j->st;
+    srv->store_fd = store_event_fd(j->st);
+    w.j = j;
+    w.n = 0;
+    for (struct queue *q = qset_first(srv->qs); q; q = qset_next(q)) {
+        queue_foreach_msg(q, ref_cb, &w);
+    }
+    store_reserve_set(j->st, w.n);
+    store_set_roll_cb(j->st, on_roll, j);
+    /* Ids never repeat: past every id in the log, and past the clock so
+     * that a log emptied by deletion cannot bring old ids back. */
+    floor = clock_wall_ms() << 16;
+    srv->next_msg_id = (j->max_id + 1 > floor ? j->max_id + 1 : floor);
+    log_info("recovered %zu queues and %llu messages from %s (%llu records) "
+             "in %llu ms",
+             qset_queue_count(srv->qs), (unsigned long long)w.n,
+             srv->cfg.data_dir, (unsigned long long)j->replayed,
+             (unsigned long long)(clock_mono_ms() - t0));
+    return PQ_OK;
+}
+
+void
+journal_close(struct server *srv)
+{
+    struct journal *j = srv->journal;
+    int rc;
+
+    if (j == NULL) {
+        return;
+    }
+    if (j->st) {
+        rc = store_close(j->st);
+        if (rc != PQ_OK) {
+            log_err("closing the log: %s", pq_strerror(rc));
+        }
+    }
+    srv->store = NULL;
+    srv->store_fd = -1;
+    pq_free(j->buf);
+    pq_free(j);
+    srv->journal = NULL;
+}

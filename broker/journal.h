@@ -1,0 +1,75 @@
+/*
+ * journal.h: what dispatch.c writes to the log and how the log is read
+ * back. Turns queue changes into records (record.h) appended to the store,
+ * keeps each live message's segment references (so the store can delete
+ * and compact segments), writes queue metadata at the start of every
+ * segment, and on start replays the log into the queue set. Only durable
+ * queues are journaled; callers skip transient ones.
+ */
+#ifndef PQ_JOURNAL_H
+#define PQ_JOURNAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "queue.h"
+
+struct server;
+
+/* One message of a publish, from its check until it is durable and queued
+ * (dispatch.c fills it, journal.c writes it). */
+struct pending {
+    struct queue *q;              /* NULL once the queue was deleted */
+    struct msg_new mn;            /* body ref owned here until pushed */
+    char *idem_key;               /* owned */
+    struct kv *requires;          /* owned array and strings */
+    bool duplicate;               /* idempotency hit: nothing to store */
+};
+
+/* journal_open: open the store in cfg.data_dir and rebuild every queue from
+ * it; sets srv->store, srv->store_fd and srv->next_msg_id. */
+int journal_open(struct server *srv, char *err, size_t errlen);
+
+/* journal_close: final flush and fsync; frees the journal. */
+void journal_close(struct server *srv);
+
+/* Each appends one change and sets *lsn to the LSN to wait for. */
+int journal_queue_create(struct server *srv, struct queue *q, uint64_t *lsn);
+int journal_queue_delete(struct server *srv, struct queue *q, uint64_t *lsn);
+int journal_queue_purge(struct server *srv, struct queue *q, uint64_t *lsn);
+
+/* journal_publish: PUBLISH records for the durable, non-duplicate items,
+ * all or none (space is checked first); sets each item's pub_seg. */
+int journal_publish(struct server *srv, struct pending *items, uint32_t n,
+                    uint64_t *lsn);
+
+/* journal_msg_stored: m (durable) entered its queue: ref its segments. */
+void journal_msg_stored(struct server *srv, struct msg *m);
+
+/* journal_ack: m was acked: ACK record, segment refs dropped. */
+int journal_ack(struct server *srv, struct msg *m, uint64_t *lsn);
+
+/* journal_qevent: the record a queue event needs (requeue, dead-letter,
+ * drop, progress), if m's queue is durable. */
+void journal_qevent(struct server *srv, const struct qevent *ev);
+
+/* journal_last_lsn: LSN of the last record appended (0: none). */
+uint64_t journal_last_lsn(struct server *srv);
+
+/* journal_load_body: m's body read back from its PUBLISH record (for a
+ * message whose payload is not in memory). A new reference, or NULL. */
+struct body *journal_load_body(struct server *srv, struct msg *m);
+
+/* journal_submit: hand the pending records to the storage thread;
+ * journal_reap: report completed batches (see store_reap). */
+void journal_submit(struct server *srv);
+void journal_reap(struct server *srv,
+                  void (*done)(void *arg, uint64_t upto_lsn, int status),
+                  void *arg);
+
+/* journal_compact: move live messages out of the oldest segment when the
+ * store says it is worth it; bounded work per call. */
+void journal_compact(struct server *srv);
+
+#endif

@@ -1,0 +1,450 @@
+/*
+ * server.c: the event loop of protoqd. Owns the event_base, the listener,
+ * the signal events, the one deadline timer and the 1 s housekeeping timer,
+ * and runs the loop pass (memcached's worker loop, redis's beforeSleep):
+ *
+ *     run the ready callbacks        (event_base_loop EVLOOP_ONCE)
+ *     dispatch_pass                  (deliver, submit the batch, confirm)
+ *     conn_reap                      (free closed connections)
+ *     arm the deadline timer         (qset_next_deadline)
+ *
+ * Because confirms are only sent from dispatch after the store reports a
+ * batch durable, no reply that promises durability reaches a socket early.
+ */
+#include "server.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+#include <event2/listener.h>
+
+#include "conn.h"
+#include "dispatch.h"
+#include "log.h"
+#include "mem.h"
+#include "pqerr.h"
+#include "queue.h"
+
+uint64_t
+clock_mono_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+uint64_t
+clock_wall_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* ---- systemd notification (sd_notify without libsystemd) ---- */
+
+static void
+sd_notify_msg(const char *msg)
+{
+    const char *path = getenv("NOTIFY_SOCKET");
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    socklen_t len;
+    int fd;
+
+    if (path == NULL || (path[0] != '/' && path[0] != '@') ||
+        strlen(path) >= sizeof(sa.sun_path)) {
+        return;
+    }
+    memcpy(sa.sun_path, path, strlen(path));
+    if (sa.sun_path[0] == '@') {
+        sa.sun_path[0] = '\0'; /* abstract namespace */
+    }
+    len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + strlen(path));
+    fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        return;
+    }
+    if (sendto(fd, msg, strlen(msg), 0, (struct sockaddr *)&sa, len) < 0) {
+        log_warn("sd_notify %s: %s", path, strerror(errno));
+    }
+    close(fd);
+}
+
+/* ---- callbacks ---- */
+
+static void
+accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
+          int salen, void *arg)
+{
+    struct server *srv = arg;
+
+    (void)l;
+    srv->now_mono_ms = clock_mono_ms();
+    conn_accept(srv, fd, sa, salen);
+}
+
+static void
+accept_error_cb(struct evconnlistener *l, void *arg)
+{
+    struct server *srv = arg;
+    int err = EVUTIL_SOCKET_ERROR();
+
+    (void)srv;
+    /* EMFILE and friends: pause accepting for a moment instead of spinning. */
+    log_warn("accept: %s; pausing accepts for 1 s",
+             evutil_socket_error_to_string(err));
+    evconnlistener_disable(l);
+    srv->listener_paused_ms = clock_mono_ms();
+}
+
+static void
+signal_cb(evutil_socket_t sig, short what, void *arg)
+{
+    struct server *srv = arg;
+
+    (void)what;
+    if (sig == SIGHUP) {
+        char err[512] = "";
+
+        if (srv->conf_path[0] == '\0') {
+            log_info("SIGHUP: no config file to reload");
+            return;
+        }
+        if (config_reload_file(&srv->cfg, srv->conf_path, err, sizeof(err)) !=
+            PQ_OK) {
+            log_warn("SIGHUP: reload %s failed, nothing changed: %s",
+                     srv->conf_path, err);
+            return;
+        }
+        log_set_level(srv->cfg.log_level);
+        log_info("SIGHUP: reloaded %s%s%s", srv->conf_path,
+                 err[0] ? "; " : "", err);
+        return;
+    }
+    log_info("%s: shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    srv->stopping = true;
+    event_base_loopbreak(srv->base);
+}
+
+static void
+deadline_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct server *srv = arg;
+
+    (void)fd;
+    (void)what;
+    srv->now_mono_ms = clock_mono_ms();
+    dispatch_tick(srv);
+}
+
+static void
+housekeeping_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct server *srv = arg;
+
+    (void)fd;
+    (void)what;
+    srv->now_mono_ms = clock_mono_ms();
+    if (srv->listener_paused_ms &&
+        srv->now_mono_ms - srv->listener_paused_ms >= 1000) {
+        srv->listener_paused_ms = 0;
+        evconnlistener_enable(srv->listener);
+    }
+    conn_housekeeping(srv, srv->now_mono_ms);
+}
+
+static void
+store_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct server *srv = arg;
+
+    (void)fd;
+    (void)what;
+    srv->now_mono_ms = clock_mono_ms();
+    dispatch_store_event(srv);
+}
+
+static void
+work_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    (void)arg; /* only wakes the loop; the pass does the work */
+}
+
+void
+server_wake(struct server *srv)
+{
+    event_active(srv->work, EV_TIMEOUT, 0);
+}
+
+void
+server_mark_dirty(struct server *srv, struct queue *q)
+{
+    uint64_t key = (uint64_t)(uintptr_t)q;
+
+    if (hmap_u64_get(&srv->dirty_set, key) != NULL) {
+        return;
+    }
+    if (srv->ndirty == srv->dirty_cap) {
+        uint32_t cap = srv->dirty_cap ? srv->dirty_cap * 2 : 64;
+        struct queue **d = pq_realloc(srv->dirty, cap * sizeof(*d));
+
+        if (d == NULL) {
+            return; /* delivered on the next event that marks it */
+        }
+        srv->dirty = d;
+        srv->dirty_cap = cap;
+    }
+    if (hmap_u64_put(&srv->dirty_set, key, q) != PQ_OK) {
+        return;
+    }
+    srv->dirty[srv->ndirty++] = q;
+}
+
+void
+server_unmark_dirty(struct server *srv, struct queue *q)
+{
+    if (hmap_u64_del(&srv->dirty_set, (uint64_t)(uintptr_t)q) == NULL) {
+        return;
+    }
+    for (uint32_t i = 0; i < srv->ndirty; i++) {
+        if (srv->dirty[i] == q) {
+            srv->dirty[i] = srv->dirty[--srv->ndirty];
+            return;
+        }
+    }
+}
+
+/* ---- listener ---- */
+
+static int
+write_port_file(const char *path, uint16_t port, char *err, size_t errlen)
+{
+    char tmp[CONFIG_PATH_MAX + 8];
+    FILE *f;
+
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    f = fopen(tmp, "w");
+    if (f == NULL) {
+        snprintf(err, errlen, "open %s: %s", tmp, strerror(errno));
+        return PQ_ESYS;
+    }
+    fprintf(f, "%u\n", port);
+    if (fclose(f) != 0 || rename(tmp, path) != 0) {
+        snprintf(err, errlen, "write %s: %s", path, strerror(errno));
+        return PQ_ESYS;
+    }
+    return PQ_OK;
+}
+
+static int
+open_listener(struct server *srv, char *err, size_t errlen)
+{
+    struct evutil_addrinfo hints = {0}, *ai = NULL;
+    struct sockaddr_storage bound;
+    socklen_t blen = sizeof(bound);
+    char host[CONFIG_ADDR_MAX], portstr[8];
+    uint16_t port;
+    int rc;
+
+    if (config_split_hostport(srv->cfg.listen, host, sizeof(host), &port) !=
+        PQ_OK) {
+        snprintf(err, errlen, "listen: bad address \"%s\"", srv->cfg.listen);
+        return PQ_EINVAL;
+    }
+    snprintf(portstr, sizeof(portstr), "%u", port);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = EVUTIL_AI_PASSIVE | EVUTIL_AI_ADDRCONFIG;
+    rc = evutil_getaddrinfo(host, portstr, &hints, &ai);
+    if (rc != 0) {
+        snprintf(err, errlen, "listen %s: %s", srv->cfg.listen,
+                 evutil_gai_strerror(rc));
+        return PQ_EINVAL;
+    }
+    srv->listener = evconnlistener_new_bind(
+        srv->base, accept_cb, srv,
+        LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_EXEC,
+        1024, ai->ai_addr, (int)ai->ai_addrlen);
+    evutil_freeaddrinfo(ai);
+    if (srv->listener == NULL) {
+        snprintf(err, errlen, "listen %s: %s", srv->cfg.listen,
+                 strerror(errno));
+        return PQ_ESYS;
+    }
+    evconnlistener_set_error_cb(srv->listener, accept_error_cb);
+    if (getsockname(evconnlistener_get_fd(srv->listener),
+                    (struct sockaddr *)&bound, &blen) == 0) {
+        srv->port = ntohs(bound.ss_family == AF_INET6
+                              ? ((struct sockaddr_in6 *)&bound)->sin6_port
+                              : ((struct sockaddr_in *)&bound)->sin_port);
+    }
+    log_info("listening on %s (port %u)", srv->cfg.listen, srv->port);
+    if (srv->cfg.port_file[0] != '\0') {
+        return write_port_file(srv->cfg.port_file, srv->port, err, errlen);
+    }
+    return PQ_OK;
+}
+
+/* ---- life cycle ---- */
+
+int
+server_init(struct server *srv, char *err, size_t errlen)
+{
+    int rc;
+
+    signal(SIGPIPE, SIG_IGN);
+    srv->now_mono_ms = clock_mono_ms();
+    hmap_u64_init(&srv->dirty_set);
+    hmap_u64_init(&srv->pending_room);
+    srv->base = event_base_new();
+    if (srv->base == NULL) {
+        snprintf(err, errlen, "event_base_new failed");
+        return PQ_ENOMEM;
+    }
+    rc = dispatch_open(srv, err, errlen);
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    rc = open_listener(srv, err, errlen);
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    srv->sig_int = evsignal_new(srv->base, SIGINT, signal_cb, srv);
+    srv->sig_term = evsignal_new(srv->base, SIGTERM, signal_cb, srv);
+    srv->sig_hup = evsignal_new(srv->base, SIGHUP, signal_cb, srv);
+    srv->deadline = evtimer_new(srv->base, deadline_cb, srv);
+    srv->housekeeping = event_new(srv->base, -1, EV_PERSIST, housekeeping_cb,
+                                  srv);
+    srv->work = event_new(srv->base, -1, 0, work_cb, srv);
+    if (!srv->sig_int || !srv->sig_term || !srv->sig_hup || !srv->deadline ||
+        !srv->housekeeping || !srv->work) {
+        snprintf(err, errlen, "cannot create loop events");
+        return PQ_ENOMEM;
+    }
+    if (srv->store_fd >= 0) {
+        srv->store_ev = event_new(srv->base, srv->store_fd,
+                                  EV_READ | EV_PERSIST, store_cb, srv);
+        if (srv->store_ev == NULL) {
+            snprintf(err, errlen, "cannot create the store event");
+            return PQ_ENOMEM;
+        }
+        event_add(srv->store_ev, NULL);
+    }
+    struct timeval one_s = {1, 0};
+    event_add(srv->sig_int, NULL);
+    event_add(srv->sig_term, NULL);
+    event_add(srv->sig_hup, NULL);
+    event_add(srv->housekeeping, &one_s);
+    return PQ_OK;
+}
+
+static void
+arm_deadline(struct server *srv)
+{
+    uint64_t due = qset_next_deadline(srv->qs);
+    struct timeval tv;
+    uint64_t wait_ms;
+
+    if (due == UINT64_MAX) {
+        evtimer_del(srv->deadline);
+        return;
+    }
+    wait_ms = due > srv->now_mono_ms ? due - srv->now_mono_ms : 0;
+    tv.tv_sec = (time_t)(wait_ms / 1000);
+    tv.tv_usec = (suseconds_t)(wait_ms % 1000) * 1000;
+    evtimer_add(srv->deadline, &tv);
+}
+
+int
+server_run(struct server *srv)
+{
+    sd_notify_msg("READY=1");
+    while (!srv->stopping) {
+        event_base_loop(srv->base, EVLOOP_ONCE);
+        srv->now_mono_ms = clock_mono_ms();
+        if (dispatch_pass(srv)) {
+            server_wake(srv);
+        }
+        conn_reap(srv);
+        arm_deadline(srv);
+    }
+    sd_notify_msg("STOPPING=1");
+    return srv->exit_code;
+}
+
+/*
+ * server_drain: on shutdown, stop accepting and give pending confirms and
+ * output up to a second to go out before the connections are closed.
+ */
+static void
+server_drain(struct server *srv)
+{
+    uint64_t until = clock_mono_ms() + 1000;
+
+    if (srv->listener) {
+        evconnlistener_disable(srv->listener);
+    }
+    srv->stopping = false;
+    while (clock_mono_ms() < until && srv->exit_code == 0) {
+        bool more = dispatch_pass(srv);
+        bool busy = more || srv->waits_head != NULL;
+
+        for (struct conn *c = srv->conns; c && !busy; c = c->next) {
+            busy = conn_output_pending(c);
+        }
+        if (!busy) {
+            break;
+        }
+        event_base_loop(srv->base, EVLOOP_ONCE | EVLOOP_NONBLOCK);
+        srv->now_mono_ms = clock_mono_ms();
+        if (!more) {
+            usleep(1000);
+        }
+    }
+    srv->stopping = true;
+}
+
+void
+server_fini(struct server *srv)
+{
+    if (srv->base != NULL && srv->qs != NULL) {
+        server_drain(srv);
+    }
+    while (srv->conns) {
+        conn_close(srv->conns, "shutdown");
+    }
+    dispatch_close(srv);
+    conn_reap(srv);
+    if (srv->listener) {
+        evconnlistener_free(srv->listener);
+    }
+    struct event **evs[] = {&srv->sig_int, &srv->sig_term, &srv->sig_hup,
+                            &srv->deadline, &srv->housekeeping,
+                            &srv->store_ev, &srv->work};
+    for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++) {
+        if (*evs[i]) {
+            event_free(*evs[i]);
+            *evs[i] = NULL;
+        }
+    }
+    pq_free(srv->dirty);
+    hmap_u64_fini(&srv->dirty_set);
+    if (srv->base) {
+        event_base_free(srv->base);
+    }
+    libevent_global_shutdown();
+}
