@@ -200,10 +200,11 @@ int store_status(const struct store *st);
  */
 int store_space_check(struct store *st, uint32_t n_publish, uint64_t bytes);
 
-/* store_reserve_set: set the number of live reservations (call after
- * recovery with the number of live durable messages; until then the store
- * assumes one per replayed PUBLISH, which is safe but generous). Also use
- * it when messages die without an ACK/DROP record (purge, queue delete). */
+/* store_reserve_set: set the number of live reservations. Call it after
+ * recovery with the number of live durable messages (until then the store
+ * counts replayed PUBLISH minus ACK/DROP records, which is only an
+ * estimate once old segments are deleted), and when messages die without
+ * an ACK/DROP record (purge, queue delete, dead-lettered away). */
 void store_reserve_set(struct store *st, uint64_t n_live);
 
 /* store_reserve_count: the number of live reservations. */
