@@ -39,15 +39,23 @@
  * Ordering: FIFO within a priority level, higher priority first. A message
  * that has been delivered before (attempt > 0) re-enters READY at the FRONT
  * of its level (whether at once or after a backoff delay), so a returned job
- * comes back close to its original position (as in RabbitMQ); when several
- * come back together (unsubscribe) their delivery order is kept. A message
- * never delivered (new, delayed, dead-lettered, replayed) enters at the back.
+ * comes back close to its original position (as in RabbitMQ) instead of
+ * behind the whole backlog. When several come back at once (unsubscribe with
+ * no backoff, releases) their delivery order is kept; with a backoff each
+ * returns when its own jittered delay ends, so among themselves they follow
+ * those due times. A message never delivered (new, delayed, dead-lettered,
+ * replayed) enters at the back.
  *
  * Backoff for failure k (k = failures, 1-based):
  *   d = min(backoff_cap_ms, backoff_base_ms * 2^(k-1)), then "equal jitter":
  *   the delay is uniform in [d/2, d] (the qset RNG; qset_seed for tests).
  *   base 0 (possible only through queue_defaults) means requeue at once.
  *   A nack with has_delay uses exactly delay_ms (no jitter).
+ *
+ * Calls without a now_ms (qset_ack, qset_cancel, queue_purge) use the
+ * latest now_ms the qset has been given by any call (e.g. qset_tick), for
+ * the one thing that needs a time there: the start of an idempotency key's
+ * retention window.
  *
  * TTL applies to READY and DELAYED messages only; an in-flight message is
  * never expired under its worker (its lease governs), but TTL applies again
@@ -131,7 +139,9 @@ enum { MSG_F_CANCELLED = 1u << 0 }; /* msg.flags */
 
 /*
  * struct msg: the in-memory index entry of one live message. 104 bytes on
- * LP64 (checked in check_queue.c); the optional parts (requirements,
+ * LP64 (checked in check_queue.c), plus pq_malloc's 16-byte header. To fit,
+ * failures is 16-bit and saturates at 65535 (a max_attempts above that acts
+ * as "never dead-letter"). The optional parts (requirements,
  * progress, idempotency key, last error) live in a separate msg_ext that
  * most messages never allocate. body may be NULL when the dispatcher has
  * evicted the payload to disk; queue.c never dereferences it except to
@@ -151,12 +161,12 @@ struct msg {
     uint32_t size;                /* payload bytes counted against max_bytes */
     uint32_t heap_pos;            /* slot in the qset deadline heap, UINT32_MAX = none */
     uint32_t attempt;             /* deliveries so far; token = (id, attempt) */
-    uint32_t failures;            /* failed attempts (release does not count) */
     uint32_t pub_seg;             /* dispatcher's: log segment of the publish */
     uint32_t state_seg;           /* dispatcher's: segment of the latest state record */
+    uint16_t failures;            /* failed attempts (release does not count); saturates */
     uint8_t priority;             /* 0-9, higher first */
-    uint8_t state;                /* enum msg_state */
-    uint8_t flags;                /* MSG_F_* */
+    uint8_t state : 4;            /* enum msg_state */
+    uint8_t flags : 4;            /* MSG_F_* */
 };
 
 /* msg_idem_key: the message's idempotency key, or NULL. */
@@ -387,5 +397,14 @@ int qset_cancel(struct qset *qs, uint64_t id, struct msg **inflight_out);
 /* queue_purge: drop every READY and DELAYED message (no events); returns the
  * count. In-flight messages stay. */
 uint64_t queue_purge(struct queue *q);
+
+/* queue_foreach_msg: call fn for every live message of q (any state).
+ * fn must not add, remove or move messages. O(all live messages). */
+void queue_foreach_msg(struct queue *q, void (*fn)(void *arg, struct msg *m),
+                       void *arg);
+
+/* msg_set_progress: replace m's kept progress (ref taken; log replay).
+ * PQ_OK or PQ_ENOMEM. */
+int msg_set_progress(struct msg *m, struct body *progress);
 
 #endif
