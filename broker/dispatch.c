@@ -1203,6 +1203,9 @@ on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
     }
     rc = qset_ack(srv->qs, r->message_id, r->attempt, &m);
     if (rc != PQ_OK) {
+        struct msg *cur = qset_msg(srv->qs, r->message_id);
+        log_debug("ack %llu/%u stale: %s", (unsigned long long)r->message_id,
+                  r->attempt, cur ? (cur->state == MSG_INFLIGHT ? "in flight, other attempt" : "not in flight") : "no such message");
         reply_err(c, rid, rc, "ack %llu/%u: not the current delivery (lease "
                   "expired, already acked, or cancelled)",
                   (unsigned long long)r->message_id, r->attempt);

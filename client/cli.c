@@ -1153,6 +1153,19 @@ cmd_consume(struct cli *cli, int argc, char **argv)
         int64_t now;
         int timeout = -1;
 
+        /* Deliveries can arrive inside any call on the handle (protoq_flow
+         * below runs callbacks while it waits for its Ok): check the count
+         * and send their acks before blocking, or both sides wait. */
+        if (st.count > 0 && st.received >= st.count) {
+            rc = PQ_OK;
+            break;
+        }
+        if (st.n_acks > 0) {
+            rc = consume_settle(&st, false);
+            if (rc != PQ_OK) {
+                break;
+            }
+        }
         clock_gettime(CLOCK_MONOTONIC, &ts);
         now = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
         if (idle_deadline == 0) {
@@ -1160,6 +1173,7 @@ cmd_consume(struct cli *cli, int argc, char **argv)
         }
         if (idle_deadline > 0) {
             if (now >= idle_deadline) {
+                rc = PQ_OK;
                 break;
             }
             timeout = (int)(idle_deadline - now);
@@ -1177,6 +1191,7 @@ cmd_consume(struct cli *cli, int argc, char **argv)
             idle_deadline = 0;  /* re-armed on the next pass */
         }
         if (st.count > 0 && st.received >= st.count) {
+            rc = PQ_OK;
             break;
         }
         rc = consume_settle(&st, false);
