@@ -522,6 +522,7 @@ attrs_from_wire(struct queue_attrs *a, const Protoq__QueueAttrs *w)
     a->dedup_window_ms = w->dedup_window_ms;
     a->max_lease_ms = w->max_lease_ms;
     a->dead_letter_expired = w->dead_letter_expired;
+    a->no_backoff = w->no_backoff;
 }
 
 static void
@@ -540,6 +541,7 @@ attrs_to_wire(Protoq__QueueAttrs *w, const struct queue_attrs *a)
     w->dedup_window_ms = a->dedup_window_ms;
     w->max_lease_ms = a->max_lease_ms;
     w->dead_letter_expired = a->dead_letter_expired;
+    w->no_backoff = a->backoff_base_ms == 0;
 }
 
 static void

@@ -744,6 +744,9 @@ replay_create(struct journal *j, const struct rec_queue_create *c)
     a.dedup_window_ms = ra->dedup_window_ms;
     a.max_lease_ms = ra->max_lease_ms;
     a.dead_letter_expired = ra->dead_letter_expired;
+    /* Records hold resolved attributes: a base of 0 can only mean that
+     * the queue (or the broker default) asked for no backoff. */
+    a.no_backoff = ra->backoff_base_ms == 0;
     rc = qset_create(j->srv->qs, name, &a, NULL);
     /* A later definition of the same name (re-created with other
      * attributes after a delete in a segment since removed) wins. */

@@ -234,10 +234,14 @@ queue_attrs_resolve(struct queue_attrs *a, const struct queue_defaults *d)
     if (a->max_attempts == 0) {
         a->max_attempts = d->max_attempts;
     }
-    if (a->backoff_base_ms == 0) {
+    if (a->no_backoff) {
+        a->backoff_base_ms = 0;
+        a->backoff_cap_ms = 0;
+    }
+    if (a->backoff_base_ms == 0 && !a->no_backoff) {
         a->backoff_base_ms = d->backoff_base_ms;
     }
-    if (a->backoff_cap_ms == 0) {
+    if (a->backoff_cap_ms == 0 && !a->no_backoff) {
         a->backoff_cap_ms = d->backoff_cap_ms;
     }
     if (a->dedup_window_ms == 0) {

@@ -101,6 +101,7 @@ struct queue_attrs {
     uint64_t dedup_window_ms;     /* idempotency key retention after the msg is gone */
     uint64_t max_lease_ms;        /* cap on one touch extension; 0 = none */
     bool dead_letter_expired;     /* expired messages go to dead_letter too */
+    bool no_backoff;              /* retry at once: backoff_* resolve to 0 */
 };
 
 struct queue_defaults {

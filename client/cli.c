@@ -352,6 +352,8 @@ cmd_queue_create(struct cli *cli, int argc, char **argv)
                 (colon && !parse_duration_ms(colon + 1, &a.backoff_cap_ms))) {
                 return usage_err("--backoff: want BASE[:CAP], e.g. 1s:60s");
             }
+            /* --backoff 0: retry at once (0 on the wire means "default"). */
+            a.no_backoff = a.backoff_base_ms == 0;
             break;
         }
         case O_TTL:

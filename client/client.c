@@ -1384,6 +1384,7 @@ attrs_to_wire(Protoq__QueueAttrs *w, const struct protoq_queue_attrs *a)
     w->dedup_window_ms = a->dedup_window_ms;
     w->max_lease_ms = a->max_lease_ms;
     w->dead_letter_expired = a->dead_letter_expired;
+    w->no_backoff = a->no_backoff;
 }
 
 static void
@@ -1407,6 +1408,7 @@ info_from_wire(struct protoq_queue_info *o, const Protoq__QueueInfo *w)
         o->attrs.dedup_window_ms = a->dedup_window_ms;
         o->attrs.max_lease_ms = a->max_lease_ms;
         o->attrs.dead_letter_expired = a->dead_letter_expired;
+        o->attrs.no_backoff = a->no_backoff;
     }
     o->ready = w->ready;
     o->delayed = w->delayed;

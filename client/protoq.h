@@ -185,6 +185,9 @@ struct protoq_queue_attrs {
     uint64_t dedup_window_ms;  /* idempotency keys kept this long */
     uint64_t max_lease_ms;     /* longest single touch extension; 0 = none */
     bool dead_letter_expired;  /* expired messages go to dead_letter too */
+    bool no_backoff;           /* retry failed attempts at once; the backoff
+                                  fields are ignored (0 there means "broker
+                                  default") */
 };
 
 /* A queue's attributes and counters (QueueInfo on the wire). */
