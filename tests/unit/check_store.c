@@ -674,6 +674,22 @@ fx_set(bool *flag, bool v)
     pthread_mutex_unlock(&fx.mu);
 }
 
+/* wait_spare: the thread makes segment seq ahead of time; wait for it
+ * so that a fault switched on next hits the write path, not the spare. */
+static void
+wait_spare(uint32_t seq)
+{
+    char p[PATH_MAX + 32];
+    uint64_t until = mono_ms() + 5000;
+
+    seg_file(p, sizeof(p), seq);
+    while (!file_exists(p) && mono_ms() < until) {
+        struct timespec ts = {0, 2 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    ck_assert_msg(file_exists(p), "no spare %s", p);
+}
+
 START_TEST(test_group_commit_during_slow_fsync)
 {
     struct dones d = {0};
@@ -729,14 +745,10 @@ START_TEST(test_fsync_policy_always_never_interval)
     /* never: reports without any sync until close */
     memset(&d, 0, sizeof(d));
     st = must_open(cfg(FSYNC_NEVER, 1 << 20), NULL);
-    deadline = mono_ms() + 3000;
-    while (fx_syncs() < 1000 && mono_ms() < deadline) {
-        /* the spare segment's own header sync happens at start: wait for
-         * the thread to be idle by doing a round trip */
-        break;
-    }
+    /* one round trip first, and the spare made, so the thread is idle */
     append_n(st, NULL, 1, 5, 10);
     ck_assert(reap_until(st, &d, 1, 5000));
+    wait_spare(2);
     before = fx_syncs();
     append_n(st, NULL, 50, 6, 10);
     ck_assert(reap_until(st, &d, 51, 5000));
@@ -1092,7 +1104,7 @@ START_TEST(test_bitflip_mid_last_segment_followed_by_valid_is_corrupt)
 {
     struct rlog want = {0};
     char path[PATH_MAX + 32];
-    size_t i = want.n;
+    size_t i;
 
     two_segments(&want);
     /* the third-to-last record lives in segment 2, valid ones follow */
@@ -1158,22 +1170,6 @@ START_TEST(test_replay_error_aborts_open)
 END_TEST
 
 /* ==== disk full and I/O errors ==== */
-
-/* wait_spare: the thread makes segment seq ahead of time; wait for it
- * so that a fault switched on next hits the write path, not the spare. */
-static void
-wait_spare(uint32_t seq)
-{
-    char p[PATH_MAX + 32];
-    uint64_t until = mono_ms() + 5000;
-
-    seg_file(p, sizeof(p), seq);
-    while (!file_exists(p) && mono_ms() < until) {
-        struct timespec ts = {0, 2 * 1000000L};
-        nanosleep(&ts, NULL);
-    }
-    ck_assert_msg(file_exists(p), "no spare %s", p);
-}
 
 START_TEST(test_enospc_batch_not_stored_then_recovers)
 {
@@ -1593,11 +1589,6 @@ START_TEST(test_power_loss_keeps_every_durable_record)
             (void)store_close(st);
             pl_apply_crash();
             store_set_io(NULL);
-            if (getenv("PL_DEBUG")) {
-                for (size_t q = 0; q < pl.nf; q++) {
-                    fprintf(stderr, "%s named=%d gone=%d snap=%zu nw=%zu fd=%d\n", pl.f[q].path, pl.f[q].named, pl.f[q].gone, pl.f[q].snap_len, pl.f[q].nw, pl.f[q].fd);
-                }
-            }
             /* the durable ones must come back next open */
             {
                 struct rlog chk = {0};
