@@ -52,6 +52,44 @@ teardown_server(void)
     srv_cleanup(&g_srv);
 }
 
+/*
+ * A queue's backoff_base_ms of 0 means "the broker default", so a broker
+ * whose default is 0 (retry at once) needs a config file. Requeued messages
+ * are then ready again immediately, which makes redelivery order exact.
+ */
+static char g_conf[64];
+static const char *g_retry_args[3];
+
+static void
+setup_server_fast_retry(void)
+{
+    static const char text[] = "backoff_base_ms 0\n";
+    int fd;
+
+    signal(SIGPIPE, SIG_IGN);
+    snprintf(g_conf, sizeof(g_conf), "/tmp/protoq-check-conf.XXXXXX");
+    fd = mkstemp(g_conf);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(write(fd, text, sizeof(text) - 1),
+                     (ssize_t)(sizeof(text) - 1));
+    close(fd);
+    g_retry_args[0] = "-c";
+    g_retry_args[1] = g_conf;
+    g_retry_args[2] = NULL;
+    ck_assert_msg(srv_start(&g_srv, g_retry_args) == 0,
+                  "could not start protoqd -c %s", g_conf);
+}
+
+static void
+teardown_server_fast_retry(void)
+{
+    srv_cleanup(&g_srv);
+    if (g_conf[0] != '\0') {
+        unlink(g_conf);
+        g_conf[0] = '\0';
+    }
+}
+
 static void
 sleep_ms(int ms)
 {
@@ -1469,15 +1507,11 @@ create_fast_retry_queue(protoq_client *c, const char *q)
     struct protoq_queue_attrs a;
     struct protoq_queue_info qi;
 
-    /* 0 means "the broker default" (1 s), so the fastest retry a queue can
-     * ask for is 1 ms. */
+    /* The broker's default backoff is 0 here (setup_server_fast_retry). */
     memset(&a, 0, sizeof(a));
-    a.backoff_base_ms = 1;
-    a.backoff_cap_ms = 1;
     pq_check_ok(c, protoq_queue_create(c, q, &a));
     stat_q(c, q, &qi);
-    ck_assert_uint_eq(qi.attrs.backoff_base_ms, 1);
-    ck_assert_uint_eq(qi.attrs.backoff_cap_ms, 1);
+    ck_assert_uint_eq(qi.attrs.backoff_base_ms, 0);
 }
 
 START_TEST(test_disconnect_requeues_unacked_to_front_with_attempt_2)
@@ -1582,8 +1616,6 @@ START_TEST(test_nack_past_max_attempts_drops_without_dead_letter)
     struct coll k;
 
     memset(&a, 0, sizeof(a));
-    a.backoff_base_ms = 1;
-    a.backoff_cap_ms = 1;
     a.max_attempts = 2;
     pq_check_ok(c, protoq_queue_create(c, "mq", &a));
     pub_str(c, "mq", "doomed", 0, &id);
@@ -2263,12 +2295,12 @@ START_TEST(test_restart_keeps_confirmed_messages_in_order)
     ck_assert_uint_eq(qi.inflight, 0);
     ck_assert_uint_eq(qi.attrs.max_attempts, 7);
     ck_assert_uint_eq(qi.attrs.ack_timeout_ms, 12000);
+    consume_seq_in_order("dur", N, 200, 1, 20000);
     /* Ids are never reused, restarts included. */
     pub_str(c, "dur", "after", 0, &newid);
     for (size_t i = 0; i < N; i++) {
         ck_assert_uint_ne(newid, ids[i]);
     }
-    consume_seq_in_order("dur", N, 200, 1, 20000);
     free(ids);
     protoq_close(c);
 }
@@ -2279,6 +2311,7 @@ START_TEST(test_restart_forgets_acked_messages)
     protoq_client *c = pq_connect_or_fail(&g_srv);
     struct protoq_queue_info qi;
     struct coll k;
+    unsigned seen = 0;
 
     pq_check_ok(c, protoq_queue_create(c, "acked", NULL));
     publish_seq(c, "acked", 10, NULL);
@@ -2295,16 +2328,24 @@ START_TEST(test_restart_forgets_acked_messages)
     ck_assert_int_eq(srv_restart(&g_srv), 0);
     c = pq_connect_or_fail(&g_srv);
     stat_q(c, "acked", &qi);
-    ck_assert_uint_eq(qi.ready, 5);
+    /* Acking freed credit, so 6..10 were in flight when the connection
+     * closed: a failed attempt each, back after the retry backoff. */
+    ck_assert_uint_eq(qi.ready + qi.delayed, 5);
     ck_assert_uint_eq(qi.inflight, 0);
     coll_init(&k, 16, true);
     pq_check_ok(c, protoq_subscribe(c, "acked", 100, NULL, 0, on_collect, &k,
                                     NULL));
-    poll_until(c, &k, 5, 5000);
+    poll_until(c, &k, 5, 10000);
     poll_for(c, 200);
     ck_assert_uint_eq(k.n, 5);
+    /* Each retry delay has its own jitter, so any order of 6..10. */
     for (size_t i = 0; i < 5; i++) {
-        ck_assert_uint_eq(payload_num(&k.v[i]), i + 6);
+        unsigned long v = payload_num(&k.v[i]);
+
+        ck_assert_msg(v >= 6 && v <= 10, "payload %lu came back", v);
+        ck_assert_msg(!(seen & (1u << v)), "payload %lu came twice", v);
+        seen |= 1u << v;
+        ck_assert_uint_eq(k.v[i].attempt, 2);
     }
     coll_free(&k);
     protoq_close(c);
@@ -2448,7 +2489,9 @@ START_TEST(test_sigterm_with_busy_clients_exits_0_and_keeps_messages)
     ck_assert_int_eq(srv_launch(&g_srv), 0);
     p = pq_connect_or_fail(&g_srv);
     stat_q(p, "busy", &qi);
-    ck_assert_uint_eq(qi.ready, 50);
+    /* The ten in flight come back (delayed by the retry backoff). */
+    ck_assert_uint_eq(qi.ready + qi.delayed, 50);
+    ck_assert_uint_eq(qi.ready, 40);
     ck_assert_uint_eq(qi.inflight, 0);
     coll_free(&k);
     protoq_close(p);
@@ -2510,7 +2553,11 @@ server_suite(void)
     tcase_add_test(tc, test_two_consumers_share_a_queue_round_robin);
     tcase_add_test(tc, test_prefetch_credit_is_respected);
 
-    tc = tcase(s, "redelivery", 30);
+    tc = tcase_create("redelivery");
+    tcase_add_checked_fixture(tc, setup_server_fast_retry,
+                              teardown_server_fast_retry);
+    tcase_set_timeout(tc, 30);
+    suite_add_tcase(s, tc);
     tcase_add_test(tc, test_disconnect_requeues_unacked_to_front_with_attempt_2);
     tcase_add_test(tc, test_nack_requeues_with_attempt_2);
     tcase_add_test(tc, test_nack_past_max_attempts_drops_without_dead_letter);
