@@ -1573,6 +1573,12 @@ dispatch_store_event(struct server *srv)
 }
 
 void
+dispatch_housekeeping(struct server *srv)
+{
+    journal_compact(srv);
+}
+
+void
 dispatch_tick(struct server *srv)
 {
     qset_tick(srv->qs, srv->now_mono_ms);

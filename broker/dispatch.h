@@ -43,6 +43,9 @@ void dispatch_store_event(struct server *srv);
 /* dispatch_tick: the deadline timer fired: expire leases, wake delays. */
 void dispatch_tick(struct server *srv);
 
+/* dispatch_housekeeping: once a second: compact the log if worth it. */
+void dispatch_housekeeping(struct server *srv);
+
 /* dispatch_close: flush the store and free the queue set and waits. */
 void dispatch_close(struct server *srv);
 

@@ -163,6 +163,7 @@ housekeeping_cb(evutil_socket_t fd, short what, void *arg)
         evconnlistener_enable(srv->listener);
     }
     conn_housekeeping(srv, srv->now_mono_ms);
+    dispatch_housekeeping(srv);
 }
 
 static void
