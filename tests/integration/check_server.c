@@ -46,9 +46,46 @@ setup_server(void)
     ck_assert_msg(srv_start(&g_srv, NULL) == 0, "could not start protoqd");
 }
 
+/*
+ * Stop the broker if it still runs and check that it went cleanly: exit 0
+ * on SIGTERM, and no sanitizer report in its log (SAN=1 builds). Removes
+ * the test's dir either way.
+ */
+static void
+stop_and_check_broker(void)
+{
+    char path[320];
+    char line[512];
+    char bad[512] = "";
+    int rc = 0;
+    FILE *f;
+
+    if (g_srv.pid > 0) {
+        rc = srv_stop(&g_srv);
+    }
+    srv_log_path(&g_srv, path, sizeof(path));
+    f = fopen(path, "r");
+    if (f != NULL) {
+        while (fgets(line, sizeof(line), f) != NULL) {
+            if (strstr(line, "Sanitizer") != NULL ||
+                strstr(line, "runtime error:") != NULL) {
+                snprintf(bad, sizeof(bad), "%s", line);
+                break;
+            }
+        }
+        fclose(f);
+    }
+    srv_cleanup(&g_srv);
+    ck_assert_msg(rc == 0, "protoqd exited %d on SIGTERM", rc);
+    ck_assert_msg(bad[0] == '\0', "protoqd log: %s", bad);
+}
+
 static void
 teardown_server(void)
 {
+    if (g_srv.dir[0] != '\0') {
+        stop_and_check_broker();
+    }
     srv_cleanup(&g_srv);
 }
 
@@ -83,11 +120,11 @@ setup_server_fast_retry(void)
 static void
 teardown_server_fast_retry(void)
 {
-    srv_cleanup(&g_srv);
     if (g_conf[0] != '\0') {
         unlink(g_conf);
         g_conf[0] = '\0';
     }
+    teardown_server();
 }
 
 static void
