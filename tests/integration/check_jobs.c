@@ -42,18 +42,38 @@ static const char CONF_TEXT[] =
     "heartbeat_ms 1000\n"
     "heartbeat_timeout_ms 5000\n";
 
-static void
-setup(void)
+/* write_conf: the conf file shared by every test of this program (written
+ * once by main, removed at its end, so a failed test leaks nothing). */
+static int
+write_conf(void)
 {
     FILE *f;
 
     snprintf(g_conf_dir, sizeof(g_conf_dir), "/tmp/protoq-jobsconf.XXXXXX");
-    ck_assert_ptr_nonnull(mkdtemp(g_conf_dir));
+    if (mkdtemp(g_conf_dir) == NULL) {
+        perror("mkdtemp");
+        return -1;
+    }
     snprintf(g_conf, sizeof(g_conf), "%s/protoqd.conf", g_conf_dir);
     f = fopen(g_conf, "w");
-    ck_assert_ptr_nonnull(f);
+    if (f == NULL) {
+        perror(g_conf);
+        return -1;
+    }
     fputs(CONF_TEXT, f);
-    ck_assert_int_eq(fclose(f), 0);
+    return fclose(f) == 0 ? 0 : -1;
+}
+
+static void
+remove_conf(void)
+{
+    unlink(g_conf);
+    rmdir(g_conf_dir);
+}
+
+static void
+setup(void)
+{
     ck_assert_msg(srv_start(&g_srv, g_args) == 0,
                   "protoqd did not start (PROTOQD=%s)",
                   getenv("PROTOQD") ? getenv("PROTOQD") : "(unset)");
@@ -63,8 +83,6 @@ static void
 teardown(void)
 {
     srv_cleanup(&g_srv);
-    unlink(g_conf);
-    rmdir(g_conf_dir);
 }
 
 /* bounce: restart the broker on the same data dir. mode 0: orderly
@@ -1069,10 +1087,12 @@ START_TEST(test_restart_keeps_attempt_count)
     mkq(p, "jobs", &a);
     id = pub(p, "jobs", "flaky");
     k = cons_open("jobs", 1);
+    /* Each nack asks for a 300 ms delay, so the job cannot come back to k
+     * before k is closed (closing while holding it would be a failure). */
     for (n = 1; n <= 2; n++) {
         cons_must_get(k, 3000, &g, "nacked job");
         ck_assert_uint_eq(g.attempt, n);
-        pq_check_ok(k->c, protoq_nack_sync(k->c, id, n, 0, false, "flaky"));
+        pq_check_ok(k->c, protoq_nack_sync(k->c, id, n, 300, false, "flaky"));
     }
     cons_close(k);
     protoq_close(p);
@@ -1249,7 +1269,9 @@ START_TEST(test_restart_keeps_released_progress)
     struct got g;
     uint64_t id;
 
-    a.max_attempts = 1;
+    /* Not 1: the released job may go straight back to k, and closing k
+     * then counts as a failed attempt. */
+    a.max_attempts = 5;
     mkq(p, "jobs", &a);
     id = pub(p, "jobs", "resumable");
     k = cons_open("jobs", 1);
@@ -1562,11 +1584,16 @@ jobs_suite(void)
 int
 main(void)
 {
-    SRunner *sr = srunner_create(jobs_suite());
+    SRunner *sr;
     int failed;
 
+    if (write_conf() != 0) {
+        return EXIT_FAILURE;
+    }
+    sr = srunner_create(jobs_suite());
     srunner_run_all(sr, CK_NORMAL);
     failed = srunner_ntests_failed(sr);
     srunner_free(sr);
+    remove_conf();
     return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }
