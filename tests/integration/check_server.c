@@ -753,6 +753,11 @@ START_TEST(test_queue_create_with_other_attrs_is_queue_exists)
     a.max_length = 100;
     pq_check_remote(c, protoq_queue_create(c, "jobs", &a),
                     PROTOQ_CODE_QUEUE_EXISTS);
+    memset(&a, 0, sizeof(a));
+    a.no_backoff = true;
+    a.max_length = 100;
+    pq_check_remote(c, protoq_queue_create(c, "jobs", &a),
+                    PROTOQ_CODE_QUEUE_EXISTS);
     /* The first attributes stand, and the connection still works. */
     stat_q(c, "jobs", &qi);
     ck_assert_uint_eq(qi.attrs.max_length, 100);
@@ -1538,17 +1543,19 @@ END_TEST
 
 /* =========================================================== redelivery */
 
+/* A queue whose failed attempts are ready again at once (no_backoff), so
+ * redelivery order is exact. */
 static void
 create_fast_retry_queue(protoq_client *c, const char *q)
 {
     struct protoq_queue_attrs a;
     struct protoq_queue_info qi;
 
-    /* The broker's default backoff is 0 here (setup_server_fast_retry). */
     memset(&a, 0, sizeof(a));
+    a.no_backoff = true;
     pq_check_ok(c, protoq_queue_create(c, q, &a));
     stat_q(c, q, &qi);
-    ck_assert_uint_eq(qi.attrs.backoff_base_ms, 0);
+    ck_assert(qi.attrs.no_backoff);
 }
 
 START_TEST(test_disconnect_requeues_unacked_to_front_with_attempt_2)
@@ -1653,6 +1660,7 @@ START_TEST(test_nack_past_max_attempts_drops_without_dead_letter)
     struct coll k;
 
     memset(&a, 0, sizeof(a));
+    a.no_backoff = true;
     a.max_attempts = 2;
     pq_check_ok(c, protoq_queue_create(c, "mq", &a));
     pub_str(c, "mq", "doomed", 0, &id);
@@ -1668,6 +1676,39 @@ START_TEST(test_nack_past_max_attempts_drops_without_dead_letter)
     stat_q(c, "mq", &qi);
     ck_assert_uint_eq(qi.ready + qi.inflight + qi.delayed, 0);
     ck_assert_uint_eq(qi.dropped, 1);
+    coll_free(&k);
+    protoq_close(c);
+}
+END_TEST
+
+START_TEST(test_broker_default_backoff_0_retries_at_once)
+{
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    struct protoq_queue_info qi;
+    uint64_t id = 0;
+    struct coll k;
+
+    /* The broker's default backoff is 0 (setup_server_fast_retry), and a
+     * queue created with defaults inherits it. */
+    pq_check_ok(c, protoq_queue_create(c, "cq", NULL));
+    stat_q(c, "cq", &qi);
+    ck_assert_uint_eq(qi.attrs.backoff_base_ms, 0);
+    ck_assert_uint_eq(qi.attrs.backoff_cap_ms, 60000);
+    /* Effective values: a base of 0 is no backoff. */
+    ck_assert(qi.attrs.no_backoff);
+    pub_str(c, "cq", "job", 0, &id);
+    pub_str(c, "cq", "next", 0, NULL);
+    coll_init(&k, 8, false);
+    pq_check_ok(c, protoq_subscribe(c, "cq", 1, NULL, 0, on_collect, &k, NULL));
+    ck_assert_uint_eq(poll_until(c, &k, 1, 5000), 1);
+    for (uint32_t att = 1; att <= 3; att++) {
+        ck_assert_uint_eq(k.v[att - 1].id, id);
+        ck_assert_uint_eq(k.v[att - 1].attempt, att);
+        pq_check_ok(c, protoq_nack(c, id, att, 0, false, NULL));
+        ck_assert_uint_eq(poll_until(c, &k, att + 1, 5000), att + 1);
+    }
+    ck_assert_str_eq(k.v[3].payload, "job");
+    ck_assert_uint_eq(k.v[3].attempt, 4);
     coll_free(&k);
     protoq_close(c);
 }
@@ -2321,6 +2362,7 @@ START_TEST(test_restart_keeps_confirmed_messages_in_order)
     memset(&a, 0, sizeof(a));
     a.max_attempts = 7;
     a.ack_timeout_ms = 12000;
+    a.no_backoff = true;
     pq_check_ok(c, protoq_queue_create(c, "dur", &a));
     publish_seq(c, "dur", N, ids);
     protoq_close(c);
@@ -2332,6 +2374,7 @@ START_TEST(test_restart_keeps_confirmed_messages_in_order)
     ck_assert_uint_eq(qi.inflight, 0);
     ck_assert_uint_eq(qi.attrs.max_attempts, 7);
     ck_assert_uint_eq(qi.attrs.ack_timeout_ms, 12000);
+    ck_assert(qi.attrs.no_backoff);
     consume_seq_in_order("dur", N, 200, 1, 20000);
     /* Ids are never reused, restarts included. */
     pub_str(c, "dur", "after", 0, &newid);
@@ -2590,11 +2633,14 @@ server_suite(void)
     tcase_add_test(tc, test_two_consumers_share_a_queue_round_robin);
     tcase_add_test(tc, test_prefetch_credit_is_respected);
 
-    tc = tcase_create("redelivery");
+    tc = tcase_create("redelivery_config");
     tcase_add_checked_fixture(tc, setup_server_fast_retry,
                               teardown_server_fast_retry);
     tcase_set_timeout(tc, 30);
     suite_add_tcase(s, tc);
+    tcase_add_test(tc, test_broker_default_backoff_0_retries_at_once);
+
+    tc = tcase(s, "redelivery", 30);
     tcase_add_test(tc, test_disconnect_requeues_unacked_to_front_with_attempt_2);
     tcase_add_test(tc, test_nack_requeues_with_attempt_2);
     tcase_add_test(tc, test_nack_past_max_attempts_drops_without_dead_letter);
