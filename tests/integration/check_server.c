@@ -1714,6 +1714,26 @@ START_TEST(test_broker_default_backoff_0_retries_at_once)
 }
 END_TEST
 
+START_TEST(test_queue_attrs_from_backoff_0_default_survive_restart)
+{
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    struct protoq_queue_info before, after;
+
+    pq_check_ok(c, protoq_queue_create(c, "cq", NULL));
+    stat_q(c, "cq", &before);
+    protoq_close(c);
+    ck_assert_int_eq(srv_restart(&g_srv), 0);
+    c = pq_connect_or_fail(&g_srv);
+    stat_q(c, "cq", &after);
+    ck_assert_uint_eq(after.attrs.backoff_base_ms, before.attrs.backoff_base_ms);
+    ck_assert_uint_eq(after.attrs.backoff_cap_ms, before.attrs.backoff_cap_ms);
+    ck_assert_int_eq(after.attrs.no_backoff, before.attrs.no_backoff);
+    /* Declaring it again as before is still "the same attributes". */
+    pq_check_ok(c, protoq_queue_create(c, "cq", NULL));
+    protoq_close(c);
+}
+END_TEST
+
 struct errs {
     int n;
     int code;
@@ -2639,6 +2659,7 @@ server_suite(void)
     tcase_set_timeout(tc, 30);
     suite_add_tcase(s, tc);
     tcase_add_test(tc, test_broker_default_backoff_0_retries_at_once);
+    tcase_add_test(tc, test_queue_attrs_from_backoff_0_default_survive_restart);
 
     tc = tcase(s, "redelivery", 30);
     tcase_add_test(tc, test_disconnect_requeues_unacked_to_front_with_attempt_2);
