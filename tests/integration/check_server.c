@@ -98,17 +98,16 @@ static char g_conf[64];
 static const char *g_retry_args[3];
 
 static void
-setup_server_fast_retry(void)
+start_with_conf(const char *text)
 {
-    static const char text[] = "backoff_base_ms 0\n";
+    size_t len = strlen(text);
     int fd;
 
     signal(SIGPIPE, SIG_IGN);
     snprintf(g_conf, sizeof(g_conf), "/tmp/protoq-check-conf.XXXXXX");
     fd = mkstemp(g_conf);
     ck_assert_int_ge(fd, 0);
-    ck_assert_int_eq(write(fd, text, sizeof(text) - 1),
-                     (ssize_t)(sizeof(text) - 1));
+    ck_assert_int_eq(write(fd, text, len), (ssize_t)len);
     close(fd);
     g_retry_args[0] = "-c";
     g_retry_args[1] = g_conf;
@@ -118,7 +117,22 @@ setup_server_fast_retry(void)
 }
 
 static void
-teardown_server_fast_retry(void)
+setup_server_fast_retry(void)
+{
+    start_with_conf("backoff_base_ms 0\n");
+}
+
+/* Short liveness limits, to see them enforced within a test. */
+static void
+setup_server_short_timeouts(void)
+{
+    start_with_conf("idle_timeout_ms 300\n"
+                    "heartbeat_ms 100\n"
+                    "heartbeat_timeout_ms 500\n");
+}
+
+static void
+teardown_server_conf(void)
 {
     if (g_conf[0] != '\0') {
         unlink(g_conf);
@@ -2562,6 +2576,118 @@ START_TEST(test_queues_survive_restart_and_deleted_ones_stay_deleted)
 }
 END_TEST
 
+/* ============================================================ liveness */
+
+START_TEST(test_no_hello_in_time_is_unexpected_frame)
+{
+    int fd = raw_connect(g_srv.port);
+    int64_t t0 = now_ms_mono();
+
+    ck_assert_int_ge(fd, 0);
+    read_error(fd, PROTOQ_CODE_UNEXPECTED_FRAME, NULL);
+    ck_assert(raw_wait_eof(fd, RAW_TIMEOUT_MS));
+    ck_assert_int_ge(now_ms_mono() - t0, 250);
+    close(fd);
+    assert_broker_healthy();
+}
+END_TEST
+
+START_TEST(test_silent_subscriber_is_closed_and_its_delivery_returns)
+{
+    Protoq__Frame f = PROTOQ__FRAME__INIT;
+    Protoq__Subscribe sub = PROTOQ__SUBSCRIBE__INIT;
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    Protoq__Frame *r;
+    uint64_t id = 0;
+    struct coll k;
+    size_t len;
+    uint8_t *b;
+    int fd;
+
+    create_fast_retry_queue(c, "hb");
+    pub_str(c, "hb", "job", 0, &id);
+    fd = raw_ready();
+    sub.queue = (char *)"hb";
+    sub.prefetch = 1;
+    f.request_id = 2;
+    f.kind_case = PROTOQ__FRAME__KIND_SUBSCRIBE;
+    f.subscribe = &sub;
+    b = raw_pack(&f, &len);
+    ck_assert_ptr_nonnull(b);
+    send_all(fd, b, len);
+    free(b);
+    r = read_kind(fd, PROTOQ__FRAME__KIND_SUBSCRIBE_OK, 2);
+    frame_free(r);
+    /* Heartbeats may come first; the Deliver must come. */
+    for (int i = 0; i < 20; i++) {
+        ck_assert_int_eq(raw_read_frame(fd, RAW_TIMEOUT_MS, 1u << 20, &r), 0);
+        if (r->kind_case == PROTOQ__FRAME__KIND_DELIVER) {
+            break;
+        }
+        ck_assert_int_eq(r->kind_case, PROTOQ__FRAME__KIND_HEARTBEAT);
+        frame_free(r);
+        r = NULL;
+    }
+    ck_assert_ptr_nonnull(r);
+    ck_assert_uint_eq(r->deliver->message_id, id);
+    ck_assert_uint_eq(r->deliver->attempt, 1);
+    frame_free(r);
+    /* Say nothing more: closed after heartbeat_timeout_ms (500). */
+    ck_assert_msg(raw_wait_eof(fd, 5000),
+                  "a silent subscriber was not closed");
+    close(fd);
+    coll_init(&k, 4, true);
+    pq_check_ok(c, protoq_subscribe(c, "hb", 1, NULL, 0, on_collect, &k, NULL));
+    ck_assert_uint_eq(poll_until(c, &k, 1, 5000), 1);
+    ck_assert_uint_eq(k.v[0].id, id);
+    ck_assert_uint_eq(k.v[0].attempt, 2);
+    coll_free(&k);
+    protoq_close(c);
+}
+END_TEST
+
+START_TEST(test_silent_producer_is_not_closed)
+{
+    int fd = raw_ready();
+    Protoq__Frame *r;
+    size_t len;
+    uint8_t *b = pack_queue_list(2, &len);
+
+    /* Longer than the heartbeat timeout, without subscriptions. */
+    ck_assert(!raw_wait_eof(fd, 1500));
+    send_all(fd, b, len);
+    r = read_kind(fd, PROTOQ__FRAME__KIND_QUEUE_LIST_OK, 2);
+    frame_free(r);
+    free(b);
+    close(fd);
+}
+END_TEST
+
+START_TEST(test_libprotoq_subscriber_keeps_its_connection_alive)
+{
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    protoq_client *p = pq_connect_or_fail(&g_srv);
+    struct protoq_server_info si;
+    struct coll k;
+
+    protoq_server_info(c, &si);
+    ck_assert_uint_eq(si.heartbeat_ms, 100);
+    pq_check_ok(p, protoq_queue_create(p, "alive", NULL));
+    coll_init(&k, 4, true);
+    pq_check_ok(c, protoq_subscribe(c, "alive", 1, NULL, 0, on_collect, &k,
+                                    NULL));
+    /* Idle, but polling, for three heartbeat timeouts. */
+    poll_for(c, 1500);
+    pub_str(p, "alive", "late", 0, NULL);
+    ck_assert_uint_eq(poll_until(c, &k, 1, 5000), 1);
+    ck_assert_str_eq(k.v[0].payload, "late");
+    ck_assert_uint_eq(k.v[0].attempt, 1);
+    coll_free(&k);
+    protoq_close(p);
+    protoq_close(c);
+}
+END_TEST
+
 /* ============================================================== signals */
 
 START_TEST(test_sigterm_exits_0)
@@ -2655,7 +2781,7 @@ server_suite(void)
 
     tc = tcase_create("redelivery_config");
     tcase_add_checked_fixture(tc, setup_server_fast_retry,
-                              teardown_server_fast_retry);
+                              teardown_server_conf);
     tcase_set_timeout(tc, 30);
     suite_add_tcase(s, tc);
     tcase_add_test(tc, test_broker_default_backoff_0_retries_at_once);
@@ -2704,6 +2830,16 @@ server_suite(void)
     tcase_add_test(tc, test_kill9_after_all_confirmed_keeps_all_in_order);
     tcase_add_test(tc,
                    test_queues_survive_restart_and_deleted_ones_stay_deleted);
+
+    tc = tcase_create("liveness");
+    tcase_add_checked_fixture(tc, setup_server_short_timeouts,
+                              teardown_server_conf);
+    tcase_set_timeout(tc, 30);
+    suite_add_tcase(s, tc);
+    tcase_add_test(tc, test_no_hello_in_time_is_unexpected_frame);
+    tcase_add_test(tc, test_silent_subscriber_is_closed_and_its_delivery_returns);
+    tcase_add_test(tc, test_silent_producer_is_not_closed);
+    tcase_add_test(tc, test_libprotoq_subscriber_keeps_its_connection_alive);
 
     tc = tcase(s, "signals", 30);
     tcase_add_test(tc, test_sigterm_exits_0);
