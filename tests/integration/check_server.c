@@ -43,7 +43,10 @@ static void
 setup_server(void)
 {
     signal(SIGPIPE, SIG_IGN);
-    ck_assert_msg(srv_start(&g_srv, NULL) == 0, "could not start protoqd");
+    if (srv_start(&g_srv, NULL) != 0) {
+        srv_cleanup(&g_srv);
+        ck_abort_msg("could not start protoqd");
+    }
 }
 
 /*
@@ -112,8 +115,11 @@ start_with_conf(const char *text)
     g_retry_args[0] = "-c";
     g_retry_args[1] = g_conf;
     g_retry_args[2] = NULL;
-    ck_assert_msg(srv_start(&g_srv, g_retry_args) == 0,
-                  "could not start protoqd -c %s", g_conf);
+    if (srv_start(&g_srv, g_retry_args) != 0) {
+        srv_cleanup(&g_srv);
+        unlink(g_conf);
+        ck_abort_msg("could not start protoqd -c %s", g_conf);
+    }
 }
 
 static void
