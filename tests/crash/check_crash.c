@@ -40,7 +40,9 @@
 
 enum {
     SEQ_STRIDE = 1000000,      /* seq = (cycle + 1) * SEQ_STRIDE + i */
-    PROD_WINDOW = 256,         /* async publishes in flight */
+    PROD_BURST = 32,           /* pipelined publishes per burst */
+    PROD_PAUSE_MS = 10,        /* between bursts: ~3000 msg/s, which the
+                                  acking consumer keeps up with */
     CONS_PREFETCH = 32,
     CHILD_MAX_MS = 15000,      /* a child gives up on its own after this */
     REAP_MS = 10000,           /* the parent waits this long for a child */
@@ -65,18 +67,38 @@ static const char CONF_TEXT[] =
     "backoff_cap_ms 5\n"
     "max_attempts 1000\n";
 
-static void
-setup(void)
+/* write_conf: the conf file shared by every test of this program (written
+ * once by main, removed at its end, so a failed test leaks nothing). */
+static int
+write_conf(void)
 {
     FILE *f;
 
     snprintf(g_conf_dir, sizeof(g_conf_dir), "/tmp/protoq-crashconf.XXXXXX");
-    ck_assert_ptr_nonnull(mkdtemp(g_conf_dir));
+    if (mkdtemp(g_conf_dir) == NULL) {
+        perror("mkdtemp");
+        return -1;
+    }
     snprintf(g_conf, sizeof(g_conf), "%s/protoqd.conf", g_conf_dir);
     f = fopen(g_conf, "w");
-    ck_assert_ptr_nonnull(f);
+    if (f == NULL) {
+        perror(g_conf);
+        return -1;
+    }
     fputs(CONF_TEXT, f);
-    ck_assert_int_eq(fclose(f), 0);
+    return fclose(f) == 0 ? 0 : -1;
+}
+
+static void
+remove_conf(void)
+{
+    unlink(g_conf);
+    rmdir(g_conf_dir);
+}
+
+static void
+setup(void)
+{
     ck_assert_msg(srv_start(&g_srv, g_args) == 0,
                   "protoqd did not start (PROTOQD=%s)",
                   getenv("PROTOQD") ? getenv("PROTOQD") : "(unset)");
@@ -86,8 +108,6 @@ static void
 teardown(void)
 {
     srv_cleanup(&g_srv);
-    unlink(g_conf);
-    rmdir(g_conf_dir);
 }
 
 static void
@@ -228,14 +248,15 @@ on_confirm(void *arg, int err, uint64_t id, bool duplicate)
 }
 
 /*
- * producer_run: publish seq_base, seq_base + 1, ... pipelined (at most
- * PROD_WINDOW unconfirmed) until the connection dies, max_ms passes or
- * max_n were sent. "P seq" before each send, "C seq id" on each confirm.
- * Returns 0, or 2 when it could not connect.
+ * producer_run: publish seq_base, seq_base + 1, ... in pipelined bursts of
+ * PROD_BURST (then wait for their confirms and pause pause_ms) until the
+ * connection dies, max_ms passes or max_n were sent. "P seq" before each
+ * send, "C seq id" on each confirm. Returns 0, or 2 when it could not
+ * connect.
  */
 static int
 producer_run(const char *addr, const char *path, uint64_t seq_base,
-             uint64_t max_n, size_t minpad, int max_ms)
+             uint64_t max_n, size_t minpad, int max_ms, int pause_ms)
 {
     static char buf[PAYLOAD_MAX];
     int64_t deadline = now_ms_mono() + max_ms;
@@ -264,10 +285,13 @@ producer_run(const char *addr, const char *path, uint64_t seq_base,
         if (rc != PQ_OK) {
             break;
         }
-        if (protoq_outstanding(c) >= PROD_WINDOW) {
-            rc = protoq_wait_confirms(c, PROD_WINDOW / 2, 2000);
+        if (protoq_outstanding(c) >= PROD_BURST) {
+            rc = protoq_wait_confirms(c, 0, 2000);
             if (rc != PQ_OK && rc != PQ_ETIMEDOUT) {
                 break;
+            }
+            if (pause_ms > 0) {
+                sleep_ms(pause_ms);
             }
         }
     }
@@ -392,7 +416,7 @@ spawn(char role, const char *path, uint64_t seq_base)
     snprintf(addr, sizeof(addr), "%s", g_srv.addr);
     if (role == 'p') {
         _exit(producer_run(addr, path, seq_base, SEQ_STRIDE - 1, 0,
-                           CHILD_MAX_MS));
+                           CHILD_MAX_MS, PROD_PAUSE_MS));
     }
     _exit(consumer_run(addr, path, CHILD_MAX_MS, 0));
 }
@@ -1252,6 +1276,53 @@ START_TEST(test_torn_tail_is_truncated_and_earlier_messages_survive)
 }
 END_TEST
 
+/*
+ * Disk use stays proportional to live data (DESIGN.md, Storage). A segment
+ * is preallocated with room for the ACK reserve of every live message;
+ * once it is sealed (the log moved on) that room is never written, so it
+ * must be given back, or every segment carries 2 x 64 B x live messages of
+ * zeros and disk use grows with live x segments.
+ */
+START_TEST(test_sealed_segments_give_back_preallocated_room)
+{
+    enum { N = 10000 };
+    char segs[512][64], path[400], worst[64] = "";
+    long offs[4096], end;
+    uint64_t data = 0, disk = 0, worst_disk = 0, worst_end = 0;
+    int nseg, i;
+
+    publish_seqs(1, N, 0); /* ~3 MB of live messages in 64 KiB segments */
+    nseg = list_segments(segs, 512);
+    ck_assert_msg(nseg >= 10, "want >= 10 segments, have %d", nseg);
+    /* Every segment but the last two (current and spare) is sealed. */
+    for (i = 0; i < nseg - 2; i++) {
+        struct stat sb;
+        uint64_t used;
+
+        snprintf(path, sizeof(path), "%s/%.63s", g_srv.data_dir, segs[i]);
+        ck_assert_int_eq(stat(path, &sb), 0);
+        segment_records(segs[i], offs, 4096, &end);
+        used = (uint64_t)sb.st_blocks * 512;
+        data += (uint64_t)end;
+        disk += used;
+        if (used > (uint64_t)end + 65536 && used - (uint64_t)end >
+                                               worst_disk - worst_end) {
+            snprintf(worst, sizeof(worst), "%.63s", segs[i]);
+            worst_disk = used;
+            worst_end = (uint64_t)end;
+        }
+    }
+    printf("sealed segments: %d, records %" PRIu64 " bytes, on disk %" PRIu64
+           " bytes\n", nseg - 2, data, disk);
+    ck_assert_msg(worst[0] == '\0' && disk <= 2 * data + 65536,
+                  "%d sealed segments hold %" PRIu64 " bytes of records but "
+                  "occupy %" PRIu64 " bytes on disk; e.g. %s: records end at "
+                  "%" PRIu64 ", %" PRIu64 " bytes allocated (preallocated "
+                  "reserve room is never trimmed)", nseg - 2, data, disk,
+                  worst[0] ? worst : "-", worst_end, worst_disk);
+}
+END_TEST
+
 /* ---------------------------------------------------------------- main */
 
 static Suite *
@@ -1280,17 +1351,28 @@ crash_suite(void)
     tcase_add_loop_test(tc, test_torn_tail_is_truncated_and_earlier_messages_survive,
                         0, 2);
     suite_add_tcase(s, tc);
+
+    tc = tcase_create("disk_use");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_sealed_segments_give_back_preallocated_room);
+    suite_add_tcase(s, tc);
     return s;
 }
 
 int
 main(void)
 {
-    SRunner *sr = srunner_create(crash_suite());
+    SRunner *sr;
     int failed;
 
+    if (write_conf() != 0) {
+        return EXIT_FAILURE;
+    }
+    sr = srunner_create(crash_suite());
     srunner_run_all(sr, CK_NORMAL);
     failed = srunner_ntests_failed(sr);
     srunner_free(sr);
+    remove_conf();
     return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }
