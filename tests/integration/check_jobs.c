@@ -1350,6 +1350,212 @@ START_TEST(test_restart_never_reuses_message_ids)
 }
 END_TEST
 
+START_TEST(test_restart_expires_ttl_while_down)
+{
+    protoq_client *p = pq_connect_or_fail(&g_srv);
+    struct protoq_message m;
+    struct cons *k;
+    struct got g;
+
+    mkq(p, "jobs", NULL);
+    memset(&m, 0, sizeof(m));
+    m.ttl_ms = 300;
+    pub_msg(p, "jobs", &m, "short-lived");
+    pub(p, "jobs", "long-lived");
+    protoq_close(p);
+    if (_i == 0) {
+        srv_stop(&g_srv);
+    } else {
+        srv_kill9(&g_srv);
+    }
+    sleep_ms(600); /* the TTL runs out while the broker is down */
+    ck_assert_int_eq(srv_launch(&g_srv), 0);
+    p = pq_connect_or_fail(&g_srv);
+    k = cons_open("jobs", 4);
+    cons_must_get(k, 3000, &g, "message without TTL");
+    check_payload(&g, "long-lived");
+    pq_check_ok(k->c, protoq_ack_sync(k->c, g.id, g.attempt));
+    cons_none(k, 400, "message whose TTL ran out while the broker was down");
+    ck_assert_uint_eq(stat_wait(p, "jobs", SF_TOTAL, 0, 2000), 0);
+    cons_close(k);
+    protoq_close(p);
+}
+END_TEST
+
+START_TEST(test_restart_keeps_priority_and_fifo_order)
+{
+    static const struct {
+        const char *payload;
+        uint32_t prio;
+    } in[] = {{"a1", 0}, {"b1", 9}, {"a2", 0}, {"a3", 0}, {"b2", 9}, {"a4", 0}};
+    static const char *const want[] = {"b1", "b2", "a1", "a2", "a3", "a4"};
+    protoq_client *p = pq_connect_or_fail(&g_srv);
+    struct cons *k;
+    struct got g;
+    size_t i;
+
+    mkq(p, "jobs", NULL);
+    for (i = 0; i < sizeof(in) / sizeof(in[0]); i++) {
+        struct protoq_message m;
+
+        memset(&m, 0, sizeof(m));
+        m.priority = in[i].prio;
+        pub_msg(p, "jobs", &m, in[i].payload);
+    }
+    protoq_close(p);
+    bounce(_i);
+    p = pq_connect_or_fail(&g_srv);
+    k = cons_open("jobs", 1);
+    for (i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+        cons_must_get(k, 3000, &g, "order after restart");
+        ck_assert_msg(g.len == strlen(want[i]) &&
+                      memcmp(g.payload, want[i], g.len) == 0,
+                      "%s: delivery %zu is \"%.*s\", want \"%s\"",
+                      mode_name(_i), i, (int)g.len, g.payload, want[i]);
+        ck_assert_uint_eq(g.priority, want[i][0] == 'b' ? 9 : 0);
+        pq_check_ok(k->c, protoq_ack_sync(k->c, g.id, g.attempt));
+    }
+    cons_close(k);
+    protoq_close(p);
+}
+END_TEST
+
+START_TEST(test_restart_keeps_inflight_cancel)
+{
+    protoq_client *p = pq_connect_or_fail(&g_srv);
+    struct protoq_queue_attrs a = attrs_fast();
+    struct protoq_queue_info st;
+    struct cons *k;
+    struct got g;
+    uint64_t id;
+    int i;
+
+    a.ack_timeout_ms = 60000;
+    mkq(p, "jobs", &a);
+    id = pub(p, "jobs", "cancelled-while-running");
+    k = cons_open("jobs", 1);
+    cons_must_get(k, 3000, &g, "job");
+    pq_check_ok(p, protoq_cancel(p, "jobs", id));
+    for (i = 0; i < 200 && k->n_cancel == 0; i++) {
+        pump_for(k, 10);
+    }
+    ck_assert_uint_eq(k->n_cancel, 1);
+    protoq_close(p);
+    /* The broker goes down while the cancelled job is still held. */
+    bounce(_i);
+    cons_close(k);
+    p = pq_connect_or_fail(&g_srv);
+    st = qstat(p, "jobs");
+    ck_assert_msg(qtotal(&st) == 0, "%s: cancelled job is back after the "
+                  "restart (ready %" PRIu64 " delayed %" PRIu64 ")",
+                  mode_name(_i), st.ready, st.delayed);
+    k = cons_open("jobs", 1);
+    cons_none(k, 300, "cancelled job after restart");
+    cons_close(k);
+    protoq_close(p);
+}
+END_TEST
+
+START_TEST(test_lease_expiry_counts_toward_max_attempts)
+{
+    protoq_client *p = pq_connect_or_fail(&g_srv);
+    struct protoq_queue_attrs a = attrs_fast();
+    struct cons *k, *d;
+    struct got g;
+    uint64_t id;
+    uint32_t n;
+
+    mkq(p, "dlq", NULL);
+    a.ack_timeout_ms = 150;
+    a.max_attempts = 2;
+    snprintf(a.dead_letter, sizeof(a.dead_letter), "dlq");
+    mkq(p, "jobs", &a);
+    id = pub(p, "jobs", "hangs");
+    k = cons_open("jobs", 1);
+    for (n = 1; n <= 2; n++) {
+        cons_must_get(k, 3000, &g, "job (never acked)");
+        ck_assert_uint_eq(g.id, id);
+        ck_assert_uint_eq(g.attempt, n);
+    }
+    cons_none(k, 500, "job after two expired leases");
+    d = cons_open("dlq", 1);
+    cons_must_get(d, 3000, &g, "dead letter after expired leases");
+    check_payload(&g, "hangs");
+    check_header(&g, "x-death-reason", "max_attempts");
+    check_header(&g, "x-death-attempts", "2");
+    check_header(&g, "x-death-queue", "jobs");
+    /* stale: both leases ran out */
+    pq_check_remote(k->c, protoq_ack_sync(k->c, id, 2),
+                    PROTOQ_CODE_STALE_DELIVERY);
+    cons_close(d);
+    cons_close(k);
+    protoq_close(p);
+}
+END_TEST
+
+START_TEST(test_ttl_dead_letter_expired_goes_to_dlq)
+{
+    protoq_client *p = pq_connect_or_fail(&g_srv);
+    struct protoq_queue_attrs a = attrs_fast();
+    struct cons *d;
+    struct got g;
+
+    mkq(p, "dlq", NULL);
+    a.ttl_ms = 200;
+    a.dead_letter_expired = true;
+    snprintf(a.dead_letter, sizeof(a.dead_letter), "dlq");
+    mkq(p, "jobs", &a);
+    pub(p, "jobs", "too-late");
+    d = cons_open("dlq", 1);
+    cons_must_get(d, 3000, &g, "expired message in the dead-letter queue");
+    check_payload(&g, "too-late");
+    check_header(&g, "x-death-reason", "expired");
+    check_header(&g, "x-death-queue", "jobs");
+    ck_assert_uint_eq(stat_wait(p, "jobs", SF_TOTAL, 0, 2000), 0);
+    cons_close(d);
+    protoq_close(p);
+}
+END_TEST
+
+START_TEST(test_disconnect_returns_every_prefetched_job)
+{
+    protoq_client *p = pq_connect_or_fail(&g_srv);
+    struct protoq_queue_attrs a = attrs_fast();
+    struct cons *ca, *cb;
+    struct got g;
+    uint64_t seen = 0;
+    int i;
+
+    a.ack_timeout_ms = 60000;
+    mkq(p, "jobs", &a);
+    for (i = 0; i < 5; i++) {
+        char b[8];
+
+        snprintf(b, sizeof(b), "j%d", i);
+        pub(p, "jobs", b);
+    }
+    ca = cons_open("jobs", 5);
+    for (i = 0; i < 5; i++) {
+        cons_must_get(ca, 3000, &g, "prefetched job");
+        ck_assert_uint_eq(g.attempt, 1);
+    }
+    ck_assert_uint_eq(qstat(p, "jobs").inflight, 5);
+    cons_close(ca);
+    cb = cons_open("jobs", 10);
+    for (i = 0; i < 5; i++) {
+        cons_must_get(cb, 3000, &g, "job returned by the disconnect");
+        ck_assert_uint_eq(g.attempt, 2);
+        ck_assert_msg(g.len == 2 && g.payload[0] == 'j', "payload %.*s",
+                      (int)g.len, g.payload);
+        seen |= 1u << (g.payload[1] - '0');
+        pq_check_ok(cb->c, protoq_ack_sync(cb->c, g.id, g.attempt));
+    }
+    ck_assert_uint_eq(seen, 0x1f);
+    cons_close(cb);
+    protoq_close(p);
+}
+END_TEST
+
 /* ================================================================= CLI */
 
 /* run_cli: run $PROTOQ (or build/protoq) with args, PROTOQ_SERVER set to the
@@ -1547,12 +1753,15 @@ jobs_suite(void)
     tcase_add_test(tc, test_touching_job_outlives_many_leases_and_stale_touch_fails);
     tcase_add_test(tc, test_touch_after_lease_expired_is_stale);
     tcase_add_test(tc, test_release_is_not_a_failure_and_keeps_progress);
+    tcase_add_test(tc, test_lease_expiry_counts_toward_max_attempts);
+    tcase_add_test(tc, test_disconnect_returns_every_prefetched_job);
     suite_add_tcase(s, tc);
 
     tc = tcase("publish_options", 20);
     tcase_add_test(tc, test_delay_hides_message_until_due);
     tcase_add_test(tc, test_priority_first_then_fifo_within_level);
     tcase_add_test(tc, test_ttl_expired_message_is_never_delivered);
+    tcase_add_test(tc, test_ttl_dead_letter_expired_goes_to_dlq);
     tcase_add_test(tc, test_max_length_rejects_and_keeps_accepted);
     tcase_add_test(tc, test_max_bytes_rejects_and_keeps_accepted);
     tcase_add_test(tc, test_idempotency_key_returns_first_id);
@@ -1572,6 +1781,9 @@ jobs_suite(void)
     tcase_add_loop_test(tc, test_restart_keeps_released_progress, 0, 2);
     tcase_add_loop_test(tc, test_restart_keeps_idempotency_keys, 0, 2);
     tcase_add_loop_test(tc, test_restart_never_reuses_message_ids, 0, 2);
+    tcase_add_loop_test(tc, test_restart_expires_ttl_while_down, 0, 2);
+    tcase_add_loop_test(tc, test_restart_keeps_priority_and_fifo_order, 0, 2);
+    tcase_add_loop_test(tc, test_restart_keeps_inflight_cancel, 0, 2);
     suite_add_tcase(s, tc);
 
     tc = tcase("cli", 30);
