@@ -18,6 +18,15 @@
  * record (m->state_seg); the store deletes the oldest segments once they
  * hold nothing live.
  *
+ * Payload budget: the bodies of durable messages count against
+ * payload_budget_bytes (by payload size). A message that becomes durable
+ * while the budget is used up keeps no body in memory (m->body NULL); its
+ * PUBLISH or DEAD_LETTER record (m->pub_seg, pub_off, pub_len) is read back
+ * when it is delivered, dead-lettered or moved by compaction. So the
+ * budget holds the oldest messages, which are delivered first, and memory
+ * per message beyond it is the index entry alone. Replay applies the same
+ * rule. Transient queues have no disk: their bodies always stay.
+ *
  * Replay: records are applied in log order with the queue listener off.
  * Nothing is in flight after a restart: every message comes back READY, or
  * DELAYED while its deliver-at time is in the future, with the attempt and
@@ -50,6 +59,9 @@ struct journal {
     uint64_t replayed;            /* replay: records applied */
     uint64_t mono_at_open;        /* replay: clocks read once */
     uint64_t wall_at_open;
+    uint64_t resident;            /* payload bytes of durable messages in memory */
+    uint64_t budget;              /* cfg.payload_budget_bytes */
+    uint64_t evicted;             /* messages stored without their body in memory */
     struct server *srv;
 };
 
@@ -86,9 +98,9 @@ mkdir_p(const char *dir, char *err, size_t errlen)
  * or malformed (the body was CRC-checked, so malformed means a bug).
  */
 static uint32_t
-message_payload_size(const struct body *b)
+message_payload_size(const uint8_t *data, size_t len)
 {
-    const uint8_t *p = b->data, *end = b->data + b->len;
+    const uint8_t *p = data, *end = data + len;
 
     while (p < end) {
         uint64_t key = 0, v = 0;
@@ -266,19 +278,87 @@ on_roll(void *arg, uint32_t new_seg)
     pq_free(buf);
 }
 
+/* ---- the payload budget ---- */
+
+/* m (durable) now holds its body: keep it if the budget allows, else drop
+ * it to the record on disk. */
+static void
+keep_or_evict(struct journal *j, struct msg *m)
+{
+    if (m->body == NULL) {
+        return;
+    }
+    if (m->pub_len > 0 && j->resident + m->size > j->budget) {
+        body_unref(&m->body);
+        j->evicted++;
+        return;
+    }
+    j->resident += m->size;
+}
+
+/* m (durable) leaves memory: give its budget back. */
+static void
+forget_body(struct journal *j, const struct msg *m)
+{
+    if (m->body != NULL) {
+        j->resident -= m->size;
+    }
+}
+
+/* Read m's current body back from its record. A new reference or NULL. */
+static struct body *
+load_body(struct journal *j, const struct msg *m)
+{
+    struct store_loc loc = {.seg = m->pub_seg, .off = m->pub_off,
+                            .len = m->pub_len};
+    uint8_t type, *raw = NULL;
+    struct body *b = NULL;
+    struct record r;
+    size_t len;
+    int rc;
+
+    if (m->pub_len == 0) {
+        return NULL;
+    }
+    rc = store_read(j->st, &loc, &type, &raw, &len);
+    if (rc != PQ_OK) {
+        log_err("message %llu: reading its record back (segment %u offset "
+                "%u): %s", (unsigned long long)m->id, m->pub_seg, m->pub_off,
+                pq_strerror(rc));
+        return NULL;
+    }
+    if (record_decode(type, raw, len, &r) != PQ_OK) {
+        log_err("message %llu: its record at segment %u offset %u does not "
+                "decode", (unsigned long long)m->id, m->pub_seg, m->pub_off);
+    } else if (r.type == REC_PUBLISH && r.u.publish.id == m->id) {
+        b = body_new(r.u.publish.body.ptr, r.u.publish.body.len);
+    } else if (r.type == REC_DEAD_LETTER && r.u.dead_letter.id == m->id) {
+        b = body_new(r.u.dead_letter.body.ptr, r.u.dead_letter.body.len);
+    } else {
+        log_err("message %llu: segment %u offset %u holds another record "
+                "(%s)", (unsigned long long)m->id, m->pub_seg, m->pub_off,
+                record_type_name(type));
+    }
+    pq_free(raw);
+    return b;
+}
+
 /* ---- segment references ---- */
 
+/* The live bytes of a segment (what compaction weighs) are those of the
+ * PUBLISH records it holds for live messages. Callers unref before they
+ * change m->pub_*, and ref after. */
 static void
 ref_msg(struct journal *j, struct msg *m)
 {
-    store_seg_ref(j->st, m->pub_seg, 0);
+    store_seg_ref(j->st, m->pub_seg, m->pub_len);
     store_seg_ref(j->st, m->state_seg, 0);
 }
 
 static void
 unref_msg(struct journal *j, struct msg *m)
 {
-    store_seg_unref(j->st, m->pub_seg, 0);
+    store_seg_unref(j->st, m->pub_seg, m->pub_len);
     store_seg_unref(j->st, m->state_seg, 0);
 }
 
@@ -306,6 +386,7 @@ static void
 unref_cb(void *arg, struct msg *m)
 {
     unref_msg(arg, m);
+    forget_body(arg, m);
 }
 
 int
@@ -361,6 +442,7 @@ purge_unref_cb(void *arg, struct msg *m)
 
     if (m->state != MSG_INFLIGHT) {
         unref_msg(w->j, m);
+        forget_body(w->j, m);
         w->gone++;
     }
 }
@@ -456,6 +538,8 @@ journal_publish(struct server *srv, struct pending *items, uint32_t n,
             return rc;
         }
         p->mn.pub_seg = p->mn.state_seg = loc.seg;
+        p->mn.pub_off = (uint32_t)loc.off;
+        p->mn.pub_len = loc.len;
     }
     return PQ_OK;
 }
@@ -464,6 +548,7 @@ void
 journal_msg_stored(struct server *srv, struct msg *m)
 {
     ref_msg(srv->journal, m);
+    keep_or_evict(srv->journal, m);
 }
 
 int
@@ -476,6 +561,7 @@ journal_ack(struct server *srv, struct msg *m, uint64_t *lsn)
     r.u.ack.id = m->id;
     rc = append(j, &r, lsn, NULL);
     unref_msg(j, m);
+    forget_body(j, m);
     return rc;
 }
 
@@ -491,8 +577,12 @@ republish(struct journal *j, struct msg *m, struct store_loc *loc)
     struct body *prog = msg_progress(m);
     struct record r = {.type = REC_PUBLISH};
 
-    if (m->body == NULL || n_req > sizeof(req) / sizeof(req[0])) {
-        return PQ_EINVAL;
+    struct body *b = m->body ? body_ref(m->body) : load_body(j, m);
+    int rc;
+
+    if (b == NULL || n_req > sizeof(req) / sizeof(req[0])) {
+        body_unref(&b);
+        return b == NULL ? PQ_EIO : PQ_EINVAL;
     }
     for (size_t i = 0; i < n_req; i++) {
         req[i].key = rstr(kv[i].key);
@@ -514,9 +604,11 @@ republish(struct journal *j, struct msg *m, struct store_loc *loc)
         r.u.publish.progress.ptr = prog->data;
         r.u.publish.progress.len = prog->len;
     }
-    r.u.publish.body.ptr = m->body->data;
-    r.u.publish.body.len = m->body->len;
-    return append(j, &r, NULL, loc);
+    r.u.publish.body.ptr = b->data;
+    r.u.publish.body.len = b->len;
+    rc = append(j, &r, NULL, loc);
+    body_unref(&b);
+    return rc;
 }
 
 static void
@@ -580,8 +672,25 @@ journal_qevent(struct server *srv, const struct qevent *ev)
         r.u.drop.reason = rstr(ev->reason);
         rc = append(j, &r, NULL, NULL);
         unref_msg(j, m);
+        forget_body(j, m);
         break;
     case QEV_DEAD_LETTER:
+        if (m->body == NULL && (durable(ev->from) || durable(ev->q))) {
+            /* Evicted: queue.c moved it without its body; add the x-death
+             * headers to the body read back from the log. */
+            struct body *old = load_body(j, m);
+
+            m->body = old ? body_with_headers(old, ev->headers, ev->n_headers)
+                          : NULL;
+            body_unref(&old);
+            if (m->body == NULL) {
+                log_err("queue %s: message %llu: dead-lettered without its "
+                        "body (it could not be read back)",
+                        queue_name(ev->q), (unsigned long long)m->id);
+            } else if (durable(ev->from)) {
+                j->resident += m->size; /* counted below like a kept body */
+            }
+        }
         if (durable(ev->from) && durable(ev->q)) {
             r.type = REC_DEAD_LETTER;
             r.u.dead_letter.id = m->id;
@@ -592,6 +701,8 @@ journal_qevent(struct server *srv, const struct qevent *ev)
             rc = append(j, &r, NULL, &loc);
             unref_msg(j, m);
             m->pub_seg = m->state_seg = loc.seg;
+            m->pub_off = (uint32_t)loc.off;
+            m->pub_len = rc == PQ_OK ? loc.len : 0;
             if (rc == PQ_OK) {
                 ref_msg(j, m);
             }
@@ -601,11 +712,16 @@ journal_qevent(struct server *srv, const struct qevent *ev)
             r.u.drop.reason = rstr("dead-lettered to a transient queue");
             rc = append(j, &r, NULL, NULL);
             unref_msg(j, m);
+            forget_body(j, m);
+            m->pub_len = 0;
         } else if (durable(ev->q)) {
             rc = republish(j, m, &loc);
             m->pub_seg = m->state_seg = loc.seg;
+            m->pub_off = (uint32_t)loc.off;
+            m->pub_len = rc == PQ_OK ? loc.len : 0;
             if (rc == PQ_OK) {
                 ref_msg(j, m);
+                keep_or_evict(j, m);
             }
         }
         break;
@@ -628,11 +744,7 @@ journal_last_lsn(struct server *srv)
 struct body *
 journal_load_body(struct server *srv, struct msg *m)
 {
-    (void)srv;
-    (void)m;
-    /* Payloads are always kept in memory for now (no payload budget yet);
-     * a message without a body cannot be read back. */
-    return NULL;
+    return load_body(srv->journal, m);
 }
 
 void
@@ -671,6 +783,8 @@ compact_cb(void *arg, struct msg *m)
     }
     unref_msg(w->j, m);
     m->pub_seg = m->state_seg = loc.seg;
+    m->pub_off = (uint32_t)loc.off;
+    m->pub_len = loc.len;
     ref_msg(w->j, m);
     w->moved++;
 }
@@ -714,7 +828,12 @@ replay_queue(struct journal *j, struct rec_str name)
 static void
 replay_remove(struct journal *j, uint64_t id)
 {
-    qset_cancel(j->srv->qs, id, NULL);
+    struct msg *m = qset_msg(j->srv->qs, id);
+
+    if (m != NULL) {
+        forget_body(j, m);
+        qset_cancel(j->srv->qs, id, NULL);
+    }
 }
 
 static int
@@ -744,9 +863,9 @@ replay_create(struct journal *j, const struct rec_queue_create *c)
     a.dedup_window_ms = ra->dedup_window_ms;
     a.max_lease_ms = ra->max_lease_ms;
     a.dead_letter_expired = ra->dead_letter_expired;
-    /* Records hold resolved attributes: a base of 0 can only mean that
-     * the queue (or the broker default) asked for no backoff. */
-    a.no_backoff = ra->backoff_base_ms == 0;
+    /* Records hold resolved attributes; no_backoff resolves both to 0,
+     * and only it does (a broker default base of 0 keeps its cap). */
+    a.no_backoff = ra->backoff_base_ms == 0 && ra->backoff_cap_ms == 0;
     rc = qset_create(j->srv->qs, name, &a, NULL);
     /* A later definition of the same name (re-created with other
      * attributes after a delete in a segment since removed) wins. */
@@ -767,6 +886,7 @@ replay_publish(struct journal *j, const struct rec_publish *p,
     char idem[257];
     struct msg_new mn = {0};
     struct rec_kv kv;
+    struct msg *m;
     size_t cursor = 0, n = 0;
     int rc;
 
@@ -797,14 +917,23 @@ replay_publish(struct journal *j, const struct rec_publish *p,
     memcpy(idem, p->idem_key.ptr, p->idem_key.len);
     idem[p->idem_key.len] = '\0';
     mn.id = p->id;
-    mn.body = body_new(p->body.ptr, p->body.len);
+    mn.size = message_payload_size(p->body.ptr, p->body.len);
+    /* Past the budget the body stays on disk: do not even copy it. */
+    if (!durable(q) || j->resident + mn.size <= j->budget) {
+        mn.body = body_new(p->body.ptr, p->body.len);
+        if (mn.body == NULL) {
+            rc = PQ_ENOMEM;
+            goto out;
+        }
+    } else {
+        j->evicted++;
+    }
     mn.progress = p->progress.len ? body_new(p->progress.ptr, p->progress.len)
                                   : NULL;
-    if (mn.body == NULL || (p->progress.len && mn.progress == NULL)) {
+    if (p->progress.len && mn.progress == NULL) {
         rc = PQ_ENOMEM;
         goto out;
     }
-    mn.size = message_payload_size(mn.body);
     mn.priority = p->priority > 9 ? 9 : p->priority;
     mn.due_ms = wall_to_mono(j, p->deliver_at_wall_ms, false);
     mn.expire_ms = wall_to_mono(j, p->expire_wall_ms, true);
@@ -815,9 +944,13 @@ replay_publish(struct journal *j, const struct rec_publish *p,
     mn.attempt = p->attempt;
     mn.failures = p->failures;
     mn.pub_seg = mn.state_seg = loc->seg;
-    rc = queue_push(q, &mn, j->mono_at_open, NULL);
+    mn.pub_off = (uint32_t)loc->off;
+    mn.pub_len = loc->len;
+    rc = queue_push(q, &mn, j->mono_at_open, &m);
     if (rc == PQ_EEXIST) {
         rc = PQ_OK; /* an idempotency key already live: keep the first */
+    } else if (rc == PQ_OK && durable(q)) {
+        keep_or_evict(j, m);
     }
 out:
     body_unref(&mn.body);
@@ -830,8 +963,9 @@ out:
 static int
 replay_reset(struct journal *j, struct msg *m, struct queue *to,
              struct body *new_body, uint32_t attempt, uint32_t failures,
-             uint64_t due_ms, uint32_t seg, bool new_pub)
+             uint64_t due_ms, const struct store_loc *loc, bool new_pub)
 {
+    uint32_t seg = loc->seg;
     struct kv req[32];
     size_t n_req = 0;
     const struct kv *kv = msg_requires(m, &n_req);
@@ -871,11 +1005,15 @@ replay_reset(struct journal *j, struct msg *m, struct queue *to,
     mn.attempt = attempt;
     mn.failures = failures;
     mn.pub_seg = new_pub ? seg : m->pub_seg;
+    mn.pub_off = new_pub ? (uint32_t)loc->off : m->pub_off;
+    mn.pub_len = new_pub ? loc->len : m->pub_len;
     mn.state_seg = seg;
     replay_remove(j, m->id);
-    rc = queue_push(to, &mn, j->mono_at_open, NULL);
+    rc = queue_push(to, &mn, j->mono_at_open, &m);
     if (rc == PQ_EEXIST) {
         rc = PQ_OK;
+    } else if (rc == PQ_OK && durable(to)) {
+        keep_or_evict(j, m);
     }
 out:
     body_unref(&mn.body);
@@ -973,7 +1111,7 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
         return replay_reset(j, m, m->q, NULL, r.u.requeue.attempt,
                             r.u.requeue.failures,
                             wall_to_mono(j, r.u.requeue.deliver_at_wall_ms, false),
-                            loc->seg, false);
+                            loc, false);
     case REC_DEAD_LETTER: {
         struct body *nb;
 
@@ -990,7 +1128,7 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
         if (nb == NULL) {
             return PQ_ENOMEM;
         }
-        rc = replay_reset(j, m, q, nb, 0, 0, 0, loc->seg, true);
+        rc = replay_reset(j, m, q, nb, 0, 0, 0, loc, true);
         body_unref(&nb);
         return rc;
     }
@@ -1054,6 +1192,7 @@ journal_open(struct server *srv, char *err, size_t errlen)
     }
     srv->journal = j;
     j->srv = srv;
+    j->budget = srv->cfg.payload_budget_bytes;
     j->mono_at_open = srv->now_mono_ms = clock_mono_ms();
     j->wall_at_open = clock_wall_ms();
     rc = store_open(&sc, replay_record, j, &j->st, err, errlen);
@@ -1062,6 +1201,7 @@ journal_open(struct server *srv, char *err, size_t errlen)
     }
     srv->store = j->st;
     srv->store_fd = store_event_fd(j->st);
+    qset_sort_ready(srv->qs);
     w.j = j;
     w.n = 0;
     for (struct queue *q = qset_first(srv->qs); q; q = qset_next(q)) {
@@ -1074,10 +1214,12 @@ journal_open(struct server *srv, char *err, size_t errlen)
     floor = clock_wall_ms() << 16;
     srv->next_msg_id = (j->max_id + 1 > floor ? j->max_id + 1 : floor);
     log_info("recovered %zu queues and %llu messages from %s (%llu records) "
-             "in %llu ms",
+             "in %llu ms; %llu payload bytes in memory, %llu messages on "
+             "disk only",
              qset_queue_count(srv->qs), (unsigned long long)w.n,
              srv->cfg.data_dir, (unsigned long long)j->replayed,
-             (unsigned long long)(clock_mono_ms() - t0));
+             (unsigned long long)(clock_mono_ms() - t0),
+             (unsigned long long)j->resident, (unsigned long long)j->evicted);
     return PQ_OK;
 }
 

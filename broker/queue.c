@@ -1328,6 +1328,8 @@ queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms, struct ms
     m->failures = mn->failures > UINT16_MAX ? UINT16_MAX : (uint16_t)mn->failures;
     m->pub_seg = mn->pub_seg;
     m->state_seg = mn->state_seg;
+    m->pub_off = mn->pub_off;
+    m->pub_len = mn->pub_len;
     if (mn->expire_ms != 0) {
         m->expire_ms = mn->expire_ms;
     } else if (q->attrs.ttl_ms != 0) {
@@ -1855,4 +1857,66 @@ int
 msg_set_progress(struct msg *m, struct body *progress)
 {
     return keep_progress(m, progress);
+}
+
+/* Merge two id-sorted chains linked through next. */
+static struct msg *
+merge_by_id(struct msg *a, struct msg *b)
+{
+    struct msg head = {0}, *t = &head;
+
+    while (a != NULL && b != NULL) {
+        if (a->id <= b->id) {
+            t->next = a;
+            a = a->next;
+        } else {
+            t->next = b;
+            b = b->next;
+        }
+        t = t->next;
+    }
+    t->next = a != NULL ? a : b;
+    return head.next;
+}
+
+/* Sort one ready list by id (merge sort, O(n log n), no allocation). */
+static void
+mlist_sort_by_id(struct mlist *l)
+{
+    struct msg *bins[64] = {0}, *m, *next, *prev = NULL;
+    int i, top = 0;
+
+    for (m = l->head; m != NULL; m = next) {
+        next = m->next;
+        m->next = NULL;
+        for (i = 0; i < 64 && bins[i] != NULL; i++) {
+            m = merge_by_id(bins[i], m);
+            bins[i] = NULL;
+        }
+        bins[i < 64 ? i : 63] = m;
+        if (i >= top) {
+            top = i + 1;
+        }
+    }
+    m = NULL;
+    for (i = 0; i < top; i++) {
+        m = merge_by_id(bins[i], m);
+    }
+    l->head = m;
+    for (; m != NULL; m = m->next) {
+        m->prev = prev;
+        prev = m;
+    }
+    l->tail = prev;
+}
+
+/* qset_sort_ready: see queue.h. */
+void
+qset_sort_ready(struct qset *qs)
+{
+    for (struct queue *q = qs->q_head; q != NULL; q = q->next) {
+        for (int p = 0; p < PRIORITY_LEVELS; p++) {
+            mlist_sort_by_id(&q->ready[p]);
+        }
+    }
 }

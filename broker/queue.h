@@ -139,7 +139,7 @@ enum msg_state { MSG_READY, MSG_DELAYED, MSG_INFLIGHT };
 enum { MSG_F_CANCELLED = 1u << 0 }; /* msg.flags */
 
 /*
- * struct msg: the in-memory index entry of one live message. 104 bytes on
+ * struct msg: the in-memory index entry of one live message. 112 bytes on
  * LP64 (checked in check_queue.c), plus pq_malloc's 16-byte header. To fit,
  * failures is 16-bit and saturates at 65535 (a max_attempts above that acts
  * as "never dead-letter"). The optional parts (requirements,
@@ -147,7 +147,9 @@ enum { MSG_F_CANCELLED = 1u << 0 }; /* msg.flags */
  * most messages never allocate. body may be NULL when the dispatcher has
  * evicted the payload to disk; queue.c never dereferences it except to
  * build a dead-letter body (and then handles NULL).
- * Fields are read-only for callers, except body, pub_seg and state_seg.
+ * Fields are read-only for callers, except body and the pub_seg, pub_off,
+ * pub_len and state_seg
+ * fields, which are the dispatcher's.
  */
 struct msg {
     uint64_t id;                  /* broker-wide unique, caller-assigned */
@@ -164,6 +166,8 @@ struct msg {
     uint32_t attempt;             /* deliveries so far; token = (id, attempt) */
     uint32_t pub_seg;             /* dispatcher's: log segment of the publish */
     uint32_t state_seg;           /* dispatcher's: segment of the latest state record */
+    uint32_t pub_off;             /* dispatcher's: offset of that record (segments < 4 GiB) */
+    uint32_t pub_len;             /* dispatcher's: its length on disk, 0 = not on disk */
     uint16_t failures;            /* failed attempts (release does not count); saturates */
     uint8_t priority;             /* 0-9, higher first */
     uint8_t state : 4;            /* enum msg_state */
@@ -324,6 +328,7 @@ struct msg_new {
     uint32_t attempt, failures;   /* log replay; 0 for a new publish */
     struct body *progress;        /* log replay; ref taken; NULL = none */
     uint32_t pub_seg, state_seg;
+    uint32_t pub_off, pub_len;    /* where the body can be read back */
 };
 
 /* queue_push: add a message: READY (due_ms <= now_ms) or DELAYED, at the
@@ -403,6 +408,11 @@ uint64_t queue_purge(struct queue *q);
  * fn must not add, remove or move messages. O(all live messages). */
 void queue_foreach_msg(struct queue *q, void (*fn)(void *arg, struct msg *m),
                        void *arg);
+
+/* qset_sort_ready: put every ready list in id order (publish order). Log
+ * replay uses it: compaction and retries move records in the log, so the
+ * replay order is not the publish order. */
+void qset_sort_ready(struct qset *qs);
 
 /* msg_set_progress: replace m's kept progress (ref taken; log replay).
  * PQ_OK or PQ_ENOMEM. */
