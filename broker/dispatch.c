@@ -1371,6 +1371,14 @@ on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r)
                   (unsigned long long)r->message_id, pq_strerror(rc));
         return;
     }
+    if (held && !queue_attrs(held->q)->transient) {
+        rc = journal_cancel(srv, held);
+        if (rc != PQ_OK) {
+            log_warn("queue %s: cancel of %llu not journaled: %s",
+                     queue_name(held->q), (unsigned long long)held->id,
+                     pq_strerror(rc));
+        }
+    }
     if (held && held->holder) {
         struct sub *s = held->holder->owner;
         Protoq__Frame f = PROTOQ__FRAME__INIT;

@@ -667,10 +667,15 @@ journal_qevent(struct server *srv, const struct qevent *ev)
         if (!durable(ev->q)) {
             return;
         }
-        r.type = REC_DROP;
-        r.u.drop.id = m->id;
-        r.u.drop.reason = rstr(ev->reason);
-        rc = append(j, &r, NULL, NULL);
+        /* An in-flight cancel was recorded when it happened
+         * (journal_cancel); recording it twice would take a second ack
+         * reservation from the store. */
+        if (!msg_is_cancelled(m)) {
+            r.type = REC_DROP;
+            r.u.drop.id = m->id;
+            r.u.drop.reason = rstr(ev->reason);
+            rc = append(j, &r, NULL, NULL);
+        }
         unref_msg(j, m);
         forget_body(j, m);
         break;
@@ -733,6 +738,16 @@ journal_qevent(struct server *srv, const struct qevent *ev)
                  queue_name(ev->q), (unsigned long long)m->id,
                  ev->type == QEV_DROP ? "drop" : "state", pq_strerror(rc));
     }
+}
+
+int
+journal_cancel(struct server *srv, struct msg *m)
+{
+    struct record r = {.type = REC_DROP};
+
+    r.u.drop.id = m->id;
+    r.u.drop.reason = rstr("cancelled");
+    return append(srv->journal, &r, NULL, NULL);
 }
 
 uint64_t

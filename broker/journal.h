@@ -50,6 +50,11 @@ void journal_msg_stored(struct server *srv, struct msg *m);
 /* journal_ack: m was acked: ACK record, segment refs dropped. */
 int journal_ack(struct server *srv, struct msg *m, uint64_t *lsn);
 
+/* journal_cancel: m (in flight) was cancelled: record it now, so a crash
+ * before its holder answers cannot bring it back. Its references go when
+ * the queue drops it (QEV_DROP, which then writes no second record). */
+int journal_cancel(struct server *srv, struct msg *m);
+
 /* journal_qevent: the record a queue event needs (requeue, dead-letter,
  * drop, progress), if m's queue is durable. */
 void journal_qevent(struct server *srv, const struct qevent *ev);
