@@ -900,6 +900,11 @@ write_one(struct store *st, struct batch *b)
             return;
         }
         if (st->cur_fd >= 0) {
+            /* Sealed: give back the preallocated tail (and the ack
+             * reserve, which moves to the new segment). The records are
+             * synced, so either size survives a crash, and recovery reads
+             * the end of the file as the clean end. */
+            (void)io->ftruncate(st->cur_fd, (off_t)st->w_off);
             io->close(st->cur_fd);
         }
         st->cur_fd = st->spare_fd;
