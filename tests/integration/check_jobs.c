@@ -1703,11 +1703,19 @@ START_TEST(test_cli_consume_no_ack_returns_job)
     protoq_client *p = pq_connect_or_fail(&g_srv);
     struct protoq_queue_attrs a = attrs_fast();
     struct protoq_queue_info st;
+    int rc;
 
     a.max_attempts = 5;
     mkq(p, "cliq", &a);
     pub(p, "cliq", "job-no-ack");
-    ck_assert_int_eq(run_cli(noack, out, sizeof(out), 10000), 0);
+    rc = run_cli(noack, out, sizeof(out), 10000);
+    if (rc == -1) {
+        st = qstat(p, "cliq");
+        ck_abort_msg("protoq consume --no-ack --count 1 did not exit within "
+                     "10 s (printed \"%s\"); the job was redelivered %"
+                     PRIu64 " times meanwhile", out, st.redelivered);
+    }
+    ck_assert_int_eq(rc, 0);
     ck_assert_msg(strstr(out, "job-no-ack") != NULL,
                   "consume --no-ack printed \"%s\"", out);
     /* The job comes back when the CLI exits. */
