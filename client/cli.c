@@ -474,6 +474,7 @@ cmd_queue_stat(struct cli *cli, int argc, char **argv)
     printf("max_lease_ms: %" PRIu64 "\n", a->max_lease_ms);
     printf("dead_letter_expired: %s\n",
            a->dead_letter_expired ? "true" : "false");
+    printf("no_backoff: %s\n", a->no_backoff ? "true" : "false");
     printf("ready: %" PRIu64 "\n", q.ready);
     printf("delayed: %" PRIu64 "\n", q.delayed);
     printf("inflight: %" PRIu64 "\n", q.inflight);
@@ -813,18 +814,44 @@ struct token {
     uint32_t attempt;
 };
 
+/* A growable list of delivery tokens. */
+struct tokens {
+    struct token *v;
+    size_t n, cap;
+};
+
 struct consume_state {
     struct cli *cli;
     enum consume_mode mode;
     bool json;
     uint64_t count;            /* 0 = no limit */
     uint64_t received;         /* printed */
-    struct token *acks;        /* printed, not yet acked */
-    size_t n_acks, acks_cap;
+    struct tokens acks;        /* printed, not yet acked (or nacked) */
+    struct tokens give_back;   /* to release at exit: deliveries past
+                                  --count, and with --no-ack all printed */
     int out_err;               /* errno of a failed write to stdout */
     bool oom;
     uint64_t async_errors;
 };
+
+static bool
+tokens_add(struct tokens *l, const struct protoq_delivery *d)
+{
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 1024;
+        struct token *n = realloc(l->v, cap * sizeof(*n));
+
+        if (n == NULL) {
+            return false;
+        }
+        l->v = n;
+        l->cap = cap;
+    }
+    l->v[l->n].id = d->message_id;
+    l->v[l->n].attempt = d->attempt;
+    l->n++;
+    return true;
+}
 
 static void
 json_str(FILE *out, const char *s, size_t n)
@@ -974,8 +1001,11 @@ consume_deliver(void *arg, protoq_client *c, const struct protoq_delivery *d)
 
     (void)c;
     if (st->count > 0 && st->received >= st->count) {
-        /* Past the count: neither printed nor acked; it goes back to the
-         * queue when we disconnect. */
+        /* Past the count (the broker had credit left): not printed, given
+         * back with a Release at exit, which is not a failed attempt. */
+        if (!tokens_add(&st->give_back, d)) {
+            st->oom = true;
+        }
         return;
     }
     if (st->json) {
@@ -985,23 +1015,10 @@ consume_deliver(void *arg, protoq_client *c, const struct protoq_delivery *d)
         fputc('\n', stdout);
     }
     st->received++;
-    if (st->mode == MODE_NO_ACK) {
-        return;
+    if (!tokens_add(st->mode == MODE_NO_ACK ? &st->give_back : &st->acks,
+                    d)) {
+        st->oom = true;
     }
-    if (st->n_acks == st->acks_cap) {
-        size_t cap = st->acks_cap ? st->acks_cap * 2 : 1024;
-        struct token *n = realloc(st->acks, cap * sizeof(*n));
-
-        if (n == NULL) {
-            st->oom = true;
-            return;
-        }
-        st->acks = n;
-        st->acks_cap = cap;
-    }
-    st->acks[st->n_acks].id = d->message_id;
-    st->acks[st->n_acks].attempt = d->attempt;
-    st->n_acks++;
 }
 
 static void
@@ -1035,9 +1052,9 @@ consume_settle(struct consume_state *st, bool final)
         st->out_err = errno;
         return PQ_ESYS;
     }
-    for (i = 0; i < st->n_acks && rc == PQ_OK; i++) {
-        const struct token *t = &st->acks[i];
-        bool last_sync = final && i + 1 == st->n_acks;
+    for (i = 0; i < st->acks.n && rc == PQ_OK; i++) {
+        const struct token *t = &st->acks.v[i];
+        bool last_sync = final && i + 1 == st->acks.n && st->give_back.n == 0;
 
         if (st->mode == MODE_NACK) {
             rc = last_sync ? protoq_nack_sync(c, t->id, t->attempt, 0, false,
@@ -1048,7 +1065,23 @@ consume_settle(struct consume_state *st, bool final)
                            : protoq_ack(c, t->id, t->attempt);
         }
     }
-    st->n_acks = 0;
+    st->acks.n = 0;
+    if (final) {
+        /* Give back what we hold but did not ack; the last one waits for
+         * the broker, so errors for everything before it are in too. */
+        size_t n = st->give_back.n;
+
+        /* Over a snapshot: a release frees credit, and what the broker
+         * sends for it while we wait must not be released in turn (it
+         * would come straight back, forever). */
+        for (i = 0; i < n && rc == PQ_OK; i++) {
+            const struct token t = st->give_back.v[i];
+
+            rc = protoq_release(c, t.id, t.attempt,
+                                PROTOQ_RELEASE_UNSPECIFIED, NULL, i + 1 == n);
+        }
+        st->give_back.n = 0;
+    }
     if (rc == PQ_OK && !final) {
         rc = protoq_flush(c);
     }
@@ -1162,7 +1195,7 @@ cmd_consume(struct cli *cli, int argc, char **argv)
             rc = PQ_OK;
             break;
         }
-        if (st.n_acks > 0) {
+        if (st.acks.n > 0) {
             rc = consume_settle(&st, false);
             if (rc != PQ_OK) {
                 break;
@@ -1217,8 +1250,18 @@ cmd_consume(struct cli *cli, int argc, char **argv)
             break;
         }
     }
-    if (rc == PQ_OK) {
+    if (rc == PQ_OK && st.count > 0 && st.received >= st.count) {
+        /* Stop the flow before the final acks free credit. Flow 0 asks
+         * for a pause; a broker that reads it as 1 sends at most one more,
+         * which goes back with the others. */
+        rc = protoq_flow(cli->c, sub_id, 0);
+    }
+    if (rc == PQ_OK && !st.oom) {
         rc = consume_settle(&st, true);
+    }
+    if (st.oom) {
+        ret = fail(cli, "out of memory");
+        goto out;
     }
     if (st.out_err != 0) {
         ret = fail(cli, "writing stdout: %s", strerror(st.out_err));
@@ -1228,7 +1271,8 @@ cmd_consume(struct cli *cli, int argc, char **argv)
         ret = EXIT_ERR;
     }
 out:
-    free(st.acks);
+    free(st.acks.v);
+    free(st.give_back.v);
     return ret;
 }
 
