@@ -828,7 +828,7 @@ struct consume_state {
     uint64_t received;         /* printed */
     struct tokens acks;        /* printed, not yet acked (or nacked) */
     struct tokens give_back;   /* to release at exit: deliveries past
-                                  --count, and with --no-ack all printed */
+                                  --count (never printed) */
     int out_err;               /* errno of a failed write to stdout */
     bool oom;
     uint64_t async_errors;
@@ -1015,8 +1015,10 @@ consume_deliver(void *arg, protoq_client *c, const struct protoq_delivery *d)
         fputc('\n', stdout);
     }
     st->received++;
-    if (!tokens_add(st->mode == MODE_NO_ACK ? &st->give_back : &st->acks,
-                    d)) {
+    /* --no-ack holds what it printed until it exits: the broker takes the
+     * deliveries back then (a failed attempt each). Releasing them
+     * instead would free credit and have them pushed right back to us. */
+    if (st->mode != MODE_NO_ACK && !tokens_add(&st->acks, d)) {
         st->oom = true;
     }
 }
