@@ -51,6 +51,7 @@ struct sub {
     struct consumer cons;         /* linked into its queue by queue.c */
     struct conn *conn;
     struct sub *next;             /* conn->subs */
+    bool flow_paused;             /* Flow{prefetch 0}: no new deliveries */
 };
 
 enum wait_kind { WAIT_PUBLISH, WAIT_OK };
@@ -1102,7 +1103,14 @@ on_flow(struct conn *c, uint64_t rid, const Protoq__Flow *r)
                         (unsigned long long)r->subscription_id);
         return;
     }
-    queue_set_prefetch(&s->cons, r->prefetch ? r->prefetch : 1);
+    /* prefetch 0 pauses the subscription: a worker that shuts down pauses,
+     * releases what it holds, then goes, without the released jobs coming
+     * straight back to it. */
+    s->flow_paused = r->prefetch == 0;
+    s->cons.paused = s->flow_paused || c->output_full;
+    if (r->prefetch > 0) {
+        queue_set_prefetch(&s->cons, r->prefetch > 100000 ? 100000 : r->prefetch);
+    }
     server_mark_dirty(c->srv, s->cons.q);
     reply_ok(c, rid, 0);
 }
@@ -1119,8 +1127,8 @@ void
 dispatch_conn_output(struct conn *c, bool full)
 {
     for (struct sub *s = c->subs; s; s = s->next) {
-        s->cons.paused = full;
-        if (!full) {
+        s->cons.paused = full || s->flow_paused;
+        if (!s->cons.paused) {
             server_mark_dirty(c->srv, s->cons.q);
         }
     }

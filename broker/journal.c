@@ -62,6 +62,8 @@ struct journal {
     uint64_t resident;            /* payload bytes of durable messages in memory */
     uint64_t budget;              /* cfg.payload_budget_bytes */
     uint64_t evicted;             /* messages stored without their body in memory */
+    uint64_t unwritten;           /* state records lost since the last warning */
+    uint64_t unwritten_logged_ms; /* mono time of that warning */
     struct server *srv;
 };
 
@@ -629,6 +631,31 @@ write_progress(struct journal *j, struct msg *m)
     }
 }
 
+/*
+ * warn_unwritten: a state record could not be written (disk full, most
+ * likely). Its message then comes back as the log last had it after a
+ * restart: at-least-once still holds. Logged at most once per 10 s with a
+ * count, since a full disk fails every record in a row.
+ */
+static void
+warn_unwritten(struct journal *j, const struct qevent *ev, int rc)
+{
+    uint64_t now = j->srv->now_mono_ms;
+
+    j->unwritten++;
+    if (j->unwritten_logged_ms != 0 && now - j->unwritten_logged_ms < 10000) {
+        return;
+    }
+    log_warn("queue %s: message %llu: %s record not written: %s (%llu such "
+             "records since the last warning); after a restart it comes back "
+             "as last recorded", queue_name(ev->q),
+             (unsigned long long)ev->m->id,
+             ev->type == QEV_DROP ? "drop" : "state", pq_strerror(rc),
+             (unsigned long long)j->unwritten);
+    j->unwritten = 0;
+    j->unwritten_logged_ms = now;
+}
+
 void
 journal_qevent(struct server *srv, const struct qevent *ev)
 {
@@ -734,9 +761,7 @@ journal_qevent(struct server *srv, const struct qevent *ev)
         break;
     }
     if (rc != PQ_OK) {
-        log_warn("queue %s: message %llu: %s record not written: %s",
-                 queue_name(ev->q), (unsigned long long)m->id,
-                 ev->type == QEV_DROP ? "drop" : "state", pq_strerror(rc));
+        warn_unwritten(j, ev, rc);
     }
 }
 
