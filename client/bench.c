@@ -777,6 +777,11 @@ main(int argc, char **argv)
         return rc;
     }
     b->seq_cap = b->o.messages;
+    if (b->o.consume_only) {
+        /* Draining what another run published: its sequence numbers may
+         * run past the count asked for here (some were taken already). */
+        b->seq_cap = 2 * b->o.messages + 1024;
+    }
     if (b->seq_cap == 0) {
         /* --duration without --messages: room for what the rate allows,
          * or a generous cap when unpaced. */
