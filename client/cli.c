@@ -828,7 +828,8 @@ struct consume_state {
     uint64_t received;         /* printed */
     struct tokens acks;        /* printed, not yet acked (or nacked) */
     struct tokens give_back;   /* to release at exit: deliveries past
-                                  --count (never printed) */
+                                  --count (never printed), and with
+                                  --no-ack everything printed */
     int out_err;               /* errno of a failed write to stdout */
     bool oom;
     uint64_t async_errors;
@@ -1015,10 +1016,10 @@ consume_deliver(void *arg, protoq_client *c, const struct protoq_delivery *d)
         fputc('\n', stdout);
     }
     st->received++;
-    /* --no-ack holds what it printed until it exits: the broker takes the
-     * deliveries back then (a failed attempt each). Releasing them
-     * instead would free credit and have them pushed right back to us. */
-    if (st->mode != MODE_NO_ACK && !tokens_add(&st->acks, d)) {
+    /* --no-ack holds what it printed and gives it back at exit (after
+     * pausing the flow, so it is not pushed straight back to us). */
+    if (!tokens_add(st->mode == MODE_NO_ACK ? &st->give_back : &st->acks,
+                    d)) {
         st->oom = true;
     }
 }
@@ -1076,11 +1077,13 @@ consume_settle(struct consume_state *st, bool final)
         /* Over a snapshot: a release frees credit, and what the broker
          * sends for it while we wait must not be released in turn (it
          * would come straight back, forever). */
-        for (i = 0; i < n && rc == PQ_OK; i++) {
-            const struct token t = st->give_back.v[i];
+        /* Newest first: each release re-enters at the front of its
+         * priority level, so this keeps the queue's order. */
+        for (i = n; i > 0 && rc == PQ_OK; i--) {
+            const struct token t = st->give_back.v[i - 1];
 
             rc = protoq_release(c, t.id, t.attempt,
-                                PROTOQ_RELEASE_UNSPECIFIED, NULL, i + 1 == n);
+                                PROTOQ_RELEASE_UNSPECIFIED, NULL, i == 1);
         }
         st->give_back.n = 0;
     }
@@ -1252,10 +1255,11 @@ cmd_consume(struct cli *cli, int argc, char **argv)
             break;
         }
     }
-    if (rc == PQ_OK && st.count > 0 && st.received >= st.count) {
-        /* Stop the flow before the final acks free credit. Flow 0 asks
-         * for a pause; a broker that reads it as 1 sends at most one more,
-         * which goes back with the others. */
+    if (rc == PQ_OK) {
+        /* Pause the flow (Flow 0) before the final acks and releases free
+         * credit, so nothing more is pushed to us: what arrives meanwhile
+         * is released too, and the broker holds nothing of ours when we
+         * disconnect. */
         rc = protoq_flow(cli->c, sub_id, 0);
     }
     if (rc == PQ_OK && !st.oom) {
