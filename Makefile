@@ -47,7 +47,7 @@ LDLIBS += $(PKG_LIBS)
 PROTO_GEN  = $(B)/protocol/protoq.pb-c.c $(B)/protocol/protoq.pb-c.h
 PROTO_OBJS = $(B)/protocol/protoq.pb-c.o $(B)/protocol/frame.o $(B)/protocol/pqerr.o
 
-CORE_OBJS  = $(B)/broker/mem.o $(B)/broker/log.o
+CORE_OBJS  = $(B)/broker/mem.o $(B)/broker/log.o $(B)/broker/failpoint.o
 QUEUE_OBJS = $(B)/broker/queue.o $(B)/broker/heap.o $(B)/broker/hmap.o $(B)/broker/body.o
 STORE_OBJS = $(B)/broker/store.o $(B)/broker/record.o $(B)/broker/crc32c.o
 BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \

@@ -41,6 +41,7 @@
 #include <unistd.h>
 
 #include "body.h"
+#include "failpoint.h"
 #include "log.h"
 #include "mem.h"
 #include "pqerr.h"
@@ -827,6 +828,12 @@ compact_cb(void *arg, struct msg *m)
     m->pub_len = loc.len;
     ref_msg(w->j, m);
     w->moved++;
+    if (w->moved % 256 == 0) {
+        /* Hand over what is moved so far: a long pass reaches the disk in
+         * pieces. */
+        store_submit(w->j->st);
+    }
+    failpoint("compaction");
 }
 
 void

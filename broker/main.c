@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "failpoint.h"
 #include "log.h"
 #include "pqerr.h"
 #include "server.h"
@@ -169,6 +170,7 @@ main(int argc, char **argv)
         return 0;
     }
     log_set_level(srv.cfg.log_level);
+    failpoint_init();
     log_info("protoqd %s starting (data dir %s, fsync %s)", PROTOQ_VERSION,
              srv.cfg.data_dir,
              srv.cfg.fsync == FSYNC_ALWAYS     ? "always"

@@ -45,6 +45,7 @@
 #include <unistd.h>
 
 #include "crc32c.h"
+#include "failpoint.h"
 #include "log.h"
 #include "mem.h"
 #include "pqerr.h"
@@ -907,6 +908,7 @@ write_one(struct store *st, struct batch *b)
             (void)io->ftruncate(st->cur_fd, (off_t)st->w_off);
             io->close(st->cur_fd);
         }
+        failpoint("segment-roll");
         st->cur_fd = st->spare_fd;
         st->spare_fd = -1;
         pthread_mutex_lock(&st->mu);
@@ -958,6 +960,7 @@ write_round(struct store *st, struct batch *list)
     for (b = list; b != NULL; b = b->next) {
         write_one(st, b);
     }
+    failpoint("write-before-sync");
     if (st->dirty) {
         switch (st->cfg.fsync_policy) {
         case FSYNC_ALWAYS:
@@ -979,6 +982,7 @@ write_round(struct store *st, struct batch *list)
             }
         }
     }
+    failpoint("sync-before-confirm");
     for (b = list; b != NULL; b = next) {
         next = b->next;
         post_completion(st, b);

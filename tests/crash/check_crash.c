@@ -825,9 +825,52 @@ rnd(uint64_t *state)
 }
 
 /*
+ * Failpoint mode of run_cycles: each cycle launches the broker with
+ * PROTOQ_FAILPOINT=NAME:N (N random in fp_lo..fp_hi), so it kills itself
+ * at that point; if it has not died after the cycle's run time plus a
+ * bounded wait, it is killed -9 like a plain cycle.
+ */
+static const char *g_fp_name;
+static int g_fp_lo, g_fp_hi;
+static int g_fp_fired;
+
+/* wait_self_kill: true when the broker died by itself within ms. */
+static bool
+wait_self_kill(int ms)
+{
+    int64_t deadline = now_ms_mono() + ms;
+    int st;
+
+    while (now_ms_mono() < deadline) {
+        if (waitpid(g_srv.pid, &st, WNOHANG) == g_srv.pid) {
+            g_srv.pid = 0;
+            return true;
+        }
+        sleep_ms(5);
+    }
+    return false;
+}
+
+/* launch_armed: (re)start the broker with the failpoint armed. */
+static int
+launch_armed(uint64_t *state)
+{
+    char spec[96];
+    int n = g_fp_lo + (int)(rnd(state) % (uint32_t)(g_fp_hi - g_fp_lo + 1));
+    int rc;
+
+    snprintf(spec, sizeof(spec), "%s:%d", g_fp_name, n);
+    setenv("PROTOQ_FAILPOINT", spec, 1);
+    rc = srv_launch(&g_srv);
+    unsetenv("PROTOQ_FAILPOINT");
+    return rc;
+}
+
+/*
  * run_cycles: cycles times: (re)launch, producer + consumer for a random
  * lo..hi ms, then stop the broker with kill -9 (sigterm false) or SIGTERM
- * (true; must exit 0). Then the final drain and the checker.
+ * (true; must exit 0), or let an armed failpoint crash it (g_fp_name).
+ * Then the final drain and the checker.
  */
 static void
 run_cycles(const char *name, int cycles, bool sigterm, int lo, int hi)
@@ -846,7 +889,14 @@ run_cycles(const char *name, int cycles, bool sigterm, int lo, int hi)
         int run_ms = lo + (int)(rnd(&state) % (uint32_t)(hi - lo + 1));
         pid_t prod, cons;
 
-        if (cyc > 0) {
+        if (g_fp_name != NULL) {
+            if (cyc == 0) {
+                ck_assert_int_eq(srv_stop(&g_srv), 0);
+            }
+            ck_assert_msg(launch_armed(&state) == 0,
+                          "cycle %d: protoqd did not come back after "
+                          "failpoint %s (seed %u)", cyc, g_fp_name, seed);
+        } else if (cyc > 0) {
             ck_assert_msg(srv_launch(&g_srv) == 0,
                           "cycle %d: protoqd did not come back after %s "
                           "(seed %u)", cyc, sigterm ? "SIGTERM" : "kill -9",
@@ -857,14 +907,23 @@ run_cycles(const char *name, int cycles, bool sigterm, int lo, int hi)
         snprintf(cpath, sizeof(cpath), "%s/cons-%04d.log", g_srv.dir, cyc);
         cons = spawn('c', cpath, 0);
         prod = spawn('p', ppath, (uint64_t)(cyc + 1) * SEQ_STRIDE);
-        sleep_ms(run_ms);
-        if (sigterm) {
-            int rc = srv_stop(&g_srv);
-
-            ck_assert_msg(rc == 0, "cycle %d: protoqd exit status %d after "
-                          "SIGTERM, want 0 (seed %u)", cyc, rc, seed);
+        if (g_fp_name != NULL) {
+            if (wait_self_kill(run_ms + 1500)) {
+                g_fp_fired++;
+            } else {
+                srv_kill9(&g_srv);
+            }
         } else {
-            srv_kill9(&g_srv);
+            sleep_ms(run_ms);
+            if (sigterm) {
+                int rc = srv_stop(&g_srv);
+
+                ck_assert_msg(rc == 0, "cycle %d: protoqd exit status %d "
+                              "after SIGTERM, want 0 (seed %u)", cyc, rc,
+                              seed);
+            } else {
+                srv_kill9(&g_srv);
+            }
         }
         reap(prod, "producer", cyc);
         reap(cons, "consumer", cyc);
@@ -891,6 +950,49 @@ run_cycles(const char *name, int cycles, bool sigterm, int lo, int hi)
     checker_assert(&k);
     checker_free(&k);
 }
+
+/* One failpoint, many cycles; it must have fired in some of them, or the
+ * test proved nothing. */
+static void
+run_failpoint(const char *fp, int lo, int hi)
+{
+    char name[64];
+
+    g_fp_name = fp;
+    g_fp_lo = lo;
+    g_fp_hi = hi;
+    g_fp_fired = 0;
+    snprintf(name, sizeof(name), "failpoint %s", fp);
+    run_cycles(name, env_int("FAILPOINT_CYCLES", 6, 1, 10000), false, 100,
+               300);
+    printf("failpoint %s: fired in %d cycles\n", fp, g_fp_fired);
+    ck_assert_msg(g_fp_fired > 0, "failpoint %s never fired", fp);
+    g_fp_name = NULL;
+}
+
+START_TEST(test_failpoint_write_before_sync)
+{
+    run_failpoint("write-before-sync", 3, 40);
+}
+END_TEST
+
+START_TEST(test_failpoint_sync_before_confirm)
+{
+    run_failpoint("sync-before-confirm", 3, 40);
+}
+END_TEST
+
+START_TEST(test_failpoint_segment_roll)
+{
+    run_failpoint("segment-roll", 1, 4);
+}
+END_TEST
+
+START_TEST(test_failpoint_compaction)
+{
+    run_failpoint("compaction", 1, 60);
+}
+END_TEST
 
 START_TEST(test_kill9_loop_loses_no_confirmed_message)
 {
@@ -1336,6 +1438,15 @@ crash_suite(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 60 + cycles * 4);
     tcase_add_test(tc, test_kill9_loop_loses_no_confirmed_message);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("failpoints");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, test_failpoint_write_before_sync);
+    tcase_add_test(tc, test_failpoint_sync_before_confirm);
+    tcase_add_test(tc, test_failpoint_segment_roll);
+    tcase_add_test(tc, test_failpoint_compaction);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("sigterm");
