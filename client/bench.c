@@ -340,6 +340,9 @@ producer_main(void *arg)
                     goto out;
                 }
             }
+            if (b->deadline_ns && now >= b->deadline_ns) {
+                break;
+            }
         }
         /* Window and ring slot: wait for confirms until both are free. */
         while (protoq_outstanding(c) >= b->o.inflight ||

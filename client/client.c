@@ -1245,6 +1245,7 @@ handshake(protoq_client *c, const struct protoq_opts *o)
     return PQ_OK;
 }
 
+/* protoq_connect: connect, handshake; *out set even on failure (see protoq.h). */
 int
 protoq_connect(const char *hostport, const struct protoq_opts *opts,
                protoq_client **out)
@@ -1296,6 +1297,7 @@ protoq_connect(const char *hostport, const struct protoq_opts *opts,
     return PQ_OK;
 }
 
+/* protoq_close: close the socket and free the handle; no callbacks run. */
 void
 protoq_close(protoq_client *c)
 {
@@ -1312,30 +1314,35 @@ protoq_close(protoq_client *c)
     free(c);
 }
 
+/* protoq_errmsg: the last failure's message on c. */
 const char *
 protoq_errmsg(const protoq_client *c)
 {
     return c ? c->errmsg : "out of memory";
 }
 
+/* protoq_last_error_code: wire code of the last Error frame that failed a call. */
 int
 protoq_last_error_code(const protoq_client *c)
 {
     return c ? c->last_code : 0;
 }
 
+/* protoq_server_info: copy of the Welcome. */
 void
 protoq_server_info(const protoq_client *c, struct protoq_server_info *out)
 {
     *out = c->info;
 }
 
+/* protoq_fd: the socket, for callers that poll() it themselves. */
 int
 protoq_fd(const protoq_client *c)
 {
     return c->fd;
 }
 
+/* protoq_code_name: name of a wire error code ("QUEUE_FULL"). */
 const char *
 protoq_code_name(int code)
 {
@@ -1424,6 +1431,7 @@ info_from_wire(struct protoq_queue_info *o, const Protoq__QueueInfo *w)
     o->dropped = w->dropped;
 }
 
+/* protoq_queue_create: QueueCreate, wait for Ok. */
 int
 protoq_queue_create(protoq_client *c, const char *name,
                     const struct protoq_queue_attrs *attrs)
@@ -1445,6 +1453,7 @@ protoq_queue_create(protoq_client *c, const char *name,
     return request_ok(c, &f, NULL);
 }
 
+/* protoq_queue_delete: QueueDelete, wait for Ok. */
 int
 protoq_queue_delete(protoq_client *c, const char *name)
 {
@@ -1460,6 +1469,7 @@ protoq_queue_delete(protoq_client *c, const char *name)
     return request_ok(c, &f, NULL);
 }
 
+/* protoq_queue_purge: QueuePurge, wait for Ok{count}. */
 int
 protoq_queue_purge(protoq_client *c, const char *name, uint64_t *purged)
 {
@@ -1478,6 +1488,7 @@ protoq_queue_purge(protoq_client *c, const char *name, uint64_t *purged)
     return request_ok(c, &f, purged);
 }
 
+/* protoq_queue_list: QueueList; the array is the caller's (protoq_queue_list_free). */
 int
 protoq_queue_list(protoq_client *c, struct protoq_queue_info **out, size_t *n)
 {
@@ -1513,6 +1524,7 @@ protoq_queue_list(protoq_client *c, struct protoq_queue_info **out, size_t *n)
     return PQ_OK;
 }
 
+/* protoq_queue_list_free: free a protoq_queue_list array. */
 void
 protoq_queue_list_free(struct protoq_queue_info *list, size_t n)
 {
@@ -1520,6 +1532,7 @@ protoq_queue_list_free(struct protoq_queue_info *list, size_t n)
     free(list);
 }
 
+/* protoq_queue_stat: QueueStat into *out. */
 int
 protoq_queue_stat(protoq_client *c, const char *name,
                   struct protoq_queue_info *out)
@@ -1549,6 +1562,7 @@ protoq_queue_stat(protoq_client *c, const char *name,
     return PQ_OK;
 }
 
+/* protoq_route_bind: RouteBind, wait for Ok. */
 int
 protoq_route_bind(protoq_client *c, const char *route, const char *queue,
                   const char *pattern)
@@ -1567,6 +1581,7 @@ protoq_route_bind(protoq_client *c, const char *route, const char *queue,
     return request_ok(c, &f, NULL);
 }
 
+/* protoq_route_unbind: RouteUnbind, wait for Ok. */
 int
 protoq_route_unbind(protoq_client *c, const char *route, const char *queue,
                     const char *pattern)
@@ -1719,6 +1734,7 @@ msg_ok(protoq_client *c, const struct protoq_message *m)
 
 /* ---- publishing ---- */
 
+/* protoq_publish_ex: one Publish, wait for its PublishOk (id and duplicate flag). */
 int
 protoq_publish_ex(protoq_client *c, const char *queue,
                   const struct protoq_message *msg, uint64_t *id_out,
@@ -1764,6 +1780,7 @@ protoq_publish_ex(protoq_client *c, const char *queue,
     return PQ_OK;
 }
 
+/* protoq_publish: protoq_publish_ex without the duplicate flag. */
 int
 protoq_publish(protoq_client *c, const char *queue,
                const struct protoq_message *msg, uint64_t *id_out)
@@ -1771,6 +1788,7 @@ protoq_publish(protoq_client *c, const char *queue,
     return protoq_publish_ex(c, queue, msg, id_out, NULL);
 }
 
+/* protoq_publish_async: buffer one Publish with a ring entry for its confirm callback. */
 int
 protoq_publish_async(protoq_client *c, const char *queue,
                      const struct protoq_message *msg, protoq_confirm_fn cb,
@@ -1872,6 +1890,7 @@ publish_batch(protoq_client *c, const char *queue, const char *const *queues,
     return PQ_OK;
 }
 
+/* protoq_publish_batch: one atomic PublishBatch to one queue, wait for PublishOk. */
 int
 protoq_publish_batch(protoq_client *c, const char *queue,
                      const struct protoq_message *msgs, size_t n,
@@ -1880,6 +1899,7 @@ protoq_publish_batch(protoq_client *c, const char *queue,
     return publish_batch(c, queue, NULL, msgs, n, ids_out);
 }
 
+/* protoq_publish_batch_multi: one atomic PublishBatch, a queue per message. */
 int
 protoq_publish_batch_multi(protoq_client *c, const char *const *queues,
                            const struct protoq_message *msgs, size_t n,
@@ -1891,6 +1911,7 @@ protoq_publish_batch_multi(protoq_client *c, const char *const *queues,
     return publish_batch(c, NULL, queues, msgs, n, ids_out);
 }
 
+/* protoq_publish_route: Publish through a route, wait for PublishOk. */
 int
 protoq_publish_route(protoq_client *c, const char *route,
                      const char *routing_key, const struct protoq_message *msg,
@@ -1934,6 +1955,7 @@ protoq_publish_route(protoq_client *c, const char *route,
     return PQ_OK;
 }
 
+/* protoq_wait_confirms: pump until at most max_outstanding async publishes are unconfirmed. */
 int
 protoq_wait_confirms(protoq_client *c, size_t max_outstanding, int timeout_ms)
 {
@@ -1960,12 +1982,14 @@ protoq_wait_confirms(protoq_client *c, size_t max_outstanding, int timeout_ms)
     return c->out_len > c->out_start ? flush_all(c, true) : PQ_OK;
 }
 
+/* protoq_outstanding: async publishes not yet confirmed. */
 size_t
 protoq_outstanding(const protoq_client *c)
 {
     return c->n_confirms;
 }
 
+/* protoq_flush: write all buffered output, dispatching what arrives. */
 int
 protoq_flush(protoq_client *c)
 {
@@ -1974,6 +1998,7 @@ protoq_flush(protoq_client *c)
 
 /* ---- consuming ---- */
 
+/* protoq_subscribe: Subscribe; the callback is registered when SubscribeOk arrives. */
 int
 protoq_subscribe(protoq_client *c, const char *queue, uint32_t prefetch,
                  const struct protoq_kv *tags, size_t n_tags,
@@ -2031,6 +2056,7 @@ protoq_subscribe(protoq_client *c, const char *queue, uint32_t prefetch,
     return PQ_OK;
 }
 
+/* protoq_unsubscribe: forget the subscription, then Unsubscribe and wait for Ok. */
 int
 protoq_unsubscribe(protoq_client *c, uint64_t sub_id)
 {
@@ -2052,6 +2078,7 @@ protoq_unsubscribe(protoq_client *c, uint64_t sub_id)
     return request_ok(c, &f, NULL);
 }
 
+/* protoq_flow: Flow (prefetch 0 pauses), wait for Ok. */
 int
 protoq_flow(protoq_client *c, uint64_t sub_id, uint32_t prefetch)
 {
@@ -2065,6 +2092,7 @@ protoq_flow(protoq_client *c, uint64_t sub_id, uint32_t prefetch)
     return request_ok(c, &f, NULL);
 }
 
+/* protoq_poll: pump until a callback ran or timeout_ms passed. */
 int
 protoq_poll(protoq_client *c, int timeout_ms)
 {
@@ -2079,6 +2107,7 @@ protoq_poll(protoq_client *c, int timeout_ms)
     }
 }
 
+/* protoq_ack_ex: Ack with result/follow-ups; waits only when opts->confirm. */
 int
 protoq_ack_ex(protoq_client *c, uint64_t message_id, uint32_t attempt,
               const struct protoq_ack_opts *opts)
@@ -2125,6 +2154,7 @@ protoq_ack_ex(protoq_client *c, uint64_t message_id, uint32_t attempt,
     return rc;
 }
 
+/* protoq_ack: buffered Ack without confirm (no reply on success). */
 int
 protoq_ack(protoq_client *c, uint64_t message_id, uint32_t attempt)
 {
@@ -2138,6 +2168,7 @@ protoq_ack(protoq_client *c, uint64_t message_id, uint32_t attempt)
     return send_noreply(c, &f);
 }
 
+/* protoq_ack_sync: Ack with confirm, wait for the durable Ok. */
 int
 protoq_ack_sync(protoq_client *c, uint64_t message_id, uint32_t attempt)
 {
@@ -2171,6 +2202,7 @@ nack(protoq_client *c, uint64_t message_id, uint32_t attempt,
     return confirm ? request_ok(c, &f, NULL) : send_noreply(c, &f);
 }
 
+/* protoq_nack: buffered Nack without confirm. */
 int
 protoq_nack(protoq_client *c, uint64_t message_id, uint32_t attempt,
             uint64_t delay_ms, bool dead_letter, const char *error_text)
@@ -2179,6 +2211,7 @@ protoq_nack(protoq_client *c, uint64_t message_id, uint32_t attempt,
                 false);
 }
 
+/* protoq_nack_sync: Nack with confirm, wait for the durable Ok. */
 int
 protoq_nack_sync(protoq_client *c, uint64_t message_id, uint32_t attempt,
                  uint64_t delay_ms, bool dead_letter, const char *error_text)
@@ -2195,6 +2228,7 @@ progress_to_wire(Protoq__Progress *w, const struct protoq_progress *p)
     w->checkpoint = S(p->checkpoint);
 }
 
+/* protoq_touch: Touch, wait for TouchOk. */
 int
 protoq_touch(protoq_client *c, uint64_t message_id, uint32_t attempt,
              uint64_t extend_ms, const struct protoq_progress *progress,
@@ -2229,6 +2263,7 @@ protoq_touch(protoq_client *c, uint64_t message_id, uint32_t attempt,
     return PQ_OK;
 }
 
+/* protoq_release: Release; waits for Ok only when confirm. */
 int
 protoq_release(protoq_client *c, uint64_t message_id, uint32_t attempt,
                enum protoq_release_reason reason,
@@ -2251,6 +2286,7 @@ protoq_release(protoq_client *c, uint64_t message_id, uint32_t attempt,
     return confirm ? request_ok(c, &f, NULL) : send_noreply(c, &f);
 }
 
+/* protoq_cancel: Cancel, wait for Ok. */
 int
 protoq_cancel(protoq_client *c, const char *queue, uint64_t message_id)
 {
@@ -2267,6 +2303,7 @@ protoq_cancel(protoq_client *c, const char *queue, uint64_t message_id)
     return request_ok(c, &f, NULL);
 }
 
+/* protoq_set_cancel_cb: set the CancelRequested callback. */
 void
 protoq_set_cancel_cb(protoq_client *c, protoq_cancel_fn cb, void *arg)
 {
@@ -2274,6 +2311,7 @@ protoq_set_cancel_cb(protoq_client *c, protoq_cancel_fn cb, void *arg)
     c->cancel_arg = arg;
 }
 
+/* protoq_set_error_cb: set the async error callback. */
 void
 protoq_set_error_cb(protoq_client *c, protoq_error_fn cb, void *arg)
 {
@@ -2281,6 +2319,7 @@ protoq_set_error_cb(protoq_client *c, protoq_error_fn cb, void *arg)
     c->error_arg = arg;
 }
 
+/* protoq_async_errors: count of async errors so far. */
 uint64_t
 protoq_async_errors(const protoq_client *c)
 {

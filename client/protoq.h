@@ -386,12 +386,15 @@ int protoq_subscribe(protoq_client *c, const char *queue, uint32_t prefetch,
                      const struct protoq_kv *tags, size_t n_tags,
                      protoq_deliver_fn cb, void *arg, uint64_t *sub_id);
 
-/* protoq_unsubscribe: stop deliveries of sub_id (waits for Ok). Deliveries
- * already held stay leased until acked or the connection closes; ones that
- * arrive after this call are not passed to any callback. */
+/* protoq_unsubscribe: end subscription sub_id (waits for Ok). The broker
+ * takes back its deliveries still unacked (a failed attempt each); ones
+ * that arrive after this call are not passed to any callback. To stop
+ * cleanly, pause with protoq_flow(c, sub_id, 0), ack or release what you
+ * hold, then unsubscribe. */
 int protoq_unsubscribe(protoq_client *c, uint64_t sub_id);
 
-/* protoq_flow: change the prefetch of sub_id (waits for Ok). */
+/* protoq_flow: change the prefetch of sub_id (waits for Ok); 0 pauses the
+ * subscription (nothing more is pushed until a later flow > 0). */
 int protoq_flow(protoq_client *c, uint64_t sub_id, uint32_t prefetch);
 
 /*

@@ -31,6 +31,7 @@ enum {
     MAX_ARGS = 64,
 };
 
+/* now_ms_mono: CLOCK_MONOTONIC in ms. */
 int64_t
 now_ms_mono(void)
 {
@@ -48,6 +49,7 @@ sleep_ms(int ms)
     nanosleep(&ts, NULL);
 }
 
+/* wait_until: poll cond every 5 ms until true or timeout. */
 bool
 wait_until(bool (*cond)(void *arg), void *arg, int timeout_ms)
 {
@@ -74,6 +76,7 @@ protoqd_path(void)
     return p && p[0] ? p : "build/protoqd";
 }
 
+/* srv_log_path: DIR/protoqd.log. */
 void
 srv_log_path(const struct srv *s, char *buf, size_t cap)
 {
@@ -128,6 +131,7 @@ dump_log(const struct srv *s)
     fprintf(stderr, "---- %s ----\n%s\n----\n", path, buf);
 }
 
+/* srv_launch: fork+exec protoqd on s's dirs, wait for its port file. */
 int
 srv_launch(struct srv *s)
 {
@@ -203,6 +207,7 @@ srv_launch(struct srv *s)
     return -1;
 }
 
+/* srv_start: fresh temp dir, then srv_launch. */
 int
 srv_start(struct srv *s, const char *const *extra_args)
 {
@@ -218,6 +223,7 @@ srv_start(struct srv *s, const char *const *extra_args)
     return srv_launch(s);
 }
 
+/* srv_kill9: SIGKILL and reap. */
 void
 srv_kill9(struct srv *s)
 {
@@ -229,6 +235,7 @@ srv_kill9(struct srv *s)
     }
 }
 
+/* srv_stop: SIGTERM, bounded wait, then SIGKILL; the exit status. */
 int
 srv_stop(struct srv *s)
 {
@@ -267,6 +274,7 @@ srv_stop(struct srv *s)
     return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : -1;
 }
 
+/* srv_restart: srv_stop, then srv_launch on the same data dir. */
 int
 srv_restart(struct srv *s)
 {
@@ -283,6 +291,7 @@ rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
     return remove(path);
 }
 
+/* srv_cleanup: stop if running, remove the temp dir. */
 void
 srv_cleanup(struct srv *s)
 {
@@ -295,6 +304,7 @@ srv_cleanup(struct srv *s)
     s->dir[0] = '\0';
 }
 
+/* srv_vmhwm_kb: VmHWM of the broker in KiB, or -1. */
 long
 srv_vmhwm_kb(const struct srv *s)
 {
@@ -323,6 +333,7 @@ srv_vmhwm_kb(const struct srv *s)
 
 /* ---- libprotoq ---- */
 
+/* pq_connect_or_fail: connect with libprotoq or abort the Check test. */
 protoq_client *
 pq_connect_or_fail(const struct srv *s)
 {
@@ -347,6 +358,7 @@ pq_connect_or_fail(const struct srv *s)
 
 /* ---- raw sockets ---- */
 
+/* raw_connect: blocking TCP connection to 127.0.0.1:port. */
 int
 raw_connect(uint16_t port)
 {
@@ -369,6 +381,7 @@ raw_connect(uint16_t port)
     return fd;
 }
 
+/* raw_send: send all of buf. */
 int
 raw_send(int fd, const void *buf, size_t len)
 {
@@ -389,6 +402,7 @@ raw_send(int fd, const void *buf, size_t len)
     return 0;
 }
 
+/* raw_send_slowly: send buf one byte at a time. */
 int
 raw_send_slowly(int fd, const void *buf, size_t len)
 {
@@ -440,6 +454,7 @@ read_exact(int fd, uint8_t *buf, size_t len, int64_t deadline)
     return 0;
 }
 
+/* raw_read_frame: read and decode one frame within timeout_ms. */
 int
 raw_read_frame(int fd, int timeout_ms, uint32_t max_bytes, Protoq__Frame **out)
 {
@@ -471,6 +486,7 @@ raw_read_frame(int fd, int timeout_ms, uint32_t max_bytes, Protoq__Frame **out)
     return rc;
 }
 
+/* raw_wait_eof: true when the peer closes within timeout_ms. */
 bool
 raw_wait_eof(int fd, int timeout_ms)
 {
@@ -503,6 +519,7 @@ raw_wait_eof(int fd, int timeout_ms)
     }
 }
 
+/* raw_pack: serialize f with its length prefix into a malloc'ed buffer. */
 uint8_t *
 raw_pack(const Protoq__Frame *f, size_t *len)
 {
@@ -516,6 +533,7 @@ raw_pack(const Protoq__Frame *f, size_t *len)
     return buf;
 }
 
+/* raw_hello: send Hello, expect Welcome. */
 int
 raw_hello(int fd, int timeout_ms)
 {
