@@ -76,6 +76,45 @@ size_t hmap_str_len(const struct hmap_str *m);
 /* hmap_str_next: iterate like hmap_u64_next. */
 void *hmap_str_next(const struct hmap_str *m, size_t *iter, const char **key_out);
 
+/*
+ * struct hmap_ptr: an index of objects that carry their own uint64_t key at
+ * byte offset key_off, one word per slot (half of hmap_u64's). On 64-bit
+ * targets the top 16 bits of each slot hold 16 bits of the key's hash, so a
+ * probe compares tags and reads the object only on a tag match (1 in 65536
+ * for a wrong key); objects must therefore sit below 2^48 (asserted; true
+ * of user-space pointers on Linux unless mmap is asked for higher ones).
+ * Capacity is not a power of two (the hash is mapped to [0, cap) by a
+ * multiply), grows by 1.5x past 85% load and halves below 25%, so at any
+ * size the table costs 9.4-15 bytes per entry. Same linear probing and
+ * backward-shift delete as the others; delete reads the objects it shifts.
+ * The map borrows the objects.
+ */
+struct hmap_ptr {
+    uintptr_t *slots;        /* 0 = empty, else tag << 48 | pointer */
+    size_t cap;              /* 0 before the first put */
+    size_t len;
+    size_t key_off;          /* offsetof(object type, key field) */
+};
+
+/* hmap_ptr_init: an empty index of objects keyed at key_off; allocates nothing. */
+void hmap_ptr_init(struct hmap_ptr *m, size_t key_off);
+/* hmap_ptr_fini: frees the table (not the objects). */
+void hmap_ptr_fini(struct hmap_ptr *m);
+/* hmap_ptr_reserve: make room for n entries without growing later. */
+int hmap_ptr_reserve(struct hmap_ptr *m, size_t n);
+/* hmap_ptr_get: the object whose key is key, or NULL. */
+void *hmap_ptr_get(const struct hmap_ptr *m, uint64_t key);
+/* hmap_ptr_put: insert obj under its own key. PQ_OK, PQ_EEXIST (an object
+ * with that key is present, unchanged), PQ_EINVAL (obj NULL) or PQ_ENOMEM
+ * (unchanged). */
+int hmap_ptr_put(struct hmap_ptr *m, void *obj);
+/* hmap_ptr_del: remove the object with this key; returns it, or NULL. */
+void *hmap_ptr_del(struct hmap_ptr *m, uint64_t key);
+/* hmap_ptr_len: number of entries. */
+size_t hmap_ptr_len(const struct hmap_ptr *m);
+/* hmap_ptr_next: iterate: start with *iter = 0; the next object, or NULL. */
+void *hmap_ptr_next(const struct hmap_ptr *m, size_t *iter);
+
 /* hmap_hash_u64 / hmap_hash_str: the hash functions (exposed for tests). */
 uint64_t hmap_hash_u64(uint64_t x);
 uint64_t hmap_hash_str(const char *s);

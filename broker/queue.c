@@ -9,8 +9,13 @@
  *    holder's in-flight list (INFLIGHT);
  *  - a message has a heap slot iff it has a deadline: DELAYED (min of due
  *    and TTL), INFLIGHT (lease end), READY with a TTL;
- *  - the heap's capacity is reserved at queue_push for every live message,
- *    so nothing after queue_push needs memory for bookkeeping;
+ *  - the heap's capacity covers every message with a deadline: it is
+ *    reserved where a message without one gains one (queue_push of a
+ *    DELAYED or TTL message, queue_next_delivery for READY -> INFLIGHT);
+ *    every other transition trades one deadline for another, so nothing
+ *    else needs memory for bookkeeping;
+ *  - struct msg lives in slabs of MSG_SLAB_LEN (no per-message allocator
+ *    header); a slab is freed when it empties, except one spare.
  *  - a consumer is on its queue's credit ring iff subscribed and
  *    inflight < prefetch.
  * No I/O, no clock, no libevent: time comes in as now_ms.
@@ -19,6 +24,7 @@
 
 #include <assert.h>
 #include <inttypes.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -27,7 +33,28 @@
 #include "mem.h"
 #include "pqerr.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
+#define UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
+#else
+#define POISON(p, n) ((void)(p), (void)(n))
+#define UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 enum { MSG_LIMBO = 0xf }; /* unlinked for a moment inside one call (4-bit state) */
+
+/* struct msg allocation: slabs of MSG_SLAB_LEN messages (~100 KiB). */
+enum { MSG_SLAB_LEN = 1024 };
+
+struct msg_slab {
+    struct msg_slab *prev, *next; /* qset's list of slabs with room */
+    struct msg *free;             /* freed slots, linked through next */
+    uint32_t used;                /* live messages here */
+    uint32_t fresh;               /* slots [fresh, MSG_SLAB_LEN) never used yet */
+    bool has_room;                /* on the qset's room list */
+    struct msg msgs[MSG_SLAB_LEN];
+};
 
 /* Optional parts of a message; allocated only when one is used. */
 struct msg_ext {
@@ -75,7 +102,11 @@ struct qset {
     struct hmap_str names;        /* name -> queue */
     struct queue *q_head, *q_tail;
     size_t n_queues;
-    struct hmap_u64 msgs;         /* id -> msg, every live message */
+    struct hmap_ptr msgs;         /* id -> msg, every live message */
+    struct msg_slab **slabs;      /* every slab, sorted by address */
+    size_t n_slabs, slabs_cap;
+    struct msg_slab *room;        /* slabs with a free slot */
+    size_t n_empty;               /* slabs with used == 0 (at most one kept) */
     struct heap deadlines;        /* msgs by next deadline */
     uint64_t rng;                 /* splitmix64 state */
     uint64_t clock_ms;            /* latest now_ms seen (for calls without one) */
@@ -480,7 +511,170 @@ ensure_ext(struct msg *m)
     return PQ_OK;
 }
 
-/* msg_free: see queue.h. Also used internally once m is unlinked. */
+/* ---- message slabs ---- */
+
+static void
+room_push(struct qset *qs, struct msg_slab *s)
+{
+    assert(!s->has_room);
+    s->prev = NULL;
+    s->next = qs->room;
+    if (qs->room != NULL) {
+        qs->room->prev = s;
+    }
+    qs->room = s;
+    s->has_room = true;
+}
+
+static void
+room_remove(struct qset *qs, struct msg_slab *s)
+{
+    assert(s->has_room);
+    if (s->prev != NULL) {
+        s->prev->next = s->next;
+    } else {
+        qs->room = s->next;
+    }
+    if (s->next != NULL) {
+        s->next->prev = s->prev;
+    }
+    s->prev = s->next = NULL;
+    s->has_room = false;
+}
+
+/* Index in qs->slabs of the first slab whose address is above p. */
+static size_t
+slab_upper(const struct qset *qs, const void *p)
+{
+    size_t lo = 0, hi = qs->n_slabs;
+
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+
+        if ((uintptr_t)qs->slabs[mid] <= (uintptr_t)p) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+/* The slab holding m: O(log slabs). */
+static struct msg_slab *
+slab_of(const struct qset *qs, const struct msg *m)
+{
+    size_t i = slab_upper(qs, m);
+    struct msg_slab *s;
+
+    assert(i > 0);
+    s = qs->slabs[i - 1];
+    assert(m >= s->msgs && m < s->msgs + MSG_SLAB_LEN);
+    return s;
+}
+
+static struct msg_slab *
+slab_new(struct qset *qs)
+{
+    struct msg_slab *s;
+    size_t i;
+
+    if (qs->n_slabs == qs->slabs_cap) {
+        size_t cap = qs->slabs_cap < 8 ? 8 : qs->slabs_cap * 2;
+        struct msg_slab **a = pq_realloc(qs->slabs, cap * sizeof(*a));
+
+        if (a == NULL) {
+            return NULL;
+        }
+        qs->slabs = a;
+        qs->slabs_cap = cap;
+    }
+    s = pq_malloc(sizeof(*s));
+    if (s == NULL) {
+        return NULL;
+    }
+    s->prev = s->next = NULL;
+    s->free = NULL;
+    s->used = 0;
+    s->fresh = 0;
+    s->has_room = false;
+    POISON(s->msgs, sizeof(s->msgs));
+    i = slab_upper(qs, s);
+    memmove(&qs->slabs[i + 1], &qs->slabs[i], (qs->n_slabs - i) * sizeof(qs->slabs[0]));
+    qs->slabs[i] = s;
+    qs->n_slabs++;
+    qs->n_empty++;
+    room_push(qs, s);
+    return s;
+}
+
+static void
+slab_free(struct qset *qs, struct msg_slab *s)
+{
+    size_t i = slab_upper(qs, s);
+
+    assert(s->used == 0 && i > 0 && qs->slabs[i - 1] == s);
+    memmove(&qs->slabs[i - 1], &qs->slabs[i], (qs->n_slabs - i) * sizeof(qs->slabs[0]));
+    qs->n_slabs--;
+    qs->n_empty--;
+    if (s->has_room) {
+        room_remove(qs, s);
+    }
+    UNPOISON(s->msgs, sizeof(s->msgs));
+    pq_free(s);
+}
+
+/* A zeroed struct msg, or NULL on ENOMEM. */
+static struct msg *
+msg_alloc(struct qset *qs)
+{
+    struct msg_slab *s = qs->room;
+    struct msg *m;
+
+    if (s == NULL && (s = slab_new(qs)) == NULL) {
+        return NULL;
+    }
+    if (s->free != NULL) {
+        m = s->free;
+        UNPOISON(m, sizeof(*m));
+        s->free = m->next;
+    } else {
+        m = &s->msgs[s->fresh++];
+        UNPOISON(m, sizeof(*m));
+    }
+    if (s->used++ == 0) {
+        qs->n_empty--;
+    }
+    if (s->free == NULL && s->fresh == MSG_SLAB_LEN) {
+        room_remove(qs, s);
+    }
+    memset(m, 0, sizeof(*m));
+    return m;
+}
+
+/* Give m's slot back; an emptied slab is freed unless it is the only empty one. */
+static void
+msg_release(struct qset *qs, struct msg *m)
+{
+    struct msg_slab *s = slab_of(qs, m);
+
+    m->next = s->free;
+    s->free = m;
+    POISON(m, sizeof(*m));
+    if (!s->has_room) {
+        room_push(qs, s);
+    }
+    assert(s->used > 0);
+    if (--s->used == 0) {
+        qs->n_empty++;
+        if (qs->n_empty > 1) {
+            slab_free(qs, s);
+        }
+    }
+}
+
+/* msg_free: see queue.h. Also used internally once m is unlinked; m->q
+ * must name a queue of the qset (its slab is found through it). */
 void
 msg_free(struct msg *m)
 {
@@ -495,7 +689,7 @@ msg_free(struct msg *m)
         pq_free(m->ext);
     }
     body_unref(&m->body);
-    pq_free(m);
+    msg_release(m->q->qs, m);
 }
 
 /* ---- deadline heap ---- */
@@ -721,7 +915,7 @@ drop_msg(struct msg *m, const char *reason, const char *detail)
 
     assert(m->state == MSG_LIMBO);
     emit(q->qs, QEV_DROP, m, q, NULL, reason, detail, NULL, 0);
-    (void)hmap_u64_del(&q->qs->msgs, m->id);
+    (void)hmap_ptr_del(&q->qs->msgs, m->id);
     q->bytes -= m->size;
     dedup_release(m);
     msg_free(m);
@@ -893,7 +1087,7 @@ qset_new(const struct queue_defaults *d)
         queue_defaults_init(&qs->defaults);
     }
     hmap_str_init(&qs->names);
-    hmap_u64_init(&qs->msgs);
+    hmap_ptr_init(&qs->msgs, offsetof(struct msg, id));
     heap_init(&qs->deadlines, deadline_less, deadline_setpos);
     qs->rng = 0x5eed5eed5eed5eedULL;
     return qs;
@@ -906,7 +1100,7 @@ free_list(struct qset *qs, struct mlist *l)
         struct msg *m = l->head;
 
         l->head = m->next;
-        (void)hmap_u64_del(&qs->msgs, m->id);
+        (void)hmap_ptr_del(&qs->msgs, m->id);
         if (m->ext != NULL) {
             m->ext->dedup = NULL; /* the dedup table goes with the queue */
         }
@@ -966,7 +1160,11 @@ qset_free(struct qset *qs)
         q = next;
     }
     hmap_str_fini(&qs->names);
-    hmap_u64_fini(&qs->msgs);
+    hmap_ptr_fini(&qs->msgs);
+    while (qs->n_slabs > 0) {
+        slab_free(qs, qs->slabs[qs->n_slabs - 1]); /* every message is gone: empty */
+    }
+    pq_free(qs->slabs);
     pq_free(qs);
 }
 
@@ -1131,14 +1329,14 @@ qset_queue_count(const struct qset *qs)
 struct msg *
 qset_msg(const struct qset *qs, uint64_t id)
 {
-    return hmap_u64_get(&qs->msgs, id);
+    return hmap_ptr_get(&qs->msgs, id);
 }
 
 /* qset_msg_count: see queue.h. */
 size_t
 qset_msg_count(const struct qset *qs)
 {
-    return hmap_u64_len(&qs->msgs);
+    return hmap_ptr_len(&qs->msgs);
 }
 
 /* ---- queue accessors ---- */
@@ -1252,10 +1450,10 @@ queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms, struct ms
     if (mn->priority >= PRIORITY_LEVELS || (mn->idem_key != NULL && mn->idem_key[0] == '\0')) {
         return PQ_EINVAL;
     }
-    if (hmap_u64_get(&qs->msgs, mn->id) != NULL) {
+    if (hmap_ptr_get(&qs->msgs, mn->id) != NULL) {
         return PQ_EEXIST;
     }
-    live = hmap_u64_len(&qs->msgs);
+    live = hmap_ptr_len(&qs->msgs);
     if (live >= UINT32_MAX - 1) {
         return PQ_ENOMEM; /* heap_pos is 32-bit */
     }
@@ -1267,10 +1465,11 @@ queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms, struct ms
         }
     }
 
-    m = pq_calloc(1, sizeof(*m));
+    m = msg_alloc(qs);
     if (m == NULL) {
         return PQ_ENOMEM;
     }
+    m->q = q; /* msg_free finds the slab through it */
     m->heap_pos = UINT32_MAX;
     if (mn->idem_key != NULL || mn->n_requires > 0 || mn->progress != NULL) {
         rc = ensure_ext(m);
@@ -1286,13 +1485,15 @@ queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms, struct ms
         }
         m->ext->n_requires = mn->n_requires;
     }
-    rc = hmap_u64_reserve(&qs->msgs, live + 1);
+    rc = hmap_ptr_reserve(&qs->msgs, live + 1);
     if (rc != PQ_OK) {
         goto err_free_msg;
     }
-    rc = heap_reserve(&qs->deadlines, live + 1);
-    if (rc != PQ_OK) {
-        goto err_free_msg;
+    if (mn->due_ms > now_ms || mn->expire_ms != 0 || q->attrs.ttl_ms != 0) {
+        rc = heap_reserve(&qs->deadlines, heap_len(&qs->deadlines) + 1);
+        if (rc != PQ_OK) {
+            goto err_free_msg;
+        }
     }
     if (mn->idem_key != NULL) {
         d = pq_calloc(1, sizeof(*d));
@@ -1343,7 +1544,7 @@ queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms, struct ms
         d->m = m;
         m->ext->dedup = d;
     }
-    rc = hmap_u64_put(&qs->msgs, m->id, m);
+    rc = hmap_ptr_put(&qs->msgs, m);
     assert(rc == PQ_OK); /* reserved, id checked */
     q->bytes += m->size;
     q->stats.published++;
@@ -1480,6 +1681,10 @@ queue_next_delivery(struct queue *q, uint64_t now_ms, struct consumer **to)
     if (q->n_ready == 0 || first_unpaused(q) == NULL) {
         return NULL;
     }
+    /* the delivered message gains a lease deadline (see the invariants) */
+    if (heap_reserve(&q->qs->deadlines, heap_len(&q->qs->deadlines) + 1) != PQ_OK) {
+        return NULL;
+    }
     if (q->n_ready_req > 0) {
         return next_delivery_tagged(q, now_ms, to);
     }
@@ -1578,7 +1783,7 @@ queue_set_prefetch(struct consumer *c, uint32_t prefetch)
 static struct msg *
 current(struct qset *qs, uint64_t id, uint32_t attempt)
 {
-    struct msg *m = hmap_u64_get(&qs->msgs, id);
+    struct msg *m = hmap_ptr_get(&qs->msgs, id);
 
     if (m == NULL || m->state != MSG_INFLIGHT || m->attempt != attempt) {
         return NULL;
@@ -1603,7 +1808,7 @@ qset_ack(struct qset *qs, uint64_t id, uint32_t attempt, struct msg **out)
         finish_cancelled(m);
         return PQ_ESTALE;
     }
-    (void)hmap_u64_del(&qs->msgs, m->id);
+    (void)hmap_ptr_del(&qs->msgs, m->id);
     m->q->bytes -= m->size;
     m->q->stats.acked++;
     dedup_release(m);
@@ -1727,7 +1932,7 @@ qset_release(struct qset *qs, uint64_t id, uint32_t attempt, struct body *progre
 int
 qset_cancel(struct qset *qs, uint64_t id, struct msg **inflight_out)
 {
-    struct msg *m = hmap_u64_get(&qs->msgs, id);
+    struct msg *m = hmap_ptr_get(&qs->msgs, id);
 
     if (inflight_out != NULL) {
         *inflight_out = NULL;
@@ -1762,7 +1967,7 @@ queue_purge(struct queue *q)
             struct msg *m = l->head;
 
             unlink_msg(m);
-            (void)hmap_u64_del(&qs->msgs, m->id);
+            (void)hmap_ptr_del(&qs->msgs, m->id);
             q->bytes -= m->size;
             dedup_release(m);
             msg_free(m);
@@ -1845,7 +2050,7 @@ queue_foreach_msg(struct queue *q, void (*fn)(void *arg, struct msg *m),
     size_t it = 0;
     struct msg *m;
 
-    while ((m = hmap_u64_next(&q->qs->msgs, &it, NULL)) != NULL) {
+    while ((m = hmap_ptr_next(&q->qs->msgs, &it)) != NULL) {
         if (m->q == q) {
             fn(arg, m);
         }

@@ -62,7 +62,8 @@
  * once it is requeued.
  *
  * Allocation: only queue_push, qset_create, queue_subscribe, the consumer
- * tag setter, qset_nack (error text), qset_touch (progress holder) and
+ * tag setter, qset_nack (error text), qset_touch (progress holder),
+ * queue_next_delivery (room in the deadline heap for the lease) and
  * dead-lettering (new body) allocate. Lease expiry, ack, release, cancel,
  * purge and tick never fail for lack of memory, except that a dead-letter
  * whose new body cannot be allocated drops the message (QEV_DROP, detail
@@ -343,8 +344,10 @@ int queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms, struc
  * Consumers are taken round-robin among those with credit, not paused, and
  * whose tags satisfy the message; a message nobody can take does not block
  * those behind it. Expired messages met on the way are expired (events).
- * NULL when no pair is possible. O(1) amortized when no message in q has
- * requirements; otherwise it scans past the messages nobody can take. */
+ * NULL when no pair is possible, or when there is no memory for the lease's
+ * deadline slot (nothing changes; a later call retries). O(1) amortized
+ * when no message in q has requirements; otherwise it scans past the
+ * messages nobody can take. */
 struct msg *queue_next_delivery(struct queue *q, uint64_t now_ms, struct consumer **to);
 
 /* queue_subscribe: attach c (prefetch >= 1, not subscribed). PQ_OK, PQ_EINVAL.

@@ -5,6 +5,7 @@
  */
 #include <check.h>
 #include <inttypes.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -361,6 +362,71 @@ START_TEST(test_hmap_u64_matches_reference_through_grow_and_shrink)
     ck_assert_uint_le(hmap_u64_len(&m) * 4, m.cap * 3);
     ck_assert_pq(hmap_u64_put(&m, 1, NULL), PQ_EINVAL);
     hmap_u64_fini(&m);
+}
+END_TEST
+
+START_TEST(test_hmap_ptr_matches_reference_through_grow_and_shrink)
+{
+    enum { KEYS = 4096, OPS = 200000 };
+    struct obj {
+        int pad;
+        uint64_t key;
+    };
+    static struct obj objs[KEYS];
+    static int ref[KEYS];
+    struct hmap_ptr m;
+    size_t i, n_ref = 0, iter = 0, seen = 0, max_cap = 0;
+    struct obj *o;
+    uint64_t k;
+
+    memset(ref, 0, sizeof(ref));
+    for (k = 0; k < KEYS; k++) {
+        objs[k].key = k * 0x100000000ULL;
+    }
+    srand(12);
+    hmap_ptr_init(&m, offsetof(struct obj, key));
+    for (i = 0; i < OPS; i++) {
+        k = (uint64_t)(rand() % KEYS);
+        int insert = i < OPS / 2 ? rand() % 4 != 0 : rand() % 4 == 0;
+
+        if (insert) {
+            ck_assert_int_eq(hmap_ptr_put(&m, &objs[k]), ref[k] ? PQ_EEXIST : PQ_OK);
+            if (!ref[k]) {
+                ref[k] = 1;
+                n_ref++;
+            }
+        } else {
+            ck_assert_ptr_eq(hmap_ptr_del(&m, objs[k].key), ref[k] ? &objs[k] : NULL);
+            if (ref[k]) {
+                ref[k] = 0;
+                n_ref--;
+            }
+        }
+        ck_assert_uint_eq(hmap_ptr_len(&m), n_ref);
+        ck_assert_uint_le(hmap_ptr_len(&m) * 20, m.cap * 17); /* load <= 85% */
+        if (m.cap > max_cap) {
+            max_cap = m.cap;
+        }
+    }
+    for (k = 0; k < KEYS; k++) {
+        ck_assert_ptr_eq(hmap_ptr_get(&m, objs[k].key), ref[k] ? &objs[k] : NULL);
+    }
+    ck_assert_ptr_null(hmap_ptr_get(&m, 7));
+    while ((o = hmap_ptr_next(&m, &iter)) != NULL) {
+        ck_assert(ref[o - objs]);
+        seen++;
+    }
+    ck_assert_uint_eq(seen, n_ref);
+    ck_assert_uint_ge(max_cap, 3000);      /* it grew */
+    ck_assert_uint_lt(m.cap, max_cap);     /* and shrank again */
+    ck_assert_pq(hmap_ptr_put(&m, NULL), PQ_EINVAL);
+    hmap_ptr_fini(&m);
+    pq_mem_fail_after(0);
+    ck_assert_pq(hmap_ptr_put(&m, &objs[0]), PQ_ENOMEM); /* first table: unchanged */
+    ck_assert_uint_eq(hmap_ptr_len(&m), 0);
+    ck_assert_ptr_null(hmap_ptr_get(&m, objs[0].key));
+    pq_mem_fail_after(-1);
+    hmap_ptr_fini(&m);
 }
 END_TEST
 
@@ -1692,7 +1758,7 @@ queue_suite(void)
     ADD(s, "heap", 20, test_heap_random_ops_match_sorted_reference,
         test_heap_push_fails_cleanly_on_enomem);
     ADD(s, "hmap", 20, test_hmap_u64_matches_reference_through_grow_and_shrink,
-        test_hmap_str_matches_reference);
+        test_hmap_str_matches_reference, test_hmap_ptr_matches_reference_through_grow_and_shrink);
     ADD(s, "body", 5, test_body_refcount_and_unref_nulls_pointer,
         test_body_with_headers_decodes_with_old_and_new_headers);
     ADD(s, "declare", 5, test_queue_name_validation,
