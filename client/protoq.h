@@ -23,6 +23,13 @@
  * request call on the same handle, never from another thread. From inside a
  * callback you may call any function on the handle except protoq_close().
  *
+ * Liveness: while inside any call the library answers the broker's
+ * heartbeat interval (Welcome.heartbeat_ms) with its own Heartbeat when it
+ * has sent nothing else. The broker closes a connection that holds
+ * subscriptions and stays silent for ~3 intervals, so a consumer must call
+ * into the handle (protoq_poll is enough) at least that often; run long
+ * jobs outside the delivery callback and protoq_touch their leases.
+ *
  * After a connection failure (PQ_ECLOSED, PQ_EPROTO, PQ_ETIMEDOUT on a
  * read) the handle is dead: every later call returns the same code, and
  * every outstanding async publish got its callback with the error. Close it
