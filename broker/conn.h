@@ -1,6 +1,7 @@
 /*
- * conn.h: one struct conn per client socket: its bufferevent, its state,
- * framing of input and output, backpressure, and close-after-flush.
+ * conn.h: one struct conn per client socket: its socket, input and output
+ * buffers and events, its state, framing of input and output, backpressure,
+ * and close-after-flush.
  * Decoded frames go to dispatch.c; conn.c knows nothing of queues.
  */
 #ifndef PQ_CONN_H
@@ -17,7 +18,8 @@
 
 struct server;
 struct sub;
-struct bufferevent;
+struct event;
+struct evbuffer;
 struct sockaddr;
 
 /*
@@ -33,7 +35,15 @@ enum conn_state { CONN_HANDSHAKE, CONN_READY, CONN_CLOSING, CONN_CLOSED };
 
 struct conn {
     struct server *srv;
-    struct bufferevent *bev;      /* NULL once CLOSED */
+    evutil_socket_t fd;           /* -1 once CLOSED */
+    struct event *rev;            /* EV_READ | EV_PERSIST, while reading */
+    struct event *wev;            /* EV_WRITE, armed only when the kernel
+                                     buffer was full at the last flush */
+    struct evbuffer *in, *out;
+    struct conn *flush_next;      /* srv->flush list: output to write */
+    bool on_flush;                /* on srv->flush */
+    bool reading;                 /* rev added */
+    bool writing;                 /* wev added */
     enum conn_state state;
     uint64_t id;                  /* for logs */
     char peer[64];                /* "127.0.0.1:53122" */
@@ -98,6 +108,10 @@ void conn_unref(struct conn *c);
 
 /* conn_reap: free CLOSED connections that nothing refers to. */
 void conn_reap(struct server *srv);
+
+/* conn_flush_all: write every connection's pending output (once per loop
+ * pass: one writev per connection however many frames it got). */
+void conn_flush_all(struct server *srv);
 
 /* conn_housekeeping: heartbeats out, dead and idle peers closed. */
 void conn_housekeeping(struct server *srv, uint64_t now_ms);

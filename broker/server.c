@@ -5,6 +5,7 @@
  *
  *     run the ready callbacks        (event_base_loop EVLOOP_ONCE)
  *     dispatch_pass                  (deliver, submit the batch, confirm)
+ *     conn_flush_all                 (one writev per connection with output)
  *     conn_reap                      (free closed connections)
  *     arm the deadline timer         (qset_next_deadline)
  *
@@ -380,6 +381,7 @@ server_run(struct server *srv)
         if (dispatch_pass(srv)) {
             server_wake(srv);
         }
+        conn_flush_all(srv);
         conn_reap(srv);
         arm_deadline(srv);
     }
@@ -402,7 +404,10 @@ server_drain(struct server *srv)
     srv->stopping = false;
     while (clock_mono_ms() < until && srv->exit_code == 0) {
         bool more = dispatch_pass(srv);
-        bool busy = more || srv->waits_head != NULL;
+        bool busy;
+
+        conn_flush_all(srv);
+        busy = more || srv->waits_head != NULL;
 
         for (struct conn *c = srv->conns; c && !busy; c = c->next) {
             busy = conn_output_pending(c);

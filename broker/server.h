@@ -64,6 +64,7 @@ struct server {
     struct conn *conns;           /* doubly linked, all live connections */
     uint32_t nconns;
     struct conn *reap;            /* closed, freed after the pass */
+    struct conn *flush;           /* connections with output to write */
 
     struct wait *waits_head;      /* FIFO of replies waiting for durability */
     struct wait *waits_tail;
