@@ -577,11 +577,39 @@ all_zero(const uint8_t *p, size_t n)
 
 /* has_records: a segment file holds at least one record (anything
  * non-zero after its header). A short or all-zero file holds none. */
+static bool mapped_zero(const uint8_t *buf, size_t off, size_t len);
+
 static bool
 has_records(const uint8_t *buf, size_t len)
 {
-    return len > STORE_SEG_HDR_LEN &&
-           !all_zero(buf + STORE_SEG_HDR_LEN, len - STORE_SEG_HDR_LEN);
+    return !mapped_zero(buf, STORE_SEG_HDR_LEN, len);
+}
+
+/*
+ * mapped_zero: buf[off..len) is all zeros. buf is a file mapping
+ * (map_file): check a window at a time and drop each window's pages, so
+ * the zero tail of a preallocated segment (which holds the ack reserve:
+ * 128 MB with a million live messages) never becomes resident.
+ */
+static bool
+mapped_zero(const uint8_t *buf, size_t off, size_t len)
+{
+    enum { WINDOW = 8 << 20 };
+
+    while (off < len) {
+        size_t end = (off / WINDOW + 1) * (size_t)WINDOW;
+
+        if (end > len) {
+            end = len;
+        }
+        if (!all_zero(buf + off, end - off)) {
+            return false;
+        }
+        (void)madvise((void *)(buf + off / WINDOW * (size_t)WINDOW),
+                      end - off / WINDOW * (size_t)WINDOW, MADV_DONTNEED);
+        off = end;
+    }
+    return true;
 }
 
 /* is_record_at: a complete record with a good CRC starts at off. */
@@ -623,12 +651,15 @@ valid_after(const uint8_t *buf, size_t len, size_t off)
  * Sets *end to the end of the good records. Returns PQ_OK, PQ_ECORRUPT,
  * PQ_EVERSION or the replay callback's error, with err set.
  */
+enum { SCAN_RELEASE_BYTES = 8 << 20 }; /* a power of two, page-aligned */
+
 static int
 scan_segment(struct scan *sc, uint32_t seq, const char *path,
              const uint8_t *buf, size_t len, bool last, uint64_t *end,
              char *err, size_t errlen)
 {
     size_t off = STORE_SEG_HDR_LEN;
+    size_t released = 0;          /* pages before this are dropped */
     const char *what;
     uint32_t rlen = 0;
 
@@ -661,7 +692,7 @@ scan_segment(struct scan *sc, uint32_t seq, const char *path,
         rlen = rd32(buf + off);
         crc = rd32(buf + off + 4);
         if (rlen == 0) {
-            if (crc == 0 && all_zero(buf + off, len - off)) {
+            if (crc == 0 && mapped_zero(buf, off, len)) {
                 break;             /* the clean end: preallocated zeros */
             }
             what = "zero record length";
@@ -698,6 +729,16 @@ scan_segment(struct scan *sc, uint32_t seq, const char *path,
             }
         }
         off += 8 + (size_t)rlen;
+        if (off - released >= SCAN_RELEASE_BYTES) {
+            /* buf is a private read-only file mapping (map_file): drop the
+             * pages already replayed, so recovery's resident memory does
+             * not grow by a whole segment. */
+            size_t upto = off & ~(size_t)(SCAN_RELEASE_BYTES - 1);
+
+            (void)madvise((void *)(buf + released), upto - released,
+                          MADV_DONTNEED);
+            released = upto;
+        }
     }
     *end = off;
     return PQ_OK;
