@@ -988,8 +988,30 @@ START_TEST(test_failpoint_segment_roll)
 }
 END_TEST
 
+/* pin_old_segment: 400 messages in a queue nobody consumes keep the
+ * oldest segment alive, so that once the crash traffic has made most of
+ * the log dead, compaction must move them (and reach its failpoint). */
+static void
+pin_old_segment(void)
+{
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    struct protoq_message m;
+    char buf[1024];
+
+    memset(buf, 'p', sizeof(buf));
+    memset(&m, 0, sizeof(m));
+    m.payload = buf;
+    m.len = sizeof(buf);
+    pq_check_ok(c, protoq_queue_create(c, "pinned", NULL));
+    for (int i = 0; i < 400; i++) {
+        pq_check_ok(c, protoq_publish(c, "pinned", &m, NULL));
+    }
+    protoq_close(c);
+}
+
 START_TEST(test_failpoint_compaction)
 {
+    pin_old_segment();
     run_failpoint("compaction", 1, 60);
 }
 END_TEST
