@@ -55,7 +55,10 @@ now_ms() { date +%s%3N; }
 # a large backlog) for its port file. Sets PID and ADDR.
 start_broker() {
     rm -f "$TMP/port"
-    "$PROTOQD" --listen 127.0.0.1:0 --port-file "$TMP/port" \
+    # Default settings (fsync always) but a small payload budget, the
+    # setting W5's memory target is stated for.
+    printf 'payload_budget_bytes 16m\n' > "$TMP/bench.conf"
+    "$PROTOQD" -c "$TMP/bench.conf" --listen 127.0.0.1:0 --port-file "$TMP/port" \
         --data-dir "$TMP/data" --log-level warn \
         >/dev/null 2>>"$TMP/protoqd.log" &
     PID=$!
