@@ -423,6 +423,19 @@ finish_ok(struct conn *c, uint64_t rid, uint64_t lsn, uint64_t count)
     wait_enqueue(srv, w, lsn);
 }
 
+/*
+ * finish_since: answer a request that changed state through queue events,
+ * which journal whatever records they need: Ok once everything appended
+ * since lsn_before is durable (at once if nothing was).
+ */
+static void
+finish_since(struct conn *c, uint64_t rid, uint64_t lsn_before)
+{
+    uint64_t lsn = journal_last_lsn(c->srv);
+
+    finish_ok(c, rid, lsn != lsn_before ? lsn : 0, 0);
+}
+
 /* ---- handshake ---- */
 
 static void
@@ -1268,8 +1281,7 @@ on_nack(struct conn *c, uint64_t rid, const Protoq__Nack *r)
         server_mark_dirty(srv, q);
     }
     if (r->confirm) {
-        uint64_t now_lsn = journal_last_lsn(srv);
-        finish_ok(c, rid, now_lsn != lsn ? now_lsn : 0, 0);
+        finish_since(c, rid, lsn);
     }
 }
 
@@ -1350,8 +1362,7 @@ on_release(struct conn *c, uint64_t rid, const Protoq__Release *r)
         server_mark_dirty(srv, q);
     }
     if (r->confirm) {
-        uint64_t now_lsn = journal_last_lsn(srv);
-        finish_ok(c, rid, now_lsn != lsn ? now_lsn : 0, 0);
+        finish_since(c, rid, lsn);
     }
 }
 
@@ -1399,8 +1410,7 @@ on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r)
         f.cancel_requested = &cr;
         conn_send(s->conn, &f);
     }
-    uint64_t now_lsn = journal_last_lsn(srv);
-    finish_ok(c, rid, now_lsn != lsn ? now_lsn : 0, 0);
+    finish_since(c, rid, lsn);
 }
 
 /* ---- the frame switch ---- */
