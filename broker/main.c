@@ -177,6 +177,10 @@ main(int argc, char **argv)
              : srv.cfg.fsync == FSYNC_INTERVAL ? "interval"
                                                : "never");
 
+    if (srv.cfg.metrics[0] != '\0') {
+        log_warn("metrics %s: the HTTP /metrics endpoint is not implemented "
+                 "in this version; nothing is served there", srv.cfg.metrics);
+    }
     srv.store_fd = -1;
     rc = server_init(&srv, err, sizeof(err));
     if (rc != PQ_OK) {
