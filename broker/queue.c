@@ -4,9 +4,15 @@
  * entry; borrows the struct consumer objects the caller embeds.
  *
  * Invariants:
- *  - every live message is in qs->msgs (by id) and in exactly one of: a
- *    ready list of its queue (READY), its queue's delayed list (DELAYED), its
- *    holder's in-flight list (INFLIGHT);
+ *  - every live message is either a struct msg, in qs->msgs (by id), or a
+ *    CS_COMPACT slot of a ready level (READY, never delivered; see struct
+ *    cslot), and not in qs->msgs;
+ *  - a struct msg is in exactly one of: a ready level of its queue (front
+ *    list, back list or a CS_FULL slot, per MSG_F_SLOT/MSG_F_BACK; READY),
+ *    its queue's delayed list (DELAYED), its holder's in-flight list
+ *    (INFLIGHT);
+ *  - the slots of a level in [head, tail) have strictly increasing ids
+ *    (tombstones keep theirs), and slot head is not a tombstone;
  *  - a message has a heap slot iff it has a deadline: DELAYED (min of due
  *    and TTL), INFLIGHT (lease end), READY with a TTL;
  *  - the heap's capacity covers every message with a deadline: it is

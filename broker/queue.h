@@ -150,8 +150,9 @@ enum msg_state { MSG_READY, MSG_DELAYED, MSG_INFLIGHT };
 enum { MSG_F_CANCELLED = 1u << 0 }; /* msg.flags */
 
 /*
- * struct msg: the in-memory index entry of one live message. 112 bytes on
- * LP64 (checked in check_queue.c), plus pq_malloc's 16-byte header. To fit,
+ * struct msg: the in-memory index entry of one live message (unless it is
+ * in compact form, see above). 112 bytes on LP64 (checked in
+ * check_queue.c), allocated in slabs, plus ~11 bytes of id index. To fit,
  * failures is 16-bit and saturates at 65535 (a max_attempts above that acts
  * as "never dead-letter"). The optional parts (requirements,
  * progress, idempotency key, last error) live in a separate msg_ext that

@@ -1892,6 +1892,29 @@ run_workload(bool ptr, unsigned seed, struct trace *t)
         queue_foreach_msg(dlq, count_cb, &n);
         ck_assert_uint_eq(n, qset_msg_count(s));
     }
+    /* drain in the sorted order (both runs now hold compact slots) */
+    for (i = 0; i < 100000; i++) {
+        struct consumer *to;
+        struct msg *m;
+
+        if (c[0].q == NULL) {
+            ck_assert_pq_ok(queue_subscribe(q, &c[0]));
+        }
+        m = queue_next_delivery(q, clock, &to);
+        if (m == NULL) {
+            clock += 100;
+            qset_tick(s, clock);
+            if (queue_ready_count(q) + queue_delayed_count(q) == 0) {
+                break;
+            }
+            continue;
+        }
+        trace_add(t, 14, m->id * 4 + to->id);
+        if (m->id % 5 == 0) {
+            trace_add(t, 15, (uint64_t)qset_cancel(s, m->id + 1, NULL));
+        }
+        trace_add(t, 3, (uint64_t)qset_ack(s, m->id, m->attempt, NULL));
+    }
     queue_unsubscribe(&c[0], clock);
     queue_unsubscribe(&c[1], clock);
     queue_consumer_fini(&c[0]);
