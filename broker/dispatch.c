@@ -294,7 +294,8 @@ complete_publish(struct server *srv, struct wait *w)
 
     for (uint32_t i = 0; i < w->n; i++) {
         struct pending *p = &w->items[i];
-        struct msg *m = NULL;
+        struct msg_new mn;
+        bool durable;
         int rc;
 
         room_give(srv, p);
@@ -314,13 +315,20 @@ complete_publish(struct server *srv, struct wait *w)
         if (p->q != NULL) {
             p->mn.requires = p->requires;
             p->mn.idem_key = p->idem_key;
-            rc = queue_push(p->q, &p->mn, srv->now_mono_ms, &m);
+            /* The budget decides before the push, so the queue can keep
+             * the message compact (no struct msg pointer needed here). */
+            mn = p->mn;
+            durable = !queue_attrs(p->q)->transient;
+            if (durable && !journal_keep_body(srv, &mn)) {
+                mn.body = NULL; /* the pending item still owns its ref */
+            }
+            rc = queue_push(p->q, &mn, srv->now_mono_ms, NULL);
             if (rc != PQ_OK) {
                 log_warn("queue %s: message %llu durable but not queued: %s",
                          queue_name(p->q), (unsigned long long)p->mn.id,
                          pq_strerror(rc));
-            } else if (!queue_attrs(p->q)->transient) {
-                journal_msg_stored(srv, m);
+            } else if (durable) {
+                journal_msg_stored(srv, &mn);
             }
         }
     }
@@ -1226,9 +1234,10 @@ on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
     }
     rc = qset_ack(srv->qs, r->message_id, r->attempt, &m);
     if (rc != PQ_OK) {
-        struct msg *cur = qset_msg(srv->qs, r->message_id);
+        struct msg cur;
+        bool live = qset_msg_peek(srv->qs, r->message_id, &cur);
         log_debug("ack %llu/%u stale: %s", (unsigned long long)r->message_id,
-                  r->attempt, cur ? (cur->state == MSG_INFLIGHT ? "in flight, other attempt" : "not in flight") : "no such message");
+                  r->attempt, live ? (cur.state == MSG_INFLIGHT ? "in flight, other attempt" : "not in flight") : "no such message");
         reply_err(c, rid, rc, "ack %llu/%u: not the current delivery (lease "
                   "expired, already acked, or cancelled)",
                   (unsigned long long)r->message_id, r->attempt);
@@ -1255,8 +1264,8 @@ static void
 on_nack(struct conn *c, uint64_t rid, const Protoq__Nack *r)
 {
     struct server *srv = c->srv;
-    struct msg *m = qset_msg(srv->qs, r->message_id);
-    struct queue *q = m ? m->q : NULL;
+    struct msg v;
+    struct queue *q = qset_msg_peek(srv->qs, r->message_id, &v) ? v.q : NULL;
     struct nack_opts o = {
         .has_delay = r->delay_ms > 0,
         .delay_ms = r->delay_ms,
@@ -1339,8 +1348,8 @@ static void
 on_release(struct conn *c, uint64_t rid, const Protoq__Release *r)
 {
     struct server *srv = c->srv;
-    struct msg *m = qset_msg(srv->qs, r->message_id);
-    struct queue *q = m ? m->q : NULL;
+    struct msg v;
+    struct queue *q = qset_msg_peek(srv->qs, r->message_id, &v) ? v.q : NULL;
     struct body *prog = NULL;
     uint64_t lsn;
     int rc;
@@ -1370,12 +1379,13 @@ static void
 on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r)
 {
     struct server *srv = c->srv;
-    struct msg *m = qset_msg(srv->qs, r->message_id), *held = NULL;
+    struct msg v, *held = NULL;
+    bool live = qset_msg_peek(srv->qs, r->message_id, &v);
     uint64_t lsn;
     int rc;
 
-    if (m == NULL || (r->queue && r->queue[0] &&
-                      strcmp(r->queue, queue_name(m->q)) != 0)) {
+    if (!live || (r->queue && r->queue[0] &&
+                  strcmp(r->queue, queue_name(v.q)) != 0)) {
         conn_send_error(c, rid, PROTOQ__ERROR_CODE__BAD_REQUEST,
                         "cancel: no live message %llu%s%s",
                         (unsigned long long)r->message_id,

@@ -547,11 +547,38 @@ journal_publish(struct server *srv, struct pending *items, uint32_t n,
     return PQ_OK;
 }
 
-void
-journal_msg_stored(struct server *srv, struct msg *m)
+/* May a message of size bytes, on disk if pub_len > 0, keep its body? */
+static bool
+budget_allows(struct journal *j, uint32_t size, uint32_t pub_len)
 {
-    ref_msg(srv->journal, m);
-    keep_or_evict(srv->journal, m);
+    if (pub_len > 0 && j->resident + size > j->budget) {
+        j->evicted++;
+        return false;
+    }
+    return true;
+}
+
+bool
+journal_keep_body(struct server *srv, const struct msg_new *mn)
+{
+    return mn->body == NULL || budget_allows(srv->journal, mn->size, mn->pub_len);
+}
+
+/* mn entered a durable queue as pushed: segment refs, resident bytes. */
+static void
+stored_new(struct journal *j, const struct msg_new *mn)
+{
+    store_seg_ref(j->st, mn->pub_seg, mn->pub_len);
+    store_seg_ref(j->st, mn->state_seg, 0);
+    if (mn->body != NULL) {
+        j->resident += mn->size;
+    }
+}
+
+void
+journal_msg_stored(struct server *srv, const struct msg_new *mn)
+{
+    stored_new(srv->journal, mn);
 }
 
 int
@@ -875,10 +902,10 @@ replay_queue(struct journal *j, struct rec_str name)
 static void
 replay_remove(struct journal *j, uint64_t id)
 {
-    struct msg *m = qset_msg(j->srv->qs, id);
+    struct msg v;
 
-    if (m != NULL) {
-        forget_body(j, m);
+    if (qset_msg_peek(j->srv->qs, id, &v)) {
+        forget_body(j, &v);
         qset_cancel(j->srv->qs, id, NULL);
     }
 }
@@ -933,7 +960,7 @@ replay_publish(struct journal *j, const struct rec_publish *p,
     char idem[257];
     struct msg_new mn = {0};
     struct rec_kv kv;
-    struct msg *m;
+    struct msg v;
     size_t cursor = 0, n = 0;
     int rc;
 
@@ -943,7 +970,7 @@ replay_publish(struct journal *j, const struct rec_publish *p,
     if (q == NULL) {
         return PQ_OK; /* its queue was deleted in a segment since removed */
     }
-    if (qset_msg(j->srv->qs, p->id) != NULL) {
+    if (qset_msg_peek(j->srv->qs, p->id, &v)) {
         replay_remove(j, p->id); /* compaction moved it: the newest wins */
     }
     while (record_publish_next_require(p, &cursor, &kv)) {
@@ -993,11 +1020,11 @@ replay_publish(struct journal *j, const struct rec_publish *p,
     mn.pub_seg = mn.state_seg = loc->seg;
     mn.pub_off = (uint32_t)loc->off;
     mn.pub_len = loc->len;
-    rc = queue_push(q, &mn, j->mono_at_open, &m);
+    rc = queue_push(q, &mn, j->mono_at_open, NULL);
     if (rc == PQ_EEXIST) {
         rc = PQ_OK; /* an idempotency key already live: keep the first */
-    } else if (rc == PQ_OK && durable(q)) {
-        keep_or_evict(j, m);
+    } else if (rc == PQ_OK && durable(q) && mn.body != NULL) {
+        j->resident += mn.size; /* within the budget: checked above */
     }
 out:
     body_unref(&mn.body);
@@ -1005,10 +1032,11 @@ out:
     return rc;
 }
 
-/* Re-push m with a new state (requeue, dead-letter): replay has no
- * in-flight messages, so remove and add is exact but for its position. */
+/* Re-push m (a qset_msg_peek copy) with a new state (requeue,
+ * dead-letter): replay has no in-flight messages, so remove and add is
+ * exact but for its position. */
 static int
-replay_reset(struct journal *j, struct msg *m, struct queue *to,
+replay_reset(struct journal *j, const struct msg *m, struct queue *to,
              struct body *new_body, uint32_t attempt, uint32_t failures,
              uint64_t due_ms, const struct store_loc *loc, bool new_pub)
 {
@@ -1055,12 +1083,15 @@ replay_reset(struct journal *j, struct msg *m, struct queue *to,
     mn.pub_off = new_pub ? (uint32_t)loc->off : m->pub_off;
     mn.pub_len = new_pub ? loc->len : m->pub_len;
     mn.state_seg = seg;
-    replay_remove(j, m->id);
-    rc = queue_push(to, &mn, j->mono_at_open, &m);
+    replay_remove(j, mn.id); /* m is stale from here on */
+    if (mn.body != NULL && durable(to) && !budget_allows(j, mn.size, mn.pub_len)) {
+        body_unref(&mn.body);
+    }
+    rc = queue_push(to, &mn, j->mono_at_open, NULL);
     if (rc == PQ_EEXIST) {
         rc = PQ_OK;
-    } else if (rc == PQ_OK && durable(to)) {
-        keep_or_evict(j, m);
+    } else if (rc == PQ_OK && durable(to) && mn.body != NULL) {
+        j->resident += mn.size;
     }
 out:
     body_unref(&mn.body);
@@ -1108,7 +1139,7 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
     struct journal *j = arg;
     struct qset *qs = j->srv->qs;
     struct record r;
-    struct msg *m;
+    struct msg *m, view;
     struct queue *q;
     int rc;
 
@@ -1151,36 +1182,37 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
         replay_remove(j, r.u.drop.id);
         return PQ_OK;
     case REC_REQUEUE:
-        m = qset_msg(qs, r.u.requeue.id);
-        if (m == NULL) {
+        if (!qset_msg_peek(qs, r.u.requeue.id, &view)) {
             return PQ_OK;
         }
-        return replay_reset(j, m, m->q, NULL, r.u.requeue.attempt,
+        return replay_reset(j, &view, view.q, NULL, r.u.requeue.attempt,
                             r.u.requeue.failures,
                             wall_to_mono(j, r.u.requeue.deliver_at_wall_ms, false),
                             loc, false);
     case REC_DEAD_LETTER: {
         struct body *nb;
 
-        m = qset_msg(qs, r.u.dead_letter.id);
         q = replay_queue(j, r.u.dead_letter.target);
-        if (m == NULL) {
+        if (!qset_msg_peek(qs, r.u.dead_letter.id, &view)) {
             return PQ_OK;
         }
         if (q == NULL) {
-            replay_remove(j, m->id);
+            replay_remove(j, view.id);
             return PQ_OK;
         }
         nb = body_new(r.u.dead_letter.body.ptr, r.u.dead_letter.body.len);
         if (nb == NULL) {
             return PQ_ENOMEM;
         }
-        rc = replay_reset(j, m, q, nb, 0, 0, 0, loc, true);
+        rc = replay_reset(j, &view, q, nb, 0, 0, 0, loc, true);
         body_unref(&nb);
         return rc;
     }
     case REC_PROGRESS:
         m = qset_msg(qs, r.u.progress.id);
+        if (m == NULL && qset_msg_peek(qs, r.u.progress.id, &view)) {
+            return PQ_ENOMEM; /* live, but no memory to expand it */
+        }
         if (m != NULL) {
             struct body *pb = body_new(r.u.progress.progress.ptr,
                                        r.u.progress.progress.len);
@@ -1248,7 +1280,11 @@ journal_open(struct server *srv, char *err, size_t errlen)
     }
     srv->store = j->st;
     srv->store_fd = store_event_fd(j->st);
-    qset_sort_ready(srv->qs);
+    rc = qset_sort_ready(srv->qs);
+    if (rc != PQ_OK) {
+        snprintf(err, errlen, "out of memory putting the recovered messages in order");
+        return rc;
+    }
     w.j = j;
     w.n = 0;
     for (struct queue *q = qset_first(srv->qs); q; q = qset_next(q)) {

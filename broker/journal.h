@@ -44,8 +44,14 @@ int journal_queue_purge(struct server *srv, struct queue *q, uint64_t *lsn);
 int journal_publish(struct server *srv, struct pending *items, uint32_t n,
                     uint64_t *lsn);
 
-/* journal_msg_stored: m (durable) entered its queue: ref its segments. */
-void journal_msg_stored(struct server *srv, struct msg *m);
+/* journal_keep_body: whether a durable message about to be pushed (mn)
+ * may keep its body in memory under the payload budget; false counts it
+ * as evicted (the caller pushes it with body NULL). */
+bool journal_keep_body(struct server *srv, const struct msg_new *mn);
+
+/* journal_msg_stored: the durable message mn entered its queue (with
+ * mn->body as pushed): ref its segments, count a kept body. */
+void journal_msg_stored(struct server *srv, const struct msg_new *mn);
 
 /* journal_ack: m was acked: ACK record, segment refs dropped. */
 int journal_ack(struct server *srv, struct msg *m, uint64_t *lsn);

@@ -4,9 +4,15 @@
  * entry; borrows the struct consumer objects the caller embeds.
  *
  * Invariants:
- *  - every live message is in qs->msgs (by id) and in exactly one of: a
- *    ready list of its queue (READY), its queue's delayed list (DELAYED), its
- *    holder's in-flight list (INFLIGHT);
+ *  - every live message is either a struct msg, in qs->msgs (by id), or a
+ *    CS_COMPACT slot of a ready level (READY, never delivered; see struct
+ *    cslot), and not in qs->msgs;
+ *  - a struct msg is in exactly one of: a ready level of its queue (front
+ *    list, back list or a CS_FULL slot, per MSG_F_SLOT/MSG_F_BACK; READY),
+ *    its queue's delayed list (DELAYED), its holder's in-flight list
+ *    (INFLIGHT);
+ *  - the slots of a level in [head, tail) have strictly increasing ids
+ *    (tombstones keep theirs), and slot head is not a tombstone;
  *  - a message has a heap slot iff it has a deadline: DELAYED (min of due
  *    and TTL), INFLIGHT (lease end), READY with a TTL;
  *  - the heap's capacity covers every message with a deadline: it is
@@ -79,13 +85,71 @@ struct mlist {
     struct msg *head, *tail;
 };
 
+/*
+ * Compact slots. A READY message that has never been delivered and has
+ * nothing optional (no requirements, progress, idempotency key or TTL; see
+ * compactable()) is kept as a 40-byte struct cslot instead of a struct msg
+ * plus its id-index entry (~123 bytes): that is the bulk of a backlog. The
+ * slots of one priority level form a deque in strictly increasing id order
+ * (ids grow with publish order), so a message is found by binary search in
+ * its level. A slot is turned into a struct msg in place ("promoted") when
+ * it is delivered or someone needs a pointer (qset_msg); its slot then
+ * holds that pointer (CS_FULL) and keeps its position. A removed slot in the
+ * middle becomes a tombstone (CS_DEAD) that keeps its id for the search;
+ * tombstones at the head are popped, and a level that becomes mostly
+ * tombstones is squeezed.
+ *
+ * One ready level, in delivery order:
+ *   1. front: full messages requeued at the front (delivered before);
+ *   2. the slots and the back list merged by push order: back holds full
+ *      messages pushed at the back (anything not compactable, or an id not
+ *      above the last slot's); each has in due_ms its "seq", the tail
+ *      position of the slots when it was pushed: it comes after every slot
+ *      below seq and before the slot at seq. So the order is exactly the
+ *      push order, as with one list.
+ * Slot positions are absolute (they only grow, except when a squeeze
+ * renumbers them, back seqs included); chunks[0] holds position base.
+ */
+enum { CSLOT_CHUNK = 1024 };
+enum { CS_COMPACT = 0, CS_FULL = 1, CS_DEAD = 2 };
+#define CS_WALL_MASK ((UINT64_C(1) << 48) - 1)
+#define POS_NONE UINT64_MAX
+
+struct cslot {
+    uint64_t id;
+    union {
+        struct body *body;        /* CS_COMPACT: encoded message, or NULL when evicted */
+        struct msg *m;            /* CS_FULL: the promoted message */
+    } u;
+    uint64_t wall_kind;           /* published_wall_ms (48 bits) | kind << 48 */
+    uint32_t size, pub_seg, pub_off, pub_len; /* as in struct msg; state_seg = pub_seg */
+};
+
+struct cchunk {
+    struct cslot s[CSLOT_CHUNK];
+};
+
+struct rlevel {
+    struct mlist front;           /* requeued at the front */
+    struct mlist back;            /* full messages pushed at the back; due_ms = seq */
+    struct cchunk **chunks;       /* slots [base, base + n_chunks * CSLOT_CHUNK) */
+    size_t n_chunks, chunks_cap;
+    uint64_t base, head, tail;    /* slots in use: [head, tail); slot head is live */
+    uint64_t n_live;              /* CS_COMPACT + CS_FULL slots in [head, tail) */
+    uint64_t n_compact;           /* CS_COMPACT slots */
+};
+
+/* msg.flags bits beside MSG_F_CANCELLED, queue.c's own: where a READY
+ * message sits in its level (neither: the front list). */
+enum { MSG_F_SLOT = 1u << 1, MSG_F_BACK = 1u << 2 };
+
 struct queue {
     char name[QUEUE_NAME_MAX + 1];
     struct qset *qs;
     struct queue *prev, *next;    /* qset's list, creation order */
     struct queue_attrs attrs;     /* resolved */
     struct queue_stats stats;
-    struct mlist ready[PRIORITY_LEVELS];
+    struct rlevel ready[PRIORITY_LEVELS];
     struct mlist delayed;         /* unordered; the heap orders them */
     uint64_t n_ready, n_delayed, n_inflight;
     uint64_t n_ready_req;         /* READY messages that have requirements */
@@ -102,7 +166,10 @@ struct qset {
     struct hmap_str names;        /* name -> queue */
     struct queue *q_head, *q_tail;
     size_t n_queues;
-    struct hmap_ptr msgs;         /* id -> msg, every live message */
+    struct hmap_ptr msgs;         /* id -> msg, every live struct msg */
+    uint64_t n_compact;           /* messages kept in CS_COMPACT slots */
+    uint64_t compact_max_id;      /* highest id ever put in a compact slot */
+    bool no_squeeze;              /* a walk over slot positions is under way */
     struct msg_slab **slabs;      /* every slab, sorted by address */
     size_t n_slabs, slabs_cap;
     struct msg_slab *room;        /* slabs with a free slot */
@@ -692,6 +759,335 @@ msg_free(struct msg *m)
     msg_release(m->q->qs, m);
 }
 
+/* ---- compact slots (see struct cslot) ---- */
+
+static struct cslot *
+slot_at(const struct rlevel *lv, uint64_t pos)
+{
+    uint64_t i = pos - lv->base;
+
+    assert(pos >= lv->base && i / CSLOT_CHUNK < lv->n_chunks);
+    return &lv->chunks[i / CSLOT_CHUNK]->s[i % CSLOT_CHUNK];
+}
+
+static unsigned
+cs_kind(const struct cslot *s)
+{
+    return (unsigned)(s->wall_kind >> 48);
+}
+
+static uint64_t
+cs_wall(const struct cslot *s)
+{
+    return s->wall_kind & CS_WALL_MASK;
+}
+
+static void
+cs_set_kind(struct cslot *s, unsigned kind, uint64_t wall_ms)
+{
+    s->wall_kind = (uint64_t)kind << 48 | (wall_ms & CS_WALL_MASK);
+}
+
+/* Room for n more slots at the tail. PQ_OK or PQ_ENOMEM (chunks already
+ * added stay, unused). */
+static int
+slots_reserve(struct rlevel *lv, uint64_t n)
+{
+    uint64_t need = lv->tail + n - lv->base;
+    size_t chunks = (size_t)((need + CSLOT_CHUNK - 1) / CSLOT_CHUNK);
+
+    if (chunks > lv->chunks_cap) {
+        size_t cap = lv->chunks_cap < 4 ? 4 : lv->chunks_cap * 2;
+        struct cchunk **a;
+
+        if (cap < chunks) {
+            cap = chunks;
+        }
+        a = pq_realloc(lv->chunks, cap * sizeof(*a));
+        if (a == NULL) {
+            return PQ_ENOMEM;
+        }
+        lv->chunks = a;
+        lv->chunks_cap = cap;
+    }
+    while (lv->n_chunks < chunks) {
+        struct cchunk *c = pq_malloc(sizeof(*c));
+
+        if (c == NULL) {
+            return PQ_ENOMEM;
+        }
+        lv->chunks[lv->n_chunks++] = c;
+    }
+    return PQ_OK;
+}
+
+/* Free the chunks wholly below head, and those wholly at or above tail. */
+static void
+slots_trim(struct rlevel *lv)
+{
+    size_t k = (size_t)((lv->head - lv->base) / CSLOT_CHUNK);
+    size_t keep, i;
+
+    if (k > 0) {
+        for (i = 0; i < k; i++) {
+            pq_free(lv->chunks[i]);
+        }
+        memmove(lv->chunks, lv->chunks + k, (lv->n_chunks - k) * sizeof(lv->chunks[0]));
+        lv->n_chunks -= k;
+        lv->base += (uint64_t)k * CSLOT_CHUNK;
+    }
+    keep = (size_t)((lv->tail - lv->base + CSLOT_CHUNK - 1) / CSLOT_CHUNK);
+    while (lv->n_chunks > keep) {
+        pq_free(lv->chunks[--lv->n_chunks]);
+    }
+    if (lv->n_chunks == 0 && lv->chunks_cap > 0) {
+        pq_free(lv->chunks);
+        lv->chunks = NULL;
+        lv->chunks_cap = 0;
+    }
+}
+
+/* Drop every slot (the caller has dealt with their contents). */
+static void
+slots_clear(struct qset *qs, struct rlevel *lv)
+{
+    qs->n_compact -= lv->n_compact;
+    lv->n_compact = lv->n_live = 0;
+    lv->head = lv->tail;
+    if (lv->back.head == NULL) {
+        lv->base = lv->head = lv->tail = 0; /* no seq refers to a position */
+        while (lv->n_chunks > 0) {
+            pq_free(lv->chunks[--lv->n_chunks]);
+        }
+    }
+    slots_trim(lv);
+}
+
+/* Position of the live slot holding id, or POS_NONE. O(log n). */
+static uint64_t
+slot_find(const struct rlevel *lv, uint64_t id)
+{
+    uint64_t lo = lv->head, hi = lv->tail;
+    const struct cslot *s;
+
+    if (lo == hi || id < slot_at(lv, lo)->id || id > slot_at(lv, hi - 1)->id) {
+        return POS_NONE;
+    }
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+
+        if (slot_at(lv, mid)->id < id) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    if (lo == lv->tail) {
+        return POS_NONE;
+    }
+    s = slot_at(lv, lo);
+    return s->id == id && cs_kind(s) != CS_DEAD ? lo : POS_NONE;
+}
+
+/* The compact slot holding id anywhere in qs: O(levels holding compact
+ * slots * log n); immediate for an id above every compact one. */
+static bool
+compact_find(const struct qset *qs, uint64_t id, struct queue **q_out, int *p_out,
+             uint64_t *pos_out)
+{
+    struct queue *q;
+    int p;
+
+    if (qs->n_compact == 0 || id > qs->compact_max_id) {
+        return false;
+    }
+    for (q = qs->q_head; q != NULL; q = q->next) {
+        for (p = 0; p < PRIORITY_LEVELS; p++) {
+            struct rlevel *lv = &q->ready[p];
+            uint64_t pos;
+
+            if (lv->n_compact == 0) {
+                continue;
+            }
+            pos = slot_find(lv, id);
+            if (pos != POS_NONE && cs_kind(slot_at(lv, pos)) == CS_COMPACT) {
+                *q_out = q;
+                *p_out = p;
+                *pos_out = pos;
+                return true;
+            }
+        }
+    }
+    return false;
+}
+
+/* A read-only struct msg image of a compact slot. */
+static void
+slot_view(struct queue *q, int p, const struct cslot *s, struct msg *v)
+{
+    memset(v, 0, sizeof(*v));
+    v->id = s->id;
+    v->q = q;
+    v->body = s->u.body;
+    v->published_wall_ms = cs_wall(s);
+    v->size = s->size;
+    v->heap_pos = UINT32_MAX;
+    v->pub_seg = v->state_seg = s->pub_seg;
+    v->pub_off = s->pub_off;
+    v->pub_len = s->pub_len;
+    v->priority = (uint8_t)p;
+    v->state = MSG_READY;
+}
+
+/* Turn the slot at pos into a struct msg in place (same position). The
+ * message, or NULL on ENOMEM (nothing changed). */
+static struct msg *
+slot_promote(struct queue *q, int p, uint64_t pos)
+{
+    struct qset *qs = q->qs;
+    struct rlevel *lv = &q->ready[p];
+    struct cslot *s = slot_at(lv, pos);
+    struct msg *m;
+    int rc;
+
+    if (cs_kind(s) == CS_FULL) {
+        return s->u.m;
+    }
+    assert(cs_kind(s) == CS_COMPACT);
+    if (hmap_ptr_reserve(&qs->msgs, hmap_ptr_len(&qs->msgs) + 1) != PQ_OK) {
+        return NULL;
+    }
+    m = msg_alloc(qs);
+    if (m == NULL) {
+        return NULL;
+    }
+    slot_view(q, p, s, m);
+    m->flags = MSG_F_SLOT;
+    rc = hmap_ptr_put(&qs->msgs, m);
+    assert(rc == PQ_OK); /* reserved, id unique */
+    (void)rc;
+    s->u.m = m;
+    cs_set_kind(s, CS_FULL, 0);
+    lv->n_compact--;
+    qs->n_compact--;
+    return m;
+}
+
+/* Squeeze out the tombstones of lv: positions and back seqs renumbered. */
+static void
+level_squeeze(struct rlevel *lv)
+{
+    uint64_t r, w = lv->head;
+    struct msg *b = lv->back.head;
+
+    for (r = lv->head; r < lv->tail; r++) {
+        struct cslot *s = slot_at(lv, r);
+
+        while (b != NULL && b->due_ms <= r) {
+            b->due_ms = w;
+            b = b->next;
+        }
+        if (cs_kind(s) != CS_DEAD) {
+            if (w != r) {
+                *slot_at(lv, w) = *s;
+            }
+            w++;
+        }
+    }
+    for (; b != NULL; b = b->next) {
+        b->due_ms = w;
+    }
+    lv->tail = w;
+    slots_trim(lv);
+}
+
+static void
+maybe_squeeze(struct qset *qs, struct rlevel *lv)
+{
+    uint64_t span = lv->tail - lv->head;
+
+    if (!qs->no_squeeze && span >= 2 * CSLOT_CHUNK && lv->n_live < span / 4) {
+        level_squeeze(lv);
+    }
+}
+
+/* The slot at pos leaves (its contents are the caller's). */
+static void
+slot_kill(struct queue *q, struct rlevel *lv, uint64_t pos)
+{
+    struct cslot *s = slot_at(lv, pos);
+
+    if (cs_kind(s) == CS_COMPACT) {
+        lv->n_compact--;
+        q->qs->n_compact--;
+    }
+    assert(cs_kind(s) != CS_DEAD);
+    cs_set_kind(s, CS_DEAD, 0);
+    s->u.body = NULL;
+    lv->n_live--;
+    if (pos == lv->head) {
+        while (lv->head < lv->tail && cs_kind(slot_at(lv, lv->head)) == CS_DEAD) {
+            lv->head++;
+        }
+        slots_trim(lv);
+    } else {
+        maybe_squeeze(q->qs, lv);
+    }
+}
+
+/* The first ready entry of lv: a full message (*m set) or the compact slot
+ * at *pos (*m NULL). false when lv is empty. */
+static bool
+level_first(const struct rlevel *lv, struct msg **m, uint64_t *pos)
+{
+    *m = NULL;
+    *pos = POS_NONE;
+    if (lv->front.head != NULL) {
+        *m = lv->front.head;
+        return true;
+    }
+    if (lv->back.head != NULL && (lv->head == lv->tail || lv->back.head->due_ms <= lv->head)) {
+        *m = lv->back.head;
+        return true;
+    }
+    if (lv->head < lv->tail) {
+        const struct cslot *s = slot_at(lv, lv->head);
+
+        if (cs_kind(s) == CS_FULL) {
+            *m = s->u.m;
+        } else {
+            *pos = lv->head;
+        }
+        return true;
+    }
+    return false;
+}
+
+/* A new message that can be kept in a compact slot at the tail of its
+ * level: READY, never delivered, nothing optional, no pointer wanted. */
+static bool
+compactable_new(const struct queue *q, const struct msg_new *mn, uint64_t now_ms,
+                bool want_ptr)
+{
+    const struct rlevel *lv = &q->ready[mn->priority];
+
+    return !want_ptr && mn->due_ms <= now_ms && mn->expire_ms == 0 && q->attrs.ttl_ms == 0 &&
+           mn->idem_key == NULL && mn->n_requires == 0 && mn->progress == NULL &&
+           mn->attempt == 0 && mn->failures == 0 && mn->state_seg == mn->pub_seg &&
+           mn->published_wall_ms <= CS_WALL_MASK &&
+           (lv->head == lv->tail || mn->id > slot_at(lv, lv->tail - 1)->id);
+}
+
+/* The same test for an existing READY message (qset_sort_ready). */
+static bool
+compactable_msg(const struct msg *m)
+{
+    return m->state == MSG_READY && m->attempt == 0 && m->failures == 0 && m->ext == NULL &&
+           m->expire_ms == 0 && m->heap_pos == UINT32_MAX &&
+           (m->flags & MSG_F_CANCELLED) == 0 && m->state_seg == m->pub_seg &&
+           m->published_wall_ms <= CS_WALL_MASK;
+}
+
 /* ---- deadline heap ---- */
 
 static bool
@@ -841,13 +1237,17 @@ static void
 make_ready(struct msg *m, bool front)
 {
     struct queue *q = m->q;
+    struct rlevel *lv = &q->ready[m->priority];
 
     m->state = MSG_READY;
-    m->due_ms = 0;
+    m->flags &= ~(MSG_F_SLOT | MSG_F_BACK);
     if (front) {
-        mlist_push_front(&q->ready[m->priority], m);
+        m->due_ms = 0;
+        mlist_push_front(&lv->front, m);
     } else {
-        mlist_push_back(&q->ready[m->priority], m);
+        m->due_ms = lv->tail; /* seq: after the slots pushed so far */
+        m->flags |= MSG_F_BACK;
+        mlist_push_back(&lv->back, m);
     }
     q->n_ready++;
     if (msg_has_req(m)) {
@@ -864,6 +1264,26 @@ make_delayed(struct msg *m, uint64_t due_ms)
     m->q->n_delayed++;
 }
 
+/* Take a READY m out of its level. */
+static void
+ready_remove(struct queue *q, struct msg *m)
+{
+    struct rlevel *lv = &q->ready[m->priority];
+
+    if ((m->flags & MSG_F_SLOT) != 0) {
+        uint64_t pos = slot_find(lv, m->id);
+
+        assert(pos != POS_NONE && slot_at(lv, pos)->u.m == m);
+        slot_kill(q, lv, pos);
+    } else if ((m->flags & MSG_F_BACK) != 0) {
+        mlist_remove(&lv->back, m);
+        m->due_ms = 0;
+    } else {
+        mlist_remove(&lv->front, m);
+    }
+    m->flags &= ~(MSG_F_SLOT | MSG_F_BACK);
+}
+
 /* Take m out of its list and the heap; it stays in the id map and counted in
  * q->bytes. The caller puts it somewhere else or frees it. */
 static void
@@ -874,7 +1294,7 @@ unlink_msg(struct msg *m)
 
     switch (m->state) {
     case MSG_READY:
-        mlist_remove(&q->ready[m->priority], m);
+        ready_remove(q, m);
         q->n_ready--;
         if (msg_has_req(m)) {
             q->n_ready_req--;
@@ -1062,6 +1482,26 @@ expire_msg(struct msg *m, uint64_t now_ms)
     }
 }
 
+/* The compact message at pos is cancelled: QEV_DROP with a struct msg
+ * image of it (nothing to allocate), then it goes. */
+static void
+drop_compact(struct queue *q, int p, uint64_t pos, const char *reason)
+{
+    struct rlevel *lv = &q->ready[p];
+    struct cslot *s = slot_at(lv, pos);
+    struct msg v;
+
+    slot_view(q, p, s, &v);
+    v.state = MSG_LIMBO;
+    q->stats.cancelled++;
+    emit(q->qs, QEV_DROP, &v, q, NULL, reason, NULL, NULL, 0);
+    s = slot_at(lv, pos); /* a listener must not change the qset: same slot */
+    body_unref(&s->u.body);
+    q->bytes -= s->size;
+    q->n_ready--;
+    slot_kill(q, lv, pos);
+}
+
 /* An unlinked cancelled in-flight message reaches its end. */
 static void
 finish_cancelled(struct msg *m)
@@ -1109,6 +1549,32 @@ free_list(struct qset *qs, struct mlist *l)
     l->tail = NULL;
 }
 
+/* Free every message of a ready level and its slot storage. */
+static void
+level_free(struct qset *qs, struct rlevel *lv)
+{
+    uint64_t pos;
+
+    free_list(qs, &lv->front);
+    free_list(qs, &lv->back);
+    for (pos = lv->head; pos < lv->tail; pos++) {
+        struct cslot *s = slot_at(lv, pos);
+
+        if (cs_kind(s) == CS_COMPACT) {
+            body_unref(&s->u.body);
+        } else if (cs_kind(s) == CS_FULL) {
+            struct msg *m = s->u.m;
+
+            (void)hmap_ptr_del(&qs->msgs, m->id);
+            if (m->ext != NULL) {
+                m->ext->dedup = NULL; /* the dedup table goes with the queue */
+            }
+            msg_free(m);
+        }
+    }
+    slots_clear(qs, lv);
+}
+
 /* Free q and everything in it; consumers still attached are detached
  * (their in-flight messages freed). Does not touch qs->names / list. */
 static void
@@ -1133,7 +1599,7 @@ queue_destroy(struct queue *q)
         c = next;
     }
     for (p = 0; p < PRIORITY_LEVELS; p++) {
-        free_list(qs, &q->ready[p]);
+        level_free(qs, &q->ready[p]);
     }
     free_list(qs, &q->delayed);
     while ((d = hmap_str_next(&q->dedup, &iter, NULL)) != NULL) {
@@ -1198,7 +1664,7 @@ qset_create(struct qset *qs, const char *name, const struct queue_attrs *a,
     struct queue_attrs ra;
     struct queue *q;
     size_t len, dl_len;
-    int rc, p;
+    int rc;
 
     if (out != NULL) {
         *out = NULL;
@@ -1236,9 +1702,6 @@ qset_create(struct qset *qs, const char *name, const struct queue_attrs *a,
     q->name[len] = '\0';
     q->qs = qs;
     q->attrs = ra;
-    for (p = 0; p < PRIORITY_LEVELS; p++) {
-        q->ready[p].head = q->ready[p].tail = NULL;
-    }
     hmap_str_init(&q->dedup);
     rc = hmap_str_put(&qs->names, q->name, q);
     if (rc != PQ_OK) {
@@ -1270,16 +1733,27 @@ qset_find(struct qset *qs, const char *name)
 int
 qset_delete(struct qset *qs, struct queue *q)
 {
-    struct mlist *lists[PRIORITY_LEVELS + 1];
+    struct mlist *lists[2 * PRIORITY_LEVELS + 1];
     int i;
 
     assert(q->n_consumers == 0);
     assert(q->n_inflight == 0);
     for (i = 0; i < PRIORITY_LEVELS; i++) {
-        lists[i] = &q->ready[i];
+        struct rlevel *lv = &q->ready[i];
+        uint64_t pos;
+
+        lists[2 * i] = &lv->front;
+        lists[2 * i + 1] = &lv->back;
+        for (pos = lv->head; pos < lv->tail; pos++) {
+            struct cslot *s = slot_at(lv, pos);
+
+            if (cs_kind(s) == CS_FULL && s->u.m->heap_pos != UINT32_MAX) {
+                heap_remove(&qs->deadlines, s->u.m->heap_pos);
+            }
+        }
     }
-    lists[PRIORITY_LEVELS] = &q->delayed;
-    for (i = 0; i <= PRIORITY_LEVELS; i++) {
+    lists[2 * PRIORITY_LEVELS] = &q->delayed;
+    for (i = 0; i <= 2 * PRIORITY_LEVELS; i++) {
         struct msg *m;
 
         for (m = lists[i]->head; m != NULL; m = m->next) {
@@ -1327,16 +1801,44 @@ qset_queue_count(const struct qset *qs)
 
 /* qset_msg: see queue.h. */
 struct msg *
-qset_msg(const struct qset *qs, uint64_t id)
+qset_msg(struct qset *qs, uint64_t id)
 {
-    return hmap_ptr_get(&qs->msgs, id);
+    struct msg *m = hmap_ptr_get(&qs->msgs, id);
+    struct queue *q;
+    uint64_t pos;
+    int p;
+
+    if (m == NULL && compact_find(qs, id, &q, &p, &pos)) {
+        m = slot_promote(q, p, pos);
+    }
+    return m;
+}
+
+/* qset_msg_peek: see queue.h. */
+bool
+qset_msg_peek(const struct qset *qs, uint64_t id, struct msg *view)
+{
+    struct msg *m = hmap_ptr_get(&qs->msgs, id);
+    struct queue *q;
+    uint64_t pos;
+    int p;
+
+    if (m != NULL) {
+        *view = *m;
+        return true;
+    }
+    if (compact_find(qs, id, &q, &p, &pos)) {
+        slot_view(q, p, slot_at(&q->ready[p], pos), view);
+        return true;
+    }
+    return false;
 }
 
 /* qset_msg_count: see queue.h. */
 size_t
 qset_msg_count(const struct qset *qs)
 {
-    return hmap_ptr_len(&qs->msgs);
+    return hmap_ptr_len(&qs->msgs) + (size_t)qs->n_compact;
 }
 
 /* ---- queue accessors ---- */
@@ -1444,18 +1946,47 @@ queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms, struct ms
     struct dedup *d = NULL, *old = NULL;
     struct msg *m;
     size_t live;
-    int rc;
+    struct queue *cq;
+    uint64_t cpos;
+    int rc, cp;
 
     see_clock(qs, now_ms);
     if (mn->priority >= PRIORITY_LEVELS || (mn->idem_key != NULL && mn->idem_key[0] == '\0')) {
         return PQ_EINVAL;
     }
-    if (hmap_ptr_get(&qs->msgs, mn->id) != NULL) {
+    if (hmap_ptr_get(&qs->msgs, mn->id) != NULL || compact_find(qs, mn->id, &cq, &cp, &cpos)) {
         return PQ_EEXIST;
     }
     live = hmap_ptr_len(&qs->msgs);
     if (live >= UINT32_MAX - 1) {
         return PQ_ENOMEM; /* heap_pos is 32-bit */
+    }
+    if (compactable_new(q, mn, now_ms, out != NULL)) {
+        struct rlevel *lv = &q->ready[mn->priority];
+        struct cslot *s;
+
+        if (slots_reserve(lv, 1) != PQ_OK) {
+            return PQ_ENOMEM;
+        }
+        s = slot_at(lv, lv->tail++);
+        s->id = mn->id;
+        s->u.body = body_ref(mn->body);
+        cs_set_kind(s, CS_COMPACT, mn->published_wall_ms);
+        s->size = mn->size;
+        s->pub_seg = mn->pub_seg;
+        s->pub_off = mn->pub_off;
+        s->pub_len = mn->pub_len;
+        lv->n_live++;
+        lv->n_compact++;
+        qs->n_compact++;
+        if (mn->id > qs->compact_max_id) {
+            qs->compact_max_id = mn->id;
+        }
+        q->n_ready++;
+        q->bytes += mn->size;
+        q->stats.published++;
+        hint_ready(q);
+        return PQ_OK;
     }
     if (mn->idem_key != NULL) {
         dedup_gc(q, now_ms);
@@ -1620,39 +2151,78 @@ first_unpaused(struct queue *q)
     return NULL;
 }
 
+/* Deliver the entry of level p found by level_first or the walk: a full
+ * message m, or (m NULL) the compact slot at pos, promoted first. NULL on
+ * ENOMEM (nothing changed). */
 static struct msg *
-first_ready(struct queue *q)
+deliver_entry(struct queue *q, int p, struct msg *m, uint64_t pos, struct consumer *c,
+              uint64_t now_ms)
 {
-    int p;
-
-    for (p = PRIORITY_LEVELS - 1; p >= 0; p--) {
-        if (q->ready[p].head != NULL) {
-            return q->ready[p].head;
-        }
+    if (m == NULL && (m = slot_promote(q, p, pos)) == NULL) {
+        return NULL;
     }
-    return NULL;
+    deliver(m, c, now_ms);
+    return m;
 }
 
 /* Slow path: some ready message has requirements. Walk the ready messages
- * in order; the first one some available consumer satisfies wins. */
+ * in order; the first one some available consumer satisfies wins. Slot
+ * positions stay put during the walk (no squeeze). */
 static struct msg *
 next_delivery_tagged(struct queue *q, uint64_t now_ms, struct consumer **to)
 {
+    struct qset *qs = q->qs;
+    struct msg *got = NULL;
     int p;
 
-    for (p = PRIORITY_LEVELS - 1; p >= 0; p--) {
-        struct msg *m = q->ready[p].head;
+    qs->no_squeeze = true;
+    for (p = PRIORITY_LEVELS - 1; p >= 0 && got == NULL; p--) {
+        struct rlevel *lv = &q->ready[p];
+        struct msg *fm = lv->front.head, *bm = lv->back.head;
+        uint64_t pos = lv->head;
 
-        while (m != NULL) {
-            struct msg *next = m->next;
+        for (;;) {
+            struct msg *m = NULL;
             const struct kv *req;
             size_t n;
             struct consumer *c;
 
+            if (fm != NULL) {
+                m = fm;
+                fm = fm->next;
+            } else {
+                if (pos < lv->head) {
+                    pos = lv->head;
+                }
+                while (pos < lv->tail && cs_kind(slot_at(lv, pos)) == CS_DEAD) {
+                    pos++;
+                }
+                if (bm != NULL && (pos >= lv->tail || bm->due_ms <= pos)) {
+                    m = bm;
+                    bm = bm->next;
+                } else if (pos < lv->tail) {
+                    struct cslot *s = slot_at(lv, pos);
+
+                    if (cs_kind(s) == CS_FULL) {
+                        m = s->u.m;
+                        pos++;
+                    }
+                } else {
+                    break;
+                }
+            }
+            if (m == NULL) {
+                /* a compact slot: no requirements, anyone may take it */
+                c = first_unpaused(q);
+                got = deliver_entry(q, p, NULL, pos, c, now_ms);
+                if (got != NULL) {
+                    *to = c;
+                }
+                goto out;
+            }
             if (expired(m, now_ms)) {
                 unlink_msg(m);
                 expire_msg(m, now_ms);
-                m = next;
                 continue;
             }
             req = msg_requires(m, &n);
@@ -1660,13 +2230,18 @@ next_delivery_tagged(struct queue *q, uint64_t now_ms, struct consumer **to)
                 if (!c->paused && queue_consumer_satisfies(c, req, n)) {
                     deliver(m, c, now_ms);
                     *to = c;
-                    return m;
+                    got = m;
+                    goto out;
                 }
             }
-            m = next;
         }
     }
-    return NULL;
+out:
+    qs->no_squeeze = false;
+    for (p = 0; p < PRIORITY_LEVELS; p++) {
+        maybe_squeeze(qs, &q->ready[p]);
+    }
+    return got;
 }
 
 /* queue_next_delivery: see queue.h. */
@@ -1675,6 +2250,8 @@ queue_next_delivery(struct queue *q, uint64_t now_ms, struct consumer **to)
 {
     struct consumer *c;
     struct msg *m;
+    uint64_t pos;
+    int p;
 
     see_clock(q->qs, now_ms);
     *to = NULL;
@@ -1688,16 +2265,20 @@ queue_next_delivery(struct queue *q, uint64_t now_ms, struct consumer **to)
     if (q->n_ready_req > 0) {
         return next_delivery_tagged(q, now_ms, to);
     }
-    while ((m = first_ready(q)) != NULL) {
-        if (expired(m, now_ms)) {
-            unlink_msg(m);
-            expire_msg(m, now_ms);
-            continue;
+    for (p = PRIORITY_LEVELS - 1; p >= 0; p--) {
+        while (level_first(&q->ready[p], &m, &pos)) {
+            if (m != NULL && expired(m, now_ms)) {
+                unlink_msg(m);
+                expire_msg(m, now_ms);
+                continue;
+            }
+            c = first_unpaused(q);
+            m = deliver_entry(q, p, m, pos, c, now_ms);
+            if (m != NULL) {
+                *to = c;
+            }
+            return m;
         }
-        c = first_unpaused(q);
-        deliver(m, c, now_ms);
-        *to = c;
-        return m;
     }
     return NULL;
 }
@@ -1933,12 +2514,19 @@ int
 qset_cancel(struct qset *qs, uint64_t id, struct msg **inflight_out)
 {
     struct msg *m = hmap_ptr_get(&qs->msgs, id);
+    struct queue *q;
+    uint64_t pos;
+    int p;
 
     if (inflight_out != NULL) {
         *inflight_out = NULL;
     }
     if (m == NULL) {
-        return PQ_ENOTFOUND;
+        if (!compact_find(qs, id, &q, &p, &pos)) {
+            return PQ_ENOTFOUND;
+        }
+        drop_compact(q, p, pos, "cancelled");
+        return PQ_OK;
     }
     if (m->state == MSG_INFLIGHT) {
         m->flags |= MSG_F_CANCELLED;
@@ -1960,8 +2548,10 @@ queue_purge(struct queue *q)
     uint64_t n = 0;
     int p;
 
-    for (p = 0; p <= PRIORITY_LEVELS; p++) {
-        struct mlist *l = p < PRIORITY_LEVELS ? &q->ready[p] : &q->delayed;
+    for (p = 0; p <= 2 * PRIORITY_LEVELS; p++) {
+        struct mlist *l = p == 2 * PRIORITY_LEVELS ? &q->delayed
+                          : p % 2 == 0             ? &q->ready[p / 2].front
+                                                   : &q->ready[p / 2].back;
 
         while (l->head != NULL) {
             struct msg *m = l->head;
@@ -1973,6 +2563,38 @@ queue_purge(struct queue *q)
             msg_free(m);
             n++;
         }
+    }
+    for (p = 0; p < PRIORITY_LEVELS; p++) {
+        struct rlevel *lv = &q->ready[p];
+        uint64_t pos;
+
+        for (pos = lv->head; pos < lv->tail; pos++) {
+            struct cslot *s = slot_at(lv, pos);
+
+            if (cs_kind(s) == CS_COMPACT) {
+                q->bytes -= s->size;
+                body_unref(&s->u.body);
+            } else if (cs_kind(s) == CS_FULL) {
+                struct msg *m = s->u.m;
+
+                if (m->heap_pos != UINT32_MAX) {
+                    heap_remove(&qs->deadlines, m->heap_pos);
+                }
+                if (msg_has_req(m)) {
+                    q->n_ready_req--;
+                }
+                m->state = MSG_LIMBO;
+                (void)hmap_ptr_del(&qs->msgs, m->id);
+                q->bytes -= m->size;
+                dedup_release(m);
+                msg_free(m);
+            } else {
+                continue;
+            }
+            q->n_ready--;
+            n++;
+        }
+        slots_clear(qs, lv);
     }
     return n;
 }
@@ -2040,20 +2662,59 @@ qset_next_deadline(const struct qset *qs)
 
 /* ---- walking and restoring (for the journal) ---- */
 
-/* queue_foreach_msg: see queue.h. Walks the qset's id map, so it costs
- * O(all live messages); used for purge, delete, compaction and recovery,
- * never per message. */
+static void
+foreach_list(struct msg *m, void (*fn)(void *arg, struct msg *m), void *arg)
+{
+    while (m != NULL) {
+        struct msg *next = m->next;
+
+        fn(arg, m);
+        m = next;
+    }
+}
+
+/* queue_foreach_msg: see queue.h. Walks q's own lists and slots: O(live
+ * messages of q). A compact message is shown as a struct msg image; the
+ * fields fn may change are copied back (a state_seg of its own makes it a
+ * struct msg, if there is memory for one). */
 void
 queue_foreach_msg(struct queue *q, void (*fn)(void *arg, struct msg *m),
                   void *arg)
 {
-    size_t it = 0;
-    struct msg *m;
+    struct consumer *c;
+    int p;
 
-    while ((m = hmap_ptr_next(&q->qs->msgs, &it)) != NULL) {
-        if (m->q == q) {
-            fn(arg, m);
+    for (p = PRIORITY_LEVELS - 1; p >= 0; p--) {
+        struct rlevel *lv = &q->ready[p];
+        uint64_t pos;
+
+        foreach_list(lv->front.head, fn, arg);
+        for (pos = lv->head; pos < lv->tail; pos++) {
+            struct cslot *s = slot_at(lv, pos);
+            struct msg v, *m;
+
+            if (cs_kind(s) == CS_FULL) {
+                fn(arg, s->u.m);
+                continue;
+            }
+            if (cs_kind(s) != CS_COMPACT) {
+                continue;
+            }
+            slot_view(q, p, s, &v);
+            fn(arg, &v);
+            s->u.body = v.body;
+            s->pub_seg = v.pub_seg;
+            s->pub_off = v.pub_off;
+            s->pub_len = v.pub_len;
+            if (v.state_seg != v.pub_seg && (m = slot_promote(q, p, pos)) != NULL) {
+                m->state_seg = v.state_seg;
+            }
         }
+        foreach_list(lv->back.head, fn, arg);
+    }
+    foreach_list(q->delayed.head, fn, arg);
+    for (c = q->cons_head; c != NULL; c = c->next) {
+        foreach_list(c->inflight_head, fn, arg);
     }
 }
 
@@ -2115,13 +2776,111 @@ mlist_sort_by_id(struct mlist *l)
     l->tail = prev;
 }
 
+/* Put level p of q in id order: its front and back lists are merged into
+ * the slots (compactable messages become compact slots, the others CS_FULL
+ * ones). Merges from the tail down, in place: only room for the listed
+ * messages is allocated. PQ_OK or PQ_ENOMEM (nothing changed). */
+static int
+level_sort(struct queue *q, int p)
+{
+    struct qset *qs = q->qs;
+    struct rlevel *lv = &q->ready[p];
+    struct mlist l = { NULL, NULL };
+    struct msg *m;
+    uint64_t k = 0, r, w;
+
+    for (m = lv->front.head; m != NULL; m = m->next) {
+        k++;
+    }
+    for (m = lv->back.head; m != NULL; m = m->next) {
+        k++;
+    }
+    if (k == 0) {
+        return PQ_OK;
+    }
+    if (slots_reserve(lv, k) != PQ_OK) {
+        return PQ_ENOMEM;
+    }
+    /* one list, front then back, then sorted */
+    l = lv->front;
+    if (lv->back.head != NULL) {
+        if (l.tail != NULL) {
+            l.tail->next = lv->back.head;
+            lv->back.head->prev = l.tail;
+        } else {
+            l.head = lv->back.head;
+        }
+        l.tail = lv->back.tail;
+    }
+    lv->front.head = lv->front.tail = lv->back.head = lv->back.tail = NULL;
+    mlist_sort_by_id(&l);
+
+    r = lv->tail;
+    w = lv->tail + k;
+    m = l.tail;
+    while (m != NULL || r > lv->head) {
+        struct cslot *s;
+
+        if (r > lv->head && cs_kind(slot_at(lv, r - 1)) == CS_DEAD) {
+            r--;
+            continue;
+        }
+        s = slot_at(lv, --w);
+        if (r > lv->head && (m == NULL || slot_at(lv, r - 1)->id > m->id)) {
+            r--;
+            if (w != r) {
+                *s = *slot_at(lv, r);
+            }
+            continue;
+        }
+        /* m goes here */
+        {
+            struct msg *prev = m->prev;
+
+            m->next = m->prev = NULL;
+            m->due_ms = 0;
+            m->flags &= ~(MSG_F_SLOT | MSG_F_BACK);
+            s->id = m->id;
+            if (compactable_msg(m)) {
+                s->u.body = m->body;
+                m->body = NULL; /* the slot owns the reference now */
+                cs_set_kind(s, CS_COMPACT, m->published_wall_ms);
+                s->size = m->size;
+                s->pub_seg = m->pub_seg;
+                s->pub_off = m->pub_off;
+                s->pub_len = m->pub_len;
+                lv->n_compact++;
+                qs->n_compact++;
+                if (m->id > qs->compact_max_id) {
+                    qs->compact_max_id = m->id;
+                }
+                (void)hmap_ptr_del(&qs->msgs, m->id);
+                msg_free(m);
+            } else {
+                s->u.m = m;
+                cs_set_kind(s, CS_FULL, 0);
+                m->flags |= MSG_F_SLOT;
+            }
+            m = prev;
+        }
+    }
+    lv->head = w;
+    lv->tail += k;
+    lv->n_live = lv->tail - lv->head;
+    slots_trim(lv);
+    return PQ_OK;
+}
+
 /* qset_sort_ready: see queue.h. */
-void
+int
 qset_sort_ready(struct qset *qs)
 {
     for (struct queue *q = qs->q_head; q != NULL; q = q->next) {
         for (int p = 0; p < PRIORITY_LEVELS; p++) {
-            mlist_sort_by_id(&q->ready[p]);
+            if (level_sort(q, p) != PQ_OK) {
+                return PQ_ENOMEM;
+            }
         }
     }
+    return PQ_OK;
 }

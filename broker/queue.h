@@ -61,10 +61,20 @@
  * never expired under its worker (its lease governs), but TTL applies again
  * once it is requeued.
  *
+ * Compact form: a READY message that was never delivered (attempt 0), with
+ * no requirements, progress, idempotency key or TTL, pushed with out ==
+ * NULL and with state_seg == pub_seg, is kept in 40 bytes instead of a
+ * struct msg (about 123 bytes with its id-index entry), in its level's
+ * id-ordered slots. It becomes a struct msg, keeping its place, when it is
+ * delivered or qset_msg asks for it. Events about it (QEV_DROP of a cancel)
+ * carry a struct msg image that lives for the call only. It changes
+ * nothing in the order or the state table.
+ *
  * Allocation: only queue_push, qset_create, queue_subscribe, the consumer
  * tag setter, qset_nack (error text), qset_touch (progress holder),
  * queue_next_delivery (room in the deadline heap for the lease) and
- * dead-lettering (new body) allocate. Lease expiry, ack, release, cancel,
+ * dead-lettering (new body) allocate, and qset_msg and queue_next_delivery
+ * when they turn a compact message into a struct msg. Lease expiry, ack, release, cancel,
  * purge and tick never fail for lack of memory, except that a dead-letter
  * whose new body cannot be allocated drops the message (QEV_DROP, detail
  * says so).
@@ -140,8 +150,9 @@ enum msg_state { MSG_READY, MSG_DELAYED, MSG_INFLIGHT };
 enum { MSG_F_CANCELLED = 1u << 0 }; /* msg.flags */
 
 /*
- * struct msg: the in-memory index entry of one live message. 112 bytes on
- * LP64 (checked in check_queue.c), plus pq_malloc's 16-byte header. To fit,
+ * struct msg: the in-memory index entry of one live message (unless it is
+ * in compact form, see above). 112 bytes on LP64 (checked in
+ * check_queue.c), allocated in slabs, plus ~11 bytes of id index. To fit,
  * failures is 16-bit and saturates at 65535 (a max_attempts above that acts
  * as "never dead-letter"). The optional parts (requirements,
  * progress, idempotency key, last error) live in a separate msg_ext that
@@ -277,8 +288,15 @@ struct queue *qset_first(const struct qset *qs);
 struct queue *qset_next(const struct queue *q);
 /* qset_queue_count: number of queues. */
 size_t qset_queue_count(const struct qset *qs);
-/* qset_msg: the live message with this id, or NULL. */
-struct msg *qset_msg(const struct qset *qs, uint64_t id);
+/* qset_msg: the live message with this id, or NULL. A message kept in
+ * compact form (see "Compact form" above) becomes a struct msg here, in
+ * place; NULL also when there is no memory for that. Use qset_msg_peek
+ * when a copy will do. */
+struct msg *qset_msg(struct qset *qs, uint64_t id);
+/* qset_msg_peek: copy the live message with this id into *view and return
+ * true; false if there is none. The copy is read-only and valid until the
+ * qset changes (ext and body are borrowed). Never allocates. */
+bool qset_msg_peek(const struct qset *qs, uint64_t id, struct msg *view);
 /* qset_msg_count: live messages in all queues. */
 size_t qset_msg_count(const struct qset *qs);
 
@@ -334,7 +352,8 @@ struct msg_new {
 
 /* queue_push: add a message: READY (due_ms <= now_ms) or DELAYED, at the
  * back of its priority level; registers the idempotency key. PQ_OK and
- * *out (out may be NULL); PQ_EEXIST if the id is live or the key belongs
+ * *out (out may be NULL: then the message may take the compact form, so
+ * pass out only when a pointer is needed); PQ_EEXIST if the id is live or the key belongs
  * to a live message; PQ_EINVAL (priority > 9, empty key); PQ_ENOMEM.
  * Nothing changes on failure. Fires QEV_READY when it became READY. */
 int queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms, struct msg **out);
@@ -408,14 +427,19 @@ int qset_cancel(struct qset *qs, uint64_t id, struct msg **inflight_out);
 uint64_t queue_purge(struct queue *q);
 
 /* queue_foreach_msg: call fn for every live message of q (any state).
- * fn must not add, remove or move messages. O(all live messages). */
+ * fn must not add, remove or move messages, nor keep m. A compact message
+ * is passed as a struct msg image: what fn changes of its body, pub_seg,
+ * pub_off, pub_len and state_seg is kept, nothing else. O(live messages
+ * of q). */
 void queue_foreach_msg(struct queue *q, void (*fn)(void *arg, struct msg *m),
                        void *arg);
 
 /* qset_sort_ready: put every ready list in id order (publish order). Log
  * replay uses it: compaction and retries move records in the log, so the
- * replay order is not the publish order. */
-void qset_sort_ready(struct qset *qs);
+ * replay order is not the publish order. READY messages that qualify take
+ * the compact form: pointers to READY messages are invalid afterwards.
+ * PQ_OK or PQ_ENOMEM (the level it failed on is left as it was). */
+int qset_sort_ready(struct qset *qs);
 
 /* msg_set_progress: replace m's kept progress (ref taken; log replay).
  * PQ_OK or PQ_ENOMEM. */
