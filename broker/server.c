@@ -317,6 +317,18 @@ server_init(struct server *srv, char *err, size_t errlen)
         snprintf(err, errlen, "event_base_new failed");
         return PQ_ENOMEM;
     }
+    /* Signals first: once the port file exists a SIGTERM must find its
+     * handler (not the default action, which would exit 143). */
+    srv->sig_int = evsignal_new(srv->base, SIGINT, signal_cb, srv);
+    srv->sig_term = evsignal_new(srv->base, SIGTERM, signal_cb, srv);
+    srv->sig_hup = evsignal_new(srv->base, SIGHUP, signal_cb, srv);
+    if (!srv->sig_int || !srv->sig_term || !srv->sig_hup ||
+        event_add(srv->sig_int, NULL) != 0 ||
+        event_add(srv->sig_term, NULL) != 0 ||
+        event_add(srv->sig_hup, NULL) != 0) {
+        snprintf(err, errlen, "cannot install signal handlers");
+        return PQ_ENOMEM;
+    }
     rc = dispatch_open(srv, err, errlen);
     if (rc != PQ_OK) {
         return rc;
@@ -325,15 +337,11 @@ server_init(struct server *srv, char *err, size_t errlen)
     if (rc != PQ_OK) {
         return rc;
     }
-    srv->sig_int = evsignal_new(srv->base, SIGINT, signal_cb, srv);
-    srv->sig_term = evsignal_new(srv->base, SIGTERM, signal_cb, srv);
-    srv->sig_hup = evsignal_new(srv->base, SIGHUP, signal_cb, srv);
     srv->deadline = evtimer_new(srv->base, deadline_cb, srv);
     srv->housekeeping = event_new(srv->base, -1, EV_PERSIST, housekeeping_cb,
                                   srv);
     srv->work = event_new(srv->base, -1, 0, work_cb, srv);
-    if (!srv->sig_int || !srv->sig_term || !srv->sig_hup || !srv->deadline ||
-        !srv->housekeeping || !srv->work) {
+    if (!srv->deadline || !srv->housekeeping || !srv->work) {
         snprintf(err, errlen, "cannot create loop events");
         return PQ_ENOMEM;
     }
@@ -347,9 +355,6 @@ server_init(struct server *srv, char *err, size_t errlen)
         event_add(srv->store_ev, NULL);
     }
     struct timeval one_s = {1, 0};
-    event_add(srv->sig_int, NULL);
-    event_add(srv->sig_term, NULL);
-    event_add(srv->sig_hup, NULL);
     event_add(srv->housekeeping, &one_s);
     return PQ_OK;
 }
