@@ -200,7 +200,7 @@ config_defaults(struct config *c)
         .data_dir = "/var/lib/protoq",
         .fsync = FSYNC_ALWAYS,
         .fsync_interval_ms = 50,
-        .segment_bytes = 64 * MIB,
+        .segment_bytes = 32 * MIB,
         .payload_budget_bytes = 256 * MIB,
         .memory_high_bytes = GIB,
         .ack_timeout_ms = 30 * SEC_MS,

@@ -137,7 +137,7 @@ START_TEST(test_defaults_are_the_documented_values)
     ck_assert_str_eq(c.data_dir, "/var/lib/protoq");
     ck_assert_int_eq(c.fsync, FSYNC_ALWAYS);
     ck_assert_uint_eq(c.fsync_interval_ms, 50);
-    ck_assert_uint_eq(c.segment_bytes, 64u << 20);
+    ck_assert_uint_eq(c.segment_bytes, 32u << 20);
     ck_assert_uint_eq(c.payload_budget_bytes, 256u << 20);
     ck_assert_uint_eq(c.memory_high_bytes, 1u << 30);
     ck_assert_uint_eq(c.ack_timeout_ms, 30000);
