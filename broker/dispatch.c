@@ -431,17 +431,37 @@ finish_ok(struct conn *c, uint64_t rid, uint64_t lsn, uint64_t count)
     wait_enqueue(srv, w, lsn);
 }
 
+/* Where the journal stood before a change, to confirm it afterwards. */
+struct mark {
+    uint64_t lsn;
+    uint64_t errors;
+};
+
+static struct mark
+mark_now(struct server *srv)
+{
+    struct mark m = {journal_last_lsn(srv), journal_errors(srv, NULL)};
+    return m;
+}
+
 /*
  * finish_since: answer a request that changed state through queue events,
  * which journal whatever records they need: Ok once everything appended
- * since lsn_before is durable (at once if nothing was).
+ * since the mark is durable (at once if nothing was), or an Error if a
+ * record could not be written (never an Ok for what is not on disk).
  */
 static void
-finish_since(struct conn *c, uint64_t rid, uint64_t lsn_before)
+finish_since(struct conn *c, uint64_t rid, struct mark before)
 {
+    int last;
     uint64_t lsn = journal_last_lsn(c->srv);
 
-    finish_ok(c, rid, lsn != lsn_before ? lsn : 0, 0);
+    if (journal_errors(c->srv, &last) != before.errors) {
+        reply_err(c, rid, last, "applied in memory, but not recorded in the "
+                  "log (%s); after a restart it is undone", pq_strerror(last));
+        return;
+    }
+    finish_ok(c, rid, lsn != before.lsn ? lsn : 0, 0);
 }
 
 /* ---- handshake ---- */
@@ -1244,6 +1264,7 @@ on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
         return;
     }
     q = m->q;
+    rc = PQ_OK;
     if (!queue_attrs(q)->transient) {
         rc = journal_ack(srv, m, &lsn);
         if (rc != PQ_OK) {
@@ -1255,7 +1276,11 @@ on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
     }
     msg_free(m);
     server_mark_dirty(srv, q);
-    if (r->confirm) {
+    if (r->confirm && rc != PQ_OK) {
+        reply_err(c, rid, rc, "ack applied, but not recorded in the log (%s); "
+                  "after a restart the message is delivered again",
+                  pq_strerror(rc));
+    } else if (r->confirm) {
         finish_ok(c, rid, lsn, 0);
     }
 }
@@ -1272,14 +1297,14 @@ on_nack(struct conn *c, uint64_t rid, const Protoq__Nack *r)
         .dead_letter = r->dead_letter,
         .error = r->error,
     };
-    uint64_t lsn;
+    struct mark before;
     int rc;
 
     if (r->error && strlen(r->error) > 1024) {
         reply_err(c, rid, PQ_EINVAL, "nack: error text over 1024 bytes");
         return;
     }
-    lsn = journal_last_lsn(srv);
+    before = mark_now(srv);
     rc = qset_nack(srv->qs, r->message_id, r->attempt, &o, srv->now_mono_ms);
     if (rc != PQ_OK) {
         reply_err(c, rid, rc, "nack %llu/%u: not the current delivery",
@@ -1290,7 +1315,7 @@ on_nack(struct conn *c, uint64_t rid, const Protoq__Nack *r)
         server_mark_dirty(srv, q);
     }
     if (r->confirm) {
-        finish_since(c, rid, lsn);
+        finish_since(c, rid, before);
     }
 }
 
@@ -1351,7 +1376,7 @@ on_release(struct conn *c, uint64_t rid, const Protoq__Release *r)
     struct msg v;
     struct queue *q = qset_msg_peek(srv->qs, r->message_id, &v) ? v.q : NULL;
     struct body *prog = NULL;
-    uint64_t lsn;
+    struct mark before;
     int rc;
 
     rc = progress_body(r->progress, &prog);
@@ -1359,7 +1384,7 @@ on_release(struct conn *c, uint64_t rid, const Protoq__Release *r)
         reply_err(c, rid, rc, "release: progress over 2 KiB or percent over 100");
         return;
     }
-    lsn = journal_last_lsn(srv);
+    before = mark_now(srv);
     rc = qset_release(srv->qs, r->message_id, r->attempt, prog, srv->now_mono_ms);
     body_unref(&prog);
     if (rc != PQ_OK) {
@@ -1371,7 +1396,7 @@ on_release(struct conn *c, uint64_t rid, const Protoq__Release *r)
         server_mark_dirty(srv, q);
     }
     if (r->confirm) {
-        finish_since(c, rid, lsn);
+        finish_since(c, rid, before);
     }
 }
 
@@ -1381,7 +1406,7 @@ on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r)
     struct server *srv = c->srv;
     struct msg v, *held = NULL;
     bool live = qset_msg_peek(srv->qs, r->message_id, &v);
-    uint64_t lsn;
+    struct mark before;
     int rc;
 
     if (!live || (r->queue && r->queue[0] &&
@@ -1393,7 +1418,7 @@ on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r)
                         r->queue ? r->queue : "");
         return;
     }
-    lsn = journal_last_lsn(srv);
+    before = mark_now(srv);
     rc = qset_cancel(srv->qs, r->message_id, &held);
     if (rc != PQ_OK) {
         reply_err(c, rid, rc, "cancel %llu: %s",
@@ -1420,7 +1445,7 @@ on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r)
         f.cancel_requested = &cr;
         conn_send(s->conn, &f);
     }
-    finish_since(c, rid, lsn);
+    finish_since(c, rid, before);
 }
 
 /* ---- the frame switch ---- */

@@ -64,6 +64,8 @@ struct journal {
     uint64_t budget;              /* cfg.payload_budget_bytes */
     uint64_t evicted;             /* messages stored without their body in memory */
     uint64_t unwritten;           /* state records lost since the last warning */
+    uint64_t append_errors;       /* appends that failed, ever */
+    int last_error;               /* the latest one's PQ_* code */
     uint64_t unwritten_logged_ms; /* mono time of that warning */
     struct server *srv;
 };
@@ -212,10 +214,14 @@ append(struct journal *j, const struct record *r, uint64_t *lsn,
     size_t len;
     int rc = encode(&j->buf, &j->cap, r, &len);
 
-    if (rc != PQ_OK) {
-        return rc;
+    if (rc == PQ_OK) {
+        rc = store_append(j->st, r->type, j->buf, len, lsn, loc);
     }
-    return store_append(j->st, r->type, j->buf, len, lsn, loc);
+    if (rc != PQ_OK) {
+        j->append_errors++;
+        j->last_error = rc;
+    }
+    return rc;
 }
 
 static struct rec_str
@@ -759,11 +765,15 @@ journal_qevent(struct server *srv, const struct qevent *ev)
             r.u.dead_letter.body.ptr = m->body ? m->body->data : NULL;
             r.u.dead_letter.body.len = m->body ? m->body->len : 0;
             rc = append(j, &r, NULL, &loc);
-            unref_msg(j, m);
-            m->pub_seg = m->state_seg = loc.seg;
-            m->pub_off = (uint32_t)loc.off;
-            m->pub_len = rc == PQ_OK ? loc.len : 0;
+            /* Only a written record moves the message on disk. If it was
+             * not written, the log still has it in the source queue (it
+             * comes back there after a restart) and its old references
+             * keep that record alive. */
             if (rc == PQ_OK) {
+                unref_msg(j, m);
+                m->pub_seg = m->state_seg = loc.seg;
+                m->pub_off = (uint32_t)loc.off;
+                m->pub_len = loc.len;
                 ref_msg(j, m);
             }
         } else if (durable(ev->from)) {
@@ -775,13 +785,17 @@ journal_qevent(struct server *srv, const struct qevent *ev)
             forget_body(j, m);
             m->pub_len = 0;
         } else if (durable(ev->q)) {
+            /* From a transient queue: its first record. Not written, it
+             * stays in memory only (as it was) and has no references. */
             rc = republish(j, m, &loc);
-            m->pub_seg = m->state_seg = loc.seg;
-            m->pub_off = (uint32_t)loc.off;
-            m->pub_len = rc == PQ_OK ? loc.len : 0;
             if (rc == PQ_OK) {
+                m->pub_seg = m->state_seg = loc.seg;
+                m->pub_off = (uint32_t)loc.off;
+                m->pub_len = loc.len;
                 ref_msg(j, m);
                 keep_or_evict(j, m);
+            } else {
+                m->pub_len = 0;
             }
         }
         break;
@@ -801,6 +815,15 @@ journal_cancel(struct server *srv, struct msg *m)
     r.u.drop.id = m->id;
     r.u.drop.reason = rstr("cancelled");
     return append(srv->journal, &r, NULL, NULL);
+}
+
+uint64_t
+journal_errors(struct server *srv, int *last)
+{
+    if (last != NULL) {
+        *last = srv->journal->last_error;
+    }
+    return srv->journal->append_errors;
 }
 
 uint64_t
@@ -842,7 +865,10 @@ compact_cb(void *arg, struct msg *m)
     struct compact_walk *w = arg;
     struct store_loc loc;
 
-    if (w->moved >= COMPACT_MSGS_PER_CALL ||
+    /* A cancelled message's DROP is already in the log; a new PUBLISH
+     * after it would bring it back on replay. It pins its segment until
+     * its holder answers (a lease at most). */
+    if (w->moved >= COMPACT_MSGS_PER_CALL || msg_is_cancelled(m) ||
         (m->pub_seg != w->seg && m->state_seg != w->seg)) {
         return;
     }

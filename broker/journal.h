@@ -65,6 +65,10 @@ int journal_cancel(struct server *srv, struct msg *m);
  * drop, progress), if m's queue is durable. */
 void journal_qevent(struct server *srv, const struct qevent *ev);
 
+/* journal_errors: how many appends have failed so far (*last: the latest
+ * one's PQ_* code); a confirm compares it before and after a change. */
+uint64_t journal_errors(struct server *srv, int *last);
+
 /* journal_last_lsn: LSN of the last record appended (0: none). */
 uint64_t journal_last_lsn(struct server *srv);
 
