@@ -46,6 +46,11 @@ enum {
     MAX_HEADER_BYTES = 65536,   /* all headers of one message */
 };
 
+/* The longest duration a client may give (delays, TTLs, leases, backoff,
+ * windows): ten years. Past it a request is refused, so that no deadline
+ * arithmetic can wrap. */
+static const uint64_t DURATION_MAX_MS = 10ULL * 365 * 86400000;
+
 /* One subscription of a connection. */
 struct sub {
     struct consumer cons;         /* linked into its queue by queue.c */
@@ -599,6 +604,12 @@ on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate *r)
     if (!check_name(c, rid, "queue create", r->name)) {
         return;
     }
+    if (r->attrs && r->attrs->dead_letter &&
+        strlen(r->attrs->dead_letter) > QUEUE_NAME_MAX) {
+        reply_err(c, rid, PQ_EINVAL, "queue create %s: dead_letter name over "
+                  "%d characters", r->name, QUEUE_NAME_MAX);
+        return;
+    }
     attrs_from_wire(&a, r->attrs);
     if (a.dead_letter[0] != '\0' &&
         !queue_name_valid(a.dead_letter, strlen(a.dead_letter))) {
@@ -606,10 +617,14 @@ on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate *r)
                   r->name);
         return;
     }
-    if (a.max_attempts > 1000000 || a.ack_timeout_ms > 365ULL * 86400000) {
+    if (a.max_attempts > 1000000 || a.ack_timeout_ms > 365ULL * 86400000 ||
+        a.ttl_ms > DURATION_MAX_MS || a.backoff_base_ms > DURATION_MAX_MS ||
+        a.backoff_cap_ms > DURATION_MAX_MS ||
+        a.dedup_window_ms > DURATION_MAX_MS ||
+        a.max_lease_ms > DURATION_MAX_MS) {
         reply_err(c, rid, PQ_EINVAL,
-                  "queue create %s: max_attempts or ack_timeout_ms out of range",
-                  r->name);
+                  "queue create %s: max_attempts over 1000000, ack_timeout_ms "
+                  "over a year, or a duration over ten years", r->name);
         return;
     }
     existed = qset_find(srv->qs, r->name) != NULL;
@@ -896,6 +911,14 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
         reply_err(c, rid, PQ_ETOOBIG,
                   "publish %s: payload of %zu bytes is over max_message_bytes (%u)",
                   pub->queue, m->payload.len, srv->cfg.max_message_bytes);
+        return false;
+    }
+    if (m->delay_ms > DURATION_MAX_MS || m->ttl_ms > DURATION_MAX_MS ||
+        (m->deliver_at_ms > wall_now &&
+         m->deliver_at_ms - wall_now > DURATION_MAX_MS)) {
+        reply_err(c, rid, PQ_EINVAL,
+                  "publish %s: delay, deliver_at or ttl more than ten years "
+                  "away", pub->queue);
         return false;
     }
     if (m->priority > 9) {
@@ -1304,6 +1327,10 @@ on_nack(struct conn *c, uint64_t rid, const Protoq__Nack *r)
         reply_err(c, rid, PQ_EINVAL, "nack: error text over 1024 bytes");
         return;
     }
+    if (r->delay_ms > DURATION_MAX_MS) {
+        reply_err(c, rid, PQ_EINVAL, "nack: delay over ten years");
+        return;
+    }
     before = mark_now(srv);
     rc = qset_nack(srv->qs, r->message_id, r->attempt, &o, srv->now_mono_ms);
     if (rc != PQ_OK) {
@@ -1349,6 +1376,10 @@ on_touch(struct conn *c, uint64_t rid, const Protoq__Touch *r)
     uint64_t lease = 0;
     int rc;
 
+    if (r->extend_ms > DURATION_MAX_MS) {
+        reply_err(c, rid, PQ_EINVAL, "touch: extension over ten years");
+        return;
+    }
     rc = progress_body(r->progress, &prog);
     if (rc != PQ_OK) {
         reply_err(c, rid, rc, "touch: progress over 2 KiB or percent over 100");
