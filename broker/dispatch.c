@@ -1179,10 +1179,29 @@ on_flow(struct conn *c, uint64_t rid, const Protoq__Flow *r)
     reply_ok(c, rid, 0);
 }
 
+/* Give back what s holds without counting a failed attempt (clean stop). */
+static void
+release_held(struct server *srv, struct sub *s)
+{
+    struct msg *m;
+
+    while ((m = s->cons.inflight_head) != NULL) {
+        int rc = qset_release(srv->qs, m->id, m->attempt, NULL,
+                              srv->now_mono_ms);
+
+        if (rc != PQ_OK && rc != PQ_ESTALE) {
+            break; /* the unsubscribe below handles what is left */
+        }
+    }
+}
+
 void
 dispatch_conn_closed(struct conn *c)
 {
     while (c->subs) {
+        if (c->srv->shutting_down) {
+            release_held(c->srv, c->subs);
+        }
         unsubscribe(c->srv, c, c->subs);
     }
 }

@@ -435,6 +435,9 @@ server_fini(struct server *srv)
     if (srv->base != NULL && srv->qs != NULL) {
         server_drain(srv);
     }
+    /* A clean stop is not the workers' failure: what they hold goes back
+     * as released (attempt and failures as recorded), not as failed. */
+    srv->shutting_down = true;
     while (srv->conns) {
         conn_close(srv->conns, "shutdown");
     }

@@ -49,6 +49,7 @@ struct server {
     int store_fd;                 /* the store's eventfd; -1 without a store */
     uint64_t listener_paused_ms;  /* mono; accepts paused after EMFILE */
     bool stopping;
+    bool shutting_down;           /* server_fini: closing for a clean stop */
     int exit_code;                /* 0, or EX_* on a fatal store error */
 
     uint64_t now_mono_ms;         /* read once per loop pass */
