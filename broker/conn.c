@@ -41,6 +41,7 @@ enum {
     FRAMES_PER_WAKEUP = 64,       /* then yield to other connections */
     READ_CHUNK = 65536,           /* bytes per read() */
     READS_PER_WAKEUP = 4,
+    CLOSING_GRACE_MS = 5000,      /* a closing peer's time to take its Error */
 };
 
 static const char *const state_names[] = {
@@ -141,7 +142,11 @@ note_output(struct conn *c)
     }
     if (!c->output_full &&
         evbuffer_get_length(c->out) > srv->cfg.conn_output_high_bytes) {
+        /* A peer that does not read what it asked for gets no more
+         * deliveries and no more of its requests are read, so its
+         * replies cannot pile up without bound. */
         c->output_full = true;
+        set_reading(c, false);
         dispatch_conn_output(c, true);
     }
 }
@@ -244,6 +249,10 @@ flush(struct conn *c)
     if (c->output_full &&
         evbuffer_get_length(c->out) <= srv->cfg.conn_output_high_bytes / 2) {
         c->output_full = false;
+        if (conn_is_open(c)) {
+            set_reading(c, true);
+            event_active(c->rev, EV_READ, 0); /* frames may wait in c->in */
+        }
         dispatch_conn_output(c, false);
     }
     if (c->state == CONN_CLOSING) {
@@ -340,6 +349,7 @@ conn_fatal(struct conn *c, uint64_t request_id, int code, const char *fmt,
     c->srv->stats.protocol_errors++;
     conn_send_error(c, request_id, code, "%s", msg);
     conn_set_state(c, CONN_CLOSING);
+    c->closing_ms = c->srv->now_mono_ms;
     /* Stop reading; the flush closes once the Error is out. */
     set_reading(c, false);
     /* The subscriptions go now: a closing peer must not get deliveries. */
@@ -521,7 +531,10 @@ read_cb(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     c->srv->now_mono_ms = clock_mono_ms();
-    if (!conn_is_open(c) || !fill(c)) {
+    if (!conn_is_open(c) || !c->reading) {
+        return;
+    }
+    if (!fill(c)) {
         return;
     }
     if (read_frames(c)) {
@@ -624,6 +637,11 @@ conn_housekeeping(struct server *srv, uint64_t now_ms)
 
     for (c = srv->conns; c != NULL; c = next) {
         next = c->next;
+        if (c->state == CONN_CLOSING &&
+            now_ms - c->closing_ms >= CLOSING_GRACE_MS) {
+            conn_close(c, "error reply not taken in time");
+            continue;
+        }
         if (c->state == CONN_HANDSHAKE &&
             now_ms - c->accepted_ms >= srv->cfg.idle_timeout_ms) {
             conn_fatal(c, 0, PROTOQ__ERROR_CODE__UNEXPECTED_FRAME,

@@ -57,6 +57,7 @@ struct conn {
     uint64_t last_rx_ms;          /* mono: last frame received */
     uint64_t last_tx_ms;          /* mono: last frame queued */
     uint64_t accepted_ms;         /* mono */
+    uint64_t closing_ms;          /* mono: when it became CLOSING */
     bool output_full;             /* over conn_output_high_bytes */
     uint8_t *resv;                /* conn_reserve'd space, until commit */
 };
