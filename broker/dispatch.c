@@ -226,6 +226,38 @@ room_forget(struct server *srv, const struct queue *q)
     pq_free(hmap_u64_del(&srv->pending_room, (uint64_t)(uintptr_t)q));
 }
 
+/* ---- idempotency keys on their way to disk ----
+ * queue_dedup_find sees keys of queued messages only. A key whose publish
+ * is still waiting for the disk is registered here, so a second publish
+ * with it (pipelined, or in the same batch) gets the first id and waits
+ * for the first one's fate instead of storing a second copy. */
+
+struct pend_key {
+    char *ckey;                   /* "queue\x01key"; the map's key */
+    uint64_t id;                  /* the first publish's message id */
+    uint64_t lsn;                 /* its LSN once journaled; 0 before */
+};
+
+/* pend_key_name: "queue\x01key" into buf (queue names have no \x01). */
+static bool
+pend_key_name(char *buf, size_t cap, const char *queue, const char *key)
+{
+    int n = snprintf(buf, cap, "%s\x01%s", queue, key);
+
+    return n > 0 && (size_t)n < cap;
+}
+
+static void
+pend_key_drop(struct server *srv, struct pending *p)
+{
+    if (p->pkey != NULL) {
+        hmap_str_del(&srv->pending_keys, p->pkey->ckey);
+        pq_free(p->pkey->ckey);
+        pq_free(p->pkey);
+        p->pkey = NULL;
+    }
+}
+
 /* ---- waits ---- */
 
 static void
@@ -244,9 +276,10 @@ pending_fini(struct pending *p)
 }
 
 static void
-wait_free(struct wait *w)
+wait_free(struct server *srv, struct wait *w)
 {
     for (uint32_t i = 0; i < w->n; i++) {
+        pend_key_drop(srv, &w->items[i]);
         pending_fini(&w->items[i]);
     }
     if (w->conn) {
@@ -407,7 +440,7 @@ settle_waits(void *arg, uint64_t upto_lsn, int status)
         } else if (w->conn && conn_is_open(w->conn)) {
             reply_ok(w->conn, w->request_id, w->count);
         }
-        wait_free(w);
+        wait_free(srv, w);
     }
 }
 
@@ -940,12 +973,38 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
         return false;
     }
     p->q = q;
-    if (m->idempotency_key && m->idempotency_key[0] != '\0' &&
-        queue_dedup_find(q, m->idempotency_key, srv->now_mono_ms, &dup_id) ==
-            PQ_OK) {
-        p->duplicate = true;
-        p->mn.id = dup_id;
-        return true;
+    if (m->idempotency_key && m->idempotency_key[0] != '\0') {
+        char ck[QUEUE_NAME_MAX + 260];
+        struct pend_key *pk;
+
+        if (queue_dedup_find(q, m->idempotency_key, srv->now_mono_ms,
+                             &dup_id) == PQ_OK) {
+            p->duplicate = true;
+            p->mn.id = dup_id;
+            return true;
+        }
+        pend_key_name(ck, sizeof(ck), pub->queue, m->idempotency_key);
+        pk = hmap_str_get(&srv->pending_keys, ck);
+        if (pk != NULL) {
+            /* The first publish with this key is on its way to disk. */
+            p->duplicate = true;
+            p->mn.id = pk->id;
+            p->dup_lsn = pk->lsn;
+            return true;
+        }
+        pk = pq_calloc(1, sizeof(*pk));
+        if (pk == NULL || (pk->ckey = pq_strdup(ck)) == NULL ||
+            hmap_str_put(&srv->pending_keys, pk->ckey, pk) != PQ_OK) {
+            if (pk != NULL) {
+                pq_free(pk->ckey);
+            }
+            pq_free(pk);
+            reply_err(c, rid, PQ_ENOMEM, "publish %s: out of memory",
+                      pub->queue);
+            return false;
+        }
+        pk->id = srv->next_msg_id; /* assigned to this message below */
+        p->pkey = pk;
     }
     /* The stored body is the Message as received, re-encoded once. */
     len = protoq__message__get_packed_size(m);
@@ -961,6 +1020,7 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
         copy_kvs(m->requires, m->n_requires, &p->requires) != PQ_OK ||
         (m->idempotency_key && m->idempotency_key[0] &&
          (p->idem_key = pq_strdup(m->idempotency_key)) == NULL)) {
+        pend_key_drop(srv, p);
         pending_fini(p);
         reply_err(c, rid, PQ_ENOMEM, "publish %s: out of memory", pub->queue);
         return false;
@@ -1047,15 +1107,27 @@ publish(struct conn *c, uint64_t rid, Protoq__Publish *const *items, size_t n)
             goto fail;
         }
     }
+    for (i = 0; i < w->n; i++) {
+        struct pending *p = &w->items[i];
+
+        if (p->pkey != NULL) {
+            p->pkey->lsn = lsn;
+        }
+        /* A duplicate of a publish still on its way waits for it: if that
+         * one fails, this one fails with it. */
+        if (p->dup_lsn > lsn) {
+            lsn = p->dup_lsn;
+        }
+    }
     if (lsn == 0) {
         complete_publish(srv, w);
-        wait_free(w);
+        wait_free(srv, w);
         return;
     }
     wait_enqueue(srv, w, lsn);
     return;
 fail:
-    wait_free(w);
+    wait_free(srv, w);
 }
 
 /* ---- consuming ---- */
@@ -1704,7 +1776,7 @@ dispatch_close(struct server *srv)
     /* Whatever is still waiting was never confirmed; drop it silently. */
     while ((w = srv->waits_head) != NULL) {
         srv->waits_head = w->next;
-        wait_free(w);
+        wait_free(srv, w);
     }
     srv->waits_tail = NULL;
     {
@@ -1716,6 +1788,7 @@ dispatch_close(struct server *srv)
         }
         hmap_u64_fini(&srv->pending_room);
     }
+    hmap_str_fini(&srv->pending_keys); /* entries went with their waits */
     qset_free(srv->qs);
     srv->qs = NULL;
 }

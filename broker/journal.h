@@ -16,6 +16,7 @@
 #include "queue.h"
 
 struct server;
+struct pend_key;
 
 /* One message of a publish, from its check until it is durable and queued
  * (dispatch.c fills it, journal.c writes it). */
@@ -25,6 +26,9 @@ struct pending {
     char *idem_key;               /* owned */
     struct kv *requires;          /* owned array and strings */
     bool duplicate;               /* idempotency hit: nothing to store */
+    struct pend_key *pkey;        /* its key, registered until it settles */
+    uint64_t dup_lsn;             /* duplicate of a publish not yet durable:
+                                     answer no earlier than this LSN */
 };
 
 /* journal_open: open the store in cfg.data_dir and rebuild every queue from

@@ -312,6 +312,7 @@ server_init(struct server *srv, char *err, size_t errlen)
     srv->now_mono_ms = clock_mono_ms();
     hmap_u64_init(&srv->dirty_set);
     hmap_u64_init(&srv->pending_room);
+    hmap_str_init(&srv->pending_keys);
     srv->base = event_base_new();
     if (srv->base == NULL) {
         snprintf(err, errlen, "event_base_new failed");

@@ -74,6 +74,8 @@ struct server {
     uint32_t ndirty, dirty_cap;
     struct hmap_u64 dirty_set;    /* membership of dirty, keyed by pointer */
     struct hmap_u64 pending_room; /* queue -> room taken by unconfirmed publishes */
+    struct hmap_str pending_keys; /* "queue\x01key" -> idempotency keys whose
+                                     publish is not durable yet */
 
     struct server_stats stats;
 };
