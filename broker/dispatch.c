@@ -361,8 +361,17 @@ complete_publish(struct server *srv, struct wait *w)
                 mn.body = NULL; /* the pending item still owns its ref */
             }
             rc = queue_push(p->q, &mn, srv->now_mono_ms, NULL);
-            if (rc != PQ_OK) {
-                log_warn("queue %s: message %llu durable but not queued: %s",
+            if (rc != PQ_OK && durable) {
+                /* On disk but not in memory (out of memory): keep its
+                 * segment for the life of this process, so the record is
+                 * not deleted and a restart brings the message back. */
+                journal_pin(srv, &mn);
+                log_err("queue %s: message %llu is stored but could not be "
+                        "queued (%s); it is delivered after a restart",
+                        queue_name(p->q), (unsigned long long)p->mn.id,
+                        pq_strerror(rc));
+            } else if (rc != PQ_OK) {
+                log_warn("queue %s: message %llu not queued: %s",
                          queue_name(p->q), (unsigned long long)p->mn.id,
                          pq_strerror(rc));
             } else if (durable) {

@@ -587,6 +587,12 @@ journal_msg_stored(struct server *srv, const struct msg_new *mn)
     stored_new(srv->journal, mn);
 }
 
+void
+journal_pin(struct server *srv, const struct msg_new *mn)
+{
+    store_seg_ref(srv->journal->st, mn->pub_seg, mn->pub_len);
+}
+
 int
 journal_ack(struct server *srv, struct msg *m, uint64_t *lsn)
 {

@@ -57,6 +57,10 @@ bool journal_keep_body(struct server *srv, const struct msg_new *mn);
  * mn->body as pushed): ref its segments, count a kept body. */
 void journal_msg_stored(struct server *srv, const struct msg_new *mn);
 
+/* journal_pin: keep mn's segment for the life of the process (a durable
+ * message that could not be queued; a restart brings it back). */
+void journal_pin(struct server *srv, const struct msg_new *mn);
+
 /* journal_ack: m was acked: ACK record, segment refs dropped. */
 int journal_ack(struct server *srv, struct msg *m, uint64_t *lsn);
 
