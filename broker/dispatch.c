@@ -633,6 +633,28 @@ attrs_to_wire(Protoq__QueueAttrs *w, const struct queue_attrs *a)
     w->no_backoff = a->backoff_base_ms == 0;
 }
 
+/*
+ * Every new log segment starts with the definitions of all durable queues
+ * (so old segments can be deleted); they must fit in a quarter of one.
+ * A definition takes at most ~500 bytes.
+ */
+static size_t
+max_durable_queues(const struct server *srv)
+{
+    return (size_t)(srv->cfg.segment_bytes / 2048);
+}
+
+static size_t
+durable_queue_count(const struct server *srv)
+{
+    size_t n = 0;
+
+    for (struct queue *q = qset_first(srv->qs); q; q = qset_next(q)) {
+        n += !queue_attrs(q)->transient;
+    }
+    return n;
+}
+
 static void
 on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate *r)
 {
@@ -670,6 +692,14 @@ on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate *r)
         return;
     }
     existed = qset_find(srv->qs, r->name) != NULL;
+    if (!existed && !a.transient && durable_queue_count(srv) >= max_durable_queues(srv)) {
+        conn_send_error(c, rid, PROTOQ__ERROR_CODE__OVERLOADED,
+                        "queue create %s: %zu durable queues is the most this "
+                        "broker keeps (segment_bytes / 2048: every log segment "
+                        "starts with their definitions)", r->name,
+                        max_durable_queues(srv));
+        return;
+    }
     rc = qset_create(srv->qs, r->name, &a, &q);
     if (rc == PQ_EEXIST) {
         reply_err(c, rid, rc,
