@@ -136,7 +136,7 @@ main(int argc, char **argv)
         rc = store_check(check_data, stdout, err, sizeof(err));
         if (rc != PQ_OK) {
             fprintf(stderr, "protoqd: %s\n", err);
-            return rc == PQ_ECORRUPT ? EX_DATAERR : EX_OSERR;
+            return (rc == PQ_ECORRUPT || rc == PQ_EVERSION) ? EX_DATAERR : EX_OSERR;
         }
         return 0;
     }
@@ -186,7 +186,7 @@ main(int argc, char **argv)
     if (rc != PQ_OK) {
         log_err("%s", err);
         server_fini(&srv);
-        return rc == PQ_ECORRUPT ? EX_DATAERR : EX_OSERR;
+        return (rc == PQ_ECORRUPT || rc == PQ_EVERSION) ? EX_DATAERR : EX_OSERR;
     }
     rc = server_run(&srv);
     server_fini(&srv);

@@ -443,6 +443,11 @@ server_fini(struct server *srv)
         conn_close(srv->conns, "shutdown");
     }
     dispatch_close(srv);
+    /* Nothing is flushed any more: let the reap free every closed conn. */
+    for (struct conn *c = srv->flush; c != NULL; c = c->flush_next) {
+        c->on_flush = false;
+    }
+    srv->flush = NULL;
     conn_reap(srv);
     if (srv->listener) {
         evconnlistener_free(srv->listener);
