@@ -308,6 +308,7 @@ wait_new(struct conn *c, uint64_t rid, enum wait_kind kind, uint32_t n)
 static void
 wait_enqueue(struct server *srv, struct wait *w, uint64_t lsn)
 {
+    journal_urgent(srv); /* someone waits: sync it as soon as written */
     w->lsn = lsn;
     if (srv->waits_tail) {
         srv->waits_tail->next = w;

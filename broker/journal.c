@@ -832,6 +832,12 @@ journal_errors(struct server *srv, int *last)
     return srv->journal->append_errors;
 }
 
+void
+journal_urgent(struct server *srv)
+{
+    store_urgent(srv->journal->st);
+}
+
 uint64_t
 journal_last_lsn(struct server *srv)
 {

@@ -77,6 +77,9 @@ void journal_qevent(struct server *srv, const struct qevent *ev);
  * one's PQ_* code); a confirm compares it before and after a change. */
 uint64_t journal_errors(struct server *srv, int *last);
 
+/* journal_urgent: a reply waits on what was appended so far. */
+void journal_urgent(struct server *srv);
+
 /* journal_last_lsn: LSN of the last record appended (0: none). */
 uint64_t journal_last_lsn(struct server *srv);
 

@@ -124,6 +124,7 @@ struct batch {
     size_t len, cap;
     uint64_t first_lsn, last_lsn;
     int status;
+    bool urgent;                   /* a reply waits on it (store_urgent) */
 };
 
 enum spare_state { SPARE_NONE, SPARE_READY, SPARE_FAILED };
@@ -185,6 +186,11 @@ struct store {
     int spare_fd;
     bool dirty;                    /* written, not yet synced */
     uint64_t last_sync_ms;
+    /* FSYNC_ALWAYS: batches written but not synced because nobody waits on
+     * them; synced by the next urgent round, a roll, or deferred_due_ms. */
+    struct batch *def_head, *def_tail;
+    uint64_t deferred_due_ms;
+    uint64_t urgent_lsn;           /* [mu] records up to it have a waiter */
 };
 
 /* ---- small helpers ---- */
@@ -995,13 +1001,41 @@ write_one(struct store *st, struct batch *b)
 static void
 write_round(struct store *st, struct batch *list)
 {
-    bool sync_now = false;
+    bool sync_now = false, urgent = false, all_ok = true;
     struct batch *b, *next;
 
     for (b = list; b != NULL; b = b->next) {
         write_one(st, b);
+        urgent |= b->urgent;
+        all_ok &= b->status == PQ_OK;
     }
+    pthread_mutex_lock(&st->mu);
+    for (b = list; b != NULL && !urgent; b = b->next) {
+        urgent = b->last_lsn != 0 && st->urgent_lsn >= b->first_lsn;
+    }
+    pthread_mutex_unlock(&st->mu);
     failpoint("write-before-sync");
+    if (st->dirty && st->cfg.fsync_policy == FSYNC_ALWAYS && !urgent &&
+        all_ok) {
+        /* Nobody waits on these records (acks without confirm, requeues):
+         * they are written (a crash of the process keeps them) and are
+         * synced with the next round someone waits on, or within
+         * fsync_interval_ms. */
+        if (st->def_head == NULL) {
+            st->deferred_due_ms = now_ms() + st->cfg.fsync_interval_ms;
+        }
+        for (b = list; b != NULL; b = next) {
+            next = b->next;
+            b->next = NULL;
+            if (st->def_tail != NULL) {
+                st->def_tail->next = b;
+            } else {
+                st->def_head = b;
+            }
+            st->def_tail = b;
+        }
+        return;
+    }
     if (st->dirty) {
         switch (st->cfg.fsync_policy) {
         case FSYNC_ALWAYS:
@@ -1013,6 +1047,12 @@ write_round(struct store *st, struct batch *list)
         case FSYNC_NEVER:
             break;
         }
+    }
+    /* Deferred batches come first: their records are older. */
+    if (st->def_head != NULL) {
+        st->def_tail->next = list;
+        list = st->def_head;
+        st->def_head = st->def_tail = NULL;
     }
     if (sync_now && sync_fd(st, st->cur_fd) < 0) {
         /* Never retry an fsync: the kernel may have dropped the pages. */
@@ -1026,6 +1066,29 @@ write_round(struct store *st, struct batch *list)
     failpoint("sync-before-confirm");
     for (b = list; b != NULL; b = next) {
         next = b->next;
+        post_completion(st, b);
+    }
+}
+
+/* sync_deferred: sync and complete the deferred batches (their time came,
+ * a waiter needs them, or the store closes). Called without mu. */
+static void
+sync_deferred(struct store *st)
+{
+    struct batch *list = st->def_head, *b, *next;
+
+    st->def_head = st->def_tail = NULL;
+    if (list == NULL) {
+        return;
+    }
+    if (st->dirty && st->fatal == PQ_OK && sync_fd(st, st->cur_fd) < 0) {
+        set_fatal(st);
+    }
+    for (b = list; b != NULL; b = next) {
+        next = b->next;
+        if (b->status == PQ_OK && st->fatal != PQ_OK) {
+            b->status = PQ_EIO;
+        }
         post_completion(st, b);
     }
 }
@@ -1151,6 +1214,14 @@ thread_main(void *arg)
             pthread_mutex_lock(&st->mu);
             continue;
         }
+        if (st->def_head != NULL &&
+            (now >= st->deferred_due_ms ||
+             st->urgent_lsn >= st->def_head->first_lsn)) {
+            pthread_mutex_unlock(&st->mu);
+            sync_deferred(st);
+            pthread_mutex_lock(&st->mu);
+            continue;
+        }
         interval_due = st->dirty && st->fatal == PQ_OK &&
                        st->cfg.fsync_policy == FSYNC_INTERVAL &&
                        now - st->last_sync_ms >= st->cfg.fsync_interval_ms;
@@ -1175,6 +1246,12 @@ thread_main(void *arg)
                 wait_ms = w;
             }
         }
+        if (st->def_head != NULL) {
+            uint64_t w = st->deferred_due_ms > now ? st->deferred_due_ms - now : 1;
+            if (wait_ms == 0 || w < wait_ms) {
+                wait_ms = w;
+            }
+        }
         if (wait_ms > 0) {
             timed_wait(st, wait_ms);
         } else {
@@ -1183,6 +1260,7 @@ thread_main(void *arg)
     }
     pthread_mutex_unlock(&st->mu);
     /* Closing: whatever the policy, what was written gets synced. */
+    sync_deferred(st);
     if (st->dirty && st->fatal == PQ_OK && sync_fd(st, st->cur_fd) < 0) {
         set_fatal(st);
     }
@@ -1242,6 +1320,7 @@ submit_locked(struct store *st)
         memcpy(t->data + t->len, p->data, p->len);
         t->len += p->len;
         t->last_lsn = p->last_lsn;
+        t->urgent |= p->urgent;
         pq_free(p->data);
         pq_free(p);
     } else if (t != NULL && !p->roll && t->seg == p->seg &&
@@ -1254,6 +1333,7 @@ submit_locked(struct store *st)
             t->len += p->len;
             t->cap = t->len;
             t->last_lsn = p->last_lsn;
+            t->urgent |= p->urgent;
             pq_free(p->data);
             pq_free(p);
         } else {
@@ -1892,6 +1972,23 @@ int
 store_event_fd(const struct store *st)
 {
     return st->efd;
+}
+
+/* store_urgent: see store.h. */
+void
+store_urgent(struct store *st)
+{
+    if (st->cfg.fsync_policy != FSYNC_ALWAYS || st->last_lsn == 0) {
+        return;
+    }
+    if (st->pending != NULL) {
+        st->pending->urgent = true; /* the common case: no lock needed */
+        return;
+    }
+    pthread_mutex_lock(&st->mu);
+    st->urgent_lsn = st->last_lsn;
+    pthread_cond_signal(&st->wake);
+    pthread_mutex_unlock(&st->mu);
 }
 
 /* store_last_lsn: see store.h. */

@@ -183,6 +183,18 @@ int store_event_fd(const struct store *st);
  */
 void store_reap(struct store *st, store_done_fn done, void *arg);
 
+/*
+ * store_urgent: a reply waits until the records appended so far are
+ * durable. With FSYNC_ALWAYS, a batch that nobody waits on (acks without
+ * confirm, requeues, drops) is written at once but its fdatasync waits for
+ * the next urgent batch, a segment roll, or fsync_interval_ms, whichever
+ * comes first; an urgent batch is synced as soon as it is written. So a
+ * process crash loses no written record, and a power loss can lose at most
+ * fsync_interval_ms of records that no client was told are durable.
+ * Completions (and so store_durable_lsn) still follow the real fsync.
+ */
+void store_urgent(struct store *st);
+
 /* store_last_lsn: the LSN of the last appended record (0: none yet). */
 uint64_t store_last_lsn(const struct store *st);
 

@@ -690,6 +690,44 @@ wait_spare(uint32_t seq)
     ck_assert_msg(file_exists(p), "no spare %s", p);
 }
 
+/*
+ * Records nobody waits on are written at once but synced later (with the
+ * next urgent batch or within fsync_interval_ms); an urgent batch is
+ * synced and reported at once, and its fsync covers the deferred ones.
+ */
+START_TEST(test_unwaited_records_share_the_next_urgent_fsync)
+{
+    struct store_config c = cfg(FSYNC_ALWAYS, 1 << 20);
+    struct dones d = {0};
+    struct store_stats s0, s1;
+    struct store *st;
+
+    c.fsync_interval_ms = 400;
+    st = must_open(c, NULL);
+    append_n(st, NULL, 3, 31, 40);
+    ck_assert(reap_until(st, &d, 3, 5000)); /* deferred, synced by the interval */
+    store_get_stats(st, &s0);
+    /* Not urgent: written, not reported within 100 ms, no fsync. */
+    append_n(st, NULL, 5, 32, 40);
+    ck_assert(!reap_until(st, &d, 8, 100));
+    store_get_stats(st, &s1);
+    ck_assert_uint_eq(s1.fsyncs, s0.fsyncs);
+    /* Urgent: reported at once, the deferred ones with it, one fsync. */
+    append_n(st, NULL, 1, 33, 40);
+    store_urgent(st);
+    ck_assert(reap_until(st, &d, 9, 1000));
+    ck_assert_uint_eq(d.ok_upto, 9);
+    ck_assert_uint_eq(store_durable_lsn(st), 9);
+    store_get_stats(st, &s1);
+    ck_assert_uint_eq(s1.fsyncs, s0.fsyncs + 1);
+    /* Not urgent again: synced by the interval, within its bound. */
+    append_n(st, NULL, 2, 34, 40);
+    ck_assert(reap_until(st, &d, 11, 2000));
+    ck_assert_uint_eq(d.ok_upto, 11);
+    ck_assert_pq_ok(store_close(st));
+}
+END_TEST
+
 START_TEST(test_group_commit_during_slow_fsync)
 {
     struct dones d = {0};
@@ -1718,6 +1756,7 @@ store_suite(void)
     tcase_add_test(tc, test_append_close_reopen_replays_in_order);
     tcase_add_test(tc, test_store_read_back_and_pending);
     tcase_add_test(tc, test_lock_second_open_is_busy);
+    tcase_add_test(tc, test_unwaited_records_share_the_next_urgent_fsync);
     tcase_add_test(tc, test_group_commit_during_slow_fsync);
     tcase_add_test(tc, test_fsync_policy_always_never_interval);
     tcase_add_test(tc, test_rotation_and_replay_across_segments);
