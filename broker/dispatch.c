@@ -727,6 +727,8 @@ on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate *r)
     finish_ok(c, rid, lsn, 0);
 }
 
+static void unsubscribe(struct server *srv, struct conn *c, struct sub *s);
+
 /* Detach every subscription of q (their connections are told nothing
  * more; deliveries in flight are dropped with the queue). */
 static void
@@ -736,16 +738,8 @@ drop_subscriptions(struct server *srv, struct queue *q)
 
     while ((cons = queue_first_consumer(q)) != NULL) {
         struct sub *s = cons->owner;
-        struct conn *c = s->conn;
-        struct sub **pp;
 
-        for (pp = &c->subs; *pp != s; pp = &(*pp)->next) {
-        }
-        *pp = s->next;
-        c->nsubs--;
-        queue_unsubscribe(&s->cons, srv->now_mono_ms);
-        queue_consumer_fini(&s->cons);
-        pq_free(s);
+        unsubscribe(srv, s->conn, s);
     }
 }
 
