@@ -20,6 +20,18 @@ enum {
 struct body *
 body_new(const void *data, size_t len)
 {
+    struct body *b = body_alloc(len);
+
+    if (b != NULL && len > 0) {
+        memcpy(b->data, data, len);
+    }
+    return b;
+}
+
+/* body_alloc: see body.h. */
+struct body *
+body_alloc(size_t len)
+{
     struct body *b;
 
     if (len > UINT32_MAX) {
@@ -31,9 +43,6 @@ body_new(const void *data, size_t len)
     }
     b->refs = 1;
     b->len = (uint32_t)len;
-    if (len > 0) {
-        memcpy(b->data, data, len);
-    }
     return b;
 }
 

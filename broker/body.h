@@ -28,6 +28,10 @@ struct kv {
  * ENOMEM or when len does not fit in uint32_t. data may be NULL if len is 0. */
 struct body *body_new(const void *data, size_t len);
 
+/* body_alloc: a body of len uninitialised bytes (refs = 1) for the caller
+ * to fill before anyone else sees it; NULL on ENOMEM or len >= 4 GiB. */
+struct body *body_alloc(size_t len);
+
 /* body_ref: one more owner; returns b (NULL ok). */
 struct body *body_ref(struct body *b);
 

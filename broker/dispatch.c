@@ -958,7 +958,6 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
     size_t hdr_bytes = 0, len;
     uint64_t ttl, dup_id;
     struct queue *q;
-    uint8_t *buf;
 
     memset(p, 0, sizeof(*p));
     if (pub->route && pub->route[0] != '\0') {
@@ -1040,16 +1039,13 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
         pk->id = srv->next_msg_id; /* assigned to this message below */
         p->pkey = pk;
     }
-    /* The stored body is the Message as received, re-encoded once. */
+    /* The stored body is the Message as received, re-encoded once,
+     * straight into the body. */
     len = protoq__message__get_packed_size(m);
-    buf = pq_malloc(len ? len : 1);
-    if (buf == NULL) {
-        reply_err(c, rid, PQ_ENOMEM, "publish %s: out of memory", pub->queue);
-        return false;
+    p->mn.body = body_alloc(len);
+    if (p->mn.body != NULL) {
+        protoq__message__pack(m, p->mn.body->data);
     }
-    protoq__message__pack(m, buf);
-    p->mn.body = body_new(buf, len);
-    pq_free(buf);
     if (p->mn.body == NULL ||
         copy_kvs(m->requires, m->n_requires, &p->requires) != PQ_OK ||
         (m->idempotency_key && m->idempotency_key[0] &&
@@ -1475,20 +1471,23 @@ on_nack(struct conn *c, uint64_t rid, const Protoq__Nack *r)
 static int
 progress_body(const Protoq__Progress *p, struct body **out)
 {
+    enum { PROGRESS_MAX = 2048 };
     size_t len;
-    uint8_t buf[2048];
 
     *out = NULL;
     if (p == NULL) {
         return PQ_OK;
     }
     len = protoq__progress__get_packed_size(p);
-    if (len > sizeof(buf) || p->percent > 100) {
+    if (len > PROGRESS_MAX || p->percent > 100) {
         return PQ_EINVAL;
     }
-    protoq__progress__pack(p, buf);
-    *out = body_new(buf, len);
-    return *out ? PQ_OK : PQ_ENOMEM;
+    *out = body_alloc(len);
+    if (*out == NULL) {
+        return PQ_ENOMEM;
+    }
+    protoq__progress__pack(p, (*out)->data);
+    return PQ_OK;
 }
 
 static void
