@@ -35,6 +35,7 @@
 #include "mem.h"
 #include "pqerr.h"
 #include "queue.h"
+#include "store.h"
 
 uint64_t
 clock_mono_ms(void)
@@ -150,6 +151,39 @@ deadline_cb(evutil_socket_t fd, short what, void *arg)
     dispatch_tick(srv);
 }
 
+/*
+ * log_summary: one line at info level every SUMMARY_MS with the broker's
+ * counters (since start), so an operator sees load and disk health in the
+ * journal without a metrics endpoint.
+ */
+enum { SUMMARY_MS = 60000 };
+
+static void
+log_summary(struct server *srv)
+{
+    const struct server_stats *s = &srv->stats;
+    struct store_stats ss = {0};
+
+    if (srv->store != NULL) {
+        store_get_stats(srv->store, &ss);
+    }
+    log_info("summary: connections %u (accepted %llu, refused %llu, closed "
+             "for bad input %llu); frames in %llu out %llu; queues %zu, "
+             "messages %zu; durable batches %llu, fsyncs %llu (mean %llu us, "
+             "max %llu us); publishes refused for disk %llu; memory %zu bytes",
+             srv->nconns, (unsigned long long)s->conns_accepted,
+             (unsigned long long)s->conns_rejected,
+             (unsigned long long)s->protocol_errors,
+             (unsigned long long)s->frames_in, (unsigned long long)s->frames_out,
+             qset_queue_count(srv->qs), qset_msg_count(srv->qs),
+             (unsigned long long)s->batches_durable,
+             (unsigned long long)ss.fsyncs,
+             (unsigned long long)(ss.fsyncs ? ss.fsync_ns_total / ss.fsyncs / 1000
+                                            : 0),
+             (unsigned long long)(ss.fsync_ns_max / 1000),
+             (unsigned long long)s->disk_full_refusals, pq_mem_used());
+}
+
 static void
 housekeeping_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -165,6 +199,10 @@ housekeeping_cb(evutil_socket_t fd, short what, void *arg)
     }
     conn_housekeeping(srv, srv->now_mono_ms);
     dispatch_housekeeping(srv);
+    if (srv->now_mono_ms - srv->summary_ms >= SUMMARY_MS) {
+        srv->summary_ms = srv->now_mono_ms;
+        log_summary(srv);
+    }
 }
 
 static void
@@ -310,6 +348,7 @@ server_init(struct server *srv, char *err, size_t errlen)
 
     signal(SIGPIPE, SIG_IGN);
     srv->now_mono_ms = clock_mono_ms();
+    srv->summary_ms = srv->now_mono_ms;
     hmap_u64_init(&srv->dirty_set);
     hmap_u64_init(&srv->pending_room);
     hmap_str_init(&srv->pending_keys);

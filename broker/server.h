@@ -48,6 +48,7 @@ struct server {
     struct event *work;           /* made active when a pass left work */
     int store_fd;                 /* the store's eventfd; -1 without a store */
     uint64_t listener_paused_ms;  /* mono; accepts paused after EMFILE */
+    uint64_t summary_ms;          /* mono; last summary line logged */
     bool stopping;
     bool shutting_down;           /* server_fini: closing for a clean stop */
     int exit_code;                /* 0, or EX_* on a fatal store error */
