@@ -45,7 +45,8 @@ LDLIBS += $(PKG_LIBS)
 
 # ---- object lists (explicit: no wildcards) ----
 PROTO_GEN  = $(B)/protocol/protoq.pb-c.c $(B)/protocol/protoq.pb-c.h
-PROTO_OBJS = $(B)/protocol/protoq.pb-c.o $(B)/protocol/frame.o $(B)/protocol/pqerr.o
+PROTO_OBJS = $(B)/protocol/protoq.pb-c.o $(B)/protocol/frame.o $(B)/protocol/pqerr.o \
+             $(B)/protocol/units.o
 
 CORE_OBJS  = $(B)/broker/mem.o $(B)/broker/log.o $(B)/broker/failpoint.o
 QUEUE_OBJS = $(B)/broker/queue.o $(B)/broker/heap.o $(B)/broker/hmap.o $(B)/broker/body.o
@@ -54,8 +55,10 @@ BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
               $(B)/broker/dispatch.o $(B)/broker/journal.o $(B)/broker/config.o \
               $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS)
 
-LIB_OBJS   = $(B)/client/client.o
-CLI_OBJS   = $(B)/client/cli.o
+LIB_OBJS   = $(B)/client/client.o $(B)/client/client_admin.o \
+             $(B)/client/client_pub.o $(B)/client/client_consume.o
+CLI_OBJS   = $(B)/client/cli.o $(B)/client/cli_queue.o $(B)/client/cli_pub.o \
+             $(B)/client/cli_consume.o $(B)/client/cli_work.o
 BENCH_OBJS = $(B)/client/bench.o
 
 UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_queue \

@@ -10,6 +10,7 @@
  */
 #include "config.h"
 #include "pqerr.h"
+#include "units.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -43,8 +44,8 @@ _Static_assert(sizeof(enum log_level) == sizeof(uint32_t),
 enum key_type {
     KT_STRING,   /* char[size], NUL-terminated; str says what is valid */
     KT_COUNT,    /* u32/u64, plain decimal */
-    KT_BYTES,    /* u32/u64, config_parse_bytes */
-    KT_DURATION, /* u32/u64, config_parse_duration_ms */
+    KT_BYTES,    /* u32/u64, units_parse_bytes */
+    KT_DURATION, /* u32/u64, units_parse_duration_ms */
     KT_ENUM,     /* u32-sized enum; en gives names */
 };
 
@@ -260,91 +261,6 @@ get_str(const struct config *c, const struct key_def *k)
     return (const char *)c + k->off;
 }
 
-/* ---- parsers ---- */
-
-/* Parse leading decimal digits at *sp; advance *sp. At least one digit. */
-static int
-parse_digits(const char **sp, uint64_t *out)
-{
-    const char *s = *sp;
-    uint64_t v = 0;
-
-    if (*s < '0' || *s > '9') {
-        return PQ_EINVAL;
-    }
-    while (*s >= '0' && *s <= '9') {
-        uint64_t d = (uint64_t)(*s - '0');
-        if (v > (UINT64_MAX - d) / 10) {
-            return PQ_EINVAL;
-        }
-        v = v * 10 + d;
-        s++;
-    }
-    *sp = s;
-    *out = v;
-    return PQ_OK;
-}
-
-struct suffix {
-    const char *text;
-    uint64_t mult;
-};
-
-static int
-parse_with_suffix(const char *s, const struct suffix *tab, size_t n,
-                  uint64_t *out)
-{
-    uint64_t v;
-
-    if (s == NULL || parse_digits(&s, &v) != PQ_OK) {
-        return PQ_EINVAL;
-    }
-    for (size_t i = 0; i < n; i++) {
-        if (strcmp(s, tab[i].text) == 0) {
-            if (v > UINT64_MAX / tab[i].mult) {
-                return PQ_EINVAL;
-            }
-            *out = v * tab[i].mult;
-            return PQ_OK;
-        }
-    }
-    return PQ_EINVAL;
-}
-
-/*
- * config_parse_duration_ms: "250" or "250ms", "30s", "5m", "2h", "7d" ->
- * milliseconds. PQ_EINVAL for anything else or on overflow.
- */
-int
-config_parse_duration_ms(const char *s, uint64_t *out)
-{
-    static const struct suffix tab[] = {
-        {"", 1},        {"ms", 1},     {"s", SEC_MS}, {"m", 60 * SEC_MS},
-        {"h", HOUR_MS}, {"d", DAY_MS},
-    };
-    return parse_with_suffix(s, tab, sizeof(tab) / sizeof(tab[0]), out);
-}
-
-/*
- * config_parse_bytes: "4096", "64k"/"64K" (KiB), "4m"/"4M" (MiB),
- * "1g"/"1G" (GiB) -> bytes. PQ_EINVAL for anything else or on overflow.
- */
-int
-config_parse_bytes(const char *s, uint64_t *out)
-{
-    static const struct suffix tab[] = {
-        {"", 1},    {"k", KIB}, {"K", KIB}, {"m", MIB},
-        {"M", MIB}, {"g", GIB}, {"G", GIB},
-    };
-    return parse_with_suffix(s, tab, sizeof(tab) / sizeof(tab[0]), out);
-}
-
-static int
-parse_count(const char *s, uint64_t *out)
-{
-    static const struct suffix tab[] = {{"", 1}};
-    return parse_with_suffix(s, tab, 1, out);
-}
 
 static bool
 is_host_char(char ch)
@@ -409,7 +325,7 @@ config_split_hostport(const char *s, char *host, size_t hostlen, uint16_t *port)
     if ((size_t)(hend - h) > HOST_MAX) {
         return PQ_EINVAL;
     }
-    if (strlen(p) > 5 || parse_count(p, &v) != PQ_OK || v > 65535) {
+    if (strlen(p) > 5 || units_parse_u64(p, &v) != PQ_OK || v > 65535) {
         return PQ_EINVAL;
     }
     if (host != NULL) {
@@ -529,13 +445,13 @@ set_key(struct config *c, const struct key_def *k, const char *value, char *err,
         return PQ_OK;
     }
     case KT_COUNT:
-        rc = parse_count(value, &v);
+        rc = units_parse_u64(value, &v);
         break;
     case KT_BYTES:
-        rc = config_parse_bytes(value, &v);
+        rc = units_parse_bytes(value, &v);
         break;
     case KT_DURATION:
-        rc = config_parse_duration_ms(value, &v);
+        rc = units_parse_duration_ms(value, &v);
         break;
     default:
         rc = PQ_EINVAL;

@@ -145,13 +145,4 @@ int config_split_hostport(const char *s, char *host, size_t hostlen,
 /* config_fsync_name: "always", "interval" or "never". */
 const char *config_fsync_name(enum fsync_policy p);
 
-/*
- * Parsers shared with the CLI (durations accept ms, s, m, h, d suffixes;
- * a bare number is milliseconds; sizes accept k, m, g (KiB...)). Strict:
- * digits then an optional suffix, nothing else (no sign, blanks or
- * fractions). PQ_EINVAL for garbage, an empty string or a uint64_t overflow.
- */
-int config_parse_duration_ms(const char *s, uint64_t *out);
-int config_parse_bytes(const char *s, uint64_t *out);
-
 #endif

@@ -1,5 +1,6 @@
 /*
- * client.c: libprotoq, the blocking C client of protoqd (API in protoq.h).
+ * client.c: libprotoq, the blocking C client of protoqd (API in protoq.h):
+ * the connection itself. client_int.h lists the other files.
  *
  * One handle owns one non-blocking TCP socket and two byte buffers. Output:
  * frames are packed straight into c->out and written in large chunks (on a
@@ -29,11 +30,7 @@
  * handles it. A connection failure marks the handle dead (c->dead), fails
  * every outstanding request, and is sticky.
  */
-/* pqerr.h before protoq.h: the real enum wins and the check below holds
- * protoq.h's standalone copy to it. */
-#include "frame.h"
-#include "pqerr.h"
-#include "protoq.h"
+#include "client_int.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -48,87 +45,6 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
-
-_Static_assert(PROTOQ_PQ_ERR_COUNT == 1 - PQ_ERR_MIN,
-               "client/protoq.h's copy of enum pq_err is out of date");
-
-enum {
-    IN_INITIAL = 256 * 1024,      /* input buffer, grown for large frames */
-    IN_READ_MIN = 64 * 1024,      /* compact when less room than this */
-    OUT_FLUSH_BYTES = 128 * 1024, /* auto-flush threshold of async output */
-    PRE_WELCOME_MAX = 16 * 1024,  /* frame limit until the Welcome */
-    PEND_INITIAL = 1024,          /* ring slots (power of two) */
-    PEND_EVICT_AT = 1 << 16,      /* past this, drop abandoned entries */
-    KV_STACK = 16,                /* key/values converted without malloc */
-    DEFAULT_CONNECT_MS = 5000,
-    DEFAULT_IO_MS = 30000,
-};
-
-enum pend_kind {
-    PEND_FREE = 0,
-    PEND_SYNC,      /* a blocking call waits on it (w) */
-    PEND_CONFIRM,   /* async publish: cb(arg, ...) */
-    PEND_IGNORE,    /* its caller gave up; drop the reply */
-};
-
-/* A blocking call's wait state; lives on that call's stack. */
-struct waiter {
-    bool done;
-    int err;                    /* PQ_* when the connection failed */
-    Protoq__Frame *reply;       /* owned by the waiter once done */
-    protoq_deliver_fn sub_cb;   /* subscribe: registered on SubscribeOk */
-    void *sub_arg;
-};
-
-/* One outstanding request that expects a reply. */
-struct pending {
-    uint64_t id;                /* request_id; 0 = free slot */
-    enum pend_kind kind;
-    struct waiter *w;           /* PEND_SYNC */
-    protoq_confirm_fn cb;       /* PEND_CONFIRM */
-    void *arg;
-};
-
-struct sub {
-    uint64_t id;                /* subscription_id */
-    protoq_deliver_fn cb;
-    void *arg;
-};
-
-struct protoq_client {
-    int fd;                     /* -1 when never connected */
-    int dead;                   /* PQ_* once unusable, else 0 */
-    char dead_msg[512];         /* why it died */
-    uint64_t next_id;           /* next request_id (starts at 1) */
-    int io_timeout_ms;          /* < 0: forever */
-    struct protoq_server_info info;
-    uint32_t in_limit;          /* largest frame body we accept */
-
-    uint8_t *out;               /* pending output: out[out_start..out_len) */
-    size_t out_start, out_len, out_cap;
-    uint8_t *in;                /* unparsed input: in[in_start..in_end) */
-    size_t in_start, in_end, in_cap;
-
-    struct pending *pend;       /* ring of pend_cap slots */
-    size_t pend_cap;
-    size_t n_pending;           /* used slots */
-    size_t n_confirms;          /* PEND_CONFIRM among them */
-
-    struct sub *subs;
-    size_t n_subs, subs_cap;
-    uint64_t dropped_deliveries;/* for no (longer) known subscription */
-
-    protoq_cancel_fn cancel_cb;
-    void *cancel_arg;
-    protoq_error_fn error_cb;
-    void *error_arg;
-    uint64_t async_errors;
-
-    int64_t last_send_ms;       /* monotonic; for heartbeats */
-    int last_code;              /* wire code of the last remote error */
-    char errmsg[512];
-};
-
 /* ---- small helpers ---- */
 
 static int64_t
@@ -141,8 +57,8 @@ now_ms(void)
 }
 
 /* Remaining ms until deadline (-1 = none), never below 0. */
-static int
-remaining_ms(int64_t deadline)
+int
+client_remaining_ms(int64_t deadline)
 {
     int64_t left;
 
@@ -156,15 +72,15 @@ remaining_ms(int64_t deadline)
     return left > 0x7fffffff ? 0x7fffffff : (int)left;
 }
 
-static int64_t
-deadline_after(int timeout_ms)
+int64_t
+client_deadline_after(int timeout_ms)
 {
     return timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
 }
 
 /* Record a local failure: code err, message fmt. Returns err. */
-__attribute__((format(printf, 3, 4))) static int
-set_err(protoq_client *c, int err, const char *fmt, ...)
+int
+client_set_err(protoq_client *c, int err, const char *fmt, ...)
 {
     va_list ap;
 
@@ -191,38 +107,31 @@ set_remote_err(protoq_client *c, const Protoq__Error *e)
 }
 
 /* The failure to report when c is dead. */
-static int
-dead_err(protoq_client *c)
+int
+client_dead_err(protoq_client *c)
 {
     snprintf(c->errmsg, sizeof(c->errmsg), "%s", c->dead_msg);
     return c->dead;
 }
 
-static void
-copy_str(char *dst, size_t cap, const char *src)
+void
+client_copy_str(char *dst, size_t cap, const char *src)
 {
     snprintf(dst, cap, "%s", src ? src : "");
 }
 
-/* protobuf-c wants char * for strings it only reads. */
-static char *
-S(const char *s)
-{
-    return (char *)(s ? s : "");
-}
-
-static bool
-name_ok(protoq_client *c, const char *what, const char *name)
+bool
+client_name_ok(protoq_client *c, const char *what, const char *name)
 {
     size_t n;
 
     if (name == NULL || name[0] == '\0') {
-        set_err(c, PQ_EINVAL, "%s name is empty", what);
+        client_set_err(c, PQ_EINVAL, "%s name is empty", what);
         return false;
     }
     n = strlen(name);
     if (n > PROTOQ_NAME_MAX) {
-        set_err(c, PQ_EINVAL, "%s name is %zu bytes (at most %d)", what, n,
+        client_set_err(c, PQ_EINVAL, "%s name is %zu bytes (at most %d)", what, n,
                 PROTOQ_NAME_MAX);
         return false;
     }
@@ -231,8 +140,8 @@ name_ok(protoq_client *c, const char *what, const char *name)
 
 /* ---- the pending-request ring ---- */
 
-static struct pending *
-pend_find(protoq_client *c, uint64_t id)
+struct pending *
+client_pend_find(protoq_client *c, uint64_t id)
 {
     struct pending *p;
 
@@ -243,8 +152,8 @@ pend_find(protoq_client *c, uint64_t id)
     return p->id == id ? p : NULL;
 }
 
-static void
-pend_remove(protoq_client *c, struct pending *p)
+void
+client_pend_remove(protoq_client *c, struct pending *p)
 {
     if (p->kind == PEND_CONFIRM) {
         c->n_confirms--;
@@ -292,8 +201,8 @@ pend_rehash(protoq_client *c, size_t cap, bool drop_ignored)
 }
 
 /* Insert an entry for id; returns it, or NULL when out of memory. */
-static struct pending *
-pend_insert(protoq_client *c, uint64_t id, enum pend_kind kind)
+struct pending *
+client_pend_insert(protoq_client *c, uint64_t id, enum pend_kind kind)
 {
     struct pending *p;
 
@@ -339,7 +248,7 @@ pend_fail_all(protoq_client *c, int err)
         if (p.id == 0) {
             continue;
         }
-        pend_remove(c, &c->pend[i]);
+        client_pend_remove(c, &c->pend[i]);
         if (p.kind == PEND_SYNC) {
             p.w->done = true;
             p.w->err = err;
@@ -359,7 +268,7 @@ conn_fail(protoq_client *c, int err, const char *fmt, ...)
     va_list ap;
 
     if (c->dead) {
-        return dead_err(c);
+        return client_dead_err(c);
     }
     va_start(ap, fmt);
     vsnprintf(c->dead_msg, sizeof(c->dead_msg), fmt, ap);
@@ -367,7 +276,7 @@ conn_fail(protoq_client *c, int err, const char *fmt, ...)
     c->dead = err;
     c->out_start = c->out_len = 0;
     pend_fail_all(c, err);
-    return dead_err(c);
+    return client_dead_err(c);
 }
 
 /* ---- output ---- */
@@ -398,7 +307,7 @@ out_reserve(protoq_client *c, size_t n)
     }
     p = realloc(c->out, cap);
     if (p == NULL) {
-        return set_err(c, PQ_ENOMEM, "out of memory (output buffer)");
+        return client_set_err(c, PQ_ENOMEM, "out of memory (output buffer)");
     }
     c->out = p;
     c->out_cap = cap;
@@ -625,7 +534,7 @@ on_reply(protoq_client *c, struct pending *p, Protoq__Frame *f)
     struct pending e = *p;
     int events = 0;
 
-    pend_remove(c, p);
+    client_pend_remove(c, p);
     switch (e.kind) {
     case PEND_SYNC:
         /* SubscribeOk registers the callback now, before any Deliver that
@@ -656,7 +565,7 @@ on_reply(protoq_client *c, struct pending *p, Protoq__Frame *f)
             e.cb(e.arg, PQ_EREMOTE, 0, false);
             events = 1;
         } else {
-            set_err(c, PQ_EPROTO, "unexpected reply (kind %d) to a publish",
+            client_set_err(c, PQ_EPROTO, "unexpected reply (kind %d) to a publish",
                     (int)f->kind_case);
             e.cb(e.arg, PQ_EPROTO, 0, false);
             events = 1;
@@ -678,7 +587,7 @@ handle_frame(protoq_client *c, Protoq__Frame *f)
     int rc = 0;
 
     if (f->request_id != 0) {
-        p = pend_find(c, f->request_id);
+        p = client_pend_find(c, f->request_id);
         if (p != NULL) {
             return on_reply(c, p, f);
         }
@@ -718,7 +627,7 @@ handle_frame(protoq_client *c, Protoq__Frame *f)
         int code = (int)f->error->code;
         char msg[200];
 
-        copy_str(msg, sizeof(msg), f->error->message);
+        client_copy_str(msg, sizeof(msg), f->error->message);
         frame_free(f);
         rc = conn_fail(c, PQ_EREMOTE, "broker closed the connection: %s (%s)",
                        msg, protoq_code_name(code));
@@ -782,7 +691,7 @@ dispatch_input(protoq_client *c)
         }
         events += rc;
     }
-    return c->dead ? dead_err(c) : events;
+    return c->dead ? client_dead_err(c) : events;
 }
 
 /* Queue a Heartbeat if nothing was sent for the agreed interval. */
@@ -835,15 +744,15 @@ heartbeat_wait_ms(protoq_client *c, int timeout)
  * callbacks (used while flushing from inside a call that must not run
  * them). Returns callbacks run (>= 0) or a PQ_* connection error.
  */
-static int
-pump(protoq_client *c, int timeout_ms, bool dispatch)
+int
+client_pump(protoq_client *c, int timeout_ms, bool dispatch)
 {
     struct pollfd pfd;
     int rc;
     int wait;
 
     if (c->dead) {
-        return dead_err(c);
+        return client_dead_err(c);
     }
     if (dispatch) {
         rc = dispatch_input(c);
@@ -889,24 +798,24 @@ pump(protoq_client *c, int timeout_ms, bool dispatch)
 /* Write all pending output, bounded by the I/O timeout; reads meanwhile
  * (so a broker that writes to us while we write to it cannot deadlock us)
  * and dispatches only when dispatch is set. */
-static int
-flush_all(protoq_client *c, bool dispatch)
+int
+client_flush_all(protoq_client *c, bool dispatch)
 {
-    int64_t deadline = deadline_after(c->io_timeout_ms);
+    int64_t deadline = client_deadline_after(c->io_timeout_ms);
     int rc;
 
     if (c->dead) {
-        return dead_err(c);
+        return client_dead_err(c);
     }
     rc = out_write(c);
     while (rc >= 0 && c->out_len > c->out_start) {
-        int left = remaining_ms(deadline);
+        int left = client_remaining_ms(deadline);
 
         if (left == 0) {
             return conn_fail(c, PQ_ETIMEDOUT,
                              "timed out writing to the broker");
         }
-        rc = pump(c, left, dispatch);
+        rc = client_pump(c, left, dispatch);
     }
     return rc < 0 ? rc : PQ_OK;
 }
@@ -914,14 +823,14 @@ flush_all(protoq_client *c, bool dispatch)
 /* Pack f (request_id already set) into the output buffer; auto-flush when
  * enough piled up. Returns PQ_OK, PQ_ETOOBIG (frame over the broker's
  * limit; nothing queued), or an error. */
-static int
-send_frame(protoq_client *c, Protoq__Frame *f)
+int
+client_send_frame(protoq_client *c, Protoq__Frame *f)
 {
     size_t n = frame_packed_size(f);
     int rc;
 
     if (n - FRAME_HEADER_LEN > c->info.max_frame_bytes) {
-        return set_err(c, PQ_ETOOBIG,
+        return client_set_err(c, PQ_ETOOBIG,
                        "request of %zu bytes is over the broker's frame limit "
                        "of %u bytes",
                        n - FRAME_HEADER_LEN, c->info.max_frame_bytes);
@@ -932,7 +841,7 @@ send_frame(protoq_client *c, Protoq__Frame *f)
     }
     c->out_len += frame_pack(f, c->out + c->out_len);
     if (c->out_len - c->out_start >= OUT_FLUSH_BYTES) {
-        return flush_all(c, false);
+        return client_flush_all(c, false);
     }
     return PQ_OK;
 }
@@ -943,8 +852,8 @@ send_frame(protoq_client *c, Protoq__Frame *f)
  * An Error reply gives PQ_EREMOTE with the code and text recorded. w may
  * carry a subscribe hook; NULL for none.
  */
-static int
-request_w(protoq_client *c, Protoq__Frame *f, Protoq__Frame__KindCase want,
+int
+client_request_w(protoq_client *c, Protoq__Frame *f, Protoq__Frame__KindCase want,
           Protoq__Frame **reply, struct waiter *w)
 {
     struct pending *p;
@@ -954,46 +863,46 @@ request_w(protoq_client *c, Protoq__Frame *f, Protoq__Frame__KindCase want,
 
     *reply = NULL;
     if (c->dead) {
-        return dead_err(c);
+        return client_dead_err(c);
     }
     id = c->next_id++;
     f->request_id = id;
-    p = pend_insert(c, id, PEND_SYNC);
+    p = client_pend_insert(c, id, PEND_SYNC);
     if (p == NULL) {
-        return set_err(c, PQ_ENOMEM, "out of memory (request table)");
+        return client_set_err(c, PQ_ENOMEM, "out of memory (request table)");
     }
     p->w = w;
-    rc = send_frame(c, f);
+    rc = client_send_frame(c, f);
     if (rc != PQ_OK) {
-        p = pend_find(c, id);
+        p = client_pend_find(c, id);
         if (p != NULL) {
-            pend_remove(c, p);
+            client_pend_remove(c, p);
         }
         return rc;
     }
-    deadline = deadline_after(c->io_timeout_ms);
+    deadline = client_deadline_after(c->io_timeout_ms);
     while (!w->done) {
-        int left = remaining_ms(deadline);
+        int left = client_remaining_ms(deadline);
 
         if (left == 0) {
-            p = pend_find(c, id);
+            p = client_pend_find(c, id);
             if (p != NULL) {
                 p->kind = PEND_IGNORE;  /* the reply will be dropped */
                 p->w = NULL;
             }
-            return set_err(c, PQ_ETIMEDOUT,
+            return client_set_err(c, PQ_ETIMEDOUT,
                            "no reply from the broker within %d ms",
                            c->io_timeout_ms);
         }
-        rc = pump(c, left, true);
+        rc = client_pump(c, left, true);
         if (rc < 0 && !w->done) {
             return rc;
         }
     }
     if (w->err != 0) {
         frame_free(w->reply);
-        return w->err == c->dead ? dead_err(c)
-                                 : set_err(c, w->err, "request failed: %s",
+        return w->err == c->dead ? client_dead_err(c)
+                                 : client_set_err(c, w->err, "request failed: %s",
                                            pq_strerror(w->err));
     }
     if (w->reply->kind_case == PROTOQ__FRAME__KIND_ERROR) {
@@ -1004,7 +913,7 @@ request_w(protoq_client *c, Protoq__Frame *f, Protoq__Frame__KindCase want,
     if (w->reply->kind_case != want) {
         rc = (int)w->reply->kind_case;
         frame_free(w->reply);
-        return set_err(c, PQ_EPROTO,
+        return client_set_err(c, PQ_EPROTO,
                        "unexpected reply from the broker (kind %d, wanted %d)",
                        rc, (int)want);
     }
@@ -1012,22 +921,22 @@ request_w(protoq_client *c, Protoq__Frame *f, Protoq__Frame__KindCase want,
     return PQ_OK;
 }
 
-static int
-request(protoq_client *c, Protoq__Frame *f, Protoq__Frame__KindCase want,
+int
+client_request(protoq_client *c, Protoq__Frame *f, Protoq__Frame__KindCase want,
         Protoq__Frame **reply)
 {
     struct waiter w;
 
     memset(&w, 0, sizeof(w));
-    return request_w(c, f, want, reply, &w);
+    return client_request_w(c, f, want, reply, &w);
 }
 
 /* Send f, wait for an Ok, and free it; *count gets Ok.count (NULL ok). */
-static int
-request_ok(protoq_client *c, Protoq__Frame *f, uint64_t *count)
+int
+client_request_ok(protoq_client *c, Protoq__Frame *f, uint64_t *count)
 {
     Protoq__Frame *r;
-    int rc = request(c, f, PROTOQ__FRAME__KIND_OK, &r);
+    int rc = client_request(c, f, PROTOQ__FRAME__KIND_OK, &r);
 
     if (rc == PQ_OK) {
         if (count != NULL) {
@@ -1040,14 +949,14 @@ request_ok(protoq_client *c, Protoq__Frame *f, uint64_t *count)
 
 /* Send a request that gets no reply on success (an id, but no ring slot).
  * Buffered. */
-static int
-send_noreply(protoq_client *c, Protoq__Frame *f)
+int
+client_send_noreply(protoq_client *c, Protoq__Frame *f)
 {
     if (c->dead) {
-        return dead_err(c);
+        return client_dead_err(c);
     }
     f->request_id = c->next_id++;
-    return send_frame(c, f);
+    return client_send_frame(c, f);
 }
 
 /* ---- connecting ---- */
@@ -1128,7 +1037,7 @@ connect_one(const struct addrinfo *ai, int64_t deadline)
             goto err_close;
         }
         do {
-            rc = poll(&pfd, 1, remaining_ms(deadline));
+            rc = poll(&pfd, 1, client_remaining_ms(deadline));
         } while (rc < 0 && errno == EINTR);
         if (rc == 0) {
             errno = ETIMEDOUT;
@@ -1208,7 +1117,7 @@ handshake(protoq_client *c, const struct protoq_opts *o)
     h.heartbeat_ms = o ? o->heartbeat_ms : 0;
     f.kind_case = PROTOQ__FRAME__KIND_HELLO;
     f.hello = &h;
-    rc = request(c, &f, PROTOQ__FRAME__KIND_WELCOME, &r);
+    rc = client_request(c, &f, PROTOQ__FRAME__KIND_WELCOME, &r);
     if (rc != PQ_OK) {
         if (rc == PQ_EREMOTE) {
             /* The broker closes after a refused Hello. */
@@ -1219,8 +1128,8 @@ handshake(protoq_client *c, const struct protoq_opts *o)
     }
     w = r->welcome;
     c->info.protocol_version = w->protocol_version;
-    copy_str(c->info.broker_id, sizeof(c->info.broker_id), w->broker_id);
-    copy_str(c->info.server_version, sizeof(c->info.server_version),
+    client_copy_str(c->info.broker_id, sizeof(c->info.broker_id), w->broker_id);
+    client_copy_str(c->info.server_version, sizeof(c->info.server_version),
              w->server_version);
     c->info.max_frame_bytes = w->max_frame_bytes;
     c->info.max_message_bytes = w->max_message_bytes;
@@ -1273,7 +1182,7 @@ protoq_connect(const char *hostport, const struct protoq_opts *opts,
         return rc;
     }
     /* The handshake is bounded by the connect timeout, not the I/O one. */
-    c->io_timeout_ms = remaining_ms(deadline);
+    c->io_timeout_ms = client_remaining_ms(deadline);
     if (c->io_timeout_ms == 0) {
         c->io_timeout_ms = 1;
     }
@@ -1374,954 +1283,3 @@ protoq_code_name(int code)
     return names[code];
 }
 
-/* ---- queue admin ---- */
-
-static void
-attrs_to_wire(Protoq__QueueAttrs *w, const struct protoq_queue_attrs *a)
-{
-    w->transient = a->transient;
-    w->max_length = a->max_length;
-    w->max_bytes = a->max_bytes;
-    w->ack_timeout_ms = a->ack_timeout_ms;
-    w->max_attempts = a->max_attempts;
-    w->dead_letter = S(a->dead_letter);
-    w->backoff_base_ms = a->backoff_base_ms;
-    w->backoff_cap_ms = a->backoff_cap_ms;
-    w->ttl_ms = a->ttl_ms;
-    w->dedup_window_ms = a->dedup_window_ms;
-    w->max_lease_ms = a->max_lease_ms;
-    w->dead_letter_expired = a->dead_letter_expired;
-    w->no_backoff = a->no_backoff;
-}
-
-static void
-info_from_wire(struct protoq_queue_info *o, const Protoq__QueueInfo *w)
-{
-    const Protoq__QueueAttrs *a = w->attrs;
-
-    memset(o, 0, sizeof(*o));
-    copy_str(o->name, sizeof(o->name), w->name);
-    if (a != NULL) {
-        o->attrs.transient = a->transient;
-        o->attrs.max_length = a->max_length;
-        o->attrs.max_bytes = a->max_bytes;
-        o->attrs.ack_timeout_ms = a->ack_timeout_ms;
-        o->attrs.max_attempts = a->max_attempts;
-        copy_str(o->attrs.dead_letter, sizeof(o->attrs.dead_letter),
-                 a->dead_letter);
-        o->attrs.backoff_base_ms = a->backoff_base_ms;
-        o->attrs.backoff_cap_ms = a->backoff_cap_ms;
-        o->attrs.ttl_ms = a->ttl_ms;
-        o->attrs.dedup_window_ms = a->dedup_window_ms;
-        o->attrs.max_lease_ms = a->max_lease_ms;
-        o->attrs.dead_letter_expired = a->dead_letter_expired;
-        o->attrs.no_backoff = a->no_backoff;
-    }
-    o->ready = w->ready;
-    o->delayed = w->delayed;
-    o->inflight = w->inflight;
-    o->consumers = w->consumers;
-    o->bytes = w->bytes;
-    o->published = w->published;
-    o->acked = w->acked;
-    o->nacked = w->nacked;
-    o->redelivered = w->redelivered;
-    o->expired = w->expired;
-    o->dead_lettered = w->dead_lettered;
-    o->dropped = w->dropped;
-}
-
-/* protoq_queue_create: QueueCreate, wait for Ok. */
-int
-protoq_queue_create(protoq_client *c, const char *name,
-                    const struct protoq_queue_attrs *attrs)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__QueueCreate qc = PROTOQ__QUEUE_CREATE__INIT;
-    Protoq__QueueAttrs wa = PROTOQ__QUEUE_ATTRS__INIT;
-
-    if (!name_ok(c, "queue", name)) {
-        return PQ_EINVAL;
-    }
-    qc.name = S(name);
-    if (attrs != NULL) {
-        attrs_to_wire(&wa, attrs);
-        qc.attrs = &wa;
-    }
-    f.kind_case = PROTOQ__FRAME__KIND_QUEUE_CREATE;
-    f.queue_create = &qc;
-    return request_ok(c, &f, NULL);
-}
-
-/* protoq_queue_delete: QueueDelete, wait for Ok. */
-int
-protoq_queue_delete(protoq_client *c, const char *name)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__QueueDelete qd = PROTOQ__QUEUE_DELETE__INIT;
-
-    if (!name_ok(c, "queue", name)) {
-        return PQ_EINVAL;
-    }
-    qd.name = S(name);
-    f.kind_case = PROTOQ__FRAME__KIND_QUEUE_DELETE;
-    f.queue_delete = &qd;
-    return request_ok(c, &f, NULL);
-}
-
-/* protoq_queue_purge: QueuePurge, wait for Ok{count}. */
-int
-protoq_queue_purge(protoq_client *c, const char *name, uint64_t *purged)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__QueuePurge qp = PROTOQ__QUEUE_PURGE__INIT;
-
-    if (purged != NULL) {
-        *purged = 0;
-    }
-    if (!name_ok(c, "queue", name)) {
-        return PQ_EINVAL;
-    }
-    qp.name = S(name);
-    f.kind_case = PROTOQ__FRAME__KIND_QUEUE_PURGE;
-    f.queue_purge = &qp;
-    return request_ok(c, &f, purged);
-}
-
-/* protoq_queue_list: QueueList; the array is the caller's (protoq_queue_list_free). */
-int
-protoq_queue_list(protoq_client *c, struct protoq_queue_info **out, size_t *n)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__QueueList ql = PROTOQ__QUEUE_LIST__INIT;
-    Protoq__Frame *r;
-    struct protoq_queue_info *list = NULL;
-    size_t i, cnt;
-    int rc;
-
-    *out = NULL;
-    *n = 0;
-    f.kind_case = PROTOQ__FRAME__KIND_QUEUE_LIST;
-    f.queue_list = &ql;
-    rc = request(c, &f, PROTOQ__FRAME__KIND_QUEUE_LIST_OK, &r);
-    if (rc != PQ_OK) {
-        return rc;
-    }
-    cnt = r->queue_list_ok->n_queues;
-    if (cnt > 0) {
-        list = calloc(cnt, sizeof(*list));
-        if (list == NULL) {
-            frame_free(r);
-            return set_err(c, PQ_ENOMEM, "out of memory (queue list)");
-        }
-        for (i = 0; i < cnt; i++) {
-            info_from_wire(&list[i], r->queue_list_ok->queues[i]);
-        }
-    }
-    frame_free(r);
-    *out = list;
-    *n = cnt;
-    return PQ_OK;
-}
-
-/* protoq_queue_list_free: free a protoq_queue_list array. */
-void
-protoq_queue_list_free(struct protoq_queue_info *list, size_t n)
-{
-    (void)n;
-    free(list);
-}
-
-/* protoq_queue_stat: QueueStat into *out. */
-int
-protoq_queue_stat(protoq_client *c, const char *name,
-                  struct protoq_queue_info *out)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__QueueStat qs = PROTOQ__QUEUE_STAT__INIT;
-    Protoq__Frame *r;
-    int rc;
-
-    memset(out, 0, sizeof(*out));
-    if (!name_ok(c, "queue", name)) {
-        return PQ_EINVAL;
-    }
-    qs.name = S(name);
-    f.kind_case = PROTOQ__FRAME__KIND_QUEUE_STAT;
-    f.queue_stat = &qs;
-    rc = request(c, &f, PROTOQ__FRAME__KIND_QUEUE_STAT_OK, &r);
-    if (rc != PQ_OK) {
-        return rc;
-    }
-    if (r->queue_stat_ok->queue == NULL) {
-        frame_free(r);
-        return set_err(c, PQ_EPROTO, "broker sent QueueStatOk without a queue");
-    }
-    info_from_wire(out, r->queue_stat_ok->queue);
-    frame_free(r);
-    return PQ_OK;
-}
-
-/* protoq_route_bind: RouteBind, wait for Ok. */
-int
-protoq_route_bind(protoq_client *c, const char *route, const char *queue,
-                  const char *pattern)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__RouteBind rb = PROTOQ__ROUTE_BIND__INIT;
-
-    if (!name_ok(c, "route", route) || !name_ok(c, "queue", queue)) {
-        return PQ_EINVAL;
-    }
-    rb.route = S(route);
-    rb.queue = S(queue);
-    rb.pattern = S(pattern);
-    f.kind_case = PROTOQ__FRAME__KIND_ROUTE_BIND;
-    f.route_bind = &rb;
-    return request_ok(c, &f, NULL);
-}
-
-/* protoq_route_unbind: RouteUnbind, wait for Ok. */
-int
-protoq_route_unbind(protoq_client *c, const char *route, const char *queue,
-                    const char *pattern)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__RouteUnbind ru = PROTOQ__ROUTE_UNBIND__INIT;
-
-    if (!name_ok(c, "route", route) || !name_ok(c, "queue", queue)) {
-        return PQ_EINVAL;
-    }
-    ru.route = S(route);
-    ru.queue = S(queue);
-    ru.pattern = S(pattern);
-    f.kind_case = PROTOQ__FRAME__KIND_ROUTE_UNBIND;
-    f.route_unbind = &ru;
-    return request_ok(c, &f, NULL);
-}
-
-/* ---- building messages ---- */
-
-/*
- * Wire storage for messages being packed: the Message structs, their
- * KeyValue structs and pointer arrays. Small publishes use the inline
- * arrays; larger ones one malloc. Everything points into the caller's
- * strings, which outlive the pack.
- */
-struct msgbuf {
-    Protoq__Publish pub_inline[1];
-    Protoq__Publish *pubp_inline[1];
-    Protoq__Message msg_inline[1];
-    Protoq__KeyValue kv_inline[KV_STACK];
-    Protoq__KeyValue *kvp_inline[KV_STACK];
-    Protoq__Publish *pub;
-    Protoq__Publish **pubp;
-    Protoq__Message *msg;
-    Protoq__KeyValue *kv;
-    Protoq__KeyValue **kvp;
-    void *heap;                 /* the one allocation, or NULL */
-};
-
-static int
-msgbuf_init(struct msgbuf *b, const struct protoq_message *msgs, size_t n)
-{
-    size_t kvs = 0;
-    size_t i;
-
-    for (i = 0; i < n; i++) {
-        kvs += msgs[i].n_headers + msgs[i].n_requires;
-    }
-    b->heap = NULL;
-    if (n <= 1 && kvs <= KV_STACK) {
-        b->pub = b->pub_inline;
-        b->pubp = b->pubp_inline;
-        b->msg = b->msg_inline;
-        b->kv = b->kv_inline;
-        b->kvp = b->kvp_inline;
-        return PQ_OK;
-    }
-    b->heap = malloc(n * (sizeof(Protoq__Publish) + sizeof(Protoq__Publish *) +
-                          sizeof(Protoq__Message)) +
-                     kvs * (sizeof(Protoq__KeyValue) +
-                            sizeof(Protoq__KeyValue *)));
-    if (b->heap == NULL) {
-        return PQ_ENOMEM;
-    }
-    /* Largest alignment first: the structs, then the pointer arrays. */
-    b->pub = b->heap;
-    b->msg = (Protoq__Message *)(b->pub + n);
-    b->kv = (Protoq__KeyValue *)(b->msg + n);
-    b->pubp = (Protoq__Publish **)(b->kv + kvs);
-    b->kvp = (Protoq__KeyValue **)(b->pubp + n);
-    return PQ_OK;
-}
-
-static void
-msgbuf_fini(struct msgbuf *b)
-{
-    free(b->heap);
-}
-
-/* Fill kvs/ptrs from n pairs; returns the pointer array. */
-static Protoq__KeyValue **
-kv_to_wire(Protoq__KeyValue *kvs, Protoq__KeyValue **ptrs,
-           const struct protoq_kv *src, size_t n)
-{
-    size_t i;
-
-    for (i = 0; i < n; i++) {
-        Protoq__KeyValue init = PROTOQ__KEY_VALUE__INIT;
-
-        kvs[i] = init;
-        kvs[i].key = S(src[i].key);
-        kvs[i].value = S(src[i].value);
-        ptrs[i] = &kvs[i];
-    }
-    return n ? ptrs : NULL;
-}
-
-/* Fill b->msg[i] and b->pub[i] from m; *kvi is the next free kv slot. */
-static void
-msg_to_wire(struct msgbuf *b, size_t i, size_t *kvi, const char *queue,
-            const struct protoq_message *m)
-{
-    Protoq__Publish pinit = PROTOQ__PUBLISH__INIT;
-    Protoq__Message minit = PROTOQ__MESSAGE__INIT;
-    Protoq__Message *w = &b->msg[i];
-
-    *w = minit;
-    w->payload.data = (uint8_t *)(m->len ? m->payload : NULL);
-    w->payload.len = m->len;
-    w->n_headers = m->n_headers;
-    w->headers = kv_to_wire(b->kv + *kvi, b->kvp + *kvi, m->headers,
-                            m->n_headers);
-    *kvi += m->n_headers;
-    w->priority = m->priority;
-    w->delay_ms = m->delay_ms;
-    w->deliver_at_ms = m->deliver_at_ms;
-    w->ttl_ms = m->ttl_ms;
-    w->idempotency_key = S(m->idempotency_key);
-    w->correlation_id = S(m->correlation_id);
-    w->reply_to = S(m->reply_to);
-    w->n_requires = m->n_requires;
-    w->requires = kv_to_wire(b->kv + *kvi, b->kvp + *kvi, m->requires,
-                             m->n_requires);
-    *kvi += m->n_requires;
-    b->pub[i] = pinit;
-    b->pub[i].queue = S(queue);
-    b->pub[i].message = w;
-    b->pubp[i] = &b->pub[i];
-}
-
-static bool
-msg_ok(protoq_client *c, const struct protoq_message *m)
-{
-    if (m == NULL) {
-        set_err(c, PQ_EINVAL, "no message");
-        return false;
-    }
-    if (m->len > 0 && m->payload == NULL) {
-        set_err(c, PQ_EINVAL, "payload is NULL but len is %zu", m->len);
-        return false;
-    }
-    if ((m->n_headers > 0 && m->headers == NULL) ||
-        (m->n_requires > 0 && m->requires == NULL)) {
-        set_err(c, PQ_EINVAL, "headers or requires missing");
-        return false;
-    }
-    return true;
-}
-
-/* ---- publishing ---- */
-
-/* protoq_publish_ex: one Publish, wait for its PublishOk (id and duplicate flag). */
-int
-protoq_publish_ex(protoq_client *c, const char *queue,
-                  const struct protoq_message *msg, uint64_t *id_out,
-                  bool *duplicate_out)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__Frame *r;
-    struct msgbuf b;
-    size_t kvi = 0;
-    int rc;
-
-    if (id_out != NULL) {
-        *id_out = 0;
-    }
-    if (duplicate_out != NULL) {
-        *duplicate_out = false;
-    }
-    if (!name_ok(c, "queue", queue) || !msg_ok(c, msg)) {
-        return PQ_EINVAL;
-    }
-    if (msgbuf_init(&b, msg, 1) != PQ_OK) {
-        return set_err(c, PQ_ENOMEM, "out of memory (publish)");
-    }
-    msg_to_wire(&b, 0, &kvi, queue, msg);
-    f.kind_case = PROTOQ__FRAME__KIND_PUBLISH;
-    f.publish = &b.pub[0];
-    rc = request(c, &f, PROTOQ__FRAME__KIND_PUBLISH_OK, &r);
-    msgbuf_fini(&b);
-    if (rc != PQ_OK) {
-        return rc;
-    }
-    if (r->publish_ok->n_message_ids < 1) {
-        frame_free(r);
-        return set_err(c, PQ_EPROTO, "broker sent PublishOk without an id");
-    }
-    if (id_out != NULL) {
-        *id_out = r->publish_ok->message_ids[0];
-    }
-    if (duplicate_out != NULL && r->publish_ok->n_duplicate > 0) {
-        *duplicate_out = r->publish_ok->duplicate[0] != 0;
-    }
-    frame_free(r);
-    return PQ_OK;
-}
-
-/* protoq_publish: protoq_publish_ex without the duplicate flag. */
-int
-protoq_publish(protoq_client *c, const char *queue,
-               const struct protoq_message *msg, uint64_t *id_out)
-{
-    return protoq_publish_ex(c, queue, msg, id_out, NULL);
-}
-
-/* protoq_publish_async: buffer one Publish with a ring entry for its confirm callback. */
-int
-protoq_publish_async(protoq_client *c, const char *queue,
-                     const struct protoq_message *msg, protoq_confirm_fn cb,
-                     void *arg)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    struct pending *p;
-    struct msgbuf b;
-    size_t kvi = 0;
-    uint64_t id;
-    int rc;
-
-    if (c->dead) {
-        return dead_err(c);
-    }
-    if (!name_ok(c, "queue", queue) || !msg_ok(c, msg)) {
-        return PQ_EINVAL;
-    }
-    if (msgbuf_init(&b, msg, 1) != PQ_OK) {
-        return set_err(c, PQ_ENOMEM, "out of memory (publish)");
-    }
-    msg_to_wire(&b, 0, &kvi, queue, msg);
-    f.kind_case = PROTOQ__FRAME__KIND_PUBLISH;
-    f.publish = &b.pub[0];
-    id = c->next_id++;
-    f.request_id = id;
-    p = pend_insert(c, id, PEND_CONFIRM);
-    if (p == NULL) {
-        msgbuf_fini(&b);
-        return set_err(c, PQ_ENOMEM, "out of memory (request table)");
-    }
-    p->cb = cb;
-    p->arg = arg;
-    rc = send_frame(c, &f);
-    msgbuf_fini(&b);
-    if (rc == PQ_ETOOBIG || rc == PQ_ENOMEM) {
-        /* Nothing was queued: take the entry back, no callback. */
-        p = pend_find(c, id);
-        if (p != NULL) {
-            pend_remove(c, p);
-        }
-        return rc;
-    }
-    /* Other failures killed the connection; the callback already ran. */
-    return rc;
-}
-
-static int
-publish_batch(protoq_client *c, const char *queue, const char *const *queues,
-              const struct protoq_message *msgs, size_t n, uint64_t *ids_out)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__PublishBatch pb = PROTOQ__PUBLISH_BATCH__INIT;
-    Protoq__Frame *r;
-    struct msgbuf b;
-    size_t kvi = 0;
-    size_t i;
-    int rc;
-
-    if (n == 0) {
-        return set_err(c, PQ_EINVAL, "empty batch");
-    }
-    if (c->info.max_batch > 0 && n > c->info.max_batch) {
-        return set_err(c, PQ_ETOOBIG, "batch of %zu messages is over the "
-                       "broker's limit of %u", n, c->info.max_batch);
-    }
-    for (i = 0; i < n; i++) {
-        const char *q = queues ? queues[i] : queue;
-
-        if (!name_ok(c, "queue", q) || !msg_ok(c, &msgs[i])) {
-            return PQ_EINVAL;
-        }
-    }
-    if (msgbuf_init(&b, msgs, n) != PQ_OK) {
-        return set_err(c, PQ_ENOMEM, "out of memory (batch)");
-    }
-    for (i = 0; i < n; i++) {
-        msg_to_wire(&b, i, &kvi, queues ? queues[i] : queue, &msgs[i]);
-    }
-    pb.n_items = n;
-    pb.items = b.pubp;
-    f.kind_case = PROTOQ__FRAME__KIND_PUBLISH_BATCH;
-    f.publish_batch = &pb;
-    rc = request(c, &f, PROTOQ__FRAME__KIND_PUBLISH_OK, &r);
-    msgbuf_fini(&b);
-    if (rc != PQ_OK) {
-        return rc;
-    }
-    if (r->publish_ok->n_message_ids != n) {
-        rc = (int)r->publish_ok->n_message_ids;
-        frame_free(r);
-        return set_err(c, PQ_EPROTO, "broker confirmed %d of %zu messages",
-                       rc, n);
-    }
-    if (ids_out != NULL) {
-        memcpy(ids_out, r->publish_ok->message_ids, n * sizeof(*ids_out));
-    }
-    frame_free(r);
-    return PQ_OK;
-}
-
-/* protoq_publish_batch: one atomic PublishBatch to one queue, wait for PublishOk. */
-int
-protoq_publish_batch(protoq_client *c, const char *queue,
-                     const struct protoq_message *msgs, size_t n,
-                     uint64_t *ids_out)
-{
-    return publish_batch(c, queue, NULL, msgs, n, ids_out);
-}
-
-/* protoq_publish_batch_multi: one atomic PublishBatch, a queue per message. */
-int
-protoq_publish_batch_multi(protoq_client *c, const char *const *queues,
-                           const struct protoq_message *msgs, size_t n,
-                           uint64_t *ids_out)
-{
-    if (queues == NULL) {
-        return set_err(c, PQ_EINVAL, "no queues");
-    }
-    return publish_batch(c, NULL, queues, msgs, n, ids_out);
-}
-
-/* protoq_publish_route: Publish through a route, wait for PublishOk. */
-int
-protoq_publish_route(protoq_client *c, const char *route,
-                     const char *routing_key, const struct protoq_message *msg,
-                     uint64_t *ids_out, size_t max_ids, size_t *n_ids)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__Frame *r;
-    struct msgbuf b;
-    size_t kvi = 0;
-    size_t n;
-    int rc;
-
-    if (n_ids != NULL) {
-        *n_ids = 0;
-    }
-    if (!name_ok(c, "route", route) || !msg_ok(c, msg)) {
-        return PQ_EINVAL;
-    }
-    if (msgbuf_init(&b, msg, 1) != PQ_OK) {
-        return set_err(c, PQ_ENOMEM, "out of memory (publish)");
-    }
-    msg_to_wire(&b, 0, &kvi, NULL, msg);
-    b.pub[0].route = S(route);
-    b.pub[0].routing_key = S(routing_key);
-    f.kind_case = PROTOQ__FRAME__KIND_PUBLISH;
-    f.publish = &b.pub[0];
-    rc = request(c, &f, PROTOQ__FRAME__KIND_PUBLISH_OK, &r);
-    msgbuf_fini(&b);
-    if (rc != PQ_OK) {
-        return rc;
-    }
-    n = r->publish_ok->n_message_ids;
-    if (ids_out != NULL) {
-        memcpy(ids_out, r->publish_ok->message_ids,
-               (n < max_ids ? n : max_ids) * sizeof(*ids_out));
-    }
-    if (n_ids != NULL) {
-        *n_ids = n;
-    }
-    frame_free(r);
-    return PQ_OK;
-}
-
-/* protoq_wait_confirms: pump until at most max_outstanding async publishes are unconfirmed. */
-int
-protoq_wait_confirms(protoq_client *c, size_t max_outstanding, int timeout_ms)
-{
-    int64_t deadline = deadline_after(timeout_ms);
-    int rc;
-
-    if (c->dead) {
-        return dead_err(c);
-    }
-    while (c->n_confirms > max_outstanding) {
-        int left = remaining_ms(deadline);
-
-        if (left == 0) {
-            return set_err(c, PQ_ETIMEDOUT,
-                           "%zu publishes still unconfirmed after %d ms",
-                           c->n_confirms, timeout_ms);
-        }
-        rc = pump(c, left, true);
-        if (rc < 0) {
-            return rc;
-        }
-    }
-    /* Send what is left even when nothing needed waiting for. */
-    return c->out_len > c->out_start ? flush_all(c, true) : PQ_OK;
-}
-
-/* protoq_outstanding: async publishes not yet confirmed. */
-size_t
-protoq_outstanding(const protoq_client *c)
-{
-    return c->n_confirms;
-}
-
-/* protoq_flush: write all buffered output, dispatching what arrives. */
-int
-protoq_flush(protoq_client *c)
-{
-    return flush_all(c, true);
-}
-
-/* ---- consuming ---- */
-
-/* protoq_subscribe: Subscribe; the callback is registered when SubscribeOk arrives. */
-int
-protoq_subscribe(protoq_client *c, const char *queue, uint32_t prefetch,
-                 const struct protoq_kv *tags, size_t n_tags,
-                 protoq_deliver_fn cb, void *arg, uint64_t *sub_id)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__Subscribe s = PROTOQ__SUBSCRIBE__INIT;
-    Protoq__KeyValue kv_inline[KV_STACK];
-    Protoq__KeyValue *kvp_inline[KV_STACK];
-    Protoq__KeyValue *kv = kv_inline;
-    Protoq__KeyValue **kvp = kvp_inline;
-    Protoq__Frame *r;
-    struct waiter w;
-    int rc;
-
-    if (sub_id != NULL) {
-        *sub_id = 0;
-    }
-    if (!name_ok(c, "queue", queue)) {
-        return PQ_EINVAL;
-    }
-    if (cb == NULL || (n_tags > 0 && tags == NULL)) {
-        return set_err(c, PQ_EINVAL, "subscribe needs a callback");
-    }
-    if (n_tags > KV_STACK) {
-        kv = malloc(n_tags * sizeof(*kv));
-        kvp = malloc(n_tags * sizeof(*kvp));
-        if (kv == NULL || kvp == NULL) {
-            free(kv);
-            free(kvp);
-            return set_err(c, PQ_ENOMEM, "out of memory (subscribe)");
-        }
-    }
-    s.queue = S(queue);
-    s.prefetch = prefetch;
-    s.n_tags = n_tags;
-    s.tags = kv_to_wire(kv, kvp, tags, n_tags);
-    f.kind_case = PROTOQ__FRAME__KIND_SUBSCRIBE;
-    f.subscribe = &s;
-    memset(&w, 0, sizeof(w));
-    w.sub_cb = cb;
-    w.sub_arg = arg;
-    rc = request_w(c, &f, PROTOQ__FRAME__KIND_SUBSCRIBE_OK, &r, &w);
-    if (kv != kv_inline) {
-        free(kv);
-        free(kvp);
-    }
-    if (rc != PQ_OK) {
-        return rc;
-    }
-    if (sub_id != NULL) {
-        *sub_id = r->subscribe_ok->subscription_id;
-    }
-    frame_free(r);
-    return PQ_OK;
-}
-
-/* protoq_unsubscribe: forget the subscription, then Unsubscribe and wait for Ok. */
-int
-protoq_unsubscribe(protoq_client *c, uint64_t sub_id)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__Unsubscribe u = PROTOQ__UNSUBSCRIBE__INIT;
-    size_t i;
-
-    /* Forget it first: deliveries that cross the Unsubscribe are dropped
-     * (they return to the queue when their lease or the connection ends). */
-    for (i = 0; i < c->n_subs; i++) {
-        if (c->subs[i].id == sub_id) {
-            c->subs[i] = c->subs[--c->n_subs];
-            break;
-        }
-    }
-    u.subscription_id = sub_id;
-    f.kind_case = PROTOQ__FRAME__KIND_UNSUBSCRIBE;
-    f.unsubscribe = &u;
-    return request_ok(c, &f, NULL);
-}
-
-/* protoq_flow: Flow (prefetch 0 pauses), wait for Ok. */
-int
-protoq_flow(protoq_client *c, uint64_t sub_id, uint32_t prefetch)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__Flow fl = PROTOQ__FLOW__INIT;
-
-    fl.subscription_id = sub_id;
-    fl.prefetch = prefetch;
-    f.kind_case = PROTOQ__FRAME__KIND_FLOW;
-    f.flow = &fl;
-    return request_ok(c, &f, NULL);
-}
-
-/* protoq_poll: pump until a callback ran or timeout_ms passed. */
-int
-protoq_poll(protoq_client *c, int timeout_ms)
-{
-    int64_t deadline = deadline_after(timeout_ms);
-    int rc;
-
-    for (;;) {
-        rc = pump(c, remaining_ms(deadline), true);
-        if (rc != 0 || (deadline >= 0 && remaining_ms(deadline) == 0)) {
-            return rc;
-        }
-    }
-}
-
-/* protoq_ack_ex: Ack with result/follow-ups; waits only when opts->confirm. */
-int
-protoq_ack_ex(protoq_client *c, uint64_t message_id, uint32_t attempt,
-              const struct protoq_ack_opts *opts)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__Ack a = PROTOQ__ACK__INIT;
-    struct msgbuf b;
-    size_t kvi = 0;
-    size_t i, n = opts ? opts->n_follow_ups : 0;
-    int rc;
-
-    a.message_id = message_id;
-    a.attempt = attempt;
-    f.kind_case = PROTOQ__FRAME__KIND_ACK;
-    f.ack = &a;
-    if (opts == NULL) {
-        return send_noreply(c, &f);
-    }
-    a.confirm = opts->confirm;
-    a.result.data = (uint8_t *)(opts->result_len ? opts->result : NULL);
-    a.result.len = opts->result_len;
-    if (n > 0) {
-        if (opts->follow_up_queues == NULL || opts->follow_ups == NULL) {
-            return set_err(c, PQ_EINVAL, "follow-ups without queues");
-        }
-        for (i = 0; i < n; i++) {
-            if (!name_ok(c, "queue", opts->follow_up_queues[i]) ||
-                !msg_ok(c, &opts->follow_ups[i])) {
-                return PQ_EINVAL;
-            }
-        }
-    }
-    if (msgbuf_init(&b, opts->follow_ups, n) != PQ_OK) {
-        return set_err(c, PQ_ENOMEM, "out of memory (ack)");
-    }
-    for (i = 0; i < n; i++) {
-        msg_to_wire(&b, i, &kvi, opts->follow_up_queues[i],
-                    &opts->follow_ups[i]);
-    }
-    a.n_follow_ups = n;
-    a.follow_ups = n ? b.pubp : NULL;
-    rc = opts->confirm ? request_ok(c, &f, NULL) : send_noreply(c, &f);
-    msgbuf_fini(&b);
-    return rc;
-}
-
-/* protoq_ack: buffered Ack without confirm (no reply on success). */
-int
-protoq_ack(protoq_client *c, uint64_t message_id, uint32_t attempt)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__Ack a = PROTOQ__ACK__INIT;
-
-    a.message_id = message_id;
-    a.attempt = attempt;
-    f.kind_case = PROTOQ__FRAME__KIND_ACK;
-    f.ack = &a;
-    return send_noreply(c, &f);
-}
-
-/* protoq_ack_sync: Ack with confirm, wait for the durable Ok. */
-int
-protoq_ack_sync(protoq_client *c, uint64_t message_id, uint32_t attempt)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__Ack a = PROTOQ__ACK__INIT;
-
-    a.message_id = message_id;
-    a.attempt = attempt;
-    a.confirm = true;
-    f.kind_case = PROTOQ__FRAME__KIND_ACK;
-    f.ack = &a;
-    return request_ok(c, &f, NULL);
-}
-
-static int
-nack(protoq_client *c, uint64_t message_id, uint32_t attempt,
-     uint64_t delay_ms, bool dead_letter, const char *error_text,
-     bool confirm)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__Nack nk = PROTOQ__NACK__INIT;
-
-    nk.message_id = message_id;
-    nk.attempt = attempt;
-    nk.confirm = confirm;
-    nk.delay_ms = delay_ms;
-    nk.dead_letter = dead_letter;
-    nk.error = S(error_text);
-    f.kind_case = PROTOQ__FRAME__KIND_NACK;
-    f.nack = &nk;
-    return confirm ? request_ok(c, &f, NULL) : send_noreply(c, &f);
-}
-
-/* protoq_nack: buffered Nack without confirm. */
-int
-protoq_nack(protoq_client *c, uint64_t message_id, uint32_t attempt,
-            uint64_t delay_ms, bool dead_letter, const char *error_text)
-{
-    return nack(c, message_id, attempt, delay_ms, dead_letter, error_text,
-                false);
-}
-
-/* protoq_nack_sync: Nack with confirm, wait for the durable Ok. */
-int
-protoq_nack_sync(protoq_client *c, uint64_t message_id, uint32_t attempt,
-                 uint64_t delay_ms, bool dead_letter, const char *error_text)
-{
-    return nack(c, message_id, attempt, delay_ms, dead_letter, error_text,
-                true);
-}
-
-static void
-progress_to_wire(Protoq__Progress *w, const struct protoq_progress *p)
-{
-    w->percent = p->percent;
-    w->text = S(p->text);
-    w->checkpoint = S(p->checkpoint);
-}
-
-/* protoq_touch: Touch, wait for TouchOk. */
-int
-protoq_touch(protoq_client *c, uint64_t message_id, uint32_t attempt,
-             uint64_t extend_ms, const struct protoq_progress *progress,
-             uint64_t *lease_ms)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__Touch t = PROTOQ__TOUCH__INIT;
-    Protoq__Progress pw = PROTOQ__PROGRESS__INIT;
-    Protoq__Frame *r;
-    int rc;
-
-    if (lease_ms != NULL) {
-        *lease_ms = 0;
-    }
-    t.message_id = message_id;
-    t.attempt = attempt;
-    t.extend_ms = extend_ms;
-    if (progress != NULL) {
-        progress_to_wire(&pw, progress);
-        t.progress = &pw;
-    }
-    f.kind_case = PROTOQ__FRAME__KIND_TOUCH;
-    f.touch = &t;
-    rc = request(c, &f, PROTOQ__FRAME__KIND_TOUCH_OK, &r);
-    if (rc != PQ_OK) {
-        return rc;
-    }
-    if (lease_ms != NULL) {
-        *lease_ms = r->touch_ok->lease_ms;
-    }
-    frame_free(r);
-    return PQ_OK;
-}
-
-/* protoq_release: Release; waits for Ok only when confirm. */
-int
-protoq_release(protoq_client *c, uint64_t message_id, uint32_t attempt,
-               enum protoq_release_reason reason,
-               const struct protoq_progress *progress, bool confirm)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__Release rl = PROTOQ__RELEASE__INIT;
-    Protoq__Progress pw = PROTOQ__PROGRESS__INIT;
-
-    rl.message_id = message_id;
-    rl.attempt = attempt;
-    rl.reason = (Protoq__ReleaseReason)reason;
-    rl.confirm = confirm;
-    if (progress != NULL) {
-        progress_to_wire(&pw, progress);
-        rl.progress = &pw;
-    }
-    f.kind_case = PROTOQ__FRAME__KIND_RELEASE;
-    f.release = &rl;
-    return confirm ? request_ok(c, &f, NULL) : send_noreply(c, &f);
-}
-
-/* protoq_cancel: Cancel, wait for Ok. */
-int
-protoq_cancel(protoq_client *c, const char *queue, uint64_t message_id)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__Cancel cn = PROTOQ__CANCEL__INIT;
-
-    if (!name_ok(c, "queue", queue)) {
-        return PQ_EINVAL;
-    }
-    cn.queue = S(queue);
-    cn.message_id = message_id;
-    f.kind_case = PROTOQ__FRAME__KIND_CANCEL;
-    f.cancel = &cn;
-    return request_ok(c, &f, NULL);
-}
-
-/* protoq_set_cancel_cb: set the CancelRequested callback. */
-void
-protoq_set_cancel_cb(protoq_client *c, protoq_cancel_fn cb, void *arg)
-{
-    c->cancel_cb = cb;
-    c->cancel_arg = arg;
-}
-
-/* protoq_set_error_cb: set the async error callback. */
-void
-protoq_set_error_cb(protoq_client *c, protoq_error_fn cb, void *arg)
-{
-    c->error_cb = cb;
-    c->error_arg = arg;
-}
-
-/* protoq_async_errors: count of async errors so far. */
-uint64_t
-protoq_async_errors(const protoq_client *c)
-{
-    return c->async_errors;
-}

@@ -18,6 +18,7 @@
 
 #include "config.h"
 #include "pqerr.h"
+#include "units.h"
 
 #define ck_assert_pq_ok(expr)                                                  \
     do {                                                                       \
@@ -218,10 +219,15 @@ START_TEST(test_duration_suffixes)
         {"007s", 7000},
         {"18446744073709551615", UINT64_MAX},
         {"18446744073709551ms", 18446744073709551ull},
+        {"1h30m", 5400000},
+        {"2d12h", 216000000},
+        {"1m30s", 90000},
+        {"1s500ms", 1500},
+        {"1d2h3m4s5ms", 93784005},
     };
     for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
         uint64_t v = 12345;
-        ck_assert_msg(config_parse_duration_ms(ok[i].s, &v) == PQ_OK,
+        ck_assert_msg(units_parse_duration_ms(ok[i].s, &v) == PQ_OK,
                       "%s rejected", ok[i].s);
         ck_assert_msg(v == ok[i].ms, "%s -> %llu", ok[i].s,
                       (unsigned long long)v);
@@ -251,14 +257,20 @@ START_TEST(test_duration_rejects_garbage_and_overflow)
         "18446744073709552s",
         "213503982334602d",
         "99999999999999999999999",
+        "30m1h",
+        "1s1s",
+        "1h30",
+        "1h 30m",
+        "5ms1s",
+        "1.5m",
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         uint64_t v = 777;
-        ck_assert_msg(config_parse_duration_ms(bad[i], &v) == PQ_EINVAL,
+        ck_assert_msg(units_parse_duration_ms(bad[i], &v) == PQ_EINVAL,
                       "\"%s\" accepted", bad[i]);
         ck_assert_uint_eq(v, 777); /* untouched on error */
     }
-    ck_assert_int_eq(config_parse_duration_ms(NULL, &(uint64_t){0}), PQ_EINVAL);
+    ck_assert_int_eq(units_parse_duration_ms(NULL, &(uint64_t){0}), PQ_EINVAL);
 }
 END_TEST
 
@@ -277,10 +289,15 @@ START_TEST(test_bytes_suffixes)
         {"1g", 1073741824},
         {"1G", 1073741824},
         {"17179869183G", 17179869183ull << 30},
+        {"4KB", 4096},
+        {"4KiB", 4096},
+        {"4kb", 4096},
+        {"2MiB", 2097152},
+        {"10b", 10},
     };
     for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
         uint64_t v = 1;
-        ck_assert_msg(config_parse_bytes(ok[i].s, &v) == PQ_OK, "%s rejected",
+        ck_assert_msg(units_parse_bytes(ok[i].s, &v) == PQ_OK, "%s rejected",
                       ok[i].s);
         ck_assert_msg(v == ok[i].n, "%s -> %llu", ok[i].s,
                       (unsigned long long)v);
@@ -294,10 +311,9 @@ START_TEST(test_bytes_rejects_garbage_and_overflow)
         "",
         "k",
         "-1",
-        "4KB",
-        "4KiB",
-        "4kb",
         "4 k",
+        "4ib",
+        "4KBB",
         "4kk",
         "1t",
         "1T",
@@ -310,7 +326,7 @@ START_TEST(test_bytes_rejects_garbage_and_overflow)
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         uint64_t v = 777;
-        ck_assert_msg(config_parse_bytes(bad[i], &v) == PQ_EINVAL,
+        ck_assert_msg(units_parse_bytes(bad[i], &v) == PQ_EINVAL,
                       "\"%s\" accepted", bad[i]);
         ck_assert_uint_eq(v, 777);
     }

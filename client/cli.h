@@ -1,0 +1,67 @@
+/*
+ * cli.h: what the protoq CLI's files share. cli.c parses the global options
+ * and runs one command; each command is in its own file:
+ *
+ *   cli_queue.c    queue create|ls|stat|purge|rm
+ *   cli_pub.c      pub
+ *   cli_consume.c  consume
+ *   cli_work.c     work (runs a command per job)
+ */
+#ifndef PQ_CLI_H
+#define PQ_CLI_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "protoq.h"
+#include "units.h"
+
+#ifndef PROTOQ_VERSION
+#define PROTOQ_VERSION "0.1.0"
+#endif
+
+enum {
+    EXIT_OK = 0,
+    EXIT_ERR = 1,
+    EXIT_USAGE = 2,
+    LINES_WINDOW = 1000,      /* unconfirmed publishes of pub --lines */
+    MAX_KV = 64,              /* --header / --require / --tag each */
+    DEFAULT_PREFETCH = 1000,
+    DEFAULT_WAIT_MS = 5000,
+};
+
+/* The global options and what every command needs. */
+struct cli {
+    const char *server;
+    const char *cmd;          /* e.g. "pub jobs", for error messages */
+    char cmdbuf[300];
+    protoq_client *c;
+};
+
+/* A list of K=V pairs from repeated options; the strings point into argv
+ * (which we split in place at the '='). */
+struct kvlist {
+    struct protoq_kv kv[MAX_KV];
+    size_t n;
+};
+
+/* fail: "protoq: CMD: message" on stderr; returns EXIT_ERR. */
+__attribute__((format(printf, 2, 3))) int fail(const struct cli *cli,
+                                               const char *fmt, ...);
+/* fail_pq: report a failed library call on cli->c (message and code). */
+int fail_pq(const struct cli *cli, int rc);
+/* usage_err: the message and the usage on stderr; returns EXIT_USAGE. */
+__attribute__((format(printf, 1, 2))) int usage_err(const char *fmt, ...);
+/* kv_add: add "K=V" (split in place) to l; false when malformed or full. */
+bool kv_add(struct kvlist *l, char *arg);
+/* cli_connect: connect cli->c to cli->server; EXIT_OK or a failure. */
+int cli_connect(struct cli *cli);
+
+/* The commands: argv[0] is the command's name; exit status back. */
+int cmd_queue(struct cli *cli, int argc, char **argv);
+int cmd_pub(struct cli *cli, int argc, char **argv);
+int cmd_consume(struct cli *cli, int argc, char **argv);
+int cmd_work(struct cli *cli, int argc, char **argv);
+
+#endif

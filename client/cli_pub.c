@@ -1,0 +1,275 @@
+/*
+ * cli_pub.c: protoq pub: one message from DATA, --file or stdin, or one per
+ * stdin line (--lines, pipelined, exit 0 only when every line was confirmed).
+ */
+#include "cli.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Read all of f into a malloc'ed buffer. */
+static int
+read_all(FILE *f, char **out, size_t *len)
+{
+    size_t cap = 64 * 1024, n = 0;
+    char *buf = malloc(cap);
+
+    if (buf == NULL) {
+        return -1;
+    }
+    for (;;) {
+        size_t r;
+
+        if (n == cap) {
+            char *nb = realloc(buf, cap * 2);
+
+            if (nb == NULL) {
+                free(buf);
+                return -1;
+            }
+            buf = nb;
+            cap *= 2;
+        }
+        r = fread(buf + n, 1, cap - n, f);
+        n += r;
+        if (r == 0) {
+            break;
+        }
+    }
+    if (ferror(f)) {
+        free(buf);
+        return -1;
+    }
+    *out = buf;
+    *len = n;
+    return 0;
+}
+
+/* Outcome of the pipelined publishes of pub --lines. */
+struct lines_state {
+    struct cli *cli;
+    uint64_t confirmed;
+    uint64_t failed;
+    char first_err[600];
+};
+
+static void
+lines_confirm(void *arg, int err, uint64_t message_id, bool duplicate)
+{
+    struct lines_state *st = arg;
+
+    (void)message_id;
+    (void)duplicate;
+    if (err == PQ_OK) {
+        st->confirmed++;
+        return;
+    }
+    if (st->failed++ == 0) {
+        const char *msg = protoq_errmsg(st->cli->c);
+        int code = protoq_last_error_code(st->cli->c);
+
+        if (err == PQ_EREMOTE && code != 0) {
+            snprintf(st->first_err, sizeof(st->first_err), "%s (%s)", msg,
+                     protoq_code_name(code));
+        } else {
+            snprintf(st->first_err, sizeof(st->first_err), "%s",
+                     msg[0] ? msg : pq_strerror(err));
+        }
+    }
+}
+
+static int
+pub_lines(struct cli *cli, const char *queue, struct protoq_message *m)
+{
+    struct lines_state st;
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t n;
+    uint64_t sent = 0;
+    int rc = PQ_OK;
+
+    memset(&st, 0, sizeof(st));
+    st.cli = cli;
+    while (st.failed == 0 && (n = getline(&line, &cap, stdin)) >= 0) {
+        if (n > 0 && line[n - 1] == '\n') {
+            n--;
+        }
+        m->payload = line;
+        m->len = (size_t)n;
+        rc = protoq_publish_async(cli->c, queue, m, lines_confirm, &st);
+        if (rc != PQ_OK) {
+            break;
+        }
+        sent++;
+        if (protoq_outstanding(cli->c) >= LINES_WINDOW) {
+            rc = protoq_wait_confirms(cli->c, LINES_WINDOW * 3 / 4, -1);
+            if (rc != PQ_OK) {
+                break;
+            }
+        }
+    }
+    free(line);
+    if (rc == PQ_OK && ferror(stdin)) {
+        fail(cli, "reading stdin: %s", strerror(errno));
+        rc = PQ_ESYS;
+    } else if (rc != PQ_OK) {
+        /* The first confirm failure is the better message, if any. */
+        if (st.failed == 0) {
+            fail_pq(cli, rc);
+        }
+    }
+    if (rc == PQ_OK || rc == PQ_ESYS) {
+        int wrc = protoq_wait_confirms(cli->c, 0, -1);
+
+        if (wrc != PQ_OK && rc == PQ_OK) {
+            if (st.failed == 0) {
+                fail_pq(cli, wrc);
+            }
+            rc = wrc;
+        }
+    }
+    if (st.failed > 0) {
+        fail(cli, "%" PRIu64 " of %" PRIu64 " messages not published; first "
+             "error: %s", st.failed, sent, st.first_err);
+        return EXIT_ERR;
+    }
+    return rc == PQ_OK ? EXIT_OK : EXIT_ERR;
+}
+
+int
+cmd_pub(struct cli *cli, int argc, char **argv)
+{
+    enum {
+        O_FILE = 256, O_LINES, O_PRIO, O_DELAY, O_TTL, O_HEADER, O_KEY,
+        O_REQUIRE
+    };
+    static const struct option opts[] = {
+        {"file", required_argument, NULL, O_FILE},
+        {"lines", no_argument, NULL, O_LINES},
+        {"priority", required_argument, NULL, O_PRIO},
+        {"delay", required_argument, NULL, O_DELAY},
+        {"ttl", required_argument, NULL, O_TTL},
+        {"header", required_argument, NULL, O_HEADER},
+        {"key", required_argument, NULL, O_KEY},
+        {"require", required_argument, NULL, O_REQUIRE},
+        {NULL, 0, NULL, 0},
+    };
+    struct kvlist headers, requires;
+    struct protoq_message m;
+    const char *file = NULL;
+    const char *queue;
+    const char *data = NULL;
+    bool lines = false;
+    char *buf = NULL;
+    uint64_t v, id = 0;
+    int ch, rc;
+
+    memset(&m, 0, sizeof(m));
+    headers.n = requires.n = 0;
+    while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (ch) {
+        case O_FILE:
+            file = optarg;
+            break;
+        case O_LINES:
+            lines = true;
+            break;
+        case O_PRIO:
+            if (units_parse_u64(optarg, &v) != PQ_OK || v > 9) {
+                return usage_err("--priority: want 0-9, not %s", optarg);
+            }
+            m.priority = (uint32_t)v;
+            break;
+        case O_DELAY:
+            if (units_parse_duration_ms(optarg, &m.delay_ms) != PQ_OK) {
+                return usage_err("--delay: not a duration: %s", optarg);
+            }
+            break;
+        case O_TTL:
+            if (units_parse_duration_ms(optarg, &m.ttl_ms) != PQ_OK) {
+                return usage_err("--ttl: not a duration: %s", optarg);
+            }
+            break;
+        case O_HEADER:
+            if (!kv_add(&headers, optarg)) {
+                return usage_err("--header: want K=V (at most %d)", MAX_KV);
+            }
+            break;
+        case O_KEY:
+            m.idempotency_key = optarg;
+            break;
+        case O_REQUIRE:
+            if (!kv_add(&requires, optarg)) {
+                return usage_err("--require: want K=V (at most %d)", MAX_KV);
+            }
+            break;
+        default:
+            return usage_err("pub: bad option");
+        }
+    }
+    if (optind >= argc) {
+        return usage_err("pub: want a QUEUE");
+    }
+    queue = argv[optind++];
+    if (optind < argc) {
+        data = argv[optind++];
+    }
+    if (optind < argc) {
+        return usage_err("pub: unexpected argument '%s'", argv[optind]);
+    }
+    if ((data != NULL) + (file != NULL) + lines > 1) {
+        return usage_err("pub: DATA, --file and --lines exclude each other");
+    }
+    snprintf(cli->cmdbuf, sizeof(cli->cmdbuf), "pub %s", queue);
+    cli->cmd = cli->cmdbuf;
+    m.headers = headers.kv;
+    m.n_headers = headers.n;
+    m.requires = requires.kv;
+    m.n_requires = requires.n;
+
+    if (data != NULL) {
+        m.payload = data;
+        m.len = strlen(data);
+    } else if (!lines) {
+        FILE *f = stdin;
+
+        if (file != NULL && (f = fopen(file, "rb")) == NULL) {
+            return fail(cli, "%s: %s", file, strerror(errno));
+        }
+        rc = read_all(f, &buf, &m.len);
+        if (f != stdin) {
+            fclose(f);
+        }
+        if (rc != 0) {
+            return fail(cli, "reading %s: %s", file ? file : "stdin",
+                        strerror(errno));
+        }
+        m.payload = buf;
+    }
+    if ((rc = cli_connect(cli)) != EXIT_OK) {
+        free(buf);
+        return rc;
+    }
+    if (lines) {
+        return pub_lines(cli, queue, &m);
+    }
+    rc = protoq_publish(cli->c, queue, &m, &id);
+    free(buf);
+    if (rc != PQ_OK) {
+        return fail_pq(cli, rc);
+    }
+    printf("%" PRIu64 "\n", id);
+    return fflush(stdout) == 0 ? EXIT_OK : fail(cli, "stdout: %s",
+                                                strerror(errno));
+}
+

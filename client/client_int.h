@@ -1,0 +1,197 @@
+/*
+ * client_int.h: libprotoq's private header, shared by its four files and
+ * never installed:
+ *
+ *   client.c          the connection: buffers, the pending-request ring,
+ *                     reading and dispatching frames, heartbeats, connect
+ *                     and handshake, blocking request/reply
+ *   client_admin.c    queue and route administration
+ *   client_pub.c      packing messages, publishing (sync, async, batches)
+ *   client_consume.c  subscriptions, flow, ack/nack/touch/release, cancel
+ *
+ * Only client.c touches the socket and the buffers; the others build a
+ * Frame and hand it to client_request* / client_send_*. Functions here take
+ * the client_ prefix; everything else stays static in its file.
+ */
+#ifndef PQ_CLIENT_INT_H
+#define PQ_CLIENT_INT_H
+
+/* pqerr.h before protoq.h: the real enum wins and client.c holds protoq.h's
+ * standalone copy to it. */
+#include "frame.h"
+#include "pqerr.h"
+#include "protoq.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+_Static_assert(PROTOQ_PQ_ERR_COUNT == 1 - PQ_ERR_MIN,
+               "client/protoq.h's copy of enum pq_err is out of date");
+
+enum {
+    IN_INITIAL = 256 * 1024,      /* input buffer, grown for large frames */
+    IN_READ_MIN = 64 * 1024,      /* compact when less room than this */
+    OUT_FLUSH_BYTES = 128 * 1024, /* auto-flush threshold of async output */
+    PRE_WELCOME_MAX = 16 * 1024,  /* frame limit until the Welcome */
+    PEND_INITIAL = 1024,          /* ring slots (power of two) */
+    PEND_EVICT_AT = 1 << 16,      /* past this, drop abandoned entries */
+    KV_STACK = 16,                /* key/values converted without malloc */
+    DEFAULT_CONNECT_MS = 5000,
+    DEFAULT_IO_MS = 30000,
+};
+
+enum pend_kind {
+    PEND_FREE = 0,
+    PEND_SYNC,      /* a blocking call waits on it (w) */
+    PEND_CONFIRM,   /* async publish: cb(arg, ...) */
+    PEND_IGNORE,    /* its caller gave up; drop the reply */
+};
+
+/* A blocking call's wait state; lives on that call's stack. */
+struct waiter {
+    bool done;
+    int err;                    /* PQ_* when the connection failed */
+    Protoq__Frame *reply;       /* owned by the waiter once done */
+    protoq_deliver_fn sub_cb;   /* subscribe: registered on SubscribeOk */
+    void *sub_arg;
+};
+
+/* One outstanding request that expects a reply. */
+struct pending {
+    uint64_t id;                /* request_id; 0 = free slot */
+    enum pend_kind kind;
+    struct waiter *w;           /* PEND_SYNC */
+    protoq_confirm_fn cb;       /* PEND_CONFIRM */
+    void *arg;
+};
+
+struct sub {
+    uint64_t id;                /* subscription_id */
+    protoq_deliver_fn cb;
+    void *arg;
+};
+
+struct protoq_client {
+    int fd;                     /* -1 when never connected */
+    int dead;                   /* PQ_* once unusable, else 0 */
+    char dead_msg[512];         /* why it died */
+    uint64_t next_id;           /* next request_id (starts at 1) */
+    int io_timeout_ms;          /* < 0: forever */
+    struct protoq_server_info info;
+    uint32_t in_limit;          /* largest frame body we accept */
+
+    uint8_t *out;               /* pending output: out[out_start..out_len) */
+    size_t out_start, out_len, out_cap;
+    uint8_t *in;                /* unparsed input: in[in_start..in_end) */
+    size_t in_start, in_end, in_cap;
+
+    struct pending *pend;       /* ring of pend_cap slots */
+    size_t pend_cap;
+    size_t n_pending;           /* used slots */
+    size_t n_confirms;          /* PEND_CONFIRM among them */
+
+    struct sub *subs;
+    size_t n_subs, subs_cap;
+    uint64_t dropped_deliveries;/* for no (longer) known subscription */
+
+    protoq_cancel_fn cancel_cb;
+    void *cancel_arg;
+    protoq_error_fn error_cb;
+    void *error_arg;
+    uint64_t async_errors;
+
+    int64_t last_send_ms;       /* monotonic; for heartbeats */
+    int last_code;              /* wire code of the last remote error */
+    char errmsg[512];
+};
+
+/*
+ * Wire storage for messages being packed: the Message structs, their
+ * KeyValue structs and pointer arrays. Small publishes use the inline
+ * arrays; larger ones one malloc. Everything points into the caller's
+ * strings, which outlive the pack.
+ */
+struct msgbuf {
+    Protoq__Publish pub_inline[1];
+    Protoq__Publish *pubp_inline[1];
+    Protoq__Message msg_inline[1];
+    Protoq__KeyValue kv_inline[KV_STACK];
+    Protoq__KeyValue *kvp_inline[KV_STACK];
+    Protoq__Publish *pub;
+    Protoq__Publish **pubp;
+    Protoq__Message *msg;
+    Protoq__KeyValue *kv;
+    Protoq__KeyValue **kvp;
+    void *heap;                 /* the one allocation, or NULL */
+};
+
+
+/* protobuf-c wants char * for strings it only reads. */
+static inline char *
+S(const char *s)
+{
+    return (char *)(s ? s : "");
+}
+
+/* ---- client.c: helpers ---- */
+
+/* Remaining ms until deadline (-1 = none), never below 0. */
+int client_remaining_ms(int64_t deadline);
+/* A deadline timeout_ms from now (-1 for timeout_ms < 0: none). */
+int64_t client_deadline_after(int timeout_ms);
+/* Record a local failure: code err, message fmt. Returns err. */
+__attribute__((format(printf, 3, 4))) int
+client_set_err(protoq_client *c, int err, const char *fmt, ...);
+/* The failure to report when c is dead. */
+int client_dead_err(protoq_client *c);
+void client_copy_str(char *dst, size_t cap, const char *src);
+/* A queue or route name the broker can accept (else PQ_EINVAL recorded). */
+bool client_name_ok(protoq_client *c, const char *what, const char *name);
+
+/* ---- client.c: the pending-request ring ---- */
+
+struct pending *client_pend_find(protoq_client *c, uint64_t id);
+void client_pend_remove(protoq_client *c, struct pending *p);
+/* Insert an entry for id; returns it, or NULL when out of memory. */
+struct pending *client_pend_insert(protoq_client *c, uint64_t id,
+                                   enum pend_kind kind);
+
+/* ---- client.c: I/O and requests ---- */
+
+/* One round of I/O (see client.c); callbacks run or a PQ_* error. */
+int client_pump(protoq_client *c, int timeout_ms, bool dispatch);
+/* Write all pending output, bounded by the I/O timeout. */
+int client_flush_all(protoq_client *c, bool dispatch);
+/* Pack f (request_id set) into the output buffer; PQ_ETOOBIG when over the
+ * broker's frame limit (nothing queued). */
+int client_send_frame(protoq_client *c, Protoq__Frame *f);
+/* Send f and wait for its reply of kind want (*reply: free with
+ * frame_free); an Error reply gives PQ_EREMOTE. w may carry a subscribe
+ * hook. client_request: the same without one. */
+int client_request_w(protoq_client *c, Protoq__Frame *f,
+                     Protoq__Frame__KindCase want, Protoq__Frame **reply,
+                     struct waiter *w);
+int client_request(protoq_client *c, Protoq__Frame *f,
+                   Protoq__Frame__KindCase want, Protoq__Frame **reply);
+/* Send f, wait for an Ok, and free it; *count gets Ok.count (NULL ok). */
+int client_request_ok(protoq_client *c, Protoq__Frame *f, uint64_t *count);
+/* A request that gets no reply on success (an id, no ring slot). */
+int client_send_noreply(protoq_client *c, Protoq__Frame *f);
+
+/* ---- client_pub.c: packing messages (also for follow-ups) ---- */
+
+int client_msgbuf_init(struct msgbuf *b, const struct protoq_message *msgs,
+                       size_t n);
+void client_msgbuf_fini(struct msgbuf *b);
+/* Fill kvs/ptrs from n pairs; returns the pointer array (NULL if n is 0). */
+Protoq__KeyValue **client_kv_to_wire(Protoq__KeyValue *kvs,
+                                     Protoq__KeyValue **ptrs,
+                                     const struct protoq_kv *src, size_t n);
+/* Fill b->msg[i] and b->pub[i] from m; *kvi is the next free kv slot. */
+void client_msg_to_wire(struct msgbuf *b, size_t i, size_t *kvi,
+                        const char *queue, const struct protoq_message *m);
+/* m is well-formed (else PQ_EINVAL recorded). */
+bool client_msg_ok(protoq_client *c, const struct protoq_message *m);
+
+#endif
