@@ -24,10 +24,15 @@ B       = build
 SANFLAGS =
 endif
 
-# The deps check runs before anything reads pkg-config.
+# The deps check runs before anything reads pkg-config, and only for goals
+# that build or run something: `make clean` and the source checks never
+# install packages.
+NODEPS_GOALS = clean format format-check check-includes
+ifneq ($(filter-out $(NODEPS_GOALS),$(or $(MAKECMDGOALS),all)),)
 DEPS_OK := $(shell .ci/deps.sh >&2 && echo ok)
 ifneq ($(DEPS_OK),ok)
 $(error missing build dependencies; see the message above)
+endif
 endif
 
 PKG_CFLAGS   := $(shell pkg-config --cflags $(PKGS))
@@ -83,7 +88,10 @@ $(B)/protocol/protoq.pb-c.c $(B)/protocol/protoq.pb-c.h &: protocol/protoq.proto
 	@mkdir -p $(B)/protocol
 	$(PROTOC_C) --proto_path=protocol --c_out=$(B)/protocol $<
 
-$(filter-out $(B)/protocol/protoq.pb-c.o,$(ALL_OBJS)): $(B)/protocol/protoq.pb-c.h
+# The generated header must exist before the first compile (order-only);
+# after that the .d files say who includes it, so a .proto edit rebuilds
+# only those objects.
+$(filter-out $(B)/protocol/protoq.pb-c.o,$(ALL_OBJS)): | $(B)/protocol/protoq.pb-c.h
 
 $(B)/%.o: %.c
 	@mkdir -p $(@D)
