@@ -19,11 +19,18 @@
  * slot; an Error for such an id is an "async error".
  *
  * Re-entrancy: callbacks may call back into the handle (ack, or even a
- * blocking request). All parsing state lives in the handle (c->in_start),
- * never in locals that span a callback, and every frame is unpacked into its
- * own allocation, so a nested call may read, compact and dispatch freely.
- * A blocking call's waiter lives on its stack frame and is detached from
- * the ring when the call gives up.
+ * blocking request). Callbacks never nest: a frame that needs a user
+ * callback (Deliver, CancelRequested, a confirm, an async Error) goes on the
+ * handle's FIFO c->dq, and only the outermost dispatch (c->cb_depth == 0)
+ * runs it. A blocking call made from a callback still gets its own reply
+ * (replies to waiters are handled at once), while the deliveries that
+ * arrive meanwhile wait their turn, so the stack stays one callback deep
+ * however many messages flow (the FIFO is bounded by the subscription's
+ * credit and the outstanding publishes). All parsing state lives in the
+ * handle (c->in_start), and every frame is unpacked into its own
+ * allocation, so a nested call may read, compact and dispatch freely. A
+ * blocking call's waiter lives on its stack frame and is detached from the
+ * ring when the call gives up.
  *
  * Invariants: the library never prints, never exits, keeps no globals, and
  * never keeps a pointer into an unpacked frame past the function that
@@ -526,13 +533,125 @@ on_deliver(protoq_client *c, const Protoq__Deliver *d)
     return 1;
 }
 
+/* Put f on the callback FIFO (conf: its confirm entry, or NULL). Takes
+ * ownership of f. Returns 0, or PQ_ENOMEM with the connection failed. */
+static int
+defer(protoq_client *c, Protoq__Frame *f, const struct pending *conf)
+{
+    struct deferred *d;
+
+    if (c->dq_len == c->dq_cap) {
+        size_t cap = c->dq_cap ? c->dq_cap * 2 : 64;
+        struct deferred *n = malloc(cap * sizeof(*n));
+
+        if (n == NULL) {
+            frame_free(f);
+            return conn_fail(c, PQ_ENOMEM, "out of memory (callback queue)");
+        }
+        for (size_t i = 0; i < c->dq_len; i++) {
+            n[i] = c->dq[(c->dq_head + i) % c->dq_cap];
+        }
+        free(c->dq);
+        c->dq = n;
+        c->dq_cap = cap;
+        c->dq_head = 0;
+    }
+    d = &c->dq[(c->dq_head + c->dq_len) % c->dq_cap];
+    d->f = f;
+    memset(&d->conf, 0, sizeof(d->conf));
+    if (conf != NULL) {
+        d->conf = *conf;
+    }
+    c->dq_len++;
+    return 0;
+}
+
+/* Run the user callback for one deferred frame. Returns 1 if a callback
+ * ran, 0 if not, or PQ_ENOMEM. */
+static int
+run_one(protoq_client *c, const struct deferred *d)
+{
+    Protoq__Frame *f = d->f;
+    const struct pending *e = &d->conf;
+
+    if (e->kind == PEND_CONFIRM) {
+        if (f->kind_case == PROTOQ__FRAME__KIND_PUBLISH_OK) {
+            const Protoq__PublishOk *ok = f->publish_ok;
+
+            e->cb(e->arg, PQ_OK, ok->n_message_ids ? ok->message_ids[0] : 0,
+                  ok->n_duplicate ? ok->duplicate[0] != 0 : false);
+        } else if (f->kind_case == PROTOQ__FRAME__KIND_ERROR) {
+            set_remote_err(c, f->error);
+            e->cb(e->arg, PQ_EREMOTE, 0, false);
+        } else {
+            client_set_err(c, PQ_EPROTO,
+                           "unexpected reply (kind %d) to a publish",
+                           (int)f->kind_case);
+            e->cb(e->arg, PQ_EPROTO, 0, false);
+        }
+        return 1;
+    }
+    switch (f->kind_case) {
+    case PROTOQ__FRAME__KIND_DELIVER:
+        return on_deliver(c, f->deliver);
+    case PROTOQ__FRAME__KIND_CANCEL_REQUESTED:
+        if (c->cancel_cb != NULL) {
+            const Protoq__CancelRequested *cr = f->cancel_requested;
+
+            c->cancel_cb(c->cancel_arg, c, cr->queue ? cr->queue : "",
+                         cr->message_id, cr->attempt);
+            return 1;
+        }
+        return 0;
+    case PROTOQ__FRAME__KIND_ERROR:
+        if (c->error_cb != NULL) {
+            set_remote_err(c, f->error);
+            c->error_cb(c->error_arg, c, (int)f->error->code, c->errmsg,
+                        f->request_id);
+            return 1;
+        }
+        return 0;
+    default:
+        return 0;
+    }
+}
+
+/* Run the deferred callbacks in arrival order, unless a callback is already
+ * running (then the outermost dispatch runs them). Also after the
+ * connection died: a confirm received before is still a confirm. Returns
+ * callbacks run, or PQ_ENOMEM. */
+static int
+run_deferred(protoq_client *c)
+{
+    int events = 0;
+
+    if (c->cb_depth > 0) {
+        return 0;
+    }
+    while (c->dq_len > 0) {
+        struct deferred d = c->dq[c->dq_head];
+        int rc;
+
+        c->dq_head = (c->dq_head + 1) % c->dq_cap;
+        c->dq_len--;
+        c->cb_depth++;
+        rc = run_one(c, &d);
+        c->cb_depth--;
+        frame_free(d.f);
+        if (rc < 0) {
+            return conn_fail(c, rc, "out of memory (delivery)");
+        }
+        events += rc;
+    }
+    return events;
+}
+
 /* Handle one reply to a request in the ring. Takes ownership of f. Returns
- * the number of callbacks run. */
+ * 0, or a PQ_* error that killed the connection. */
 static int
 on_reply(protoq_client *c, struct pending *p, Protoq__Frame *f)
 {
     struct pending e = *p;
-    int events = 0;
 
     client_pend_remove(c, p);
     switch (e.kind) {
@@ -550,41 +669,27 @@ on_reply(protoq_client *c, struct pending *p, Protoq__Frame *f)
         e.w->done = true;
         return 0;
     case PEND_CONFIRM:
-        if (e.cb == NULL) {
-            if (f->kind_case == PROTOQ__FRAME__KIND_ERROR) {
-                c->async_errors++;
-            }
-        } else if (f->kind_case == PROTOQ__FRAME__KIND_PUBLISH_OK) {
-            const Protoq__PublishOk *ok = f->publish_ok;
-
-            e.cb(e.arg, PQ_OK, ok->n_message_ids ? ok->message_ids[0] : 0,
-                 ok->n_duplicate ? ok->duplicate[0] != 0 : false);
-            events = 1;
-        } else if (f->kind_case == PROTOQ__FRAME__KIND_ERROR) {
-            set_remote_err(c, f->error);
-            e.cb(e.arg, PQ_EREMOTE, 0, false);
-            events = 1;
-        } else {
-            client_set_err(c, PQ_EPROTO, "unexpected reply (kind %d) to a publish",
-                    (int)f->kind_case);
-            e.cb(e.arg, PQ_EPROTO, 0, false);
-            events = 1;
+        if (e.cb != NULL) {
+            return defer(c, f, &e);
+        }
+        if (f->kind_case == PROTOQ__FRAME__KIND_ERROR) {
+            c->async_errors++;
         }
         break;
     default:
         break;
     }
     frame_free(f);
-    return events;
+    return 0;
 }
 
-/* Handle one incoming frame; takes ownership of f. Returns the number of
- * callbacks run, or a PQ_* error that killed the connection. */
+/* Handle one incoming frame; takes ownership of f. Frames that need a
+ * user callback are deferred. Returns 0, or a PQ_* error that killed the
+ * connection. */
 static int
 handle_frame(protoq_client *c, Protoq__Frame *f)
 {
     struct pending *p;
-    int rc = 0;
 
     if (f->request_id != 0) {
         p = client_pend_find(c, f->request_id);
@@ -596,36 +701,22 @@ handle_frame(protoq_client *c, Protoq__Frame *f)
              * nack or release, or a call that timed out. */
             c->async_errors++;
             if (c->error_cb != NULL) {
-                set_remote_err(c, f->error);
-                c->error_cb(c->error_arg, c, (int)f->error->code,
-                            c->errmsg, f->request_id);
-                rc = 1;
+                return defer(c, f, NULL);
             }
         }
         frame_free(f);
-        return rc;
+        return 0;
     }
     switch (f->kind_case) {
     case PROTOQ__FRAME__KIND_DELIVER:
-        rc = on_deliver(c, f->deliver);
-        if (rc < 0) {
-            frame_free(f);
-            return conn_fail(c, rc, "out of memory (delivery)");
-        }
-        break;
     case PROTOQ__FRAME__KIND_CANCEL_REQUESTED:
-        if (c->cancel_cb != NULL) {
-            const Protoq__CancelRequested *cr = f->cancel_requested;
-
-            c->cancel_cb(c->cancel_arg, c, cr->queue ? cr->queue : "",
-                         cr->message_id, cr->attempt);
-            rc = 1;
-        }
-        break;
+        return defer(c, f, NULL);
     case PROTOQ__FRAME__KIND_ERROR: {
         /* request_id 0: a fatal protocol problem; the broker closes. */
         int code = (int)f->error->code;
         char msg[200];
+
+        int rc;
 
         client_copy_str(msg, sizeof(msg), f->error->message);
         frame_free(f);
@@ -639,15 +730,16 @@ handle_frame(protoq_client *c, Protoq__Frame *f)
         break;
     }
     frame_free(f);
-    return rc;
+    return 0;
 }
 
-/* Decode and handle every complete frame in the input buffer. Returns the
- * number of callbacks run, or a PQ_* error (the connection is dead). */
+/* Decode and handle every complete frame in the input buffer, then run
+ * the deferred callbacks (outermost call only). Returns the number of
+ * callbacks run, or a PQ_* error (the connection is dead). */
 static int
 dispatch_input(protoq_client *c)
 {
-    int events = 0;
+    int events;
 
     while (!c->dead) {
         size_t avail = c->in_end - c->in_start;
@@ -660,38 +752,39 @@ dispatch_input(protoq_client *c)
             break;
         }
         if (n < 0) {
-            return conn_fail(c, PQ_EPROTO,
-                             n == PQ_ETOOBIG
-                                 ? "broker sent a frame over %u bytes"
-                                 : "broker sent a frame of length 0 (limit %u)",
-                             c->in_limit);
+            conn_fail(c, PQ_EPROTO,
+                      n == PQ_ETOOBIG
+                          ? "broker sent a frame over %u bytes"
+                          : "broker sent a frame of length 0 (limit %u)",
+                      c->in_limit);
+            break;
         }
         if (avail < FRAME_HEADER_LEN + (size_t)n) {
-            /* Make sure the whole frame will fit. */
-            rc = in_reserve(c, FRAME_HEADER_LEN + (size_t)n - avail);
-            if (rc < 0) {
-                return rc;
-            }
+            /* Make sure the whole frame will fit (a failure kills c). */
+            in_reserve(c, FRAME_HEADER_LEN + (size_t)n - avail);
             break;
         }
         rc = frame_unpack(c->in + c->in_start + FRAME_HEADER_LEN, (size_t)n,
                           frame_decode_budget((size_t)n), &f);
         if (rc != PQ_OK) {
-            return conn_fail(c, PQ_EPROTO,
-                             "broker sent a frame that does not decode (%s)",
-                             pq_strerror(rc));
+            conn_fail(c, PQ_EPROTO,
+                      "broker sent a frame that does not decode (%s)",
+                      pq_strerror(rc));
+            break;
         }
         c->in_start += FRAME_HEADER_LEN + (size_t)n;
         if (c->in_start == c->in_end) {
             c->in_start = c->in_end = 0;
         }
-        rc = handle_frame(c, f);
-        if (rc < 0) {
-            return rc;
-        }
-        events += rc;
+        handle_frame(c, f); /* an error there killed c */
     }
-    return c->dead ? client_dead_err(c) : events;
+    /* Also on a dead connection: a confirm received before it died is
+     * still a confirm. */
+    events = run_deferred(c);
+    if (c->dead) {
+        return client_dead_err(c);
+    }
+    return events;
 }
 
 /* Queue a Heartbeat if nothing was sent for the agreed interval. */
@@ -1216,6 +1309,10 @@ protoq_close(protoq_client *c)
     if (c->fd >= 0) {
         close(c->fd);
     }
+    for (size_t i = 0; i < c->dq_len; i++) {
+        frame_free(c->dq[(c->dq_head + i) % c->dq_cap].f);
+    }
+    free(c->dq);
     free(c->pend);
     free(c->subs);
     free(c->out);

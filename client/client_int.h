@@ -66,6 +66,14 @@ struct pending {
     void *arg;
 };
 
+/* A frame whose user callback waits for the outermost dispatch (see
+ * client.c: callbacks never nest). conf: the ring entry of an async
+ * publish's confirm (kind PEND_CONFIRM), else kind PEND_FREE. */
+struct deferred {
+    Protoq__Frame *f;
+    struct pending conf;
+};
+
 struct sub {
     uint64_t id;                /* subscription_id */
     protoq_deliver_fn cb;
@@ -94,6 +102,10 @@ struct protoq_client {
     struct sub *subs;
     size_t n_subs, subs_cap;
     uint64_t dropped_deliveries;/* for no (longer) known subscription */
+
+    struct deferred *dq;        /* FIFO of callbacks to run, in arrival order */
+    size_t dq_head, dq_len, dq_cap; /* ring: dq[(dq_head + i) % dq_cap] */
+    int cb_depth;               /* > 0 while a user callback runs */
 
     protoq_cancel_fn cancel_cb;
     void *cancel_arg;

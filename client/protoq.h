@@ -21,7 +21,15 @@
  * confirms, async errors, cancel requests) run only from inside
  * protoq_poll(), protoq_flush(), protoq_wait_confirms() or a blocking
  * request call on the same handle, never from another thread. From inside a
- * callback you may call any function on the handle except protoq_close().
+ * callback you may call any function on the handle except protoq_close(),
+ * including blocking ones (protoq_ack_sync, protoq_publish, admin calls):
+ * callbacks never nest. A blocking call made from a callback gets its own
+ * reply; deliveries, confirms and other callbacks that arrive meanwhile are
+ * queued (in arrival order) and run by the outermost call once the current
+ * callback returns, so the stack stays one callback deep however many
+ * messages flow. Consequently protoq_poll() or protoq_wait_confirms()
+ * called from inside a callback run no further callbacks: do not wait
+ * there for a delivery or a confirm callback.
  *
  * Liveness: while inside any call the library answers the broker's
  * heartbeat interval (Welcome.heartbeat_ms) with its own Heartbeat when it
