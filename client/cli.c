@@ -57,11 +57,21 @@ static const char usage_text[] =
     "      was reached or the wait ran out (even after 0 messages).\n"
     "      --no-ack: ack nothing (messages return to the queue on exit);\n"
     "      --nack: nack each (requeued with the queue's backoff).\n"
-    "  work QUEUE [--concurrency N] [--tag K=V]... -- COMMAND [ARG]...\n"
-    "      Runs COMMAND once per job: payload on stdin, PROTOQ_MESSAGE_ID,\n"
-    "      PROTOQ_ATTEMPT, PROTOQ_QUEUE and PROTOQ_HEADER_<KEY> in the\n"
-    "      environment; touches the lease while it runs; acks on exit 0 and\n"
-    "      nacks otherwise. Runs until interrupted.\n"
+    "  work QUEUE [--concurrency N] [--tag K=V]... [--timeout D]\n"
+    "             [--shutdown-grace D] [--kill-grace D] -- COMMAND [ARG]...\n"
+    "      Runs COMMAND once per job in its own process group: payload on\n"
+    "      stdin; PROTOQ_MESSAGE_ID, PROTOQ_ATTEMPT, PROTOQ_QUEUE,\n"
+    "      PROTOQ_HEADER_<KEY>, PROTOQ_PROGRESS (a file for progress lines)\n"
+    "      and the last attempt's PROTOQ_PROGRESS_PERCENT/_TEXT and\n"
+    "      PROTOQ_CHECKPOINT in the environment. Touches the lease while it\n"
+    "      runs; acks on exit 0, nacks otherwise (stderr tail as the error).\n"
+    "      SIGTERM/SIGINT/SIGHUP: take no more jobs, wait --shutdown-grace\n"
+    "      (30s), then stop and release what runs (no failed attempt).\n"
+    "      Cancel, lost lease or connection, --timeout: SIGTERM to the job,\n"
+    "      SIGKILL after --kill-grace (10s). Reconnects by itself.\n"
+    "  cancel QUEUE ID          remove a ready job, or stop a running one\n"
+    "  progress PERCENT [TEXT] | progress --checkpoint URI\n"
+    "      (inside a job run by work) report progress or a checkpoint\n"
     "\n"
     "Durations (D): 500ms, 10s, 5m, 1h30m, 2d; a plain number is milliseconds.\n"
     "The server is -s HOST:PORT, else $PROTOQ_SERVER, else 127.0.0.1:7650.\n"
@@ -116,16 +126,22 @@ usage_err(const char *fmt, ...)
 /* ---- parsing ---- */
 
 bool
-kv_add(struct kvlist *l, char *arg)
+kv_add(struct kvlist *l, const char *arg)
 {
-    char *eq = strchr(arg, '=');
+    const char *eq = strchr(arg, '=');
+    size_t len = strlen(arg);
+    char *copy;
 
-    if (eq == NULL || eq == arg || l->n == MAX_KV) {
+    if (eq == NULL || eq == arg || l->n == MAX_KV ||
+        len + 1 > sizeof(l->buf) - l->used) {
         return false;
     }
-    *eq = '\0';
-    l->kv[l->n].key = arg;
-    l->kv[l->n].value = eq + 1;
+    copy = l->buf + l->used;
+    memcpy(copy, arg, len + 1);
+    l->used += len + 1;
+    copy[eq - arg] = '\0';
+    l->kv[l->n].key = copy;
+    l->kv[l->n].value = copy + (eq - arg) + 1;
     l->n++;
     return true;
 }
@@ -210,6 +226,10 @@ main(int argc, char **argv)
         ret = cmd_consume(&cli, argc - i, argv + i);
     } else if (strcmp(cmd, "work") == 0) {
         ret = cmd_work(&cli, argc - i, argv + i);
+    } else if (strcmp(cmd, "cancel") == 0) {
+        ret = cmd_cancel(&cli, argc - i, argv + i);
+    } else if (strcmp(cmd, "progress") == 0) {
+        ret = cmd_progress(&cli, argc - i, argv + i);
     } else if (strcmp(cmd, "help") == 0) {
         fputs(usage_text, stdout);
         ret = EXIT_OK;

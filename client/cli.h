@@ -6,6 +6,7 @@
  *   cli_pub.c      pub
  *   cli_consume.c  consume
  *   cli_work.c     work (runs a command per job)
+ *   cli_job.c      cancel, progress
  */
 #ifndef PQ_CLI_H
 #define PQ_CLI_H
@@ -27,6 +28,7 @@ enum {
     EXIT_USAGE = 2,
     LINES_WINDOW = 1000,      /* unconfirmed publishes of pub --lines */
     MAX_KV = 64,              /* --header / --require / --tag each */
+    KV_TEXT_MAX = 16384,      /* their text, per option kind */
     DEFAULT_PREFETCH = 1000,
     DEFAULT_WAIT_MS = 5000,
 };
@@ -39,11 +41,13 @@ struct cli {
     protoq_client *c;
 };
 
-/* A list of K=V pairs from repeated options; the strings point into argv
- * (which we split in place at the '='). */
+/* A list of K=V pairs from repeated options. The strings are copied into
+ * buf (argv stays as given, so ps shows what the user typed). */
 struct kvlist {
     struct protoq_kv kv[MAX_KV];
     size_t n;
+    char buf[KV_TEXT_MAX];
+    size_t used;
 };
 
 /* fail: "protoq: CMD: message" on stderr; returns EXIT_ERR. */
@@ -53,8 +57,8 @@ __attribute__((format(printf, 2, 3))) int fail(const struct cli *cli,
 int fail_pq(const struct cli *cli, int rc);
 /* usage_err: the message and the usage on stderr; returns EXIT_USAGE. */
 __attribute__((format(printf, 1, 2))) int usage_err(const char *fmt, ...);
-/* kv_add: add "K=V" (split in place) to l; false when malformed or full. */
-bool kv_add(struct kvlist *l, char *arg);
+/* kv_add: add a copy of "K=V" to l; false when malformed or full. */
+bool kv_add(struct kvlist *l, const char *arg);
 /* cli_connect: connect cli->c to cli->server; EXIT_OK or a failure. */
 int cli_connect(struct cli *cli);
 
@@ -63,5 +67,7 @@ int cmd_queue(struct cli *cli, int argc, char **argv);
 int cmd_pub(struct cli *cli, int argc, char **argv);
 int cmd_consume(struct cli *cli, int argc, char **argv);
 int cmd_work(struct cli *cli, int argc, char **argv);
+int cmd_cancel(struct cli *cli, int argc, char **argv);
+int cmd_progress(struct cli *cli, int argc, char **argv);
 
 #endif

@@ -47,7 +47,7 @@ struct consume_state {
 };
 
 static bool
-tokens_add(struct tokens *l, const struct protoq_delivery *d)
+tokens_append(struct tokens *l, const struct token *tok)
 {
     if (l->n == l->cap) {
         size_t cap = l->cap ? l->cap * 2 : 1024;
@@ -59,10 +59,16 @@ tokens_add(struct tokens *l, const struct protoq_delivery *d)
         l->v = n;
         l->cap = cap;
     }
-    l->v[l->n].id = d->message_id;
-    l->v[l->n].attempt = d->attempt;
-    l->n++;
+    l->v[l->n++] = *tok;
     return true;
+}
+
+static bool
+tokens_add(struct tokens *l, const struct protoq_delivery *d)
+{
+    struct token tok = {.id = d->message_id, .attempt = d->attempt};
+
+    return tokens_append(l, &tok);
 }
 
 static void
@@ -206,13 +212,24 @@ print_json(FILE *out, const struct protoq_delivery *d)
     fputs("}\n", out);
 }
 
+/* Set by SIGINT, SIGTERM or SIGHUP: stop as if --count was reached. */
+static volatile sig_atomic_t consume_stop;
+
+static void
+on_consume_signal(int sig)
+{
+    (void)sig;
+    consume_stop = 1;
+}
+
 static void
 consume_deliver(void *arg, protoq_client *c, const struct protoq_delivery *d)
 {
     struct consume_state *st = arg;
 
     (void)c;
-    if (st->count > 0 && st->received >= st->count) {
+    if ((st->count > 0 && st->received >= st->count) || consume_stop ||
+        st->out_err != 0) {
         /* Past the count (the broker had credit left): not printed, given
          * back with a Release at exit, which is not a failed attempt. */
         if (!tokens_add(&st->give_back, d)) {
@@ -262,9 +279,21 @@ consume_settle(struct consume_state *st, bool final)
     size_t i;
     int rc = PQ_OK;
 
-    if (fflush(stdout) != 0) {
+    if (st->out_err == 0 && fflush(stdout) != 0) {
         st->out_err = errno;
-        return PQ_ESYS;
+    }
+    if (st->out_err != 0) {
+        /* What was printed may never have been written: give it all back
+         * (a release, not a failed attempt) instead of acking it. */
+        for (i = 0; i < st->acks.n && !st->oom; i++) {
+            if (!tokens_append(&st->give_back, &st->acks.v[i])) {
+                st->oom = true;
+            }
+        }
+        st->acks.n = 0;
+        if (!final) {
+            return PQ_ESYS;
+        }
     }
     for (i = 0; i < st->acks.n && rc == PQ_OK; i++) {
         const struct token *t = &st->acks.v[i];
@@ -304,6 +333,21 @@ consume_settle(struct consume_state *st, bool final)
     return rc;
 }
 
+/* SIGINT, SIGTERM, SIGHUP stop cleanly (they interrupt poll: no
+ * SA_RESTART); a closed stdout is an EPIPE from write, not a SIGPIPE. */
+static void
+install_consume_signals(void)
+{
+    struct sigaction sa;
+
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_consume_signal;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+}
+
 int
 cmd_consume(struct cli *cli, int argc, char **argv)
 {
@@ -329,7 +373,7 @@ cmd_consume(struct cli *cli, int argc, char **argv)
 
     memset(&st, 0, sizeof(st));
     st.cli = cli;
-    tags.n = 0;
+    tags.n = tags.used = 0;
     while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (ch) {
         case O_COUNT:
@@ -387,6 +431,7 @@ cmd_consume(struct cli *cli, int argc, char **argv)
             prefetch = st.count;
         }
     }
+    install_consume_signals();
     if ((rc = cli_connect(cli)) != EXIT_OK) {
         return rc;
     }
@@ -407,7 +452,7 @@ cmd_consume(struct cli *cli, int argc, char **argv)
         /* Deliveries can arrive inside any call on the handle (protoq_flow
          * below runs callbacks while it waits for its Ok): check the count
          * and send their acks before blocking, or both sides wait. */
-        if (st.count > 0 && st.received >= st.count) {
+        if ((st.count > 0 && st.received >= st.count) || consume_stop) {
             rc = PQ_OK;
             break;
         }
@@ -466,7 +511,7 @@ cmd_consume(struct cli *cli, int argc, char **argv)
             break;
         }
     }
-    if (rc == PQ_OK) {
+    if (rc == PQ_OK || (rc == PQ_ESYS && st.out_err != 0)) {
         /* Pause the flow (Flow 0) before the final acks and releases free
          * credit, so nothing more is pushed to us: what arrives meanwhile
          * is released too, and the broker holds nothing of ours when we
@@ -480,7 +525,9 @@ cmd_consume(struct cli *cli, int argc, char **argv)
         ret = fail(cli, "out of memory");
         goto out;
     }
-    if (st.out_err != 0) {
+    if (st.out_err == EPIPE && rc == PQ_OK) {
+        /* The reader went away (consume | head): a clean stop. */
+    } else if (st.out_err != 0) {
         ret = fail(cli, "writing stdout: %s", strerror(st.out_err));
     } else if (rc != PQ_OK) {
         ret = fail_pq(cli, rc);

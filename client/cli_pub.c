@@ -176,6 +176,7 @@ cmd_pub(struct cli *cli, int argc, char **argv)
 
     memset(&m, 0, sizeof(m));
     headers.n = requires.n = 0;
+    headers.used = requires.used = 0;
     while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (ch) {
         case O_FILE:

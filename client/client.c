@@ -868,6 +868,7 @@ client_pump(protoq_client *c, int timeout_ms, bool dispatch)
     rc = poll(&pfd, 1, wait);
     if (rc < 0) {
         if (errno == EINTR) {
+            c->interrupted = true;
             return 0;
         }
         return conn_fail(c, PQ_ESYS, "poll: %s", strerror(errno));

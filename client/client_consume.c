@@ -110,9 +110,11 @@ protoq_poll(protoq_client *c, int timeout_ms)
     int64_t deadline = client_deadline_after(timeout_ms);
     int rc;
 
+    c->interrupted = false;
     for (;;) {
         rc = client_pump(c, client_remaining_ms(deadline), true);
-        if (rc != 0 || (deadline >= 0 && client_remaining_ms(deadline) == 0)) {
+        if (rc != 0 || c->interrupted ||
+            (deadline >= 0 && client_remaining_ms(deadline) == 0)) {
             return rc;
         }
     }

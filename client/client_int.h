@@ -106,6 +106,7 @@ struct protoq_client {
     struct deferred *dq;        /* FIFO of callbacks to run, in arrival order */
     size_t dq_head, dq_len, dq_cap; /* ring: dq[(dq_head + i) % dq_cap] */
     int cb_depth;               /* > 0 while a user callback runs */
+    bool interrupted;           /* a signal interrupted poll() */
 
     protoq_cancel_fn cancel_cb;
     void *cancel_arg;

@@ -417,7 +417,9 @@ int protoq_flow(protoq_client *c, uint64_t sub_id, uint32_t prefetch);
  * wait; < 0: forever) for incoming frames and handle all that are complete:
  * deliveries, publish confirms, async errors and cancel requests run their
  * callbacks; heartbeats are answered by our own while idle. Returns the
- * number of callbacks run (>= 0; 0 on timeout) or a PQ_* error.
+ * number of callbacks run (>= 0; 0 on timeout, or early when a signal
+ * handler interrupted the wait, so a program can check its stop flag) or a
+ * PQ_* error.
  */
 int protoq_poll(protoq_client *c, int timeout_ms);
 
