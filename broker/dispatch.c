@@ -727,19 +727,45 @@ on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate *r)
     finish_ok(c, rid, lsn, 0);
 }
 
-static void unsubscribe(struct server *srv, struct conn *c, struct sub *s);
-
-/* Detach every subscription of q (their connections are told nothing
- * more; deliveries in flight are dropped with the queue). */
+/* Unlink s from its connection's list (it stays allocated). */
 static void
-drop_subscriptions(struct server *srv, struct queue *q)
+sub_unlink(struct sub *s)
 {
-    struct consumer *cons;
+    struct conn *c = s->conn;
+    struct sub **pp;
 
-    while ((cons = queue_first_consumer(q)) != NULL) {
-        struct sub *s = cons->owner;
+    for (pp = &c->subs; *pp != s; pp = &(*pp)->next) {
+    }
+    *pp = s->next;
+    s->next = NULL;
+    c->nsubs--;
+}
 
-        unsubscribe(srv, s->conn, s);
+/*
+ * Delete q with its subscriptions: their connections are told nothing
+ * more, and the deliveries they hold go with the queue like every other
+ * message of it. Not through unsubscribe(): that makes each held delivery
+ * a failed attempt (a REQUEUE or DEAD_LETTER record after the
+ * QUEUE_DELETE, and a second release of segment references that
+ * journal_queue_delete already released).
+ */
+static void
+delete_with_subscriptions(struct server *srv, struct queue *q)
+{
+    struct sub *gone = NULL, *s;
+
+    for (struct consumer *cons = queue_first_consumer(q); cons;
+         cons = queue_next_consumer(cons)) {
+        s = cons->owner;
+        sub_unlink(s);
+        s->next = gone;
+        gone = s;
+    }
+    qset_delete(srv->qs, q); /* detaches the consumers */
+    while ((s = gone) != NULL) {
+        gone = s->next;
+        queue_consumer_fini(&s->cons);
+        pq_free(s);
     }
 }
 
@@ -776,11 +802,10 @@ on_queue_delete(struct conn *c, uint64_t rid, const Protoq__QueueDelete *r)
             return;
         }
     }
-    drop_subscriptions(srv, q);
     server_unmark_dirty(srv, q);
     forget_queue_in_waits(srv, q);
     room_forget(srv, q);
-    qset_delete(srv->qs, q);
+    delete_with_subscriptions(srv, q);
     log_info("queue %s deleted", r->name);
     finish_ok(c, rid, lsn, 0);
 }
@@ -1230,14 +1255,9 @@ on_subscribe(struct conn *c, uint64_t rid, const Protoq__Subscribe *r)
 }
 
 static void
-unsubscribe(struct server *srv, struct conn *c, struct sub *s)
+unsubscribe(struct server *srv, struct sub *s)
 {
-    struct sub **pp;
-
-    for (pp = &c->subs; *pp != s; pp = &(*pp)->next) {
-    }
-    *pp = s->next;
-    c->nsubs--;
+    sub_unlink(s);
     queue_unsubscribe(&s->cons, srv->now_mono_ms);
     queue_consumer_fini(&s->cons);
     pq_free(s);
@@ -1254,7 +1274,7 @@ on_unsubscribe(struct conn *c, uint64_t rid, const Protoq__Unsubscribe *r)
                         (unsigned long long)r->subscription_id);
         return;
     }
-    unsubscribe(c->srv, c, s);
+    unsubscribe(c->srv, s);
     reply_ok(c, rid, 0);
 }
 
@@ -1304,7 +1324,7 @@ dispatch_conn_closed(struct conn *c)
         if (c->srv->shutting_down) {
             release_held(c->srv, c->subs);
         }
-        unsubscribe(c->srv, c, c->subs);
+        unsubscribe(c->srv, c->subs);
     }
 }
 

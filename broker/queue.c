@@ -1736,8 +1736,15 @@ qset_delete(struct qset *qs, struct queue *q)
     struct mlist *lists[2 * PRIORITY_LEVELS + 1];
     int i;
 
-    assert(q->n_consumers == 0);
-    assert(q->n_inflight == 0);
+    /* Held messages go with the queue, without events (queue_destroy
+     * detaches their consumers): only their leases leave the heap here. */
+    for (struct consumer *c = q->cons_head; c != NULL; c = c->next) {
+        for (struct msg *m = c->inflight_head; m != NULL; m = m->next) {
+            if (m->heap_pos != UINT32_MAX) {
+                heap_remove(&qs->deadlines, m->heap_pos);
+            }
+        }
+    }
     for (i = 0; i < PRIORITY_LEVELS; i++) {
         struct rlevel *lv = &q->ready[i];
         uint64_t pos;

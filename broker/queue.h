@@ -279,8 +279,10 @@ int qset_create(struct qset *qs, const char *name, const struct queue_attrs *a,
                 struct queue **out);
 /* qset_find: the queue called name, or NULL. */
 struct queue *qset_find(struct qset *qs, const char *name);
-/* qset_delete: free q and all its messages (no events). Every consumer must
- * be unsubscribed first (asserted). Always PQ_OK. */
+/* qset_delete: free q and all its messages, in flight ones included, with
+ * no events: a deleted queue's messages are gone, never requeued nor
+ * dead-lettered. Consumers still attached are detached (c->q = NULL,
+ * nothing held; the caller still owns and finalises them). Always PQ_OK. */
 int qset_delete(struct qset *qs, struct queue *q);
 /* qset_first / qset_next: queues in creation order; NULL at the end.
  * Deleting the current queue invalidates the iteration. */
