@@ -988,6 +988,33 @@ replay_create(struct journal *j, const struct rec_queue_create *c)
     return rc;
 }
 
+/*
+ * replay_push: push a replayed message (its body within the budget,
+ * checked by the caller). The log already accepted it, so its idempotency
+ * key is taken over from a message that is gone (a put-back job re-pushed
+ * by its REQUEUE record, or a key reused after its window): refusing it
+ * lost the job. Only a live message with the same key, which the broker
+ * never lets happen, still wins; that is logged, not hidden.
+ */
+static int
+replay_push(struct journal *j, struct queue *q, struct msg_new *mn)
+{
+    int rc;
+
+    mn->key_takeover = true;
+    rc = queue_push(q, mn, j->mono_at_open, NULL);
+    if (rc == PQ_EEXIST) {
+        log_warn("replay: queue %s: message %llu skipped: its id or "
+                 "idempotency key \"%s\" belongs to a live message",
+                 queue_name(q), (unsigned long long)mn->id,
+                 mn->idem_key ? mn->idem_key : "");
+        rc = PQ_OK;
+    } else if (rc == PQ_OK && durable(q) && mn->body != NULL) {
+        j->resident += mn->size;
+    }
+    return rc;
+}
+
 static int
 replay_publish(struct journal *j, const struct rec_publish *p,
                const struct store_loc *loc)
@@ -1058,12 +1085,7 @@ replay_publish(struct journal *j, const struct rec_publish *p,
     mn.pub_seg = mn.state_seg = loc->seg;
     mn.pub_off = (uint32_t)loc->off;
     mn.pub_len = loc->len;
-    rc = queue_push(q, &mn, j->mono_at_open, NULL);
-    if (rc == PQ_EEXIST) {
-        rc = PQ_OK; /* an idempotency key already live: keep the first */
-    } else if (rc == PQ_OK && durable(q) && mn.body != NULL) {
-        j->resident += mn.size; /* within the budget: checked above */
-    }
+    rc = replay_push(j, q, &mn);
 out:
     body_unref(&mn.body);
     body_unref(&mn.progress);
@@ -1125,12 +1147,7 @@ replay_reset(struct journal *j, const struct msg *m, struct queue *to,
     if (mn.body != NULL && durable(to) && !budget_allows(j, mn.size, mn.pub_len)) {
         body_unref(&mn.body);
     }
-    rc = queue_push(to, &mn, j->mono_at_open, NULL);
-    if (rc == PQ_EEXIST) {
-        rc = PQ_OK;
-    } else if (rc == PQ_OK && durable(to) && mn.body != NULL) {
-        j->resident += mn.size;
-    }
+    rc = replay_push(j, to, &mn);
 out:
     body_unref(&mn.body);
     body_unref(&mn.progress);

@@ -1998,7 +1998,8 @@ queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms, struct ms
     if (mn->idem_key != NULL) {
         dedup_gc(q, now_ms);
         old = hmap_str_get(&q->dedup, mn->idem_key);
-        if (old != NULL && (old->m != NULL || old->expire_ms > now_ms)) {
+        if (old != NULL &&
+            (old->m != NULL || (old->expire_ms > now_ms && !mn->key_takeover))) {
             return PQ_EEXIST;
         }
     }
@@ -2045,7 +2046,8 @@ queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms, struct ms
             goto err_free_dedup;
         }
         if (old != NULL) {
-            /* an expired entry the FIFO has not reached (clock went back) */
+            /* a gone entry: taken over, or expired but not yet reached by
+             * the FIFO (clock went back) */
             dd_fifo_remove(q, old);
             (void)hmap_str_del(&q->dedup, old->key);
             dd_free(old);

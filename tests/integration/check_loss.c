@@ -292,6 +292,131 @@ START_TEST(test_delete_with_held_deliveries_dead_letters_nothing)
 }
 END_TEST
 
+/* ------------------------------------- item 2: keyed jobs put back */
+
+/* How a keyed job is put back before the restart. */
+enum put_back { PB_NACK, PB_LEASE, PB_RELEASE, PB_HELD, PB_COUNT };
+
+static const char *const put_back_name[] = {"nack", "lease expiry", "release",
+                                            "held at the stop"};
+
+/*
+ * A keyed job that was put back once (a REQUEUE record) must come back
+ * after a restart, and the producer's retry with the same key must answer
+ * its id without storing a second copy. Replay re-pushed it while its key
+ * was still in the dedup table and took the refusal for success: the job
+ * was gone and the retry swallowed. _i: way * 2 + restart mode. PB_HELD
+ * with SIGTERM is the release at a clean shutdown.
+ */
+START_TEST(test_keyed_job_put_back_survives_restart)
+{
+    enum put_back way = (enum put_back)(_i / 2);
+    int mode = _i % 2;
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    struct protoq_queue_attrs a;
+    struct cons *k;
+    struct got g;
+    uint64_t id, again;
+
+    memset(&a, 0, sizeof(a));
+    a.backoff_base_ms = 10;
+    a.backoff_cap_ms = 40;
+    a.ack_timeout_ms = way == PB_LEASE ? 200 : 60000;
+    pq_check_ok(c, protoq_queue_create(c, "jobs", &a));
+    mkq(c, "other-work", NULL, 0);
+    id = pub_key(c, "jobs", "X", "k1");
+    k = cons_open("jobs", 1);
+    g = cons_get(k, put_back_name[way]);
+    ck_assert_uint_eq(g.id, id);
+    switch (way) {
+    case PB_NACK:
+        pq_check_ok(k->c, protoq_nack_sync(k->c, g.id, g.attempt, 0, false, NULL));
+        break;
+    case PB_LEASE:
+        g = cons_get(k, "redelivery after the lease");
+        ck_assert_uint_eq(g.attempt, 2);
+        pq_check_ok(k->c, protoq_flow(k->c, k->sub, 0));
+        /* The lease runs out again; nothing is delivered while paused. */
+        sleep_ms(400);
+        break;
+    case PB_RELEASE:
+        pq_check_ok(k->c, protoq_release(k->c, g.id, g.attempt,
+                                         PROTOQ_RELEASE_PREEMPTED, NULL, true));
+        break;
+    case PB_HELD:
+    case PB_COUNT:
+        break;
+    }
+    if (way != PB_HELD) {
+        cons_close(k);
+        k = NULL;
+    }
+    /* A confirmed write, so the put-back records reach the disk before a
+     * kill -9 (they are synced with the next one). */
+    pub(c, "other-work", "sync");
+    protoq_close(c);
+
+    bounce(mode);
+    cons_close(k);
+    c = pq_connect_or_fail(&g_srv);
+    ck_assert_msg(qtotal(c, "jobs") == 1, "%s, %s: the job is gone",
+                  put_back_name[way], mode == 0 ? "SIGTERM" : "kill -9");
+    again = pub_key(c, "jobs", "X", "k1");
+    ck_assert_uint_eq(again, id);
+    ck_assert_uint_eq(qtotal(c, "jobs"), 1);
+    k = cons_open("jobs", 1);
+    g = cons_get(k, "after the restart");
+    ck_assert_uint_eq(g.id, id);
+    ck_assert_str_eq(g.payload, "X");
+    pq_check_ok(k->c, protoq_ack_sync(k->c, g.id, g.attempt));
+    cons_close(k);
+    /* The key is remembered after the ack: a retry is a duplicate. */
+    again = pub_key(c, "jobs", "X", "k1");
+    ck_assert_uint_eq(again, id);
+    ck_assert_uint_eq(qtotal(c, "jobs"), 0);
+    protoq_close(c);
+}
+END_TEST
+
+/*
+ * A key whose dedup window has passed may be used again by a new job; that
+ * job must survive a restart while the log still holds the first one. The
+ * replay restarted the first job's window and refused the second.
+ */
+START_TEST(test_key_reused_after_its_window_survives_restart)
+{
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    struct protoq_queue_attrs a;
+    struct cons *k;
+    struct got g;
+    uint64_t first, second;
+
+    memset(&a, 0, sizeof(a));
+    a.dedup_window_ms = 100;
+    pq_check_ok(c, protoq_queue_create(c, "jobs", &a));
+    first = pub_key(c, "jobs", "first", "k1");
+    k = cons_open("jobs", 1);
+    g = cons_get(k, "first");
+    pq_check_ok(k->c, protoq_ack_sync(k->c, g.id, g.attempt));
+    cons_close(k);
+    sleep_ms(300);
+    second = pub_key(c, "jobs", "second", "k1");
+    ck_assert_uint_ne(second, first);
+    protoq_close(c);
+
+    bounce(_i);
+    c = pq_connect_or_fail(&g_srv);
+    ck_assert_msg(qtotal(c, "jobs") == 1, "%s: the second job is gone",
+                  _i == 0 ? "SIGTERM" : "kill -9");
+    k = cons_open("jobs", 1);
+    g = cons_get(k, "second");
+    ck_assert_uint_eq(g.id, second);
+    ck_assert_str_eq(g.payload, "second");
+    cons_close(k);
+    protoq_close(c);
+}
+END_TEST
+
 /* ================================================================ main */
 
 static TCase *
@@ -313,6 +438,11 @@ loss_suite(void)
     tc = tcase("delete", 30);
     tcase_add_loop_test(tc, test_delete_with_held_deliveries_keeps_other_queues, 0, 2);
     tcase_add_loop_test(tc, test_delete_with_held_deliveries_dead_letters_nothing, 0, 2);
+    suite_add_tcase(s, tc);
+
+    tc = tcase("keys", 30);
+    tcase_add_loop_test(tc, test_keyed_job_put_back_survives_restart, 0, 2 * PB_COUNT);
+    tcase_add_loop_test(tc, test_key_reused_after_its_window_survives_restart, 0, 2);
     suite_add_tcase(s, tc);
     return s;
 }

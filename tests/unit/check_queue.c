@@ -1435,6 +1435,38 @@ START_TEST(test_dedup_key_known_while_live_and_for_window_after)
 }
 END_TEST
 
+/* Log replay re-pushes a message whose key is in its window (a put-back
+ * job, or a key reused after its window): key_takeover lets it in; a live
+ * owner of the key still wins. */
+START_TEST(test_dedup_key_takeover_for_replay)
+{
+    struct queue_attrs a;
+    struct queue *q;
+    struct msg_new mn;
+    uint64_t id = 0;
+
+    memset(&a, 0, sizeof(a));
+    a.dedup_window_ms = 10000;
+    q = mkq("jobs", &a);
+    memset(&mn, 0, sizeof(mn));
+    mn.id = 1;
+    mn.idem_key = "k";
+    ck_assert_pq_ok(queue_push(q, &mn, now, NULL));
+    ck_assert_pq_ok(qset_cancel(qs, 1, NULL)); /* gone: key in its window */
+    ck_assert_pq(queue_push(q, &mn, now, NULL), PQ_EEXIST);
+    mn.key_takeover = true;
+    ck_assert_pq_ok(queue_push(q, &mn, now, NULL));
+    ck_assert_pq_ok(queue_dedup_find(q, "k", now, &id));
+    ck_assert_uint_eq(id, 1);
+    mn.id = 2; /* live owner: refused even with takeover */
+    ck_assert_pq(queue_push(q, &mn, now, NULL), PQ_EEXIST);
+    ck_assert_pq_ok(qset_cancel(qs, 1, NULL));
+    ck_assert_pq_ok(queue_push(q, &mn, now, NULL)); /* another id takes it */
+    ck_assert_pq_ok(queue_dedup_find(q, "k", now, &id));
+    ck_assert_uint_eq(id, 2);
+}
+END_TEST
+
 START_TEST(test_dedup_entries_expire_in_bulk)
 {
     struct queue_attrs a;
@@ -2099,7 +2131,7 @@ queue_suite(void)
     ADD2(s, "limits", 5, test_max_length_and_max_bytes_reject_with_efull,
         test_full_dlq_drops_instead_of_overflowing);
     ADD(s, "dedup", 5, test_dedup_key_known_while_live_and_for_window_after,
-        test_dedup_entries_expire_in_bulk);
+        test_dedup_key_takeover_for_replay, test_dedup_entries_expire_in_bulk);
     ADD2(s, "tags", 5, test_required_tags_skip_unfit_consumer_without_blocking_others);
     ADD2(s, "release_cancel_purge", 5,
         test_release_does_not_count_a_failure_and_keeps_progress,
