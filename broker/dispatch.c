@@ -770,7 +770,9 @@ delete_with_subscriptions(struct server *srv, struct queue *q)
 }
 
 /* Publishes to q still waiting for the disk will find it gone: the
- * QUEUE_DELETE follows their PUBLISH in the log, so replay drops them too. */
+ * QUEUE_DELETE follows their PUBLISH in the log, so replay drops them too.
+ * Their idempotency keys go with the queue: a publish to a queue of the
+ * same name created meanwhile is not their duplicate. */
 static void
 forget_queue_in_waits(struct server *srv, struct queue *q)
 {
@@ -778,6 +780,7 @@ forget_queue_in_waits(struct server *srv, struct queue *q)
         for (uint32_t i = 0; i < w->n; i++) {
             if (w->items[i].q == q) {
                 room_give(srv, &w->items[i]);
+                pend_key_drop(srv, &w->items[i]);
                 w->items[i].q = NULL;
             }
         }

@@ -417,6 +417,113 @@ START_TEST(test_key_reused_after_its_window_survives_restart)
 }
 END_TEST
 
+/* ------------------------------------------ item 6: raw frames */
+
+/* raw_open: a raw connection past the handshake. */
+static int
+raw_open(void)
+{
+    int fd = raw_connect(g_srv.port);
+
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(raw_hello(fd, 3000), 0);
+    return fd;
+}
+
+/* raw_send_all: pack frames and send them in one write (the broker reads
+ * them in one go, before anything reaches the disk). */
+static void
+raw_send_all(int fd, Protoq__Frame *const *frames, size_t n)
+{
+    uint8_t buf[8192];
+    size_t used = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        size_t len;
+        uint8_t *one = raw_pack(frames[i], &len);
+
+        ck_assert_ptr_nonnull(one);
+        ck_assert_uint_le(used + len, sizeof(buf));
+        memcpy(buf + used, one, len);
+        used += len;
+        free(one);
+    }
+    ck_assert_int_eq(raw_send(fd, buf, used), 0);
+}
+
+/* raw_reply: the next frame within 3 s (free with frame_free). */
+static Protoq__Frame *
+raw_reply(int fd)
+{
+    Protoq__Frame *r = NULL;
+
+    ck_assert_int_eq(raw_read_frame(fd, 3000, 1u << 20, &r), 0);
+    return r;
+}
+
+/*
+ * A queue's idempotency keys go with it: a publish still on its way to
+ * the disk when its queue is deleted must not answer for a publish with
+ * the same key to the re-created queue (that one was answered duplicate
+ * and nothing was stored).
+ */
+START_TEST(test_key_does_not_outlive_queue_delete)
+{
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    Protoq__Frame f[4], *r;
+    Protoq__QueueCreate qc = PROTOQ__QUEUE_CREATE__INIT;
+    Protoq__QueueDelete qd = PROTOQ__QUEUE_DELETE__INIT;
+    Protoq__Publish p1 = PROTOQ__PUBLISH__INIT, p2 = PROTOQ__PUBLISH__INIT;
+    Protoq__Message m1 = PROTOQ__MESSAGE__INIT, m2 = PROTOQ__MESSAGE__INIT;
+    Protoq__Frame *all[4] = {&f[0], &f[1], &f[2], &f[3]};
+    int fd;
+
+    mkq(c, "q", NULL, 0);
+    fd = raw_open();
+    for (int i = 0; i < 4; i++) {
+        protoq__frame__init(&f[i]);
+        f[i].request_id = 100 + (uint64_t)i;
+    }
+    m1.payload.data = (uint8_t *)"A";
+    m1.payload.len = 1;
+    m1.idempotency_key = (char *)"k";
+    m2 = m1;
+    m2.payload.data = (uint8_t *)"B";
+    p1.queue = p2.queue = qd.name = qc.name = (char *)"q";
+    p1.message = &m1;
+    p2.message = &m2;
+    f[0].kind_case = PROTOQ__FRAME__KIND_PUBLISH;
+    f[0].publish = &p1;
+    f[1].kind_case = PROTOQ__FRAME__KIND_QUEUE_DELETE;
+    f[1].queue_delete = &qd;
+    f[2].kind_case = PROTOQ__FRAME__KIND_QUEUE_CREATE;
+    f[2].queue_create = &qc;
+    f[3].kind_case = PROTOQ__FRAME__KIND_PUBLISH;
+    f[3].publish = &p2;
+    raw_send_all(fd, all, 4);
+    for (int i = 0; i < 4; i++) {
+        r = raw_reply(fd);
+        ck_assert_msg(r->kind_case != PROTOQ__FRAME__KIND_ERROR,
+                      "request %" PRIu64 ": %s", r->request_id, r->error->message);
+        if (r->request_id == 103) {
+            ck_assert_int_eq(r->kind_case, PROTOQ__FRAME__KIND_PUBLISH_OK);
+            ck_assert_msg(r->publish_ok->n_duplicate == 0 ||
+                              !r->publish_ok->duplicate[0],
+                          "the re-created queue's publish was answered duplicate");
+        }
+        frame_free(r);
+    }
+    close(fd);
+    ck_assert_uint_eq(qtotal(c, "q"), 1);
+    protoq_close(c);
+
+    bounce(_i);
+    c = pq_connect_or_fail(&g_srv);
+    ck_assert_uint_eq(qtotal(c, "q"), 1);
+    protoq_close(c);
+}
+END_TEST
+
 /* ================================================================ main */
 
 static TCase *
@@ -443,6 +550,10 @@ loss_suite(void)
     tc = tcase("keys", 30);
     tcase_add_loop_test(tc, test_keyed_job_put_back_survives_restart, 0, 2 * PB_COUNT);
     tcase_add_loop_test(tc, test_key_reused_after_its_window_survives_restart, 0, 2);
+    suite_add_tcase(s, tc);
+
+    tc = tcase("names_strings", 30);
+    tcase_add_loop_test(tc, test_key_does_not_outlive_queue_delete, 0, 2);
     suite_add_tcase(s, tc);
     return s;
 }
