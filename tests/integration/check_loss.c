@@ -524,6 +524,149 @@ START_TEST(test_key_does_not_outlive_queue_delete)
 }
 END_TEST
 
+/*
+ * raw_ask: send f (every '@' byte of its encoding turned into a NUL, so
+ * strings can hold one) and return the reply's error code (0: no Error).
+ */
+static int
+raw_ask(int fd, Protoq__Frame *f)
+{
+    Protoq__Frame *r;
+    size_t len;
+    uint8_t *buf = raw_pack(f, &len);
+    int code;
+
+    ck_assert_ptr_nonnull(buf);
+    for (size_t i = 0; i < len; i++) {
+        if (buf[i] == '@') {
+            buf[i] = '\0';
+        }
+    }
+    ck_assert_int_eq(raw_send(fd, buf, len), 0);
+    free(buf);
+    r = raw_reply(fd);
+    ck_assert_uint_eq(r->request_id, f->request_id);
+    code = r->kind_case == PROTOQ__FRAME__KIND_ERROR ? (int)r->error->code : 0;
+    frame_free(r);
+    return code;
+}
+
+/* raw_publish: Publish of payload "p" to queue with message m. */
+static int
+raw_publish(int fd, const char *queue, Protoq__Message *m)
+{
+    Protoq__Frame f = PROTOQ__FRAME__INIT;
+    Protoq__Publish p = PROTOQ__PUBLISH__INIT;
+
+    m->payload.data = (uint8_t *)"p";
+    m->payload.len = 1;
+    p.queue = (char *)queue;
+    p.message = m;
+    f.request_id = 7;
+    f.kind_case = PROTOQ__FRAME__KIND_PUBLISH;
+    f.publish = &p;
+    return raw_ask(fd, &f);
+}
+
+/*
+ * A NUL inside a queue name cut it short ("abc\0def" named "abc"), and no
+ * string field was checked for UTF-8. Every string field is now checked on
+ * its full length: create, delete, publish (queue and every string of the
+ * message), subscribe, dead_letter, nack error, progress.
+ */
+START_TEST(test_nul_and_bad_utf8_in_strings_are_refused)
+{
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    Protoq__Frame f = PROTOQ__FRAME__INIT;
+    Protoq__QueueCreate qc = PROTOQ__QUEUE_CREATE__INIT;
+    Protoq__QueueDelete qd = PROTOQ__QUEUE_DELETE__INIT;
+    Protoq__QueueAttrs qa = PROTOQ__QUEUE_ATTRS__INIT;
+    Protoq__Subscribe sub = PROTOQ__SUBSCRIBE__INIT;
+    Protoq__Nack nk = PROTOQ__NACK__INIT;
+    Protoq__Message m;
+    Protoq__KeyValue kv = PROTOQ__KEY_VALUE__INIT, *kvs[1] = {&kv};
+    static const char *const bad_strings[] = {
+        "x@y",              /* a NUL */
+        "\xff",             /* never in UTF-8 */
+        "\xc0\x80",         /* overlong NUL */
+        "\xed\xa0\x80",     /* a surrogate */
+        "\xe2\x82",         /* cut short */
+        "\xf4\x90\x80\x80", /* past U+10FFFF */
+    };
+    const int bad = PROTOQ_CODE_BAD_REQUEST;
+    int fd;
+
+    mkq(c, "abc", NULL, 0);
+    fd = raw_open();
+    f.request_id = 5;
+    f.kind_case = PROTOQ__FRAME__KIND_QUEUE_CREATE;
+    f.queue_create = &qc;
+    qc.name = (char *)"abd@def";
+    ck_assert_int_eq(raw_ask(fd, &f), bad);
+    qc.name = (char *)"x";
+    qc.attrs = &qa;
+    qa.dead_letter = (char *)"abc@def";
+    ck_assert_int_eq(raw_ask(fd, &f), bad);
+    f.kind_case = PROTOQ__FRAME__KIND_QUEUE_DELETE;
+    f.queue_delete = &qd;
+    qd.name = (char *)"abc@def";
+    ck_assert_int_eq(raw_ask(fd, &f), bad);
+    f.kind_case = PROTOQ__FRAME__KIND_SUBSCRIBE;
+    f.subscribe = &sub;
+    sub.queue = (char *)"abc@";
+    ck_assert_int_eq(raw_ask(fd, &f), bad);
+    f.kind_case = PROTOQ__FRAME__KIND_NACK;
+    f.nack = &nk;
+    nk.message_id = 1;
+    nk.attempt = 1;
+    nk.error = (char *)"\xff";
+    ck_assert_int_eq(raw_ask(fd, &f), bad);
+
+    protoq__message__init(&m);
+    ck_assert_int_eq(raw_publish(fd, "abc@", &m), bad);
+    for (size_t i = 0; i < sizeof(bad_strings) / sizeof(bad_strings[0]); i++) {
+        const char *b = bad_strings[i];
+
+        protoq__message__init(&m);
+        m.idempotency_key = (char *)b;
+        ck_assert_msg(raw_publish(fd, "abc", &m) == bad, "key %zu", i);
+        protoq__message__init(&m);
+        m.correlation_id = (char *)b;
+        ck_assert_msg(raw_publish(fd, "abc", &m) == bad, "correlation_id %zu", i);
+        protoq__message__init(&m);
+        m.reply_to = (char *)b;
+        ck_assert_msg(raw_publish(fd, "abc", &m) == bad, "reply_to %zu", i);
+        protoq__message__init(&m);
+        kv.key = (char *)"h";
+        kv.value = (char *)b;
+        m.n_headers = 1;
+        m.headers = kvs;
+        ck_assert_msg(raw_publish(fd, "abc", &m) == bad, "header %zu", i);
+    }
+    /* Valid UTF-8 of every length passes; the connection still works. */
+    protoq__message__init(&m);
+    kv.key = (char *)"h";
+    kv.value = (char *)"caf\xc3\xa9 \xe2\x9c\x93 \xf0\x9f\x98\x80";
+    m.n_headers = 1;
+    m.headers = kvs;
+    ck_assert_int_eq(raw_publish(fd, "abc", &m), 0);
+    close(fd);
+
+    ck_assert_uint_eq(qtotal(c, "abc"), 1);
+    pq_check_remote(c, protoq_queue_stat(c, "abd", &(struct protoq_queue_info){0}),
+                    PROTOQ_CODE_QUEUE_NOT_FOUND);
+    pq_check_remote(c, protoq_queue_stat(c, "x", &(struct protoq_queue_info){0}),
+                    PROTOQ_CODE_QUEUE_NOT_FOUND);
+    protoq_close(c);
+    bounce(_i);
+    c = pq_connect_or_fail(&g_srv);
+    ck_assert_uint_eq(qtotal(c, "abc"), 1);
+    pq_check_remote(c, protoq_queue_stat(c, "abd", &(struct protoq_queue_info){0}),
+                    PROTOQ_CODE_QUEUE_NOT_FOUND);
+    protoq_close(c);
+}
+END_TEST
+
 /* ================================================================ main */
 
 static TCase *
@@ -554,6 +697,7 @@ loss_suite(void)
 
     tc = tcase("names_strings", 30);
     tcase_add_loop_test(tc, test_key_does_not_outlive_queue_delete, 0, 2);
+    tcase_add_loop_test(tc, test_nul_and_bad_utf8_in_strings_are_refused, 0, 2);
     suite_add_tcase(s, tc);
     return s;
 }
