@@ -656,6 +656,40 @@ durable_queue_count(const struct server *srv)
     return n;
 }
 
+/*
+ * A dead_letter names another queue that exists, durable when the queue
+ * is (a transient one is gone after a restart): failed jobs are never
+ * dropped for want of their dead-letter queue. Deleting a queue that is
+ * one is refused too (on_queue_delete). Checked on every QueueCreate, the
+ * idempotent repeat of an existing queue's included.
+ */
+static bool
+dead_letter_ok(struct conn *c, uint64_t rid, const char *name,
+               const struct queue_attrs *a)
+{
+    struct queue *dlq;
+
+    if (strcmp(a->dead_letter, name) == 0) {
+        reply_err(c, rid, PQ_EINVAL, "queue create %s: a queue cannot be its "
+                  "own dead_letter", name);
+        return false;
+    }
+    dlq = qset_find(c->srv->qs, a->dead_letter);
+    if (dlq == NULL) {
+        reply_err(c, rid, PQ_ENOTFOUND, "queue create %s: dead_letter queue "
+                  "\"%s\" does not exist (create it first)", name,
+                  a->dead_letter);
+        return false;
+    }
+    if (!a->transient && queue_attrs(dlq)->transient) {
+        reply_err(c, rid, PQ_EINVAL, "queue create %s: dead_letter queue "
+                  "\"%s\" is transient, and a durable queue's dead letters "
+                  "must survive a restart", name, a->dead_letter);
+        return false;
+    }
+    return true;
+}
+
 static void
 on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate *r)
 {
@@ -680,6 +714,9 @@ on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate *r)
         !queue_name_valid(a.dead_letter, strlen(a.dead_letter))) {
         reply_err(c, rid, PQ_EINVAL, "queue create %s: invalid dead_letter name",
                   r->name);
+        return;
+    }
+    if (a.dead_letter[0] != '\0' && !dead_letter_ok(c, rid, r->name, &a)) {
         return;
     }
     if (a.max_attempts > 1000000 || a.ack_timeout_ms > 365ULL * 86400000 ||
@@ -787,15 +824,49 @@ forget_queue_in_waits(struct server *srv, struct queue *q)
     }
 }
 
+/* The queues other than q whose dead_letter is q: their names, comma
+ * separated, into buf (cut at cap); returns how many there are. */
+static size_t
+dead_letter_users(struct server *srv, const struct queue *q, char *buf,
+                  size_t cap)
+{
+    size_t n = 0, used = 0;
+
+    buf[0] = '\0';
+    for (struct queue *u = qset_first(srv->qs); u; u = qset_next(u)) {
+        if (u == q || strcmp(queue_attrs(u)->dead_letter, queue_name(q)) != 0) {
+            continue;
+        }
+        if (used < cap) {
+            int k = snprintf(buf + used, cap - used, "%s%s", n ? ", " : "",
+                             queue_name(u));
+
+            used += k > 0 ? (size_t)k : 0;
+        }
+        n++;
+    }
+    return n;
+}
+
 static void
 on_queue_delete(struct conn *c, uint64_t rid, const Protoq__QueueDelete *r)
 {
     struct server *srv = c->srv;
     struct queue *q = find_queue(c, rid, r->name);
+    char users[512];
     uint64_t lsn = 0;
+    size_t n_users;
     int rc;
 
     if (q == NULL) {
+        return;
+    }
+    n_users = dead_letter_users(srv, q, users, sizeof(users));
+    if (n_users > 0) {
+        reply_err(c, rid, PQ_EINVAL, "queue rm %s: it is the dead_letter of "
+                  "%zu queue%s (%s): delete %s first", r->name, n_users,
+                  n_users == 1 ? "" : "s", users,
+                  n_users == 1 ? "that one" : "those");
         return;
     }
     if (!queue_attrs(q)->transient) {

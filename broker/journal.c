@@ -1301,6 +1301,22 @@ ref_cb(void *arg, struct msg *m)
     w->n++;
 }
 
+/* A log written before dead_letter targets were checked may define a
+ * queue whose dead-letter queue does not exist: it still loads. */
+static void
+warn_missing_dead_letters(struct server *srv)
+{
+    for (struct queue *q = qset_first(srv->qs); q; q = qset_next(q)) {
+        const char *dl = queue_attrs(q)->dead_letter;
+
+        if (dl[0] != '\0' && qset_find(srv->qs, dl) == NULL) {
+            log_warn("queue %s: its dead_letter queue %s does not exist: "
+                     "jobs it would dead-letter are dropped until %s is "
+                     "created", queue_name(q), dl, dl);
+        }
+    }
+}
+
 int
 journal_open(struct server *srv, char *err, size_t errlen)
 {
@@ -1347,6 +1363,7 @@ journal_open(struct server *srv, char *err, size_t errlen)
     }
     store_reserve_set(j->st, w.n);
     store_set_roll_cb(j->st, on_roll, j);
+    warn_missing_dead_letters(srv);
     /* Ids never repeat: past every id in the log, and past the clock so
      * that a log emptied by deletion cannot bring old ids back. */
     floor = clock_wall_ms() << 16;

@@ -417,6 +417,96 @@ START_TEST(test_key_reused_after_its_window_survives_restart)
 }
 END_TEST
 
+/* fill_and_purge: ~200 KB through queue filler, then purged: segments
+ * roll past the ones holding older messages, which then hold little that
+ * is live (compaction moves it forward, housekeeping deletes the rest). */
+static void
+fill_and_purge(protoq_client *c)
+{
+    char big[4001];
+    uint64_t purged = 0;
+
+    memset(big, 'f', sizeof(big) - 1);
+    big[sizeof(big) - 1] = '\0';
+    for (int i = 0; i < 50; i++) {
+        pub(c, "filler", big);
+    }
+    pq_check_ok(c, protoq_queue_purge(c, "filler", &purged));
+    ck_assert_uint_eq(purged, 50);
+}
+
+/*
+ * Combination: keyed jobs put back in several ways, a queue deleted while
+ * a consumer holds its jobs, and compaction moving the keyed jobs'
+ * records forward (a moved PUBLISH is replayed like a put-back job: the
+ * key is taken over), then a restart. Every keyed job comes back once
+ * with its attempt count, and retries of every key are duplicates.
+ */
+START_TEST(test_keys_put_back_delete_and_compaction_combined)
+{
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    struct cons *k, *v;
+    struct got g;
+    uint64_t ids[3];
+    const char *keys[3] = {"k-nacked", "k-released", "k-untouched"};
+
+    mkq(c, "jobs", NULL, 0);
+    mkq(c, "victim", NULL, 0);
+    mkq(c, "filler", NULL, 0);
+    for (int i = 0; i < 3; i++) {
+        ids[i] = pub_key(c, "jobs", keys[i], keys[i]);
+    }
+    pub(c, "victim", "v1");
+    pub(c, "victim", "v2");
+    v = cons_open("victim", 10);
+    (void)cons_get(v, "victim");
+    (void)cons_get(v, "victim");
+    k = cons_open("jobs", 1);
+    g = cons_get(k, "first");
+    ck_assert_uint_eq(g.id, ids[0]);
+    pq_check_ok(k->c, protoq_nack_sync(k->c, g.id, g.attempt, 0, false, NULL));
+    g = cons_get(k, "second"); /* the nacked one again, or the next */
+    pq_check_ok(k->c, protoq_release(k->c, g.id, g.attempt,
+                                     PROTOQ_RELEASE_PREEMPTED, NULL, true));
+    pq_check_ok(k->c, protoq_flow(k->c, k->sub, 0));
+    cons_close(k);
+    fill_and_purge(c);
+    pq_check_ok(c, protoq_queue_delete(c, "victim"));
+    fill_and_purge(c);
+    sleep_ms(2500); /* housekeeping: compaction and segment deletion */
+    cons_close(v);
+    ck_assert_uint_eq(qtotal(c, "jobs"), 3);
+    protoq_close(c);
+
+    bounce(_i);
+    c = pq_connect_or_fail(&g_srv);
+    ck_assert_msg(qtotal(c, "jobs") == 3, "%s: %" PRIu64 " of 3 keyed jobs "
+                  "after the restart", _i == 0 ? "SIGTERM" : "kill -9",
+                  qtotal(c, "jobs"));
+    for (int i = 0; i < 3; i++) {
+        ck_assert_uint_eq(pub_key(c, "jobs", keys[i], keys[i]), ids[i]);
+    }
+    ck_assert_uint_eq(qtotal(c, "jobs"), 3);
+    k = cons_open("jobs", 3);
+    for (int n = 0; n < 3; n++) {
+        g = cons_get(k, "after the restart");
+        for (int i = 0; i < 3; i++) {
+            if (g.id == ids[i]) {
+                ck_assert_str_eq(g.payload, keys[i]);
+                ids[i] = 0; /* seen */
+                /* The nacked job was delivered before: attempt 2 or 3. */
+                ck_assert_uint_ge(g.attempt, i == 0 ? 2 : 1);
+            }
+        }
+    }
+    ck_assert_msg(ids[0] == 0 && ids[1] == 0 && ids[2] == 0,
+                  "a keyed job came back twice, or another job came");
+    cons_close(k);
+    ck_assert(!srv_log_has(&g_srv, "below zero"));
+    protoq_close(c);
+}
+END_TEST
+
 /* ------------------------------------------ item 6: raw frames */
 
 /* raw_open: a raw connection past the handshake. */
@@ -667,6 +757,155 @@ START_TEST(test_nul_and_bad_utf8_in_strings_are_refused)
 }
 END_TEST
 
+/* ---------------------------------- item 7: dead-letter targets */
+
+/* create_code: QueueCreate name with dead_letter dl (transient if asked);
+ * the wire code of the answer (0: Ok). */
+static int
+create_code(protoq_client *c, const char *name, const char *dl, bool transient)
+{
+    struct protoq_queue_attrs a;
+    int rc;
+
+    memset(&a, 0, sizeof(a));
+    a.transient = transient;
+    a.max_attempts = 1;
+    snprintf(a.dead_letter, sizeof(a.dead_letter), "%s", dl);
+    rc = protoq_queue_create(c, name, &a);
+    if (rc == PQ_OK) {
+        return 0;
+    }
+    ck_assert_int_eq(rc, PQ_EREMOTE);
+    return protoq_last_error_code(c);
+}
+
+/* nack_one: take the one job of q and nack it (max_attempts 1: it is
+ * dead-lettered at once). */
+static void
+nack_one(const char *q)
+{
+    struct cons *k = cons_open(q, 1);
+    struct got g = cons_get(k, q);
+
+    pq_check_ok(k->c, protoq_nack_sync(k->c, g.id, g.attempt, 0, false, "x"));
+    cons_close(k);
+}
+
+/*
+ * A dead_letter that does not exist was accepted, and so was deleting a
+ * queue others use as their dead letter: failed jobs were then dropped
+ * with a warning. Now: QUEUE_NOT_FOUND at create; BAD_REQUEST for a
+ * queue that names itself, or a durable queue naming a transient one; a
+ * delete of a queue in use is refused, naming its users.
+ */
+START_TEST(test_dead_letter_target_must_exist)
+{
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    const char *msg;
+
+    ck_assert_int_eq(create_code(c, "jobs", "nowhere", false),
+                     PROTOQ_CODE_QUEUE_NOT_FOUND);
+    pq_check_remote(c, protoq_queue_stat(c, "jobs", &(struct protoq_queue_info){0}),
+                    PROTOQ_CODE_QUEUE_NOT_FOUND);
+    ck_assert_int_eq(create_code(c, "jobs", "jobs", false), PROTOQ_CODE_BAD_REQUEST);
+    ck_assert_int_eq(create_code(c, "tdlq", "", true), 0);
+    ck_assert_int_eq(create_code(c, "jobs", "tdlq", false), PROTOQ_CODE_BAD_REQUEST);
+    ck_assert_int_eq(create_code(c, "tjobs", "tdlq", true), 0);
+    ck_assert_int_eq(create_code(c, "dlq", "", false), 0);
+    ck_assert_int_eq(create_code(c, "jobs", "dlq", false), 0);
+    ck_assert_int_eq(create_code(c, "jobs2", "dlq", false), 0);
+    ck_assert_int_eq(create_code(c, "jobs", "dlq", false), 0); /* idempotent */
+
+    pq_check_remote(c, protoq_queue_delete(c, "dlq"), PROTOQ_CODE_BAD_REQUEST);
+    msg = protoq_errmsg(c);
+    ck_assert_msg(strstr(msg, "jobs") && strstr(msg, "jobs2"),
+                  "the refusal names the users: %s", msg);
+    pq_check_remote(c, protoq_queue_delete(c, "tdlq"), PROTOQ_CODE_BAD_REQUEST);
+    pub(c, "jobs", "job-1");
+    protoq_close(c);
+
+    bounce(_i);
+    c = pq_connect_or_fail(&g_srv);
+    pq_check_remote(c, protoq_queue_delete(c, "dlq"), PROTOQ_CODE_BAD_REQUEST);
+    nack_one("jobs");
+    ck_assert_uint_eq(qtotal(c, "dlq"), 1);
+    pq_check_ok(c, protoq_queue_delete(c, "jobs"));
+    pq_check_remote(c, protoq_queue_delete(c, "dlq"), PROTOQ_CODE_BAD_REQUEST);
+    pq_check_ok(c, protoq_queue_delete(c, "jobs2"));
+    ck_assert_uint_eq(qtotal(c, "dlq"), 1);
+    protoq_close(c);
+
+    bounce(_i);
+    c = pq_connect_or_fail(&g_srv);
+    ck_assert_uint_eq(qtotal(c, "dlq"), 1);
+    pq_check_ok(c, protoq_queue_delete(c, "dlq"));
+    protoq_close(c);
+}
+END_TEST
+
+/*
+ * A log written by 6b0104b (protoq queue create jobs --dead-letter
+ * jobs.dlq --max-attempts 1 --backoff 10ms:10ms; protoq pub jobs job-1;
+ * SIGTERM; segment_bytes 65536): the first 208 bytes of its only segment,
+ * zeros after them up to 81920.
+ */
+static const uint8_t OLD_SEGMENT[] = {
+    0x50, 0x52, 0x4f, 0x54, 0x4f, 0x51, 0x4c, 0x47, 0x01, 0x00, 0x00, 0x00,
+    0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x5b, 0x00, 0x00, 0x00,
+    0xf6, 0xc6, 0x57, 0xe4, 0x01, 0x04, 0x00, 0x00, 0x00, 0x6a, 0x6f, 0x62,
+    0x73, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x30, 0x75, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x08, 0x00, 0x00, 0x00, 0x6a, 0x6f,
+    0x62, 0x73, 0x2e, 0x64, 0x6c, 0x71, 0x0a, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x0a, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x5c, 0x26, 0x05, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x49,
+    0x00, 0x00, 0x00, 0x26, 0xf4, 0xfe, 0x4b, 0x04, 0x00, 0x00, 0xe5, 0x17,
+    0x74, 0x31, 0xa2, 0x01, 0x04, 0x00, 0x00, 0x00, 0x6a, 0x6f, 0x62, 0x73,
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xd7, 0x19, 0x74,
+    0x31, 0xa2, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x07, 0x00, 0x00,
+    0x00, 0x0a, 0x05, 0x6a, 0x6f, 0x62, 0x2d, 0x31, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00
+};
+
+/* A log whose queue names a dead_letter that does not exist still loads
+ * (with a warning); once the queue is created, failed jobs reach it. */
+START_TEST(test_old_log_with_missing_dead_letter_starts)
+{
+    protoq_client *c;
+    char path[400];
+    FILE *f;
+
+    ck_assert_int_eq(srv_stop(&g_srv), 0);
+    snprintf(path, sizeof(path), "%s/seg-0000000001.log", g_srv.data_dir);
+    f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_uint_eq(fwrite(OLD_SEGMENT, 1, sizeof(OLD_SEGMENT), f),
+                      sizeof(OLD_SEGMENT));
+    ck_assert_int_eq(ftruncate(fileno(f), 81920), 0);
+    ck_assert_int_eq(fclose(f), 0);
+    ck_assert_int_eq(srv_launch(&g_srv), 0);
+    ck_assert(srv_log_has(&g_srv, "its dead_letter queue jobs.dlq does not exist"));
+    c = pq_connect_or_fail(&g_srv);
+    ck_assert_uint_eq(qtotal(c, "jobs"), 1);
+    /* Re-declaring it names a missing queue: refused, not dropped later. */
+    ck_assert_int_eq(create_code(c, "jobs", "jobs.dlq", false),
+                     PROTOQ_CODE_QUEUE_NOT_FOUND);
+    mkq(c, "jobs.dlq", NULL, 0);
+    nack_one("jobs");
+    ck_assert_uint_eq(qtotal(c, "jobs.dlq"), 1);
+    protoq_close(c);
+
+    bounce(_i);
+    c = pq_connect_or_fail(&g_srv);
+    ck_assert_uint_eq(qtotal(c, "jobs"), 0);
+    ck_assert_uint_eq(qtotal(c, "jobs.dlq"), 1);
+    protoq_close(c);
+}
+END_TEST
+
 /* ================================================================ main */
 
 static TCase *
@@ -693,11 +932,17 @@ loss_suite(void)
     tc = tcase("keys", 30);
     tcase_add_loop_test(tc, test_keyed_job_put_back_survives_restart, 0, 2 * PB_COUNT);
     tcase_add_loop_test(tc, test_key_reused_after_its_window_survives_restart, 0, 2);
+    tcase_add_loop_test(tc, test_keys_put_back_delete_and_compaction_combined, 0, 2);
     suite_add_tcase(s, tc);
 
     tc = tcase("names_strings", 30);
     tcase_add_loop_test(tc, test_key_does_not_outlive_queue_delete, 0, 2);
     tcase_add_loop_test(tc, test_nul_and_bad_utf8_in_strings_are_refused, 0, 2);
+    suite_add_tcase(s, tc);
+
+    tc = tcase("dead_letter", 30);
+    tcase_add_loop_test(tc, test_dead_letter_target_must_exist, 0, 2);
+    tcase_add_loop_test(tc, test_old_log_with_missing_dead_letter_starts, 0, 2);
     suite_add_tcase(s, tc);
     return s;
 }
