@@ -203,6 +203,24 @@ qtotal_wait(protoq_client *c, const char *q, uint64_t want)
     return n;
 }
 
+/* fill_and_purge: ~200 KB through queue filler, then purged: segments
+ * roll past the ones holding older messages, which then hold little that
+ * is live (compaction moves it forward, housekeeping deletes the rest). */
+static void
+fill_and_purge(protoq_client *c)
+{
+    char big[4001];
+    uint64_t purged = 0;
+
+    memset(big, 'f', sizeof(big) - 1);
+    big[sizeof(big) - 1] = '\0';
+    for (int i = 0; i < 50; i++) {
+        pub(c, "filler", big);
+    }
+    pq_check_ok(c, protoq_queue_purge(c, "filler", &purged));
+    ck_assert_uint_eq(purged, 50);
+}
+
 /* ------------------------------------------------ item 1: queue delete */
 
 /*
@@ -215,8 +233,6 @@ START_TEST(test_delete_with_held_deliveries_keeps_other_queues)
 {
     protoq_client *c = pq_connect_or_fail(&g_srv);
     struct cons *k;
-    char big[4001];
-    uint64_t purged = 0;
 
     mkq(c, "keep", NULL, 0);
     mkq(c, "victim", NULL, 0);
@@ -229,14 +245,8 @@ START_TEST(test_delete_with_held_deliveries_keeps_other_queues)
     for (int i = 0; i < 4; i++) {
         (void)cons_get(k, "victim");
     }
-    /* ~200 KB: three segments roll past the one holding keep's message. */
-    memset(big, 'f', sizeof(big) - 1);
-    big[sizeof(big) - 1] = '\0';
-    for (int i = 0; i < 50; i++) {
-        pub(c, "filler", big);
-    }
-    pq_check_ok(c, protoq_queue_purge(c, "filler", &purged));
-    ck_assert_uint_eq(purged, 50);
+    /* Three segments roll past the one holding keep's message. */
+    fill_and_purge(c);
     pq_check_ok(c, protoq_queue_delete(c, "victim"));
     /* Housekeeping deletes unreferenced segments (once a second). */
     sleep_ms(1500);
@@ -417,24 +427,6 @@ START_TEST(test_key_reused_after_its_window_survives_restart)
 }
 END_TEST
 
-/* fill_and_purge: ~200 KB through queue filler, then purged: segments
- * roll past the ones holding older messages, which then hold little that
- * is live (compaction moves it forward, housekeeping deletes the rest). */
-static void
-fill_and_purge(protoq_client *c)
-{
-    char big[4001];
-    uint64_t purged = 0;
-
-    memset(big, 'f', sizeof(big) - 1);
-    big[sizeof(big) - 1] = '\0';
-    for (int i = 0; i < 50; i++) {
-        pub(c, "filler", big);
-    }
-    pq_check_ok(c, protoq_queue_purge(c, "filler", &purged));
-    ck_assert_uint_eq(purged, 50);
-}
-
 /*
  * Combination: keyed jobs put back in several ways, a queue deleted while
  * a consumer holds its jobs, and compaction moving the keyed jobs'
@@ -486,6 +478,11 @@ START_TEST(test_keys_put_back_delete_and_compaction_combined)
     for (int i = 0; i < 3; i++) {
         ck_assert_uint_eq(pub_key(c, "jobs", keys[i], keys[i]), ids[i]);
     }
+    ck_assert_uint_eq(qtotal(c, "jobs"), 3);
+    protoq_close(c);
+    /* A second restart, the other way, after the first one's replay. */
+    bounce(1 - _i);
+    c = pq_connect_or_fail(&g_srv);
     ck_assert_uint_eq(qtotal(c, "jobs"), 3);
     k = cons_open("jobs", 3);
     for (int n = 0; n < 3; n++) {
