@@ -51,7 +51,7 @@ LDLIBS += $(PKG_LIBS)
 # ---- object lists (explicit: no wildcards) ----
 PROTO_GEN  = $(B)/protocol/protoq.pb-c.c $(B)/protocol/protoq.pb-c.h
 PROTO_OBJS = $(B)/protocol/protoq.pb-c.o $(B)/protocol/frame.o $(B)/protocol/pqerr.o \
-             $(B)/protocol/units.o
+             $(B)/protocol/units.o $(B)/protocol/strcheck.o
 
 CORE_OBJS  = $(B)/broker/mem.o $(B)/broker/log.o $(B)/broker/failpoint.o
 QUEUE_OBJS = $(B)/broker/queue.o $(B)/broker/heap.o $(B)/broker/hmap.o $(B)/broker/body.o
@@ -70,6 +70,7 @@ UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_queue \
               $(B)/tests/unit/check_store $(B)/tests/unit/check_config
 INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_jobs \
               $(B)/tests/integration/check_client $(B)/tests/integration/check_work \
+              $(B)/tests/integration/check_loss \
               $(B)/tests/crash/check_crash
 TESTS = $(UNIT_TESTS) $(INTEG_TESTS)
 TESTUTIL_OBJS = $(B)/tests/testutil.o

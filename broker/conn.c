@@ -36,6 +36,7 @@
 #include "mem.h"
 #include "pqerr.h"
 #include "server.h"
+#include "strcheck.h"
 
 enum {
     FRAMES_PER_WAKEUP = 64,       /* then yield to other connections */
@@ -431,6 +432,8 @@ read_frames(struct conn *c)
     for (int i = 0; i < FRAMES_PER_WAKEUP; i++) {
         uint8_t hdr[FRAME_HEADER_LEN];
         size_t avail = evbuffer_get_length(in);
+        char bad[128];
+        const uint8_t *body;
         Protoq__Frame *f;
         ssize_t n;
         int rc;
@@ -456,9 +459,15 @@ read_frames(struct conn *c)
         if (avail < FRAME_HEADER_LEN + (size_t)n) {
             return false;
         }
-        rc = frame_unpack(evbuffer_pullup(in, FRAME_HEADER_LEN + n) +
-                              FRAME_HEADER_LEN,
-                          (size_t)n, frame_decode_budget((size_t)n), &f);
+        body = evbuffer_pullup(in, FRAME_HEADER_LEN + n) + FRAME_HEADER_LEN;
+        rc = frame_unpack(body, (size_t)n, frame_decode_budget((size_t)n), &f);
+        /* A string protobuf-c took (a NUL would cut it short) but proto3
+         * does not allow: refused before anything looks at it. */
+        bad[0] = '\0';
+        if (rc == PQ_OK) {
+            (void)wire_strings_check(&protoq__frame__descriptor, body,
+                                     (size_t)n, bad, sizeof(bad));
+        }
         evbuffer_drain(in, FRAME_HEADER_LEN + (size_t)n);
         if (rc != PQ_OK) {
             conn_fatal(c, 0, PROTOQ__ERROR_CODE__MALFORMED_FRAME,
@@ -470,7 +479,13 @@ read_frames(struct conn *c)
         }
         c->last_rx_ms = c->srv->now_mono_ms;
         c->srv->stats.frames_in++;
-        dispatch_frame(c, f);
+        if (bad[0] != '\0') {
+            conn_send_error(c, f->request_id, PROTOQ__ERROR_CODE__BAD_REQUEST,
+                            "field %s: not valid UTF-8, or holds a NUL "
+                            "character", bad);
+        } else {
+            dispatch_frame(c, f);
+        }
         frame_free(f);
     }
     return conn_is_open(c) && evbuffer_get_length(in) >= FRAME_HEADER_LEN;

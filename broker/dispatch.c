@@ -656,6 +656,40 @@ durable_queue_count(const struct server *srv)
     return n;
 }
 
+/*
+ * A dead_letter names another queue that exists, durable when the queue
+ * is (a transient one is gone after a restart): failed jobs are never
+ * dropped for want of their dead-letter queue. Deleting a queue that is
+ * one is refused too (on_queue_delete). Checked on every QueueCreate, the
+ * idempotent repeat of an existing queue's included.
+ */
+static bool
+dead_letter_ok(struct conn *c, uint64_t rid, const char *name,
+               const struct queue_attrs *a)
+{
+    struct queue *dlq;
+
+    if (strcmp(a->dead_letter, name) == 0) {
+        reply_err(c, rid, PQ_EINVAL, "queue create %s: a queue cannot be its "
+                  "own dead_letter", name);
+        return false;
+    }
+    dlq = qset_find(c->srv->qs, a->dead_letter);
+    if (dlq == NULL) {
+        reply_err(c, rid, PQ_ENOTFOUND, "queue create %s: dead_letter queue "
+                  "\"%s\" does not exist (create it first)", name,
+                  a->dead_letter);
+        return false;
+    }
+    if (!a->transient && queue_attrs(dlq)->transient) {
+        reply_err(c, rid, PQ_EINVAL, "queue create %s: dead_letter queue "
+                  "\"%s\" is transient, and a durable queue's dead letters "
+                  "must survive a restart", name, a->dead_letter);
+        return false;
+    }
+    return true;
+}
+
 static void
 on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate *r)
 {
@@ -680,6 +714,9 @@ on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate *r)
         !queue_name_valid(a.dead_letter, strlen(a.dead_letter))) {
         reply_err(c, rid, PQ_EINVAL, "queue create %s: invalid dead_letter name",
                   r->name);
+        return;
+    }
+    if (a.dead_letter[0] != '\0' && !dead_letter_ok(c, rid, r->name, &a)) {
         return;
     }
     if (a.max_attempts > 1000000 || a.ack_timeout_ms > 365ULL * 86400000 ||
@@ -727,24 +764,52 @@ on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate *r)
     finish_ok(c, rid, lsn, 0);
 }
 
-static void unsubscribe(struct server *srv, struct conn *c, struct sub *s);
-
-/* Detach every subscription of q (their connections are told nothing
- * more; deliveries in flight are dropped with the queue). */
+/* Unlink s from its connection's list (it stays allocated). */
 static void
-drop_subscriptions(struct server *srv, struct queue *q)
+sub_unlink(struct sub *s)
 {
-    struct consumer *cons;
+    struct conn *c = s->conn;
+    struct sub **pp;
 
-    while ((cons = queue_first_consumer(q)) != NULL) {
-        struct sub *s = cons->owner;
+    for (pp = &c->subs; *pp != s; pp = &(*pp)->next) {
+    }
+    *pp = s->next;
+    s->next = NULL;
+    c->nsubs--;
+}
 
-        unsubscribe(srv, s->conn, s);
+/*
+ * Delete q with its subscriptions: their connections are told nothing
+ * more, and the deliveries they hold go with the queue like every other
+ * message of it. Not through unsubscribe(): that makes each held delivery
+ * a failed attempt (a REQUEUE or DEAD_LETTER record after the
+ * QUEUE_DELETE, and a second release of segment references that
+ * journal_queue_delete already released).
+ */
+static void
+delete_with_subscriptions(struct server *srv, struct queue *q)
+{
+    struct sub *gone = NULL, *s;
+
+    for (struct consumer *cons = queue_first_consumer(q); cons;
+         cons = queue_next_consumer(cons)) {
+        s = cons->owner;
+        sub_unlink(s);
+        s->next = gone;
+        gone = s;
+    }
+    qset_delete(srv->qs, q); /* detaches the consumers */
+    while ((s = gone) != NULL) {
+        gone = s->next;
+        queue_consumer_fini(&s->cons);
+        pq_free(s);
     }
 }
 
 /* Publishes to q still waiting for the disk will find it gone: the
- * QUEUE_DELETE follows their PUBLISH in the log, so replay drops them too. */
+ * QUEUE_DELETE follows their PUBLISH in the log, so replay drops them too.
+ * Their idempotency keys go with the queue: a publish to a queue of the
+ * same name created meanwhile is not their duplicate. */
 static void
 forget_queue_in_waits(struct server *srv, struct queue *q)
 {
@@ -752,10 +817,35 @@ forget_queue_in_waits(struct server *srv, struct queue *q)
         for (uint32_t i = 0; i < w->n; i++) {
             if (w->items[i].q == q) {
                 room_give(srv, &w->items[i]);
+                pend_key_drop(srv, &w->items[i]);
                 w->items[i].q = NULL;
             }
         }
     }
+}
+
+/* The queues other than q whose dead_letter is q: their names, comma
+ * separated, into buf (cut at cap); returns how many there are. */
+static size_t
+dead_letter_users(struct server *srv, const struct queue *q, char *buf,
+                  size_t cap)
+{
+    size_t n = 0, used = 0;
+
+    buf[0] = '\0';
+    for (struct queue *u = qset_first(srv->qs); u; u = qset_next(u)) {
+        if (u == q || strcmp(queue_attrs(u)->dead_letter, queue_name(q)) != 0) {
+            continue;
+        }
+        if (used < cap) {
+            int k = snprintf(buf + used, cap - used, "%s%s", n ? ", " : "",
+                             queue_name(u));
+
+            used += k > 0 ? (size_t)k : 0;
+        }
+        n++;
+    }
+    return n;
 }
 
 static void
@@ -763,10 +853,20 @@ on_queue_delete(struct conn *c, uint64_t rid, const Protoq__QueueDelete *r)
 {
     struct server *srv = c->srv;
     struct queue *q = find_queue(c, rid, r->name);
+    char users[512];
     uint64_t lsn = 0;
+    size_t n_users;
     int rc;
 
     if (q == NULL) {
+        return;
+    }
+    n_users = dead_letter_users(srv, q, users, sizeof(users));
+    if (n_users > 0) {
+        reply_err(c, rid, PQ_EINVAL, "queue rm %s: it is the dead_letter of "
+                  "%zu queue%s (%s): delete %s first", r->name, n_users,
+                  n_users == 1 ? "" : "s", users,
+                  n_users == 1 ? "that one" : "those");
         return;
     }
     if (!queue_attrs(q)->transient) {
@@ -776,11 +876,10 @@ on_queue_delete(struct conn *c, uint64_t rid, const Protoq__QueueDelete *r)
             return;
         }
     }
-    drop_subscriptions(srv, q);
     server_unmark_dirty(srv, q);
     forget_queue_in_waits(srv, q);
     room_forget(srv, q);
-    qset_delete(srv->qs, q);
+    delete_with_subscriptions(srv, q);
     log_info("queue %s deleted", r->name);
     finish_ok(c, rid, lsn, 0);
 }
@@ -1230,14 +1329,9 @@ on_subscribe(struct conn *c, uint64_t rid, const Protoq__Subscribe *r)
 }
 
 static void
-unsubscribe(struct server *srv, struct conn *c, struct sub *s)
+unsubscribe(struct server *srv, struct sub *s)
 {
-    struct sub **pp;
-
-    for (pp = &c->subs; *pp != s; pp = &(*pp)->next) {
-    }
-    *pp = s->next;
-    c->nsubs--;
+    sub_unlink(s);
     queue_unsubscribe(&s->cons, srv->now_mono_ms);
     queue_consumer_fini(&s->cons);
     pq_free(s);
@@ -1254,7 +1348,7 @@ on_unsubscribe(struct conn *c, uint64_t rid, const Protoq__Unsubscribe *r)
                         (unsigned long long)r->subscription_id);
         return;
     }
-    unsubscribe(c->srv, c, s);
+    unsubscribe(c->srv, s);
     reply_ok(c, rid, 0);
 }
 
@@ -1304,7 +1398,7 @@ dispatch_conn_closed(struct conn *c)
         if (c->srv->shutting_down) {
             release_held(c->srv, c->subs);
         }
-        unsubscribe(c->srv, c, c->subs);
+        unsubscribe(c->srv, c->subs);
     }
 }
 

@@ -988,6 +988,33 @@ replay_create(struct journal *j, const struct rec_queue_create *c)
     return rc;
 }
 
+/*
+ * replay_push: push a replayed message (its body within the budget,
+ * checked by the caller). The log already accepted it, so its idempotency
+ * key is taken over from a message that is gone (a put-back job re-pushed
+ * by its REQUEUE record, or a key reused after its window): refusing it
+ * lost the job. Only a live message with the same key, which the broker
+ * never lets happen, still wins; that is logged, not hidden.
+ */
+static int
+replay_push(struct journal *j, struct queue *q, struct msg_new *mn)
+{
+    int rc;
+
+    mn->key_takeover = true;
+    rc = queue_push(q, mn, j->mono_at_open, NULL);
+    if (rc == PQ_EEXIST) {
+        log_warn("replay: queue %s: message %llu skipped: its id or "
+                 "idempotency key \"%s\" belongs to a live message",
+                 queue_name(q), (unsigned long long)mn->id,
+                 mn->idem_key ? mn->idem_key : "");
+        rc = PQ_OK;
+    } else if (rc == PQ_OK && durable(q) && mn->body != NULL) {
+        j->resident += mn->size;
+    }
+    return rc;
+}
+
 static int
 replay_publish(struct journal *j, const struct rec_publish *p,
                const struct store_loc *loc)
@@ -1058,12 +1085,7 @@ replay_publish(struct journal *j, const struct rec_publish *p,
     mn.pub_seg = mn.state_seg = loc->seg;
     mn.pub_off = (uint32_t)loc->off;
     mn.pub_len = loc->len;
-    rc = queue_push(q, &mn, j->mono_at_open, NULL);
-    if (rc == PQ_EEXIST) {
-        rc = PQ_OK; /* an idempotency key already live: keep the first */
-    } else if (rc == PQ_OK && durable(q) && mn.body != NULL) {
-        j->resident += mn.size; /* within the budget: checked above */
-    }
+    rc = replay_push(j, q, &mn);
 out:
     body_unref(&mn.body);
     body_unref(&mn.progress);
@@ -1125,12 +1147,7 @@ replay_reset(struct journal *j, const struct msg *m, struct queue *to,
     if (mn.body != NULL && durable(to) && !budget_allows(j, mn.size, mn.pub_len)) {
         body_unref(&mn.body);
     }
-    rc = queue_push(to, &mn, j->mono_at_open, NULL);
-    if (rc == PQ_EEXIST) {
-        rc = PQ_OK;
-    } else if (rc == PQ_OK && durable(to) && mn.body != NULL) {
-        j->resident += mn.size;
-    }
+    rc = replay_push(j, to, &mn);
 out:
     body_unref(&mn.body);
     body_unref(&mn.progress);
@@ -1284,6 +1301,22 @@ ref_cb(void *arg, struct msg *m)
     w->n++;
 }
 
+/* A log written before dead_letter targets were checked may define a
+ * queue whose dead-letter queue does not exist: it still loads. */
+static void
+warn_missing_dead_letters(struct server *srv)
+{
+    for (struct queue *q = qset_first(srv->qs); q; q = qset_next(q)) {
+        const char *dl = queue_attrs(q)->dead_letter;
+
+        if (dl[0] != '\0' && qset_find(srv->qs, dl) == NULL) {
+            log_warn("queue %s: its dead_letter queue %s does not exist: "
+                     "jobs it would dead-letter are dropped until %s is "
+                     "created", queue_name(q), dl, dl);
+        }
+    }
+}
+
 int
 journal_open(struct server *srv, char *err, size_t errlen)
 {
@@ -1330,6 +1363,7 @@ journal_open(struct server *srv, char *err, size_t errlen)
     }
     store_reserve_set(j->st, w.n);
     store_set_roll_cb(j->st, on_roll, j);
+    warn_missing_dead_letters(srv);
     /* Ids never repeat: past every id in the log, and past the clock so
      * that a log emptied by deletion cannot bring old ids back. */
     floor = clock_wall_ms() << 16;

@@ -1736,8 +1736,15 @@ qset_delete(struct qset *qs, struct queue *q)
     struct mlist *lists[2 * PRIORITY_LEVELS + 1];
     int i;
 
-    assert(q->n_consumers == 0);
-    assert(q->n_inflight == 0);
+    /* Held messages go with the queue, without events (queue_destroy
+     * detaches their consumers): only their leases leave the heap here. */
+    for (struct consumer *c = q->cons_head; c != NULL; c = c->next) {
+        for (struct msg *m = c->inflight_head; m != NULL; m = m->next) {
+            if (m->heap_pos != UINT32_MAX) {
+                heap_remove(&qs->deadlines, m->heap_pos);
+            }
+        }
+    }
     for (i = 0; i < PRIORITY_LEVELS; i++) {
         struct rlevel *lv = &q->ready[i];
         uint64_t pos;
@@ -1991,7 +1998,8 @@ queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms, struct ms
     if (mn->idem_key != NULL) {
         dedup_gc(q, now_ms);
         old = hmap_str_get(&q->dedup, mn->idem_key);
-        if (old != NULL && (old->m != NULL || old->expire_ms > now_ms)) {
+        if (old != NULL &&
+            (old->m != NULL || (old->expire_ms > now_ms && !mn->key_takeover))) {
             return PQ_EEXIST;
         }
     }
@@ -2038,7 +2046,8 @@ queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms, struct ms
             goto err_free_dedup;
         }
         if (old != NULL) {
-            /* an expired entry the FIFO has not reached (clock went back) */
+            /* a gone entry: taken over, or expired but not yet reached by
+             * the FIFO (clock went back) */
             dd_fifo_remove(q, old);
             (void)hmap_str_del(&q->dedup, old->key);
             dd_free(old);

@@ -279,8 +279,10 @@ int qset_create(struct qset *qs, const char *name, const struct queue_attrs *a,
                 struct queue **out);
 /* qset_find: the queue called name, or NULL. */
 struct queue *qset_find(struct qset *qs, const char *name);
-/* qset_delete: free q and all its messages (no events). Every consumer must
- * be unsubscribed first (asserted). Always PQ_OK. */
+/* qset_delete: free q and all its messages, in flight ones included, with
+ * no events: a deleted queue's messages are gone, never requeued nor
+ * dead-lettered. Consumers still attached are detached (c->q = NULL,
+ * nothing held; the caller still owns and finalises them). Always PQ_OK. */
 int qset_delete(struct qset *qs, struct queue *q);
 /* qset_first / qset_next: queues in creation order; NULL at the end.
  * Deleting the current queue invalidates the iteration. */
@@ -342,6 +344,10 @@ struct msg_new {
     uint64_t expire_ms;           /* mono; 0 = the queue's ttl_ms from now_ms (if any) */
     uint64_t published_wall_ms;
     const char *idem_key;         /* copied; NULL = none */
+    bool key_takeover;            /* log replay: idem_key is taken over
+                                   * from a message that is gone, whatever
+                                   * its window (the log already accepted
+                                   * this push); a live owner still wins */
     const struct kv *requires;    /* copied */
     size_t n_requires;
     uint32_t attempt, failures;   /* log replay; 0 for a new publish */
@@ -354,7 +360,8 @@ struct msg_new {
  * back of its priority level; registers the idempotency key. PQ_OK and
  * *out (out may be NULL: then the message may take the compact form, so
  * pass out only when a pointer is needed); PQ_EEXIST if the id is live or the key belongs
- * to a live message; PQ_EINVAL (priority > 9, empty key); PQ_ENOMEM.
+ * to a live message, or to one gone less than dedup_window_ms ago (unless
+ * mn->key_takeover); PQ_EINVAL (priority > 9, empty key); PQ_ENOMEM.
  * Nothing changes on failure. Fires QEV_READY when it became READY. */
 int queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms, struct msg **out);
 

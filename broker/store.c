@@ -2101,7 +2101,14 @@ store_seg_unref(struct store *st, uint32_t seg, uint64_t bytes)
 {
     struct seg *s = seg_find(st, seg);
 
-    if (s == NULL || s->refs == 0) {
+    if (s == NULL) {
+        return;
+    }
+    if (s->refs == 0) {
+        /* A reference released twice: some segment lost one early and may
+         * already be gone with live records in it. A bug, never data. */
+        log_err("segment %u: reference count would go below zero (a "
+                "reference was released twice)", seg);
         return;
     }
     s->refs--;

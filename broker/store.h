@@ -226,7 +226,9 @@ uint64_t store_reserve_count(const struct store *st);
  * record in segment seg; bytes (e.g. loc.len, may be 0) feeds the live-byte
  * count used by compaction. Append the record that kills the message
  * before the unref: the unref remembers the last LSN as the point that
- * must be durable before the segment can go. Unknown seg: ignored. */
+ * must be durable before the segment can go. Unknown seg: ignored; an
+ * unref of a segment with no references left is logged as the bug it is
+ * (a reference released twice) and ignored. */
 void store_seg_ref(struct store *st, uint32_t seg, uint64_t bytes);
 void store_seg_unref(struct store *st, uint32_t seg, uint64_t bytes);
 

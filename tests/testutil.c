@@ -83,6 +83,64 @@ srv_log_path(const struct srv *s, char *buf, size_t cap)
     snprintf(buf, cap, "%s/protoqd.log", s->dir);
 }
 
+/* srv_log_has: see testutil.h. */
+bool
+srv_log_has(const struct srv *s, const char *needle)
+{
+    char path[300], line[4096];
+    bool found = false;
+    FILE *f;
+
+    srv_log_path(s, path, sizeof(path));
+    f = fopen(path, "r");
+    if (f == NULL) {
+        return false;
+    }
+    while (!found && fgets(line, sizeof(line), f) != NULL) {
+        found = strstr(line, needle) != NULL;
+    }
+    fclose(f);
+    return found;
+}
+
+/* test_conf_write: see testutil.h. */
+int
+test_conf_write(struct test_conf *tc, const char *text)
+{
+    FILE *f;
+    int rc = -1;
+
+    snprintf(tc->dir, sizeof(tc->dir), "/tmp/protoq-conf.XXXXXX");
+    if (mkdtemp(tc->dir) == NULL) {
+        perror("mkdtemp");
+        return -1;
+    }
+    snprintf(tc->path, sizeof(tc->path), "%s/protoqd.conf", tc->dir);
+    f = fopen(tc->path, "w");
+    if (f == NULL) {
+        perror(tc->path);
+        return -1;
+    }
+    if (fputs(text, f) >= 0) {
+        rc = 0;
+    }
+    if (fclose(f) != 0) {
+        rc = -1;
+    }
+    if (rc != 0) {
+        fprintf(stderr, "%s: write failed\n", tc->path);
+    }
+    return rc;
+}
+
+/* test_conf_remove: see testutil.h. */
+void
+test_conf_remove(struct test_conf *tc)
+{
+    unlink(tc->path);
+    rmdir(tc->dir);
+}
+
 /* Read DIR/port; returns the port or 0 while it is not there yet. */
 static uint16_t
 read_port_file(const struct srv *s)

@@ -65,6 +65,24 @@ void srv_cleanup(struct srv *s);
 /* srv_log_path: DIR/protoqd.log into buf. */
 void srv_log_path(const struct srv *s, char *buf, size_t cap);
 
+/* srv_log_has: the broker's log (DIR/protoqd.log) has a line containing
+ * needle. */
+bool srv_log_has(const struct srv *s, const char *needle);
+
+/* A config file in a temp dir of its own, shared by the brokers of one
+ * test program: written once by main, removed at its end. */
+struct test_conf {
+    char dir[64];
+    char path[128];
+};
+
+/* test_conf_write: mkdtemp a dir and write text to DIR/protoqd.conf.
+ * 0, or -1 with a message on stderr. */
+int test_conf_write(struct test_conf *tc, const char *text);
+
+/* test_conf_remove: remove the file and its dir. */
+void test_conf_remove(struct test_conf *tc);
+
 /* srv_vmhwm_kb: the broker's peak RSS (VmHWM, KiB) or -1. */
 long srv_vmhwm_kb(const struct srv *s);
 

@@ -1435,6 +1435,80 @@ START_TEST(test_dedup_key_known_while_live_and_for_window_after)
 }
 END_TEST
 
+/* Log replay re-pushes a message whose key is in its window (a put-back
+ * job, or a key reused after its window): key_takeover lets it in; a live
+ * owner of the key still wins. */
+START_TEST(test_dedup_key_takeover_for_replay)
+{
+    struct queue_attrs a;
+    struct queue *q;
+    struct msg_new mn;
+    uint64_t id = 0;
+
+    memset(&a, 0, sizeof(a));
+    a.dedup_window_ms = 10000;
+    q = mkq("jobs", &a);
+    memset(&mn, 0, sizeof(mn));
+    mn.id = 1;
+    mn.idem_key = "k";
+    ck_assert_pq_ok(queue_push(q, &mn, now, NULL));
+    ck_assert_pq_ok(qset_cancel(qs, 1, NULL)); /* gone: key in its window */
+    ck_assert_pq(queue_push(q, &mn, now, NULL), PQ_EEXIST);
+    mn.key_takeover = true;
+    ck_assert_pq_ok(queue_push(q, &mn, now, NULL));
+    ck_assert_pq_ok(queue_dedup_find(q, "k", now, &id));
+    ck_assert_uint_eq(id, 1);
+    mn.id = 2; /* live owner: refused even with takeover */
+    ck_assert_pq(queue_push(q, &mn, now, NULL), PQ_EEXIST);
+    ck_assert_pq_ok(qset_cancel(qs, 1, NULL));
+    ck_assert_pq_ok(queue_push(q, &mn, now, NULL)); /* another id takes it */
+    ck_assert_pq_ok(queue_dedup_find(q, "k", now, &id));
+    ck_assert_uint_eq(id, 2);
+}
+END_TEST
+
+/* qset_delete with a consumer holding messages: they go with the queue
+ * without events (no requeue, no dead letter), their leases leave the
+ * deadline heap, and the consumer is left detached. */
+START_TEST(test_delete_with_held_messages_fires_nothing)
+{
+    struct queue_attrs a;
+    struct queue *q, *dlq;
+    struct consumer c;
+    struct msg_new mn;
+
+    memset(&a, 0, sizeof(a));
+    dlq = mkq("dlq", NULL);
+    a.max_attempts = 1;
+    snprintf(a.dead_letter, sizeof(a.dead_letter), "dlq");
+    q = mkq("jobs", &a);
+    memset(&mn, 0, sizeof(mn));
+    mn.id = 1;
+    mn.idem_key = "k";
+    ck_assert_pq_ok(queue_push(q, &mn, now, NULL));
+    push(q, 2, 0);
+    push(q, 3, 0);
+    queue_consumer_init(&c, 1, NULL, 2);
+    ck_assert_pq_ok(queue_subscribe(q, &c));
+    ck_assert_uint_eq(next_id(q, NULL), 1);
+    ck_assert_uint_eq(next_id(q, NULL), 2);
+    n_evs = 0;
+    ck_assert_pq_ok(qset_delete(qs, q));
+    ck_assert_uint_eq(n_evs, 0);
+    ck_assert_ptr_null(c.q);
+    ck_assert_uint_eq(c.inflight, 0);
+    ck_assert_ptr_null(qset_msg(qs, 1));
+    ck_assert_uint_eq(qset_msg_count(qs), 0);
+    ck_assert_uint_eq(qset_next_deadline(qs), UINT64_MAX);
+    now += 10ULL * 86400000;
+    qset_tick(qs, now); /* no lease of a freed message left to expire */
+    ck_assert_uint_eq(n_evs, 0);
+    ck_assert_uint_eq(queue_total_count(dlq), 0);
+    queue_unsubscribe(&c, now); /* detached: a no-op */
+    queue_consumer_fini(&c);
+}
+END_TEST
+
 START_TEST(test_dedup_entries_expire_in_bulk)
 {
     struct queue_attrs a;
@@ -2099,7 +2173,8 @@ queue_suite(void)
     ADD2(s, "limits", 5, test_max_length_and_max_bytes_reject_with_efull,
         test_full_dlq_drops_instead_of_overflowing);
     ADD(s, "dedup", 5, test_dedup_key_known_while_live_and_for_window_after,
-        test_dedup_entries_expire_in_bulk);
+        test_dedup_key_takeover_for_replay, test_dedup_entries_expire_in_bulk);
+    ADD2(s, "delete", 5, test_delete_with_held_messages_fires_nothing);
     ADD2(s, "tags", 5, test_required_tags_skip_unfit_consumer_without_blocking_others);
     ADD2(s, "release_cancel_purge", 5,
         test_release_does_not_count_a_failure_and_keeps_progress,

@@ -1,0 +1,159 @@
+/*
+ * strcheck.c: see strcheck.h. Walks the protobuf wire format (a varint key
+ * = number << 3 | wire type, then a varint, 8 or 4 bytes, or a varint
+ * length and that many bytes) with the message's protobuf-c descriptor to
+ * tell string fields and nested messages from bytes and packed numbers.
+ */
+#include "strcheck.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#include "pqerr.h"
+
+enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_I32 = 5, MAX_DEPTH = 32 };
+
+bool
+utf8_valid(const uint8_t *s, size_t len)
+{
+    size_t i = 0;
+
+    while (i < len) {
+        uint8_t c = s[i];
+        uint32_t cp, min;
+        size_t need;
+
+        if (c == 0) {
+            return false;
+        }
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        if ((c & 0xe0) == 0xc0) {
+            need = 1, cp = c & 0x1f, min = 0x80;
+        } else if ((c & 0xf0) == 0xe0) {
+            need = 2, cp = c & 0x0f, min = 0x800;
+        } else if ((c & 0xf8) == 0xf0) {
+            need = 3, cp = c & 0x07, min = 0x10000;
+        } else {
+            return false; /* a continuation byte first, or 0xf8-0xff */
+        }
+        if (len - i - 1 < need) {
+            return false;
+        }
+        for (size_t k = 1; k <= need; k++) {
+            if ((s[i + k] & 0xc0) != 0x80) {
+                return false;
+            }
+            cp = cp << 6 | (s[i + k] & 0x3f);
+        }
+        if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) {
+            return false;
+        }
+        i += need + 1;
+    }
+    return true;
+}
+
+static bool
+get_varint(const uint8_t **p, const uint8_t *end, uint64_t *v)
+{
+    *v = 0;
+    for (int shift = 0; shift < 64 && *p < end; shift += 7) {
+        uint8_t b = *(*p)++;
+
+        *v |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Append s (and a dot when more follows) to the path in what. */
+static void
+path_add(char *what, size_t cap, size_t at, const char *s, bool more)
+{
+    if (at < cap) {
+        snprintf(what + at, cap - at, "%s%s", s, more ? "." : "");
+    }
+}
+
+static int
+check(const ProtobufCMessageDescriptor *desc, const uint8_t *p,
+      const uint8_t *end, int depth, char *what, size_t cap, size_t at)
+{
+    while (p < end) {
+        const ProtobufCFieldDescriptor *f;
+        uint64_t key, n;
+
+        if (!get_varint(&p, end, &key)) {
+            goto malformed;
+        }
+        switch (key & 7) {
+        case WT_VARINT:
+            if (!get_varint(&p, end, &n)) {
+                goto malformed;
+            }
+            continue;
+        case WT_I64:
+        case WT_I32:
+            n = (key & 7) == WT_I64 ? 8 : 4;
+            if ((uint64_t)(end - p) < n) {
+                goto malformed;
+            }
+            p += n;
+            continue;
+        case WT_LEN:
+            break;
+        default:
+            goto malformed;
+        }
+        if (!get_varint(&p, end, &n) || n > (uint64_t)(end - p)) {
+            goto malformed;
+        }
+        f = key >> 3 <= UINT32_MAX
+                ? protobuf_c_message_descriptor_get_field(desc, (unsigned)(key >> 3))
+                : NULL;
+        if (f != NULL && f->type == PROTOBUF_C_TYPE_STRING &&
+            !utf8_valid(p, (size_t)n)) {
+            path_add(what, cap, at, f->name, false);
+            return PQ_EINVAL;
+        }
+        if (f != NULL && f->type == PROTOBUF_C_TYPE_MESSAGE) {
+            size_t len = strlen(f->name);
+            int rc;
+
+            if (depth >= MAX_DEPTH) {
+                path_add(what, cap, at, f->name, false);
+                return PQ_EINVAL;
+            }
+            path_add(what, cap, at, f->name, true);
+            rc = check(f->descriptor, p, p + n, depth + 1, what, cap,
+                       at + len + 1);
+            if (rc != PQ_OK) {
+                return rc;
+            }
+            if (at < cap) {
+                what[at] = '\0';
+            }
+        }
+        p += n;
+    }
+    return PQ_OK;
+
+malformed:
+    path_add(what, cap, at, "(malformed)", false);
+    return PQ_EINVAL;
+}
+
+int
+wire_strings_check(const ProtobufCMessageDescriptor *desc, const uint8_t *buf,
+                   size_t len, char *what, size_t cap)
+{
+    if (cap > 0) {
+        what[0] = '\0';
+    }
+    return check(desc, buf, buf + len, 0, what, cap, 0);
+}
