@@ -61,7 +61,7 @@ BENCH_OBJS = $(B)/client/bench.o
 UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_queue \
               $(B)/tests/unit/check_store $(B)/tests/unit/check_config
 INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_jobs \
-              $(B)/tests/crash/check_crash
+              $(B)/tests/crash/check_crash $(B)/tests/crash/check_datadir
 TESTS = $(UNIT_TESTS) $(INTEG_TESTS)
 TESTUTIL_OBJS = $(B)/tests/testutil.o
 

@@ -3,7 +3,8 @@
  * flags override it), the startup order, and exit codes from <sysexits.h>:
  *   0 clean stop, EX_USAGE bad flags, EX_CONFIG bad config,
  *   EX_DATAERR damaged data dir, EX_OSERR startup failure (bind, lock...),
- *   EX_IOERR fatal storage error while running (fsync failed).
+ *   EX_IOERR fatal storage error (fsync failed while running, or no room
+ *   or an I/O error writing the log at start).
  */
 #include <getopt.h>
 #include <stdio.h>
@@ -89,6 +90,24 @@ flag_key(int opt)
         return "fsync";
     default:
         return NULL;
+    }
+}
+
+/* init_exit_code: the exit code for a failed start (README, "Exit
+ * codes"): a damaged data dir 65, a disk that cannot take the log (full,
+ * I/O error) 74, anything else (locked, bind, out of memory) 71. */
+static int
+init_exit_code(int rc)
+{
+    switch (rc) {
+    case PQ_ECORRUPT:
+    case PQ_EVERSION:
+        return EX_DATAERR;
+    case PQ_ENOSPC:
+    case PQ_EIO:
+        return EX_IOERR;
+    default:
+        return EX_OSERR;
     }
 }
 
@@ -186,7 +205,7 @@ main(int argc, char **argv)
     if (rc != PQ_OK) {
         log_err("%s", err);
         server_fini(&srv);
-        return (rc == PQ_ECORRUPT || rc == PQ_EVERSION) ? EX_DATAERR : EX_OSERR;
+        return init_exit_code(rc);
     }
     rc = server_run(&srv);
     server_fini(&srv);
