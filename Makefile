@@ -49,7 +49,8 @@ PROTO_OBJS = $(B)/protocol/protoq.pb-c.o $(B)/protocol/frame.o $(B)/protocol/pqe
 
 CORE_OBJS  = $(B)/broker/mem.o $(B)/broker/log.o $(B)/broker/failpoint.o
 QUEUE_OBJS = $(B)/broker/queue.o $(B)/broker/heap.o $(B)/broker/hmap.o $(B)/broker/body.o
-STORE_OBJS = $(B)/broker/store.o $(B)/broker/record.o $(B)/broker/crc32c.o
+STORE_OBJS = $(B)/broker/store.o $(B)/broker/store_verify.o $(B)/broker/record.o \
+             $(B)/broker/crc32c.o
 BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
               $(B)/broker/dispatch.o $(B)/broker/journal.o $(B)/broker/config.o \
               $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS)
@@ -109,7 +110,7 @@ $(B)/tests/unit/check_frame: $(B)/tests/unit/check_frame.o $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/unit/check_queue: $(B)/tests/unit/check_queue.o $(QUEUE_OBJS) $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
-$(B)/tests/unit/check_store: $(B)/tests/unit/check_store.o $(STORE_OBJS) $(CORE_OBJS) $(PROTO_OBJS)
+$(B)/tests/unit/check_store: $(B)/tests/unit/check_store.o $(STORE_OBJS) $(B)/broker/hmap.o $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/unit/check_config: $(B)/tests/unit/check_config.o $(B)/broker/config.o $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)

@@ -75,9 +75,12 @@
 #include "record.h"
 
 enum {
-    STORE_FORMAT_VERSION = 1,
+    STORE_FORMAT_VERSION = 2,      /* written into new segments */
+    STORE_FORMAT_MIN = 1,          /* the oldest version read */
     STORE_SEG_HDR_LEN = 20,        /* magic 8 + version 4 + seq 8 */
     STORE_REC_HDR_LEN = 9,         /* len 4 + crc 4 + type 1 */
+    STORE_SEG_START_LEN = 21,      /* the SEG_START record (9 + 12) that
+                                      begins every format-2 segment */
     STORE_ACK_RESERVE = 64,        /* bytes reserved per live PUBLISH */
     STORE_ERR_MAX = 512,           /* a good errlen for err buffers */
 };
@@ -91,6 +94,9 @@ struct store_config {
     uint64_t segment_bytes;             /* roll to a new segment past this */
     bool read_only;                     /* replay only: no thread, no writes,
                                            no truncation; appends fail */
+    bool opaque_records;                /* tests: the records are not the
+                                           journal's (record.h): skip the
+                                           live-message check */
 };
 
 /* Where a record lives. Persistent across restarts (unlike the LSN). */
