@@ -2783,3 +2783,188 @@ store_check(const char *dir, FILE *out, char *err, size_t errlen)
     }
     return rc;
 }
+
+/* ==== Salvage ==== */
+
+/* copy_file: src into dst (created), synced. Returns 0 or -1 (errno). */
+static int
+copy_file(const char *src, const char *dst)
+{
+    uint8_t buf[1 << 16];
+    int in = open(src, O_RDONLY | O_CLOEXEC), outfd = -1, rc = -1;
+    uint64_t off = 0;
+    ssize_t n;
+
+    if (in < 0) {
+        return -1;
+    }
+    outfd = open(dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (outfd < 0) {
+        goto out;
+    }
+    while ((n = read(in, buf, sizeof(buf))) > 0) {
+        if (pwrite_all(outfd, buf, (size_t)n, off) < 0) {
+            goto out;
+        }
+        off += (uint64_t)n;
+    }
+    rc = n < 0 ? -1 : fsync(outfd);
+out:
+    if (outfd >= 0) {
+        close(outfd);
+    }
+    close(in);
+    return rc;
+}
+
+/* salvage_dir: make (once) DIR/salvage-UNIXTIME where originals go. */
+static int
+salvage_dir(const char *dir, char *bak, size_t cap, FILE *out)
+{
+    if (bak[0] != '\0') {
+        return 0;
+    }
+    snprintf(bak, cap, "%s/salvage-%lld", dir, (long long)time(NULL));
+    if (mkdir(bak, 0750) < 0 && errno != EEXIST) {
+        return -1;
+    }
+    fprintf(out, "originals of what is changed go to %s\n", bak);
+    return 0;
+}
+
+/*
+ * salvage_segment: keep what segment seq holds that can be read. A file
+ * without a sound header is moved to bak; a segment damaged at an offset
+ * is cut there (a copy of the whole file goes to bak first). Sets *kept
+ * when the segment stays in the log.
+ */
+static int
+salvage_segment(struct scan *sc, uint32_t seq, char *bak, size_t bakcap,
+                FILE *out, bool *kept, char *err, size_t errlen)
+{
+    char path[PATH_BUF], dst[PATH_BUF + 64];
+    uint8_t *buf;
+    size_t len;
+    uint64_t end = 0, cut;
+    int rc;
+
+    *kept = false;
+    seg_path(path, sizeof(path), sc->dir, seq);
+    rc = map_file(path, &buf, &len, err, errlen);
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    sc->torn = false;
+    sc->damaged = false;
+    rc = scan_segment(sc, seq, path, buf, len, true, &end, err, errlen);
+    unmap_file(buf, len);
+    if (rc == PQ_EVERSION) {
+        return rc;
+    }
+    *kept = rc == PQ_OK;
+    if (rc == PQ_OK && !sc->torn) {
+        return PQ_OK;          /* sound: nothing to do */
+    }
+    if (salvage_dir(sc->dir, bak, bakcap, out) < 0) {
+        seterr(err, errlen, "mkdir %s: %s", bak, strerror(errno));
+        return errno_to_pq(errno);
+    }
+    snprintf(dst, sizeof(dst), "%s/seg-%010u.log", bak, seq);
+    if (rc != PQ_OK && sc->damaged && sc->damage_off == 0) {
+        if (rename(path, dst) < 0) {
+            seterr(err, errlen, "move %s to %s: %s", path, dst, strerror(errno));
+            return errno_to_pq(errno);
+        }
+        fprintf(out, "moved %s away: %s\n", path, err);
+        return PQ_OK;
+    }
+    *kept = true;
+    {
+        cut = rc != PQ_OK ? sc->damage_off : sc->torn_off;
+        if (copy_file(path, dst) < 0 || truncate(path, (off_t)cut) < 0) {
+            seterr(err, errlen, "cut %s at offset %llu: %s", path,
+                   (unsigned long long)cut, strerror(errno));
+            return errno_to_pq(errno);
+        }
+        fprintf(out, "cut %s at offset %llu (%zu bytes dropped; the whole file is in %s)\n",
+                path, (unsigned long long)cut, len - (size_t)cut, bak);
+    }
+    return PQ_OK;
+}
+
+/* store_salvage: see store.h. */
+int
+store_salvage(const char *dir, FILE *out, char *err, size_t errlen)
+{
+    struct scan sc = {.dir = dir, .salvage = true};
+    char bak[PATH_BUF] = "";
+    struct meta m = {0};
+    uint32_t first = 0, last = 0;
+    int lock_fd = -1, dir_fd = -1, meta_fd = -1, rc;
+
+    rc = dir_lock(dir, false, &lock_fd, err, errlen);
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    rc = list_segments(&sc, err, errlen);
+    if (rc != PQ_OK) {
+        goto out;
+    }
+    if (meta_read(dir, &m, err, errlen) != PQ_OK) {
+        m = (struct meta){0};  /* rewritten below */
+    }
+    for (size_t i = 0; i < sc.nseqs; i++) {
+        bool kept;
+
+        if (m.present && sc.seqs[i] < m.first) {
+            continue;          /* a leftover: the next start removes it */
+        }
+        rc = salvage_segment(&sc, sc.seqs[i], bak, sizeof(bak), out, &kept,
+                             err, errlen);
+        if (rc != PQ_OK) {
+            goto out;
+        }
+        if (kept) {
+            first = first != 0 ? first : sc.seqs[i];
+            last = sc.seqs[i];
+        }
+    }
+    dir_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir_fd < 0 || fsync(dir_fd) < 0) {
+        seterr(err, errlen, "open data dir %s: %s", dir, strerror(errno));
+        rc = errno_to_pq(errno);
+        goto out;
+    }
+    if (first != 0) {
+        /* Accept the log as it is now: what came before is not checked
+         * any more (gaps, links, live messages up to segment last). */
+        rc = meta_open(dir, dir_fd, &meta_fd, err, errlen);
+        if (rc != PQ_OK) {
+            goto out;
+        }
+        m.first = first;
+        m.last = last;
+        m.floor = last;
+        if (meta_write(meta_fd, &m) < 0) {
+            seterr(err, errlen, "write %s/META: %s", dir, strerror(errno));
+            rc = errno_to_pq(errno);
+            goto out;
+        }
+        fprintf(out, "the log is now segments %u .. %u, accepted as found (%s/META)\n",
+                first, last, dir);
+    }
+    scan_fini(&sc);
+    sc = (struct scan){.dir = dir};
+    rc = scan_dir(&sc, err, errlen);
+    print_summary(&sc, dir, out, rc, err != NULL ? err : "");
+out:
+    scan_fini(&sc);
+    if (meta_fd >= 0) {
+        close(meta_fd);
+    }
+    if (dir_fd >= 0) {
+        close(dir_fd);
+    }
+    close(lock_fd);
+    return rc;
+}
