@@ -62,7 +62,8 @@ BENCH_OBJS = $(B)/client/bench.o
 UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_queue \
               $(B)/tests/unit/check_store $(B)/tests/unit/check_config
 INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_jobs \
-              $(B)/tests/crash/check_crash $(B)/tests/crash/check_datadir
+              $(B)/tests/crash/check_crash $(B)/tests/crash/check_datadir \
+              $(B)/tests/golden/check_golden
 TESTS = $(UNIT_TESTS) $(INTEG_TESTS)
 TESTUTIL_OBJS = $(B)/tests/testutil.o
 
@@ -117,6 +118,8 @@ $(B)/tests/unit/check_config: $(B)/tests/unit/check_config.o $(B)/broker/config.
 $(B)/tests/integration/%: $(B)/tests/integration/%.o $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/crash/%: $(B)/tests/crash/%.o $(TESTUTIL_OBJS) $(LIBA)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+$(B)/tests/golden/%: $(B)/tests/golden/%.o $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 
 # Each suite runs on its own; all run even if one fails, and the exit
