@@ -3,7 +3,8 @@
  * flags override it), the startup order, and exit codes from <sysexits.h>:
  *   0 clean stop, EX_USAGE bad flags, EX_CONFIG bad config,
  *   EX_DATAERR damaged data dir, EX_OSERR startup failure (bind, lock...),
- *   EX_IOERR fatal storage error while running (fsync failed).
+ *   EX_IOERR fatal storage error (fsync failed while running, or no room
+ *   or an I/O error writing the log at start).
  */
 #include <getopt.h>
 #include <stdio.h>
@@ -30,7 +31,8 @@ usage(FILE *out)
             "usage: protoqd [-c FILE] [--listen HOST:PORT] [--data-dir DIR]\n"
             "               [--metrics HOST:PORT] [--log-level debug|info|warn|error]\n"
             "               [--port-file PATH] [--fsync always|interval|never]\n"
-            "               [--check-config] [--check-data DIR] [--version]\n"
+            "               [--check-config] [--check-data DIR]\n"
+            "               [--salvage-data DIR] [--version]\n"
             "\n"
             "  -c FILE            read settings from FILE (see conf/protoqd.conf);\n"
             "                     flags override it\n"
@@ -40,7 +42,10 @@ usage(FILE *out)
             "  --data-dir DIR     where the log lives\n"
             "  --check-config     load and validate the config, print it, exit\n"
             "  --check-data DIR   verify a data dir read-only, print a summary,\n"
-            "                     exit 0 if clean, 65 if damaged\n");
+            "                     exit 0 if clean, 65 if damaged\n"
+            "  --salvage-data DIR make a damaged data dir startable, keeping what\n"
+            "                     can be read (originals go to DIR/salvage-TIME/;\n"
+            "                     see README); exit 0 if it checks clean after\n");
 }
 
 enum {
@@ -52,6 +57,7 @@ enum {
     OPT_FSYNC,
     OPT_CHECK_CONFIG,
     OPT_CHECK_DATA,
+    OPT_SALVAGE_DATA,
     OPT_VERSION,
     OPT_HELP,
 };
@@ -65,6 +71,7 @@ static const struct option longopts[] = {
     {"fsync", required_argument, NULL, OPT_FSYNC},
     {"check-config", no_argument, NULL, OPT_CHECK_CONFIG},
     {"check-data", required_argument, NULL, OPT_CHECK_DATA},
+    {"salvage-data", required_argument, NULL, OPT_SALVAGE_DATA},
     {"version", no_argument, NULL, OPT_VERSION},
     {"help", no_argument, NULL, OPT_HELP},
     {NULL, 0, NULL, 0},
@@ -92,11 +99,29 @@ flag_key(int opt)
     }
 }
 
+/* init_exit_code: the exit code for a failed start (README, "Exit
+ * codes"): a damaged data dir 65, a disk that cannot take the log (full,
+ * I/O error) 74, anything else (locked, bind, out of memory) 71. */
+static int
+init_exit_code(int rc)
+{
+    switch (rc) {
+    case PQ_ECORRUPT:
+    case PQ_EVERSION:
+        return EX_DATAERR;
+    case PQ_ENOSPC:
+    case PQ_EIO:
+        return EX_IOERR;
+    default:
+        return EX_OSERR;
+    }
+}
+
 int
 main(int argc, char **argv)
 {
     static struct server srv; /* large; zeroed; lives for the process */
-    const char *conf = NULL, *check_data = NULL;
+    const char *conf = NULL, *check_data = NULL, *salvage_data = NULL;
     bool check_config = false;
     char err[1024] = "";
     int opt, rc;
@@ -112,6 +137,9 @@ main(int argc, char **argv)
             break;
         case OPT_CHECK_DATA:
             check_data = optarg;
+            break;
+        case OPT_SALVAGE_DATA:
+            salvage_data = optarg;
             break;
         case OPT_VERSION:
             printf("protoqd %s (protocol %d)\n", PROTOQ_VERSION, 1);
@@ -132,8 +160,10 @@ main(int argc, char **argv)
         usage(stderr);
         return EX_USAGE;
     }
-    if (check_data != NULL) {
-        rc = store_check(check_data, stdout, err, sizeof(err));
+    if (check_data != NULL || salvage_data != NULL) {
+        rc = check_data != NULL
+                 ? store_check(check_data, stdout, err, sizeof(err))
+                 : store_salvage(salvage_data, stdout, err, sizeof(err));
         if (rc != PQ_OK) {
             fprintf(stderr, "protoqd: %s\n", err);
             return (rc == PQ_ECORRUPT || rc == PQ_EVERSION) ? EX_DATAERR : EX_OSERR;
@@ -186,7 +216,7 @@ main(int argc, char **argv)
     if (rc != PQ_OK) {
         log_err("%s", err);
         server_fini(&srv);
-        return (rc == PQ_ECORRUPT || rc == PQ_EVERSION) ? EX_DATAERR : EX_OSERR;
+        return init_exit_code(rc);
     }
     rc = server_run(&srv);
     server_fini(&srv);

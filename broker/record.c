@@ -274,6 +274,10 @@ enc_body(struct wbuf *w, const struct record *r)
         w_u64(w, r->u.progress.id);
         w_bytes(w, r->u.progress.progress);
         break;
+    case REC_SEG_START:
+        w_u32(w, r->u.seg_start.prev_seq);
+        w_u64(w, r->u.seg_start.prev_end);
+        break;
     default:
         break;
     }
@@ -370,6 +374,10 @@ dec_body(struct rbuf *rb, struct record *r)
         r->u.progress.id = r_u64(rb);
         r->u.progress.progress = r_bytes(rb);
         break;
+    case REC_SEG_START:
+        r->u.seg_start.prev_seq = r_u32(rb);
+        r->u.seg_start.prev_end = r_u64(rb);
+        break;
     default:
         rb->bad = true;
         break;
@@ -379,7 +387,8 @@ dec_body(struct rbuf *rb, struct record *r)
 static bool
 type_known(uint8_t type)
 {
-    return type >= REC_QUEUE_CREATE && type <= REC_TYPE_MAX;
+    return (type >= REC_QUEUE_CREATE && type <= REC_TYPE_MAX) ||
+           type == REC_SEG_START;
 }
 
 /* ---- public ---- */
@@ -455,6 +464,7 @@ record_type_name(uint8_t type)
         [REC_DEAD_LETTER] = "dead_letter",
         [REC_DROP] = "drop",
         [REC_PROGRESS] = "progress",
+        [REC_SEG_START] = "seg_start",
     };
 
     if (!type_known(type)) {

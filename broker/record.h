@@ -34,6 +34,12 @@
  *   7 REC_DEAD_LETTER    id u64, target str, reason str, body bytes
  *   8 REC_DROP           id u64, reason str
  *   9 REC_PROGRESS       id u64, progress bytes
+ *  64 REC_SEG_START      prev_seq u32, prev_end u64: written by the store
+ *                        (never by the dispatcher) as the first record of
+ *                        every segment of format version 2: the segment
+ *                        before it and the offset where that one's records
+ *                        end (prev_seq 0: the log starts here). Recovery
+ *                        checks the link and does not replay the record.
  *
  * The decoder is strict: a body that ends inside a field, a length that
  * runs past the end, a u8 flag other than 0/1, or bytes left over after
@@ -70,7 +76,8 @@ enum record_type {
     REC_DROP = 8,
     REC_PROGRESS = 9,
     /* 10..63 reserved for job-state records; see the comment above. */
-    REC_TYPE_MAX = 9
+    REC_TYPE_MAX = 9,
+    REC_SEG_START = 64,            /* store metadata (64..127) */
 };
 
 /* The largest body a record may have (the log refuses longer lengths as
@@ -184,6 +191,11 @@ struct rec_progress {
     struct rec_bytes progress;
 };
 
+struct rec_seg_start {
+    uint32_t prev_seq;             /* 0: the first segment of a new log */
+    uint64_t prev_end;             /* end of prev_seq's records */
+};
+
 /* One record of any type: type selects the union member. */
 struct record {
     uint8_t type;                  /* enum record_type */
@@ -197,6 +209,7 @@ struct record {
         struct rec_dead_letter dead_letter;
         struct rec_drop drop;
         struct rec_progress progress;
+        struct rec_seg_start seg_start;
     } u;
 };
 

@@ -472,7 +472,9 @@ server_drain(struct server *srv)
 void
 server_fini(struct server *srv)
 {
-    if (srv->base != NULL && srv->qs != NULL) {
+    /* Only a server that got as far as its store has anything to drain
+     * (a failed server_init ends here too, with parts missing). */
+    if (srv->base != NULL && srv->qs != NULL && srv->store != NULL) {
         server_drain(srv);
     }
     /* A clean stop is not the workers' failure: what they hold goes back

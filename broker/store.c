@@ -49,6 +49,7 @@
 #include "log.h"
 #include "mem.h"
 #include "pqerr.h"
+#include "store_verify.h"
 
 static const char STORE_MAGIC[8] = {'P', 'R', 'O', 'T', 'O', 'Q', 'L', 'G'};
 
@@ -102,6 +103,15 @@ store_io_real(void)
 
 /* ---- types ---- */
 
+/* DIR/META: where the log starts and ends (store.h, ON-DISK FORMAT). */
+struct meta {
+    bool present;                  /* read: the file exists */
+    uint64_t gen;                  /* bumped by every write */
+    uint32_t first;                /* oldest segment of the log */
+    uint32_t last;                 /* newest segment rolled into */
+    uint32_t floor;                /* salvage accepted the log up to it */
+};
+
 /* One segment as the loop sees it (for refs, GC and compaction). */
 struct seg {
     uint32_t seq;
@@ -142,6 +152,8 @@ struct store {
     uint64_t cur_off;
     uint64_t cur_alloc;
     bool roll_next;                /* next batch starts a new segment */
+    uint32_t start_prev_seq;       /* SEG_START of the current segment: */
+    uint64_t start_prev_end;       /* the segment before it and its end */
     bool in_roll_cb;
     bool need_meta;                /* call the roll cb before next append */
     uint32_t gen;
@@ -181,7 +193,9 @@ struct store {
     uint64_t w_off;
     struct store_stats stats;
 
-    /* [thread] */
+    /* [thread] (the loop's until the thread starts) */
+    int meta_fd;                   /* DIR/META */
+    struct meta meta;              /* what META says now */
     int cur_fd;
     int spare_fd;
     bool dirty;                    /* written, not yet synced */
@@ -434,6 +448,132 @@ dir_lock(const char *dir, bool shared, int *fd_out, char *err, size_t errlen)
     return PQ_OK;
 }
 
+static bool all_zero(const uint8_t *p, size_t n);
+
+/* ==== DIR/META ==== */
+
+static const char META_MAGIC[8] = {'P', 'Q', 'M', 'E', 'T', 'A', '0', '1'};
+
+enum { META_SLOT = 32, META_LEN = 2 * META_SLOT };
+
+static void
+meta_path(char *buf, size_t n, const char *dir)
+{
+    snprintf(buf, n, "%s/META", dir);
+}
+
+/*
+ * meta_read: what DIR/META says (m->present false when there is none).
+ * Of its two slots the valid one with the higher generation wins, so a
+ * write torn by a crash leaves the previous state. PQ_ECORRUPT when the
+ * file exists but no slot is valid.
+ */
+static int
+meta_read(const char *dir, struct meta *m, char *err, size_t errlen)
+{
+    char path[PATH_BUF];
+    uint8_t buf[META_LEN] = {0};
+    int fd = -1;
+    ssize_t n;
+
+    memset(m, 0, sizeof(*m));
+    meta_path(path, sizeof(path), dir);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        if (errno == ENOENT) {
+            return PQ_OK;
+        }
+        seterr(err, errlen, "open %s: %s", path, strerror(errno));
+        return errno_to_pq(errno);
+    }
+    n = pread(fd, buf, sizeof(buf), 0);
+    close(fd);
+    if (n < 0) {
+        seterr(err, errlen, "read %s: %s", path, strerror(errno));
+        return errno_to_pq(errno);
+    }
+    if (all_zero(buf, sizeof(buf))) {
+        return PQ_OK;              /* created, never written: a crash */
+    }
+    for (int i = 0; i < 2; i++) {
+        const uint8_t *p = buf + i * META_SLOT;
+        uint64_t gen = rd64(p + 8);
+
+        if (memcmp(p, META_MAGIC, 8) != 0 || rd32(p + 28) != crc32c(0, p, 28) ||
+            (m->present && gen <= m->gen)) {
+            continue;
+        }
+        m->present = true;
+        m->gen = gen;
+        m->first = rd32(p + 16);
+        m->last = rd32(p + 20);
+        m->floor = rd32(p + 24);
+    }
+    if (!m->present || m->first == 0 || m->last < m->first) {
+        seterr(err, errlen, "%s: damaged (no valid copy of the log's start and end); run protoqd --check-data %s",
+               path, dir);
+        return PQ_ECORRUPT;
+    }
+    return PQ_OK;
+}
+
+/* meta_open: open (creating: size and name made durable) DIR/META. */
+static int
+meta_open(const char *dir, int dir_fd, int *fd_out, char *err, size_t errlen)
+{
+    char path[PATH_BUF];
+    struct stat sb;
+    int fd;
+
+    meta_path(path, sizeof(path), dir);
+    fd = io->open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0 || fstat(fd, &sb) < 0) {
+        goto fail;
+    }
+    if (sb.st_size < META_LEN) {
+        /* Allocate both slots once: later writes overwrite in place and
+         * so need no free space (they must work on a full disk, where
+         * deleting segments is what makes room). */
+        if (io->ftruncate(fd, META_LEN) < 0 || io->fsync(fd) < 0 ||
+            io->fsync(dir_fd) < 0) {
+            goto fail;
+        }
+    }
+    *fd_out = fd;
+    return PQ_OK;
+
+fail:
+    seterr(err, errlen, "open %s: %s", path, strerror(errno));
+    if (fd >= 0) {
+        int e = errno;
+
+        io->close(fd);
+        errno = e;
+    }
+    return errno_to_pq(errno);
+}
+
+/* meta_write: write m (a new generation) into the older slot and
+ * fdatasync. Returns 0 or -1 with errno. */
+static int
+meta_write(int fd, struct meta *m)
+{
+    uint8_t slot[META_SLOT] = {0};
+
+    m->gen++;
+    memcpy(slot, META_MAGIC, 8);
+    wr64(slot + 8, m->gen);
+    wr32(slot + 16, m->first);
+    wr32(slot + 20, m->last);
+    wr32(slot + 24, m->floor);
+    wr32(slot + 28, crc32c(0, slot, 28));
+    if (pwrite_all(fd, slot, sizeof(slot), (m->gen % 2) * META_SLOT) < 0 ||
+        io->fdatasync(fd) < 0) {
+        return -1;
+    }
+    return 0;
+}
+
 /* ==== Recovery: scanning segments ==== */
 
 /* What a scan learns; shared by store_open and store_check. */
@@ -443,8 +583,23 @@ struct scan {
     void *arg;
     uint32_t *seqs;                /* segment files, ascending */
     size_t nseqs;
-    size_t nvalid;                 /* seqs[0..nvalid) are kept */
+    size_t lo;                     /* seqs[0..lo) are leftovers of an
+                                      interrupted deletion (before META's
+                                      first segment) */
+    size_t nvalid;                 /* seqs[lo..nvalid) are kept */
     uint64_t *end_offs;            /* per kept segment: end of records */
+    struct meta meta;              /* DIR/META as found */
+    bool salvage;                  /* store_salvage: find damage only */
+    bool opaque;                   /* cfg.opaque_records */
+    struct verify v;               /* the live-message check */
+    struct verify_result vr;
+    uint64_t links;                /* segment links checked */
+    uint32_t version;              /* of the segment being scanned */
+    bool has_start;                /* it begins with a SEG_START: */
+    struct rec_seg_start start;
+    bool damaged;                  /* the first damage seen: */
+    uint32_t damage_seq;
+    uint64_t damage_off;
     uint64_t counts[256];          /* records per type */
     uint64_t records;
     uint64_t bytes;                /* record bytes */
@@ -669,20 +824,27 @@ scan_segment(struct scan *sc, uint32_t seq, const char *path,
     const char *what;
     uint32_t rlen = 0;
 
-    if (len < STORE_SEG_HDR_LEN || memcmp(buf, STORE_MAGIC, 8) != 0) {
-        seterr(err, errlen, "%s: offset 0: bad segment header (not a protoq log segment); run protoqd --check-data %s",
-               path, sc->dir);
-        return PQ_ECORRUPT;
+    sc->has_start = false;
+    if (len < STORE_SEG_HDR_LEN) {
+        seterr(err, errlen, "%s: offset 0: the file is %zu bytes, shorter than a segment header (emptied or truncated); run protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
+               path, len, sc->dir, sc->dir);
+        goto bad_header;
     }
-    if (rd32(buf + 8) != STORE_FORMAT_VERSION) {
-        seterr(err, errlen, "%s: format version %u, this protoqd reads version %d; use a protoqd that knows it",
-               path, rd32(buf + 8), STORE_FORMAT_VERSION);
+    if (memcmp(buf, STORE_MAGIC, 8) != 0) {
+        seterr(err, errlen, "%s: offset 0: bad segment header (not a protoq log segment); run protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
+               path, sc->dir, sc->dir);
+        goto bad_header;
+    }
+    sc->version = rd32(buf + 8);
+    if (sc->version < STORE_FORMAT_MIN || sc->version > STORE_FORMAT_VERSION) {
+        seterr(err, errlen, "%s: format version %u, this protoqd reads versions %d to %d; use a protoqd that knows it",
+               path, sc->version, STORE_FORMAT_MIN, STORE_FORMAT_VERSION);
         return PQ_EVERSION;
     }
     if (rd64(buf + 12) != seq) {
         seterr(err, errlen, "%s: offset 12: header says segment %llu; run protoqd --check-data %s",
                path, (unsigned long long)rd64(buf + 12), sc->dir);
-        return PQ_ECORRUPT;
+        goto bad_header;
     }
     while (off < len) {
         uint32_t crc;
@@ -718,16 +880,29 @@ scan_segment(struct scan *sc, uint32_t seq, const char *path,
         }
         type = buf[off + 8];
         sc->counts[type]++;
-        sc->records++;
+        sc->records += type != REC_SEG_START;
         sc->bytes += 8 + (uint64_t)rlen;
         if (type == REC_PUBLISH) {
             sc->n_publish++;
         } else if (type == REC_ACK || type == REC_DROP) {
             sc->n_end++;
         }
-        if (sc->fn != NULL) {
+        if (type == REC_SEG_START) {
+            /* The store's own: checked by the caller, never replayed. */
+            struct record r;
+
+            if (off == STORE_SEG_HDR_LEN &&
+                record_decode(type, buf + off + 9, rlen - 1, &r) == PQ_OK) {
+                sc->has_start = true;
+                sc->start = r.u.seg_start;
+            }
+        } else if (!sc->salvage) {
             struct store_loc loc = {.seg = seq, .len = 8 + rlen, .off = off};
-            int rc = sc->fn(sc->arg, type, buf + off + 9, rlen - 1, &loc);
+            int rc = sc->fn != NULL
+                         ? sc->fn(sc->arg, type, buf + off + 9, rlen - 1, &loc)
+                         : PQ_OK;
+
+            verify_record(&sc->v, type, buf + off + 9, rlen - 1, &loc);
             if (rc != PQ_OK) {
                 seterr(err, errlen, "%s: offset %zu: replay of a %s record failed: %s",
                        path, off, record_type_name(type), pq_strerror(rc));
@@ -749,7 +924,16 @@ scan_segment(struct scan *sc, uint32_t seq, const char *path,
     *end = off;
     return PQ_OK;
 
+bad_header:
+    sc->damaged = true;
+    sc->damage_seq = seq;
+    sc->damage_off = 0;
+    return PQ_ECORRUPT;
+
 damage:
+    sc->damaged = true;
+    sc->damage_seq = seq;
+    sc->damage_off = off;
     if (last && !valid_after(buf, len, off)) {
         sc->torn = true;
         sc->torn_seq = seq;
@@ -778,8 +962,194 @@ damage:
 }
 
 /*
- * scan_dir: list and verify every segment in order. Trailing segments
- * without records are spares (not kept). Fills sc->end_offs for kept ones.
+ * plan_meta: with DIR/META, the log is exactly its segments first..last:
+ * older files are leftovers of a deletion a crash interrupted, newer ones
+ * spares that must hold no record. Every segment in between must be
+ * there; a gap is accepted only where a salvage said so (up to floor).
+ * Sets sc->lo and sc->nvalid.
+ */
+static int
+plan_meta(struct scan *sc, char *err, size_t errlen)
+{
+    char path[PATH_BUF];
+    const struct meta *m = &sc->meta;
+    uint32_t missing = 0;
+    size_t i;
+
+    for (i = 0; i < sc->nseqs && sc->seqs[i] < m->first; i++) {
+    }
+    sc->lo = i;
+    for (; i < sc->nseqs && sc->seqs[i] <= m->last; i++) {
+    }
+    sc->nvalid = i;
+    /* Gaps inside are found by scan_dir; here the two ends. */
+    if (sc->nvalid == sc->lo) {
+        missing = m->first;
+    } else if (sc->seqs[sc->lo] != m->first && sc->seqs[sc->lo] > m->floor) {
+        missing = m->first;
+    } else if (sc->seqs[sc->nvalid - 1] != m->last) {
+        missing = m->last;
+    }
+    if (missing != 0) {
+        seg_path(path, sizeof(path), sc->dir, missing);
+        seterr(err, errlen, "%s: missing: the log runs from segment %u to %u (%s/META) and this one is gone with its records; run protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
+               path, m->first, m->last, sc->dir, sc->dir, sc->dir);
+        sc->damaged = true;
+        sc->damage_seq = missing;
+        sc->damage_off = 0;
+        return PQ_ECORRUPT;
+    }
+    sc->spares = sc->nseqs - sc->nvalid;
+    for (i = sc->nvalid; i < sc->nseqs; i++) {
+        uint8_t *buf;
+        size_t len;
+        bool any;
+        int rc;
+
+        seg_path(path, sizeof(path), sc->dir, sc->seqs[i]);
+        rc = map_file(path, &buf, &len, err, errlen);
+        if (rc != PQ_OK) {
+            return rc;
+        }
+        any = has_records(buf, len);
+        unmap_file(buf, len);
+        if (any) {
+            seterr(err, errlen, "%s: holds records, but the log ends at segment %u (%s/META); run protoqd --check-data %s",
+                   path, m->last, sc->dir, sc->dir);
+            return PQ_ECORRUPT;
+        }
+    }
+    return PQ_OK;
+}
+
+/*
+ * plan_legacy: without DIR/META (a data dir of format 1, or a new one
+ * before its first record): the kept segments run to the last one that
+ * holds records; the later ones are spares. With no records anywhere the
+ * first segment is kept if its header is sound. Sets sc->nvalid.
+ */
+static int
+plan_legacy(struct scan *sc, char *err, size_t errlen)
+{
+    char path[PATH_BUF];
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    int rc;
+
+    for (size_t i = sc->nseqs; i > 0; i--) {
+        bool any;
+
+        seg_path(path, sizeof(path), sc->dir, sc->seqs[i - 1]);
+        rc = map_file(path, &buf, &len, err, errlen);
+        if (rc != PQ_OK) {
+            return rc;
+        }
+        any = has_records(buf, len);
+        unmap_file(buf, len);
+        if (any) {
+            sc->nvalid = i;
+            sc->spares = sc->nseqs - i;
+            return PQ_OK;
+        }
+    }
+    sc->nvalid = 0;
+    sc->spares = sc->nseqs;
+    if (sc->nseqs == 0) {
+        return PQ_OK;
+    }
+    seg_path(path, sizeof(path), sc->dir, sc->seqs[0]);
+    rc = map_file(path, &buf, &len, err, errlen);
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    if (len >= STORE_SEG_HDR_LEN && !all_zero(buf, STORE_SEG_HDR_LEN)) {
+        sc->nvalid = 1;
+        sc->spares = sc->nseqs - 1;
+    }
+    unmap_file(buf, len);
+    return PQ_OK;
+}
+
+/*
+ * check_link: segment i (just scanned, its records ending at end) against
+ * the one before it. A segment of format 2 that holds records begins
+ * with a SEG_START naming its predecessor and where that one's records
+ * ended: a predecessor that is shorter (truncated, emptied to its header)
+ * or another segment than named is damage. The first kept segment's
+ * predecessor was deleted with nothing live in it: not checked.
+ */
+static int
+check_link(struct scan *sc, size_t i, uint64_t end, char *err, size_t errlen)
+{
+    char path[PATH_BUF], prev[PATH_BUF];
+    uint32_t seq = sc->seqs[i];
+
+    seg_path(path, sizeof(path), sc->dir, seq);
+    if (end > STORE_SEG_HDR_LEN && sc->version >= 2 && !sc->has_start) {
+        if (!sc->meta.present) {
+            seterr(err, errlen, "%s/META: missing, but %s was written by a protoqd that keeps it; run protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
+                   sc->dir, path, sc->dir, sc->dir);
+        } else {
+            seterr(err, errlen, "%s: offset %d: does not begin with its link record; run protoqd --check-data %s",
+                   path, STORE_SEG_HDR_LEN, sc->dir);
+        }
+        return PQ_ECORRUPT;
+    }
+    if (!sc->has_start || i == sc->lo || seq <= sc->meta.floor) {
+        return PQ_OK;
+    }
+    sc->links++;
+    seg_path(prev, sizeof(prev), sc->dir, sc->seqs[i - 1]);
+    if (sc->start.prev_seq != sc->seqs[i - 1]) {
+        seterr(err, errlen, "%s: follows segment %u, but the one before it here is %s: a segment is missing; run protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
+               path, sc->start.prev_seq, prev, sc->dir, sc->dir);
+        return PQ_ECORRUPT;
+    }
+    if (sc->start.prev_end != sc->end_offs[i - 1]) {
+        seterr(err, errlen, "%s: its records end at offset %llu, but %s says they ended at offset %llu: records are missing (truncated or emptied); run protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
+               prev, (unsigned long long)sc->end_offs[i - 1], path,
+               (unsigned long long)sc->start.prev_end, sc->dir, sc->dir);
+        sc->damaged = true;
+        sc->damage_seq = sc->seqs[i - 1];
+        sc->damage_off = sc->end_offs[i - 1];
+        return PQ_ECORRUPT;
+    }
+    return PQ_OK;
+}
+
+/*
+ * check_live: every message the records show live must still have its
+ * PUBLISH in the log (store_verify.h): one that a state record shows
+ * live, with no end recorded, but whose PUBLISH is gone was lost with a
+ * segment.
+ */
+static int
+check_live(struct scan *sc, char *err, size_t errlen)
+{
+    char path[PATH_BUF];
+    int rc = verify_finish(&sc->v, &sc->vr);
+
+    if (rc != PQ_OK) {
+        seterr(err, errlen, "scan %s: out of memory checking live messages",
+               sc->dir);
+        return rc;
+    }
+    if (sc->vr.orphans == 0) {
+        return PQ_OK;
+    }
+    seg_path(path, sizeof(path), sc->dir, sc->vr.orphan_at.seg);
+    seterr(err, errlen, "%s: offset %llu: message %llu is live here, but its publish record is not in the log (%llu such messages): a segment that held live messages is missing; run protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
+           path, (unsigned long long)sc->vr.orphan_at.off,
+           (unsigned long long)sc->vr.orphan_id,
+           (unsigned long long)sc->vr.orphans, sc->dir, sc->dir);
+    return PQ_ECORRUPT;
+}
+
+/*
+ * scan_dir: list the segments, read DIR/META, decide which segments form
+ * the log (plan_meta / plan_legacy), then verify (and replay) each in
+ * order: records, links between segments, and the live messages. Fills
+ * sc->end_offs for kept ones.
  */
 static int
 scan_dir(struct scan *sc, char *err, size_t errlen)
@@ -787,8 +1157,6 @@ scan_dir(struct scan *sc, char *err, size_t errlen)
     char path[PATH_BUF];
     uint8_t *buf = NULL;
     size_t len = 0;
-    size_t last_rec;               /* index of the last segment w/ records */
-    bool any = false;
     int rc;
 
     rc = list_segments(sc, err, errlen);
@@ -800,62 +1168,41 @@ scan_dir(struct scan *sc, char *err, size_t errlen)
         seterr(err, errlen, "scan %s: out of memory", sc->dir);
         return PQ_ENOMEM;
     }
-    /* Find the last segment that holds records, from the end. */
-    last_rec = 0;
-    for (size_t i = sc->nseqs; i > 0; i--) {
-        seg_path(path, sizeof(path), sc->dir, sc->seqs[i - 1]);
-        rc = map_file(path, &buf, &len, err, errlen);
-        if (rc != PQ_OK) {
-            return rc;
-        }
-        any = has_records(buf, len);
-        unmap_file(buf, len);
-        buf = NULL;
-        if (any) {
-            last_rec = i - 1;
-            break;
-        }
-    }
-    if (!any) {
-        /* No records anywhere. Keep the first valid empty segment, if its
-         * header is fine, else start over. */
-        sc->spares = sc->nseqs;
-        sc->nvalid = 0;
-        if (sc->nseqs > 0) {
-            seg_path(path, sizeof(path), sc->dir, sc->seqs[0]);
-            rc = map_file(path, &buf, &len, err, errlen);
-            if (rc != PQ_OK) {
-                return rc;
-            }
-            if (len >= STORE_SEG_HDR_LEN && !all_zero(buf, STORE_SEG_HDR_LEN)) {
-                rc = scan_segment(sc, sc->seqs[0], path, buf, len, true,
-                                  &sc->end_offs[0], err, errlen);
-                if (rc == PQ_OK) {
-                    sc->nvalid = 1;
-                    sc->spares = sc->nseqs - 1;
-                }
-            }
-            unmap_file(buf, len);
-        }
+    rc = meta_read(sc->dir, &sc->meta, err, errlen);
+    if (rc != PQ_OK) {
         return rc;
     }
-    sc->nvalid = last_rec + 1;
-    sc->spares = sc->nseqs - sc->nvalid;
-    for (size_t i = 0; i < sc->nvalid; i++) {
+    verify_init(&sc->v, sc->meta.floor);
+    rc = sc->meta.present ? plan_meta(sc, err, errlen)
+                          : plan_legacy(sc, err, errlen);
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    for (size_t i = sc->lo; i < sc->nvalid; i++) {
+        if (i > sc->lo && sc->seqs[i] != sc->seqs[i - 1] + 1 &&
+            sc->seqs[i] > sc->meta.floor) {
+            seg_path(path, sizeof(path), sc->dir, sc->seqs[i - 1] + 1);
+            seterr(err, errlen, "%s: missing: segments %u and %u are here, the ones between are gone with their records; run protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
+                   path, sc->seqs[i - 1], sc->seqs[i], sc->dir, sc->dir);
+            return PQ_ECORRUPT;
+        }
         seg_path(path, sizeof(path), sc->dir, sc->seqs[i]);
         rc = map_file(path, &buf, &len, err, errlen);
         if (rc != PQ_OK) {
             return rc;
         }
-        rc = scan_segment(sc, sc->seqs[i], path, buf, len, i == last_rec,
-                          &sc->end_offs[i], err, errlen);
+        rc = scan_segment(sc, sc->seqs[i], path, buf, len,
+                          i == sc->nvalid - 1, &sc->end_offs[i], err, errlen);
         unmap_file(buf, len);
         buf = NULL;
+        if (rc == PQ_OK) {
+            rc = check_link(sc, i, sc->end_offs[i], err, errlen);
+        }
         if (rc != PQ_OK) {
             return rc;
         }
     }
-    return PQ_OK;
+    return sc->salvage || sc->opaque ? PQ_OK : check_live(sc, err, errlen);
 }
 
 static void
@@ -863,6 +1210,7 @@ scan_fini(struct scan *sc)
 {
     pq_free(sc->seqs);
     pq_free(sc->end_offs);
+    verify_fini(&sc->v);
 }
 
 /* ==== The storage thread ==== */
@@ -956,6 +1304,14 @@ write_one(struct store *st, struct batch *b)
             io->close(st->cur_fd);
         }
         failpoint("segment-roll");
+        /* The log now ends at the new segment: say so before its first
+         * record, so a recovery that finds it missing or emptied knows. */
+        st->meta.last = b->seg;
+        if (meta_write(st->meta_fd, &st->meta) < 0) {
+            set_fatal(st);
+            b->status = PQ_EIO;
+            return;
+        }
         st->cur_fd = st->spare_fd;
         st->spare_fd = -1;
         pthread_mutex_lock(&st->mu);
@@ -1129,6 +1485,23 @@ delete_segs(struct store *st, const uint32_t *seqs, size_t n)
 {
     char path[PATH_BUF];
 
+    if (n == 0) {
+        return;
+    }
+    /* The log starts after them from now on; recorded first, so a crash
+     * midway leaves leftovers (removed at the next start), never a log
+     * whose start went missing unnoticed. seqs is the oldest prefix. */
+    if (seqs[n - 1] + 1 > st->meta.first) {
+        struct meta m = st->meta;
+
+        m.first = seqs[n - 1] + 1;
+        if (meta_write(st->meta_fd, &m) < 0) {
+            log_warn("write %s/META: %s; segments not removed", st->dir,
+                     strerror(errno));
+            return;
+        }
+        st->meta = m;
+    }
     for (size_t i = 0; i < n; i++) {
         seg_path(path, sizeof(path), st->dir, seqs[i]);
         if (io->unlink(path) < 0 && errno != ENOENT) {
@@ -1411,6 +1784,8 @@ try_roll(struct store *st, uint64_t need_room)
         pthread_mutex_unlock(&st->mu);
         return rc;
     }
+    st->start_prev_seq = st->cur_seg;
+    st->start_prev_end = st->cur_off;
     st->cur_seg = seq;
     st->cur_off = STORE_SEG_HDR_LEN;
     st->cur_alloc = alloc;
@@ -1475,6 +1850,81 @@ is_terminal(uint8_t type)
     return type == REC_ACK || type == REC_DROP;
 }
 
+enum { SEG_START_BODY = 12, SEG_START_REC = STORE_SEG_START_LEN };
+_Static_assert(STORE_REC_HDR_LEN + SEG_START_BODY == STORE_SEG_START_LEN,
+               "SEG_START size");
+
+/* start_bytes: room the SEG_START of the current segment still needs. */
+static uint64_t
+start_bytes(const struct store *st)
+{
+    return st->cur_off == STORE_SEG_HDR_LEN ? SEG_START_REC : 0;
+}
+
+/* place: put one record into the pending batch at cur_off (room and
+ * rolls are the caller's business). */
+static int
+place(struct store *st, uint8_t type, const void *body, size_t len,
+      uint64_t *lsn_out, struct store_loc *loc_out)
+{
+    uint64_t rec = STORE_REC_HDR_LEN + (uint64_t)len;
+    struct batch *b;
+    struct seg *s;
+    uint8_t *p;
+    int rc;
+
+    if (start_bytes(st) > 0 && type != REC_SEG_START) {
+        /* The first record of every segment links it to the one before
+         * (store.h): recovery checks that no segment went missing or
+         * short. */
+        uint8_t sb[SEG_START_BODY];
+
+        wr32(sb, st->start_prev_seq);
+        wr64(sb + 4, st->start_prev_end);
+        rc = place(st, REC_SEG_START, sb, sizeof(sb), NULL, NULL);
+        if (rc != PQ_OK) {
+            return rc;
+        }
+    }
+    rc = pending_reserve(st, (size_t)rec);
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    st->roll_next = false;
+    b = st->pending;
+    p = b->data + b->len;
+    wr32(p, (uint32_t)(len + 1));
+    wr32(p + 4, rec_crc(type, body, len));
+    p[8] = type;
+    if (len > 0) {
+        memcpy(p + 9, body, len);
+    }
+    b->len += (size_t)rec;
+    if (type != REC_SEG_START) {
+        /* SEG_START takes no LSN: it always travels in the batch of the
+         * record that follows it, and callers count LSNs as their own
+         * appends (store.h). */
+        st->last_lsn++;
+        if (b->first_lsn == 0) {
+            b->first_lsn = st->last_lsn;
+        }
+        b->last_lsn = st->last_lsn;
+    }
+    if (loc_out != NULL) {
+        *loc_out = (struct store_loc){.seg = st->cur_seg, .len = (uint32_t)rec,
+                                      .off = st->cur_off};
+    }
+    if (lsn_out != NULL) {
+        *lsn_out = st->last_lsn;
+    }
+    st->cur_off += rec;
+    s = seg_find(st, st->cur_seg);
+    if (s != NULL) {
+        s->end_off = st->cur_off;
+    }
+    return PQ_OK;
+}
+
 /* store_append: see store.h. */
 int
 store_append(struct store *st, uint8_t type, const void *body, size_t len,
@@ -1483,16 +1933,14 @@ store_append(struct store *st, uint8_t type, const void *body, size_t len,
     uint64_t rec = STORE_REC_HDR_LEN + (uint64_t)len;
     uint64_t resv_after, room_after;
     bool ordinary_fits;
-    struct batch *b;
-    struct seg *s;
-    uint8_t *p;
     int rc, fatal;
 
-    if (st->cfg.read_only || type == 0 || (body == NULL && len > 0)) {
+    if (st->cfg.read_only || type == 0 || type == REC_SEG_START ||
+        (body == NULL && len > 0)) {
         return PQ_EINVAL;
     }
     if (len > RECORD_BODY_MAX ||
-        STORE_SEG_HDR_LEN + rec > st->cfg.segment_bytes) {
+        STORE_SEG_HDR_LEN + SEG_START_REC + rec > st->cfg.segment_bytes) {
         return PQ_ETOOBIG;
     }
     pthread_mutex_lock(&st->mu);
@@ -1515,10 +1963,11 @@ store_append(struct store *st, uint8_t type, const void *body, size_t len,
         resv_after--;
     }
     room_after = resv_after * STORE_ACK_RESERVE;
-    ordinary_fits = st->cur_off + rec <= st->cfg.segment_bytes &&
-                    st->cur_off + rec + room_after <= st->cur_alloc;
+    ordinary_fits =
+        st->cur_off + start_bytes(st) + rec <= st->cfg.segment_bytes &&
+        st->cur_off + start_bytes(st) + rec + room_after <= st->cur_alloc;
     if (!ordinary_fits && !st->in_roll_cb) {
-        rc = try_roll(st, room_after + rec);
+        rc = try_roll(st, room_after + SEG_START_REC + rec);
         if (rc == PQ_EIO || rc == PQ_ENOMEM) {
             return rc;
         }
@@ -1527,39 +1976,12 @@ store_append(struct store *st, uint8_t type, const void *body, size_t len,
         }
         /* rolled, or an ACK/DROP that may use the reserve */
     }
-    if (st->cur_off + rec + room_after > st->cur_alloc) {
+    if (st->cur_off + start_bytes(st) + rec + room_after > st->cur_alloc) {
         return PQ_ENOSPC;
     }
-    rc = pending_reserve(st, (size_t)rec);
+    rc = place(st, type, body, len, lsn_out, loc_out);
     if (rc != PQ_OK) {
         return rc;
-    }
-    st->roll_next = false;
-    b = st->pending;
-    p = b->data + b->len;
-    wr32(p, (uint32_t)(len + 1));
-    wr32(p + 4, rec_crc(type, body, len));
-    p[8] = type;
-    if (len > 0) {
-        memcpy(p + 9, body, len);
-    }
-    b->len += (size_t)rec;
-    st->last_lsn++;
-    if (b->first_lsn == 0) {
-        b->first_lsn = st->last_lsn;
-    }
-    b->last_lsn = st->last_lsn;
-    if (loc_out != NULL) {
-        *loc_out = (struct store_loc){.seg = st->cur_seg, .len = (uint32_t)rec,
-                                      .off = st->cur_off};
-    }
-    if (lsn_out != NULL) {
-        *lsn_out = st->last_lsn;
-    }
-    st->cur_off += rec;
-    s = seg_find(st, st->cur_seg);
-    if (s != NULL) {
-        s->end_off = st->cur_off;
     }
     if (resv_after != st->reserved) {
         st->reserved = resv_after;
@@ -1724,8 +2146,15 @@ repair(struct store *st, struct scan *sc, char *err, size_t errlen)
     char path[PATH_BUF];
     int fd;
 
-    for (size_t i = sc->nvalid; i < sc->nseqs; i++) {
+    for (size_t i = 0; i < sc->nseqs; i++) {
+        if (i >= sc->lo && i < sc->nvalid) {
+            continue;
+        }
         seg_path(path, sizeof(path), st->dir, sc->seqs[i]);
+        if (i < sc->lo) {
+            log_info("%s: removing it (its deletion was interrupted; the log starts at segment %u)",
+                     path, sc->meta.first);
+        }
         if (io->unlink(path) < 0 && errno != ENOENT) {
             seterr(err, errlen, "remove %s: %s", path, strerror(errno));
             return errno_to_pq(errno);
@@ -1750,7 +2179,8 @@ repair(struct store *st, struct scan *sc, char *err, size_t errlen)
         }
         io->close(fd);
     }
-    if ((sc->torn || sc->spares > 0) && io->fsync(st->dir_fd) < 0) {
+    if ((sc->torn || sc->spares > 0 || sc->lo > 0) &&
+        io->fsync(st->dir_fd) < 0) {
         seterr(err, errlen, "fsync %s: %s", st->dir, strerror(errno));
         return errno_to_pq(errno);
     }
@@ -1788,6 +2218,9 @@ store_free(struct store *st)
     if (st->efd >= 0) {
         close(st->efd);
     }
+    if (st->meta_fd >= 0) {
+        io->close(st->meta_fd);
+    }
     if (st->dir_fd >= 0) {
         io->close(st->dir_fd);
     }
@@ -1824,6 +2257,7 @@ store_open(const struct store_config *c, store_replay_fn fn, void *arg,
         return PQ_ENOMEM;
     }
     st->lock_fd = st->dir_fd = st->efd = st->cur_fd = st->spare_fd = -1;
+    st->meta_fd = -1;
     pthread_mutex_init(&st->mu, NULL);
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -1853,6 +2287,7 @@ store_open(const struct store_config *c, store_replay_fn fn, void *arg,
     }
 
     sc.dir = st->dir;
+    sc.opaque = c->opaque_records;
     sc.fn = fn;
     sc.arg = arg;
     rc = scan_dir(&sc, err, errlen);
@@ -1860,7 +2295,11 @@ store_open(const struct store_config *c, store_replay_fn fn, void *arg,
         goto err_scan;
     }
     st->reserved = sc.n_publish > sc.n_end ? sc.n_publish - sc.n_end : 0;
-    for (size_t i = 0; i < sc.nvalid; i++) {
+    if (sc.vr.dl_orphans > 0) {
+        log_warn("%s: %llu dead-lettered messages whose original publish record is gone are not recovered (see README, \"Data directory\")",
+                 st->dir, (unsigned long long)sc.vr.dl_orphans);
+    }
+    for (size_t i = sc.lo; i < sc.nvalid; i++) {
         rc = seg_add(st, sc.seqs[i], sc.end_offs[i]);
         if (rc != PQ_OK) {
             seterr(err, errlen, "open data dir %s: out of memory", st->dir);
@@ -1901,6 +2340,27 @@ store_open(const struct store_config *c, store_replay_fn fn, void *arg,
         if (rc != PQ_OK) {
             goto err_scan;
         }
+        if (st->nsegs > 1) {
+            st->start_prev_seq = last[-1].seq;
+            st->start_prev_end = last[-1].end_off;
+        }
+    }
+    /* Record where the log starts and ends now (leftovers and spares are
+     * gone); from here on the storage thread keeps it up to date. */
+    rc = meta_open(st->dir, st->dir_fd, &st->meta_fd, err, errlen);
+    if (rc != PQ_OK) {
+        goto err_scan;
+    }
+    st->meta = sc.meta;
+    st->meta.first = st->segs[0].seq;
+    st->meta.last = st->cur_seg;
+    if (meta_write(st->meta_fd, &st->meta) < 0) {
+        char path[PATH_BUF];
+
+        meta_path(path, sizeof(path), st->dir);
+        seterr(err, errlen, "write %s: %s", path, strerror(errno));
+        rc = errno_to_pq(errno);
+        goto err_scan;
     }
     scan_fini(&sc);
     sc = (struct scan){0};
@@ -2244,50 +2704,274 @@ out_close:
 
 /* ==== Offline check ==== */
 
-/* store_check: see store.h. */
-int
-store_check(const char *dir, FILE *out, char *err, size_t errlen)
+/* print_summary: what store_check and store_salvage report. */
+static void
+print_summary(const struct scan *sc, const char *dir, FILE *out, int rc,
+              const char *err)
 {
-    struct scan sc = {.dir = dir};
-    int lock_fd = -1, rc;
     char path[PATH_BUF];
 
-    rc = dir_lock(dir, true, &lock_fd, err, errlen);
-    if (rc != PQ_OK) {
-        return rc;
-    }
-    rc = scan_dir(&sc, err, errlen);
     fprintf(out, "data dir %s\n", dir);
-    fprintf(out, "segments: %zu", sc.nvalid);
-    if (sc.nvalid > 0) {
-        fprintf(out, " (seg %u .. %u)", sc.seqs[0], sc.seqs[sc.nvalid - 1]);
+    fprintf(out, "segments: %zu", sc->nvalid - sc->lo);
+    if (sc->nvalid > sc->lo) {
+        fprintf(out, " (seg %u .. %u)", sc->seqs[sc->lo],
+                sc->seqs[sc->nvalid - 1]);
     }
-    fprintf(out, ", spare/empty: %zu\n", sc.spares);
+    fprintf(out, ", spare/empty: %zu, leftovers of an interrupted deletion: %zu\n",
+            sc->spares, sc->lo);
+    if (sc->meta.present) {
+        fprintf(out, "log start and end (META): seg %u .. %u", sc->meta.first,
+                sc->meta.last);
+        if (sc->meta.floor > 0) {
+            fprintf(out, "; salvaged: accepted as found up to seg %u",
+                    sc->meta.floor);
+        }
+        fprintf(out, "\n");
+    } else {
+        fprintf(out, "log start and end (META): not recorded (format 1 data dir, or no record written yet)\n");
+    }
+    fprintf(out, "segment links checked: %llu\n",
+            (unsigned long long)sc->links);
     fprintf(out, "records: %llu (%llu bytes); LSN 1 .. %llu\n",
-            (unsigned long long)sc.records, (unsigned long long)sc.bytes,
-            (unsigned long long)sc.records);
+            (unsigned long long)sc->records, (unsigned long long)sc->bytes,
+            (unsigned long long)sc->records);
     for (int t = 0; t < 256; t++) {
-        if (sc.counts[t] > 0) {
+        if (sc->counts[t] > 0) {
             fprintf(out, "  %-14s %llu\n", record_type_name((uint8_t)t),
-                    (unsigned long long)sc.counts[t]);
+                    (unsigned long long)sc->counts[t]);
         }
     }
-    if (sc.torn) {
-        seg_path(path, sizeof(path), dir, sc.torn_seq);
+    if (rc == PQ_OK && !sc->salvage) {
+        fprintf(out, "live messages: %llu", (unsigned long long)sc->vr.live);
+        if (sc->vr.live > 0) {
+            fprintf(out, " (referencing seg %u .. %u)", sc->vr.min_seg,
+                    sc->vr.max_seg);
+        }
+        fprintf(out, "; live without their publish record: 0\n");
+        if (sc->vr.dl_orphans > 0) {
+            fprintf(out, "warning: %llu dead letters whose original publish record is gone are not recovered by this version (README, \"Data directory\")\n",
+                    (unsigned long long)sc->vr.dl_orphans);
+        }
+    }
+    if (sc->torn) {
+        seg_path(path, sizeof(path), dir, sc->torn_seq);
         fprintf(out, "torn tail: %s at offset %llu, %llu bytes (protoqd truncates it at start)\n",
-                path, (unsigned long long)sc.torn_off,
-                (unsigned long long)sc.torn_dropped);
+                path, (unsigned long long)sc->torn_off,
+                (unsigned long long)sc->torn_dropped);
     } else {
         fprintf(out, "torn tail: none\n");
     }
     if (rc == PQ_OK) {
         fprintf(out, "result: clean\n");
     } else {
-        fprintf(out, "result: DAMAGED: %s\n", err != NULL ? err : pq_strerror(rc));
+        fprintf(out, "result: DAMAGED: %s\n", err[0] ? err : pq_strerror(rc));
     }
+}
+
+/* store_check: see store.h. */
+int
+store_check(const char *dir, FILE *out, char *err, size_t errlen)
+{
+    struct scan sc = {.dir = dir};
+    int lock_fd = -1, rc;
+
+    if (err != NULL && errlen > 0) {
+        err[0] = '\0';
+    }
+    rc = dir_lock(dir, true, &lock_fd, err, errlen);
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    rc = scan_dir(&sc, err, errlen);
+    print_summary(&sc, dir, out, rc, err != NULL ? err : "");
     scan_fini(&sc);
     if (lock_fd >= 0) {
         close(lock_fd);
     }
+    return rc;
+}
+
+/* ==== Salvage ==== */
+
+/* copy_file: src into dst (created), synced. Returns 0 or -1 (errno). */
+static int
+copy_file(const char *src, const char *dst)
+{
+    uint8_t buf[1 << 16];
+    int in = open(src, O_RDONLY | O_CLOEXEC), outfd = -1, rc = -1;
+    uint64_t off = 0;
+    ssize_t n;
+
+    if (in < 0) {
+        return -1;
+    }
+    outfd = open(dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (outfd < 0) {
+        goto out;
+    }
+    while ((n = read(in, buf, sizeof(buf))) > 0) {
+        if (pwrite_all(outfd, buf, (size_t)n, off) < 0) {
+            goto out;
+        }
+        off += (uint64_t)n;
+    }
+    rc = n < 0 ? -1 : fsync(outfd);
+out:
+    if (outfd >= 0) {
+        close(outfd);
+    }
+    close(in);
+    return rc;
+}
+
+/* salvage_dir: make (once) DIR/salvage-UNIXTIME where originals go. */
+static int
+salvage_dir(const char *dir, char *bak, size_t cap, FILE *out)
+{
+    if (bak[0] != '\0') {
+        return 0;
+    }
+    snprintf(bak, cap, "%s/salvage-%lld", dir, (long long)time(NULL));
+    if (mkdir(bak, 0750) < 0 && errno != EEXIST) {
+        return -1;
+    }
+    fprintf(out, "originals of what is changed go to %s\n", bak);
+    return 0;
+}
+
+/*
+ * salvage_segment: keep what segment seq holds that can be read. A file
+ * without a sound header is moved to bak; a segment damaged at an offset
+ * is cut there (a copy of the whole file goes to bak first). Sets *kept
+ * when the segment stays in the log.
+ */
+static int
+salvage_segment(struct scan *sc, uint32_t seq, char *bak, size_t bakcap,
+                FILE *out, bool *kept, char *err, size_t errlen)
+{
+    char path[PATH_BUF], dst[PATH_BUF + 64];
+    uint8_t *buf;
+    size_t len;
+    uint64_t end = 0, cut;
+    int rc;
+
+    *kept = false;
+    seg_path(path, sizeof(path), sc->dir, seq);
+    rc = map_file(path, &buf, &len, err, errlen);
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    sc->torn = false;
+    sc->damaged = false;
+    rc = scan_segment(sc, seq, path, buf, len, true, &end, err, errlen);
+    unmap_file(buf, len);
+    if (rc == PQ_EVERSION) {
+        return rc;
+    }
+    *kept = rc == PQ_OK;
+    if (rc == PQ_OK && !sc->torn) {
+        return PQ_OK;          /* sound: nothing to do */
+    }
+    if (salvage_dir(sc->dir, bak, bakcap, out) < 0) {
+        seterr(err, errlen, "mkdir %s: %s", bak, strerror(errno));
+        return errno_to_pq(errno);
+    }
+    snprintf(dst, sizeof(dst), "%s/seg-%010u.log", bak, seq);
+    if (rc != PQ_OK && sc->damaged && sc->damage_off == 0) {
+        if (rename(path, dst) < 0) {
+            seterr(err, errlen, "move %s to %s: %s", path, dst, strerror(errno));
+            return errno_to_pq(errno);
+        }
+        fprintf(out, "moved %s away: %s\n", path, err);
+        return PQ_OK;
+    }
+    *kept = true;
+    {
+        cut = rc != PQ_OK ? sc->damage_off : sc->torn_off;
+        if (copy_file(path, dst) < 0 || truncate(path, (off_t)cut) < 0) {
+            seterr(err, errlen, "cut %s at offset %llu: %s", path,
+                   (unsigned long long)cut, strerror(errno));
+            return errno_to_pq(errno);
+        }
+        fprintf(out, "cut %s at offset %llu (%zu bytes dropped; the whole file is in %s)\n",
+                path, (unsigned long long)cut, len - (size_t)cut, bak);
+    }
+    return PQ_OK;
+}
+
+/* store_salvage: see store.h. */
+int
+store_salvage(const char *dir, FILE *out, char *err, size_t errlen)
+{
+    struct scan sc = {.dir = dir, .salvage = true};
+    char bak[PATH_BUF] = "";
+    struct meta m = {0};
+    uint32_t first = 0, last = 0;
+    int lock_fd = -1, dir_fd = -1, meta_fd = -1, rc;
+
+    rc = dir_lock(dir, false, &lock_fd, err, errlen);
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    rc = list_segments(&sc, err, errlen);
+    if (rc != PQ_OK) {
+        goto out;
+    }
+    if (meta_read(dir, &m, err, errlen) != PQ_OK) {
+        m = (struct meta){0};  /* rewritten below */
+    }
+    for (size_t i = 0; i < sc.nseqs; i++) {
+        bool kept;
+
+        if (m.present && sc.seqs[i] < m.first) {
+            continue;          /* a leftover: the next start removes it */
+        }
+        rc = salvage_segment(&sc, sc.seqs[i], bak, sizeof(bak), out, &kept,
+                             err, errlen);
+        if (rc != PQ_OK) {
+            goto out;
+        }
+        if (kept) {
+            first = first != 0 ? first : sc.seqs[i];
+            last = sc.seqs[i];
+        }
+    }
+    dir_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir_fd < 0 || fsync(dir_fd) < 0) {
+        seterr(err, errlen, "open data dir %s: %s", dir, strerror(errno));
+        rc = errno_to_pq(errno);
+        goto out;
+    }
+    if (first != 0) {
+        /* Accept the log as it is now: what came before is not checked
+         * any more (gaps, links, live messages up to segment last). */
+        rc = meta_open(dir, dir_fd, &meta_fd, err, errlen);
+        if (rc != PQ_OK) {
+            goto out;
+        }
+        m.first = first;
+        m.last = last;
+        m.floor = last;
+        if (meta_write(meta_fd, &m) < 0) {
+            seterr(err, errlen, "write %s/META: %s", dir, strerror(errno));
+            rc = errno_to_pq(errno);
+            goto out;
+        }
+        fprintf(out, "the log is now segments %u .. %u, accepted as found (%s/META)\n",
+                first, last, dir);
+    }
+    scan_fini(&sc);
+    sc = (struct scan){.dir = dir};
+    rc = scan_dir(&sc, err, errlen);
+    print_summary(&sc, dir, out, rc, err != NULL ? err : "");
+out:
+    scan_fini(&sc);
+    if (meta_fd >= 0) {
+        close(meta_fd);
+    }
+    if (dir_fd >= 0) {
+        close(dir_fd);
+    }
+    close(lock_fd);
     return rc;
 }

@@ -9,12 +9,33 @@
  * called store_open) unless it says otherwise. The storage thread is
  * private to store.c.
  *
- * ON-DISK FORMAT (version 1; integers little-endian, field by field):
+ * ON-DISK FORMAT (version 2; integers little-endian, field by field):
  *   DIR/LOCK                fcntl write lock for the life of the store; the
  *                           file holds the owner's pid as text.
- *   DIR/seg-%010u.log       segments, sequence numbers from 1, increasing;
- *                           gaps are normal (deleted segments).
- *   segment header (20 B):  "PROTOQLG" (8) | u32 version (=1) | u64 seq
+ *   DIR/seg-%010u.log       segments, sequence numbers from 1, increasing,
+ *                           without gaps from META's first to its last
+ *                           (deletion only ever removes the oldest).
+ *   DIR/META (64 B)         two 32-byte slots, each: "PQMETA01" (8) |
+ *                           u64 gen | u32 first | u32 last | u32 floor |
+ *                           u32 crc32c(the 28 bytes before). The valid
+ *                           slot with the higher gen counts; a write goes
+ *                           to the other slot (gen % 2) in place and is
+ *                           fdatasynced, so a torn write keeps the old
+ *                           one and a full disk cannot stop it. first: the
+ *                           log's oldest segment (written before segments
+ *                           are deleted; older files are leftovers of an
+ *                           interrupted deletion). last: the segment last
+ *                           rolled into (written before its first record;
+ *                           newer files are spares and hold no record).
+ *                           floor: 0, or the last segment a salvage
+ *                           accepted as found (gaps, links and lost
+ *                           publish records up to it are not reported).
+ *                           All zeros = never written (a crash at create).
+ *   segment header (20 B):  "PROTOQLG" (8) | u32 version (1 or 2) | u64 seq
+ *   first record of a version-2 segment: REC_SEG_START (record.h), the
+ *                           link to the segment before and where its
+ *                           records end; written by the store, not
+ *                           replayed, and takes no LSN.
  *   record:                 u32 len | u32 crc | u8 type | body[len - 1]
  *                           len = 1 + body length, 1..RECORD_BODY_MAX+1;
  *                           crc = crc32c(type byte + body).
@@ -30,17 +51,26 @@
  * to the last good record (logged with file, offset and bytes dropped)
  * and the open goes on. Any other damage (an earlier segment, or valid
  * records after the bad one) fails the open with PQ_ECORRUPT and a message
- * naming the file and offset and `protoqd --check-data DIR`. Trailing
- * segments that hold no record (a spare created ahead of time, even with a
- * torn header) are removed. A version other than 1 is PQ_EVERSION.
- * Salvage: copy the data dir away, then truncate the named segment at the
- * named offset (or remove the segments after it); records past that point
- * are lost.
+ * naming the file and offset and `protoqd --check-data DIR`. With META:
+ * the segments first..last must all be there (the last with a sound
+ * header even when it holds no record), each version-2 segment's link
+ * must match the segment before it (its number and the end of its
+ * records), later files must hold no record (spares: removed), earlier
+ * ones are removed; and no message that a REQUEUE/PROGRESS shows live
+ * may lack its PUBLISH (store_verify.h). Without META (a version-1 dir,
+ * or a new dir before its first record): trailing segments that hold no
+ * record (a spare created ahead of time, even with a torn header) are
+ * removed, no gaps are allowed among the rest, and a version-2 segment
+ * with records means META went missing. Any failure is PQ_ECORRUPT
+ * naming the file; a version outside 1..2 is PQ_EVERSION.
+ * Salvage: store_salvage (`protoqd --salvage-data DIR`).
  *
  * HOW TO CHANGE THE FORMAT SAFELY: new record kinds need no version bump
- * (record.h). A change to the header or framing bumps STORE_FORMAT_VERSION;
- * keep the reader for the previous version for at least one release, and
- * write the new version only into new segments.
+ * (record.h). A change to the header or framing, or to what recovery
+ * must check, bumps STORE_FORMAT_VERSION (1 -> 2 added META and the
+ * SEG_START link); keep the reader for the previous version for at least
+ * one release (STORE_FORMAT_MIN), write the new version only into new
+ * segments, and add a golden data dir (tests/golden/) for the new one.
  *
  * Space: segments are preallocated (posix_fallocate), so writes inside one
  * do not hit ENOSPC. The storage thread prepares the next segment (the
@@ -75,9 +105,12 @@
 #include "record.h"
 
 enum {
-    STORE_FORMAT_VERSION = 1,
+    STORE_FORMAT_VERSION = 2,      /* written into new segments */
+    STORE_FORMAT_MIN = 1,          /* the oldest version read */
     STORE_SEG_HDR_LEN = 20,        /* magic 8 + version 4 + seq 8 */
     STORE_REC_HDR_LEN = 9,         /* len 4 + crc 4 + type 1 */
+    STORE_SEG_START_LEN = 21,      /* the SEG_START record (9 + 12) that
+                                      begins every format-2 segment */
     STORE_ACK_RESERVE = 64,        /* bytes reserved per live PUBLISH */
     STORE_ERR_MAX = 512,           /* a good errlen for err buffers */
 };
@@ -91,6 +124,9 @@ struct store_config {
     uint64_t segment_bytes;             /* roll to a new segment past this */
     bool read_only;                     /* replay only: no thread, no writes,
                                            no truncation; appends fail */
+    bool opaque_records;                /* tests: the records are not the
+                                           journal's (record.h): skip the
+                                           live-message check */
 };
 
 /* Where a record lives. Persistent across restarts (unlike the LSN). */
@@ -298,6 +334,22 @@ int store_read(struct store *st, const struct store_loc *loc, uint8_t *type,
  * when the dir cannot be read; err gets the one-line reason.
  */
 int store_check(const char *dir, FILE *out, char *err, size_t errlen);
+
+/*
+ * store_salvage: make a damaged data dir startable again, keeping every
+ * record that can still be read (backs `protoqd --salvage-data DIR`;
+ * protoqd must be stopped). A segment damaged at an offset is cut there;
+ * a file that is no segment any more (bad header, emptied) is moved
+ * away; originals go to DIR/salvage-UNIXTIME/. Then DIR/META is
+ * rewritten to say the log is the segments left, accepted as found: gaps,
+ * links and lost publish records up to its last segment are no longer
+ * reported (what they held is gone for good: confirmed messages in lost
+ * parts are lost, acked ones whose ack was lost come back). Prints what
+ * it did and the result of a check to out. PQ_OK when the dir checks
+ * clean afterwards; PQ_EBUSY (a protoqd runs), PQ_EVERSION, PQ_ECORRUPT,
+ * PQ_ESYS otherwise, with err set.
+ */
+int store_salvage(const char *dir, FILE *out, char *err, size_t errlen);
 
 /*
  * I/O seam for fault injection (tests only). The store makes these calls

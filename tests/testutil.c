@@ -76,6 +76,62 @@ protoqd_path(void)
     return p && p[0] ? p : "build/protoqd";
 }
 
+/* srv_binary: see testutil.h. */
+const char *
+srv_binary(void)
+{
+    return protoqd_path();
+}
+
+/* prog_run: see testutil.h. */
+int
+prog_run(const char *const *argv, const char *outpath, int timeout_ms)
+{
+    int64_t deadline = now_ms_mono() + timeout_ms;
+    int status = 0;
+    pid_t pid = fork();
+
+    if (pid < 0) {
+        return -1;
+    }
+    if (pid == 0) {
+        int fd = open(outpath, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+
+        if (fd >= 0) {
+            dup2(fd, STDOUT_FILENO);
+            dup2(fd, STDERR_FILENO);
+        }
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        execv(argv[0], (char *const *)argv);
+        _exit(127);
+    }
+    while (now_ms_mono() < deadline) {
+        if (waitpid(pid, &status, WNOHANG) == pid) {
+            return WIFEXITED(status) ? WEXITSTATUS(status)
+                                     : 128 + WTERMSIG(status);
+        }
+        sleep_ms(5);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    return -1;
+}
+
+/* file_slurp: see testutil.h. */
+char *
+file_slurp(const char *path, char *buf, size_t cap)
+{
+    FILE *f = fopen(path, "r");
+    size_t n = 0;
+
+    if (f != NULL) {
+        n = fread(buf, 1, cap - 1, f);
+        fclose(f);
+    }
+    buf[n] = '\0';
+    return buf;
+}
+
 /* srv_log_path: DIR/protoqd.log. */
 void
 srv_log_path(const struct srv *s, char *buf, size_t cap)

@@ -86,6 +86,20 @@ void test_conf_remove(struct test_conf *tc);
 /* srv_vmhwm_kb: the broker's peak RSS (VmHWM, KiB) or -1. */
 long srv_vmhwm_kb(const struct srv *s);
 
+/* srv_binary: the protoqd under test ($PROTOQD, else build/protoqd). */
+const char *srv_binary(void);
+
+/*
+ * prog_run: run argv (argv[0] a path) with stdout and stderr into outpath,
+ * for at most timeout_ms. Returns the exit status (0..255), 128+signal, or
+ * -1 when it was still running and had to be killed.
+ */
+int prog_run(const char *const *argv, const char *outpath, int timeout_ms);
+
+/* file_slurp: up to cap-1 bytes of path into buf, NUL-terminated ("" when
+ * it cannot be read). Returns buf. */
+char *file_slurp(const char *path, char *buf, size_t cap);
+
 /* now_ms_mono: CLOCK_MONOTONIC in milliseconds. */
 int64_t now_ms_mono(void);
 

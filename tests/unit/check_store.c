@@ -91,6 +91,7 @@ cfg(enum fsync_policy pol, uint64_t seg_bytes)
         .fsync_interval_ms = 10,
         .segment_bytes = seg_bytes,
         .read_only = false,
+        .opaque_records = true, /* random records, not a journal's */
     };
     return c;
 }
@@ -838,7 +839,8 @@ on_roll(void *arg, uint32_t seg)
         ck_assert_pq_ok(store_append(r->st, REC_QUEUE_CREATE, meta,
                                      sizeof(meta) - 1, NULL, &loc));
         ck_assert_uint_eq(loc.seg, seg);
-        ck_assert_uint_eq(loc.off, STORE_SEG_HDR_LEN);
+        /* after the store's own SEG_START */
+        ck_assert_uint_eq(loc.off, STORE_SEG_HDR_LEN + STORE_SEG_START_LEN);
     }
 }
 
@@ -883,7 +885,8 @@ START_TEST(test_rotation_and_replay_across_segments)
     {
         size_t j = 0;
         for (size_t i = 0; i < got.n; i++) {
-            if (got.v[i].loc.off == STORE_SEG_HDR_LEN && i > 0) {
+            if (got.v[i].loc.off == STORE_SEG_HDR_LEN + STORE_SEG_START_LEN &&
+                i > 0) {
                 ck_assert_uint_eq(got.v[i].type, REC_QUEUE_CREATE);
                 continue;
             }
@@ -1166,7 +1169,7 @@ START_TEST(test_unknown_version_refused)
 
     two_segments(&want);
     seg_file(path, sizeof(path), 1);
-    flip(path, 8, 0x02);              /* version 1 -> 3 */
+    flip(path, 8, 0x01);              /* version 2 -> 3 */
     rc = store_open(&c, NULL, NULL, &st, errbuf, sizeof(errbuf));
     ck_assert_msg(rc == PQ_EVERSION, "got %s: %s", pq_strerror(rc), errbuf);
     ck_assert_msg(strstr(errbuf, "format version 3") != NULL, "%s", errbuf);
