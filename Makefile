@@ -158,6 +158,18 @@ FUZZ_COMMON  = $(FZ)/protocol/protoq.pb-c.o $(FZ)/protocol/frame.o \
                $(FZ)/broker/failpoint.o
 FUZZ_OBJS    = $(FUZZ_COMMON) $(FZ)/broker/body.o $(FZ)/broker/record.o \
                $(FZ)/broker/config.o $(FUZZ_NAMES:%=$(FZ)/tests/fuzz/fuzz_%.o)
+# FUZZ_PROTOBUF_C_SRC=DIR/protobuf-c.c (the source of the installed
+# protobuf-c version, e.g. from its v1.4.1 tag) builds it with the fuzzer's
+# coverage instead of linking the system library, so that fuzz_frame sees
+# inside the protobuf decoder.
+ifneq ($(FUZZ_PROTOBUF_C_SRC),)
+FUZZ_PBC     = $(FZ)/protobuf-c.o
+FUZZ_PBC_LIB =
+else
+FUZZ_PBC     =
+FUZZ_PBC_LIB = $(shell pkg-config --libs libprotobuf-c)
+endif
+FUZZ_COMMON += $(FUZZ_PBC)
 # Per-target options.
 FUZZ_ARGS_frame  = -max_len=16384
 FUZZ_ARGS_record = -max_len=4096
@@ -177,11 +189,15 @@ $(FZ)/%.o: %.c
 $(FZ)/protocol/protoq.pb-c.o: $(FZ)/protocol/protoq.pb-c.c
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -c -o $@ $<
 
+$(FZ)/protobuf-c.o: $(FUZZ_PROTOBUF_C_SRC)
+	@mkdir -p $(@D)
+	$(FUZZ_CC) -g -O1 $(FUZZ_SAN) -fsanitize=fuzzer-no-link -w -c -o $@ $<
+
 $(FZ)/fuzz_frame: $(FZ)/tests/fuzz/fuzz_frame.o $(FZ)/broker/body.o $(FUZZ_COMMON)
 $(FZ)/fuzz_record: $(FZ)/tests/fuzz/fuzz_record.o $(FZ)/broker/record.o $(FUZZ_COMMON)
 $(FZ)/fuzz_config: $(FZ)/tests/fuzz/fuzz_config.o $(FZ)/broker/config.o $(FUZZ_COMMON)
 $(FUZZ_BINS):
-	$(FUZZ_CC) $(FUZZ_SAN) -fsanitize=fuzzer -o $@ $^ $(shell pkg-config --libs libprotobuf-c)
+	$(FUZZ_CC) $(FUZZ_SAN) -fsanitize=fuzzer -o $@ $^ $(FUZZ_PBC_LIB)
 
 define fuzz_run
 	@mkdir -p $(FZ)/corpus/$(1) $(FZ)/artifacts/$(1)
