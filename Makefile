@@ -6,6 +6,9 @@
 #   make test         build and run every Check suite (SAN=1: ASan + UBSan)
 #   make bench        standard benchmark workloads against a fresh protoqd
 #   make soak         the crash test with many more kill cycles
+#   make fuzz         build the libFuzzer targets (clang) into build/fuzz and
+#                     run each for FUZZ_SECONDS (default 60)
+#   make fuzz-corpus  regenerate the seed corpora under tests/fuzz/corpus
 #   make install      PREFIX=/usr/local DESTDIR=
 #   make clean
 
@@ -81,9 +84,9 @@ BINS = $(B)/protoqd $(B)/protoq $(B)/protoq-bench
 LIBA = $(B)/libprotoq.a
 
 ALL_OBJS = $(PROTO_OBJS) $(BROKER_OBJS) $(LIB_OBJS) $(CLI_OBJS) $(BENCH_OBJS) \
-           $(TESTUTIL_OBJS) $(TESTS:=.o)
+           $(TESTUTIL_OBJS) $(TESTS:=.o) $(B)/tests/fuzz/gen_corpus.o
 
-.PHONY: all run test bench soak install clean
+.PHONY: all run test bench soak install clean fuzz fuzz-build fuzz-corpus
 all: $(BINS) $(LIBA)
 
 # ---- generated protobuf-c code (never committed) ----
@@ -152,6 +155,90 @@ soak: $(BINS) $(B)/tests/crash/check_crash
 bench: $(BINS)
 	./tests/bench.sh $(B)
 
+# ---- fuzzing: libFuzzer + ASan + UBSan, built with clang into build/fuzz ----
+# Each target runs FUZZ_SECONDS on build/fuzz/corpus/NAME (what it found so
+# far) seeded from tests/fuzz/corpus/NAME; a crash or a broken property is
+# saved as build/fuzz/artifacts/NAME/crash-* and fails the run. Reproduce
+# one with ./build/fuzz/fuzz_NAME FILE. .ci/deps.sh fuzz installs clang.
+FUZZ_CC      ?= $(shell command -v clang-14 || command -v clang)
+FUZZ_SECONDS ?= 60
+FZ           = build/fuzz
+FUZZ_NAMES   = frame record config
+FUZZ_BINS    = $(FUZZ_NAMES:%=$(FZ)/fuzz_%)
+FUZZ_SAN     = -fsanitize=address,undefined -fno-sanitize-recover=undefined
+FUZZ_CFLAGS  = -g -O1 -fno-omit-frame-pointer -std=c11 -Wall -Wextra -Werror \
+               -Wshadow -Wvla -Wstrict-prototypes -Wmissing-prototypes -MMD -MP \
+               -D_GNU_SOURCE -Iprotocol -I$(FZ)/protocol -Ibroker \
+               $(FUZZ_SAN) -fsanitize=fuzzer-no-link $(PKG_CFLAGS)
+FUZZ_COMMON  = $(FZ)/protocol/protoq.pb-c.o $(FZ)/protocol/frame.o \
+               $(FZ)/protocol/pqerr.o $(FZ)/broker/mem.o $(FZ)/broker/log.o \
+               $(FZ)/broker/failpoint.o
+FUZZ_OBJS    = $(FUZZ_COMMON) $(FZ)/broker/body.o $(FZ)/broker/record.o \
+               $(FZ)/broker/config.o $(FUZZ_NAMES:%=$(FZ)/tests/fuzz/fuzz_%.o)
+# FUZZ_PROTOBUF_C_SRC=DIR/protobuf-c.c (the source of the installed
+# protobuf-c version, e.g. from its v1.4.1 tag) builds it with the fuzzer's
+# coverage instead of linking the system library, so that fuzz_frame sees
+# inside the protobuf decoder.
+ifneq ($(FUZZ_PROTOBUF_C_SRC),)
+FUZZ_PBC     = $(FZ)/protobuf-c.o
+FUZZ_PBC_LIB =
+else
+FUZZ_PBC     =
+FUZZ_PBC_LIB = $(shell pkg-config --libs libprotobuf-c)
+endif
+FUZZ_COMMON += $(FUZZ_PBC)
+# Per-target options.
+FUZZ_ARGS_frame  = -max_len=16384
+FUZZ_ARGS_record = -max_len=4096
+FUZZ_ARGS_config = -max_len=8192 -dict=tests/fuzz/config.dict
+
+$(FZ)/protocol/protoq.pb-c.c $(FZ)/protocol/protoq.pb-c.h &: protocol/protoq.proto
+	@test -n "$(FUZZ_CC)" || { echo "make fuzz needs clang: run .ci/deps.sh fuzz" >&2; exit 1; }
+	@mkdir -p $(FZ)/protocol
+	$(PROTOC_C) --proto_path=protocol --c_out=$(FZ)/protocol $<
+
+$(filter-out $(FZ)/protocol/protoq.pb-c.o,$(FUZZ_OBJS)): $(FZ)/protocol/protoq.pb-c.h
+
+$(FZ)/%.o: %.c
+	@mkdir -p $(@D)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -c -o $@ $<
+
+$(FZ)/protocol/protoq.pb-c.o: $(FZ)/protocol/protoq.pb-c.c
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -c -o $@ $<
+
+$(FZ)/protobuf-c.o: $(FUZZ_PROTOBUF_C_SRC)
+	@mkdir -p $(@D)
+	$(FUZZ_CC) -g -O1 $(FUZZ_SAN) -fsanitize=fuzzer-no-link -w -c -o $@ $<
+
+$(FZ)/fuzz_frame: $(FZ)/tests/fuzz/fuzz_frame.o $(FZ)/broker/body.o $(FUZZ_COMMON)
+$(FZ)/fuzz_record: $(FZ)/tests/fuzz/fuzz_record.o $(FZ)/broker/record.o $(FUZZ_COMMON)
+$(FZ)/fuzz_config: $(FZ)/tests/fuzz/fuzz_config.o $(FZ)/broker/config.o $(FUZZ_COMMON)
+$(FUZZ_BINS):
+	$(FUZZ_CC) $(FUZZ_SAN) -fsanitize=fuzzer -o $@ $^ $(FUZZ_PBC_LIB)
+
+define fuzz_run
+	@mkdir -p $(FZ)/corpus/$(1) $(FZ)/artifacts/$(1)
+	@echo "== fuzz_$(1): $(FUZZ_SECONDS) s"
+	./$(FZ)/fuzz_$(1) -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
+	    -print_final_stats=1 -artifact_prefix=$(FZ)/artifacts/$(1)/ \
+	    $(FUZZ_ARGS_$(1)) $(FZ)/corpus/$(1) tests/fuzz/corpus/$(1)
+endef
+
+fuzz-build: $(FUZZ_BINS)
+
+fuzz: $(FUZZ_BINS)
+	$(call fuzz_run,frame)
+	$(call fuzz_run,record)
+	$(call fuzz_run,config)
+
+# The seed corpora are committed; this rewrites them from the encoders.
+$(B)/tests/fuzz/gen_corpus: $(B)/tests/fuzz/gen_corpus.o $(B)/broker/record.o \
+                            $(B)/broker/config.o $(CORE_OBJS) $(PROTO_OBJS)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+fuzz-corpus: $(B)/tests/fuzz/gen_corpus
+	./$(B)/tests/fuzz/gen_corpus
+
 run: $(B)/protoqd $(B)/protoq
 	@mkdir -p var/protoq
 	./$(B)/protoqd -c conf/protoqd.conf
@@ -165,4 +252,4 @@ install: $(BINS) $(LIBA)
 clean:
 	rm -rf build
 
--include $(ALL_OBJS:.o=.d)
+-include $(ALL_OBJS:.o=.d) $(FUZZ_OBJS:.o=.d)

@@ -2,9 +2,14 @@
 # deps.sh: make sure the Debian packages protoq builds and tests with are
 # installed. As root it installs what is missing with apt-get; otherwise it
 # prints the exact command to run and exits 1.
+#   .ci/deps.sh        what `make` and `make test` need
+#   .ci/deps.sh fuzz   that, plus clang and libFuzzer for `make fuzz`
 set -eu
 
 PKGS="build-essential pkg-config libevent-dev libprotobuf-c-dev protobuf-c-compiler check"
+if [ "${1:-}" = fuzz ]; then
+    PKGS="$PKGS clang-14 libclang-rt-14-dev"
+fi
 
 missing=""
 for p in $PKGS; do

@@ -6,6 +6,7 @@
 #include "body.h"
 
 #include <assert.h>
+#include <stdbool.h>
 #include <string.h>
 
 #include "mem.h"
@@ -115,11 +116,133 @@ kv_inner_len(size_t klen, size_t vlen)
     return 1 + varint_len(klen) + (uint64_t)klen + 1 + varint_len(vlen) + (uint64_t)vlen;
 }
 
+/* ---- reading b's own fields, to drop the headers being replaced ---- */
+
+static bool
+get_varint(const uint8_t **pp, const uint8_t *end, uint64_t *v)
+{
+    const uint8_t *p = *pp;
+    uint64_t x = 0;
+
+    for (unsigned shift = 0; shift < 64 && p < end; shift += 7) {
+        x |= (uint64_t)(*p & 0x7f) << shift;
+        if ((*p++ & 0x80) == 0) {
+            *v = x;
+            *pp = p;
+            return true;
+        }
+    }
+    return false;
+}
+
+/* One field of an encoded message; for wire type 2, val/val_len is its
+ * content. Advances *pp past it; false when the bytes do not parse. */
+static bool
+next_field(const uint8_t **pp, const uint8_t *end, uint64_t *num,
+           const uint8_t **val, size_t *val_len)
+{
+    uint64_t key, n;
+
+    if (!get_varint(pp, end, &key)) {
+        return false;
+    }
+    *num = key >> 3;
+    *val = NULL;
+    *val_len = 0;
+    switch (key & 7) {
+    case 0:
+        return get_varint(pp, end, &n);
+    case 1:
+    case 5:
+        n = (key & 7) == 1 ? 8 : 4;
+        break;
+    case 2:
+        if (!get_varint(pp, end, &n)) {
+            return false;
+        }
+        *val = *pp;
+        *val_len = (size_t)n;
+        break;
+    default:
+        return false; /* groups: never written by protoq */
+    }
+    if (n > (uint64_t)(end - *pp)) {
+        return false;
+    }
+    *pp += n;
+    return true;
+}
+
+/* Is this field of a Message a header whose key is one of kv[0..n)? The
+ * key is KeyValue field 1 (the last one, as a decoder reads it). */
+static bool
+is_replaced(uint64_t num, const uint8_t *val, size_t len, const struct kv *kv,
+            size_t n)
+{
+    const uint8_t *p = val, *end, *key = NULL, *v;
+    size_t klen = 0, vlen;
+    uint64_t f;
+
+    if (num != 2 || val == NULL) {
+        return false;
+    }
+    end = val + len;
+    while (p < end) {
+        if (!next_field(&p, end, &f, &v, &vlen)) {
+            return false;
+        }
+        if (f == 1 && v != NULL) {
+            key = v;
+            klen = vlen;
+        }
+    }
+    for (size_t i = 0; i < n && key != NULL; i++) {
+        const char *k = kv[i].key != NULL ? kv[i].key : "";
+
+        if (strlen(k) == klen && memcmp(k, key, klen) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/*
+ * Copy the fields of b that are not headers with one of kv's keys into out
+ * (NULL: only count). Returns the bytes kept, or b->len when b does not
+ * parse (then everything is kept, and copied when out is given).
+ */
+static size_t
+keep_fields(const struct body *b, const struct kv *kv, size_t n, uint8_t *out)
+{
+    const uint8_t *p = b->data, *end = b->data + b->len;
+    size_t kept = 0;
+
+    while (p < end) {
+        const uint8_t *start = p, *val;
+        size_t len;
+        uint64_t num;
+
+        if (!next_field(&p, end, &num, &val, &len)) {
+            if (out != NULL) {
+                memcpy(out, b->data, b->len);
+            }
+            return b->len;
+        }
+        if (!is_replaced(num, val, len, kv, n)) {
+            if (out != NULL) {
+                memcpy(out + kept, start, (size_t)(p - start));
+            }
+            kept += (size_t)(p - start);
+        }
+    }
+    return kept;
+}
+
 /* body_with_headers: see body.h. Two passes: size, then encode. */
 struct body *
 body_with_headers(const struct body *b, const struct kv *kv, size_t n)
 {
-    uint64_t total = b != NULL ? b->len : 0;
+    uint64_t total = b != NULL ? keep_fields(b, kv, n, NULL) : 0;
     struct body *nb;
     uint8_t *p;
     size_t i;
@@ -142,8 +265,7 @@ body_with_headers(const struct body *b, const struct kv *kv, size_t n)
     nb->len = (uint32_t)total;
     p = nb->data;
     if (b != NULL && b->len > 0) {
-        memcpy(p, b->data, b->len);
-        p += b->len;
+        p += keep_fields(b, kv, n, p);
     }
     for (i = 0; i < n; i++) {
         const char *k = kv[i].key != NULL ? kv[i].key : "";

@@ -39,12 +39,16 @@ struct body *body_ref(struct body *b);
  * NULL. bp == NULL or *bp == NULL is a no-op. */
 void body_unref(struct body **bp);
 
-/* body_with_headers: a NEW body (refs = 1): b's bytes followed by n encoded
- * `headers` fields (field 2, KeyValue{key = 1, value = 2}). Protobuf parsers
- * append repeated fields that appear again, so the result decodes as b's
- * Message with the n headers added after its own. b == NULL is treated as
- * an empty Message. NULL key/value encode as "". NULL on ENOMEM or if the
- * result would exceed 4 GiB. b is not changed. */
+/* body_with_headers: a NEW body (refs = 1): b's fields, less its
+ * `headers` whose key is one of kv's keys, followed by n encoded `headers`
+ * fields (field 2, KeyValue{key = 1, value = 2}). Protobuf parsers append
+ * repeated fields that appear again, so the result decodes as b's Message
+ * with those n headers set (replaced, moved to the end): a message that is
+ * dead-lettered again and again keeps one set of x-death-* headers instead
+ * of growing past the frame limit. A b that does not parse as a protobuf
+ * message is kept whole. b == NULL is treated as an empty Message. NULL
+ * key/value encode as "". NULL on ENOMEM or if the result would exceed
+ * 4 GiB. b is not changed. */
 struct body *body_with_headers(const struct body *b, const struct kv *kv, size_t n);
 
 #endif

@@ -41,10 +41,11 @@
 
 enum {
     DELIVERIES_PER_PASS = 4096, /* per queue per pass, then yield */
-    MAX_TAGS = 32,              /* tags per consumer / requirements per msg */
-    MAX_TAG_BYTES = 256,        /* key or value */
-    MAX_HEADER_BYTES = 65536,   /* all headers of one message */
 };
+
+/* queue.c's name buffers hold the wire's longest name. */
+_Static_assert((int)QUEUE_NAME_MAX == (int)PQ_QUEUE_NAME_MAX,
+               "queue name limits differ");
 
 /* The longest duration a client may give (delays, TTLs, leases, backoff,
  * windows): ten years. Past it a request is refused, so that no deadline
@@ -1023,24 +1024,23 @@ copy_kvs(Protoq__KeyValue **in, size_t n, struct kv **out)
     return PQ_OK;
 }
 
+/* A subscription's tags: at most PQ_TAGS_MAX, keys 1..PQ_TAG_BYTES_MAX
+ * bytes, values up to PQ_TAG_BYTES_MAX. */
 static bool
-kvs_valid(Protoq__KeyValue **kv, size_t n, size_t max_n, size_t *bytes)
+tags_valid(Protoq__KeyValue **kv, size_t n)
 {
-    if (n > max_n) {
+    if (n > PQ_TAGS_MAX) {
         return false;
     }
     for (size_t i = 0; i < n; i++) {
         size_t kl = kv[i]->key ? strlen(kv[i]->key) : 0;
         size_t vl = kv[i]->value ? strlen(kv[i]->value) : 0;
 
-        if (kl == 0 || kl > MAX_TAG_BYTES || (bytes == NULL && vl > MAX_TAG_BYTES)) {
+        if (kl == 0 || kl > PQ_TAG_BYTES_MAX || vl > PQ_TAG_BYTES_MAX) {
             return false;
         }
-        if (bytes) {
-            *bytes += kl + vl;
-        }
     }
-    return bytes == NULL || *bytes <= MAX_HEADER_BYTES;
+    return true;
 }
 
 /*
@@ -1053,10 +1053,16 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
             struct pending *p, uint64_t wall_now)
 {
     struct server *srv = c->srv;
-    const Protoq__Message *m = pub->message;
-    size_t hdr_bytes = 0, len;
+    Protoq__Message *m = pub->message;
+    const struct frame_msg_limits lim = {
+        .max_message_bytes = srv->cfg.max_message_bytes,
+        .max_frame_bytes = srv->cfg.max_frame_bytes,
+    };
+    char why[256];
+    size_t len;
     uint64_t ttl, dup_id;
     struct queue *q;
+    int rc;
 
     memset(p, 0, sizeof(*p));
     if (pub->route && pub->route[0] != '\0') {
@@ -1072,10 +1078,9 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
         reply_err(c, rid, PQ_EINVAL, "publish %s: no message", pub->queue);
         return false;
     }
-    if (m->payload.len > srv->cfg.max_message_bytes) {
-        reply_err(c, rid, PQ_ETOOBIG,
-                  "publish %s: payload of %zu bytes is over max_message_bytes (%u)",
-                  pub->queue, m->payload.len, srv->cfg.max_message_bytes);
+    rc = frame_message_check(m, &lim, &len, why, sizeof(why));
+    if (rc != PQ_OK) {
+        reply_err(c, rid, rc, "publish %s: %s", pub->queue, why);
         return false;
     }
     if (m->delay_ms > DURATION_MAX_MS || m->ttl_ms > DURATION_MAX_MS ||
@@ -1086,27 +1091,9 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
                   "away", pub->queue);
         return false;
     }
-    if (m->priority > 9) {
-        reply_err(c, rid, PQ_EINVAL, "publish %s: priority %u is not 0-9",
-                  pub->queue, m->priority);
-        return false;
-    }
-    if (!kvs_valid(m->headers, m->n_headers, 1024, &hdr_bytes) ||
-        !kvs_valid(m->requires, m->n_requires, MAX_TAGS, NULL)) {
-        reply_err(c, rid, PQ_EINVAL,
-                  "publish %s: headers or requires out of bounds (empty key, "
-                  "over %d tags, or over %d bytes)",
-                  pub->queue, MAX_TAGS, MAX_HEADER_BYTES);
-        return false;
-    }
-    if (m->idempotency_key && strlen(m->idempotency_key) > 256) {
-        reply_err(c, rid, PQ_EINVAL,
-                  "publish %s: idempotency key over 256 bytes", pub->queue);
-        return false;
-    }
     p->q = q;
     if (m->idempotency_key && m->idempotency_key[0] != '\0') {
-        char ck[QUEUE_NAME_MAX + 260];
+        char ck[QUEUE_NAME_MAX + PQ_IDEMPOTENCY_KEY_MAX + 4];
         struct pend_key *pk;
 
         if (queue_dedup_find(q, m->idempotency_key, srv->now_mono_ms,
@@ -1138,9 +1125,8 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
         pk->id = srv->next_msg_id; /* assigned to this message below */
         p->pkey = pk;
     }
-    /* The stored body is the Message as received, re-encoded once,
-     * straight into the body. */
-    len = protoq__message__get_packed_size(m);
+    /* The stored body is the Message as received (unknown fields
+     * dropped), re-encoded once, straight into the body. */
     p->mn.body = body_alloc(len);
     if (p->mn.body != NULL) {
         protoq__message__pack(m, p->mn.body->data);
@@ -1278,7 +1264,7 @@ on_subscribe(struct conn *c, uint64_t rid, const Protoq__Subscribe *r)
     struct server *srv = c->srv;
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__SubscribeOk ok = PROTOQ__SUBSCRIBE_OK__INIT;
-    struct kv tags[MAX_TAGS];
+    struct kv tags[PQ_TAGS_MAX];
     struct queue *q = find_queue(c, rid, r->queue);
     struct sub *s;
     uint32_t prefetch = r->prefetch ? r->prefetch : 1;
@@ -1290,9 +1276,9 @@ on_subscribe(struct conn *c, uint64_t rid, const Protoq__Subscribe *r)
         reply_err(c, rid, PQ_EINVAL, "subscribe: over 1024 subscriptions");
         return;
     }
-    if (!kvs_valid(r->tags, r->n_tags, MAX_TAGS, NULL)) {
+    if (!tags_valid(r->tags, r->n_tags)) {
         reply_err(c, rid, PQ_EINVAL, "subscribe: over %d tags or a tag over %d bytes",
-                  MAX_TAGS, MAX_TAG_BYTES);
+                  PQ_TAGS_MAX, PQ_TAG_BYTES_MAX);
         return;
     }
     if (prefetch > 100000) {
@@ -1538,8 +1524,9 @@ on_nack(struct conn *c, uint64_t rid, const Protoq__Nack *r)
     struct mark before;
     int rc;
 
-    if (r->error && strlen(r->error) > 1024) {
-        reply_err(c, rid, PQ_EINVAL, "nack: error text over 1024 bytes");
+    if (r->error && strlen(r->error) > PQ_NACK_ERROR_MAX) {
+        reply_err(c, rid, PQ_EINVAL, "nack: error text over %d bytes",
+                  PQ_NACK_ERROR_MAX);
         return;
     }
     if (r->delay_ms > DURATION_MAX_MS) {
@@ -1561,20 +1548,21 @@ on_nack(struct conn *c, uint64_t rid, const Protoq__Nack *r)
     }
 }
 
-/* Encode a Progress for keeping with the job; NULL when none given. */
+/* Encode a Progress for keeping with the job (unknown fields dropped);
+ * NULL when none given. */
 static int
-progress_body(const Protoq__Progress *p, struct body **out)
+progress_body(Protoq__Progress *p, struct body **out)
 {
-    enum { PROGRESS_MAX = 2048 };
     size_t len;
+    int rc;
 
     *out = NULL;
     if (p == NULL) {
         return PQ_OK;
     }
-    len = protoq__progress__get_packed_size(p);
-    if (len > PROGRESS_MAX || p->percent > 100) {
-        return PQ_EINVAL;
+    rc = frame_progress_check(p, &len);
+    if (rc != PQ_OK) {
+        return rc;
     }
     *out = body_alloc(len);
     if (*out == NULL) {

@@ -8,6 +8,8 @@
 #include "frame.h"
 #include "pqerr.h"
 
+#include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -216,9 +218,8 @@ put_len_field(uint8_t *p, unsigned field, const void *data, size_t len)
 
 /* Size of the Deliver message body (without its own key and length). */
 static size_t
-deliver_body_size(const struct frame_deliver *d, size_t msg_len)
+deliver_body_size(const struct frame_deliver *d, size_t qlen, size_t msg_len)
 {
-    size_t qlen = d->queue ? strlen(d->queue) : 0;
     size_t n = 0;
 
     n += varint_field_size(1, d->subscription_id);
@@ -236,17 +237,19 @@ size_t
 frame_deliver_size(const struct frame_deliver *d, size_t msg_len)
 {
     /* Frame field 34 (deliver); request_id 0 is omitted. */
+    size_t qlen = d->queue ? strlen(d->queue) : 0;
+
     return FRAME_HEADER_LEN +
            len_field_size(PROTOQ__FRAME__KIND_DELIVER,
-                          deliver_body_size(d, msg_len));
+                          deliver_body_size(d, qlen, msg_len));
 }
 
 size_t
 frame_deliver_encode(const struct frame_deliver *d, const uint8_t *msg,
                      size_t msg_len, uint8_t *out)
 {
-    size_t body = deliver_body_size(d, msg_len);
     size_t qlen = d->queue ? strlen(d->queue) : 0;
+    size_t body = deliver_body_size(d, qlen, msg_len);
     uint8_t *p = out + FRAME_HEADER_LEN;
     size_t total;
 
@@ -270,4 +273,166 @@ frame_deliver_encode(const struct frame_deliver *d, const uint8_t *msg,
     out[2] = (uint8_t)((total - FRAME_HEADER_LEN) >> 8);
     out[3] = (uint8_t)(total - FRAME_HEADER_LEN);
     return total;
+}
+
+/* ---- what the broker stores must decode again and fit in a Deliver ---- */
+
+/* A Message.headers field (KeyValue with both strings written, as
+ * body_with_headers writes them). */
+static size_t
+kv_field_size(size_t klen, size_t vlen)
+{
+    return len_field_size(2, len_field_size(1, klen) + len_field_size(2, vlen));
+}
+
+/*
+ * The headers one dead-lettering appends (queue.c: x-death-reason,
+ * x-death-attempts, x-death-queue, and x-death-error when the last attempt
+ * left one). Every key is counted as 16 bytes, the longest of the four.
+ */
+static size_t
+dead_letter_growth_max(void)
+{
+    enum { KEY = 16, ATTEMPTS_DIGITS = 10 };
+
+    return kv_field_size(KEY, PQ_DEAD_LETTER_REASON_MAX) +
+           kv_field_size(KEY, ATTEMPTS_DIGITS) +
+           kv_field_size(KEY, PQ_QUEUE_NAME_MAX) +
+           kv_field_size(KEY, PQ_NACK_ERROR_MAX);
+}
+
+size_t
+frame_deliver_max_size(size_t msg_len)
+{
+    static const uint8_t some_progress[1];
+    const struct frame_deliver widest = {
+        .subscription_id = UINT64_MAX,
+        .message_id = UINT64_MAX,
+        .attempt = UINT32_MAX,
+        .lease_ms = UINT64_MAX,
+        .published_at_ms = UINT64_MAX,
+        .progress = some_progress,
+        .progress_len = PQ_PROGRESS_MAX,
+    };
+    size_t body = deliver_body_size(&widest, PQ_QUEUE_NAME_MAX,
+                                    msg_len + dead_letter_growth_max());
+
+    return FRAME_HEADER_LEN + len_field_size(PROTOQ__FRAME__KIND_DELIVER, body);
+}
+
+/*
+ * Free the unknown fields protobuf-c kept for m. They were allocated by
+ * frame_unpack's allocator, so they go back through plain_free.
+ */
+static void
+drop_unknown(ProtobufCMessage *m)
+{
+    for (unsigned i = 0; i < m->n_unknown_fields; i++) {
+        plain_free(NULL, m->unknown_fields[i].data);
+    }
+    plain_free(NULL, m->unknown_fields);
+    m->unknown_fields = NULL;
+    m->n_unknown_fields = 0;
+}
+
+static size_t
+str_len(const char *s)
+{
+    return s != NULL ? strlen(s) : 0;
+}
+
+/*
+ * Drop the unknown fields of kv[0..n) and check them: n <= max_n, keys
+ * 1..PQ_TAG_BYTES_MAX bytes; values at most value_max bytes each and
+ * total_max bytes of keys and values in all.
+ */
+static bool
+kvs_fit(Protoq__KeyValue **kv, size_t n, size_t max_n, size_t value_max,
+        size_t total_max)
+{
+    size_t total = 0;
+
+    if (n > max_n) {
+        return false;
+    }
+    for (size_t i = 0; i < n; i++) {
+        size_t kl = str_len(kv[i]->key), vl = str_len(kv[i]->value);
+
+        drop_unknown(&kv[i]->base);
+        if (kl == 0 || kl > PQ_TAG_BYTES_MAX || vl > value_max) {
+            return false;
+        }
+        total += kl + vl;
+    }
+    return total <= total_max;
+}
+
+int
+frame_message_check(Protoq__Message *m, const struct frame_msg_limits *lim,
+                    size_t *packed_len, char *why, size_t whylen)
+{
+    size_t len, deliver;
+
+    *packed_len = 0;
+    drop_unknown(&m->base);
+    if (m->payload.len > lim->max_message_bytes) {
+        snprintf(why, whylen, "payload of %zu bytes is over max_message_bytes (%u)",
+                 m->payload.len, lim->max_message_bytes);
+        return PQ_ETOOBIG;
+    }
+    if (m->priority > PQ_PRIORITY_MAX) {
+        snprintf(why, whylen, "priority %u is not 0-%d", m->priority,
+                 PQ_PRIORITY_MAX);
+        return PQ_EINVAL;
+    }
+    if (!kvs_fit(m->headers, m->n_headers, PQ_HEADERS_MAX,
+                 PQ_HEADER_BYTES_MAX, PQ_HEADER_BYTES_MAX) ||
+        !kvs_fit(m->requires, m->n_requires, PQ_TAGS_MAX, PQ_TAG_BYTES_MAX,
+                 SIZE_MAX)) {
+        snprintf(why, whylen,
+                 "headers or requires out of bounds (empty key, key over %d "
+                 "bytes, over %d headers or %d bytes of headers, over %d "
+                 "requires or a value over %d bytes)",
+                 PQ_TAG_BYTES_MAX, PQ_HEADERS_MAX, PQ_HEADER_BYTES_MAX,
+                 PQ_TAGS_MAX, PQ_TAG_BYTES_MAX);
+        return PQ_EINVAL;
+    }
+    if (str_len(m->idempotency_key) > PQ_IDEMPOTENCY_KEY_MAX ||
+        str_len(m->correlation_id) > PQ_CORRELATION_ID_MAX ||
+        str_len(m->reply_to) > PQ_REPLY_TO_MAX) {
+        snprintf(why, whylen,
+                 "idempotency_key, correlation_id or reply_to too long "
+                 "(limits %d, %d and %d bytes)",
+                 PQ_IDEMPOTENCY_KEY_MAX, PQ_CORRELATION_ID_MAX, PQ_REPLY_TO_MAX);
+        return PQ_EINVAL;
+    }
+    len = protoq__message__get_packed_size(m);
+    deliver = frame_deliver_max_size(len) - FRAME_HEADER_LEN;
+    if (deliver > lim->max_frame_bytes) {
+        snprintf(why, whylen,
+                 "message of %zu bytes: its delivery could take %zu bytes, "
+                 "over max_frame_bytes (%u)",
+                 len, deliver, lim->max_frame_bytes);
+        return PQ_ETOOBIG;
+    }
+    *packed_len = len;
+    return PQ_OK;
+}
+
+int
+frame_progress_check(Protoq__Progress *p, size_t *packed_len)
+{
+    size_t len;
+
+    *packed_len = 0;
+    drop_unknown(&p->base);
+    if (p->percent > 100) {
+        return PQ_EINVAL;
+    }
+    len = protoq__progress__get_packed_size(p);
+    if (len > PQ_PROGRESS_MAX) {
+        return PQ_EINVAL;
+    }
+    *packed_len = len;
+    return PQ_OK;
 }

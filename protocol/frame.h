@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "pqlimits.h"
 #include "protoq.pb-c.h"
 
 enum {
@@ -74,6 +75,44 @@ struct frame_deliver {
 size_t frame_deliver_size(const struct frame_deliver *d, size_t msg_len);
 size_t frame_deliver_encode(const struct frame_deliver *d, const uint8_t *msg,
                             size_t msg_len, uint8_t *out);
+
+/*
+ * frame_deliver_max_size: the largest Deliver frame (prefix included) the
+ * broker may ever send for a stored Message of msg_len bytes: every varint
+ * at its widest, a queue name of PQ_QUEUE_NAME_MAX bytes, PQ_PROGRESS_MAX
+ * bytes of progress, and the x-death-* headers that one dead-lettering adds
+ * to the message.
+ */
+size_t frame_deliver_max_size(size_t msg_len);
+
+/* The limits of frame_message_check that come from the config. */
+struct frame_msg_limits {
+    uint32_t max_message_bytes;   /* payload */
+    uint32_t max_frame_bytes;     /* largest frame a peer takes, no prefix */
+};
+
+/*
+ * frame_message_check: make m (from frame_unpack) fit to be stored and
+ * delivered. Drops the unknown fields of m and of its headers and
+ * requires: protobuf-c would re-encode them in canonical form, which is not
+ * always a form it decodes again (a field 0 whose key was sent as 81 00).
+ * Then checks every field against pqlimits.h and lim, and that
+ * frame_deliver_max_size() of its encoding fits in lim->max_frame_bytes.
+ * Returns PQ_OK with *packed_len = the size protoq__message__pack will
+ * write; PQ_EINVAL (a field out of bounds) or PQ_ETOOBIG (payload over
+ * max_message_bytes, or the Deliver over max_frame_bytes) with the reason
+ * in why (a phrase without the queue name).
+ */
+int frame_message_check(Protoq__Message *m, const struct frame_msg_limits *lim,
+                        size_t *packed_len, char *why, size_t whylen);
+
+/*
+ * frame_progress_check: the same for a Progress (from frame_unpack) that is
+ * kept with a job and sent in its next Deliver: unknown fields dropped,
+ * percent 0..100, encoding at most PQ_PROGRESS_MAX bytes. PQ_OK with
+ * *packed_len, or PQ_EINVAL.
+ */
+int frame_progress_check(Protoq__Progress *p, size_t *packed_len);
 
 /* ---- protobuf primitives, for splicing known-good encodings ---- */
 

@@ -544,6 +544,28 @@ START_TEST(test_body_with_headers_decodes_with_old_and_new_headers)
     protoq__message__free_unpacked(msg, NULL);
     body_unref(&nb);
 
+    /* A header of the same name is replaced, the others stay in order. */
+    add[0] = (struct kv){ "a", "2" };
+    nb = body_with_headers(b, add, 1);
+    ck_assert_ptr_nonnull(nb);
+    msg = protoq__message__unpack(NULL, nb->len, nb->data);
+    ck_assert_ptr_nonnull(msg);
+    ck_assert_uint_eq(msg->n_headers, 1);
+    ck_assert_str_eq(msg->headers[0]->value, "2");
+    ck_assert_mem_eq(msg->payload.data, "payload!", 8);
+    protoq__message__free_unpacked(msg, NULL);
+    body_unref(&nb);
+    body_unref(&b);
+
+    /* Bytes that do not parse (a varint that never ends) are kept whole. */
+    b = body_new("\xff\xff", 2);
+    ck_assert_ptr_nonnull(b);
+    nb = body_with_headers(b, add, 1);
+    ck_assert_ptr_nonnull(nb);
+    ck_assert_uint_eq(nb->len, 2 + 1 + 1 + 3 + 3);
+    ck_assert_mem_eq(nb->data, "\xff\xff", 2);
+    body_unref(&nb);
+
     nb = body_with_headers(NULL, add, 1); /* NULL body = empty Message */
     ck_assert_ptr_nonnull(nb);
     msg = protoq__message__unpack(NULL, nb->len, nb->data);
@@ -1160,6 +1182,66 @@ START_TEST(test_nack_dead_letter_flag_goes_straight_to_dlq)
     ck_assert_ptr_null(header_of(qset_msg(qs, 1)->body, "x-death-error", buf, sizeof(buf)));
     queue_unsubscribe(&c, now);
     queue_consumer_fini(&c);
+}
+END_TEST
+
+/* Issue 8: a message bounced between dead-letter queues kept gaining a set
+ * of x-death-* headers (1.3 KiB with a long nack error) per hop, until its
+ * Deliver was over max_frame_bytes and no consumer could take it. Each hop
+ * now replaces the set. */
+START_TEST(test_dead_letter_again_and_again_keeps_one_set_of_death_headers)
+{
+    struct queue_attrs a;
+    struct queue *ping, *pong;
+    struct consumer c1, c2;
+    struct nack_opts o;
+    char err[1025], buf[64];
+    uint32_t first_len = 0;
+    Protoq__Message *msg;
+    size_t n_reason = 0;
+
+    memset(&a, 0, sizeof(a));
+    strcpy(a.dead_letter, "pong");
+    ping = mkq("ping", &a);
+    strcpy(a.dead_letter, "ping");
+    pong = mkq("pong", &a);
+    queue_consumer_init(&c1, 1, NULL, 1);
+    queue_consumer_init(&c2, 2, NULL, 1);
+    ck_assert_pq_ok(queue_subscribe(ping, &c1));
+    ck_assert_pq_ok(queue_subscribe(pong, &c2));
+    push(ping, 1, 0);
+    memset(err, 'e', sizeof(err) - 1);
+    err[sizeof(err) - 1] = '\0';
+    memset(&o, 0, sizeof(o));
+    o.dead_letter = true;
+    o.error = err;
+    for (int hop = 0; hop < 100; hop++) {
+        struct queue *from = hop % 2 == 0 ? ping : pong;
+
+        ck_assert_uint_eq(next_id(from, NULL), 1);
+        ck_assert_pq_ok(qset_nack(qs, 1, 1, &o, now));
+        ck_assert_ptr_eq(qset_msg(qs, 1)->q, hop % 2 == 0 ? pong : ping);
+        if (hop == 0) {
+            first_len = qset_msg(qs, 1)->body->len;
+        }
+        ck_assert_uint_eq(qset_msg(qs, 1)->body->len, first_len);
+    }
+    ck_assert_str_eq(header_of(qset_msg(qs, 1)->body, "x-death-queue", buf,
+                               sizeof(buf)), "pong");
+    ck_assert_str_eq(header_of(qset_msg(qs, 1)->body, "origin", buf,
+                               sizeof(buf)), "test");
+    msg = protoq__message__unpack(NULL, qset_msg(qs, 1)->body->len,
+                                  qset_msg(qs, 1)->body->data);
+    ck_assert_ptr_nonnull(msg);
+    for (size_t i = 0; i < msg->n_headers; i++) {
+        n_reason += strcmp(msg->headers[i]->key, "x-death-reason") == 0;
+    }
+    ck_assert_uint_eq(n_reason, 1);
+    protoq__message__free_unpacked(msg, NULL);
+    queue_unsubscribe(&c1, now);
+    queue_unsubscribe(&c2, now);
+    queue_consumer_fini(&c1);
+    queue_consumer_fini(&c2);
 }
 END_TEST
 
@@ -2166,6 +2248,7 @@ queue_suite(void)
         test_backoff_doubles_to_cap_with_jitter_in_half_to_full,
         test_max_attempts_dead_letters_with_death_headers,
         test_nack_dead_letter_flag_goes_straight_to_dlq,
+        test_dead_letter_again_and_again_keeps_one_set_of_death_headers,
         test_without_dlq_message_is_dropped_and_counted);
     ADD2(s, "delay_ttl", 5, test_delayed_message_invisible_until_due,
         test_expired_message_is_never_delivered, test_expired_goes_to_dlq_when_configured,
