@@ -13,6 +13,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "clock.h"
 #include "config.h"
 #include "hmap.h"
 
@@ -81,9 +82,6 @@ struct server {
     struct server_stats stats;
 };
 
-/* clock_mono_ms / clock_wall_ms: CLOCK_MONOTONIC and CLOCK_REALTIME in ms. */
-uint64_t clock_mono_ms(void);
-uint64_t clock_wall_ms(void);
 
 /*
  * server_init: open the store (replaying the log into the queue set), bind

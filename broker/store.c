@@ -29,6 +29,7 @@
  * [thread] fields belong to one thread.
  */
 #include "store.h"
+#include "clock.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -252,24 +253,6 @@ wr64(uint8_t *p, uint64_t v)
 {
     wr32(p, (uint32_t)v);
     wr32(p + 4, (uint32_t)(v >> 32));
-}
-
-static uint64_t
-now_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
-static uint64_t
-now_ns(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
 static void
@@ -1239,10 +1222,10 @@ post_completion(struct store *st, struct batch *b)
 static int
 sync_fd(struct store *st, int fd)
 {
-    uint64_t t0 = now_ns(), dt;
+    uint64_t t0 = clock_mono_ns(), dt;
     int rc = io->fdatasync(fd);
 
-    dt = now_ns() - t0;
+    dt = clock_mono_ns() - t0;
     pthread_mutex_lock(&st->mu);
     st->stats.fsyncs++;
     st->stats.fsync_ns_total += dt;
@@ -1250,7 +1233,7 @@ sync_fd(struct store *st, int fd)
         st->stats.fsync_ns_max = dt;
     }
     pthread_mutex_unlock(&st->mu);
-    st->last_sync_ms = now_ms();
+    st->last_sync_ms = clock_mono_ms();
     if (rc == 0) {
         st->dirty = false;
     }
@@ -1378,7 +1361,7 @@ write_round(struct store *st, struct batch *list)
          * synced with the next round someone waits on, or within
          * fsync_interval_ms. */
         if (st->def_head == NULL) {
-            st->deferred_due_ms = now_ms() + st->cfg.fsync_interval_ms;
+            st->deferred_due_ms = clock_mono_ms() + st->cfg.fsync_interval_ms;
         }
         for (b = list; b != NULL; b = next) {
             next = b->next;
@@ -1398,7 +1381,7 @@ write_round(struct store *st, struct batch *list)
             sync_now = true;
             break;
         case FSYNC_INTERVAL:
-            sync_now = now_ms() - st->last_sync_ms >= st->cfg.fsync_interval_ms;
+            sync_now = clock_mono_ms() - st->last_sync_ms >= st->cfg.fsync_interval_ms;
             break;
         case FSYNC_NEVER:
             break;
@@ -1474,7 +1457,7 @@ make_spare(struct store *st, uint32_t seq, uint64_t want)
         st->fatal = PQ_EIO;
     } else {
         st->spare = SPARE_FAILED;
-        st->spare_retry_ms = now_ms() + SPARE_RETRY_MS;
+        st->spare_retry_ms = clock_mono_ms() + SPARE_RETRY_MS;
     }
     pthread_cond_broadcast(&st->spare_cv);
     pthread_mutex_unlock(&st->mu);
@@ -1556,7 +1539,7 @@ thread_main(void *arg)
 
     pthread_mutex_lock(&st->mu);
     for (;;) {
-        uint64_t now = now_ms(), wait_ms = 0;
+        uint64_t now = clock_mono_ms(), wait_ms = 0;
         bool interval_due;
 
         if (st->q_head != NULL) {
@@ -2366,7 +2349,7 @@ store_open(const struct store_config *c, store_replay_fn fn, void *arg,
     sc = (struct scan){0};
     st->w_seg = st->cur_seg;
     st->w_off = st->cur_off;
-    st->last_sync_ms = now_ms();
+    st->last_sync_ms = clock_mono_ms();
     st->want_room = st->reserved * STORE_ACK_RESERVE;
     st->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (st->efd < 0) {

@@ -18,6 +18,7 @@
  * queue, then deletes it).
  */
 #include "protoq.h"
+#include "clock.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -106,10 +107,7 @@ struct bench {
 static int64_t
 mono_ns(void)
 {
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    return (int64_t)clock_mono_ns();
 }
 
 static void

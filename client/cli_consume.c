@@ -3,6 +3,7 @@
  * only after their output reached stdout.
  */
 #include "cli.h"
+#include "clock.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -445,8 +446,7 @@ cmd_consume(struct cli *cli, int argc, char **argv)
     }
     idle_deadline = (st.count > 0 && !wait_set) ? -1 : 0;
     for (;;) {
-        struct timespec ts;
-        int64_t now;
+        int64_t now = (int64_t)clock_mono_ms();
         int timeout = -1;
 
         /* Deliveries can arrive inside any call on the handle (protoq_flow
@@ -462,8 +462,6 @@ cmd_consume(struct cli *cli, int argc, char **argv)
                 break;
             }
         }
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        now = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
         if (idle_deadline == 0) {
             idle_deadline = now + (int64_t)wait_ms;
         }

@@ -32,6 +32,7 @@
  * process group the same way, so no job outlives its supervisor.
  */
 #include "cli.h"
+#include "clock.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -134,10 +135,7 @@ on_child_signal(int sig)
 static int64_t
 mono_ms(void)
 {
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return (int64_t)clock_mono_ms();
 }
 
 static void

@@ -38,6 +38,7 @@
  * every outstanding request, and is sticky.
  */
 #include "client_int.h"
+#include "clock.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -57,10 +58,7 @@
 static int64_t
 now_ms(void)
 {
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return (int64_t)clock_mono_ms();
 }
 
 /* Remaining ms until deadline (-1 = none), never below 0. */

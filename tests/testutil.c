@@ -6,6 +6,7 @@
  * test even with CK_FORK=no.
  */
 #include "testutil.h"
+#include "clock.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -35,10 +36,7 @@ enum {
 int64_t
 now_ms_mono(void)
 {
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return (int64_t)clock_mono_ms();
 }
 
 static void

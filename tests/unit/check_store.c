@@ -29,6 +29,7 @@
 #include "pqerr.h"
 #include "record.h"
 #include "store.h"
+#include "clock.h"
 
 #define ck_assert_pq_ok(expr) do {                                    \
         int rc_ = (expr);                                             \
@@ -73,14 +74,6 @@ teardown_tmpdir(void)
 
 /* ---- helpers ---- */
 
-static uint64_t
-mono_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
 
 static struct store_config
 cfg(enum fsync_policy pol, uint64_t seg_bytes)
@@ -176,12 +169,12 @@ on_done(void *arg, uint64_t upto, int status)
 static bool
 reap_until(struct store *st, struct dones *d, uint64_t upto, int timeout_ms)
 {
-    uint64_t deadline = mono_ms() + (uint64_t)timeout_ms;
+    uint64_t deadline = clock_mono_ms() + (uint64_t)timeout_ms;
     struct pollfd pfd = {.fd = store_event_fd(st), .events = POLLIN};
 
     store_submit(st);
     while (d->n == 0 || d->upto[(d->n - 1) % 4096] < upto) {
-        uint64_t now = mono_ms();
+        uint64_t now = clock_mono_ms();
         if (now >= deadline) {
             return false;
         }
@@ -681,10 +674,10 @@ static void
 wait_spare(uint32_t seq)
 {
     char p[PATH_MAX + 32];
-    uint64_t until = mono_ms() + 5000;
+    uint64_t until = clock_mono_ms() + 5000;
 
     seg_file(p, sizeof(p), seq);
-    while (!file_exists(p) && mono_ms() < until) {
+    while (!file_exists(p) && clock_mono_ms() < until) {
         struct timespec ts = {0, 2 * 1000000L};
         nanosleep(&ts, NULL);
     }
@@ -805,8 +798,8 @@ START_TEST(test_fsync_policy_always_never_interval)
     before = fx_syncs();
     append_n(st, NULL, 10, 8, 10);
     ck_assert(reap_until(st, &d, 11, 5000));
-    deadline = mono_ms() + 5000;
-    while (fx_syncs() == before && mono_ms() < deadline) {
+    deadline = clock_mono_ms() + 5000;
+    while (fx_syncs() == before && clock_mono_ms() < deadline) {
         struct timespec ts = {0, 5 * 1000000L};
         nanosleep(&ts, NULL);     /* polling for the timer, bounded */
     }
@@ -953,8 +946,8 @@ START_TEST(test_segment_deleted_when_refs_reach_zero_oldest_first)
     ck_assert(reap_until(st, &d, store_last_lsn(st), 5000));
     /* deletion is done by the thread: poll for it, bounded */
     {
-        uint64_t deadline = mono_ms() + 5000;
-        while ((file_exists(p1) || file_exists(p2)) && mono_ms() < deadline) {
+        uint64_t deadline = clock_mono_ms() + 5000;
+        while ((file_exists(p1) || file_exists(p2)) && clock_mono_ms() < deadline) {
             struct timespec ts = {0, 2 * 1000000L};
             nanosleep(&ts, NULL);
         }
@@ -1291,14 +1284,14 @@ START_TEST(test_disk_full_refuses_publish_but_acks_use_reserve)
     ck_assert_uint_eq(d.ok_upto, store_last_lsn(st));
     /* space returns: publishes are accepted again by themselves */
     fx_set(&fx.fallocate_enospc, false);
-    deadline = mono_ms() + 5000;
+    deadline = clock_mono_ms() + 5000;
     do {
         rc = store_append(st, REC_PUBLISH, body, sizeof(body), NULL, NULL);
         if (rc == PQ_ENOSPC) {
             struct timespec ts = {0, 5 * 1000000L};
             nanosleep(&ts, NULL);
         }
-    } while (rc == PQ_ENOSPC && mono_ms() < deadline);
+    } while (rc == PQ_ENOSPC && clock_mono_ms() < deadline);
     ck_assert_pq_ok(rc);
     ck_assert(reap_until(st, &d, store_last_lsn(st), 5000));
     ck_assert_pq_ok(store_status(st));
