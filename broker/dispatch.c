@@ -1795,7 +1795,7 @@ on_qevent(void *arg, const struct qevent *ev)
     }
     if (ev->type == QEV_DROP && ev->detail) {
         log_warn("queue %s: message %llu dropped (%s): %s", queue_name(ev->q),
-                 (unsigned long long)ev->m->id, ev->reason, ev->detail);
+                 (unsigned long long)ev->m->id, qreason_name(ev->reason), ev->detail);
     }
     journal_qevent(srv, ev);
     if (ev->type == QEV_REQUEUE || ev->type == QEV_DEAD_LETTER) {

@@ -45,12 +45,15 @@
 #include "log.h"
 #include "mem.h"
 #include "pqerr.h"
+#include "pqlimits.h"
 #include "queue.h"
 #include "record.h"
 #include "server.h"
 #include "store.h"
 
 enum { COMPACT_MSGS_PER_CALL = 20000 };
+/* Room for one requirement key or value and its NUL. */
+enum { KEY_CAP = PQ_TAG_BYTES_MAX + 1 };
 
 struct journal {
     struct store *st;
@@ -512,7 +515,7 @@ journal_publish(struct server *srv, struct pending *items, uint32_t n,
                 uint64_t *lsn)
 {
     struct journal *j = srv->journal;
-    struct rec_kv req[32];
+    struct rec_kv req[PQ_TAGS_MAX];
     uint64_t bytes = 0;
     uint32_t count = 0;
     int rc;
@@ -613,7 +616,7 @@ static int
 republish(struct journal *j, struct msg *m, struct store_loc *loc)
 {
     struct server *srv = j->srv;
-    struct rec_kv req[32];
+    struct rec_kv req[PQ_TAGS_MAX];
     size_t n_req = 0;
     const struct kv *kv = msg_requires(m, &n_req);
     struct body *prog = msg_progress(m);
@@ -720,7 +723,7 @@ journal_qevent(struct server *srv, const struct qevent *ev)
         rc = append(j, &r, NULL, &loc);
         if (rc == PQ_OK) {
             move_state(j, m, loc.seg);
-            if (ev->reason && strcmp(ev->reason, "release") == 0) {
+            if (ev->reason == QR_RELEASE) {
                 write_progress(j, m);
             }
         }
@@ -740,7 +743,7 @@ journal_qevent(struct server *srv, const struct qevent *ev)
         if (!msg_is_cancelled(m)) {
             r.type = REC_DROP;
             r.u.drop.id = m->id;
-            r.u.drop.reason = rstr(ev->reason);
+            r.u.drop.reason = rstr(qreason_name(ev->reason));
             rc = append(j, &r, NULL, NULL);
         }
         unref_msg(j, m);
@@ -767,7 +770,7 @@ journal_qevent(struct server *srv, const struct qevent *ev)
             r.type = REC_DEAD_LETTER;
             r.u.dead_letter.id = m->id;
             r.u.dead_letter.target = rstr(queue_name(ev->q));
-            r.u.dead_letter.reason = rstr(ev->reason);
+            r.u.dead_letter.reason = rstr(qreason_name(ev->reason));
             r.u.dead_letter.body.ptr = m->body ? m->body->data : NULL;
             r.u.dead_letter.body.len = m->body ? m->body->len : 0;
             rc = append(j, &r, NULL, &loc);
@@ -819,7 +822,7 @@ journal_cancel(struct server *srv, struct msg *m)
     struct record r = {.type = REC_DROP};
 
     r.u.drop.id = m->id;
-    r.u.drop.reason = rstr("cancelled");
+    r.u.drop.reason = rstr(qreason_name(QR_CANCELLED));
     return append(srv->journal, &r, NULL, NULL);
 }
 
@@ -1020,9 +1023,9 @@ replay_publish(struct journal *j, const struct rec_publish *p,
                const struct store_loc *loc)
 {
     struct queue *q = replay_queue(j, p->queue);
-    struct kv req[32];
-    char keys[32][2][257];
-    char idem[257];
+    struct kv req[PQ_TAGS_MAX];
+    char keys[PQ_TAGS_MAX][2][PQ_TAG_BYTES_MAX + 1];
+    char idem[PQ_IDEMPOTENCY_KEY_MAX + 1];
     struct msg_new mn = {0};
     struct rec_kv kv;
     struct msg v;
@@ -1039,7 +1042,8 @@ replay_publish(struct journal *j, const struct rec_publish *p,
         replay_remove(j, p->id); /* compaction moved it: the newest wins */
     }
     while (record_publish_next_require(p, &cursor, &kv)) {
-        if (n >= 32 || kv.key.len > 256 || kv.value.len > 256) {
+        if (n >= PQ_TAGS_MAX || kv.key.len > PQ_TAG_BYTES_MAX ||
+            kv.value.len > PQ_TAG_BYTES_MAX) {
             return PQ_ECORRUPT;
         }
         memcpy(keys[n][0], kv.key.ptr, kv.key.len);
@@ -1050,7 +1054,7 @@ replay_publish(struct journal *j, const struct rec_publish *p,
         req[n].value = keys[n][1];
         n++;
     }
-    if (p->idem_key.len > 256) {
+    if (p->idem_key.len > PQ_IDEMPOTENCY_KEY_MAX) {
         return PQ_ECORRUPT;
     }
     memcpy(idem, p->idem_key.ptr, p->idem_key.len);
@@ -1101,7 +1105,7 @@ replay_reset(struct journal *j, const struct msg *m, struct queue *to,
              uint64_t due_ms, const struct store_loc *loc, bool new_pub)
 {
     uint32_t seg = loc->seg;
-    struct kv req[32];
+    struct kv req[PQ_TAGS_MAX];
     size_t n_req = 0;
     const struct kv *kv = msg_requires(m, &n_req);
     char *keys = NULL;
@@ -1109,19 +1113,19 @@ replay_reset(struct journal *j, const struct msg *m, struct queue *to,
     struct msg_new mn = {0};
     int rc = PQ_ENOMEM;
 
-    if (n_req > 32) {
+    if (n_req > PQ_TAGS_MAX) {
         return PQ_ECORRUPT;
     }
     /* Copy what the old message owns before it goes. */
-    keys = pq_calloc(n_req ? n_req : 1, 2 * 257);
+    keys = pq_calloc(n_req ? n_req : 1, 2 * KEY_CAP);
     if (keys == NULL) {
         goto out;
     }
     for (size_t i = 0; i < n_req; i++) {
-        snprintf(keys + i * 514, 257, "%s", kv[i].key);
-        snprintf(keys + i * 514 + 257, 257, "%s", kv[i].value);
-        req[i].key = keys + i * 514;
-        req[i].value = keys + i * 514 + 257;
+        snprintf(keys + i * 2 * KEY_CAP, KEY_CAP, "%s", kv[i].key);
+        snprintf(keys + i * 2 * KEY_CAP + KEY_CAP, KEY_CAP, "%s", kv[i].value);
+        req[i].key = keys + i * 2 * KEY_CAP;
+        req[i].value = keys + i * 2 * KEY_CAP + KEY_CAP;
     }
     if (msg_idem_key(m) && (idem = pq_strdup(msg_idem_key(m))) == NULL) {
         goto out;

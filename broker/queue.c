@@ -181,9 +181,26 @@ struct qset {
     void *listener_arg;
 };
 
-static void dead_letter(struct msg *m, uint64_t now_ms, const char *reason);
+static void dead_letter(struct msg *m, uint64_t now_ms, enum qreason reason);
 
 /* ---- small helpers ---- */
+
+const char *
+qreason_name(enum qreason r)
+{
+    static const char *const names[] = {
+        [QR_NONE] = "",
+        [QR_NACK] = "nack",
+        [QR_LEASE] = "lease",
+        [QR_UNSUBSCRIBE] = "unsubscribe",
+        [QR_RELEASE] = "release",
+        [QR_MAX_ATTEMPTS] = "max_attempts",
+        [QR_EXPIRED] = "expired",
+        [QR_CANCELLED] = "cancelled",
+    };
+
+    return (unsigned)r < sizeof(names) / sizeof(names[0]) ? names[r] : "?";
+}
 
 static uint64_t
 sat_add(uint64_t a, uint64_t b)
@@ -211,7 +228,7 @@ rng_next(struct qset *qs)
 
 static void
 emit(struct qset *qs, enum qevent_type type, struct msg *m, struct queue *q,
-     struct queue *from, const char *reason, const char *detail,
+     struct queue *from, enum qreason reason, const char *detail,
      const struct kv *hdrs, size_t n_hdrs)
 {
     struct qevent ev;
@@ -234,7 +251,7 @@ static void
 hint_ready(struct queue *q)
 {
     if (q->n_ready > 0) {
-        emit(q->qs, QEV_READY, NULL, q, NULL, NULL, NULL, NULL, 0);
+        emit(q->qs, QEV_READY, NULL, q, NULL, QR_NONE, NULL, NULL, 0);
     }
 }
 
@@ -1329,7 +1346,7 @@ unlink_msg(struct msg *m)
 
 /* m (unlinked) is gone for good: tell the caller, then free it. */
 static void
-drop_msg(struct msg *m, const char *reason, const char *detail)
+drop_msg(struct msg *m, enum qreason reason, const char *detail)
 {
     struct queue *q = m->q;
 
@@ -1344,7 +1361,7 @@ drop_msg(struct msg *m, const char *reason, const char *detail)
 /* Put an unlinked, previously delivered message back: at once (front of its
  * level) or after delay_ms. */
 static void
-requeue(struct msg *m, uint64_t now_ms, uint64_t delay_ms, const char *reason)
+requeue(struct msg *m, uint64_t now_ms, uint64_t delay_ms, enum qreason reason)
 {
     if (delay_ms == 0) {
         make_ready(m, m->attempt > 0);
@@ -1386,7 +1403,7 @@ backoff_ms(struct queue *q, uint32_t failures)
 
 /* An unlinked in-flight message failed an attempt. */
 static void
-fail_attempt(struct msg *m, uint64_t now_ms, const char *reason, const struct nack_opts *o)
+fail_attempt(struct msg *m, uint64_t now_ms, enum qreason reason, const struct nack_opts *o)
 {
     struct queue *q = m->q;
 
@@ -1394,9 +1411,9 @@ fail_attempt(struct msg *m, uint64_t now_ms, const char *reason, const struct na
         m->failures++;
     }
     if (o != NULL && o->dead_letter) {
-        dead_letter(m, now_ms, "nack");
+        dead_letter(m, now_ms, QR_NACK);
     } else if (m->failures >= q->attrs.max_attempts) {
-        dead_letter(m, now_ms, "max_attempts");
+        dead_letter(m, now_ms, QR_MAX_ATTEMPTS);
     } else if (o != NULL && o->has_delay) {
         requeue(m, now_ms, o->delay_ms, reason);
     } else {
@@ -1407,7 +1424,7 @@ fail_attempt(struct msg *m, uint64_t now_ms, const char *reason, const struct na
 /* Move an unlinked message to its queue's dead-letter queue (see queue.h),
  * or drop it when that is impossible. */
 static void
-dead_letter(struct msg *m, uint64_t now_ms, const char *reason)
+dead_letter(struct msg *m, uint64_t now_ms, enum qreason reason)
 {
     struct queue *src = m->q;
     struct qset *qs = src->qs;
@@ -1419,7 +1436,7 @@ dead_letter(struct msg *m, uint64_t now_ms, const char *reason)
     char attempts[24];
 
     snprintf(attempts, sizeof(attempts), "%" PRIu32, m->attempt);
-    hdrs[n++] = (struct kv){ "x-death-reason", reason };
+    hdrs[n++] = (struct kv){ "x-death-reason", qreason_name(reason) };
     hdrs[n++] = (struct kv){ "x-death-attempts", attempts };
     hdrs[n++] = (struct kv){ "x-death-queue", src->name };
     if (msg_last_error(m) != NULL) {
@@ -1476,16 +1493,16 @@ expire_msg(struct msg *m, uint64_t now_ms)
 
     q->stats.expired++;
     if (q->attrs.dead_letter_expired && q->attrs.dead_letter[0] != '\0') {
-        dead_letter(m, now_ms, "expired");
+        dead_letter(m, now_ms, QR_EXPIRED);
     } else {
-        drop_msg(m, "expired", NULL);
+        drop_msg(m, QR_EXPIRED, NULL);
     }
 }
 
 /* The compact message at pos is cancelled: QEV_DROP with a struct msg
  * image of it (nothing to allocate), then it goes. */
 static void
-drop_compact(struct queue *q, int p, uint64_t pos, const char *reason)
+drop_compact(struct queue *q, int p, uint64_t pos, enum qreason reason)
 {
     struct rlevel *lv = &q->ready[p];
     struct cslot *s = slot_at(lv, pos);
@@ -1507,7 +1524,7 @@ static void
 finish_cancelled(struct msg *m)
 {
     m->q->stats.cancelled++;
-    drop_msg(m, "cancelled", NULL);
+    drop_msg(m, QR_CANCELLED, NULL);
 }
 
 /* ---- the set ---- */
@@ -2349,7 +2366,7 @@ queue_unsubscribe(struct consumer *c, uint64_t now_ms)
         if (msg_is_cancelled(m)) {
             finish_cancelled(m);
         } else {
-            fail_attempt(m, now_ms, "unsubscribe", NULL);
+            fail_attempt(m, now_ms, QR_UNSUBSCRIBE, NULL);
         }
     }
     assert(c->inflight == 0);
@@ -2440,7 +2457,7 @@ qset_nack(struct qset *qs, uint64_t id, uint32_t attempt, const struct nack_opts
     }
     q->stats.nacked++;
     unlink_msg(m);
-    fail_attempt(m, now_ms, "nack", o);
+    fail_attempt(m, now_ms, QR_NACK, o);
     hint_ready(q);
     return PQ_OK;
 }
@@ -2486,7 +2503,7 @@ qset_touch(struct qset *qs, uint64_t id, uint32_t attempt, uint64_t extend_ms,
     if (lease_ms_out != NULL) {
         *lease_ms_out = extend_ms;
     }
-    emit(qs, QEV_TOUCH, m, m->q, NULL, NULL, NULL, NULL, 0);
+    emit(qs, QEV_TOUCH, m, m->q, NULL, QR_NONE, NULL, NULL, 0);
     return PQ_OK;
 }
 
@@ -2514,7 +2531,7 @@ qset_release(struct qset *qs, uint64_t id, uint32_t attempt, struct body *progre
     }
     q->stats.released++;
     unlink_msg(m);
-    requeue(m, now_ms, 0, "release");
+    requeue(m, now_ms, 0, QR_RELEASE);
     return PQ_OK;
 }
 
@@ -2534,7 +2551,7 @@ qset_cancel(struct qset *qs, uint64_t id, struct msg **inflight_out)
         if (!compact_find(qs, id, &q, &p, &pos)) {
             return PQ_ENOTFOUND;
         }
-        drop_compact(q, p, pos, "cancelled");
+        drop_compact(q, p, pos, QR_CANCELLED);
         return PQ_OK;
     }
     if (m->state == MSG_INFLIGHT) {
@@ -2645,7 +2662,7 @@ qset_tick(struct qset *qs, uint64_t now_ms)
             if (msg_is_cancelled(m)) {
                 finish_cancelled(m);
             } else {
-                fail_attempt(m, now_ms, "lease", NULL);
+                fail_attempt(m, now_ms, QR_LEASE, NULL);
             }
             hint_ready(q);
             break;

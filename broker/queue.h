@@ -235,6 +235,22 @@ bool queue_consumer_satisfies(const struct consumer *c, const struct kv *req, si
 
 /* ---- events ---- */
 
+/* Why a message was requeued, dead-lettered or dropped. The names are what
+ * users see: x-death-reason headers, DROP records, log lines. */
+enum qreason {
+    QR_NONE = 0,
+    QR_NACK,          /* the holder nacked it */
+    QR_LEASE,         /* its lease ran out */
+    QR_UNSUBSCRIBE,   /* its holder unsubscribed or disconnected */
+    QR_RELEASE,       /* given back (not a failed attempt) */
+    QR_MAX_ATTEMPTS,  /* failed max_attempts times */
+    QR_EXPIRED,       /* its TTL ran out */
+    QR_CANCELLED,     /* cancelled by a producer or admin */
+};
+
+/* qreason_name: "nack", "lease", ... ("" for QR_NONE). */
+const char *qreason_name(enum qreason r);
+
 enum qevent_type {
     QEV_READY,        /* q has deliverable messages: schedule delivery (hint) */
     QEV_REQUEUE,      /* m back to READY/DELAYED: m->attempt, failures, due_ms; reason */
@@ -248,8 +264,9 @@ struct qevent {
     struct msg *m;                /* NULL for QEV_READY */
     struct queue *q;              /* queue m is in (or was in, for DROP) */
     struct queue *from;           /* QEV_DEAD_LETTER: source queue */
-    const char *reason;           /* REQUEUE: "nack"|"lease"|"unsubscribe"|"release";
-                                   * DEAD_LETTER/DROP: "max_attempts"|"nack"|"expired"|"cancelled" */
+    enum qreason reason;          /* REQUEUE: NACK, LEASE, UNSUBSCRIBE, RELEASE;
+                                   * DEAD_LETTER/DROP: MAX_ATTEMPTS, NACK,
+                                   * EXPIRED, CANCELLED */
     const char *detail;           /* DROP after a failed dead-letter: why (for the warning), else NULL */
     const struct kv *headers;     /* DEAD_LETTER: the x-death-* headers added */
     size_t n_headers;

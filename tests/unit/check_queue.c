@@ -62,7 +62,7 @@ record(void *arg, const struct qevent *ev)
     memset(r, 0, sizeof(*r));
     r->type = ev->type;
     r->id = ev->m->id;
-    snprintf(r->reason, sizeof(r->reason), "%s", ev->reason != NULL ? ev->reason : "");
+    snprintf(r->reason, sizeof(r->reason), "%s", qreason_name(ev->reason));
     snprintf(r->q, sizeof(r->q), "%s", queue_name(ev->q));
     if (ev->from != NULL) {
         snprintf(r->from, sizeof(r->from), "%s", queue_name(ev->from));
