@@ -54,7 +54,7 @@ LDLIBS += $(PKG_LIBS)
 # ---- object lists (explicit: no wildcards) ----
 PROTO_GEN  = $(B)/protocol/protoq.pb-c.c $(B)/protocol/protoq.pb-c.h
 PROTO_OBJS = $(B)/protocol/protoq.pb-c.o $(B)/protocol/frame.o $(B)/protocol/pqerr.o \
-             $(B)/protocol/units.o $(B)/protocol/strcheck.o
+             $(B)/protocol/units.o $(B)/protocol/strcheck.o $(B)/protocol/pbwire.o
 
 CORE_OBJS  = $(B)/broker/mem.o $(B)/broker/log.o $(B)/broker/failpoint.o
 QUEUE_OBJS = $(B)/broker/queue.o $(B)/broker/heap.o $(B)/broker/hmap.o $(B)/broker/body.o
@@ -171,7 +171,8 @@ FUZZ_CFLAGS  = -g -O1 -fno-omit-frame-pointer -std=c11 -Wall -Wextra -Werror \
                -D_GNU_SOURCE -Iprotocol -I$(FZ)/protocol -Ibroker \
                $(FUZZ_SAN) -fsanitize=fuzzer-no-link $(PKG_CFLAGS)
 FUZZ_COMMON  = $(FZ)/protocol/protoq.pb-c.o $(FZ)/protocol/frame.o \
-               $(FZ)/protocol/pqerr.o $(FZ)/broker/mem.o $(FZ)/broker/log.o \
+               $(FZ)/protocol/pqerr.o $(FZ)/protocol/units.o $(FZ)/protocol/pbwire.o \
+               $(FZ)/broker/mem.o $(FZ)/broker/log.o \
                $(FZ)/broker/failpoint.o
 FUZZ_OBJS    = $(FUZZ_COMMON) $(FZ)/broker/body.o $(FZ)/broker/record.o \
                $(FZ)/broker/config.o $(FUZZ_NAMES:%=$(FZ)/tests/fuzz/fuzz_%.o)

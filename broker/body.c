@@ -4,6 +4,7 @@
  * enough of the wire format for that: varints and length-delimited fields.
  */
 #include "body.h"
+#include "pbwire.h"
 
 #include <assert.h>
 #include <stdbool.h>
@@ -75,27 +76,10 @@ body_unref(struct body **bp)
     }
 }
 
-static size_t
-varint_len(uint64_t v)
-{
-    size_t n = 1;
-
-    while (v >= 0x80) {
-        v >>= 7;
-        n++;
-    }
-    return n;
-}
-
 static uint8_t *
 put_varint(uint8_t *p, uint64_t v)
 {
-    while (v >= 0x80) {
-        *p++ = (uint8_t)(v | 0x80);
-        v >>= 7;
-    }
-    *p++ = (uint8_t)v;
-    return p;
+    return p + pbwire_put_varint(p, v);
 }
 
 static uint8_t *
@@ -113,87 +97,31 @@ put_bytes_field(uint8_t *p, uint8_t tag, const char *s, size_t len)
 static uint64_t
 kv_inner_len(size_t klen, size_t vlen)
 {
-    return 1 + varint_len(klen) + (uint64_t)klen + 1 + varint_len(vlen) + (uint64_t)vlen;
+    return 1 + pbwire_varint_size(klen) + (uint64_t)klen + 1 + pbwire_varint_size(vlen) + (uint64_t)vlen;
 }
 
 /* ---- reading b's own fields, to drop the headers being replaced ---- */
 
-static bool
-get_varint(const uint8_t **pp, const uint8_t *end, uint64_t *v)
-{
-    const uint8_t *p = *pp;
-    uint64_t x = 0;
-
-    for (unsigned shift = 0; shift < 64 && p < end; shift += 7) {
-        x |= (uint64_t)(*p & 0x7f) << shift;
-        if ((*p++ & 0x80) == 0) {
-            *v = x;
-            *pp = p;
-            return true;
-        }
-    }
-    return false;
-}
-
-/* One field of an encoded message; for wire type 2, val/val_len is its
- * content. Advances *pp past it; false when the bytes do not parse. */
-static bool
-next_field(const uint8_t **pp, const uint8_t *end, uint64_t *num,
-           const uint8_t **val, size_t *val_len)
-{
-    uint64_t key, n;
-
-    if (!get_varint(pp, end, &key)) {
-        return false;
-    }
-    *num = key >> 3;
-    *val = NULL;
-    *val_len = 0;
-    switch (key & 7) {
-    case 0:
-        return get_varint(pp, end, &n);
-    case 1:
-    case 5:
-        n = (key & 7) == 1 ? 8 : 4;
-        break;
-    case 2:
-        if (!get_varint(pp, end, &n)) {
-            return false;
-        }
-        *val = *pp;
-        *val_len = (size_t)n;
-        break;
-    default:
-        return false; /* groups: never written by protoq */
-    }
-    if (n > (uint64_t)(end - *pp)) {
-        return false;
-    }
-    *pp += n;
-    return true;
-}
-
 /* Is this field of a Message a header whose key is one of kv[0..n)? The
  * key is KeyValue field 1 (the last one, as a decoder reads it). */
 static bool
-is_replaced(uint64_t num, const uint8_t *val, size_t len, const struct kv *kv,
-            size_t n)
+is_replaced(const struct pbwire_field *hf, const struct kv *kv, size_t n)
 {
-    const uint8_t *p = val, *end, *key = NULL, *v;
-    size_t klen = 0, vlen;
-    uint64_t f;
+    const uint8_t *p = hf->val, *end, *key = NULL;
+    struct pbwire_field f;
+    size_t klen = 0;
 
-    if (num != 2 || val == NULL) {
+    if (hf->num != 2 || hf->type != PBWIRE_LEN) {
         return false;
     }
-    end = val + len;
+    end = hf->val + hf->len;
     while (p < end) {
-        if (!next_field(&p, end, &f, &v, &vlen)) {
+        if (!pbwire_next_field(&p, end, &f)) {
             return false;
         }
-        if (f == 1 && v != NULL) {
-            key = v;
-            klen = vlen;
+        if (f.num == 1 && f.type == PBWIRE_LEN) {
+            key = f.val;
+            klen = f.len;
         }
     }
     for (size_t i = 0; i < n && key != NULL; i++) {
@@ -218,17 +146,16 @@ keep_fields(const struct body *b, const struct kv *kv, size_t n, uint8_t *out)
     size_t kept = 0;
 
     while (p < end) {
-        const uint8_t *start = p, *val;
-        size_t len;
-        uint64_t num;
+        const uint8_t *start = p;
+        struct pbwire_field f;
 
-        if (!next_field(&p, end, &num, &val, &len)) {
+        if (!pbwire_next_field(&p, end, &f)) {
             if (out != NULL) {
                 memcpy(out, b->data, b->len);
             }
             return b->len;
         }
-        if (!is_replaced(num, val, len, kv, n)) {
+        if (!is_replaced(&f, kv, n)) {
             if (out != NULL) {
                 memcpy(out + kept, start, (size_t)(p - start));
             }
@@ -252,7 +179,7 @@ body_with_headers(const struct body *b, const struct kv *kv, size_t n)
         size_t vlen = kv[i].value != NULL ? strlen(kv[i].value) : 0;
         uint64_t inner = kv_inner_len(klen, vlen);
 
-        total += 1 + varint_len(inner) + inner;
+        total += 1 + pbwire_varint_size(inner) + inner;
         if (total > UINT32_MAX) {
             return NULL;
         }

@@ -44,6 +44,7 @@
 #include "failpoint.h"
 #include "log.h"
 #include "mem.h"
+#include "pbwire.h"
 #include "pqerr.h"
 #include "pqlimits.h"
 #include "queue.h"
@@ -109,48 +110,11 @@ static uint32_t
 message_payload_size(const uint8_t *data, size_t len)
 {
     const uint8_t *p = data, *end = data + len;
+    struct pbwire_field f;
 
-    while (p < end) {
-        uint64_t key = 0, v = 0;
-        int shift = 0;
-
-        while (p < end && shift < 64) {
-            key |= (uint64_t)(*p & 0x7f) << shift;
-            shift += 7;
-            if (!(*p++ & 0x80)) {
-                break;
-            }
-        }
-        switch (key & 7) {
-        case 0:
-            while (p < end && (*p++ & 0x80)) {
-            }
-            break;
-        case 1:
-            p += 8;
-            break;
-        case 5:
-            p += 4;
-            break;
-        case 2:
-            shift = 0;
-            while (p < end && shift < 64) {
-                v |= (uint64_t)(*p & 0x7f) << shift;
-                shift += 7;
-                if (!(*p++ & 0x80)) {
-                    break;
-                }
-            }
-            if (v > (uint64_t)(end - p)) {
-                return 0;
-            }
-            if ((key >> 3) == 1) {
-                return (uint32_t)v;
-            }
-            p += v;
-            break;
-        default:
-            return 0;
+    while (p < end && pbwire_next_field(&p, end, &f)) {
+        if (f.num == 1 && f.type == PBWIRE_LEN) {
+            return (uint32_t)f.len;
         }
     }
     return 0;

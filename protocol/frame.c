@@ -6,6 +6,7 @@
  * decodes every spliced frame with protobuf-c to hold this file to it.
  */
 #include "frame.h"
+#include "pbwire.h"
 #include "pqerr.h"
 
 #include <stdbool.h>
@@ -13,7 +14,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { WT_VARINT = 0, WT_LEN = 2 };
 
 ssize_t
 frame_check_header(const uint8_t *buf, size_t len, uint32_t max_bytes)
@@ -148,42 +148,17 @@ frame_pack(const Protoq__Frame *f, uint8_t *out)
 
 /* ---- protobuf primitives ---- */
 
-size_t
-pb_varint_size(uint64_t v)
-{
-    size_t n = 1;
-
-    while (v >= 0x80) {
-        v >>= 7;
-        n++;
-    }
-    return n;
-}
-
-size_t
-pb_put_varint(uint8_t *p, uint64_t v)
-{
-    size_t n = 0;
-
-    while (v >= 0x80) {
-        p[n++] = (uint8_t)(v | 0x80);
-        v >>= 7;
-    }
-    p[n++] = (uint8_t)v;
-    return n;
-}
-
 static size_t
 key_size(unsigned field)
 {
-    return pb_varint_size((uint64_t)field << 3);
+    return pbwire_varint_size((uint64_t)field << 3);
 }
 
 /* A varint field, omitted when 0 as proto3 does. */
 static size_t
 varint_field_size(unsigned field, uint64_t v)
 {
-    return v == 0 ? 0 : key_size(field) + pb_varint_size(v);
+    return v == 0 ? 0 : key_size(field) + pbwire_varint_size(v);
 }
 
 static size_t
@@ -194,22 +169,22 @@ put_varint_field(uint8_t *p, unsigned field, uint64_t v)
     if (v == 0) {
         return 0;
     }
-    n = pb_put_varint(p, (uint64_t)field << 3 | WT_VARINT);
-    return n + pb_put_varint(p + n, v);
+    n = pbwire_put_varint(p, (uint64_t)field << 3 | PBWIRE_VARINT);
+    return n + pbwire_put_varint(p + n, v);
 }
 
 static size_t
 len_field_size(unsigned field, size_t len)
 {
-    return key_size(field) + pb_varint_size(len) + len;
+    return key_size(field) + pbwire_varint_size(len) + len;
 }
 
 static size_t
 put_len_field(uint8_t *p, unsigned field, const void *data, size_t len)
 {
-    size_t n = pb_put_varint(p, (uint64_t)field << 3 | WT_LEN);
+    size_t n = pbwire_put_varint(p, (uint64_t)field << 3 | PBWIRE_LEN);
 
-    n += pb_put_varint(p + n, len);
+    n += pbwire_put_varint(p + n, len);
     if (len > 0) {
         memcpy(p + n, data, len);
     }
@@ -253,8 +228,8 @@ frame_deliver_encode(const struct frame_deliver *d, const uint8_t *msg,
     uint8_t *p = out + FRAME_HEADER_LEN;
     size_t total;
 
-    p += pb_put_varint(p, (uint64_t)PROTOQ__FRAME__KIND_DELIVER << 3 | WT_LEN);
-    p += pb_put_varint(p, body);
+    p += pbwire_put_varint(p, (uint64_t)PROTOQ__FRAME__KIND_DELIVER << 3 | PBWIRE_LEN);
+    p += pbwire_put_varint(p, body);
     p += put_varint_field(p, 1, d->subscription_id);
     if (qlen) {
         p += put_len_field(p, 2, d->queue, qlen);

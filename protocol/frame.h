@@ -116,9 +116,5 @@ int frame_progress_check(Protoq__Progress *p, size_t *packed_len);
 
 /* ---- protobuf primitives, for splicing known-good encodings ---- */
 
-/* pb_varint_size: bytes of v as a base-128 varint (1..10). */
-size_t pb_varint_size(uint64_t v);
-/* pb_put_varint: write v at p; returns bytes written. */
-size_t pb_put_varint(uint8_t *p, uint64_t v);
 
 #endif

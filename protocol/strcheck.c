@@ -5,13 +5,14 @@
  * tell string fields and nested messages from bytes and packed numbers.
  */
 #include "strcheck.h"
+#include "pbwire.h"
 
 #include <stdio.h>
 #include <string.h>
 
 #include "pqerr.h"
 
-enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_I32 = 5, MAX_DEPTH = 32 };
+enum { MAX_DEPTH = 32 };
 
 bool
 utf8_valid(const uint8_t *s, size_t len)
@@ -56,20 +57,6 @@ utf8_valid(const uint8_t *s, size_t len)
     return true;
 }
 
-static bool
-get_varint(const uint8_t **p, const uint8_t *end, uint64_t *v)
-{
-    *v = 0;
-    for (int shift = 0; shift < 64 && *p < end; shift += 7) {
-        uint8_t b = *(*p)++;
-
-        *v |= (uint64_t)(b & 0x7f) << shift;
-        if (!(b & 0x80)) {
-            return true;
-        }
-    }
-    return false;
-}
 
 /* Append s (and a dot when more follows) to the path in what. */
 static void
@@ -88,29 +75,29 @@ check(const ProtobufCMessageDescriptor *desc, const uint8_t *p,
         const ProtobufCFieldDescriptor *f;
         uint64_t key, n;
 
-        if (!get_varint(&p, end, &key)) {
+        if (!pbwire_get_varint(&p, end, &key)) {
             goto malformed;
         }
         switch (key & 7) {
-        case WT_VARINT:
-            if (!get_varint(&p, end, &n)) {
+        case PBWIRE_VARINT:
+            if (!pbwire_get_varint(&p, end, &n)) {
                 goto malformed;
             }
             continue;
-        case WT_I64:
-        case WT_I32:
-            n = (key & 7) == WT_I64 ? 8 : 4;
+        case PBWIRE_I64:
+        case PBWIRE_I32:
+            n = (key & 7) == PBWIRE_I64 ? 8 : 4;
             if ((uint64_t)(end - p) < n) {
                 goto malformed;
             }
             p += n;
             continue;
-        case WT_LEN:
+        case PBWIRE_LEN:
             break;
         default:
             goto malformed;
         }
-        if (!get_varint(&p, end, &n) || n > (uint64_t)(end - p)) {
+        if (!pbwire_get_varint(&p, end, &n) || n > (uint64_t)(end - p)) {
             goto malformed;
         }
         f = key >> 3 <= UINT32_MAX

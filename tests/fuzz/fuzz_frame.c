@@ -23,6 +23,7 @@
 
 #include "body.h"
 #include "frame.h"
+#include "pbwire.h"
 #include "fuzz.h"
 #include "pqerr.h"
 
@@ -117,7 +118,7 @@ widest_progress(void)
 
     if (p[0] == 0) {
         p[0] = 0x12;
-        pb_put_varint(p + 1, PQ_PROGRESS_MAX - 3);
+        pbwire_put_varint(p + 1, PQ_PROGRESS_MAX - 3);
         memset(p + 3, 'p', PQ_PROGRESS_MAX - 3);
     }
     return p;

@@ -26,6 +26,7 @@
 #include <check.h>
 
 #include "pqlimits.h"
+#include "pbwire.h"
 #include "testutil.h"
 
 enum {
@@ -1991,9 +1992,9 @@ static void
 pb_var(struct pbuf *p, unsigned field, uint64_t v)
 {
     uint8_t tmp[20];
-    size_t n = pb_put_varint(tmp, (uint64_t)field << 3);
+    size_t n = pbwire_put_varint(tmp, (uint64_t)field << 3);
 
-    n += pb_put_varint(tmp + n, v);
+    n += pbwire_put_varint(tmp + n, v);
     pb_raw(p, tmp, n);
 }
 
@@ -2001,9 +2002,9 @@ static void
 pb_len(struct pbuf *p, unsigned field, const void *data, size_t len)
 {
     uint8_t tmp[20];
-    size_t n = pb_put_varint(tmp, (uint64_t)field << 3 | 2);
+    size_t n = pbwire_put_varint(tmp, (uint64_t)field << 3 | 2);
 
-    n += pb_put_varint(tmp + n, len);
+    n += pbwire_put_varint(tmp + n, len);
     pb_raw(p, tmp, n);
     pb_raw(p, data, len);
 }
@@ -2520,7 +2521,7 @@ START_TEST(test_costly_to_decode_frame_is_malformed_frame)
     buf[p++] = 0x01;
     buf[p++] = 0xaa;    /* field 21 (publish_batch), length-delimited */
     buf[p++] = 0x01;
-    p += pb_put_varint(buf + p, inner);
+    p += pbwire_put_varint(buf + p, inner);
     for (size_t i = 0; i < ITEMS; i++) {
         buf[p++] = 0x0a;   /* items, length 0 */
         buf[p++] = 0x00;

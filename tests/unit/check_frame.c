@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "frame.h"
+#include "pbwire.h"
 #include "pqerr.h"
 
 /* A QueueList request, packed with its prefix, into a new buffer. */
@@ -200,8 +201,8 @@ START_TEST(test_decode_budget_stops_amplification)
     Protoq__Frame *f = NULL;
 
     ck_assert_ptr_nonnull(buf);
-    n += pb_put_varint(buf + n, (21 << 3) | 2);
-    n += pb_put_varint(buf + n, inner);
+    n += pbwire_put_varint(buf + n, (21 << 3) | 2);
+    n += pbwire_put_varint(buf + n, inner);
     for (size_t i = 0; i < items; i++) {
         buf[n++] = (1 << 3) | 2; /* items, length 0 */
         buf[n++] = 0;
@@ -223,16 +224,16 @@ START_TEST(test_varint_sizes)
     uint64_t vals[] = {0, 1, 127, 128, 16383, 16384, UINT32_MAX, UINT64_MAX};
 
     for (size_t i = 0; i < sizeof(vals) / sizeof(vals[0]); i++) {
-        size_t n = pb_put_varint(b, vals[i]);
+        size_t n = pbwire_put_varint(b, vals[i]);
         uint64_t back = 0;
 
-        ck_assert_uint_eq(n, pb_varint_size(vals[i]));
+        ck_assert_uint_eq(n, pbwire_varint_size(vals[i]));
         for (size_t k = 0; k < n; k++) {
             back |= (uint64_t)(b[k] & 0x7f) << (7 * k);
         }
         ck_assert_uint_eq(back, vals[i]);
     }
-    ck_assert_uint_eq(pb_varint_size(UINT64_MAX), 10);
+    ck_assert_uint_eq(pbwire_varint_size(UINT64_MAX), 10);
 }
 END_TEST
 
