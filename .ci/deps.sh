@@ -4,7 +4,11 @@
 # prints the exact command to run and exits 1.
 set -eu
 
-PKGS="build-essential pkg-config libevent-dev libprotobuf-c-dev protobuf-c-compiler check"
+# python3-*, protobuf-compiler: the Python client (client/python), its
+# generated messages, its tests and the venv install test.
+PKGS="build-essential pkg-config libevent-dev libprotobuf-c-dev protobuf-c-compiler check
+      python3 python3-protobuf protobuf-compiler python3-pytest python3-setuptools
+      python3-wheel python3-venv python3-pip"
 
 missing=""
 for p in $PKGS; do
