@@ -246,15 +246,22 @@ class Worker:
                 d = sub.get(timeout=0.2)
                 if d is None:
                     continue
-                self._run_job(d)
+                self._run_job(sub, d)
                 self.jobs_done += 1
                 if self.max_jobs is not None and self.jobs_done >= self.max_jobs:
                     self._stopping = True
-            # Clean stop: take nothing more; what we hold was settled.
+            # Clean stop, as PROTOCOL.md says: Flow 0 first (nothing more
+            # comes after its Ok), then release what was pushed meanwhile
+            # (no failed attempt), then unsubscribe.
             sub.pause()
+            while True:
+                d = sub.get(timeout=0)
+                if d is None:
+                    break
+                self._settle(d, "release", reason="shutdown")
             sub.close()
 
-    def _run_job(self, d):
+    def _run_job(self, sub, d):
         try:
             payload = decode_payload(d.payload, d.headers, self.decode)
         except ValueError as e:
@@ -289,6 +296,8 @@ class Worker:
             toucher.stop()
         if job.cancelled:
             log.info("job %d was cancelled", job.id)
+        if outcome == "release":
+            sub.pause()  # else the broker pushes the job right back to us
         self._settle(d, outcome, **kw)
 
     def _settle(self, d, outcome, **kw):
