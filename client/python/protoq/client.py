@@ -804,6 +804,12 @@ class Client:
 
     # ---- public: lifecycle
 
+    def flush(self):
+        """Write buffered acks, nacks and releases now (they also go out
+        with the next request, or within 50 ms)."""
+        self._check_alive()
+        self._flush_lazy()
+
     @property
     def closed(self):
         return self._dead is not None
