@@ -20,7 +20,14 @@ PROTOC   ?= protoc
 # Debian's interpreter, where python3-protobuf and python3-pytest live (a
 # python3 earlier in PATH, e.g. pyenv's, would not see them).
 PYTHON   ?= /usr/bin/python3
-PYLIBDIR  = $(DESTDIR)$(PREFIX)/lib/python3/dist-packages
+# Where `make install` puts the Python package: on Debian's sys.path,
+# /usr/lib/python3/dist-packages for PREFIX=/usr, else
+# PREFIX/lib/python3.X/dist-packages (/usr/local's is on sys.path too).
+ifeq ($(PREFIX),/usr)
+PYLIBDIR  = $(DESTDIR)/usr/lib/python3/dist-packages
+else
+PYLIBDIR  = $(DESTDIR)$(PREFIX)/lib/$(shell $(PYTHON) -c 'import sys; print("python%d.%d" % sys.version_info[:2])')/dist-packages
+endif
 PKGS      = libevent libevent_pthreads libprotobuf-c
 
 ifeq ($(SAN),1)
@@ -169,10 +176,11 @@ run: $(B)/protoqd $(B)/protoq
 	./$(B)/protoqd -c conf/protoqd.conf
 
 install: $(BINS) $(LIBA) $(PY_STAMP)
-	install -d $(BINDIR) $(LIBDIR) $(INCDIR)
+	install -d $(BINDIR) $(LIBDIR) $(INCDIR) $(PYLIBDIR)/protoq
 	install -m 0755 $(BINS) $(BINDIR)
 	install -m 0644 $(LIBA) $(LIBDIR)
 	install -m 0644 client/protoq.h $(INCDIR)
+	install -m 0644 $(PY_PKG)/*.py $(PYLIBDIR)/protoq
 
 clean:
 	rm -rf build
