@@ -504,6 +504,7 @@ class Client:
         self._last_send = time.monotonic()
         self._sock = None
         self._tls = None
+        self._iolock = None          # TLS only: one SSL call at a time
         try:
             sock = socket.create_connection((host, port), timeout=connect_timeout)
         except OSError as e:
@@ -515,6 +516,7 @@ class Client:
                     else ssl.create_default_context()
                 sock = ctx.wrap_socket(sock, server_hostname=host)
                 self._tls = sock
+                self._iolock = threading.Lock()
             self._sock = sock
             self.info = self._handshake(token, name, heartbeat, connect_timeout)
             sock.setblocking(False)
@@ -605,7 +607,11 @@ class Client:
         try:
             while sent < len(view):
                 try:
-                    sent += sock.send(view[sent:sent + 1024 * 1024])
+                    if self._iolock is None:
+                        sent += sock.send(view[sent:sent + 1024 * 1024])
+                    else:
+                        with self._iolock:
+                            sent += sock.send(view[sent:sent + 256 * 1024])
                 except (BlockingIOError, ssl.SSLWantWriteError,
                         ssl.SSLWantReadError):
                     if not wait:
@@ -642,6 +648,9 @@ class Client:
             data = self._encode(f)
             if handler is not None:
                 self._pending[f.request_id] = handler
+                if self._dead is not None:  # _die ran after _check_alive
+                    self._pending.pop(f.request_id, None)
+                    raise self._dead
             if lazy and len(self._out) + len(data) < _LAZY_FLUSH_BYTES:
                 self._out += data
             else:
@@ -690,14 +699,18 @@ class Client:
         exc = None
         try:
             while self._dead is None:
-                pending_tls = self._tls is not None and self._tls.pending()
-                if not pending_tls:
+                iolock = self._iolock
+                if iolock is None or not self._tls.pending():
                     r, _, _ = select.select([sock], [], [], _TICK)
                     self._tick()
                     if not r:
                         continue
                 try:
-                    chunk = sock.recv(256 * 1024)
+                    if iolock is None:
+                        chunk = sock.recv(256 * 1024)
+                    else:
+                        with iolock:
+                            chunk = sock.recv(256 * 1024)
                 except (BlockingIOError, ssl.SSLWantReadError,
                         ssl.SSLWantWriteError):
                     continue
@@ -711,7 +724,9 @@ class Client:
                     del buf[:off]
         except errors.Error as e:
             exc = e
-        except OSError as e:
+        except (OSError, ValueError) as e:
+            # ValueError: select() on a socket closed by close() or a
+            # failed write in another thread (then _dead is set already).
             exc = errors.ConnectionClosed("read from %s: %s" % (self.server, e))
         except Exception as e:  # a bug here must not hang the callers
             log.exception("protoq reader failed")
@@ -791,7 +806,7 @@ class Client:
     def _die(self, exc):
         if self._dead is not None:
             return
-        self._dead = exc
+        self._dead = exc  # first: _send checks it after registering
         pending, self._pending = self._pending, {}
         for fn, arg in pending.values():
             fn(arg, None, exc)
@@ -948,10 +963,20 @@ class Client:
                     batch.outstanding += take
                 self._write_locked(b"".join(parts))
             i += take
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         with batch.cond:
             batch.window_wait = 1
             while batch.outstanding > 0:
-                if not batch.cond.wait(self.timeout):
+                if batch.cond.wait(0.5):
+                    continue
+                if self._dead is not None and batch.outstanding > 0:
+                    # Registered as the connection died: nobody answers.
+                    for j, r in enumerate(batch.results):
+                        if r is None:
+                            batch.results[j] = self._dead
+                            batch.failed += 1
+                    batch.outstanding = 0
+                elif deadline is not None and time.monotonic() > deadline:
                     raise errors.Timeout("publish_many: %d confirms missing after %ss"
                                          % (batch.outstanding, self.timeout))
         if batch.failed and raise_errors:

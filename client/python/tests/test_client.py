@@ -301,3 +301,14 @@ def test_tls_through_a_terminating_proxy(broker, tmp_path):
                 break
         assert got == ids
     lsock.close()
+
+
+def test_broker_death_during_publish_many_fails_fast(broker, client):
+    client.create_queue("q")
+    killer = threading.Timer(0.3, broker.proc.kill)
+    killer.start()
+    start = time.monotonic()
+    with pytest.raises(protoq.ConnectionClosed):
+        client.publish_many("q", [b"x" * 1024] * 2_000_000, window=1000)
+    killer.join()
+    assert time.monotonic() - start < 10  # not the 10 s request timeout
