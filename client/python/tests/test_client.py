@@ -312,3 +312,53 @@ def test_broker_death_during_publish_many_fails_fast(broker, client):
         client.publish_many("q", [b"x" * 1024] * 2_000_000, window=1000)
     killer.join()
     assert time.monotonic() - start < 10  # not the 10 s request timeout
+
+
+def test_token_goes_in_hello_and_unauthorized_is_raised():
+    """protoqd does not check tokens yet: a stand-in broker checks what the
+    client sends and refuses it the way PROTOCOL.md says (Error, close)."""
+    import socket
+    import struct
+    wire = protoq.wire
+    lsock = socket.create_server(("127.0.0.1", 0))
+    seen = {}
+
+    def fake_broker():
+        conn, _ = lsock.accept()
+        with conn:
+            (n,) = struct.unpack(">I", conn.recv(4, socket.MSG_WAITALL))
+            hello = wire.Frame.FromString(conn.recv(n, socket.MSG_WAITALL))
+            seen["hello"] = hello
+            reply = wire.Frame(request_id=hello.request_id)
+            reply.error.code = wire.UNAUTHORIZED
+            reply.error.message = "bad token"
+            data = reply.SerializeToString()
+            conn.sendall(struct.pack(">I", len(data)) + data)
+    t = threading.Thread(target=fake_broker)
+    t.start()
+    with pytest.raises(protoq.Unauthorized) as e:
+        protoq.Client("127.0.0.1:%d" % lsock.getsockname()[1], token="s3cret",
+                      name="trainer-7", heartbeat=2)
+    t.join(5)
+    lsock.close()
+    h = seen["hello"].hello
+    assert (h.protocol_version, h.auth_token, h.client_name, h.heartbeat_ms) == \
+        (1, "s3cret", "trainer-7", 2000)
+    assert e.value.code == 11 and e.value.message == "bad token"
+
+
+def test_not_a_broker_is_a_clear_error():
+    import socket
+    lsock = socket.create_server(("127.0.0.1", 0))
+
+    def http_server():
+        conn, _ = lsock.accept()
+        with conn:
+            conn.recv(100)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    t = threading.Thread(target=http_server)
+    t.start()
+    with pytest.raises(protoq.ProtocolError, match="is this a protoq broker"):
+        protoq.Client("127.0.0.1:%d" % lsock.getsockname()[1])
+    t.join(5)
+    lsock.close()
