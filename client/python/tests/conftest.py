@@ -82,18 +82,25 @@ class Broker:
             return f.read()[-4000:]
 
     def stop(self):
+        """SIGTERM, bounded wait; a clean stop must exit 0 (an ASan leak
+        report or a crash would not). A broker a test killed is let be."""
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(5)
+            rc = self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+            raise AssertionError("protoqd ignored SIGTERM for 5 s: " + self.log())
+        if rc != 0:
+            raise AssertionError("protoqd exited %d: %s" % (rc, self.log()))
 
     def close(self):
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture
