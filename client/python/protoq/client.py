@@ -324,6 +324,9 @@ class Delivery:
         """Done: the message is removed. confirm: wait until the ack is
         durable. result: sent to the producer's reply_to queue (this broker
         refuses results with Unsupported today; the call then raises)."""
+        if result is None and not confirm:
+            self._client._ack_lazy(self)
+            return
         f = pb.Frame()
         f.ack.message_id, f.ack.attempt = self.id, self.attempt
         if result is not None:
@@ -505,6 +508,8 @@ class Client:
         self._sock = None
         self._tls = None
         self._iolock = None          # TLS only: one SSL call at a time
+        self._ack_frame = pb.Frame()  # reused by _ack_lazy (under _wlock)
+        self._ack_frame.ack.SetInParent()
         try:
             sock = socket.create_connection((host, port), timeout=connect_timeout)
         except OSError as e:
@@ -660,6 +665,23 @@ class Client:
                     self._pending.pop(f.request_id, None)
                     raise
             return f.request_id
+
+    def _ack_lazy(self, d):
+        """The hot path of a consumer: an unconfirmed Ack, buffered."""
+        with self._wlock:
+            self._check_alive()
+            self._rid += 1
+            f = self._ack_frame
+            f.request_id = self._rid
+            f.ack.message_id = d.id
+            f.ack.attempt = d.attempt
+            data = f.SerializeToString()
+            out = self._out
+            out += _LEN.pack(len(data))
+            out += data
+            if len(out) >= _LAZY_FLUSH_BYTES:
+                self._write_locked(b"")
+        self._held.pop((d.id, d.attempt), None)
 
     def _flush_lazy(self):
         if self._out and self._dead is None:
