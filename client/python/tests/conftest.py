@@ -81,6 +81,11 @@ class Broker:
         with open(os.path.join(self.dir, "protoqd.log"), errors="replace") as f:
             return f.read()[-4000:]
 
+    def kill9(self):
+        """SIGKILL and reap (a crash the test wants)."""
+        self.proc.kill()
+        self.proc.wait()
+
     def stop(self):
         """SIGTERM, bounded wait; a clean stop must exit 0 (an ASan leak
         report or a crash would not). A broker a test killed is let be."""

@@ -239,7 +239,7 @@ def test_lost_connection_ends_iteration_and_calls(broker, client):
             got.append(e)
     t = threading.Thread(target=consume)
     t.start()
-    broker.proc.kill()
+    broker.kill9()
     t.join(5)
     assert not t.is_alive() and isinstance(got[-1], protoq.ConnectionClosed)
     with pytest.raises(protoq.ConnectionClosed):
@@ -305,7 +305,7 @@ def test_tls_through_a_terminating_proxy(broker, tmp_path):
 
 def test_broker_death_during_publish_many_fails_fast(broker, client):
     client.create_queue("q")
-    killer = threading.Timer(0.3, broker.proc.kill)
+    killer = threading.Timer(0.3, broker.kill9)
     killer.start()
     start = time.monotonic()
     with pytest.raises(protoq.ConnectionClosed):
