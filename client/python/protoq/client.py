@@ -602,33 +602,38 @@ class Client:
     def _write_locked(self, data, wait=True):
         """Write self._out then data (holding _wlock). wait=False: write
         what fits now and keep the rest in self._out (reader thread)."""
-        if data:
-            self._out += data
-        if not self._out:
+        if self._out:
+            if data:
+                self._out += data
+            buf = self._out
+        elif data:
+            buf = data  # nothing buffered: send it without a copy
+        else:
             return
         sock = self._sock
-        view = memoryview(self._out)
+        step = 1024 * 1024 if self._iolock is None else 256 * 1024
         sent = 0
-        try:
-            while sent < len(view):
-                try:
-                    if self._iolock is None:
-                        sent += sock.send(view[sent:sent + 1024 * 1024])
-                    else:
-                        with self._iolock:
-                            sent += sock.send(view[sent:sent + 256 * 1024])
-                except (BlockingIOError, ssl.SSLWantWriteError,
-                        ssl.SSLWantReadError):
-                    if not wait:
-                        break
-                    self._wait_writable()
-                    continue
-        except OSError as e:
-            view.release()
-            self._die(errors.ConnectionClosed("write to %s: %s" % (self.server, e)))
-            raise self._dead from e
-        view.release()
-        del self._out[:sent]
+        with memoryview(buf) as view:
+            try:
+                while sent < len(view):
+                    try:
+                        if self._iolock is None:
+                            sent += sock.send(view[sent:sent + step])
+                        else:
+                            with self._iolock:
+                                sent += sock.send(view[sent:sent + step])
+                    except (BlockingIOError, ssl.SSLWantWriteError,
+                            ssl.SSLWantReadError):
+                        if not wait:
+                            break
+                        self._wait_writable()
+            except OSError as e:
+                self._die(errors.ConnectionClosed("write to %s: %s" % (self.server, e)))
+                raise self._dead from e
+        if buf is self._out:
+            del self._out[:sent]
+        elif sent < len(buf):
+            self._out += buf[sent:]
         self._last_send = time.monotonic()
 
     def _wait_writable(self):
