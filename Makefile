@@ -1,9 +1,11 @@
 # protoq: one non-recursive Makefile. Everything built goes to build/
 # (build/san/ for the sanitizer build, SAN=1).
 #
-#   make              build protoqd, protoq, protoq-bench, libprotoq.a
+#   make              build protoqd, protoq, protoq-bench, libprotoq.a and the
+#                     Python package into build/python (protoc-generated)
 #   make run          build, then run protoqd in the foreground (conf/protoqd.conf)
-#   make test         build and run every Check suite (SAN=1: ASan + UBSan)
+#   make test         build and run every Check suite (SAN=1: ASan + UBSan),
+#                     then the Python client's pytest suite
 #   make bench        standard benchmark workloads against a fresh protoqd
 #   make soak         the crash test with many more kill cycles
 #   make fuzz         build the libFuzzer targets (clang) into build/fuzz and
@@ -17,6 +19,18 @@ BINDIR    = $(DESTDIR)$(PREFIX)/bin
 LIBDIR    = $(DESTDIR)$(PREFIX)/lib
 INCDIR    = $(DESTDIR)$(PREFIX)/include
 PROTOC_C ?= protoc-c
+PROTOC   ?= protoc
+# Debian's interpreter, where python3-protobuf and python3-pytest live (a
+# python3 earlier in PATH, e.g. pyenv's, would not see them).
+PYTHON   ?= /usr/bin/python3
+# Where `make install` puts the Python package: on Debian's sys.path,
+# /usr/lib/python3/dist-packages for PREFIX=/usr, else
+# PREFIX/lib/python3.X/dist-packages (/usr/local's is on sys.path too).
+ifeq ($(PREFIX),/usr)
+PYLIBDIR  = $(DESTDIR)/usr/lib/python3/dist-packages
+else
+PYLIBDIR  = $(DESTDIR)$(PREFIX)/lib/$(shell $(PYTHON) -c 'import sys; print("python%d.%d" % sys.version_info[:2])')/dist-packages
+endif
 PKGS      = libevent libevent_pthreads libprotobuf-c
 
 ifeq ($(SAN),1)
@@ -83,17 +97,30 @@ TESTUTIL_OBJS = $(B)/tests/testutil.o
 BINS = $(B)/protoqd $(B)/protoq $(B)/protoq-bench
 LIBA = $(B)/libprotoq.a
 
+# The Python package, assembled in $(B)/python/protoq with its generated
+# protoq_pb2.py (never committed); the tests import it from there.
+PY_SRCS  = client/python/protoq/__init__.py client/python/protoq/errors.py \
+           client/python/protoq/client.py client/python/protoq/worker.py
+PY_PKG   = $(B)/python/protoq
+PY_STAMP = $(PY_PKG)/protoq_pb2.py
+
 ALL_OBJS = $(PROTO_OBJS) $(BROKER_OBJS) $(LIB_OBJS) $(CLI_OBJS) $(BENCH_OBJS) \
            $(TESTUTIL_OBJS) $(TESTS:=.o) $(B)/tests/fuzz/gen_corpus.o
 
-.PHONY: all run test bench soak install clean fuzz fuzz-build fuzz-corpus
-all: $(BINS) $(LIBA)
+.PHONY: all run test pytest bench soak install clean fuzz fuzz-build fuzz-corpus
+all: $(BINS) $(LIBA) $(PY_STAMP)
 
 # ---- generated protobuf-c code (never committed) ----
 # One protoc-c run writes both files (grouped target).
 $(B)/protocol/protoq.pb-c.c $(B)/protocol/protoq.pb-c.h &: protocol/protoq.proto
 	@mkdir -p $(B)/protocol
 	$(PROTOC_C) --proto_path=protocol --c_out=$(B)/protocol $<
+
+# One protoc run for the Python messages; the sources are copied beside them.
+$(PY_STAMP): protocol/protoq.proto $(PY_SRCS)
+	@mkdir -p $(PY_PKG)
+	cp $(PY_SRCS) $(PY_PKG)/
+	$(PROTOC) --proto_path=protocol --python_out=$(PY_PKG) $<
 
 # The generated header must exist before the first compile (order-only);
 # after that the .d files say who includes it, so a .proto edit rebuilds
@@ -141,12 +168,21 @@ $(B)/tests/golden/%: $(B)/tests/golden/%.o $(TESTUTIL_OBJS) $(LIBA)
 # Each suite runs on its own; all run even if one fails, and the exit
 # status says whether any failed. Integration tests find the binaries
 # through PROTOQD / PROTOQ.
-test: $(BINS) $(TESTS)
+test: $(BINS) $(TESTS) $(PY_STAMP)
 	@fail=0; for t in $(TESTS); do \
 	    echo "== $$t"; \
 	    PROTOQD=$(CURDIR)/$(B)/protoqd PROTOQ=$(CURDIR)/$(B)/protoq \
 	        $(VALGRIND) ./$$t || fail=1; \
-	done; exit $$fail
+	done; \
+	$(MAKE) --no-print-directory pytest || fail=1; \
+	exit $$fail
+
+# The Python client's suite alone (against this build's protoqd).
+pytest: $(BINS) $(PY_STAMP)
+	@echo "== python client (pytest)"
+	PROTOQD=$(CURDIR)/$(B)/protoqd PROTOQ=$(CURDIR)/$(B)/protoq \
+	    PYTHONPATH=$(CURDIR)/$(B)/python PYTHONDONTWRITEBYTECODE=1 \
+	    $(PYTHON) -m pytest -q -p no:cacheprovider client/python/tests
 
 soak: $(BINS) $(B)/tests/crash/check_crash
 	PROTOQD=$(CURDIR)/$(B)/protoqd CRASH_CYCLES=$${CRASH_CYCLES:-200} \
@@ -244,11 +280,12 @@ run: $(B)/protoqd $(B)/protoq
 	@mkdir -p var/protoq
 	./$(B)/protoqd -c conf/protoqd.conf
 
-install: $(BINS) $(LIBA)
-	install -d $(BINDIR) $(LIBDIR) $(INCDIR)
+install: $(BINS) $(LIBA) $(PY_STAMP)
+	install -d $(BINDIR) $(LIBDIR) $(INCDIR) $(PYLIBDIR)/protoq
 	install -m 0755 $(BINS) $(BINDIR)
 	install -m 0644 $(LIBA) $(LIBDIR)
 	install -m 0644 client/protoq.h $(INCDIR)
+	install -m 0644 $(PY_PKG)/*.py $(PYLIBDIR)/protoq
 
 clean:
 	rm -rf build

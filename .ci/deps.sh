@@ -6,7 +6,11 @@
 #   .ci/deps.sh fuzz   that, plus clang and libFuzzer for `make fuzz`
 set -eu
 
-PKGS="build-essential pkg-config libevent-dev libprotobuf-c-dev protobuf-c-compiler check"
+# python3-*, protobuf-compiler: the Python client (client/python), its
+# generated messages, its tests and the venv install test.
+PKGS="build-essential pkg-config libevent-dev libprotobuf-c-dev protobuf-c-compiler check
+      python3 python3-protobuf protobuf-compiler python3-pytest python3-setuptools
+      python3-wheel python3-venv python3-pip"
 if [ "${1:-}" = fuzz ]; then
     PKGS="$PKGS clang-14 libclang-rt-14-dev"
 fi

@@ -1,0 +1,317 @@
+"""protoq.Worker: run a Python function once per job, like `protoq work`.
+
+    def train(job):
+        start = load(job.checkpoint)            # None on a first attempt
+        for epoch in range(start, 100):
+            ...
+            job.progress(epoch, "epoch %d" % epoch, checkpoint=save(epoch))
+            if job.cancelled:
+                return
+
+    protoq.Worker("127.0.0.1:7650", "train", train).run()
+
+One job at a time, in the calling (main) thread, never in a forked child
+(CUDA does not survive a fork). While the function runs, a background
+thread touches the job's lease, and the client's reader thread keeps the
+connection alive with heartbeats. The function's return acks the job; an
+exception nacks it (retried with the queue's backoff, dead-lettered after
+max_attempts) with the traceback's tail as the error text; protoq.Reject
+dead-letters it at once. SIGTERM (pre-emption) releases the job without
+counting a failed attempt and stops the worker. A lost connection is
+re-established with exponential backoff.
+"""
+
+import json
+import logging
+import os
+import random
+import signal
+import threading
+import time
+import traceback
+
+from . import errors
+from .client import Client, Progress
+
+log = logging.getLogger("protoq.worker")
+
+_ERROR_TAIL = 1000  # bytes of traceback kept as the nack's error text
+
+
+def decode_payload(payload, headers, mode):
+    """bytes -> what the job function gets, by mode: 'bytes', 'str',
+    'json', or 'auto' (JSON when the content-type header says so or the
+    text is a JSON object or array; else str when it is UTF-8; else bytes)."""
+    if mode == "bytes":
+        return payload
+    if mode == "str":
+        return payload.decode("utf-8")
+    if mode == "json":
+        return json.loads(payload)
+    if mode != "auto":
+        raise ValueError("decode: 'auto', 'bytes', 'str' or 'json', not %r" % mode)
+    if headers.get("content-type", "").startswith("application/json"):
+        return json.loads(payload)
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return payload
+    if text[:1] in ("{", "["):
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+    return text
+
+
+class Job:
+    """What the job function gets.
+
+    id, attempt, queue, headers, raw (the payload bytes), payload (decoded),
+    previous_progress (the Progress an earlier attempt reported, or None),
+    checkpoint (the latest checkpoint: an earlier attempt's until this one
+    reports its own), cancelled (a cancel request arrived), lease_lost (a
+    touch was refused: another worker may hold the job now), stopping (the
+    worker got SIGTERM and is in its shutdown grace).
+    """
+
+    def __init__(self, worker, delivery, payload):
+        self._worker = worker
+        self.delivery = delivery
+        self.id = delivery.id
+        self.attempt = delivery.attempt
+        self.queue = delivery.queue
+        self.headers = delivery.headers
+        self.raw = delivery.payload
+        self.payload = payload
+        self.previous_progress = delivery.progress
+        p = self.previous_progress
+        self.checkpoint = p.checkpoint if p is not None and p.checkpoint else None
+        self.lease_lost = False
+        self._lock = threading.Lock()
+
+    @property
+    def cancelled(self):
+        return self.delivery.cancelled
+
+    @property
+    def stopping(self):
+        return self._worker._stopping
+
+    def on_cancel(self, fn):
+        """Call fn(job) when a cancel request arrives (from a background
+        thread: set a flag or signal your loop; do not block)."""
+        self.delivery.on_cancel(lambda _d: fn(self))
+
+    def progress(self, percent=None, text=None, checkpoint=None):
+        """Report progress (percent 0-100, text, checkpoint URI) now; the
+        broker keeps the latest with the job and hands it to the next
+        attempt. Also extends the lease. Returns False if the lease was
+        lost (the job may be running elsewhere)."""
+        if checkpoint is not None:
+            self.checkpoint = checkpoint
+        return self._touch(Progress(percent, text, checkpoint))
+
+    def _touch(self, progress=None):
+        if self.lease_lost:
+            return False
+        try:
+            with self._lock:
+                if progress is None:
+                    self.delivery.touch()
+                else:
+                    self.delivery.touch(progress)
+        except errors.StaleDelivery as e:
+            self.lease_lost = True
+            log.warning("job %d: lease lost: %s", self.id, e)
+            return False
+        except errors.ConnectionClosed as e:
+            self.lease_lost = True
+            log.warning("job %d: connection lost: %s", self.id, e)
+            return False
+        return True
+
+
+class _Toucher(threading.Thread):
+    """Touches a job's lease every lease/3 seconds until stopped."""
+
+    def __init__(self, job, interval):
+        super().__init__(name="protoq-touch-%d" % job.id, daemon=True)
+        self.job = job
+        self.interval = interval
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.wait(self.interval):
+            if not self.job._touch():
+                return
+
+    def stop(self):
+        self.done.set()
+        self.join()
+
+
+class Worker:
+    """Worker(server, queue, fn, *, token=None, tls=None, decode='auto',
+    tags=None, touch_interval=None, shutdown_grace=0, on_cancel=None,
+    reconnect=(0.5, 30), max_jobs=None, name='protoq-worker')
+
+    fn(job) runs once per job. touch_interval: seconds between touches
+    (None: a third of the lease). shutdown_grace: seconds the running job
+    may still finish after SIGTERM (job.stopping is True meanwhile) before
+    protoq.Shutdown is raised inside it. on_cancel(job): called when a
+    cancel request arrives (job.cancelled is set either way). reconnect:
+    first and largest delay between connection attempts. max_jobs: stop
+    after that many jobs (None: run until stop() or SIGTERM).
+    """
+
+    def __init__(self, server, queue, fn, *, token=None, tls=None,
+                 decode="auto", tags=None, touch_interval=None,
+                 shutdown_grace=0, on_cancel=None, reconnect=(0.5, 30.0),
+                 max_jobs=None, name="protoq-worker"):
+        if decode not in ("auto", "bytes", "str", "json"):
+            raise ValueError("decode: 'auto', 'bytes', 'str' or 'json', not %r" % decode)
+        self.server, self.queue, self.fn = server, queue, fn
+        self.token, self.tls, self.decode, self.tags = token, tls, decode, tags
+        self.touch_interval = touch_interval
+        self.shutdown_grace = shutdown_grace
+        self.on_cancel = on_cancel
+        self.reconnect = reconnect
+        self.max_jobs = max_jobs
+        self.name = name
+        self.jobs_done = 0
+        self._stopping = False
+        self._in_job = False
+        self._term_timer = None
+
+    def stop(self):
+        """Stop after the current job (from any thread)."""
+        self._stopping = True
+
+    # ---- signals
+
+    def _on_sigterm(self, signum, _frame):
+        if not self._in_job:
+            self._stopping = True
+            return
+        if self._stopping or not self.shutdown_grace:
+            self._stopping = True
+            raise errors.Shutdown("signal %d" % signum)
+        self._stopping = True
+        log.info("SIGTERM: the running job has %ss to finish", self.shutdown_grace)
+        self._term_timer = threading.Timer(
+            self.shutdown_grace, os.kill, (os.getpid(), signal.SIGTERM))
+        self._term_timer.daemon = True
+        self._term_timer.start()
+
+    # ---- the loop
+
+    def run(self):
+        """Take jobs until stop(), SIGTERM or max_jobs. Returns the number
+        of jobs run. Connection failures are retried with backoff; other
+        errors (QueueNotFound, Unauthorized, ...) are raised."""
+        old = None
+        if threading.current_thread() is threading.main_thread():
+            old = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            delay = self.reconnect[0]
+            while not self._stopping:
+                try:
+                    self._session()
+                    delay = self.reconnect[0]
+                except (errors.ConnectionClosed, errors.Timeout) as e:
+                    if self._stopping:
+                        break
+                    pause = delay * (0.5 + random.random() / 2)
+                    log.warning("protoq worker: %s; reconnecting in %.1fs", e, pause)
+                    self._sleep(pause)
+                    delay = min(delay * 2, self.reconnect[1])
+        finally:
+            if self._term_timer is not None:
+                self._term_timer.cancel()
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+        return self.jobs_done
+
+    def _sleep(self, seconds):
+        end = time.monotonic() + seconds
+        while not self._stopping and time.monotonic() < end:
+            time.sleep(min(0.1, end - time.monotonic()))
+
+    def _session(self):
+        with Client(self.server, token=self.token, tls=self.tls,
+                    name=self.name) as c:
+            sub = c.consume(self.queue, prefetch=1, tags=self.tags)
+            while not self._stopping:
+                d = sub.get(timeout=0.2)
+                if d is None:
+                    continue
+                self._run_job(sub, d)
+                self.jobs_done += 1
+                if self.max_jobs is not None and self.jobs_done >= self.max_jobs:
+                    self._stopping = True
+            # Clean stop, as PROTOCOL.md says: Flow 0 first (nothing more
+            # comes after its Ok), then release what was pushed meanwhile
+            # (no failed attempt), then unsubscribe.
+            sub.pause()
+            while True:
+                d = sub.get(timeout=0)
+                if d is None:
+                    break
+                self._settle(d, "release", reason="shutdown")
+            sub.close()
+
+    def _run_job(self, sub, d):
+        try:
+            payload = decode_payload(d.payload, d.headers, self.decode)
+        except ValueError as e:
+            log.warning("job %d: payload does not decode as %s: %s", d.id, self.decode, e)
+            self._settle(d, "nack", dead_letter=True,
+                         error="payload does not decode as %s: %s" % (self.decode, e))
+            return
+        job = Job(self, d, payload)
+        if self.on_cancel is not None:
+            job.on_cancel(self.on_cancel)
+        interval = self.touch_interval or max(0.05, d.lease / 3)
+        toucher = _Toucher(job, interval)
+        toucher.start()
+        outcome, kw = "ack", {}
+        try:
+            try:
+                self._in_job = True
+                self.fn(job)
+            finally:
+                self._in_job = False
+        except (errors.Shutdown, KeyboardInterrupt) as e:
+            outcome, kw = "release", {"reason": "shutdown"}
+            self._stopping = True
+            log.info("job %d: released on shutdown (%s)", job.id, type(e).__name__)
+        except errors.Reject as e:
+            outcome, kw = "nack", {"dead_letter": True, "error": str(e) or "rejected"}
+        except Exception:
+            tail = traceback.format_exc()[-_ERROR_TAIL:]
+            outcome, kw = "nack", {"error": tail}
+            log.warning("job %d attempt %d failed:\n%s", job.id, job.attempt, tail)
+        finally:
+            toucher.stop()
+        if job.cancelled:
+            log.info("job %d was cancelled", job.id)
+        if outcome == "release":
+            sub.pause()  # else the broker pushes the job right back to us
+        self._settle(d, outcome, **kw)
+
+    def _settle(self, d, outcome, **kw):
+        """Ack, nack or release with a durable confirm; a fenced token (lease
+        lost, cancelled) is logged, not raised."""
+        try:
+            getattr(d, outcome)(confirm=True, **kw)
+        except errors.StaleDelivery as e:
+            log.info("job %d: %s not applied: %s", d.id, outcome, e)
+
+
+def worker(server, queue, **kw):
+    """Decorator: @protoq.worker("host:port", "train") def fn(job): ...
+    makes fn a Worker (call .run() on it)."""
+    def wrap(fn):
+        return Worker(server, queue, fn, **kw)
+    return wrap
