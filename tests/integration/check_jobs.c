@@ -1070,6 +1070,45 @@ START_TEST(test_cancel_inflight_notifies_holder_and_fences_ack)
 }
 END_TEST
 
+/* The fenced answer (STALE_DELIVERY) to an ack, nack or release of a
+ * cancelled job frees its holder's credit: the next job must come at once
+ * (found by the model-based test, tests/model: the holder stalled until
+ * something else woke its queue). */
+START_TEST(test_fenced_answer_to_cancelled_job_frees_credit)
+{
+    protoq_client *p = pq_connect_or_fail(&g_srv);
+    struct protoq_queue_attrs a = attrs_fast();
+    struct cons *ca;
+    struct got g;
+    uint64_t id, next;
+    int rc;
+
+    mkq(p, "jobs", &a);
+    id = pub(p, "jobs", "running");
+    next = pub(p, "jobs", "waiting");
+    ca = cons_open("jobs", 1);
+    cons_must_get(ca, 3000, &g, "job");
+    ck_assert_uint_eq(g.id, id);
+    pq_check_ok(p, protoq_cancel(p, "jobs", id));
+    switch (_i) {
+    case 0:
+        rc = protoq_ack_sync(ca->c, id, 1);
+        break;
+    case 1:
+        rc = protoq_nack_sync(ca->c, id, 1, 0, false, "failed");
+        break;
+    default:
+        rc = protoq_release(ca->c, id, 1, PROTOQ_RELEASE_PREEMPTED, NULL, true);
+        break;
+    }
+    pq_check_remote(ca->c, rc, PROTOQ_CODE_STALE_DELIVERY);
+    cons_must_get(ca, 2000, &g, "the job after the cancelled one");
+    ck_assert_uint_eq(g.id, next);
+    cons_close(ca);
+    protoq_close(p);
+}
+END_TEST
+
 /* ============================================================= restart */
 
 START_TEST(test_restart_keeps_attempt_count)
@@ -1778,6 +1817,7 @@ jobs_suite(void)
     tc = tcase("cancel", 20);
     tcase_add_test(tc, test_cancel_ready_and_delayed_job_removes_it);
     tcase_add_test(tc, test_cancel_inflight_notifies_holder_and_fences_ack);
+    tcase_add_loop_test(tc, test_fenced_answer_to_cancelled_job_frees_credit, 0, 3);
     suite_add_tcase(s, tc);
 
     /* _i = 0: SIGTERM and restart; _i = 1: kill -9 and launch */
