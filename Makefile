@@ -5,7 +5,8 @@
 #   make run          build, then run protoqd in the foreground (conf/protoqd.conf)
 #   make test         build and run every Check suite (SAN=1: ASan + UBSan)
 #   make bench        standard benchmark workloads against a fresh protoqd
-#   make soak         the crash test with many more kill cycles
+#   make soak         the crash test with many more kill cycles, and the
+#                     model test with 5000 histories (MODEL_HISTORIES)
 #   make install      PREFIX=/usr/local DESTDIR=
 #   make clean
 
@@ -62,14 +63,15 @@ UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_queue \
               $(B)/tests/unit/check_store $(B)/tests/unit/check_config
 INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_jobs \
               $(B)/tests/crash/check_crash
-TESTS = $(UNIT_TESTS) $(INTEG_TESTS)
+MODEL_TESTS = $(B)/tests/model/check_model
+TESTS = $(UNIT_TESTS) $(INTEG_TESTS) $(MODEL_TESTS)
 TESTUTIL_OBJS = $(B)/tests/testutil.o
 
 BINS = $(B)/protoqd $(B)/protoq $(B)/protoq-bench
 LIBA = $(B)/libprotoq.a
 
 ALL_OBJS = $(PROTO_OBJS) $(BROKER_OBJS) $(LIB_OBJS) $(CLI_OBJS) $(BENCH_OBJS) \
-           $(TESTUTIL_OBJS) $(TESTS:=.o)
+           $(TESTUTIL_OBJS) $(TESTS:=.o) $(B)/tests/model/model.o
 
 .PHONY: all run test bench soak install clean
 all: $(BINS) $(LIBA)
@@ -117,6 +119,9 @@ $(B)/tests/integration/%: $(B)/tests/integration/%.o $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/crash/%: $(B)/tests/crash/%.o $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+$(B)/tests/model/check_model: $(B)/tests/model/check_model.o $(B)/tests/model/model.o \
+                              $(TESTUTIL_OBJS) $(LIBA)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 
 # Each suite runs on its own; all run even if one fails, and the exit
 # status says whether any failed. Integration tests find the binaries
@@ -128,9 +133,11 @@ test: $(BINS) $(TESTS)
 	        $(VALGRIND) ./$$t || fail=1; \
 	done; exit $$fail
 
-soak: $(BINS) $(B)/tests/crash/check_crash
+soak: $(BINS) $(B)/tests/crash/check_crash $(B)/tests/model/check_model
 	PROTOQD=$(CURDIR)/$(B)/protoqd CRASH_CYCLES=$${CRASH_CYCLES:-200} \
 	    CK_DEFAULT_TIMEOUT=3600 ./$(B)/tests/crash/check_crash
+	PROTOQD=$(CURDIR)/$(B)/protoqd MODEL_HISTORIES=$${MODEL_HISTORIES:-5000} \
+	    ./$(B)/tests/model/check_model
 
 bench: $(BINS)
 	./tests/bench.sh $(B)
