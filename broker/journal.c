@@ -1323,6 +1323,7 @@ journal_open(struct server *srv, char *err, size_t errlen)
         snprintf(err, errlen, "out of memory putting the recovered messages in order");
         return rc;
     }
+    qset_clear_stats(srv->qs); /* replay pushed and moved messages: not counted */
     w.j = j;
     w.n = 0;
     for (struct queue *q = qset_first(srv->qs); q; q = qset_next(q)) {

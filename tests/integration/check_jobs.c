@@ -1362,6 +1362,39 @@ START_TEST(test_restart_keeps_idempotency_keys)
 }
 END_TEST
 
+/* Counters are "since the broker started": replaying the log is not
+ * publishing. Every PUBLISH, REQUEUE and DEAD_LETTER record replayed used
+ * to count as a publish (found by the model-based test, tests/model). */
+START_TEST(test_restart_counts_no_replayed_publish)
+{
+    protoq_client *p = pq_connect_or_fail(&g_srv);
+    struct protoq_queue_attrs a = attrs_fast();
+    struct protoq_queue_info i;
+    struct cons *k;
+    struct got g;
+    uint64_t id;
+
+    mkq(p, "jobs", &a);
+    id = pub(p, "jobs", "retried");
+    (void)pub(p, "jobs", "waiting");
+    k = cons_open("jobs", 1);
+    cons_must_get(k, 3000, &g, "job");
+    ck_assert_uint_eq(g.id, id);
+    pq_check_ok(k->c, protoq_nack_sync(k->c, id, 1, 0, false, "failed"));
+    cons_close(k);
+    protoq_close(p);
+    bounce(_i);
+    p = pq_connect_or_fail(&g_srv);
+    i = qstat(p, "jobs");
+    ck_assert_uint_eq(i.ready + i.delayed, 2);
+    ck_assert_msg(i.published == 0, "%s: published %" PRIu64 " right after the "
+                  "restart, want 0", mode_name(_i), i.published);
+    (void)pub(p, "jobs", "new");
+    ck_assert_uint_eq(qstat(p, "jobs").published, 1);
+    protoq_close(p);
+}
+END_TEST
+
 START_TEST(test_restart_never_reuses_message_ids)
 {
     protoq_client *p = pq_connect_or_fail(&g_srv);
@@ -1829,6 +1862,7 @@ jobs_suite(void)
     tcase_add_loop_test(tc, test_restart_keeps_released_progress, 0, 2);
     tcase_add_loop_test(tc, test_restart_keeps_idempotency_keys, 0, 2);
     tcase_add_loop_test(tc, test_restart_never_reuses_message_ids, 0, 2);
+    tcase_add_loop_test(tc, test_restart_counts_no_replayed_publish, 0, 2);
     tcase_add_loop_test(tc, test_restart_expires_ttl_while_down, 0, 2);
     tcase_add_loop_test(tc, test_restart_keeps_priority_and_fifo_order, 0, 2);
     tcase_add_loop_test(tc, test_restart_keeps_inflight_cancel, 0, 2);
