@@ -849,7 +849,6 @@ restart_queues(struct model *w)
         Q->sub = -1;
         Q->nrd = 0;
         memset(&Q->n, 0, sizeof(Q->n));
-        Q->pub_unknown = true;
         if (Q->exists && Q->a.transient) {
             Q->exists = false;
         }

@@ -113,9 +113,6 @@ struct m_queue {
     int nrd;
     int sub;             /* the one subscription, -1 none */
     struct m_counters n;
-    bool pub_unknown;    /* KNOWN-BUG replay-published: after a restart the
-                            broker's published counter includes every
-                            replayed PUBLISH/REQUEUE/DEAD_LETTER record */
     struct m_key keys[M_MAXKEYS];
     int nkeys;
 };
