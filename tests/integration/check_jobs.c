@@ -1395,6 +1395,42 @@ START_TEST(test_restart_counts_no_replayed_publish)
 }
 END_TEST
 
+/* A dead letter takes the dead-letter queue's TTL (none here), live and
+ * after a restart. Replay kept the source message's TTL, so a message
+ * dead-lettered because it expired expired again in the dead-letter queue
+ * at the restart and was dropped (found by the model-based test). */
+START_TEST(test_restart_keeps_expired_dead_letter)
+{
+    protoq_client *p = pq_connect_or_fail(&g_srv);
+    struct protoq_queue_attrs a = attrs_fast();
+    struct protoq_queue_info i;
+    struct cons *d;
+    struct got g;
+
+    mkq(p, "dlq", NULL);
+    a.ttl_ms = 100;
+    a.dead_letter_expired = true;
+    snprintf(a.dead_letter, sizeof(a.dead_letter), "dlq");
+    mkq(p, "jobs", &a);
+    pub(p, "jobs", "too-late");
+    ck_assert_uint_eq(stat_wait(p, "dlq", SF_READY, 1, 3000), 1);
+    protoq_close(p);
+    bounce(_i);
+    p = pq_connect_or_fail(&g_srv);
+    sleep_ms(200);
+    i = qstat(p, "dlq");
+    ck_assert_msg(i.ready == 1 && i.expired == 0, "%s: dead-letter queue has %" PRIu64
+                  " ready, %" PRIu64 " expired after the restart; want 1, 0",
+                  mode_name(_i), i.ready, i.expired);
+    d = cons_open("dlq", 1);
+    cons_must_get(d, 3000, &g, "the dead letter after the restart");
+    check_payload(&g, "too-late");
+    check_header(&g, "x-death-reason", "expired");
+    cons_close(d);
+    protoq_close(p);
+}
+END_TEST
+
 START_TEST(test_restart_never_reuses_message_ids)
 {
     protoq_client *p = pq_connect_or_fail(&g_srv);
@@ -1863,6 +1899,7 @@ jobs_suite(void)
     tcase_add_loop_test(tc, test_restart_keeps_idempotency_keys, 0, 2);
     tcase_add_loop_test(tc, test_restart_never_reuses_message_ids, 0, 2);
     tcase_add_loop_test(tc, test_restart_counts_no_replayed_publish, 0, 2);
+    tcase_add_loop_test(tc, test_restart_keeps_expired_dead_letter, 0, 2);
     tcase_add_loop_test(tc, test_restart_expires_ttl_while_down, 0, 2);
     tcase_add_loop_test(tc, test_restart_keeps_priority_and_fifo_order, 0, 2);
     tcase_add_loop_test(tc, test_restart_keeps_inflight_cancel, 0, 2);
