@@ -62,8 +62,8 @@ enum { AV_DELETE_HELD = 1, AV_KEYED_REQUEUE = 2, AV_KEY_AFTER_DELETE = 4, AV_DLQ
 
 enum { DRAIN_CONN = M_NC - 1, MAX_OBS = 4096, MAX_OPS = 400 };
 
-#define HB_MS 100
-#define HB_TIMEOUT_MS 400
+#define HB_MS 150
+#define HB_TIMEOUT_MS 600
 
 struct conn {
     protoq_client *c;
@@ -1952,7 +1952,7 @@ START_TEST(histories)
     const char *one = getenv("MODEL_SEED");
     uint64_t base = (uint64_t)time(NULL) * 1000u + (uint64_t)getpid() % 1000u;
     int64_t t0 = now_ms_mono();
-    long restarts = 0, nops = 0, launches = 0;
+    long restarts = 0, nops = 0, launches = 0, unc = 0, unc_multi = 0;
     int64_t launch_ms = 0;
 
     write_conf();
@@ -1977,11 +1977,15 @@ START_TEST(histories)
         nops += h.nops;
         launches += h.launches;
         launch_ms += h.launch_ms;
+        unc += (long)h.w.unc_msgs;
+        unc_multi += (long)h.w.unc_multi;
     }
     fprintf(stderr, "model: %d histories passed (%ld operations, %ld restarts, %.1f ms "
             "per restart launch) in %.1f s\n", n, nops, restarts,
             launches ? (double)launch_ms / (double)launches : 0.0,
             (double)(now_ms_mono() - t0) / 1000.0);
+    fprintf(stderr, "model: after bare kill -9s, %ld messages were checked against the "
+            "states their log may hold, %ld of them with more than one\n", unc, unc_multi);
     unlink(g_conf);
 }
 END_TEST

@@ -938,6 +938,8 @@ m_restart_uncertain(struct model *w)
         m->ev = -1;
         m->seen = false;
         m->unc = any;
+        w->unc_msgs += any;
+        w->unc_multi += any && m->np > 1;
         m->st = any ? ST_READY : ST_GONE; /* not linked into rd: unc */
         m->cur.exists = any;
     }

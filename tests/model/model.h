@@ -160,6 +160,8 @@ struct model {
     uint32_t grp;
     uint32_t cfg_max_attempts;    /* broker defaults the test configures */
     uint64_t cfg_backoff_base, cfg_backoff_cap, cfg_ack_timeout, cfg_dedup;
+    uint64_t unc_msgs, unc_multi; /* after bare kill -9s: messages, and
+                                     those with more than one possible state */
     char err[1024];               /* first mismatch */
     bool failed;
 };
