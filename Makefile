@@ -7,7 +7,8 @@
 #   make test         build and run every Check suite (SAN=1: ASan + UBSan),
 #                     then the Python client's pytest suite
 #   make bench        standard benchmark workloads against a fresh protoqd
-#   make soak         the crash test with many more kill cycles
+#   make soak         the crash test with many more kill cycles, and the
+#                     model test with 5000 histories (MODEL_HISTORIES)
 #   make fuzz         build the libFuzzer targets (clang) into build/fuzz and
 #                     run each for FUZZ_SECONDS (default 60)
 #   make fuzz-corpus  regenerate the seed corpora under tests/fuzz/corpus
@@ -91,7 +92,9 @@ INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_j
               $(B)/tests/integration/check_loss \
               $(B)/tests/crash/check_crash $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
-TESTS = $(UNIT_TESTS) $(INTEG_TESTS)
+MODEL_TESTS = $(B)/tests/model/check_model
+MODEL_OBJS  = $(B)/tests/model/model.o $(B)/tests/model/driver.o $(B)/tests/model/ops.o
+TESTS = $(UNIT_TESTS) $(INTEG_TESTS) $(MODEL_TESTS)
 TESTUTIL_OBJS = $(B)/tests/testutil.o
 
 BINS = $(B)/protoqd $(B)/protoq $(B)/protoq-bench
@@ -105,7 +108,7 @@ PY_PKG   = $(B)/python/protoq
 PY_STAMP = $(PY_PKG)/protoq_pb2.py
 
 ALL_OBJS = $(PROTO_OBJS) $(BROKER_OBJS) $(LIB_OBJS) $(CLI_OBJS) $(BENCH_OBJS) \
-           $(TESTUTIL_OBJS) $(TESTS:=.o) $(B)/tests/fuzz/gen_corpus.o
+           $(TESTUTIL_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
 
 .PHONY: all run test pytest bench soak install clean fuzz fuzz-build fuzz-corpus
 all: $(BINS) $(LIBA) $(PY_STAMP)
@@ -164,6 +167,9 @@ $(B)/tests/crash/%: $(B)/tests/crash/%.o $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/golden/%: $(B)/tests/golden/%.o $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+$(B)/tests/model/check_model: $(B)/tests/model/check_model.o $(MODEL_OBJS) \
+                              $(TESTUTIL_OBJS) $(LIBA)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 
 # Each suite runs on its own; all run even if one fails, and the exit
 # status says whether any failed. Integration tests find the binaries
@@ -184,9 +190,11 @@ pytest: $(BINS) $(PY_STAMP)
 	    PYTHONPATH=$(CURDIR)/$(B)/python PYTHONDONTWRITEBYTECODE=1 \
 	    $(PYTHON) -m pytest -q -p no:cacheprovider client/python/tests
 
-soak: $(BINS) $(B)/tests/crash/check_crash
+soak: $(BINS) $(B)/tests/crash/check_crash $(B)/tests/model/check_model
 	PROTOQD=$(CURDIR)/$(B)/protoqd CRASH_CYCLES=$${CRASH_CYCLES:-200} \
 	    CK_DEFAULT_TIMEOUT=3600 ./$(B)/tests/crash/check_crash
+	PROTOQD=$(CURDIR)/$(B)/protoqd MODEL_HISTORIES=$${MODEL_HISTORIES:-5000} \
+	    ./$(B)/tests/model/check_model
 
 bench: $(BINS)
 	./tests/bench.sh $(B)

@@ -1467,7 +1467,8 @@ on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
 {
     struct server *srv = c->srv;
     struct msg *m = NULL;
-    struct queue *q;
+    struct msg cur;
+    struct queue *q, *was;
     uint64_t lsn = 0;
     int rc;
 
@@ -1476,10 +1477,16 @@ on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
                         "ack with a result or follow-ups is not implemented yet");
         return;
     }
+    was = qset_msg_peek(srv->qs, r->message_id, &cur) ? cur.q : NULL;
     rc = qset_ack(srv->qs, r->message_id, r->attempt, &m);
     if (rc != PQ_OK) {
-        struct msg cur;
         bool live = qset_msg_peek(srv->qs, r->message_id, &cur);
+
+        if (was != NULL && !live) {
+            /* a fenced ack of a cancelled job dropped it: its holder's
+             * credit is free again */
+            server_mark_dirty(srv, was);
+        }
         log_debug("ack %llu/%u stale: %s", (unsigned long long)r->message_id,
                   r->attempt, live ? (cur.state == MSG_INFLIGHT ? "in flight, other attempt" : "not in flight") : "no such message");
         reply_err(c, rid, rc, "ack %llu/%u: not the current delivery (lease "

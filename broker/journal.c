@@ -1100,7 +1100,9 @@ replay_reset(struct journal *j, const struct msg *m, struct queue *to,
     mn.size = m->size;
     mn.priority = m->priority;
     mn.due_ms = due_ms;
-    mn.expire_ms = m->expire_ms;
+    /* A dead letter takes its new queue's TTL (queue_push applies it), as
+     * dead_letter() does live; the source's TTL would drop it again. */
+    mn.expire_ms = to != m->q ? 0 : m->expire_ms;
     mn.published_wall_ms = m->published_wall_ms;
     mn.idem_key = idem;
     mn.requires = req;
@@ -1324,6 +1326,7 @@ journal_open(struct server *srv, char *err, size_t errlen)
         snprintf(err, errlen, "out of memory putting the recovered messages in order");
         return rc;
     }
+    qset_clear_stats(srv->qs); /* replay pushed and moved messages: not counted */
     w.j = j;
     w.n = 0;
     for (struct queue *q = qset_first(srv->qs); q; q = qset_next(q)) {

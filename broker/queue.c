@@ -2897,6 +2897,15 @@ level_sort(struct queue *q, int p)
     return PQ_OK;
 }
 
+/* qset_clear_stats: see queue.h. */
+void
+qset_clear_stats(struct qset *qs)
+{
+    for (struct queue *q = qs->q_head; q != NULL; q = q->next) {
+        memset(&q->stats, 0, sizeof(q->stats));
+    }
+}
+
 /* qset_sort_ready: see queue.h. */
 int
 qset_sort_ready(struct qset *qs)

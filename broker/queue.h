@@ -458,6 +458,11 @@ uint64_t queue_purge(struct queue *q);
 void queue_foreach_msg(struct queue *q, void (*fn)(void *arg, struct msg *m),
                        void *arg);
 
+/* qset_clear_stats: zero every queue's counters (struct queue_stats). Log
+ * replay uses it once done: replaying is not publishing, and the counters
+ * count from the start of service. */
+void qset_clear_stats(struct qset *qs);
+
 /* qset_sort_ready: put every ready list in id order (publish order). Log
  * replay uses it: compaction and retries move records in the log, so the
  * replay order is not the publish order. READY messages that qualify take

@@ -1070,6 +1070,45 @@ START_TEST(test_cancel_inflight_notifies_holder_and_fences_ack)
 }
 END_TEST
 
+/* The fenced answer (STALE_DELIVERY) to an ack, nack or release of a
+ * cancelled job frees its holder's credit: the next job must come at once
+ * (found by the model-based test, tests/model: the holder stalled until
+ * something else woke its queue). */
+START_TEST(test_fenced_answer_to_cancelled_job_frees_credit)
+{
+    protoq_client *p = pq_connect_or_fail(&g_srv);
+    struct protoq_queue_attrs a = attrs_fast();
+    struct cons *ca;
+    struct got g;
+    uint64_t id, next;
+    int rc;
+
+    mkq(p, "jobs", &a);
+    id = pub(p, "jobs", "running");
+    next = pub(p, "jobs", "waiting");
+    ca = cons_open("jobs", 1);
+    cons_must_get(ca, 3000, &g, "job");
+    ck_assert_uint_eq(g.id, id);
+    pq_check_ok(p, protoq_cancel(p, "jobs", id));
+    switch (_i) {
+    case 0:
+        rc = protoq_ack_sync(ca->c, id, 1);
+        break;
+    case 1:
+        rc = protoq_nack_sync(ca->c, id, 1, 0, false, "failed");
+        break;
+    default:
+        rc = protoq_release(ca->c, id, 1, PROTOQ_RELEASE_PREEMPTED, NULL, true);
+        break;
+    }
+    pq_check_remote(ca->c, rc, PROTOQ_CODE_STALE_DELIVERY);
+    cons_must_get(ca, 2000, &g, "the job after the cancelled one");
+    ck_assert_uint_eq(g.id, next);
+    cons_close(ca);
+    protoq_close(p);
+}
+END_TEST
+
 /* ============================================================= restart */
 
 START_TEST(test_restart_keeps_attempt_count)
@@ -1319,6 +1358,75 @@ START_TEST(test_restart_keeps_idempotency_keys)
                   " dup %d, want id %" PRIu64 " dup 1", mode_name(_i), id2,
                   (int)dup, id1);
     ck_assert_uint_eq(qstat(p, "jobs").ready, 1);
+    protoq_close(p);
+}
+END_TEST
+
+/* Counters are "since the broker started": replaying the log is not
+ * publishing. Every PUBLISH, REQUEUE and DEAD_LETTER record replayed used
+ * to count as a publish (found by the model-based test, tests/model). */
+START_TEST(test_restart_counts_no_replayed_publish)
+{
+    protoq_client *p = pq_connect_or_fail(&g_srv);
+    struct protoq_queue_attrs a = attrs_fast();
+    struct protoq_queue_info i;
+    struct cons *k;
+    struct got g;
+    uint64_t id;
+
+    mkq(p, "jobs", &a);
+    id = pub(p, "jobs", "retried");
+    (void)pub(p, "jobs", "waiting");
+    k = cons_open("jobs", 1);
+    cons_must_get(k, 3000, &g, "job");
+    ck_assert_uint_eq(g.id, id);
+    pq_check_ok(k->c, protoq_nack_sync(k->c, id, 1, 0, false, "failed"));
+    cons_close(k);
+    protoq_close(p);
+    bounce(_i);
+    p = pq_connect_or_fail(&g_srv);
+    i = qstat(p, "jobs");
+    ck_assert_uint_eq(i.ready + i.delayed, 2);
+    ck_assert_msg(i.published == 0, "%s: published %" PRIu64 " right after the "
+                  "restart, want 0", mode_name(_i), i.published);
+    (void)pub(p, "jobs", "new");
+    ck_assert_uint_eq(qstat(p, "jobs").published, 1);
+    protoq_close(p);
+}
+END_TEST
+
+/* A dead letter takes the dead-letter queue's TTL (none here), live and
+ * after a restart. Replay kept the source message's TTL, so a message
+ * dead-lettered because it expired expired again in the dead-letter queue
+ * at the restart and was dropped (found by the model-based test). */
+START_TEST(test_restart_keeps_expired_dead_letter)
+{
+    protoq_client *p = pq_connect_or_fail(&g_srv);
+    struct protoq_queue_attrs a = attrs_fast();
+    struct protoq_queue_info i;
+    struct cons *d;
+    struct got g;
+
+    mkq(p, "dlq", NULL);
+    a.ttl_ms = 100;
+    a.dead_letter_expired = true;
+    snprintf(a.dead_letter, sizeof(a.dead_letter), "dlq");
+    mkq(p, "jobs", &a);
+    pub(p, "jobs", "too-late");
+    ck_assert_uint_eq(stat_wait(p, "dlq", SF_READY, 1, 3000), 1);
+    protoq_close(p);
+    bounce(_i);
+    p = pq_connect_or_fail(&g_srv);
+    sleep_ms(200);
+    i = qstat(p, "dlq");
+    ck_assert_msg(i.ready == 1 && i.expired == 0, "%s: dead-letter queue has %" PRIu64
+                  " ready, %" PRIu64 " expired after the restart; want 1, 0",
+                  mode_name(_i), i.ready, i.expired);
+    d = cons_open("dlq", 1);
+    cons_must_get(d, 3000, &g, "the dead letter after the restart");
+    check_payload(&g, "too-late");
+    check_header(&g, "x-death-reason", "expired");
+    cons_close(d);
     protoq_close(p);
 }
 END_TEST
@@ -1778,6 +1886,7 @@ jobs_suite(void)
     tc = tcase("cancel", 20);
     tcase_add_test(tc, test_cancel_ready_and_delayed_job_removes_it);
     tcase_add_test(tc, test_cancel_inflight_notifies_holder_and_fences_ack);
+    tcase_add_loop_test(tc, test_fenced_answer_to_cancelled_job_frees_credit, 0, 3);
     suite_add_tcase(s, tc);
 
     /* _i = 0: SIGTERM and restart; _i = 1: kill -9 and launch */
@@ -1789,6 +1898,8 @@ jobs_suite(void)
     tcase_add_loop_test(tc, test_restart_keeps_released_progress, 0, 2);
     tcase_add_loop_test(tc, test_restart_keeps_idempotency_keys, 0, 2);
     tcase_add_loop_test(tc, test_restart_never_reuses_message_ids, 0, 2);
+    tcase_add_loop_test(tc, test_restart_counts_no_replayed_publish, 0, 2);
+    tcase_add_loop_test(tc, test_restart_keeps_expired_dead_letter, 0, 2);
     tcase_add_loop_test(tc, test_restart_expires_ttl_while_down, 0, 2);
     tcase_add_loop_test(tc, test_restart_keeps_priority_and_fifo_order, 0, 2);
     tcase_add_loop_test(tc, test_restart_keeps_inflight_cancel, 0, 2);

@@ -1,0 +1,976 @@
+/*
+ * model.c: the reference model of check_model.c (see model.h). No I/O: the
+ * test drives the broker and tells the model what it did and saw.
+ */
+#include "model.h"
+
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+const char *const m_tag_key[M_NTAGS] = {"gpu", "gpu", "zone"};
+const char *const m_tag_val[M_NTAGS] = {"a100", "h100", "eu"};
+
+int
+m_fail(struct model *w, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (!w->failed) {
+        va_start(ap, fmt);
+        vsnprintf(w->err, sizeof(w->err), fmt, ap);
+        va_end(ap);
+        w->failed = true;
+    }
+    return -1;
+}
+
+const char *
+m_qname(int q)
+{
+    static const char *const names[M_NQ] = {"q0", "q1", "q2", "q3", "q4"};
+
+    return q >= 0 && q < M_NQ ? names[q] : "?";
+}
+
+int
+m_qindex(const char *name)
+{
+    for (int i = 0; i < M_NQ; i++) {
+        if (strcmp(name, m_qname(i)) == 0) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+void
+m_payload(uint32_t gen, uint32_t len, char *buf)
+{
+    static const char al[] = "abcdefghijklmnopqrstuvwxyz0123456789";
+
+    for (uint32_t i = 0; i < len; i++) {
+        buf[i] = al[(gen * 31u + i * 7u + (i >> 5) * 3u) % 36u];
+    }
+}
+
+uint64_t
+m_hash(const void *p, size_t len)
+{
+    const uint8_t *b = p;
+    uint64_t h = 1469598103934665603ULL;
+
+    for (size_t i = 0; i < len; i++) {
+        h = (h ^ b[i]) * 1099511628211ULL;
+    }
+    return h;
+}
+
+void
+m_init(struct model *w)
+{
+    memset(w, 0, sizeof(*w));
+    for (int i = 0; i < M_NQ; i++) {
+        w->q[i].sub = -1;
+    }
+}
+
+void
+m_effective(const struct model *w, int q, struct protoq_queue_attrs *o)
+{
+    *o = w->q[q].a;
+    if (o->ack_timeout_ms == 0) {
+        o->ack_timeout_ms = w->cfg_ack_timeout;
+    }
+    if (o->max_attempts == 0) {
+        o->max_attempts = w->cfg_max_attempts;
+    }
+    if (o->no_backoff) {
+        o->backoff_base_ms = 0;
+        o->backoff_cap_ms = 0;
+    } else {
+        if (o->backoff_base_ms == 0) {
+            o->backoff_base_ms = w->cfg_backoff_base;
+        }
+        if (o->backoff_cap_ms == 0) {
+            o->backoff_cap_ms = w->cfg_backoff_cap;
+        }
+    }
+    if (o->dedup_window_ms == 0) {
+        o->dedup_window_ms = w->cfg_dedup;
+    }
+}
+
+static bool
+live_in(const struct m_msg *m, int q)
+{
+    return m->st != ST_GONE && m->cur.q == q;
+}
+
+bool
+m_room(const struct model *w, int q, uint64_t n, uint64_t bytes)
+{
+    uint64_t cnt = 0, b = 0;
+
+    for (int i = 0; i < w->nm; i++) {
+        if (live_in(&w->m[i], q)) {
+            cnt++;
+            b += w->m[i].len;
+        }
+    }
+    if (w->q[q].a.max_length != 0 && cnt + n > w->q[q].a.max_length) {
+        return false;
+    }
+    if (w->q[q].a.max_bytes != 0 && b + bytes > w->q[q].a.max_bytes) {
+        return false;
+    }
+    return true;
+}
+
+int
+m_new_msg(struct model *w)
+{
+    struct m_msg *m;
+
+    if (w->nm >= M_MAXM) {
+        return -1;
+    }
+    m = &w->m[w->nm];
+    memset(m, 0, sizeof(*m));
+    m->sub = -1;
+    m->ev = -1;
+    return w->nm++;
+}
+
+/* The broker wrote a record of m's current state. */
+void
+m_record(struct model *w, struct m_msg *m)
+{
+    (void)w;
+    if (m->np == 0) {
+        m->pend[0] = m->cur;
+        m->np = 1;
+        return;
+    }
+    if (m->np < M_MAXP) {
+        m->np++;
+    }
+    m->pend[m->np - 1] = m->cur;
+}
+
+/* A PROGRESS record (touch): only the progress changes in the log. */
+void
+m_record_progress(struct model *w, struct m_msg *m)
+{
+    struct m_proj p = m->np > 0 ? m->pend[m->np - 1] : m->cur;
+
+    p.pg = m->cur.pg;
+    if (m->np < M_MAXP) {
+        m->np++;
+    }
+    m->pend[m->np - 1] = p;
+    (void)w;
+}
+
+/* Everything written so far is durable. */
+void
+m_durable(struct model *w)
+{
+    for (int i = 0; i < w->nm; i++) {
+        struct m_msg *m = &w->m[i];
+
+        if (m->np > 1) {
+            m->pend[0] = m->pend[m->np - 1];
+            m->np = 1;
+        }
+    }
+}
+
+static void
+rd_insert(struct m_queue *q, int pos, int mi)
+{
+    memmove(&q->rd[pos + 1], &q->rd[pos], (size_t)(q->nrd - pos) * sizeof(int));
+    q->rd[pos] = mi;
+    q->nrd++;
+}
+
+void
+m_insert_back(struct model *w, int q, int mi)
+{
+    struct m_queue *Q = &w->q[q];
+    int pos = Q->nrd;
+
+    while (pos > 0 && w->m[Q->rd[pos - 1]].prio < w->m[mi].prio) {
+        pos--;
+    }
+    rd_insert(Q, pos, mi);
+    w->m[mi].st = ST_READY;
+}
+
+void
+m_insert_front(struct model *w, int q, int mi)
+{
+    struct m_queue *Q = &w->q[q];
+    int pos = 0;
+
+    while (pos < Q->nrd && w->m[Q->rd[pos]].prio > w->m[mi].prio) {
+        pos++;
+    }
+    rd_insert(Q, pos, mi);
+    w->m[mi].st = ST_READY;
+}
+
+void
+m_unlink_ready(struct model *w, int mi)
+{
+    struct m_queue *Q = &w->q[w->m[mi].cur.q];
+
+    for (int i = 0; i < Q->nrd; i++) {
+        if (Q->rd[i] == mi) {
+            memmove(&Q->rd[i], &Q->rd[i + 1], (size_t)(Q->nrd - i - 1) * sizeof(int));
+            Q->nrd--;
+            return;
+        }
+    }
+}
+
+void
+m_drop_event(struct model *w, int mi)
+{
+    struct m_msg *m = &w->m[mi];
+
+    if (m->ev >= 0) {
+        w->ev[m->ev].used = false;
+        m->ev = -1;
+    }
+}
+
+/* mi leaves its queue for good (ack, drop, purge, cancel, delete). */
+void
+m_gone(struct model *w, int mi, bool record)
+{
+    struct m_msg *m = &w->m[mi];
+
+    if (m->st == ST_READY) {
+        m_unlink_ready(w, mi);
+    } else if (m->st == ST_INFLIGHT && m->sub >= 0) {
+        w->s[m->sub].held--;
+    }
+    m_drop_event(w, mi);
+    m->st = ST_GONE;
+    m->sub = -1;
+    m->grp = 0;
+    m->cancelled = false;
+    m->cur.exists = false;
+    if (record) {
+        m_record(w, m);
+    }
+}
+
+int
+m_add_event(struct model *w, int mi, enum m_ev kind, int64_t lo, int64_t hi, uint32_t grp)
+{
+    for (int i = 0; i < M_MAXEV; i++) {
+        if (!w->ev[i].used) {
+            w->ev[i] = (struct m_event){true, mi, kind, lo, hi, grp};
+            w->m[mi].ev = i;
+            w->m[mi].st = kind == EV_LEASE ? ST_INFLIGHT : ST_TIMED;
+            return 0;
+        }
+    }
+    return m_fail(w, "model: too many timed events");
+}
+
+void
+m_dead_letter(struct model *w, int mi, const char *reason, uint32_t grp)
+{
+    struct m_msg *m = &w->m[mi];
+    int src = m->cur.q;
+    int dst = w->q[src].a.dead_letter[0] ? m_qindex(w->q[src].a.dead_letter) : -1;
+    struct m_dl d;
+
+    memset(&d, 0, sizeof(d));
+    snprintf(d.reason, sizeof(d.reason), "%s", reason);
+    d.attempts = m->cur.attempt;
+    d.q = src;
+    snprintf(d.err, sizeof(d.err), "%s", m->cur.err);
+    if (dst < 0 || !w->q[dst].exists || !m_room(w, dst, 1, m->len) ||
+        m->cur.ndl >= M_MAXDL) {
+        w->q[src].n.dropped++;
+        m_gone(w, mi, true);
+        return;
+    }
+    w->q[src].n.dead_lettered++;
+    m->cur.q = dst;
+    m->cur.attempt = 0;
+    m->cur.failures = 0;
+    m->cur.dl[m->cur.ndl++] = d;
+    m->cur.err[0] = '\0';
+    m->cur.dlong = false;
+    m->cancelled = false;
+    m->sub = -1;
+    m->grp = grp;
+    m_insert_back(w, dst, mi);
+    m_record(w, m);
+}
+
+static uint64_t
+backoff_hi(const struct model *w, int q, uint32_t failures)
+{
+    struct protoq_queue_attrs a;
+    uint64_t d;
+
+    m_effective(w, q, &a);
+    if (a.backoff_base_ms == 0) {
+        return 0;
+    }
+    d = a.backoff_base_ms;
+    for (uint32_t k = 1; k < failures && d < a.backoff_cap_ms; k++) {
+        d *= 2;
+    }
+    if (a.backoff_cap_ms != 0 && d > a.backoff_cap_ms) {
+        d = a.backoff_cap_ms;
+    }
+    return d;
+}
+
+/* Back to ready after a failure or release: at once (front) or timed. */
+static void
+requeue(struct model *w, int mi, int64_t now, uint64_t lo, uint64_t hi, uint32_t grp)
+{
+    struct m_msg *m = &w->m[mi];
+
+    m->sub = -1;
+    m->cancelled = false;
+    m->grp = grp;
+    if (hi == 0) {
+        m_insert_front(w, m->cur.q, mi);
+    } else {
+        m_add_event(w, mi, EV_READY_FRONT, now + (int64_t)lo, now + (int64_t)hi, grp);
+    }
+    m_record(w, m);
+}
+
+void
+m_fail_attempt(struct model *w, int mi, int64_t now, bool to_dl, bool has_delay,
+               uint64_t delay, uint32_t grp, uint32_t dlgrp)
+{
+    struct m_msg *m = &w->m[mi];
+    struct protoq_queue_attrs a;
+    uint64_t hi;
+
+    if (m->st == ST_INFLIGHT && m->sub >= 0) {
+        w->s[m->sub].held--;
+    }
+    m->sub = -1;
+    m_drop_event(w, mi);
+    if (m->cancelled) {
+        m_gone(w, mi, false);
+        return;
+    }
+    m_effective(w, m->cur.q, &a);
+    m->cur.failures++;
+    if (to_dl) {
+        m_dead_letter(w, mi, "nack", dlgrp);
+    } else if (m->cur.failures >= a.max_attempts) {
+        m_dead_letter(w, mi, "max_attempts", dlgrp);
+    } else if (has_delay) {
+        requeue(w, mi, now, delay, delay, 0);
+    } else {
+        hi = backoff_hi(w, m->cur.q, m->cur.failures);
+        requeue(w, mi, now, hi / 2, hi, hi == 0 ? 0 : grp);
+    }
+}
+
+void
+m_release_held(struct model *w, int mi)
+{
+    struct m_msg *m = &w->m[mi];
+
+    if (m->sub >= 0) {
+        w->s[m->sub].held--;
+    }
+    m_drop_event(w, mi);
+    requeue(w, mi, 0, 0, 0, 0);
+}
+
+static int
+held_cmp(const void *a, const void *b, void *arg)
+{
+    const struct model *w = arg;
+    uint64_t x = w->m[*(const int *)a].dseq, y = w->m[*(const int *)b].dseq;
+
+    return x < y ? -1 : x > y;
+}
+
+/* Held messages of subscription si in delivery order into out; count. */
+static int
+held_list(const struct model *w, int si, int *out)
+{
+    int n = 0;
+
+    for (int i = 0; i < w->nm; i++) {
+        if (w->m[i].st == ST_INFLIGHT && w->m[i].sub == si) {
+            out[n++] = i;
+        }
+    }
+    qsort_r(out, (size_t)n, sizeof(int), held_cmp, (void *)w);
+    return n;
+}
+
+void
+m_detach(struct model *w, int si, int64_t now, uint32_t grp, uint32_t dlgrp)
+{
+    static int held[M_MAXM];
+    int n = held_list(w, si, held);
+
+    /* Returned at once they keep their delivery order: push them to the
+     * front from the last delivered to the first. Dead letters made here
+     * share dlgrp (the broker's order among them is not specified). */
+    for (int i = n - 1; i >= 0; i--) {
+        m_fail_attempt(w, held[i], now, false, false, 0, grp, dlgrp);
+    }
+    if (w->q[w->s[si].q].sub == si) {
+        w->q[w->s[si].q].sub = -1;
+    }
+    w->s[si].used = false;
+}
+
+static int
+earliest_event(const struct model *w)
+{
+    int best = -1;
+
+    for (int i = 0; i < M_MAXEV; i++) {
+        if (w->ev[i].used && (best < 0 || w->ev[i].lo < w->ev[best].lo)) {
+            best = i;
+        }
+    }
+    return best;
+}
+
+bool
+m_events_pending(const struct model *w)
+{
+    return earliest_event(w) >= 0;
+}
+
+int64_t
+m_events_max_hi(const struct model *w)
+{
+    int64_t hi = 0;
+
+    for (int i = 0; i < M_MAXEV; i++) {
+        if (w->ev[i].used && w->ev[i].hi > hi) {
+            hi = w->ev[i].hi;
+        }
+    }
+    return hi;
+}
+
+bool
+m_apply_one_event(struct model *w)
+{
+    int e = earliest_event(w);
+    struct m_event ev;
+    struct m_msg *m;
+
+    if (e < 0) {
+        return false;
+    }
+    ev = w->ev[e];
+    m = &w->m[ev.m];
+    w->ev[e].used = false;
+    m->ev = -1;
+    switch (ev.kind) {
+    case EV_READY_BACK:
+        m->grp = ev.grp;
+        m_insert_back(w, m->cur.q, ev.m);
+        break;
+    case EV_READY_FRONT:
+        m->grp = ev.grp;
+        m_insert_front(w, m->cur.q, ev.m);
+        break;
+    case EV_EXPIRE:
+        w->q[m->cur.q].n.expired++;
+        m->st = ST_READY; /* not linked: dead-letter or drop unlinks nothing */
+        if (w->q[m->cur.q].a.dead_letter_expired && w->q[m->cur.q].a.dead_letter[0]) {
+            m->st = ST_DLONG;
+            m_dead_letter(w, ev.m, "expired", 0);
+        } else {
+            m->st = ST_DLONG;
+            m_gone(w, ev.m, true);
+        }
+        break;
+    case EV_LEASE:
+        m_fail_attempt(w, ev.m, ev.hi, false, false, 0, 0, 0);
+        break;
+    }
+    return true;
+}
+
+void
+m_apply_events_for(struct model *w, int mi)
+{
+    while (w->m[mi].ev >= 0 && m_apply_one_event(w)) {
+    }
+}
+
+static bool
+eligible(const struct model *w, int si, int mi)
+{
+    const struct m_msg *m = &w->m[mi];
+    uint8_t req = m->cur.ndl > 0 ? 0 : m->reqmask;
+
+    return (req & ~w->s[si].tags) == 0;
+}
+
+/* Candidate ready positions for subscription si: [*from, *to) of rd, only
+ * eligible members count. Returns false when none. */
+static bool
+candidates(const struct model *w, int si, int *from, int *to)
+{
+    const struct m_queue *Q = &w->q[w->s[si].q];
+
+    for (int i = 0; i < Q->nrd; i++) {
+        int mi = Q->rd[i];
+        uint32_t g = w->m[mi].grp;
+        int j = i + 1;
+
+        if (g != 0) {
+            /* a run of one group: any eligible member */
+            int k = i;
+            bool any = false;
+
+            while (k < Q->nrd && w->m[Q->rd[k]].grp == g) {
+                any |= eligible(w, si, Q->rd[k]);
+                k++;
+            }
+            if (!any) {
+                i = k - 1;
+                continue;
+            }
+            *from = i;
+            *to = k;
+            return true;
+        }
+        if (eligible(w, si, mi)) {
+            *from = i;
+            *to = j;
+            return true;
+        }
+    }
+    return false;
+}
+
+uint32_t
+m_owed(const struct model *w, int si)
+{
+    const struct m_sub *s = &w->s[si];
+    const struct m_queue *Q;
+    uint32_t credit, n = 0;
+
+    if (!s->used || !w->q[s->q].exists || s->prefetch <= s->held) {
+        return 0;
+    }
+    Q = &w->q[s->q];
+    credit = s->prefetch - s->held;
+    for (int i = 0; i < Q->nrd && n < credit; i++) {
+        if (eligible(w, si, Q->rd[i])) {
+            n++;
+        }
+    }
+    return n;
+}
+
+void
+m_headers_text(const struct model *w, const struct m_msg *m, const struct m_proj *p,
+               char *buf, size_t cap)
+{
+    size_t n = 0;
+
+    (void)w;
+    buf[0] = '\0';
+    for (int i = 0; i < m->nh && n < cap; i++) {
+        n += (size_t)snprintf(buf + n, cap - n, "%s=%s;", m->hk[i], m->hv[i]);
+    }
+    for (int i = 0; i < p->ndl && n < cap; i++) {
+        const struct m_dl *d = &p->dl[i];
+
+        n += (size_t)snprintf(buf + n, cap - n,
+                              "x-death-reason=%s;x-death-attempts=%" PRIu32 ";x-death-queue=%s;",
+                              d->reason, d->attempts, m_qname(d->q));
+        if (d->err[0] && n < cap) {
+            n += (size_t)snprintf(buf + n, cap - n, "x-death-error=%s;", d->err);
+        }
+    }
+}
+
+static int
+check_fields(struct model *w, const struct m_msg *m, const struct m_proj *p,
+             const struct m_obs *o)
+{
+    static char exp[sizeof(o->hdrs)];
+    static char buf[70000];
+
+    if (o->len != m->len) {
+        return m_fail(w, "message %" PRIu64 ": payload %u bytes, want %u", m->id, o->len, m->len);
+    }
+    m_payload(m->gen, m->len, buf);
+    if (o->hash != m_hash(buf, m->len)) {
+        return m_fail(w, "message %" PRIu64 ": payload differs", m->id);
+    }
+    m_headers_text(w, m, p, exp, sizeof(exp));
+    if (strcmp(exp, o->hdrs) != 0) {
+        return m_fail(w, "message %" PRIu64 ": headers '%s', want '%s'", m->id, o->hdrs, exp);
+    }
+    if (o->prio != m->prio || strcmp(o->corr, m->corr) != 0 || strcmp(o->rto, m->rto) != 0 ||
+        strcmp(o->key, m->key) != 0) {
+        return m_fail(w, "message %" PRIu64 ": priority/correlation/reply_to/key %u/%s/%s/%s, "
+                      "want %u/%s/%s/%s", m->id, o->prio, o->corr, o->rto, o->key,
+                      m->prio, m->corr, m->rto, m->key);
+    }
+    if (o->pg.has != p->pg.has ||
+        (p->pg.has && (o->pg.pct != p->pg.pct || strcmp(o->pg.text, p->pg.text) != 0 ||
+                       strcmp(o->pg.ckpt, p->pg.ckpt) != 0))) {
+        return m_fail(w, "message %" PRIu64 ": progress %d %u '%s' '%s', want %d %u '%s' '%s'",
+                      m->id, o->pg.has, o->pg.pct, o->pg.text, o->pg.ckpt, p->pg.has,
+                      p->pg.pct, p->pg.text, p->pg.ckpt);
+    }
+    if (o->attempt != p->attempt + 1) {
+        return m_fail(w, "message %" PRIu64 ": attempt %u, want %u", m->id, o->attempt,
+                      p->attempt + 1);
+    }
+    return 0;
+}
+
+static int
+find_msg(const struct model *w, uint64_t id)
+{
+    for (int i = 0; i < w->nm; i++) {
+        if (w->m[i].id == id) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* A delivery of a message whose state is uncertain (after a kill -9). */
+static int
+deliver_uncertain(struct model *w, int si, int mi, const struct m_obs *o)
+{
+    struct m_msg *m = &w->m[mi];
+    int q = w->s[si].q;
+
+    if (m->seen) {
+        return m_fail(w, "message %" PRIu64 " delivered twice after the restart", m->id);
+    }
+    for (int k = m->np - 1; k >= 0; k--) {
+        struct m_proj *p = &m->pend[k];
+
+        if (!p->exists || p->q != q || p->dlong) {
+            continue;
+        }
+        if (check_fields(w, m, p, o) == 0) {
+            m->cur = *p;
+            m->seen = true;
+            m->unc = false;
+            m->np = 1;
+            m->pend[0] = *p;
+            m->cur.attempt++;
+            m->st = ST_INFLIGHT;
+            m->sub = si;
+            m->dseq = ++w->dseq;
+            w->s[si].held++;
+            if (m->cur.attempt > 1) {
+                w->q[q].n.redelivered++;
+            }
+            return 0;
+        }
+        /* try the next candidate */
+        w->failed = false;
+        w->err[0] = '\0';
+    }
+    return m_fail(w, "message %" PRIu64 " delivered from %s (attempt %u) matches none of "
+                  "the %u states the log may hold for it", m->id, m_qname(q), o->attempt, m->np);
+}
+
+/* One try at matching a delivery against the model as it is now. */
+static int
+deliver_now(struct model *w, int si, int mi, const struct m_obs *o)
+{
+    struct m_sub *s = &w->s[si];
+    struct m_queue *Q = &w->q[s->q];
+    struct m_msg *m = &w->m[mi];
+    int from, to, at = -1;
+
+    if (s->held >= s->prefetch) {
+        return m_fail(w, "delivery of %" PRIu64 " beyond the prefetch %u of %s", o->id,
+                      s->prefetch, o->queue);
+    }
+    if (!candidates(w, si, &from, &to)) {
+        return m_fail(w, "delivery of %" PRIu64 " (attempt %u) from %s, but nothing is ready "
+                      "for it (message state %d in %s)", o->id, o->attempt, o->queue, m->st,
+                      m_qname(m->cur.q));
+    }
+    for (int i = from; i < to; i++) {
+        if (Q->rd[i] == mi && eligible(w, si, mi)) {
+            at = i;
+        }
+    }
+    if (at < 0) {
+        return m_fail(w, "delivery of %" PRIu64 " (attempt %u) from %s, want %" PRIu64
+                      " (attempt %u)%s; its state %d in %s", o->id, o->attempt, o->queue,
+                      w->m[Q->rd[from]].id, w->m[Q->rd[from]].cur.attempt + 1,
+                      to - from > 1 ? " or another of its group" : "", m->st,
+                      m_qname(m->cur.q));
+    }
+    if (check_fields(w, m, &m->cur, o) != 0) {
+        return -1;
+    }
+    m_unlink_ready(w, mi);
+    m->cur.attempt++;
+    m->st = ST_INFLIGHT;
+    m->sub = si;
+    m->grp = 0;
+    m->dseq = ++w->dseq;
+    s->held++;
+    if (m->cur.attempt > 1) {
+        Q->n.redelivered++;
+    }
+    return 0;
+}
+
+int
+m_deliver(struct model *w, int si, const struct m_obs *o)
+{
+    struct m_sub *s = &w->s[si];
+    int mi = find_msg(w, o->id);
+
+    if (strcmp(o->queue, m_qname(s->q)) != 0) {
+        return m_fail(w, "delivery of %" PRIu64 " names queue %s, subscription is on %s",
+                      o->id, o->queue, m_qname(s->q));
+    }
+    if (mi < 0) {
+        return m_fail(w, "delivery of unknown message %" PRIu64 " from %s", o->id, o->queue);
+    }
+    if (w->m[mi].unc) {
+        return deliver_uncertain(w, si, mi, o);
+    }
+    m_apply_events_for(w, mi);
+    /* A timed event (a lease that ended, a delay) may have happened before
+     * this delivery without the model knowing yet: apply them in order
+     * until the delivery fits, or none is left. */
+    for (;;) {
+        if (deliver_now(w, si, mi, o) == 0) {
+            return 0;
+        }
+        if (!m_events_pending(w)) {
+            return -1;
+        }
+        w->failed = false;
+        w->err[0] = '\0';
+        m_apply_one_event(w);
+    }
+}
+
+static int
+id_cmp(const void *a, const void *b, void *arg)
+{
+    const struct model *w = arg;
+    const struct m_msg *x = &w->m[*(const int *)a], *y = &w->m[*(const int *)b];
+
+    if (x->prio != y->prio) {
+        return x->prio > y->prio ? -1 : 1;
+    }
+    return x->id < y->id ? -1 : x->id > y->id;
+}
+
+void
+m_add_key(struct m_queue *Q, const char *key, int mi)
+{
+    size_t n = strlen(key);
+
+    if (Q->nkeys >= M_MAXKEYS || n >= sizeof(Q->keys[0].key)) {
+        return;
+    }
+    memcpy(Q->keys[Q->nkeys].key, key, n + 1);
+    Q->keys[Q->nkeys++].m = mi;
+}
+
+void
+m_rebuild_keys(struct model *w)
+{
+    /* After a restart a key of a message that is gone (or moved to another
+     * queue) is remembered only if the segment with its PUBLISH record is
+     * still there: the model does not know, and the generator avoids it. */
+    for (int q = 0; q < M_NQ; q++) {
+        struct m_queue *Q = &w->q[q];
+
+        for (int k = 0; k < Q->nkeys; k++) {
+            int mi = Q->keys[k].m;
+
+            if (mi >= 0 && (w->m[mi].st == ST_GONE || w->m[mi].cur.q != q)) {
+                Q->keys[k].m = -1;
+            }
+        }
+    }
+    for (int i = 0; i < w->nm; i++) {
+        struct m_msg *m = &w->m[i];
+        struct m_queue *Q;
+        bool have = false;
+
+        if (m->st == ST_GONE || m->key[0] == '\0') {
+            continue;
+        }
+        Q = &w->q[m->cur.q];
+        for (int k = 0; k < Q->nkeys; k++) {
+            if (strcmp(Q->keys[k].key, m->key) == 0) {
+                Q->keys[k].m = i;
+                have = true;
+            }
+        }
+        if (!have) {
+            m_add_key(Q, m->key, i);
+        }
+    }
+}
+
+/* Common part of every restart: transient queues go, subscriptions go,
+ * counters start again. */
+static void
+restart_queues(struct model *w)
+{
+    for (int q = 0; q < M_NQ; q++) {
+        struct m_queue *Q = &w->q[q];
+
+        Q->sub = -1;
+        Q->nrd = 0;
+        memset(&Q->n, 0, sizeof(Q->n));
+        if (Q->exists && Q->a.transient) {
+            Q->exists = false;
+        }
+    }
+    for (int i = 0; i < M_NS; i++) {
+        w->s[i].used = false;
+    }
+    for (int i = 0; i < M_MAXEV; i++) {
+        w->ev[i].used = false;
+    }
+}
+
+void
+m_restart(struct model *w, bool clean)
+{
+    static int order[M_MAXM];
+    int n = 0;
+
+    if (clean) {
+        /* a clean stop releases held jobs (attempt and failures kept) and
+         * flushes everything */
+        for (int i = 0; i < w->nm; i++) {
+            struct m_msg *m = &w->m[i];
+
+            if (m->st == ST_INFLIGHT && m->cancelled) {
+                m_gone(w, i, false);
+            } else if (m->st == ST_INFLIGHT) {
+                m_record(w, m);
+            }
+        }
+        m_durable(w);
+    }
+    for (int i = 0; i < w->nm; i++) {
+        struct m_msg *m = &w->m[i];
+
+        if (m->st == ST_GONE) {
+            continue;
+        }
+        m->cur = m->pend[m->np - 1];
+        m->np = 1;
+        m->pend[0] = m->cur;
+        m->sub = -1;
+        m->grp = 0;
+        m->cancelled = false;
+        m->ev = -1;
+        if (!m->cur.exists || !w->q[m->cur.q].exists || w->q[m->cur.q].a.transient) {
+            m->st = ST_GONE;
+            m->cur.exists = false;
+            continue;
+        }
+        m->st = m->cur.dlong ? ST_DLONG : ST_READY;
+        if (m->st == ST_READY) {
+            order[n++] = i;
+        }
+    }
+    restart_queues(w);
+    qsort_r(order, (size_t)n, sizeof(int), id_cmp, w);
+    for (int k = 0; k < n; k++) {
+        struct m_queue *Q = &w->q[w->m[order[k]].cur.q];
+
+        Q->rd[Q->nrd++] = order[k];
+    }
+    m_rebuild_keys(w);
+}
+
+void
+m_restart_uncertain(struct model *w)
+{
+    for (int i = 0; i < w->nm; i++) {
+        struct m_msg *m = &w->m[i];
+        bool any = false;
+
+        if (m->st == ST_GONE && m->np <= 1) {
+            continue;
+        }
+        for (int k = 0; k < m->np; k++) {
+            struct m_proj *p = &m->pend[k];
+
+            if (p->exists && (!w->q[p->q].exists || w->q[p->q].a.transient)) {
+                p->exists = false;
+            }
+            any |= p->exists;
+        }
+        m->sub = -1;
+        m->grp = 0;
+        m->cancelled = false;
+        m->ev = -1;
+        m->seen = false;
+        m->unc = any;
+        w->unc_msgs += any;
+        w->unc_multi += any && m->np > 1;
+        m->st = any ? ST_READY : ST_GONE; /* not linked into rd: unc */
+        m->cur.exists = any;
+    }
+    restart_queues(w);
+}
+
+void
+m_gauges(const struct model *w, int q, uint64_t *ready, uint64_t *delayed,
+         uint64_t *inflight, uint64_t *bytes)
+{
+    *ready = *delayed = *inflight = *bytes = 0;
+    for (int i = 0; i < w->nm; i++) {
+        const struct m_msg *m = &w->m[i];
+
+        if (!live_in(m, q)) {
+            continue;
+        }
+        *bytes += m->len;
+        switch (m->st) {
+        case ST_READY:
+            (*ready)++;
+            break;
+        case ST_DLONG:
+        case ST_TIMED:
+            (*delayed)++;
+            break;
+        case ST_INFLIGHT:
+            (*inflight)++;
+            break;
+        default:
+            break;
+        }
+    }
+}

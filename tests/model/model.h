@@ -1,0 +1,233 @@
+/*
+ * model.h: the reference model of the model-based restart test
+ * (check_model.c). It holds what a protoqd must show after any sequence of
+ * operations: every queue's messages in delivery order, each with its
+ * attempt, failures, progress and dead-letter headers; what a restart
+ * brings back (the recorded state of each message, and after a kill -9 the
+ * set of records that may or may not have reached the log); dedup answers;
+ * the counters since the broker started.
+ *
+ * Time-driven changes (delays, backoff, a shortened lease, a TTL that ends
+ * before the message is due) are timed events with a window [lo, hi] of
+ * monotonic ms. The test waits past every window after the operation that
+ * made them, and the model applies an event early when an observation
+ * needs it (a delivery of a message whose event is still pending), so
+ * either order of close events is accepted. Messages that return at once
+ * in an order the broker does not fix (backoff jitter, several
+ * subscriptions detached by one disconnect) share a group number: a
+ * contiguous run of one group may be delivered in any order.
+ */
+#ifndef PQ_TEST_MODEL_H
+#define PQ_TEST_MODEL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "protoq.h"
+
+enum {
+    M_NQ = 5,          /* queue slots q0..q4 */
+    M_MAXM = 700,      /* messages per history */
+    M_NC = 4,          /* connections; the last one is the drainer's */
+    M_NS = 16,         /* subscriptions */
+    M_MAXDL = 5,       /* dead-letter hops kept per message */
+    M_MAXP = 8,        /* records kept since the last durable point */
+    M_NTAGS = 3,       /* tag universe: gpu=a100, gpu=h100, zone=eu */
+    M_MAXEV = 256,     /* pending timed events */
+    M_MAXKEYS = 64,    /* dedup entries per queue */
+};
+
+enum m_state { ST_GONE, ST_READY, ST_DLONG, ST_INFLIGHT, ST_TIMED };
+
+/* A timed event's kind. */
+enum m_ev { EV_READY_BACK, EV_READY_FRONT, EV_EXPIRE, EV_LEASE };
+
+struct m_prog {
+    bool has;
+    uint32_t pct;
+    char text[24];
+    char ckpt[24];
+};
+
+struct m_dl {
+    char reason[16];
+    uint32_t attempts;
+    int q;
+    char err[24];
+};
+
+/* What a restart brings back of one message (its latest record). */
+struct m_proj {
+    bool exists;
+    int q;
+    uint32_t attempt;    /* deliveries so far */
+    uint32_t failures;
+    struct m_prog pg;
+    uint8_t ndl;
+    struct m_dl dl[M_MAXDL];
+    char err[24];        /* the last nack's error text */
+    bool dlong;          /* delayed for an hour */
+};
+
+struct m_msg {
+    uint64_t id;
+    uint32_t gen;        /* payload generator index */
+    uint32_t len;
+    uint8_t nh;
+    char hk[3][8];
+    char hv[3][20];
+    uint8_t prio;
+    char key[24];
+    char corr[12];
+    char rto[12];
+    uint8_t reqmask;     /* required tags (bits over the universe) */
+    bool doomed;         /* TTL ends before its delay: never delivered */
+    bool ttl_long;
+    struct m_proj cur;   /* the live state */
+    enum m_state st;
+    int sub;             /* INFLIGHT: holder */
+    uint64_t dseq;       /* INFLIGHT: delivery order */
+    uint32_t grp;        /* READY: unordered group, 0 = none */
+    bool cancelled;      /* INFLIGHT and cancelled */
+    int ev;              /* TIMED: pending event index, -1 none */
+    uint8_t np;          /* pend[0] durable, pend[1..np) written since */
+    struct m_proj pend[M_MAXP];
+    bool unc;            /* after a kill -9: state is one of pend[] */
+    bool seen;           /* uncertain and observed */
+};
+
+struct m_counters {
+    uint64_t published, acked, nacked, redelivered, expired, dead_lettered, dropped;
+};
+
+struct m_key {
+    char key[24];
+    int m;               /* message index, -1 = unknown (avoid the key) */
+};
+
+struct m_queue {
+    bool exists;
+    uint32_t inc;        /* incarnation (create after delete) */
+    struct protoq_queue_attrs a;
+    int rd[M_MAXM];      /* READY messages in delivery order */
+    int nrd;
+    int sub;             /* the one subscription, -1 none */
+    struct m_counters n;
+    struct m_key keys[M_MAXKEYS];
+    int nkeys;
+};
+
+struct m_sub {
+    bool used;
+    int conn;
+    int q;
+    uint64_t sid;
+    uint32_t prefetch;
+    uint32_t held;
+    uint8_t tags;        /* bits over the universe */
+};
+
+struct m_event {
+    bool used;
+    int m;
+    enum m_ev kind;
+    int64_t lo, hi;      /* monotonic ms window */
+    uint32_t grp;
+};
+
+/* One delivery as the client saw it. */
+struct m_obs {
+    int conn;
+    uint64_t sid;
+    char queue[PROTOQ_NAME_MAX + 1];
+    uint64_t id;
+    uint32_t attempt;
+    uint32_t len;
+    uint64_t hash;
+    char hdrs[640];
+    uint32_t prio;
+    char corr[16], rto[16], key[32];
+    struct m_prog pg;
+};
+
+struct model {
+    struct m_queue q[M_NQ];
+    struct m_msg m[M_MAXM];
+    int nm;
+    struct m_sub s[M_NS];
+    struct m_event ev[M_MAXEV];
+    uint64_t dseq;
+    uint32_t grp;
+    uint32_t cfg_max_attempts;    /* broker defaults the test configures */
+    uint64_t cfg_backoff_base, cfg_backoff_cap, cfg_ack_timeout, cfg_dedup;
+    uint64_t unc_msgs, unc_multi; /* after bare kill -9s: messages, and
+                                     those with more than one possible state */
+    char err[1024];               /* first mismatch */
+    bool failed;
+};
+
+extern const char *const m_tag_key[M_NTAGS];
+extern const char *const m_tag_val[M_NTAGS];
+
+/* m_fail: record the first mismatch (printf-like); returns -1. */
+int m_fail(struct model *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+const char *m_qname(int q);
+int m_qindex(const char *name);
+void m_payload(uint32_t gen, uint32_t len, char *buf);
+uint64_t m_hash(const void *p, size_t len);
+
+void m_init(struct model *w);
+
+/* Effective attributes of queue q (broker defaults filled in). */
+void m_effective(const struct model *w, int q, struct protoq_queue_attrs *out);
+/* Room for n more messages of total bytes in q. */
+bool m_room(const struct model *w, int q, uint64_t n, uint64_t bytes);
+
+/* Message changes (each writes what the broker logs, see m_record). */
+int m_new_msg(struct model *w);
+void m_record(struct model *w, struct m_msg *m);
+void m_record_progress(struct model *w, struct m_msg *m);
+void m_durable(struct model *w);
+void m_insert_back(struct model *w, int q, int mi);
+void m_insert_front(struct model *w, int q, int mi);
+void m_unlink_ready(struct model *w, int mi);
+void m_gone(struct model *w, int mi, bool record);
+int m_add_event(struct model *w, int mi, enum m_ev kind, int64_t lo, int64_t hi, uint32_t grp);
+void m_drop_event(struct model *w, int mi);
+/* A failed attempt of held (unlinked) message mi. */
+void m_fail_attempt(struct model *w, int mi, int64_t now, bool to_dl, bool has_delay,
+                    uint64_t delay, uint32_t grp, uint32_t dlgrp);
+void m_dead_letter(struct model *w, int mi, const char *reason, uint32_t grp);
+void m_release_held(struct model *w, int mi);
+/* A subscription ends (unsubscribe, disconnect, queue deleted). */
+void m_detach(struct model *w, int si, int64_t now, uint32_t grp, uint32_t dlgrp);
+/* Apply the earliest pending event; false if none. */
+bool m_apply_one_event(struct model *w);
+/* Apply events in order until message mi has none. */
+void m_apply_events_for(struct model *w, int mi);
+int64_t m_events_max_hi(const struct model *w);
+bool m_events_pending(const struct model *w);
+
+/* Deliveries: how many more the broker owes subscription si right now. */
+uint32_t m_owed(const struct model *w, int si);
+/* Check one delivery; 0 or -1 (w->err set). */
+int m_deliver(struct model *w, int si, const struct m_obs *o);
+/* Expected header text of message m as its delivery shows it. */
+void m_headers_text(const struct model *w, const struct m_msg *m, const struct m_proj *p,
+                    char *buf, size_t cap);
+
+/* Restarts. held_released: a clean stop gave held jobs back as released. */
+void m_restart(struct model *w, bool clean);
+/* After a kill -9 without a barrier: every message may be in any state of
+ * its pend[]; marked unc until a drain resolves it. */
+void m_restart_uncertain(struct model *w);
+void m_rebuild_keys(struct model *w);
+/* Remember key (message mi, -1 = unknown) in Q's dedup table. */
+void m_add_key(struct m_queue *Q, const char *key, int mi);
+
+/* Gauges of queue q. */
+void m_gauges(const struct model *w, int q, uint64_t *ready, uint64_t *delayed,
+              uint64_t *inflight, uint64_t *bytes);
+
+#endif

@@ -1,0 +1,1079 @@
+/*
+ * ops.c: the operations of the model-based restart test (see
+ * check_model.c, driver.h): each does one thing to the broker and checks
+ * the answer against the model, which it updates.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "driver.h"
+
+/* --------------------------------------------------------------- queues */
+
+static const char *
+ids_text(const struct model *w, int q)
+{
+    static char buf[512];
+    size_t n = 0;
+
+    buf[0] = '\0';
+    for (int i = 0; i < w->q[q].nrd && n < sizeof(buf) - 24; i++) {
+        n += (size_t)snprintf(buf + n, sizeof(buf) - n, " %" PRIu64, w->m[w->q[q].rd[i]].id);
+    }
+    return buf;
+}
+
+static void
+gen_attrs(struct hist *h, int q, struct protoq_queue_attrs *a)
+{
+    memset(a, 0, sizeof(*a));
+    a->transient = chance(h, 15);
+    if (chance(h, 25)) {
+        a->max_length = 3 + rn(h, 12);
+    }
+    if (chance(h, 15)) {
+        a->max_bytes = 2000 + rn(h, 20000);
+    }
+    switch (rn(h, 3)) {
+    case 0:
+        break; /* broker default (30 s) */
+    case 1:
+        a->ack_timeout_ms = 20000;
+        break;
+    default:
+        a->ack_timeout_ms = 60000;
+    }
+    a->max_attempts = rn(h, 4); /* 0 = default (3) */
+    switch (rn(h, 4)) {
+    case 0:
+        a->no_backoff = true;
+        break;
+    case 1:
+        a->backoff_base_ms = 2 + rn(h, 4);
+        a->backoff_cap_ms = a->backoff_base_ms + rn(h, 8);
+        break;
+    default:
+        break; /* broker default: 4 ms .. 12 ms */
+    }
+    if (chance(h, 20)) {
+        a->ttl_ms = 86400000;
+    }
+    if (chance(h, 10)) {
+        a->max_lease_ms = 3600000;
+    }
+    if (chance(h, 60)) {
+        /* dead letters go to a higher slot, so chains end */
+        int d = q + 1 + (int)rn(h, (uint32_t)(M_NQ - q));
+
+        if (d < M_NQ && (h->w.q[d].exists || !(h->avoid & AV_DLQ_MISSING))) {
+            snprintf(a->dead_letter, sizeof(a->dead_letter), "%s", m_qname(d));
+            a->dead_letter_expired = chance(h, 50);
+        }
+    }
+}
+
+static bool
+attrs_same(const struct model *w, int q, const struct protoq_queue_attrs *b)
+{
+    struct protoq_queue_attrs a;
+
+    m_effective(w, q, &a);
+    return a.transient == b->transient && a.max_length == b->max_length &&
+           a.max_bytes == b->max_bytes && a.ack_timeout_ms == b->ack_timeout_ms &&
+           a.max_attempts == b->max_attempts && strcmp(a.dead_letter, b->dead_letter) == 0 &&
+           a.backoff_base_ms == b->backoff_base_ms && a.backoff_cap_ms == b->backoff_cap_ms &&
+           a.ttl_ms == b->ttl_ms && a.dedup_window_ms == b->dedup_window_ms &&
+           a.max_lease_ms == b->max_lease_ms && a.dead_letter_expired == b->dead_letter_expired &&
+           a.no_backoff == b->no_backoff;
+}
+
+int
+op_create(struct hist *h, int ci, int q)
+{
+    struct model *w = &h->w;
+    struct protoq_queue_attrs a;
+    bool same = false;
+    int dl, rc;
+
+    gen_attrs(h, q, &a);
+    if (w->q[q].exists && chance(h, 60)) {
+        a = w->q[q].a; /* re-declare with the same attributes */
+    }
+    dl = a.dead_letter[0] ? m_qindex(a.dead_letter) : -1;
+    oplog(h, "create %s transient=%d max_length=%" PRIu64 " max_bytes=%" PRIu64 " ack=%" PRIu64
+          " attempts=%u dl=%s dle=%d backoff=%" PRIu64 "/%" PRIu64 "%s ttl=%" PRIu64 " (c%d)",
+          m_qname(q), a.transient, a.max_length, a.max_bytes, a.ack_timeout_ms, a.max_attempts,
+          a.dead_letter, a.dead_letter_expired, a.backoff_base_ms, a.backoff_cap_ms,
+          a.no_backoff ? " none" : "", a.ttl_ms, ci);
+    if (w->q[q].exists) {
+        struct m_queue tmp = w->q[q];
+
+        w->q[q].a = a;
+        m_effective(w, q, &a);
+        w->q[q] = tmp;
+        same = attrs_same(w, q, &a);
+        a = same ? w->q[q].a : a;
+    }
+    rc = protoq_queue_create(h->c[ci].c, m_qname(q), &a);
+    if (w->q[q].exists) {
+        if (same ? rc != PQ_OK : !remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_EXISTS)) {
+            return unexpected(h, ci, "create existing", rc, same ? "PQ_OK" : "QUEUE_EXISTS");
+        }
+        return 0;
+    }
+    if (dl >= 0 && !w->q[dl].exists) {
+        if (rc == PQ_OK) {
+            return unexpected(h, ci, "create with a missing dead_letter queue", rc,
+                              "a refusal");
+        }
+        return 0;
+    }
+    if (rc != PQ_OK) {
+        return unexpected(h, ci, "create", rc, "PQ_OK");
+    }
+    w->q[q].exists = true;
+    w->q[q].inc++;
+    w->q[q].a = a;
+    w->q[q].nrd = 0;
+    w->q[q].sub = -1;
+    w->q[q].nkeys = 0;
+    memset(&w->q[q].n, 0, sizeof(w->q[q].n));
+    return 0;
+}
+
+static bool
+queue_has_held(const struct model *w, int q)
+{
+    for (int i = 0; i < w->nm; i++) {
+        if (w->m[i].st == ST_INFLIGHT && w->m[i].cur.q == q) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static int
+dl_user(const struct model *w, int q)
+{
+    for (int i = 0; i < M_NQ; i++) {
+        if (i != q && w->q[i].exists && strcmp(w->q[i].a.dead_letter, m_qname(q)) == 0) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+int
+op_delete(struct hist *h, int ci, int q)
+{
+    struct model *w = &h->w;
+    int rc, user = dl_user(w, q);
+
+    if ((h->avoid & AV_DELETE_HELD) && queue_has_held(w, q)) {
+        return 0;
+    }
+    if ((h->avoid & AV_DLQ_MISSING) && user >= 0) {
+        return 0;
+    }
+    oplog(h, "delete %s (c%d)", m_qname(q), ci);
+    rc = protoq_queue_delete(h->c[ci].c, m_qname(q));
+    if (!w->q[q].exists) {
+        return remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_NOT_FOUND)
+                   ? 0 : unexpected(h, ci, "delete of a missing queue", rc, "QUEUE_NOT_FOUND");
+    }
+    if (user >= 0) {
+        if (rc == PQ_OK) {
+            return unexpected(h, ci, "delete of a dead-letter queue in use", rc, "a refusal");
+        }
+        return 0;
+    }
+    if (rc != PQ_OK) {
+        return unexpected(h, ci, "delete", rc, "PQ_OK");
+    }
+    for (int i = 0; i < w->nm; i++) {
+        if (w->m[i].st != ST_GONE && w->m[i].cur.q == q) {
+            m_gone(w, i, true);
+        }
+    }
+    if (w->q[q].sub >= 0) {
+        w->s[w->q[q].sub].used = false;
+    }
+    w->q[q].sub = -1;
+    w->q[q].exists = false;
+    w->q[q].nkeys = 0;
+    if (!w->q[q].a.transient) {
+        m_durable(w);
+    }
+    return 0;
+}
+
+int
+op_purge(struct hist *h, int ci, int q)
+{
+    struct model *w = &h->w;
+    uint64_t n = 0, want = 0;
+    int rc;
+
+    oplog(h, "purge %s (c%d)", m_qname(q), ci);
+    rc = protoq_queue_purge(h->c[ci].c, m_qname(q), &n);
+    if (!w->q[q].exists) {
+        return remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_NOT_FOUND)
+                   ? 0 : unexpected(h, ci, "purge of a missing queue", rc, "QUEUE_NOT_FOUND");
+    }
+    if (rc != PQ_OK) {
+        return unexpected(h, ci, "purge", rc, "PQ_OK");
+    }
+    for (int i = 0; i < w->nm; i++) {
+        struct m_msg *m = &w->m[i];
+
+        if (m->cur.q == q && (m->st == ST_READY || m->st == ST_DLONG || m->st == ST_TIMED)) {
+            want++;
+            m_gone(w, i, true);
+        }
+    }
+    if (n != want) {
+        return m_fail(w, "purge %s removed %" PRIu64 ", model %" PRIu64, m_qname(q), n, want);
+    }
+    if (!w->q[q].a.transient) {
+        m_durable(w);
+    }
+    return 0;
+}
+
+int
+op_list(struct hist *h, int ci)
+{
+    struct model *w = &h->w;
+    struct protoq_queue_info *l = NULL;
+    size_t n = 0;
+    int rc, seen = 0, want = 0;
+
+    if (conn_get(h, ci) != 0) {
+        return -1;
+    }
+    oplog(h, "list (c%d)", ci);
+    rc = protoq_queue_list(h->c[ci].c, &l, &n);
+    if (rc != PQ_OK) {
+        return unexpected(h, ci, "list", rc, "PQ_OK");
+    }
+    for (size_t i = 0; i < n && !failed(h); i++) {
+        int q = m_qindex(l[i].name);
+
+        if (strcmp(l[i].name, "zsync") == 0) {
+            continue;
+        }
+        if (q < 0 || !w->q[q].exists) {
+            m_fail(w, "list shows queue %s, which the model does not have", l[i].name);
+        } else if (!attrs_same(w, q, &l[i].attrs)) {
+            m_fail(w, "list: %s has other attributes than declared", l[i].name);
+        }
+        seen++;
+    }
+    protoq_queue_list_free(l, n);
+    for (int q = 0; q < M_NQ; q++) {
+        want += w->q[q].exists;
+    }
+    if (!failed(h) && seen != want) {
+        m_fail(w, "list shows %d queues, model %d", seen, want);
+    }
+    return failed(h) ? -1 : 0;
+}
+
+/* ----------------------------------------------------------- publishing */
+
+struct pubbuf {
+    struct protoq_kv hdr[3];
+    struct protoq_kv req[M_NTAGS];
+    char *payload;
+};
+
+int
+find_key(const struct m_queue *Q, const char *key)
+{
+    for (int i = 0; i < Q->nkeys; i++) {
+        if (strcmp(Q->keys[i].key, key) == 0) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* Make message mi (not yet in any queue) and its wire form. */
+static void
+gen_msg(struct hist *h, int mi, int q, bool keyed, struct protoq_message *pm, struct pubbuf *b)
+{
+    struct m_msg *m = &h->w.m[mi];
+
+    m->gen = ++h->pubgen;
+    m->len = chance(h, 8) ? 3000 + rn(h, 9000) : rn(h, 400);
+    m->prio = chance(h, 40) ? (uint8_t)rn(h, 10) : 0;
+    m->nh = (uint8_t)rn(h, 4);
+    for (int i = 0; i < m->nh; i++) {
+        snprintf(m->hk[i], sizeof(m->hk[i]), "h%d", i);
+        snprintf(m->hv[i], sizeof(m->hv[i]), "v%u", rn(h, 1000));
+    }
+    if (keyed) {
+        if (h->avoid & AV_KEY_AFTER_DELETE) {
+            snprintf(m->key, sizeof(m->key), "k%u-%u", h->w.q[q].inc, rn(h, 6));
+        } else {
+            snprintf(m->key, sizeof(m->key), "k%u", rn(h, 6));
+        }
+    }
+    if (chance(h, 20)) {
+        snprintf(m->corr, sizeof(m->corr), "c%u", rn(h, 100));
+        snprintf(m->rto, sizeof(m->rto), "r%u", rn(h, 100));
+    }
+    if (chance(h, 20)) {
+        m->reqmask = (uint8_t)(1u << rn(h, M_NTAGS));
+    }
+    memset(pm, 0, sizeof(*pm));
+    m_payload(m->gen, m->len, b->payload);
+    pm->payload = b->payload;
+    pm->len = m->len;
+    for (int i = 0; i < m->nh; i++) {
+        b->hdr[i].key = m->hk[i];
+        b->hdr[i].value = m->hv[i];
+    }
+    pm->headers = b->hdr;
+    pm->n_headers = m->nh;
+    pm->priority = m->prio;
+    pm->idempotency_key = m->key[0] ? m->key : NULL;
+    pm->correlation_id = m->corr[0] ? m->corr : NULL;
+    pm->reply_to = m->rto[0] ? m->rto : NULL;
+    for (int t = 0, n = 0; t < M_NTAGS; t++) {
+        if (m->reqmask & (1u << t)) {
+            b->req[n].key = m_tag_key[t];
+            b->req[n].value = m_tag_val[t];
+            pm->requires = b->req;
+            pm->n_requires = (size_t)++n;
+        }
+    }
+    m->cur.q = q;
+}
+
+/* Timing of message mi: 0 now, 1 an hour, 2 a few ms, 3 doomed by TTL. */
+static int
+gen_timing(struct hist *h, int mi, struct protoq_message *pm, int slot)
+{
+    struct m_msg *m = &h->w.m[mi];
+    int kind = 0;
+
+    if (chance(h, 8)) {
+        kind = 1;
+        pm->delay_ms = 3600000;
+    } else if (chance(h, 10)) {
+        kind = 2;
+        pm->delay_ms = 2 + 3 * (uint64_t)slot + rn(h, 3) * 20;
+    } else if (chance(h, 5) && m->key[0] == '\0') {
+        kind = 3;
+        pm->delay_ms = 30 + 3 * (uint64_t)slot;
+        pm->ttl_ms = 1 + 3 * (uint64_t)slot;
+        m->doomed = true;
+    }
+    if (kind != 3 && chance(h, 10)) {
+        pm->ttl_ms = 86400000;
+        m->ttl_long = true;
+    }
+    return kind;
+}
+
+/* The model side of a stored publish. */
+static void
+stored(struct hist *h, int mi, int q, int kind, const struct protoq_message *pm,
+       int64_t t0, int64_t t1, uint32_t grp)
+{
+    struct model *w = &h->w;
+    struct m_msg *m = &w->m[mi];
+
+    m->cur.exists = true;
+    m->cur.q = q;
+    w->q[q].n.published++;
+    switch (kind) {
+    case 1:
+        m->st = ST_DLONG;
+        m->cur.dlong = true;
+        break;
+    case 2:
+        m_add_event(w, mi, EV_READY_BACK, t0 + (int64_t)pm->delay_ms,
+                    t1 + (int64_t)pm->delay_ms, grp);
+        break;
+    case 3:
+        m_add_event(w, mi, EV_EXPIRE, t0 + (int64_t)pm->ttl_ms, t1 + (int64_t)pm->ttl_ms, 0);
+        break;
+    default:
+        m_insert_back(w, q, mi);
+        m->grp = grp;
+    }
+    m_record(w, m);
+    if (m->key[0]) {
+        m_add_key(&w->q[q], m->key, mi);
+    }
+}
+
+static bool
+can_key(const struct hist *h, int q)
+{
+    /* avoid keyed-requeue: no keys where a subscription can put them back */
+    return !(h->avoid & AV_KEYED_REQUEUE) || (h->w.q[q].sub < 0 && h->w.q[q].a.dead_letter[0] == '\0');
+}
+
+int
+op_publish(struct hist *h, int ci, int q)
+{
+    static char payload[16384];
+    struct model *w = &h->w;
+    struct protoq_message pm;
+    struct pubbuf b = {.payload = payload};
+    int mi = m_new_msg(w), kind, k = -1, rc;
+    bool dup = false;
+    uint64_t id = 0;
+    int64_t t0, t1;
+
+    if (mi < 0) {
+        return 0;
+    }
+    gen_msg(h, mi, q, chance(h, 25) && can_key(h, q), &pm, &b);
+    kind = gen_timing(h, mi, &pm, 0);
+    if (w->m[mi].key[0] && w->q[q].exists) {
+        k = find_key(&w->q[q], w->m[mi].key);
+        if (k >= 0 && w->q[q].keys[k].m < 0) {
+            w->nm--; /* a key whose answer the model cannot know */
+            return 0;
+        }
+    }
+    oplog(h, "publish %s len=%u prio=%u key=%s req=%u delay=%" PRIu64 " ttl=%" PRIu64 " (c%d)",
+          m_qname(q), w->m[mi].len, w->m[mi].prio, w->m[mi].key, w->m[mi].reqmask, pm.delay_ms,
+          pm.ttl_ms, ci);
+    t0 = now_ms_mono();
+    rc = protoq_publish_ex(h->c[ci].c, m_qname(q), &pm, &id, &dup);
+    t1 = now_ms_mono();
+    if (!w->q[q].exists) {
+        w->nm--;
+        return remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_NOT_FOUND)
+                   ? 0 : unexpected(h, ci, "publish to a missing queue", rc, "QUEUE_NOT_FOUND");
+    }
+    if (k >= 0) {
+        const struct m_msg *first = &w->m[w->q[q].keys[k].m];
+
+        w->nm--;
+        if (rc != PQ_OK || !dup || id != first->id) {
+            return m_fail(w, "publish %s key %s: rc %s dup %d id %" PRIu64 ", model: duplicate "
+                          "of %" PRIu64, m_qname(q), first->key, pq_strerror(rc), dup, id,
+                          first->id);
+        }
+        return 0;
+    }
+    if (!m_room(w, q, 1, w->m[mi].len)) {
+        w->nm--;
+        return remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_FULL)
+                   ? 0 : unexpected(h, ci, "publish to a full queue", rc, "QUEUE_FULL");
+    }
+    if (rc != PQ_OK || dup) {
+        w->nm--;
+        return unexpected(h, ci, "publish", rc, "PQ_OK, not a duplicate");
+    }
+    w->m[mi].id = id;
+    stored(h, mi, q, kind, &pm, t0, t1, 0);
+    if (!w->q[q].a.transient) {
+        m_durable(w);
+    }
+    return 0;
+}
+
+/* A batch of 2-5 messages (no keys) to one or several queues. */
+int
+op_batch(struct hist *h, int ci, int q0)
+{
+    static char payloads[5][16384];
+    struct model *w = &h->w;
+    struct protoq_message pm[5];
+    struct pubbuf b[5];
+    const char *qn[5];
+    int qs[5], mis[5], kinds[5];
+    uint64_t ids[5], need[M_NQ] = {0}, bytes[M_NQ] = {0};
+    int n = 2 + (int)rn(h, 4), rc, first = w->nm;
+    bool all_exist = true, room = true, durable = false;
+    uint32_t grp = 0;
+    int64_t t0, t1;
+    char line[200];
+    size_t ln = 0;
+
+    if (w->nm + n > M_MAXM) {
+        return 0;
+    }
+    for (int i = 0; i < n; i++) {
+        qs[i] = chance(h, 70) ? q0 : (int)rn(h, M_NQ);
+        mis[i] = m_new_msg(w);
+        b[i].payload = payloads[i];
+        gen_msg(h, mis[i], qs[i], false, &pm[i], &b[i]);
+        kinds[i] = gen_timing(h, mis[i], &pm[i], i);
+        qn[i] = m_qname(qs[i]);
+        all_exist &= w->q[qs[i]].exists;
+        need[qs[i]]++;
+        bytes[qs[i]] += w->m[mis[i]].len;
+        ln += (size_t)snprintf(line + ln, sizeof(line) - ln, " %s/%u/p%u/d%" PRIu64 "/t%" PRIu64,
+                               qn[i], w->m[mis[i]].len, w->m[mis[i]].prio, pm[i].delay_ms,
+                               pm[i].ttl_ms);
+    }
+    oplog(h, "batch%s (c%d)", line, ci);
+    for (int q = 0; q < M_NQ && all_exist; q++) {
+        room &= need[q] == 0 || m_room(w, q, need[q], bytes[q]);
+    }
+    t0 = now_ms_mono();
+    rc = protoq_publish_batch_multi(h->c[ci].c, qn, pm, (size_t)n, ids);
+    t1 = now_ms_mono();
+    if (!all_exist || !room) {
+        w->nm = first;
+        if (!all_exist ? remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_NOT_FOUND)
+                       : remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_FULL)) {
+            return 0;
+        }
+        return unexpected(h, ci, "batch", rc, !all_exist ? "QUEUE_NOT_FOUND" : "QUEUE_FULL");
+    }
+    if (rc != PQ_OK) {
+        w->nm = first;
+        return unexpected(h, ci, "batch", rc, "PQ_OK");
+    }
+    /* A delay that may have ended before the batch was committed makes its
+     * message ready at the commit, in batch order, instead of after it:
+     * then the batch's ready messages may come in either order. */
+    for (int i = 0; i < n; i++) {
+        if (kinds[i] == 2 && t1 - t0 + 2 >= (int64_t)pm[i].delay_ms) {
+            grp = ++w->grp;
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        w->m[mis[i]].id = ids[i];
+        stored(h, mis[i], qs[i], kinds[i], &pm[i], t0, t1, grp);
+        durable |= !w->q[qs[i]].a.transient;
+    }
+    if (durable) {
+        m_durable(w);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ consuming */
+
+static int
+free_sub(const struct model *w)
+{
+    for (int i = 0; i < M_NS; i++) {
+        if (!w->s[i].used) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+int
+subscribe(struct hist *h, int ci, int q, uint32_t prefetch, uint8_t tags)
+{
+    struct model *w = &h->w;
+    struct protoq_kv t[M_NTAGS];
+    size_t nt = 0;
+    uint64_t sid = 0;
+    int si = free_sub(w), rc;
+
+    if (si < 0 || conn_get(h, ci) != 0) {
+        return -1;
+    }
+    for (int i = 0; i < M_NTAGS; i++) {
+        if (tags & (1u << i)) {
+            t[nt].key = m_tag_key[i];
+            t[nt++].value = m_tag_val[i];
+        }
+    }
+    oplog(h, "subscribe %s prefetch=%u tags=%u (c%d)", m_qname(q), prefetch, tags, ci);
+    /* deliveries may come before SubscribeOk: know the subscription first */
+    w->s[si] = (struct m_sub){true, ci, q, 0, prefetch ? prefetch : 1, 0, tags}; /* 0 = 1 */
+    rc = protoq_subscribe(h->c[ci].c, m_qname(q), prefetch, nt ? t : NULL, nt, on_deliver,
+                          (void *)(intptr_t)ci, &sid);
+    if (!w->q[q].exists) {
+        w->s[si].used = false;
+        return remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_NOT_FOUND)
+                   ? 1 : unexpected(h, ci, "subscribe to a missing queue", rc,
+                                    "QUEUE_NOT_FOUND");
+    }
+    if (rc != PQ_OK) {
+        w->s[si].used = false;
+        return unexpected(h, ci, "subscribe", rc, "PQ_OK");
+    }
+    w->s[si].sid = sid; /* deliveries that came meanwhile are still buffered */
+    w->q[q].sub = si;
+    return 0;
+}
+
+static int
+pick_held(struct hist *h, bool keyed_ok)
+{
+    struct model *w = &h->w;
+    int cand[M_MAXM], n = 0;
+
+    for (int i = 0; i < w->nm; i++) {
+        const struct m_msg *m = &w->m[i];
+
+        if (m->st == ST_INFLIGHT && m->ev < 0 && m->sub >= 0 &&
+            (keyed_ok || m->key[0] == '\0' || !(h->avoid & AV_KEYED_REQUEUE))) {
+            cand[n++] = i;
+        }
+    }
+    return n == 0 ? -1 : cand[rn(h, (uint32_t)n)];
+}
+
+/* A round trip on ci: every request sent before it has been handled. */
+int
+roundtrip(struct hist *h, int ci)
+{
+    struct protoq_queue_info *l = NULL;
+    size_t n = 0;
+    int rc = protoq_queue_list(h->c[ci].c, &l, &n);
+
+    protoq_queue_list_free(l, n);
+    return rc == PQ_OK ? 0 : unexpected(h, ci, "round trip", rc, "PQ_OK");
+}
+
+/* An unconfirmed ack/nack/release: barrier, then STALE answers counted. */
+int
+expect_async(struct hist *h, int ci, uint64_t stale_want, const char *what)
+{
+    uint64_t before = protoq_async_errors(h->c[ci].c);
+
+    if (roundtrip(h, ci) != 0) {
+        return -1;
+    }
+    if (protoq_async_errors(h->c[ci].c) - before != stale_want) {
+        return m_fail(&h->w, "%s: %" PRIu64 " asynchronous errors, model %" PRIu64, what,
+                      protoq_async_errors(h->c[ci].c) - before, stale_want);
+    }
+    return 0;
+}
+
+int
+op_ack(struct hist *h)
+{
+    struct model *w = &h->w;
+    int mi = pick_held(h, true), ci, rc;
+    struct m_msg *m;
+    bool confirm = chance(h, 50), stale;
+
+    if (mi < 0) {
+        return 0;
+    }
+    m = &w->m[mi];
+    ci = w->s[m->sub].conn;
+    stale = m->cancelled;
+    oplog(h, "ack %" PRIu64 "/%u %s%s (c%d)", m->id, m->cur.attempt, confirm ? "confirm" : "",
+          stale ? " cancelled" : "", ci);
+    if (confirm) {
+        rc = protoq_ack_sync(h->c[ci].c, m->id, m->cur.attempt);
+        if (stale ? !remote_is(h, ci, rc, PROTOQ_CODE_STALE_DELIVERY) : rc != PQ_OK) {
+            return unexpected(h, ci, "ack", rc, stale ? "STALE_DELIVERY" : "PQ_OK");
+        }
+    } else {
+        rc = protoq_ack(h->c[ci].c, m->id, m->cur.attempt);
+        if (rc != PQ_OK || expect_async(h, ci, stale, "ack") != 0) {
+            return rc != PQ_OK ? unexpected(h, ci, "ack", rc, "PQ_OK") : -1;
+        }
+    }
+    if (!stale) {
+        w->q[m->cur.q].n.acked++;
+    }
+    m_gone(w, mi, !stale);
+    if (confirm && !w->q[m->cur.q].a.transient) {
+        m_durable(w);
+    }
+    return 0;
+}
+
+int
+op_nack(struct hist *h)
+{
+    struct model *w = &h->w;
+    int mi = pick_held(h, false), ci, rc;
+    struct m_msg *m;
+    bool confirm = chance(h, 50), dl = chance(h, 15), stale;
+    uint64_t delay = chance(h, 40) ? 1 + rn(h, 10) : 0;
+    char err[24];
+    int q;
+
+    if (mi < 0) {
+        return 0;
+    }
+    m = &w->m[mi];
+    q = m->cur.q;
+    ci = w->s[m->sub].conn;
+    stale = m->cancelled;
+    snprintf(err, sizeof(err), "e%u", rn(h, 1000));
+    oplog(h, "nack %" PRIu64 "/%u delay=%" PRIu64 " dl=%d err=%s %s%s (c%d)", m->id,
+          m->cur.attempt, delay, dl, err, confirm ? "confirm" : "", stale ? " cancelled" : "",
+          ci);
+    if (confirm) {
+        rc = protoq_nack_sync(h->c[ci].c, m->id, m->cur.attempt, delay, dl, err);
+        if (stale ? !remote_is(h, ci, rc, PROTOQ_CODE_STALE_DELIVERY) : rc != PQ_OK) {
+            return unexpected(h, ci, "nack", rc, stale ? "STALE_DELIVERY" : "PQ_OK");
+        }
+    } else {
+        rc = protoq_nack(h->c[ci].c, m->id, m->cur.attempt, delay, dl, err);
+        if (rc != PQ_OK || expect_async(h, ci, stale, "nack") != 0) {
+            return rc != PQ_OK ? unexpected(h, ci, "nack", rc, "PQ_OK") : -1;
+        }
+    }
+    if (!stale) {
+        w->q[q].n.nacked++;
+        snprintf(m->cur.err, sizeof(m->cur.err), "%s", err);
+    }
+    m_fail_attempt(w, mi, now_ms_mono(), dl, delay != 0, delay, ++w->grp, 0);
+    if (confirm && !w->q[q].a.transient) {
+        m_durable(w);
+    }
+    return 0;
+}
+
+static void
+gen_progress(struct hist *h, struct protoq_progress *p, struct m_prog *mp, char *text, char *ck)
+{
+    mp->has = true;
+    mp->pct = rn(h, 101);
+    snprintf(mp->text, sizeof(mp->text), "%s", chance(h, 50) ? "" : "step");
+    snprintf(mp->ckpt, sizeof(mp->ckpt), chance(h, 50) ? "" : "s3://ck/%u", rn(h, 100));
+    snprintf(text, 24, "%s", mp->text);
+    snprintf(ck, 24, "%s", mp->ckpt);
+    p->percent = mp->pct;
+    p->text = text[0] ? text : NULL;
+    p->checkpoint = ck[0] ? ck : NULL;
+}
+
+int
+op_touch(struct hist *h, bool expire)
+{
+    struct model *w = &h->w;
+    int mi = pick_held(h, !expire), ci, rc;
+    struct m_msg *m;
+    struct protoq_progress p;
+    struct m_prog mp;
+    char text[24], ck[24];
+    bool with = chance(h, 60);
+    uint64_t lease = 0, extend = expire ? 3 + rn(h, 6) : 0;
+
+    if (mi < 0 || w->m[mi].cancelled) {
+        return 0;
+    }
+    m = &w->m[mi];
+    ci = w->s[m->sub].conn;
+    if (with) {
+        gen_progress(h, &p, &mp, text, ck);
+    }
+    oplog(h, "%s %" PRIu64 "/%u extend=%" PRIu64 " progress=%s (c%d)",
+          expire ? "expire" : "touch", m->id, m->cur.attempt, extend,
+          with ? (mp.text[0] ? mp.text : "yes") : "none", ci);
+    rc = protoq_touch(h->c[ci].c, m->id, m->cur.attempt, extend, with ? &p : NULL, &lease);
+    if (rc != PQ_OK) {
+        return unexpected(h, ci, "touch", rc, "PQ_OK");
+    }
+    if (with) {
+        m->cur.pg = mp;
+        m_record_progress(w, m);
+    }
+    if (expire) {
+        int64_t t = now_ms_mono();
+
+        return m_add_event(w, mi, EV_LEASE, t + (int64_t)extend, t + (int64_t)extend, 0);
+    }
+    return 0;
+}
+
+int
+op_release(struct hist *h)
+{
+    struct model *w = &h->w;
+    int mi = pick_held(h, false), ci, rc;
+    struct m_msg *m;
+    struct protoq_progress p;
+    struct m_prog mp;
+    char text[24], ck[24];
+    bool with = chance(h, 50), confirm = chance(h, 50), stale;
+
+    if (mi < 0) {
+        return 0;
+    }
+    m = &w->m[mi];
+    ci = w->s[m->sub].conn;
+    stale = m->cancelled;
+    if (with) {
+        gen_progress(h, &p, &mp, text, ck);
+    }
+    oplog(h, "release %" PRIu64 "/%u progress=%s %s%s (c%d)", m->id, m->cur.attempt,
+          with ? "yes" : "none", confirm ? "confirm" : "", stale ? " cancelled" : "", ci);
+    rc = protoq_release(h->c[ci].c, m->id, m->cur.attempt, PROTOQ_RELEASE_PREEMPTED,
+                        with ? &p : NULL, confirm);
+    if (confirm) {
+        if (stale ? !remote_is(h, ci, rc, PROTOQ_CODE_STALE_DELIVERY) : rc != PQ_OK) {
+            return unexpected(h, ci, "release", rc, stale ? "STALE_DELIVERY" : "PQ_OK");
+        }
+    } else if (rc != PQ_OK || expect_async(h, ci, stale, "release") != 0) {
+        return rc != PQ_OK ? unexpected(h, ci, "release", rc, "PQ_OK") : -1;
+    }
+    if (stale) {
+        m_gone(w, mi, false);
+        return 0;
+    }
+    if (with) {
+        m->cur.pg = mp;
+    }
+    m_release_held(w, mi);
+    if (confirm && !w->q[m->cur.q].a.transient) {
+        m_durable(w);
+    }
+    return 0;
+}
+
+int
+op_cancel(struct hist *h, int ci)
+{
+    struct model *w = &h->w;
+    int mi, rc, before;
+    struct m_msg *m;
+
+    if (w->nm == 0) {
+        return 0;
+    }
+    mi = (int)rn(h, (uint32_t)w->nm);
+    m = &w->m[mi];
+    if (m->st == ST_INFLIGHT && m->ev >= 0) {
+        return 0; /* a lease about to end: the outcome would race */
+    }
+    oplog(h, "cancel %s %" PRIu64 " (state %d%s) (c%d)", m_qname(m->cur.q), m->id, m->st,
+          m->cancelled ? " cancelled" : "", ci);
+    before = m->st == ST_INFLIGHT ? h->c[w->s[m->sub].conn].cancels : 0;
+    rc = protoq_cancel(h->c[ci].c, m_qname(m->cur.q), m->id);
+    if (m->st == ST_GONE) {
+        return remote_is(h, ci, rc, PROTOQ_CODE_BAD_REQUEST)
+                   ? 0 : unexpected(h, ci, "cancel of a gone message", rc, "BAD_REQUEST");
+    }
+    if (rc != PQ_OK) {
+        return unexpected(h, ci, "cancel", rc, "PQ_OK");
+    }
+    if (m->st == ST_INFLIGHT) {
+        int hc = w->s[m->sub].conn;
+        struct m_proj save = m->cur;
+
+        if (m->cancelled) {
+            return 0;
+        }
+        m->cancelled = true;
+        m->cur.exists = false;
+        m_record(w, m); /* recorded at once */
+        m->cur = save;
+        /* the holder is told */
+        if (hc != ci && roundtrip(h, hc) != 0) {
+            return -1;
+        }
+        if (h->c[hc].cancels != before + 1) {
+            return m_fail(w, "cancel of %" PRIu64 ": holder got %d CancelRequested, want 1",
+                          m->id, h->c[hc].cancels - before);
+        }
+        return 0;
+    }
+    m_gone(w, mi, true);
+    return 0;
+}
+
+static bool
+sub_holds_keyed(const struct hist *h, int si)
+{
+    for (int i = 0; i < h->w.nm; i++) {
+        if (h->w.m[i].st == ST_INFLIGHT && h->w.m[i].sub == si && h->w.m[i].key[0] &&
+            !h->w.m[i].cancelled) {
+            return true;
+        }
+    }
+    return false;
+}
+
+bool
+conn_holds_keyed(const struct hist *h, int ci)
+{
+    for (int si = 0; si < M_NS; si++) {
+        if (h->w.s[si].used && h->w.s[si].conn == ci && sub_holds_keyed(h, si)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static int
+pick_sub(struct hist *h)
+{
+    int cand[M_NS], n = 0;
+
+    for (int i = 0; i < M_NS; i++) {
+        if (h->w.s[i].used && h->w.s[i].conn != DRAIN_CONN) {
+            cand[n++] = i;
+        }
+    }
+    return n == 0 ? -1 : cand[rn(h, (uint32_t)n)];
+}
+
+int
+op_flow(struct hist *h)
+{
+    struct model *w = &h->w;
+    int si = pick_sub(h), rc;
+    uint32_t p = chance(h, 30) ? 0 : 1 + rn(h, 6);
+
+    if (si < 0) {
+        return 0;
+    }
+    oplog(h, "flow %s prefetch=%u (c%d)", m_qname(w->s[si].q), p, w->s[si].conn);
+    rc = protoq_flow(h->c[w->s[si].conn].c, w->s[si].sid, p);
+    if (rc != PQ_OK) {
+        return unexpected(h, w->s[si].conn, "flow", rc, "PQ_OK");
+    }
+    w->s[si].prefetch = p;
+    return 0;
+}
+
+int
+op_unsubscribe(struct hist *h)
+{
+    struct model *w = &h->w;
+    int si = pick_sub(h), rc;
+
+    if (si < 0 || ((h->avoid & AV_KEYED_REQUEUE) && sub_holds_keyed(h, si))) {
+        return 0;
+    }
+    oplog(h, "unsubscribe %s holding %u (c%d)", m_qname(w->s[si].q), w->s[si].held,
+          w->s[si].conn);
+    rc = protoq_unsubscribe(h->c[w->s[si].conn].c, w->s[si].sid);
+    if (rc != PQ_OK) {
+        return unexpected(h, w->s[si].conn, "unsubscribe", rc, "PQ_OK");
+    }
+    m_detach(w, si, now_ms_mono(), ++w->grp, 0);
+    return 0;
+}
+
+/* Wait until the broker shows no consumer on the queues in mask. */
+static int
+await_detached(struct hist *h, unsigned mask, int skip)
+{
+    int64_t deadline = now_ms_mono() + 3000;
+
+    for (int q = 0; q < M_NQ; q++) {
+        struct protoq_queue_info qi;
+        int ci = skip == 0 ? 1 : 0;
+
+        if (!(mask & (1u << q))) {
+            continue;
+        }
+        for (;;) {
+            if (conn_get(h, ci) != 0 || stat_queue(h, ci, q, &qi) != 0) {
+                return -1;
+            }
+            if (qi.consumers == 0) {
+                break;
+            }
+            if (now_ms_mono() > deadline) {
+                return m_fail(&h->w, "%s still has a consumer 3 s after its connection ended",
+                              m_qname(q));
+            }
+            if (sleep_polling(h, now_ms_mono() + 5, skip) != 0) {
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Close connection ci (heartbeat_loss: stop talking and let the broker
+ * time it out first). */
+int
+op_disconnect(struct hist *h, int ci, bool heartbeat_loss)
+{
+    struct model *w = &h->w;
+    unsigned mask = 0;
+    uint32_t grp = ++w->grp, dlgrp = ++w->grp;
+    int64_t t;
+
+    if (h->c[ci].c == NULL || ((h->avoid & AV_KEYED_REQUEUE) && conn_holds_keyed(h, ci))) {
+        return 0;
+    }
+    for (int si = 0; si < M_NS; si++) {
+        if (w->s[si].used && w->s[si].conn == ci) {
+            mask |= 1u << w->s[si].q;
+        }
+    }
+    if (heartbeat_loss && mask == 0) {
+        return 0;
+    }
+    oplog(h, "%s c%d", heartbeat_loss ? "heartbeat loss" : "disconnect", ci);
+    if (heartbeat_loss) {
+        if (await_detached(h, mask, ci) != 0) {
+            return -1;
+        }
+    } else {
+        conn_drop(h, ci);
+    }
+    t = now_ms_mono();
+    for (int si = 0; si < M_NS; si++) {
+        if (w->s[si].used && w->s[si].conn == ci) {
+            m_detach(w, si, t, grp, dlgrp);
+        }
+    }
+    if (heartbeat_loss) {
+        conn_drop(h, ci);
+        return 0;
+    }
+    return await_detached(h, mask, ci);
+}
+
+/* Subscribe a fresh consumer with every tag, take everything ready, ack it
+ * all, go. The model checks each delivery against its exact order. */
+int
+op_drain(struct hist *h, int q)
+{
+    struct model *w = &h->w;
+    int si, rc = 0;
+
+    if (!w->q[q].exists || w->q[q].sub >= 0) {
+        return 0;
+    }
+    oplog(h, "drain %s: model has%s", m_qname(q), ids_text(w, q));
+    si = free_sub(w);
+    if (si < 0 || (rc = subscribe(h, DRAIN_CONN, q, 100000, (1u << M_NTAGS) - 1)) != 0) {
+        return rc > 0 ? 0 : -1;
+    }
+    if (settle(h) != 0) {
+        return -1;
+    }
+    for (int i = 0; i < w->nm; i++) {
+        struct m_msg *m = &w->m[i];
+
+        if (m->st == ST_INFLIGHT && m->sub == si) {
+            if (protoq_ack(h->c[DRAIN_CONN].c, m->id, m->cur.attempt) != PQ_OK) {
+                return unexpected(h, DRAIN_CONN, "drain ack", -1, "PQ_OK");
+            }
+            w->q[q].n.acked++;
+            m_gone(w, i, true);
+        }
+    }
+    if (expect_async(h, DRAIN_CONN, 0, "drain acks") != 0) {
+        return -1;
+    }
+    if (w->q[q].nrd != 0) {
+        return m_fail(w, "drain %s: the model still has%s ready", m_qname(q), ids_text(w, q));
+    }
+    rc = protoq_unsubscribe(h->c[DRAIN_CONN].c, w->s[si].sid);
+    if (rc != PQ_OK) {
+        return unexpected(h, DRAIN_CONN, "drain unsubscribe", rc, "PQ_OK");
+    }
+    m_detach(w, si, now_ms_mono(), 0, 0);
+    conn_drop(h, DRAIN_CONN);
+    return 0;
+}
+
