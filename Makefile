@@ -86,7 +86,8 @@ CLI_OBJS   = $(B)/client/cli.o $(B)/client/cli_queue.o $(B)/client/cli_pub.o \
 BENCH_OBJS = $(B)/client/bench.o
 
 UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_queue \
-              $(B)/tests/unit/check_store $(B)/tests/unit/check_config
+              $(B)/tests/unit/check_store $(B)/tests/unit/check_config \
+              $(B)/tests/unit/check_journal
 INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_jobs \
               $(B)/tests/integration/check_client $(B)/tests/integration/check_work \
               $(B)/tests/integration/check_loss \
@@ -158,6 +159,9 @@ $(B)/tests/unit/check_frame: $(B)/tests/unit/check_frame.o $(PROTO_OBJS)
 $(B)/tests/unit/check_queue: $(B)/tests/unit/check_queue.o $(QUEUE_OBJS) $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/unit/check_store: $(B)/tests/unit/check_store.o $(STORE_OBJS) $(B)/broker/hmap.o $(CORE_OBJS) $(PROTO_OBJS)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+$(B)/tests/unit/check_journal: $(B)/tests/unit/check_journal.o $(B)/broker/journal.o \
+                               $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/unit/check_config: $(B)/tests/unit/check_config.o $(B)/broker/config.o $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)

@@ -309,7 +309,7 @@ wait_new(struct conn *c, uint64_t rid, enum wait_kind kind, uint32_t n)
 static void
 wait_enqueue(struct server *srv, struct wait *w, uint64_t lsn)
 {
-    journal_urgent(srv); /* someone waits: sync it as soon as written */
+    journal_urgent(srv->journal); /* someone waits: sync it as soon as written */
     w->lsn = lsn;
     if (srv->waits_tail) {
         srv->waits_tail->next = w;
@@ -359,7 +359,7 @@ complete_publish(struct server *srv, struct wait *w)
              * the message compact (no struct msg pointer needed here). */
             mn = p->mn;
             durable = !queue_attrs(p->q)->transient;
-            if (durable && !journal_keep_body(srv, &mn)) {
+            if (durable && !journal_keep_body(srv->journal, &mn)) {
                 mn.body = NULL; /* the pending item still owns its ref */
             }
             rc = queue_push(p->q, &mn, srv->now_mono_ms, NULL);
@@ -367,7 +367,7 @@ complete_publish(struct server *srv, struct wait *w)
                 /* On disk but not in memory (out of memory): keep its
                  * segment for the life of this process, so the record is
                  * not deleted and a restart brings the message back. */
-                journal_pin(srv, &mn);
+                journal_pin(srv->journal, &mn);
                 log_err("queue %s: message %llu is stored but could not be "
                         "queued (%s); it is delivered after a restart",
                         queue_name(p->q), (unsigned long long)p->mn.id,
@@ -377,7 +377,7 @@ complete_publish(struct server *srv, struct wait *w)
                          queue_name(p->q), (unsigned long long)p->mn.id,
                          pq_strerror(rc));
             } else if (durable) {
-                journal_msg_stored(srv, &mn);
+                journal_msg_stored(srv->journal, &mn);
             }
         }
     }
@@ -489,7 +489,7 @@ struct mark {
 static struct mark
 mark_now(struct server *srv)
 {
-    struct mark m = {journal_last_lsn(srv), journal_errors(srv, NULL)};
+    struct mark m = {journal_last_lsn(srv->journal), journal_errors(srv->journal, NULL)};
     return m;
 }
 
@@ -503,9 +503,9 @@ static void
 finish_since(struct conn *c, uint64_t rid, struct mark before)
 {
     int last;
-    uint64_t lsn = journal_last_lsn(c->srv);
+    uint64_t lsn = journal_last_lsn(c->srv->journal);
 
-    if (journal_errors(c->srv, &last) != before.errors) {
+    if (journal_errors(c->srv->journal, &last) != before.errors) {
         reply_err(c, rid, last, "applied in memory, but not recorded in the "
                   "log (%s); after a restart it is undone", pq_strerror(last));
         return;
@@ -750,7 +750,7 @@ on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate *r)
         return;
     }
     if (!existed && !queue_attrs(q)->transient) {
-        rc = journal_queue_create(srv, q, &lsn);
+        rc = journal_queue_create(srv->journal, q, &lsn);
         if (rc != PQ_OK) {
             qset_delete(srv->qs, q);
             reply_err(c, rid, rc, "queue create %s: %s", r->name,
@@ -871,7 +871,7 @@ on_queue_delete(struct conn *c, uint64_t rid, const Protoq__QueueDelete *r)
         return;
     }
     if (!queue_attrs(q)->transient) {
-        rc = journal_queue_delete(srv, q, &lsn);
+        rc = journal_queue_delete(srv->journal, q, &lsn);
         if (rc != PQ_OK) {
             reply_err(c, rid, rc, "queue rm %s: %s", r->name, pq_strerror(rc));
             return;
@@ -897,7 +897,7 @@ on_queue_purge(struct conn *c, uint64_t rid, const Protoq__QueuePurge *r)
         return;
     }
     if (!queue_attrs(q)->transient) {
-        rc = journal_queue_purge(srv, q, &lsn);
+        rc = journal_queue_purge(srv->journal, q, &lsn);
         if (rc != PQ_OK) {
             reply_err(c, rid, rc, "queue purge %s: %s", r->name,
                       pq_strerror(rc));
@@ -1210,7 +1210,8 @@ publish(struct conn *c, uint64_t rid, Protoq__Publish *const *items, size_t n)
         goto fail;
     }
     if (durable) {
-        rc = journal_publish(srv, w->items, w->n, &lsn);
+        rc = journal_publish(srv->journal, w->items, w->n, srv->now_mono_ms,
+                             &lsn);
         if (rc != PQ_OK) {
             if (rc == PQ_ENOSPC) {
                 srv->stats.disk_full_refusals++;
@@ -1419,7 +1420,7 @@ send_deliver(struct server *srv, struct sub *s, struct msg *m)
     uint8_t *p;
 
     if (b == NULL) {
-        b = journal_load_body(srv, m);
+        b = journal_load_body(srv->journal, m);
     } else {
         body_ref(b);
     }
@@ -1497,7 +1498,7 @@ on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
     q = m->q;
     rc = PQ_OK;
     if (!queue_attrs(q)->transient) {
-        rc = journal_ack(srv, m, &lsn);
+        rc = journal_ack(srv->journal, m, &lsn);
         if (rc != PQ_OK) {
             /* In memory it is gone; on disk it stays and would come back
              * after a restart: at-least-once, never a loss. */
@@ -1670,7 +1671,7 @@ on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r)
         return;
     }
     if (held && !queue_attrs(held->q)->transient) {
-        rc = journal_cancel(srv, held);
+        rc = journal_cancel(srv->journal, held);
         if (rc != PQ_OK) {
             log_warn("queue %s: cancel of %llu not journaled: %s",
                      queue_name(held->q), (unsigned long long)held->id,
@@ -1804,7 +1805,7 @@ on_qevent(void *arg, const struct qevent *ev)
         log_warn("queue %s: message %llu dropped (%s): %s", queue_name(ev->q),
                  (unsigned long long)ev->m->id, qreason_name(ev->reason), ev->detail);
     }
-    journal_qevent(srv, ev);
+    journal_qevent(srv->journal, ev, srv->now_mono_ms);
     if (ev->type == QEV_REQUEUE || ev->type == QEV_DEAD_LETTER) {
         server_mark_dirty(srv, ev->q);
     }
@@ -1820,6 +1821,7 @@ on_qevent(void *arg, const struct qevent *ev)
 int
 dispatch_open(struct server *srv, char *err, size_t errlen)
 {
+    struct journal_config jc;
     struct queue_defaults d;
     int rc;
 
@@ -1836,10 +1838,18 @@ dispatch_open(struct server *srv, char *err, size_t errlen)
         return PQ_ENOMEM;
     }
     qset_seed(srv->qs, clock_mono_ms() ^ (uint64_t)getpid());
-    rc = journal_open(srv, err, errlen);
+    jc.data_dir = srv->cfg.data_dir;
+    jc.fsync = srv->cfg.fsync;
+    jc.fsync_interval_ms = srv->cfg.fsync_interval_ms;
+    jc.segment_bytes = srv->cfg.segment_bytes;
+    jc.payload_budget_bytes = srv->cfg.payload_budget_bytes;
+    rc = journal_open(&jc, srv->qs, &srv->journal, err, errlen);
     if (rc != PQ_OK) {
         return rc;
     }
+    srv->now_mono_ms = clock_mono_ms();
+    srv->next_msg_id = journal_next_id(srv->journal);
+    srv->store_fd = journal_event_fd(srv->journal);
     qset_set_listener(srv->qs, on_qevent, srv);
     return PQ_OK;
 }
@@ -1867,20 +1877,20 @@ dispatch_pass(struct server *srv)
         srv->ndirty = rest;
     }
     more = srv->ndirty > 0;
-    journal_submit(srv);
+    journal_submit(srv->journal);
     return more;
 }
 
 void
 dispatch_store_event(struct server *srv)
 {
-    journal_reap(srv, settle_waits, srv);
+    journal_reap(srv->journal, settle_waits, srv);
 }
 
 void
 dispatch_housekeeping(struct server *srv)
 {
-    journal_compact(srv);
+    journal_compact(srv->journal, srv->now_mono_ms);
 }
 
 void
@@ -1894,7 +1904,9 @@ dispatch_close(struct server *srv)
 {
     struct wait *w;
 
-    journal_close(srv);
+    journal_close(srv->journal);
+    srv->journal = NULL;
+    srv->store_fd = -1;
     /* Whatever is still waiting was never confirmed; drop it silently. */
     while ((w = srv->waits_head) != NULL) {
         srv->waits_head = w->next;

@@ -41,6 +41,7 @@
 #include <unistd.h>
 
 #include "body.h"
+#include "clock.h"
 #include "failpoint.h"
 #include "log.h"
 #include "mem.h"
@@ -49,7 +50,6 @@
 #include "pqlimits.h"
 #include "queue.h"
 #include "record.h"
-#include "server.h"
 #include "store.h"
 
 enum { COMPACT_MSGS_PER_CALL = 20000 };
@@ -61,6 +61,7 @@ struct journal {
     uint8_t *buf;                 /* scratch for encoding one record */
     size_t cap;
     uint64_t max_id;              /* replay: largest message id seen */
+    uint64_t next_id;             /* first id a new message may take */
     uint64_t replayed;            /* replay: records applied */
     uint64_t mono_at_open;        /* replay: clocks read once */
     uint64_t wall_at_open;
@@ -71,7 +72,8 @@ struct journal {
     uint64_t append_errors;       /* appends that failed, ever */
     int last_error;               /* the latest one's PQ_* code */
     uint64_t unwritten_logged_ms; /* mono time of that warning */
-    struct server *srv;
+    struct qset *qs;              /* the queues it journals (borrowed) */
+    uint64_t now_mono_ms;         /* "now" of the call being served */
 };
 
 /* mkdir_p: create dir and its parents (mode 0750); existing is fine. */
@@ -123,15 +125,15 @@ message_payload_size(const uint8_t *data, size_t len)
 /* ---- clocks: the log stores wall time, the queues run on mono time ---- */
 
 static uint64_t
-mono_to_wall(const struct server *srv, uint64_t mono, bool never_zero)
+mono_to_wall(const struct journal *j, uint64_t mono, bool never_zero)
 {
     if (mono == 0) {
         return 0;
     }
-    if (mono <= srv->now_mono_ms) {
+    if (mono <= j->now_mono_ms) {
         return never_zero ? clock_wall_ms() : 0;
     }
-    return clock_wall_ms() + (mono - srv->now_mono_ms);
+    return clock_wall_ms() + (mono - j->now_mono_ms);
 }
 
 static uint64_t
@@ -240,7 +242,7 @@ on_roll(void *arg, uint32_t new_seg)
     size_t cap = 0, len;
     struct record r;
 
-    for (struct queue *q = qset_first(j->srv->qs); q; q = qset_next(q)) {
+    for (struct queue *q = qset_first(j->qs); q; q = qset_next(q)) {
         if (!durable(q)) {
             continue;
         }
@@ -350,12 +352,12 @@ move_state(struct journal *j, struct msg *m, uint32_t seg)
 /* ---- writing ---- */
 
 int
-journal_queue_create(struct server *srv, struct queue *q, uint64_t *lsn)
+journal_queue_create(struct journal *j, struct queue *q, uint64_t *lsn)
 {
     struct record r;
 
     queue_create_rec(&r, q);
-    return append(srv->journal, &r, lsn, NULL);
+    return append(j, &r, lsn, NULL);
 }
 
 static void
@@ -366,9 +368,8 @@ unref_cb(void *arg, struct msg *m)
 }
 
 int
-journal_queue_delete(struct server *srv, struct queue *q, uint64_t *lsn)
+journal_queue_delete(struct journal *j, struct queue *q, uint64_t *lsn)
 {
-    struct journal *j = srv->journal;
     struct record r = {.type = REC_QUEUE_DELETE};
     int rc;
 
@@ -424,9 +425,8 @@ purge_unref_cb(void *arg, struct msg *m)
 }
 
 int
-journal_queue_purge(struct server *srv, struct queue *q, uint64_t *lsn)
+journal_queue_purge(struct journal *j, struct queue *q, uint64_t *lsn)
 {
-    struct journal *j = srv->journal;
     struct purge_walk w = {.j = j};
     struct record r = {.type = REC_QUEUE_PURGE};
     int rc;
@@ -450,7 +450,7 @@ out:
 }
 
 static void
-publish_rec_from_pending(struct server *srv, struct record *r,
+publish_rec_from_pending(const struct journal *j, struct record *r,
                          const struct pending *p, struct rec_kv *req)
 {
     const struct msg_new *mn = &p->mn;
@@ -461,8 +461,8 @@ publish_rec_from_pending(struct server *srv, struct record *r,
     r->u.publish.queue = rstr(queue_name(p->q));
     r->u.publish.priority = mn->priority;
     r->u.publish.published_wall_ms = mn->published_wall_ms;
-    r->u.publish.deliver_at_wall_ms = mono_to_wall(srv, mn->due_ms, false);
-    r->u.publish.expire_wall_ms = mono_to_wall(srv, mn->expire_ms, true);
+    r->u.publish.deliver_at_wall_ms = mono_to_wall(j, mn->due_ms, false);
+    r->u.publish.expire_wall_ms = mono_to_wall(j, mn->expire_ms, true);
     r->u.publish.idem_key = rstr(p->idem_key);
     for (size_t i = 0; i < mn->n_requires; i++) {
         req[i].key = rstr(p->requires[i].key);
@@ -475,15 +475,15 @@ publish_rec_from_pending(struct server *srv, struct record *r,
 }
 
 int
-journal_publish(struct server *srv, struct pending *items, uint32_t n,
-                uint64_t *lsn)
+journal_publish(struct journal *j, struct pending *items, uint32_t n,
+                uint64_t now_mono_ms, uint64_t *lsn)
 {
-    struct journal *j = srv->journal;
     struct rec_kv req[PQ_TAGS_MAX];
     uint64_t bytes = 0;
     uint32_t count = 0;
     int rc;
 
+    j->now_mono_ms = now_mono_ms;
     for (uint32_t i = 0; i < n; i++) {
         if (!items[i].duplicate && durable(items[i].q)) {
             count++;
@@ -505,7 +505,7 @@ journal_publish(struct server *srv, struct pending *items, uint32_t n,
         if (p->mn.n_requires > sizeof(req) / sizeof(req[0])) {
             return PQ_EINVAL;
         }
-        publish_rec_from_pending(srv, &r, p, req);
+        publish_rec_from_pending(j, &r, p, req);
         /* A failure past the first record leaves earlier ones in the
          * batch: they may survive unconfirmed (at-least-once), never the
          * reverse. */
@@ -532,9 +532,9 @@ budget_allows(struct journal *j, uint32_t size, uint32_t pub_len)
 }
 
 bool
-journal_keep_body(struct server *srv, const struct msg_new *mn)
+journal_keep_body(struct journal *j, const struct msg_new *mn)
 {
-    return mn->body == NULL || budget_allows(srv->journal, mn->size, mn->pub_len);
+    return mn->body == NULL || budget_allows(j, mn->size, mn->pub_len);
 }
 
 /* mn entered a durable queue as pushed: segment refs, resident bytes. */
@@ -549,21 +549,20 @@ stored_new(struct journal *j, const struct msg_new *mn)
 }
 
 void
-journal_msg_stored(struct server *srv, const struct msg_new *mn)
+journal_msg_stored(struct journal *j, const struct msg_new *mn)
 {
-    stored_new(srv->journal, mn);
+    stored_new(j, mn);
 }
 
 void
-journal_pin(struct server *srv, const struct msg_new *mn)
+journal_pin(struct journal *j, const struct msg_new *mn)
 {
-    store_seg_ref(srv->journal->st, mn->pub_seg, mn->pub_len);
+    store_seg_ref(j->st, mn->pub_seg, mn->pub_len);
 }
 
 int
-journal_ack(struct server *srv, struct msg *m, uint64_t *lsn)
+journal_ack(struct journal *j, struct msg *m, uint64_t *lsn)
 {
-    struct journal *j = srv->journal;
     struct record r = {.type = REC_ACK};
     int rc;
 
@@ -579,7 +578,6 @@ journal_ack(struct server *srv, struct msg *m, uint64_t *lsn)
 static int
 republish(struct journal *j, struct msg *m, struct store_loc *loc)
 {
-    struct server *srv = j->srv;
     struct rec_kv req[PQ_TAGS_MAX];
     size_t n_req = 0;
     const struct kv *kv = msg_requires(m, &n_req);
@@ -604,8 +602,8 @@ republish(struct journal *j, struct msg *m, struct store_loc *loc)
     r.u.publish.failures = m->failures;
     r.u.publish.published_wall_ms = m->published_wall_ms;
     r.u.publish.deliver_at_wall_ms =
-        m->state == MSG_DELAYED ? mono_to_wall(srv, m->due_ms, false) : 0;
-    r.u.publish.expire_wall_ms = mono_to_wall(srv, m->expire_ms, true);
+        m->state == MSG_DELAYED ? mono_to_wall(j, m->due_ms, false) : 0;
+    r.u.publish.expire_wall_ms = mono_to_wall(j, m->expire_ms, true);
     r.u.publish.idem_key = rstr(msg_idem_key(m));
     r.u.publish.n_requires = (uint32_t)n_req;
     r.u.publish.requires = req;
@@ -647,7 +645,7 @@ write_progress(struct journal *j, struct msg *m)
 static void
 warn_unwritten(struct journal *j, const struct qevent *ev, int rc)
 {
-    uint64_t now = j->srv->now_mono_ms;
+    uint64_t now = j->now_mono_ms;
 
     j->unwritten++;
     if (j->unwritten_logged_ms != 0 && now - j->unwritten_logged_ms < 10000) {
@@ -664,14 +662,15 @@ warn_unwritten(struct journal *j, const struct qevent *ev, int rc)
 }
 
 void
-journal_qevent(struct server *srv, const struct qevent *ev)
+journal_qevent(struct journal *j, const struct qevent *ev,
+               uint64_t now_mono_ms)
 {
-    struct journal *j = srv->journal;
     struct msg *m = ev->m;
     struct store_loc loc;
     struct record r;
     int rc = PQ_OK;
 
+    j->now_mono_ms = now_mono_ms;
     memset(&r, 0, sizeof(r));
     switch (ev->type) {
     case QEV_REQUEUE:
@@ -683,7 +682,7 @@ journal_qevent(struct server *srv, const struct qevent *ev)
         r.u.requeue.attempt = m->attempt;
         r.u.requeue.failures = m->failures;
         r.u.requeue.deliver_at_wall_ms =
-            m->state == MSG_DELAYED ? mono_to_wall(srv, m->due_ms, false) : 0;
+            m->state == MSG_DELAYED ? mono_to_wall(j, m->due_ms, false) : 0;
         rc = append(j, &r, NULL, &loc);
         if (rc == PQ_OK) {
             move_state(j, m, loc.seg);
@@ -781,53 +780,53 @@ journal_qevent(struct server *srv, const struct qevent *ev)
 }
 
 int
-journal_cancel(struct server *srv, struct msg *m)
+journal_cancel(struct journal *j, struct msg *m)
 {
     struct record r = {.type = REC_DROP};
 
     r.u.drop.id = m->id;
     r.u.drop.reason = rstr(qreason_name(QR_CANCELLED));
-    return append(srv->journal, &r, NULL, NULL);
+    return append(j, &r, NULL, NULL);
 }
 
 uint64_t
-journal_errors(struct server *srv, int *last)
+journal_errors(struct journal *j, int *last)
 {
     if (last != NULL) {
-        *last = srv->journal->last_error;
+        *last = j->last_error;
     }
-    return srv->journal->append_errors;
+    return j->append_errors;
 }
 
 void
-journal_urgent(struct server *srv)
+journal_urgent(struct journal *j)
 {
-    store_urgent(srv->journal->st);
+    store_urgent(j->st);
 }
 
 uint64_t
-journal_last_lsn(struct server *srv)
+journal_last_lsn(struct journal *j)
 {
-    return store_last_lsn(srv->journal->st);
+    return store_last_lsn(j->st);
 }
 
 struct body *
-journal_load_body(struct server *srv, struct msg *m)
+journal_load_body(struct journal *j, struct msg *m)
 {
-    return load_body(srv->journal, m);
+    return load_body(j, m);
 }
 
 void
-journal_submit(struct server *srv)
+journal_submit(struct journal *j)
 {
-    store_submit(srv->journal->st);
+    store_submit(j->st);
 }
 
 void
-journal_reap(struct server *srv,
+journal_reap(struct journal *j,
              void (*done)(void *arg, uint64_t upto_lsn, int status), void *arg)
 {
-    store_reap(srv->journal->st, done, arg);
+    store_reap(j->st, done, arg);
 }
 
 /* ---- compaction ---- */
@@ -869,15 +868,15 @@ compact_cb(void *arg, struct msg *m)
 }
 
 void
-journal_compact(struct server *srv)
+journal_compact(struct journal *j, uint64_t now_mono_ms)
 {
-    struct journal *j = srv->journal;
     struct compact_walk w = {.j = j};
 
+    j->now_mono_ms = now_mono_ms;
     if (store_compact_candidate(j->st, &w.seg) != PQ_OK) {
         return;
     }
-    for (struct queue *q = qset_first(srv->qs); q; q = qset_next(q)) {
+    for (struct queue *q = qset_first(j->qs); q; q = qset_next(q)) {
         if (durable(q)) {
             queue_foreach_msg(q, compact_cb, &w);
         }
@@ -900,7 +899,7 @@ replay_queue(struct journal *j, struct rec_str name)
     }
     memcpy(buf, name.ptr, name.len);
     buf[name.len] = '\0';
-    return qset_find(j->srv->qs, buf);
+    return qset_find(j->qs, buf);
 }
 
 /* Remove a replayed message (all are READY or DELAYED during replay). */
@@ -909,9 +908,9 @@ replay_remove(struct journal *j, uint64_t id)
 {
     struct msg v;
 
-    if (qset_msg_peek(j->srv->qs, id, &v)) {
+    if (qset_msg_peek(j->qs, id, &v)) {
         forget_body(j, &v);
-        qset_cancel(j->srv->qs, id, NULL);
+        qset_cancel(j->qs, id, NULL);
     }
 }
 
@@ -945,7 +944,7 @@ replay_create(struct journal *j, const struct rec_queue_create *c)
     /* Records hold resolved attributes; no_backoff resolves both to 0,
      * and only it does (a broker default base of 0 keeps its cap). */
     a.no_backoff = ra->backoff_base_ms == 0 && ra->backoff_cap_ms == 0;
-    rc = qset_create(j->srv->qs, name, &a, NULL);
+    rc = qset_create(j->qs, name, &a, NULL);
     /* A later definition of the same name (re-created with other
      * attributes after a delete in a segment since removed) wins. */
     if (rc == PQ_EEXIST) {
@@ -1002,7 +1001,7 @@ replay_publish(struct journal *j, const struct rec_publish *p,
     if (q == NULL) {
         return PQ_OK; /* its queue was deleted in a segment since removed */
     }
-    if (qset_msg_peek(j->srv->qs, p->id, &v)) {
+    if (qset_msg_peek(j->qs, p->id, &v)) {
         replay_remove(j, p->id); /* compaction moved it: the newest wins */
     }
     while (record_publish_next_require(p, &cursor, &kv)) {
@@ -1162,7 +1161,7 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
               const struct store_loc *loc)
 {
     struct journal *j = arg;
-    struct qset *qs = j->srv->qs;
+    struct qset *qs = j->qs;
     struct record r;
     struct msg *m, view;
     struct queue *q;
@@ -1274,12 +1273,12 @@ ref_cb(void *arg, struct msg *m)
 /* A log written before dead_letter targets were checked may define a
  * queue whose dead-letter queue does not exist: it still loads. */
 static void
-warn_missing_dead_letters(struct server *srv)
+warn_missing_dead_letters(struct journal *j)
 {
-    for (struct queue *q = qset_first(srv->qs); q; q = qset_next(q)) {
+    for (struct queue *q = qset_first(j->qs); q; q = qset_next(q)) {
         const char *dl = queue_attrs(q)->dead_letter;
 
-        if (dl[0] != '\0' && qset_find(srv->qs, dl) == NULL) {
+        if (dl[0] != '\0' && qset_find(j->qs, dl) == NULL) {
             log_warn("queue %s: its dead_letter queue %s does not exist: "
                      "jobs it would dead-letter are dropped until %s is "
                      "created", queue_name(q), dl, dl);
@@ -1288,71 +1287,76 @@ warn_missing_dead_letters(struct server *srv)
 }
 
 int
-journal_open(struct server *srv, char *err, size_t errlen)
+journal_open(const struct journal_config *cfg, struct qset *qs,
+             struct journal **out, char *err, size_t errlen)
 {
     struct store_config sc = {
-        .dir = srv->cfg.data_dir,
-        .fsync_policy = srv->cfg.fsync,
-        .fsync_interval_ms = srv->cfg.fsync_interval_ms,
-        .segment_bytes = srv->cfg.segment_bytes,
+        .dir = cfg->data_dir,
+        .fsync_policy = cfg->fsync,
+        .fsync_interval_ms = cfg->fsync_interval_ms,
+        .segment_bytes = cfg->segment_bytes,
         .read_only = false,
     };
-    struct journal *j;
+    struct journal *j = NULL;
     struct ref_walk w;
     uint64_t t0 = clock_mono_ms(), floor;
     int rc;
 
-    if (mkdir_p(srv->cfg.data_dir, err, errlen) != PQ_OK) {
-        return PQ_ESYS;
+    *out = NULL;
+    rc = mkdir_p(cfg->data_dir, err, errlen);
+    if (rc != PQ_OK) {
+        goto fail;
     }
     j = pq_calloc(1, sizeof(*j));
     if (j == NULL) {
         snprintf(err, errlen, "out of memory");
-        return PQ_ENOMEM;
+        rc = PQ_ENOMEM;
+        goto fail;
     }
-    srv->journal = j;
-    j->srv = srv;
-    j->budget = srv->cfg.payload_budget_bytes;
-    j->mono_at_open = srv->now_mono_ms = clock_mono_ms();
+    j->qs = qs;
+    j->budget = cfg->payload_budget_bytes;
+    j->mono_at_open = j->now_mono_ms = clock_mono_ms();
     j->wall_at_open = clock_wall_ms();
     rc = store_open(&sc, replay_record, j, &j->st, err, errlen);
     if (rc != PQ_OK) {
-        return rc;
+        goto fail;
     }
-    srv->store = j->st;
-    srv->store_fd = store_event_fd(j->st);
-    rc = qset_sort_ready(srv->qs);
+    rc = qset_sort_ready(qs);
     if (rc != PQ_OK) {
-        snprintf(err, errlen, "out of memory putting the recovered messages in order");
-        return rc;
+        snprintf(err, errlen,
+                 "out of memory putting the recovered messages in order");
+        goto fail;
     }
-    qset_clear_stats(srv->qs); /* replay pushed and moved messages: not counted */
+    qset_clear_stats(qs); /* replay pushed and moved messages: not counted */
     w.j = j;
     w.n = 0;
-    for (struct queue *q = qset_first(srv->qs); q; q = qset_next(q)) {
+    for (struct queue *q = qset_first(qs); q; q = qset_next(q)) {
         queue_foreach_msg(q, ref_cb, &w);
     }
     store_reserve_set(j->st, w.n);
     store_set_roll_cb(j->st, on_roll, j);
-    warn_missing_dead_letters(srv);
+    warn_missing_dead_letters(j);
     /* Ids never repeat: past every id in the log, and past the clock so
      * that a log emptied by deletion cannot bring old ids back. */
     floor = clock_wall_ms() << 16;
-    srv->next_msg_id = (j->max_id + 1 > floor ? j->max_id + 1 : floor);
+    j->next_id = j->max_id + 1 > floor ? j->max_id + 1 : floor;
     log_info("recovered %zu queues and %llu messages from %s (%llu records) "
              "in %llu ms; %llu payload bytes in memory, %llu messages on "
              "disk only",
-             qset_queue_count(srv->qs), (unsigned long long)w.n,
-             srv->cfg.data_dir, (unsigned long long)j->replayed,
+             qset_queue_count(qs), (unsigned long long)w.n, cfg->data_dir,
+             (unsigned long long)j->replayed,
              (unsigned long long)(clock_mono_ms() - t0),
              (unsigned long long)j->resident, (unsigned long long)j->evicted);
+    *out = j;
     return PQ_OK;
+fail:
+    journal_close(j);
+    return rc;
 }
 
 void
-journal_close(struct server *srv)
+journal_close(struct journal *j)
 {
-    struct journal *j = srv->journal;
     int rc;
 
     if (j == NULL) {
@@ -1364,9 +1368,25 @@ journal_close(struct server *srv)
             log_err("closing the log: %s", pq_strerror(rc));
         }
     }
-    srv->store = NULL;
-    srv->store_fd = -1;
     pq_free(j->buf);
     pq_free(j);
-    srv->journal = NULL;
 }
+
+uint64_t
+journal_next_id(const struct journal *j)
+{
+    return j->next_id;
+}
+
+int
+journal_event_fd(const struct journal *j)
+{
+    return store_event_fd(j->st);
+}
+
+void
+journal_store_stats(struct journal *j, struct store_stats *out)
+{
+    store_get_stats(j->st, out);
+}
+

@@ -13,10 +13,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "config.h"
 #include "queue.h"
 
-struct server;
+struct journal;
 struct pend_key;
+struct store_stats;
 
 /* One message of a publish, from its check until it is durable and queued
  * (dispatch.c fills it, journal.c writes it). */
@@ -31,71 +33,96 @@ struct pending {
                                      answer no earlier than this LSN */
 };
 
-/* journal_open: open the store in cfg.data_dir and rebuild every queue from
- * it; sets srv->store, srv->store_fd and srv->next_msg_id. */
-int journal_open(struct server *srv, char *err, size_t errlen);
+/* What the journal needs from the config. */
+struct journal_config {
+    const char *data_dir;
+    enum fsync_policy fsync;
+    uint32_t fsync_interval_ms;
+    uint64_t segment_bytes;
+    uint64_t payload_budget_bytes;
+};
 
-/* journal_close: final flush and fsync; frees the journal. */
-void journal_close(struct server *srv);
+/*
+ * journal_open: open the store in cfg->data_dir (created with its parents
+ * if missing) and replay the log into qs, which the journal borrows for
+ * its life. On success *out is the journal; on failure a PQ_* code with a
+ * message naming what failed in err, and nothing is left open.
+ */
+int journal_open(const struct journal_config *cfg, struct qset *qs,
+                 struct journal **out, char *err, size_t errlen);
+
+/* journal_close: final flush and fsync; frees j (NULL: no-op). */
+void journal_close(struct journal *j);
+
+/* journal_next_id: the first message id not in the log (and past the wall
+ * clock, so ids never repeat even after the log was emptied). */
+uint64_t journal_next_id(const struct journal *j);
+
+/* journal_event_fd: readable when the storage thread finished a batch. */
+int journal_event_fd(const struct journal *j);
+
+/* journal_store_stats: the store's counters. */
+void journal_store_stats(struct journal *j, struct store_stats *out);
 
 /* Each appends one change and sets *lsn to the LSN to wait for. */
-int journal_queue_create(struct server *srv, struct queue *q, uint64_t *lsn);
-int journal_queue_delete(struct server *srv, struct queue *q, uint64_t *lsn);
-int journal_queue_purge(struct server *srv, struct queue *q, uint64_t *lsn);
+int journal_queue_create(struct journal *j, struct queue *q, uint64_t *lsn);
+int journal_queue_delete(struct journal *j, struct queue *q, uint64_t *lsn);
+int journal_queue_purge(struct journal *j, struct queue *q, uint64_t *lsn);
 
 /* journal_publish: PUBLISH records for the durable, non-duplicate items,
  * all or none (space is checked first); sets each item's pub_seg. */
-int journal_publish(struct server *srv, struct pending *items, uint32_t n,
-                    uint64_t *lsn);
+int journal_publish(struct journal *j, struct pending *items, uint32_t n,
+                    uint64_t now_mono_ms, uint64_t *lsn);
 
 /* journal_keep_body: whether a durable message about to be pushed (mn)
  * may keep its body in memory under the payload budget; false counts it
  * as evicted (the caller pushes it with body NULL). */
-bool journal_keep_body(struct server *srv, const struct msg_new *mn);
+bool journal_keep_body(struct journal *j, const struct msg_new *mn);
 
 /* journal_msg_stored: the durable message mn entered its queue (with
  * mn->body as pushed): ref its segments, count a kept body. */
-void journal_msg_stored(struct server *srv, const struct msg_new *mn);
+void journal_msg_stored(struct journal *j, const struct msg_new *mn);
 
 /* journal_pin: keep mn's segment for the life of the process (a durable
  * message that could not be queued; a restart brings it back). */
-void journal_pin(struct server *srv, const struct msg_new *mn);
+void journal_pin(struct journal *j, const struct msg_new *mn);
 
 /* journal_ack: m was acked: ACK record, segment refs dropped. */
-int journal_ack(struct server *srv, struct msg *m, uint64_t *lsn);
+int journal_ack(struct journal *j, struct msg *m, uint64_t *lsn);
 
 /* journal_cancel: m (in flight) was cancelled: record it now, so a crash
  * before its holder answers cannot bring it back. Its references go when
  * the queue drops it (QEV_DROP, which then writes no second record). */
-int journal_cancel(struct server *srv, struct msg *m);
+int journal_cancel(struct journal *j, struct msg *m);
 
 /* journal_qevent: the record a queue event needs (requeue, dead-letter,
  * drop, progress), if m's queue is durable. */
-void journal_qevent(struct server *srv, const struct qevent *ev);
+void journal_qevent(struct journal *j, const struct qevent *ev,
+                    uint64_t now_mono_ms);
 
 /* journal_errors: how many appends have failed so far (*last: the latest
  * one's PQ_* code); a confirm compares it before and after a change. */
-uint64_t journal_errors(struct server *srv, int *last);
+uint64_t journal_errors(struct journal *j, int *last);
 
 /* journal_urgent: a reply waits on what was appended so far. */
-void journal_urgent(struct server *srv);
+void journal_urgent(struct journal *j);
 
 /* journal_last_lsn: LSN of the last record appended (0: none). */
-uint64_t journal_last_lsn(struct server *srv);
+uint64_t journal_last_lsn(struct journal *j);
 
 /* journal_load_body: m's body read back from its PUBLISH record (for a
  * message whose payload is not in memory). A new reference, or NULL. */
-struct body *journal_load_body(struct server *srv, struct msg *m);
+struct body *journal_load_body(struct journal *j, struct msg *m);
 
 /* journal_submit: hand the pending records to the storage thread;
  * journal_reap: report completed batches (see store_reap). */
-void journal_submit(struct server *srv);
-void journal_reap(struct server *srv,
+void journal_submit(struct journal *j);
+void journal_reap(struct journal *j,
                   void (*done)(void *arg, uint64_t upto_lsn, int status),
                   void *arg);
 
 /* journal_compact: move live messages out of the oldest segment when the
  * store says it is worth it; bounded work per call. */
-void journal_compact(struct server *srv);
+void journal_compact(struct journal *j, uint64_t now_mono_ms);
 
 #endif

@@ -35,6 +35,7 @@
 #include "mem.h"
 #include "pqerr.h"
 #include "queue.h"
+#include "journal.h"
 #include "store.h"
 
 /* ---- systemd notification (sd_notify without libsystemd) ---- */
@@ -146,8 +147,8 @@ log_summary(struct server *srv)
     const struct server_stats *s = &srv->stats;
     struct store_stats ss = {0};
 
-    if (srv->store != NULL) {
-        store_get_stats(srv->store, &ss);
+    if (srv->journal != NULL) {
+        journal_store_stats(srv->journal, &ss);
     }
     log_info("summary: connections %u (accepted %llu, refused %llu, closed "
              "for bad input %llu); frames in %llu out %llu; queues %zu, "
@@ -456,7 +457,7 @@ server_fini(struct server *srv)
 {
     /* Only a server that got as far as its store has anything to drain
      * (a failed server_init ends here too, with parts missing). */
-    if (srv->base != NULL && srv->qs != NULL && srv->store != NULL) {
+    if (srv->base != NULL && srv->qs != NULL && srv->journal != NULL) {
         server_drain(srv);
     }
     /* A clean stop is not the workers' failure: what they hold goes back

@@ -58,8 +58,7 @@ struct server {
     uint16_t port;                /* the port actually bound */
 
     struct qset *qs;
-    struct store *store;          /* the log */
-    struct journal *journal;      /* journal.c's state */
+    struct journal *journal;      /* the log (journal.c), NULL until opened */
     uint64_t next_msg_id;         /* broker-wide, never reused (see dispatch.c) */
     uint64_t next_conn_id;
     uint64_t next_sub_id;

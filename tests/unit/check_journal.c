@@ -1,0 +1,517 @@
+/*
+ * check_journal.c: the journal (broker/journal.c) without an event loop:
+ * a queue set, a real store in a temp dir, and the journal between them,
+ * driven the way the broker drives it (append, wait until durable, then
+ * change the queue), then closed and replayed into a fresh queue set.
+ *
+ * Each test checks what replay rebuilds: messages in order with their
+ * attempts and failures, acks, keyed jobs that were put back (a keyed job
+ * nacked once used to vanish on restart and swallow the producer's retry),
+ * progress kept across a release, dead letters, purges, and a log with
+ * many rolled and reaped segments.
+ */
+#include <check.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "body.h"
+#include "clock.h"
+#include "journal.h"
+#include "log.h"
+#include "pqerr.h"
+#include "protoq.pb-c.h"
+#include "queue.h"
+#include "store.h"
+
+/* One journaled queue set: what the broker's dispatch owns, minus the
+ * network. */
+struct jt {
+    char dir[64];
+    uint64_t segment_bytes;
+    struct qset *qs;
+    struct journal *j;
+    uint64_t next_id;
+    uint64_t durable_upto;
+};
+
+static void
+on_qevent(void *arg, const struct qevent *ev)
+{
+    struct jt *t = arg;
+
+    if (ev->type != QEV_READY && ev->type != QEV_TOUCH &&
+        !queue_attrs(ev->q)->transient) {
+        journal_qevent(t->j, ev, clock_mono_ms());
+    }
+}
+
+static void
+jt_open(struct jt *t)
+{
+    struct journal_config cfg = {
+        .data_dir = t->dir,
+        .fsync = FSYNC_NEVER,
+        .segment_bytes = t->segment_bytes,
+        .payload_budget_bytes = 1 << 20,
+    };
+    char err[512];
+    int rc;
+
+    t->qs = qset_new(NULL);
+    ck_assert_ptr_nonnull(t->qs);
+    rc = journal_open(&cfg, t->qs, &t->j, err, sizeof(err));
+    ck_assert_msg(rc == PQ_OK, "journal_open: %s", err);
+    t->next_id = journal_next_id(t->j);
+    t->durable_upto = 0;
+    /* Like dispatch: the listener goes on after replay. */
+    qset_set_listener(t->qs, on_qevent, t);
+}
+
+static void
+jt_close(struct jt *t)
+{
+    journal_close(t->j);
+    t->j = NULL;
+    qset_free(t->qs);
+    t->qs = NULL;
+}
+
+static void
+jt_init(struct jt *t, uint64_t segment_bytes)
+{
+    memset(t, 0, sizeof(*t));
+    snprintf(t->dir, sizeof(t->dir), "/tmp/protoq-journal.XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(t->dir));
+    t->segment_bytes = segment_bytes;
+    jt_open(t);
+}
+
+static void
+jt_restart(struct jt *t)
+{
+    jt_close(t);
+    jt_open(t);
+}
+
+static void
+jt_fini(struct jt *t)
+{
+    char cmd[128];
+
+    if (t->j != NULL) {
+        jt_close(t);
+    }
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", t->dir);
+    ck_assert_int_eq(system(cmd), 0);
+}
+
+static void
+on_durable(void *arg, uint64_t upto_lsn, int status)
+{
+    struct jt *t = arg;
+
+    ck_assert_int_eq(status, PQ_OK);
+    if (upto_lsn > t->durable_upto) {
+        t->durable_upto = upto_lsn;
+    }
+}
+
+/* Hand everything appended to the storage thread and wait (bounded) until
+ * it is durable: what the broker does before it answers. */
+static void
+jt_sync(struct jt *t)
+{
+    uint64_t want = journal_last_lsn(t->j);
+
+    journal_urgent(t->j);
+    journal_submit(t->j);
+    for (int i = 0; i < 5000 && t->durable_upto < want; i++) {
+        usleep(1000);
+        journal_reap(t->j, on_durable, t);
+    }
+    ck_assert_uint_ge(t->durable_upto, want);
+}
+
+static struct queue *
+jt_queue(struct jt *t, const char *name, const struct queue_attrs *a)
+{
+    struct queue *q;
+    uint64_t lsn;
+
+    ck_assert_int_eq(qset_create(t->qs, name, a, &q), PQ_OK);
+    ck_assert_int_eq(journal_queue_create(t->j, q, &lsn), PQ_OK);
+    jt_sync(t);
+    return q;
+}
+
+/* The encoded protoq.Message the broker stores for payload. */
+static struct body *
+message_body(const char *payload)
+{
+    Protoq__Message m = PROTOQ__MESSAGE__INIT;
+    struct body *b;
+
+    m.payload.data = (uint8_t *)payload;
+    m.payload.len = strlen(payload);
+    b = body_alloc(protoq__message__get_packed_size(&m));
+    ck_assert_ptr_nonnull(b);
+    protoq__message__pack(&m, b->data);
+    return b;
+}
+
+/* Publish one message the way dispatch does: PUBLISH record, durable,
+ * then into the queue. Returns its id. */
+static uint64_t
+jt_publish(struct jt *t, struct queue *q, const char *payload,
+           const char *key)
+{
+    struct pending p;
+    uint64_t lsn, now = clock_mono_ms();
+    struct msg_new mn;
+
+    memset(&p, 0, sizeof(p));
+    p.q = q;
+    p.mn.id = t->next_id++;
+    p.mn.body = message_body(payload);
+    p.mn.size = (uint32_t)strlen(payload);
+    p.mn.published_wall_ms = clock_wall_ms();
+    p.idem_key = (char *)key;
+    ck_assert_int_eq(journal_publish(t->j, &p, 1, now, &lsn), PQ_OK);
+    jt_sync(t);
+    mn = p.mn;
+    mn.idem_key = key;
+    ck_assert(journal_keep_body(t->j, &mn));
+    ck_assert_int_eq(queue_push(q, &mn, now, NULL), PQ_OK);
+    journal_msg_stored(t->j, &mn);
+    body_unref(&p.mn.body);
+    return mn.id;
+}
+
+/* The payload of an encoded message (NUL-terminated into buf). */
+static const char *
+payload_of(const struct body *b, char *buf, size_t cap)
+{
+    Protoq__Message *m;
+
+    ck_assert_ptr_nonnull(b);
+    m = protoq__message__unpack(NULL, b->len, b->data);
+    ck_assert_ptr_nonnull(m);
+    snprintf(buf, cap, "%.*s", (int)m->payload.len, (const char *)m->payload.data);
+    protoq__message__free_unpacked(m, NULL);
+    return buf;
+}
+
+/* Take the next delivery of q (a consumer subscribed for it). */
+static struct msg *
+jt_deliver(struct jt *t, struct queue *q, struct consumer *c)
+{
+    struct consumer *to = NULL;
+    struct msg *m = queue_next_delivery(q, clock_mono_ms(), &to);
+
+    (void)t;
+    ck_assert_ptr_nonnull(m);
+    ck_assert_ptr_eq(to, c);
+    if (m->body == NULL) {
+        m->body = journal_load_body(t->j, m);
+    }
+    return m;
+}
+
+static void
+jt_ack(struct jt *t, uint64_t id, uint32_t attempt)
+{
+    struct msg *m;
+    uint64_t lsn;
+
+    ck_assert_int_eq(qset_ack(t->qs, id, attempt, &m), PQ_OK);
+    ck_assert_int_eq(journal_ack(t->j, m, &lsn), PQ_OK);
+    msg_free(m);
+    jt_sync(t);
+}
+
+/* Drain q after a restart: payloads in delivery order, attempts too. */
+static void
+expect_queue(struct jt *t, const char *name, const char *const *payloads,
+             const uint32_t *attempts, size_t n)
+{
+    struct queue *q = qset_find(t->qs, name);
+    struct consumer c;
+    char buf[256];
+
+    ck_assert_ptr_nonnull(q);
+    ck_assert_uint_eq(queue_ready_count(q) + queue_delayed_count(q), n);
+    queue_consumer_init(&c, 1, NULL, (uint32_t)n + 1);
+    ck_assert_int_eq(queue_subscribe(q, &c), PQ_OK);
+    for (size_t i = 0; i < n; i++) {
+        struct msg *m = jt_deliver(t, q, &c);
+
+        ck_assert_str_eq(payload_of(m->body, buf, sizeof(buf)), payloads[i]);
+        if (attempts != NULL) {
+            ck_assert_uint_eq(m->attempt, attempts[i]);
+        }
+    }
+    queue_unsubscribe(&c, clock_mono_ms());
+    queue_consumer_fini(&c);
+}
+
+/* ---- tests ---- */
+
+START_TEST(test_replay_publishes_in_order)
+{
+    static const char *const want[] = {"a", "b", "c", "d"};
+    struct jt t;
+    struct queue *q;
+
+    jt_init(&t, 1 << 20);
+    q = jt_queue(&t, "jobs", NULL);
+    for (size_t i = 0; i < 4; i++) {
+        jt_publish(&t, q, want[i], NULL);
+    }
+    jt_restart(&t);
+    expect_queue(&t, "jobs", want, NULL, 4);
+    ck_assert_uint_gt(journal_next_id(t.j), t.next_id - 1);
+    jt_fini(&t);
+}
+END_TEST
+
+START_TEST(test_replay_forgets_acked)
+{
+    static const char *const want[] = {"b"};
+    struct jt t;
+    struct queue *q;
+    struct consumer c;
+    struct msg *m;
+
+    jt_init(&t, 1 << 20);
+    q = jt_queue(&t, "jobs", NULL);
+    jt_publish(&t, q, "a", NULL);
+    jt_publish(&t, q, "b", NULL);
+    queue_consumer_init(&c, 1, NULL, 1);
+    ck_assert_int_eq(queue_subscribe(q, &c), PQ_OK);
+    m = jt_deliver(&t, q, &c);
+    jt_ack(&t, m->id, m->attempt);
+    queue_unsubscribe(&c, clock_mono_ms());
+    queue_consumer_fini(&c);
+    jt_restart(&t);
+    expect_queue(&t, "jobs", want, NULL, 1);
+    jt_fini(&t);
+}
+END_TEST
+
+/* A keyed job nacked once: its REQUEUE record re-pushes it at replay while
+ * its key is already known; replay must take the key over (the job used to
+ * be dropped, and the producer's retry answered as a duplicate). */
+START_TEST(test_replay_keyed_job_put_back)
+{
+    static const char *const want[] = {"train"};
+    static const uint32_t attempts[] = {2};
+    struct nack_opts no = {.has_delay = true, .delay_ms = 0};
+    struct jt t;
+    struct queue *q;
+    struct consumer c;
+    struct msg *m;
+    uint64_t id, dup = 0;
+
+    jt_init(&t, 1 << 20);
+    q = jt_queue(&t, "jobs", NULL);
+    id = jt_publish(&t, q, "train", "k1");
+    queue_consumer_init(&c, 1, NULL, 1);
+    ck_assert_int_eq(queue_subscribe(q, &c), PQ_OK);
+    m = jt_deliver(&t, q, &c);
+    ck_assert_int_eq(qset_nack(t.qs, m->id, m->attempt, &no, clock_mono_ms()),
+                     PQ_OK);
+    jt_sync(&t);
+    queue_unsubscribe(&c, clock_mono_ms());
+    queue_consumer_fini(&c);
+    jt_restart(&t);
+    q = qset_find(t.qs, "jobs");
+    ck_assert_int_eq(queue_dedup_find(q, "k1", clock_mono_ms(), &dup), PQ_OK);
+    ck_assert_uint_eq(dup, id);
+    expect_queue(&t, "jobs", want, attempts, 1);
+    jt_fini(&t);
+}
+END_TEST
+
+START_TEST(test_replay_release_keeps_progress)
+{
+    Protoq__Progress pr = PROTOQ__PROGRESS__INIT;
+    struct jt t;
+    struct queue *q;
+    struct consumer c;
+    struct body *prog, *kept;
+    struct msg *m;
+    Protoq__Progress *back;
+
+    jt_init(&t, 1 << 20);
+    q = jt_queue(&t, "jobs", NULL);
+    jt_publish(&t, q, "train", NULL);
+    queue_consumer_init(&c, 1, NULL, 1);
+    ck_assert_int_eq(queue_subscribe(q, &c), PQ_OK);
+    m = jt_deliver(&t, q, &c);
+    pr.percent = 40;
+    pr.checkpoint = "s3://b/step-4000";
+    prog = body_alloc(protoq__progress__get_packed_size(&pr));
+    protoq__progress__pack(&pr, prog->data);
+    ck_assert_int_eq(qset_release(t.qs, m->id, m->attempt, prog,
+                                  clock_mono_ms()),
+                     PQ_OK);
+    body_unref(&prog);
+    jt_sync(&t);
+    queue_unsubscribe(&c, clock_mono_ms());
+    queue_consumer_fini(&c);
+    jt_restart(&t);
+    q = qset_find(t.qs, "jobs");
+    queue_consumer_init(&c, 1, NULL, 1);
+    ck_assert_int_eq(queue_subscribe(q, &c), PQ_OK);
+    m = jt_deliver(&t, q, &c);
+    kept = msg_progress(m);
+    ck_assert_ptr_nonnull(kept);
+    back = protoq__progress__unpack(NULL, kept->len, kept->data);
+    ck_assert_ptr_nonnull(back);
+    ck_assert_uint_eq(back->percent, 40);
+    ck_assert_str_eq(back->checkpoint, "s3://b/step-4000");
+    protoq__progress__free_unpacked(back, NULL);
+    ck_assert_uint_eq(m->failures, 0); /* a release is not a failure */
+    queue_unsubscribe(&c, clock_mono_ms());
+    queue_consumer_fini(&c);
+    jt_fini(&t);
+}
+END_TEST
+
+START_TEST(test_replay_dead_letter)
+{
+    static const char *const want[] = {"poison"};
+    struct queue_attrs a;
+    struct nack_opts dl = {.dead_letter = true, .error = "boom"};
+    struct jt t;
+    struct queue *q;
+    struct consumer c;
+    struct msg *m;
+
+    jt_init(&t, 1 << 20);
+    jt_queue(&t, "dlq", NULL);
+    memset(&a, 0, sizeof(a));
+    snprintf(a.dead_letter, sizeof(a.dead_letter), "dlq");
+    q = jt_queue(&t, "jobs", &a);
+    jt_publish(&t, q, "poison", NULL);
+    queue_consumer_init(&c, 1, NULL, 1);
+    ck_assert_int_eq(queue_subscribe(q, &c), PQ_OK);
+    m = jt_deliver(&t, q, &c);
+    ck_assert_int_eq(qset_nack(t.qs, m->id, m->attempt, &dl, clock_mono_ms()),
+                     PQ_OK);
+    jt_sync(&t);
+    queue_unsubscribe(&c, clock_mono_ms());
+    queue_consumer_fini(&c);
+    jt_restart(&t);
+    ck_assert_uint_eq(queue_ready_count(qset_find(t.qs, "jobs")), 0);
+    expect_queue(&t, "dlq", want, NULL, 1);
+    jt_fini(&t);
+}
+END_TEST
+
+START_TEST(test_replay_purge_and_delete)
+{
+    static const char *const want[] = {"keep"};
+    struct jt t;
+    struct queue *q, *gone;
+    uint64_t lsn;
+
+    jt_init(&t, 1 << 20);
+    q = jt_queue(&t, "keep", NULL);
+    gone = jt_queue(&t, "gone", NULL);
+    jt_publish(&t, gone, "x", NULL);
+    jt_publish(&t, q, "keep", NULL);
+    jt_publish(&t, gone, "y", NULL);
+    ck_assert_int_eq(journal_queue_delete(t.j, gone, &lsn), PQ_OK);
+    qset_delete(t.qs, gone);
+    jt_sync(&t);
+    jt_restart(&t);
+    ck_assert_ptr_null(qset_find(t.qs, "gone"));
+    expect_queue(&t, "keep", want, NULL, 1);
+    q = qset_find(t.qs, "keep");
+    ck_assert_int_eq(journal_queue_purge(t.j, q, &lsn), PQ_OK);
+    ck_assert_uint_eq(queue_purge(q), 1);
+    jt_sync(&t);
+    jt_restart(&t);
+    ck_assert_uint_eq(queue_ready_count(qset_find(t.qs, "keep")), 0);
+    jt_fini(&t);
+}
+END_TEST
+
+/* Small segments: many rolls; acked messages let old segments go. What is
+ * live comes back exactly, in order. */
+START_TEST(test_replay_across_rolled_segments)
+{
+    enum { N = 3000 };
+    static char names[N][16];
+    static const char *want[N];
+    struct jt t;
+    struct queue *q;
+    struct consumer c;
+    size_t kept = 0;
+
+    jt_init(&t, 65536);
+    q = jt_queue(&t, "jobs", NULL);
+    for (size_t i = 0; i < N; i++) {
+        snprintf(names[i], sizeof(names[i]), "m%zu", i);
+        jt_publish(&t, q, names[i], NULL);
+    }
+    queue_consumer_init(&c, 1, NULL, 1);
+    ck_assert_int_eq(queue_subscribe(q, &c), PQ_OK);
+    for (size_t i = 0; i < N; i++) {
+        struct msg *m = jt_deliver(&t, q, &c);
+
+        if (i % 10 == 9) {
+            /* Every tenth stays: released, back at the front. */
+            ck_assert_int_eq(qset_release(t.qs, m->id, m->attempt, NULL,
+                                          clock_mono_ms()),
+                             PQ_OK);
+            want[kept++] = names[i];
+            break;
+        }
+        jt_ack(&t, m->id, m->attempt);
+    }
+    jt_sync(&t);
+    queue_unsubscribe(&c, clock_mono_ms());
+    queue_consumer_fini(&c);
+    for (size_t i = 10; i < N; i++) {
+        want[kept++] = names[i];
+    }
+    jt_restart(&t);
+    expect_queue(&t, "jobs", want, NULL, kept);
+    jt_fini(&t);
+}
+END_TEST
+
+static Suite *
+journal_suite(void)
+{
+    Suite *s = suite_create("journal");
+    TCase *tc = tcase_create("replay");
+
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_replay_publishes_in_order);
+    tcase_add_test(tc, test_replay_forgets_acked);
+    tcase_add_test(tc, test_replay_keyed_job_put_back);
+    tcase_add_test(tc, test_replay_release_keeps_progress);
+    tcase_add_test(tc, test_replay_dead_letter);
+    tcase_add_test(tc, test_replay_purge_and_delete);
+    tcase_add_test(tc, test_replay_across_rolled_segments);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int
+main(void)
+{
+    SRunner *sr = srunner_create(journal_suite());
+    int failed;
+
+    log_set_level(LOG_WARN);
+    srunner_run_all(sr, CK_NORMAL);
+    failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
