@@ -49,6 +49,10 @@ def test_idempotency_key_returns_first_id(client):
 
 
 def test_queue_admin(client):
+    # A dead-letter queue must exist before a queue names it.
+    with pytest.raises(protoq.QueueNotFound):
+        client.create_queue("a", dead_letter="dlq")
+    client.create_queue("dlq")
     client.create_queue("a", max_length=10, ack_timeout=2.5, max_attempts=3,
                         dead_letter="dlq", backoff_base=0.1, no_backoff=False)
     client.create_queue("a", max_length=10, ack_timeout=2.5, max_attempts=3,
@@ -60,9 +64,12 @@ def test_queue_admin(client):
     assert (info.max_length, info.ack_timeout, info.max_attempts, info.dead_letter,
             info.backoff_base) == (10, 2.5, 3, "dlq", 0.1)
     client.publish_many("a", [b"x"] * 4)
-    assert [q.name for q in client.list_queues()] == ["a"]
+    assert sorted(q.name for q in client.list_queues()) == ["a", "dlq"]
     assert client.purge_queue("a") == 4
+    with pytest.raises(protoq.BadRequest):
+        client.delete_queue("dlq")  # "a" uses it as its dead letter
     client.delete_queue("a")
+    client.delete_queue("dlq")
     with pytest.raises(protoq.QueueNotFound):
         client.stat_queue("a")
 
