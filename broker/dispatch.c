@@ -52,6 +52,14 @@ _Static_assert((int)QUEUE_NAME_MAX == (int)PQ_QUEUE_NAME_MAX,
  * arithmetic can wrap. */
 static const uint64_t DURATION_MAX_MS = 10ULL * 365 * 86400000;
 
+/* The server a connection belongs to (the argument the server gave its
+ * connection set, see server.c). */
+static inline struct server *
+srv_of(const struct conn *c)
+{
+    return c->set->arg;
+}
+
 /* One subscription of a connection. */
 struct sub {
     struct consumer cons;         /* linked into its queue by queue.c */
@@ -464,7 +472,7 @@ settle_waits(void *arg, uint64_t upto_lsn, int status)
 static void
 finish_ok(struct conn *c, uint64_t rid, uint64_t lsn, uint64_t count)
 {
-    struct server *srv = c->srv;
+    struct server *srv = srv_of(c);
     struct wait *w;
 
     if (lsn == 0) {
@@ -503,9 +511,9 @@ static void
 finish_since(struct conn *c, uint64_t rid, struct mark before)
 {
     int last;
-    uint64_t lsn = journal_last_lsn(c->srv->journal);
+    uint64_t lsn = journal_last_lsn(srv_of(c)->journal);
 
-    if (journal_errors(c->srv->journal, &last) != before.errors) {
+    if (journal_errors(srv_of(c)->journal, &last) != before.errors) {
         reply_err(c, rid, last, "applied in memory, but not recorded in the "
                   "log (%s); after a restart it is undone", pq_strerror(last));
         return;
@@ -518,7 +526,7 @@ finish_since(struct conn *c, uint64_t rid, struct mark before)
 static void
 on_hello(struct conn *c, uint64_t rid, const Protoq__Hello *h)
 {
-    struct server *srv = c->srv;
+    struct server *srv = srv_of(c);
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__Welcome w = PROTOQ__WELCOME__INIT;
     char broker_id[32];
@@ -586,7 +594,7 @@ find_queue(struct conn *c, uint64_t rid, const char *name)
     if (!check_name(c, rid, "queue", name)) {
         return NULL;
     }
-    q = qset_find(c->srv->qs, name);
+    q = qset_find(srv_of(c)->qs, name);
     if (q == NULL) {
         reply_err(c, rid, PQ_ENOTFOUND, "queue \"%s\" does not exist", name);
     }
@@ -675,7 +683,7 @@ dead_letter_ok(struct conn *c, uint64_t rid, const char *name,
                   "own dead_letter", name);
         return false;
     }
-    dlq = qset_find(c->srv->qs, a->dead_letter);
+    dlq = qset_find(srv_of(c)->qs, a->dead_letter);
     if (dlq == NULL) {
         reply_err(c, rid, PQ_ENOTFOUND, "queue create %s: dead_letter queue "
                   "\"%s\" does not exist (create it first)", name,
@@ -694,7 +702,7 @@ dead_letter_ok(struct conn *c, uint64_t rid, const char *name,
 static void
 on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate *r)
 {
-    struct server *srv = c->srv;
+    struct server *srv = srv_of(c);
     struct queue_attrs a;
     struct queue *q = NULL;
     bool existed;
@@ -852,7 +860,7 @@ dead_letter_users(struct server *srv, const struct queue *q, char *buf,
 static void
 on_queue_delete(struct conn *c, uint64_t rid, const Protoq__QueueDelete *r)
 {
-    struct server *srv = c->srv;
+    struct server *srv = srv_of(c);
     struct queue *q = find_queue(c, rid, r->name);
     char users[512];
     uint64_t lsn = 0;
@@ -888,7 +896,7 @@ on_queue_delete(struct conn *c, uint64_t rid, const Protoq__QueueDelete *r)
 static void
 on_queue_purge(struct conn *c, uint64_t rid, const Protoq__QueuePurge *r)
 {
-    struct server *srv = c->srv;
+    struct server *srv = srv_of(c);
     struct queue *q = find_queue(c, rid, r->name);
     uint64_t lsn = 0, n;
     int rc;
@@ -955,7 +963,7 @@ on_queue_stat(struct conn *c, uint64_t rid, const Protoq__QueueStat *r)
 static void
 on_queue_list(struct conn *c, uint64_t rid)
 {
-    struct server *srv = c->srv;
+    struct server *srv = srv_of(c);
     size_t n = qset_queue_count(srv->qs), i = 0;
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__QueueListOk ok = PROTOQ__QUEUE_LIST_OK__INIT;
@@ -981,7 +989,7 @@ on_queue_list(struct conn *c, uint64_t rid)
     f.request_id = rid;
     f.kind_case = PROTOQ__FRAME__KIND_QUEUE_LIST_OK;
     f.queue_list_ok = &ok;
-    if (frame_packed_size(&f) - FRAME_HEADER_LEN > c->srv->cfg.max_frame_bytes) {
+    if (frame_packed_size(&f) - FRAME_HEADER_LEN > srv_of(c)->cfg.max_frame_bytes) {
         reply_err(c, rid, PQ_ETOOBIG,
                   "queue list: %zu queues do not fit in one frame", n);
         goto out;
@@ -1052,7 +1060,7 @@ static bool
 prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
             struct pending *p, uint64_t wall_now)
 {
-    struct server *srv = c->srv;
+    struct server *srv = srv_of(c);
     Protoq__Message *m = pub->message;
     const struct frame_msg_limits lim = {
         .max_message_bytes = srv->cfg.max_message_bytes,
@@ -1164,7 +1172,7 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
 static void
 publish(struct conn *c, uint64_t rid, Protoq__Publish *const *items, size_t n)
 {
-    struct server *srv = c->srv;
+    struct server *srv = srv_of(c);
     uint64_t wall_now = clock_wall_ms(), lsn = 0;
     bool durable = false;
     struct queue *full = NULL;
@@ -1262,7 +1270,7 @@ find_sub(struct conn *c, uint64_t id)
 static void
 on_subscribe(struct conn *c, uint64_t rid, const Protoq__Subscribe *r)
 {
-    struct server *srv = c->srv;
+    struct server *srv = srv_of(c);
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__SubscribeOk ok = PROTOQ__SUBSCRIBE_OK__INIT;
     struct kv tags[PQ_TAGS_MAX];
@@ -1335,7 +1343,7 @@ on_unsubscribe(struct conn *c, uint64_t rid, const Protoq__Unsubscribe *r)
                         (unsigned long long)r->subscription_id);
         return;
     }
-    unsubscribe(c->srv, s);
+    unsubscribe(srv_of(c), s);
     reply_ok(c, rid, 0);
 }
 
@@ -1358,7 +1366,7 @@ on_flow(struct conn *c, uint64_t rid, const Protoq__Flow *r)
     if (r->prefetch > 0) {
         queue_set_prefetch(&s->cons, r->prefetch > 100000 ? 100000 : r->prefetch);
     }
-    server_mark_dirty(c->srv, s->cons.q);
+    server_mark_dirty(srv_of(c), s->cons.q);
     reply_ok(c, rid, 0);
 }
 
@@ -1379,23 +1387,25 @@ release_held(struct server *srv, struct sub *s)
 }
 
 void
-dispatch_conn_closed(struct conn *c)
+dispatch_conn_closed(void *arg, struct conn *c)
 {
+    (void)arg;
     while (c->subs) {
-        if (c->srv->shutting_down) {
-            release_held(c->srv, c->subs);
+        if (srv_of(c)->shutting_down) {
+            release_held(srv_of(c), c->subs);
         }
-        unsubscribe(c->srv, c->subs);
+        unsubscribe(srv_of(c), c->subs);
     }
 }
 
 void
-dispatch_conn_output(struct conn *c, bool full)
+dispatch_conn_output(void *arg, struct conn *c, bool full)
 {
+    (void)arg;
     for (struct sub *s = c->subs; s; s = s->next) {
         s->cons.paused = full || s->flow_paused;
         if (!s->cons.paused) {
-            server_mark_dirty(c->srv, s->cons.q);
+            server_mark_dirty(srv_of(c), s->cons.q);
         }
     }
 }
@@ -1466,7 +1476,7 @@ deliver(struct server *srv, struct queue *q)
 static void
 on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
 {
-    struct server *srv = c->srv;
+    struct server *srv = srv_of(c);
     struct msg *m = NULL;
     struct msg cur;
     struct queue *q, *was;
@@ -1520,7 +1530,7 @@ on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
 static void
 on_nack(struct conn *c, uint64_t rid, const Protoq__Nack *r)
 {
-    struct server *srv = c->srv;
+    struct server *srv = srv_of(c);
     struct msg v;
     struct queue *q = qset_msg_peek(srv->qs, r->message_id, &v) ? v.q : NULL;
     struct nack_opts o = {
@@ -1583,7 +1593,7 @@ progress_body(Protoq__Progress *p, struct body **out)
 static void
 on_touch(struct conn *c, uint64_t rid, const Protoq__Touch *r)
 {
-    struct server *srv = c->srv;
+    struct server *srv = srv_of(c);
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__TouchOk ok = PROTOQ__TOUCH_OK__INIT;
     struct body *prog = NULL;
@@ -1617,7 +1627,7 @@ on_touch(struct conn *c, uint64_t rid, const Protoq__Touch *r)
 static void
 on_release(struct conn *c, uint64_t rid, const Protoq__Release *r)
 {
-    struct server *srv = c->srv;
+    struct server *srv = srv_of(c);
     struct msg v;
     struct queue *q = qset_msg_peek(srv->qs, r->message_id, &v) ? v.q : NULL;
     struct body *prog = NULL;
@@ -1648,7 +1658,7 @@ on_release(struct conn *c, uint64_t rid, const Protoq__Release *r)
 static void
 on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r)
 {
-    struct server *srv = c->srv;
+    struct server *srv = srv_of(c);
     struct msg v, *held = NULL;
     bool live = qset_msg_peek(srv->qs, r->message_id, &v);
     struct mark before;
@@ -1696,10 +1706,11 @@ on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r)
 /* ---- the frame switch ---- */
 
 void
-dispatch_frame(struct conn *c, const Protoq__Frame *f)
+dispatch_frame(void *arg, struct conn *c, const Protoq__Frame *f)
 {
     uint64_t rid = f->request_id;
 
+    (void)arg;
     if (c->state == CONN_HANDSHAKE) {
         if (f->kind_case != PROTOQ__FRAME__KIND_HELLO) {
             conn_fatal(c, rid, PROTOQ__ERROR_CODE__UNEXPECTED_FRAME,

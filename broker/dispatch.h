@@ -17,15 +17,15 @@ struct conn;
 struct server;
 
 /* dispatch_frame: handle one decoded frame from c (which owns nothing of f). */
-void dispatch_frame(struct conn *c, const Protoq__Frame *f);
+void dispatch_frame(void *srv, struct conn *c, const Protoq__Frame *f);
 
 /* dispatch_conn_closed: c stops: drop its subscriptions (their deliveries
  * are failed attempts and go back to their queues). Idempotent. */
-void dispatch_conn_closed(struct conn *c);
+void dispatch_conn_closed(void *srv, struct conn *c);
 
 /* dispatch_conn_output: c's output went over (full) or back under the
  * high-water mark: pause or resume deliveries to its consumers. */
-void dispatch_conn_output(struct conn *c, bool full);
+void dispatch_conn_output(void *srv, struct conn *c, bool full);
 
 /* dispatch_open: create the queue set, open the store and replay the log
  * into it (recover.c). Writes a message into err on failure. */

@@ -77,7 +77,7 @@ accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
 
     (void)l;
     srv->now_mono_ms = clock_mono_ms();
-    conn_accept(srv, fd, sa, salen);
+    conn_accept(&srv->cs, fd, sa, salen);
 }
 
 static void
@@ -145,6 +145,7 @@ static void
 log_summary(struct server *srv)
 {
     const struct server_stats *s = &srv->stats;
+    const struct conn_stats *cst = &srv->cs.stats;
     struct store_stats ss = {0};
 
     if (srv->journal != NULL) {
@@ -154,10 +155,11 @@ log_summary(struct server *srv)
              "for bad input %llu); frames in %llu out %llu; queues %zu, "
              "messages %zu; durable batches %llu, fsyncs %llu (mean %llu us, "
              "max %llu us); publishes refused for disk %llu; memory %zu bytes",
-             srv->nconns, (unsigned long long)s->conns_accepted,
-             (unsigned long long)s->conns_rejected,
-             (unsigned long long)s->protocol_errors,
-             (unsigned long long)s->frames_in, (unsigned long long)s->frames_out,
+             srv->cs.nconns, (unsigned long long)cst->conns_accepted,
+             (unsigned long long)cst->conns_rejected,
+             (unsigned long long)cst->protocol_errors,
+             (unsigned long long)cst->frames_in,
+             (unsigned long long)cst->frames_out,
              qset_queue_count(srv->qs), qset_msg_count(srv->qs),
              (unsigned long long)s->batches_durable,
              (unsigned long long)ss.fsyncs,
@@ -180,7 +182,7 @@ housekeeping_cb(evutil_socket_t fd, short what, void *arg)
         srv->listener_paused_ms = 0;
         evconnlistener_enable(srv->listener);
     }
-    conn_housekeeping(srv, srv->now_mono_ms);
+    conn_housekeeping(&srv->cs, srv->now_mono_ms);
     dispatch_housekeeping(srv);
     if (srv->now_mono_ms - srv->summary_ms >= SUMMARY_MS) {
         srv->summary_ms = srv->now_mono_ms;
@@ -324,6 +326,14 @@ open_listener(struct server *srv, char *err, size_t errlen)
 
 /* ---- life cycle ---- */
 
+/* Wiring: conn.c reports frames, closes and output pressure; dispatch.c
+ * handles them. conn.c includes neither server.h nor dispatch.h. */
+static const struct conn_handler conn_to_dispatch = {
+    .frame = dispatch_frame,
+    .closed = dispatch_conn_closed,
+    .output = dispatch_conn_output,
+};
+
 int
 server_init(struct server *srv, char *err, size_t errlen)
 {
@@ -340,6 +350,12 @@ server_init(struct server *srv, char *err, size_t errlen)
         snprintf(err, errlen, "event_base_new failed");
         return PQ_ENOMEM;
     }
+    /* The connections report to the protocol state machine. */
+    srv->cs.base = srv->base;
+    srv->cs.cfg = &srv->cfg;
+    srv->cs.now_mono_ms = &srv->now_mono_ms;
+    srv->cs.h = &conn_to_dispatch;
+    srv->cs.arg = srv;
     /* Signals first: once the port file exists a SIGTERM must find its
      * handler (not the default action, which would exit 143). */
     srv->sig_int = evsignal_new(srv->base, SIGINT, signal_cb, srv);
@@ -409,8 +425,8 @@ server_run(struct server *srv)
         if (dispatch_pass(srv)) {
             server_wake(srv);
         }
-        conn_flush_all(srv);
-        conn_reap(srv);
+        conn_flush_all(&srv->cs);
+        conn_reap(&srv->cs);
         arm_deadline(srv);
     }
     sd_notify_msg("STOPPING=1");
@@ -434,10 +450,10 @@ server_drain(struct server *srv)
         bool more = dispatch_pass(srv);
         bool busy;
 
-        conn_flush_all(srv);
+        conn_flush_all(&srv->cs);
         busy = more || srv->waits_head != NULL;
 
-        for (struct conn *c = srv->conns; c && !busy; c = c->next) {
+        for (struct conn *c = srv->cs.conns; c && !busy; c = c->next) {
             busy = conn_output_pending(c);
         }
         if (!busy) {
@@ -463,16 +479,16 @@ server_fini(struct server *srv)
     /* A clean stop is not the workers' failure: what they hold goes back
      * as released (attempt and failures as recorded), not as failed. */
     srv->shutting_down = true;
-    while (srv->conns) {
-        conn_close(srv->conns, "shutdown");
+    while (srv->cs.conns) {
+        conn_close(srv->cs.conns, "shutdown");
     }
     dispatch_close(srv);
     /* Nothing is flushed any more: let the reap free every closed conn. */
-    for (struct conn *c = srv->flush; c != NULL; c = c->flush_next) {
+    for (struct conn *c = srv->cs.flush; c != NULL; c = c->flush_next) {
         c->on_flush = false;
     }
-    srv->flush = NULL;
-    conn_reap(srv);
+    srv->cs.flush = NULL;
+    conn_reap(&srv->cs);
     if (srv->listener) {
         evconnlistener_free(srv->listener);
     }

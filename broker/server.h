@@ -15,12 +15,12 @@
 
 #include "clock.h"
 #include "config.h"
+#include "conn.h"
 #include "hmap.h"
 
 struct event_base;
 struct event;
 struct evconnlistener;
-struct conn;
 struct qset;
 struct store;
 struct queue;
@@ -28,11 +28,6 @@ struct wait;
 
 /* Broker-wide counters (metrics, the periodic summary). */
 struct server_stats {
-    uint64_t conns_accepted;
-    uint64_t conns_rejected;      /* over max_connections */
-    uint64_t protocol_errors;     /* connections closed for bad input */
-    uint64_t frames_in;
-    uint64_t frames_out;
     uint64_t batches_durable;     /* store batches reported durable */
     uint64_t disk_full_refusals;
 };
@@ -60,13 +55,9 @@ struct server {
     struct qset *qs;
     struct journal *journal;      /* the log (journal.c), NULL until opened */
     uint64_t next_msg_id;         /* broker-wide, never reused (see dispatch.c) */
-    uint64_t next_conn_id;
     uint64_t next_sub_id;
 
-    struct conn *conns;           /* doubly linked, all live connections */
-    uint32_t nconns;
-    struct conn *reap;            /* closed, freed after the pass */
-    struct conn *flush;           /* connections with output to write */
+    struct connset cs;            /* the connections (conn.c) */
 
     struct wait *waits_head;      /* FIFO of replies waiting for durability */
     struct wait *waits_tail;
