@@ -23,9 +23,8 @@
 #include <sysexits.h>
 #include <unistd.h>
 
-#include <event2/event.h>
-
 #include "body.h"
+#include "clock.h"
 #include "conn.h"
 #include "frame.h"
 #include "journal.h"
@@ -33,7 +32,6 @@
 #include "mem.h"
 #include "pqerr.h"
 #include "queue.h"
-#include "server.h"
 
 #ifndef PROTOQ_VERSION
 #define PROTOQ_VERSION "0.1.0"
@@ -54,10 +52,50 @@ static const uint64_t DURATION_MAX_MS = 10ULL * 365 * 86400000;
 
 /* The server a connection belongs to (the argument the server gave its
  * connection set, see server.c). */
-static inline struct server *
-srv_of(const struct conn *c)
+static inline struct broker *
+broker_of(const struct conn *c)
 {
     return c->set->arg;
+}
+
+/* mark_dirty: q may now deliver; the delivery pass handles it. */
+static void
+mark_dirty(struct broker *bk, struct queue *q)
+{
+    uint64_t key = (uint64_t)(uintptr_t)q;
+
+    if (hmap_u64_get(&bk->dirty_set, key) != NULL) {
+        return;
+    }
+    if (bk->ndirty == bk->dirty_cap) {
+        uint32_t cap = bk->dirty_cap ? bk->dirty_cap * 2 : 64;
+        struct queue **d = pq_realloc(bk->dirty, cap * sizeof(*d));
+
+        if (d == NULL) {
+            return; /* delivered on the next event that marks it */
+        }
+        bk->dirty = d;
+        bk->dirty_cap = cap;
+    }
+    if (hmap_u64_put(&bk->dirty_set, key, q) != PQ_OK) {
+        return;
+    }
+    bk->dirty[bk->ndirty++] = q;
+}
+
+/* unmark_dirty: q is going away: forget it. */
+static void
+unmark_dirty(struct broker *bk, struct queue *q)
+{
+    if (hmap_u64_del(&bk->dirty_set, (uint64_t)(uintptr_t)q) == NULL) {
+        return;
+    }
+    for (uint32_t i = 0; i < bk->ndirty; i++) {
+        if (bk->dirty[i] == q) {
+            bk->dirty[i] = bk->dirty[--bk->ndirty];
+            return;
+        }
+    }
 }
 
 /* One subscription of a connection. */
@@ -149,14 +187,14 @@ struct room {
 };
 
 static struct room *
-room_of(struct server *srv, const struct queue *q, bool create)
+room_of(struct broker *bk, const struct queue *q, bool create)
 {
     uint64_t key = (uint64_t)(uintptr_t)q;
-    struct room *r = hmap_u64_get(&srv->pending_room, key);
+    struct room *r = hmap_u64_get(&bk->pending_room, key);
 
     if (r == NULL && create) {
         r = pq_calloc(1, sizeof(*r));
-        if (r != NULL && hmap_u64_put(&srv->pending_room, key, r) != PQ_OK) {
+        if (r != NULL && hmap_u64_put(&bk->pending_room, key, r) != PQ_OK) {
             pq_free(r);
             r = NULL;
         }
@@ -167,7 +205,7 @@ room_of(struct server *srv, const struct queue *q, bool create)
 /* room_take: add what items adds to each queue, then check every queue
  * involved; on PQ_EFULL nothing stays taken and *full names the queue. */
 static int
-room_take(struct server *srv, struct pending *items, uint32_t n,
+room_take(struct broker *bk, struct pending *items, uint32_t n,
           struct queue **full)
 {
     uint32_t i;
@@ -179,7 +217,7 @@ room_take(struct server *srv, struct pending *items, uint32_t n,
         if (items[i].duplicate) {
             continue;
         }
-        r = room_of(srv, items[i].q, true);
+        r = room_of(bk, items[i].q, true);
         if (r == NULL) {
             rc = PQ_ENOMEM;
             break;
@@ -193,7 +231,7 @@ room_take(struct server *srv, struct pending *items, uint32_t n,
         if (items[k].duplicate) {
             continue;
         }
-        r = room_of(srv, items[k].q, false);
+        r = room_of(bk, items[k].q, false);
         rc = queue_check_room(items[k].q, r->n, r->bytes);
         if (rc != PQ_OK) {
             *full = items[k].q;
@@ -202,7 +240,7 @@ room_take(struct server *srv, struct pending *items, uint32_t n,
     if (rc != PQ_OK) {
         for (uint32_t k = 0; k < i; k++) {
             struct room *r = items[k].duplicate ? NULL
-                                                : room_of(srv, items[k].q, false);
+                                                : room_of(bk, items[k].q, false);
             if (r) {
                 r->n--;
                 r->bytes -= items[k].mn.size;
@@ -213,26 +251,26 @@ room_take(struct server *srv, struct pending *items, uint32_t n,
 }
 
 static void
-room_give(struct server *srv, const struct pending *p)
+room_give(struct broker *bk, const struct pending *p)
 {
     struct room *r;
 
     if (p->duplicate || p->q == NULL ||
-        (r = room_of(srv, p->q, false)) == NULL) {
+        (r = room_of(bk, p->q, false)) == NULL) {
         return;
     }
     r->n--;
     r->bytes -= p->mn.size;
     if (r->n == 0) {
-        hmap_u64_del(&srv->pending_room, (uint64_t)(uintptr_t)p->q);
+        hmap_u64_del(&bk->pending_room, (uint64_t)(uintptr_t)p->q);
         pq_free(r);
     }
 }
 
 static void
-room_forget(struct server *srv, const struct queue *q)
+room_forget(struct broker *bk, const struct queue *q)
 {
-    pq_free(hmap_u64_del(&srv->pending_room, (uint64_t)(uintptr_t)q));
+    pq_free(hmap_u64_del(&bk->pending_room, (uint64_t)(uintptr_t)q));
 }
 
 /* ---- idempotency keys on their way to disk ----
@@ -257,10 +295,10 @@ pend_key_name(char *buf, size_t cap, const char *queue, const char *key)
 }
 
 static void
-pend_key_drop(struct server *srv, struct pending *p)
+pend_key_drop(struct broker *bk, struct pending *p)
 {
     if (p->pkey != NULL) {
-        hmap_str_del(&srv->pending_keys, p->pkey->ckey);
+        hmap_str_del(&bk->pending_keys, p->pkey->ckey);
         pq_free(p->pkey->ckey);
         pq_free(p->pkey);
         p->pkey = NULL;
@@ -285,10 +323,10 @@ pending_fini(struct pending *p)
 }
 
 static void
-wait_free(struct server *srv, struct wait *w)
+wait_free(struct broker *bk, struct wait *w)
 {
     for (uint32_t i = 0; i < w->n; i++) {
-        pend_key_drop(srv, &w->items[i]);
+        pend_key_drop(bk, &w->items[i]);
         pending_fini(&w->items[i]);
     }
     if (w->conn) {
@@ -315,21 +353,21 @@ wait_new(struct conn *c, uint64_t rid, enum wait_kind kind, uint32_t n)
 }
 
 static void
-wait_enqueue(struct server *srv, struct wait *w, uint64_t lsn)
+wait_enqueue(struct broker *bk, struct wait *w, uint64_t lsn)
 {
-    journal_urgent(srv->journal); /* someone waits: sync it as soon as written */
+    journal_urgent(bk->journal); /* someone waits: sync it as soon as written */
     w->lsn = lsn;
-    if (srv->waits_tail) {
-        srv->waits_tail->next = w;
+    if (bk->waits_tail) {
+        bk->waits_tail->next = w;
     } else {
-        srv->waits_head = w;
+        bk->waits_head = w;
     }
-    srv->waits_tail = w;
+    bk->waits_tail = w;
 }
 
 /* Push the messages of a durable publish and answer PublishOk. */
 static void
-complete_publish(struct server *srv, struct wait *w)
+complete_publish(struct broker *bk, struct wait *w)
 {
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__PublishOk ok = PROTOQ__PUBLISH_OK__INIT;
@@ -346,7 +384,7 @@ complete_publish(struct server *srv, struct wait *w)
         bool durable;
         int rc;
 
-        room_give(srv, p);
+        room_give(bk, p);
         if (ids) {
             ids[i] = p->mn.id;
         }
@@ -367,15 +405,15 @@ complete_publish(struct server *srv, struct wait *w)
              * the message compact (no struct msg pointer needed here). */
             mn = p->mn;
             durable = !queue_attrs(p->q)->transient;
-            if (durable && !journal_keep_body(srv->journal, &mn)) {
+            if (durable && !journal_keep_body(bk->journal, &mn)) {
                 mn.body = NULL; /* the pending item still owns its ref */
             }
-            rc = queue_push(p->q, &mn, srv->now_mono_ms, NULL);
+            rc = queue_push(p->q, &mn, *bk->now_mono_ms, NULL);
             if (rc != PQ_OK && durable) {
                 /* On disk but not in memory (out of memory): keep its
                  * segment for the life of this process, so the record is
                  * not deleted and a restart brings the message back. */
-                journal_pin(srv->journal, &mn);
+                journal_pin(bk->journal, &mn);
                 log_err("queue %s: message %llu is stored but could not be "
                         "queued (%s); it is delivered after a restart",
                         queue_name(p->q), (unsigned long long)p->mn.id,
@@ -385,7 +423,7 @@ complete_publish(struct server *srv, struct wait *w)
                          queue_name(p->q), (unsigned long long)p->mn.id,
                          pq_strerror(rc));
             } else if (durable) {
-                journal_msg_stored(srv->journal, &mn);
+                journal_msg_stored(bk->journal, &mn);
             }
         }
     }
@@ -413,13 +451,13 @@ complete_publish(struct server *srv, struct wait *w)
 }
 
 static void
-fail_wait(struct server *srv, struct wait *w, int status)
+fail_wait(struct broker *bk, struct wait *w, int status)
 {
     for (uint32_t i = 0; i < w->n; i++) {
-        room_give(srv, &w->items[i]);
+        room_give(bk, &w->items[i]);
     }
     if (w->kind == WAIT_PUBLISH) {
-        srv->stats.disk_full_refusals++;
+        bk->stats.disk_full_refusals++;
     }
     if (w->conn && conn_is_open(w->conn)) {
         reply_err(w->conn, w->request_id, status,
@@ -433,7 +471,7 @@ fail_wait(struct server *srv, struct wait *w, int status)
 static void
 settle_waits(void *arg, uint64_t upto_lsn, int status)
 {
-    struct server *srv = arg;
+    struct broker *bk = arg;
     struct wait *w;
 
     if (status == PQ_EIO || (status != PQ_OK && status != PQ_ENOSPC)) {
@@ -441,25 +479,24 @@ settle_waits(void *arg, uint64_t upto_lsn, int status)
          * and recovery decide what is on disk. */
         log_err("storage failed (%s); stopping without confirming anything "
                 "more", pq_strerror(status));
-        srv->exit_code = EX_IOERR;
-        srv->stopping = true;
-        event_base_loopbreak(srv->base);
+        bk->exit_code = EX_IOERR;
+        bk->stop(bk->owner);
         return;
     }
-    srv->stats.batches_durable++;
-    while ((w = srv->waits_head) != NULL && w->lsn <= upto_lsn) {
-        srv->waits_head = w->next;
-        if (srv->waits_head == NULL) {
-            srv->waits_tail = NULL;
+    bk->stats.batches_durable++;
+    while ((w = bk->waits_head) != NULL && w->lsn <= upto_lsn) {
+        bk->waits_head = w->next;
+        if (bk->waits_head == NULL) {
+            bk->waits_tail = NULL;
         }
         if (status != PQ_OK) {
-            fail_wait(srv, w, status);
+            fail_wait(bk, w, status);
         } else if (w->kind == WAIT_PUBLISH) {
-            complete_publish(srv, w);
+            complete_publish(bk, w);
         } else if (w->conn && conn_is_open(w->conn)) {
             reply_ok(w->conn, w->request_id, w->count);
         }
-        wait_free(srv, w);
+        wait_free(bk, w);
     }
 }
 
@@ -472,7 +509,7 @@ settle_waits(void *arg, uint64_t upto_lsn, int status)
 static void
 finish_ok(struct conn *c, uint64_t rid, uint64_t lsn, uint64_t count)
 {
-    struct server *srv = srv_of(c);
+    struct broker *bk = broker_of(c);
     struct wait *w;
 
     if (lsn == 0) {
@@ -485,7 +522,7 @@ finish_ok(struct conn *c, uint64_t rid, uint64_t lsn, uint64_t count)
         return;
     }
     w->count = count;
-    wait_enqueue(srv, w, lsn);
+    wait_enqueue(bk, w, lsn);
 }
 
 /* Where the journal stood before a change, to confirm it afterwards. */
@@ -495,9 +532,9 @@ struct mark {
 };
 
 static struct mark
-mark_now(struct server *srv)
+mark_now(struct broker *bk)
 {
-    struct mark m = {journal_last_lsn(srv->journal), journal_errors(srv->journal, NULL)};
+    struct mark m = {journal_last_lsn(bk->journal), journal_errors(bk->journal, NULL)};
     return m;
 }
 
@@ -511,9 +548,9 @@ static void
 finish_since(struct conn *c, uint64_t rid, struct mark before)
 {
     int last;
-    uint64_t lsn = journal_last_lsn(srv_of(c)->journal);
+    uint64_t lsn = journal_last_lsn(broker_of(c)->journal);
 
-    if (journal_errors(srv_of(c)->journal, &last) != before.errors) {
+    if (journal_errors(broker_of(c)->journal, &last) != before.errors) {
         reply_err(c, rid, last, "applied in memory, but not recorded in the "
                   "log (%s); after a restart it is undone", pq_strerror(last));
         return;
@@ -526,7 +563,7 @@ finish_since(struct conn *c, uint64_t rid, struct mark before)
 static void
 on_hello(struct conn *c, uint64_t rid, const Protoq__Hello *h)
 {
-    struct server *srv = srv_of(c);
+    struct broker *bk = broker_of(c);
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__Welcome w = PROTOQ__WELCOME__INIT;
     char broker_id[32];
@@ -545,25 +582,25 @@ on_hello(struct conn *c, uint64_t rid, const Protoq__Hello *h)
         c->name[i] = (ch >= 0x20 && ch < 0x7f) ? ch : '?';
     }
     c->name[i > 0 ? i : 1] = '\0';
-    c->heartbeat_ms = srv->cfg.heartbeat_ms;
-    if (h->heartbeat_ms != 0 && srv->cfg.heartbeat_ms != 0 &&
-        h->heartbeat_ms > srv->cfg.heartbeat_ms) {
+    c->heartbeat_ms = bk->cfg->heartbeat_ms;
+    if (h->heartbeat_ms != 0 && bk->cfg->heartbeat_ms != 0 &&
+        h->heartbeat_ms > bk->cfg->heartbeat_ms) {
         /* A client may ask for a slower beat, within the timeout. */
-        c->heartbeat_ms = h->heartbeat_ms < srv->cfg.heartbeat_timeout_ms / 2
+        c->heartbeat_ms = h->heartbeat_ms < bk->cfg->heartbeat_timeout_ms / 2
                               ? h->heartbeat_ms
-                              : srv->cfg.heartbeat_timeout_ms / 2;
+                              : bk->cfg->heartbeat_timeout_ms / 2;
     }
     conn_set_state(c, CONN_READY);
-    c->max_frame_bytes = srv->cfg.max_frame_bytes;
+    c->max_frame_bytes = bk->cfg->max_frame_bytes;
 
-    snprintf(broker_id, sizeof(broker_id), "protoqd-%u", srv->port);
+    snprintf(broker_id, sizeof(broker_id), "protoqd-%u", bk->port);
     w.protocol_version = PROTOQ_PROTOCOL_VERSION;
     w.broker_id = broker_id;
     w.server_version = PROTOQ_VERSION;
-    w.max_frame_bytes = srv->cfg.max_frame_bytes;
-    w.max_message_bytes = srv->cfg.max_message_bytes;
+    w.max_frame_bytes = bk->cfg->max_frame_bytes;
+    w.max_message_bytes = bk->cfg->max_message_bytes;
     w.heartbeat_ms = c->heartbeat_ms;
-    w.max_batch = srv->cfg.max_batch;
+    w.max_batch = bk->cfg->max_batch;
     f.request_id = rid;
     f.kind_case = PROTOQ__FRAME__KIND_WELCOME;
     f.welcome = &w;
@@ -594,7 +631,7 @@ find_queue(struct conn *c, uint64_t rid, const char *name)
     if (!check_name(c, rid, "queue", name)) {
         return NULL;
     }
-    q = qset_find(srv_of(c)->qs, name);
+    q = qset_find(broker_of(c)->qs, name);
     if (q == NULL) {
         reply_err(c, rid, PQ_ENOTFOUND, "queue \"%s\" does not exist", name);
     }
@@ -649,17 +686,17 @@ attrs_to_wire(Protoq__QueueAttrs *w, const struct queue_attrs *a)
  * A definition takes at most ~500 bytes.
  */
 static size_t
-max_durable_queues(const struct server *srv)
+max_durable_queues(const struct broker *bk)
 {
-    return (size_t)(srv->cfg.segment_bytes / 2048);
+    return (size_t)(bk->cfg->segment_bytes / 2048);
 }
 
 static size_t
-durable_queue_count(const struct server *srv)
+durable_queue_count(const struct broker *bk)
 {
     size_t n = 0;
 
-    for (struct queue *q = qset_first(srv->qs); q; q = qset_next(q)) {
+    for (struct queue *q = qset_first(bk->qs); q; q = qset_next(q)) {
         n += !queue_attrs(q)->transient;
     }
     return n;
@@ -683,7 +720,7 @@ dead_letter_ok(struct conn *c, uint64_t rid, const char *name,
                   "own dead_letter", name);
         return false;
     }
-    dlq = qset_find(srv_of(c)->qs, a->dead_letter);
+    dlq = qset_find(broker_of(c)->qs, a->dead_letter);
     if (dlq == NULL) {
         reply_err(c, rid, PQ_ENOTFOUND, "queue create %s: dead_letter queue "
                   "\"%s\" does not exist (create it first)", name,
@@ -702,7 +739,7 @@ dead_letter_ok(struct conn *c, uint64_t rid, const char *name,
 static void
 on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate *r)
 {
-    struct server *srv = srv_of(c);
+    struct broker *bk = broker_of(c);
     struct queue_attrs a;
     struct queue *q = NULL;
     bool existed;
@@ -738,16 +775,16 @@ on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate *r)
                   "over a year, or a duration over ten years", r->name);
         return;
     }
-    existed = qset_find(srv->qs, r->name) != NULL;
-    if (!existed && !a.transient && durable_queue_count(srv) >= max_durable_queues(srv)) {
+    existed = qset_find(bk->qs, r->name) != NULL;
+    if (!existed && !a.transient && durable_queue_count(bk) >= max_durable_queues(bk)) {
         conn_send_error(c, rid, PROTOQ__ERROR_CODE__OVERLOADED,
                         "queue create %s: %zu durable queues is the most this "
                         "broker keeps (segment_bytes / 2048: every log segment "
                         "starts with their definitions)", r->name,
-                        max_durable_queues(srv));
+                        max_durable_queues(bk));
         return;
     }
-    rc = qset_create(srv->qs, r->name, &a, &q);
+    rc = qset_create(bk->qs, r->name, &a, &q);
     if (rc == PQ_EEXIST) {
         reply_err(c, rid, rc,
                   "queue \"%s\" already exists with other attributes", r->name);
@@ -758,9 +795,9 @@ on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate *r)
         return;
     }
     if (!existed && !queue_attrs(q)->transient) {
-        rc = journal_queue_create(srv->journal, q, &lsn);
+        rc = journal_queue_create(bk->journal, q, &lsn);
         if (rc != PQ_OK) {
-            qset_delete(srv->qs, q);
+            qset_delete(bk->qs, q);
             reply_err(c, rid, rc, "queue create %s: %s", r->name,
                       pq_strerror(rc));
             return;
@@ -796,7 +833,7 @@ sub_unlink(struct sub *s)
  * journal_queue_delete already released).
  */
 static void
-delete_with_subscriptions(struct server *srv, struct queue *q)
+delete_with_subscriptions(struct broker *bk, struct queue *q)
 {
     struct sub *gone = NULL, *s;
 
@@ -807,7 +844,7 @@ delete_with_subscriptions(struct server *srv, struct queue *q)
         s->next = gone;
         gone = s;
     }
-    qset_delete(srv->qs, q); /* detaches the consumers */
+    qset_delete(bk->qs, q); /* detaches the consumers */
     while ((s = gone) != NULL) {
         gone = s->next;
         queue_consumer_fini(&s->cons);
@@ -820,13 +857,13 @@ delete_with_subscriptions(struct server *srv, struct queue *q)
  * Their idempotency keys go with the queue: a publish to a queue of the
  * same name created meanwhile is not their duplicate. */
 static void
-forget_queue_in_waits(struct server *srv, struct queue *q)
+forget_queue_in_waits(struct broker *bk, struct queue *q)
 {
-    for (struct wait *w = srv->waits_head; w; w = w->next) {
+    for (struct wait *w = bk->waits_head; w; w = w->next) {
         for (uint32_t i = 0; i < w->n; i++) {
             if (w->items[i].q == q) {
-                room_give(srv, &w->items[i]);
-                pend_key_drop(srv, &w->items[i]);
+                room_give(bk, &w->items[i]);
+                pend_key_drop(bk, &w->items[i]);
                 w->items[i].q = NULL;
             }
         }
@@ -836,13 +873,13 @@ forget_queue_in_waits(struct server *srv, struct queue *q)
 /* The queues other than q whose dead_letter is q: their names, comma
  * separated, into buf (cut at cap); returns how many there are. */
 static size_t
-dead_letter_users(struct server *srv, const struct queue *q, char *buf,
+dead_letter_users(struct broker *bk, const struct queue *q, char *buf,
                   size_t cap)
 {
     size_t n = 0, used = 0;
 
     buf[0] = '\0';
-    for (struct queue *u = qset_first(srv->qs); u; u = qset_next(u)) {
+    for (struct queue *u = qset_first(bk->qs); u; u = qset_next(u)) {
         if (u == q || strcmp(queue_attrs(u)->dead_letter, queue_name(q)) != 0) {
             continue;
         }
@@ -860,7 +897,7 @@ dead_letter_users(struct server *srv, const struct queue *q, char *buf,
 static void
 on_queue_delete(struct conn *c, uint64_t rid, const Protoq__QueueDelete *r)
 {
-    struct server *srv = srv_of(c);
+    struct broker *bk = broker_of(c);
     struct queue *q = find_queue(c, rid, r->name);
     char users[512];
     uint64_t lsn = 0;
@@ -870,7 +907,7 @@ on_queue_delete(struct conn *c, uint64_t rid, const Protoq__QueueDelete *r)
     if (q == NULL) {
         return;
     }
-    n_users = dead_letter_users(srv, q, users, sizeof(users));
+    n_users = dead_letter_users(bk, q, users, sizeof(users));
     if (n_users > 0) {
         reply_err(c, rid, PQ_EINVAL, "queue rm %s: it is the dead_letter of "
                   "%zu queue%s (%s): delete %s first", r->name, n_users,
@@ -879,16 +916,16 @@ on_queue_delete(struct conn *c, uint64_t rid, const Protoq__QueueDelete *r)
         return;
     }
     if (!queue_attrs(q)->transient) {
-        rc = journal_queue_delete(srv->journal, q, &lsn);
+        rc = journal_queue_delete(bk->journal, q, &lsn);
         if (rc != PQ_OK) {
             reply_err(c, rid, rc, "queue rm %s: %s", r->name, pq_strerror(rc));
             return;
         }
     }
-    server_unmark_dirty(srv, q);
-    forget_queue_in_waits(srv, q);
-    room_forget(srv, q);
-    delete_with_subscriptions(srv, q);
+    unmark_dirty(bk, q);
+    forget_queue_in_waits(bk, q);
+    room_forget(bk, q);
+    delete_with_subscriptions(bk, q);
     log_info("queue %s deleted", r->name);
     finish_ok(c, rid, lsn, 0);
 }
@@ -896,7 +933,7 @@ on_queue_delete(struct conn *c, uint64_t rid, const Protoq__QueueDelete *r)
 static void
 on_queue_purge(struct conn *c, uint64_t rid, const Protoq__QueuePurge *r)
 {
-    struct server *srv = srv_of(c);
+    struct broker *bk = broker_of(c);
     struct queue *q = find_queue(c, rid, r->name);
     uint64_t lsn = 0, n;
     int rc;
@@ -905,7 +942,7 @@ on_queue_purge(struct conn *c, uint64_t rid, const Protoq__QueuePurge *r)
         return;
     }
     if (!queue_attrs(q)->transient) {
-        rc = journal_queue_purge(srv->journal, q, &lsn);
+        rc = journal_queue_purge(bk->journal, q, &lsn);
         if (rc != PQ_OK) {
             reply_err(c, rid, rc, "queue purge %s: %s", r->name,
                       pq_strerror(rc));
@@ -963,8 +1000,8 @@ on_queue_stat(struct conn *c, uint64_t rid, const Protoq__QueueStat *r)
 static void
 on_queue_list(struct conn *c, uint64_t rid)
 {
-    struct server *srv = srv_of(c);
-    size_t n = qset_queue_count(srv->qs), i = 0;
+    struct broker *bk = broker_of(c);
+    size_t n = qset_queue_count(bk->qs), i = 0;
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__QueueListOk ok = PROTOQ__QUEUE_LIST_OK__INIT;
     Protoq__QueueInfo *infos = NULL, **ptrs = NULL;
@@ -979,7 +1016,7 @@ on_queue_list(struct conn *c, uint64_t rid)
             goto out;
         }
     }
-    for (struct queue *q = qset_first(srv->qs); q && i < n;
+    for (struct queue *q = qset_first(bk->qs); q && i < n;
          q = qset_next(q), i++) {
         fill_info(&infos[i], &attrs[i], q);
         ptrs[i] = &infos[i];
@@ -989,7 +1026,7 @@ on_queue_list(struct conn *c, uint64_t rid)
     f.request_id = rid;
     f.kind_case = PROTOQ__FRAME__KIND_QUEUE_LIST_OK;
     f.queue_list_ok = &ok;
-    if (frame_packed_size(&f) - FRAME_HEADER_LEN > srv_of(c)->cfg.max_frame_bytes) {
+    if (frame_packed_size(&f) - FRAME_HEADER_LEN > broker_of(c)->cfg->max_frame_bytes) {
         reply_err(c, rid, PQ_ETOOBIG,
                   "queue list: %zu queues do not fit in one frame", n);
         goto out;
@@ -1060,11 +1097,11 @@ static bool
 prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
             struct pending *p, uint64_t wall_now)
 {
-    struct server *srv = srv_of(c);
+    struct broker *bk = broker_of(c);
     Protoq__Message *m = pub->message;
     const struct frame_msg_limits lim = {
-        .max_message_bytes = srv->cfg.max_message_bytes,
-        .max_frame_bytes = srv->cfg.max_frame_bytes,
+        .max_message_bytes = bk->cfg->max_message_bytes,
+        .max_frame_bytes = bk->cfg->max_frame_bytes,
     };
     char why[256];
     size_t len;
@@ -1104,14 +1141,14 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
         char ck[QUEUE_NAME_MAX + PQ_IDEMPOTENCY_KEY_MAX + 4];
         struct pend_key *pk;
 
-        if (queue_dedup_find(q, m->idempotency_key, srv->now_mono_ms,
+        if (queue_dedup_find(q, m->idempotency_key, *bk->now_mono_ms,
                              &dup_id) == PQ_OK) {
             p->duplicate = true;
             p->mn.id = dup_id;
             return true;
         }
         pend_key_name(ck, sizeof(ck), pub->queue, m->idempotency_key);
-        pk = hmap_str_get(&srv->pending_keys, ck);
+        pk = hmap_str_get(&bk->pending_keys, ck);
         if (pk != NULL) {
             /* The first publish with this key is on its way to disk. */
             p->duplicate = true;
@@ -1121,7 +1158,7 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
         }
         pk = pq_calloc(1, sizeof(*pk));
         if (pk == NULL || (pk->ckey = pq_strdup(ck)) == NULL ||
-            hmap_str_put(&srv->pending_keys, pk->ckey, pk) != PQ_OK) {
+            hmap_str_put(&bk->pending_keys, pk->ckey, pk) != PQ_OK) {
             if (pk != NULL) {
                 pq_free(pk->ckey);
             }
@@ -1130,7 +1167,7 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
                       pub->queue);
             return false;
         }
-        pk->id = srv->next_msg_id; /* assigned to this message below */
+        pk->id = bk->next_msg_id; /* assigned to this message below */
         p->pkey = pk;
     }
     /* The stored body is the Message as received (unknown fields
@@ -1143,24 +1180,24 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
         copy_kvs(m->requires, m->n_requires, &p->requires) != PQ_OK ||
         (m->idempotency_key && m->idempotency_key[0] &&
          (p->idem_key = pq_strdup(m->idempotency_key)) == NULL)) {
-        pend_key_drop(srv, p);
+        pend_key_drop(bk, p);
         pending_fini(p);
         reply_err(c, rid, PQ_ENOMEM, "publish %s: out of memory", pub->queue);
         return false;
     }
     p->mn.n_requires = m->n_requires;
-    p->mn.id = srv->next_msg_id++;
+    p->mn.id = bk->next_msg_id++;
     p->mn.size = (uint32_t)m->payload.len;
     p->mn.priority = (uint8_t)m->priority;
     p->mn.published_wall_ms = wall_now;
     if (m->deliver_at_ms > wall_now) {
-        p->mn.due_ms = srv->now_mono_ms + (m->deliver_at_ms - wall_now);
+        p->mn.due_ms = *bk->now_mono_ms + (m->deliver_at_ms - wall_now);
     } else if (m->deliver_at_ms == 0 && m->delay_ms > 0) {
-        p->mn.due_ms = srv->now_mono_ms + m->delay_ms;
+        p->mn.due_ms = *bk->now_mono_ms + m->delay_ms;
     }
     ttl = m->ttl_ms ? m->ttl_ms : queue_attrs(q)->ttl_ms;
     if (ttl > 0) {
-        p->mn.expire_ms = srv->now_mono_ms + ttl;
+        p->mn.expire_ms = *bk->now_mono_ms + ttl;
     }
     return true;
 }
@@ -1172,7 +1209,7 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
 static void
 publish(struct conn *c, uint64_t rid, Protoq__Publish *const *items, size_t n)
 {
-    struct server *srv = srv_of(c);
+    struct broker *bk = broker_of(c);
     uint64_t wall_now = clock_wall_ms(), lsn = 0;
     bool durable = false;
     struct queue *full = NULL;
@@ -1180,15 +1217,15 @@ publish(struct conn *c, uint64_t rid, Protoq__Publish *const *items, size_t n)
     size_t i;
     int rc;
 
-    if (n == 0 || n > srv->cfg.max_batch) {
+    if (n == 0 || n > bk->cfg->max_batch) {
         reply_err(c, rid, PQ_EINVAL, "publish: %zu messages (1-%u allowed)", n,
-                  srv->cfg.max_batch);
+                  bk->cfg->max_batch);
         return;
     }
-    if (pq_mem_used() > srv->cfg.memory_high_bytes) {
+    if (pq_mem_used() > bk->cfg->memory_high_bytes) {
         conn_send_error(c, rid, PROTOQ__ERROR_CODE__OVERLOADED,
                         "broker memory over memory_high_bytes (%llu); retry later",
-                        (unsigned long long)srv->cfg.memory_high_bytes);
+                        (unsigned long long)bk->cfg->memory_high_bytes);
         return;
     }
     w = wait_new(c, rid, WAIT_PUBLISH, (uint32_t)n);
@@ -1204,7 +1241,7 @@ publish(struct conn *c, uint64_t rid, Protoq__Publish *const *items, size_t n)
         durable |= !w->items[i].duplicate &&
                    !queue_attrs(w->items[i].q)->transient;
     }
-    rc = room_take(srv, w->items, w->n, &full);
+    rc = room_take(bk, w->items, w->n, &full);
     if (rc != PQ_OK) {
         if (rc == PQ_EFULL) {
             reply_err(c, rid, rc,
@@ -1218,15 +1255,15 @@ publish(struct conn *c, uint64_t rid, Protoq__Publish *const *items, size_t n)
         goto fail;
     }
     if (durable) {
-        rc = journal_publish(srv->journal, w->items, w->n, srv->now_mono_ms,
+        rc = journal_publish(bk->journal, w->items, w->n, *bk->now_mono_ms,
                              &lsn);
         if (rc != PQ_OK) {
             if (rc == PQ_ENOSPC) {
-                srv->stats.disk_full_refusals++;
+                bk->stats.disk_full_refusals++;
             }
             reply_err(c, rid, rc, "publish: not stored: %s", pq_strerror(rc));
             for (i = 0; i < w->n; i++) {
-                room_give(srv, &w->items[i]);
+                room_give(bk, &w->items[i]);
             }
             goto fail;
         }
@@ -1244,14 +1281,14 @@ publish(struct conn *c, uint64_t rid, Protoq__Publish *const *items, size_t n)
         }
     }
     if (lsn == 0) {
-        complete_publish(srv, w);
-        wait_free(srv, w);
+        complete_publish(bk, w);
+        wait_free(bk, w);
         return;
     }
-    wait_enqueue(srv, w, lsn);
+    wait_enqueue(bk, w, lsn);
     return;
 fail:
-    wait_free(srv, w);
+    wait_free(bk, w);
 }
 
 /* ---- consuming ---- */
@@ -1270,7 +1307,7 @@ find_sub(struct conn *c, uint64_t id)
 static void
 on_subscribe(struct conn *c, uint64_t rid, const Protoq__Subscribe *r)
 {
-    struct server *srv = srv_of(c);
+    struct broker *bk = broker_of(c);
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__SubscribeOk ok = PROTOQ__SUBSCRIBE_OK__INIT;
     struct kv tags[PQ_TAGS_MAX];
@@ -1298,7 +1335,7 @@ on_subscribe(struct conn *c, uint64_t rid, const Protoq__Subscribe *r)
         reply_err(c, rid, PQ_ENOMEM, "subscribe: out of memory");
         return;
     }
-    queue_consumer_init(&s->cons, ++srv->next_sub_id, s, prefetch);
+    queue_consumer_init(&s->cons, ++bk->next_sub_id, s, prefetch);
     for (size_t i = 0; i < r->n_tags; i++) {
         tags[i].key = r->tags[i]->key;
         tags[i].value = r->tags[i]->value ? r->tags[i]->value : "";
@@ -1320,14 +1357,14 @@ on_subscribe(struct conn *c, uint64_t rid, const Protoq__Subscribe *r)
     f.subscribe_ok = &ok;
     conn_send(c, &f);
     queue_subscribe(q, &s->cons);
-    server_mark_dirty(srv, q);
+    mark_dirty(bk, q);
 }
 
 static void
-unsubscribe(struct server *srv, struct sub *s)
+unsubscribe(struct broker *bk, struct sub *s)
 {
     sub_unlink(s);
-    queue_unsubscribe(&s->cons, srv->now_mono_ms);
+    queue_unsubscribe(&s->cons, *bk->now_mono_ms);
     queue_consumer_fini(&s->cons);
     pq_free(s);
 }
@@ -1343,7 +1380,7 @@ on_unsubscribe(struct conn *c, uint64_t rid, const Protoq__Unsubscribe *r)
                         (unsigned long long)r->subscription_id);
         return;
     }
-    unsubscribe(srv_of(c), s);
+    unsubscribe(broker_of(c), s);
     reply_ok(c, rid, 0);
 }
 
@@ -1366,19 +1403,19 @@ on_flow(struct conn *c, uint64_t rid, const Protoq__Flow *r)
     if (r->prefetch > 0) {
         queue_set_prefetch(&s->cons, r->prefetch > 100000 ? 100000 : r->prefetch);
     }
-    server_mark_dirty(srv_of(c), s->cons.q);
+    mark_dirty(broker_of(c), s->cons.q);
     reply_ok(c, rid, 0);
 }
 
 /* Give back what s holds without counting a failed attempt (clean stop). */
 static void
-release_held(struct server *srv, struct sub *s)
+release_held(struct broker *bk, struct sub *s)
 {
     struct msg *m;
 
     while ((m = s->cons.inflight_head) != NULL) {
-        int rc = qset_release(srv->qs, m->id, m->attempt, NULL,
-                              srv->now_mono_ms);
+        int rc = qset_release(bk->qs, m->id, m->attempt, NULL,
+                              *bk->now_mono_ms);
 
         if (rc != PQ_OK && rc != PQ_ESTALE) {
             break; /* the unsubscribe below handles what is left */
@@ -1391,10 +1428,10 @@ dispatch_conn_closed(void *arg, struct conn *c)
 {
     (void)arg;
     while (c->subs) {
-        if (srv_of(c)->shutting_down) {
-            release_held(srv_of(c), c->subs);
+        if (broker_of(c)->shutting_down) {
+            release_held(broker_of(c), c->subs);
         }
-        unsubscribe(srv_of(c), c->subs);
+        unsubscribe(broker_of(c), c->subs);
     }
 }
 
@@ -1405,14 +1442,14 @@ dispatch_conn_output(void *arg, struct conn *c, bool full)
     for (struct sub *s = c->subs; s; s = s->next) {
         s->cons.paused = full || s->flow_paused;
         if (!s->cons.paused) {
-            server_mark_dirty(srv_of(c), s->cons.q);
+            mark_dirty(broker_of(c), s->cons.q);
         }
     }
 }
 
 /* Send one Deliver; the message body is spliced, not re-encoded. */
 static void
-send_deliver(struct server *srv, struct sub *s, struct msg *m)
+send_deliver(struct broker *bk, struct sub *s, struct msg *m)
 {
     struct body *prog = msg_progress(m);
     struct frame_deliver d = {
@@ -1420,7 +1457,7 @@ send_deliver(struct server *srv, struct sub *s, struct msg *m)
         .queue = queue_name(m->q),
         .message_id = m->id,
         .attempt = m->attempt,
-        .lease_ms = m->due_ms > srv->now_mono_ms ? m->due_ms - srv->now_mono_ms : 0,
+        .lease_ms = m->due_ms > *bk->now_mono_ms ? m->due_ms - *bk->now_mono_ms : 0,
         .published_at_ms = m->published_wall_ms,
         .progress = prog ? prog->data : NULL,
         .progress_len = prog ? prog->len : 0,
@@ -1430,7 +1467,7 @@ send_deliver(struct server *srv, struct sub *s, struct msg *m)
     uint8_t *p;
 
     if (b == NULL) {
-        b = journal_load_body(srv->journal, m);
+        b = journal_load_body(bk->journal, m);
     } else {
         body_ref(b);
     }
@@ -1440,7 +1477,7 @@ send_deliver(struct server *srv, struct sub *s, struct msg *m)
 
         log_err("queue %s: message %llu: payload cannot be read back",
                 queue_name(m->q), (unsigned long long)m->id);
-        qset_nack(srv->qs, m->id, m->attempt, &o, srv->now_mono_ms);
+        qset_nack(bk->qs, m->id, m->attempt, &o, *bk->now_mono_ms);
         return;
     }
     n = frame_deliver_size(&d, b->len);
@@ -1456,17 +1493,17 @@ send_deliver(struct server *srv, struct sub *s, struct msg *m)
 
 /* deliver: hand out what q can deliver now; true if it stopped early. */
 static bool
-deliver(struct server *srv, struct queue *q)
+deliver(struct broker *bk, struct queue *q)
 {
     struct consumer *to;
     struct msg *m;
 
     for (int i = 0; i < DELIVERIES_PER_PASS; i++) {
-        m = queue_next_delivery(q, srv->now_mono_ms, &to);
+        m = queue_next_delivery(q, *bk->now_mono_ms, &to);
         if (m == NULL) {
             return false;
         }
-        send_deliver(srv, to->owner, m);
+        send_deliver(bk, to->owner, m);
     }
     return true;
 }
@@ -1476,7 +1513,7 @@ deliver(struct server *srv, struct queue *q)
 static void
 on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
 {
-    struct server *srv = srv_of(c);
+    struct broker *bk = broker_of(c);
     struct msg *m = NULL;
     struct msg cur;
     struct queue *q, *was;
@@ -1488,15 +1525,15 @@ on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
                         "ack with a result or follow-ups is not implemented yet");
         return;
     }
-    was = qset_msg_peek(srv->qs, r->message_id, &cur) ? cur.q : NULL;
-    rc = qset_ack(srv->qs, r->message_id, r->attempt, &m);
+    was = qset_msg_peek(bk->qs, r->message_id, &cur) ? cur.q : NULL;
+    rc = qset_ack(bk->qs, r->message_id, r->attempt, &m);
     if (rc != PQ_OK) {
-        bool live = qset_msg_peek(srv->qs, r->message_id, &cur);
+        bool live = qset_msg_peek(bk->qs, r->message_id, &cur);
 
         if (was != NULL && !live) {
             /* a fenced ack of a cancelled job dropped it: its holder's
              * credit is free again */
-            server_mark_dirty(srv, was);
+            mark_dirty(bk, was);
         }
         log_debug("ack %llu/%u stale: %s", (unsigned long long)r->message_id,
                   r->attempt, live ? (cur.state == MSG_INFLIGHT ? "in flight, other attempt" : "not in flight") : "no such message");
@@ -1508,7 +1545,7 @@ on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
     q = m->q;
     rc = PQ_OK;
     if (!queue_attrs(q)->transient) {
-        rc = journal_ack(srv->journal, m, &lsn);
+        rc = journal_ack(bk->journal, m, &lsn);
         if (rc != PQ_OK) {
             /* In memory it is gone; on disk it stays and would come back
              * after a restart: at-least-once, never a loss. */
@@ -1517,7 +1554,7 @@ on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
         }
     }
     msg_free(m);
-    server_mark_dirty(srv, q);
+    mark_dirty(bk, q);
     if (r->confirm && rc != PQ_OK) {
         reply_err(c, rid, rc, "ack applied, but not recorded in the log (%s); "
                   "after a restart the message is delivered again",
@@ -1530,9 +1567,9 @@ on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
 static void
 on_nack(struct conn *c, uint64_t rid, const Protoq__Nack *r)
 {
-    struct server *srv = srv_of(c);
+    struct broker *bk = broker_of(c);
     struct msg v;
-    struct queue *q = qset_msg_peek(srv->qs, r->message_id, &v) ? v.q : NULL;
+    struct queue *q = qset_msg_peek(bk->qs, r->message_id, &v) ? v.q : NULL;
     struct nack_opts o = {
         .has_delay = r->delay_ms > 0,
         .delay_ms = r->delay_ms,
@@ -1551,15 +1588,15 @@ on_nack(struct conn *c, uint64_t rid, const Protoq__Nack *r)
         reply_err(c, rid, PQ_EINVAL, "nack: delay over ten years");
         return;
     }
-    before = mark_now(srv);
-    rc = qset_nack(srv->qs, r->message_id, r->attempt, &o, srv->now_mono_ms);
+    before = mark_now(bk);
+    rc = qset_nack(bk->qs, r->message_id, r->attempt, &o, *bk->now_mono_ms);
     if (rc != PQ_OK) {
         reply_err(c, rid, rc, "nack %llu/%u: not the current delivery",
                   (unsigned long long)r->message_id, r->attempt);
         return;
     }
     if (q) {
-        server_mark_dirty(srv, q);
+        mark_dirty(bk, q);
     }
     if (r->confirm) {
         finish_since(c, rid, before);
@@ -1593,7 +1630,7 @@ progress_body(Protoq__Progress *p, struct body **out)
 static void
 on_touch(struct conn *c, uint64_t rid, const Protoq__Touch *r)
 {
-    struct server *srv = srv_of(c);
+    struct broker *bk = broker_of(c);
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__TouchOk ok = PROTOQ__TOUCH_OK__INIT;
     struct body *prog = NULL;
@@ -1609,8 +1646,8 @@ on_touch(struct conn *c, uint64_t rid, const Protoq__Touch *r)
         reply_err(c, rid, rc, "touch: progress over 2 KiB or percent over 100");
         return;
     }
-    rc = qset_touch(srv->qs, r->message_id, r->attempt, r->extend_ms, prog,
-                    srv->now_mono_ms, &lease);
+    rc = qset_touch(bk->qs, r->message_id, r->attempt, r->extend_ms, prog,
+                    *bk->now_mono_ms, &lease);
     body_unref(&prog);
     if (rc != PQ_OK) {
         reply_err(c, rid, rc, "touch %llu/%u: not the current delivery",
@@ -1627,9 +1664,9 @@ on_touch(struct conn *c, uint64_t rid, const Protoq__Touch *r)
 static void
 on_release(struct conn *c, uint64_t rid, const Protoq__Release *r)
 {
-    struct server *srv = srv_of(c);
+    struct broker *bk = broker_of(c);
     struct msg v;
-    struct queue *q = qset_msg_peek(srv->qs, r->message_id, &v) ? v.q : NULL;
+    struct queue *q = qset_msg_peek(bk->qs, r->message_id, &v) ? v.q : NULL;
     struct body *prog = NULL;
     struct mark before;
     int rc;
@@ -1639,8 +1676,8 @@ on_release(struct conn *c, uint64_t rid, const Protoq__Release *r)
         reply_err(c, rid, rc, "release: progress over 2 KiB or percent over 100");
         return;
     }
-    before = mark_now(srv);
-    rc = qset_release(srv->qs, r->message_id, r->attempt, prog, srv->now_mono_ms);
+    before = mark_now(bk);
+    rc = qset_release(bk->qs, r->message_id, r->attempt, prog, *bk->now_mono_ms);
     body_unref(&prog);
     if (rc != PQ_OK) {
         reply_err(c, rid, rc, "release %llu/%u: not the current delivery",
@@ -1648,7 +1685,7 @@ on_release(struct conn *c, uint64_t rid, const Protoq__Release *r)
         return;
     }
     if (q) {
-        server_mark_dirty(srv, q);
+        mark_dirty(bk, q);
     }
     if (r->confirm) {
         finish_since(c, rid, before);
@@ -1658,9 +1695,9 @@ on_release(struct conn *c, uint64_t rid, const Protoq__Release *r)
 static void
 on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r)
 {
-    struct server *srv = srv_of(c);
+    struct broker *bk = broker_of(c);
     struct msg v, *held = NULL;
-    bool live = qset_msg_peek(srv->qs, r->message_id, &v);
+    bool live = qset_msg_peek(bk->qs, r->message_id, &v);
     struct mark before;
     int rc;
 
@@ -1673,15 +1710,15 @@ on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r)
                         r->queue ? r->queue : "");
         return;
     }
-    before = mark_now(srv);
-    rc = qset_cancel(srv->qs, r->message_id, &held);
+    before = mark_now(bk);
+    rc = qset_cancel(bk->qs, r->message_id, &held);
     if (rc != PQ_OK) {
         reply_err(c, rid, rc, "cancel %llu: %s",
                   (unsigned long long)r->message_id, pq_strerror(rc));
         return;
     }
     if (held && !queue_attrs(held->q)->transient) {
-        rc = journal_cancel(srv->journal, held);
+        rc = journal_cancel(bk->journal, held);
         if (rc != PQ_OK) {
             log_warn("queue %s: cancel of %llu not journaled: %s",
                      queue_name(held->q), (unsigned long long)held->id,
@@ -1806,134 +1843,141 @@ dispatch_frame(void *arg, struct conn *c, const Protoq__Frame *f)
 static void
 on_qevent(void *arg, const struct qevent *ev)
 {
-    struct server *srv = arg;
+    struct broker *bk = arg;
 
     if (ev->type == QEV_READY) {
-        server_mark_dirty(srv, ev->q);
+        mark_dirty(bk, ev->q);
         return;
     }
     if (ev->type == QEV_DROP && ev->detail) {
         log_warn("queue %s: message %llu dropped (%s): %s", queue_name(ev->q),
                  (unsigned long long)ev->m->id, qreason_name(ev->reason), ev->detail);
     }
-    journal_qevent(srv->journal, ev, srv->now_mono_ms);
+    journal_qevent(bk->journal, ev, *bk->now_mono_ms);
     if (ev->type == QEV_REQUEUE || ev->type == QEV_DEAD_LETTER) {
-        server_mark_dirty(srv, ev->q);
+        mark_dirty(bk, ev->q);
     }
     if (ev->type == QEV_DROP || ev->type == QEV_REQUEUE ||
         ev->type == QEV_DEAD_LETTER) {
         /* The holder (if any) got credit back. */
         if (ev->from) {
-            server_mark_dirty(srv, ev->from);
+            mark_dirty(bk, ev->from);
         }
     }
 }
 
 int
-dispatch_open(struct server *srv, char *err, size_t errlen)
+dispatch_open(struct broker *bk, char *err, size_t errlen)
 {
     struct journal_config jc;
     struct queue_defaults d;
     int rc;
 
+    hmap_u64_init(&bk->dirty_set);
+    hmap_u64_init(&bk->pending_room);
+    hmap_str_init(&bk->pending_keys);
+    bk->store_fd = -1;
     queue_defaults_init(&d);
-    d.ack_timeout_ms = srv->cfg.ack_timeout_ms;
-    d.max_attempts = srv->cfg.max_attempts;
-    d.backoff_base_ms = srv->cfg.backoff_base_ms;
-    d.backoff_cap_ms = srv->cfg.backoff_cap_ms;
-    d.dedup_window_ms = srv->cfg.dedup_window_ms;
-    d.max_lease_ms = srv->cfg.max_lease_ms;
-    srv->qs = qset_new(&d);
-    if (srv->qs == NULL) {
+    d.ack_timeout_ms = bk->cfg->ack_timeout_ms;
+    d.max_attempts = bk->cfg->max_attempts;
+    d.backoff_base_ms = bk->cfg->backoff_base_ms;
+    d.backoff_cap_ms = bk->cfg->backoff_cap_ms;
+    d.dedup_window_ms = bk->cfg->dedup_window_ms;
+    d.max_lease_ms = bk->cfg->max_lease_ms;
+    bk->qs = qset_new(&d);
+    if (bk->qs == NULL) {
         snprintf(err, errlen, "out of memory");
         return PQ_ENOMEM;
     }
-    qset_seed(srv->qs, clock_mono_ms() ^ (uint64_t)getpid());
-    jc.data_dir = srv->cfg.data_dir;
-    jc.fsync = srv->cfg.fsync;
-    jc.fsync_interval_ms = srv->cfg.fsync_interval_ms;
-    jc.segment_bytes = srv->cfg.segment_bytes;
-    jc.payload_budget_bytes = srv->cfg.payload_budget_bytes;
-    rc = journal_open(&jc, srv->qs, &srv->journal, err, errlen);
+    qset_seed(bk->qs, clock_mono_ms() ^ (uint64_t)getpid());
+    jc.data_dir = bk->cfg->data_dir;
+    jc.fsync = bk->cfg->fsync;
+    jc.fsync_interval_ms = bk->cfg->fsync_interval_ms;
+    jc.segment_bytes = bk->cfg->segment_bytes;
+    jc.payload_budget_bytes = bk->cfg->payload_budget_bytes;
+    rc = journal_open(&jc, bk->qs, &bk->journal, err, errlen);
     if (rc != PQ_OK) {
         return rc;
     }
-    srv->now_mono_ms = clock_mono_ms();
-    srv->next_msg_id = journal_next_id(srv->journal);
-    srv->store_fd = journal_event_fd(srv->journal);
-    qset_set_listener(srv->qs, on_qevent, srv);
+    bk->next_msg_id = journal_next_id(bk->journal);
+    bk->store_fd = journal_event_fd(bk->journal);
+    qset_set_listener(bk->qs, on_qevent, bk);
     return PQ_OK;
 }
 
 bool
-dispatch_pass(struct server *srv)
+dispatch_pass(struct broker *bk)
 {
     bool more = false;
-    uint32_t n = srv->ndirty;
+    uint32_t n = bk->ndirty;
 
     /* Deliver for queues marked dirty before this pass; queues marked
      * during it are handled next pass. */
     for (uint32_t i = 0; i < n; i++) {
-        struct queue *q = srv->dirty[i];
+        struct queue *q = bk->dirty[i];
 
-        hmap_u64_del(&srv->dirty_set, (uint64_t)(uintptr_t)q);
-        srv->dirty[i] = NULL;
-        if (deliver(srv, q)) {
-            server_mark_dirty(srv, q);
+        hmap_u64_del(&bk->dirty_set, (uint64_t)(uintptr_t)q);
+        bk->dirty[i] = NULL;
+        if (deliver(bk, q)) {
+            mark_dirty(bk, q);
         }
     }
     if (n > 0) {
-        uint32_t rest = srv->ndirty - n;
-        memmove(srv->dirty, srv->dirty + n, rest * sizeof(*srv->dirty));
-        srv->ndirty = rest;
+        uint32_t rest = bk->ndirty - n;
+        memmove(bk->dirty, bk->dirty + n, rest * sizeof(*bk->dirty));
+        bk->ndirty = rest;
     }
-    more = srv->ndirty > 0;
-    journal_submit(srv->journal);
+    more = bk->ndirty > 0;
+    journal_submit(bk->journal);
     return more;
 }
 
 void
-dispatch_store_event(struct server *srv)
+dispatch_store_event(struct broker *bk)
 {
-    journal_reap(srv->journal, settle_waits, srv);
+    journal_reap(bk->journal, settle_waits, bk);
 }
 
 void
-dispatch_housekeeping(struct server *srv)
+dispatch_housekeeping(struct broker *bk)
 {
-    journal_compact(srv->journal, srv->now_mono_ms);
+    journal_compact(bk->journal, *bk->now_mono_ms);
 }
 
 void
-dispatch_tick(struct server *srv)
+dispatch_tick(struct broker *bk)
 {
-    qset_tick(srv->qs, srv->now_mono_ms);
+    qset_tick(bk->qs, *bk->now_mono_ms);
 }
 
 void
-dispatch_close(struct server *srv)
+dispatch_close(struct broker *bk)
 {
     struct wait *w;
 
-    journal_close(srv->journal);
-    srv->journal = NULL;
-    srv->store_fd = -1;
+    journal_close(bk->journal);
+    bk->journal = NULL;
+    bk->store_fd = -1;
     /* Whatever is still waiting was never confirmed; drop it silently. */
-    while ((w = srv->waits_head) != NULL) {
-        srv->waits_head = w->next;
-        wait_free(srv, w);
+    while ((w = bk->waits_head) != NULL) {
+        bk->waits_head = w->next;
+        wait_free(bk, w);
     }
-    srv->waits_tail = NULL;
+    bk->waits_tail = NULL;
     {
         size_t it = 0;
         void *r;
 
-        while ((r = hmap_u64_next(&srv->pending_room, &it, NULL)) != NULL) {
+        while ((r = hmap_u64_next(&bk->pending_room, &it, NULL)) != NULL) {
             pq_free(r);
         }
-        hmap_u64_fini(&srv->pending_room);
+        hmap_u64_fini(&bk->pending_room);
     }
-    hmap_str_fini(&srv->pending_keys); /* entries went with their waits */
-    qset_free(srv->qs);
-    srv->qs = NULL;
+    hmap_str_fini(&bk->pending_keys); /* entries went with their waits */
+    pq_free(bk->dirty);
+    bk->dirty = NULL;
+    bk->ndirty = bk->dirty_cap = 0;
+    hmap_u64_fini(&bk->dirty_set);
+    qset_free(bk->qs);
+    bk->qs = NULL;
 }
