@@ -76,7 +76,9 @@ QUEUE_OBJS = $(B)/broker/queue.o $(B)/broker/heap.o $(B)/broker/hmap.o $(B)/brok
 STORE_OBJS = $(B)/broker/store.o $(B)/broker/store_verify.o $(B)/broker/record.o \
              $(B)/broker/crc32c.o
 BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
-              $(B)/broker/dispatch.o $(B)/broker/journal.o $(B)/broker/config.o \
+              $(B)/broker/dispatch.o $(B)/broker/dispatch_admin.o \
+              $(B)/broker/dispatch_publish.o $(B)/broker/dispatch_consume.o \
+              $(B)/broker/journal.o $(B)/broker/config.o \
               $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS)
 
 LIB_OBJS   = $(B)/client/client.o $(B)/client/client_admin.o \

@@ -30,12 +30,12 @@
 #include <event2/buffer.h>
 #include <event2/event.h>
 
-#include "dispatch.h"
 #include "frame.h"
 #include "log.h"
 #include "mem.h"
 #include "pqerr.h"
-#include "server.h"
+#include "clock.h"
+#include "config.h"
 #include "strcheck.h"
 
 enum {
@@ -132,23 +132,23 @@ conn_output_pending(const struct conn *c)
 static void
 note_output(struct conn *c)
 {
-    struct server *srv = c->srv;
+    struct connset *cs = c->set;
 
-    c->last_tx_ms = srv->now_mono_ms;
-    srv->stats.frames_out++;
+    c->last_tx_ms = *cs->now_mono_ms;
+    cs->stats.frames_out++;
     if (!c->on_flush) {
         c->on_flush = true;
-        c->flush_next = srv->flush;
-        srv->flush = c;
+        c->flush_next = cs->flush;
+        cs->flush = c;
     }
     if (!c->output_full &&
-        evbuffer_get_length(c->out) > srv->cfg.conn_output_high_bytes) {
+        evbuffer_get_length(c->out) > cs->cfg->conn_output_high_bytes) {
         /* A peer that does not read what it asked for gets no more
          * deliveries and no more of its requests are read, so its
          * replies cannot pile up without bound. */
         c->output_full = true;
         set_reading(c, false);
-        dispatch_conn_output(c, true);
+        c->set->h->output(c->set->arg, c, true);
     }
 }
 
@@ -228,7 +228,7 @@ conn_send_error(struct conn *c, uint64_t request_id, int code,
 static bool
 flush(struct conn *c)
 {
-    struct server *srv = c->srv;
+    struct connset *cs = c->set;
 
     while (evbuffer_get_length(c->out) > 0) {
         int n = evbuffer_write(c->out, c->fd);
@@ -248,13 +248,13 @@ flush(struct conn *c)
     }
     set_writing(c, false);
     if (c->output_full &&
-        evbuffer_get_length(c->out) <= srv->cfg.conn_output_high_bytes / 2) {
+        evbuffer_get_length(c->out) <= cs->cfg->conn_output_high_bytes / 2) {
         c->output_full = false;
         if (conn_is_open(c)) {
             set_reading(c, true);
             event_active(c->rev, EV_READ, 0); /* frames may wait in c->in */
         }
-        dispatch_conn_output(c, false);
+        c->set->h->output(c->set->arg, c, false);
     }
     if (c->state == CONN_CLOSING) {
         conn_close(c, "error reply flushed");
@@ -264,11 +264,11 @@ flush(struct conn *c)
 }
 
 void
-conn_flush_all(struct server *srv)
+conn_flush_all(struct connset *cs)
 {
-    struct conn *c = srv->flush, *next;
+    struct conn *c = cs->flush, *next;
 
-    srv->flush = NULL;
+    cs->flush = NULL;
     for (; c != NULL; c = next) {
         next = c->flush_next;
         c->on_flush = false;
@@ -286,7 +286,7 @@ write_cb(evutil_socket_t fd, short what, void *arg)
 
     (void)fd;
     (void)what;
-    c->srv->now_mono_ms = clock_mono_ms();
+    *c->set->now_mono_ms = clock_mono_ms();
     set_writing(c, false);
     flush(c);
 }
@@ -296,23 +296,23 @@ write_cb(evutil_socket_t fd, short what, void *arg)
 static void
 move_to_reap(struct conn *c)
 {
-    struct server *srv = c->srv;
+    struct connset *cs = c->set;
 
     if (c->prev) {
         c->prev->next = c->next;
     } else {
-        srv->conns = c->next;
+        cs->conns = c->next;
     }
     if (c->next) {
         c->next->prev = c->prev;
     }
-    srv->nconns--;
+    cs->nconns--;
     c->prev = NULL;
-    c->next = srv->reap;
-    if (srv->reap) {
-        srv->reap->prev = c;
+    c->next = cs->reap;
+    if (cs->reap) {
+        cs->reap->prev = c;
     }
-    srv->reap = c;
+    cs->reap = c;
 }
 
 void
@@ -323,7 +323,7 @@ conn_close(struct conn *c, const char *why)
     }
     log_debug("conn %llu %s: closed: %s", (unsigned long long)c->id,
               c->peer, why);
-    dispatch_conn_closed(c);
+    c->set->h->closed(c->set->arg, c);
     conn_set_state(c, CONN_CLOSED);
     set_reading(c, false);
     set_writing(c, false);
@@ -347,14 +347,14 @@ conn_fatal(struct conn *c, uint64_t request_id, int code, const char *fmt,
     va_end(ap);
     log_info("conn %llu %s: closing: %s", (unsigned long long)c->id, c->peer,
              msg);
-    c->srv->stats.protocol_errors++;
+    c->set->stats.protocol_errors++;
     conn_send_error(c, request_id, code, "%s", msg);
     conn_set_state(c, CONN_CLOSING);
-    c->closing_ms = c->srv->now_mono_ms;
+    c->closing_ms = *c->set->now_mono_ms;
     /* Stop reading; the flush closes once the Error is out. */
     set_reading(c, false);
     /* The subscriptions go now: a closing peer must not get deliveries. */
-    dispatch_conn_closed(c);
+    c->set->h->closed(c->set->arg, c);
 }
 
 void
@@ -383,9 +383,9 @@ conn_free(struct conn *c)
 }
 
 void
-conn_reap(struct server *srv)
+conn_reap(struct connset *cs)
 {
-    struct conn *c = srv->reap, *next;
+    struct conn *c = cs->reap, *next;
 
     for (; c != NULL; c = next) {
         next = c->next;
@@ -395,7 +395,7 @@ conn_reap(struct server *srv)
         if (c->prev) {
             c->prev->next = c->next;
         } else {
-            srv->reap = c->next;
+            cs->reap = c->next;
         }
         if (c->next) {
             c->next->prev = c->prev;
@@ -477,14 +477,14 @@ read_frames(struct conn *c)
                        n);
             return false;
         }
-        c->last_rx_ms = c->srv->now_mono_ms;
-        c->srv->stats.frames_in++;
+        c->last_rx_ms = *c->set->now_mono_ms;
+        c->set->stats.frames_in++;
         if (bad[0] != '\0') {
             conn_send_error(c, f->request_id, PROTOQ__ERROR_CODE__BAD_REQUEST,
                             "field %s: not valid UTF-8, or holds a NUL "
                             "character", bad);
         } else {
-            dispatch_frame(c, f);
+            c->set->h->frame(c->set->arg, c, f);
         }
         frame_free(f);
     }
@@ -498,7 +498,7 @@ read_frames(struct conn *c)
 static bool
 fill(struct conn *c)
 {
-    size_t cap = FRAME_HEADER_LEN + (size_t)c->srv->cfg.max_frame_bytes;
+    size_t cap = FRAME_HEADER_LEN + (size_t)c->set->cfg->max_frame_bytes;
 
     for (int i = 0; i < READS_PER_WAKEUP; i++) {
         size_t have = evbuffer_get_length(c->in);
@@ -545,7 +545,7 @@ read_cb(evutil_socket_t fd, short what, void *arg)
 
     (void)fd;
     (void)what;
-    c->srv->now_mono_ms = clock_mono_ms();
+    *c->set->now_mono_ms = clock_mono_ms();
     if (!conn_is_open(c) || !c->reading) {
         return;
     }
@@ -580,17 +580,17 @@ format_peer(const struct sockaddr *sa, char *buf, size_t len)
 }
 
 void
-conn_accept(struct server *srv, evutil_socket_t fd, const struct sockaddr *sa,
+conn_accept(struct connset *cs, evutil_socket_t fd, const struct sockaddr *sa,
             int salen)
 {
     struct conn *c;
     int one = 1;
 
     (void)salen;
-    if (srv->nconns >= srv->cfg.max_connections) {
-        srv->stats.conns_rejected++;
+    if (cs->nconns >= cs->cfg->max_connections) {
+        cs->stats.conns_rejected++;
         log_warn("refusing a connection: max_connections (%u) reached",
-                 srv->cfg.max_connections);
+                 cs->cfg->max_connections);
         evutil_closesocket(fd);
         return;
     }
@@ -601,11 +601,11 @@ conn_accept(struct server *srv, evutil_socket_t fd, const struct sockaddr *sa,
         return;
     }
     c->fd = fd;
-    c->srv = srv;
+    c->set = cs;
     c->in = evbuffer_new();
     c->out = evbuffer_new();
-    c->rev = event_new(srv->base, fd, EV_READ | EV_PERSIST, read_cb, c);
-    c->wev = event_new(srv->base, fd, EV_WRITE, write_cb, c);
+    c->rev = event_new(cs->base, fd, EV_READ | EV_PERSIST, read_cb, c);
+    c->wev = event_new(cs->base, fd, EV_WRITE, write_cb, c);
     if (c->in == NULL || c->out == NULL || c->rev == NULL || c->wev == NULL ||
         evutil_make_socket_nonblocking(fd) < 0) {
         log_warn("refusing a connection: out of memory");
@@ -615,19 +615,19 @@ conn_accept(struct server *srv, evutil_socket_t fd, const struct sockaddr *sa,
     }
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     c->state = CONN_HANDSHAKE;
-    c->id = ++srv->next_conn_id;
-    c->max_frame_bytes = srv->cfg.max_hello_bytes;
-    c->accepted_ms = c->last_rx_ms = c->last_tx_ms = srv->now_mono_ms;
+    c->id = ++cs->next_id;
+    c->max_frame_bytes = cs->cfg->max_hello_bytes;
+    c->accepted_ms = c->last_rx_ms = c->last_tx_ms = *cs->now_mono_ms;
     format_peer(sa, c->peer, sizeof(c->peer));
     snprintf(c->name, sizeof(c->name), "-");
 
-    c->next = srv->conns;
-    if (srv->conns) {
-        srv->conns->prev = c;
+    c->next = cs->conns;
+    if (cs->conns) {
+        cs->conns->prev = c;
     }
-    srv->conns = c;
-    srv->nconns++;
-    srv->stats.conns_accepted++;
+    cs->conns = c;
+    cs->nconns++;
+    cs->stats.conns_accepted++;
     set_reading(c, true);
     log_debug("conn %llu %s: accepted", (unsigned long long)c->id, c->peer);
 }
@@ -646,11 +646,11 @@ send_heartbeat(struct conn *c)
 }
 
 void
-conn_housekeeping(struct server *srv, uint64_t now_ms)
+conn_housekeeping(struct connset *cs, uint64_t now_ms)
 {
     struct conn *c, *next;
 
-    for (c = srv->conns; c != NULL; c = next) {
+    for (c = cs->conns; c != NULL; c = next) {
         next = c->next;
         if (c->state == CONN_CLOSING &&
             now_ms - c->closing_ms >= CLOSING_GRACE_MS) {
@@ -658,9 +658,9 @@ conn_housekeeping(struct server *srv, uint64_t now_ms)
             continue;
         }
         if (c->state == CONN_HANDSHAKE &&
-            now_ms - c->accepted_ms >= srv->cfg.idle_timeout_ms) {
+            now_ms - c->accepted_ms >= cs->cfg->idle_timeout_ms) {
             conn_fatal(c, 0, PROTOQ__ERROR_CODE__UNEXPECTED_FRAME,
-                       "no Hello within %u ms", srv->cfg.idle_timeout_ms);
+                       "no Hello within %u ms", cs->cfg->idle_timeout_ms);
             continue;
         }
         if (c->state != CONN_READY || c->heartbeat_ms == 0) {
@@ -669,7 +669,7 @@ conn_housekeeping(struct server *srv, uint64_t now_ms)
         /* Liveness matters where jobs are held: a silent consumer is
          * closed so its deliveries go to someone else. */
         if (c->nsubs > 0 &&
-            now_ms - c->last_rx_ms >= srv->cfg.heartbeat_timeout_ms) {
+            now_ms - c->last_rx_ms >= cs->cfg->heartbeat_timeout_ms) {
             log_info("conn %llu %s: no frame for %llu ms, closing",
                      (unsigned long long)c->id, c->peer,
                      (unsigned long long)(now_ms - c->last_rx_ms));

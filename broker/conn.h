@@ -2,7 +2,9 @@
  * conn.h: one struct conn per client socket: its socket, input and output
  * buffers and events, its state, framing of input and output, backpressure,
  * and close-after-flush.
- * Decoded frames go to dispatch.c; conn.c knows nothing of queues.
+ * Decoded frames, closes and output pressure go up through the set's
+ * conn_handler; conn.c knows nothing of queues, and includes nothing of the
+ * broker above it.
  */
 #ifndef PQ_CONN_H
 #define PQ_CONN_H
@@ -16,7 +18,9 @@
 
 #include "protoq.pb-c.h"
 
-struct server;
+struct config;
+struct conn;
+struct event_base;
 struct sub;
 struct event;
 struct evbuffer;
@@ -33,22 +37,61 @@ struct sockaddr;
  */
 enum conn_state { CONN_HANDSHAKE, CONN_READY, CONN_CLOSING, CONN_CLOSED };
 
+/*
+ * What the connections report upward, so that conn.c knows nothing of the
+ * protocol's meaning (the server wires these to dispatch.c): a decoded
+ * frame; a connection that closed (once; its subscriptions must go); its
+ * output going over (full) or back under the high-water mark.
+ */
+struct conn_handler {
+    void (*frame)(void *arg, struct conn *c, const Protoq__Frame *f);
+    void (*closed)(void *arg, struct conn *c);
+    void (*output)(void *arg, struct conn *c, bool full);
+};
+
+struct conn_stats {
+    uint64_t conns_accepted;
+    uint64_t conns_rejected;      /* over max_connections */
+    uint64_t protocol_errors;     /* connections closed for bad input */
+    uint64_t frames_in;
+    uint64_t frames_out;
+};
+
+/*
+ * The set of connections: what conn.c owns for all of them. The owner (the
+ * server) fills base, cfg, now_mono_ms, h and arg, and zeroes the rest.
+ */
+struct connset {
+    struct event_base *base;
+    const struct config *cfg;     /* borrowed; limits read at each use */
+    uint64_t *now_mono_ms;        /* the loop's clock (the owner's), which
+                                     a read refreshes */
+    const struct conn_handler *h;
+    void *arg;                    /* h's argument */
+    struct conn *conns;           /* doubly linked, all live connections */
+    uint32_t nconns;
+    struct conn *reap;            /* closed, freed after the pass */
+    struct conn *flush;           /* connections with output to write */
+    uint64_t next_id;
+    struct conn_stats stats;
+};
+
 struct conn {
-    struct server *srv;
+    struct connset *set;
     evutil_socket_t fd;           /* -1 once CLOSED */
     struct event *rev;            /* EV_READ | EV_PERSIST, while reading */
     struct event *wev;            /* EV_WRITE, armed only when the kernel
                                      buffer was full at the last flush */
     struct evbuffer *in, *out;
-    struct conn *flush_next;      /* srv->flush list: output to write */
-    bool on_flush;                /* on srv->flush */
+    struct conn *flush_next;      /* set->flush list: output to write */
+    bool on_flush;                /* on set->flush */
     bool reading;                 /* rev added */
     bool writing;                 /* wev added */
     enum conn_state state;
     uint64_t id;                  /* for logs */
     char peer[64];                /* "127.0.0.1:53122" */
     char name[64];                /* Hello.client_name, sanitised */
-    struct conn *prev, *next;     /* srv->conns, then srv->reap */
+    struct conn *prev, *next;     /* set->conns, then set->reap */
     struct sub *subs;             /* this connection's subscriptions */
     uint32_t nsubs;
     uint32_t refs;                /* waits that still hold this conn */
@@ -63,7 +106,7 @@ struct conn {
 };
 
 /* conn_accept: wrap an accepted socket; closes fd on failure. */
-void conn_accept(struct server *srv, evutil_socket_t fd,
+void conn_accept(struct connset *cs, evutil_socket_t fd,
                  const struct sockaddr *sa, int salen);
 
 const char *conn_state_name(enum conn_state s);
@@ -108,13 +151,13 @@ bool conn_output_pending(const struct conn *c);
 void conn_unref(struct conn *c);
 
 /* conn_reap: free CLOSED connections that nothing refers to. */
-void conn_reap(struct server *srv);
+void conn_reap(struct connset *cs);
 
 /* conn_flush_all: write every connection's pending output (once per loop
  * pass: one writev per connection however many frames it got). */
-void conn_flush_all(struct server *srv);
+void conn_flush_all(struct connset *cs);
 
 /* conn_housekeeping: heartbeats out, dead and idle peers closed. */
-void conn_housekeeping(struct server *srv, uint64_t now_ms);
+void conn_housekeeping(struct connset *cs, uint64_t now_ms);
 
 #endif

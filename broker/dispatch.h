@@ -10,43 +10,88 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
+#include "hmap.h"
 #include "protoq.pb-c.h"
 
+struct config;
 struct conn;
-struct server;
+struct journal;
+struct qset;
+struct queue;
+struct wait;
+
+struct broker_stats {
+    uint64_t batches_durable;     /* store batches reported durable */
+    uint64_t disk_full_refusals;
+};
+
+/*
+ * The broker: the queues, the log, and every piece of state the protocol
+ * needs between frames. The server embeds it, fills the first block before
+ * dispatch_open and reads exit_code and the counters; everything else is
+ * dispatch.c's own.
+ */
+struct broker {
+    /* Set by the owner (the server). */
+    const struct config *cfg;     /* borrowed; limits are read at each use,
+                                     so a SIGHUP reload applies at once */
+    const uint64_t *now_mono_ms;  /* the loop's clock, read once per pass */
+    void (*stop)(void *owner);    /* a fatal storage error: end the loop */
+    void *owner;                  /* stop's argument */
+    uint16_t port;                /* names the broker in Welcome */
+    bool shutting_down;           /* a clean stop: held jobs are released */
+
+    /* Owned here. */
+    int exit_code;                /* 0, or EX_IOERR after a fatal store error */
+    struct qset *qs;
+    struct journal *journal;      /* the log, NULL until opened */
+    int store_fd;                 /* the log's eventfd; -1 without one */
+    uint64_t next_msg_id;         /* never reused */
+    uint64_t next_sub_id;
+    struct wait *waits_head;      /* FIFO of replies waiting for durability */
+    struct wait *waits_tail;
+    struct queue **dirty;         /* queues that may be able to deliver */
+    uint32_t ndirty, dirty_cap;
+    struct hmap_u64 dirty_set;    /* membership of dirty, keyed by pointer */
+    struct hmap_u64 pending_room; /* queue -> room taken by unconfirmed publishes */
+    struct hmap_str pending_keys; /* "queue\x01key" -> idempotency keys whose
+                                     publish is not durable yet */
+    struct broker_stats stats;
+};
 
 /* dispatch_frame: handle one decoded frame from c (which owns nothing of f). */
-void dispatch_frame(struct conn *c, const Protoq__Frame *f);
+void dispatch_frame(void *broker, struct conn *c, const Protoq__Frame *f);
 
 /* dispatch_conn_closed: c stops: drop its subscriptions (their deliveries
  * are failed attempts and go back to their queues). Idempotent. */
-void dispatch_conn_closed(struct conn *c);
+void dispatch_conn_closed(void *broker, struct conn *c);
 
 /* dispatch_conn_output: c's output went over (full) or back under the
  * high-water mark: pause or resume deliveries to its consumers. */
-void dispatch_conn_output(struct conn *c, bool full);
+void dispatch_conn_output(void *broker, struct conn *c, bool full);
 
 /* dispatch_open: create the queue set, open the store and replay the log
  * into it (recover.c). Writes a message into err on failure. */
-int dispatch_open(struct server *srv, char *err, size_t errlen);
+int dispatch_open(struct broker *b, char *err, size_t errlen);
 
 /* dispatch_pass: the post-loop work of one pass: deliver to consumers of
  * dirty queues, hand the pending batch to the storage thread, answer what
  * became durable. Returns true when work is left for another pass. */
-bool dispatch_pass(struct server *srv);
+bool dispatch_pass(struct broker *b);
 
 /* dispatch_store_event: the store's eventfd fired: answer what became
  * durable (or refuse what could not be stored). */
-void dispatch_store_event(struct server *srv);
+void dispatch_store_event(struct broker *b);
 
 /* dispatch_tick: the deadline timer fired: expire leases, wake delays. */
-void dispatch_tick(struct server *srv);
+void dispatch_tick(struct broker *b);
 
 /* dispatch_housekeeping: once a second: compact the log if worth it. */
-void dispatch_housekeeping(struct server *srv);
+void dispatch_housekeeping(struct broker *b);
 
 /* dispatch_close: flush the store and free the queue set and waits. */
-void dispatch_close(struct server *srv);
+void dispatch_close(struct broker *b);
 
 #endif

@@ -211,7 +211,7 @@ main(int argc, char **argv)
         log_warn("metrics %s: the HTTP /metrics endpoint is not implemented "
                  "in this version; nothing is served there", srv.cfg.metrics);
     }
-    srv.store_fd = -1;
+    srv.broker.store_fd = -1;
     rc = server_init(&srv, err, sizeof(err));
     if (rc != PQ_OK) {
         log_err("%s", err);

@@ -77,7 +77,7 @@ accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
 
     (void)l;
     srv->now_mono_ms = clock_mono_ms();
-    conn_accept(srv, fd, sa, salen);
+    conn_accept(&srv->cs, fd, sa, salen);
 }
 
 static void
@@ -131,7 +131,7 @@ deadline_cb(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     srv->now_mono_ms = clock_mono_ms();
-    dispatch_tick(srv);
+    dispatch_tick(&srv->broker);
 }
 
 /*
@@ -144,21 +144,23 @@ enum { SUMMARY_MS = 60000 };
 static void
 log_summary(struct server *srv)
 {
-    const struct server_stats *s = &srv->stats;
+    const struct broker_stats *s = &srv->broker.stats;
+    const struct conn_stats *cst = &srv->cs.stats;
     struct store_stats ss = {0};
 
-    if (srv->journal != NULL) {
-        journal_store_stats(srv->journal, &ss);
+    if (srv->broker.journal != NULL) {
+        journal_store_stats(srv->broker.journal, &ss);
     }
     log_info("summary: connections %u (accepted %llu, refused %llu, closed "
              "for bad input %llu); frames in %llu out %llu; queues %zu, "
              "messages %zu; durable batches %llu, fsyncs %llu (mean %llu us, "
              "max %llu us); publishes refused for disk %llu; memory %zu bytes",
-             srv->nconns, (unsigned long long)s->conns_accepted,
-             (unsigned long long)s->conns_rejected,
-             (unsigned long long)s->protocol_errors,
-             (unsigned long long)s->frames_in, (unsigned long long)s->frames_out,
-             qset_queue_count(srv->qs), qset_msg_count(srv->qs),
+             srv->cs.nconns, (unsigned long long)cst->conns_accepted,
+             (unsigned long long)cst->conns_rejected,
+             (unsigned long long)cst->protocol_errors,
+             (unsigned long long)cst->frames_in,
+             (unsigned long long)cst->frames_out,
+             qset_queue_count(srv->broker.qs), qset_msg_count(srv->broker.qs),
              (unsigned long long)s->batches_durable,
              (unsigned long long)ss.fsyncs,
              (unsigned long long)(ss.fsyncs ? ss.fsync_ns_total / ss.fsyncs / 1000
@@ -180,8 +182,8 @@ housekeeping_cb(evutil_socket_t fd, short what, void *arg)
         srv->listener_paused_ms = 0;
         evconnlistener_enable(srv->listener);
     }
-    conn_housekeeping(srv, srv->now_mono_ms);
-    dispatch_housekeeping(srv);
+    conn_housekeeping(&srv->cs, srv->now_mono_ms);
+    dispatch_housekeeping(&srv->broker);
     if (srv->now_mono_ms - srv->summary_ms >= SUMMARY_MS) {
         srv->summary_ms = srv->now_mono_ms;
         log_summary(srv);
@@ -196,7 +198,7 @@ store_cb(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     srv->now_mono_ms = clock_mono_ms();
-    dispatch_store_event(srv);
+    dispatch_store_event(&srv->broker);
 }
 
 static void
@@ -205,50 +207,6 @@ work_cb(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     (void)arg; /* only wakes the loop; the pass does the work */
-}
-
-void
-server_wake(struct server *srv)
-{
-    event_active(srv->work, EV_TIMEOUT, 0);
-}
-
-void
-server_mark_dirty(struct server *srv, struct queue *q)
-{
-    uint64_t key = (uint64_t)(uintptr_t)q;
-
-    if (hmap_u64_get(&srv->dirty_set, key) != NULL) {
-        return;
-    }
-    if (srv->ndirty == srv->dirty_cap) {
-        uint32_t cap = srv->dirty_cap ? srv->dirty_cap * 2 : 64;
-        struct queue **d = pq_realloc(srv->dirty, cap * sizeof(*d));
-
-        if (d == NULL) {
-            return; /* delivered on the next event that marks it */
-        }
-        srv->dirty = d;
-        srv->dirty_cap = cap;
-    }
-    if (hmap_u64_put(&srv->dirty_set, key, q) != PQ_OK) {
-        return;
-    }
-    srv->dirty[srv->ndirty++] = q;
-}
-
-void
-server_unmark_dirty(struct server *srv, struct queue *q)
-{
-    if (hmap_u64_del(&srv->dirty_set, (uint64_t)(uintptr_t)q) == NULL) {
-        return;
-    }
-    for (uint32_t i = 0; i < srv->ndirty; i++) {
-        if (srv->dirty[i] == q) {
-            srv->dirty[i] = srv->dirty[--srv->ndirty];
-            return;
-        }
-    }
 }
 
 /* ---- listener ---- */
@@ -315,6 +273,7 @@ open_listener(struct server *srv, char *err, size_t errlen)
                               ? ((struct sockaddr_in6 *)&bound)->sin6_port
                               : ((struct sockaddr_in *)&bound)->sin_port);
     }
+    srv->broker.port = srv->port;
     log_info("listening on %s (port %u)", srv->cfg.listen, srv->port);
     if (srv->cfg.port_file[0] != '\0') {
         return write_port_file(srv->cfg.port_file, srv->port, err, errlen);
@@ -324,6 +283,24 @@ open_listener(struct server *srv, char *err, size_t errlen)
 
 /* ---- life cycle ---- */
 
+/* The broker met a fatal storage error: end the loop (exit_code is set). */
+static void
+stop_loop(void *owner)
+{
+    struct server *srv = owner;
+
+    srv->stopping = true;
+    event_base_loopbreak(srv->base);
+}
+
+/* Wiring: conn.c reports frames, closes and output pressure; dispatch.c
+ * handles them. conn.c includes neither server.h nor dispatch.h. */
+static const struct conn_handler conn_to_dispatch = {
+    .frame = dispatch_frame,
+    .closed = dispatch_conn_closed,
+    .output = dispatch_conn_output,
+};
+
 int
 server_init(struct server *srv, char *err, size_t errlen)
 {
@@ -332,14 +309,21 @@ server_init(struct server *srv, char *err, size_t errlen)
     signal(SIGPIPE, SIG_IGN);
     srv->now_mono_ms = clock_mono_ms();
     srv->summary_ms = srv->now_mono_ms;
-    hmap_u64_init(&srv->dirty_set);
-    hmap_u64_init(&srv->pending_room);
-    hmap_str_init(&srv->pending_keys);
     srv->base = event_base_new();
     if (srv->base == NULL) {
         snprintf(err, errlen, "event_base_new failed");
         return PQ_ENOMEM;
     }
+    /* The connections report to the protocol state machine. */
+    srv->cs.base = srv->base;
+    srv->cs.cfg = &srv->cfg;
+    srv->cs.now_mono_ms = &srv->now_mono_ms;
+    srv->cs.h = &conn_to_dispatch;
+    srv->cs.arg = &srv->broker;
+    srv->broker.cfg = &srv->cfg;
+    srv->broker.now_mono_ms = &srv->now_mono_ms;
+    srv->broker.stop = stop_loop;
+    srv->broker.owner = srv;
     /* Signals first: once the port file exists a SIGTERM must find its
      * handler (not the default action, which would exit 143). */
     srv->sig_int = evsignal_new(srv->base, SIGINT, signal_cb, srv);
@@ -352,10 +336,11 @@ server_init(struct server *srv, char *err, size_t errlen)
         snprintf(err, errlen, "cannot install signal handlers");
         return PQ_ENOMEM;
     }
-    rc = dispatch_open(srv, err, errlen);
+    rc = dispatch_open(&srv->broker, err, errlen);
     if (rc != PQ_OK) {
         return rc;
     }
+    srv->now_mono_ms = clock_mono_ms(); /* replay may have taken a while */
     rc = open_listener(srv, err, errlen);
     if (rc != PQ_OK) {
         return rc;
@@ -368,8 +353,8 @@ server_init(struct server *srv, char *err, size_t errlen)
         snprintf(err, errlen, "cannot create loop events");
         return PQ_ENOMEM;
     }
-    if (srv->store_fd >= 0) {
-        srv->store_ev = event_new(srv->base, srv->store_fd,
+    if (srv->broker.store_fd >= 0) {
+        srv->store_ev = event_new(srv->base, srv->broker.store_fd,
                                   EV_READ | EV_PERSIST, store_cb, srv);
         if (srv->store_ev == NULL) {
             snprintf(err, errlen, "cannot create the store event");
@@ -385,7 +370,7 @@ server_init(struct server *srv, char *err, size_t errlen)
 static void
 arm_deadline(struct server *srv)
 {
-    uint64_t due = qset_next_deadline(srv->qs);
+    uint64_t due = qset_next_deadline(srv->broker.qs);
     struct timeval tv;
     uint64_t wait_ms;
 
@@ -406,15 +391,15 @@ server_run(struct server *srv)
     while (!srv->stopping) {
         event_base_loop(srv->base, EVLOOP_ONCE);
         srv->now_mono_ms = clock_mono_ms();
-        if (dispatch_pass(srv)) {
-            server_wake(srv);
+        if (dispatch_pass(&srv->broker)) {
+            event_active(srv->work, EV_TIMEOUT, 0);
         }
-        conn_flush_all(srv);
-        conn_reap(srv);
+        conn_flush_all(&srv->cs);
+        conn_reap(&srv->cs);
         arm_deadline(srv);
     }
     sd_notify_msg("STOPPING=1");
-    return srv->exit_code;
+    return srv->broker.exit_code;
 }
 
 /*
@@ -430,14 +415,14 @@ server_drain(struct server *srv)
         evconnlistener_disable(srv->listener);
     }
     srv->stopping = false;
-    while (clock_mono_ms() < until && srv->exit_code == 0) {
-        bool more = dispatch_pass(srv);
+    while (clock_mono_ms() < until && srv->broker.exit_code == 0) {
+        bool more = dispatch_pass(&srv->broker);
         bool busy;
 
-        conn_flush_all(srv);
-        busy = more || srv->waits_head != NULL;
+        conn_flush_all(&srv->cs);
+        busy = more || srv->broker.waits_head != NULL;
 
-        for (struct conn *c = srv->conns; c && !busy; c = c->next) {
+        for (struct conn *c = srv->cs.conns; c && !busy; c = c->next) {
             busy = conn_output_pending(c);
         }
         if (!busy) {
@@ -457,22 +442,22 @@ server_fini(struct server *srv)
 {
     /* Only a server that got as far as its store has anything to drain
      * (a failed server_init ends here too, with parts missing). */
-    if (srv->base != NULL && srv->qs != NULL && srv->journal != NULL) {
+    if (srv->base != NULL && srv->broker.qs != NULL && srv->broker.journal != NULL) {
         server_drain(srv);
     }
     /* A clean stop is not the workers' failure: what they hold goes back
      * as released (attempt and failures as recorded), not as failed. */
-    srv->shutting_down = true;
-    while (srv->conns) {
-        conn_close(srv->conns, "shutdown");
+    srv->broker.shutting_down = true;
+    while (srv->cs.conns) {
+        conn_close(srv->cs.conns, "shutdown");
     }
-    dispatch_close(srv);
+    dispatch_close(&srv->broker);
     /* Nothing is flushed any more: let the reap free every closed conn. */
-    for (struct conn *c = srv->flush; c != NULL; c = c->flush_next) {
+    for (struct conn *c = srv->cs.flush; c != NULL; c = c->flush_next) {
         c->on_flush = false;
     }
-    srv->flush = NULL;
-    conn_reap(srv);
+    srv->cs.flush = NULL;
+    conn_reap(&srv->cs);
     if (srv->listener) {
         evconnlistener_free(srv->listener);
     }
@@ -485,8 +470,6 @@ server_fini(struct server *srv)
             *evs[i] = NULL;
         }
     }
-    pq_free(srv->dirty);
-    hmap_u64_fini(&srv->dirty_set);
     if (srv->base) {
         event_base_free(srv->base);
     }

@@ -1,0 +1,466 @@
+/*
+ * dispatch_consume.c: subscriptions and what their holders answer:
+ * subscribe, unsubscribe, flow, the delivery pass of a queue, ack, nack,
+ * touch, release and cancel.
+ */
+#include "dispatch_int.h"
+
+#include <assert.h>
+#include <stdio.h>
+#include <string.h>
+#include <sysexits.h>
+#include <unistd.h>
+
+#include "clock.h"
+#include "log.h"
+#include "mem.h"
+#include "pqerr.h"
+
+/* ---- consuming ---- */
+
+static struct sub *
+find_sub(struct conn *c, uint64_t id)
+{
+    for (struct sub *s = c->subs; s; s = s->next) {
+        if (s->cons.id == id) {
+            return s;
+        }
+    }
+    return NULL;
+}
+
+void
+dispatch_on_subscribe(struct conn *c, uint64_t rid, const Protoq__Subscribe *r)
+{
+    struct broker *bk = broker_of(c);
+    Protoq__Frame f = PROTOQ__FRAME__INIT;
+    Protoq__SubscribeOk ok = PROTOQ__SUBSCRIBE_OK__INIT;
+    struct kv tags[PQ_TAGS_MAX];
+    struct queue *q = dispatch_find_queue(c, rid, r->queue);
+    struct sub *s;
+    uint32_t prefetch = r->prefetch ? r->prefetch : 1;
+
+    if (q == NULL) {
+        return;
+    }
+    if (c->nsubs >= 1024) {
+        dispatch_reply_err(c, rid, PQ_EINVAL, "subscribe: over 1024 subscriptions");
+        return;
+    }
+    if (!dispatch_tags_valid(r->tags, r->n_tags)) {
+        dispatch_reply_err(c, rid, PQ_EINVAL, "subscribe: over %d tags or a tag over %d bytes",
+                  PQ_TAGS_MAX, PQ_TAG_BYTES_MAX);
+        return;
+    }
+    if (prefetch > 100000) {
+        prefetch = 100000;
+    }
+    s = pq_calloc(1, sizeof(*s));
+    if (s == NULL) {
+        dispatch_reply_err(c, rid, PQ_ENOMEM, "subscribe: out of memory");
+        return;
+    }
+    queue_consumer_init(&s->cons, ++bk->next_sub_id, s, prefetch);
+    for (size_t i = 0; i < r->n_tags; i++) {
+        tags[i].key = r->tags[i]->key;
+        tags[i].value = r->tags[i]->value ? r->tags[i]->value : "";
+    }
+    if (queue_consumer_set_tags(&s->cons, tags, r->n_tags) != PQ_OK) {
+        pq_free(s);
+        dispatch_reply_err(c, rid, PQ_ENOMEM, "subscribe: out of memory");
+        return;
+    }
+    s->conn = c;
+    s->cons.paused = c->output_full;
+    s->next = c->subs;
+    c->subs = s;
+    c->nsubs++;
+    /* Answer first so SubscribeOk precedes the first Deliver. */
+    ok.subscription_id = s->cons.id;
+    f.request_id = rid;
+    f.kind_case = PROTOQ__FRAME__KIND_SUBSCRIBE_OK;
+    f.subscribe_ok = &ok;
+    conn_send(c, &f);
+    queue_subscribe(q, &s->cons);
+    dispatch_mark_dirty(bk, q);
+}
+
+void
+dispatch_unsubscribe(struct broker *bk, struct sub *s)
+{
+    dispatch_sub_unlink(s);
+    queue_unsubscribe(&s->cons, *bk->now_mono_ms);
+    queue_consumer_fini(&s->cons);
+    pq_free(s);
+}
+
+void
+dispatch_on_unsubscribe(struct conn *c, uint64_t rid, const Protoq__Unsubscribe *r)
+{
+    struct sub *s = find_sub(c, r->subscription_id);
+
+    if (s == NULL) {
+        conn_send_error(c, rid, PROTOQ__ERROR_CODE__SUBSCRIPTION_NOT_FOUND,
+                        "no subscription %llu on this connection",
+                        (unsigned long long)r->subscription_id);
+        return;
+    }
+    dispatch_unsubscribe(broker_of(c), s);
+    dispatch_reply_ok(c, rid, 0);
+}
+
+void
+dispatch_on_flow(struct conn *c, uint64_t rid, const Protoq__Flow *r)
+{
+    struct sub *s = find_sub(c, r->subscription_id);
+
+    if (s == NULL) {
+        conn_send_error(c, rid, PROTOQ__ERROR_CODE__SUBSCRIPTION_NOT_FOUND,
+                        "no subscription %llu on this connection",
+                        (unsigned long long)r->subscription_id);
+        return;
+    }
+    /* prefetch 0 pauses the subscription: a worker that shuts down pauses,
+     * releases what it holds, then goes, without the released jobs coming
+     * straight back to it. */
+    s->flow_paused = r->prefetch == 0;
+    s->cons.paused = s->flow_paused || c->output_full;
+    if (r->prefetch > 0) {
+        queue_set_prefetch(&s->cons, r->prefetch > 100000 ? 100000 : r->prefetch);
+    }
+    dispatch_mark_dirty(broker_of(c), s->cons.q);
+    dispatch_reply_ok(c, rid, 0);
+}
+
+/* Give back what s holds without counting a failed attempt (clean stop). */
+static void
+release_held(struct broker *bk, struct sub *s)
+{
+    struct msg *m;
+
+    while ((m = s->cons.inflight_head) != NULL) {
+        int rc = qset_release(bk->qs, m->id, m->attempt, NULL,
+                              *bk->now_mono_ms);
+
+        if (rc != PQ_OK && rc != PQ_ESTALE) {
+            break; /* the unsubscribe below handles what is left */
+        }
+    }
+}
+
+void
+dispatch_conn_closed(void *arg, struct conn *c)
+{
+    (void)arg;
+    while (c->subs) {
+        if (broker_of(c)->shutting_down) {
+            release_held(broker_of(c), c->subs);
+        }
+        dispatch_unsubscribe(broker_of(c), c->subs);
+    }
+}
+
+void
+dispatch_conn_output(void *arg, struct conn *c, bool full)
+{
+    (void)arg;
+    for (struct sub *s = c->subs; s; s = s->next) {
+        s->cons.paused = full || s->flow_paused;
+        if (!s->cons.paused) {
+            dispatch_mark_dirty(broker_of(c), s->cons.q);
+        }
+    }
+}
+
+/* Send one Deliver; the message body is spliced, not re-encoded. */
+static void
+send_deliver(struct broker *bk, struct sub *s, struct msg *m)
+{
+    struct body *prog = msg_progress(m);
+    struct frame_deliver d = {
+        .subscription_id = s->cons.id,
+        .queue = queue_name(m->q),
+        .message_id = m->id,
+        .attempt = m->attempt,
+        .lease_ms = m->due_ms > *bk->now_mono_ms ? m->due_ms - *bk->now_mono_ms : 0,
+        .published_at_ms = m->published_wall_ms,
+        .progress = prog ? prog->data : NULL,
+        .progress_len = prog ? prog->len : 0,
+    };
+    struct body *b = m->body;
+    size_t n;
+    uint8_t *p;
+
+    if (b == NULL) {
+        b = journal_load_body(bk->journal, m);
+    } else {
+        body_ref(b);
+    }
+    if (b == NULL) {
+        /* Unreadable payload: fail this attempt rather than send garbage. */
+        struct nack_opts o = {.dead_letter = false, .error = "payload unreadable"};
+
+        log_err("queue %s: message %llu: payload cannot be read back",
+                queue_name(m->q), (unsigned long long)m->id);
+        qset_nack(bk->qs, m->id, m->attempt, &o, *bk->now_mono_ms);
+        return;
+    }
+    n = frame_deliver_size(&d, b->len);
+    p = conn_reserve(s->conn, n);
+    if (p == NULL) {
+        /* The connection is going away; its close requeues the message. */
+        body_unref(&b);
+        return;
+    }
+    conn_commit(s->conn, frame_deliver_encode(&d, b->data, b->len, p));
+    body_unref(&b);
+}
+
+/* dispatch_deliver: hand out what q can deliver now; true if it stopped early. */
+bool
+dispatch_deliver(struct broker *bk, struct queue *q)
+{
+    struct consumer *to;
+    struct msg *m;
+
+    for (int i = 0; i < DELIVERIES_PER_PASS; i++) {
+        m = queue_next_delivery(q, *bk->now_mono_ms, &to);
+        if (m == NULL) {
+            return false;
+        }
+        send_deliver(bk, to->owner, m);
+    }
+    return true;
+}
+
+/* ---- acknowledgements ---- */
+
+void
+dispatch_on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
+{
+    struct broker *bk = broker_of(c);
+    struct msg *m = NULL;
+    struct msg cur;
+    struct queue *q, *was;
+    uint64_t lsn = 0;
+    int rc;
+
+    if (r->n_follow_ups > 0 || r->result.len > 0) {
+        conn_send_error(c, rid, PROTOQ__ERROR_CODE__UNSUPPORTED,
+                        "ack with a result or follow-ups is not implemented yet");
+        return;
+    }
+    was = qset_msg_peek(bk->qs, r->message_id, &cur) ? cur.q : NULL;
+    rc = qset_ack(bk->qs, r->message_id, r->attempt, &m);
+    if (rc != PQ_OK) {
+        bool live = qset_msg_peek(bk->qs, r->message_id, &cur);
+
+        if (was != NULL && !live) {
+            /* a fenced ack of a cancelled job dropped it: its holder's
+             * credit is free again */
+            dispatch_mark_dirty(bk, was);
+        }
+        log_debug("ack %llu/%u stale: %s", (unsigned long long)r->message_id,
+                  r->attempt, live ? (cur.state == MSG_INFLIGHT ? "in flight, other attempt" : "not in flight") : "no such message");
+        dispatch_reply_err(c, rid, rc, "ack %llu/%u: not the current delivery (lease "
+                  "expired, already acked, or cancelled)",
+                  (unsigned long long)r->message_id, r->attempt);
+        return;
+    }
+    q = m->q;
+    rc = PQ_OK;
+    if (!queue_attrs(q)->transient) {
+        rc = journal_ack(bk->journal, m, &lsn);
+        if (rc != PQ_OK) {
+            /* In memory it is gone; on disk it stays and would come back
+             * after a restart: at-least-once, never a loss. */
+            log_warn("queue %s: ack of %llu not journaled: %s", queue_name(q),
+                     (unsigned long long)m->id, pq_strerror(rc));
+        }
+    }
+    msg_free(m);
+    dispatch_mark_dirty(bk, q);
+    if (r->confirm && rc != PQ_OK) {
+        dispatch_reply_err(c, rid, rc, "ack applied, but not recorded in the log (%s); "
+                  "after a restart the message is delivered again",
+                  pq_strerror(rc));
+    } else if (r->confirm) {
+        dispatch_finish_ok(c, rid, lsn, 0);
+    }
+}
+
+void
+dispatch_on_nack(struct conn *c, uint64_t rid, const Protoq__Nack *r)
+{
+    struct broker *bk = broker_of(c);
+    struct msg v;
+    struct queue *q = qset_msg_peek(bk->qs, r->message_id, &v) ? v.q : NULL;
+    struct nack_opts o = {
+        .has_delay = r->delay_ms > 0,
+        .delay_ms = r->delay_ms,
+        .dead_letter = r->dead_letter,
+        .error = r->error,
+    };
+    struct mark before;
+    int rc;
+
+    if (r->error && strlen(r->error) > PQ_NACK_ERROR_MAX) {
+        dispatch_reply_err(c, rid, PQ_EINVAL, "nack: error text over %d bytes",
+                  PQ_NACK_ERROR_MAX);
+        return;
+    }
+    if (r->delay_ms > DURATION_MAX_MS) {
+        dispatch_reply_err(c, rid, PQ_EINVAL, "nack: delay over ten years");
+        return;
+    }
+    before = dispatch_mark_now(bk);
+    rc = qset_nack(bk->qs, r->message_id, r->attempt, &o, *bk->now_mono_ms);
+    if (rc != PQ_OK) {
+        dispatch_reply_err(c, rid, rc, "nack %llu/%u: not the current delivery",
+                  (unsigned long long)r->message_id, r->attempt);
+        return;
+    }
+    if (q) {
+        dispatch_mark_dirty(bk, q);
+    }
+    if (r->confirm) {
+        dispatch_finish_since(c, rid, before);
+    }
+}
+
+/* Encode a Progress for keeping with the job (unknown fields dropped);
+ * NULL when none given. */
+static int
+progress_body(Protoq__Progress *p, struct body **out)
+{
+    size_t len;
+    int rc;
+
+    *out = NULL;
+    if (p == NULL) {
+        return PQ_OK;
+    }
+    rc = frame_progress_check(p, &len);
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    *out = body_alloc(len);
+    if (*out == NULL) {
+        return PQ_ENOMEM;
+    }
+    protoq__progress__pack(p, (*out)->data);
+    return PQ_OK;
+}
+
+void
+dispatch_on_touch(struct conn *c, uint64_t rid, const Protoq__Touch *r)
+{
+    struct broker *bk = broker_of(c);
+    Protoq__Frame f = PROTOQ__FRAME__INIT;
+    Protoq__TouchOk ok = PROTOQ__TOUCH_OK__INIT;
+    struct body *prog = NULL;
+    uint64_t lease = 0;
+    int rc;
+
+    if (r->extend_ms > DURATION_MAX_MS) {
+        dispatch_reply_err(c, rid, PQ_EINVAL, "touch: extension over ten years");
+        return;
+    }
+    rc = progress_body(r->progress, &prog);
+    if (rc != PQ_OK) {
+        dispatch_reply_err(c, rid, rc, "touch: progress over 2 KiB or percent over 100");
+        return;
+    }
+    rc = qset_touch(bk->qs, r->message_id, r->attempt, r->extend_ms, prog,
+                    *bk->now_mono_ms, &lease);
+    body_unref(&prog);
+    if (rc != PQ_OK) {
+        dispatch_reply_err(c, rid, rc, "touch %llu/%u: not the current delivery",
+                  (unsigned long long)r->message_id, r->attempt);
+        return;
+    }
+    ok.lease_ms = lease;
+    f.request_id = rid;
+    f.kind_case = PROTOQ__FRAME__KIND_TOUCH_OK;
+    f.touch_ok = &ok;
+    conn_send(c, &f);
+}
+
+void
+dispatch_on_release(struct conn *c, uint64_t rid, const Protoq__Release *r)
+{
+    struct broker *bk = broker_of(c);
+    struct msg v;
+    struct queue *q = qset_msg_peek(bk->qs, r->message_id, &v) ? v.q : NULL;
+    struct body *prog = NULL;
+    struct mark before;
+    int rc;
+
+    rc = progress_body(r->progress, &prog);
+    if (rc != PQ_OK) {
+        dispatch_reply_err(c, rid, rc, "release: progress over 2 KiB or percent over 100");
+        return;
+    }
+    before = dispatch_mark_now(bk);
+    rc = qset_release(bk->qs, r->message_id, r->attempt, prog, *bk->now_mono_ms);
+    body_unref(&prog);
+    if (rc != PQ_OK) {
+        dispatch_reply_err(c, rid, rc, "release %llu/%u: not the current delivery",
+                  (unsigned long long)r->message_id, r->attempt);
+        return;
+    }
+    if (q) {
+        dispatch_mark_dirty(bk, q);
+    }
+    if (r->confirm) {
+        dispatch_finish_since(c, rid, before);
+    }
+}
+
+void
+dispatch_on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r)
+{
+    struct broker *bk = broker_of(c);
+    struct msg v, *held = NULL;
+    bool live = qset_msg_peek(bk->qs, r->message_id, &v);
+    struct mark before;
+    int rc;
+
+    if (!live || (r->queue && r->queue[0] &&
+                  strcmp(r->queue, queue_name(v.q)) != 0)) {
+        conn_send_error(c, rid, PROTOQ__ERROR_CODE__BAD_REQUEST,
+                        "cancel: no live message %llu%s%s",
+                        (unsigned long long)r->message_id,
+                        r->queue && r->queue[0] ? " in queue " : "",
+                        r->queue ? r->queue : "");
+        return;
+    }
+    before = dispatch_mark_now(bk);
+    rc = qset_cancel(bk->qs, r->message_id, &held);
+    if (rc != PQ_OK) {
+        dispatch_reply_err(c, rid, rc, "cancel %llu: %s",
+                  (unsigned long long)r->message_id, pq_strerror(rc));
+        return;
+    }
+    if (held && !queue_attrs(held->q)->transient) {
+        rc = journal_cancel(bk->journal, held);
+        if (rc != PQ_OK) {
+            log_warn("queue %s: cancel of %llu not journaled: %s",
+                     queue_name(held->q), (unsigned long long)held->id,
+                     pq_strerror(rc));
+        }
+    }
+    if (held && held->holder) {
+        struct sub *s = held->holder->owner;
+        Protoq__Frame f = PROTOQ__FRAME__INIT;
+        Protoq__CancelRequested cr = PROTOQ__CANCEL_REQUESTED__INIT;
+
+        cr.queue = (char *)queue_name(held->q);
+        cr.message_id = held->id;
+        cr.attempt = held->attempt;
+        f.kind_case = PROTOQ__FRAME__KIND_CANCEL_REQUESTED;
+        f.cancel_requested = &cr;
+        conn_send(s->conn, &f);
+    }
+    dispatch_finish_since(c, rid, before);
+}

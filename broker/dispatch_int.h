@@ -1,0 +1,204 @@
+/*
+ * dispatch_int.h: what the files of the protocol state machine share (never
+ * included outside them). dispatch.h is its public face.
+ *
+ *   dispatch.c          errors, waits for durability, room and keys of
+ *                       publishes on their way to disk, handshake, the frame
+ *                       switch, the loop's side (pass, store events, ticks)
+ *   dispatch_admin.c    queue create, delete, purge, stat, list
+ *   dispatch_publish.c  publish and batch publish
+ *   dispatch_consume.c  subscriptions, flow, delivery, ack, nack, touch,
+ *                       release, cancel
+ */
+#ifndef PQ_DISPATCH_INT_H
+#define PQ_DISPATCH_INT_H
+
+#include "dispatch.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "body.h"
+#include "conn.h"
+#include "frame.h"
+#include "journal.h"
+#include "queue.h"
+
+#ifndef PROTOQ_VERSION
+#define PROTOQ_VERSION "0.1.0"
+#endif
+
+enum {
+    DELIVERIES_PER_PASS = 4096, /* per queue per pass, then yield */
+};
+
+/* queue.c's name buffers hold the wire's longest name. */
+_Static_assert((int)QUEUE_NAME_MAX == (int)PQ_QUEUE_NAME_MAX,
+               "queue name limits differ");
+
+/* The longest duration a client may give (delays, TTLs, leases, backoff,
+ * windows): ten years. Past it a request is refused, so that no deadline
+ * arithmetic can wrap. */
+static const uint64_t DURATION_MAX_MS = 10ULL * 365 * 86400000;
+
+/* The server a connection belongs to (the argument the server gave its
+ * connection set, see server.c). */
+static inline struct broker *
+broker_of(const struct conn *c)
+{
+    return c->set->arg;
+}
+
+/* One subscription of a connection. */
+struct sub {
+    struct consumer cons;         /* linked into its queue by queue.c */
+    struct conn *conn;
+    struct sub *next;             /* conn->subs */
+    bool flow_paused;             /* Flow{prefetch 0}: no new deliveries */
+};
+
+enum wait_kind { WAIT_PUBLISH, WAIT_OK };
+
+/* A reply (and for publishes, the messages) waiting for an LSN to be durable. */
+struct wait {
+    struct wait *next;
+    uint64_t lsn;                 /* durable when the store reports >= lsn */
+    struct conn *conn;            /* ref held; NULL: nobody to answer */
+    uint64_t request_id;
+    enum wait_kind kind;
+    uint64_t count;               /* WAIT_OK: Ok.count */
+    uint32_t n;                   /* WAIT_PUBLISH: messages */
+    struct pending items[];
+};
+
+/* ---- room taken by publishes not yet durable ----
+ * A message counts against max_length / max_bytes from its check, not
+ * from when it becomes visible, so a pipelined burst cannot overshoot. */
+
+struct room {
+    uint64_t n;
+    uint64_t bytes;
+};
+
+/* ---- idempotency keys on their way to disk ----
+ * queue_dedup_find sees keys of queued messages only. A key whose publish
+ * is still waiting for the disk is registered here, so a second publish
+ * with it (pipelined, or in the same batch) gets the first id and waits
+ * for the first one's fate instead of storing a second copy. */
+
+struct pend_key {
+    char *ckey;                   /* "queue\x01key"; the map's key */
+    uint64_t id;                  /* the first publish's message id */
+    uint64_t lsn;                 /* its LSN once journaled; 0 before */
+};
+
+/* Where the journal stood before a change, to confirm it afterwards. */
+struct mark {
+    uint64_t lsn;
+    uint64_t errors;
+};
+
+/* dispatch_mark_dirty: q may now deliver; the delivery pass handles it. */
+void dispatch_mark_dirty(struct broker *bk, struct queue *q);
+
+/* dispatch_unmark_dirty: q is going away: forget it. */
+void dispatch_unmark_dirty(struct broker *bk, struct queue *q);
+
+/* dispatch_reply_err: an Error answering rid, with err mapped to its wire
+ * code. */
+__attribute__((format(printf, 4, 5))) void
+dispatch_reply_err(struct conn *c, uint64_t rid, int err, const char *fmt, ...);
+
+void dispatch_reply_ok(struct conn *c, uint64_t rid, uint64_t count);
+
+/* dispatch_room_take: add what items adds to each queue, then check every queue
+ * involved; on PQ_EFULL nothing stays taken and *full names the queue. */
+int dispatch_room_take(struct broker *bk, struct pending *items, uint32_t n,
+          struct queue **full);
+
+void dispatch_room_give(struct broker *bk, const struct pending *p);
+
+void dispatch_room_forget(struct broker *bk, const struct queue *q);
+
+/* dispatch_pend_key_name: "queue\x01key" into buf (queue names have no \x01). */
+bool dispatch_pend_key_name(char *buf, size_t cap, const char *queue, const char *key);
+
+void dispatch_pend_key_drop(struct broker *bk, struct pending *p);
+
+void dispatch_pending_fini(struct pending *p);
+
+void dispatch_wait_free(struct broker *bk, struct wait *w);
+
+struct wait *dispatch_wait_new(struct conn *c, uint64_t rid, enum wait_kind kind, uint32_t n);
+
+void dispatch_wait_enqueue(struct broker *bk, struct wait *w, uint64_t lsn);
+
+/* Push the messages of a durable publish and answer PublishOk. */
+void dispatch_complete_publish(struct broker *bk, struct wait *w);
+
+/*
+ * finish: answer a request whose change was journaled up to lsn (0: nothing
+ * journaled, answer now). Waits are FIFO in LSN order; an lsn-0 request
+ * that arrives behind a waiting one is answered at once, which is fine:
+ * replies are matched by request_id.
+ */
+void dispatch_finish_ok(struct conn *c, uint64_t rid, uint64_t lsn, uint64_t count);
+
+struct mark dispatch_mark_now(struct broker *bk);
+
+/*
+ * dispatch_finish_since: answer a request that changed state through queue events,
+ * which journal whatever records they need: Ok once everything appended
+ * since the mark is durable (at once if nothing was), or an Error if a
+ * record could not be written (never an Ok for what is not on disk).
+ */
+void dispatch_finish_since(struct conn *c, uint64_t rid, struct mark before);
+
+struct queue *dispatch_find_queue(struct conn *c, uint64_t rid, const char *name);
+
+void dispatch_on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate *r);
+
+/* Unlink s from its connection's list (it stays allocated). */
+void dispatch_sub_unlink(struct sub *s);
+
+void dispatch_on_queue_delete(struct conn *c, uint64_t rid, const Protoq__QueueDelete *r);
+
+void dispatch_on_queue_purge(struct conn *c, uint64_t rid, const Protoq__QueuePurge *r);
+
+void dispatch_on_queue_stat(struct conn *c, uint64_t rid, const Protoq__QueueStat *r);
+
+void dispatch_on_queue_list(struct conn *c, uint64_t rid);
+
+/* A subscription's tags: at most PQ_TAGS_MAX, keys 1..PQ_TAG_BYTES_MAX
+ * bytes, values up to PQ_TAG_BYTES_MAX. */
+bool dispatch_tags_valid(Protoq__KeyValue **kv, size_t n);
+
+/*
+ * dispatch_publish: the shared path of Publish and PublishBatch. All or nothing:
+ * every message is checked before any is journaled.
+ */
+void dispatch_publish(struct conn *c, uint64_t rid, Protoq__Publish *const *items, size_t n);
+
+void dispatch_on_subscribe(struct conn *c, uint64_t rid, const Protoq__Subscribe *r);
+
+void dispatch_unsubscribe(struct broker *bk, struct sub *s);
+
+void dispatch_on_unsubscribe(struct conn *c, uint64_t rid, const Protoq__Unsubscribe *r);
+
+void dispatch_on_flow(struct conn *c, uint64_t rid, const Protoq__Flow *r);
+
+/* dispatch_deliver: hand out what q can deliver now; true if it stopped early. */
+bool dispatch_deliver(struct broker *bk, struct queue *q);
+
+void dispatch_on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r);
+
+void dispatch_on_nack(struct conn *c, uint64_t rid, const Protoq__Nack *r);
+
+void dispatch_on_touch(struct conn *c, uint64_t rid, const Protoq__Touch *r);
+
+void dispatch_on_release(struct conn *c, uint64_t rid, const Protoq__Release *r);
+
+void dispatch_on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r);
+
+#endif
