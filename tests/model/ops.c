@@ -97,7 +97,7 @@ op_create(struct hist *h, int ci, int q)
 {
     struct model *w = &h->w;
     struct protoq_queue_attrs a;
-    bool same = false;
+    bool same = false, dl_bad;
     int dl, rc;
 
     gen_attrs(h, q, &a);
@@ -120,16 +120,19 @@ op_create(struct hist *h, int ci, int q)
         a = same ? w->q[q].a : a;
     }
     rc = protoq_queue_create(h->c[ci].c, m_qname(q), &a);
-    if (w->q[q].exists) {
+    /* The dead-letter queue must exist, and a durable queue's must be
+     * durable (the broker checks this before anything else). */
+    dl_bad = dl >= 0 && (!w->q[dl].exists || (!a.transient && w->q[dl].a.transient));
+    if (w->q[q].exists && !(dl_bad && !same)) {
         if (same ? rc != PQ_OK : !remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_EXISTS)) {
             return unexpected(h, ci, "create existing", rc, same ? "PQ_OK" : "QUEUE_EXISTS");
         }
         return 0;
     }
-    if (dl >= 0 && !w->q[dl].exists) {
+    if (dl_bad) {
         if (rc == PQ_OK) {
-            return unexpected(h, ci, "create with a missing dead_letter queue", rc,
-                              "a refusal");
+            return unexpected(h, ci, "create with a missing or transient dead_letter queue",
+                              rc, "a refusal");
         }
         return 0;
     }
