@@ -428,6 +428,45 @@ START_TEST(test_key_reused_after_its_window_survives_restart)
 END_TEST
 
 /*
+ * Compaction moves a live keyed job's PUBLISH forward; while the segment
+ * of its first PUBLISH stays (here pinned by a cancelled job whose holder
+ * has not answered: compaction leaves those), a replay meets both
+ * records. It removed the first copy, then refused the second for its own
+ * key: the job was lost.
+ */
+START_TEST(test_compacted_keyed_job_survives_restart)
+{
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    struct cons *k;
+    struct got g;
+    uint64_t id;
+
+    mkq(c, "hold", NULL, 0);
+    mkq(c, "jobs", NULL, 0);
+    mkq(c, "filler", NULL, 0);
+    pub(c, "hold", "pin");
+    id = pub_key(c, "jobs", "K", "k1");
+    k = cons_open("hold", 1);
+    g = cons_get(k, "hold");
+    pq_check_ok(c, protoq_cancel(c, "hold", g.id)); /* never answered */
+    fill_and_purge(c);
+    fill_and_purge(c);
+    sleep_ms(2500); /* housekeeping compacts */
+    ck_assert_uint_eq(qtotal(c, "jobs"), 1);
+    protoq_close(c);
+
+    bounce(_i);
+    cons_close(k);
+    c = pq_connect_or_fail(&g_srv);
+    ck_assert_msg(qtotal(c, "jobs") == 1, "%s: the compacted keyed job is gone",
+                  _i == 0 ? "SIGTERM" : "kill -9");
+    ck_assert_uint_eq(pub_key(c, "jobs", "K", "k1"), id);
+    ck_assert_uint_eq(qtotal(c, "jobs"), 1);
+    protoq_close(c);
+}
+END_TEST
+
+/*
  * Combination: keyed jobs put back in several ways, a queue deleted while
  * a consumer holds its jobs, and compaction moving the keyed jobs'
  * records forward (a moved PUBLISH is replayed like a put-back job: the
@@ -929,6 +968,7 @@ loss_suite(void)
     tc = tcase("keys", 30);
     tcase_add_loop_test(tc, test_keyed_job_put_back_survives_restart, 0, 2 * PB_COUNT);
     tcase_add_loop_test(tc, test_key_reused_after_its_window_survives_restart, 0, 2);
+    tcase_add_loop_test(tc, test_compacted_keyed_job_survives_restart, 0, 2);
     tcase_add_loop_test(tc, test_keys_put_back_delete_and_compaction_combined, 0, 2);
     suite_add_tcase(s, tc);
 
