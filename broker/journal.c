@@ -1364,6 +1364,9 @@ journal_open(struct server *srv, char *err, size_t errlen)
     store_reserve_set(j->st, w.n);
     store_set_roll_cb(j->st, on_roll, j);
     warn_missing_dead_letters(srv);
+    /* Counters are since this start: the replay's pushes (one per PUBLISH
+     * and per put-back) and removals are not traffic. */
+    qset_stats_reset(srv->qs);
     /* Ids never repeat: past every id in the log, and past the clock so
      * that a log emptied by deletion cannot bring old ids back. */
     floor = clock_wall_ms() << 16;

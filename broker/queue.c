@@ -1871,6 +1871,15 @@ queue_stats(const struct queue *q)
     return &q->stats;
 }
 
+/* qset_stats_reset: see queue.h. */
+void
+qset_stats_reset(struct qset *qs)
+{
+    for (struct queue *q = qs->q_head; q != NULL; q = q->next) {
+        memset(&q->stats, 0, sizeof(q->stats));
+    }
+}
+
 /* queue_ready_count: see queue.h. */
 uint64_t
 queue_ready_count(const struct queue *q)

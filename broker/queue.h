@@ -313,6 +313,9 @@ uint64_t qset_next_deadline(const struct qset *qs);
 const char *queue_name(const struct queue *q);
 const struct queue_attrs *queue_attrs(const struct queue *q);
 const struct queue_stats *queue_stats(const struct queue *q);
+/* qset_stats_reset: zero every queue's counters (after log replay: what
+ * it pushed and removed happened before this start). */
+void qset_stats_reset(struct qset *qs);
 uint64_t queue_ready_count(const struct queue *q);
 uint64_t queue_delayed_count(const struct queue *q);
 uint64_t queue_inflight_count(const struct queue *q);

@@ -543,6 +543,44 @@ START_TEST(test_keys_put_back_delete_and_compaction_combined)
 }
 END_TEST
 
+/*
+ * Counters are "since the broker started": the replay's pushes (one per
+ * PUBLISH record and one per put-back) counted as published, so a queue
+ * holding one job said published 3 after a restart.
+ */
+START_TEST(test_counters_start_at_zero_after_restart)
+{
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    struct protoq_queue_info st;
+    struct cons *k;
+    struct got g;
+
+    mkq(c, "jobs", NULL, 0);
+    pub(c, "jobs", "X");
+    pub(c, "jobs", "Y");
+    k = cons_open("jobs", 1);
+    g = cons_get(k, "X");
+    pq_check_ok(k->c, protoq_nack_sync(k->c, g.id, g.attempt, 0, false, NULL));
+    g = cons_get(k, "next");
+    pq_check_ok(k->c, protoq_ack_sync(k->c, g.id, g.attempt));
+    cons_close(k);
+    protoq_close(c);
+
+    bounce(_i);
+    c = pq_connect_or_fail(&g_srv);
+    st = qstat(c, "jobs");
+    ck_assert_uint_eq(st.ready + st.delayed, 1);
+    ck_assert_msg(st.published == 0 && st.acked == 0 && st.nacked == 0 &&
+                      st.redelivered == 0 && st.expired == 0 &&
+                      st.dead_lettered == 0 && st.dropped == 0,
+                  "counters after a restart: published %" PRIu64 " acked %"
+                  PRIu64 " nacked %" PRIu64, st.published, st.acked, st.nacked);
+    pub(c, "jobs", "Z");
+    ck_assert_uint_eq(qstat(c, "jobs").published, 1);
+    protoq_close(c);
+}
+END_TEST
+
 /* ------------------------------------------ item 6: raw frames */
 
 /* raw_open: a raw connection past the handshake. */
@@ -969,6 +1007,7 @@ loss_suite(void)
     tcase_add_loop_test(tc, test_keyed_job_put_back_survives_restart, 0, 2 * PB_COUNT);
     tcase_add_loop_test(tc, test_key_reused_after_its_window_survives_restart, 0, 2);
     tcase_add_loop_test(tc, test_compacted_keyed_job_survives_restart, 0, 2);
+    tcase_add_loop_test(tc, test_counters_start_at_zero_after_restart, 0, 2);
     tcase_add_loop_test(tc, test_keys_put_back_delete_and_compaction_combined, 0, 2);
     suite_add_tcase(s, tc);
 
