@@ -1061,16 +1061,19 @@ out:
 
 /* Re-push m (a qset_msg_peek copy) with a new state (requeue,
  * dead-letter): replay has no in-flight messages, so remove and add is
- * exact but for its position. */
+ * exact but for its position. A dead letter (its DEAD_LETTER record at
+ * loc holds the new body) enters `to` as queue.c's dead-lettering leaves
+ * it: without its idempotency key (whose window stays with the source),
+ * its requirements, or its source's TTL (the target's applies). */
 static int
 replay_reset(struct journal *j, const struct msg *m, struct queue *to,
              struct body *new_body, uint32_t attempt, uint32_t failures,
-             uint64_t due_ms, const struct store_loc *loc, bool new_pub)
+             uint64_t due_ms, const struct store_loc *loc, bool dead_letter)
 {
     uint32_t seg = loc->seg;
     struct kv req[PQ_TAGS_MAX];
     size_t n_req = 0;
-    const struct kv *kv = msg_requires(m, &n_req);
+    const struct kv *kv = dead_letter ? NULL : msg_requires(m, &n_req);
     char *keys = NULL;
     char *idem = NULL;
     struct msg_new mn = {0};
@@ -1090,7 +1093,8 @@ replay_reset(struct journal *j, const struct msg *m, struct queue *to,
         req[i].key = keys + i * 2 * KEY_CAP;
         req[i].value = keys + i * 2 * KEY_CAP + KEY_CAP;
     }
-    if (msg_idem_key(m) && (idem = pq_strdup(msg_idem_key(m))) == NULL) {
+    if (!dead_letter && msg_idem_key(m) &&
+        (idem = pq_strdup(msg_idem_key(m))) == NULL) {
         goto out;
     }
     mn.id = m->id;
@@ -1101,16 +1105,16 @@ replay_reset(struct journal *j, const struct msg *m, struct queue *to,
     mn.due_ms = due_ms;
     /* A dead letter takes its new queue's TTL (queue_push applies it), as
      * dead_letter() does live; the source's TTL would drop it again. */
-    mn.expire_ms = to != m->q ? 0 : m->expire_ms;
+    mn.expire_ms = dead_letter ? 0 : m->expire_ms;
     mn.published_wall_ms = m->published_wall_ms;
     mn.idem_key = idem;
     mn.requires = req;
     mn.n_requires = n_req;
     mn.attempt = attempt;
     mn.failures = failures;
-    mn.pub_seg = new_pub ? seg : m->pub_seg;
-    mn.pub_off = new_pub ? (uint32_t)loc->off : m->pub_off;
-    mn.pub_len = new_pub ? loc->len : m->pub_len;
+    mn.pub_seg = dead_letter ? seg : m->pub_seg;
+    mn.pub_off = dead_letter ? (uint32_t)loc->off : m->pub_off;
+    mn.pub_len = dead_letter ? loc->len : m->pub_len;
     mn.state_seg = seg;
     replay_remove(j, mn.id); /* m is stale from here on */
     if (mn.body != NULL && durable(to) && !budget_allows(j, mn.size, mn.pub_len)) {
@@ -1327,7 +1331,9 @@ journal_open(const struct journal_config *cfg, struct qset *qs,
                  "out of memory putting the recovered messages in order");
         goto fail;
     }
-    qset_clear_stats(qs); /* replay pushed and moved messages: not counted */
+    /* Counters are since this start: the replay's pushes (one per PUBLISH
+     * and per put-back) and removals are not traffic. */
+    qset_stats_reset(qs);
     w.j = j;
     w.n = 0;
     for (struct queue *q = qset_first(qs); q; q = qset_next(q)) {

@@ -1888,6 +1888,15 @@ queue_stats(const struct queue *q)
     return &q->stats;
 }
 
+/* qset_stats_reset: see queue.h. */
+void
+qset_stats_reset(struct qset *qs)
+{
+    for (struct queue *q = qs->q_head; q != NULL; q = q->next) {
+        memset(&q->stats, 0, sizeof(q->stats));
+    }
+}
+
 /* queue_ready_count: see queue.h. */
 uint64_t
 queue_ready_count(const struct queue *q)
@@ -2895,15 +2904,6 @@ level_sort(struct queue *q, int p)
     lv->n_live = lv->tail - lv->head;
     slots_trim(lv);
     return PQ_OK;
-}
-
-/* qset_clear_stats: see queue.h. */
-void
-qset_clear_stats(struct qset *qs)
-{
-    for (struct queue *q = qs->q_head; q != NULL; q = q->next) {
-        memset(&q->stats, 0, sizeof(q->stats));
-    }
 }
 
 /* qset_sort_ready: see queue.h. */

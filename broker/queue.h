@@ -330,6 +330,9 @@ uint64_t qset_next_deadline(const struct qset *qs);
 const char *queue_name(const struct queue *q);
 const struct queue_attrs *queue_attrs(const struct queue *q);
 const struct queue_stats *queue_stats(const struct queue *q);
+/* qset_stats_reset: zero every queue's counters (after log replay: what
+ * it pushed and removed happened before this start). */
+void qset_stats_reset(struct qset *qs);
 uint64_t queue_ready_count(const struct queue *q);
 uint64_t queue_delayed_count(const struct queue *q);
 uint64_t queue_inflight_count(const struct queue *q);
@@ -457,11 +460,6 @@ uint64_t queue_purge(struct queue *q);
  * of q). */
 void queue_foreach_msg(struct queue *q, void (*fn)(void *arg, struct msg *m),
                        void *arg);
-
-/* qset_clear_stats: zero every queue's counters (struct queue_stats). Log
- * replay uses it once done: replaying is not publishing, and the counters
- * count from the start of service. */
-void qset_clear_stats(struct qset *qs);
 
 /* qset_sort_ready: put every ready list in id order (publish order). Log
  * replay uses it: compaction and retries move records in the log, so the

@@ -191,7 +191,7 @@ cons_get(struct cons *k, const char *what)
 }
 
 /* qtotal_wait: poll until q holds want messages (up to 3 s); the last count. */
-static uint64_t __attribute__((unused))
+static uint64_t
 qtotal_wait(protoq_client *c, const char *q, uint64_t want)
 {
     uint64_t n = qtotal(c, q);
@@ -428,6 +428,45 @@ START_TEST(test_key_reused_after_its_window_survives_restart)
 END_TEST
 
 /*
+ * Compaction moves a live keyed job's PUBLISH forward; while the segment
+ * of its first PUBLISH stays (here pinned by a cancelled job whose holder
+ * has not answered: compaction leaves those), a replay meets both
+ * records. It removed the first copy, then refused the second for its own
+ * key: the job was lost.
+ */
+START_TEST(test_compacted_keyed_job_survives_restart)
+{
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    struct cons *k;
+    struct got g;
+    uint64_t id;
+
+    mkq(c, "hold", NULL, 0);
+    mkq(c, "jobs", NULL, 0);
+    mkq(c, "filler", NULL, 0);
+    pub(c, "hold", "pin");
+    id = pub_key(c, "jobs", "K", "k1");
+    k = cons_open("hold", 1);
+    g = cons_get(k, "hold");
+    pq_check_ok(c, protoq_cancel(c, "hold", g.id)); /* never answered */
+    fill_and_purge(c);
+    fill_and_purge(c);
+    sleep_ms(2500); /* housekeeping compacts */
+    ck_assert_uint_eq(qtotal(c, "jobs"), 1);
+    protoq_close(c);
+
+    bounce(_i);
+    cons_close(k);
+    c = pq_connect_or_fail(&g_srv);
+    ck_assert_msg(qtotal(c, "jobs") == 1, "%s: the compacted keyed job is gone",
+                  _i == 0 ? "SIGTERM" : "kill -9");
+    ck_assert_uint_eq(pub_key(c, "jobs", "K", "k1"), id);
+    ck_assert_uint_eq(qtotal(c, "jobs"), 1);
+    protoq_close(c);
+}
+END_TEST
+
+/*
  * Combination: keyed jobs put back in several ways, a queue deleted while
  * a consumer holds its jobs, and compaction moving the keyed jobs'
  * records forward (a moved PUBLISH is replayed like a put-back job: the
@@ -500,6 +539,44 @@ START_TEST(test_keys_put_back_delete_and_compaction_combined)
                   "a keyed job came back twice, or another job came");
     cons_close(k);
     ck_assert(!srv_log_has(&g_srv, "below zero"));
+    protoq_close(c);
+}
+END_TEST
+
+/*
+ * Counters are "since the broker started": the replay's pushes (one per
+ * PUBLISH record and one per put-back) counted as published, so a queue
+ * holding one job said published 3 after a restart.
+ */
+START_TEST(test_counters_start_at_zero_after_restart)
+{
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    struct protoq_queue_info st;
+    struct cons *k;
+    struct got g;
+
+    mkq(c, "jobs", NULL, 0);
+    pub(c, "jobs", "X");
+    pub(c, "jobs", "Y");
+    k = cons_open("jobs", 1);
+    g = cons_get(k, "X");
+    pq_check_ok(k->c, protoq_nack_sync(k->c, g.id, g.attempt, 0, false, NULL));
+    g = cons_get(k, "next");
+    pq_check_ok(k->c, protoq_ack_sync(k->c, g.id, g.attempt));
+    cons_close(k);
+    protoq_close(c);
+
+    bounce(_i);
+    c = pq_connect_or_fail(&g_srv);
+    st = qstat(c, "jobs");
+    ck_assert_uint_eq(st.ready + st.delayed, 1);
+    ck_assert_msg(st.published == 0 && st.acked == 0 && st.nacked == 0 &&
+                      st.redelivered == 0 && st.expired == 0 &&
+                      st.dead_lettered == 0 && st.dropped == 0,
+                  "counters after a restart: published %" PRIu64 " acked %"
+                  PRIu64 " nacked %" PRIu64, st.published, st.acked, st.nacked);
+    pub(c, "jobs", "Z");
+    ck_assert_uint_eq(qstat(c, "jobs").published, 1);
     protoq_close(c);
 }
 END_TEST
@@ -841,6 +918,80 @@ START_TEST(test_dead_letter_target_must_exist)
 END_TEST
 
 /*
+ * A dead letter after a restart is what it was before: no key, no
+ * requirements, and the dead-letter queue's TTL (not its source's). The
+ * replay carried all three over from the source: an expired job
+ * dead-lettered by dead_letter_expired expired again at once and was
+ * dropped; of two dead letters with the same key (from two queues) the
+ * second was refused; a dead letter with requirements reached no plain
+ * consumer.
+ */
+START_TEST(test_dead_letters_survive_restart_as_they_were)
+{
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    struct protoq_queue_attrs a;
+    struct protoq_message m;
+    struct protoq_kv req = {"gpu", "a100"};
+    struct cons *k;
+    struct got g;
+    uint64_t id;
+
+    mkq(c, "dlq", NULL, 0);
+    memset(&a, 0, sizeof(a));
+    a.ttl_ms = 100;
+    a.dead_letter_expired = true;
+    snprintf(a.dead_letter, sizeof(a.dead_letter), "dlq");
+    pq_check_ok(c, protoq_queue_create(c, "short", &a));
+    mkq(c, "src1", "dlq", 1);
+    mkq(c, "src2", "dlq", 1);
+    pub(c, "short", "expired");
+    pub_key(c, "src1", "keyed-1", "same");
+    pub_key(c, "src2", "keyed-2", "same");
+    memset(&m, 0, sizeof(m));
+    m.payload = "tagged";
+    m.len = strlen("tagged");
+    m.requires = &req;
+    m.n_requires = 1;
+    pq_check_ok(c, protoq_publish(c, "src1", &m, &id));
+    nack_one("src1");
+    nack_one("src2");
+    ck_assert_uint_eq(qtotal_wait(c, "dlq", 3), 3);
+    /* the tagged one needs a consumer with gpu=a100 in src1 */
+    {
+        protoq_client *t = pq_connect_or_fail(&g_srv);
+        struct cons tk;
+
+        memset(&tk, 0, sizeof(tk));
+        tk.c = t;
+        pq_check_ok(t, protoq_subscribe(t, "src1", 1, &req, 1, on_deliver,
+                                        &tk, &tk.sub));
+        g = cons_get(&tk, "tagged");
+        pq_check_ok(t, protoq_nack_sync(t, g.id, g.attempt, 0, false, NULL));
+        protoq_close(t);
+    }
+    ck_assert_uint_eq(qtotal_wait(c, "dlq", 4), 4);
+    protoq_close(c);
+
+    bounce(_i);
+    c = pq_connect_or_fail(&g_srv);
+    sleep_ms(300); /* past the source's TTL once more */
+    ck_assert_msg(qtotal(c, "dlq") == 4, "%s: %" PRIu64 " of 4 dead letters "
+                  "after the restart", _i == 0 ? "SIGTERM" : "kill -9",
+                  qtotal(c, "dlq"));
+    /* A plain consumer gets all four. */
+    k = cons_open("dlq", 4);
+    for (int i = 0; i < 4; i++) {
+        g = cons_get(k, "dead letter");
+    }
+    cons_close(k);
+    /* The key is free in the dead-letter queue, as it was before. */
+    ck_assert_uint_ne(pub_key(c, "dlq", "new", "same"), 0);
+    ck_assert_uint_eq(qtotal(c, "dlq"), 5);
+    protoq_close(c);
+}
+END_TEST
+
+/*
  * A log written by 6b0104b (protoq queue create jobs --dead-letter
  * jobs.dlq --max-attempts 1 --backoff 10ms:10ms; protoq pub jobs job-1;
  * SIGTERM; segment_bytes 65536): the first 208 bytes of its only segment,
@@ -929,6 +1080,8 @@ loss_suite(void)
     tc = tcase("keys", 30);
     tcase_add_loop_test(tc, test_keyed_job_put_back_survives_restart, 0, 2 * PB_COUNT);
     tcase_add_loop_test(tc, test_key_reused_after_its_window_survives_restart, 0, 2);
+    tcase_add_loop_test(tc, test_compacted_keyed_job_survives_restart, 0, 2);
+    tcase_add_loop_test(tc, test_counters_start_at_zero_after_restart, 0, 2);
     tcase_add_loop_test(tc, test_keys_put_back_delete_and_compaction_combined, 0, 2);
     suite_add_tcase(s, tc);
 
@@ -940,6 +1093,7 @@ loss_suite(void)
     tc = tcase("dead_letter", 30);
     tcase_add_loop_test(tc, test_dead_letter_target_must_exist, 0, 2);
     tcase_add_loop_test(tc, test_old_log_with_missing_dead_letter_starts, 0, 2);
+    tcase_add_loop_test(tc, test_dead_letters_survive_restart_as_they_were, 0, 2);
     suite_add_tcase(s, tc);
     return s;
 }
