@@ -28,7 +28,7 @@
  *   dlq-missing     dead_letter naming a missing queue, deleting a queue
  *                   others dead-letter to (item 7)
  */
-#define DEFAULT_AVOID "delete-held,keyed-requeue,key-after-delete,dlq-missing"
+#define DEFAULT_AVOID "none" /* every known-bug path of issue 8 is fixed */
 
 enum { AV_DELETE_HELD = 1, AV_KEYED_REQUEUE = 2, AV_KEY_AFTER_DELETE = 4, AV_DLQ_MISSING = 8 };
 
