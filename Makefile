@@ -113,7 +113,8 @@ PY_STAMP = $(PY_PKG)/protoq_pb2.py
 ALL_OBJS = $(PROTO_OBJS) $(BROKER_OBJS) $(LIB_OBJS) $(CLI_OBJS) $(BENCH_OBJS) \
            $(TESTUTIL_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
 
-.PHONY: all run test pytest bench soak install clean fuzz fuzz-build fuzz-corpus
+.PHONY: all run test pytest bench soak install clean fuzz fuzz-build fuzz-corpus \
+        check-includes
 all: $(BINS) $(LIBA) $(PY_STAMP)
 
 # ---- generated protobuf-c code (never committed) ----
@@ -201,6 +202,10 @@ soak: $(BINS) $(B)/tests/crash/check_crash $(B)/tests/model/check_model
 	    CK_DEFAULT_TIMEOUT=3600 ./$(B)/tests/crash/check_crash
 	PROTOQD=$(CURDIR)/$(B)/protoqd MODEL_HISTORIES=$${MODEL_HISTORIES:-5000} \
 	    ./$(B)/tests/model/check_model
+
+# No include cycle between the modules of broker/, protocol/ and client/.
+check-includes:
+	tests/tools/include_cycles.sh broker protocol client
 
 bench: $(BINS)
 	./tests/bench.sh $(B)
