@@ -1305,6 +1305,17 @@ dispatch_conn_output(struct conn *c, bool full)
     }
 }
 
+/* A delivery that cannot be sent is a failed attempt (error logged by
+ * the caller): after max_attempts the message is dead-lettered or dropped,
+ * and the consumer's connection is not harmed. */
+static void
+fail_attempt(struct server *srv, struct msg *m, const char *error)
+{
+    struct nack_opts o = {.dead_letter = false, .error = error};
+
+    qset_nack(srv->qs, m->id, m->attempt, &o, srv->now_mono_ms);
+}
+
 /* Send one Deliver; the message body is spliced, not re-encoded. */
 static void
 send_deliver(struct server *srv, struct sub *s, struct msg *m)
@@ -1331,14 +1342,24 @@ send_deliver(struct server *srv, struct sub *s, struct msg *m)
     }
     if (b == NULL) {
         /* Unreadable payload: fail this attempt rather than send garbage. */
-        struct nack_opts o = {.dead_letter = false, .error = "payload unreadable"};
-
         log_err("queue %s: message %llu: payload cannot be read back",
                 queue_name(m->q), (unsigned long long)m->id);
-        qset_nack(srv->qs, m->id, m->attempt, &o, srv->now_mono_ms);
+        fail_attempt(srv, m, "payload unreadable");
         return;
     }
     n = frame_deliver_size(&d, b->len);
+    if (n - FRAME_HEADER_LEN > srv->cfg.max_frame_bytes) {
+        /* Publish checks that this cannot happen; a message stored while
+         * max_frame_bytes was larger can. No client would accept it. */
+        log_err("queue %s: message %llu: its Deliver of %zu bytes is over "
+                "max_frame_bytes (%u, lowered since it was stored); the "
+                "attempt fails",
+                queue_name(m->q), (unsigned long long)m->id,
+                n - FRAME_HEADER_LEN, srv->cfg.max_frame_bytes);
+        body_unref(&b);
+        fail_attempt(srv, m, "message over max_frame_bytes");
+        return;
+    }
     p = conn_reserve(s->conn, n);
     if (p == NULL) {
         /* The connection is going away; its close requeues the message. */
