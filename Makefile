@@ -263,9 +263,12 @@ $(FZ)/%.o: %.c
 $(FZ)/protocol/protoq.pb-c.o: $(FZ)/protocol/protoq.pb-c.c
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -c -o $@ $<
 
+# ASan only, no UBSan: protobuf-c 1.4.1 has undefined behaviour that is
+# harmless on our compilers and not ours to fix (NULL + 0 for messages
+# without fields; int shifts overflowing on 5-byte field keys).
 $(FZ)/protobuf-c.o: $(FUZZ_PROTOBUF_C_SRC)
 	@mkdir -p $(@D)
-	$(FUZZ_CC) -g -O1 $(FUZZ_SAN) -fsanitize=fuzzer-no-link -w -c -o $@ $<
+	$(FUZZ_CC) -g -O1 -fsanitize=address,fuzzer-no-link -w -c -o $@ $<
 
 $(FZ)/fuzz_frame: $(FZ)/tests/fuzz/fuzz_frame.o $(FZ)/broker/body.o $(FUZZ_COMMON)
 $(FZ)/fuzz_record: $(FZ)/tests/fuzz/fuzz_record.o $(FZ)/broker/record.o $(FUZZ_COMMON)

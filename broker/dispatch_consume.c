@@ -172,6 +172,17 @@ dispatch_conn_output(void *arg, struct conn *c, bool full)
     }
 }
 
+/* A delivery that cannot be sent is a failed attempt (error logged by
+ * the caller): after max_attempts the message is dead-lettered or dropped,
+ * and the consumer's connection is not harmed. */
+static void
+fail_attempt(struct broker *bk, struct msg *m, const char *error)
+{
+    struct nack_opts o = {.dead_letter = false, .error = error};
+
+    qset_nack(bk->qs, m->id, m->attempt, &o, *bk->now_mono_ms);
+}
+
 /* Send one Deliver; the message body is spliced, not re-encoded. */
 static void
 send_deliver(struct broker *bk, struct sub *s, struct msg *m)
@@ -198,14 +209,24 @@ send_deliver(struct broker *bk, struct sub *s, struct msg *m)
     }
     if (b == NULL) {
         /* Unreadable payload: fail this attempt rather than send garbage. */
-        struct nack_opts o = {.dead_letter = false, .error = "payload unreadable"};
-
         log_err("queue %s: message %llu: payload cannot be read back",
                 queue_name(m->q), (unsigned long long)m->id);
-        qset_nack(bk->qs, m->id, m->attempt, &o, *bk->now_mono_ms);
+        fail_attempt(bk, m, "payload unreadable");
         return;
     }
     n = frame_deliver_size(&d, b->len);
+    if (n - FRAME_HEADER_LEN > bk->cfg->max_frame_bytes) {
+        /* Publish checks that this cannot happen; a message stored while
+         * max_frame_bytes was larger can. No client would accept it. */
+        log_err("queue %s: message %llu: its Deliver of %zu bytes is over "
+                "max_frame_bytes (%u, lowered since it was stored); the "
+                "attempt fails",
+                queue_name(m->q), (unsigned long long)m->id,
+                n - FRAME_HEADER_LEN, bk->cfg->max_frame_bytes);
+        body_unref(&b);
+        fail_attempt(bk, m, "message over max_frame_bytes");
+        return;
+    }
     p = conn_reserve(s->conn, n);
     if (p == NULL) {
         /* The connection is going away; its close requeues the message. */

@@ -2271,6 +2271,62 @@ START_TEST(test_publish_whose_deliver_would_be_over_max_frame_is_too_large)
 }
 END_TEST
 
+/* A broker whose max_message_bytes (2 MiB) is over the next run's frame
+ * limit. */
+static void
+setup_server_big_messages(void)
+{
+    start_with_conf("max_message_bytes 2M\n");
+}
+
+START_TEST(test_message_stored_under_a_larger_frame_limit_is_not_sent)
+{
+    const size_t big = 3u << 19; /* 1.5 MiB */
+    struct protoq_queue_attrs a;
+    struct protoq_queue_info qi;
+    struct protoq_message m;
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    char *payload = malloc(big);
+    struct coll k;
+    FILE *f;
+
+    ck_assert_ptr_nonnull(payload);
+    memset(payload, 'b', big);
+    memset(&a, 0, sizeof(a));
+    a.max_attempts = 1;
+    pq_check_ok(c, protoq_queue_create(c, "shrunk", &a));
+    memset(&m, 0, sizeof(m));
+    m.payload = payload;
+    m.len = big;
+    pq_check_ok(c, protoq_publish(c, "shrunk", &m, NULL));
+    pub_str(c, "shrunk", "small", 0, NULL);
+    protoq_close(c);
+    free(payload);
+
+    /* The operator lowers the limits and restarts. */
+    f = fopen(g_conf, "w");
+    ck_assert_ptr_nonnull(f);
+    fputs("max_message_bytes 65536\nmax_frame_bytes 131072\n", f);
+    ck_assert_int_eq(fclose(f), 0);
+    ck_assert_int_eq(srv_restart(&g_srv), 0);
+
+    /* The consumer's connection survives: the big one is not sent (its
+     * attempt fails; with max_attempts 1 it is dropped), the small one is. */
+    c = pq_connect_or_fail(&g_srv);
+    coll_init(&k, 4, true);
+    pq_check_ok(c, protoq_subscribe(c, "shrunk", 10, NULL, 0, on_collect, &k,
+                                    NULL));
+    ck_assert_uint_eq(poll_until(c, &k, 1, 5000), 1);
+    ck_assert_str_eq(k.v[0].payload, "small");
+    poll_for(c, 300);
+    ck_assert_uint_eq(k.n, 1);
+    stat_q(c, "shrunk", &qi);
+    ck_assert_uint_eq(qi.dropped, 1);
+    coll_free(&k);
+    protoq_close(c);
+}
+END_TEST
+
 /* ======================================================== hostile input */
 
 START_TEST(test_frames_sent_one_byte_at_a_time_work)
@@ -3120,6 +3176,13 @@ server_suite(void)
     tcase_set_timeout(tc, 30);
     suite_add_tcase(s, tc);
     tcase_add_test(tc, test_publish_whose_deliver_would_be_over_max_frame_is_too_large);
+
+    tc = tcase_create("frame_limit_lowered");
+    tcase_add_checked_fixture(tc, setup_server_big_messages,
+                              teardown_server_conf);
+    tcase_set_timeout(tc, 30);
+    suite_add_tcase(s, tc);
+    tcase_add_test(tc, test_message_stored_under_a_larger_frame_limit_is_not_sent);
 
     tc = tcase(s, "hostile_input", 30);
     tcase_add_test(tc, test_frames_sent_one_byte_at_a_time_work);

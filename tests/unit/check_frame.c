@@ -314,6 +314,52 @@ START_TEST(test_deliver_splice_empty_message)
 }
 END_TEST
 
+/*
+ * frame_message_check draws the line where the widest Deliver of the
+ * message (envelope, 2 KiB of progress, dead-letter headers) just fits:
+ * a payload one byte longer is MESSAGE_TOO_LARGE, and the widest Deliver
+ * of the largest accepted one is within max_frame_bytes.
+ */
+START_TEST(test_message_check_line_is_the_widest_deliver)
+{
+    const struct frame_msg_limits lim = {.max_message_bytes = 65536,
+                                         .max_frame_bytes = 16384};
+    static uint8_t payload[16384];
+    Protoq__Message m = PROTOQ__MESSAGE__INIT;
+    size_t len = 0, best = 0;
+    char why[256];
+
+    m.payload.data = payload;
+    for (size_t n = 8192; n < sizeof(payload); n++) {
+        m.payload.len = n;
+        if (frame_message_check(&m, &lim, &len, why, sizeof(why)) != PQ_OK) {
+            ck_assert_ptr_nonnull(strstr(why, "max_frame_bytes"));
+            break;
+        }
+        best = n;
+        ck_assert_uint_le(frame_deliver_max_size(len) - FRAME_HEADER_LEN,
+                          lim.max_frame_bytes);
+    }
+    ck_assert_uint_gt(best, 8192);
+    m.payload.len = best;
+    ck_assert_int_eq(frame_message_check(&m, &lim, &len, why, sizeof(why)),
+                     PQ_OK);
+    /* The envelope is bounded: under 4 KiB for any message. */
+    ck_assert_uint_lt(lim.max_frame_bytes - best, 4096);
+    m.payload.len = best + 1;
+    ck_assert_int_eq(frame_message_check(&m, &lim, &len, why, sizeof(why)),
+                     PQ_ETOOBIG);
+    /* Over max_message_bytes is the payload's own limit. */
+    m.payload.len = 100;
+    ck_assert_int_eq(frame_message_check(&m, &(struct frame_msg_limits){
+                                             .max_message_bytes = 99,
+                                             .max_frame_bytes = 16384},
+                                         &len, why, sizeof(why)),
+                     PQ_ETOOBIG);
+    ck_assert_ptr_nonnull(strstr(why, "max_message_bytes"));
+}
+END_TEST
+
 static Suite *
 frame_suite(void)
 {
@@ -335,6 +381,7 @@ frame_suite(void)
     tcase_set_timeout(decode, 60);
     tcase_add_test(deliver, test_deliver_splice_decodes);
     tcase_add_test(deliver, test_deliver_splice_empty_message);
+    tcase_add_test(deliver, test_message_check_line_is_the_widest_deliver);
     suite_add_tcase(s, hdr);
     suite_add_tcase(s, stream);
     suite_add_tcase(s, decode);
