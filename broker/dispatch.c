@@ -280,6 +280,7 @@ wait_free(struct server *srv, struct wait *w)
 {
     for (uint32_t i = 0; i < w->n; i++) {
         pend_key_drop(srv, &w->items[i]);
+        journal_publish_settled(srv, &w->items[i]);
         pending_fini(&w->items[i]);
     }
     if (w->conn) {
