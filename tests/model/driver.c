@@ -569,6 +569,16 @@ op_restart(struct hist *h, int kind)
         srv_kill9(&h->srv);
     }
     drop_all_conns(h);
+    if (getenv("MODEL_KEEP") != NULL) {
+        /* debugging: the data dir as each restart found it */
+        char cmd[800];
+
+        snprintf(cmd, sizeof(cmd), "cp -a %s %s/data.restart%d", h->srv.data_dir,
+                 h->srv.dir, h->restarts);
+        if (system(cmd) != 0) {
+            return m_fail(w, "%s failed", cmd);
+        }
+    }
     if (launch(h) != 0) {
         return -1;
     }
