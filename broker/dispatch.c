@@ -250,6 +250,7 @@ dispatch_wait_free(struct broker *bk, struct wait *w)
 {
     for (uint32_t i = 0; i < w->n; i++) {
         dispatch_pend_key_drop(bk, &w->items[i]);
+        journal_publish_settled(bk->journal, &w->items[i]);
         dispatch_pending_fini(&w->items[i]);
     }
     if (w->conn) {

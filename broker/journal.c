@@ -516,8 +516,23 @@ journal_publish(struct journal *j, struct pending *items, uint32_t n,
         p->mn.pub_seg = p->mn.state_seg = loc.seg;
         p->mn.pub_off = (uint32_t)loc.off;
         p->mn.pub_len = loc.len;
+        /* Hold the segment until the whole publish is durable and the
+         * message's own references are taken: a batch may go on in the
+         * next segment, and this one's write may complete (and the
+         * segment be collected) before the rest. */
+        store_seg_hold(j->st, loc.seg);
+        p->seg_held = true;
     }
     return PQ_OK;
+}
+
+void
+journal_publish_settled(struct journal *j, struct pending *p)
+{
+    if (p->seg_held && j != NULL && j->st != NULL) {
+        store_seg_release(j->st, p->mn.pub_seg);
+    }
+    p->seg_held = false;
 }
 
 /* May a message of size bytes, on disk if pub_len > 0, keep its body? */

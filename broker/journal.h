@@ -31,6 +31,8 @@ struct pending {
     struct pend_key *pkey;        /* its key, registered until it settles */
     uint64_t dup_lsn;             /* duplicate of a publish not yet durable:
                                      answer no earlier than this LSN */
+    bool seg_held;                /* journal_publish holds mn.pub_seg until
+                                     journal_publish_settled */
 };
 
 /* What the journal needs from the config. */
@@ -73,6 +75,13 @@ int journal_queue_purge(struct journal *j, struct queue *q, uint64_t *lsn);
  * all or none (space is checked first); sets each item's pub_seg. */
 int journal_publish(struct journal *j, struct pending *items, uint32_t n,
                     uint64_t now_mono_ms, uint64_t *lsn);
+
+/* journal_publish_settled: the publish of p is over (its message stored,
+ * pinned or given up): drop the hold journal_publish took on the segment
+ * of its record. Until then that segment is not deleted, even when its
+ * own write completed before the rest of a batch that continued in the
+ * next segment. j NULL (the journal is closed): does nothing. */
+void journal_publish_settled(struct journal *j, struct pending *p);
 
 /* journal_keep_body: whether a durable message about to be pushed (mn)
  * may keep its body in memory under the payload budget; false counts it

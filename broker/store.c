@@ -117,6 +117,7 @@ struct meta {
 struct seg {
     uint32_t seq;
     uint64_t refs;                 /* live references (dispatcher) */
+    uint64_t holds;                /* store_seg_hold: not deletable yet */
     uint64_t live_bytes;
     uint64_t end_off;              /* bytes appended so far */
     uint64_t zero_lsn;             /* must be durable before deletion;
@@ -1980,7 +1981,7 @@ gc(struct store *st)
 
     while (n < st->nsegs) {
         struct seg *s = &st->segs[n];
-        if (s->seq == st->cur_seg || s->refs > 0 ||
+        if (s->seq == st->cur_seg || s->refs > 0 || s->holds > 0 ||
             s->zero_lsn > st->durable_lsn) {
             break;
         }
@@ -2558,6 +2559,28 @@ store_seg_unref(struct store *st, uint32_t seg, uint64_t bytes)
     s->live_bytes = s->live_bytes > bytes ? s->live_bytes - bytes : 0;
     if (s->refs == 0 && s->zero_lsn != UINT64_MAX) {
         s->zero_lsn = st->last_lsn;
+    }
+}
+
+/* store_seg_hold: see store.h. */
+void
+store_seg_hold(struct store *st, uint32_t seg)
+{
+    struct seg *s = seg_find(st, seg);
+
+    if (s != NULL) {
+        s->holds++;
+    }
+}
+
+/* store_seg_release: see store.h. */
+void
+store_seg_release(struct store *st, uint32_t seg)
+{
+    struct seg *s = seg_find(st, seg);
+
+    if (s != NULL && s->holds > 0) {
+        s->holds--;
     }
 }
 

@@ -268,6 +268,14 @@ uint64_t store_reserve_count(const struct store *st);
 void store_seg_ref(struct store *st, uint32_t seg, uint64_t bytes);
 void store_seg_unref(struct store *st, uint32_t seg, uint64_t bytes);
 
+/* store_seg_hold / store_seg_release: keep segment seg from deletion while
+ * a record in it is not referenced yet (a publish waiting for the rest of
+ * its batch, which may go on in the next segment and complete later).
+ * Unlike a reference, a hold does not make the segment a compaction
+ * candidate. Unknown seg: ignored. */
+void store_seg_hold(struct store *st, uint32_t seg);
+void store_seg_release(struct store *st, uint32_t seg);
+
 /* store_set_roll_cb: fn is called (on the loop thread, from within
  * store_append) each time a new segment becomes current, so the caller can
  * append its metadata (a QUEUE_CREATE per durable queue) as the first

@@ -1626,6 +1626,60 @@ START_TEST(test_sealed_segments_give_back_preallocated_room)
 }
 END_TEST
 
+/*
+ * A batch whose records straddle a segment roll: its first record ends one
+ * segment, the rest start the next. The first segment's write can complete
+ * (and its garbage collection run) before the whole publish is durable,
+ * when nothing has taken a reference on that record yet: the segment was
+ * deleted under a confirmed message, which a kill -9 then lost (found by
+ * the model-based test, tests/model). Each round: a small message to
+ * "keep" and three 15000-byte ones to "filler" in one batch, then filler
+ * purged, so only keep's messages hold the old segments.
+ */
+START_TEST(test_batch_across_segment_roll_survives_kill9)
+{
+    enum { ROUNDS = 40, BIG = 15000 };
+    static char big[BIG];
+    const char *const qs[4] = {"keep", "filler", "filler", "filler"};
+    struct protoq_message m[4];
+    struct protoq_queue_info qi;
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    uint64_t purged;
+    char small[32];
+
+    pq_check_ok(c, protoq_queue_create(c, "keep", NULL));
+    pq_check_ok(c, protoq_queue_create(c, "filler", NULL));
+    memset(big, 'f', sizeof(big));
+    memset(m, 0, sizeof(m));
+    for (int i = 1; i < 4; i++) {
+        m[i].payload = big;
+        m[i].len = sizeof(big);
+    }
+    for (int r = 0; r < ROUNDS; r++) {
+        snprintf(small, sizeof(small), "keep-%d", r);
+        m[0].payload = small;
+        m[0].len = strlen(small);
+        pq_check_ok(c, protoq_publish_batch_multi(c, qs, m, 4, NULL));
+        pq_check_ok(c, protoq_queue_purge(c, "filler", &purged));
+        ck_assert_uint_eq(purged, 3);
+        if (r % 4 != 3) {
+            continue;
+        }
+        /* keep holds this round's messages only: every older segment is
+         * free, the newest keep message may sit in one */
+        protoq_close(c);
+        srv_kill9(&g_srv);
+        ck_assert_msg(srv_launch(&g_srv) == 0, "protoqd did not start again");
+        c = pq_connect_or_fail(&g_srv);
+        pq_check_ok(c, protoq_queue_stat(c, "keep", &qi));
+        ck_assert_msg(qi.ready == 4, "round %d: keep has %" PRIu64 " of its 4 "
+                      "confirmed messages after kill -9", r, qi.ready);
+        pq_check_ok(c, protoq_queue_purge(c, "keep", &purged));
+    }
+    protoq_close(c);
+}
+END_TEST
+
 /* ---------------------------------------------------------------- main */
 
 static Suite *
@@ -1668,6 +1722,12 @@ crash_suite(void)
     tcase_add_test(tc, test_flipped_byte_in_early_segment_stops_start);
     tcase_add_loop_test(tc, test_torn_tail_is_truncated_and_earlier_messages_survive,
                         0, 2);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("segment_gc");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 60);
+    tcase_add_loop_test(tc, test_batch_across_segment_roll_survives_kill9, 0, 5);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("disk_use");

@@ -23,11 +23,16 @@
  *   MODEL_SEED        run only this history seed (replay)
  *   MODEL_OPS         operations per history (default 40)
  *   MODEL_VERBOSE     1: print every operation
+ *   MODEL_KEEP        set: keep the data dir and log of a failed history
  *   PROTOQ_MODEL_AVOID  comma list of known-bug paths to stay off (default:
  *                     see DEFAULT_AVOID; "none" = avoid nothing)
  * On a mismatch it prints the seed, shrinks to the shortest failing prefix
  * of operations (every run of a prefix ends with a restart and a full
  * drain) and prints that prefix.
+ *
+ * Files: model.c (the reference model, no I/O), driver.c (connections,
+ * deliveries, settling, observation, restarts), ops.c (the operations),
+ * this file (the generator, histories, shrinking, the Check suite).
  */
 #include <check.h>
 #include <errno.h>
@@ -87,9 +92,16 @@ one_op(struct hist *h)
     if (r < 70) {
         return op_create(h, ci, (int)rn(h, M_NQ));
     } else if (r < 90) {
+        /* deleting a queue whose jobs are held is the riskier case */
+        for (int i = chance(h, 80) ? 0 : w->nm; i < w->nm; i++) {
+            if (w->m[i].st == ST_INFLIGHT) {
+                q = w->m[i].cur.q;
+                break;
+            }
+        }
         return op_delete(h, ci, q);
     } else if (r < 110) {
-        return op_purge(h, ci, q);
+        return op_purge(h, ci, q, 0);
     } else if (r < 330) {
         return op_publish(h, ci, q);
     } else if (r < 400) {
@@ -137,6 +149,8 @@ one_op(struct hist *h)
         return op_drain(h, q);
     } else if (r < 950) {
         return op_list(h, ci);
+    } else if (r < 960) {
+        return op_churn(h, ci, q);
     }
     return op_restart(h, (int)rn(h, 3));
 }
@@ -201,7 +215,8 @@ run_history(struct hist *h, uint64_t seed, int ops, int limit)
         h->avoid = (strstr(av, "delete-held") ? AV_DELETE_HELD : 0) |
                    (strstr(av, "keyed-requeue") ? AV_KEYED_REQUEUE : 0) |
                    (strstr(av, "key-after-delete") ? AV_KEY_AFTER_DELETE : 0) |
-                   (strstr(av, "dlq-missing") ? AV_DLQ_MISSING : 0);
+                   (strstr(av, "dlq-missing") ? AV_DLQ_MISSING : 0) |
+                   (strstr(av, "batch-over-segment") ? AV_BATCH_OVER_SEGMENT : 0);
     }
     m_init(&h->w);
     h->w.cfg_max_attempts = 3;
@@ -228,7 +243,14 @@ run_history(struct hist *h, uint64_t seed, int ops, int limit)
     rc = failed(h) ? 1 : 0;
 out:
     drop_all_conns(h);
-    srv_cleanup(&h->srv);
+    if (rc == 1 && getenv("MODEL_KEEP") != NULL) {
+        /* keep the data dir and log for a look (MODEL_KEEP=1) */
+        srv_kill9(&h->srv);
+        fprintf(stderr, "model: seed %" PRIu64 ": data dir and log kept in %s\n", seed,
+                h->srv.dir);
+    } else {
+        srv_cleanup(&h->srv);
+    }
     return rc;
 }
 

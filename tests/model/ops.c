@@ -183,7 +183,7 @@ op_delete(struct hist *h, int ci, int q)
     if ((h->avoid & AV_DLQ_MISSING) && user >= 0) {
         return 0;
     }
-    oplog(h, "delete %s (c%d)", m_qname(q), ci);
+    oplog(h, "delete %s%s (c%d)", m_qname(q), queue_has_held(w, q) ? " with jobs held" : "", ci);
     rc = protoq_queue_delete(h->c[ci].c, m_qname(q));
     if (!w->q[q].exists) {
         return remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_NOT_FOUND)
@@ -216,10 +216,10 @@ op_delete(struct hist *h, int ci, int q)
 }
 
 int
-op_purge(struct hist *h, int ci, int q)
+op_purge(struct hist *h, int ci, int q, uint64_t extra)
 {
     struct model *w = &h->w;
-    uint64_t n = 0, want = 0;
+    uint64_t n = 0, want = extra;
     int rc;
 
     oplog(h, "purge %s (c%d)", m_qname(q), ci);
@@ -246,6 +246,39 @@ op_purge(struct hist *h, int ci, int q)
         m_durable(w);
     }
     return 0;
+}
+
+/* Segment churn: about 170 KiB to q (two segments' worth), then a purge,
+ * so that segments roll and empty ones are deleted while other queues'
+ * messages live in older ones. */
+int
+op_churn(struct hist *h, int ci, int q)
+{
+    static char payload[14000];
+    struct model *w = &h->w;
+    struct protoq_message pm[4];
+    int rc;
+
+    if (!w->q[q].exists || w->q[q].a.transient || w->q[q].a.max_length != 0 ||
+        w->q[q].a.max_bytes != 0 || w->q[q].sub >= 0) {
+        return 0;
+    }
+    oplog(h, "churn %s: 12 x %zu bytes, then purge (c%d)", m_qname(q), sizeof(payload), ci);
+    memset(pm, 0, sizeof(pm));
+    memset(payload, 'z', sizeof(payload));
+    for (int i = 0; i < 4; i++) {
+        pm[i].payload = payload;
+        pm[i].len = sizeof(payload);
+    }
+    for (int b = 0; b < 3; b++) {
+        rc = protoq_publish_batch(h->c[ci].c, m_qname(q), pm, 4, NULL);
+        if (rc != PQ_OK) {
+            return unexpected(h, ci, "churn batch", rc, "PQ_OK");
+        }
+        w->q[q].n.published += 4;
+    }
+    m_durable(w);
+    return op_purge(h, ci, q, 12);
 }
 
 int
@@ -308,12 +341,14 @@ find_key(const struct m_queue *Q, const char *key)
 
 /* Make message mi (not yet in any queue) and its wire form. */
 static void
-gen_msg(struct hist *h, int mi, int q, bool keyed, struct protoq_message *pm, struct pubbuf *b)
+gen_msg(struct hist *h, int mi, int q, bool keyed, uint32_t maxlen, struct protoq_message *pm,
+        struct pubbuf *b)
 {
     struct m_msg *m = &h->w.m[mi];
 
     m->gen = ++h->pubgen;
-    m->len = chance(h, 8) ? 3000 + rn(h, 9000) : rn(h, 400);
+    m->len = chance(h, 20) ? 4000 + rn(h, 11000) : rn(h, 400);
+    m->len = m->len > maxlen ? maxlen : m->len;
     m->prio = chance(h, 40) ? (uint8_t)rn(h, 10) : 0;
     m->nh = (uint8_t)rn(h, 4);
     for (int i = 0; i < m->nh; i++) {
@@ -440,7 +475,7 @@ op_publish(struct hist *h, int ci, int q)
     if (mi < 0) {
         return 0;
     }
-    gen_msg(h, mi, q, chance(h, 25) && can_key(h, q), &pm, &b);
+    gen_msg(h, mi, q, chance(h, 25) && can_key(h, q), 16000, &pm, &b);
     kind = gen_timing(h, mi, &pm, 0);
     if (w->m[mi].key[0] && w->q[q].exists) {
         k = find_key(&w->q[q], w->m[mi].key);
@@ -513,7 +548,9 @@ op_batch(struct hist *h, int ci, int q0)
         qs[i] = chance(h, 70) ? q0 : (int)rn(h, M_NQ);
         mis[i] = m_new_msg(w);
         b[i].payload = payloads[i];
-        gen_msg(h, mis[i], qs[i], false, &pm[i], &b[i]);
+        /* avoid batch-over-segment: 5 x 8000 bytes fit in a 64 KiB segment */
+        gen_msg(h, mis[i], qs[i], false, (h->avoid & AV_BATCH_OVER_SEGMENT) ? 8000 : 16000,
+                &pm[i], &b[i]);
         kinds[i] = gen_timing(h, mis[i], &pm[i], i);
         qn[i] = m_qname(qs[i]);
         all_exist &= w->q[qs[i]].exists;
