@@ -970,6 +970,25 @@ damage:
     return PQ_ECORRUPT;
 }
 
+/* seg_holds_records: whether segment seq of sc->dir holds a record. */
+static int
+seg_holds_records(const struct scan *sc, uint32_t seq, bool *any, char *err,
+                  size_t errlen)
+{
+    char path[PATH_BUF];
+    uint8_t *buf;
+    size_t len;
+    int rc;
+
+    seg_path(path, sizeof(path), sc->dir, seq);
+    rc = map_file(path, &buf, &len, err, errlen);
+    if (rc == PQ_OK) {
+        *any = has_records(buf, len);
+        unmap_file(buf, len);
+    }
+    return rc;
+}
+
 /*
  * plan_meta: with DIR/META, the log is exactly its segments first..last:
  * older files are leftovers of a deletion a crash interrupted, newer ones
@@ -1010,19 +1029,14 @@ plan_meta(struct scan *sc, char *err, size_t errlen)
     }
     sc->spares = sc->nseqs - sc->nvalid;
     for (i = sc->nvalid; i < sc->nseqs; i++) {
-        uint8_t *buf;
-        size_t len;
-        bool any;
-        int rc;
+        bool any = false;
+        int rc = seg_holds_records(sc, sc->seqs[i], &any, err, errlen);
 
-        seg_path(path, sizeof(path), sc->dir, sc->seqs[i]);
-        rc = map_file(path, &buf, &len, err, errlen);
         if (rc != PQ_OK) {
             return rc;
         }
-        any = has_records(buf, len);
-        unmap_file(buf, len);
         if (any) {
+            seg_path(path, sizeof(path), sc->dir, sc->seqs[i]);
             seterr(err, errlen, "%s: holds records, but the log ends at segment %u (%s/META); run protoqd --check-data %s",
                    path, m->last, sc->dir, sc->dir);
             return PQ_ECORRUPT;
@@ -1046,15 +1060,12 @@ plan_legacy(struct scan *sc, char *err, size_t errlen)
     int rc;
 
     for (size_t i = sc->nseqs; i > 0; i--) {
-        bool any;
+        bool any = false;
 
-        seg_path(path, sizeof(path), sc->dir, sc->seqs[i - 1]);
-        rc = map_file(path, &buf, &len, err, errlen);
+        rc = seg_holds_records(sc, sc->seqs[i - 1], &any, err, errlen);
         if (rc != PQ_OK) {
             return rc;
         }
-        any = has_records(buf, len);
-        unmap_file(buf, len);
         if (any) {
             sc->nvalid = i;
             sc->spares = sc->nseqs - i;

@@ -691,6 +691,28 @@ wait_spare(uint32_t seq)
     ck_assert_msg(file_exists(p), "no spare %s", p);
 }
 
+/* wait_spare_synced: wait_spare, then until the spare's header sync has
+ * been counted (the file exists before seg_create syncs it): the sync
+ * count stays put for 50 ms, within 5 s. */
+static void
+wait_spare_synced(uint32_t seq)
+{
+    uint64_t until = mono_ms() + 5000, still_since = mono_ms();
+    int last;
+
+    wait_spare(seq);
+    last = fx_syncs();
+    while (mono_ms() < until && mono_ms() - still_since < 50) {
+        struct timespec ts = {0, 2 * 1000000L};
+
+        nanosleep(&ts, NULL);
+        if (fx_syncs() != last) {
+            last = fx_syncs();
+            still_since = mono_ms();
+        }
+    }
+}
+
 /*
  * Records nobody waits on are written at once but synced later (with the
  * next urgent batch or within fsync_interval_ms); an urgent batch is
@@ -787,7 +809,7 @@ START_TEST(test_fsync_policy_always_never_interval)
     /* one round trip first, and the spare made, so the thread is idle */
     append_n(st, NULL, 1, 5, 10);
     ck_assert(reap_until(st, &d, 1, 5000));
-    wait_spare(2);
+    wait_spare_synced(2);
     before = fx_syncs();
     append_n(st, NULL, 50, 6, 10);
     ck_assert(reap_until(st, &d, 51, 5000));
@@ -1066,17 +1088,24 @@ END_TEST
 
 /* ==== damage that is not a torn tail ==== */
 
-/* build: segment 1 full of records, segment 2 current with records */
+/* build: segments 1 .. n-1 full of records, segment n current with
+ * records, closed */
 static void
-two_segments(struct rlog *want)
+n_segments(struct rlog *want, uint32_t n, int tail)
 {
     struct store *st = must_open(cfg(FSYNC_ALWAYS, 4096), NULL);
 
-    while (store_current_seg(st) < 2) {
+    while (store_current_seg(st) < n) {
         append_n(st, want, 1, (uint32_t)want->n + 11, 150);
     }
-    append_n(st, want, 6, 77, 60);
+    append_n(st, want, tail, 77, 60);
     ck_assert_pq_ok(store_close(st));
+}
+
+static void
+two_segments(struct rlog *want)
+{
+    n_segments(want, 2, 6);
 }
 
 static void
@@ -1694,13 +1723,7 @@ meta_put(uint64_t gen, uint32_t first, uint32_t last, uint32_t floor)
 static void
 three_segments(struct rlog *want)
 {
-    struct store *st = must_open(cfg(FSYNC_ALWAYS, 4096), NULL);
-
-    while (store_current_seg(st) < 3) {
-        append_n(st, want, 1, (uint32_t)want->n + 11, 150);
-    }
-    append_n(st, want, 2, 99, 60);
-    ck_assert_pq_ok(store_close(st));
+    n_segments(want, 3, 2);
 }
 
 static void
