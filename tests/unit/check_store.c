@@ -1934,8 +1934,13 @@ START_TEST(test_random_garbage_tail_is_torn_and_linear)
     ck_assert_msg(mono_ms() - t0 < 10000, "open took %llu ms",
                   (unsigned long long)(mono_ms() - t0));
     all = slurp(path, &n);           /* cut back to the last record */
-    for (size_t i = len; i < n; i++) {
-        ck_assert_msg(all[i] == 0, "byte %zu of the garbage kept", i);
+    {
+        size_t i = len;
+
+        while (i < n && all[i] == 0) {
+            i++;
+        }
+        ck_assert_msg(i == n, "byte %zu of the garbage kept", i);
     }
     free(all);
 }
