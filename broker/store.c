@@ -757,33 +757,42 @@ mapped_zero(const uint8_t *buf, size_t off, size_t len)
     return true;
 }
 
-/* is_record_at: a complete record with a good CRC starts at off. */
-static bool
-is_record_at(const uint8_t *buf, size_t len, size_t off)
-{
-    uint32_t rlen;
+/*
+ * valid_after: some valid record starts after off (so damage at off is
+ * not a torn tail). Only runs on damage. Linear in the bytes after off:
+ * zeros are skipped four at a time, and a candidate must decode
+ * (record_decode fails within a few fields on garbage) before its CRC is
+ * computed (opaque: test logs of arbitrary bodies, CRC only). The CRC
+ * work is capped at VALID_AFTER_BUDGET plus 16 times
+ * those bytes; a crafted tail that would need more gets true, the
+ * conservative answer (damage, never a cut of what may be records).
+ */
+enum { VALID_AFTER_BUDGET = 64 << 20 };
 
-    if (len - off < STORE_REC_HDR_LEN) {
-        return false;
-    }
-    rlen = rd32(buf + off);
-    if (rlen == 0 || rlen > REC_LEN_MAX || rlen > len - off - 8) {
-        return false;
-    }
-    return rd32(buf + off + 4) == crc32c(0, buf + off + 8, rlen);
-}
-
-/* valid_after: some valid record starts after off (so damage at off is
- * not a torn tail). Only runs on damage; cheap on zeros and garbage. */
 static bool
-valid_after(const uint8_t *buf, size_t len, size_t off)
+valid_after(const uint8_t *buf, size_t len, size_t off, bool opaque)
 {
+    uint64_t budget = VALID_AFTER_BUDGET + 16 * (uint64_t)(len - off);
+
     for (size_t o = off + 1; o + STORE_REC_HDR_LEN <= len; o++) {
+        struct record r;
+        uint32_t rlen;
+
         if (buf[o] == 0 && buf[o + 1] == 0 && buf[o + 2] == 0 &&
             buf[o + 3] == 0) {
             continue;
         }
-        if (is_record_at(buf, len, o)) {
+        rlen = rd32(buf + o);
+        if (rlen == 0 || rlen > REC_LEN_MAX || rlen > len - o - 8 ||
+            (!opaque &&
+             record_decode(buf[o + 8], buf + o + 9, rlen - 1, &r) != PQ_OK)) {
+            continue;
+        }
+        if (rlen > budget) {
+            return true;
+        }
+        budget -= rlen;
+        if (rd32(buf + o + 4) == crc32c(0, buf + o + 8, rlen)) {
             return true;
         }
     }
@@ -918,7 +927,7 @@ damage:
     sc->damaged = true;
     sc->damage_seq = seq;
     sc->damage_off = off;
-    if (last && !valid_after(buf, len, off)) {
+    if (last && !valid_after(buf, len, off, sc->opaque)) {
         sc->torn = true;
         sc->torn_seq = seq;
         sc->torn_off = off;
@@ -943,6 +952,25 @@ damage:
                sc->dir);
     }
     return PQ_ECORRUPT;
+}
+
+/* seg_holds_records: whether segment seq of sc->dir holds a record. */
+static int
+seg_holds_records(const struct scan *sc, uint32_t seq, bool *any, char *err,
+                  size_t errlen)
+{
+    char path[PATH_BUF];
+    uint8_t *buf;
+    size_t len;
+    int rc;
+
+    seg_path(path, sizeof(path), sc->dir, seq);
+    rc = map_file(path, &buf, &len, err, errlen);
+    if (rc == PQ_OK) {
+        *any = has_records(buf, len);
+        unmap_file(buf, len);
+    }
+    return rc;
 }
 
 /*
@@ -985,19 +1013,14 @@ plan_meta(struct scan *sc, char *err, size_t errlen)
     }
     sc->spares = sc->nseqs - sc->nvalid;
     for (i = sc->nvalid; i < sc->nseqs; i++) {
-        uint8_t *buf;
-        size_t len;
-        bool any;
-        int rc;
+        bool any = false;
+        int rc = seg_holds_records(sc, sc->seqs[i], &any, err, errlen);
 
-        seg_path(path, sizeof(path), sc->dir, sc->seqs[i]);
-        rc = map_file(path, &buf, &len, err, errlen);
         if (rc != PQ_OK) {
             return rc;
         }
-        any = has_records(buf, len);
-        unmap_file(buf, len);
         if (any) {
+            seg_path(path, sizeof(path), sc->dir, sc->seqs[i]);
             seterr(err, errlen, "%s: holds records, but the log ends at segment %u (%s/META); run protoqd --check-data %s",
                    path, m->last, sc->dir, sc->dir);
             return PQ_ECORRUPT;
@@ -1021,15 +1044,12 @@ plan_legacy(struct scan *sc, char *err, size_t errlen)
     int rc;
 
     for (size_t i = sc->nseqs; i > 0; i--) {
-        bool any;
+        bool any = false;
 
-        seg_path(path, sizeof(path), sc->dir, sc->seqs[i - 1]);
-        rc = map_file(path, &buf, &len, err, errlen);
+        rc = seg_holds_records(sc, sc->seqs[i - 1], &any, err, errlen);
         if (rc != PQ_OK) {
             return rc;
         }
-        any = has_records(buf, len);
-        unmap_file(buf, len);
         if (any) {
             sc->nvalid = i;
             sc->spares = sc->nseqs - i;

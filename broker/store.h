@@ -334,8 +334,12 @@ int store_read(struct store *st, const struct store_loc *loc, uint8_t *type,
 
 /*
  * store_check: verify dir read-only (no lock taken for writing, nothing
- * modified) and print a summary to out: segments, records per type, bytes,
- * torn tail found, first damage with file and offset. Backs
+ * modified) with every check a start makes (see "Recovery rules": records,
+ * META's start and end, no gaps, segment links, no live message without
+ * its publish record) and print a summary to out: segments, the recorded
+ * start and end, links checked, records per type, bytes, live messages
+ * and the segments they reference, torn tail found, first damage with
+ * file and offset. Linear in the data. Backs
  * `protoqd --check-data DIR`. Returns PQ_OK for a clean dir (a torn tail
  * that store_open would repair counts as clean), PQ_ECORRUPT or
  * PQ_EVERSION for damage, PQ_EBUSY if a protoqd holds the lock, PQ_ESYS

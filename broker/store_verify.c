@@ -30,17 +30,18 @@ struct vqueue {
     char name[];
 };
 
+/* 40 bytes: one per message the log shows live (its id is the key). */
 struct vent {
-    uint64_t id;
     struct vqueue *q;              /* NULL: orphan, or dead */
+    uint64_t last_idx;             /* last record placing it in q; on the
+                                      free list: the next free index + 1 */
+    uint64_t at_off;               /* orphans: their last record is at
+                                      (state_seg, at_off) */
     uint32_t qgen;
     uint32_t pub_seg, state_seg;
-    uint64_t last_idx;             /* last record placing it in q */
-    struct store_loc at;           /* orphans: their last record */
     bool orphan;
     bool dl;                       /* orphan first seen as a dead letter */
     bool dead;                     /* published to a queue that is gone */
-    size_t next_free;
 };
 
 void
@@ -126,7 +127,7 @@ ent_add(struct verify *v, uint64_t id)
 
     if (v->free_head != 0) {
         i = v->free_head - 1;
-        v->free_head = v->ents[i].next_free;
+        v->free_head = (size_t)v->ents[i].last_idx;
     } else {
         if (v->nents == v->cap) {
             size_t ncap = v->cap ? v->cap * 2 : 1024;
@@ -142,13 +143,12 @@ ent_add(struct verify *v, uint64_t id)
         i = v->nents++;
     }
     if (hmap_u64_put(&v->ids, id, (void *)(uintptr_t)(i + 1)) != PQ_OK) {
-        v->ents[i].next_free = v->free_head;
+        v->ents[i].last_idx = v->free_head;
         v->free_head = i + 1;
         v->oom = PQ_ENOMEM;
         return NULL;
     }
     memset(&v->ents[i], 0, sizeof(v->ents[i]));
-    v->ents[i].id = id;
     return &v->ents[i];
 }
 
@@ -160,7 +160,7 @@ ent_del(struct verify *v, uint64_t id)
     if (p != NULL) {
         size_t i = (uintptr_t)p - 1;
 
-        v->ents[i].next_free = v->free_head;
+        v->ents[i].last_idx = v->free_head;
         v->free_head = i + 1;
     }
 }
@@ -201,7 +201,8 @@ state(struct verify *v, uint64_t id, const struct store_loc *loc)
     }
     if (e->orphan) {
         e->last_idx = v->idx;
-        e->at = *loc;
+        e->state_seg = loc->seg;
+        e->at_off = loc->off;
     } else if (alive(e)) {
         e->state_seg = loc->seg;
     }
@@ -236,7 +237,8 @@ dead_letter(struct verify *v, const struct rec_dead_letter *d,
         e->orphan = e->dl = true;
     }
     e->last_idx = v->idx;
-    e->at = *loc;
+    e->state_seg = loc->seg;
+    e->at_off = loc->off;
 }
 
 static void
@@ -334,23 +336,25 @@ int
 verify_finish(struct verify *v, struct verify_result *out)
 {
     size_t it = 0;
+    uint64_t id;
     void *p;
 
     memset(out, 0, sizeof(*out));
-    while ((p = hmap_u64_next(&v->ids, &it, NULL)) != NULL) {
+    while ((p = hmap_u64_next(&v->ids, &it, &id)) != NULL) {
         struct vent *e = &v->ents[(uintptr_t)p - 1];
+        struct store_loc at = {.seg = e->state_seg, .off = e->at_off};
 
         if (e->orphan) {
-            if (v->last_bulk_idx > e->last_idx || e->at.seg <= v->floor) {
+            if (v->last_bulk_idx > e->last_idx || at.seg <= v->floor) {
                 continue; /* a delete or purge may have removed it */
             }
             if (e->dl) {
                 out->dl_orphans++;
                 continue;
             }
-            if (out->orphans++ == 0 || loc_before(&e->at, &out->orphan_at)) {
-                out->orphan_at = e->at;
-                out->orphan_id = e->id;
+            if (out->orphans++ == 0 || loc_before(&at, &out->orphan_at)) {
+                out->orphan_at = at;
+                out->orphan_id = id;
             }
             continue;
         }

@@ -297,23 +297,30 @@ enum { N_SCENARIOS = sizeof(g_scenarios) / sizeof(g_scenarios[0]) };
 
 /* ------------------------------------------------------------ reading */
 
+/* list_sorted: every queue, sorted by name (the broker's order is its
+ * own; the text must be stable). Free with protoq_queue_list_free. */
+static void
+list_sorted(protoq_client *c, struct protoq_queue_info **qs, size_t *n)
+{
+    pq_check_ok(c, protoq_queue_list(c, qs, n));
+    for (size_t i = 1; i < *n; i++) {
+        for (size_t j = i;
+             j > 0 && strcmp((*qs)[j - 1].name, (*qs)[j].name) > 0; j--) {
+            struct protoq_queue_info t = (*qs)[j];
+
+            (*qs)[j] = (*qs)[j - 1];
+            (*qs)[j - 1] = t;
+        }
+    }
+}
+
 static void
 dump_queues(protoq_client *c, struct dump *d)
 {
     struct protoq_queue_info *qs = NULL;
     size_t n = 0;
 
-    pq_check_ok(c, protoq_queue_list(c, &qs, &n));
-    /* list order is the broker's; sort by name for a stable text */
-    for (size_t i = 1; i < n; i++) {
-        for (size_t j = i; j > 0 && strcmp(qs[j - 1].name, qs[j].name) > 0;
-             j--) {
-            struct protoq_queue_info t = qs[j];
-
-            qs[j] = qs[j - 1];
-            qs[j - 1] = t;
-        }
-    }
+    list_sorted(c, &qs, &n);
     for (size_t i = 0; i < n; i++) {
         const struct protoq_queue_attrs *a = &qs[i].attrs;
 
@@ -357,16 +364,7 @@ consume_all(protoq_client *c, struct dump *d)
     struct protoq_queue_info *qs = NULL;
     size_t n = 0;
 
-    pq_check_ok(c, protoq_queue_list(c, &qs, &n));
-    for (size_t i = 1; i < n; i++) {
-        for (size_t j = i; j > 0 && strcmp(qs[j - 1].name, qs[j].name) > 0;
-             j--) {
-            struct protoq_queue_info t = qs[j];
-
-            qs[j] = qs[j - 1];
-            qs[j - 1] = t;
-        }
-    }
+    list_sorted(c, &qs, &n);
     for (size_t i = 0; i < n; i++) {
         struct got g = {.out = d};
         uint64_t sub, want = qs[i].ready;

@@ -684,6 +684,28 @@ wait_spare(uint32_t seq)
     ck_assert_msg(file_exists(p), "no spare %s", p);
 }
 
+/* wait_spare_synced: wait_spare, then until the spare's header sync has
+ * been counted (the file exists before seg_create syncs it): the sync
+ * count stays put for 50 ms, within 5 s. */
+static void
+wait_spare_synced(uint32_t seq)
+{
+    uint64_t until = mono_ms() + 5000, still_since = mono_ms();
+    int last;
+
+    wait_spare(seq);
+    last = fx_syncs();
+    while (mono_ms() < until && mono_ms() - still_since < 50) {
+        struct timespec ts = {0, 2 * 1000000L};
+
+        nanosleep(&ts, NULL);
+        if (fx_syncs() != last) {
+            last = fx_syncs();
+            still_since = mono_ms();
+        }
+    }
+}
+
 /*
  * Records nobody waits on are written at once but synced later (with the
  * next urgent batch or within fsync_interval_ms); an urgent batch is
@@ -780,7 +802,7 @@ START_TEST(test_fsync_policy_always_never_interval)
     /* one round trip first, and the spare made, so the thread is idle */
     append_n(st, NULL, 1, 5, 10);
     ck_assert(reap_until(st, &d, 1, 5000));
-    wait_spare(2);
+    wait_spare_synced(2);
     before = fx_syncs();
     append_n(st, NULL, 50, 6, 10);
     ck_assert(reap_until(st, &d, 51, 5000));
@@ -1059,17 +1081,24 @@ END_TEST
 
 /* ==== damage that is not a torn tail ==== */
 
-/* build: segment 1 full of records, segment 2 current with records */
+/* build: segments 1 .. n-1 full of records, segment n current with
+ * records, closed */
 static void
-two_segments(struct rlog *want)
+n_segments(struct rlog *want, uint32_t n, int tail)
 {
     struct store *st = must_open(cfg(FSYNC_ALWAYS, 4096), NULL);
 
-    while (store_current_seg(st) < 2) {
+    while (store_current_seg(st) < n) {
         append_n(st, want, 1, (uint32_t)want->n + 11, 150);
     }
-    append_n(st, want, 6, 77, 60);
+    append_n(st, want, tail, 77, 60);
     ck_assert_pq_ok(store_close(st));
+}
+
+static void
+two_segments(struct rlog *want)
+{
+    n_segments(want, 2, 6);
 }
 
 static void
@@ -1651,6 +1680,265 @@ START_TEST(test_power_loss_keeps_every_durable_record)
 }
 END_TEST
 
+/* ==== the log's recorded start and end, and its links ==== */
+
+/* meta_put: write DIR/META by hand (store.h): slot gen % 2. */
+static void
+meta_put(uint64_t gen, uint32_t first, uint32_t last, uint32_t floor)
+{
+    char path[PATH_MAX + 32];
+    uint8_t slot[32] = {'P', 'Q', 'M', 'E', 'T', 'A', '0', '1'};
+    int fd;
+
+    for (int i = 0; i < 8; i++) {
+        slot[8 + i] = (uint8_t)(gen >> (8 * i));
+    }
+    for (int i = 0; i < 4; i++) {
+        slot[16 + i] = (uint8_t)(first >> (8 * i));
+        slot[20 + i] = (uint8_t)(last >> (8 * i));
+        slot[24 + i] = (uint8_t)(floor >> (8 * i));
+    }
+    {
+        uint32_t crc = crc32c(0, slot, 28);
+        for (int i = 0; i < 4; i++) {
+            slot[28 + i] = (uint8_t)(crc >> (8 * i));
+        }
+    }
+    snprintf(path, sizeof(path), "%s/META", tmpdir);
+    fd = open(path, O_RDWR | O_CREAT, 0644);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(ftruncate(fd, 64), 0);
+    ck_assert_int_eq(pwrite(fd, slot, 32, (off_t)(gen % 2) * 32), 32);
+    close(fd);
+}
+
+/* three segments of opaque records, closed */
+static void
+three_segments(struct rlog *want)
+{
+    n_segments(want, 3, 2);
+}
+
+static void
+expect_damage(struct store_config c, const char *file_part, const char *why)
+{
+    struct store *st = NULL;
+    int rc = store_open(&c, NULL, NULL, &st, errbuf, sizeof(errbuf));
+
+    ck_assert_msg(rc == PQ_ECORRUPT, "got %s (%s)", pq_strerror(rc), errbuf);
+    ck_assert_ptr_null(st);
+    ck_assert_msg(strstr(errbuf, file_part) != NULL, "err: %s", errbuf);
+    ck_assert_msg(strstr(errbuf, why) != NULL, "err: %s (want %s)", errbuf,
+                  why);
+}
+
+/* The four ways a log goes short without a flipped byte. */
+START_TEST(test_missing_or_emptied_segment_is_damage)
+{
+    static const char *const what[] = {"missing", "missing", "truncated",
+                                       "shorter than a segment header"};
+    static const char *const file[] = {"seg-0000000002", "seg-0000000001",
+                                       "seg-0000000001", "seg-0000000003"};
+    struct rlog want = {0};
+    char path[PATH_MAX + 32];
+
+    three_segments(&want);
+    switch (_i) {
+    case 0:
+        seg_file(path, sizeof(path), 2);
+        ck_assert_int_eq(unlink(path), 0);
+        break;
+    case 1:
+        seg_file(path, sizeof(path), 1);
+        ck_assert_int_eq(unlink(path), 0);
+        break;
+    case 2:
+        seg_file(path, sizeof(path), 1);
+        ck_assert_int_eq(truncate(path, STORE_SEG_HDR_LEN), 0);
+        break;
+    default:
+        seg_file(path, sizeof(path), 3);
+        ck_assert_int_eq(truncate(path, 0), 0);
+        break;
+    }
+    expect_damage(cfg(FSYNC_ALWAYS, 4096), file[_i], what[_i]);
+    rlog_free(&want);
+}
+END_TEST
+
+/* A crash between recording the new start and unlinking: the older
+ * segments are leftovers; they are removed and not replayed. */
+START_TEST(test_leftovers_before_the_recorded_start_are_removed)
+{
+    struct rlog want = {0}, got = {0};
+    char path[PATH_MAX + 32];
+    struct store *st;
+    size_t from = 0;
+
+    three_segments(&want);
+    meta_put(100, 2, 3, 0);
+    st = must_open(cfg(FSYNC_ALWAYS, 4096), &got);
+    ck_assert_pq_ok(store_close(st));
+    seg_file(path, sizeof(path), 1);
+    ck_assert(!file_exists(path));
+    while (want.v[from].loc.seg < 2) {
+        from++;
+    }
+    /* replay starts at segment 2 (plus its roll-time records) */
+    ck_assert_uint_ge(got.n, want.n - from);
+    ck_assert_uint_eq(got.v[0].loc.seg, 2);
+    rlog_free(&want);
+    rlog_free(&got);
+}
+END_TEST
+
+/* META written in slot 0, then a write torn in slot 1: the valid one
+ * counts. A META of zeros (created, never written) counts as none. */
+START_TEST(test_meta_torn_write_keeps_the_previous_copy)
+{
+    struct rlog want = {0};
+    char path[PATH_MAX + 32];
+    struct store *st;
+    uint8_t junk[32];
+    int fd;
+
+    three_segments(&want);
+    meta_put(200, 1, 3, 0);
+    snprintf(path, sizeof(path), "%s/META", tmpdir);
+    fd = open(path, O_WRONLY);
+    memset(junk, 0x5a, sizeof(junk));
+    ck_assert_int_eq(pwrite(fd, junk, 20, 32), 20);   /* slot 1, torn */
+    close(fd);
+    st = must_open(cfg(FSYNC_ALWAYS, 4096), NULL);
+    ck_assert_pq_ok(store_close(st));
+
+    /* a segment holding records past META's last is damage */
+    meta_put(300, 1, 2, 0);
+    meta_put(301, 1, 2, 0);
+    expect_damage(cfg(FSYNC_ALWAYS, 4096), "seg-0000000003",
+                  "holds records, but the log ends at segment 2");
+    rlog_free(&want);
+}
+END_TEST
+
+/* journal-shaped records for the live-message check */
+static void
+put_rec(struct store *st, const struct record *r)
+{
+    uint8_t buf[512];
+    ssize_t n = record_encode(r, buf, sizeof(buf));
+
+    ck_assert_int_gt(n, 0);
+    ck_assert_pq_ok(store_append(st, r->type, buf, (size_t)n, NULL, NULL));
+}
+
+static void
+roll_to(struct store *st, uint32_t seg)
+{
+    struct record pad = {.type = REC_DROP};
+
+    pad.u.drop.id = 999999;
+    pad.u.drop.reason = (struct rec_str){"x", 1};
+    while (store_current_seg(st) < seg) {
+        put_rec(st, &pad);
+    }
+}
+
+/* A REQUEUE shows message 7 live after its PUBLISH; segment 1 (holding
+ * the PUBLISH) goes missing while META still says the log starts at 2,
+ * as a deletion of a segment with live data would leave it: the open
+ * refuses, naming the message. With an ACK after the REQUEUE, the same
+ * log is clean (7 is gone, and deleting its segment was right). */
+START_TEST(test_live_message_without_its_publish_is_damage)
+{
+    struct store_config c = cfg(FSYNC_ALWAYS, 4096);
+    struct record r = {.type = REC_QUEUE_CREATE};
+    struct store *st;
+    char path[PATH_MAX + 32];
+
+    c.opaque_records = false;
+    st = must_open(c, NULL);
+    r.u.queue_create.name = (struct rec_str){"q", 1};
+    put_rec(st, &r);
+    r = (struct record){.type = REC_PUBLISH};
+    r.u.publish.id = 7;
+    r.u.publish.queue = (struct rec_str){"q", 1};
+    put_rec(st, &r);
+    roll_to(st, 2);
+    r = (struct record){.type = REC_REQUEUE};
+    r.u.requeue.id = 7;
+    r.u.requeue.attempt = 1;
+    put_rec(st, &r);
+    if (_i == 1) {
+        r = (struct record){.type = REC_ACK};
+        r.u.ack.id = 7;
+        put_rec(st, &r);
+    }
+    roll_to(st, 3);
+    ck_assert_pq_ok(store_close(st));
+    seg_file(path, sizeof(path), 1);
+    ck_assert_int_eq(unlink(path), 0);
+    meta_put(500, 2, 3, 0);
+    if (_i == 0) {
+        expect_damage(c, "seg-0000000002", "message 7 is live here");
+    } else {
+        st = must_open(c, NULL);
+        ck_assert_pq_ok(store_close(st));
+    }
+}
+END_TEST
+
+/* Garbage after the last record (not zeros) is still a torn tail, and
+ * deciding so is linear: 8 MiB of random bytes took minutes when every
+ * offset's CRC was computed over the length it claimed. */
+START_TEST(test_random_garbage_tail_is_torn_and_linear)
+{
+    struct store_config c = cfg(FSYNC_ALWAYS, 16 << 20);
+    struct record r = {.type = REC_QUEUE_CREATE};
+    char path[PATH_MAX + 32];
+    struct store *st;
+    uint64_t t0;
+    uint8_t *junk;
+    size_t n = 8 << 20, len;
+    uint8_t *all;
+    int fd;
+
+    c.opaque_records = false;
+    st = must_open(c, NULL);
+    r.u.queue_create.name = (struct rec_str){"q", 1};
+    put_rec(st, &r);
+    ck_assert_pq_ok(store_close(st));
+    seg_file(path, sizeof(path), 1);
+    all = slurp(path, &len);
+    while (len > 0 && all[len - 1] == 0) {
+        len--;
+    }
+    free(all);
+    junk = malloc(n);
+    ck_assert_ptr_nonnull(junk);
+    fill_body(junk, n, 4242);
+    fd = open(path, O_WRONLY);
+    ck_assert_int_eq(pwrite(fd, junk, n, (off_t)len), (ssize_t)n);
+    close(fd);
+    free(junk);
+    t0 = mono_ms();
+    st = must_open(c, NULL);
+    ck_assert_pq_ok(store_close(st));
+    ck_assert_msg(mono_ms() - t0 < 10000, "open took %llu ms",
+                  (unsigned long long)(mono_ms() - t0));
+    all = slurp(path, &n);           /* cut back to the last record */
+    {
+        size_t i = len;
+
+        while (i < n && all[i] == 0) {
+            i++;
+        }
+        ck_assert_msg(i == n, "byte %zu of the garbage kept", i);
+    }
+    free(all);
+}
+END_TEST
+
 /* ==== store_check ==== */
 
 START_TEST(test_check_clean_and_damaged)
@@ -1771,6 +2059,12 @@ store_suite(void)
     tcase_add_test(tc, test_unknown_version_refused);
     tcase_add_test(tc, test_replay_error_aborts_open);
     tcase_add_test(tc, test_check_clean_and_damaged);
+    tcase_add_loop_test(tc, test_missing_or_emptied_segment_is_damage, 0, 4);
+    tcase_add_test(tc, test_leftovers_before_the_recorded_start_are_removed);
+    tcase_add_test(tc, test_meta_torn_write_keeps_the_previous_copy);
+    tcase_add_loop_test(tc, test_live_message_without_its_publish_is_damage,
+                        0, 2);
+    tcase_add_test(tc, test_random_garbage_tail_is_torn_and_linear);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("faults");
