@@ -690,18 +690,18 @@ wait_spare(uint32_t seq)
 static void
 wait_spare_synced(uint32_t seq)
 {
-    uint64_t until = mono_ms() + 5000, still_since = mono_ms();
+    uint64_t until = clock_mono_ms() + 5000, still_since = clock_mono_ms();
     int last;
 
     wait_spare(seq);
     last = fx_syncs();
-    while (mono_ms() < until && mono_ms() - still_since < 50) {
+    while (clock_mono_ms() < until && clock_mono_ms() - still_since < 50) {
         struct timespec ts = {0, 2 * 1000000L};
 
         nanosleep(&ts, NULL);
         if (fx_syncs() != last) {
             last = fx_syncs();
-            still_since = mono_ms();
+            still_since = clock_mono_ms();
         }
     }
 }
@@ -1921,11 +1921,11 @@ START_TEST(test_random_garbage_tail_is_torn_and_linear)
     ck_assert_int_eq(pwrite(fd, junk, n, (off_t)len), (ssize_t)n);
     close(fd);
     free(junk);
-    t0 = mono_ms();
+    t0 = clock_mono_ms();
     st = must_open(c, NULL);
     ck_assert_pq_ok(store_close(st));
-    ck_assert_msg(mono_ms() - t0 < 10000, "open took %llu ms",
-                  (unsigned long long)(mono_ms() - t0));
+    ck_assert_msg(clock_mono_ms() - t0 < 10000, "open took %llu ms",
+                  (unsigned long long)(clock_mono_ms() - t0));
     all = slurp(path, &n);           /* cut back to the last record */
     {
         size_t i = len;
