@@ -74,7 +74,8 @@ PROTO_OBJS = $(B)/protocol/protoq.pb-c.o $(B)/protocol/frame.o $(B)/protocol/pqe
 CORE_OBJS  = $(B)/broker/mem.o $(B)/broker/log.o $(B)/broker/failpoint.o
 QUEUE_OBJS = $(B)/broker/queue.o $(B)/broker/queue_ready.o $(B)/broker/queue_dedup.o \
              $(B)/broker/queue_deliver.o $(B)/broker/heap.o $(B)/broker/hmap.o $(B)/broker/body.o
-STORE_OBJS = $(B)/broker/store.o $(B)/broker/store_verify.o $(B)/broker/record.o \
+STORE_OBJS = $(B)/broker/store.o $(B)/broker/store_thread.o $(B)/broker/store_recover.o \
+             $(B)/broker/store_verify.o $(B)/broker/record.o \
              $(B)/broker/crc32c.o
 BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
               $(B)/broker/dispatch.o $(B)/broker/dispatch_admin.o \

@@ -7,6 +7,7 @@
  * into the caller's body; nothing is allocated here.
  */
 #include "record.h"
+#include "byteorder.h"
 
 #include <string.h>
 
@@ -43,9 +44,7 @@ w_u32(struct wbuf *w, uint32_t v)
 {
     uint8_t b[4];
 
-    for (int i = 0; i < 4; i++) {
-        b[i] = (uint8_t)(v >> (8 * i));
-    }
+    le32_put(b, v);
     w_raw(w, b, 4);
 }
 
@@ -54,9 +53,7 @@ w_u64(struct wbuf *w, uint64_t v)
 {
     uint8_t b[8];
 
-    for (int i = 0; i < 8; i++) {
-        b[i] = (uint8_t)(v >> (8 * i));
-    }
+    le64_put(b, v);
     w_raw(w, b, 8);
 }
 
@@ -125,14 +122,12 @@ r_bool(struct rbuf *r)
 static uint32_t
 r_u32(struct rbuf *r)
 {
-    uint32_t v = 0;
+    uint32_t v;
 
     if (!r_need(r, 4)) {
         return 0;
     }
-    for (int i = 0; i < 4; i++) {
-        v |= (uint32_t)r->p[r->off + (size_t)i] << (8 * i);
-    }
+    v = le32_get(r->p + r->off);
     r->off += 4;
     return v;
 }
@@ -140,14 +135,12 @@ r_u32(struct rbuf *r)
 static uint64_t
 r_u64(struct rbuf *r)
 {
-    uint64_t v = 0;
+    uint64_t v;
 
     if (!r_need(r, 8)) {
         return 0;
     }
-    for (int i = 0; i < 8; i++) {
-        v |= (uint64_t)r->p[r->off + (size_t)i] << (8 * i);
-    }
+    v = le64_get(r->p + r->off);
     r->off += 8;
     return v;
 }
