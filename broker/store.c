@@ -553,10 +553,10 @@ fail:
     return errno_to_pq(errno);
 }
 
-/* meta_write: write m (a new generation) into the older slot and
- * fdatasync. Returns 0 or -1 with errno. */
+/* meta_write: write m (a new generation) into the older slot and, when
+ * sync, fdatasync. Returns 0 or -1 with errno. */
 static int
-meta_write(int fd, struct meta *m)
+meta_write(int fd, struct meta *m, bool sync)
 {
     uint8_t slot[META_SLOT] = {0};
 
@@ -568,7 +568,7 @@ meta_write(int fd, struct meta *m)
     wr32(slot + 24, m->floor);
     wr32(slot + 28, crc32c(0, slot, 28));
     if (pwrite_all(fd, slot, sizeof(slot), (m->gen % 2) * META_SLOT) < 0 ||
-        io->fdatasync(fd) < 0) {
+        (sync && io->fdatasync(fd) < 0)) {
         return -1;
     }
     return 0;
@@ -1009,13 +1009,28 @@ plan_meta(struct scan *sc, char *err, size_t errlen)
     sc->lo = i;
     for (; i < sc->nseqs && sc->seqs[i] <= m->last; i++) {
     }
+    /* Segments just past last that hold records: rolled into after the
+     * last META write that reached the disk (a roll does not sync it).
+     * They are kept; their links (check_link) must chain back to last. */
+    for (; i > sc->lo && i < sc->nseqs && sc->seqs[i] == sc->seqs[i - 1] + 1;
+         i++) {
+        bool any = false;
+        int rc = seg_holds_records(sc, sc->seqs[i], &any, err, errlen);
+
+        if (rc != PQ_OK) {
+            return rc;
+        }
+        if (!any) {
+            break;
+        }
+    }
     sc->nvalid = i;
     /* Gaps inside are found by scan_dir; here the two ends. */
     if (sc->nvalid == sc->lo) {
         missing = m->first;
     } else if (sc->seqs[sc->lo] != m->first && sc->seqs[sc->lo] > m->floor) {
         missing = m->first;
-    } else if (sc->seqs[sc->nvalid - 1] != m->last) {
+    } else if (sc->seqs[sc->nvalid - 1] < m->last) {
         missing = m->last;
     }
     if (missing != 0) {
@@ -1325,9 +1340,13 @@ write_one(struct store *st, struct batch *b)
         }
         failpoint("segment-roll");
         /* The log now ends at the new segment: say so before its first
-         * record, so a recovery that finds it missing or emptied knows. */
+         * record, so a recovery that finds it missing or emptied knows.
+         * Not synced (a roll costs no extra fsync): a process crash keeps
+         * it; after a power loss an older last is fine, since segments
+         * past it that hold records are accepted when their links chain
+         * back to it (plan_meta). */
         st->meta.last = b->seg;
-        if (meta_write(st->meta_fd, &st->meta) < 0) {
+        if (meta_write(st->meta_fd, &st->meta, false) < 0) {
             set_fatal(st);
             b->status = PQ_EIO;
             return;
@@ -1515,7 +1534,7 @@ delete_segs(struct store *st, const uint32_t *seqs, size_t n)
         struct meta m = st->meta;
 
         m.first = seqs[n - 1] + 1;
-        if (meta_write(st->meta_fd, &m) < 0) {
+        if (meta_write(st->meta_fd, &m, true) < 0) {
             log_warn("write %s/META: %s; segments not removed", st->dir,
                      strerror(errno));
             return;
@@ -2374,7 +2393,7 @@ store_open(const struct store_config *c, store_replay_fn fn, void *arg,
     st->meta = sc.meta;
     st->meta.first = st->segs[0].seq;
     st->meta.last = st->cur_seg;
-    if (meta_write(st->meta_fd, &st->meta) < 0) {
+    if (meta_write(st->meta_fd, &st->meta, true) < 0) {
         char path[PATH_BUF];
 
         meta_path(path, sizeof(path), st->dir);
@@ -2965,7 +2984,7 @@ store_salvage(const char *dir, FILE *out, char *err, size_t errlen)
         m.first = first;
         m.last = last;
         m.floor = last;
-        if (meta_write(meta_fd, &m) < 0) {
+        if (meta_write(meta_fd, &m, true) < 0) {
             seterr(err, errlen, "write %s/META: %s", dir, strerror(errno));
             rc = errno_to_pq(errno);
             goto out;
