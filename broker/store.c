@@ -384,10 +384,10 @@ fail:
     return store_errno_to_pq(errno);
 }
 
-/* store_meta_write: write m (a new generation) into the older slot and
- * fdatasync. Returns 0 or -1 with errno. */
+/* store_meta_write: write m (a new generation) into the older slot and,
+ * when sync, fdatasync. Returns 0 or -1 with errno. */
 int
-store_meta_write(int fd, struct meta *m)
+store_meta_write(int fd, struct meta *m, bool sync)
 {
     uint8_t slot[META_SLOT] = {0};
 
@@ -399,7 +399,7 @@ store_meta_write(int fd, struct meta *m)
     le32_put(slot + 24, m->floor);
     le32_put(slot + 28, crc32c(0, slot, 28));
     if (store_pwrite_all(fd, slot, sizeof(slot), (m->gen % 2) * META_SLOT) < 0 ||
-        store_seam->fdatasync(fd) < 0) {
+        (sync && store_seam->fdatasync(fd) < 0)) {
         return -1;
     }
     return 0;
@@ -1115,7 +1115,7 @@ store_open(const struct store_config *c, store_replay_fn fn, void *arg,
     st->meta = sc.meta;
     st->meta.first = st->segs[0].seq;
     st->meta.last = st->cur_seg;
-    if (store_meta_write(st->meta_fd, &st->meta) < 0) {
+    if (store_meta_write(st->meta_fd, &st->meta, true) < 0) {
         char path[PATH_BUF];
 
         meta_path(path, sizeof(path), st->dir);

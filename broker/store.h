@@ -24,9 +24,12 @@
  *                           one and a full disk cannot stop it. first: the
  *                           log's oldest segment (written before segments
  *                           are deleted; older files are leftovers of an
- *                           interrupted deletion). last: the segment last
- *                           rolled into (written before its first record;
- *                           newer files are spares and hold no record).
+ *                           interrupted deletion; synced). last: the
+ *                           segment last rolled into (written, not synced,
+ *                           before its first record). Newer files are
+ *                           spares and hold no record, except segments
+ *                           right after last whose links chain back to it
+ *                           (a power loss lost the unsynced write).
  *                           floor: 0, or the last segment a salvage
  *                           accepted as found (gaps, links and lost
  *                           publish records up to it are not reported).

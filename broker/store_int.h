@@ -246,8 +246,8 @@ int store_meta_read(const char *dir, struct meta *m, char *err, size_t errlen);
 int store_meta_open(const char *dir, int dir_fd, int *fd_out, char *err, size_t errlen);
 
 /* store_meta_write: write m (a new generation) into the older slot and
- * fdatasync. Returns 0 or -1 with errno. */
-int store_meta_write(int fd, struct meta *m);
+ * when sync, fdatasync. Returns 0 or -1 with errno. */
+int store_meta_write(int fd, struct meta *m, bool sync);
 
 bool store_all_zero(const uint8_t *p, size_t n);
 

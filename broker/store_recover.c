@@ -404,13 +404,28 @@ plan_meta(struct scan *sc, char *err, size_t errlen)
     sc->lo = i;
     for (; i < sc->nseqs && sc->seqs[i] <= m->last; i++) {
     }
+    /* Segments just past last that hold records: rolled into after the
+     * last META write that reached the disk (a roll does not sync it).
+     * They are kept; their links (check_link) must chain back to last. */
+    for (; i > sc->lo && i < sc->nseqs && sc->seqs[i] == sc->seqs[i - 1] + 1;
+         i++) {
+        bool any = false;
+        int rc = seg_holds_records(sc, sc->seqs[i], &any, err, errlen);
+
+        if (rc != PQ_OK) {
+            return rc;
+        }
+        if (!any) {
+            break;
+        }
+    }
     sc->nvalid = i;
     /* Gaps inside are found by scan_dir; here the two ends. */
     if (sc->nvalid == sc->lo) {
         missing = m->first;
     } else if (sc->seqs[sc->lo] != m->first && sc->seqs[sc->lo] > m->floor) {
         missing = m->first;
-    } else if (sc->seqs[sc->nvalid - 1] != m->last) {
+    } else if (sc->seqs[sc->nvalid - 1] < m->last) {
         missing = m->last;
     }
     if (missing != 0) {
@@ -878,7 +893,7 @@ store_salvage(const char *dir, FILE *out, char *err, size_t errlen)
         m.first = first;
         m.last = last;
         m.floor = last;
-        if (store_meta_write(meta_fd, &m) < 0) {
+        if (store_meta_write(meta_fd, &m, true) < 0) {
             store_seterr(err, errlen, "write %s/META: %s", dir, strerror(errno));
             rc = store_errno_to_pq(errno);
             goto out;

@@ -117,9 +117,13 @@ write_one(struct store *st, struct batch *b)
         }
         failpoint("segment-roll");
         /* The log now ends at the new segment: say so before its first
-         * record, so a recovery that finds it missing or emptied knows. */
+         * record, so a recovery that finds it missing or emptied knows.
+         * Not synced (a roll costs no extra fsync): a process crash keeps
+         * it; after a power loss an older last is fine, since segments
+         * past it that hold records are accepted when their links chain
+         * back to it (plan_meta). */
         st->meta.last = b->seg;
-        if (store_meta_write(st->meta_fd, &st->meta) < 0) {
+        if (store_meta_write(st->meta_fd, &st->meta, false) < 0) {
             set_fatal(st);
             b->status = PQ_EIO;
             return;
@@ -307,7 +311,7 @@ delete_segs(struct store *st, const uint32_t *seqs, size_t n)
         struct meta m = st->meta;
 
         m.first = seqs[n - 1] + 1;
-        if (store_meta_write(st->meta_fd, &m) < 0) {
+        if (store_meta_write(st->meta_fd, &m, true) < 0) {
             log_warn("write %s/META: %s; segments not removed", st->dir,
                      strerror(errno));
             return;
