@@ -141,7 +141,7 @@ conn_get(struct hist *h, int ci)
     }
     memset(&o, 0, sizeof(o));
     o.client_name = "model";
-    o.io_timeout_ms = 5000;
+    o.io_timeout_ms = 30000;
     rc = protoq_connect(h->srv.addr, &o, &h->c[ci].c);
     if (rc != PQ_OK) {
         m_fail(&h->w, "connect %s: %s: %s", h->srv.addr, pq_strerror(rc),
