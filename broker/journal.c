@@ -1144,6 +1144,60 @@ out:
     return rc;
 }
 
+/* The priority field (3) of an encoded protoq.Message; 0 if absent. */
+static uint8_t
+message_priority(const uint8_t *data, size_t len)
+{
+    const uint8_t *p = data, *end = data + len;
+    struct pbwire_field f;
+
+    while (p < end && pbwire_next_field(&p, end, &f)) {
+        if (f.num == 3 && f.type == PBWIRE_VARINT) {
+            return f.varint > 9 ? 9 : (uint8_t)f.varint;
+        }
+    }
+    return 0;
+}
+
+/*
+ * replay_orphan_dead_letter: a DEAD_LETTER record for a message whose
+ * PUBLISH is no longer in the log. That is normal: the live dead letter
+ * references this record (its whole new body), not the PUBLISH, so the
+ * segment of the PUBLISH may have been deleted. Rebuild the message in its
+ * dead-letter queue from this record, as the live broker had it: attempt
+ * and failures reset, the queue's TTL, no key or requirements. What the
+ * record does not keep: the original publish time (0 here). A later ACK,
+ * DROP or delete in the log removes it again as usual.
+ */
+static int
+replay_orphan_dead_letter(struct journal *j, const struct rec_dead_letter *d,
+                          struct queue *q, const struct store_loc *loc)
+{
+    struct msg_new mn = {0};
+    int rc;
+
+    if (d->id > j->max_id) {
+        j->max_id = d->id;
+    }
+    mn.id = d->id;
+    mn.size = message_payload_size(d->body.ptr, d->body.len);
+    mn.priority = message_priority(d->body.ptr, d->body.len);
+    if (!durable(q) || j->resident + mn.size <= j->budget) {
+        mn.body = body_new(d->body.ptr, d->body.len);
+        if (mn.body == NULL) {
+            return PQ_ENOMEM;
+        }
+    } else {
+        j->evicted++;
+    }
+    mn.pub_seg = mn.state_seg = loc->seg;
+    mn.pub_off = (uint32_t)loc->off;
+    mn.pub_len = loc->len;
+    rc = replay_push(j, q, &mn);
+    body_unref(&mn.body);
+    return rc;
+}
+
 struct purge_replay {
     const struct rec_queue_purge *p;
     uint64_t *drop;
@@ -1237,7 +1291,11 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
 
         q = replay_queue(j, r.u.dead_letter.target);
         if (!qset_msg_peek(qs, r.u.dead_letter.id, &view)) {
-            return PQ_OK;
+            /* Its PUBLISH went with a deleted segment: since the dead
+             * letter, this record is the message (its refs moved here). */
+            return q != NULL ? replay_orphan_dead_letter(j, &r.u.dead_letter,
+                                                         q, loc)
+                             : PQ_OK;
         }
         if (q == NULL) {
             replay_remove(j, view.id);

@@ -1056,10 +1056,6 @@ store_open(const struct store_config *c, store_replay_fn fn, void *arg,
         goto err_scan;
     }
     st->reserved = sc.n_publish > sc.n_end ? sc.n_publish - sc.n_end : 0;
-    if (sc.vr.dl_orphans > 0) {
-        log_warn("%s: %llu dead-lettered messages whose original publish record is gone are not recovered (see README, \"Data directory\")",
-                 st->dir, (unsigned long long)sc.vr.dl_orphans);
-    }
     for (size_t i = sc.lo; i < sc.nvalid; i++) {
         rc = seg_add(st, sc.seqs[i], sc.end_offs[i]);
         if (rc != PQ_OK) {

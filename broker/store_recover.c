@@ -690,7 +690,7 @@ print_summary(const struct scan *sc, const char *dir, FILE *out, int rc,
         }
         fprintf(out, "; live without their publish record: 0\n");
         if (sc->vr.dl_orphans > 0) {
-            fprintf(out, "warning: %llu dead letters whose original publish record is gone are not recovered by this version (README, \"Data directory\")\n",
+            fprintf(out, "dead letters whose original publish record is gone: %llu (recovered from their DEAD_LETTER records)\n",
                     (unsigned long long)sc->vr.dl_orphans);
         }
     }

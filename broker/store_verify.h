@@ -48,7 +48,8 @@ struct verify_result {
     struct store_loc orphan_at;    /* the earliest such one's last record */
     uint64_t orphan_id;
     uint64_t dl_orphans;           /* dead letters whose source PUBLISH is
-                                      gone (replay drops them; see .c) */
+                                      gone (replay rebuilds them from the
+                                      DEAD_LETTER record) */
 };
 
 /* verify_init: an empty tracker; floor: orphans whose last record is in a

@@ -185,6 +185,7 @@ jt_publish(struct jt *t, struct queue *q, const char *payload,
     ck_assert(journal_keep_body(t->j, &mn));
     ck_assert_int_eq(queue_push(q, &mn, now, NULL), PQ_OK);
     journal_msg_stored(t->j, &mn);
+    journal_publish_settled(t->j, &p);
     body_unref(&p.mn.body);
     return mn.id;
 }
@@ -254,6 +255,17 @@ expect_queue(struct jt *t, const char *name, const char *const *payloads,
     }
     queue_unsubscribe(&c, clock_mono_ms());
     queue_consumer_fini(&c);
+}
+
+/* access_first_segment: 0 while segment 1 of the data dir exists, -1
+ * once it was deleted. */
+static int
+access_first_segment(const struct jt *t)
+{
+    char path[128];
+
+    snprintf(path, sizeof(path), "%s/seg-0000000001.log", t->dir);
+    return access(path, F_OK);
 }
 
 /* ---- tests ---- */
@@ -440,6 +452,66 @@ START_TEST(test_replay_purge_and_delete)
 }
 END_TEST
 
+/* A dead letter whose original PUBLISH went with a deleted segment: the
+ * DEAD_LETTER record holds the message since, and replay must rebuild it
+ * from there (it used to skip a dead letter of a message it had not seen:
+ * the job was lost at restart). */
+START_TEST(test_replay_dead_letter_after_publish_segment_is_gone)
+{
+    static const char *const want[] = {"poison"};
+    struct queue_attrs a;
+    struct nack_opts dl = {.dead_letter = true, .error = "boom"};
+    struct jt t;
+    struct queue *q, *fill;
+    struct consumer c, cf;
+    struct msg *m;
+    char pad[1001];
+
+    jt_init(&t, 65536);
+    jt_queue(&t, "dlq", NULL);
+    memset(&a, 0, sizeof(a));
+    snprintf(a.dead_letter, sizeof(a.dead_letter), "dlq");
+    q = jt_queue(&t, "jobs", &a);
+    fill = jt_queue(&t, "fill", NULL);
+    jt_publish(&t, q, "poison", NULL);
+    /* Fill the first segment and more, then ack it all: only "poison"
+     * still references the first segment. */
+    memset(pad, 'f', sizeof(pad) - 1);
+    pad[sizeof(pad) - 1] = '\0';
+    for (int i = 0; i < 150; i++) {
+        jt_publish(&t, fill, pad, NULL);
+    }
+    queue_consumer_init(&cf, 2, NULL, 1000);
+    ck_assert_int_eq(queue_subscribe(fill, &cf), PQ_OK);
+    for (int i = 0; i < 150; i++) {
+        m = jt_deliver(&t, fill, &cf);
+        jt_ack(&t, m->id, m->attempt);
+    }
+    queue_unsubscribe(&cf, clock_mono_ms());
+    queue_consumer_fini(&cf);
+    /* Dead-letter it: its references move to the DEAD_LETTER record, in
+     * the current segment; the first segment is then deleted. */
+    queue_consumer_init(&c, 1, NULL, 1);
+    ck_assert_int_eq(queue_subscribe(q, &c), PQ_OK);
+    m = jt_deliver(&t, q, &c);
+    ck_assert_int_eq(qset_nack(t.qs, m->id, m->attempt, &dl, clock_mono_ms()),
+                     PQ_OK);
+    jt_sync(&t);
+    queue_unsubscribe(&c, clock_mono_ms());
+    queue_consumer_fini(&c);
+    /* The storage thread deletes the first segment (bounded wait). */
+    for (int i = 0; i < 200 && access_first_segment(&t) == 0; i++) {
+        jt_sync(&t);
+        usleep(10000);
+    }
+    ck_assert_int_eq(access_first_segment(&t), -1);
+    jt_restart(&t);
+    ck_assert_uint_eq(queue_ready_count(qset_find(t.qs, "jobs")), 0);
+    expect_queue(&t, "dlq", want, NULL, 1);
+    jt_fini(&t);
+}
+END_TEST
+
 /* Small segments: many rolls; acked messages let old segments go. What is
  * live comes back exactly, in order. */
 START_TEST(test_replay_across_rolled_segments)
@@ -498,6 +570,7 @@ journal_suite(void)
     tcase_add_test(tc, test_replay_release_keeps_progress);
     tcase_add_test(tc, test_replay_dead_letter);
     tcase_add_test(tc, test_replay_purge_and_delete);
+    tcase_add_test(tc, test_replay_dead_letter_after_publish_segment_is_gone);
     tcase_add_test(tc, test_replay_across_rolled_segments);
     suite_add_tcase(s, tc);
     return s;
