@@ -43,6 +43,7 @@
 #include "body.h"
 #include "clock.h"
 #include "failpoint.h"
+#include "hmap.h"
 #include "log.h"
 #include "mem.h"
 #include "pbwire.h"
@@ -73,6 +74,10 @@ struct journal {
     int last_error;               /* the latest one's PQ_* code */
     uint64_t unwritten_logged_ms; /* mono time of that warning */
     struct qset *qs;              /* the queues it journals (borrowed) */
+    struct hmap_u64 suspects;     /* replay: id -> struct suspect, live by a
+                                     state record but no PUBLISH seen yet */
+    uint64_t last_bulk;           /* replay: j->replayed at the latest
+                                     QUEUE_DELETE or QUEUE_PURGE */
     uint64_t now_mono_ms;         /* "now" of the call being served */
 };
 
@@ -904,6 +909,93 @@ journal_compact(struct journal *j, uint64_t now_mono_ms)
 
 /* ---- replay ---- */
 
+/*
+ * The live-message check at start (what store_verify.c does for
+ * --check-data, here without a map of its own: the queue set is the live
+ * set). A REQUEUE or PROGRESS record for a message replay does not hold is
+ * a suspect: its PUBLISH was lost with a segment, unless a later record
+ * explains it (a PUBLISH moved by compaction, an ACK or DROP, a queue
+ * delete or purge). What is left at the end refuses the start.
+ */
+struct suspect {
+    struct store_loc at;          /* the state record */
+    uint64_t idx;                 /* j->replayed when it was seen */
+};
+
+static int
+suspect_add(struct journal *j, uint64_t id, const struct store_loc *loc)
+{
+    struct suspect *s = hmap_u64_get(&j->suspects, id);
+
+    if (s == NULL) {
+        s = pq_malloc(sizeof(*s));
+        if (s == NULL) {
+            return PQ_ENOMEM;
+        }
+        if (hmap_u64_put(&j->suspects, id, s) != PQ_OK) {
+            pq_free(s);
+            return PQ_ENOMEM;
+        }
+    }
+    s->at = *loc;
+    s->idx = j->replayed;
+    return PQ_OK;
+}
+
+static void
+suspect_clear(struct journal *j, uint64_t id)
+{
+    if (j->suspects.len > 0) {
+        pq_free(hmap_u64_del(&j->suspects, id));
+    }
+}
+
+static void
+suspects_free(struct journal *j)
+{
+    size_t it = 0;
+    void *s;
+
+    while ((s = hmap_u64_next(&j->suspects, &it, NULL)) != NULL) {
+        pq_free(s);
+    }
+    hmap_u64_fini(&j->suspects);
+}
+
+/* check_suspects: after replay, refuse a log in which a message is live
+ * without its PUBLISH (PQ_ECORRUPT with the file and offset in err). */
+static int
+check_suspects(struct journal *j, const char *dir, char *err, size_t errlen)
+{
+    uint32_t floor = store_salvage_floor(j->st);
+    const struct suspect *first = NULL;
+    uint64_t first_id = 0, n = 0, id;
+    size_t it = 0;
+    struct suspect *s;
+
+    while ((s = hmap_u64_next(&j->suspects, &it, &id)) != NULL) {
+        if (s->idx < j->last_bulk || s->at.seg <= floor) {
+            continue; /* a delete or purge may have removed it; salvaged */
+        }
+        if (n++ == 0 || s->at.seg < first->at.seg ||
+            (s->at.seg == first->at.seg && s->at.off < first->at.off)) {
+            first = s;
+            first_id = id;
+        }
+    }
+    if (n == 0) {
+        return PQ_OK;
+    }
+    snprintf(err, errlen, "%s/seg-%010u.log: offset %llu: message %llu is "
+             "live here, but its publish record is not in the log (%llu such "
+             "messages): a segment that held live messages is missing; run "
+             "protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
+             dir, first->at.seg, (unsigned long long)first->at.off,
+             (unsigned long long)first_id, (unsigned long long)n, dir, dir);
+    return PQ_ECORRUPT;
+}
+
+
 static struct queue *
 replay_queue(struct journal *j, struct rec_str name)
 {
@@ -1251,6 +1343,7 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
     case REC_QUEUE_CREATE:
         return replay_create(j, &r.u.queue_create);
     case REC_QUEUE_DELETE:
+        j->last_bulk = j->replayed;
         q = replay_queue(j, r.u.queue_delete.name);
         if (q) {
             qset_delete(qs, q);
@@ -1259,6 +1352,7 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
     case REC_QUEUE_PURGE: {
         struct purge_replay w = {.p = &r.u.queue_purge};
 
+        j->last_bulk = j->replayed;
         q = replay_queue(j, r.u.queue_purge.name);
         if (q == NULL) {
             return PQ_OK;
@@ -1271,16 +1365,19 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
         return w.oom ? PQ_ENOMEM : PQ_OK;
     }
     case REC_PUBLISH:
+        suspect_clear(j, r.u.publish.id);
         return replay_publish(j, &r.u.publish, loc);
     case REC_ACK:
+        suspect_clear(j, r.u.ack.id);
         replay_remove(j, r.u.ack.id);
         return PQ_OK;
     case REC_DROP:
+        suspect_clear(j, r.u.drop.id);
         replay_remove(j, r.u.drop.id);
         return PQ_OK;
     case REC_REQUEUE:
         if (!qset_msg_peek(qs, r.u.requeue.id, &view)) {
-            return PQ_OK;
+            return suspect_add(j, r.u.requeue.id, loc);
         }
         return replay_reset(j, &view, view.q, NULL, r.u.requeue.attempt,
                             r.u.requeue.failures,
@@ -1325,7 +1422,7 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
             m->state_seg = loc->seg;
             return rc;
         }
-        return PQ_OK;
+        return suspect_add(j, r.u.progress.id, loc);
     default:
         log_warn("replay: segment %u offset %llu: unknown record type %u "
                  "skipped", loc->seg, (unsigned long long)loc->off, type);
@@ -1373,6 +1470,7 @@ journal_open(const struct journal_config *cfg, struct qset *qs,
         .fsync_interval_ms = cfg->fsync_interval_ms,
         .segment_bytes = cfg->segment_bytes,
         .read_only = false,
+        .live_check_by_caller = true, /* check_suspects, without a map */
     };
     struct journal *j = NULL;
     struct ref_walk w;
@@ -1394,7 +1492,12 @@ journal_open(const struct journal_config *cfg, struct qset *qs,
     j->budget = cfg->payload_budget_bytes;
     j->mono_at_open = j->now_mono_ms = clock_mono_ms();
     j->wall_at_open = clock_wall_ms();
+    hmap_u64_init(&j->suspects);
     rc = store_open(&sc, replay_record, j, &j->st, err, errlen);
+    if (rc == PQ_OK) {
+        rc = check_suspects(j, cfg->data_dir, err, errlen);
+    }
+    suspects_free(j);
     if (rc != PQ_OK) {
         goto fail;
     }

@@ -1049,6 +1049,7 @@ store_open(const struct store_config *c, store_replay_fn fn, void *arg,
 
     sc.dir = st->dir;
     sc.opaque = c->opaque_records;
+    sc.caller_checks_live = c->live_check_by_caller;
     sc.fn = fn;
     sc.arg = arg;
     rc = store_scan_dir(&sc, err, errlen);
@@ -1405,6 +1406,13 @@ store_seg_stats(const struct store *st, struct store_seg_stat *out, size_t max)
         };
     }
     return st->nsegs;
+}
+
+/* store_salvage_floor: see store.h. */
+uint32_t
+store_salvage_floor(const struct store *st)
+{
+    return st->meta.floor;
 }
 
 /* store_get_stats: see store.h. */

@@ -130,6 +130,11 @@ struct store_config {
     bool opaque_records;                /* tests: the records are not the
                                            journal's (record.h): skip the
                                            live-message check */
+    bool live_check_by_caller;          /* the replay callback checks that
+                                           live messages kept their PUBLISH
+                                           (the journal, with the live set it
+                                           builds anyway): the store keeps no
+                                           map of its own (memory) */
 };
 
 /* Where a record lives. Persistent across restarts (unlike the LSN). */
@@ -320,6 +325,10 @@ struct store_stats {
     uint64_t fsync_ns_max;
     uint64_t segments_deleted;
 };
+
+/* store_salvage_floor: segments up to this one were accepted as found by
+ * --salvage-data (what they lost is not reported again); 0: none. */
+uint32_t store_salvage_floor(const struct store *st);
 
 /* store_get_stats: copy the counters. */
 void store_get_stats(struct store *st, struct store_stats *out);

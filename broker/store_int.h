@@ -168,6 +168,7 @@ struct scan {
     struct meta meta;              /* DIR/META as found */
     bool salvage;                  /* store_salvage: find damage only */
     bool opaque;                   /* cfg.opaque_records */
+    bool caller_checks_live;       /* cfg.live_check_by_caller */
     struct verify v;               /* the live-message check */
     struct verify_result vr;
     uint64_t links;                /* segment links checked */

@@ -11,18 +11,22 @@
  * many rolled and reaped segments.
  */
 #include <check.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "body.h"
+#include "byteorder.h"
+#include "crc32c.h"
 #include "clock.h"
 #include "journal.h"
 #include "log.h"
 #include "pqerr.h"
 #include "protoq.pb-c.h"
 #include "queue.h"
+#include "record.h"
 #include "store.h"
 
 /* One journaled queue set: what the broker's dispatch owns, minus the
@@ -255,6 +259,40 @@ expect_queue(struct jt *t, const char *name, const char *const *payloads,
     }
     queue_unsubscribe(&c, clock_mono_ms());
     queue_consumer_fini(&c);
+}
+
+/* meta_put: write DIR/META by hand (store.h, ON-DISK FORMAT): one slot,
+ * gen % 2, as a broker that deleted segments before first would leave it. */
+static void
+meta_put(const char *dir, uint64_t gen, uint32_t first, uint32_t last)
+{
+    uint8_t slot[32] = {'P', 'Q', 'M', 'E', 'T', 'A', '0', '1'};
+    char path[128];
+    int fd;
+
+    le64_put(slot + 8, gen);
+    le32_put(slot + 16, first);
+    le32_put(slot + 20, last);
+    le32_put(slot + 24, 0);
+    le32_put(slot + 28, crc32c(0, slot, 28));
+    snprintf(path, sizeof(path), "%s/META", dir);
+    fd = open(path, O_RDWR | O_CREAT, 0644);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(ftruncate(fd, 64), 0);
+    ck_assert_int_eq(pwrite(fd, slot, sizeof(slot), (off_t)(gen % 2) * 32),
+                     (ssize_t)sizeof(slot));
+    ck_assert_int_eq(close(fd), 0);
+}
+
+static void
+put_rec(struct store *st, const struct record *r)
+{
+    uint8_t buf[512];
+    ssize_t n = record_encode(r, buf, sizeof(buf));
+
+    ck_assert_int_gt(n, 0);
+    ck_assert_int_eq(store_append(st, r->type, buf, (size_t)n, NULL, NULL),
+                     PQ_OK);
 }
 
 /* access_first_segment: 0 while segment 1 of the data dir exists, -1
@@ -512,6 +550,78 @@ START_TEST(test_replay_dead_letter_after_publish_segment_is_gone)
 }
 END_TEST
 
+/* The live-message check at start, done by replay with the queue set it
+ * builds (no map of its own): a REQUEUE shows message 7 live, but the
+ * segment with its PUBLISH is gone while META says the log starts after
+ * it, as a deletion of a segment with live data would leave it. The start
+ * is refused naming the message; with an ACK after the REQUEUE (7 is gone,
+ * and deleting its segment was right) the same log opens. */
+START_TEST(test_replay_refuses_live_message_without_publish)
+{
+    struct store_config sc = {.fsync_policy = FSYNC_NEVER,
+                              .segment_bytes = 4096};
+    struct journal_config jc = {.fsync = FSYNC_NEVER, .segment_bytes = 4096,
+                                .payload_budget_bytes = 1 << 20};
+    struct record r = {.type = REC_QUEUE_CREATE}, pad = {.type = REC_DROP};
+    struct store *st;
+    struct journal *j = NULL;
+    struct qset *qs;
+    char dir[64], path[128], err[512];
+    int rc;
+
+    snprintf(dir, sizeof(dir), "/tmp/protoq-journal.XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    sc.dir = jc.data_dir = dir;
+    ck_assert_int_eq(store_open(&sc, NULL, NULL, &st, err, sizeof(err)),
+                     PQ_OK);
+    r.u.queue_create.name = (struct rec_str){"q", 1};
+    put_rec(st, &r);
+    r = (struct record){.type = REC_PUBLISH};
+    r.u.publish.id = 7;
+    r.u.publish.queue = (struct rec_str){"q", 1};
+    put_rec(st, &r);
+    pad.u.drop.id = 999999;
+    pad.u.drop.reason = (struct rec_str){"x", 1};
+    while (store_current_seg(st) < 2) {
+        put_rec(st, &pad);
+    }
+    r = (struct record){.type = REC_QUEUE_CREATE};
+    r.u.queue_create.name = (struct rec_str){"q", 1};
+    put_rec(st, &r);
+    r = (struct record){.type = REC_REQUEUE};
+    r.u.requeue.id = 7;
+    r.u.requeue.attempt = 1;
+    put_rec(st, &r);
+    if (_i == 1) {
+        r = (struct record){.type = REC_ACK};
+        r.u.ack.id = 7;
+        put_rec(st, &r);
+    }
+    while (store_current_seg(st) < 3) {
+        put_rec(st, &pad);
+    }
+    ck_assert_int_eq(store_close(st), PQ_OK);
+    snprintf(path, sizeof(path), "%s/seg-0000000001.log", dir);
+    ck_assert_int_eq(unlink(path), 0);
+    meta_put(dir, 500, 2, 3);
+    qs = qset_new(NULL);
+    rc = journal_open(&jc, qs, &j, err, sizeof(err));
+    if (_i == 0) {
+        ck_assert_int_eq(rc, PQ_ECORRUPT);
+        ck_assert_msg(strstr(err, "message 7 is live here") != NULL &&
+                          strstr(err, "seg-0000000002.log") != NULL,
+                      "%s", err);
+        ck_assert_ptr_null(j);
+    } else {
+        ck_assert_msg(rc == PQ_OK, "%s", err);
+        journal_close(j);
+    }
+    qset_free(qs);
+    snprintf(path, sizeof(path), "rm -rf %s", dir);
+    ck_assert_int_eq(system(path), 0);
+}
+END_TEST
+
 /* Small segments: many rolls; acked messages let old segments go. What is
  * live comes back exactly, in order. */
 START_TEST(test_replay_across_rolled_segments)
@@ -571,6 +681,8 @@ journal_suite(void)
     tcase_add_test(tc, test_replay_dead_letter);
     tcase_add_test(tc, test_replay_purge_and_delete);
     tcase_add_test(tc, test_replay_dead_letter_after_publish_segment_is_gone);
+    tcase_add_loop_test(tc, test_replay_refuses_live_message_without_publish,
+                        0, 2);
     tcase_add_test(tc, test_replay_across_rolled_segments);
     suite_add_tcase(s, tc);
     return s;
