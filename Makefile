@@ -116,7 +116,7 @@ ALL_OBJS = $(PROTO_OBJS) $(BROKER_OBJS) $(LIB_OBJS) $(CLI_OBJS) $(BENCH_OBJS) \
            $(TESTUTIL_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
 
 .PHONY: all run test pytest bench soak install clean fuzz fuzz-build fuzz-corpus \
-        check-includes
+        check-includes format format-check
 all: $(BINS) $(LIBA) $(PY_STAMP)
 
 # ---- generated protobuf-c code (never committed) ----
@@ -204,6 +204,14 @@ soak: $(BINS) $(B)/tests/crash/check_crash $(B)/tests/model/check_model
 	    CK_DEFAULT_TIMEOUT=3600 ./$(B)/tests/crash/check_crash
 	PROTOQD=$(CURDIR)/$(B)/protoqd MODEL_HISTORIES=$${MODEL_HISTORIES:-5000} \
 	    ./$(B)/tests/model/check_model
+
+# The tree is formatted by .clang-format (clang-format 14): `make format`
+# rewrites, `make format-check` (CI) fails on any difference.
+FORMAT_SRCS = $(shell git ls-files '*.c' '*.h' 2>/dev/null)
+format:
+	clang-format -i $(FORMAT_SRCS)
+format-check:
+	clang-format --dry-run -Werror $(FORMAT_SRCS)
 
 # No include cycle between the modules of broker/, protocol/ and client/.
 check-includes:

@@ -3,7 +3,8 @@
 # installed. As root it installs what is missing with apt-get; otherwise it
 # prints the exact command to run and exits 1.
 #   .ci/deps.sh        what `make` and `make test` need
-#   .ci/deps.sh fuzz   that, plus clang and libFuzzer for `make fuzz`
+#   .ci/deps.sh fuzz   that, plus clang and libFuzzer for `make fuzz` and
+#                      clang-format for `make format-check` (CI)
 set -eu
 
 # python3-*, protobuf-compiler: the Python client (client/python), its
@@ -12,7 +13,7 @@ PKGS="build-essential pkg-config libevent-dev libprotobuf-c-dev protobuf-c-compi
       python3 python3-protobuf protobuf-compiler python3-pytest python3-setuptools
       python3-wheel python3-venv python3-pip"
 if [ "${1:-}" = fuzz ]; then
-    PKGS="$PKGS clang-14 libclang-rt-14-dev"
+    PKGS="$PKGS clang-14 libclang-rt-14-dev clang-format"
 fi
 
 missing=""

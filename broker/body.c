@@ -97,7 +97,8 @@ put_bytes_field(uint8_t *p, uint8_t tag, const char *s, size_t len)
 static uint64_t
 kv_inner_len(size_t klen, size_t vlen)
 {
-    return 1 + pbwire_varint_size(klen) + (uint64_t)klen + 1 + pbwire_varint_size(vlen) + (uint64_t)vlen;
+    return 1 + pbwire_varint_size(klen) + (uint64_t)klen + 1 +
+           pbwire_varint_size(vlen) + (uint64_t)vlen;
 }
 
 /* ---- reading b's own fields, to drop the headers being replaced ---- */

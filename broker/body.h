@@ -13,9 +13,9 @@
 #include <stdint.h>
 
 struct body {
-    uint32_t refs;           /* owners; freed when it drops to 0 */
-    uint32_t len;            /* bytes in data */
-    uint8_t data[];          /* encoded protoq.Message */
+    uint32_t refs;  /* owners; freed when it drops to 0 */
+    uint32_t len;   /* bytes in data */
+    uint8_t data[]; /* encoded protoq.Message */
 };
 
 /* One header (protoq.KeyValue) or one tag/requirement. Borrowed strings. */
@@ -49,6 +49,7 @@ void body_unref(struct body **bp);
  * message is kept whole. b == NULL is treated as an empty Message. NULL
  * key/value encode as "". NULL on ENOMEM or if the result would exceed
  * 4 GiB. b is not changed. */
-struct body *body_with_headers(const struct body *b, const struct kv *kv, size_t n);
+struct body *body_with_headers(const struct body *b, const struct kv *kv,
+                               size_t n);
 
 #endif

@@ -261,7 +261,6 @@ get_str(const struct config *c, const struct key_def *k)
     return (const char *)c + k->off;
 }
 
-
 static bool
 is_host_char(char ch)
 {

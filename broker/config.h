@@ -22,36 +22,37 @@ enum { CONFIG_LINE_MAX = 4096 };
 
 struct config {
     /* ---- network ---- */
-    char listen[CONFIG_ADDR_MAX];      /* HOST:PORT, [v6]:PORT; port 0 = any */
-    char port_file[CONFIG_PATH_MAX];   /* write the bound port here; "" = no */
-    char metrics[CONFIG_ADDR_MAX];     /* HTTP /metrics HOST:PORT; "" = off */
+    char listen[CONFIG_ADDR_MAX];    /* HOST:PORT, [v6]:PORT; port 0 = any */
+    char port_file[CONFIG_PATH_MAX]; /* write the bound port here; "" = no */
+    char metrics[CONFIG_ADDR_MAX];   /* HTTP /metrics HOST:PORT; "" = off */
     uint32_t max_connections;
-    uint32_t max_frame_bytes;          /* after Hello, prefix excluded */
-    uint32_t max_hello_bytes;          /* before Hello */
-    uint32_t max_message_bytes;        /* payload of one message */
-    uint32_t max_batch;                /* messages in one PublishBatch */
-    uint64_t conn_output_high_bytes;   /* stop delivering to a consumer past this */
-    uint32_t heartbeat_ms;             /* 0 = off */
-    uint32_t heartbeat_timeout_ms;     /* close a peer silent this long */
-    uint32_t idle_timeout_ms;          /* close a handshake-less peer after */
+    uint32_t max_frame_bytes;   /* after Hello, prefix excluded */
+    uint32_t max_hello_bytes;   /* before Hello */
+    uint32_t max_message_bytes; /* payload of one message */
+    uint32_t max_batch;         /* messages in one PublishBatch */
+    uint64_t
+        conn_output_high_bytes;    /* stop delivering to a consumer past this */
+    uint32_t heartbeat_ms;         /* 0 = off */
+    uint32_t heartbeat_timeout_ms; /* close a peer silent this long */
+    uint32_t idle_timeout_ms;      /* close a handshake-less peer after */
     /* ---- storage ---- */
     char data_dir[CONFIG_PATH_MAX];
     enum fsync_policy fsync;
     uint32_t fsync_interval_ms;
     uint64_t segment_bytes;
-    uint64_t payload_budget_bytes;     /* payloads kept in memory */
-    uint64_t memory_high_bytes;        /* past it: OVERLOADED to publishers */
+    uint64_t payload_budget_bytes; /* payloads kept in memory */
+    uint64_t memory_high_bytes;    /* past it: OVERLOADED to publishers */
     /* ---- queue defaults (a queue's own attributes override) ---- */
     uint64_t ack_timeout_ms;
     uint32_t max_attempts;
     uint64_t backoff_base_ms;
     uint64_t backoff_cap_ms;
-    uint64_t max_lease_ms;             /* 0 = no cap on one Touch */
+    uint64_t max_lease_ms; /* 0 = no cap on one Touch */
     uint64_t dedup_window_ms;
     /* ---- logging ---- */
     enum log_level log_level;
     /* ---- bookkeeping, not a setting ---- */
-    uint64_t overridden;               /* bit per key set by config_override() */
+    uint64_t overridden; /* bit per key set by config_override() */
 };
 
 /* config_defaults: fill c with every default. */
@@ -74,8 +75,8 @@ int config_load_file(struct config *c, const char *path, char *err,
  * command-line flags both use it). PQ_EINVAL with a message in err for an
  * unknown key or a value out of range.
  */
-int config_set(struct config *c, const char *key, const char *value,
-               char *err, size_t errlen);
+int config_set(struct config *c, const char *key, const char *value, char *err,
+               size_t errlen);
 
 /*
  * config_override: config_set for a command-line flag. Besides setting the
@@ -107,8 +108,7 @@ void config_dump(const struct config *c, int fd);
  * it, strings unquoted) into buf. PQ_ENOTFOUND for an unknown key,
  * PQ_ETOOBIG when buf is too small.
  */
-int config_get(const struct config *c, const char *key, char *buf,
-               size_t len);
+int config_get(const struct config *c, const char *key, char *buf, size_t len);
 
 /* config_key_reloadable: true when SIGHUP applies key (false if unknown). */
 bool config_key_reloadable(const char *key);

@@ -39,10 +39,10 @@
 #include "strcheck.h"
 
 enum {
-    FRAMES_PER_WAKEUP = 64,       /* then yield to other connections */
-    READ_CHUNK = 65536,           /* bytes per read() */
+    FRAMES_PER_WAKEUP = 64, /* then yield to other connections */
+    READ_CHUNK = 65536,     /* bytes per read() */
     READS_PER_WAKEUP = 4,
-    CLOSING_GRACE_MS = 5000,      /* a closing peer's time to take its Error */
+    CLOSING_GRACE_MS = 5000, /* a closing peer's time to take its Error */
 };
 
 static const char *const state_names[] = {
@@ -209,8 +209,8 @@ send_errorv(struct conn *c, uint64_t request_id, int code, const char *fmt,
 }
 
 int
-conn_send_error(struct conn *c, uint64_t request_id, int code,
-                const char *fmt, ...)
+conn_send_error(struct conn *c, uint64_t request_id, int code, const char *fmt,
+                ...)
 {
     va_list ap;
     int rc;
@@ -321,8 +321,8 @@ conn_close(struct conn *c, const char *why)
     if (c->state == CONN_CLOSED) {
         return;
     }
-    log_debug("conn %llu %s: closed: %s", (unsigned long long)c->id,
-              c->peer, why);
+    log_debug("conn %llu %s: closed: %s", (unsigned long long)c->id, c->peer,
+              why);
     c->set->h->closed(c->set->arg, c);
     conn_set_state(c, CONN_CLOSED);
     set_reading(c, false);
@@ -333,8 +333,7 @@ conn_close(struct conn *c, const char *why)
 }
 
 void
-conn_fatal(struct conn *c, uint64_t request_id, int code, const char *fmt,
-           ...)
+conn_fatal(struct conn *c, uint64_t request_id, int code, const char *fmt, ...)
 {
     va_list ap;
     char msg[512];
@@ -411,7 +410,8 @@ static const char *
 guess_foreign(const uint8_t *h)
 {
     if (h[0] == 0x16 && h[1] == 0x03) {
-        return " (this looks like a TLS ClientHello; this port speaks plain protoq)";
+        return " (this looks like a TLS ClientHello; this port speaks plain "
+               "protoq)";
     }
     if (memcmp(h, "GET ", 4) == 0 || memcmp(h, "POST", 4) == 0 ||
         memcmp(h, "PUT ", 4) == 0 || memcmp(h, "HEAD", 4) == 0) {
@@ -470,11 +470,12 @@ read_frames(struct conn *c)
         }
         evbuffer_drain(in, FRAME_HEADER_LEN + (size_t)n);
         if (rc != PQ_OK) {
-            conn_fatal(c, 0, PROTOQ__ERROR_CODE__MALFORMED_FRAME,
-                       rc == PQ_ETOOBIG
-                           ? "frame of %zd bytes needs too much memory to decode"
-                           : "frame of %zd bytes is not a valid protoq.Frame",
-                       n);
+            conn_fatal(
+                c, 0, PROTOQ__ERROR_CODE__MALFORMED_FRAME,
+                rc == PQ_ETOOBIG
+                    ? "frame of %zd bytes needs too much memory to decode"
+                    : "frame of %zd bytes is not a valid protoq.Frame",
+                n);
             return false;
         }
         c->last_rx_ms = *c->set->now_mono_ms;
@@ -482,7 +483,8 @@ read_frames(struct conn *c)
         if (bad[0] != '\0') {
             conn_send_error(c, f->request_id, PROTOQ__ERROR_CODE__BAD_REQUEST,
                             "field %s: not valid UTF-8, or holds a NUL "
-                            "character", bad);
+                            "character",
+                            bad);
         } else {
             c->set->h->frame(c->set->arg, c, f);
         }

@@ -51,8 +51,8 @@ struct conn_handler {
 
 struct conn_stats {
     uint64_t conns_accepted;
-    uint64_t conns_rejected;      /* over max_connections */
-    uint64_t protocol_errors;     /* connections closed for bad input */
+    uint64_t conns_rejected;  /* over max_connections */
+    uint64_t protocol_errors; /* connections closed for bad input */
     uint64_t frames_in;
     uint64_t frames_out;
 };
@@ -63,46 +63,46 @@ struct conn_stats {
  */
 struct connset {
     struct event_base *base;
-    const struct config *cfg;     /* borrowed; limits read at each use */
-    uint64_t *now_mono_ms;        /* the loop's clock (the owner's), which
-                                     a read refreshes */
+    const struct config *cfg; /* borrowed; limits read at each use */
+    uint64_t *now_mono_ms;    /* the loop's clock (the owner's), which
+                                 a read refreshes */
     const struct conn_handler *h;
-    void *arg;                    /* h's argument */
-    struct conn *conns;           /* doubly linked, all live connections */
+    void *arg;          /* h's argument */
+    struct conn *conns; /* doubly linked, all live connections */
     uint32_t nconns;
-    struct conn *reap;            /* closed, freed after the pass */
-    struct conn *flush;           /* connections with output to write */
+    struct conn *reap;  /* closed, freed after the pass */
+    struct conn *flush; /* connections with output to write */
     uint64_t next_id;
     struct conn_stats stats;
 };
 
 struct conn {
     struct connset *set;
-    evutil_socket_t fd;           /* -1 once CLOSED */
-    struct event *rev;            /* EV_READ | EV_PERSIST, while reading */
-    struct event *wev;            /* EV_WRITE, armed only when the kernel
-                                     buffer was full at the last flush */
+    evutil_socket_t fd; /* -1 once CLOSED */
+    struct event *rev;  /* EV_READ | EV_PERSIST, while reading */
+    struct event *wev;  /* EV_WRITE, armed only when the kernel
+                           buffer was full at the last flush */
     struct evbuffer *in, *out;
-    struct conn *flush_next;      /* set->flush list: output to write */
-    bool on_flush;                /* on set->flush */
-    bool reading;                 /* rev added */
-    bool writing;                 /* wev added */
+    struct conn *flush_next; /* set->flush list: output to write */
+    bool on_flush;           /* on set->flush */
+    bool reading;            /* rev added */
+    bool writing;            /* wev added */
     enum conn_state state;
-    uint64_t id;                  /* for logs */
-    char peer[64];                /* "127.0.0.1:53122" */
-    char name[64];                /* Hello.client_name, sanitised */
-    struct conn *prev, *next;     /* set->conns, then set->reap */
-    struct sub *subs;             /* this connection's subscriptions */
+    uint64_t id;              /* for logs */
+    char peer[64];            /* "127.0.0.1:53122" */
+    char name[64];            /* Hello.client_name, sanitised */
+    struct conn *prev, *next; /* set->conns, then set->reap */
+    struct sub *subs;         /* this connection's subscriptions */
     uint32_t nsubs;
-    uint32_t refs;                /* waits that still hold this conn */
-    uint32_t max_frame_bytes;     /* max_hello_bytes until Hello, then full */
-    uint32_t heartbeat_ms;        /* agreed interval; 0 = off */
-    uint64_t last_rx_ms;          /* mono: last frame received */
-    uint64_t last_tx_ms;          /* mono: last frame queued */
-    uint64_t accepted_ms;         /* mono */
-    uint64_t closing_ms;          /* mono: when it became CLOSING */
-    bool output_full;             /* over conn_output_high_bytes */
-    uint8_t *resv;                /* conn_reserve'd space, until commit */
+    uint32_t refs;            /* waits that still hold this conn */
+    uint32_t max_frame_bytes; /* max_hello_bytes until Hello, then full */
+    uint32_t heartbeat_ms;    /* agreed interval; 0 = off */
+    uint64_t last_rx_ms;      /* mono: last frame received */
+    uint64_t last_tx_ms;      /* mono: last frame queued */
+    uint64_t accepted_ms;     /* mono */
+    uint64_t closing_ms;      /* mono: when it became CLOSING */
+    bool output_full;         /* over conn_output_high_bytes */
+    uint8_t *resv;            /* conn_reserve'd space, until commit */
 };
 
 /* conn_accept: wrap an accepted socket; closes fd on failure. */
@@ -131,15 +131,14 @@ void conn_commit(struct conn *c, size_t n);
 
 /* conn_send_error: an Error frame answering request_id. */
 int conn_send_error(struct conn *c, uint64_t request_id, int code,
-                    const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
+                    const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 
 /*
  * conn_fatal: send an Error (request_id 0 unless given) and close once it is
  * flushed; reads stop at once. Used for every framing and handshake error.
  */
-void conn_fatal(struct conn *c, uint64_t request_id, int code,
-                const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+void conn_fatal(struct conn *c, uint64_t request_id, int code, const char *fmt,
+                ...) __attribute__((format(printf, 4, 5)));
 
 /* conn_close: close now (EOF, error, shutdown); freed after the pass. */
 void conn_close(struct conn *c, const char *why);

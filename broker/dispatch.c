@@ -141,7 +141,7 @@ room_of(struct broker *bk, const struct queue *q, bool create)
  * involved; on PQ_EFULL nothing stays taken and *full names the queue. */
 int
 dispatch_room_take(struct broker *bk, struct pending *items, uint32_t n,
-          struct queue **full)
+                   struct queue **full)
 {
     uint32_t i;
     int rc = PQ_OK;
@@ -174,8 +174,8 @@ dispatch_room_take(struct broker *bk, struct pending *items, uint32_t n,
     }
     if (rc != PQ_OK) {
         for (uint32_t k = 0; k < i; k++) {
-            struct room *r = items[k].duplicate ? NULL
-                                                : room_of(bk, items[k].q, false);
+            struct room *r =
+                items[k].duplicate ? NULL : room_of(bk, items[k].q, false);
             if (r) {
                 r->n--;
                 r->bytes -= items[k].mn.size;
@@ -208,9 +208,11 @@ dispatch_room_forget(struct broker *bk, const struct queue *q)
     pq_free(hmap_u64_del(&bk->pending_room, (uint64_t)(uintptr_t)q));
 }
 
-/* dispatch_pend_key_name: "queue\x01key" into buf (queue names have no \x01). */
+/* dispatch_pend_key_name: "queue\x01key" into buf (queue names have no \x01).
+ */
 bool
-dispatch_pend_key_name(char *buf, size_t cap, const char *queue, const char *key)
+dispatch_pend_key_name(char *buf, size_t cap, const char *queue,
+                       const char *key)
 {
     int n = snprintf(buf, cap, "%s\x01%s", queue, key);
 
@@ -354,7 +356,7 @@ dispatch_complete_publish(struct broker *bk, struct wait *w)
     if (w->conn && conn_is_open(w->conn)) {
         if (ids == NULL || dups == NULL) {
             dispatch_reply_err(w->conn, w->request_id, PQ_ENOMEM,
-                      "stored, but out of memory building the reply");
+                               "stored, but out of memory building the reply");
         } else {
             ok.n_message_ids = w->n;
             ok.message_ids = ids;
@@ -384,10 +386,12 @@ fail_wait(struct broker *bk, struct wait *w, int status)
         bk->stats.disk_full_refusals++;
     }
     if (w->conn && conn_is_open(w->conn)) {
-        dispatch_reply_err(w->conn, w->request_id, status,
-                  status == PQ_ENOSPC
-                      ? "not stored: the data disk is full; retry later"
-                      : "not stored: %s", pq_strerror(status));
+        dispatch_reply_err(
+            w->conn, w->request_id, status,
+            status == PQ_ENOSPC
+                ? "not stored: the data disk is full; retry later"
+                : "not stored: %s",
+            pq_strerror(status));
     }
 }
 
@@ -402,7 +406,8 @@ settle_waits(void *arg, uint64_t upto_lsn, int status)
         /* Never confirm after a failed fsync: stop, let systemd restart us
          * and recovery decide what is on disk. */
         log_err("storage failed (%s); stopping without confirming anything "
-                "more", pq_strerror(status));
+                "more",
+                pq_strerror(status));
         bk->exit_code = EX_IOERR;
         bk->stop(bk->owner);
         return;
@@ -442,7 +447,8 @@ dispatch_finish_ok(struct conn *c, uint64_t rid, uint64_t lsn, uint64_t count)
     }
     w = dispatch_wait_new(c, rid, WAIT_OK, 0);
     if (w == NULL) {
-        dispatch_reply_err(c, rid, PQ_ENOMEM, "applied, but out of memory for the reply");
+        dispatch_reply_err(c, rid, PQ_ENOMEM,
+                           "applied, but out of memory for the reply");
         return;
     }
     w->count = count;
@@ -452,13 +458,14 @@ dispatch_finish_ok(struct conn *c, uint64_t rid, uint64_t lsn, uint64_t count)
 struct mark
 dispatch_mark_now(struct broker *bk)
 {
-    struct mark m = {journal_last_lsn(bk->journal), journal_errors(bk->journal, NULL)};
+    struct mark m = {journal_last_lsn(bk->journal),
+                     journal_errors(bk->journal, NULL)};
     return m;
 }
 
 /*
- * dispatch_finish_since: answer a request that changed state through queue events,
- * which journal whatever records they need: Ok once everything appended
+ * dispatch_finish_since: answer a request that changed state through queue
+ * events, which journal whatever records they need: Ok once everything appended
  * since the mark is durable (at once if nothing was), or an Error if a
  * record could not be written (never an Ok for what is not on disk).
  */
@@ -469,8 +476,10 @@ dispatch_finish_since(struct conn *c, uint64_t rid, struct mark before)
     uint64_t lsn = journal_last_lsn(broker_of(c)->journal);
 
     if (journal_errors(broker_of(c)->journal, &last) != before.errors) {
-        dispatch_reply_err(c, rid, last, "applied in memory, but not recorded in the "
-                  "log (%s); after a restart it is undone", pq_strerror(last));
+        dispatch_reply_err(c, rid, last,
+                           "applied in memory, but not recorded in the "
+                           "log (%s); after a restart it is undone",
+                           pq_strerror(last));
         return;
     }
     dispatch_finish_ok(c, rid, lsn != before.lsn ? lsn : 0, 0);
@@ -488,9 +497,10 @@ on_hello(struct conn *c, uint64_t rid, const Protoq__Hello *h)
     size_t i;
 
     if (h->protocol_version != PROTOQ_PROTOCOL_VERSION) {
-        conn_fatal(c, rid, PROTOQ__ERROR_CODE__UNSUPPORTED_VERSION,
-                   "protocol version %u is not supported; this broker speaks %d",
-                   h->protocol_version, PROTOQ_PROTOCOL_VERSION);
+        conn_fatal(
+            c, rid, PROTOQ__ERROR_CODE__UNSUPPORTED_VERSION,
+            "protocol version %u is not supported; this broker speaks %d",
+            h->protocol_version, PROTOQ_PROTOCOL_VERSION);
         return;
     }
     /* Keep a printable copy of the client name for logs. */
@@ -571,7 +581,8 @@ dispatch_frame(void *arg, struct conn *c, const Protoq__Frame *f)
         dispatch_publish(c, rid, &f->publish, 1);
         break;
     case PROTOQ__FRAME__KIND_PUBLISH_BATCH:
-        dispatch_publish(c, rid, f->publish_batch->items, f->publish_batch->n_items);
+        dispatch_publish(c, rid, f->publish_batch->items,
+                         f->publish_batch->n_items);
         break;
     case PROTOQ__FRAME__KIND_SUBSCRIBE:
         dispatch_on_subscribe(c, rid, f->subscribe);
@@ -638,7 +649,8 @@ on_qevent(void *arg, const struct qevent *ev)
     }
     if (ev->type == QEV_DROP && ev->detail) {
         log_warn("queue %s: message %llu dropped (%s): %s", queue_name(ev->q),
-                 (unsigned long long)ev->m->id, qreason_name(ev->reason), ev->detail);
+                 (unsigned long long)ev->m->id, qreason_name(ev->reason),
+                 ev->detail);
     }
     journal_qevent(bk->journal, ev, *bk->now_mono_ms);
     if (ev->type == QEV_REQUEUE || ev->type == QEV_DEAD_LETTER) {

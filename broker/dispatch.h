@@ -23,7 +23,7 @@ struct queue;
 struct wait;
 
 struct broker_stats {
-    uint64_t batches_durable;     /* store batches reported durable */
+    uint64_t batches_durable; /* store batches reported durable */
     uint64_t disk_full_refusals;
 };
 
@@ -35,27 +35,28 @@ struct broker_stats {
  */
 struct broker {
     /* Set by the owner (the server). */
-    const struct config *cfg;     /* borrowed; limits are read at each use,
-                                     so a SIGHUP reload applies at once */
-    const uint64_t *now_mono_ms;  /* the loop's clock, read once per pass */
-    void (*stop)(void *owner);    /* a fatal storage error: end the loop */
-    void *owner;                  /* stop's argument */
-    uint16_t port;                /* names the broker in Welcome */
-    bool shutting_down;           /* a clean stop: held jobs are released */
+    const struct config *cfg;    /* borrowed; limits are read at each use,
+                                    so a SIGHUP reload applies at once */
+    const uint64_t *now_mono_ms; /* the loop's clock, read once per pass */
+    void (*stop)(void *owner);   /* a fatal storage error: end the loop */
+    void *owner;                 /* stop's argument */
+    uint16_t port;               /* names the broker in Welcome */
+    bool shutting_down;          /* a clean stop: held jobs are released */
 
     /* Owned here. */
-    int exit_code;                /* 0, or EX_IOERR after a fatal store error */
+    int exit_code; /* 0, or EX_IOERR after a fatal store error */
     struct qset *qs;
-    struct journal *journal;      /* the log, NULL until opened */
-    int store_fd;                 /* the log's eventfd; -1 without one */
-    uint64_t next_msg_id;         /* never reused */
+    struct journal *journal; /* the log, NULL until opened */
+    int store_fd;            /* the log's eventfd; -1 without one */
+    uint64_t next_msg_id;    /* never reused */
     uint64_t next_sub_id;
-    struct wait *waits_head;      /* FIFO of replies waiting for durability */
+    struct wait *waits_head; /* FIFO of replies waiting for durability */
     struct wait *waits_tail;
-    struct queue **dirty;         /* queues that may be able to deliver */
+    struct queue **dirty; /* queues that may be able to deliver */
     uint32_t ndirty, dirty_cap;
-    struct hmap_u64 dirty_set;    /* membership of dirty, keyed by pointer */
-    struct hmap_u64 pending_room; /* queue -> room taken by unconfirmed publishes */
+    struct hmap_u64 dirty_set; /* membership of dirty, keyed by pointer */
+    struct hmap_u64
+        pending_room; /* queue -> room taken by unconfirmed publishes */
     struct hmap_str pending_keys; /* "queue\x01key" -> idempotency keys whose
                                      publish is not durable yet */
     struct broker_stats stats;

@@ -22,9 +22,10 @@ static bool
 check_name(struct conn *c, uint64_t rid, const char *what, const char *name)
 {
     if (name == NULL || !queue_name_valid(name, strlen(name))) {
-        dispatch_reply_err(c, rid, PQ_EINVAL,
-                  "%s: invalid queue name (1-200 characters of A-Z a-z 0-9 . _ - :)",
-                  what);
+        dispatch_reply_err(
+            c, rid, PQ_EINVAL,
+            "%s: invalid queue name (1-200 characters of A-Z a-z 0-9 . _ - :)",
+            what);
         return false;
     }
     return true;
@@ -40,7 +41,8 @@ dispatch_find_queue(struct conn *c, uint64_t rid, const char *name)
     }
     q = qset_find(broker_of(c)->qs, name);
     if (q == NULL) {
-        dispatch_reply_err(c, rid, PQ_ENOTFOUND, "queue \"%s\" does not exist", name);
+        dispatch_reply_err(c, rid, PQ_ENOTFOUND, "queue \"%s\" does not exist",
+                           name);
     }
     return q;
 }
@@ -123,28 +125,35 @@ dead_letter_ok(struct conn *c, uint64_t rid, const char *name,
     struct queue *dlq;
 
     if (strcmp(a->dead_letter, name) == 0) {
-        dispatch_reply_err(c, rid, PQ_EINVAL, "queue create %s: a queue cannot be its "
-                  "own dead_letter", name);
+        dispatch_reply_err(c, rid, PQ_EINVAL,
+                           "queue create %s: a queue cannot be its "
+                           "own dead_letter",
+                           name);
         return false;
     }
     dlq = qset_find(broker_of(c)->qs, a->dead_letter);
     if (dlq == NULL) {
-        dispatch_reply_err(c, rid, PQ_ENOTFOUND, "queue create %s: dead_letter queue "
-                  "\"%s\" does not exist (create it first)", name,
-                  a->dead_letter);
+        dispatch_reply_err(c, rid, PQ_ENOTFOUND,
+                           "queue create %s: dead_letter queue "
+                           "\"%s\" does not exist (create it first)",
+                           name, a->dead_letter);
         return false;
     }
     if (!a->transient && queue_attrs(dlq)->transient) {
-        dispatch_reply_err(c, rid, PQ_EINVAL, "queue create %s: dead_letter queue "
-                  "\"%s\" is transient, and a durable queue's dead letters "
-                  "must survive a restart", name, a->dead_letter);
+        dispatch_reply_err(
+            c, rid, PQ_EINVAL,
+            "queue create %s: dead_letter queue "
+            "\"%s\" is transient, and a durable queue's dead letters "
+            "must survive a restart",
+            name, a->dead_letter);
         return false;
     }
     return true;
 }
 
 void
-dispatch_on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate *r)
+dispatch_on_queue_create(struct conn *c, uint64_t rid,
+                         const Protoq__QueueCreate *r)
 {
     struct broker *bk = broker_of(c);
     struct queue_attrs a;
@@ -158,15 +167,18 @@ dispatch_on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate
     }
     if (r->attrs && r->attrs->dead_letter &&
         strlen(r->attrs->dead_letter) > QUEUE_NAME_MAX) {
-        dispatch_reply_err(c, rid, PQ_EINVAL, "queue create %s: dead_letter name over "
-                  "%d characters", r->name, QUEUE_NAME_MAX);
+        dispatch_reply_err(c, rid, PQ_EINVAL,
+                           "queue create %s: dead_letter name over "
+                           "%d characters",
+                           r->name, QUEUE_NAME_MAX);
         return;
     }
     attrs_from_wire(&a, r->attrs);
     if (a.dead_letter[0] != '\0' &&
         !queue_name_valid(a.dead_letter, strlen(a.dead_letter))) {
-        dispatch_reply_err(c, rid, PQ_EINVAL, "queue create %s: invalid dead_letter name",
-                  r->name);
+        dispatch_reply_err(c, rid, PQ_EINVAL,
+                           "queue create %s: invalid dead_letter name",
+                           r->name);
         return;
     }
     if (a.dead_letter[0] != '\0' && !dead_letter_ok(c, rid, r->name, &a)) {
@@ -177,28 +189,33 @@ dispatch_on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate
         a.backoff_cap_ms > DURATION_MAX_MS ||
         a.dedup_window_ms > DURATION_MAX_MS ||
         a.max_lease_ms > DURATION_MAX_MS) {
-        dispatch_reply_err(c, rid, PQ_EINVAL,
-                  "queue create %s: max_attempts over 1000000, ack_timeout_ms "
-                  "over a year, or a duration over ten years", r->name);
+        dispatch_reply_err(
+            c, rid, PQ_EINVAL,
+            "queue create %s: max_attempts over 1000000, ack_timeout_ms "
+            "over a year, or a duration over ten years",
+            r->name);
         return;
     }
     existed = qset_find(bk->qs, r->name) != NULL;
-    if (!existed && !a.transient && durable_queue_count(bk) >= max_durable_queues(bk)) {
+    if (!existed && !a.transient &&
+        durable_queue_count(bk) >= max_durable_queues(bk)) {
         conn_send_error(c, rid, PROTOQ__ERROR_CODE__OVERLOADED,
                         "queue create %s: %zu durable queues is the most this "
                         "broker keeps (segment_bytes / 2048: every log segment "
-                        "starts with their definitions)", r->name,
-                        max_durable_queues(bk));
+                        "starts with their definitions)",
+                        r->name, max_durable_queues(bk));
         return;
     }
     rc = qset_create(bk->qs, r->name, &a, &q);
     if (rc == PQ_EEXIST) {
         dispatch_reply_err(c, rid, rc,
-                  "queue \"%s\" already exists with other attributes", r->name);
+                           "queue \"%s\" already exists with other attributes",
+                           r->name);
         return;
     }
     if (rc != PQ_OK) {
-        dispatch_reply_err(c, rid, rc, "queue create %s: %s", r->name, pq_strerror(rc));
+        dispatch_reply_err(c, rid, rc, "queue create %s: %s", r->name,
+                           pq_strerror(rc));
         return;
     }
     if (!existed && !queue_attrs(q)->transient) {
@@ -206,7 +223,7 @@ dispatch_on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate
         if (rc != PQ_OK) {
             qset_delete(bk->qs, q);
             dispatch_reply_err(c, rid, rc, "queue create %s: %s", r->name,
-                      pq_strerror(rc));
+                               pq_strerror(rc));
             return;
         }
     }
@@ -234,8 +251,8 @@ dispatch_sub_unlink(struct sub *s)
 /*
  * Delete q with its subscriptions: their connections are told nothing
  * more, and the deliveries they hold go with the queue like every other
- * message of it. Not through dispatch_unsubscribe(): that makes each held delivery
- * a failed attempt (a REQUEUE or DEAD_LETTER record after the
+ * message of it. Not through dispatch_unsubscribe(): that makes each held
+ * delivery a failed attempt (a REQUEUE or DEAD_LETTER record after the
  * QUEUE_DELETE, and a second release of segment references that
  * journal_queue_delete already released).
  */
@@ -302,7 +319,8 @@ dead_letter_users(struct broker *bk, const struct queue *q, char *buf,
 }
 
 void
-dispatch_on_queue_delete(struct conn *c, uint64_t rid, const Protoq__QueueDelete *r)
+dispatch_on_queue_delete(struct conn *c, uint64_t rid,
+                         const Protoq__QueueDelete *r)
 {
     struct broker *bk = broker_of(c);
     struct queue *q = dispatch_find_queue(c, rid, r->name);
@@ -316,16 +334,18 @@ dispatch_on_queue_delete(struct conn *c, uint64_t rid, const Protoq__QueueDelete
     }
     n_users = dead_letter_users(bk, q, users, sizeof(users));
     if (n_users > 0) {
-        dispatch_reply_err(c, rid, PQ_EINVAL, "queue rm %s: it is the dead_letter of "
-                  "%zu queue%s (%s): delete %s first", r->name, n_users,
-                  n_users == 1 ? "" : "s", users,
-                  n_users == 1 ? "that one" : "those");
+        dispatch_reply_err(c, rid, PQ_EINVAL,
+                           "queue rm %s: it is the dead_letter of "
+                           "%zu queue%s (%s): delete %s first",
+                           r->name, n_users, n_users == 1 ? "" : "s", users,
+                           n_users == 1 ? "that one" : "those");
         return;
     }
     if (!queue_attrs(q)->transient) {
         rc = journal_queue_delete(bk->journal, q, &lsn);
         if (rc != PQ_OK) {
-            dispatch_reply_err(c, rid, rc, "queue rm %s: %s", r->name, pq_strerror(rc));
+            dispatch_reply_err(c, rid, rc, "queue rm %s: %s", r->name,
+                               pq_strerror(rc));
             return;
         }
     }
@@ -338,7 +358,8 @@ dispatch_on_queue_delete(struct conn *c, uint64_t rid, const Protoq__QueueDelete
 }
 
 void
-dispatch_on_queue_purge(struct conn *c, uint64_t rid, const Protoq__QueuePurge *r)
+dispatch_on_queue_purge(struct conn *c, uint64_t rid,
+                        const Protoq__QueuePurge *r)
 {
     struct broker *bk = broker_of(c);
     struct queue *q = dispatch_find_queue(c, rid, r->name);
@@ -352,7 +373,7 @@ dispatch_on_queue_purge(struct conn *c, uint64_t rid, const Protoq__QueuePurge *
         rc = journal_queue_purge(bk->journal, q, &lsn);
         if (rc != PQ_OK) {
             dispatch_reply_err(c, rid, rc, "queue purge %s: %s", r->name,
-                      pq_strerror(rc));
+                               pq_strerror(rc));
             return;
         }
     }
@@ -433,9 +454,10 @@ dispatch_on_queue_list(struct conn *c, uint64_t rid)
     f.request_id = rid;
     f.kind_case = PROTOQ__FRAME__KIND_QUEUE_LIST_OK;
     f.queue_list_ok = &ok;
-    if (frame_packed_size(&f) - FRAME_HEADER_LEN > broker_of(c)->cfg->max_frame_bytes) {
+    if (frame_packed_size(&f) - FRAME_HEADER_LEN >
+        broker_of(c)->cfg->max_frame_bytes) {
         dispatch_reply_err(c, rid, PQ_ETOOBIG,
-                  "queue list: %zu queues do not fit in one frame", n);
+                           "queue list: %zu queues do not fit in one frame", n);
         goto out;
     }
     conn_send(c, &f);

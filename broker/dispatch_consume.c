@@ -44,12 +44,14 @@ dispatch_on_subscribe(struct conn *c, uint64_t rid, const Protoq__Subscribe *r)
         return;
     }
     if (c->nsubs >= 1024) {
-        dispatch_reply_err(c, rid, PQ_EINVAL, "subscribe: over 1024 subscriptions");
+        dispatch_reply_err(c, rid, PQ_EINVAL,
+                           "subscribe: over 1024 subscriptions");
         return;
     }
     if (!dispatch_tags_valid(r->tags, r->n_tags)) {
-        dispatch_reply_err(c, rid, PQ_EINVAL, "subscribe: over %d tags or a tag over %d bytes",
-                  PQ_TAGS_MAX, PQ_TAG_BYTES_MAX);
+        dispatch_reply_err(c, rid, PQ_EINVAL,
+                           "subscribe: over %d tags or a tag over %d bytes",
+                           PQ_TAGS_MAX, PQ_TAG_BYTES_MAX);
         return;
     }
     if (prefetch > 100000) {
@@ -95,7 +97,8 @@ dispatch_unsubscribe(struct broker *bk, struct sub *s)
 }
 
 void
-dispatch_on_unsubscribe(struct conn *c, uint64_t rid, const Protoq__Unsubscribe *r)
+dispatch_on_unsubscribe(struct conn *c, uint64_t rid,
+                        const Protoq__Unsubscribe *r)
 {
     struct sub *s = find_sub(c, r->subscription_id);
 
@@ -126,7 +129,8 @@ dispatch_on_flow(struct conn *c, uint64_t rid, const Protoq__Flow *r)
     s->flow_paused = r->prefetch == 0;
     s->cons.paused = s->flow_paused || c->output_full;
     if (r->prefetch > 0) {
-        queue_set_prefetch(&s->cons, r->prefetch > 100000 ? 100000 : r->prefetch);
+        queue_set_prefetch(&s->cons,
+                           r->prefetch > 100000 ? 100000 : r->prefetch);
     }
     dispatch_mark_dirty(broker_of(c), s->cons.q);
     dispatch_reply_ok(c, rid, 0);
@@ -139,8 +143,8 @@ release_held(struct broker *bk, struct sub *s)
     struct msg *m;
 
     while ((m = s->cons.inflight_head) != NULL) {
-        int rc = qset_release(bk->qs, m->id, m->attempt, NULL,
-                              *bk->now_mono_ms);
+        int rc =
+            qset_release(bk->qs, m->id, m->attempt, NULL, *bk->now_mono_ms);
 
         if (rc != PQ_OK && rc != PQ_ESTALE) {
             break; /* the unsubscribe below handles what is left */
@@ -193,7 +197,8 @@ send_deliver(struct broker *bk, struct sub *s, struct msg *m)
         .queue = queue_name(m->q),
         .message_id = m->id,
         .attempt = m->attempt,
-        .lease_ms = m->due_ms > *bk->now_mono_ms ? m->due_ms - *bk->now_mono_ms : 0,
+        .lease_ms =
+            m->due_ms > *bk->now_mono_ms ? m->due_ms - *bk->now_mono_ms : 0,
         .published_at_ms = m->published_wall_ms,
         .progress = prog ? prog->data : NULL,
         .progress_len = prog ? prog->len : 0,
@@ -237,7 +242,8 @@ send_deliver(struct broker *bk, struct sub *s, struct msg *m)
     body_unref(&b);
 }
 
-/* dispatch_deliver: hand out what q can deliver now; true if it stopped early. */
+/* dispatch_deliver: hand out what q can deliver now; true if it stopped early.
+ */
 bool
 dispatch_deliver(struct broker *bk, struct queue *q)
 {
@@ -267,8 +273,9 @@ dispatch_on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
     int rc;
 
     if (r->n_follow_ups > 0 || r->result.len > 0) {
-        conn_send_error(c, rid, PROTOQ__ERROR_CODE__UNSUPPORTED,
-                        "ack with a result or follow-ups is not implemented yet");
+        conn_send_error(
+            c, rid, PROTOQ__ERROR_CODE__UNSUPPORTED,
+            "ack with a result or follow-ups is not implemented yet");
         return;
     }
     was = qset_msg_peek(bk->qs, r->message_id, &cur) ? cur.q : NULL;
@@ -282,10 +289,14 @@ dispatch_on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
             dispatch_mark_dirty(bk, was);
         }
         log_debug("ack %llu/%u stale: %s", (unsigned long long)r->message_id,
-                  r->attempt, live ? (cur.state == MSG_INFLIGHT ? "in flight, other attempt" : "not in flight") : "no such message");
-        dispatch_reply_err(c, rid, rc, "ack %llu/%u: not the current delivery (lease "
-                  "expired, already acked, or cancelled)",
-                  (unsigned long long)r->message_id, r->attempt);
+                  r->attempt,
+                  live ? (cur.state == MSG_INFLIGHT ? "in flight, other attempt"
+                                                    : "not in flight")
+                       : "no such message");
+        dispatch_reply_err(c, rid, rc,
+                           "ack %llu/%u: not the current delivery (lease "
+                           "expired, already acked, or cancelled)",
+                           (unsigned long long)r->message_id, r->attempt);
         return;
     }
     q = m->q;
@@ -302,9 +313,10 @@ dispatch_on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
     msg_free(m);
     dispatch_mark_dirty(bk, q);
     if (r->confirm && rc != PQ_OK) {
-        dispatch_reply_err(c, rid, rc, "ack applied, but not recorded in the log (%s); "
-                  "after a restart the message is delivered again",
-                  pq_strerror(rc));
+        dispatch_reply_err(c, rid, rc,
+                           "ack applied, but not recorded in the log (%s); "
+                           "after a restart the message is delivered again",
+                           pq_strerror(rc));
     } else if (r->confirm) {
         dispatch_finish_ok(c, rid, lsn, 0);
     }
@@ -327,7 +339,7 @@ dispatch_on_nack(struct conn *c, uint64_t rid, const Protoq__Nack *r)
 
     if (r->error && strlen(r->error) > PQ_NACK_ERROR_MAX) {
         dispatch_reply_err(c, rid, PQ_EINVAL, "nack: error text over %d bytes",
-                  PQ_NACK_ERROR_MAX);
+                           PQ_NACK_ERROR_MAX);
         return;
     }
     if (r->delay_ms > DURATION_MAX_MS) {
@@ -338,7 +350,7 @@ dispatch_on_nack(struct conn *c, uint64_t rid, const Protoq__Nack *r)
     rc = qset_nack(bk->qs, r->message_id, r->attempt, &o, *bk->now_mono_ms);
     if (rc != PQ_OK) {
         dispatch_reply_err(c, rid, rc, "nack %llu/%u: not the current delivery",
-                  (unsigned long long)r->message_id, r->attempt);
+                           (unsigned long long)r->message_id, r->attempt);
         return;
     }
     if (q) {
@@ -384,20 +396,23 @@ dispatch_on_touch(struct conn *c, uint64_t rid, const Protoq__Touch *r)
     int rc;
 
     if (r->extend_ms > DURATION_MAX_MS) {
-        dispatch_reply_err(c, rid, PQ_EINVAL, "touch: extension over ten years");
+        dispatch_reply_err(c, rid, PQ_EINVAL,
+                           "touch: extension over ten years");
         return;
     }
     rc = progress_body(r->progress, &prog);
     if (rc != PQ_OK) {
-        dispatch_reply_err(c, rid, rc, "touch: progress over 2 KiB or percent over 100");
+        dispatch_reply_err(c, rid, rc,
+                           "touch: progress over 2 KiB or percent over 100");
         return;
     }
     rc = qset_touch(bk->qs, r->message_id, r->attempt, r->extend_ms, prog,
                     *bk->now_mono_ms, &lease);
     body_unref(&prog);
     if (rc != PQ_OK) {
-        dispatch_reply_err(c, rid, rc, "touch %llu/%u: not the current delivery",
-                  (unsigned long long)r->message_id, r->attempt);
+        dispatch_reply_err(c, rid, rc,
+                           "touch %llu/%u: not the current delivery",
+                           (unsigned long long)r->message_id, r->attempt);
         return;
     }
     ok.lease_ms = lease;
@@ -419,15 +434,18 @@ dispatch_on_release(struct conn *c, uint64_t rid, const Protoq__Release *r)
 
     rc = progress_body(r->progress, &prog);
     if (rc != PQ_OK) {
-        dispatch_reply_err(c, rid, rc, "release: progress over 2 KiB or percent over 100");
+        dispatch_reply_err(c, rid, rc,
+                           "release: progress over 2 KiB or percent over 100");
         return;
     }
     before = dispatch_mark_now(bk);
-    rc = qset_release(bk->qs, r->message_id, r->attempt, prog, *bk->now_mono_ms);
+    rc =
+        qset_release(bk->qs, r->message_id, r->attempt, prog, *bk->now_mono_ms);
     body_unref(&prog);
     if (rc != PQ_OK) {
-        dispatch_reply_err(c, rid, rc, "release %llu/%u: not the current delivery",
-                  (unsigned long long)r->message_id, r->attempt);
+        dispatch_reply_err(c, rid, rc,
+                           "release %llu/%u: not the current delivery",
+                           (unsigned long long)r->message_id, r->attempt);
         return;
     }
     if (q) {
@@ -447,8 +465,8 @@ dispatch_on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r)
     struct mark before;
     int rc;
 
-    if (!live || (r->queue && r->queue[0] &&
-                  strcmp(r->queue, queue_name(v.q)) != 0)) {
+    if (!live ||
+        (r->queue && r->queue[0] && strcmp(r->queue, queue_name(v.q)) != 0)) {
         conn_send_error(c, rid, PROTOQ__ERROR_CODE__BAD_REQUEST,
                         "cancel: no live message %llu%s%s",
                         (unsigned long long)r->message_id,
@@ -460,7 +478,7 @@ dispatch_on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r)
     rc = qset_cancel(bk->qs, r->message_id, &held);
     if (rc != PQ_OK) {
         dispatch_reply_err(c, rid, rc, "cancel %llu: %s",
-                  (unsigned long long)r->message_id, pq_strerror(rc));
+                           (unsigned long long)r->message_id, pq_strerror(rc));
         return;
     }
     if (held && !queue_attrs(held->q)->transient) {

@@ -52,23 +52,24 @@ broker_of(const struct conn *c)
 
 /* One subscription of a connection. */
 struct sub {
-    struct consumer cons;         /* linked into its queue by queue.c */
+    struct consumer cons; /* linked into its queue by queue.c */
     struct conn *conn;
-    struct sub *next;             /* conn->subs */
-    bool flow_paused;             /* Flow{prefetch 0}: no new deliveries */
+    struct sub *next; /* conn->subs */
+    bool flow_paused; /* Flow{prefetch 0}: no new deliveries */
 };
 
 enum wait_kind { WAIT_PUBLISH, WAIT_OK };
 
-/* A reply (and for publishes, the messages) waiting for an LSN to be durable. */
+/* A reply (and for publishes, the messages) waiting for an LSN to be durable.
+ */
 struct wait {
     struct wait *next;
-    uint64_t lsn;                 /* durable when the store reports >= lsn */
-    struct conn *conn;            /* ref held; NULL: nobody to answer */
+    uint64_t lsn;      /* durable when the store reports >= lsn */
+    struct conn *conn; /* ref held; NULL: nobody to answer */
     uint64_t request_id;
     enum wait_kind kind;
-    uint64_t count;               /* WAIT_OK: Ok.count */
-    uint32_t n;                   /* WAIT_PUBLISH: messages */
+    uint64_t count; /* WAIT_OK: Ok.count */
+    uint32_t n;     /* WAIT_PUBLISH: messages */
     struct pending items[];
 };
 
@@ -88,9 +89,9 @@ struct room {
  * for the first one's fate instead of storing a second copy. */
 
 struct pend_key {
-    char *ckey;                   /* "queue\x01key"; the map's key */
-    uint64_t id;                  /* the first publish's message id */
-    uint64_t lsn;                 /* its LSN once journaled; 0 before */
+    char *ckey;   /* "queue\x01key"; the map's key */
+    uint64_t id;  /* the first publish's message id */
+    uint64_t lsn; /* its LSN once journaled; 0 before */
 };
 
 /* Where the journal stood before a change, to confirm it afterwards. */
@@ -115,14 +116,16 @@ void dispatch_reply_ok(struct conn *c, uint64_t rid, uint64_t count);
 /* dispatch_room_take: add what items adds to each queue, then check every queue
  * involved; on PQ_EFULL nothing stays taken and *full names the queue. */
 int dispatch_room_take(struct broker *bk, struct pending *items, uint32_t n,
-          struct queue **full);
+                       struct queue **full);
 
 void dispatch_room_give(struct broker *bk, const struct pending *p);
 
 void dispatch_room_forget(struct broker *bk, const struct queue *q);
 
-/* dispatch_pend_key_name: "queue\x01key" into buf (queue names have no \x01). */
-bool dispatch_pend_key_name(char *buf, size_t cap, const char *queue, const char *key);
+/* dispatch_pend_key_name: "queue\x01key" into buf (queue names have no \x01).
+ */
+bool dispatch_pend_key_name(char *buf, size_t cap, const char *queue,
+                            const char *key);
 
 void dispatch_pend_key_drop(struct broker *bk, struct pending *p);
 
@@ -130,7 +133,8 @@ void dispatch_pending_fini(struct pending *p);
 
 void dispatch_wait_free(struct broker *bk, struct wait *w);
 
-struct wait *dispatch_wait_new(struct conn *c, uint64_t rid, enum wait_kind kind, uint32_t n);
+struct wait *dispatch_wait_new(struct conn *c, uint64_t rid,
+                               enum wait_kind kind, uint32_t n);
 
 void dispatch_wait_enqueue(struct broker *bk, struct wait *w, uint64_t lsn);
 
@@ -143,30 +147,36 @@ void dispatch_complete_publish(struct broker *bk, struct wait *w);
  * that arrives behind a waiting one is answered at once, which is fine:
  * replies are matched by request_id.
  */
-void dispatch_finish_ok(struct conn *c, uint64_t rid, uint64_t lsn, uint64_t count);
+void dispatch_finish_ok(struct conn *c, uint64_t rid, uint64_t lsn,
+                        uint64_t count);
 
 struct mark dispatch_mark_now(struct broker *bk);
 
 /*
- * dispatch_finish_since: answer a request that changed state through queue events,
- * which journal whatever records they need: Ok once everything appended
+ * dispatch_finish_since: answer a request that changed state through queue
+ * events, which journal whatever records they need: Ok once everything appended
  * since the mark is durable (at once if nothing was), or an Error if a
  * record could not be written (never an Ok for what is not on disk).
  */
 void dispatch_finish_since(struct conn *c, uint64_t rid, struct mark before);
 
-struct queue *dispatch_find_queue(struct conn *c, uint64_t rid, const char *name);
+struct queue *dispatch_find_queue(struct conn *c, uint64_t rid,
+                                  const char *name);
 
-void dispatch_on_queue_create(struct conn *c, uint64_t rid, const Protoq__QueueCreate *r);
+void dispatch_on_queue_create(struct conn *c, uint64_t rid,
+                              const Protoq__QueueCreate *r);
 
 /* Unlink s from its connection's list (it stays allocated). */
 void dispatch_sub_unlink(struct sub *s);
 
-void dispatch_on_queue_delete(struct conn *c, uint64_t rid, const Protoq__QueueDelete *r);
+void dispatch_on_queue_delete(struct conn *c, uint64_t rid,
+                              const Protoq__QueueDelete *r);
 
-void dispatch_on_queue_purge(struct conn *c, uint64_t rid, const Protoq__QueuePurge *r);
+void dispatch_on_queue_purge(struct conn *c, uint64_t rid,
+                             const Protoq__QueuePurge *r);
 
-void dispatch_on_queue_stat(struct conn *c, uint64_t rid, const Protoq__QueueStat *r);
+void dispatch_on_queue_stat(struct conn *c, uint64_t rid,
+                            const Protoq__QueueStat *r);
 
 void dispatch_on_queue_list(struct conn *c, uint64_t rid);
 
@@ -175,20 +185,24 @@ void dispatch_on_queue_list(struct conn *c, uint64_t rid);
 bool dispatch_tags_valid(Protoq__KeyValue **kv, size_t n);
 
 /*
- * dispatch_publish: the shared path of Publish and PublishBatch. All or nothing:
- * every message is checked before any is journaled.
+ * dispatch_publish: the shared path of Publish and PublishBatch. All or
+ * nothing: every message is checked before any is journaled.
  */
-void dispatch_publish(struct conn *c, uint64_t rid, Protoq__Publish *const *items, size_t n);
+void dispatch_publish(struct conn *c, uint64_t rid,
+                      Protoq__Publish *const *items, size_t n);
 
-void dispatch_on_subscribe(struct conn *c, uint64_t rid, const Protoq__Subscribe *r);
+void dispatch_on_subscribe(struct conn *c, uint64_t rid,
+                           const Protoq__Subscribe *r);
 
 void dispatch_unsubscribe(struct broker *bk, struct sub *s);
 
-void dispatch_on_unsubscribe(struct conn *c, uint64_t rid, const Protoq__Unsubscribe *r);
+void dispatch_on_unsubscribe(struct conn *c, uint64_t rid,
+                             const Protoq__Unsubscribe *r);
 
 void dispatch_on_flow(struct conn *c, uint64_t rid, const Protoq__Flow *r);
 
-/* dispatch_deliver: hand out what q can deliver now; true if it stopped early. */
+/* dispatch_deliver: hand out what q can deliver now; true if it stopped early.
+ */
 bool dispatch_deliver(struct broker *bk, struct queue *q);
 
 void dispatch_on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r);
@@ -197,7 +211,8 @@ void dispatch_on_nack(struct conn *c, uint64_t rid, const Protoq__Nack *r);
 
 void dispatch_on_touch(struct conn *c, uint64_t rid, const Protoq__Touch *r);
 
-void dispatch_on_release(struct conn *c, uint64_t rid, const Protoq__Release *r);
+void dispatch_on_release(struct conn *c, uint64_t rid,
+                         const Protoq__Release *r);
 
 void dispatch_on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r);
 

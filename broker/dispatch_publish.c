@@ -98,7 +98,8 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
         return false;
     }
     if (m == NULL) {
-        dispatch_reply_err(c, rid, PQ_EINVAL, "publish %s: no message", pub->queue);
+        dispatch_reply_err(c, rid, PQ_EINVAL, "publish %s: no message",
+                           pub->queue);
         return false;
     }
     rc = frame_message_check(m, &lim, &len, why, sizeof(why));
@@ -109,9 +110,11 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
     if (m->delay_ms > DURATION_MAX_MS || m->ttl_ms > DURATION_MAX_MS ||
         (m->deliver_at_ms > wall_now &&
          m->deliver_at_ms - wall_now > DURATION_MAX_MS)) {
-        dispatch_reply_err(c, rid, PQ_EINVAL,
-                  "publish %s: delay, deliver_at or ttl more than ten years "
-                  "away", pub->queue);
+        dispatch_reply_err(
+            c, rid, PQ_EINVAL,
+            "publish %s: delay, deliver_at or ttl more than ten years "
+            "away",
+            pub->queue);
         return false;
     }
     p->q = q;
@@ -142,7 +145,7 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
             }
             pq_free(pk);
             dispatch_reply_err(c, rid, PQ_ENOMEM, "publish %s: out of memory",
-                      pub->queue);
+                               pub->queue);
             return false;
         }
         pk->id = bk->next_msg_id; /* assigned to this message below */
@@ -160,7 +163,8 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
          (p->idem_key = pq_strdup(m->idempotency_key)) == NULL)) {
         dispatch_pend_key_drop(bk, p);
         dispatch_pending_fini(p);
-        dispatch_reply_err(c, rid, PQ_ENOMEM, "publish %s: out of memory", pub->queue);
+        dispatch_reply_err(c, rid, PQ_ENOMEM, "publish %s: out of memory",
+                           pub->queue);
         return false;
     }
     p->mn.n_requires = m->n_requires;
@@ -181,11 +185,12 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
 }
 
 /*
- * dispatch_publish: the shared path of Publish and PublishBatch. All or nothing:
- * every message is checked before any is journaled.
+ * dispatch_publish: the shared path of Publish and PublishBatch. All or
+ * nothing: every message is checked before any is journaled.
  */
 void
-dispatch_publish(struct conn *c, uint64_t rid, Protoq__Publish *const *items, size_t n)
+dispatch_publish(struct conn *c, uint64_t rid, Protoq__Publish *const *items,
+                 size_t n)
 {
     struct broker *bk = broker_of(c);
     uint64_t wall_now = clock_wall_ms(), lsn = 0;
@@ -196,14 +201,16 @@ dispatch_publish(struct conn *c, uint64_t rid, Protoq__Publish *const *items, si
     int rc;
 
     if (n == 0 || n > bk->cfg->max_batch) {
-        dispatch_reply_err(c, rid, PQ_EINVAL, "publish: %zu messages (1-%u allowed)", n,
-                  bk->cfg->max_batch);
+        dispatch_reply_err(c, rid, PQ_EINVAL,
+                           "publish: %zu messages (1-%u allowed)", n,
+                           bk->cfg->max_batch);
         return;
     }
     if (pq_mem_used() > bk->cfg->memory_high_bytes) {
-        conn_send_error(c, rid, PROTOQ__ERROR_CODE__OVERLOADED,
-                        "broker memory over memory_high_bytes (%llu); retry later",
-                        (unsigned long long)bk->cfg->memory_high_bytes);
+        conn_send_error(
+            c, rid, PROTOQ__ERROR_CODE__OVERLOADED,
+            "broker memory over memory_high_bytes (%llu); retry later",
+            (unsigned long long)bk->cfg->memory_high_bytes);
         return;
     }
     w = dispatch_wait_new(c, rid, WAIT_PUBLISH, (uint32_t)n);
@@ -216,17 +223,18 @@ dispatch_publish(struct conn *c, uint64_t rid, Protoq__Publish *const *items, si
             goto fail; /* answered */
         }
         w->n++;
-        durable |= !w->items[i].duplicate &&
-                   !queue_attrs(w->items[i].q)->transient;
+        durable |=
+            !w->items[i].duplicate && !queue_attrs(w->items[i].q)->transient;
     }
     rc = dispatch_room_take(bk, w->items, w->n, &full);
     if (rc != PQ_OK) {
         if (rc == PQ_EFULL) {
-            dispatch_reply_err(c, rid, rc,
-                      "publish %s: queue is full (max_length %llu, max_bytes %llu)",
-                      queue_name(full),
-                      (unsigned long long)queue_attrs(full)->max_length,
-                      (unsigned long long)queue_attrs(full)->max_bytes);
+            dispatch_reply_err(
+                c, rid, rc,
+                "publish %s: queue is full (max_length %llu, max_bytes %llu)",
+                queue_name(full),
+                (unsigned long long)queue_attrs(full)->max_length,
+                (unsigned long long)queue_attrs(full)->max_bytes);
         } else {
             dispatch_reply_err(c, rid, rc, "publish: %s", pq_strerror(rc));
         }
@@ -239,7 +247,8 @@ dispatch_publish(struct conn *c, uint64_t rid, Protoq__Publish *const *items, si
             if (rc == PQ_ENOSPC) {
                 bk->stats.disk_full_refusals++;
             }
-            dispatch_reply_err(c, rid, rc, "publish: not stored: %s", pq_strerror(rc));
+            dispatch_reply_err(c, rid, rc, "publish: not stored: %s",
+                               pq_strerror(rc));
             for (i = 0; i < w->n; i++) {
                 dispatch_room_give(bk, &w->items[i]);
             }

@@ -7,8 +7,8 @@
 #include <string.h>
 #include <unistd.h>
 
-static char armed[64];            /* "" = none */
-static long hits_left;            /* crash when it reaches 0 */
+static char armed[64]; /* "" = none */
+static long hits_left; /* crash when it reaches 0 */
 
 void
 failpoint_init(void)

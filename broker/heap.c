@@ -83,7 +83,8 @@ heap_fini(struct heap *h)
     h->cap = 0;
 }
 
-/* heap_reserve: see heap.h. Grows geometrically so pushes stay amortized O(1). */
+/* heap_reserve: see heap.h. Grows geometrically so pushes stay amortized O(1).
+ */
 int
 heap_reserve(struct heap *h, size_t n)
 {

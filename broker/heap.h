@@ -21,9 +21,9 @@ typedef bool (*heap_less_fn)(const void *a, const void *b);
 typedef void (*heap_setpos_fn)(void *item, size_t pos);
 
 struct heap {
-    void **items;          /* items[0] is the minimum */
-    size_t len;            /* elements in use */
-    size_t cap;            /* slots allocated */
+    void **items; /* items[0] is the minimum */
+    size_t len;   /* elements in use */
+    size_t cap;   /* slots allocated */
     heap_less_fn less;
     heap_setpos_fn setpos; /* may be NULL */
 };

@@ -80,7 +80,8 @@ hmap_u64_fini(struct hmap_u64 *m)
 }
 
 static void
-u64_insert_fresh(struct hmap_u64_slot *slots, size_t cap, uint64_t key, void *val)
+u64_insert_fresh(struct hmap_u64_slot *slots, size_t cap, uint64_t key,
+                 void *val)
 {
     size_t i = hmap_hash_u64(key) & (cap - 1);
 
@@ -211,7 +212,8 @@ hmap_u64_del(struct hmap_u64 *m, uint64_t key)
     m->slots[i].key = 0;
     m->len--;
     if (m->cap > HMAP_MIN_CAP && m->len * 8 < m->cap) {
-        (void)u64_rehash(m, m->cap / 2); /* best-effort: a failed shrink is harmless */
+        (void)u64_rehash(
+            m, m->cap / 2); /* best-effort: a failed shrink is harmless */
     }
     return val;
 }
@@ -260,8 +262,8 @@ hmap_str_fini(struct hmap_str *m)
 }
 
 static void
-str_insert_fresh(struct hmap_str_slot *slots, size_t cap, const char *key, uint64_t hash,
-                 void *val)
+str_insert_fresh(struct hmap_str_slot *slots, size_t cap, const char *key,
+                 uint64_t hash, void *val)
 {
     size_t i = hash & (cap - 1);
 
@@ -288,7 +290,8 @@ str_rehash(struct hmap_str *m, size_t cap)
     }
     for (i = 0; i < m->cap; i++) {
         if (m->slots[i].val != NULL) {
-            str_insert_fresh(slots, cap, m->slots[i].key, m->slots[i].hash, m->slots[i].val);
+            str_insert_fresh(slots, cap, m->slots[i].key, m->slots[i].hash,
+                             m->slots[i].val);
         }
     }
     pq_free(m->slots);
@@ -413,12 +416,12 @@ hmap_str_next(const struct hmap_str *m, size_t *iter, const char **key_out)
 #if UINTPTR_MAX == UINT64_MAX
 enum { TAG_SHIFT = 48 };
 #define PTR_MASK ((uintptr_t)0xffffffffffffULL)
-#define SLOT_TAG(h) ((uintptr_t)((h) & 0xffff) << TAG_SHIFT)
+#define SLOT_TAG(h) ((uintptr_t)((h)&0xffff) << TAG_SHIFT)
 #else
 #define PTR_MASK UINTPTR_MAX
 #define SLOT_TAG(h) ((uintptr_t)0)
 #endif
-#define SLOT_OBJ(s) ((void *)((s) & PTR_MASK))
+#define SLOT_OBJ(s) ((void *)((s)&PTR_MASK))
 #define SLOT_TAG_OF(s) ((s) & ~PTR_MASK)
 
 static uint64_t
@@ -533,7 +536,8 @@ ptr_find(const struct hmap_ptr *m, uint64_t key, uint64_t h)
     }
     i = ptr_home(h, m->cap);
     while (m->slots[i] != 0) {
-        if (SLOT_TAG_OF(m->slots[i]) == tag && ptr_key(m, SLOT_OBJ(m->slots[i])) == key) {
+        if (SLOT_TAG_OF(m->slots[i]) == tag &&
+            ptr_key(m, SLOT_OBJ(m->slots[i])) == key) {
             return i;
         }
         i = i + 1 == m->cap ? 0 : i + 1;
@@ -602,7 +606,8 @@ hmap_ptr_del(struct hmap_ptr *m, uint64_t key)
         if (m->slots[j] == 0) {
             break;
         }
-        home = ptr_home(hmap_hash_u64(ptr_key(m, SLOT_OBJ(m->slots[j]))), m->cap);
+        home =
+            ptr_home(hmap_hash_u64(ptr_key(m, SLOT_OBJ(m->slots[j]))), m->cap);
         if (ptr_dist(home, j, m->cap) >= ptr_dist(i, j, m->cap)) {
             m->slots[i] = m->slots[j];
             i = j;
@@ -611,7 +616,8 @@ hmap_ptr_del(struct hmap_ptr *m, uint64_t key)
     m->slots[i] = 0;
     m->len--;
     if (m->cap > HMAP_MIN_CAP && m->len * 4 < m->cap) {
-        (void)ptr_rehash(m, ptr_cap_for(m->len * 17 / 10 + 1)); /* ~50% load; best-effort */
+        (void)ptr_rehash(
+            m, ptr_cap_for(m->len * 17 / 10 + 1)); /* ~50% load; best-effort */
     }
     return obj;
 }

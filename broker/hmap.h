@@ -21,12 +21,12 @@ enum { HMAP_MIN_CAP = 16 };
 
 struct hmap_u64_slot {
     uint64_t key;
-    void *val;               /* NULL = empty */
+    void *val; /* NULL = empty */
 };
 
 struct hmap_u64 {
     struct hmap_u64_slot *slots;
-    size_t cap;              /* power of two, or 0 before the first put */
+    size_t cap; /* power of two, or 0 before the first put */
     size_t len;
 };
 
@@ -50,9 +50,9 @@ size_t hmap_u64_len(const struct hmap_u64 *m);
 void *hmap_u64_next(const struct hmap_u64 *m, size_t *iter, uint64_t *key_out);
 
 struct hmap_str_slot {
-    const char *key;         /* borrowed */
+    const char *key; /* borrowed */
     uint64_t hash;
-    void *val;               /* NULL = empty */
+    void *val; /* NULL = empty */
 };
 
 struct hmap_str {
@@ -74,7 +74,8 @@ void *hmap_str_del(struct hmap_str *m, const char *key);
 /* hmap_str_len: number of entries. */
 size_t hmap_str_len(const struct hmap_str *m);
 /* hmap_str_next: iterate like hmap_u64_next. */
-void *hmap_str_next(const struct hmap_str *m, size_t *iter, const char **key_out);
+void *hmap_str_next(const struct hmap_str *m, size_t *iter,
+                    const char **key_out);
 
 /*
  * struct hmap_ptr: an index of objects that carry their own uint64_t key at
@@ -90,13 +91,14 @@ void *hmap_str_next(const struct hmap_str *m, size_t *iter, const char **key_out
  * The map borrows the objects.
  */
 struct hmap_ptr {
-    uintptr_t *slots;        /* 0 = empty, else tag << 48 | pointer */
-    size_t cap;              /* 0 before the first put */
+    uintptr_t *slots; /* 0 = empty, else tag << 48 | pointer */
+    size_t cap;       /* 0 before the first put */
     size_t len;
-    size_t key_off;          /* offsetof(object type, key field) */
+    size_t key_off; /* offsetof(object type, key field) */
 };
 
-/* hmap_ptr_init: an empty index of objects keyed at key_off; allocates nothing. */
+/* hmap_ptr_init: an empty index of objects keyed at key_off; allocates nothing.
+ */
 void hmap_ptr_init(struct hmap_ptr *m, size_t key_off);
 /* hmap_ptr_fini: frees the table (not the objects). */
 void hmap_ptr_fini(struct hmap_ptr *m);

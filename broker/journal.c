@@ -59,19 +59,19 @@ enum { KEY_CAP = PQ_TAG_BYTES_MAX + 1 };
 
 struct journal {
     struct store *st;
-    uint8_t *buf;                 /* scratch for encoding one record */
+    uint8_t *buf; /* scratch for encoding one record */
     size_t cap;
-    uint64_t max_id;              /* replay: largest message id seen */
-    uint64_t next_id;             /* first id a new message may take */
-    uint64_t replayed;            /* replay: records applied */
-    uint64_t mono_at_open;        /* replay: clocks read once */
+    uint64_t max_id;       /* replay: largest message id seen */
+    uint64_t next_id;      /* first id a new message may take */
+    uint64_t replayed;     /* replay: records applied */
+    uint64_t mono_at_open; /* replay: clocks read once */
     uint64_t wall_at_open;
-    uint64_t resident;            /* payload bytes of durable messages in memory */
-    uint64_t budget;              /* cfg.payload_budget_bytes */
-    uint64_t evicted;             /* messages stored without their body in memory */
-    uint64_t unwritten;           /* state records lost since the last warning */
-    uint64_t append_errors;       /* appends that failed, ever */
-    int last_error;               /* the latest one's PQ_* code */
+    uint64_t resident;      /* payload bytes of durable messages in memory */
+    uint64_t budget;        /* cfg.payload_budget_bytes */
+    uint64_t evicted;       /* messages stored without their body in memory */
+    uint64_t unwritten;     /* state records lost since the last warning */
+    uint64_t append_errors; /* appends that failed, ever */
+    int last_error;         /* the latest one's PQ_* code */
     uint64_t unwritten_logged_ms; /* mono time of that warning */
     struct qset *qs;              /* the queues it journals (borrowed) */
     struct hmap_u64 suspects;     /* replay: id -> struct suspect, live by a
@@ -292,8 +292,8 @@ forget_body(struct journal *j, const struct msg *m)
 static struct body *
 load_body(struct journal *j, const struct msg *m)
 {
-    struct store_loc loc = {.seg = m->pub_seg, .off = m->pub_off,
-                            .len = m->pub_len};
+    struct store_loc loc = {
+        .seg = m->pub_seg, .off = m->pub_off, .len = m->pub_len};
     uint8_t type, *raw = NULL;
     struct body *b = NULL;
     struct record r;
@@ -306,20 +306,23 @@ load_body(struct journal *j, const struct msg *m)
     rc = store_read(j->st, &loc, &type, &raw, &len);
     if (rc != PQ_OK) {
         log_err("message %llu: reading its record back (segment %u offset "
-                "%u): %s", (unsigned long long)m->id, m->pub_seg, m->pub_off,
+                "%u): %s",
+                (unsigned long long)m->id, m->pub_seg, m->pub_off,
                 pq_strerror(rc));
         return NULL;
     }
     if (record_decode(type, raw, len, &r) != PQ_OK) {
         log_err("message %llu: its record at segment %u offset %u does not "
-                "decode", (unsigned long long)m->id, m->pub_seg, m->pub_off);
+                "decode",
+                (unsigned long long)m->id, m->pub_seg, m->pub_off);
     } else if (r.type == REC_PUBLISH && r.u.publish.id == m->id) {
         b = body_new(r.u.publish.body.ptr, r.u.publish.body.len);
     } else if (r.type == REC_DEAD_LETTER && r.u.dead_letter.id == m->id) {
         b = body_new(r.u.dead_letter.body.ptr, r.u.dead_letter.body.len);
     } else {
         log_err("message %llu: segment %u offset %u holds another record "
-                "(%s)", (unsigned long long)m->id, m->pub_seg, m->pub_off,
+                "(%s)",
+                (unsigned long long)m->id, m->pub_seg, m->pub_off,
                 record_type_name(type));
     }
     pq_free(raw);
@@ -382,8 +385,8 @@ journal_queue_delete(struct journal *j, struct queue *q, uint64_t *lsn)
     rc = append(j, &r, lsn, NULL);
     if (rc == PQ_OK) {
         queue_foreach_msg(q, unref_cb, j);
-        store_reserve_set(j->st, store_reserve_count(j->st) -
-                                     queue_total_count(q));
+        store_reserve_set(j->st,
+                          store_reserve_count(j->st) - queue_total_count(q));
     }
     return rc;
 }
@@ -673,8 +676,8 @@ warn_unwritten(struct journal *j, const struct qevent *ev, int rc)
     }
     log_warn("queue %s: message %llu: %s record not written: %s (%llu such "
              "records since the last warning); after a restart it comes back "
-             "as last recorded", queue_name(ev->q),
-             (unsigned long long)ev->m->id,
+             "as last recorded",
+             queue_name(ev->q), (unsigned long long)ev->m->id,
              ev->type == QEV_DROP ? "drop" : "state", pq_strerror(rc),
              (unsigned long long)j->unwritten);
     j->unwritten = 0;
@@ -682,8 +685,7 @@ warn_unwritten(struct journal *j, const struct qevent *ev, int rc)
 }
 
 void
-journal_qevent(struct journal *j, const struct qevent *ev,
-               uint64_t now_mono_ms)
+journal_qevent(struct journal *j, const struct qevent *ev, uint64_t now_mono_ms)
 {
     struct msg *m = ev->m;
     struct store_loc loc;
@@ -738,8 +740,8 @@ journal_qevent(struct journal *j, const struct qevent *ev,
              * headers to the body read back from the log. */
             struct body *old = load_body(j, m);
 
-            m->body = old ? body_with_headers(old, ev->headers, ev->n_headers)
-                          : NULL;
+            m->body =
+                old ? body_with_headers(old, ev->headers, ev->n_headers) : NULL;
             body_unref(&old);
             if (m->body == NULL) {
                 log_err("queue %s: message %llu: dead-lettered without its "
@@ -918,8 +920,8 @@ journal_compact(struct journal *j, uint64_t now_mono_ms)
  * delete or purge). What is left at the end refuses the start.
  */
 struct suspect {
-    struct store_loc at;          /* the state record */
-    uint64_t idx;                 /* j->replayed when it was seen */
+    struct store_loc at; /* the state record */
+    uint64_t idx;        /* j->replayed when it was seen */
 };
 
 static int
@@ -986,7 +988,8 @@ check_suspects(struct journal *j, const char *dir, char *err, size_t errlen)
     if (n == 0) {
         return PQ_OK;
     }
-    snprintf(err, errlen, "%s/seg-%010u.log: offset %llu: message %llu is "
+    snprintf(err, errlen,
+             "%s/seg-%010u.log: offset %llu: message %llu is "
              "live here, but its publish record is not in the log (%llu such "
              "messages): a segment that held live messages is missing; run "
              "protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
@@ -994,7 +997,6 @@ check_suspects(struct journal *j, const char *dir, char *err, size_t errlen)
              (unsigned long long)first_id, (unsigned long long)n, dir, dir);
     return PQ_ECORRUPT;
 }
-
 
 static struct queue *
 replay_queue(struct journal *j, struct rec_str name)
@@ -1141,8 +1143,8 @@ replay_publish(struct journal *j, const struct rec_publish *p,
     } else {
         j->evicted++;
     }
-    mn.progress = p->progress.len ? body_new(p->progress.ptr, p->progress.len)
-                                  : NULL;
+    mn.progress =
+        p->progress.len ? body_new(p->progress.ptr, p->progress.len) : NULL;
     if (p->progress.len && mn.progress == NULL) {
         rc = PQ_ENOMEM;
         goto out;
@@ -1224,7 +1226,8 @@ replay_reset(struct journal *j, const struct msg *m, struct queue *to,
     mn.pub_len = dead_letter ? loc->len : m->pub_len;
     mn.state_seg = seg;
     replay_remove(j, mn.id); /* m is stale from here on */
-    if (mn.body != NULL && durable(to) && !budget_allows(j, mn.size, mn.pub_len)) {
+    if (mn.body != NULL && durable(to) &&
+        !budget_allows(j, mn.size, mn.pub_len)) {
         body_unref(&mn.body);
     }
     rc = replay_push(j, to, &mn);
@@ -1379,10 +1382,9 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
         if (!qset_msg_peek(qs, r.u.requeue.id, &view)) {
             return suspect_add(j, r.u.requeue.id, loc);
         }
-        return replay_reset(j, &view, view.q, NULL, r.u.requeue.attempt,
-                            r.u.requeue.failures,
-                            wall_to_mono(j, r.u.requeue.deliver_at_wall_ms, false),
-                            loc, false);
+        return replay_reset(
+            j, &view, view.q, NULL, r.u.requeue.attempt, r.u.requeue.failures,
+            wall_to_mono(j, r.u.requeue.deliver_at_wall_ms, false), loc, false);
     case REC_DEAD_LETTER: {
         struct body *nb;
 
@@ -1390,9 +1392,9 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
         if (!qset_msg_peek(qs, r.u.dead_letter.id, &view)) {
             /* Its PUBLISH went with a deleted segment: since the dead
              * letter, this record is the message (its refs moved here). */
-            return q != NULL ? replay_orphan_dead_letter(j, &r.u.dead_letter,
-                                                         q, loc)
-                             : PQ_OK;
+            return q != NULL
+                       ? replay_orphan_dead_letter(j, &r.u.dead_letter, q, loc)
+                       : PQ_OK;
         }
         if (q == NULL) {
             replay_remove(j, view.id);
@@ -1412,8 +1414,8 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
             return PQ_ENOMEM; /* live, but no memory to expand it */
         }
         if (m != NULL) {
-            struct body *pb = body_new(r.u.progress.progress.ptr,
-                                       r.u.progress.progress.len);
+            struct body *pb =
+                body_new(r.u.progress.progress.ptr, r.u.progress.progress.len);
             if (pb == NULL) {
                 return PQ_ENOMEM;
             }
@@ -1425,7 +1427,8 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
         return suspect_add(j, r.u.progress.id, loc);
     default:
         log_warn("replay: segment %u offset %llu: unknown record type %u "
-                 "skipped", loc->seg, (unsigned long long)loc->off, type);
+                 "skipped",
+                 loc->seg, (unsigned long long)loc->off, type);
         return PQ_OK;
     }
 }
@@ -1455,7 +1458,8 @@ warn_missing_dead_letters(struct journal *j)
         if (dl[0] != '\0' && qset_find(j->qs, dl) == NULL) {
             log_warn("queue %s: its dead_letter queue %s does not exist: "
                      "jobs it would dead-letter are dropped until %s is "
-                     "created", queue_name(q), dl, dl);
+                     "created",
+                     queue_name(q), dl, dl);
         }
     }
 }
@@ -1571,4 +1575,3 @@ journal_store_stats(struct journal *j, struct store_stats *out)
 {
     store_get_stats(j->st, out);
 }
-

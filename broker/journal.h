@@ -23,16 +23,16 @@ struct store_stats;
 /* One message of a publish, from its check until it is durable and queued
  * (dispatch.c fills it, journal.c writes it). */
 struct pending {
-    struct queue *q;              /* NULL once the queue was deleted */
-    struct msg_new mn;            /* body ref owned here until pushed */
-    char *idem_key;               /* owned */
-    struct kv *requires;          /* owned array and strings */
-    bool duplicate;               /* idempotency hit: nothing to store */
-    struct pend_key *pkey;        /* its key, registered until it settles */
-    uint64_t dup_lsn;             /* duplicate of a publish not yet durable:
-                                     answer no earlier than this LSN */
-    bool seg_held;                /* journal_publish holds mn.pub_seg until
-                                     journal_publish_settled */
+    struct queue *q;       /* NULL once the queue was deleted */
+    struct msg_new mn;     /* body ref owned here until pushed */
+    char *idem_key;        /* owned */
+    struct kv *requires;   /* owned array and strings */
+    bool duplicate;        /* idempotency hit: nothing to store */
+    struct pend_key *pkey; /* its key, registered until it settles */
+    uint64_t dup_lsn;      /* duplicate of a publish not yet durable:
+                              answer no earlier than this LSN */
+    bool seg_held;         /* journal_publish holds mn.pub_seg until
+                              journal_publish_settled */
 };
 
 /* What the journal needs from the config. */

@@ -27,25 +27,28 @@
 static void
 usage(FILE *out)
 {
-    fprintf(out,
-            "usage: protoqd [-c FILE] [--listen HOST:PORT] [--data-dir DIR]\n"
-            "               [--metrics HOST:PORT] [--log-level debug|info|warn|error]\n"
-            "               [--port-file PATH] [--fsync always|interval|never]\n"
-            "               [--check-config] [--check-data DIR]\n"
-            "               [--salvage-data DIR] [--version]\n"
-            "\n"
-            "  -c FILE            read settings from FILE (see conf/protoqd.conf);\n"
-            "                     flags override it\n"
-            "  --listen HOST:PORT address to serve (default 127.0.0.1:7650;\n"
-            "                     port 0 picks a free port)\n"
-            "  --port-file PATH   write the bound port to PATH once listening\n"
-            "  --data-dir DIR     where the log lives\n"
-            "  --check-config     load and validate the config, print it, exit\n"
-            "  --check-data DIR   verify a data dir read-only, print a summary,\n"
-            "                     exit 0 if clean, 65 if damaged\n"
-            "  --salvage-data DIR make a damaged data dir startable, keeping what\n"
-            "                     can be read (originals go to DIR/salvage-TIME/;\n"
-            "                     see README); exit 0 if it checks clean after\n");
+    fprintf(
+        out,
+        "usage: protoqd [-c FILE] [--listen HOST:PORT] [--data-dir DIR]\n"
+        "               [--metrics HOST:PORT] [--log-level "
+        "debug|info|warn|error]\n"
+        "               [--port-file PATH] [--fsync always|interval|never]\n"
+        "               [--check-config] [--check-data DIR]\n"
+        "               [--salvage-data DIR] [--version]\n"
+        "\n"
+        "  -c FILE            read settings from FILE (see "
+        "conf/protoqd.conf);\n"
+        "                     flags override it\n"
+        "  --listen HOST:PORT address to serve (default 127.0.0.1:7650;\n"
+        "                     port 0 picks a free port)\n"
+        "  --port-file PATH   write the bound port to PATH once listening\n"
+        "  --data-dir DIR     where the log lives\n"
+        "  --check-config     load and validate the config, print it, exit\n"
+        "  --check-data DIR   verify a data dir read-only, print a summary,\n"
+        "                     exit 0 if clean, 65 if damaged\n"
+        "  --salvage-data DIR make a damaged data dir startable, keeping what\n"
+        "                     can be read (originals go to DIR/salvage-TIME/;\n"
+        "                     see README); exit 0 if it checks clean after\n");
 }
 
 enum {
@@ -166,7 +169,8 @@ main(int argc, char **argv)
                  : store_salvage(salvage_data, stdout, err, sizeof(err));
         if (rc != PQ_OK) {
             fprintf(stderr, "protoqd: %s\n", err);
-            return (rc == PQ_ECORRUPT || rc == PQ_EVERSION) ? EX_DATAERR : EX_OSERR;
+            return (rc == PQ_ECORRUPT || rc == PQ_EVERSION) ? EX_DATAERR
+                                                            : EX_OSERR;
         }
         return 0;
     }
@@ -209,7 +213,8 @@ main(int argc, char **argv)
 
     if (srv.cfg.metrics[0] != '\0') {
         log_warn("metrics %s: the HTTP /metrics endpoint is not implemented "
-                 "in this version; nothing is served there", srv.cfg.metrics);
+                 "in this version; nothing is served there",
+                 srv.cfg.metrics);
     }
     srv.broker.store_fd = -1;
     rc = server_init(&srv, err, sizeof(err));

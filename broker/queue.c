@@ -45,20 +45,14 @@ const char *
 qreason_name(enum qreason r)
 {
     static const char *const names[] = {
-        [QR_NONE] = "",
-        [QR_NACK] = "nack",
-        [QR_LEASE] = "lease",
-        [QR_UNSUBSCRIBE] = "unsubscribe",
-        [QR_RELEASE] = "release",
-        [QR_MAX_ATTEMPTS] = "max_attempts",
-        [QR_EXPIRED] = "expired",
-        [QR_CANCELLED] = "cancelled",
+        [QR_NONE] = "",           [QR_NACK] = "nack",
+        [QR_LEASE] = "lease",     [QR_UNSUBSCRIBE] = "unsubscribe",
+        [QR_RELEASE] = "release", [QR_MAX_ATTEMPTS] = "max_attempts",
+        [QR_EXPIRED] = "expired", [QR_CANCELLED] = "cancelled",
     };
 
     return (unsigned)r < sizeof(names) / sizeof(names[0]) ? names[r] : "?";
 }
-
-
 
 static uint64_t
 rng_next(struct qset *qs)
@@ -71,9 +65,9 @@ rng_next(struct qset *qs)
 }
 
 void
-queue_emit(struct qset *qs, enum qevent_type type, struct msg *m, struct queue *q,
-     struct queue *from, enum qreason reason, const char *detail,
-     const struct kv *hdrs, size_t n_hdrs)
+queue_emit(struct qset *qs, enum qevent_type type, struct msg *m,
+           struct queue *q, struct queue *from, enum qreason reason,
+           const char *detail, const struct kv *hdrs, size_t n_hdrs)
 {
     struct qevent ev;
 
@@ -90,7 +84,6 @@ queue_emit(struct qset *qs, enum qevent_type type, struct msg *m, struct queue *
     ev.n_headers = n_hdrs;
     qs->listener(qs->listener_arg, &ev);
 }
-
 
 /* kv_copy: n pairs and their strings in one block (free with pq_free). */
 static struct kv *
@@ -135,7 +128,8 @@ has_tag(const struct kv *tags, size_t n, const struct kv *want)
     size_t i;
 
     for (i = 0; i < n; i++) {
-        if (strcmp(tags[i].key, want->key) == 0 && strcmp(tags[i].value, want->value) == 0) {
+        if (strcmp(tags[i].key, want->key) == 0 &&
+            strcmp(tags[i].value, want->value) == 0) {
             return true;
         }
     }
@@ -156,8 +150,9 @@ queue_name_valid(const char *name, size_t len)
     for (i = 0; i < len; i++) {
         char c = name[i];
 
-        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-              c == '.' || c == '_' || c == '-' || c == ':')) {
+        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
+              (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-' ||
+              c == ':')) {
             return false;
         }
     }
@@ -209,11 +204,14 @@ bool
 queue_attrs_equal(const struct queue_attrs *a, const struct queue_attrs *b)
 {
     return a->transient == b->transient && a->max_length == b->max_length &&
-           a->max_bytes == b->max_bytes && a->ack_timeout_ms == b->ack_timeout_ms &&
+           a->max_bytes == b->max_bytes &&
+           a->ack_timeout_ms == b->ack_timeout_ms &&
            a->max_attempts == b->max_attempts &&
-           strncmp(a->dead_letter, b->dead_letter, sizeof(a->dead_letter)) == 0 &&
-           a->backoff_base_ms == b->backoff_base_ms && a->backoff_cap_ms == b->backoff_cap_ms &&
-           a->ttl_ms == b->ttl_ms && a->dedup_window_ms == b->dedup_window_ms &&
+           strncmp(a->dead_letter, b->dead_letter, sizeof(a->dead_letter)) ==
+               0 &&
+           a->backoff_base_ms == b->backoff_base_ms &&
+           a->backoff_cap_ms == b->backoff_cap_ms && a->ttl_ms == b->ttl_ms &&
+           a->dedup_window_ms == b->dedup_window_ms &&
            a->max_lease_ms == b->max_lease_ms &&
            a->dead_letter_expired == b->dead_letter_expired;
 }
@@ -278,7 +276,8 @@ queue_avail_sync(struct consumer *c)
 
 /* queue_consumer_init: see queue.h. */
 void
-queue_consumer_init(struct consumer *c, uint64_t id, void *owner, uint32_t prefetch)
+queue_consumer_init(struct consumer *c, uint64_t id, void *owner,
+                    uint32_t prefetch)
 {
     memset(c, 0, sizeof(*c));
     c->id = id;
@@ -316,7 +315,8 @@ queue_consumer_fini(struct consumer *c)
 
 /* queue_consumer_satisfies: see queue.h. */
 bool
-queue_consumer_satisfies(const struct consumer *c, const struct kv *req, size_t n)
+queue_consumer_satisfies(const struct consumer *c, const struct kv *req,
+                         size_t n)
 {
     size_t i;
 
@@ -370,7 +370,6 @@ msg_is_cancelled(const struct msg *m)
     return (m->flags & MSG_F_CANCELLED) != 0;
 }
 
-
 int
 queue_ensure_ext(struct msg *m)
 {
@@ -393,7 +392,8 @@ msg_deadline(const struct msg *m, uint64_t *out)
         *out = m->due_ms;
         return true;
     case MSG_DELAYED:
-        *out = m->expire_ms != 0 && m->expire_ms < m->due_ms ? m->expire_ms : m->due_ms;
+        *out = m->expire_ms != 0 && m->expire_ms < m->due_ms ? m->expire_ms
+                                                             : m->due_ms;
         return true;
     case MSG_READY:
         *out = m->expire_ms;
@@ -521,7 +521,7 @@ queue_unlink_msg(struct msg *m)
     case MSG_INFLIGHT:
         c = m->holder;
         {
-            struct mlist l = { c->inflight_head, c->inflight_tail };
+            struct mlist l = {c->inflight_head, c->inflight_tail};
 
             queue_mlist_remove(&l, m);
             c->inflight_head = l.head;
@@ -558,7 +558,8 @@ drop_msg(struct msg *m, enum qreason reason, const char *detail)
 /* Put an unlinked, previously delivered message back: at once (front of its
  * level) or after delay_ms. */
 void
-queue_requeue(struct msg *m, uint64_t now_ms, uint64_t delay_ms, enum qreason reason)
+queue_requeue(struct msg *m, uint64_t now_ms, uint64_t delay_ms,
+              enum qreason reason)
 {
     if (delay_ms == 0) {
         queue_make_ready(m, m->attempt > 0);
@@ -600,7 +601,8 @@ backoff_ms(struct queue *q, uint32_t failures)
 
 /* An unlinked in-flight message failed an attempt. */
 void
-queue_fail_attempt(struct msg *m, uint64_t now_ms, enum qreason reason, const struct nack_opts *o)
+queue_fail_attempt(struct msg *m, uint64_t now_ms, enum qreason reason,
+                   const struct nack_opts *o)
 {
     struct queue *q = m->q;
 
@@ -633,11 +635,11 @@ dead_letter(struct msg *m, uint64_t now_ms, enum qreason reason)
     char attempts[24];
 
     snprintf(attempts, sizeof(attempts), "%" PRIu32, m->attempt);
-    hdrs[n++] = (struct kv){ "x-death-reason", qreason_name(reason) };
-    hdrs[n++] = (struct kv){ "x-death-attempts", attempts };
-    hdrs[n++] = (struct kv){ "x-death-queue", src->name };
+    hdrs[n++] = (struct kv){"x-death-reason", qreason_name(reason)};
+    hdrs[n++] = (struct kv){"x-death-attempts", attempts};
+    hdrs[n++] = (struct kv){"x-death-queue", src->name};
     if (msg_last_error(m) != NULL) {
-        hdrs[n++] = (struct kv){ "x-death-error", msg_last_error(m) };
+        hdrs[n++] = (struct kv){"x-death-error", msg_last_error(m)};
     }
 
     if (src->attrs.dead_letter[0] == '\0') {
@@ -646,7 +648,8 @@ dead_letter(struct msg *m, uint64_t now_ms, enum qreason reason)
         detail = "dead_letter queue does not exist";
     } else if (queue_check_room(dst, 1, m->size) != PQ_OK) {
         detail = "dead_letter queue is full";
-    } else if (m->body != NULL && (nb = body_with_headers(m->body, hdrs, n)) == NULL) {
+    } else if (m->body != NULL &&
+               (nb = body_with_headers(m->body, hdrs, n)) == NULL) {
         detail = "out of memory building the dead-letter body";
     }
     if (detail != NULL) {
@@ -660,14 +663,16 @@ dead_letter(struct msg *m, uint64_t now_ms, enum qreason reason)
     src->bytes -= m->size;
     src->stats.dead_lettered++;
     body_unref(&m->body);
-    m->body = nb; /* NULL if the payload was evicted: the event's headers say what to add */
+    m->body = nb; /* NULL if the payload was evicted: the event's headers say
+                     what to add */
     m->q = dst;
     dst->bytes += m->size;
     m->attempt = 0;
     m->failures = 0;
     m->flags = 0;
     m->due_ms = 0;
-    m->expire_ms = dst->attrs.ttl_ms != 0 ? queue_sat_add(now_ms, dst->attrs.ttl_ms) : 0;
+    m->expire_ms =
+        dst->attrs.ttl_ms != 0 ? queue_sat_add(now_ms, dst->attrs.ttl_ms) : 0;
     if (m->ext != NULL) {
         /* the DLQ is for inspection: anyone may take it, no stale error */
         pq_free(m->ext->requires);
@@ -709,7 +714,8 @@ queue_drop_compact(struct queue *q, int p, uint64_t pos, enum qreason reason)
     v.state = MSG_LIMBO;
     q->stats.cancelled++;
     queue_emit(q->qs, QEV_DROP, &v, q, NULL, reason, NULL, NULL, 0);
-    s = queue_slot_at(lv, pos); /* a listener must not change the qset: same slot */
+    s = queue_slot_at(lv,
+                      pos); /* a listener must not change the qset: same slot */
     body_unref(&s->u.body);
     q->bytes -= s->size;
     q->n_ready--;
@@ -802,7 +808,7 @@ queue_destroy(struct queue *q)
 
     for (c = q->cons_head; c != NULL;) {
         struct consumer *next = c->next;
-        struct mlist l = { c->inflight_head, c->inflight_tail };
+        struct mlist l = {c->inflight_head, c->inflight_tail};
 
         free_list(qs, &l);
         c->inflight_head = c->inflight_tail = NULL;
@@ -842,7 +848,8 @@ qset_free(struct qset *qs)
     hmap_str_fini(&qs->names);
     hmap_ptr_fini(&qs->msgs);
     while (qs->n_slabs > 0) {
-        queue_slab_free(qs, qs->slabs[qs->n_slabs - 1]); /* every message is gone: empty */
+        queue_slab_free(
+            qs, qs->slabs[qs->n_slabs - 1]); /* every message is gone: empty */
     }
     pq_free(qs->slabs);
     pq_free(qs);
@@ -1155,11 +1162,12 @@ int
 queue_check_room(const struct queue *q, uint64_t n_msgs, uint64_t n_bytes)
 {
     if (q->attrs.max_length != 0 &&
-        (n_msgs > q->attrs.max_length || queue_total_count(q) > q->attrs.max_length - n_msgs)) {
+        (n_msgs > q->attrs.max_length ||
+         queue_total_count(q) > q->attrs.max_length - n_msgs)) {
         return PQ_EFULL;
     }
-    if (q->attrs.max_bytes != 0 &&
-        (n_bytes > q->attrs.max_bytes || q->bytes > q->attrs.max_bytes - n_bytes)) {
+    if (q->attrs.max_bytes != 0 && (n_bytes > q->attrs.max_bytes ||
+                                    q->bytes > q->attrs.max_bytes - n_bytes)) {
         return PQ_EFULL;
     }
     return PQ_OK;
@@ -1170,7 +1178,8 @@ queue_check_room(const struct queue *q, uint64_t n_msgs, uint64_t n_bytes)
 /* queue_push: see queue.h. All allocation happens before the first change,
  * so a failure leaves everything as it was. */
 int
-queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms, struct msg **out)
+queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms,
+           struct msg **out)
 {
     struct qset *qs = q->qs;
     struct dedup *d = NULL, *old = NULL;
@@ -1181,10 +1190,12 @@ queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms, struct ms
     int rc, cp;
 
     queue_see_clock(qs, now_ms);
-    if (mn->priority >= PRIORITY_LEVELS || (mn->idem_key != NULL && mn->idem_key[0] == '\0')) {
+    if (mn->priority >= PRIORITY_LEVELS ||
+        (mn->idem_key != NULL && mn->idem_key[0] == '\0')) {
         return PQ_EINVAL;
     }
-    if (hmap_ptr_get(&qs->msgs, mn->id) != NULL || queue_compact_find(qs, mn->id, &cq, &cp, &cpos)) {
+    if (hmap_ptr_get(&qs->msgs, mn->id) != NULL ||
+        queue_compact_find(qs, mn->id, &cq, &cp, &cpos)) {
         return PQ_EEXIST;
     }
     live = hmap_ptr_len(&qs->msgs);
@@ -1221,8 +1232,8 @@ queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms, struct ms
     if (mn->idem_key != NULL) {
         queue_dedup_gc(q, now_ms);
         old = hmap_str_get(&q->dedup, mn->idem_key);
-        if (old != NULL &&
-            (old->m != NULL || (old->expire_ms > now_ms && !mn->key_takeover))) {
+        if (old != NULL && (old->m != NULL ||
+                            (old->expire_ms > now_ms && !mn->key_takeover))) {
             return PQ_EEXIST;
         }
     }
@@ -1289,7 +1300,8 @@ queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms, struct ms
     m->priority = mn->priority;
     m->published_wall_ms = mn->published_wall_ms;
     m->attempt = mn->attempt;
-    m->failures = mn->failures > UINT16_MAX ? UINT16_MAX : (uint16_t)mn->failures;
+    m->failures =
+        mn->failures > UINT16_MAX ? UINT16_MAX : (uint16_t)mn->failures;
     m->pub_seg = mn->pub_seg;
     m->state_seg = mn->state_seg;
     m->pub_off = mn->pub_off;

@@ -14,20 +14,19 @@
  *   INFLIGHT --qset_ack-------------------------> (absent)            [return]
  *   INFLIGHT --qset_touch-----------------------> INFLIGHT, new lease QEV_TOUCH
  *   INFLIGHT --qset_nack / lease expiry /
- *              queue_unsubscribe / qset_release-> READY | DELAYED     QEV_REQUEUE
+ *              queue_unsubscribe / qset_release-> READY | DELAYED QEV_REQUEUE
  *   INFLIGHT --same, failures reach max_attempts
- *              or nack with dead_letter---------> READY in the DLQ    QEV_DEAD_LETTER
- *                                  (no / missing / full DLQ: absent)  QEV_DROP
- *   READY|DELAYED --TTL passed (tick or delivery)-> DLQ if the queue has
- *              dead_letter_expired and a dead_letter             QEV_DEAD_LETTER
- *              else (absent)                                       QEV_DROP "expired"
- *   READY|DELAYED --qset_cancel-----------------> (absent)          QEV_DROP "cancelled"
- *   INFLIGHT --qset_cancel----------------------> INFLIGHT+cancelled  [return]
- *   INFLIGHT+cancelled --ack/nack/release/lease expiry/unsubscribe
- *                                             -> (absent)          QEV_DROP "cancelled"
- *                       (ack/nack/release then return PQ_ESTALE: the ack is fenced)
- *   READY|DELAYED --queue_purge-----------------> (absent)            [return: count]
- *   any      --qset_delete (queue removed)------> (absent)            [direct call]
+ *              or nack with dead_letter---------> READY in the DLQ
+ * QEV_DEAD_LETTER (no / missing / full DLQ: absent)  QEV_DROP READY|DELAYED
+ * --TTL passed (tick or delivery)-> DLQ if the queue has dead_letter_expired
+ * and a dead_letter             QEV_DEAD_LETTER else (absent) QEV_DROP
+ * "expired" READY|DELAYED --qset_cancel-----------------> (absent) QEV_DROP
+ * "cancelled" INFLIGHT --qset_cancel----------------------> INFLIGHT+cancelled
+ * [return] INFLIGHT+cancelled --ack/nack/release/lease expiry/unsubscribe
+ *                                             -> (absent)          QEV_DROP
+ * "cancelled" (ack/nack/release then return PQ_ESTALE: the ack is fenced)
+ *   READY|DELAYED --queue_purge-----------------> (absent)            [return:
+ * count] any      --qset_delete (queue removed)------> (absent) [direct call]
  *
  * [return] means no event: the caller learns it from the call it made.
  * Every other change fires exactly one of QEV_REQUEUE, QEV_DEAD_LETTER,
@@ -74,10 +73,10 @@
  * tag setter, qset_nack (error text), qset_touch (progress holder),
  * queue_next_delivery (room in the deadline heap for the lease) and
  * dead-lettering (new body) allocate, and qset_msg and queue_next_delivery
- * when they turn a compact message into a struct msg. Lease expiry, ack, release, cancel,
- * purge and tick never fail for lack of memory, except that a dead-letter
- * whose new body cannot be allocated drops the message (QEV_DROP, detail
- * says so).
+ * when they turn a compact message into a struct msg. Lease expiry, ack,
+ * release, cancel, purge and tick never fail for lack of memory, except that a
+ * dead-letter whose new body cannot be allocated drops the message (QEV_DROP,
+ * detail says so).
  */
 #ifndef PQ_QUEUE_H
 #define PQ_QUEUE_H
@@ -100,28 +99,29 @@ bool queue_name_valid(const char *name, size_t len);
 /* Queue attributes. 0 (or "") means "use the default" for the fields that
  * queue_defaults covers; 0 means "unlimited"/"none" for the others. */
 struct queue_attrs {
-    bool transient;               /* not logged (dispatcher's concern) */
-    uint64_t max_length;          /* ready+delayed+inflight cap; 0 = none */
-    uint64_t max_bytes;           /* payload bytes cap; 0 = none */
-    uint64_t ack_timeout_ms;      /* lease per delivery/touch */
-    uint32_t max_attempts;        /* failures before dead-letter */
+    bool transient;          /* not logged (dispatcher's concern) */
+    uint64_t max_length;     /* ready+delayed+inflight cap; 0 = none */
+    uint64_t max_bytes;      /* payload bytes cap; 0 = none */
+    uint64_t ack_timeout_ms; /* lease per delivery/touch */
+    uint32_t max_attempts;   /* failures before dead-letter */
     char dead_letter[QUEUE_NAME_MAX + 1]; /* "" = none */
     uint64_t backoff_base_ms;
     uint64_t backoff_cap_ms;
-    uint64_t ttl_ms;              /* default message TTL; 0 = none */
-    uint64_t dedup_window_ms;     /* idempotency key retention after the msg is gone */
-    uint64_t max_lease_ms;        /* cap on one touch extension; 0 = none */
-    bool dead_letter_expired;     /* expired messages go to dead_letter too */
-    bool no_backoff;              /* retry at once: backoff_* resolve to 0 */
+    uint64_t ttl_ms; /* default message TTL; 0 = none */
+    uint64_t
+        dedup_window_ms;   /* idempotency key retention after the msg is gone */
+    uint64_t max_lease_ms; /* cap on one touch extension; 0 = none */
+    bool dead_letter_expired; /* expired messages go to dead_letter too */
+    bool no_backoff;          /* retry at once: backoff_* resolve to 0 */
 };
 
 struct queue_defaults {
-    uint64_t ack_timeout_ms;      /* 30000 */
-    uint32_t max_attempts;        /* 5 */
-    uint64_t backoff_base_ms;     /* 1000 */
-    uint64_t backoff_cap_ms;      /* 60000 */
-    uint64_t dedup_window_ms;     /* 86400000 */
-    uint64_t max_lease_ms;        /* 0 = no cap */
+    uint64_t ack_timeout_ms;  /* 30000 */
+    uint32_t max_attempts;    /* 5 */
+    uint64_t backoff_base_ms; /* 1000 */
+    uint64_t backoff_cap_ms;  /* 60000 */
+    uint64_t dedup_window_ms; /* 86400000 */
+    uint64_t max_lease_ms;    /* 0 = no cap */
 };
 
 /* queue_defaults_init: the built-in defaults above. */
@@ -130,19 +130,23 @@ void queue_defaults_init(struct queue_defaults *d);
 /* queue_attrs_resolve: fill the 0 fields that d covers with d's values. */
 void queue_attrs_resolve(struct queue_attrs *a, const struct queue_defaults *d);
 
-/* queue_attrs_equal: same resolved attributes (dead_letter compared as a string). */
-bool queue_attrs_equal(const struct queue_attrs *a, const struct queue_attrs *b);
+/* queue_attrs_equal: same resolved attributes (dead_letter compared as a
+ * string). */
+bool queue_attrs_equal(const struct queue_attrs *a,
+                       const struct queue_attrs *b);
 
 struct queue_stats {
-    uint64_t published;           /* queue_push */
+    uint64_t published; /* queue_push */
     uint64_t acked;
-    uint64_t nacked;              /* qset_nack calls that matched */
-    uint64_t redelivered;         /* deliveries with attempt > 1 */
-    uint64_t expired;             /* TTL expiries (dropped or dead-lettered) */
-    uint64_t dead_lettered;       /* moved out to the DLQ (counted here, the source) */
-    uint64_t dropped;             /* should have been dead-lettered, but no/missing/full DLQ */
-    uint64_t cancelled;           /* removed by qset_cancel (at once or when fenced) */
-    uint64_t released;            /* qset_release */
+    uint64_t nacked;      /* qset_nack calls that matched */
+    uint64_t redelivered; /* deliveries with attempt > 1 */
+    uint64_t expired;     /* TTL expiries (dropped or dead-lettered) */
+    uint64_t
+        dead_lettered; /* moved out to the DLQ (counted here, the source) */
+    uint64_t
+        dropped; /* should have been dead-lettered, but no/missing/full DLQ */
+    uint64_t cancelled; /* removed by qset_cancel (at once or when fenced) */
+    uint64_t released;  /* qset_release */
 };
 
 enum msg_state { MSG_READY, MSG_DELAYED, MSG_INFLIGHT };
@@ -164,33 +168,35 @@ enum { MSG_F_CANCELLED = 1u << 0 }; /* msg.flags */
  * fields, which are the dispatcher's.
  */
 struct msg {
-    uint64_t id;                  /* broker-wide unique, caller-assigned */
-    struct queue *q;              /* current queue */
-    struct body *body;            /* encoded protoq.Message, or NULL when evicted */
-    struct msg *prev, *next;      /* READY: priority list; INFLIGHT: holder's list */
-    struct consumer *holder;      /* INFLIGHT only */
-    struct msg_ext *ext;          /* optional parts, or NULL */
-    uint64_t due_ms;              /* DELAYED: visible at; INFLIGHT: lease end (mono) */
-    uint64_t expire_ms;           /* TTL deadline (mono), 0 = none */
-    uint64_t published_wall_ms;   /* Unix ms */
-    uint32_t size;                /* payload bytes counted against max_bytes */
-    uint32_t heap_pos;            /* slot in the qset deadline heap, UINT32_MAX = none */
-    uint32_t attempt;             /* deliveries so far; token = (id, attempt) */
-    uint32_t pub_seg;             /* dispatcher's: log segment of the publish */
-    uint32_t state_seg;           /* dispatcher's: segment of the latest state record */
-    uint32_t pub_off;             /* dispatcher's: offset of that record (segments < 4 GiB) */
-    uint32_t pub_len;             /* dispatcher's: its length on disk, 0 = not on disk */
-    uint16_t failures;            /* failed attempts (release does not count); saturates */
-    uint8_t priority;             /* 0-9, higher first */
-    uint8_t state : 4;            /* enum msg_state */
-    uint8_t flags : 4;            /* MSG_F_* */
+    uint64_t id;             /* broker-wide unique, caller-assigned */
+    struct queue *q;         /* current queue */
+    struct body *body;       /* encoded protoq.Message, or NULL when evicted */
+    struct msg *prev, *next; /* READY: priority list; INFLIGHT: holder's list */
+    struct consumer *holder; /* INFLIGHT only */
+    struct msg_ext *ext;     /* optional parts, or NULL */
+    uint64_t due_ms;    /* DELAYED: visible at; INFLIGHT: lease end (mono) */
+    uint64_t expire_ms; /* TTL deadline (mono), 0 = none */
+    uint64_t published_wall_ms; /* Unix ms */
+    uint32_t size;              /* payload bytes counted against max_bytes */
+    uint32_t heap_pos;  /* slot in the qset deadline heap, UINT32_MAX = none */
+    uint32_t attempt;   /* deliveries so far; token = (id, attempt) */
+    uint32_t pub_seg;   /* dispatcher's: log segment of the publish */
+    uint32_t state_seg; /* dispatcher's: segment of the latest state record */
+    uint32_t
+        pub_off; /* dispatcher's: offset of that record (segments < 4 GiB) */
+    uint32_t pub_len;  /* dispatcher's: its length on disk, 0 = not on disk */
+    uint16_t failures; /* failed attempts (release does not count); saturates */
+    uint8_t priority;  /* 0-9, higher first */
+    uint8_t state : 4; /* enum msg_state */
+    uint8_t flags : 4; /* MSG_F_* */
 };
 
 /* msg_idem_key: the message's idempotency key, or NULL. */
 const char *msg_idem_key(const struct msg *m);
 /* msg_requires: the message's required tags (count in *n), or NULL/0. */
 const struct kv *msg_requires(const struct msg *m, size_t *n);
-/* msg_progress: latest progress (encoded protoq.Progress), or NULL. Borrowed. */
+/* msg_progress: latest progress (encoded protoq.Progress), or NULL. Borrowed.
+ */
 struct body *msg_progress(const struct msg *m);
 /* msg_last_error: the error text of the latest nack, or NULL. */
 const char *msg_last_error(const struct msg *m);
@@ -209,29 +215,34 @@ void msg_free(struct msg *m);
  * queue.c's.
  */
 struct consumer {
-    uint64_t id;                  /* caller's subscription id */
-    struct queue *q;              /* set by queue_subscribe, NULL when not subscribed */
-    void *owner;                  /* caller's (the connection) */
-    uint32_t prefetch;            /* credit: max in flight, >= 1 */
-    uint32_t inflight;            /* messages held now (cancelled included) */
-    bool paused;                  /* caller-set: skip for now */
-    bool in_avail;                /* on the queue's credit ring */
-    struct kv *tags;              /* owned copies */
+    uint64_t id;       /* caller's subscription id */
+    struct queue *q;   /* set by queue_subscribe, NULL when not subscribed */
+    void *owner;       /* caller's (the connection) */
+    uint32_t prefetch; /* credit: max in flight, >= 1 */
+    uint32_t inflight; /* messages held now (cancelled included) */
+    bool paused;       /* caller-set: skip for now */
+    bool in_avail;     /* on the queue's credit ring */
+    struct kv *tags;   /* owned copies */
     size_t n_tags;
     struct consumer *prev, *next; /* queue's consumer list */
-    struct consumer *avail_prev, *avail_next; /* queue's credit ring (inflight < prefetch) */
-    struct msg *inflight_head, *inflight_tail; /* held messages, delivery order */
+    struct consumer *avail_prev,
+        *avail_next; /* queue's credit ring (inflight < prefetch) */
+    struct msg *inflight_head,
+        *inflight_tail; /* held messages, delivery order */
 };
 
 /* queue_consumer_init: zero c and set id, owner, prefetch. */
-void queue_consumer_init(struct consumer *c, uint64_t id, void *owner, uint32_t prefetch);
+void queue_consumer_init(struct consumer *c, uint64_t id, void *owner,
+                         uint32_t prefetch);
 /* queue_consumer_set_tags: replace c's tags with copies of n pairs.
  * PQ_OK, PQ_ENOMEM (unchanged). May be called while subscribed. */
-int queue_consumer_set_tags(struct consumer *c, const struct kv *tags, size_t n);
+int queue_consumer_set_tags(struct consumer *c, const struct kv *tags,
+                            size_t n);
 /* queue_consumer_fini: free the tags; c must be unsubscribed. */
 void queue_consumer_fini(struct consumer *c);
 /* queue_consumer_satisfies: c has every (key, value) pair of req. */
-bool queue_consumer_satisfies(const struct consumer *c, const struct kv *req, size_t n);
+bool queue_consumer_satisfies(const struct consumer *c, const struct kv *req,
+                              size_t n);
 
 /* ---- events ---- */
 
@@ -239,36 +250,39 @@ bool queue_consumer_satisfies(const struct consumer *c, const struct kv *req, si
  * users see: x-death-reason headers, DROP records, log lines. */
 enum qreason {
     QR_NONE = 0,
-    QR_NACK,          /* the holder nacked it */
-    QR_LEASE,         /* its lease ran out */
-    QR_UNSUBSCRIBE,   /* its holder unsubscribed or disconnected */
-    QR_RELEASE,       /* given back (not a failed attempt) */
-    QR_MAX_ATTEMPTS,  /* failed max_attempts times */
-    QR_EXPIRED,       /* its TTL ran out */
-    QR_CANCELLED,     /* cancelled by a producer or admin */
+    QR_NACK,         /* the holder nacked it */
+    QR_LEASE,        /* its lease ran out */
+    QR_UNSUBSCRIBE,  /* its holder unsubscribed or disconnected */
+    QR_RELEASE,      /* given back (not a failed attempt) */
+    QR_MAX_ATTEMPTS, /* failed max_attempts times */
+    QR_EXPIRED,      /* its TTL ran out */
+    QR_CANCELLED,    /* cancelled by a producer or admin */
 };
 
 /* qreason_name: "nack", "lease", ... ("" for QR_NONE). */
 const char *qreason_name(enum qreason r);
 
 enum qevent_type {
-    QEV_READY,        /* q has deliverable messages: schedule delivery (hint) */
-    QEV_REQUEUE,      /* m back to READY/DELAYED: m->attempt, failures, due_ms; reason */
-    QEV_DEAD_LETTER,  /* m moved from `from` to m->q (=q) with a new body; reason */
-    QEV_DROP,         /* m is about to be freed: reason, detail */
-    QEV_TOUCH         /* m's lease is now m->due_ms; progress maybe new */
+    QEV_READY,       /* q has deliverable messages: schedule delivery (hint) */
+    QEV_REQUEUE,     /* m back to READY/DELAYED: m->attempt, failures, due_ms;
+                        reason */
+    QEV_DEAD_LETTER, /* m moved from `from` to m->q (=q) with a new body; reason
+                      */
+    QEV_DROP,        /* m is about to be freed: reason, detail */
+    QEV_TOUCH        /* m's lease is now m->due_ms; progress maybe new */
 };
 
 struct qevent {
     enum qevent_type type;
-    struct msg *m;                /* NULL for QEV_READY */
-    struct queue *q;              /* queue m is in (or was in, for DROP) */
-    struct queue *from;           /* QEV_DEAD_LETTER: source queue */
-    enum qreason reason;          /* REQUEUE: NACK, LEASE, UNSUBSCRIBE, RELEASE;
-                                   * DEAD_LETTER/DROP: MAX_ATTEMPTS, NACK,
-                                   * EXPIRED, CANCELLED */
-    const char *detail;           /* DROP after a failed dead-letter: why (for the warning), else NULL */
-    const struct kv *headers;     /* DEAD_LETTER: the x-death-* headers added */
+    struct msg *m;            /* NULL for QEV_READY */
+    struct queue *q;          /* queue m is in (or was in, for DROP) */
+    struct queue *from;       /* QEV_DEAD_LETTER: source queue */
+    enum qreason reason;      /* REQUEUE: NACK, LEASE, UNSUBSCRIBE, RELEASE;
+                               * DEAD_LETTER/DROP: MAX_ATTEMPTS, NACK,
+                               * EXPIRED, CANCELLED */
+    const char *detail;       /* DROP after a failed dead-letter: why (for the
+                                 warning), else NULL */
+    const struct kv *headers; /* DEAD_LETTER: the x-death-* headers added */
     size_t n_headers;
 };
 
@@ -322,7 +336,8 @@ size_t qset_msg_count(const struct qset *qs);
 /* qset_tick: handle every deadline <= now_ms (delayed -> ready, lease
  * expiry -> failed attempt, TTL -> expired), firing events. */
 void qset_tick(struct qset *qs, uint64_t now_ms);
-/* qset_next_deadline: earliest pending deadline (mono ms), UINT64_MAX if none. */
+/* qset_next_deadline: earliest pending deadline (mono ms), UINT64_MAX if none.
+ */
 uint64_t qset_next_deadline(const struct qset *qs);
 
 /* ---- queue accessors ---- */
@@ -353,37 +368,39 @@ int queue_check_room(const struct queue *q, uint64_t n_msgs, uint64_t n_bytes);
 /* queue_dedup_find: PQ_OK and *id_out if key was published to q and its
  * message is live, or gone less than dedup_window_ms ago; else
  * PQ_ENOTFOUND. Also expires old entries (amortized O(1)). */
-int queue_dedup_find(struct queue *q, const char *key, uint64_t now_ms, uint64_t *id_out);
+int queue_dedup_find(struct queue *q, const char *key, uint64_t now_ms,
+                     uint64_t *id_out);
 
 struct msg_new {
     uint64_t id;
-    struct body *body;            /* the queue takes its own ref */
-    uint32_t size;                /* payload bytes */
-    uint8_t priority;             /* 0-9 */
-    uint64_t due_ms;              /* 0 or mono visible-at */
-    uint64_t expire_ms;           /* mono; 0 = the queue's ttl_ms from now_ms (if any) */
+    struct body *body;  /* the queue takes its own ref */
+    uint32_t size;      /* payload bytes */
+    uint8_t priority;   /* 0-9 */
+    uint64_t due_ms;    /* 0 or mono visible-at */
+    uint64_t expire_ms; /* mono; 0 = the queue's ttl_ms from now_ms (if any) */
     uint64_t published_wall_ms;
-    const char *idem_key;         /* copied; NULL = none */
-    bool key_takeover;            /* log replay: idem_key is taken over
-                                   * from a message that is gone, whatever
-                                   * its window (the log already accepted
-                                   * this push); a live owner still wins */
-    const struct kv *requires;    /* copied */
+    const char *idem_key;      /* copied; NULL = none */
+    bool key_takeover;         /* log replay: idem_key is taken over
+                                * from a message that is gone, whatever
+                                * its window (the log already accepted
+                                * this push); a live owner still wins */
+    const struct kv *requires; /* copied */
     size_t n_requires;
-    uint32_t attempt, failures;   /* log replay; 0 for a new publish */
-    struct body *progress;        /* log replay; ref taken; NULL = none */
+    uint32_t attempt, failures; /* log replay; 0 for a new publish */
+    struct body *progress;      /* log replay; ref taken; NULL = none */
     uint32_t pub_seg, state_seg;
-    uint32_t pub_off, pub_len;    /* where the body can be read back */
+    uint32_t pub_off, pub_len; /* where the body can be read back */
 };
 
 /* queue_push: add a message: READY (due_ms <= now_ms) or DELAYED, at the
  * back of its priority level; registers the idempotency key. PQ_OK and
  * *out (out may be NULL: then the message may take the compact form, so
- * pass out only when a pointer is needed); PQ_EEXIST if the id is live or the key belongs
- * to a live message, or to one gone less than dedup_window_ms ago (unless
- * mn->key_takeover); PQ_EINVAL (priority > 9, empty key); PQ_ENOMEM.
+ * pass out only when a pointer is needed); PQ_EEXIST if the id is live or the
+ * key belongs to a live message, or to one gone less than dedup_window_ms ago
+ * (unless mn->key_takeover); PQ_EINVAL (priority > 9, empty key); PQ_ENOMEM.
  * Nothing changes on failure. Fires QEV_READY when it became READY. */
-int queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms, struct msg **out);
+int queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms,
+               struct msg **out);
 
 /* queue_next_delivery: pick the next (consumer, message) pair and mark the
  * message INFLIGHT: holder = *to, attempt++, lease due = now + ack_timeout.
@@ -394,7 +411,8 @@ int queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms, struc
  * deadline slot (nothing changes; a later call retries). O(1) amortized
  * when no message in q has requirements; otherwise it scans past the
  * messages nobody can take. */
-struct msg *queue_next_delivery(struct queue *q, uint64_t now_ms, struct consumer **to);
+struct msg *queue_next_delivery(struct queue *q, uint64_t now_ms,
+                                struct consumer **to);
 
 /* queue_subscribe: attach c (prefetch >= 1, not subscribed). PQ_OK, PQ_EINVAL.
  * Fires QEV_READY if q has ready messages. */
@@ -415,9 +433,9 @@ int qset_ack(struct qset *qs, uint64_t id, uint32_t attempt, struct msg **out);
 
 struct nack_opts {
     bool has_delay;
-    uint64_t delay_ms;            /* with has_delay: exact requeue delay */
-    bool dead_letter;             /* straight to the DLQ */
-    const char *error;            /* worker's error text, kept for x-death-error */
+    uint64_t delay_ms; /* with has_delay: exact requeue delay */
+    bool dead_letter;  /* straight to the DLQ */
+    const char *error; /* worker's error text, kept for x-death-error */
 };
 
 /* qset_nack: a failed attempt: failures+1, then requeue after o->delay_ms
@@ -425,21 +443,22 @@ struct nack_opts {
  * failures >= max_attempts (QEV_DEAD_LETTER/QEV_DROP). o may be NULL.
  * PQ_OK, PQ_ESTALE (not current; cancelled: dropped, fenced), PQ_ENOMEM
  * (could not keep the error text; nothing changed). */
-int qset_nack(struct qset *qs, uint64_t id, uint32_t attempt, const struct nack_opts *o,
-              uint64_t now_ms);
+int qset_nack(struct qset *qs, uint64_t id, uint32_t attempt,
+              const struct nack_opts *o, uint64_t now_ms);
 
 /* qset_touch: extend the lease to now + extend_ms (0 = ack_timeout), capped
  * at max_lease_ms when non-zero; progress (ref taken) replaces the kept
  * progress if non-NULL. Fires QEV_TOUCH. *lease_ms_out = granted extension
  * (may be NULL). PQ_OK, PQ_ESTALE (not current, or cancelled), PQ_ENOMEM. */
-int qset_touch(struct qset *qs, uint64_t id, uint32_t attempt, uint64_t extend_ms,
-               struct body *progress, uint64_t now_ms, uint64_t *lease_ms_out);
+int qset_touch(struct qset *qs, uint64_t id, uint32_t attempt,
+               uint64_t extend_ms, struct body *progress, uint64_t now_ms,
+               uint64_t *lease_ms_out);
 
 /* qset_release: give the message back at once (READY, front of its level);
  * failures unchanged, attempt kept; progress as in touch. Fires
  * QEV_REQUEUE "release". PQ_OK, PQ_ESTALE (cancelled: dropped), PQ_ENOMEM. */
-int qset_release(struct qset *qs, uint64_t id, uint32_t attempt, struct body *progress,
-                 uint64_t now_ms);
+int qset_release(struct qset *qs, uint64_t id, uint32_t attempt,
+                 struct body *progress, uint64_t now_ms);
 
 /* qset_cancel: cancel message id. READY/DELAYED: QEV_DROP "cancelled",
  * freed, *inflight_out = NULL. INFLIGHT: marked cancelled (kept, still

@@ -78,7 +78,8 @@ queue_dedup_release(struct msg *m)
 
 /* queue_dedup_find: see queue.h. */
 int
-queue_dedup_find(struct queue *q, const char *key, uint64_t now_ms, uint64_t *id_out)
+queue_dedup_find(struct queue *q, const char *key, uint64_t now_ms,
+                 uint64_t *id_out)
 {
     struct dedup *d;
 

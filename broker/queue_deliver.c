@@ -68,8 +68,8 @@ first_unpaused(struct queue *q)
  * message m, or (m NULL) the compact slot at pos, promoted first. NULL on
  * ENOMEM (nothing changed). */
 static struct msg *
-deliver_entry(struct queue *q, int p, struct msg *m, uint64_t pos, struct consumer *c,
-              uint64_t now_ms)
+deliver_entry(struct queue *q, int p, struct msg *m, uint64_t pos,
+              struct consumer *c, uint64_t now_ms)
 {
     if (m == NULL && (m = queue_slot_promote(q, p, pos)) == NULL) {
         return NULL;
@@ -107,7 +107,8 @@ next_delivery_tagged(struct queue *q, uint64_t now_ms, struct consumer **to)
                 if (pos < lv->head) {
                     pos = lv->head;
                 }
-                while (pos < lv->tail && queue_cs_kind(queue_slot_at(lv, pos)) == CS_DEAD) {
+                while (pos < lv->tail &&
+                       queue_cs_kind(queue_slot_at(lv, pos)) == CS_DEAD) {
                     pos++;
                 }
                 if (bm != NULL && (pos >= lv->tail || bm->due_ms <= pos)) {
@@ -172,7 +173,8 @@ queue_next_delivery(struct queue *q, uint64_t now_ms, struct consumer **to)
         return NULL;
     }
     /* the delivered message gains a lease deadline (see the invariants) */
-    if (heap_reserve(&q->qs->deadlines, heap_len(&q->qs->deadlines) + 1) != PQ_OK) {
+    if (heap_reserve(&q->qs->deadlines, heap_len(&q->qs->deadlines) + 1) !=
+        PQ_OK) {
         return NULL;
     }
     if (q->n_ready_req > 0) {
@@ -317,8 +319,8 @@ qset_ack(struct qset *qs, uint64_t id, uint32_t attempt, struct msg **out)
 
 /* qset_nack: see queue.h. */
 int
-qset_nack(struct qset *qs, uint64_t id, uint32_t attempt, const struct nack_opts *o,
-          uint64_t now_ms)
+qset_nack(struct qset *qs, uint64_t id, uint32_t attempt,
+          const struct nack_opts *o, uint64_t now_ms)
 {
     struct msg *m = current(qs, id, attempt);
     struct queue *q;
@@ -336,7 +338,8 @@ qset_nack(struct qset *qs, uint64_t id, uint32_t attempt, const struct nack_opts
         return PQ_ESTALE;
     }
     if (o != NULL && o->error != NULL) {
-        if (queue_ensure_ext(m) != PQ_OK || (err = pq_strdup(o->error)) == NULL) {
+        if (queue_ensure_ext(m) != PQ_OK ||
+            (err = pq_strdup(o->error)) == NULL) {
             return PQ_ENOMEM;
         }
         pq_free(m->ext->last_error);
@@ -396,8 +399,8 @@ qset_touch(struct qset *qs, uint64_t id, uint32_t attempt, uint64_t extend_ms,
 
 /* qset_release: see queue.h. */
 int
-qset_release(struct qset *qs, uint64_t id, uint32_t attempt, struct body *progress,
-             uint64_t now_ms)
+qset_release(struct qset *qs, uint64_t id, uint32_t attempt,
+             struct body *progress, uint64_t now_ms)
 {
     struct msg *m = current(qs, id, attempt);
     struct queue *q;

@@ -33,7 +33,9 @@
 #define UNPOISON(p, n) ((void)(p), (void)(n))
 #endif
 
-enum { MSG_LIMBO = 0xf }; /* unlinked for a moment inside one call (4-bit state) */
+enum {
+    MSG_LIMBO = 0xf
+}; /* unlinked for a moment inside one call (4-bit state) */
 
 /* struct msg allocation: slabs of MSG_SLAB_LEN messages (~100 KiB). */
 enum { MSG_SLAB_LEN = 1024 };
@@ -42,28 +44,28 @@ struct msg_slab {
     struct msg_slab *prev, *next; /* qset's list of slabs with room */
     struct msg *free;             /* freed slots, linked through next */
     uint32_t used;                /* live messages here */
-    uint32_t fresh;               /* slots [fresh, MSG_SLAB_LEN) never used yet */
-    bool has_room;                /* on the qset's room list */
+    uint32_t fresh; /* slots [fresh, MSG_SLAB_LEN) never used yet */
+    bool has_room;  /* on the qset's room list */
     struct msg msgs[MSG_SLAB_LEN];
 };
 
 /* Optional parts of a message; allocated only when one is used. */
 struct msg_ext {
-    struct kv *requires;          /* one block (kv_copy), or NULL */
+    struct kv *requires; /* one block (kv_copy), or NULL */
     size_t n_requires;
-    struct body *progress;        /* latest Progress, kept across attempts */
-    char *last_error;             /* text of the latest nack error */
-    struct dedup *dedup;          /* live idempotency entry, or NULL */
+    struct body *progress; /* latest Progress, kept across attempts */
+    char *last_error;      /* text of the latest nack error */
+    struct dedup *dedup;   /* live idempotency entry, or NULL */
 };
 
 /* An idempotency key of one queue. While its message lives, m is set; once
  * it is gone, expire_ms is set and the entry sits on the queue's FIFO. */
 struct dedup {
-    char *key;                    /* owned; also the hmap key */
-    uint64_t id;                  /* the first message's id */
-    struct msg *m;                /* live message, or NULL */
-    uint64_t expire_ms;           /* when m == NULL: forget at this time */
-    struct dedup *prev, *next;    /* FIFO of gone entries, expiry order */
+    char *key;                 /* owned; also the hmap key */
+    uint64_t id;               /* the first message's id */
+    struct msg *m;             /* live message, or NULL */
+    uint64_t expire_ms;        /* when m == NULL: forget at this time */
+    struct dedup *prev, *next; /* FIFO of gone entries, expiry order */
 };
 
 struct mlist {
@@ -106,11 +108,13 @@ enum { CS_COMPACT = 0, CS_FULL = 1, CS_DEAD = 2 };
 struct cslot {
     uint64_t id;
     union {
-        struct body *body;        /* CS_COMPACT: encoded message, or NULL when evicted */
-        struct msg *m;            /* CS_FULL: the promoted message */
+        struct body
+            *body;     /* CS_COMPACT: encoded message, or NULL when evicted */
+        struct msg *m; /* CS_FULL: the promoted message */
     } u;
-    uint64_t wall_kind;           /* published_wall_ms (48 bits) | kind << 48 */
-    uint32_t size, pub_seg, pub_off, pub_len; /* as in struct msg; state_seg = pub_seg */
+    uint64_t wall_kind; /* published_wall_ms (48 bits) | kind << 48 */
+    uint32_t size, pub_seg, pub_off,
+        pub_len; /* as in struct msg; state_seg = pub_seg */
 };
 
 struct cchunk {
@@ -118,13 +122,14 @@ struct cchunk {
 };
 
 struct rlevel {
-    struct mlist front;           /* requeued at the front */
-    struct mlist back;            /* full messages pushed at the back; due_ms = seq */
-    struct cchunk **chunks;       /* slots [base, base + n_chunks * CSLOT_CHUNK) */
+    struct mlist front;     /* requeued at the front */
+    struct mlist back;      /* full messages pushed at the back; due_ms = seq */
+    struct cchunk **chunks; /* slots [base, base + n_chunks * CSLOT_CHUNK) */
     size_t n_chunks, chunks_cap;
-    uint64_t base, head, tail;    /* slots in use: [head, tail); slot head is live */
-    uint64_t n_live;              /* CS_COMPACT + CS_FULL slots in [head, tail) */
-    uint64_t n_compact;           /* CS_COMPACT slots */
+    uint64_t base, head,
+        tail;           /* slots in use: [head, tail); slot head is live */
+    uint64_t n_live;    /* CS_COMPACT + CS_FULL slots in [head, tail) */
+    uint64_t n_compact; /* CS_COMPACT slots */
 };
 
 /* msg.flags bits beside MSG_F_CANCELLED, queue.c's own: where a READY
@@ -134,37 +139,37 @@ enum { MSG_F_SLOT = 1u << 1, MSG_F_BACK = 1u << 2 };
 struct queue {
     char name[QUEUE_NAME_MAX + 1];
     struct qset *qs;
-    struct queue *prev, *next;    /* qset's list, creation order */
-    struct queue_attrs attrs;     /* resolved */
+    struct queue *prev, *next; /* qset's list, creation order */
+    struct queue_attrs attrs;  /* resolved */
     struct queue_stats stats;
     struct rlevel ready[PRIORITY_LEVELS];
-    struct mlist delayed;         /* unordered; the heap orders them */
+    struct mlist delayed; /* unordered; the heap orders them */
     uint64_t n_ready, n_delayed, n_inflight;
-    uint64_t n_ready_req;         /* READY messages that have requirements */
-    uint64_t bytes;               /* sum of msg.size */
+    uint64_t n_ready_req; /* READY messages that have requirements */
+    uint64_t bytes;       /* sum of msg.size */
     uint32_t n_consumers;
     struct consumer *cons_head, *cons_tail;
     struct consumer *avail_head, *avail_tail; /* credit ring, round-robin */
-    struct hmap_str dedup;        /* key -> struct dedup */
+    struct hmap_str dedup;                    /* key -> struct dedup */
     struct dedup *dd_head, *dd_tail; /* gone entries, oldest expiry first */
 };
 
 struct qset {
     struct queue_defaults defaults;
-    struct hmap_str names;        /* name -> queue */
+    struct hmap_str names; /* name -> queue */
     struct queue *q_head, *q_tail;
     size_t n_queues;
-    struct hmap_ptr msgs;         /* id -> msg, every live struct msg */
-    uint64_t n_compact;           /* messages kept in CS_COMPACT slots */
-    uint64_t compact_max_id;      /* highest id ever put in a compact slot */
-    bool no_squeeze;              /* a walk over slot positions is under way */
-    struct msg_slab **slabs;      /* every slab, sorted by address */
+    struct hmap_ptr msgs;    /* id -> msg, every live struct msg */
+    uint64_t n_compact;      /* messages kept in CS_COMPACT slots */
+    uint64_t compact_max_id; /* highest id ever put in a compact slot */
+    bool no_squeeze;         /* a walk over slot positions is under way */
+    struct msg_slab **slabs; /* every slab, sorted by address */
     size_t n_slabs, slabs_cap;
-    struct msg_slab *room;        /* slabs with a free slot */
-    size_t n_empty;               /* slabs with used == 0 (at most one kept) */
-    struct heap deadlines;        /* msgs by next deadline */
-    uint64_t rng;                 /* splitmix64 state */
-    uint64_t clock_ms;            /* latest now_ms seen (for calls without one) */
+    struct msg_slab *room; /* slabs with a free slot */
+    size_t n_empty;        /* slabs with used == 0 (at most one kept) */
+    struct heap deadlines; /* msgs by next deadline */
+    uint64_t rng;          /* splitmix64 state */
+    uint64_t clock_ms;     /* latest now_ms seen (for calls without one) */
     qset_listener_fn listener;
     void *listener_arg;
 };
@@ -183,9 +188,9 @@ queue_see_clock(struct qset *qs, uint64_t now_ms)
     }
 }
 
-void queue_emit(struct qset *qs, enum qevent_type type, struct msg *m, struct queue *q,
-     struct queue *from, enum qreason reason, const char *detail,
-     const struct kv *hdrs, size_t n_hdrs);
+void queue_emit(struct qset *qs, enum qevent_type type, struct msg *m,
+                struct queue *q, struct queue *from, enum qreason reason,
+                const char *detail, const struct kv *hdrs, size_t n_hdrs);
 
 static inline void
 queue_hint_ready(struct queue *q)
@@ -252,11 +257,12 @@ uint64_t queue_slot_find(const struct rlevel *lv, uint64_t id);
 
 /* The compact slot holding id anywhere in qs: O(levels holding compact
  * slots * log n); immediate for an id above every compact one. */
-bool queue_compact_find(const struct qset *qs, uint64_t id, struct queue **q_out, int *p_out,
-             uint64_t *pos_out);
+bool queue_compact_find(const struct qset *qs, uint64_t id,
+                        struct queue **q_out, int *p_out, uint64_t *pos_out);
 
 /* A read-only struct msg image of a compact slot. */
-void queue_slot_view(struct queue *q, int p, const struct cslot *s, struct msg *v);
+void queue_slot_view(struct queue *q, int p, const struct cslot *s,
+                     struct msg *v);
 
 /* Turn the slot at pos into a struct msg in place (same position). The
  * message, or NULL on ENOMEM (nothing changed). */
@@ -273,8 +279,8 @@ bool queue_level_first(const struct rlevel *lv, struct msg **m, uint64_t *pos);
 
 /* A new message that can be kept in a compact slot at the tail of its
  * level: READY, never delivered, nothing optional, no pointer wanted. */
-bool queue_compactable_new(const struct queue *q, const struct msg_new *mn, uint64_t now_ms,
-                bool want_ptr);
+bool queue_compactable_new(const struct queue *q, const struct msg_new *mn,
+                           uint64_t now_ms, bool want_ptr);
 
 bool msg_deadline(const struct msg *m, uint64_t *out);
 
@@ -301,17 +307,20 @@ void queue_unlink_msg(struct msg *m);
 
 /* Put an unlinked, previously delivered message back: at once (front of its
  * level) or after delay_ms. */
-void queue_requeue(struct msg *m, uint64_t now_ms, uint64_t delay_ms, enum qreason reason);
+void queue_requeue(struct msg *m, uint64_t now_ms, uint64_t delay_ms,
+                   enum qreason reason);
 
 /* An unlinked in-flight message failed an attempt. */
-void queue_fail_attempt(struct msg *m, uint64_t now_ms, enum qreason reason, const struct nack_opts *o);
+void queue_fail_attempt(struct msg *m, uint64_t now_ms, enum qreason reason,
+                        const struct nack_opts *o);
 
 /* An unlinked READY/DELAYED message's TTL passed. */
 void queue_expire_msg(struct msg *m, uint64_t now_ms);
 
 /* The compact message at pos is cancelled: QEV_DROP with a struct msg
  * image of it (nothing to allocate), then it goes. */
-void queue_drop_compact(struct queue *q, int p, uint64_t pos, enum qreason reason);
+void queue_drop_compact(struct queue *q, int p, uint64_t pos,
+                        enum qreason reason);
 
 /* An unlinked cancelled in-flight message reaches its end. */
 void queue_finish_cancelled(struct msg *m);

@@ -147,7 +147,8 @@ slab_new(struct qset *qs)
     s->has_room = false;
     POISON(s->msgs, sizeof(s->msgs));
     i = slab_upper(qs, s);
-    memmove(&qs->slabs[i + 1], &qs->slabs[i], (qs->n_slabs - i) * sizeof(qs->slabs[0]));
+    memmove(&qs->slabs[i + 1], &qs->slabs[i],
+            (qs->n_slabs - i) * sizeof(qs->slabs[0]));
     qs->slabs[i] = s;
     qs->n_slabs++;
     qs->n_empty++;
@@ -161,7 +162,8 @@ queue_slab_free(struct qset *qs, struct msg_slab *s)
     size_t i = slab_upper(qs, s);
 
     assert(s->used == 0 && i > 0 && qs->slabs[i - 1] == s);
-    memmove(&qs->slabs[i - 1], &qs->slabs[i], (qs->n_slabs - i) * sizeof(qs->slabs[0]));
+    memmove(&qs->slabs[i - 1], &qs->slabs[i],
+            (qs->n_slabs - i) * sizeof(qs->slabs[0]));
     qs->n_slabs--;
     qs->n_empty--;
     if (s->has_room) {
@@ -199,7 +201,8 @@ msg_alloc(struct qset *qs)
     return m;
 }
 
-/* Give m's slot back; an emptied slab is freed unless it is the only empty one. */
+/* Give m's slot back; an emptied slab is freed unless it is the only empty one.
+ */
 static void
 msg_release(struct qset *qs, struct msg *m)
 {
@@ -241,14 +244,11 @@ msg_free(struct msg *m)
 
 /* ---- compact slots (see struct cslot) ---- */
 
-
-
 static uint64_t
 cs_wall(const struct cslot *s)
 {
     return s->wall_kind & CS_WALL_MASK;
 }
-
 
 /* Room for n more slots at the tail. PQ_OK or PQ_ENOMEM (chunks already
  * added stay, unused). */
@@ -294,7 +294,8 @@ slots_trim(struct rlevel *lv)
         for (i = 0; i < k; i++) {
             pq_free(lv->chunks[i]);
         }
-        memmove(lv->chunks, lv->chunks + k, (lv->n_chunks - k) * sizeof(lv->chunks[0]));
+        memmove(lv->chunks, lv->chunks + k,
+                (lv->n_chunks - k) * sizeof(lv->chunks[0]));
         lv->n_chunks -= k;
         lv->base += (uint64_t)k * CSLOT_CHUNK;
     }
@@ -332,7 +333,8 @@ queue_slot_find(const struct rlevel *lv, uint64_t id)
     uint64_t lo = lv->head, hi = lv->tail;
     const struct cslot *s;
 
-    if (lo == hi || id < queue_slot_at(lv, lo)->id || id > queue_slot_at(lv, hi - 1)->id) {
+    if (lo == hi || id < queue_slot_at(lv, lo)->id ||
+        id > queue_slot_at(lv, hi - 1)->id) {
         return POS_NONE;
     }
     while (lo < hi) {
@@ -354,8 +356,8 @@ queue_slot_find(const struct rlevel *lv, uint64_t id)
 /* The compact slot holding id anywhere in qs: O(levels holding compact
  * slots * log n); immediate for an id above every compact one. */
 bool
-queue_compact_find(const struct qset *qs, uint64_t id, struct queue **q_out, int *p_out,
-             uint64_t *pos_out)
+queue_compact_find(const struct qset *qs, uint64_t id, struct queue **q_out,
+                   int *p_out, uint64_t *pos_out)
 {
     struct queue *q;
     int p;
@@ -372,7 +374,8 @@ queue_compact_find(const struct qset *qs, uint64_t id, struct queue **q_out, int
                 continue;
             }
             pos = queue_slot_find(lv, id);
-            if (pos != POS_NONE && queue_cs_kind(queue_slot_at(lv, pos)) == CS_COMPACT) {
+            if (pos != POS_NONE &&
+                queue_cs_kind(queue_slot_at(lv, pos)) == CS_COMPACT) {
                 *q_out = q;
                 *p_out = p;
                 *pos_out = pos;
@@ -488,7 +491,8 @@ queue_slot_kill(struct queue *q, struct rlevel *lv, uint64_t pos)
     s->u.body = NULL;
     lv->n_live--;
     if (pos == lv->head) {
-        while (lv->head < lv->tail && queue_cs_kind(queue_slot_at(lv, lv->head)) == CS_DEAD) {
+        while (lv->head < lv->tail &&
+               queue_cs_kind(queue_slot_at(lv, lv->head)) == CS_DEAD) {
             lv->head++;
         }
         slots_trim(lv);
@@ -508,7 +512,8 @@ queue_level_first(const struct rlevel *lv, struct msg **m, uint64_t *pos)
         *m = lv->front.head;
         return true;
     }
-    if (lv->back.head != NULL && (lv->head == lv->tail || lv->back.head->due_ms <= lv->head)) {
+    if (lv->back.head != NULL &&
+        (lv->head == lv->tail || lv->back.head->due_ms <= lv->head)) {
         *m = lv->back.head;
         return true;
     }
@@ -528,24 +533,26 @@ queue_level_first(const struct rlevel *lv, struct msg **m, uint64_t *pos)
 /* A new message that can be kept in a compact slot at the tail of its
  * level: READY, never delivered, nothing optional, no pointer wanted. */
 bool
-queue_compactable_new(const struct queue *q, const struct msg_new *mn, uint64_t now_ms,
-                bool want_ptr)
+queue_compactable_new(const struct queue *q, const struct msg_new *mn,
+                      uint64_t now_ms, bool want_ptr)
 {
     const struct rlevel *lv = &q->ready[mn->priority];
 
-    return !want_ptr && mn->due_ms <= now_ms && mn->expire_ms == 0 && q->attrs.ttl_ms == 0 &&
-           mn->idem_key == NULL && mn->n_requires == 0 && mn->progress == NULL &&
-           mn->attempt == 0 && mn->failures == 0 && mn->state_seg == mn->pub_seg &&
+    return !want_ptr && mn->due_ms <= now_ms && mn->expire_ms == 0 &&
+           q->attrs.ttl_ms == 0 && mn->idem_key == NULL &&
+           mn->n_requires == 0 && mn->progress == NULL && mn->attempt == 0 &&
+           mn->failures == 0 && mn->state_seg == mn->pub_seg &&
            mn->published_wall_ms <= CS_WALL_MASK &&
-           (lv->head == lv->tail || mn->id > queue_slot_at(lv, lv->tail - 1)->id);
+           (lv->head == lv->tail ||
+            mn->id > queue_slot_at(lv, lv->tail - 1)->id);
 }
 
 /* The same test for an existing READY message (qset_sort_ready). */
 static bool
 compactable_msg(const struct msg *m)
 {
-    return m->state == MSG_READY && m->attempt == 0 && m->failures == 0 && m->ext == NULL &&
-           m->expire_ms == 0 && m->heap_pos == UINT32_MAX &&
+    return m->state == MSG_READY && m->attempt == 0 && m->failures == 0 &&
+           m->ext == NULL && m->expire_ms == 0 && m->heap_pos == UINT32_MAX &&
            (m->flags & MSG_F_CANCELLED) == 0 && m->state_seg == m->pub_seg &&
            m->published_wall_ms <= CS_WALL_MASK;
 }
@@ -596,7 +603,8 @@ queue_foreach_msg(struct queue *q, void (*fn)(void *arg, struct msg *m),
             s->pub_seg = v.pub_seg;
             s->pub_off = v.pub_off;
             s->pub_len = v.pub_len;
-            if (v.state_seg != v.pub_seg && (m = queue_slot_promote(q, p, pos)) != NULL) {
+            if (v.state_seg != v.pub_seg &&
+                (m = queue_slot_promote(q, p, pos)) != NULL) {
                 m->state_seg = v.state_seg;
             }
         }
@@ -675,7 +683,7 @@ level_sort(struct queue *q, int p)
 {
     struct qset *qs = q->qs;
     struct rlevel *lv = &q->ready[p];
-    struct mlist l = { NULL, NULL };
+    struct mlist l = {NULL, NULL};
     struct msg *m;
     uint64_t k = 0, r, w;
 
@@ -711,12 +719,14 @@ level_sort(struct queue *q, int p)
     while (m != NULL || r > lv->head) {
         struct cslot *s;
 
-        if (r > lv->head && queue_cs_kind(queue_slot_at(lv, r - 1)) == CS_DEAD) {
+        if (r > lv->head &&
+            queue_cs_kind(queue_slot_at(lv, r - 1)) == CS_DEAD) {
             r--;
             continue;
         }
         s = queue_slot_at(lv, --w);
-        if (r > lv->head && (m == NULL || queue_slot_at(lv, r - 1)->id > m->id)) {
+        if (r > lv->head &&
+            (m == NULL || queue_slot_at(lv, r - 1)->id > m->id)) {
             r--;
             if (w != r) {
                 *s = *queue_slot_at(lv, r);

@@ -21,7 +21,7 @@ struct wbuf {
     uint8_t *buf;
     size_t cap;
     size_t len;
-    bool invalid;                  /* inconsistent input (caller bug) */
+    bool invalid; /* inconsistent input (caller bug) */
 };
 
 static void
@@ -62,7 +62,7 @@ w_blob(struct wbuf *w, const void *p, uint32_t n)
 {
     w_u32(w, n);
     if (n > 0 && p == NULL) {
-        w->invalid = true;         /* a length without data */
+        w->invalid = true; /* a length without data */
         return;
     }
     w_raw(w, p, n);
@@ -86,7 +86,7 @@ struct rbuf {
     const uint8_t *p;
     size_t len;
     size_t off;
-    bool bad;                      /* ran past the end or bad value */
+    bool bad; /* ran past the end or bad value */
 };
 
 static bool
@@ -497,8 +497,8 @@ record_publish_next_require(const struct rec_publish *p, size_t *cursor,
         *kv = p->requires[(*cursor)++];
         return true;
     }
-    rb = (struct rbuf){.p = p->requires_raw.ptr, .len = p->requires_raw.len,
-                       .off = *cursor};
+    rb = (struct rbuf){
+        .p = p->requires_raw.ptr, .len = p->requires_raw.len, .off = *cursor};
     if (rb.p == NULL || rb.off >= rb.len) {
         return false;
     }

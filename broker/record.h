@@ -77,7 +77,7 @@ enum record_type {
     REC_PROGRESS = 9,
     /* 10..63 reserved for job-state records; see the comment above. */
     REC_TYPE_MAX = 9,
-    REC_SEG_START = 64,            /* store metadata (64..127) */
+    REC_SEG_START = 64, /* store metadata (64..127) */
 };
 
 /* The largest body a record may have (the log refuses longer lengths as
@@ -106,17 +106,17 @@ struct rec_kv {
  * the dispatcher; the store gives them no meaning). */
 struct rec_queue_attrs {
     bool transient;
-    uint64_t max_length;           /* messages; 0 = unlimited */
-    uint64_t max_bytes;            /* payload bytes; 0 = unlimited */
+    uint64_t max_length; /* messages; 0 = unlimited */
+    uint64_t max_bytes;  /* payload bytes; 0 = unlimited */
     uint64_t ack_timeout_ms;
     uint32_t max_attempts;
-    struct rec_str dead_letter;    /* queue name; empty = none */
+    struct rec_str dead_letter; /* queue name; empty = none */
     uint64_t backoff_base_ms;
     uint64_t backoff_cap_ms;
-    uint64_t ttl_ms;               /* default message TTL; 0 = none */
+    uint64_t ttl_ms; /* default message TTL; 0 = none */
     uint64_t dedup_window_ms;
     uint64_t max_lease_ms;
-    bool dead_letter_expired;      /* expired messages go to dead_letter */
+    bool dead_letter_expired; /* expired messages go to dead_letter */
 };
 
 struct rec_queue_create {
@@ -137,8 +137,8 @@ struct rec_queue_delete {
 struct rec_queue_purge {
     struct rec_str name;
     uint32_t n_keep;
-    const uint64_t *keep_ids;      /* encode input */
-    const uint8_t *keep_le;        /* decode output */
+    const uint64_t *keep_ids; /* encode input */
+    const uint8_t *keep_le;   /* decode output */
 };
 
 /*
@@ -149,13 +149,13 @@ struct rec_queue_purge {
 struct rec_publish {
     uint64_t id;
     struct rec_str queue;
-    uint8_t priority;              /* 0..9; the store does not check */
-    uint32_t attempt;              /* deliveries so far */
-    uint32_t failures;             /* failed attempts (release excluded) */
+    uint8_t priority;  /* 0..9; the store does not check */
+    uint32_t attempt;  /* deliveries so far */
+    uint32_t failures; /* failed attempts (release excluded) */
     uint64_t published_wall_ms;
-    uint64_t deliver_at_wall_ms;   /* 0 = ready now */
-    uint64_t expire_wall_ms;       /* 0 = never */
-    struct rec_str idem_key;       /* empty = none */
+    uint64_t deliver_at_wall_ms; /* 0 = ready now */
+    uint64_t expire_wall_ms;     /* 0 = never */
+    struct rec_str idem_key;     /* empty = none */
     uint32_t n_requires;
     const struct rec_kv *requires; /* encode input */
     struct rec_bytes requires_raw; /* decode output */
@@ -171,19 +171,19 @@ struct rec_requeue {
     uint64_t id;
     uint32_t attempt;
     uint32_t failures;
-    uint64_t deliver_at_wall_ms;   /* 0 = ready now */
+    uint64_t deliver_at_wall_ms; /* 0 = ready now */
 };
 
 struct rec_dead_letter {
     uint64_t id;
-    struct rec_str target;         /* dead-letter queue name */
+    struct rec_str target; /* dead-letter queue name */
     struct rec_str reason;
-    struct rec_bytes body;         /* the new body (reason in headers) */
+    struct rec_bytes body; /* the new body (reason in headers) */
 };
 
 struct rec_drop {
     uint64_t id;
-    struct rec_str reason;         /* e.g. "expired", "max_length" */
+    struct rec_str reason; /* e.g. "expired", "max_length" */
 };
 
 struct rec_progress {
@@ -192,13 +192,13 @@ struct rec_progress {
 };
 
 struct rec_seg_start {
-    uint32_t prev_seq;             /* 0: the first segment of a new log */
-    uint64_t prev_end;             /* end of prev_seq's records */
+    uint32_t prev_seq; /* 0: the first segment of a new log */
+    uint64_t prev_end; /* end of prev_seq's records */
 };
 
 /* One record of any type: type selects the union member. */
 struct record {
-    uint8_t type;                  /* enum record_type */
+    uint8_t type; /* enum record_type */
     union {
         struct rec_queue_create queue_create;
         struct rec_queue_delete queue_delete;

@@ -114,8 +114,8 @@ signal_cb(evutil_socket_t sig, short what, void *arg)
             return;
         }
         log_set_level(srv->cfg.log_level);
-        log_info("SIGHUP: reloaded %s%s%s", srv->conf_path,
-                 err[0] ? "; " : "", err);
+        log_info("SIGHUP: reloaded %s%s%s", srv->conf_path, err[0] ? "; " : "",
+                 err);
         return;
     }
     log_info("%s: shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
@@ -151,22 +151,21 @@ log_summary(struct server *srv)
     if (srv->broker.journal != NULL) {
         journal_store_stats(srv->broker.journal, &ss);
     }
-    log_info("summary: connections %u (accepted %llu, refused %llu, closed "
-             "for bad input %llu); frames in %llu out %llu; queues %zu, "
-             "messages %zu; durable batches %llu, fsyncs %llu (mean %llu us, "
-             "max %llu us); publishes refused for disk %llu; memory %zu bytes",
-             srv->cs.nconns, (unsigned long long)cst->conns_accepted,
-             (unsigned long long)cst->conns_rejected,
-             (unsigned long long)cst->protocol_errors,
-             (unsigned long long)cst->frames_in,
-             (unsigned long long)cst->frames_out,
-             qset_queue_count(srv->broker.qs), qset_msg_count(srv->broker.qs),
-             (unsigned long long)s->batches_durable,
-             (unsigned long long)ss.fsyncs,
-             (unsigned long long)(ss.fsyncs ? ss.fsync_ns_total / ss.fsyncs / 1000
-                                            : 0),
-             (unsigned long long)(ss.fsync_ns_max / 1000),
-             (unsigned long long)s->disk_full_refusals, pq_mem_used());
+    log_info(
+        "summary: connections %u (accepted %llu, refused %llu, closed "
+        "for bad input %llu); frames in %llu out %llu; queues %zu, "
+        "messages %zu; durable batches %llu, fsyncs %llu (mean %llu us, "
+        "max %llu us); publishes refused for disk %llu; memory %zu bytes",
+        srv->cs.nconns, (unsigned long long)cst->conns_accepted,
+        (unsigned long long)cst->conns_rejected,
+        (unsigned long long)cst->protocol_errors,
+        (unsigned long long)cst->frames_in, (unsigned long long)cst->frames_out,
+        qset_queue_count(srv->broker.qs), qset_msg_count(srv->broker.qs),
+        (unsigned long long)s->batches_durable, (unsigned long long)ss.fsyncs,
+        (unsigned long long)(ss.fsyncs ? ss.fsync_ns_total / ss.fsyncs / 1000
+                                       : 0),
+        (unsigned long long)(ss.fsync_ns_max / 1000),
+        (unsigned long long)s->disk_full_refusals, pq_mem_used());
 }
 
 static void
@@ -258,8 +257,8 @@ open_listener(struct server *srv, char *err, size_t errlen)
     }
     srv->listener = evconnlistener_new_bind(
         srv->base, accept_cb, srv,
-        LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_EXEC,
-        1024, ai->ai_addr, (int)ai->ai_addrlen);
+        LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_EXEC, 1024,
+        ai->ai_addr, (int)ai->ai_addrlen);
     evutil_freeaddrinfo(ai);
     if (srv->listener == NULL) {
         snprintf(err, errlen, "listen %s: %s", srv->cfg.listen,
@@ -346,8 +345,8 @@ server_init(struct server *srv, char *err, size_t errlen)
         return rc;
     }
     srv->deadline = evtimer_new(srv->base, deadline_cb, srv);
-    srv->housekeeping = event_new(srv->base, -1, EV_PERSIST, housekeeping_cb,
-                                  srv);
+    srv->housekeeping =
+        event_new(srv->base, -1, EV_PERSIST, housekeeping_cb, srv);
     srv->work = event_new(srv->base, -1, 0, work_cb, srv);
     if (!srv->deadline || !srv->housekeeping || !srv->work) {
         snprintf(err, errlen, "cannot create loop events");
@@ -442,7 +441,8 @@ server_fini(struct server *srv)
 {
     /* Only a server that got as far as its store has anything to drain
      * (a failed server_init ends here too, with parts missing). */
-    if (srv->base != NULL && srv->broker.qs != NULL && srv->broker.journal != NULL) {
+    if (srv->base != NULL && srv->broker.qs != NULL &&
+        srv->broker.journal != NULL) {
         server_drain(srv);
     }
     /* A clean stop is not the workers' failure: what they hold goes back
@@ -461,9 +461,9 @@ server_fini(struct server *srv)
     if (srv->listener) {
         evconnlistener_free(srv->listener);
     }
-    struct event **evs[] = {&srv->sig_int, &srv->sig_term, &srv->sig_hup,
-                            &srv->deadline, &srv->housekeeping,
-                            &srv->store_ev, &srv->work};
+    struct event **evs[] = {&srv->sig_int,  &srv->sig_term,     &srv->sig_hup,
+                            &srv->deadline, &srv->housekeeping, &srv->store_ev,
+                            &srv->work};
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++) {
         if (*evs[i]) {
             event_free(*evs[i]);

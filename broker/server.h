@@ -34,18 +34,18 @@ struct server {
     struct event_base *base;
     struct evconnlistener *listener;
     struct event *sig_int, *sig_term, *sig_hup;
-    struct event *deadline;       /* the one timer: qset_next_deadline() */
-    struct event *housekeeping;   /* 1 s: heartbeats, idle peers, summary */
-    struct event *store_ev;       /* the log's eventfd is readable */
-    struct event *work;           /* made active when a pass left work */
-    uint64_t listener_paused_ms;  /* mono; accepts paused after EMFILE */
-    uint64_t summary_ms;          /* mono; last summary line logged */
+    struct event *deadline;      /* the one timer: qset_next_deadline() */
+    struct event *housekeeping;  /* 1 s: heartbeats, idle peers, summary */
+    struct event *store_ev;      /* the log's eventfd is readable */
+    struct event *work;          /* made active when a pass left work */
+    uint64_t listener_paused_ms; /* mono; accepts paused after EMFILE */
+    uint64_t summary_ms;         /* mono; last summary line logged */
     bool stopping;
-    uint64_t now_mono_ms;         /* read once per loop pass */
-    uint16_t port;                /* the port actually bound */
+    uint64_t now_mono_ms; /* read once per loop pass */
+    uint16_t port;        /* the port actually bound */
 
-    struct connset cs;            /* the connections (conn.c) */
-    struct broker broker;         /* queues, log, protocol state (dispatch.c) */
+    struct connset cs;    /* the connections (conn.c) */
+    struct broker broker; /* queues, log, protocol state (dispatch.c) */
 };
 
 /*

@@ -93,8 +93,7 @@ store_io_real(void)
 
 /* ---- small helpers ---- */
 
-void
-store_seterr(char *err, size_t errlen, const char *fmt, ...)
+void store_seterr(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
 void
@@ -185,7 +184,7 @@ pread_all(int fd, uint8_t *p, size_t n, uint64_t off)
             return -1;
         }
         if (r == 0) {
-            errno = 0;             /* short file */
+            errno = 0; /* short file */
             return -1;
         }
         p += r;
@@ -222,8 +221,8 @@ seg_create(const char *dir, int dir_fd, uint32_t seq, uint64_t alloc,
     memcpy(hdr, STORE_MAGIC, 8);
     le32_put(hdr + 8, STORE_FORMAT_VERSION);
     le64_put(hdr + 12, seq);
-    if (store_pwrite_all(fd, hdr, sizeof(hdr), 0) < 0 || store_seam->fdatasync(fd) < 0 ||
-        store_seam->fsync(dir_fd) < 0) {
+    if (store_pwrite_all(fd, hdr, sizeof(hdr), 0) < 0 ||
+        store_seam->fdatasync(fd) < 0 || store_seam->fsync(dir_fd) < 0) {
         e = errno;
         goto err_remove;
     }
@@ -240,7 +239,8 @@ err_remove:
 /* ---- data dir lock ---- */
 
 int
-store_dir_lock(const char *dir, bool shared, int *fd_out, char *err, size_t errlen)
+store_dir_lock(const char *dir, bool shared, int *fd_out, char *err,
+               size_t errlen)
 {
     char path[PATH_BUF], pidbuf[32];
     struct flock fl = {.l_whence = SEEK_SET};
@@ -251,7 +251,7 @@ store_dir_lock(const char *dir, bool shared, int *fd_out, char *err, size_t errl
                 : open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0) {
         if (shared && errno == ENOENT) {
-            *fd_out = -1;          /* nobody ever wrote here */
+            *fd_out = -1; /* nobody ever wrote here */
             return PQ_OK;
         }
         store_seterr(err, errlen, "open %s: %s", path, strerror(errno));
@@ -267,8 +267,8 @@ store_dir_lock(const char *dir, bool shared, int *fd_out, char *err, size_t errl
             pidbuf[n > 0 ? n : 0] = '\0';
             pidbuf[strcspn(pidbuf, "\n")] = '\0';
             store_seterr(err, errlen,
-                   "data dir %s is locked by another protoqd (pid %s)", dir,
-                   pidbuf[0] != '\0' ? pidbuf : "unknown");
+                         "data dir %s is locked by another protoqd (pid %s)",
+                         dir, pidbuf[0] != '\0' ? pidbuf : "unknown");
             close(fd);
             return PQ_EBUSY;
         }
@@ -285,7 +285,6 @@ store_dir_lock(const char *dir, bool shared, int *fd_out, char *err, size_t errl
     *fd_out = fd;
     return PQ_OK;
 }
-
 
 static void
 meta_path(char *buf, size_t n, const char *dir)
@@ -324,13 +323,14 @@ store_meta_read(const char *dir, struct meta *m, char *err, size_t errlen)
         return store_errno_to_pq(errno);
     }
     if (store_all_zero(buf, sizeof(buf))) {
-        return PQ_OK;              /* created, never written: a crash */
+        return PQ_OK; /* created, never written: a crash */
     }
     for (int i = 0; i < 2; i++) {
         const uint8_t *p = buf + i * META_SLOT;
         uint64_t gen = le64_get(p + 8);
 
-        if (memcmp(p, META_MAGIC, 8) != 0 || le32_get(p + 28) != crc32c(0, p, 28) ||
+        if (memcmp(p, META_MAGIC, 8) != 0 ||
+            le32_get(p + 28) != crc32c(0, p, 28) ||
             (m->present && gen <= m->gen)) {
             continue;
         }
@@ -341,8 +341,10 @@ store_meta_read(const char *dir, struct meta *m, char *err, size_t errlen)
         m->floor = le32_get(p + 24);
     }
     if (!m->present || m->first == 0 || m->last < m->first) {
-        store_seterr(err, errlen, "%s: damaged (no valid copy of the log's start and end); run protoqd --check-data %s",
-               path, dir);
+        store_seterr(err, errlen,
+                     "%s: damaged (no valid copy of the log's start and end); "
+                     "run protoqd --check-data %s",
+                     path, dir);
         return PQ_ECORRUPT;
     }
     return PQ_OK;
@@ -350,7 +352,8 @@ store_meta_read(const char *dir, struct meta *m, char *err, size_t errlen)
 
 /* store_meta_open: open (creating: size and name made durable) DIR/META. */
 int
-store_meta_open(const char *dir, int dir_fd, int *fd_out, char *err, size_t errlen)
+store_meta_open(const char *dir, int dir_fd, int *fd_out, char *err,
+                size_t errlen)
 {
     char path[PATH_BUF];
     struct stat sb;
@@ -365,8 +368,8 @@ store_meta_open(const char *dir, int dir_fd, int *fd_out, char *err, size_t errl
         /* Allocate both slots once: later writes overwrite in place and
          * so need no free space (they must work on a full disk, where
          * deleting segments is what makes room). */
-        if (store_seam->ftruncate(fd, META_LEN) < 0 || store_seam->fsync(fd) < 0 ||
-            store_seam->fsync(dir_fd) < 0) {
+        if (store_seam->ftruncate(fd, META_LEN) < 0 ||
+            store_seam->fsync(fd) < 0 || store_seam->fsync(dir_fd) < 0) {
             goto fail;
         }
     }
@@ -398,7 +401,8 @@ store_meta_write(int fd, struct meta *m, bool sync)
     le32_put(slot + 20, m->last);
     le32_put(slot + 24, m->floor);
     le32_put(slot + 28, crc32c(0, slot, 28));
-    if (store_pwrite_all(fd, slot, sizeof(slot), (m->gen % 2) * META_SLOT) < 0 ||
+    if (store_pwrite_all(fd, slot, sizeof(slot), (m->gen % 2) * META_SLOT) <
+            0 ||
         (sync && store_seam->fdatasync(fd) < 0)) {
         return -1;
     }
@@ -461,8 +465,8 @@ submit_locked(struct store *st)
         t->urgent |= p->urgent;
         pq_free(p->data);
         pq_free(p);
-    } else if (t != NULL && !p->roll && t->seg == p->seg &&
-               t->gen == p->gen && t->off + t->len == p->off) {
+    } else if (t != NULL && !p->roll && t->seg == p->seg && t->gen == p->gen &&
+               t->off + t->len == p->off) {
         /* Swap roles: grow the queued one by appending p's bytes. */
         uint8_t *n = pq_realloc(t->data, t->len + p->len);
         if (n != NULL) {
@@ -475,7 +479,7 @@ submit_locked(struct store *st)
             pq_free(p->data);
             pq_free(p);
         } else {
-            t->next = p;           /* no memory: queue it on its own */
+            t->next = p; /* no memory: queue it on its own */
             st->q_tail = p;
         }
     } else {
@@ -672,8 +676,8 @@ place(struct store *st, uint8_t type, const void *body, size_t len,
         b->last_lsn = st->last_lsn;
     }
     if (loc_out != NULL) {
-        *loc_out = (struct store_loc){.seg = st->cur_seg, .len = (uint32_t)rec,
-                                      .off = st->cur_off};
+        *loc_out = (struct store_loc){
+            .seg = st->cur_seg, .len = (uint32_t)rec, .off = st->cur_off};
     }
     if (lsn_out != NULL) {
         *lsn_out = st->last_lsn;
@@ -773,7 +777,7 @@ gc(struct store *st)
             size_t ncap = st->dels_cap ? st->dels_cap * 2 : 8;
             uint32_t *d = pq_realloc(st->dels, ncap * sizeof(*d));
             if (d == NULL) {
-                n = i;             /* try the rest next time */
+                n = i; /* try the rest next time */
                 break;
             }
             st->dels = d;
@@ -793,14 +797,14 @@ static void
 rewind_to_good(struct store *st)
 {
     pthread_mutex_lock(&st->mu);
-    submit_locked(st);             /* old generation: the thread fails it */
+    submit_locked(st); /* old generation: the thread fails it */
     st->gen++;
     st->cur_seg = st->good_seg;
     st->cur_off = st->good_off;
     st->cur_alloc = st->good_alloc;
     if (st->spare == SPARE_READY && st->spare_taken &&
         st->spare_seq > st->good_seg) {
-        st->spare_taken = false;   /* the roll into it never happened */
+        st->spare_taken = false; /* the roll into it never happened */
     }
     pthread_mutex_unlock(&st->mu);
     while (st->nsegs > 0 && st->segs[st->nsegs - 1].seq > st->cur_seg) {
@@ -868,8 +872,8 @@ open_current(struct store *st, uint32_t seq, uint64_t end, char *err,
 {
     char path[PATH_BUF];
     struct stat sb;
-    uint64_t want = st->cfg.segment_bytes + store_room_for(st, st->reserved *
-                                                             STORE_ACK_RESERVE);
+    uint64_t want = st->cfg.segment_bytes +
+                    store_room_for(st, st->reserved * STORE_ACK_RESERVE);
     int fd, e;
 
     seg_path(path, sizeof(path), st->dir, seq);
@@ -913,7 +917,8 @@ repair(struct store *st, struct scan *sc, char *err, size_t errlen)
         }
         seg_path(path, sizeof(path), st->dir, sc->seqs[i]);
         if (i < sc->lo) {
-            log_info("%s: removing it (its deletion was interrupted; the log starts at segment %u)",
+            log_info("%s: removing it (its deletion was interrupted; the log "
+                     "starts at segment %u)",
                      path, sc->meta.first);
         }
         if (store_seam->unlink(path) < 0 && errno != ENOENT) {
@@ -923,7 +928,8 @@ repair(struct store *st, struct scan *sc, char *err, size_t errlen)
     }
     if (sc->torn) {
         seg_path(path, sizeof(path), st->dir, sc->torn_seq);
-        log_warn("%s: torn tail at offset %llu: dropped %llu bytes after the last good record",
+        log_warn("%s: torn tail at offset %llu: dropped %llu bytes after the "
+                 "last good record",
                  path, (unsigned long long)sc->torn_off,
                  (unsigned long long)sc->torn_dropped);
         fd = store_seam->open(path, O_RDWR | O_CLOEXEC, 0);
@@ -1009,7 +1015,9 @@ store_open(const struct store_config *c, store_replay_fn fn, void *arg,
 
     *out = NULL;
     if (c->dir == NULL || c->segment_bytes < 4096) {
-        store_seterr(err, errlen, "store: bad config (dir missing or segment_bytes under 4096)");
+        store_seterr(
+            err, errlen,
+            "store: bad config (dir missing or segment_bytes under 4096)");
         return PQ_EINVAL;
     }
     st = pq_calloc(1, sizeof(*st));
@@ -1039,9 +1047,11 @@ store_open(const struct store_config *c, store_replay_fn fn, void *arg,
         goto err_free;
     }
     if (!c->read_only) {
-        st->dir_fd = store_seam->open(st->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
+        st->dir_fd =
+            store_seam->open(st->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
         if (st->dir_fd < 0) {
-            store_seterr(err, errlen, "open data dir %s: %s", st->dir, strerror(errno));
+            store_seterr(err, errlen, "open data dir %s: %s", st->dir,
+                         strerror(errno));
             rc = store_errno_to_pq(errno);
             goto err_free;
         }
@@ -1060,7 +1070,8 @@ store_open(const struct store_config *c, store_replay_fn fn, void *arg,
     for (size_t i = sc.lo; i < sc.nvalid; i++) {
         rc = seg_add(st, sc.seqs[i], sc.end_offs[i]);
         if (rc != PQ_OK) {
-            store_seterr(err, errlen, "open data dir %s: out of memory", st->dir);
+            store_seterr(err, errlen, "open data dir %s: out of memory",
+                         st->dir);
             goto err_scan;
         }
     }
@@ -1086,7 +1097,8 @@ store_open(const struct store_config *c, store_replay_fn fn, void *arg,
         }
         rc = seg_add(st, seq, STORE_SEG_HDR_LEN);
         if (rc != PQ_OK) {
-            store_seterr(err, errlen, "open data dir %s: out of memory", st->dir);
+            store_seterr(err, errlen, "open data dir %s: out of memory",
+                         st->dir);
             goto err_scan;
         }
         st->cur_seg = seq;
@@ -1133,7 +1145,8 @@ store_open(const struct store_config *c, store_replay_fn fn, void *arg,
         goto err_free;
     }
     if (pthread_create(&st->thr, NULL, store_thread_main, st) != 0) {
-        store_seterr(err, errlen, "start the storage thread: %s", strerror(errno));
+        store_seterr(err, errlen, "start the storage thread: %s",
+                     strerror(errno));
         rc = PQ_ESYS;
         goto err_free;
     }
@@ -1235,7 +1248,7 @@ store_current_seg(const struct store *st)
 int
 store_status(const struct store *st)
 {
-    struct store *m = (struct store *)st;  /* the mutex is not logical state */
+    struct store *m = (struct store *)st; /* the mutex is not logical state */
     int rc;
 
     if (st->cfg.read_only) {
@@ -1326,7 +1339,8 @@ store_seg_unref(struct store *st, uint32_t seg, uint64_t bytes)
         /* A reference released twice: some segment lost one early and may
          * already be gone with live records in it. A bug, never data. */
         log_err("segment %u: reference count would go below zero (a "
-                "reference was released twice)", seg);
+                "reference was released twice)",
+                seg);
         return;
     }
     s->refs--;

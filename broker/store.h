@@ -108,40 +108,40 @@
 #include "record.h"
 
 enum {
-    STORE_FORMAT_VERSION = 2,      /* written into new segments */
-    STORE_FORMAT_MIN = 1,          /* the oldest version read */
-    STORE_SEG_HDR_LEN = 20,        /* magic 8 + version 4 + seq 8 */
-    STORE_REC_HDR_LEN = 9,         /* len 4 + crc 4 + type 1 */
-    STORE_SEG_START_LEN = 21,      /* the SEG_START record (9 + 12) that
-                                      begins every format-2 segment */
-    STORE_ACK_RESERVE = 64,        /* bytes reserved per live PUBLISH */
-    STORE_ERR_MAX = 512,           /* a good errlen for err buffers */
+    STORE_FORMAT_VERSION = 2, /* written into new segments */
+    STORE_FORMAT_MIN = 1,     /* the oldest version read */
+    STORE_SEG_HDR_LEN = 20,   /* magic 8 + version 4 + seq 8 */
+    STORE_REC_HDR_LEN = 9,    /* len 4 + crc 4 + type 1 */
+    STORE_SEG_START_LEN = 21, /* the SEG_START record (9 + 12) that
+                                 begins every format-2 segment */
+    STORE_ACK_RESERVE = 64,   /* bytes reserved per live PUBLISH */
+    STORE_ERR_MAX = 512,      /* a good errlen for err buffers */
 };
 
 struct store;
 
 struct store_config {
-    const char *dir;                    /* data dir; must exist */
-    enum fsync_policy fsync_policy;     /* FSYNC_ALWAYS/INTERVAL/NEVER */
-    uint32_t fsync_interval_ms;         /* FSYNC_INTERVAL: fsync at most this often */
-    uint64_t segment_bytes;             /* roll to a new segment past this */
-    bool read_only;                     /* replay only: no thread, no writes,
-                                           no truncation; appends fail */
-    bool opaque_records;                /* tests: the records are not the
-                                           journal's (record.h): skip the
-                                           live-message check */
-    bool live_check_by_caller;          /* the replay callback checks that
-                                           live messages kept their PUBLISH
-                                           (the journal, with the live set it
-                                           builds anyway): the store keeps no
-                                           map of its own (memory) */
+    const char *dir;                /* data dir; must exist */
+    enum fsync_policy fsync_policy; /* FSYNC_ALWAYS/INTERVAL/NEVER */
+    uint32_t fsync_interval_ms; /* FSYNC_INTERVAL: fsync at most this often */
+    uint64_t segment_bytes;     /* roll to a new segment past this */
+    bool read_only;             /* replay only: no thread, no writes,
+                                   no truncation; appends fail */
+    bool opaque_records;        /* tests: the records are not the
+                                   journal's (record.h): skip the
+                                   live-message check */
+    bool live_check_by_caller;  /* the replay callback checks that
+                                   live messages kept their PUBLISH
+                                   (the journal, with the live set it
+                                   builds anyway): the store keeps no
+                                   map of its own (memory) */
 };
 
 /* Where a record lives. Persistent across restarts (unlike the LSN). */
 struct store_loc {
-    uint32_t seg;                  /* segment sequence number */
-    uint32_t len;                  /* bytes on disk, header included */
-    uint64_t off;                  /* offset of the record header */
+    uint32_t seg; /* segment sequence number */
+    uint32_t len; /* bytes on disk, header included */
+    uint64_t off; /* offset of the record header */
 };
 
 /*
@@ -305,9 +305,9 @@ int store_compact_candidate(const struct store *st, uint32_t *seg);
 /* Per-segment numbers for compaction decisions and metrics. */
 struct store_seg_stat {
     uint32_t seg;
-    uint64_t refs;                 /* live references */
-    uint64_t live_bytes;           /* sum of bytes given to ref - unref */
-    uint64_t end_off;              /* bytes of header + records */
+    uint64_t refs;       /* live references */
+    uint64_t live_bytes; /* sum of bytes given to ref - unref */
+    uint64_t end_off;    /* bytes of header + records */
     bool current;
 };
 
@@ -318,9 +318,9 @@ size_t store_seg_stats(const struct store *st, struct store_seg_stat *out,
 
 /* Counters for metrics (loop-thread snapshot; approximate while running). */
 struct store_stats {
-    uint64_t batches;              /* batches written */
+    uint64_t batches; /* batches written */
     uint64_t bytes_written;
-    uint64_t fsyncs;               /* fdatasync calls on segments */
+    uint64_t fsyncs; /* fdatasync calls on segments */
     uint64_t fsync_ns_total;
     uint64_t fsync_ns_max;
     uint64_t segments_deleted;
@@ -335,10 +335,10 @@ void store_get_stats(struct store *st, struct store_stats *out);
 
 /*
  * store_read: read back the record at loc (pread + CRC check). On PQ_OK,
- * *type is its type and *body (*len bytes) a new copy of its body that the caller
- * frees with pq_free. PQ_EAGAIN when the record is not written yet (still
- * in a batch: try again after it is reaped), PQ_ECORRUPT on a CRC or length
- * mismatch, PQ_ENOTFOUND when the segment is gone, PQ_ESYS/PQ_EIO on a
+ * *type is its type and *body (*len bytes) a new copy of its body that the
+ * caller frees with pq_free. PQ_EAGAIN when the record is not written yet
+ * (still in a batch: try again after it is reaped), PQ_ECORRUPT on a CRC or
+ * length mismatch, PQ_ENOTFOUND when the segment is gone, PQ_ESYS/PQ_EIO on a
  * read error, PQ_ENOMEM.
  */
 int store_read(struct store *st, const struct store_loc *loc, uint8_t *type,

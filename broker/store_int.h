@@ -33,8 +33,8 @@ extern const struct store_io *store_seam;
 static const char STORE_MAGIC[8] = {'P', 'R', 'O', 'T', 'O', 'Q', 'L', 'G'};
 
 enum {
-    REC_LEN_MAX = RECORD_BODY_MAX + 1,  /* len field covers type + body */
-    SPARE_RETRY_MS = 100,               /* retry a failed spare this often */
+    REC_LEN_MAX = RECORD_BODY_MAX + 1, /* len field covers type + body */
+    SPARE_RETRY_MS = 100,              /* retry a failed spare this often */
     PATH_BUF = PATH_MAX + 32,
 };
 
@@ -42,72 +42,72 @@ enum {
 
 /* DIR/META: where the log starts and ends (store.h, ON-DISK FORMAT). */
 struct meta {
-    bool present;                  /* read: the file exists */
-    uint64_t gen;                  /* bumped by every write */
-    uint32_t first;                /* oldest segment of the log */
-    uint32_t last;                 /* newest segment rolled into */
-    uint32_t floor;                /* salvage accepted the log up to it */
+    bool present;   /* read: the file exists */
+    uint64_t gen;   /* bumped by every write */
+    uint32_t first; /* oldest segment of the log */
+    uint32_t last;  /* newest segment rolled into */
+    uint32_t floor; /* salvage accepted the log up to it */
 };
 
 /* One segment as the loop sees it (for refs, GC and compaction). */
 struct seg {
     uint32_t seq;
-    uint64_t refs;                 /* live references (dispatcher) */
-    uint64_t holds;                /* store_seg_hold: not deletable yet */
+    uint64_t refs;  /* live references (dispatcher) */
+    uint64_t holds; /* store_seg_hold: not deletable yet */
     uint64_t live_bytes;
-    uint64_t end_off;              /* bytes appended so far */
-    uint64_t zero_lsn;             /* must be durable before deletion;
-                                      UINT64_MAX: pinned this session */
+    uint64_t end_off;  /* bytes appended so far */
+    uint64_t zero_lsn; /* must be durable before deletion;
+                          UINT64_MAX: pinned this session */
 };
 
 /* A run of records for one segment; also reused as its completion. */
 struct batch {
     struct batch *next;
     uint32_t seg;
-    uint32_t gen;                  /* rewind generation it was planned in */
-    uint64_t off;                  /* file offset of data[0] */
-    uint64_t alloc;                /* preallocated size of seg */
-    bool roll;                     /* first write into seg */
+    uint32_t gen;   /* rewind generation it was planned in */
+    uint64_t off;   /* file offset of data[0] */
+    uint64_t alloc; /* preallocated size of seg */
+    bool roll;      /* first write into seg */
     uint8_t *data;
     size_t len, cap;
     uint64_t first_lsn, last_lsn;
     int status;
-    bool urgent;                   /* a reply waits on it (store_urgent) */
+    bool urgent; /* a reply waits on it (store_urgent) */
 };
 
 enum spare_state { SPARE_NONE, SPARE_READY, SPARE_FAILED };
 
 struct store {
     char *dir;
-    struct store_config cfg;       /* cfg.dir points at dir */
+    struct store_config cfg; /* cfg.dir points at dir */
     int lock_fd;
     int dir_fd;
-    int efd;                       /* eventfd: completions ready */
+    int efd; /* eventfd: completions ready */
 
     /* [loop] */
     struct batch *pending;
     uint32_t cur_seg;
     uint64_t cur_off;
     uint64_t cur_alloc;
-    bool roll_next;                /* next batch starts a new segment */
-    uint32_t start_prev_seq;       /* SEG_START of the current segment: */
-    uint64_t start_prev_end;       /* the segment before it and its end */
+    bool roll_next;          /* next batch starts a new segment */
+    uint32_t start_prev_seq; /* SEG_START of the current segment: */
+    uint64_t start_prev_end; /* the segment before it and its end */
     bool in_roll_cb;
-    bool need_meta;                /* call the roll cb before next append */
+    bool need_meta; /* call the roll cb before next append */
     uint32_t gen;
     uint64_t last_lsn;
     uint64_t durable_lsn;
-    uint64_t reserved;             /* live reservations */
-    int loop_status;               /* PQ_ENOSPC after a failed batch */
+    uint64_t reserved; /* live reservations */
+    int loop_status;   /* PQ_ENOSPC after a failed batch */
     store_roll_fn roll_fn;
     void *roll_arg;
-    struct seg *segs;              /* oldest first; the last is current */
+    struct seg *segs; /* oldest first; the last is current */
     size_t nsegs, segs_cap;
 
     /* [mu] */
     pthread_mutex_t mu;
-    pthread_cond_t wake;           /* the thread waits here */
-    pthread_cond_t spare_cv;       /* the loop waits here for a spare */
+    pthread_cond_t wake;     /* the thread waits here */
+    pthread_cond_t spare_cv; /* the loop waits here for a spare */
     pthread_t thr;
     bool thr_started;
     bool stop;
@@ -115,34 +115,34 @@ struct store {
     struct batch *c_head, *c_tail; /* completed, not yet reaped */
     uint32_t *dels;                /* segments to unlink */
     size_t ndels, dels_cap;
-    int fatal;                     /* PQ_EIO once failed for good */
-    bool fail_set;                 /* batches of fail_gen fail */
+    int fatal;     /* PQ_EIO once failed for good */
+    bool fail_set; /* batches of fail_gen fail */
     uint32_t fail_gen;
-    uint32_t good_seg;             /* where the loop rewinds to */
+    uint32_t good_seg; /* where the loop rewinds to */
     uint64_t good_off, good_alloc;
     enum spare_state spare;
-    bool spare_taken;              /* the loop rolled into it */
+    bool spare_taken; /* the loop rolled into it */
     uint32_t spare_seq;
     uint64_t spare_alloc;
-    uint64_t spare_room;           /* reserve room beyond segment_bytes */
-    uint64_t want_room;            /* reserve bytes the loop needs */
-    uint64_t spare_retry_ms;       /* monotonic time of next retry */
-    uint32_t w_seg;                /* written up to (for store_read) */
+    uint64_t spare_room;     /* reserve room beyond segment_bytes */
+    uint64_t want_room;      /* reserve bytes the loop needs */
+    uint64_t spare_retry_ms; /* monotonic time of next retry */
+    uint32_t w_seg;          /* written up to (for store_read) */
     uint64_t w_off;
     struct store_stats stats;
 
     /* [thread] (the loop's until the thread starts) */
-    int meta_fd;                   /* DIR/META */
-    struct meta meta;              /* what META says now */
+    int meta_fd;      /* DIR/META */
+    struct meta meta; /* what META says now */
     int cur_fd;
     int spare_fd;
-    bool dirty;                    /* written, not yet synced */
+    bool dirty; /* written, not yet synced */
     uint64_t last_sync_ms;
     /* FSYNC_ALWAYS: batches written but not synced because nobody waits on
      * them; synced by the next urgent round, a roll, or deferred_due_ms. */
     struct batch *def_head, *def_tail;
     uint64_t deferred_due_ms;
-    uint64_t urgent_lsn;           /* [mu] records up to it have a waiter */
+    uint64_t urgent_lsn; /* [mu] records up to it have a waiter */
 };
 
 /* ==== DIR/META ==== */
@@ -158,34 +158,34 @@ struct scan {
     const char *dir;
     store_replay_fn fn;
     void *arg;
-    uint32_t *seqs;                /* segment files, ascending */
+    uint32_t *seqs; /* segment files, ascending */
     size_t nseqs;
-    size_t lo;                     /* seqs[0..lo) are leftovers of an
-                                      interrupted deletion (before META's
-                                      first segment) */
-    size_t nvalid;                 /* seqs[lo..nvalid) are kept */
-    uint64_t *end_offs;            /* per kept segment: end of records */
-    struct meta meta;              /* DIR/META as found */
-    bool salvage;                  /* store_salvage: find damage only */
-    bool opaque;                   /* cfg.opaque_records */
-    bool caller_checks_live;       /* cfg.live_check_by_caller */
-    struct verify v;               /* the live-message check */
+    size_t lo;               /* seqs[0..lo) are leftovers of an
+                                interrupted deletion (before META's
+                                first segment) */
+    size_t nvalid;           /* seqs[lo..nvalid) are kept */
+    uint64_t *end_offs;      /* per kept segment: end of records */
+    struct meta meta;        /* DIR/META as found */
+    bool salvage;            /* store_salvage: find damage only */
+    bool opaque;             /* cfg.opaque_records */
+    bool caller_checks_live; /* cfg.live_check_by_caller */
+    struct verify v;         /* the live-message check */
     struct verify_result vr;
-    uint64_t links;                /* segment links checked */
-    uint32_t version;              /* of the segment being scanned */
-    bool has_start;                /* it begins with a SEG_START: */
+    uint64_t links;   /* segment links checked */
+    uint32_t version; /* of the segment being scanned */
+    bool has_start;   /* it begins with a SEG_START: */
     struct rec_seg_start start;
-    bool damaged;                  /* the first damage seen: */
+    bool damaged; /* the first damage seen: */
     uint32_t damage_seq;
     uint64_t damage_off;
-    uint64_t counts[256];          /* records per type */
+    uint64_t counts[256]; /* records per type */
     uint64_t records;
-    uint64_t bytes;                /* record bytes */
-    uint64_t n_publish, n_end;     /* PUBLISH, ACK + DROP */
+    uint64_t bytes;            /* record bytes */
+    uint64_t n_publish, n_end; /* PUBLISH, ACK + DROP */
     bool torn;
     uint32_t torn_seq;
     uint64_t torn_off, torn_dropped;
-    size_t spares;                 /* trailing segments without records */
+    size_t spares; /* trailing segments without records */
 };
 
 /*
@@ -231,9 +231,10 @@ int store_pwrite_all(int fd, const uint8_t *p, size_t n, uint64_t off);
  * describes the cause; returns a PQ code.
  */
 int seg_create(const char *dir, int dir_fd, uint32_t seq, uint64_t alloc,
-           int *fd_out);
+               int *fd_out);
 
-int store_dir_lock(const char *dir, bool shared, int *fd_out, char *err, size_t errlen);
+int store_dir_lock(const char *dir, bool shared, int *fd_out, char *err,
+                   size_t errlen);
 
 /*
  * meta_read: what DIR/META says (m->present false when there is none).
@@ -244,7 +245,8 @@ int store_dir_lock(const char *dir, bool shared, int *fd_out, char *err, size_t 
 int store_meta_read(const char *dir, struct meta *m, char *err, size_t errlen);
 
 /* store_meta_open: open (creating: size and name made durable) DIR/META. */
-int store_meta_open(const char *dir, int dir_fd, int *fd_out, char *err, size_t errlen);
+int store_meta_open(const char *dir, int dir_fd, int *fd_out, char *err,
+                    size_t errlen);
 
 /* store_meta_write: write m (a new generation) into the older slot and
  * when sync, fdatasync. Returns 0 or -1 with errno. */

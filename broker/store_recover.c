@@ -65,7 +65,8 @@ list_segments(struct scan *sc, char *err, size_t errlen)
     uint32_t seq;
 
     if (d == NULL) {
-        store_seterr(err, errlen, "open data dir %s: %s", sc->dir, strerror(errno));
+        store_seterr(err, errlen, "open data dir %s: %s", sc->dir,
+                     strerror(errno));
         return store_errno_to_pq(errno);
     }
     while ((de = readdir(d)) != NULL) {
@@ -99,8 +100,7 @@ list_segments(struct scan *sc, char *err, size_t errlen)
  * zeroed buffers was most of its time.
  */
 static int
-map_file(const char *path, uint8_t **buf, size_t *len, char *err,
-         size_t errlen)
+map_file(const char *path, uint8_t **buf, size_t *len, char *err, size_t errlen)
 {
     struct stat sb;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -224,30 +224,40 @@ scan_segment(struct scan *sc, uint32_t seq, const char *path,
              char *err, size_t errlen)
 {
     size_t off = STORE_SEG_HDR_LEN;
-    size_t released = 0;          /* pages before this are dropped */
+    size_t released = 0; /* pages before this are dropped */
     const char *what;
     uint32_t rlen = 0;
 
     sc->has_start = false;
     if (len < STORE_SEG_HDR_LEN) {
-        store_seterr(err, errlen, "%s: offset 0: the file is %zu bytes, shorter than a segment header (emptied or truncated); run protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
-               path, len, sc->dir, sc->dir);
+        store_seterr(err, errlen,
+                     "%s: offset 0: the file is %zu bytes, shorter than a "
+                     "segment header (emptied or truncated); run protoqd "
+                     "--check-data %s (salvage: protoqd --salvage-data %s)",
+                     path, len, sc->dir, sc->dir);
         goto bad_header;
     }
     if (memcmp(buf, STORE_MAGIC, 8) != 0) {
-        store_seterr(err, errlen, "%s: offset 0: bad segment header (not a protoq log segment); run protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
-               path, sc->dir, sc->dir);
+        store_seterr(
+            err, errlen,
+            "%s: offset 0: bad segment header (not a protoq log segment); run "
+            "protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
+            path, sc->dir, sc->dir);
         goto bad_header;
     }
     sc->version = le32_get(buf + 8);
     if (sc->version < STORE_FORMAT_MIN || sc->version > STORE_FORMAT_VERSION) {
-        store_seterr(err, errlen, "%s: format version %u, this protoqd reads versions %d to %d; use a protoqd that knows it",
-               path, sc->version, STORE_FORMAT_MIN, STORE_FORMAT_VERSION);
+        store_seterr(err, errlen,
+                     "%s: format version %u, this protoqd reads versions %d to "
+                     "%d; use a protoqd that knows it",
+                     path, sc->version, STORE_FORMAT_MIN, STORE_FORMAT_VERSION);
         return PQ_EVERSION;
     }
     if (le64_get(buf + 12) != seq) {
-        store_seterr(err, errlen, "%s: offset 12: header says segment %llu; run protoqd --check-data %s",
-               path, (unsigned long long)le64_get(buf + 12), sc->dir);
+        store_seterr(err, errlen,
+                     "%s: offset 12: header says segment %llu; run protoqd "
+                     "--check-data %s",
+                     path, (unsigned long long)le64_get(buf + 12), sc->dir);
         goto bad_header;
     }
     while (off < len) {
@@ -265,7 +275,7 @@ scan_segment(struct scan *sc, uint32_t seq, const char *path,
         crc = le32_get(buf + off + 4);
         if (rlen == 0) {
             if (crc == 0 && mapped_zero(buf, off, len)) {
-                break;             /* the clean end: preallocated zeros */
+                break; /* the clean end: preallocated zeros */
             }
             what = "zero record length";
             goto damage;
@@ -310,8 +320,10 @@ scan_segment(struct scan *sc, uint32_t seq, const char *path,
                 verify_record(&sc->v, type, buf + off + 9, rlen - 1, &loc);
             }
             if (rc != PQ_OK) {
-                store_seterr(err, errlen, "%s: offset %zu: replay of a %s record failed: %s",
-                       path, off, record_type_name(type), pq_strerror(rc));
+                store_seterr(err, errlen,
+                             "%s: offset %zu: replay of a %s record failed: %s",
+                             path, off, record_type_name(type),
+                             pq_strerror(rc));
                 return rc;
             }
         }
@@ -356,13 +368,15 @@ damage:
         return PQ_OK;
     }
     if (len - off >= 9 && rlen != 0) {
-        store_seterr(err, errlen, "%s: offset %zu: %s (record type %u, length %u)%s; run protoqd --check-data %s",
-               path, off, what, buf[off + 8], rlen,
-               last ? ", and valid records follow" : "", sc->dir);
+        store_seterr(err, errlen,
+                     "%s: offset %zu: %s (record type %u, length %u)%s; run "
+                     "protoqd --check-data %s",
+                     path, off, what, buf[off + 8], rlen,
+                     last ? ", and valid records follow" : "", sc->dir);
     } else {
-        store_seterr(err, errlen, "%s: offset %zu: %s%s; run protoqd --check-data %s",
-               path, off, what, last ? ", and valid records follow" : "",
-               sc->dir);
+        store_seterr(
+            err, errlen, "%s: offset %zu: %s%s; run protoqd --check-data %s",
+            path, off, what, last ? ", and valid records follow" : "", sc->dir);
     }
     return PQ_ECORRUPT;
 }
@@ -432,8 +446,12 @@ plan_meta(struct scan *sc, char *err, size_t errlen)
     }
     if (missing != 0) {
         seg_path(path, sizeof(path), sc->dir, missing);
-        store_seterr(err, errlen, "%s: missing: the log runs from segment %u to %u (%s/META) and this one is gone with its records; run protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
-               path, m->first, m->last, sc->dir, sc->dir, sc->dir);
+        store_seterr(
+            err, errlen,
+            "%s: missing: the log runs from segment %u to %u (%s/META) and "
+            "this one is gone with its records; run protoqd --check-data %s "
+            "(salvage: protoqd --salvage-data %s)",
+            path, m->first, m->last, sc->dir, sc->dir, sc->dir);
         sc->damaged = true;
         sc->damage_seq = missing;
         sc->damage_off = 0;
@@ -449,8 +467,10 @@ plan_meta(struct scan *sc, char *err, size_t errlen)
         }
         if (any) {
             seg_path(path, sizeof(path), sc->dir, sc->seqs[i]);
-            store_seterr(err, errlen, "%s: holds records, but the log ends at segment %u (%s/META); run protoqd --check-data %s",
-                   path, m->last, sc->dir, sc->dir);
+            store_seterr(err, errlen,
+                         "%s: holds records, but the log ends at segment %u "
+                         "(%s/META); run protoqd --check-data %s",
+                         path, m->last, sc->dir, sc->dir);
             return PQ_ECORRUPT;
         }
     }
@@ -519,11 +539,16 @@ check_link(struct scan *sc, size_t i, uint64_t end, char *err, size_t errlen)
     seg_path(path, sizeof(path), sc->dir, seq);
     if (end > STORE_SEG_HDR_LEN && sc->version >= 2 && !sc->has_start) {
         if (!sc->meta.present) {
-            store_seterr(err, errlen, "%s/META: missing, but %s was written by a protoqd that keeps it; run protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
-                   sc->dir, path, sc->dir, sc->dir);
+            store_seterr(err, errlen,
+                         "%s/META: missing, but %s was written by a protoqd "
+                         "that keeps it; run protoqd --check-data %s (salvage: "
+                         "protoqd --salvage-data %s)",
+                         sc->dir, path, sc->dir, sc->dir);
         } else {
-            store_seterr(err, errlen, "%s: offset %d: does not begin with its link record; run protoqd --check-data %s",
-                   path, STORE_SEG_HDR_LEN, sc->dir);
+            store_seterr(err, errlen,
+                         "%s: offset %d: does not begin with its link record; "
+                         "run protoqd --check-data %s",
+                         path, STORE_SEG_HDR_LEN, sc->dir);
         }
         return PQ_ECORRUPT;
     }
@@ -533,14 +558,21 @@ check_link(struct scan *sc, size_t i, uint64_t end, char *err, size_t errlen)
     sc->links++;
     seg_path(prev, sizeof(prev), sc->dir, sc->seqs[i - 1]);
     if (sc->start.prev_seq != sc->seqs[i - 1]) {
-        store_seterr(err, errlen, "%s: follows segment %u, but the one before it here is %s: a segment is missing; run protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
-               path, sc->start.prev_seq, prev, sc->dir, sc->dir);
+        store_seterr(err, errlen,
+                     "%s: follows segment %u, but the one before it here is "
+                     "%s: a segment is missing; run protoqd --check-data %s "
+                     "(salvage: protoqd --salvage-data %s)",
+                     path, sc->start.prev_seq, prev, sc->dir, sc->dir);
         return PQ_ECORRUPT;
     }
     if (sc->start.prev_end != sc->end_offs[i - 1]) {
-        store_seterr(err, errlen, "%s: its records end at offset %llu, but %s says they ended at offset %llu: records are missing (truncated or emptied); run protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
-               prev, (unsigned long long)sc->end_offs[i - 1], path,
-               (unsigned long long)sc->start.prev_end, sc->dir, sc->dir);
+        store_seterr(
+            err, errlen,
+            "%s: its records end at offset %llu, but %s says they ended at "
+            "offset %llu: records are missing (truncated or emptied); run "
+            "protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
+            prev, (unsigned long long)sc->end_offs[i - 1], path,
+            (unsigned long long)sc->start.prev_end, sc->dir, sc->dir);
         sc->damaged = true;
         sc->damage_seq = sc->seqs[i - 1];
         sc->damage_off = sc->end_offs[i - 1];
@@ -562,18 +594,22 @@ check_live(struct scan *sc, char *err, size_t errlen)
     int rc = verify_finish(&sc->v, &sc->vr);
 
     if (rc != PQ_OK) {
-        store_seterr(err, errlen, "scan %s: out of memory checking live messages",
-               sc->dir);
+        store_seterr(err, errlen,
+                     "scan %s: out of memory checking live messages", sc->dir);
         return rc;
     }
     if (sc->vr.orphans == 0) {
         return PQ_OK;
     }
     seg_path(path, sizeof(path), sc->dir, sc->vr.orphan_at.seg);
-    store_seterr(err, errlen, "%s: offset %llu: message %llu is live here, but its publish record is not in the log (%llu such messages): a segment that held live messages is missing; run protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
-           path, (unsigned long long)sc->vr.orphan_at.off,
-           (unsigned long long)sc->vr.orphan_id,
-           (unsigned long long)sc->vr.orphans, sc->dir, sc->dir);
+    store_seterr(err, errlen,
+                 "%s: offset %llu: message %llu is live here, but its publish "
+                 "record is not in the log (%llu such messages): a segment "
+                 "that held live messages is missing; run protoqd --check-data "
+                 "%s (salvage: protoqd --salvage-data %s)",
+                 path, (unsigned long long)sc->vr.orphan_at.off,
+                 (unsigned long long)sc->vr.orphan_id,
+                 (unsigned long long)sc->vr.orphans, sc->dir, sc->dir);
     return PQ_ECORRUPT;
 }
 
@@ -614,8 +650,11 @@ store_scan_dir(struct scan *sc, char *err, size_t errlen)
         if (i > sc->lo && sc->seqs[i] != sc->seqs[i - 1] + 1 &&
             sc->seqs[i] > sc->meta.floor) {
             seg_path(path, sizeof(path), sc->dir, sc->seqs[i - 1] + 1);
-            store_seterr(err, errlen, "%s: missing: segments %u and %u are here, the ones between are gone with their records; run protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
-                   path, sc->seqs[i - 1], sc->seqs[i], sc->dir, sc->dir);
+            store_seterr(err, errlen,
+                         "%s: missing: segments %u and %u are here, the ones "
+                         "between are gone with their records; run protoqd "
+                         "--check-data %s (salvage: protoqd --salvage-data %s)",
+                         path, sc->seqs[i - 1], sc->seqs[i], sc->dir, sc->dir);
             return PQ_ECORRUPT;
         }
         seg_path(path, sizeof(path), sc->dir, sc->seqs[i]);
@@ -623,8 +662,8 @@ store_scan_dir(struct scan *sc, char *err, size_t errlen)
         if (rc != PQ_OK) {
             return rc;
         }
-        rc = scan_segment(sc, sc->seqs[i], path, buf, len,
-                          i == sc->nvalid - 1, &sc->end_offs[i], err, errlen);
+        rc = scan_segment(sc, sc->seqs[i], path, buf, len, i == sc->nvalid - 1,
+                          &sc->end_offs[i], err, errlen);
         unmap_file(buf, len);
         buf = NULL;
         if (rc == PQ_OK) {
@@ -662,7 +701,8 @@ print_summary(const struct scan *sc, const char *dir, FILE *out, int rc,
         fprintf(out, " (seg %u .. %u)", sc->seqs[sc->lo],
                 sc->seqs[sc->nvalid - 1]);
     }
-    fprintf(out, ", spare/empty: %zu, leftovers of an interrupted deletion: %zu\n",
+    fprintf(out,
+            ", spare/empty: %zu, leftovers of an interrupted deletion: %zu\n",
             sc->spares, sc->lo);
     if (sc->meta.present) {
         fprintf(out, "log start and end (META): seg %u .. %u", sc->meta.first,
@@ -673,7 +713,8 @@ print_summary(const struct scan *sc, const char *dir, FILE *out, int rc,
         }
         fprintf(out, "\n");
     } else {
-        fprintf(out, "log start and end (META): not recorded (format 1 data dir, or no record written yet)\n");
+        fprintf(out, "log start and end (META): not recorded (format 1 data "
+                     "dir, or no record written yet)\n");
     }
     fprintf(out, "segment links checked: %llu\n",
             (unsigned long long)sc->links);
@@ -694,13 +735,17 @@ print_summary(const struct scan *sc, const char *dir, FILE *out, int rc,
         }
         fprintf(out, "; live without their publish record: 0\n");
         if (sc->vr.dl_orphans > 0) {
-            fprintf(out, "dead letters whose original publish record is gone: %llu (recovered from their DEAD_LETTER records)\n",
+            fprintf(out,
+                    "dead letters whose original publish record is gone: %llu "
+                    "(recovered from their DEAD_LETTER records)\n",
                     (unsigned long long)sc->vr.dl_orphans);
         }
     }
     if (sc->torn) {
         seg_path(path, sizeof(path), dir, sc->torn_seq);
-        fprintf(out, "torn tail: %s at offset %llu, %llu bytes (protoqd truncates it at start)\n",
+        fprintf(out,
+                "torn tail: %s at offset %llu, %llu bytes (protoqd truncates "
+                "it at start)\n",
                 path, (unsigned long long)sc->torn_off,
                 (unsigned long long)sc->torn_dropped);
     } else {
@@ -815,7 +860,7 @@ salvage_segment(struct scan *sc, uint32_t seq, char *bak, size_t bakcap,
     }
     *kept = rc == PQ_OK;
     if (rc == PQ_OK && !sc->torn) {
-        return PQ_OK;          /* sound: nothing to do */
+        return PQ_OK; /* sound: nothing to do */
     }
     if (salvage_dir(sc->dir, bak, bakcap, out) < 0) {
         store_seterr(err, errlen, "mkdir %s: %s", bak, strerror(errno));
@@ -824,7 +869,8 @@ salvage_segment(struct scan *sc, uint32_t seq, char *bak, size_t bakcap,
     snprintf(dst, sizeof(dst), "%s/seg-%010u.log", bak, seq);
     if (rc != PQ_OK && sc->damaged && sc->damage_off == 0) {
         if (rename(path, dst) < 0) {
-            store_seterr(err, errlen, "move %s to %s: %s", path, dst, strerror(errno));
+            store_seterr(err, errlen, "move %s to %s: %s", path, dst,
+                         strerror(errno));
             return store_errno_to_pq(errno);
         }
         fprintf(out, "moved %s away: %s\n", path, err);
@@ -835,10 +881,12 @@ salvage_segment(struct scan *sc, uint32_t seq, char *bak, size_t bakcap,
         cut = rc != PQ_OK ? sc->damage_off : sc->torn_off;
         if (copy_file(path, dst) < 0 || truncate(path, (off_t)cut) < 0) {
             store_seterr(err, errlen, "cut %s at offset %llu: %s", path,
-                   (unsigned long long)cut, strerror(errno));
+                         (unsigned long long)cut, strerror(errno));
             return store_errno_to_pq(errno);
         }
-        fprintf(out, "cut %s at offset %llu (%zu bytes dropped; the whole file is in %s)\n",
+        fprintf(out,
+                "cut %s at offset %llu (%zu bytes dropped; the whole file is "
+                "in %s)\n",
                 path, (unsigned long long)cut, len - (size_t)cut, bak);
     }
     return PQ_OK;
@@ -863,16 +911,16 @@ store_salvage(const char *dir, FILE *out, char *err, size_t errlen)
         goto out;
     }
     if (store_meta_read(dir, &m, err, errlen) != PQ_OK) {
-        m = (struct meta){0};  /* rewritten below */
+        m = (struct meta){0}; /* rewritten below */
     }
     for (size_t i = 0; i < sc.nseqs; i++) {
         bool kept;
 
         if (m.present && sc.seqs[i] < m.first) {
-            continue;          /* a leftover: the next start removes it */
+            continue; /* a leftover: the next start removes it */
         }
-        rc = salvage_segment(&sc, sc.seqs[i], bak, sizeof(bak), out, &kept,
-                             err, errlen);
+        rc = salvage_segment(&sc, sc.seqs[i], bak, sizeof(bak), out, &kept, err,
+                             errlen);
         if (rc != PQ_OK) {
             goto out;
         }
@@ -898,12 +946,15 @@ store_salvage(const char *dir, FILE *out, char *err, size_t errlen)
         m.last = last;
         m.floor = last;
         if (store_meta_write(meta_fd, &m, true) < 0) {
-            store_seterr(err, errlen, "write %s/META: %s", dir, strerror(errno));
+            store_seterr(err, errlen, "write %s/META: %s", dir,
+                         strerror(errno));
             rc = store_errno_to_pq(errno);
             goto out;
         }
-        fprintf(out, "the log is now segments %u .. %u, accepted as found (%s/META)\n",
-                first, last, dir);
+        fprintf(
+            out,
+            "the log is now segments %u .. %u, accepted as found (%s/META)\n",
+            first, last, dir);
     }
     store_scan_fini(&sc);
     sc = (struct scan){.dir = dir};

@@ -45,7 +45,7 @@ post_completion(struct store *st, struct batch *b)
     st->c_tail = b;
     pthread_mutex_unlock(&st->mu);
     n = write(st->efd, &one, sizeof(one));
-    (void)n;                       /* EAGAIN: counter full, still readable */
+    (void)n; /* EAGAIN: counter full, still readable */
 }
 
 static int
@@ -214,7 +214,8 @@ write_round(struct store *st, struct batch *list)
             sync_now = true;
             break;
         case FSYNC_INTERVAL:
-            sync_now = clock_mono_ms() - st->last_sync_ms >= st->cfg.fsync_interval_ms;
+            sync_now =
+                clock_mono_ms() - st->last_sync_ms >= st->cfg.fsync_interval_ms;
             break;
         case FSYNC_NEVER:
             break;
@@ -430,13 +431,15 @@ store_thread_main(void *arg)
             wait_ms = st->last_sync_ms + st->cfg.fsync_interval_ms - now;
         }
         if (st->spare == SPARE_FAILED && st->fatal == PQ_OK) {
-            uint64_t w = st->spare_retry_ms > now ? st->spare_retry_ms - now : 1;
+            uint64_t w =
+                st->spare_retry_ms > now ? st->spare_retry_ms - now : 1;
             if (wait_ms == 0 || w < wait_ms) {
                 wait_ms = w;
             }
         }
         if (st->def_head != NULL) {
-            uint64_t w = st->deferred_due_ms > now ? st->deferred_due_ms - now : 1;
+            uint64_t w =
+                st->deferred_due_ms > now ? st->deferred_due_ms - now : 1;
             if (wait_ms == 0 || w < wait_ms) {
                 wait_ms = w;
             }

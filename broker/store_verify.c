@@ -24,24 +24,24 @@
 
 struct vqueue {
     struct vqueue *next;
-    uint32_t gen;                  /* bumped by each delete */
+    uint32_t gen; /* bumped by each delete */
     bool exists;
-    uint64_t purge_idx;            /* record index of the last purge */
+    uint64_t purge_idx; /* record index of the last purge */
     char name[];
 };
 
 /* 40 bytes: one per message the log shows live (its id is the key). */
 struct vent {
-    struct vqueue *q;              /* NULL: orphan, or dead */
-    uint64_t last_idx;             /* last record placing it in q; on the
-                                      free list: the next free index + 1 */
-    uint64_t at_off;               /* orphans: their last record is at
-                                      (state_seg, at_off) */
+    struct vqueue *q;  /* NULL: orphan, or dead */
+    uint64_t last_idx; /* last record placing it in q; on the
+                          free list: the next free index + 1 */
+    uint64_t at_off;   /* orphans: their last record is at
+                          (state_seg, at_off) */
     uint32_t qgen;
     uint32_t pub_seg, state_seg;
     bool orphan;
-    bool dl;                       /* orphan first seen as a dead letter */
-    bool dead;                     /* published to a queue that is gone */
+    bool dl;   /* orphan first seen as a dead letter */
+    bool dead; /* published to a queue that is gone */
 };
 
 void

@@ -28,28 +28,28 @@ struct vqueue;
 struct vent;
 
 struct verify {
-    struct hmap_u64 ids;           /* id -> entry index + 1 */
+    struct hmap_u64 ids; /* id -> entry index + 1 */
     struct vent *ents;
     size_t nents, cap;
-    size_t free_head;              /* index + 1 of a free entry; 0: none */
-    struct hmap_str queues;        /* name -> struct vqueue */
-    struct vqueue *qlist;          /* every vqueue, for freeing */
-    uint64_t idx;                  /* records fed so far */
-    uint64_t last_bulk_idx;        /* the latest QUEUE_DELETE / PURGE */
-    uint32_t floor;                /* salvage: ignore orphans up to here */
-    int oom;                       /* PQ_ENOMEM once an allocation failed */
+    size_t free_head;       /* index + 1 of a free entry; 0: none */
+    struct hmap_str queues; /* name -> struct vqueue */
+    struct vqueue *qlist;   /* every vqueue, for freeing */
+    uint64_t idx;           /* records fed so far */
+    uint64_t last_bulk_idx; /* the latest QUEUE_DELETE / PURGE */
+    uint32_t floor;         /* salvage: ignore orphans up to here */
+    int oom;                /* PQ_ENOMEM once an allocation failed */
 };
 
 /* A summary of the live set once every record is fed. */
 struct verify_result {
-    uint64_t live;                 /* live messages */
-    uint32_t min_seg, max_seg;     /* segments they reference (0: none) */
-    uint64_t orphans;              /* live messages whose PUBLISH is gone */
-    struct store_loc orphan_at;    /* the earliest such one's last record */
+    uint64_t live;              /* live messages */
+    uint32_t min_seg, max_seg;  /* segments they reference (0: none) */
+    uint64_t orphans;           /* live messages whose PUBLISH is gone */
+    struct store_loc orphan_at; /* the earliest such one's last record */
     uint64_t orphan_id;
-    uint64_t dl_orphans;           /* dead letters whose source PUBLISH is
-                                      gone (replay rebuilds them from the
-                                      DEAD_LETTER record) */
+    uint64_t dl_orphans; /* dead letters whose source PUBLISH is
+                            gone (replay rebuilds them from the
+                            DEAD_LETTER record) */
 };
 
 /* verify_init: an empty tracker; floor: orphans whose last record is in a

@@ -33,22 +33,22 @@
 #include <unistd.h>
 
 enum {
-    BENCH_MAGIC = 0x70716231,   /* "pqb1" */
-    HDR_LEN = 24,               /* magic u32, producer u32, seq u64, ns u64 */
+    BENCH_MAGIC = 0x70716231, /* "pqb1" */
+    HDR_LEN = 24,             /* magic u32, producer u32, seq u64, ns u64 */
     MAX_PRODUCERS = 1024,
-    IDLE_STOP_MS = 10000,       /* consumers give up after this long idle
-                                   once nothing more is expected */
+    IDLE_STOP_MS = 10000, /* consumers give up after this long idle
+                             once nothing more is expected */
 };
 
 struct opts {
     int producers, consumers;
-    uint64_t messages;          /* total; 0 with --duration */
+    uint64_t messages; /* total; 0 with --duration */
     size_t size;
     uint32_t inflight, prefetch;
     const char *queue;
     bool transient, json;
-    double rate;                /* total msgs/s; 0 = as fast as possible */
-    double duration_s;          /* 0 = by --messages */
+    double rate;       /* total msgs/s; 0 = as fast as possible */
+    double duration_s; /* 0 = by --messages */
     const char *server;
     bool publish_only, consume_only;
 };
@@ -64,14 +64,14 @@ struct bench;
 struct producer {
     struct bench *b;
     int id;
-    uint64_t count;             /* to publish; UINT64_MAX with --duration */
+    uint64_t count; /* to publish; UINT64_MAX with --duration */
     uint64_t sent, confirmed, failed;
-    uint64_t *send_ns;          /* ring of send times, by seq & ring_mask */
+    uint64_t *send_ns; /* ring of send times, by seq & ring_mask */
     uint64_t ring_mask;
-    struct lat lat;             /* publish -> PublishOk */
+    struct lat lat; /* publish -> PublishOk */
     char err[256];
-    protoq_client *c;           /* for messages in on_confirm */
-    int64_t done_ns;            /* when its last confirm arrived */
+    protoq_client *c; /* for messages in on_confirm */
+    int64_t done_ns;  /* when its last confirm arrived */
     pthread_t th;
 };
 
@@ -79,7 +79,7 @@ struct consumer {
     struct bench *b;
     int id;
     uint64_t received, dups, foreign;
-    struct lat lat;             /* publish -> delivery */
+    struct lat lat; /* publish -> delivery */
     char err[256];
     pthread_t th;
     bool joined;
@@ -87,16 +87,16 @@ struct consumer {
 
 struct bench {
     struct opts o;
-    uint64_t seq_cap;           /* bitmap bits per producer */
+    uint64_t seq_cap; /* bitmap bits per producer */
     _Atomic(uint64_t *) bitmap[MAX_PRODUCERS];
-    atomic_uint_fast64_t unique;     /* distinct (producer, seq) received */
-    atomic_uint_fast64_t confirmed;  /* over all producers */
+    atomic_uint_fast64_t unique;    /* distinct (producer, seq) received */
+    atomic_uint_fast64_t confirmed; /* over all producers */
     atomic_uint_fast64_t received;
     atomic_uint_fast64_t sent;
     atomic_int producers_left;
-    atomic_bool stop;                /* fatal error or interrupt */
+    atomic_bool stop; /* fatal error or interrupt */
     int64_t start_ns;
-    int64_t deadline_ns;             /* --duration end, or 0 */
+    int64_t deadline_ns; /* --duration end, or 0 */
     _Atomic int64_t last_delivery_ns;
     struct producer *prod;
     struct consumer *cons;
@@ -212,8 +212,8 @@ pct(const struct lat *l, double p)
 }
 
 static int
-bench_connect(struct bench *b, const char *name, protoq_client **out,
-              char *err, size_t errlen)
+bench_connect(struct bench *b, const char *name, protoq_client **out, char *err,
+              size_t errlen)
 {
     struct protoq_opts o;
     int rc;
@@ -271,7 +271,7 @@ on_confirm(void *arg, int err, uint64_t message_id, bool duplicate)
         atomic_fetch_add(&p->b->confirmed, 1);
         lat_add(&p->lat, now - (int64_t)p->send_ns[s->seq & p->ring_mask]);
     }
-    p->send_ns[s->seq & p->ring_mask] = 0;  /* slot free */
+    p->send_ns[s->seq & p->ring_mask] = 0; /* slot free */
 }
 
 static void *
@@ -349,8 +349,7 @@ producer_main(void *arg)
 
             rc = protoq_wait_confirms(c, want ? want - 1 : 0, 60000);
             if (rc != PQ_OK) {
-                fmt_err(p->err, sizeof(p->err), "waiting for confirms", c,
-                        rc);
+                fmt_err(p->err, sizeof(p->err), "waiting for confirms", c, rc);
                 goto out;
             }
         }
@@ -382,8 +381,7 @@ producer_main(void *arg)
     }
     rc = protoq_wait_confirms(c, 0, 120000);
     if (rc != PQ_OK) {
-        fmt_err(p->err, sizeof(p->err), "waiting for the last confirms", c,
-                rc);
+        fmt_err(p->err, sizeof(p->err), "waiting for the last confirms", c, rc);
     }
 out:
     p->done_ns = mono_ns();
@@ -479,8 +477,8 @@ consumer_main(void *arg)
         atomic_store(&b->stop, true);
         return NULL;
     }
-    rc = protoq_subscribe(c, b->o.queue, b->o.prefetch, NULL, 0, on_deliver,
-                          k, NULL);
+    rc = protoq_subscribe(c, b->o.queue, b->o.prefetch, NULL, 0, on_deliver, k,
+                          NULL);
     if (rc != PQ_OK) {
         fmt_err(k->err, sizeof(k->err), "subscribe", c, rc);
         atomic_store(&b->stop, true);
@@ -501,7 +499,7 @@ consumer_main(void *arg)
             idle_since = mono_ns();
         } else if (want != UINT64_MAX &&
                    mono_ns() - idle_since > (int64_t)IDLE_STOP_MS * 1000000) {
-            break;  /* nothing more is coming: the rest is lost */
+            break; /* nothing more is coming: the rest is lost */
         }
     }
     /* Let the last acks reach the broker before we disconnect. */
@@ -553,8 +551,20 @@ static int
 parse_args(struct opts *o, int argc, char **argv)
 {
     enum {
-        O_PROD = 256, O_CONS, O_MSGS, O_SIZE, O_INFL, O_PREF, O_QUEUE, O_TRANS,
-        O_RATE, O_DUR, O_JSON, O_PUBONLY, O_CONSONLY, O_HELP
+        O_PROD = 256,
+        O_CONS,
+        O_MSGS,
+        O_SIZE,
+        O_INFL,
+        O_PREF,
+        O_QUEUE,
+        O_TRANS,
+        O_RATE,
+        O_DUR,
+        O_JSON,
+        O_PUBONLY,
+        O_CONSONLY,
+        O_HELP
     };
     static const struct option lo[] = {
         {"producers", required_argument, NULL, O_PROD},
@@ -703,8 +713,10 @@ progress(struct bench *b, int64_t now)
 {
     double t = (double)(now - b->start_ns) / 1e9;
 
-    fprintf(stderr, "protoq-bench: %5.1fs sent %" PRIu64 " confirmed %" PRIu64
-            " received %" PRIu64 "\n", t, (uint64_t)atomic_load(&b->sent),
+    fprintf(stderr,
+            "protoq-bench: %5.1fs sent %" PRIu64 " confirmed %" PRIu64
+            " received %" PRIu64 "\n",
+            t, (uint64_t)atomic_load(&b->sent),
             (uint64_t)atomic_load(&b->confirmed),
             (uint64_t)atomic_load(&b->received));
 }
@@ -797,8 +809,8 @@ main(int argc, char **argv)
     }
     b->prod = calloc((size_t)b->o.producers + 1, sizeof(*b->prod));
     b->cons = calloc((size_t)b->o.consumers + 1, sizeof(*b->cons));
-    parts = calloc((size_t)(b->o.producers + b->o.consumers) + 1,
-                   sizeof(*parts));
+    parts =
+        calloc((size_t)(b->o.producers + b->o.consumers) + 1, sizeof(*parts));
     if (b->prod == NULL || b->cons == NULL || parts == NULL) {
         fprintf(stderr, "protoq-bench: out of memory\n");
         return 1;
@@ -824,11 +836,11 @@ main(int argc, char **argv)
 
         p->b = b;
         p->id = i;
-        p->count = b->o.messages
-                       ? b->o.messages / (uint64_t)b->o.producers +
-                             ((uint64_t)i < b->o.messages %
-                                                (uint64_t)b->o.producers)
-                       : UINT64_MAX;
+        p->count =
+            b->o.messages
+                ? b->o.messages / (uint64_t)b->o.producers +
+                      ((uint64_t)i < b->o.messages % (uint64_t)b->o.producers)
+                : UINT64_MAX;
         while (ring < 2 * (uint64_t)b->o.inflight) {
             ring *= 2;
         }
@@ -860,9 +872,8 @@ main(int argc, char **argv)
         if (now - b->start_ns > 2000000000LL) {
             show_progress = true;
         }
-        if (show_progress &&
-            (now - b->start_ns) / 1000000000 !=
-                (now - 100000000 - b->start_ns) / 1000000000) {
+        if (show_progress && (now - b->start_ns) / 1000000000 !=
+                                 (now - 100000000 - b->start_ns) / 1000000000) {
             progress(b, now);
         }
         /* Consumers may also stop on their own (idle, errors). */
@@ -936,8 +947,8 @@ main(int argc, char **argv)
         end_ns = mono_ns();
     }
     wall_s = (double)(end_ns - b->start_ns) / 1e9;
-    pub_s = pub_end_ns > b->start_ns ? (double)(pub_end_ns - b->start_ns) / 1e9
-                                     : 0;
+    pub_s =
+        pub_end_ns > b->start_ns ? (double)(pub_end_ns - b->start_ns) / 1e9 : 0;
     if (lost > 0 || dups > 0 || failed > 0 || foreign > 0) {
         ret = 1;
     }
@@ -957,9 +968,9 @@ main(int argc, char **argv)
                b->o.transient ? "false" : "true", published, confirmed,
                received, dups, lost, wall_s,
                wall_s > 0 ? (double)(received - dups) / wall_s : 0,
-               pub_s > 0 ? (double)confirmed / pub_s : 0,
-               pct(&e2e_all, 50), pct(&e2e_all, 99), pct(&e2e_all, 99.9),
-               pct(&e2e_all, 100), pct(&conf_all, 50), pct(&conf_all, 99));
+               pub_s > 0 ? (double)confirmed / pub_s : 0, pct(&e2e_all, 50),
+               pct(&e2e_all, 99), pct(&e2e_all, 99.9), pct(&e2e_all, 100),
+               pct(&conf_all, 50), pct(&conf_all, 99));
     }
     fprintf(b->o.json ? stderr : stdout,
             "protoq-bench: %d producers, %d consumers, %zu-byte messages, "
@@ -975,9 +986,8 @@ main(int argc, char **argv)
             b->o.producers, b->o.consumers, b->o.size,
             b->o.transient ? "transient" : "durable", b->o.inflight,
             b->o.prefetch, b->o.rate > 0 ? " (rate-limited)" : "", published,
-            confirmed, failed, pub_s,
-            pub_s > 0 ? (double)confirmed / pub_s : 0, received, dups, lost,
-            foreign, wall_s,
+            confirmed, failed, pub_s, pub_s > 0 ? (double)confirmed / pub_s : 0,
+            received, dups, lost, foreign, wall_s,
             wall_s > 0 ? (double)(received - dups) / wall_s : 0,
             pct(&conf_all, 50), pct(&conf_all, 99), pct(&conf_all, 99.9),
             pct(&conf_all, 100), pct(&e2e_all, 50), pct(&e2e_all, 99),

@@ -37,7 +37,8 @@ static const char usage_text[] =
     "               [--ack-timeout D] [--max-attempts N] [--dead-letter Q]\n"
     "               [--backoff BASE[:CAP]] [--ttl D] [--dedup-window D]\n"
     "               [--max-lease D] [--dead-letter-expired] [--transient]\n"
-    "  queue ls                 queues with ready, delayed, inflight, consumers\n"
+    "  queue ls                 queues with ready, delayed, inflight, "
+    "consumers\n"
     "  queue stat NAME          every attribute and counter\n"
     "  queue purge NAME         drop ready and delayed messages\n"
     "  queue rm NAME            delete the queue\n"
@@ -73,7 +74,8 @@ static const char usage_text[] =
     "  progress PERCENT [TEXT] | progress --checkpoint URI\n"
     "      (inside a job run by work) report progress or a checkpoint\n"
     "\n"
-    "Durations (D): 500ms, 10s, 5m, 1h30m, 2d; a plain number is milliseconds.\n"
+    "Durations (D): 500ms, 10s, 5m, 1h30m, 2d; a plain number is "
+    "milliseconds.\n"
     "The server is -s HOST:PORT, else $PROTOQ_SERVER, else 127.0.0.1:7650.\n"
     "Exit status: 0 ok, 1 error, 2 usage.\n";
 

@@ -26,9 +26,9 @@ enum {
     EXIT_OK = 0,
     EXIT_ERR = 1,
     EXIT_USAGE = 2,
-    LINES_WINDOW = 1000,      /* unconfirmed publishes of pub --lines */
-    MAX_KV = 64,              /* --header / --require / --tag each */
-    KV_TEXT_MAX = 16384,      /* their text, per option kind */
+    LINES_WINDOW = 1000, /* unconfirmed publishes of pub --lines */
+    MAX_KV = 64,         /* --header / --require / --tag each */
+    KV_TEXT_MAX = 16384, /* their text, per option kind */
     DEFAULT_PREFETCH = 1000,
     DEFAULT_WAIT_MS = 5000,
 };
@@ -36,7 +36,7 @@ enum {
 /* The global options and what every command needs. */
 struct cli {
     const char *server;
-    const char *cmd;          /* e.g. "pub jobs", for error messages */
+    const char *cmd; /* e.g. "pub jobs", for error messages */
     char cmdbuf[300];
     protoq_client *c;
 };

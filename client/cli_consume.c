@@ -1,6 +1,6 @@
 /*
- * cli_consume.c: protoq consume: print deliveries (plain or --json) and ack them
- * only after their output reached stdout.
+ * cli_consume.c: protoq consume: print deliveries (plain or --json) and ack
+ * them only after their output reached stdout.
  */
 #include "cli.h"
 #include "clock.h"
@@ -36,13 +36,13 @@ struct consume_state {
     struct cli *cli;
     enum consume_mode mode;
     bool json;
-    uint64_t count;            /* 0 = no limit */
-    uint64_t received;         /* printed */
-    struct tokens acks;        /* printed, not yet acked (or nacked) */
-    struct tokens give_back;   /* to release at exit: deliveries past
-                                  --count (never printed), and with
-                                  --no-ack everything printed */
-    int out_err;               /* errno of a failed write to stdout */
+    uint64_t count;          /* 0 = no limit */
+    uint64_t received;       /* printed */
+    struct tokens acks;      /* printed, not yet acked (or nacked) */
+    struct tokens give_back; /* to release at exit: deliveries past
+                                --count (never printed), and with
+                                --no-ack everything printed */
+    int out_err;             /* errno of a failed write to stdout */
     bool oom;
     uint64_t async_errors;
 };
@@ -189,8 +189,10 @@ print_json(FILE *out, const struct protoq_delivery *d)
 {
     size_t i;
 
-    fprintf(out, "{\"id\":%" PRIu64 ",\"attempt\":%u,\"priority\":%u,"
-            "\"queue\":", d->message_id, d->attempt, d->priority);
+    fprintf(out,
+            "{\"id\":%" PRIu64 ",\"attempt\":%u,\"priority\":%u,"
+            "\"queue\":",
+            d->message_id, d->attempt, d->priority);
     json_str(out, d->queue, strlen(d->queue));
     fputs(",\"headers\":{", out);
     for (i = 0; i < d->n_headers; i++) {
@@ -247,8 +249,7 @@ consume_deliver(void *arg, protoq_client *c, const struct protoq_delivery *d)
     st->received++;
     /* --no-ack holds what it printed and gives it back at exit (after
      * pausing the flow, so it is not pushed straight back to us). */
-    if (!tokens_add(st->mode == MODE_NO_ACK ? &st->give_back : &st->acks,
-                    d)) {
+    if (!tokens_add(st->mode == MODE_NO_ACK ? &st->give_back : &st->acks, d)) {
         st->oom = true;
     }
 }
@@ -301,9 +302,9 @@ consume_settle(struct consume_state *st, bool final)
         bool last_sync = final && i + 1 == st->acks.n && st->give_back.n == 0;
 
         if (st->mode == MODE_NACK) {
-            rc = last_sync ? protoq_nack_sync(c, t->id, t->attempt, 0, false,
-                                              NULL)
-                           : protoq_nack(c, t->id, t->attempt, 0, false, NULL);
+            rc = last_sync
+                     ? protoq_nack_sync(c, t->id, t->attempt, 0, false, NULL)
+                     : protoq_nack(c, t->id, t->attempt, 0, false, NULL);
         } else {
             rc = last_sync ? protoq_ack_sync(c, t->id, t->attempt)
                            : protoq_ack(c, t->id, t->attempt);
@@ -323,8 +324,8 @@ consume_settle(struct consume_state *st, bool final)
         for (i = n; i > 0 && rc == PQ_OK; i--) {
             const struct token t = st->give_back.v[i - 1];
 
-            rc = protoq_release(c, t.id, t.attempt,
-                                PROTOQ_RELEASE_UNSPECIFIED, NULL, i == 1);
+            rc = protoq_release(c, t.id, t.attempt, PROTOQ_RELEASE_UNSPECIFIED,
+                                NULL, i == 1);
         }
         st->give_back.n = 0;
     }
@@ -379,8 +380,7 @@ cmd_consume(struct cli *cli, int argc, char **argv)
         switch (ch) {
         case O_COUNT:
             if (units_parse_u64(optarg, &st.count) != PQ_OK || st.count == 0) {
-                return usage_err("--count: want a number > 0, not %s",
-                                 optarg);
+                return usage_err("--count: want a number > 0, not %s", optarg);
             }
             break;
         case O_WAIT:
@@ -390,7 +390,8 @@ cmd_consume(struct cli *cli, int argc, char **argv)
             wait_set = true;
             break;
         case O_PREFETCH:
-            if (units_parse_u64(optarg, &v) != PQ_OK || v == 0 || v > UINT32_MAX) {
+            if (units_parse_u64(optarg, &v) != PQ_OK || v == 0 ||
+                v > UINT32_MAX) {
                 return usage_err("--prefetch: want a number > 0, not %s",
                                  optarg);
             }
@@ -482,7 +483,7 @@ cmd_consume(struct cli *cli, int argc, char **argv)
             goto out;
         }
         if (rc > 0 && idle_deadline > 0) {
-            idle_deadline = 0;  /* re-armed on the next pass */
+            idle_deadline = 0; /* re-armed on the next pass */
         }
         if (st.count > 0 && st.received >= st.count) {
             rc = PQ_OK;
@@ -537,4 +538,3 @@ out:
     free(st.give_back.v);
     return ret;
 }
-

@@ -139,8 +139,10 @@ pub_lines(struct cli *cli, const char *queue, struct protoq_message *m)
         }
     }
     if (st.failed > 0) {
-        fail(cli, "%" PRIu64 " of %" PRIu64 " messages not published; first "
-             "error: %s", st.failed, sent, st.first_err);
+        fail(cli,
+             "%" PRIu64 " of %" PRIu64 " messages not published; first "
+             "error: %s",
+             st.failed, sent, st.first_err);
         return EXIT_ERR;
     }
     return rc == PQ_OK ? EXIT_OK : EXIT_ERR;
@@ -150,7 +152,13 @@ int
 cmd_pub(struct cli *cli, int argc, char **argv)
 {
     enum {
-        O_FILE = 256, O_LINES, O_PRIO, O_DELAY, O_TTL, O_HEADER, O_KEY,
+        O_FILE = 256,
+        O_LINES,
+        O_PRIO,
+        O_DELAY,
+        O_TTL,
+        O_HEADER,
+        O_KEY,
         O_REQUIRE
     };
     static const struct option opts[] = {
@@ -270,7 +278,6 @@ cmd_pub(struct cli *cli, int argc, char **argv)
         return fail_pq(cli, rc);
     }
     printf("%" PRIu64 "\n", id);
-    return fflush(stdout) == 0 ? EXIT_OK : fail(cli, "stdout: %s",
-                                                strerror(errno));
+    return fflush(stdout) == 0 ? EXIT_OK
+                               : fail(cli, "stdout: %s", strerror(errno));
 }
-

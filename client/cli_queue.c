@@ -1,5 +1,6 @@
 /*
- * cli_queue.c: the queue administration commands (queue create|ls|stat|purge|rm).
+ * cli_queue.c: the queue administration commands (queue
+ * create|ls|stat|purge|rm).
  */
 #include "cli.h"
 
@@ -20,8 +21,17 @@ static int
 cmd_queue_create(struct cli *cli, int argc, char **argv)
 {
     enum {
-        O_MAXLEN = 256, O_MAXBYTES, O_ACK, O_ATTEMPTS, O_DLQ, O_BACKOFF,
-        O_TTL, O_DEDUP, O_LEASE, O_DLEXP, O_TRANSIENT
+        O_MAXLEN = 256,
+        O_MAXBYTES,
+        O_ACK,
+        O_ATTEMPTS,
+        O_DLQ,
+        O_BACKOFF,
+        O_TTL,
+        O_DEDUP,
+        O_LEASE,
+        O_DLEXP,
+        O_TRANSIENT
     };
     static const struct option opts[] = {
         {"max-length", required_argument, NULL, O_MAXLEN},
@@ -78,7 +88,8 @@ cmd_queue_create(struct cli *cli, int argc, char **argv)
                 *colon = '\0';
             }
             if (units_parse_duration_ms(optarg, &a.backoff_base_ms) != PQ_OK ||
-                (colon && units_parse_duration_ms(colon + 1, &a.backoff_cap_ms) != PQ_OK)) {
+                (colon && units_parse_duration_ms(
+                              colon + 1, &a.backoff_cap_ms) != PQ_OK)) {
                 return usage_err("--backoff: want BASE[:CAP], e.g. 1s:60s");
             }
             /* --backoff 0: retry at once (0 on the wire means "default"). */
@@ -92,8 +103,7 @@ cmd_queue_create(struct cli *cli, int argc, char **argv)
             break;
         case O_DEDUP:
             if (units_parse_duration_ms(optarg, &a.dedup_window_ms) != PQ_OK) {
-                return usage_err("--dedup-window: not a duration: %s",
-                                 optarg);
+                return usage_err("--dedup-window: not a duration: %s", optarg);
             }
             break;
         case O_LEASE:
@@ -114,8 +124,7 @@ cmd_queue_create(struct cli *cli, int argc, char **argv)
     if (optind != argc - 1) {
         return usage_err("queue create: want exactly one NAME");
     }
-    snprintf(cli->cmdbuf, sizeof(cli->cmdbuf), "queue create %s",
-             argv[optind]);
+    snprintf(cli->cmdbuf, sizeof(cli->cmdbuf), "queue create %s", argv[optind]);
     cli->cmd = cli->cmdbuf;
     if ((rc = cli_connect(cli)) != EXIT_OK) {
         return rc;
@@ -159,15 +168,13 @@ cmd_queue_ls(struct cli *cli, int argc, char **argv)
     printf("%-*s  %*s  %*s  %*s  %*s\n", w_name, "NAME", w[0], "READY", w[1],
            "DELAYED", w[2], "INFLIGHT", w[3], "CONSUMERS");
     for (i = 0; i < n; i++) {
-        printf("%-*s  %*" PRIu64 "  %*" PRIu64 "  %*" PRIu64 "  %*" PRIu64
-               "\n",
-               w_name, list[i].name, w[0], list[i].ready, w[1],
-               list[i].delayed, w[2], list[i].inflight, w[3],
-               list[i].consumers);
+        printf("%-*s  %*" PRIu64 "  %*" PRIu64 "  %*" PRIu64 "  %*" PRIu64 "\n",
+               w_name, list[i].name, w[0], list[i].ready, w[1], list[i].delayed,
+               w[2], list[i].inflight, w[3], list[i].consumers);
     }
     protoq_queue_list_free(list, n);
-    return fflush(stdout) == 0 ? EXIT_OK : fail(cli, "stdout: %s",
-                                                strerror(errno));
+    return fflush(stdout) == 0 ? EXIT_OK
+                               : fail(cli, "stdout: %s", strerror(errno));
 }
 
 static int
@@ -216,8 +223,8 @@ cmd_queue_stat(struct cli *cli, int argc, char **argv)
     printf("expired: %" PRIu64 "\n", q.expired);
     printf("dead_lettered: %" PRIu64 "\n", q.dead_lettered);
     printf("dropped: %" PRIu64 "\n", q.dropped);
-    return fflush(stdout) == 0 ? EXIT_OK : fail(cli, "stdout: %s",
-                                                strerror(errno));
+    return fflush(stdout) == 0 ? EXIT_OK
+                               : fail(cli, "stdout: %s", strerror(errno));
 }
 
 static int
@@ -244,8 +251,8 @@ cmd_queue_purge_rm(struct cli *cli, int argc, char **argv, bool purge)
     if (purge) {
         printf("purged %" PRIu64 "\n", n);
     }
-    return fflush(stdout) == 0 ? EXIT_OK : fail(cli, "stdout: %s",
-                                                strerror(errno));
+    return fflush(stdout) == 0 ? EXIT_OK
+                               : fail(cli, "stdout: %s", strerror(errno));
 }
 
 int
@@ -274,4 +281,3 @@ cmd_queue(struct cli *cli, int argc, char **argv)
     }
     return usage_err("queue: unknown subcommand '%s'", argv[1]);
 }
-

@@ -51,12 +51,12 @@
 #include <unistd.h>
 
 enum {
-    TAIL_MAX = 4096,             /* stderr bytes kept per job */
-    NACK_ERROR_MAX = 1000,       /* the broker keeps 1 KiB of nack text */
+    TAIL_MAX = 4096,       /* stderr bytes kept per job */
+    NACK_ERROR_MAX = 1000, /* the broker keeps 1 KiB of nack text */
     PROGRESS_TEXT_MAX = 256,
     CHECKPOINT_MAX = 1024,
     PROGRESS_LINE_MAX = 2048,
-    PROGRESS_MIN_GAP_MS = 1000,  /* progress forwarded at most this often */
+    PROGRESS_MIN_GAP_MS = 1000, /* progress forwarded at most this often */
     RECONNECT_MIN_MS = 100,
     RECONNECT_MAX_MS = 5000,
     DEFAULT_SHUTDOWN_GRACE_MS = 30000,
@@ -66,30 +66,30 @@ enum {
 /* Why a job's process is being stopped (JOB_RUN: it is not). */
 enum job_stop {
     JOB_RUN = 0,
-    JOB_CANCELLED,   /* CancelRequested: not ours any more */
-    JOB_LOST,        /* lease or connection lost: not ours any more */
-    JOB_TIMEOUT,     /* --timeout: nack when it is gone */
-    JOB_SHUTDOWN,    /* shutdown grace over: release when it is gone */
+    JOB_CANCELLED, /* CancelRequested: not ours any more */
+    JOB_LOST,      /* lease or connection lost: not ours any more */
+    JOB_TIMEOUT,   /* --timeout: nack when it is gone */
+    JOB_SHUTDOWN,  /* shutdown grace over: release when it is gone */
 };
 
 /* A running job of `protoq work`. */
 struct job {
     bool used;
-    bool held;                 /* we hold its delivery (ack/nack/release) */
-    pid_t pid;                 /* the command; also its process group */
-    pid_t watchdog;            /* feeds stdin, guards against our death */
-    int lifeline;              /* write end; closed with a byte when done */
-    int err_fd;                /* the command's stderr, non-blocking; -1 */
+    bool held;      /* we hold its delivery (ack/nack/release) */
+    pid_t pid;      /* the command; also its process group */
+    pid_t watchdog; /* feeds stdin, guards against our death */
+    int lifeline;   /* write end; closed with a byte when done */
+    int err_fd;     /* the command's stderr, non-blocking; -1 */
     uint64_t message_id;
     uint32_t attempt;
     uint64_t lease_ms;
-    int64_t next_touch_ms;     /* monotonic */
-    int64_t deadline_ms;       /* --timeout; 0: none */
+    int64_t next_touch_ms; /* monotonic */
+    int64_t deadline_ms;   /* --timeout; 0: none */
     enum job_stop stop;
-    int64_t kill_at_ms;        /* SIGKILL due (0: SIGTERM not sent yet) */
+    int64_t kill_at_ms; /* SIGKILL due (0: SIGTERM not sent yet) */
     bool exited;
-    int status;                /* waitpid status once exited */
-    char tail[TAIL_MAX];       /* ring of the last stderr bytes */
+    int status;          /* waitpid status once exited */
+    char tail[TAIL_MAX]; /* ring of the last stderr bytes */
     size_t tail_len, tail_pos;
     char progress_path[256];
     off_t progress_off;
@@ -110,10 +110,10 @@ struct work_state {
     struct job *jobs;
     size_t n_jobs;
     uint64_t sub_id;
-    uint32_t credit;           /* prefetch the broker has now */
+    uint32_t credit; /* prefetch the broker has now */
     uint64_t timeout_ms, shutdown_grace_ms, kill_grace_ms;
-    char dir[64];              /* private dir for progress files */
-    bool draining;             /* shutdown: paused, no new jobs */
+    char dir[64];  /* private dir for progress files */
+    bool draining; /* shutdown: paused, no new jobs */
     int64_t drain_end_ms;
 };
 
@@ -138,8 +138,7 @@ mono_ms(void)
     return (int64_t)clock_mono_ms();
 }
 
-static void
-say(const struct work_state *ws, const char *fmt, ...)
+static void say(const struct work_state *ws, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
 /* A line on stderr: "protoq: work QUEUE: ...". */
@@ -320,10 +319,9 @@ spawn_job(struct work_state *ws, struct job *j, const struct protoq_delivery *d)
     int fd, saved;
     pid_t pid;
 
-    snprintf(j->progress_path, sizeof(j->progress_path), "%s/job-%zu",
-             ws->dir, (size_t)(j - ws->jobs));
-    fd = open(j->progress_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC,
-              0600);
+    snprintf(j->progress_path, sizeof(j->progress_path), "%s/job-%zu", ws->dir,
+             (size_t)(j - ws->jobs));
+    fd = open(j->progress_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0 || close(fd) != 0 || pipe2(in, O_CLOEXEC) != 0 ||
         pipe2(err, O_CLOEXEC) != 0 || pipe2(life, O_CLOEXEC) != 0) {
         goto fail;
@@ -459,8 +457,8 @@ begin_stop(struct work_state *ws, struct job *j, enum job_stop why)
 }
 
 static void
-work_cancel(void *arg, protoq_client *c, const char *queue,
-            uint64_t message_id, uint32_t attempt)
+work_cancel(void *arg, protoq_client *c, const char *queue, uint64_t message_id,
+            uint32_t attempt)
 {
     struct work_state *ws = arg;
     struct job *j = find_job(ws, message_id, attempt);
@@ -538,8 +536,8 @@ progress_line(struct work_state *ws, struct job *j, char *line)
     if (strncmp(line, "progress ", 9) == 0) {
         v = strtoul(line + 9, &end, 10);
         if (end == line + 9 || v > 100 || (*end != '\0' && *end != ' ')) {
-            say(ws, "job %" PRIu64 ": bad progress line: %.80s",
-                j->message_id, line);
+            say(ws, "job %" PRIu64 ": bad progress line: %.80s", j->message_id,
+                line);
             return;
         }
         j->percent = (uint32_t)v;
@@ -550,8 +548,8 @@ progress_line(struct work_state *ws, struct job *j, char *line)
     } else if (strncmp(line, "checkpoint ", 11) == 0) {
         snprintf(j->checkpoint, sizeof(j->checkpoint), "%s", line + 11);
     } else if (line[0] != '\0') {
-        say(ws, "job %" PRIu64 ": unknown progress line: %.80s",
-            j->message_id, line);
+        say(ws, "job %" PRIu64 ": unknown progress line: %.80s", j->message_id,
+            line);
         return;
     } else {
         return;
@@ -694,9 +692,8 @@ reap_jobs(struct work_state *ws)
         drain_stderr(j);
         /* Done when the command exited and, if it was being stopped, its
          * whole group is gone (or the kill grace is over). */
-        if (j->exited &&
-            (j->stop == JOB_RUN || kill(-j->pid, 0) != 0 ||
-             mono_ms() >= j->kill_at_ms)) {
+        if (j->exited && (j->stop == JOB_RUN || kill(-j->pid, 0) != 0 ||
+                          mono_ms() >= j->kill_at_ms)) {
             int rc = finish_job(ws, j);
 
             if (rc != PQ_OK) {
@@ -745,8 +742,7 @@ tend_jobs(struct work_state *ws)
                           send_progress ? &prog : NULL, &lease);
         if (rc == PQ_EREMOTE) {
             say(ws, "job %" PRIu64 ": lease lost (%s): stopping it",
-                j->message_id,
-                protoq_code_name(protoq_last_error_code(c)));
+                j->message_id, protoq_code_name(protoq_last_error_code(c)));
             begin_stop(ws, j, JOB_LOST);
             continue;
         }
@@ -803,9 +799,8 @@ connect_and_subscribe(struct work_state *ws)
     protoq_set_cancel_cb(cli->c, work_cancel, ws);
     /* Subscribe paused when every slot is busy, then let sync_credit
      * open it; prefetch 0 would mean 1. */
-    rc = protoq_subscribe(cli->c, ws->queue, credit ? credit : 1,
-                          ws->tags->kv, ws->tags->n, work_deliver, ws,
-                          &ws->sub_id);
+    rc = protoq_subscribe(cli->c, ws->queue, credit ? credit : 1, ws->tags->kv,
+                          ws->tags->n, work_deliver, ws, &ws->sub_id);
     if (rc != PQ_OK) {
         fail_pq(cli, rc);
         return rc;
@@ -840,8 +835,10 @@ start_drain(struct work_state *ws)
     ws->draining = true;
     ws->drain_end_ms = mono_ms() + (int64_t)ws->shutdown_grace_ms;
     if (count_jobs(ws, false) > 0) {
-        say(ws, "stopping: %zu job(s) running, waiting up to %" PRIu64
-            " ms for them", count_jobs(ws, false), ws->shutdown_grace_ms);
+        say(ws,
+            "stopping: %zu job(s) running, waiting up to %" PRIu64
+            " ms for them",
+            count_jobs(ws, false), ws->shutdown_grace_ms);
     }
 }
 

@@ -136,8 +136,8 @@ client_name_ok(protoq_client *c, const char *what, const char *name)
     }
     n = strlen(name);
     if (n > PROTOQ_NAME_MAX) {
-        client_set_err(c, PQ_EINVAL, "%s name is %zu bytes (at most %d)", what, n,
-                PROTOQ_NAME_MAX);
+        client_set_err(c, PQ_EINVAL, "%s name is %zu bytes (at most %d)", what,
+                       n, PROTOQ_NAME_MAX);
         return false;
     }
     return true;
@@ -481,7 +481,7 @@ on_deliver(protoq_client *c, const Protoq__Deliver *d)
         c->dropped_deliveries++;
         return 0;
     }
-    cb = s->cb;  /* s may move if the callback subscribes */
+    cb = s->cb; /* s may move if the callback subscribes */
     arg = s->arg;
     memset(&dv, 0, sizeof(dv));
     dv.subscription_id = d->subscription_id;
@@ -663,7 +663,7 @@ on_reply(protoq_client *c, struct pending *p, Protoq__Frame *f)
                 e.w->err = PQ_ENOMEM;
             }
         }
-        e.w->reply = f;  /* ownership passes to the waiter */
+        e.w->reply = f; /* ownership passes to the waiter */
         e.w->done = true;
         return 0;
     case PEND_CONFIRM:
@@ -741,8 +741,7 @@ dispatch_input(protoq_client *c)
 
     while (!c->dead) {
         size_t avail = c->in_end - c->in_start;
-        ssize_t n = frame_check_header(c->in + c->in_start, avail,
-                                       c->in_limit);
+        ssize_t n = frame_check_header(c->in + c->in_start, avail, c->in_limit);
         Protoq__Frame *f;
         int rc;
 
@@ -922,10 +921,11 @@ client_send_frame(protoq_client *c, Protoq__Frame *f)
     int rc;
 
     if (n - FRAME_HEADER_LEN > c->info.max_frame_bytes) {
-        return client_set_err(c, PQ_ETOOBIG,
-                       "request of %zu bytes is over the broker's frame limit "
-                       "of %u bytes",
-                       n - FRAME_HEADER_LEN, c->info.max_frame_bytes);
+        return client_set_err(
+            c, PQ_ETOOBIG,
+            "request of %zu bytes is over the broker's frame limit "
+            "of %u bytes",
+            n - FRAME_HEADER_LEN, c->info.max_frame_bytes);
     }
     rc = out_reserve(c, n);
     if (rc != PQ_OK) {
@@ -945,8 +945,9 @@ client_send_frame(protoq_client *c, Protoq__Frame *f)
  * carry a subscribe hook; NULL for none.
  */
 int
-client_request_w(protoq_client *c, Protoq__Frame *f, Protoq__Frame__KindCase want,
-          Protoq__Frame **reply, struct waiter *w)
+client_request_w(protoq_client *c, Protoq__Frame *f,
+                 Protoq__Frame__KindCase want, Protoq__Frame **reply,
+                 struct waiter *w)
 {
     struct pending *p;
     int64_t deadline;
@@ -979,12 +980,12 @@ client_request_w(protoq_client *c, Protoq__Frame *f, Protoq__Frame__KindCase wan
         if (left == 0) {
             p = client_pend_find(c, id);
             if (p != NULL) {
-                p->kind = PEND_IGNORE;  /* the reply will be dropped */
+                p->kind = PEND_IGNORE; /* the reply will be dropped */
                 p->w = NULL;
             }
             return client_set_err(c, PQ_ETIMEDOUT,
-                           "no reply from the broker within %d ms",
-                           c->io_timeout_ms);
+                                  "no reply from the broker within %d ms",
+                                  c->io_timeout_ms);
         }
         rc = client_pump(c, left, true);
         if (rc < 0 && !w->done) {
@@ -993,9 +994,10 @@ client_request_w(protoq_client *c, Protoq__Frame *f, Protoq__Frame__KindCase wan
     }
     if (w->err != 0) {
         frame_free(w->reply);
-        return w->err == c->dead ? client_dead_err(c)
-                                 : client_set_err(c, w->err, "request failed: %s",
-                                           pq_strerror(w->err));
+        return w->err == c->dead
+                   ? client_dead_err(c)
+                   : client_set_err(c, w->err, "request failed: %s",
+                                    pq_strerror(w->err));
     }
     if (w->reply->kind_case == PROTOQ__FRAME__KIND_ERROR) {
         rc = set_remote_err(c, w->reply->error);
@@ -1005,9 +1007,10 @@ client_request_w(protoq_client *c, Protoq__Frame *f, Protoq__Frame__KindCase wan
     if (w->reply->kind_case != want) {
         rc = (int)w->reply->kind_case;
         frame_free(w->reply);
-        return client_set_err(c, PQ_EPROTO,
-                       "unexpected reply from the broker (kind %d, wanted %d)",
-                       rc, (int)want);
+        return client_set_err(
+            c, PQ_EPROTO,
+            "unexpected reply from the broker (kind %d, wanted %d)", rc,
+            (int)want);
     }
     *reply = w->reply;
     return PQ_OK;
@@ -1015,7 +1018,7 @@ client_request_w(protoq_client *c, Protoq__Frame *f, Protoq__Frame__KindCase wan
 
 int
 client_request(protoq_client *c, Protoq__Frame *f, Protoq__Frame__KindCase want,
-        Protoq__Frame **reply)
+               Protoq__Frame **reply)
 {
     struct waiter w;
 
@@ -1112,8 +1115,9 @@ parse_hostport(const char *hp, char *host, size_t hostcap, char *port,
 static int
 connect_one(const struct addrinfo *ai, int64_t deadline)
 {
-    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK |
-                    SOCK_CLOEXEC, ai->ai_protocol);
+    int fd =
+        socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
+               ai->ai_protocol);
     int one = 1;
     int err;
     socklen_t len = sizeof(err);
@@ -1222,7 +1226,7 @@ handshake(protoq_client *c, const struct protoq_opts *o)
     c->info.protocol_version = w->protocol_version;
     client_copy_str(c->info.broker_id, sizeof(c->info.broker_id), w->broker_id);
     client_copy_str(c->info.server_version, sizeof(c->info.server_version),
-             w->server_version);
+                    w->server_version);
     c->info.max_frame_bytes = w->max_frame_bytes;
     c->info.max_message_bytes = w->max_message_bytes;
     c->info.heartbeat_ms = w->heartbeat_ms;
@@ -1246,7 +1250,8 @@ handshake(protoq_client *c, const struct protoq_opts *o)
     return PQ_OK;
 }
 
-/* protoq_connect: connect, handshake; *out set even on failure (see protoq.h). */
+/* protoq_connect: connect, handshake; *out set even on failure (see protoq.h).
+ */
 int
 protoq_connect(const char *hostport, const struct protoq_opts *opts,
                protoq_client **out)
@@ -1264,8 +1269,8 @@ protoq_connect(const char *hostport, const struct protoq_opts *opts,
     }
     c->fd = -1;
     c->next_id = 1;
-    c->io_timeout_ms = opts && opts->io_timeout_ms != 0 ? opts->io_timeout_ms
-                                                        : DEFAULT_IO_MS;
+    c->io_timeout_ms =
+        opts && opts->io_timeout_ms != 0 ? opts->io_timeout_ms : DEFAULT_IO_MS;
     c->in_limit = PRE_WELCOME_MAX;
     c->info.max_frame_bytes = PRE_WELCOME_MAX;
     c->last_send_ms = now_ms();
@@ -1279,8 +1284,8 @@ protoq_connect(const char *hostport, const struct protoq_opts *opts,
         c->io_timeout_ms = 1;
     }
     rc = handshake(c, opts);
-    c->io_timeout_ms = opts && opts->io_timeout_ms != 0 ? opts->io_timeout_ms
-                                                        : DEFAULT_IO_MS;
+    c->io_timeout_ms =
+        opts && opts->io_timeout_ms != 0 ? opts->io_timeout_ms : DEFAULT_IO_MS;
     if (rc != PQ_OK) {
         if (rc == PQ_ETIMEDOUT) {
             conn_fail(c, rc, "no Welcome from %s within %d ms", hostport,
@@ -1326,7 +1331,8 @@ protoq_errmsg(const protoq_client *c)
     return c ? c->errmsg : "out of memory";
 }
 
-/* protoq_last_error_code: wire code of the last Error frame that failed a call. */
+/* protoq_last_error_code: wire code of the last Error frame that failed a call.
+ */
 int
 protoq_last_error_code(const protoq_client *c)
 {
@@ -1378,4 +1384,3 @@ protoq_code_name(int code)
     }
     return names[code];
 }
-

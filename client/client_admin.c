@@ -40,7 +40,7 @@ info_from_wire(struct protoq_queue_info *o, const Protoq__QueueInfo *w)
         o->attrs.ack_timeout_ms = a->ack_timeout_ms;
         o->attrs.max_attempts = a->max_attempts;
         client_copy_str(o->attrs.dead_letter, sizeof(o->attrs.dead_letter),
-                 a->dead_letter);
+                        a->dead_letter);
         o->attrs.backoff_base_ms = a->backoff_base_ms;
         o->attrs.backoff_cap_ms = a->backoff_cap_ms;
         o->attrs.ttl_ms = a->ttl_ms;
@@ -120,7 +120,8 @@ protoq_queue_purge(protoq_client *c, const char *name, uint64_t *purged)
     return client_request_ok(c, &f, purged);
 }
 
-/* protoq_queue_list: QueueList; the array is the caller's (protoq_queue_list_free). */
+/* protoq_queue_list: QueueList; the array is the caller's
+ * (protoq_queue_list_free). */
 int
 protoq_queue_list(protoq_client *c, struct protoq_queue_info **out, size_t *n)
 {
@@ -187,7 +188,8 @@ protoq_queue_stat(protoq_client *c, const char *name,
     }
     if (r->queue_stat_ok->queue == NULL) {
         frame_free(r);
-        return client_set_err(c, PQ_EPROTO, "broker sent QueueStatOk without a queue");
+        return client_set_err(c, PQ_EPROTO,
+                              "broker sent QueueStatOk without a queue");
     }
     info_from_wire(out, r->queue_stat_ok->queue);
     frame_free(r);
@@ -202,7 +204,8 @@ protoq_route_bind(protoq_client *c, const char *route, const char *queue,
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__RouteBind rb = PROTOQ__ROUTE_BIND__INIT;
 
-    if (!client_name_ok(c, "route", route) || !client_name_ok(c, "queue", queue)) {
+    if (!client_name_ok(c, "route", route) ||
+        !client_name_ok(c, "queue", queue)) {
         return PQ_EINVAL;
     }
     rb.route = S(route);
@@ -221,7 +224,8 @@ protoq_route_unbind(protoq_client *c, const char *route, const char *queue,
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__RouteUnbind ru = PROTOQ__ROUTE_UNBIND__INIT;
 
-    if (!client_name_ok(c, "route", route) || !client_name_ok(c, "queue", queue)) {
+    if (!client_name_ok(c, "route", route) ||
+        !client_name_ok(c, "queue", queue)) {
         return PQ_EINVAL;
     }
     ru.route = S(route);
@@ -231,4 +235,3 @@ protoq_route_unbind(protoq_client *c, const char *route, const char *queue,
     f.route_unbind = &ru;
     return client_request_ok(c, &f, NULL);
 }
-

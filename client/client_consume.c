@@ -1,6 +1,6 @@
 /*
- * client_consume.c: libprotoq consuming: subscribe, flow, poll, ack/nack/touch/release
- * and cancel.
+ * client_consume.c: libprotoq consuming: subscribe, flow, poll,
+ * ack/nack/touch/release and cancel.
  */
 #include "client_int.h"
 
@@ -9,7 +9,8 @@
 
 /* ---- consuming ---- */
 
-/* protoq_subscribe: Subscribe; the callback is registered when SubscribeOk arrives. */
+/* protoq_subscribe: Subscribe; the callback is registered when SubscribeOk
+ * arrives. */
 int
 protoq_subscribe(protoq_client *c, const char *queue, uint32_t prefetch,
                  const struct protoq_kv *tags, size_t n_tags,
@@ -67,7 +68,8 @@ protoq_subscribe(protoq_client *c, const char *queue, uint32_t prefetch,
     return PQ_OK;
 }
 
-/* protoq_unsubscribe: forget the subscription, then Unsubscribe and wait for Ok. */
+/* protoq_unsubscribe: forget the subscription, then Unsubscribe and wait for
+ * Ok. */
 int
 protoq_unsubscribe(protoq_client *c, uint64_t sub_id)
 {
@@ -158,11 +160,12 @@ protoq_ack_ex(protoq_client *c, uint64_t message_id, uint32_t attempt,
     }
     for (i = 0; i < n; i++) {
         client_msg_to_wire(&b, i, &kvi, opts->follow_up_queues[i],
-                    &opts->follow_ups[i]);
+                           &opts->follow_ups[i]);
     }
     a.n_follow_ups = n;
     a.follow_ups = n ? b.pubp : NULL;
-    rc = opts->confirm ? client_request_ok(c, &f, NULL) : client_send_noreply(c, &f);
+    rc = opts->confirm ? client_request_ok(c, &f, NULL)
+                       : client_send_noreply(c, &f);
     client_msgbuf_fini(&b);
     return rc;
 }
@@ -197,9 +200,8 @@ protoq_ack_sync(protoq_client *c, uint64_t message_id, uint32_t attempt)
 }
 
 static int
-nack(protoq_client *c, uint64_t message_id, uint32_t attempt,
-     uint64_t delay_ms, bool dead_letter, const char *error_text,
-     bool confirm)
+nack(protoq_client *c, uint64_t message_id, uint32_t attempt, uint64_t delay_ms,
+     bool dead_letter, const char *error_text, bool confirm)
 {
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__Nack nk = PROTOQ__NACK__INIT;
@@ -212,7 +214,8 @@ nack(protoq_client *c, uint64_t message_id, uint32_t attempt,
     nk.error = S(error_text);
     f.kind_case = PROTOQ__FRAME__KIND_NACK;
     f.nack = &nk;
-    return confirm ? client_request_ok(c, &f, NULL) : client_send_noreply(c, &f);
+    return confirm ? client_request_ok(c, &f, NULL)
+                   : client_send_noreply(c, &f);
 }
 
 /* protoq_nack: buffered Nack without confirm. */
@@ -296,7 +299,8 @@ protoq_release(protoq_client *c, uint64_t message_id, uint32_t attempt,
     }
     f.kind_case = PROTOQ__FRAME__KIND_RELEASE;
     f.release = &rl;
-    return confirm ? client_request_ok(c, &f, NULL) : client_send_noreply(c, &f);
+    return confirm ? client_request_ok(c, &f, NULL)
+                   : client_send_noreply(c, &f);
 }
 
 /* protoq_cancel: Cancel, wait for Ok. */
@@ -338,4 +342,3 @@ protoq_async_errors(const protoq_client *c)
 {
     return c->async_errors;
 }
-

@@ -43,26 +43,26 @@ enum {
 
 enum pend_kind {
     PEND_FREE = 0,
-    PEND_SYNC,      /* a blocking call waits on it (w) */
-    PEND_CONFIRM,   /* async publish: cb(arg, ...) */
-    PEND_IGNORE,    /* its caller gave up; drop the reply */
+    PEND_SYNC,    /* a blocking call waits on it (w) */
+    PEND_CONFIRM, /* async publish: cb(arg, ...) */
+    PEND_IGNORE,  /* its caller gave up; drop the reply */
 };
 
 /* A blocking call's wait state; lives on that call's stack. */
 struct waiter {
     bool done;
-    int err;                    /* PQ_* when the connection failed */
-    Protoq__Frame *reply;       /* owned by the waiter once done */
-    protoq_deliver_fn sub_cb;   /* subscribe: registered on SubscribeOk */
+    int err;                  /* PQ_* when the connection failed */
+    Protoq__Frame *reply;     /* owned by the waiter once done */
+    protoq_deliver_fn sub_cb; /* subscribe: registered on SubscribeOk */
     void *sub_arg;
 };
 
 /* One outstanding request that expects a reply. */
 struct pending {
-    uint64_t id;                /* request_id; 0 = free slot */
+    uint64_t id; /* request_id; 0 = free slot */
     enum pend_kind kind;
-    struct waiter *w;           /* PEND_SYNC */
-    protoq_confirm_fn cb;       /* PEND_CONFIRM */
+    struct waiter *w;     /* PEND_SYNC */
+    protoq_confirm_fn cb; /* PEND_CONFIRM */
     void *arg;
 };
 
@@ -75,38 +75,38 @@ struct deferred {
 };
 
 struct sub {
-    uint64_t id;                /* subscription_id */
+    uint64_t id; /* subscription_id */
     protoq_deliver_fn cb;
     void *arg;
 };
 
 struct protoq_client {
-    int fd;                     /* -1 when never connected */
-    int dead;                   /* PQ_* once unusable, else 0 */
-    char dead_msg[512];         /* why it died */
-    uint64_t next_id;           /* next request_id (starts at 1) */
-    int io_timeout_ms;          /* < 0: forever */
+    int fd;             /* -1 when never connected */
+    int dead;           /* PQ_* once unusable, else 0 */
+    char dead_msg[512]; /* why it died */
+    uint64_t next_id;   /* next request_id (starts at 1) */
+    int io_timeout_ms;  /* < 0: forever */
     struct protoq_server_info info;
-    uint32_t in_limit;          /* largest frame body we accept */
+    uint32_t in_limit; /* largest frame body we accept */
 
-    uint8_t *out;               /* pending output: out[out_start..out_len) */
+    uint8_t *out; /* pending output: out[out_start..out_len) */
     size_t out_start, out_len, out_cap;
-    uint8_t *in;                /* unparsed input: in[in_start..in_end) */
+    uint8_t *in; /* unparsed input: in[in_start..in_end) */
     size_t in_start, in_end, in_cap;
 
-    struct pending *pend;       /* ring of pend_cap slots */
+    struct pending *pend; /* ring of pend_cap slots */
     size_t pend_cap;
-    size_t n_pending;           /* used slots */
-    size_t n_confirms;          /* PEND_CONFIRM among them */
+    size_t n_pending;  /* used slots */
+    size_t n_confirms; /* PEND_CONFIRM among them */
 
     struct sub *subs;
     size_t n_subs, subs_cap;
-    uint64_t dropped_deliveries;/* for no (longer) known subscription */
+    uint64_t dropped_deliveries; /* for no (longer) known subscription */
 
-    struct deferred *dq;        /* FIFO of callbacks to run, in arrival order */
+    struct deferred *dq; /* FIFO of callbacks to run, in arrival order */
     size_t dq_head, dq_len, dq_cap; /* ring: dq[(dq_head + i) % dq_cap] */
-    int cb_depth;               /* > 0 while a user callback runs */
-    bool interrupted;           /* a signal interrupted poll() */
+    int cb_depth;                   /* > 0 while a user callback runs */
+    bool interrupted;               /* a signal interrupted poll() */
 
     protoq_cancel_fn cancel_cb;
     void *cancel_arg;
@@ -114,8 +114,8 @@ struct protoq_client {
     void *error_arg;
     uint64_t async_errors;
 
-    int64_t last_send_ms;       /* monotonic; for heartbeats */
-    int last_code;              /* wire code of the last remote error */
+    int64_t last_send_ms; /* monotonic; for heartbeats */
+    int last_code;        /* wire code of the last remote error */
     char errmsg[512];
 };
 
@@ -136,9 +136,8 @@ struct msgbuf {
     Protoq__Message *msg;
     Protoq__KeyValue *kv;
     Protoq__KeyValue **kvp;
-    void *heap;                 /* the one allocation, or NULL */
+    void *heap; /* the one allocation, or NULL */
 };
-
 
 /* protobuf-c wants char * for strings it only reads. */
 static inline char *

@@ -1,6 +1,6 @@
 /*
- * client_pub.c: libprotoq publishing: packing protoq_message into Publish frames,
- * single, async (confirm callback) and batch publishes, routes.
+ * client_pub.c: libprotoq publishing: packing protoq_message into Publish
+ * frames, single, async (confirm callback) and batch publishes, routes.
  */
 #include "client_int.h"
 
@@ -10,7 +10,8 @@
 /* ---- building messages ---- */
 
 int
-client_msgbuf_init(struct msgbuf *b, const struct protoq_message *msgs, size_t n)
+client_msgbuf_init(struct msgbuf *b, const struct protoq_message *msgs,
+                   size_t n)
 {
     size_t kvs = 0;
     size_t i;
@@ -27,10 +28,10 @@ client_msgbuf_init(struct msgbuf *b, const struct protoq_message *msgs, size_t n
         b->kvp = b->kvp_inline;
         return PQ_OK;
     }
-    b->heap = malloc(n * (sizeof(Protoq__Publish) + sizeof(Protoq__Publish *) +
-                          sizeof(Protoq__Message)) +
-                     kvs * (sizeof(Protoq__KeyValue) +
-                            sizeof(Protoq__KeyValue *)));
+    b->heap =
+        malloc(n * (sizeof(Protoq__Publish) + sizeof(Protoq__Publish *) +
+                    sizeof(Protoq__Message)) +
+               kvs * (sizeof(Protoq__KeyValue) + sizeof(Protoq__KeyValue *)));
     if (b->heap == NULL) {
         return PQ_ENOMEM;
     }
@@ -52,7 +53,7 @@ client_msgbuf_fini(struct msgbuf *b)
 /* Fill kvs/ptrs from n pairs; returns the pointer array. */
 Protoq__KeyValue **
 client_kv_to_wire(Protoq__KeyValue *kvs, Protoq__KeyValue **ptrs,
-           const struct protoq_kv *src, size_t n)
+                  const struct protoq_kv *src, size_t n)
 {
     size_t i;
 
@@ -70,7 +71,7 @@ client_kv_to_wire(Protoq__KeyValue *kvs, Protoq__KeyValue **ptrs,
 /* Fill b->msg[i] and b->pub[i] from m; *kvi is the next free kv slot. */
 void
 client_msg_to_wire(struct msgbuf *b, size_t i, size_t *kvi, const char *queue,
-            const struct protoq_message *m)
+                   const struct protoq_message *m)
 {
     Protoq__Publish pinit = PROTOQ__PUBLISH__INIT;
     Protoq__Message minit = PROTOQ__MESSAGE__INIT;
@@ -81,7 +82,7 @@ client_msg_to_wire(struct msgbuf *b, size_t i, size_t *kvi, const char *queue,
     w->payload.len = m->len;
     w->n_headers = m->n_headers;
     w->headers = client_kv_to_wire(b->kv + *kvi, b->kvp + *kvi, m->headers,
-                            m->n_headers);
+                                   m->n_headers);
     *kvi += m->n_headers;
     w->priority = m->priority;
     w->delay_ms = m->delay_ms;
@@ -92,7 +93,7 @@ client_msg_to_wire(struct msgbuf *b, size_t i, size_t *kvi, const char *queue,
     w->reply_to = S(m->reply_to);
     w->n_requires = m->n_requires;
     w->requires = client_kv_to_wire(b->kv + *kvi, b->kvp + *kvi, m->requires,
-                             m->n_requires);
+                                    m->n_requires);
     *kvi += m->n_requires;
     b->pub[i] = pinit;
     b->pub[i].queue = S(queue);
@@ -121,7 +122,8 @@ client_msg_ok(protoq_client *c, const struct protoq_message *m)
 
 /* ---- publishing ---- */
 
-/* protoq_publish_ex: one Publish, wait for its PublishOk (id and duplicate flag). */
+/* protoq_publish_ex: one Publish, wait for its PublishOk (id and duplicate
+ * flag). */
 int
 protoq_publish_ex(protoq_client *c, const char *queue,
                   const struct protoq_message *msg, uint64_t *id_out,
@@ -155,7 +157,8 @@ protoq_publish_ex(protoq_client *c, const char *queue,
     }
     if (r->publish_ok->n_message_ids < 1) {
         frame_free(r);
-        return client_set_err(c, PQ_EPROTO, "broker sent PublishOk without an id");
+        return client_set_err(c, PQ_EPROTO,
+                              "broker sent PublishOk without an id");
     }
     if (id_out != NULL) {
         *id_out = r->publish_ok->message_ids[0];
@@ -175,7 +178,8 @@ protoq_publish(protoq_client *c, const char *queue,
     return protoq_publish_ex(c, queue, msg, id_out, NULL);
 }
 
-/* protoq_publish_async: buffer one Publish with a ring entry for its confirm callback. */
+/* protoq_publish_async: buffer one Publish with a ring entry for its confirm
+ * callback. */
 int
 protoq_publish_async(protoq_client *c, const char *queue,
                      const struct protoq_message *msg, protoq_confirm_fn cb,
@@ -239,8 +243,10 @@ publish_batch(protoq_client *c, const char *queue, const char *const *queues,
         return client_set_err(c, PQ_EINVAL, "empty batch");
     }
     if (c->info.max_batch > 0 && n > c->info.max_batch) {
-        return client_set_err(c, PQ_ETOOBIG, "batch of %zu messages is over the "
-                       "broker's limit of %u", n, c->info.max_batch);
+        return client_set_err(c, PQ_ETOOBIG,
+                              "batch of %zu messages is over the "
+                              "broker's limit of %u",
+                              n, c->info.max_batch);
     }
     for (i = 0; i < n; i++) {
         const char *q = queues ? queues[i] : queue;
@@ -267,8 +273,8 @@ publish_batch(protoq_client *c, const char *queue, const char *const *queues,
     if (r->publish_ok->n_message_ids != n) {
         rc = (int)r->publish_ok->n_message_ids;
         frame_free(r);
-        return client_set_err(c, PQ_EPROTO, "broker confirmed %d of %zu messages",
-                       rc, n);
+        return client_set_err(c, PQ_EPROTO,
+                              "broker confirmed %d of %zu messages", rc, n);
     }
     if (ids_out != NULL) {
         memcpy(ids_out, r->publish_ok->message_ids, n * sizeof(*ids_out));
@@ -277,7 +283,8 @@ publish_batch(protoq_client *c, const char *queue, const char *const *queues,
     return PQ_OK;
 }
 
-/* protoq_publish_batch: one atomic PublishBatch to one queue, wait for PublishOk. */
+/* protoq_publish_batch: one atomic PublishBatch to one queue, wait for
+ * PublishOk. */
 int
 protoq_publish_batch(protoq_client *c, const char *queue,
                      const struct protoq_message *msgs, size_t n,
@@ -342,7 +349,8 @@ protoq_publish_route(protoq_client *c, const char *route,
     return PQ_OK;
 }
 
-/* protoq_wait_confirms: pump until at most max_outstanding async publishes are unconfirmed. */
+/* protoq_wait_confirms: pump until at most max_outstanding async publishes are
+ * unconfirmed. */
 int
 protoq_wait_confirms(protoq_client *c, size_t max_outstanding, int timeout_ms)
 {
@@ -357,8 +365,8 @@ protoq_wait_confirms(protoq_client *c, size_t max_outstanding, int timeout_ms)
 
         if (left == 0) {
             return client_set_err(c, PQ_ETIMEDOUT,
-                           "%zu publishes still unconfirmed after %d ms",
-                           c->n_confirms, timeout_ms);
+                                  "%zu publishes still unconfirmed after %d ms",
+                                  c->n_confirms, timeout_ms);
         }
         rc = client_pump(c, left, true);
         if (rc < 0) {
@@ -382,4 +390,3 @@ protoq_flush(protoq_client *c)
 {
     return client_flush_all(c, true);
 }
-

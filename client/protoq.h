@@ -64,24 +64,24 @@ extern "C" {
 #define PQ_ERR_H
 enum pq_err {
     PQ_OK = 0,
-    PQ_ENOMEM = -1,      /* allocation failed */
-    PQ_EAGAIN = -2,      /* need more input (not an error) */
-    PQ_EPROTO = -3,      /* malformed frame or record */
-    PQ_ETOOBIG = -4,     /* length over a configured limit */
-    PQ_EINVAL = -5,      /* bad argument or request */
-    PQ_ENOTFOUND = -6,   /* no such queue, subscription or message */
-    PQ_EEXIST = -7,      /* already exists (with other attributes) */
-    PQ_EFULL = -8,       /* queue max_length or max_bytes reached */
-    PQ_ESTALE = -9,      /* delivery token no longer current */
-    PQ_ENOSPC = -10,     /* disk full */
-    PQ_EIO = -11,        /* I/O error (fsync failure is fatal) */
-    PQ_ECORRUPT = -12,   /* checksum or format damage in stored data */
-    PQ_ECLOSED = -13,    /* connection closed */
-    PQ_ETIMEDOUT = -14,  /* operation timed out */
-    PQ_EVERSION = -15,   /* unsupported version */
-    PQ_EBUSY = -16,      /* resource locked or overloaded */
-    PQ_ESYS = -17,       /* other system call failure; see errno/message */
-    PQ_EREMOTE = -18,    /* the broker answered with an Error frame */
+    PQ_ENOMEM = -1,     /* allocation failed */
+    PQ_EAGAIN = -2,     /* need more input (not an error) */
+    PQ_EPROTO = -3,     /* malformed frame or record */
+    PQ_ETOOBIG = -4,    /* length over a configured limit */
+    PQ_EINVAL = -5,     /* bad argument or request */
+    PQ_ENOTFOUND = -6,  /* no such queue, subscription or message */
+    PQ_EEXIST = -7,     /* already exists (with other attributes) */
+    PQ_EFULL = -8,      /* queue max_length or max_bytes reached */
+    PQ_ESTALE = -9,     /* delivery token no longer current */
+    PQ_ENOSPC = -10,    /* disk full */
+    PQ_EIO = -11,       /* I/O error (fsync failure is fatal) */
+    PQ_ECORRUPT = -12,  /* checksum or format damage in stored data */
+    PQ_ECLOSED = -13,   /* connection closed */
+    PQ_ETIMEDOUT = -14, /* operation timed out */
+    PQ_EVERSION = -15,  /* unsupported version */
+    PQ_EBUSY = -16,     /* resource locked or overloaded */
+    PQ_ESYS = -17,      /* other system call failure; see errno/message */
+    PQ_EREMOTE = -18,   /* the broker answered with an Error frame */
     PQ_ERR_MIN = -18
 };
 
@@ -122,7 +122,7 @@ const char *protoq_code_name(int code);
 
 enum {
     PROTOQ_DEFAULT_PORT = 7650,
-    PROTOQ_NAME_MAX = 200,        /* longest queue / route name, bytes */
+    PROTOQ_NAME_MAX = 200, /* longest queue / route name, bytes */
 };
 
 /* The opaque handle: one connection to one broker. */
@@ -132,23 +132,23 @@ typedef struct protoq_client protoq_client;
 
 /* Options for protoq_connect. All-zero (or a NULL pointer) means defaults. */
 struct protoq_opts {
-    const char *client_name;  /* shown in broker logs; NULL = "libprotoq" */
-    const char *auth_token;   /* NULL = none */
-    int connect_timeout_ms;   /* TCP connect + Hello/Welcome; 0 = 5000 */
-    int io_timeout_ms;        /* bound of each blocking request; 0 = 30000,
-                                 < 0 = wait forever */
-    uint32_t heartbeat_ms;    /* heartbeat interval wished; 0 = broker's */
+    const char *client_name; /* shown in broker logs; NULL = "libprotoq" */
+    const char *auth_token;  /* NULL = none */
+    int connect_timeout_ms;  /* TCP connect + Hello/Welcome; 0 = 5000 */
+    int io_timeout_ms;       /* bound of each blocking request; 0 = 30000,
+                                < 0 = wait forever */
+    uint32_t heartbeat_ms;   /* heartbeat interval wished; 0 = broker's */
 };
 
 /* What the broker said in its Welcome. */
 struct protoq_server_info {
     uint32_t protocol_version;
-    char broker_id[64];        /* truncated if longer */
-    char server_version[64];   /* truncated if longer */
-    uint32_t max_frame_bytes;  /* largest frame the broker accepts */
-    uint32_t max_message_bytes;/* largest payload */
-    uint32_t heartbeat_ms;     /* agreed interval; 0 = off */
-    uint32_t max_batch;        /* most messages in one batch; 0 = no limit */
+    char broker_id[64];         /* truncated if longer */
+    char server_version[64];    /* truncated if longer */
+    uint32_t max_frame_bytes;   /* largest frame the broker accepts */
+    uint32_t max_message_bytes; /* largest payload */
+    uint32_t heartbeat_ms;      /* agreed interval; 0 = off */
+    uint32_t max_batch;         /* most messages in one batch; 0 = no limit */
 };
 
 /*
@@ -188,21 +188,21 @@ int protoq_fd(const protoq_client *c);
 /* Queue attributes. Zero / empty means "the broker default"; in a
  * protoq_queue_info they are the effective values. */
 struct protoq_queue_attrs {
-    bool transient;            /* never written to the log */
-    uint64_t max_length;       /* ready + delayed + in flight; 0 = unlimited */
-    uint64_t max_bytes;        /* payload bytes; 0 = unlimited */
-    uint64_t ack_timeout_ms;   /* lease of one delivery */
-    uint32_t max_attempts;     /* failed attempts before dead-lettering */
+    bool transient;          /* never written to the log */
+    uint64_t max_length;     /* ready + delayed + in flight; 0 = unlimited */
+    uint64_t max_bytes;      /* payload bytes; 0 = unlimited */
+    uint64_t ack_timeout_ms; /* lease of one delivery */
+    uint32_t max_attempts;   /* failed attempts before dead-lettering */
     char dead_letter[PROTOQ_NAME_MAX + 1]; /* "" = none */
-    uint64_t backoff_base_ms;  /* first retry delay */
-    uint64_t backoff_cap_ms;   /* largest retry delay */
-    uint64_t ttl_ms;           /* default message TTL; 0 = none */
-    uint64_t dedup_window_ms;  /* idempotency keys kept this long */
-    uint64_t max_lease_ms;     /* longest single touch extension; 0 = none */
-    bool dead_letter_expired;  /* expired messages go to dead_letter too */
-    bool no_backoff;           /* retry failed attempts at once; the backoff
-                                  fields are ignored (0 there means "broker
-                                  default") */
+    uint64_t backoff_base_ms;              /* first retry delay */
+    uint64_t backoff_cap_ms;               /* largest retry delay */
+    uint64_t ttl_ms;                       /* default message TTL; 0 = none */
+    uint64_t dedup_window_ms;              /* idempotency keys kept this long */
+    uint64_t max_lease_ms;    /* longest single touch extension; 0 = none */
+    bool dead_letter_expired; /* expired messages go to dead_letter too */
+    bool no_backoff;          /* retry failed attempts at once; the backoff
+                                 fields are ignored (0 there means "broker
+                                 default") */
 };
 
 /* A queue's attributes and counters (QueueInfo on the wire). */
@@ -213,8 +213,8 @@ struct protoq_queue_info {
     uint64_t delayed;
     uint64_t inflight;
     uint64_t consumers;
-    uint64_t bytes;            /* payload bytes held */
-    uint64_t published;        /* counters since the broker started */
+    uint64_t bytes;     /* payload bytes held */
+    uint64_t published; /* counters since the broker started */
     uint64_t acked;
     uint64_t nacked;
     uint64_t redelivered;
@@ -252,8 +252,8 @@ int protoq_queue_stat(protoq_client *c, const char *name,
  * routing keys against pattern (NULL or "" = every key). Wait for Ok. */
 int protoq_route_bind(protoq_client *c, const char *route, const char *queue,
                       const char *pattern);
-int protoq_route_unbind(protoq_client *c, const char *route,
-                        const char *queue, const char *pattern);
+int protoq_route_unbind(protoq_client *c, const char *route, const char *queue,
+                        const char *pattern);
 
 /* ------------------------------------------------------------ publishing */
 
@@ -270,13 +270,13 @@ struct protoq_message {
     size_t len;
     const struct protoq_kv *headers;
     size_t n_headers;
-    uint32_t priority;          /* 0-9, higher first */
-    uint64_t delay_ms;          /* invisible this long after publish */
-    uint64_t deliver_at_ms;     /* wall clock Unix ms; overrides delay_ms */
-    uint64_t ttl_ms;            /* 0 = the queue's default */
-    const char *idempotency_key;/* NULL = none */
-    const char *correlation_id; /* NULL = none */
-    const char *reply_to;       /* queue for the ack's result; NULL = none */
+    uint32_t priority;           /* 0-9, higher first */
+    uint64_t delay_ms;           /* invisible this long after publish */
+    uint64_t deliver_at_ms;      /* wall clock Unix ms; overrides delay_ms */
+    uint64_t ttl_ms;             /* 0 = the queue's default */
+    const char *idempotency_key; /* NULL = none */
+    const char *correlation_id;  /* NULL = none */
+    const char *reply_to;        /* queue for the ack's result; NULL = none */
     const struct protoq_kv *requires; /* tags a consumer must have */
     size_t n_requires;
 };
@@ -313,8 +313,8 @@ typedef void (*protoq_confirm_fn)(void *arg, int err, uint64_t message_id,
  * has already run with that error too.
  */
 int protoq_publish_async(protoq_client *c, const char *queue,
-                         const struct protoq_message *msg,
-                         protoq_confirm_fn cb, void *arg);
+                         const struct protoq_message *msg, protoq_confirm_fn cb,
+                         void *arg);
 
 /*
  * protoq_publish_batch: publish msgs[0..n) atomically in one PublishBatch
@@ -360,9 +360,9 @@ int protoq_flush(protoq_client *c);
 
 /* Progress of a job, reported with protoq_touch / protoq_release. */
 struct protoq_progress {
-    uint32_t percent;          /* 0-100 */
-    const char *text;          /* NULL = none */
-    const char *checkpoint;    /* NULL = none; e.g. a checkpoint URI */
+    uint32_t percent;       /* 0-100 */
+    const char *text;       /* NULL = none */
+    const char *checkpoint; /* NULL = none; e.g. a checkpoint URI */
 };
 
 /* One delivery. Every pointer is valid only while the callback runs; copy
@@ -371,18 +371,18 @@ struct protoq_delivery {
     uint64_t subscription_id;
     const char *queue;
     uint64_t message_id;
-    uint32_t attempt;           /* 1 on the first delivery */
-    uint64_t lease_ms;          /* lease runs out this long after sending */
-    uint64_t published_at_ms;   /* wall clock, Unix ms */
+    uint32_t attempt;         /* 1 on the first delivery */
+    uint64_t lease_ms;        /* lease runs out this long after sending */
+    uint64_t published_at_ms; /* wall clock, Unix ms */
     const void *payload;
     size_t len;
     const struct protoq_kv *headers;
     size_t n_headers;
     uint32_t priority;
-    const char *correlation_id; /* "" when none */
-    const char *reply_to;       /* "" when none */
-    const char *idempotency_key;/* "" when none */
-    bool has_progress;          /* an earlier attempt reported progress */
+    const char *correlation_id;      /* "" when none */
+    const char *reply_to;            /* "" when none */
+    const char *idempotency_key;     /* "" when none */
+    bool has_progress;               /* an earlier attempt reported progress */
     struct protoq_progress progress; /* texts "" when none */
 };
 
@@ -434,10 +434,10 @@ int protoq_ack_sync(protoq_client *c, uint64_t message_id, uint32_t attempt);
 
 /* Extra parts of an ack. */
 struct protoq_ack_opts {
-    bool confirm;               /* wait for the durable Ok */
-    const void *result;         /* sent to the message's reply_to queue */
+    bool confirm;       /* wait for the durable Ok */
+    const void *result; /* sent to the message's reply_to queue */
     size_t result_len;
-    const char *const *follow_up_queues; /* one queue per follow-up */
+    const char *const *follow_up_queues;     /* one queue per follow-up */
     const struct protoq_message *follow_ups; /* published atomically with
                                                 the ack */
     size_t n_follow_ups;
@@ -486,9 +486,8 @@ int protoq_release(protoq_client *c, uint64_t message_id, uint32_t attempt,
 int protoq_cancel(protoq_client *c, const char *queue, uint64_t message_id);
 
 /* Cancel request for a job this handle holds (request it stop). */
-typedef void (*protoq_cancel_fn)(void *arg, protoq_client *c,
-                                 const char *queue, uint64_t message_id,
-                                 uint32_t attempt);
+typedef void (*protoq_cancel_fn)(void *arg, protoq_client *c, const char *queue,
+                                 uint64_t message_id, uint32_t attempt);
 
 /* protoq_set_cancel_cb: set (or clear with NULL) the cancel callback. */
 void protoq_set_cancel_cb(protoq_client *c, protoq_cancel_fn cb, void *arg);

@@ -14,7 +14,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-
 ssize_t
 frame_check_header(const uint8_t *buf, size_t len, uint32_t max_bytes)
 {
@@ -228,7 +227,8 @@ frame_deliver_encode(const struct frame_deliver *d, const uint8_t *msg,
     uint8_t *p = out + FRAME_HEADER_LEN;
     size_t total;
 
-    p += pbwire_put_varint(p, (uint64_t)PROTOQ__FRAME__KIND_DELIVER << 3 | PBWIRE_LEN);
+    p += pbwire_put_varint(p, (uint64_t)PROTOQ__FRAME__KIND_DELIVER << 3 |
+                                  PBWIRE_LEN);
     p += pbwire_put_varint(p, body);
     p += put_varint_field(p, 1, d->subscription_id);
     if (qlen) {
@@ -351,7 +351,8 @@ frame_message_check(Protoq__Message *m, const struct frame_msg_limits *lim,
     *packed_len = 0;
     drop_unknown(&m->base);
     if (m->payload.len > lim->max_message_bytes) {
-        snprintf(why, whylen, "payload of %zu bytes is over max_message_bytes (%u)",
+        snprintf(why, whylen,
+                 "payload of %zu bytes is over max_message_bytes (%u)",
                  m->payload.len, lim->max_message_bytes);
         return PQ_ETOOBIG;
     }
@@ -360,8 +361,8 @@ frame_message_check(Protoq__Message *m, const struct frame_msg_limits *lim,
                  PQ_PRIORITY_MAX);
         return PQ_EINVAL;
     }
-    if (!kvs_fit(m->headers, m->n_headers, PQ_HEADERS_MAX,
-                 PQ_HEADER_BYTES_MAX, PQ_HEADER_BYTES_MAX) ||
+    if (!kvs_fit(m->headers, m->n_headers, PQ_HEADERS_MAX, PQ_HEADER_BYTES_MAX,
+                 PQ_HEADER_BYTES_MAX) ||
         !kvs_fit(m->requires, m->n_requires, PQ_TAGS_MAX, PQ_TAG_BYTES_MAX,
                  SIZE_MAX)) {
         snprintf(why, whylen,
@@ -378,7 +379,8 @@ frame_message_check(Protoq__Message *m, const struct frame_msg_limits *lim,
         snprintf(why, whylen,
                  "idempotency_key, correlation_id or reply_to too long "
                  "(limits %d, %d and %d bytes)",
-                 PQ_IDEMPOTENCY_KEY_MAX, PQ_CORRELATION_ID_MAX, PQ_REPLY_TO_MAX);
+                 PQ_IDEMPOTENCY_KEY_MAX, PQ_CORRELATION_ID_MAX,
+                 PQ_REPLY_TO_MAX);
         return PQ_EINVAL;
     }
     len = protoq__message__get_packed_size(m);

@@ -61,7 +61,7 @@ struct frame_deliver {
     uint32_t attempt;
     uint64_t lease_ms;
     uint64_t published_at_ms;
-    const uint8_t *progress;   /* encoded protoq.Progress, or NULL */
+    const uint8_t *progress; /* encoded protoq.Progress, or NULL */
     size_t progress_len;
 };
 
@@ -87,8 +87,8 @@ size_t frame_deliver_max_size(size_t msg_len);
 
 /* The limits of frame_message_check that come from the config. */
 struct frame_msg_limits {
-    uint32_t max_message_bytes;   /* payload */
-    uint32_t max_frame_bytes;     /* largest frame a peer takes, no prefix */
+    uint32_t max_message_bytes; /* payload */
+    uint32_t max_frame_bytes;   /* largest frame a peer takes, no prefix */
 };
 
 /*
@@ -115,6 +115,5 @@ int frame_message_check(Protoq__Message *m, const struct frame_msg_limits *lim,
 int frame_progress_check(Protoq__Progress *p, size_t *packed_len);
 
 /* ---- protobuf primitives, for splicing known-good encodings ---- */
-
 
 #endif

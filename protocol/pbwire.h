@@ -28,11 +28,11 @@ enum { PBWIRE_VARINT_MAX = 10 }; /* bytes of the largest varint */
 
 /* One field as pbwire_next_field reads it. */
 struct pbwire_field {
-    uint64_t num;                 /* field number */
+    uint64_t num; /* field number */
     enum pbwire_type type;
-    uint64_t varint;              /* PBWIRE_VARINT: the value */
-    const uint8_t *val;           /* PBWIRE_LEN: the contents, else NULL */
-    size_t len;                   /* PBWIRE_LEN: their length */
+    uint64_t varint;    /* PBWIRE_VARINT: the value */
+    const uint8_t *val; /* PBWIRE_LEN: the contents, else NULL */
+    size_t len;         /* PBWIRE_LEN: their length */
 };
 
 /* pbwire_varint_size: bytes of v as a base-128 varint (1..10). */

@@ -14,17 +14,17 @@
 #define PQ_LIMITS_H
 
 enum {
-    PQ_QUEUE_NAME_MAX = 200,       /* a queue name (also dead_letter) */
-    PQ_PRIORITY_MAX = 9,           /* Message.priority is 0..9 */
-    PQ_HEADERS_MAX = 1024,         /* Message.headers entries */
-    PQ_HEADER_BYTES_MAX = 65536,   /* keys + values of all headers */
-    PQ_TAGS_MAX = 32,              /* Message.requires, Subscribe.tags */
-    PQ_TAG_BYTES_MAX = 256,        /* a header key; a tag key or value */
-    PQ_IDEMPOTENCY_KEY_MAX = 256,  /* Message.idempotency_key */
-    PQ_CORRELATION_ID_MAX = 256,   /* Message.correlation_id */
+    PQ_QUEUE_NAME_MAX = 200,             /* a queue name (also dead_letter) */
+    PQ_PRIORITY_MAX = 9,                 /* Message.priority is 0..9 */
+    PQ_HEADERS_MAX = 1024,               /* Message.headers entries */
+    PQ_HEADER_BYTES_MAX = 65536,         /* keys + values of all headers */
+    PQ_TAGS_MAX = 32,                    /* Message.requires, Subscribe.tags */
+    PQ_TAG_BYTES_MAX = 256,              /* a header key; a tag key or value */
+    PQ_IDEMPOTENCY_KEY_MAX = 256,        /* Message.idempotency_key */
+    PQ_CORRELATION_ID_MAX = 256,         /* Message.correlation_id */
     PQ_REPLY_TO_MAX = PQ_QUEUE_NAME_MAX, /* Message.reply_to (a queue) */
-    PQ_NACK_ERROR_MAX = 1024,      /* Nack.error, kept as x-death-error */
-    PQ_PROGRESS_MAX = 2048,        /* an encoded Progress (Touch, Release) */
+    PQ_NACK_ERROR_MAX = 1024,            /* Nack.error, kept as x-death-error */
+    PQ_PROGRESS_MAX = 2048,         /* an encoded Progress (Touch, Release) */
     PQ_DEAD_LETTER_REASON_MAX = 16, /* x-death-reason value ("max_attempts") */
 };
 

@@ -57,7 +57,6 @@ utf8_valid(const uint8_t *s, size_t len)
     return true;
 }
 
-
 /* Append s (and a dot when more follows) to the path in what. */
 static void
 path_add(char *what, size_t cap, size_t at, const char *s, bool more)
@@ -100,9 +99,9 @@ check(const ProtobufCMessageDescriptor *desc, const uint8_t *p,
         if (!pbwire_get_varint(&p, end, &n) || n > (uint64_t)(end - p)) {
             goto malformed;
         }
-        f = key >> 3 <= UINT32_MAX
-                ? protobuf_c_message_descriptor_get_field(desc, (unsigned)(key >> 3))
-                : NULL;
+        f = key >> 3 <= UINT32_MAX ? protobuf_c_message_descriptor_get_field(
+                                         desc, (unsigned)(key >> 3))
+                                   : NULL;
         if (f != NULL && f->type == PROTOBUF_C_TYPE_STRING &&
             !utf8_valid(p, (size_t)n)) {
             path_add(what, cap, at, f->name, false);

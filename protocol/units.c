@@ -69,9 +69,8 @@ units_parse_duration_ms(const char *s, uint64_t *out)
         size_t len;
         uint64_t mult;
     } units[] = {
-        {"d", 1, 86400ull * SEC_MS}, {"h", 1, 3600ull * SEC_MS},
-        {"ms", 2, 1},                {"m", 1, 60ull * SEC_MS},
-        {"s", 1, SEC_MS},
+        {"d", 1, 86400ull * SEC_MS}, {"h", 1, 3600ull * SEC_MS}, {"ms", 2, 1},
+        {"m", 1, 60ull * SEC_MS},    {"s", 1, SEC_MS},
     };
     /* Rank of each unit in the required order d > h > m > s > ms. */
     static const int rank[] = {0, 1, 4, 2, 3};

@@ -42,7 +42,8 @@ now_ms_mono(void)
 static void
 sleep_ms(int ms)
 {
-    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L};
+    struct timespec ts = {.tv_sec = ms / 1000,
+                          .tv_nsec = (ms % 1000) * 1000000L};
 
     nanosleep(&ts, NULL);
 }
@@ -281,8 +282,7 @@ srv_launch(struct srv *s)
         return -1;
     }
     if (pid == 0) {
-        int fd = open(logpath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC,
-                      0644);
+        int fd = open(logpath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
 
         prctl(PR_SET_PDEATHSIG, SIGTERM);
         if (fd >= 0) {
@@ -305,15 +305,17 @@ srv_launch(struct srv *s)
         }
         if (waitpid(pid, &status, WNOHANG) == pid) {
             s->pid = 0;
-            fprintf(stderr, "srv_launch: %s exited during start (status "
-                    "0x%x)\n", argv[0], status);
+            fprintf(stderr,
+                    "srv_launch: %s exited during start (status "
+                    "0x%x)\n",
+                    argv[0], status);
             dump_log(s);
             return -1;
         }
         sleep_ms(5);
     }
-    fprintf(stderr, "srv_launch: no port file from %s within %d ms\n",
-            argv[0], START_TIMEOUT_MS);
+    fprintf(stderr, "srv_launch: no port file from %s within %d ms\n", argv[0],
+            START_TIMEOUT_MS);
     dump_log(s);
     srv_kill9(s);
     return -1;
@@ -370,8 +372,10 @@ srv_stop(struct srv *s)
             return -1;
         }
         if (now_ms_mono() >= deadline) {
-            fprintf(stderr, "srv_stop: protoqd %d ignored SIGTERM for %d ms; "
-                    "killing it\n", (int)s->pid, STOP_TIMEOUT_MS);
+            fprintf(stderr,
+                    "srv_stop: protoqd %d ignored SIGTERM for %d ms; "
+                    "killing it\n",
+                    (int)s->pid, STOP_TIMEOUT_MS);
             kill(s->pid, SIGKILL);
             while (waitpid(s->pid, &status, 0) < 0 && errno == EINTR) {
             }
@@ -462,8 +466,8 @@ pq_connect_or_fail(const struct srv *s)
 
         snprintf(msg, sizeof(msg), "%s", protoq_errmsg(c));
         protoq_close(c);
-        ck_abort_msg("protoq_connect %s: %s (%d): %s", s->addr,
-                     pq_strerror(rc), rc, msg);
+        ck_abort_msg("protoq_connect %s: %s (%d): %s", s->addr, pq_strerror(rc),
+                     rc, msg);
     }
     return c;
 }
@@ -592,7 +596,9 @@ raw_read_frame(int fd, int timeout_ms, uint32_t max_bytes, Protoq__Frame **out)
     rc = read_exact(fd, body, (size_t)n, deadline);
     if (rc == 0) {
         rc = frame_unpack(body, (size_t)n, frame_decode_budget((size_t)n),
-                          out) == PQ_OK ? 0 : -1;
+                          out) == PQ_OK
+                 ? 0
+                 : -1;
     }
     free(body);
     return rc;

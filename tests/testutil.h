@@ -18,15 +18,15 @@
 
 #include <check.h>
 
-#include "frame.h"  /* Protoq__Frame, pqerr.h */
+#include "frame.h" /* Protoq__Frame, pqerr.h */
 #include "protoq.h"
 
 /* A protoqd started by srv_start. */
 struct srv {
-    pid_t pid;              /* 0 when not running */
-    char dir[256];          /* the test's temp dir (mkdtemp) */
-    char data_dir[300];     /* DIR/data */
-    char addr[64];          /* "127.0.0.1:PORT" for protoq_connect */
+    pid_t pid;          /* 0 when not running */
+    char dir[256];      /* the test's temp dir (mkdtemp) */
+    char data_dir[300]; /* DIR/data */
+    char addr[64];      /* "127.0.0.1:PORT" for protoq_connect */
     uint16_t port;
     const char *const *extra_args; /* remembered for srv_restart */
 };
@@ -117,23 +117,22 @@ protoq_client *pq_connect_or_fail(const struct srv *s);
 
 /* pq_check_ok: ck_assert that rc is PQ_OK, printing what and the handle's
  * message. */
-#define pq_check_ok(c, expr)                                                 \
-    do {                                                                     \
-        int rc_ = (expr);                                                    \
-        ck_assert_msg(rc_ == PQ_OK, "%s: %s (%d): %s", #expr,               \
-                      pq_strerror(rc_), rc_, protoq_errmsg(c));             \
+#define pq_check_ok(c, expr)                                                   \
+    do {                                                                       \
+        int rc_ = (expr);                                                      \
+        ck_assert_msg(rc_ == PQ_OK, "%s: %s (%d): %s", #expr,                  \
+                      pq_strerror(rc_), rc_, protoq_errmsg(c));                \
     } while (0)
 
 /* pq_check_remote: ck_assert that rc is PQ_EREMOTE with wire code code. */
-#define pq_check_remote(c, expr, code)                                       \
-    do {                                                                     \
-        int rc_ = (expr);                                                    \
-        ck_assert_msg(rc_ == PQ_EREMOTE && protoq_last_error_code(c) ==      \
-                                               (code),                       \
-                      "%s: want %s, got %s (%d) code %s: %s", #expr,         \
-                      protoq_code_name(code), pq_strerror(rc_), rc_,         \
-                      protoq_code_name(protoq_last_error_code(c)),           \
-                      protoq_errmsg(c));                                     \
+#define pq_check_remote(c, expr, code)                                         \
+    do {                                                                       \
+        int rc_ = (expr);                                                      \
+        ck_assert_msg(                                                         \
+            rc_ == PQ_EREMOTE && protoq_last_error_code(c) == (code),          \
+            "%s: want %s, got %s (%d) code %s: %s", #expr,                     \
+            protoq_code_name(code), pq_strerror(rc_), rc_,                     \
+            protoq_code_name(protoq_last_error_code(c)), protoq_errmsg(c));    \
     } while (0)
 
 /* ---- raw sockets, for hostile-input tests ---- */

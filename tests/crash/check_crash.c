@@ -39,13 +39,13 @@
 #include "testutil.h"
 
 enum {
-    SEQ_STRIDE = 1000000,      /* seq = (cycle + 1) * SEQ_STRIDE + i */
-    PROD_BURST = 32,           /* pipelined publishes per burst */
-    PROD_PAUSE_MS = 10,        /* between bursts: ~3000 msg/s, which the
-                                  acking consumer keeps up with */
+    SEQ_STRIDE = 1000000, /* seq = (cycle + 1) * SEQ_STRIDE + i */
+    PROD_BURST = 32,      /* pipelined publishes per burst */
+    PROD_PAUSE_MS = 10,   /* between bursts: ~3000 msg/s, which the
+                             acking consumer keeps up with */
     CONS_PREFETCH = 32,
-    CHILD_MAX_MS = 15000,      /* a child gives up on its own after this */
-    REAP_MS = 10000,           /* the parent waits this long for a child */
+    CHILD_MAX_MS = 15000, /* a child gives up on its own after this */
+    REAP_MS = 10000,      /* the parent waits this long for a child */
     PAYLOAD_MAX = 4200,
 };
 
@@ -201,8 +201,8 @@ check_payload(const void *p, size_t len, uint64_t *seq)
 /* Line output for the children: one write() per line, O_APPEND. */
 static int g_out_fd = -1;
 
-static void
-put_line(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void put_line(const char *fmt, ...)
+    __attribute__((format(printf, 1, 2)));
 
 static void
 put_line(const char *fmt, ...)
@@ -442,7 +442,8 @@ reap(pid_t pid, const char *what, int cycle)
             kill(pid, SIGKILL);
             waitpid(pid, &status, 0);
             ck_abort_msg("cycle %d: the %s did not exit within %d ms after "
-                         "the broker went away", cycle, what, REAP_MS);
+                         "the broker went away",
+                         cycle, what, REAP_MS);
         }
         sleep_ms(2);
     }
@@ -487,7 +488,8 @@ drain(const char *path)
         }
     }
     ck_abort_msg("drain: queue still holds ready %" PRIu64 " delayed %" PRIu64
-                 " in flight %" PRIu64, st.ready, st.delayed, st.inflight);
+                 " in flight %" PRIu64,
+                 st.ready, st.delayed, st.inflight);
 }
 
 /* ------------------------------------------------------------- checker */
@@ -503,7 +505,7 @@ enum {
 struct seqinfo {
     uint8_t flags;
     uint32_t n_deliv;
-    uint64_t id;               /* confirmed or first delivered id */
+    uint64_t id; /* confirmed or first delivered id */
 };
 
 struct idpair {
@@ -511,9 +513,9 @@ struct idpair {
 };
 
 struct checker {
-    int cycles;                /* producer cycles: seq (c+1)*STRIDE + i */
-    uint64_t *n_sent;          /* per cycle */
-    struct seqinfo **info;     /* per cycle, n_sent entries */
+    int cycles;            /* producer cycles: seq (c+1)*STRIDE + i */
+    uint64_t *n_sent;      /* per cycle */
+    struct seqinfo **info; /* per cycle, n_sent entries */
     struct idpair *pairs;
     size_t n_pairs, cap_pairs;
     /* results */
@@ -523,8 +525,8 @@ struct checker {
     char first_problem[256];
 };
 
-static void
-problem(struct checker *k, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void problem(struct checker *k, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
 
 static void
 problem(struct checker *k, const char *fmt, ...)
@@ -645,8 +647,8 @@ read_consumer(struct checker *k, const char *path, bool in_drain)
 
         switch (line[0]) {
         case 'D':
-            if (sscanf(line + 1, "%llu %llu %u %d", &seq, &id, &attempt,
-                       &ok) != 4) {
+            if (sscanf(line + 1, "%llu %llu %u %d", &seq, &id, &attempt, &ok) !=
+                4) {
                 continue;
             }
             k->deliveries++;
@@ -664,8 +666,10 @@ read_consumer(struct checker *k, const char *path, bool in_drain)
             }
             if (si->flags & F_ACK_CONF) {
                 k->bad_dups++;
-                problem(k, "seq %llu (id %llu, attempt %u) delivered again "
-                        "after its ack was confirmed", seq, id, attempt);
+                problem(k,
+                        "seq %llu (id %llu, attempt %u) delivered again "
+                        "after its ack was confirmed",
+                        seq, id, attempt);
             }
             if (si->n_deliv == 0) {
                 k->distinct++;
@@ -747,9 +751,10 @@ checker_finish(struct checker *k)
         if (k->pairs[i].id == k->pairs[i - 1].id &&
             k->pairs[i].seq != k->pairs[i - 1].seq) {
             k->id_conflicts++;
-            problem(k, "message id %" PRIu64 " used for seq %" PRIu64
-                    " and seq %" PRIu64, k->pairs[i].id, k->pairs[i - 1].seq,
-                    k->pairs[i].seq);
+            problem(k,
+                    "message id %" PRIu64 " used for seq %" PRIu64
+                    " and seq %" PRIu64,
+                    k->pairs[i].id, k->pairs[i - 1].seq, k->pairs[i].seq);
         }
     }
 }
@@ -763,11 +768,12 @@ checker_report(const struct checker *k, const char *name, int cycles,
            " | lost %" PRIu64 " unexpected %" PRIu64 " corrupt %" PRIu64
            " duplicates %" PRIu64 " (after a confirmed ack: %" PRIu64 ")"
            " id_conflicts %" PRIu64 " refused_acks %" PRIu64
-           " | ack_unconfirmed_gone %" PRIu64 " unconfirmed_delivered %"
-           PRIu64 "\n", name, seed, cycles, k->sent, k->confirmed,
-           k->deliveries, k->distinct, k->acked, k->lost, k->unexpected,
-           k->corrupt, k->duplicates, k->bad_dups, k->id_conflicts,
-           k->refused_acks, k->ack_unknown, k->unconfirmed_delivered);
+           " | ack_unconfirmed_gone %" PRIu64 " unconfirmed_delivered %" PRIu64
+           "\n",
+           name, seed, cycles, k->sent, k->confirmed, k->deliveries,
+           k->distinct, k->acked, k->lost, k->unexpected, k->corrupt,
+           k->duplicates, k->bad_dups, k->id_conflicts, k->refused_acks,
+           k->ack_unknown, k->unconfirmed_delivered);
     fflush(stdout);
 }
 
@@ -777,13 +783,13 @@ checker_assert(const struct checker *k)
     ck_assert_msg(k->confirmed > 0, "no publish was ever confirmed");
     ck_assert_msg(k->acked > 0, "no ack was ever confirmed");
     ck_assert_msg(k->lost == 0 && k->unexpected == 0 && k->corrupt == 0 &&
-                  k->bad_dups == 0 && k->id_conflicts == 0 &&
-                  k->refused_acks == 0,
+                      k->bad_dups == 0 && k->id_conflicts == 0 &&
+                      k->refused_acks == 0,
                   "lost %" PRIu64 " unexpected %" PRIu64 " corrupt %" PRIu64
                   " bad duplicates %" PRIu64 " id conflicts %" PRIu64
-                  " refused acks %" PRIu64 "; first: %s", k->lost,
-                  k->unexpected, k->corrupt, k->bad_dups, k->id_conflicts,
-                  k->refused_acks, k->first_problem);
+                  " refused acks %" PRIu64 "; first: %s",
+                  k->lost, k->unexpected, k->corrupt, k->bad_dups,
+                  k->id_conflicts, k->refused_acks, k->first_problem);
 }
 
 /* ------------------------------------------------------------ the loops */
@@ -895,12 +901,13 @@ run_cycles(const char *name, int cycles, bool sigterm, int lo, int hi)
             }
             ck_assert_msg(launch_armed(&state) == 0,
                           "cycle %d: protoqd did not come back after "
-                          "failpoint %s (seed %u)", cyc, g_fp_name, seed);
+                          "failpoint %s (seed %u)",
+                          cyc, g_fp_name, seed);
         } else if (cyc > 0) {
             ck_assert_msg(srv_launch(&g_srv) == 0,
                           "cycle %d: protoqd did not come back after %s "
-                          "(seed %u)", cyc, sigterm ? "SIGTERM" : "kill -9",
-                          seed);
+                          "(seed %u)",
+                          cyc, sigterm ? "SIGTERM" : "kill -9", seed);
         }
         create_queue();
         snprintf(ppath, sizeof(ppath), "%s/prod-%04d.log", g_srv.dir, cyc);
@@ -918,9 +925,10 @@ run_cycles(const char *name, int cycles, bool sigterm, int lo, int hi)
             if (sigterm) {
                 int rc = srv_stop(&g_srv);
 
-                ck_assert_msg(rc == 0, "cycle %d: protoqd exit status %d "
-                              "after SIGTERM, want 0 (seed %u)", cyc, rc,
-                              seed);
+                ck_assert_msg(rc == 0,
+                              "cycle %d: protoqd exit status %d "
+                              "after SIGTERM, want 0 (seed %u)",
+                              cyc, rc, seed);
             } else {
                 srv_kill9(&g_srv);
             }
@@ -928,8 +936,10 @@ run_cycles(const char *name, int cycles, bool sigterm, int lo, int hi)
         reap(prod, "producer", cyc);
         reap(cons, "consumer", cyc);
     }
-    ck_assert_msg(srv_launch(&g_srv) == 0, "protoqd did not start for the "
-                  "final drain (seed %u)", seed);
+    ck_assert_msg(srv_launch(&g_srv) == 0,
+                  "protoqd did not start for the "
+                  "final drain (seed %u)",
+                  seed);
     create_queue();
     snprintf(path, sizeof(path), "%s/drain.log", g_srv.dir);
     drain(path);
@@ -963,8 +973,7 @@ run_failpoint(const char *fp, int lo, int hi)
     g_fp_hi = hi;
     g_fp_fired = 0;
     snprintf(name, sizeof(name), "failpoint %s", fp);
-    run_cycles(name, env_int("FAILPOINT_CYCLES", 6, 1, 10000), false, 100,
-               300);
+    run_cycles(name, env_int("FAILPOINT_CYCLES", 6, 1, 10000), false, 100, 300);
     printf("failpoint %s: fired in %d cycles\n", fp, g_fp_fired);
     ck_assert_msg(g_fp_fired > 0, "failpoint %s never fired", fp);
     g_fp_name = NULL;
@@ -1056,8 +1065,10 @@ mount_tmpfs(void)
         g_tmpfs[0] = '\0';
         return false;
     }
-    snprintf(cmd, sizeof(cmd), "mount -t tmpfs -o size=24m tmpfs %s "
-             "2>/dev/null", g_tmpfs);
+    snprintf(cmd, sizeof(cmd),
+             "mount -t tmpfs -o size=24m tmpfs %s "
+             "2>/dev/null",
+             g_tmpfs);
     if (system(cmd) != 0) {
         rmdir(g_tmpfs);
         g_tmpfs[0] = '\0';
@@ -1162,8 +1173,8 @@ START_TEST(test_disk_full_refuses_publishes_keeps_acks_and_recovers)
                      -PROTOQ_CODE_DISK_FULL);
     /* Acks keep working on the full disk (each PUBLISH reserved its ACK),
      * and a confirmed ack is durable. */
-    pq_check_ok(c, protoq_subscribe(c, "keep", 1, NULL, 0, on_df_deliver,
-                                    &got, NULL));
+    pq_check_ok(
+        c, protoq_subscribe(c, "keep", 1, NULL, 0, on_df_deliver, &got, NULL));
     for (i = 0; i < 100 && got.n == 0; i++) {
         ck_assert_int_ge(protoq_poll(c, 50), 0);
     }
@@ -1179,8 +1190,10 @@ START_TEST(test_disk_full_refuses_publishes_keeps_acks_and_recovers)
         }
         sleep_ms(20);
     }
-    ck_assert_msg(rc == PQ_OK, "publishing did not resume after the purge "
-                  "(%d: %s)", rc, protoq_errmsg(c));
+    ck_assert_msg(rc == PQ_OK,
+                  "publishing did not resume after the purge "
+                  "(%d: %s)",
+                  rc, protoq_errmsg(c));
     protoq_close(c);
     /* Confirmed and neither purged nor acked: still there after kill -9.
      * The unacked "keep" delivery comes back too (2 of 3 left). */
@@ -1197,8 +1210,8 @@ END_TEST
 
 START_TEST(test_kill9_loop_loses_no_confirmed_message)
 {
-    run_cycles("crash_loop", env_int("CRASH_CYCLES", 20, 1, 100000), false,
-               50, 500);
+    run_cycles("crash_loop", env_int("CRASH_CYCLES", 20, 1, 100000), false, 50,
+               500);
 }
 END_TEST
 
@@ -1264,8 +1277,8 @@ segment_records(const char *name, long *offs, int max, long *end)
         if (fread(hdr, 1, 8, f) != 8) {
             break;
         }
-        len = (uint32_t)hdr[0] | (uint32_t)hdr[1] << 8 | (uint32_t)hdr[2] << 16 |
-              (uint32_t)hdr[3] << 24;
+        len = (uint32_t)hdr[0] | (uint32_t)hdr[1] << 8 |
+              (uint32_t)hdr[2] << 16 | (uint32_t)hdr[3] << 24;
         if (len == 0 || off + 8 + (long)len > size) {
             break;
         }
@@ -1413,8 +1426,8 @@ drain_seqs(uint64_t first, uint64_t n, bool *seen, const char *tag)
             continue;
         }
         ck_assert_msg(ok, "%s: corrupt payload (id %llu)", tag, id);
-        ck_assert_msg(seq >= first && seq < first + n, "%s: unexpected seq %llu",
-                      tag, seq);
+        ck_assert_msg(seq >= first && seq < first + n,
+                      "%s: unexpected seq %llu", tag, seq);
         seen[seq - first] = true;
         got++;
     }
@@ -1464,11 +1477,13 @@ START_TEST(test_flipped_byte_in_early_segment_stops_start)
     argv[i] = NULL;
     rc = run_prog(argv, logpath, 5000);
     log = slurp(logpath);
-    ck_assert_msg(rc != -1, "protoqd started on a segment with a flipped byte "
-                  "(%s offset %ld); log: %s", segs[0], flip_off, log);
+    ck_assert_msg(rc != -1,
+                  "protoqd started on a segment with a flipped byte "
+                  "(%s offset %ld); log: %s",
+                  segs[0], flip_off, log);
     ck_assert_msg(rc != 0, "protoqd exited 0 on corrupt data; log: %s", log);
-    ck_assert_msg(strstr(log, segs[0]) != NULL, "start log does not name %s: %s",
-                  segs[0], log);
+    ck_assert_msg(strstr(log, segs[0]) != NULL,
+                  "start log does not name %s: %s", segs[0], log);
     {
         char a[32], b[32], c[32], d[32];
 
@@ -1477,13 +1492,16 @@ START_TEST(test_flipped_byte_in_early_segment_stops_start)
         snprintf(c, sizeof(c), "0x%lx", rec_off);
         snprintf(d, sizeof(d), "0x%lx", flip_off);
         ck_assert_msg(strstr(log, a) || strstr(log, b) || strstr(log, c) ||
-                      strstr(log, d), "start log does not name the offset "
-                      "(record at %ld, byte at %ld): %s", rec_off, flip_off,
-                      log);
+                          strstr(log, d),
+                      "start log does not name the offset "
+                      "(record at %ld, byte at %ld): %s",
+                      rec_off, flip_off, log);
     }
     rc = check_data(out, sizeof(out));
-    ck_assert_msg(rc != 0 && rc != -1, "--check-data exit %d on corrupt data: "
-                  "%s", rc, slurp(out));
+    ck_assert_msg(rc != 0 && rc != -1,
+                  "--check-data exit %d on corrupt data: "
+                  "%s",
+                  rc, slurp(out));
     ck_assert_msg(strstr(slurp(out), segs[0]) != NULL,
                   "--check-data output does not name %s: %s", segs[0],
                   slurp(out));
@@ -1546,24 +1564,29 @@ START_TEST(test_torn_tail_is_truncated_and_earlier_messages_survive)
         xor_byte(segs[last], end - 2, 0xff);
         xor_byte(segs[last], end - 3, 0xff);
     }
-    ck_assert_msg(check_data(out, sizeof(out)) == 0, "--check-data on a torn "
-                  "tail (which a start repairs) failed: %s", slurp(out));
+    ck_assert_msg(check_data(out, sizeof(out)) == 0,
+                  "--check-data on a torn "
+                  "tail (which a start repairs) failed: %s",
+                  slurp(out));
 
     srv_log_path(&g_srv, logp, sizeof(logp));
     unlink(logp);
     g_srv.extra_args = g_args_info;
-    ck_assert_msg(srv_launch(&g_srv) == 0, "protoqd did not start with a torn "
-                  "tail in %s", segs[last]);
+    ck_assert_msg(srv_launch(&g_srv) == 0,
+                  "protoqd did not start with a torn "
+                  "tail in %s",
+                  segs[last]);
     g_srv.extra_args = g_args;
     log = slurp(logp);
     ck_assert_msg(strstr(log, segs[last]) != NULL &&
-                  (contains_ci(log, "trunc") || contains_ci(log, "torn")),
+                      (contains_ci(log, "trunc") || contains_ci(log, "torn")),
                   "the log does not report truncating %s: %s", segs[last], log);
 
     memset(seen, 0, sizeof(seen));
     drain_seqs(1, N, seen, "torn");
     for (i = 0; i < N - 1; i++) {
-        ck_assert_msg(seen[i], "confirmed seq %d lost with the torn tail", i + 1);
+        ck_assert_msg(seen[i], "confirmed seq %d lost with the torn tail",
+                      i + 1);
     }
 
     /* The log goes on after the cut: new records land and survive kill -9. */
@@ -1608,21 +1631,23 @@ START_TEST(test_sealed_segments_give_back_preallocated_room)
         used = (uint64_t)sb.st_blocks * 512;
         data += (uint64_t)end;
         disk += used;
-        if (used > (uint64_t)end + 65536 && used - (uint64_t)end >
-                                               worst_disk - worst_end) {
+        if (used > (uint64_t)end + 65536 &&
+            used - (uint64_t)end > worst_disk - worst_end) {
             snprintf(worst, sizeof(worst), "%.63s", segs[i]);
             worst_disk = used;
             worst_end = (uint64_t)end;
         }
     }
     printf("sealed segments: %d, records %" PRIu64 " bytes, on disk %" PRIu64
-           " bytes\n", nseg - 2, data, disk);
+           " bytes\n",
+           nseg - 2, data, disk);
     ck_assert_msg(worst[0] == '\0' && disk <= 2 * data + 65536,
                   "%d sealed segments hold %" PRIu64 " bytes of records but "
                   "occupy %" PRIu64 " bytes on disk; e.g. %s: records end at "
                   "%" PRIu64 ", %" PRIu64 " bytes allocated (preallocated "
-                  "reserve room is never trimmed)", nseg - 2, data, disk,
-                  worst[0] ? worst : "-", worst_end, worst_disk);
+                  "reserve room is never trimmed)",
+                  nseg - 2, data, disk, worst[0] ? worst : "-", worst_end,
+                  worst_disk);
 }
 END_TEST
 
@@ -1672,8 +1697,10 @@ START_TEST(test_batch_across_segment_roll_survives_kill9)
         ck_assert_msg(srv_launch(&g_srv) == 0, "protoqd did not start again");
         c = pq_connect_or_fail(&g_srv);
         pq_check_ok(c, protoq_queue_stat(c, "keep", &qi));
-        ck_assert_msg(qi.ready == 4, "round %d: keep has %" PRIu64 " of its 4 "
-                      "confirmed messages after kill -9", r, qi.ready);
+        ck_assert_msg(qi.ready == 4,
+                      "round %d: keep has %" PRIu64 " of its 4 "
+                      "confirmed messages after kill -9",
+                      r, qi.ready);
         pq_check_ok(c, protoq_queue_purge(c, "keep", &purged));
     }
     protoq_close(c);
@@ -1707,7 +1734,8 @@ crash_suite(void)
     tc = tcase_create("disk_full");
     tcase_add_checked_fixture(tc, setup_disk_full, teardown_disk_full);
     tcase_set_timeout(tc, 60);
-    tcase_add_test(tc, test_disk_full_refuses_publishes_keeps_acks_and_recovers);
+    tcase_add_test(tc,
+                   test_disk_full_refuses_publishes_keeps_acks_and_recovers);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("sigterm");
@@ -1720,14 +1748,15 @@ crash_suite(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_flipped_byte_in_early_segment_stops_start);
-    tcase_add_loop_test(tc, test_torn_tail_is_truncated_and_earlier_messages_survive,
-                        0, 2);
+    tcase_add_loop_test(
+        tc, test_torn_tail_is_truncated_and_earlier_messages_survive, 0, 2);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("segment_gc");
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 60);
-    tcase_add_loop_test(tc, test_batch_across_segment_roll_survives_kill9, 0, 5);
+    tcase_add_loop_test(tc, test_batch_across_segment_roll_survives_kill9, 0,
+                        5);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("disk_use");

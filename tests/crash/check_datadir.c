@@ -55,9 +55,9 @@ static int
 run_protoqd(const char *data_dir, const char *name)
 {
     char out[400], port[400];
-    const char *argv[] = {srv_binary(), "--listen", "127.0.0.1:0",
-                          "--port-file", port, "--data-dir", data_dir,
-                          NULL};
+    const char *argv[] = {srv_binary(),  "--listen", "127.0.0.1:0",
+                          "--port-file", port,       "--data-dir",
+                          data_dir,      NULL};
     int rc;
 
     snprintf(out, sizeof(out), "%s/%s.out", g_srv.dir, name);
@@ -94,8 +94,10 @@ START_TEST(test_locked_data_dir_exits_71)
 {
     int rc = run_protoqd(g_srv.data_dir, "second");
 
-    ck_assert_msg(rc == EX_OSERR_, "a second protoqd on a locked data dir "
-                  "exited %d, want 71; output: %s", rc, g_out);
+    ck_assert_msg(rc == EX_OSERR_,
+                  "a second protoqd on a locked data dir "
+                  "exited %d, want 71; output: %s",
+                  rc, g_out);
     ck_assert_msg(strstr(g_out, g_srv.data_dir) && strstr(g_out, "locked"),
                   "the message does not name the locked dir: %s", g_out);
 }
@@ -113,10 +115,14 @@ START_TEST(test_damaged_segment_header_exits_65)
     ck_assert_int_eq(pwrite(fd, "NOTALOG!", 8, 0), 8);
     close(fd);
     rc = run_protoqd(g_srv.data_dir, "header");
-    ck_assert_msg(rc == EX_DATAERR_, "a damaged segment header: exit %d, "
-                  "want 65; output: %s", rc, g_out);
-    ck_assert_msg(strstr(g_out, path) != NULL, "the message does not name %s: "
-                  "%s", path, g_out);
+    ck_assert_msg(rc == EX_DATAERR_,
+                  "a damaged segment header: exit %d, "
+                  "want 65; output: %s",
+                  rc, g_out);
+    ck_assert_msg(strstr(g_out, path) != NULL,
+                  "the message does not name %s: "
+                  "%s",
+                  path, g_out);
 }
 END_TEST
 
@@ -133,8 +139,10 @@ START_TEST(test_no_room_for_first_segment_exits_74)
     }
     snprintf(mnt, sizeof(mnt), "%s/tiny", g_srv.dir);
     ck_assert_int_eq(mkdir(mnt, 0755), 0);
-    snprintf(cmd, sizeof(cmd), "mount -t tmpfs -o size=1m tmpfs %s "
-             "2>/dev/null", mnt);
+    snprintf(cmd, sizeof(cmd),
+             "mount -t tmpfs -o size=1m tmpfs %s "
+             "2>/dev/null",
+             mnt);
     if (system(cmd) != 0) {
         printf("no_room_for_first_segment: skipped (mount failed)\n");
         return;
@@ -144,10 +152,14 @@ START_TEST(test_no_room_for_first_segment_exits_74)
     snprintf(cmd, sizeof(cmd), "umount %s", mnt);
     ck_assert_int_eq(system(cmd), 0);
     seg_file(path, sizeof(path), data, 1);
-    ck_assert_msg(rc == EX_IOERR_, "no room for the first segment: exit %d, "
-                  "want 74; output: %s", rc, g_out);
-    ck_assert_msg(strstr(g_out, path) != NULL, "the message does not name %s: "
-                  "%s", path, g_out);
+    ck_assert_msg(rc == EX_IOERR_,
+                  "no room for the first segment: exit %d, "
+                  "want 74; output: %s",
+                  rc, g_out);
+    ck_assert_msg(strstr(g_out, path) != NULL,
+                  "the message does not name %s: "
+                  "%s",
+                  path, g_out);
 }
 END_TEST
 
@@ -223,16 +235,17 @@ START_TEST(test_missing_segment_refused_then_salvaged)
                                        "first cut to its header",
                                        "last emptied"};
     char path[400], out[400];
-    const char *argv[] = {srv_binary(), "--salvage-data", g_srv.data_dir,
-                          NULL};
+    const char *argv[] = {srv_binary(), "--salvage-data", g_srv.data_dir, NULL};
     struct protoq_queue_info info;
     protoq_client *c;
     unsigned last = last_seg();
     int rc;
 
     ck_assert_msg(last >= 4, "want >= 4 segments, have %u", last);
-    ck_assert_msg(run_check(g_srv.data_dir) == 0, "not clean before the "
-                  "damage: %s", g_out);
+    ck_assert_msg(run_check(g_srv.data_dir) == 0,
+                  "not clean before the "
+                  "damage: %s",
+                  g_out);
     switch (_i) {
     case 0:
         seg_file(path, sizeof(path), g_srv.data_dir, 2);
@@ -254,29 +267,38 @@ START_TEST(test_missing_segment_refused_then_salvaged)
     rc = run_check(g_srv.data_dir);
     ck_assert_msg(rc == EX_DATAERR_ && strstr(g_out, "DAMAGED") != NULL,
                   "%s: --check-data exit %d: %s", what[_i], rc, g_out);
-    ck_assert_msg(strstr(g_out, path) != NULL, "%s: --check-data does not "
-                  "name %s: %s", what[_i], path, g_out);
+    ck_assert_msg(strstr(g_out, path) != NULL,
+                  "%s: --check-data does not "
+                  "name %s: %s",
+                  what[_i], path, g_out);
     rc = run_protoqd(g_srv.data_dir, "damaged");
     ck_assert_msg(rc == EX_DATAERR_, "%s: protoqd exit %d, want 65: %s",
                   what[_i], rc, g_out);
-    ck_assert_msg(strstr(g_out, path) != NULL && strstr(g_out,
-                  "--salvage-data") != NULL, "%s: the start message does not "
-                  "name %s and the salvage: %s", what[_i], path, g_out);
+    ck_assert_msg(strstr(g_out, path) != NULL &&
+                      strstr(g_out, "--salvage-data") != NULL,
+                  "%s: the start message does not "
+                  "name %s and the salvage: %s",
+                  what[_i], path, g_out);
 
     /* The documented salvage: protoqd starts again with what is left. */
     snprintf(out, sizeof(out), "%s/salvage.out", g_srv.dir);
     rc = prog_run(argv, out, RUN_MS);
     file_slurp(out, g_out, sizeof(g_out));
-    ck_assert_msg(rc == 0 && strstr(g_out, "result: clean"), "%s: salvage "
-                  "exit %d: %s", what[_i], rc, g_out);
-    ck_assert_msg(run_check(g_srv.data_dir) == 0, "%s: not clean after the "
-                  "salvage: %s", what[_i], g_out);
+    ck_assert_msg(rc == 0 && strstr(g_out, "result: clean"),
+                  "%s: salvage "
+                  "exit %d: %s",
+                  what[_i], rc, g_out);
+    ck_assert_msg(run_check(g_srv.data_dir) == 0,
+                  "%s: not clean after the "
+                  "salvage: %s",
+                  what[_i], g_out);
     ck_assert_int_eq(srv_launch(&g_srv), 0);
     c = pq_connect_or_fail(&g_srv);
     pq_check_ok(c, protoq_queue_stat(c, "q", &info));
-    ck_assert_msg(info.ready > 0 && info.ready < N_MSGS, "%s: %llu ready "
-                  "after the salvage", what[_i],
-                  (unsigned long long)info.ready);
+    ck_assert_msg(info.ready > 0 && info.ready < N_MSGS,
+                  "%s: %llu ready "
+                  "after the salvage",
+                  what[_i], (unsigned long long)info.ready);
     protoq_close(c);
     /* and the log keeps working: a clean stop checks clean */
     ck_assert_int_eq(srv_stop(&g_srv), 0);

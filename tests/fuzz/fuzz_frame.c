@@ -80,9 +80,9 @@ check_same_message(const Protoq__Message *got, const Protoq__Message *want,
 
     FUZZ_CHECK(got != NULL);
     FUZZ_CHECK(got->payload.len == want->payload.len);
-    FUZZ_CHECK(want->payload.len == 0 ||
-               memcmp(got->payload.data, want->payload.data,
-                      want->payload.len) == 0);
+    FUZZ_CHECK(
+        want->payload.len == 0 ||
+        memcmp(got->payload.data, want->payload.data, want->payload.len) == 0);
     FUZZ_CHECK(got->priority == want->priority);
     FUZZ_CHECK(got->delay_ms == want->delay_ms);
     FUZZ_CHECK(got->deliver_at_ms == want->deliver_at_ms);
@@ -173,14 +173,22 @@ check_publish(Protoq__Publish *pub)
     };
     const size_t n_death = sizeof(death) / sizeof(death[0]);
     const struct frame_deliver plain = {
-        .subscription_id = 1, .queue = "q", .message_id = 1, .attempt = 1,
-        .lease_ms = 30000, .published_at_ms = 1764547200000ULL,
+        .subscription_id = 1,
+        .queue = "q",
+        .message_id = 1,
+        .attempt = 1,
+        .lease_ms = 30000,
+        .published_at_ms = 1764547200000ULL,
     };
     const struct frame_deliver widest = {
-        .subscription_id = UINT64_MAX, .queue = queue,
-        .message_id = UINT64_MAX, .attempt = UINT32_MAX,
-        .lease_ms = UINT64_MAX, .published_at_ms = UINT64_MAX,
-        .progress = widest_progress(), .progress_len = PQ_PROGRESS_MAX,
+        .subscription_id = UINT64_MAX,
+        .queue = queue,
+        .message_id = UINT64_MAX,
+        .attempt = UINT32_MAX,
+        .lease_ms = UINT64_MAX,
+        .published_at_ms = UINT64_MAX,
+        .progress = widest_progress(),
+        .progress_len = PQ_PROGRESS_MAX,
     };
     Protoq__Message *m = pub->message;
     struct body *b = NULL, *dead = NULL;
@@ -234,7 +242,10 @@ static void
 check_progress(Protoq__Progress *p)
 {
     const struct frame_deliver d = {
-        .subscription_id = 1, .queue = "q", .message_id = 1, .attempt = 2,
+        .subscription_id = 1,
+        .queue = "q",
+        .message_id = 1,
+        .attempt = 2,
     };
     struct body *msg = body_new(NULL, 0), *prog;
     struct frame_deliver with = d;
@@ -283,8 +294,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         check_publish(f->publish);
         break;
     case PROTOQ__FRAME__KIND_PUBLISH_BATCH:
-        for (size_t i = 0; i < f->publish_batch->n_items &&
-                           i < BATCH_ITEMS_CHECKED; i++) {
+        for (size_t i = 0;
+             i < f->publish_batch->n_items && i < BATCH_ITEMS_CHECKED; i++) {
             check_publish(f->publish_batch->items[i]);
         }
         break;

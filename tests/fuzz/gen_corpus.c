@@ -77,13 +77,13 @@ frame_seeds(void)
     /* Message{payload "x", field 0 (fixed64, key sent as 81 00)} in a
      * Publish to "q": the input that found item 5a of issue 8. */
     static const uint8_t field0[] = {
-        0x08, 0x02, 0xa2, 0x01, 0x12, 0x0a, 0x01, 'q', 0x12, 0x0d,
-        0x0a, 0x01, 'x', 0x81, 0x00, 1, 2, 3, 4, 5, 6, 7, 8};
+        0x08, 0x02, 0xa2, 0x01, 0x12, 0x0a, 0x01, 'q', 0x12, 0x0d, 0x0a, 0x01,
+        'x',  0x81, 0x00, 1,    2,    3,    4,    5,   6,    7,    8};
     /* Touch{progress: Progress{percent 50, field 0}}: the same for a
      * job's progress. */
     static const uint8_t progress0[] = {
-        0x08, 0x03, 0xd2, 0x02, 0x12, 0x08, 0x01, 0x10, 0x01, 0x22, 0x0c,
-        0x08, 0x32, 0x81, 0x00, 1, 2, 3, 4, 5, 6, 7, 8};
+        0x08, 0x03, 0xd2, 0x02, 0x12, 0x08, 0x01, 0x10, 0x01, 0x22, 0x0c, 0x08,
+        0x32, 0x81, 0x00, 1,    2,    3,    4,    5,    6,    7,    8};
 
     hello.protocol_version = 1;
     hello.client_name = "seed";
@@ -173,7 +173,8 @@ frame_seeds(void)
     f.nack = &nack;
     frame_seed("nack", &f);
 
-    write_seed("frame", "bug_unknown_field0_in_message", field0, sizeof(field0));
+    write_seed("frame", "bug_unknown_field0_in_message", field0,
+               sizeof(field0));
     write_seed("frame", "bug_unknown_field0_in_progress", progress0,
                sizeof(progress0));
 }
@@ -278,16 +279,15 @@ record_seeds(void)
 static void
 config_seeds(void)
 {
-    static const char small[] =
-        "# a small conf\n"
-        "listen [::1]:0\n"
-        "data_dir \" /var/lib/protoq \"\n"
-        "fsync interval\n"
-        "fsync_interval_ms 5s\n"
-        "max_frame_bytes 4M\n"
-        "segment_bytes 64k\n"
-        "metrics \"\"\n"
-        "log_level debug\n";
+    static const char small[] = "# a small conf\n"
+                                "listen [::1]:0\n"
+                                "data_dir \" /var/lib/protoq \"\n"
+                                "fsync interval\n"
+                                "fsync_interval_ms 5s\n"
+                                "max_frame_bytes 4M\n"
+                                "segment_bytes 64k\n"
+                                "metrics \"\"\n"
+                                "log_level debug\n";
     char path[512];
     struct config c;
     int fd;

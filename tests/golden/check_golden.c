@@ -10,8 +10,8 @@
  * byte-for-byte tests/golden/NAME.expect.
  *
  * Generator (by hand, once per format version; see the README):
- *     PROTOQD=... build/tests/golden/check_golden --generate tests/golden [NAME]
- * writes NAME/ for each scenario below (or the one named) with the
+ *     PROTOQD=... build/tests/golden/check_golden --generate tests/golden
+ * [NAME] writes NAME/ for each scenario below (or the one named) with the
  * protoqd in $PROTOQD, then NAME.expect by reading each back the way the
  * test does, with that same protoqd.
  */
@@ -59,22 +59,22 @@ dump_add(struct dump *d, const char *fmt, ...)
 
 /* One delivery as the checker and the generator see it. */
 struct got {
-    int n;                     /* deliveries so far */
-    uint64_t id;               /* the latest one */
+    int n;       /* deliveries so far */
+    uint64_t id; /* the latest one */
     uint32_t attempt;
-    struct dump *out;          /* consume_all: every delivery, as text */
-    bool ack;                  /* ack every delivery */
+    struct dump *out; /* consume_all: every delivery, as text */
+    bool ack;         /* ack every delivery */
 };
 
 static void
 dump_delivery(struct dump *d, const struct protoq_delivery *m)
 {
-    dump_add(d, "  msg id=%llu attempt=%u priority=%u published_at=%llu "
+    dump_add(d,
+             "  msg id=%llu attempt=%u priority=%u published_at=%llu "
              "payload=\"%.*s\" key=\"%s\" correlation=\"%s\"\n",
              (unsigned long long)m->message_id, m->attempt, m->priority,
              (unsigned long long)m->published_at_ms, (int)m->len,
-             (const char *)m->payload, m->idempotency_key,
-             m->correlation_id);
+             (const char *)m->payload, m->idempotency_key, m->correlation_id);
     for (size_t i = 0; i < m->n_headers; i++) {
         dump_add(d, "    header %s=%s\n", m->headers[i].key,
                  m->headers[i].value);
@@ -120,14 +120,19 @@ take_one(protoq_client *c, const char *q, struct got *g, uint64_t *sub)
 }
 
 static uint64_t
-publish(protoq_client *c, const char *q, const char *payload,
-        uint32_t priority, const char *key, const struct protoq_kv *hdr,
-        size_t n_hdr, const struct protoq_kv *req, size_t n_req)
+publish(protoq_client *c, const char *q, const char *payload, uint32_t priority,
+        const char *key, const struct protoq_kv *hdr, size_t n_hdr,
+        const struct protoq_kv *req, size_t n_req)
 {
     struct protoq_message m = {
-        .payload = payload, .len = strlen(payload), .priority = priority,
-        .idempotency_key = key, .headers = hdr, .n_headers = n_hdr,
-        .requires = req, .n_requires = n_req,
+        .payload = payload,
+        .len = strlen(payload),
+        .priority = priority,
+        .idempotency_key = key,
+        .headers = hdr,
+        .n_headers = n_hdr,
+        .requires = req,
+        .n_requires = n_req,
     };
     uint64_t id = 0;
 
@@ -231,8 +236,7 @@ gen_compacted(struct srv *s)
     int64_t until;
 
     create(c, "keep", 5, "");
-    publish(c, "keep", "K1 kept through compaction", 5, "kk", NULL, 0, NULL,
-            0);
+    publish(c, "keep", "K1 kept through compaction", 5, "kk", NULL, 0, NULL, 0);
     create(c, "fill", 5, "");
     memset(pad, 'f', sizeof(pad) - 1);
     for (int i = 0; i < 200; i++) {
@@ -240,8 +244,8 @@ gen_compacted(struct srv *s)
     }
     memset(&g, 0, sizeof(g));
     g.ack = true;
-    pq_check_ok(c, protoq_subscribe(c, "fill", 50, NULL, 0, on_deliver, &g,
-                                    &sub));
+    pq_check_ok(c,
+                protoq_subscribe(c, "fill", 50, NULL, 0, on_deliver, &g, &sub));
     until = now_ms_mono() + 10000;
     while (g.n < 200 && now_ms_mono() < until) {
         ck_assert_int_ge(protoq_poll(c, 50), 0);
@@ -274,14 +278,14 @@ gen_torn(struct srv *s)
 
 struct scenario {
     const char *name;
-    const char *conf;          /* extra config lines */
+    const char *conf; /* extra config lines */
     void (*gen)(struct srv *s);
-    bool torn;                 /* append a torn record after the stop */
-    const char *const *dedup;  /* "queue", "key" pairs to probe, NULL-ended */
+    bool torn;                /* append a torn record after the stop */
+    const char *const *dedup; /* "queue", "key" pairs to probe, NULL-ended */
 };
 
-static const char *const dedup_records[] = {
-    "order", "ka", "order", "kb", "gone", "kg", NULL};
+static const char *const dedup_records[] = {"order", "ka", "order", "kb",
+                                            "gone",  "kg", NULL};
 static const char *const dedup_compacted[] = {"keep", "kk", NULL};
 static const char *const dedup_torn[] = {"t", "kt", NULL};
 
@@ -324,12 +328,12 @@ dump_queues(protoq_client *c, struct dump *d)
     for (size_t i = 0; i < n; i++) {
         const struct protoq_queue_attrs *a = &qs[i].attrs;
 
-        dump_add(d, "queue %s ready=%llu delayed=%llu max_attempts=%u "
+        dump_add(d,
+                 "queue %s ready=%llu delayed=%llu max_attempts=%u "
                  "dead_letter=\"%s\" no_backoff=%d ttl_ms=%llu\n",
                  qs[i].name, (unsigned long long)qs[i].ready,
                  (unsigned long long)qs[i].delayed, a->max_attempts,
-                 a->dead_letter, a->no_backoff,
-                 (unsigned long long)a->ttl_ms);
+                 a->dead_letter, a->no_backoff, (unsigned long long)a->ttl_ms);
     }
     protoq_queue_list_free(qs, n);
 }
@@ -338,8 +342,8 @@ static void
 dump_dedup(protoq_client *c, const char *const *probe, struct dump *d)
 {
     for (; probe[0] != NULL; probe += 2) {
-        struct protoq_message m = {.payload = "dup?", .len = 4,
-                                   .idempotency_key = probe[1]};
+        struct protoq_message m = {
+            .payload = "dup?", .len = 4, .idempotency_key = probe[1]};
         uint64_t id = 0;
         bool dup = false;
         int rc = protoq_publish_ex(c, probe[0], &m, &id, &dup);
@@ -350,8 +354,8 @@ dump_dedup(protoq_client *c, const char *const *probe, struct dump *d)
         } else {
             pq_check_ok(c, rc);
             dump_add(d, "dedup %s %s: %s id=%llu\n", probe[0], probe[1],
-                     dup ? "duplicate" : "NEW", dup ? (unsigned long long)id
-                                                    : 0ull);
+                     dup ? "duplicate" : "NEW",
+                     dup ? (unsigned long long)id : 0ull);
         }
     }
 }
@@ -459,8 +463,8 @@ trim_zeros(const char *path)
 static void
 write_file(const char *path, const void *data, size_t len, bool append)
 {
-    int fd = open(path, O_WRONLY | O_CREAT | (append ? O_APPEND : O_TRUNC),
-                  0644);
+    int fd =
+        open(path, O_WRONLY | O_CREAT | (append ? O_APPEND : O_TRUNC), 0644);
 
     ck_assert_int_ge(fd, 0);
     ck_assert_int_eq(write(fd, data, len), (ssize_t)len);
@@ -506,8 +510,8 @@ START_TEST(test_golden_dir_reads_to_its_state)
     struct srv s;
 
     start_copy(&s, sc->name);
-    ck_assert_msg(check_data(&s, out, sizeof(out)) == 0,
-                  "%s: --check-data: %s", sc->name, out);
+    ck_assert_msg(check_data(&s, out, sizeof(out)) == 0, "%s: --check-data: %s",
+                  sc->name, out);
     if (sc->torn) {
         ck_assert_msg(strstr(out, "torn tail: /") != NULL,
                       "%s: no torn tail reported: %s", sc->name, out);
@@ -542,8 +546,8 @@ START_TEST(test_unknown_format_version_refused)
     ck_assert_int_eq(pwrite(fd, v3, 4, 8), 4);
     close(fd);
     ck_assert_int_eq(check_data(&s, out, sizeof(out)), 65);
-    ck_assert_msg(strstr(out, "format version 3") && strstr(out, path),
-                  "%s", out);
+    ck_assert_msg(strstr(out, "format version 3") && strstr(out, path), "%s",
+                  out);
     srv_cleanup(&s);
 }
 END_TEST
@@ -582,8 +586,9 @@ generate_one(const struct scenario *sc, const char *outdir)
     closedir(dir);
     if (sc->torn) {
         /* a record header promising 100 bytes, and 7 of them */
-        static const uint8_t torn[15] = {101, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef,
-                                         4 /* publish */, 1, 2, 3, 4, 5, 6};
+        static const uint8_t torn[15] = {
+            101, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 4 /* publish */,
+            1,   2, 3, 4, 5,    6};
         write_file(last, torn, sizeof(torn), true);
     }
     snprintf(to, sizeof(to), "%s/%s", outdir, sc->name);

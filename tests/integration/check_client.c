@@ -60,8 +60,8 @@ publish_n(protoq_client *c, const char *queue, size_t n)
 
 struct sync_state {
     size_t got;
-    uint64_t next;          /* payloads arrive in order 0, 1, 2, ... */
-    int depth, max_depth;   /* callbacks on the stack */
+    uint64_t next;        /* payloads arrive in order 0, 1, 2, ... */
+    int depth, max_depth; /* callbacks on the stack */
     int ack_failures;
 };
 
@@ -98,8 +98,8 @@ START_TEST(test_ack_sync_in_callback_does_not_nest)
     memset(&st, 0, sizeof(st));
     pq_check_ok(c, protoq_queue_create(c, "deep", NULL));
     publish_n(c, "deep", N);
-    pq_check_ok(c, protoq_subscribe(c, "deep", 64, NULL, 0, ack_sync_cb, &st,
-                                    NULL));
+    pq_check_ok(
+        c, protoq_subscribe(c, "deep", 64, NULL, 0, ack_sync_cb, &st, NULL));
     while (st.got < N && rounds++ < 200000) {
         ck_assert_int_ge(protoq_poll(c, 1000), 0);
     }
@@ -225,8 +225,8 @@ START_TEST(test_blocking_admin_call_in_callback_keeps_order)
     st.order_ok = true;
     pq_check_ok(c, protoq_queue_create(c, "order", NULL));
     publish_n(c, "order", N);
-    pq_check_ok(c, protoq_subscribe(c, "order", 200, NULL, 0, admin_cb, &st,
-                                    &st.sub));
+    pq_check_ok(
+        c, protoq_subscribe(c, "order", 200, NULL, 0, admin_cb, &st, &st.sub));
     while (st.got < N && rounds++ < 100000) {
         ck_assert_int_ge(protoq_poll(c, 1000), 0);
     }

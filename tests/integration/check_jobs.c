@@ -176,23 +176,39 @@ qtotal(const struct protoq_queue_info *i)
 
 /* Which counter stat_wait waits for. */
 enum stat_field {
-    SF_READY, SF_DELAYED, SF_INFLIGHT, SF_TOTAL, SF_NACKED, SF_EXPIRED,
-    SF_DEAD, SF_DROPPED, SF_ACKED
+    SF_READY,
+    SF_DELAYED,
+    SF_INFLIGHT,
+    SF_TOTAL,
+    SF_NACKED,
+    SF_EXPIRED,
+    SF_DEAD,
+    SF_DROPPED,
+    SF_ACKED
 };
 
 static uint64_t
 stat_field(const struct protoq_queue_info *i, enum stat_field f)
 {
     switch (f) {
-    case SF_READY: return i->ready;
-    case SF_DELAYED: return i->delayed;
-    case SF_INFLIGHT: return i->inflight;
-    case SF_TOTAL: return qtotal(i);
-    case SF_NACKED: return i->nacked;
-    case SF_EXPIRED: return i->expired;
-    case SF_DEAD: return i->dead_lettered;
-    case SF_DROPPED: return i->dropped;
-    case SF_ACKED: return i->acked;
+    case SF_READY:
+        return i->ready;
+    case SF_DELAYED:
+        return i->delayed;
+    case SF_INFLIGHT:
+        return i->inflight;
+    case SF_TOTAL:
+        return qtotal(i);
+    case SF_NACKED:
+        return i->nacked;
+    case SF_EXPIRED:
+        return i->expired;
+    case SF_DEAD:
+        return i->dead_lettered;
+    case SF_DROPPED:
+        return i->dropped;
+    case SF_ACKED:
+        return i->acked;
     }
     return UINT64_MAX;
 }
@@ -235,7 +251,7 @@ struct got {
     uint32_t percent;
     char ptext[256];
     char pckpt[256];
-    int64_t at_ms;              /* monotonic time of the callback */
+    int64_t at_ms; /* monotonic time of the callback */
 };
 
 /* A consumer: one handle, one subscription, a ring of deliveries. */
@@ -243,7 +259,7 @@ struct cons {
     protoq_client *c;
     uint64_t sub;
     struct got ring[GOT_RING];
-    unsigned head, tail;        /* tail - head = queued */
+    unsigned head, tail; /* tail - head = queued */
     unsigned overflow;
     unsigned n_cancel;
     char cancel_queue[PROTOQ_NAME_MAX + 1];
@@ -376,8 +392,8 @@ cons_next(struct cons *k, int timeout_ms, struct got *out)
 static void
 cons_must_get(struct cons *k, int timeout_ms, struct got *out, const char *what)
 {
-    ck_assert_msg(cons_next(k, timeout_ms, out),
-                  "%s: no delivery within %d ms", what, timeout_ms);
+    ck_assert_msg(cons_next(k, timeout_ms, out), "%s: no delivery within %d ms",
+                  what, timeout_ms);
 }
 
 /* cons_none: assert that nothing is delivered for ms. */
@@ -388,8 +404,8 @@ cons_none(struct cons *k, int ms, const char *what)
 
     if (cons_next(k, ms, &g)) {
         ck_abort_msg("%s: unexpected delivery of id %" PRIu64 " attempt %u "
-                     "payload \"%.*s\"", what, g.id, g.attempt, (int)g.len,
-                     g.payload);
+                     "payload \"%.*s\"",
+                     what, g.id, g.attempt, (int)g.len, g.payload);
     }
 }
 
@@ -433,9 +449,9 @@ check_header(const struct got *g, const char *key, const char *want)
 static void
 check_payload(const struct got *g, const char *want)
 {
-    ck_assert_msg(g->len == strlen(want) && memcmp(g->payload, want, g->len) == 0,
-                  "payload \"%.*s\", want \"%s\"", (int)g->len, g->payload,
-                  want);
+    ck_assert_msg(
+        g->len == strlen(want) && memcmp(g->payload, want, g->len) == 0,
+        "payload \"%.*s\", want \"%s\"", (int)g->len, g->payload, want);
 }
 
 /* ===================================================== failed attempts */
@@ -494,7 +510,8 @@ START_TEST(test_lease_expiry_redelivers_and_late_ack_is_stale)
     ck_assert_uint_eq(g2.attempt, 2);
     ck_assert_msg(g2.at_ms - g1.at_ms >= 250,
                   "redelivered %" PRId64 " ms after the first delivery, before "
-                  "the 300 ms lease ran out", g2.at_ms - g1.at_ms);
+                  "the 300 ms lease ran out",
+                  g2.at_ms - g1.at_ms);
     /* The first consumer's late ack is fenced. */
     pq_check_remote(ca->c, protoq_ack_sync(ca->c, id, 1),
                     PROTOQ_CODE_STALE_DELIVERY);
@@ -528,8 +545,8 @@ nack_until_dead(struct cons *k, uint64_t id, uint32_t max)
         ck_assert_uint_eq(g.id, id);
         ck_assert_uint_eq(g.attempt, n);
         snprintf(err, sizeof(err), "boom-%u", n);
-        pq_check_ok(k->c, protoq_nack_sync(k->c, g.id, g.attempt, 0, false,
-                                           err));
+        pq_check_ok(k->c,
+                    protoq_nack_sync(k->c, g.id, g.attempt, 0, false, err));
     }
     cons_none(k, 500, "source queue after max_attempts");
 }
@@ -746,16 +763,16 @@ START_TEST(test_release_is_not_a_failure_and_keeps_progress)
         if (n < 3) {
             /* progress by touch, then release keeping it (NULL) */
             pq_check_ok(k->c, protoq_touch(k->c, id, n, 0, &pr, NULL));
-            pq_check_ok(k->c, protoq_release(k->c, id, n,
-                                             PROTOQ_RELEASE_PREEMPTED, NULL,
-                                             true));
+            pq_check_ok(k->c,
+                        protoq_release(k->c, id, n, PROTOQ_RELEASE_PREEMPTED,
+                                       NULL, true));
         } else {
             /* progress carried by the release itself */
             pr.percent = 75;
             pr.text = "released";
-            pq_check_ok(k->c, protoq_release(k->c, id, n,
-                                             PROTOQ_RELEASE_SHUTDOWN, &pr,
-                                             true));
+            pq_check_ok(k->c,
+                        protoq_release(k->c, id, n, PROTOQ_RELEASE_SHUTDOWN,
+                                       &pr, true));
         }
     }
     cons_must_get(k, 3000, &g, "job after three releases");
@@ -798,11 +815,14 @@ START_TEST(test_delay_hides_message_until_due)
     st = qstat(p, "jobs");
     ck_assert_uint_eq(st.delayed, 1);
     ck_assert_uint_eq(st.ready, 0);
-    cons_none(k, (int)(t0 + 400 - now_ms_mono()), "delayed message before 400 ms");
+    cons_none(k, (int)(t0 + 400 - now_ms_mono()),
+              "delayed message before 400 ms");
     cons_must_get(k, 3000, &g, "delayed message after its delay");
     ck_assert_uint_eq(g.id, id);
-    ck_assert_msg(g.at_ms - t0 >= 450, "delivered after %" PRId64 " ms, delay "
-                  "was 500 ms", g.at_ms - t0);
+    ck_assert_msg(g.at_ms - t0 >= 450,
+                  "delivered after %" PRId64 " ms, delay "
+                  "was 500 ms",
+                  g.at_ms - t0);
     ck_assert_uint_eq(g.attempt, 1);
     pq_check_ok(k->c, protoq_ack_sync(k->c, id, 1));
     cons_close(k);
@@ -834,7 +854,7 @@ START_TEST(test_priority_first_then_fifo_within_level)
     for (i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
         cons_must_get(k, 3000, &g, "priority order");
         ck_assert_msg(g.len == strlen(want[i]) &&
-                      memcmp(g.payload, want[i], g.len) == 0,
+                          memcmp(g.payload, want[i], g.len) == 0,
                       "delivery %zu is \"%.*s\" (priority %u), want \"%s\"", i,
                       (int)g.len, g.payload, g.priority, want[i]);
         pq_check_ok(k->c, protoq_ack_sync(k->c, g.id, g.attempt));
@@ -986,7 +1006,8 @@ START_TEST(test_idempotency_key_returns_first_id)
     m.payload = "second";
     m.len = 6;
     pq_check_ok(p, protoq_publish_ex(p, "jobs", &m, &id2, &dup));
-    ck_assert_msg(dup, "second publish with the same key not flagged duplicate");
+    ck_assert_msg(dup,
+                  "second publish with the same key not flagged duplicate");
     ck_assert_uint_eq(id2, id1);
     m.idempotency_key = "job-43";
     pq_check_ok(p, protoq_publish_ex(p, "jobs", &m, &id3, &dup));
@@ -1142,11 +1163,13 @@ START_TEST(test_restart_keeps_attempt_count)
     for (n = 3; n <= 5; n++) {
         cons_must_get(k, 3000, &g, "job after restart");
         ck_assert_uint_eq(g.id, id);
-        ck_assert_msg(g.attempt == n, "%s: attempt %u, want %u (attempt count "
-                      "as last recorded)", mode_name(_i), g.attempt, n);
+        ck_assert_msg(g.attempt == n,
+                      "%s: attempt %u, want %u (attempt count "
+                      "as last recorded)",
+                      mode_name(_i), g.attempt, n);
         check_payload(&g, "flaky");
-        pq_check_ok(k->c, protoq_nack_sync(k->c, id, g.attempt, 0, false,
-                                           "flaky"));
+        pq_check_ok(k->c,
+                    protoq_nack_sync(k->c, id, g.attempt, 0, false, "flaky"));
     }
     cons_none(k, 300, "job after max_attempts");
     d = cons_open("dlq", 1);
@@ -1194,15 +1217,17 @@ START_TEST(test_restart_keeps_pending_delay)
     for (i = 0; i < 2; i++) {
         cons_must_get(k, 5000, &g, "delayed job after restart");
         if (g.id == idx) {
-            ck_assert_msg(g.at_ms - tx >= 1400, "%s: X delivered %" PRId64
-                          " ms after publish, delay 1500", mode_name(_i),
-                          g.at_ms - tx);
+            ck_assert_msg(g.at_ms - tx >= 1400,
+                          "%s: X delivered %" PRId64
+                          " ms after publish, delay 1500",
+                          mode_name(_i), g.at_ms - tx);
             ck_assert_uint_eq(g.attempt, 1);
         } else {
             ck_assert_uint_eq(g.id, idy);
-            ck_assert_msg(g.at_ms - ty >= 1400, "%s: Y delivered %" PRId64
-                          " ms after its nack, delay 1500", mode_name(_i),
-                          g.at_ms - ty);
+            ck_assert_msg(g.at_ms - ty >= 1400,
+                          "%s: Y delivered %" PRId64
+                          " ms after its nack, delay 1500",
+                          mode_name(_i), g.at_ms - ty);
             ck_assert_uint_eq(g.attempt, 2);
         }
         pq_check_ok(k->c, protoq_ack_sync(k->c, g.id, g.attempt));
@@ -1240,8 +1265,10 @@ START_TEST(test_restart_keeps_dead_letters)
     bounce(_i);
     p = pq_connect_or_fail(&g_srv);
     st = qstat(p, "jobs");
-    ck_assert_msg(qtotal(&st) == 0, "%s: source queue holds %" PRIu64
-                  " messages after restart, want 0", mode_name(_i), qtotal(&st));
+    ck_assert_msg(qtotal(&st) == 0,
+                  "%s: source queue holds %" PRIu64
+                  " messages after restart, want 0",
+                  mode_name(_i), qtotal(&st));
     st = qstat(p, "dlq");
     ck_assert_msg(st.ready == 1, "%s: dlq ready %" PRIu64 ", want 1",
                   mode_name(_i), st.ready);
@@ -1284,9 +1311,10 @@ START_TEST(test_restart_returns_inflight_job_to_ready)
     st = qstat(p, "jobs");
     ck_assert_msg(st.inflight == 0, "%s: %" PRIu64 " in flight after restart",
                   mode_name(_i), st.inflight);
-    ck_assert_msg(st.ready + st.delayed == 1, "%s: ready %" PRIu64 " delayed %"
-                  PRIu64 " after restart, want 1 in all", mode_name(_i),
-                  st.ready, st.delayed);
+    ck_assert_msg(st.ready + st.delayed == 1,
+                  "%s: ready %" PRIu64 " delayed %" PRIu64
+                  " after restart, want 1 in all",
+                  mode_name(_i), st.ready, st.delayed);
     k = cons_open("jobs", 1);
     cons_must_get(k, 3000, &g, "job in flight at the restart");
     ck_assert_uint_eq(g.id, id);
@@ -1316,8 +1344,8 @@ START_TEST(test_restart_keeps_released_progress)
     k = cons_open("jobs", 1);
     cons_must_get(k, 3000, &g, "job");
     pq_check_ok(k->c, protoq_touch(k->c, id, 1, 0, &pr, NULL));
-    pq_check_ok(k->c, protoq_release(k->c, id, 1, PROTOQ_RELEASE_SHUTDOWN,
-                                     NULL, true));
+    pq_check_ok(
+        k->c, protoq_release(k->c, id, 1, PROTOQ_RELEASE_SHUTDOWN, NULL, true));
     cons_close(k);
     protoq_close(p);
     bounce(_i);
@@ -1354,9 +1382,10 @@ START_TEST(test_restart_keeps_idempotency_keys)
     bounce(_i);
     p = pq_connect_or_fail(&g_srv);
     pq_check_ok(p, protoq_publish_ex(p, "jobs", &m, &id2, &dup));
-    ck_assert_msg(dup && id2 == id1, "%s: key forgotten: id %" PRIu64
-                  " dup %d, want id %" PRIu64 " dup 1", mode_name(_i), id2,
-                  (int)dup, id1);
+    ck_assert_msg(dup && id2 == id1,
+                  "%s: key forgotten: id %" PRIu64 " dup %d, want id %" PRIu64
+                  " dup 1",
+                  mode_name(_i), id2, (int)dup, id1);
     ck_assert_uint_eq(qstat(p, "jobs").ready, 1);
     protoq_close(p);
 }
@@ -1387,8 +1416,10 @@ START_TEST(test_restart_counts_no_replayed_publish)
     p = pq_connect_or_fail(&g_srv);
     i = qstat(p, "jobs");
     ck_assert_uint_eq(i.ready + i.delayed, 2);
-    ck_assert_msg(i.published == 0, "%s: published %" PRIu64 " right after the "
-                  "restart, want 0", mode_name(_i), i.published);
+    ck_assert_msg(i.published == 0,
+                  "%s: published %" PRIu64 " right after the "
+                  "restart, want 0",
+                  mode_name(_i), i.published);
     (void)pub(p, "jobs", "new");
     ck_assert_uint_eq(qstat(p, "jobs").published, 1);
     protoq_close(p);
@@ -1419,8 +1450,9 @@ START_TEST(test_restart_keeps_expired_dead_letter)
     p = pq_connect_or_fail(&g_srv);
     sleep_ms(200);
     i = qstat(p, "dlq");
-    ck_assert_msg(i.ready == 1 && i.expired == 0, "%s: dead-letter queue has %" PRIu64
-                  " ready, %" PRIu64 " expired after the restart; want 1, 0",
+    ck_assert_msg(i.ready == 1 && i.expired == 0,
+                  "%s: dead-letter queue has %" PRIu64 " ready, %" PRIu64
+                  " expired after the restart; want 1, 0",
                   mode_name(_i), i.ready, i.expired);
     d = cons_open("dlq", 1);
     cons_must_get(d, 3000, &g, "the dead letter after the restart");
@@ -1451,9 +1483,10 @@ START_TEST(test_restart_never_reuses_message_ids)
     bounce(_i);
     p = pq_connect_or_fail(&g_srv);
     id3 = pub(p, "jobs", "three");
-    ck_assert_msg(id3 > id2 && id3 != id1, "%s: id %" PRIu64 " after restart; "
-                  "earlier ids %" PRIu64 ", %" PRIu64, mode_name(_i), id3, id1,
-                  id2);
+    ck_assert_msg(id3 > id2 && id3 != id1,
+                  "%s: id %" PRIu64 " after restart; "
+                  "earlier ids %" PRIu64 ", %" PRIu64,
+                  mode_name(_i), id3, id1, id2);
     protoq_close(p);
 }
 END_TEST
@@ -1517,7 +1550,7 @@ START_TEST(test_restart_keeps_priority_and_fifo_order)
     for (i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
         cons_must_get(k, 3000, &g, "order after restart");
         ck_assert_msg(g.len == strlen(want[i]) &&
-                      memcmp(g.payload, want[i], g.len) == 0,
+                          memcmp(g.payload, want[i], g.len) == 0,
                       "%s: delivery %zu is \"%.*s\", want \"%s\"",
                       mode_name(_i), i, (int)g.len, g.payload, want[i]);
         ck_assert_uint_eq(g.priority, want[i][0] == 'b' ? 9 : 0);
@@ -1554,7 +1587,8 @@ START_TEST(test_restart_keeps_inflight_cancel)
     cons_close(k);
     p = pq_connect_or_fail(&g_srv);
     st = qstat(p, "jobs");
-    ck_assert_msg(qtotal(&st) == 0, "%s: cancelled job is back after the "
+    ck_assert_msg(qtotal(&st) == 0,
+                  "%s: cancelled job is back after the "
                   "restart (ready %" PRIu64 " delayed %" PRIu64 ")",
                   mode_name(_i), st.ready, st.delayed);
     k = cons_open("jobs", 1);
@@ -1731,7 +1765,8 @@ run_cli(const char *const *args, char *out, size_t cap, int timeout_ms)
         fclose(f);
     }
     if (status != -1) {
-        status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        status =
+            WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     }
     if (status != 0) {
         char err[1024] = "";
@@ -1766,10 +1801,11 @@ json_attempt(const char *s)
 
 START_TEST(test_cli_consume_nack_drives_retries_to_dlq)
 {
-    static const char *const nack1[] = {"consume", "cliq", "--nack", "--count",
-                                        "1", "--wait", "3s", NULL};
-    static const char *const nack2[] = {"consume", "cliq", "--nack", "--count",
-                                        "1", "--wait", "3s", "--json", NULL};
+    static const char *const nack1[] = {
+        "consume", "cliq", "--nack", "--count", "1", "--wait", "3s", NULL};
+    static const char *const nack2[] = {"consume", "cliq",   "--nack",
+                                        "--count", "1",      "--wait",
+                                        "3s",      "--json", NULL};
     char out[4096];
     protoq_client *p = pq_connect_or_fail(&g_srv);
     struct protoq_queue_attrs a = attrs_fast();
@@ -1790,8 +1826,9 @@ START_TEST(test_cli_consume_nack_drives_retries_to_dlq)
     ck_assert_int_eq(run_cli(nack2, out, sizeof(out), 10000), 0);
     ck_assert_msg(strstr(out, "job-from-shell") != NULL,
                   "consume --nack --json printed \"%s\"", out);
-    ck_assert_msg(json_attempt(out) == 2, "--json attempt %ld in \"%s\", want 2",
-                  json_attempt(out), out);
+    ck_assert_msg(json_attempt(out) == 2,
+                  "--json attempt %ld in \"%s\", want 2", json_attempt(out),
+                  out);
     /* second failure of max_attempts 2: dead-lettered */
     ck_assert_uint_eq(stat_wait(p, "cliq.dlq", SF_READY, 1, 2000), 1);
     st = qstat(p, "cliq");
@@ -1803,10 +1840,10 @@ END_TEST
 
 START_TEST(test_cli_consume_no_ack_returns_job)
 {
-    static const char *const noack[] = {"consume", "cliq", "--no-ack",
-                                        "--count", "1", "--wait", "3s", NULL};
+    static const char *const noack[] = {
+        "consume", "cliq", "--no-ack", "--count", "1", "--wait", "3s", NULL};
     static const char *const ack[] = {"consume", "cliq", "--count", "1",
-                                      "--wait", "3s", "--json", NULL};
+                                      "--wait",  "3s",   "--json",  NULL};
     char out[4096];
     protoq_client *p = pq_connect_or_fail(&g_srv);
     struct protoq_queue_attrs a = attrs_fast();
@@ -1820,8 +1857,9 @@ START_TEST(test_cli_consume_no_ack_returns_job)
     if (rc == -1) {
         st = qstat(p, "cliq");
         ck_abort_msg("protoq consume --no-ack --count 1 did not exit within "
-                     "10 s (printed \"%s\"); the job was redelivered %"
-                     PRIu64 " times meanwhile", out, st.redelivered);
+                     "10 s (printed \"%s\"); the job was redelivered %" PRIu64
+                     " times meanwhile",
+                     out, st.redelivered);
     }
     ck_assert_int_eq(rc, 0);
     ck_assert_msg(strstr(out, "job-no-ack") != NULL,
@@ -1834,8 +1872,9 @@ START_TEST(test_cli_consume_no_ack_returns_job)
     ck_assert_int_eq(run_cli(ack, out, sizeof(out), 10000), 0);
     ck_assert_msg(strstr(out, "job-no-ack") != NULL,
                   "consume --json printed \"%s\"", out);
-    ck_assert_msg(json_attempt(out) == 2, "--json attempt %ld in \"%s\", want 2",
-                  json_attempt(out), out);
+    ck_assert_msg(json_attempt(out) == 2,
+                  "--json attempt %ld in \"%s\", want 2", json_attempt(out),
+                  out);
     ck_assert_uint_eq(stat_wait(p, "cliq", SF_ACKED, 1, 2000), 1);
     ck_assert_uint_eq(stat_wait(p, "cliq", SF_TOTAL, 0, 2000), 0);
     protoq_close(p);
@@ -1861,12 +1900,14 @@ jobs_suite(void)
     TCase *tc;
 
     tc = tcase("failures", 20);
-    tcase_add_test(tc, test_disconnect_mid_job_goes_to_other_consumer_attempt_2);
+    tcase_add_test(tc,
+                   test_disconnect_mid_job_goes_to_other_consumer_attempt_2);
     tcase_add_test(tc, test_lease_expiry_redelivers_and_late_ack_is_stale);
     tcase_add_test(tc, test_nack_forever_dead_letters_with_headers);
     tcase_add_test(tc, test_nack_forever_without_dlq_drops);
     tcase_add_test(tc, test_nack_with_dead_letter_flag_goes_to_dlq_at_once);
-    tcase_add_test(tc, test_touching_job_outlives_many_leases_and_stale_touch_fails);
+    tcase_add_test(
+        tc, test_touching_job_outlives_many_leases_and_stale_touch_fails);
     tcase_add_test(tc, test_touch_after_lease_expired_is_stale);
     tcase_add_test(tc, test_release_is_not_a_failure_and_keeps_progress);
     tcase_add_test(tc, test_lease_expiry_counts_toward_max_attempts);
@@ -1886,7 +1927,8 @@ jobs_suite(void)
     tc = tcase("cancel", 20);
     tcase_add_test(tc, test_cancel_ready_and_delayed_job_removes_it);
     tcase_add_test(tc, test_cancel_inflight_notifies_holder_and_fences_ack);
-    tcase_add_loop_test(tc, test_fenced_answer_to_cancelled_job_frees_credit, 0, 3);
+    tcase_add_loop_test(tc, test_fenced_answer_to_cancelled_job_frees_credit, 0,
+                        3);
     suite_add_tcase(s, tc);
 
     /* _i = 0: SIGTERM and restart; _i = 1: kill -9 and launch */

@@ -23,11 +23,10 @@ static struct srv g_srv;
 static struct test_conf g_conf;
 static const char *const g_args[] = {"-c", g_conf.path, NULL};
 
-static const char CONF_TEXT[] =
-    "# check_loss: small segments, fast retries\n"
-    "segment_bytes 65536\n"
-    "backoff_base_ms 10\n"
-    "backoff_cap_ms 40\n";
+static const char CONF_TEXT[] = "# check_loss: small segments, fast retries\n"
+                                "segment_bytes 65536\n"
+                                "backoff_base_ms 10\n"
+                                "backoff_cap_ms 40\n";
 
 static void
 setup(void)
@@ -146,9 +145,10 @@ on_deliver(void *arg, protoq_client *c, const struct protoq_delivery *d)
     g = &k->ring[k->tail++ % CONS_RING];
     g->id = d->message_id;
     g->attempt = d->attempt;
-    snprintf(g->payload, sizeof(g->payload), "%.*s",
-             (int)(d->len < sizeof(g->payload) ? d->len : sizeof(g->payload) - 1),
-             (const char *)d->payload);
+    snprintf(
+        g->payload, sizeof(g->payload), "%.*s",
+        (int)(d->len < sizeof(g->payload) ? d->len : sizeof(g->payload) - 1),
+        (const char *)d->payload);
 }
 
 static struct cons *
@@ -258,11 +258,15 @@ START_TEST(test_delete_with_held_deliveries_keeps_other_queues)
 
     bounce(_i);
     c = pq_connect_or_fail(&g_srv);
-    ck_assert_msg(qtotal(c, "keep") == 1, "%s: keep lost its confirmed "
-                  "message", _i == 0 ? "SIGTERM" : "kill -9");
-    pq_check_remote(c, protoq_queue_stat(c, "victim", &(struct protoq_queue_info){0}),
-                    PROTOQ_CODE_QUEUE_NOT_FOUND);
-    ck_assert_msg(!srv_log_has(&g_srv, "below zero"), "a segment reference count went below zero");
+    ck_assert_msg(qtotal(c, "keep") == 1,
+                  "%s: keep lost its confirmed "
+                  "message",
+                  _i == 0 ? "SIGTERM" : "kill -9");
+    pq_check_remote(
+        c, protoq_queue_stat(c, "victim", &(struct protoq_queue_info){0}),
+        PROTOQ_CODE_QUEUE_NOT_FOUND);
+    ck_assert_msg(!srv_log_has(&g_srv, "below zero"),
+                  "a segment reference count went below zero");
     protoq_close(c);
 }
 END_TEST
@@ -340,7 +344,8 @@ START_TEST(test_keyed_job_put_back_survives_restart)
     ck_assert_uint_eq(g.id, id);
     switch (way) {
     case PB_NACK:
-        pq_check_ok(k->c, protoq_nack_sync(k->c, g.id, g.attempt, 0, false, NULL));
+        pq_check_ok(k->c,
+                    protoq_nack_sync(k->c, g.id, g.attempt, 0, false, NULL));
         break;
     case PB_LEASE:
         g = cons_get(k, "redelivery after the lease");
@@ -511,9 +516,10 @@ START_TEST(test_keys_put_back_delete_and_compaction_combined)
 
     bounce(_i);
     c = pq_connect_or_fail(&g_srv);
-    ck_assert_msg(qtotal(c, "jobs") == 3, "%s: %" PRIu64 " of 3 keyed jobs "
-                  "after the restart", _i == 0 ? "SIGTERM" : "kill -9",
-                  qtotal(c, "jobs"));
+    ck_assert_msg(qtotal(c, "jobs") == 3,
+                  "%s: %" PRIu64 " of 3 keyed jobs "
+                  "after the restart",
+                  _i == 0 ? "SIGTERM" : "kill -9", qtotal(c, "jobs"));
     for (int i = 0; i < 3; i++) {
         ck_assert_uint_eq(pub_key(c, "jobs", keys[i], keys[i]), ids[i]);
     }
@@ -573,8 +579,9 @@ START_TEST(test_counters_start_at_zero_after_restart)
     ck_assert_msg(st.published == 0 && st.acked == 0 && st.nacked == 0 &&
                       st.redelivered == 0 && st.expired == 0 &&
                       st.dead_lettered == 0 && st.dropped == 0,
-                  "counters after a restart: published %" PRIu64 " acked %"
-                  PRIu64 " nacked %" PRIu64, st.published, st.acked, st.nacked);
+                  "counters after a restart: published %" PRIu64
+                  " acked %" PRIu64 " nacked %" PRIu64,
+                  st.published, st.acked, st.nacked);
     pub(c, "jobs", "Z");
     ck_assert_uint_eq(qstat(c, "jobs").published, 1);
     protoq_close(c);
@@ -668,12 +675,13 @@ START_TEST(test_key_does_not_outlive_queue_delete)
     for (int i = 0; i < 4; i++) {
         r = raw_reply(fd);
         ck_assert_msg(r->kind_case != PROTOQ__FRAME__KIND_ERROR,
-                      "request %" PRIu64 ": %s", r->request_id, r->error->message);
+                      "request %" PRIu64 ": %s", r->request_id,
+                      r->error->message);
         if (r->request_id == 103) {
             ck_assert_int_eq(r->kind_case, PROTOQ__FRAME__KIND_PUBLISH_OK);
-            ck_assert_msg(r->publish_ok->n_duplicate == 0 ||
-                              !r->publish_ok->duplicate[0],
-                          "the re-created queue's publish was answered duplicate");
+            ck_assert_msg(
+                r->publish_ok->n_duplicate == 0 || !r->publish_ok->duplicate[0],
+                "the re-created queue's publish was answered duplicate");
         }
         frame_free(r);
     }
@@ -796,7 +804,8 @@ START_TEST(test_nul_and_bad_utf8_in_strings_are_refused)
         ck_assert_msg(raw_publish(fd, "abc", &m) == bad, "key %zu", i);
         protoq__message__init(&m);
         m.correlation_id = (char *)b;
-        ck_assert_msg(raw_publish(fd, "abc", &m) == bad, "correlation_id %zu", i);
+        ck_assert_msg(raw_publish(fd, "abc", &m) == bad, "correlation_id %zu",
+                      i);
         protoq__message__init(&m);
         m.reply_to = (char *)b;
         ck_assert_msg(raw_publish(fd, "abc", &m) == bad, "reply_to %zu", i);
@@ -817,15 +826,18 @@ START_TEST(test_nul_and_bad_utf8_in_strings_are_refused)
     close(fd);
 
     ck_assert_uint_eq(qtotal(c, "abc"), 1);
-    pq_check_remote(c, protoq_queue_stat(c, "abd", &(struct protoq_queue_info){0}),
+    pq_check_remote(c,
+                    protoq_queue_stat(c, "abd", &(struct protoq_queue_info){0}),
                     PROTOQ_CODE_QUEUE_NOT_FOUND);
-    pq_check_remote(c, protoq_queue_stat(c, "x", &(struct protoq_queue_info){0}),
+    pq_check_remote(c,
+                    protoq_queue_stat(c, "x", &(struct protoq_queue_info){0}),
                     PROTOQ_CODE_QUEUE_NOT_FOUND);
     protoq_close(c);
     bounce(_i);
     c = pq_connect_or_fail(&g_srv);
     ck_assert_uint_eq(qtotal(c, "abc"), 1);
-    pq_check_remote(c, protoq_queue_stat(c, "abd", &(struct protoq_queue_info){0}),
+    pq_check_remote(c,
+                    protoq_queue_stat(c, "abd", &(struct protoq_queue_info){0}),
                     PROTOQ_CODE_QUEUE_NOT_FOUND);
     protoq_close(c);
 }
@@ -879,11 +891,14 @@ START_TEST(test_dead_letter_target_must_exist)
 
     ck_assert_int_eq(create_code(c, "jobs", "nowhere", false),
                      PROTOQ_CODE_QUEUE_NOT_FOUND);
-    pq_check_remote(c, protoq_queue_stat(c, "jobs", &(struct protoq_queue_info){0}),
-                    PROTOQ_CODE_QUEUE_NOT_FOUND);
-    ck_assert_int_eq(create_code(c, "jobs", "jobs", false), PROTOQ_CODE_BAD_REQUEST);
+    pq_check_remote(
+        c, protoq_queue_stat(c, "jobs", &(struct protoq_queue_info){0}),
+        PROTOQ_CODE_QUEUE_NOT_FOUND);
+    ck_assert_int_eq(create_code(c, "jobs", "jobs", false),
+                     PROTOQ_CODE_BAD_REQUEST);
     ck_assert_int_eq(create_code(c, "tdlq", "", true), 0);
-    ck_assert_int_eq(create_code(c, "jobs", "tdlq", false), PROTOQ_CODE_BAD_REQUEST);
+    ck_assert_int_eq(create_code(c, "jobs", "tdlq", false),
+                     PROTOQ_CODE_BAD_REQUEST);
     ck_assert_int_eq(create_code(c, "tjobs", "tdlq", true), 0);
     ck_assert_int_eq(create_code(c, "dlq", "", false), 0);
     ck_assert_int_eq(create_code(c, "jobs", "dlq", false), 0);
@@ -963,8 +978,8 @@ START_TEST(test_dead_letters_survive_restart_as_they_were)
 
         memset(&tk, 0, sizeof(tk));
         tk.c = t;
-        pq_check_ok(t, protoq_subscribe(t, "src1", 1, &req, 1, on_deliver,
-                                        &tk, &tk.sub));
+        pq_check_ok(t, protoq_subscribe(t, "src1", 1, &req, 1, on_deliver, &tk,
+                                        &tk.sub));
         g = cons_get(&tk, "tagged");
         pq_check_ok(t, protoq_nack_sync(t, g.id, g.attempt, 0, false, NULL));
         protoq_close(t);
@@ -975,9 +990,10 @@ START_TEST(test_dead_letters_survive_restart_as_they_were)
     bounce(_i);
     c = pq_connect_or_fail(&g_srv);
     sleep_ms(300); /* past the source's TTL once more */
-    ck_assert_msg(qtotal(c, "dlq") == 4, "%s: %" PRIu64 " of 4 dead letters "
-                  "after the restart", _i == 0 ? "SIGTERM" : "kill -9",
-                  qtotal(c, "dlq"));
+    ck_assert_msg(qtotal(c, "dlq") == 4,
+                  "%s: %" PRIu64 " of 4 dead letters "
+                  "after the restart",
+                  _i == 0 ? "SIGTERM" : "kill -9", qtotal(c, "dlq"));
     /* A plain consumer gets all four. */
     k = cons_open("dlq", 4);
     for (int i = 0; i < 4; i++) {
@@ -1015,8 +1031,7 @@ static const uint8_t OLD_SEGMENT[] = {
     0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
     0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x07, 0x00, 0x00,
     0x00, 0x0a, 0x05, 0x6a, 0x6f, 0x62, 0x2d, 0x31, 0x00, 0x00, 0x00, 0x00,
-    0x00, 0x00, 0x00, 0x00
-};
+    0x00, 0x00, 0x00, 0x00};
 
 /* A log whose queue names a dead_letter that does not exist still loads
  * (with a warning); once the queue is created, failed jobs reach it. */
@@ -1035,7 +1050,8 @@ START_TEST(test_old_log_with_missing_dead_letter_starts)
     ck_assert_int_eq(ftruncate(fileno(f), 81920), 0);
     ck_assert_int_eq(fclose(f), 0);
     ck_assert_int_eq(srv_launch(&g_srv), 0);
-    ck_assert(srv_log_has(&g_srv, "its dead_letter queue jobs.dlq does not exist"));
+    ck_assert(
+        srv_log_has(&g_srv, "its dead_letter queue jobs.dlq does not exist"));
     c = pq_connect_or_fail(&g_srv);
     ck_assert_uint_eq(qtotal(c, "jobs"), 1);
     /* Re-declaring it names a missing queue: refused, not dropped later. */
@@ -1073,16 +1089,21 @@ loss_suite(void)
     TCase *tc;
 
     tc = tcase("delete", 30);
-    tcase_add_loop_test(tc, test_delete_with_held_deliveries_keeps_other_queues, 0, 2);
-    tcase_add_loop_test(tc, test_delete_with_held_deliveries_dead_letters_nothing, 0, 2);
+    tcase_add_loop_test(tc, test_delete_with_held_deliveries_keeps_other_queues,
+                        0, 2);
+    tcase_add_loop_test(
+        tc, test_delete_with_held_deliveries_dead_letters_nothing, 0, 2);
     suite_add_tcase(s, tc);
 
     tc = tcase("keys", 30);
-    tcase_add_loop_test(tc, test_keyed_job_put_back_survives_restart, 0, 2 * PB_COUNT);
-    tcase_add_loop_test(tc, test_key_reused_after_its_window_survives_restart, 0, 2);
+    tcase_add_loop_test(tc, test_keyed_job_put_back_survives_restart, 0,
+                        2 * PB_COUNT);
+    tcase_add_loop_test(tc, test_key_reused_after_its_window_survives_restart,
+                        0, 2);
     tcase_add_loop_test(tc, test_compacted_keyed_job_survives_restart, 0, 2);
     tcase_add_loop_test(tc, test_counters_start_at_zero_after_restart, 0, 2);
-    tcase_add_loop_test(tc, test_keys_put_back_delete_and_compaction_combined, 0, 2);
+    tcase_add_loop_test(tc, test_keys_put_back_delete_and_compaction_combined,
+                        0, 2);
     suite_add_tcase(s, tc);
 
     tc = tcase("names_strings", 30);
@@ -1093,7 +1114,8 @@ loss_suite(void)
     tc = tcase("dead_letter", 30);
     tcase_add_loop_test(tc, test_dead_letter_target_must_exist, 0, 2);
     tcase_add_loop_test(tc, test_old_log_with_missing_dead_letter_starts, 0, 2);
-    tcase_add_loop_test(tc, test_dead_letters_survive_restart_as_they_were, 0, 2);
+    tcase_add_loop_test(tc, test_dead_letters_survive_restart_as_they_were, 0,
+                        2);
     suite_add_tcase(s, tc);
     return s;
 }

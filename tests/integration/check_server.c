@@ -166,16 +166,16 @@ struct got {
     uint32_t attempt;
     uint32_t priority;
     size_t len;
-    char payload[48];   /* NUL-terminated copy, truncated */
+    char payload[48]; /* NUL-terminated copy, truncated */
 };
 
 struct coll {
     struct got *v;
     size_t n;
     size_t cap;
-    size_t overflow;    /* deliveries past cap */
-    bool ack;           /* ack every delivery as it arrives */
-    int ack_err;        /* first protoq_ack failure */
+    size_t overflow; /* deliveries past cap */
+    bool ack;        /* ack every delivery as it arrives */
+    int ack_err;     /* first protoq_ack failure */
 };
 
 static void
@@ -202,8 +202,8 @@ on_collect(void *arg, protoq_client *c, const struct protoq_delivery *d)
 
     if (k->n < k->cap) {
         struct got *g = &k->v[k->n];
-        size_t n = d->len < sizeof(g->payload) - 1 ? d->len
-                                                   : sizeof(g->payload) - 1;
+        size_t n =
+            d->len < sizeof(g->payload) - 1 ? d->len : sizeof(g->payload) - 1;
 
         g->id = d->message_id;
         g->sub = d->subscription_id;
@@ -282,8 +282,8 @@ pub_str(protoq_client *c, const char *q, const char *s, uint32_t prio,
 /* One async publish's outcome. */
 struct pubrec {
     uint64_t id;
-    int err;            /* 1 while pending, then PQ_OK or a PQ_* code */
-    int code;           /* wire code when err is PQ_EREMOTE */
+    int err;  /* 1 while pending, then PQ_OK or a PQ_* code */
+    int code; /* wire code when err is PQ_EREMOTE */
     struct pubset *set;
 };
 
@@ -405,11 +405,10 @@ consume_seq_in_order(const char *q, size_t want, uint32_t prefetch,
     size_t bad = 0, first_bad = 0;
 
     coll_init(&k, want, true);
-    pq_check_ok(c, protoq_subscribe(c, q, prefetch, NULL, 0, on_collect, &k,
-                                    NULL));
+    pq_check_ok(
+        c, protoq_subscribe(c, q, prefetch, NULL, 0, on_collect, &k, NULL));
     poll_until(c, &k, want, timeout_ms);
-    ck_assert_msg(k.n == want, "got %zu of %zu messages from %s", k.n, want,
-                  q);
+    ck_assert_msg(k.n == want, "got %zu of %zu messages from %s", k.n, want, q);
     for (size_t i = 0; i < want; i++) {
         if (payload_num(&k.v[i]) != i + 1 || k.v[i].attempt != attempt) {
             if (bad++ == 0) {
@@ -531,8 +530,7 @@ pack_publish(uint64_t rid, const char *q, const void *payload, size_t plen,
 static void
 send_all(int fd, const void *buf, size_t len)
 {
-    ck_assert_msg(raw_send(fd, buf, len) == 0, "raw_send: %s",
-                  strerror(errno));
+    ck_assert_msg(raw_send(fd, buf, len) == 0, "raw_send: %s", strerror(errno));
 }
 
 /* Read one frame and check its kind and request id. Returns it (the
@@ -567,11 +565,10 @@ read_error(int fd, int want, const char *sub)
     ck_assert_msg(rc == 0, "wanted Error %s, got %s", protoq_code_name(want),
                   rc == 1 ? "EOF" : "a timeout or a bad frame");
     ck_assert_msg(f->kind_case == PROTOQ__FRAME__KIND_ERROR,
-                  "wanted Error %s, got frame kind %d",
-                  protoq_code_name(want), (int)f->kind_case);
-    ck_assert_msg((int)f->error->code == want,
-                  "wanted Error %s, got %s: %s", protoq_code_name(want),
-                  protoq_code_name((int)f->error->code),
+                  "wanted Error %s, got frame kind %d", protoq_code_name(want),
+                  (int)f->kind_case);
+    ck_assert_msg((int)f->error->code == want, "wanted Error %s, got %s: %s",
+                  protoq_code_name(want), protoq_code_name((int)f->error->code),
                   f->error->message ? f->error->message : "");
     if (sub != NULL) {
         ck_assert_msg(f->error->message != NULL &&
@@ -627,10 +624,10 @@ START_TEST(test_connect_gets_sane_welcome)
     ck_assert_uint_eq(si.protocol_version, 1);
     snprintf(want_id, sizeof(want_id), "protoqd-%u", g_srv.port);
     ck_assert_str_eq(si.broker_id, want_id);
-    ck_assert_msg(si.server_version[0] != '\0' &&
-                      memchr(si.server_version, '\0',
-                             sizeof(si.server_version)) != NULL,
-                  "server_version is empty or unterminated");
+    ck_assert_msg(
+        si.server_version[0] != '\0' &&
+            memchr(si.server_version, '\0', sizeof(si.server_version)) != NULL,
+        "server_version is empty or unterminated");
     ck_assert_uint_eq(si.max_frame_bytes, DEFAULT_MAX_FRAME);
     ck_assert_uint_eq(si.max_message_bytes, DEFAULT_MAX_MESSAGE);
     ck_assert_uint_lt(si.max_message_bytes, si.max_frame_bytes);
@@ -816,8 +813,8 @@ END_TEST
 START_TEST(test_invalid_queue_names_are_bad_request)
 {
     static const char *const bad[] = {
-        "has space", "slash/name", "bang!", "tab\tname", "caf\xc3\xa9",
-        "star*", "new\nline",
+        "has space",   "slash/name", "bang!",     "tab\tname",
+        "caf\xc3\xa9", "star*",      "new\nline",
     };
     protoq_client *c = pq_connect_or_fail(&g_srv);
     struct protoq_queue_info *list = NULL;
@@ -827,8 +824,9 @@ START_TEST(test_invalid_queue_names_are_bad_request)
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         pq_check_remote(c, protoq_queue_create(c, bad[i], NULL),
                         PROTOQ_CODE_BAD_REQUEST);
-        pq_check_remote(c, protoq_queue_stat(c, bad[i], &(struct protoq_queue_info){0}),
-                        PROTOQ_CODE_BAD_REQUEST);
+        pq_check_remote(
+            c, protoq_queue_stat(c, bad[i], &(struct protoq_queue_info){0}),
+            PROTOQ_CODE_BAD_REQUEST);
     }
     /* Every allowed character, and the longest allowed name, work. */
     pq_check_ok(c, protoq_queue_create(c, "AZaz09._-:", NULL));
@@ -913,11 +911,11 @@ START_TEST(test_queue_stat_counts_ready_inflight_acked)
     struct coll k;
 
     pq_check_ok(c, protoq_queue_create(c, "counts", NULL));
-    pub_str(c, "counts", "aaaa", 0, NULL);      /* 4 bytes */
-    pub_str(c, "counts", "bbbbbb", 0, NULL);    /* 6 */
-    pub_str(c, "counts", "cc", 0, NULL);        /* 2 */
-    pub_str(c, "counts", "d", 0, NULL);         /* 1 */
-    pub_str(c, "counts", "eeeeeeeeee", 0, NULL);/* 10 */
+    pub_str(c, "counts", "aaaa", 0, NULL);       /* 4 bytes */
+    pub_str(c, "counts", "bbbbbb", 0, NULL);     /* 6 */
+    pub_str(c, "counts", "cc", 0, NULL);         /* 2 */
+    pub_str(c, "counts", "d", 0, NULL);          /* 1 */
+    pub_str(c, "counts", "eeeeeeeeee", 0, NULL); /* 10 */
     stat_q(c, "counts", &qi);
     ck_assert_uint_eq(qi.ready, 5);
     ck_assert_uint_eq(qi.inflight, 0);
@@ -928,8 +926,8 @@ START_TEST(test_queue_stat_counts_ready_inflight_acked)
     ck_assert_uint_eq(qi.acked, 0);
 
     coll_init(&k, 8, false);
-    pq_check_ok(w, protoq_subscribe(w, "counts", 2, NULL, 0, on_collect, &k,
-                                    NULL));
+    pq_check_ok(
+        w, protoq_subscribe(w, "counts", 2, NULL, 0, on_collect, &k, NULL));
     ck_assert_uint_eq(poll_until(w, &k, 2, 5000), 2);
     ck_assert_str_eq(k.v[0].payload, "aaaa");
     ck_assert_str_eq(k.v[1].payload, "bbbbbb");
@@ -1035,9 +1033,9 @@ START_TEST(test_ops_on_missing_queue_are_queue_not_found)
                     PROTOQ_CODE_QUEUE_NOT_FOUND);
     pq_check_remote(c, protoq_publish_batch(c, "nosuch", &m, 1, NULL),
                     PROTOQ_CODE_QUEUE_NOT_FOUND);
-    pq_check_remote(c, protoq_subscribe(c, "nosuch", 1, NULL, 0, on_collect,
-                                        &k, NULL),
-                    PROTOQ_CODE_QUEUE_NOT_FOUND);
+    pq_check_remote(
+        c, protoq_subscribe(c, "nosuch", 1, NULL, 0, on_collect, &k, NULL),
+        PROTOQ_CODE_QUEUE_NOT_FOUND);
     /* None of that was fatal. */
     pq_check_ok(c, protoq_queue_create(c, "now", NULL));
     coll_free(&k);
@@ -1217,13 +1215,13 @@ START_TEST(test_cli_walkthrough_pub_lines_then_consume)
     want = slurp(in, &wlen);
     snprintf(count, sizeof(count), "%d", N);
 
-    rc = run_cli((const char *[]){"-s", g_srv.addr, "queue", "create",
-                                  "cliq", NULL},
-                 NULL, out, err, 10000);
+    rc = run_cli(
+        (const char *[]){"-s", g_srv.addr, "queue", "create", "cliq", NULL},
+        NULL, out, err, 10000);
     ck_assert_msg(rc == 0, "queue create exited %d", rc);
-    rc = run_cli((const char *[]){"-s", g_srv.addr, "pub", "cliq", "--lines",
-                                  NULL},
-                 in, out, err, 30000);
+    rc = run_cli(
+        (const char *[]){"-s", g_srv.addr, "pub", "cliq", "--lines", NULL}, in,
+        out, err, 30000);
     ck_assert_msg(rc == 0, "pub --lines exited %d", rc);
 
     c = pq_connect_or_fail(&g_srv);
@@ -1252,8 +1250,8 @@ START_TEST(test_cli_walkthrough_pub_lines_then_consume)
     ck_assert_uint_eq(qi.acked, N);
 
     /* queue ls shows it. */
-    rc = run_cli((const char *[]){"-s", g_srv.addr, "queue", "ls", NULL},
-                 NULL, out, err, 10000);
+    rc = run_cli((const char *[]){"-s", g_srv.addr, "queue", "ls", NULL}, NULL,
+                 out, err, 10000);
     ck_assert_int_eq(rc, 0);
     free(got);
     got = slurp(out, &glen);
@@ -1285,9 +1283,9 @@ START_TEST(test_cli_exit_codes_usage_is_2_errors_are_1)
                  NULL, NULL, err, 10000);
     ck_assert_msg(rc == 2, "unknown flag: exit %d, want 2", rc);
 
-    rc = run_cli((const char *[]){"-s", g_srv.addr, "pub", "nosuch", "hello",
-                                  NULL},
-                 NULL, NULL, err, 10000);
+    rc = run_cli(
+        (const char *[]){"-s", g_srv.addr, "pub", "nosuch", "hello", NULL},
+        NULL, NULL, err, 10000);
     ck_assert_msg(rc == 1, "pub to a missing queue: exit %d, want 1", rc);
     msg = slurp(err, &len);
     ck_assert_msg(len > 0, "pub to a missing queue printed nothing on stderr");
@@ -1296,13 +1294,13 @@ START_TEST(test_cli_exit_codes_usage_is_2_errors_are_1)
                                   "--count", "1", "--wait", "1s", NULL},
                  NULL, NULL, err, 10000);
     ck_assert_msg(rc == 1, "consume of a missing queue: exit %d, want 1", rc);
-    rc = run_cli((const char *[]){"-s", g_srv.addr, "queue", "stat", "nosuch",
-                                  NULL},
-                 NULL, NULL, err, 10000);
+    rc = run_cli(
+        (const char *[]){"-s", g_srv.addr, "queue", "stat", "nosuch", NULL},
+        NULL, NULL, err, 10000);
     ck_assert_msg(rc == 1, "stat of a missing queue: exit %d, want 1", rc);
-    rc = run_cli((const char *[]){"-s", g_srv.addr, "queue", "rm", "nosuch",
-                                  NULL},
-                 NULL, NULL, err, 10000);
+    rc = run_cli(
+        (const char *[]){"-s", g_srv.addr, "queue", "rm", "nosuch", NULL}, NULL,
+        NULL, err, 10000);
     ck_assert_msg(rc == 1, "rm of a missing queue: exit %d, want 1", rc);
 }
 END_TEST
@@ -1474,10 +1472,10 @@ START_TEST(test_two_consumers_share_a_queue_round_robin)
     pq_check_ok(p, protoq_queue_create(p, "rr", NULL));
     coll_init(&k1, N, true);
     coll_init(&k2, N, true);
-    pq_check_ok(c1, protoq_subscribe(c1, "rr", 10, NULL, 0, on_collect, &k1,
-                                     NULL));
-    pq_check_ok(c2, protoq_subscribe(c2, "rr", 10, NULL, 0, on_collect, &k2,
-                                     NULL));
+    pq_check_ok(c1,
+                protoq_subscribe(c1, "rr", 10, NULL, 0, on_collect, &k1, NULL));
+    pq_check_ok(c2,
+                protoq_subscribe(c2, "rr", 10, NULL, 0, on_collect, &k2, NULL));
     publish_seq(p, "rr", N, NULL);
     deadline = now_ms_mono() + 20000;
     while (k1.n + k2.n < N && now_ms_mono() < deadline) {
@@ -1528,8 +1526,8 @@ START_TEST(test_prefetch_credit_is_respected)
     pq_check_ok(p, protoq_queue_create(p, "credit", NULL));
     publish_seq(p, "credit", 20, NULL);
     coll_init(&k, 32, false);
-    pq_check_ok(w, protoq_subscribe(w, "credit", 5, NULL, 0, on_collect, &k,
-                                    &sub));
+    pq_check_ok(
+        w, protoq_subscribe(w, "credit", 5, NULL, 0, on_collect, &k, &sub));
     ck_assert_uint_ne(sub, 0);
     poll_until(w, &k, 5, 5000);
     poll_for(w, 500);
@@ -1592,8 +1590,8 @@ START_TEST(test_disconnect_requeues_unacked_to_front_with_attempt_2)
     create_fast_retry_queue(p, "dq");
     publish_seq(p, "dq", 20, ids);
     coll_init(&k1, 32, false);
-    pq_check_ok(w1, protoq_subscribe(w1, "dq", 10, NULL, 0, on_collect, &k1,
-                                     NULL));
+    pq_check_ok(w1,
+                protoq_subscribe(w1, "dq", 10, NULL, 0, on_collect, &k1, NULL));
     ck_assert_uint_eq(poll_until(w1, &k1, 10, 5000), 10);
     for (size_t i = 0; i < 10; i++) {
         ck_assert_uint_eq(k1.v[i].id, ids[i]);
@@ -1615,8 +1613,8 @@ START_TEST(test_disconnect_requeues_unacked_to_front_with_attempt_2)
 
     w2 = pq_connect_or_fail(&g_srv);
     coll_init(&k2, 32, true);
-    pq_check_ok(w2, protoq_subscribe(w2, "dq", 100, NULL, 0, on_collect, &k2,
-                                     NULL));
+    pq_check_ok(
+        w2, protoq_subscribe(w2, "dq", 100, NULL, 0, on_collect, &k2, NULL));
     poll_until(w2, &k2, 20, 5000);
     poll_for(w2, 200);
     ck_assert_uint_eq(k2.n, 20);
@@ -1747,7 +1745,8 @@ START_TEST(test_queue_attrs_from_backoff_0_default_survive_restart)
     ck_assert_int_eq(srv_restart(&g_srv), 0);
     c = pq_connect_or_fail(&g_srv);
     stat_q(c, "cq", &after);
-    ck_assert_uint_eq(after.attrs.backoff_base_ms, before.attrs.backoff_base_ms);
+    ck_assert_uint_eq(after.attrs.backoff_base_ms,
+                      before.attrs.backoff_base_ms);
     ck_assert_uint_eq(after.attrs.backoff_cap_ms, before.attrs.backoff_cap_ms);
     ck_assert_int_eq(after.attrs.no_backoff, before.attrs.no_backoff);
     /* Declaring it again as before is still "the same attributes". */
@@ -1853,8 +1852,8 @@ START_TEST(test_higher_priority_first_fifo_within_level)
         pub_str(c, "prio", in[i].s, in[i].prio, NULL);
     }
     coll_init(&k, 16, true);
-    pq_check_ok(c, protoq_subscribe(c, "prio", 100, NULL, 0, on_collect, &k,
-                                    NULL));
+    pq_check_ok(
+        c, protoq_subscribe(c, "prio", 100, NULL, 0, on_collect, &k, NULL));
     poll_until(c, &k, 9, 5000);
     poll_for(c, 200);
     ck_assert_uint_eq(k.n, 9);
@@ -1907,8 +1906,8 @@ START_TEST(test_publish_and_subscribe_to_unknown_queue_fail)
                     PROTOQ_CODE_QUEUE_NOT_FOUND);
     pubset_init(&ps, c, 3);
     for (size_t i = 0; i < 3; i++) {
-        pq_check_ok(c, protoq_publish_async(c, "ghost", &m, on_confirm,
-                                            &ps.r[i]));
+        pq_check_ok(c,
+                    protoq_publish_async(c, "ghost", &m, on_confirm, &ps.r[i]));
     }
     pq_check_ok(c, protoq_wait_confirms(c, 0, 5000));
     ck_assert_uint_eq(ps.failed, 3);
@@ -1917,9 +1916,9 @@ START_TEST(test_publish_and_subscribe_to_unknown_queue_fail)
         ck_assert_int_eq(ps.r[i].code, PROTOQ_CODE_QUEUE_NOT_FOUND);
     }
     coll_init(&k, 1, false);
-    pq_check_remote(c, protoq_subscribe(c, "ghost", 1, NULL, 0, on_collect,
-                                        &k, NULL),
-                    PROTOQ_CODE_QUEUE_NOT_FOUND);
+    pq_check_remote(
+        c, protoq_subscribe(c, "ghost", 1, NULL, 0, on_collect, &k, NULL),
+        PROTOQ_CODE_QUEUE_NOT_FOUND);
     pq_check_remote(c, protoq_unsubscribe(c, 424242),
                     PROTOQ_CODE_SUBSCRIPTION_NOT_FOUND);
     /* The connection is still good. */
@@ -1962,7 +1961,8 @@ START_TEST(test_payload_over_max_message_bytes_is_message_too_large)
     ck_assert_uint_eq(qi.ready, 1);
     ck_assert_uint_eq(qi.bytes, si.max_message_bytes);
     coll_init(&k, 2, true);
-    pq_check_ok(c, protoq_subscribe(c, "big", 1, NULL, 0, on_collect, &k, NULL));
+    pq_check_ok(c,
+                protoq_subscribe(c, "big", 1, NULL, 0, on_collect, &k, NULL));
     ck_assert_uint_eq(poll_until(c, &k, 1, 5000), 1);
     ck_assert_uint_eq(k.v[0].id, id);
     ck_assert_uint_eq(k.v[0].len, si.max_message_bytes);
@@ -2082,7 +2082,8 @@ START_TEST(test_unknown_fields_in_a_message_are_dropped_and_it_is_delivered)
         int rc = raw_read_frame(fd, RAW_TIMEOUT_MS, 1u << 24, &f);
 
         ck_assert_msg(rc == 0, "frame %d after the publish: %s", i,
-                      rc == 1 ? "EOF" : "a timeout or a frame that does not decode");
+                      rc == 1 ? "EOF"
+                              : "a timeout or a frame that does not decode");
         if (f->kind_case == PROTOQ__FRAME__KIND_PUBLISH_OK) {
             ck_assert_uint_eq(f->request_id, 4);
         } else {
@@ -2138,7 +2139,8 @@ START_TEST(test_unknown_fields_in_progress_are_dropped_and_it_is_delivered)
         int rc = raw_read_frame(fd, RAW_TIMEOUT_MS, 1u << 24, &f);
 
         ck_assert_msg(rc == 0, "frame %d after the release: %s", i,
-                      rc == 1 ? "EOF" : "a timeout or a frame that does not decode");
+                      rc == 1 ? "EOF"
+                              : "a timeout or a frame that does not decode");
         if (f->kind_case == PROTOQ__FRAME__KIND_OK) {
             ck_assert_uint_eq(f->request_id, 5);
         } else {
@@ -2314,8 +2316,8 @@ START_TEST(test_message_stored_under_a_larger_frame_limit_is_not_sent)
      * attempt fails; with max_attempts 1 it is dropped), the small one is. */
     c = pq_connect_or_fail(&g_srv);
     coll_init(&k, 4, true);
-    pq_check_ok(c, protoq_subscribe(c, "shrunk", 10, NULL, 0, on_collect, &k,
-                                    NULL));
+    pq_check_ok(
+        c, protoq_subscribe(c, "shrunk", 10, NULL, 0, on_collect, &k, NULL));
     ck_assert_uint_eq(poll_until(c, &k, 1, 5000), 1);
     ck_assert_str_eq(k.v[0].payload, "small");
     poll_for(c, 300);
@@ -2436,9 +2438,9 @@ START_TEST(test_garbage_protobuf_is_malformed_frame)
     /* Field 2 (hello) says 127 bytes follow, and only one does. */
     static const uint8_t bad[] = {0, 0, 0, 3, 0x12, 0x7f, 0x01};
     /* An 11-byte varint. */
-    static const uint8_t badvarint[] = {0, 0, 0, 12, 0x08, 0xff, 0xff, 0xff,
+    static const uint8_t badvarint[] = {0,    0,    0,    12,   0x08, 0xff,
                                         0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-                                        0xff, 0x01};
+                                        0xff, 0xff, 0xff, 0x01};
     uint8_t *hello, *both;
     size_t len;
     int fd;
@@ -2485,8 +2487,8 @@ START_TEST(test_tls_client_hello_gets_error_and_close)
 
     /* Record header, handshake type 1 (ClientHello), TLS 1.2 version, then
      * filler where the random and the cipher suites would be. */
-    static const uint8_t prefix[] = {0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00,
-                                     0x01, 0xfc, 0x03, 0x03};
+    static const uint8_t prefix[] = {0x16, 0x03, 0x01, 0x02, 0x00, 0x01,
+                                     0x00, 0x01, 0xfc, 0x03, 0x03};
 
     memset(hello, 0x5a, sizeof(hello));
     memcpy(hello, prefix, sizeof(prefix));
@@ -2547,8 +2549,8 @@ END_TEST
 START_TEST(test_frame_over_max_frame_bytes_after_hello_is_frame_too_large)
 {
     uint32_t n = DEFAULT_MAX_FRAME + 1;
-    uint8_t hdr[4] = {(uint8_t)(n >> 24), (uint8_t)(n >> 16),
-                      (uint8_t)(n >> 8), (uint8_t)n};
+    uint8_t hdr[4] = {(uint8_t)(n >> 24), (uint8_t)(n >> 16), (uint8_t)(n >> 8),
+                      (uint8_t)n};
     int fd = raw_ready();
 
     send_all(fd, hdr, sizeof(hdr));
@@ -2563,7 +2565,7 @@ START_TEST(test_costly_to_decode_frame_is_malformed_frame)
 {
     /* A batch of empty items: 2 bytes each on the wire, far more decoded. */
     enum { ITEMS = 150000 };
-    size_t body = 2 + 4 + 2 * ITEMS + 8;   /* generous upper bound */
+    size_t body = 2 + 4 + 2 * ITEMS + 8; /* generous upper bound */
     uint8_t *buf = malloc(4 + body);
     size_t inner = 2 * ITEMS;
     size_t p = 4, n;
@@ -2571,15 +2573,16 @@ START_TEST(test_costly_to_decode_frame_is_malformed_frame)
 
     ck_assert_ptr_nonnull(buf);
     /* The decoded form must really exceed the broker's budget. */
-    ck_assert_uint_gt((size_t)ITEMS * (sizeof(Protoq__Publish) + sizeof(void *)),
+    ck_assert_uint_gt((size_t)ITEMS *
+                          (sizeof(Protoq__Publish) + sizeof(void *)),
                       frame_decode_budget(body));
-    buf[p++] = 0x08;    /* request_id 1 */
+    buf[p++] = 0x08; /* request_id 1 */
     buf[p++] = 0x01;
-    buf[p++] = 0xaa;    /* field 21 (publish_batch), length-delimited */
+    buf[p++] = 0xaa; /* field 21 (publish_batch), length-delimited */
     buf[p++] = 0x01;
     p += pbwire_put_varint(buf + p, inner);
     for (size_t i = 0; i < ITEMS; i++) {
-        buf[p++] = 0x0a;   /* items, length 0 */
+        buf[p++] = 0x0a; /* items, length 0 */
         buf[p++] = 0x00;
     }
     n = p - 4;
@@ -2661,18 +2664,18 @@ garbage_child(uint16_t port, int n)
             buf[j] = (uint8_t)xorshift(&seed);
         }
         switch (i % 6) {
-        case 0:  /* random bytes */
+        case 0: /* random bytes */
             break;
-        case 1:  /* huge length */
+        case 1: /* huge length */
             memset(buf, 0xff, 4);
             break;
-        case 2:  /* TLS */
+        case 2: /* TLS */
             memcpy(buf, "\x16\x03\x01\x02\x00", len < 5 ? len : 5);
             break;
-        case 3:  /* HTTP */
+        case 3: /* HTTP */
             memcpy(buf, "GET / HTTP/1.1\r\n", len < 16 ? len : 16);
             break;
-        case 4:  /* a plausible length, garbage body */
+        case 4: /* a plausible length, garbage body */
             if (len >= 4) {
                 uint32_t bl = (uint32_t)(len - 4) % MAX_HELLO_BYTES + 1;
 
@@ -2731,8 +2734,7 @@ START_TEST(test_garbage_flood_does_not_hurt_a_good_client)
         sleep_ms(10);
     }
     ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
-                  "the garbage client could not connect (status 0x%x)",
-                  status);
+                  "the garbage client could not connect (status 0x%x)", status);
     ck_assert_int_eq(kill(g_srv.pid, 0), 0);
     stat_q(c, "good", &qi);
     ck_assert_uint_eq(qi.published, N);
@@ -2793,8 +2795,8 @@ START_TEST(test_restart_forgets_acked_messages)
     pq_check_ok(c, protoq_queue_create(c, "acked", NULL));
     publish_seq(c, "acked", 10, NULL);
     coll_init(&k, 16, false);
-    pq_check_ok(c, protoq_subscribe(c, "acked", 5, NULL, 0, on_collect, &k,
-                                    NULL));
+    pq_check_ok(c,
+                protoq_subscribe(c, "acked", 5, NULL, 0, on_collect, &k, NULL));
     ck_assert_uint_eq(poll_until(c, &k, 5, 5000), 5);
     for (size_t i = 0; i < 5; i++) {
         pq_check_ok(c, protoq_ack_sync(c, k.v[i].id, k.v[i].attempt));
@@ -2810,8 +2812,8 @@ START_TEST(test_restart_forgets_acked_messages)
     ck_assert_uint_eq(qi.ready + qi.delayed, 5);
     ck_assert_uint_eq(qi.inflight, 0);
     coll_init(&k, 16, true);
-    pq_check_ok(c, protoq_subscribe(c, "acked", 100, NULL, 0, on_collect, &k,
-                                    NULL));
+    pq_check_ok(
+        c, protoq_subscribe(c, "acked", 100, NULL, 0, on_collect, &k, NULL));
     poll_until(c, &k, 5, 10000);
     poll_for(c, 200);
     ck_assert_uint_eq(k.n, 5);
@@ -2864,8 +2866,8 @@ START_TEST(test_kill9_loses_no_confirmed_message)
     ck_assert_int_eq(srv_launch(&g_srv), 0);
     c = pq_connect_or_fail(&g_srv);
     coll_init(&k, N, true);
-    pq_check_ok(c, protoq_subscribe(c, "crash", 1000, NULL, 0, on_collect, &k,
-                                    NULL));
+    pq_check_ok(
+        c, protoq_subscribe(c, "crash", 1000, NULL, 0, on_collect, &k, NULL));
     poll_until(c, &k, N, 3000);
     poll_for(c, 300);
     ck_assert_uint_eq(k.overflow, 0);
@@ -2876,9 +2878,8 @@ START_TEST(test_kill9_loses_no_confirmed_message)
         ck_assert_msg(v >= 1 && v <= N, "bad payload \"%s\"", k.v[i].payload);
         ck_assert_msg(!seen[v], "payload %lu delivered twice", v);
         ck_assert_msg(v > prev, "payload %lu after %lu: out of order", v, prev);
-        ck_assert_uint_eq(k.v[i].id, ps.r[v - 1].err == PQ_OK
-                                         ? ps.r[v - 1].id
-                                         : k.v[i].id);
+        ck_assert_uint_eq(k.v[i].id, ps.r[v - 1].err == PQ_OK ? ps.r[v - 1].id
+                                                              : k.v[i].id);
         seen[v] = 1;
         prev = v;
     }
@@ -2996,8 +2997,7 @@ START_TEST(test_silent_subscriber_is_closed_and_its_delivery_returns)
     ck_assert_uint_eq(r->deliver->attempt, 1);
     frame_free(r);
     /* Say nothing more: closed after heartbeat_timeout_ms (500). */
-    ck_assert_msg(raw_wait_eof(fd, 5000),
-                  "a silent subscriber was not closed");
+    ck_assert_msg(raw_wait_eof(fd, 5000), "a silent subscriber was not closed");
     close(fd);
     coll_init(&k, 4, true);
     pq_check_ok(c, protoq_subscribe(c, "hb", 1, NULL, 0, on_collect, &k, NULL));
@@ -3037,8 +3037,8 @@ START_TEST(test_libprotoq_subscriber_keeps_its_connection_alive)
     ck_assert_uint_eq(si.heartbeat_ms, 100);
     pq_check_ok(p, protoq_queue_create(p, "alive", NULL));
     coll_init(&k, 4, true);
-    pq_check_ok(c, protoq_subscribe(c, "alive", 1, NULL, 0, on_collect, &k,
-                                    NULL));
+    pq_check_ok(c,
+                protoq_subscribe(c, "alive", 1, NULL, 0, on_collect, &k, NULL));
     /* Idle, but polling, for three heartbeat timeouts. */
     poll_for(c, 1500);
     pub_str(p, "alive", "late", 0, NULL);
@@ -3069,8 +3069,8 @@ START_TEST(test_sigterm_with_busy_clients_exits_0_and_keeps_messages)
     pq_check_ok(p, protoq_queue_create(p, "busy", NULL));
     publish_seq(p, "busy", 50, NULL);
     coll_init(&k, 64, false);
-    pq_check_ok(w, protoq_subscribe(w, "busy", 10, NULL, 0, on_collect, &k,
-                                    NULL));
+    pq_check_ok(w,
+                protoq_subscribe(w, "busy", 10, NULL, 0, on_collect, &k, NULL));
     ck_assert_uint_eq(poll_until(w, &k, 10, 5000), 10);
     ck_assert_int_eq(srv_stop(&g_srv), 0);
     protoq_close(w);
@@ -3113,15 +3113,16 @@ server_suite(void)
     tcase_add_test(tc, test_hello_with_wrong_version_is_unsupported_version);
     tcase_add_test(tc, test_second_hello_is_unexpected_frame);
     tcase_add_test(tc, test_broker_only_frame_from_client_is_unexpected_frame);
-    tcase_add_test(tc,
-                   test_unknown_frame_kind_is_answered_and_connection_stays_open);
+    tcase_add_test(
+        tc, test_unknown_frame_kind_is_answered_and_connection_stays_open);
 
     tc = tcase(s, "queue_admin", 30);
     tcase_add_test(tc, test_queue_create_again_with_same_attrs_is_ok);
     tcase_add_test(tc, test_queue_create_with_other_attrs_is_queue_exists);
     tcase_add_test(tc, test_queue_defaults_are_filled_in);
     tcase_add_test(tc, test_invalid_queue_names_are_bad_request);
-    tcase_add_test(tc, test_empty_and_overlong_names_on_the_wire_are_bad_request);
+    tcase_add_test(tc,
+                   test_empty_and_overlong_names_on_the_wire_are_bad_request);
     tcase_add_test(tc, test_queue_list_shows_every_queue);
     tcase_add_test(tc, test_queue_stat_counts_ready_inflight_acked);
     tcase_add_test(tc, test_queue_purge_counts_ready_and_keeps_inflight);
@@ -3152,12 +3153,13 @@ server_suite(void)
     tcase_add_test(tc, test_queue_attrs_from_backoff_0_default_survive_restart);
 
     tc = tcase(s, "redelivery", 30);
-    tcase_add_test(tc, test_disconnect_requeues_unacked_to_front_with_attempt_2);
+    tcase_add_test(tc,
+                   test_disconnect_requeues_unacked_to_front_with_attempt_2);
     tcase_add_test(tc, test_nack_requeues_with_attempt_2);
     tcase_add_test(tc, test_nack_past_max_attempts_drops_without_dead_letter);
     tcase_add_test(tc, test_ack_of_unknown_token_is_stale_delivery);
-    tcase_add_test(tc,
-                   test_ack_of_stale_token_is_stale_delivery_and_changes_nothing);
+    tcase_add_test(
+        tc, test_ack_of_stale_token_is_stale_delivery_and_changes_nothing);
 
     tc = tcase(s, "priority", 30);
     tcase_add_test(tc, test_higher_priority_first_fifo_within_level);
@@ -3165,9 +3167,12 @@ server_suite(void)
 
     tc = tcase(s, "request_errors", 30);
     tcase_add_test(tc, test_publish_and_subscribe_to_unknown_queue_fail);
-    tcase_add_test(tc, test_payload_over_max_message_bytes_is_message_too_large);
-    tcase_add_test(tc, test_unknown_fields_in_a_message_are_dropped_and_it_is_delivered);
-    tcase_add_test(tc, test_unknown_fields_in_progress_are_dropped_and_it_is_delivered);
+    tcase_add_test(tc,
+                   test_payload_over_max_message_bytes_is_message_too_large);
+    tcase_add_test(
+        tc, test_unknown_fields_in_a_message_are_dropped_and_it_is_delivered);
+    tcase_add_test(
+        tc, test_unknown_fields_in_progress_are_dropped_and_it_is_delivered);
     tcase_add_test(tc, test_long_correlation_id_and_reply_to_are_bad_request);
 
     tc = tcase_create("small_frames");
@@ -3175,14 +3180,16 @@ server_suite(void)
                               teardown_server_conf);
     tcase_set_timeout(tc, 30);
     suite_add_tcase(s, tc);
-    tcase_add_test(tc, test_publish_whose_deliver_would_be_over_max_frame_is_too_large);
+    tcase_add_test(
+        tc, test_publish_whose_deliver_would_be_over_max_frame_is_too_large);
 
     tc = tcase_create("frame_limit_lowered");
     tcase_add_checked_fixture(tc, setup_server_big_messages,
                               teardown_server_conf);
     tcase_set_timeout(tc, 30);
     suite_add_tcase(s, tc);
-    tcase_add_test(tc, test_message_stored_under_a_larger_frame_limit_is_not_sent);
+    tcase_add_test(tc,
+                   test_message_stored_under_a_larger_frame_limit_is_not_sent);
 
     tc = tcase(s, "hostile_input", 30);
     tcase_add_test(tc, test_frames_sent_one_byte_at_a_time_work);
@@ -3196,8 +3203,8 @@ server_suite(void)
     tcase_add_test(tc, test_http_request_gets_error_and_close);
     tcase_add_test(tc, test_frame_over_4k_before_hello_is_frame_too_large);
     tcase_add_test(tc, test_frames_over_4k_are_accepted_after_hello);
-    tcase_add_test(tc,
-                   test_frame_over_max_frame_bytes_after_hello_is_frame_too_large);
+    tcase_add_test(
+        tc, test_frame_over_max_frame_bytes_after_hello_is_frame_too_large);
     tcase_add_test(tc, test_costly_to_decode_frame_is_malformed_frame);
     tcase_add_test(tc, test_half_a_frame_then_close_is_harmless);
 
@@ -3218,13 +3225,15 @@ server_suite(void)
     tcase_set_timeout(tc, 30);
     suite_add_tcase(s, tc);
     tcase_add_test(tc, test_no_hello_in_time_is_unexpected_frame);
-    tcase_add_test(tc, test_silent_subscriber_is_closed_and_its_delivery_returns);
+    tcase_add_test(tc,
+                   test_silent_subscriber_is_closed_and_its_delivery_returns);
     tcase_add_test(tc, test_silent_producer_is_not_closed);
     tcase_add_test(tc, test_libprotoq_subscriber_keeps_its_connection_alive);
 
     tc = tcase(s, "signals", 30);
     tcase_add_test(tc, test_sigterm_exits_0);
-    tcase_add_test(tc, test_sigterm_with_busy_clients_exits_0_and_keeps_messages);
+    tcase_add_test(tc,
+                   test_sigterm_with_busy_clients_exits_0_and_keeps_messages);
     return s;
 }
 

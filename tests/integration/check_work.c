@@ -286,8 +286,9 @@ static void
 make_strict_queue(void)
 {
     ck_assert_int_eq(cli(NULL, 0, "queue create dlq"), 0);
-    ck_assert_int_eq(cli(NULL, 0, "queue create jobs --max-attempts 1 "
-                                  "--dead-letter dlq --backoff 0"),
+    ck_assert_int_eq(cli(NULL, 0,
+                         "queue create jobs --max-attempts 1 "
+                         "--dead-letter dlq --backoff 0"),
                      0);
 }
 
@@ -385,8 +386,9 @@ START_TEST(test_sigstop_sigcont_no_release_loop)
     long redelivered;
     unsigned attempt = 0;
 
-    ck_assert_int_eq(cli(NULL, 0, "queue create jobs --ack-timeout 300ms "
-                                  "--backoff 0 --max-attempts 100"),
+    ck_assert_int_eq(cli(NULL, 0,
+                         "queue create jobs --ack-timeout 300ms "
+                         "--backoff 0 --max-attempts 100"),
                      0);
     script("job.sh", "echo \"run $PROTOQ_ATTEMPT $$\" >> $D/runs\n"
                      "exec sleep 3");
@@ -504,12 +506,12 @@ START_TEST(test_stderr_tail_in_dead_letter)
     ck_assert(wait_stat("dlq", "ready", 1, 5000));
     kill(w, SIGTERM);
     ck_assert_int_eq(wait_exit(w, 5000), 0);
-    ck_assert_int_eq(cli(out, sizeof(out), "consume dlq --json --count 1 "
-                                           "--wait 2s"),
+    ck_assert_int_eq(cli(out, sizeof(out),
+                         "consume dlq --json --count 1 "
+                         "--wait 2s"),
                      0);
     ck_assert_msg(strstr(out, "command exited with 3") != NULL, "%s", out);
-    ck_assert_msg(strstr(out, "CUDA error: out of memory") != NULL, "%s",
-                  out);
+    ck_assert_msg(strstr(out, "CUDA error: out of memory") != NULL, "%s", out);
 }
 END_TEST
 
@@ -527,8 +529,9 @@ START_TEST(test_timeout_fails_attempt)
     ck_assert(wait_gone(strtol(pids, NULL, 10), 2000));
     kill(w, SIGTERM);
     ck_assert_int_eq(wait_exit(w, 5000), 0);
-    ck_assert_int_eq(cli(out, sizeof(out), "consume dlq --json --count 1 "
-                                           "--wait 2s"),
+    ck_assert_int_eq(cli(out, sizeof(out),
+                         "consume dlq --json --count 1 "
+                         "--wait 2s"),
                      0);
     ck_assert_msg(strstr(out, "timed out after 300 ms") != NULL, "%s", out);
 }
@@ -570,8 +573,10 @@ START_TEST(test_consume_sigint_gives_back_without_failure)
     for (int i = 0; i < 5; i++) {
         ck_assert_int_eq(cli(NULL, 0, "pub jobs m%d", i), 0);
     }
-    snprintf(cmd, sizeof(cmd), "exec %s consume jobs --no-ack --wait 30s "
-             "> /dev/null", protoq_bin());
+    snprintf(cmd, sizeof(cmd),
+             "exec %s consume jobs --no-ack --wait 30s "
+             "> /dev/null",
+             protoq_bin());
     c = fork();
     ck_assert_int_ge(c, 0);
     if (c == 0) {
@@ -595,9 +600,11 @@ START_TEST(test_consume_epipe_stops_cleanly)
     make_strict_queue();
     ck_assert_int_eq(cli(NULL, 0, "pub jobs first"), 0);
     /* The reader (true) is gone before anything is written. */
-    snprintf(cmd, sizeof(cmd), "PROTOQ_SERVER=%s timeout -s KILL 20 "
+    snprintf(cmd, sizeof(cmd),
+             "PROTOQ_SERVER=%s timeout -s KILL 20 "
              "bash -c '%s consume jobs --wait 2s | true; "
-             "exit ${PIPESTATUS[0]}'", g_srv.addr, protoq_bin());
+             "exit ${PIPESTATUS[0]}'",
+             g_srv.addr, protoq_bin());
     status = system(cmd);
     ck_assert_int_eq(WIFEXITED(status) ? WEXITSTATUS(status) : -1, 0);
     /* Not acked (never read), not a failed attempt (not dead-lettered). */

@@ -113,18 +113,22 @@ one_op(struct hist *h)
         if (w->q[q].sub >= 0) {
             return 0;
         }
-        if ((h->avoid & AV_KEYED_REQUEUE) && (w->q[q].nkeys > 0 || w->q[q].a.dead_letter[0])) {
+        if ((h->avoid & AV_KEYED_REQUEUE) &&
+            (w->q[q].nkeys > 0 || w->q[q].a.dead_letter[0])) {
             bool keyed = false;
 
             for (int i = 0; i < w->nm; i++) {
-                keyed |= w->m[i].st != ST_GONE && w->m[i].cur.q == q && w->m[i].key[0];
+                keyed |= w->m[i].st != ST_GONE && w->m[i].cur.q == q &&
+                         w->m[i].key[0];
             }
             if (keyed) {
                 return 0;
             }
         }
         return subscribe(h, ci, q, chance(h, 20) ? 0 : 1 + rn(h, 5),
-                         (uint8_t)rn(h, 1u << M_NTAGS)) < 0 ? -1 : 0;
+                         (uint8_t)rn(h, 1u << M_NTAGS)) < 0
+                   ? -1
+                   : 0;
     } else if (r < 520) {
         return op_flow(h);
     } else if (r < 620) {
@@ -162,11 +166,13 @@ one_op(struct hist *h)
 static int
 final_check(struct hist *h)
 {
-    if (op_restart(h, h->limit >= 0 ? 0 : (int)rn(h, 3)) != 0 || op_list(h, 0) != 0) {
+    if (op_restart(h, h->limit >= 0 ? 0 : (int)rn(h, 3)) != 0 ||
+        op_list(h, 0) != 0) {
         return -1;
     }
     for (int q = 0; q < M_NQ; q++) {
-        if (h->w.q[q].exists && (check_queue(h, q, false, 500) != 0 || op_drain(h, q) != 0)) {
+        if (h->w.q[q].exists &&
+            (check_queue(h, q, false, 500) != 0 || op_drain(h, q) != 0)) {
             return -1;
         }
     }
@@ -187,10 +193,12 @@ write_conf(void)
     ck_assert_msg(fd >= 0, "mkstemp: %s", strerror(errno));
     f = fdopen(fd, "w");
     ck_assert(f != NULL);
-    fprintf(f, "segment_bytes 64k\npayload_budget_bytes 4k\nmax_message_bytes 16k\n"
-               "max_frame_bytes 80k\nheartbeat_ms %d\nheartbeat_timeout_ms %d\n"
-               "backoff_base_ms 4\nbackoff_cap_ms 12\nmax_attempts 3\nfsync always\n",
-            HB_MS, HB_TIMEOUT_MS);
+    fprintf(
+        f,
+        "segment_bytes 64k\npayload_budget_bytes 4k\nmax_message_bytes 16k\n"
+        "max_frame_bytes 80k\nheartbeat_ms %d\nheartbeat_timeout_ms %d\n"
+        "backoff_base_ms 4\nbackoff_cap_ms 12\nmax_attempts 3\nfsync always\n",
+        HB_MS, HB_TIMEOUT_MS);
     fclose(f);
     g_args[0] = "-c";
     g_args[1] = g_conf;
@@ -215,11 +223,12 @@ run_history(struct hist *h, uint64_t seed, int ops, int limit)
         const char *av = getenv("PROTOQ_MODEL_AVOID");
 
         av = av ? av : DEFAULT_AVOID;
-        h->avoid = (strstr(av, "delete-held") ? AV_DELETE_HELD : 0) |
-                   (strstr(av, "keyed-requeue") ? AV_KEYED_REQUEUE : 0) |
-                   (strstr(av, "key-after-delete") ? AV_KEY_AFTER_DELETE : 0) |
-                   (strstr(av, "dlq-missing") ? AV_DLQ_MISSING : 0) |
-                   (strstr(av, "batch-over-segment") ? AV_BATCH_OVER_SEGMENT : 0);
+        h->avoid =
+            (strstr(av, "delete-held") ? AV_DELETE_HELD : 0) |
+            (strstr(av, "keyed-requeue") ? AV_KEYED_REQUEUE : 0) |
+            (strstr(av, "key-after-delete") ? AV_KEY_AFTER_DELETE : 0) |
+            (strstr(av, "dlq-missing") ? AV_DLQ_MISSING : 0) |
+            (strstr(av, "batch-over-segment") ? AV_BATCH_OVER_SEGMENT : 0);
     }
     m_init(&h->w);
     h->w.cfg_max_attempts = 3;
@@ -231,11 +240,13 @@ run_history(struct hist *h, uint64_t seed, int ops, int limit)
         return -1;
     }
     memset(&za, 0, sizeof(za));
-    if (conn_get(h, 0) != 0 || protoq_queue_create(h->c[0].c, "zsync", &za) != PQ_OK) {
+    if (conn_get(h, 0) != 0 ||
+        protoq_queue_create(h->c[0].c, "zsync", &za) != PQ_OK) {
         rc = -1;
         goto out;
     }
-    for (h->nops = 0; h->nops < (limit >= 0 ? limit : ops) && !failed(h); h->nops++) {
+    for (h->nops = 0; h->nops < (limit >= 0 ? limit : ops) && !failed(h);
+         h->nops++) {
         if (one_op(h) == 0) {
             flush_events(h);
         }
@@ -249,7 +260,8 @@ out:
     if (rc == 1 && getenv("MODEL_KEEP") != NULL) {
         /* keep the data dir and log for a look (MODEL_KEEP=1) */
         srv_kill9(&h->srv);
-        fprintf(stderr, "model: seed %" PRIu64 ": data dir and log kept in %s\n", seed,
+        fprintf(stderr,
+                "model: seed %" PRIu64 ": data dir and log kept in %s\n", seed,
                 h->srv.dir);
     } else {
         srv_cleanup(&h->srv);
@@ -273,7 +285,8 @@ report(struct hist *h, uint64_t seed, int ops)
     char first[sizeof(h->w.err)];
 
     snprintf(first, sizeof(first), "%s", h->w.err);
-    fprintf(stderr, "model: seed %" PRIu64 " FAILED at operation %d of %d: %s\n", seed,
+    fprintf(stderr,
+            "model: seed %" PRIu64 " FAILED at operation %d of %d: %s\n", seed,
             h->nops, ops, first);
     for (int i = 0; i < h->nlog; i++) {
         fprintf(stderr, "  %3d %s\n", i, h->log[i]);
@@ -291,13 +304,17 @@ report(struct hist *h, uint64_t seed, int ops)
         }
     }
     if (run_history(&sh, seed, ops, first_fail) == 1) {
-        fprintf(stderr, "model: seed %" PRIu64 ": shortest failing prefix: %d operations "
-                "(then a barrier restart and a full drain): %s\n", seed, first_fail, sh.w.err);
+        fprintf(stderr,
+                "model: seed %" PRIu64
+                ": shortest failing prefix: %d operations "
+                "(then a barrier restart and a full drain): %s\n",
+                seed, first_fail, sh.w.err);
         for (int i = 0; i < sh.nlog; i++) {
             fprintf(stderr, "  %3d %s\n", i, sh.log[i]);
         }
     }
-    fprintf(stderr, "model: replay with MODEL_SEED=%" PRIu64 " MODEL_OPS=%d\n", seed, ops);
+    fprintf(stderr, "model: replay with MODEL_SEED=%" PRIu64 " MODEL_OPS=%d\n",
+            seed, ops);
 }
 
 START_TEST(histories)
@@ -315,14 +332,19 @@ START_TEST(histories)
         base = strtoull(one, NULL, 10);
         n = 1;
     }
-    fprintf(stderr, "model: %d histories of %d operations, seeds %" PRIu64 "..%" PRIu64
-            " (avoiding: %s)\n", n, ops, base, base + (uint64_t)n - 1,
-            getenv("PROTOQ_MODEL_AVOID") ? getenv("PROTOQ_MODEL_AVOID") : DEFAULT_AVOID);
+    fprintf(stderr,
+            "model: %d histories of %d operations, seeds %" PRIu64 "..%" PRIu64
+            " (avoiding: %s)\n",
+            n, ops, base, base + (uint64_t)n - 1,
+            getenv("PROTOQ_MODEL_AVOID") ? getenv("PROTOQ_MODEL_AVOID")
+                                         : DEFAULT_AVOID);
     for (int i = 0; i < n; i++) {
         uint64_t seed = base + (uint64_t)i;
         int rc = run_history(&h, seed, ops, -1);
 
-        ck_assert_msg(rc >= 0, "model: seed %" PRIu64 ": could not run the history", seed);
+        ck_assert_msg(rc >= 0,
+                      "model: seed %" PRIu64 ": could not run the history",
+                      seed);
         if (rc == 1) {
             report(&h, seed, ops);
             unlink(g_conf);
@@ -335,12 +357,16 @@ START_TEST(histories)
         unc += (long)h.w.unc_msgs;
         unc_multi += (long)h.w.unc_multi;
     }
-    fprintf(stderr, "model: %d histories passed (%ld operations, %ld restarts, %.1f ms "
-            "per restart launch) in %.1f s\n", n, nops, restarts,
+    fprintf(stderr,
+            "model: %d histories passed (%ld operations, %ld restarts, %.1f ms "
+            "per restart launch) in %.1f s\n",
+            n, nops, restarts,
             launches ? (double)launch_ms / (double)launches : 0.0,
             (double)(now_ms_mono() - t0) / 1000.0);
-    fprintf(stderr, "model: after bare kill -9s, %ld messages were checked against the "
-            "states their log may hold, %ld of them with more than one\n", unc, unc_multi);
+    fprintf(stderr,
+            "model: after bare kill -9s, %ld messages were checked against the "
+            "states their log may hold, %ld of them with more than one\n",
+            unc, unc_multi);
     unlink(g_conf);
 }
 END_TEST

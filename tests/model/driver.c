@@ -70,10 +70,11 @@ failed(const struct hist *h)
 int
 unexpected(struct hist *h, int ci, const char *what, int rc, const char *want)
 {
-    return m_fail(&h->w, "%s: got %s (%d) code %s \"%s\", model wants %s", what,
-                  pq_strerror(rc), rc,
-                  h->c[ci].c ? protoq_code_name(protoq_last_error_code(h->c[ci].c)) : "-",
-                  h->c[ci].c ? protoq_errmsg(h->c[ci].c) : "", want);
+    return m_fail(
+        &h->w, "%s: got %s (%d) code %s \"%s\", model wants %s", what,
+        pq_strerror(rc), rc,
+        h->c[ci].c ? protoq_code_name(protoq_last_error_code(h->c[ci].c)) : "-",
+        h->c[ci].c ? protoq_errmsg(h->c[ci].c) : "", want);
 }
 
 bool
@@ -105,8 +106,8 @@ on_deliver(void *arg, protoq_client *c, const struct protoq_delivery *d)
     o->len = (uint32_t)d->len;
     o->hash = m_hash(d->payload, d->len);
     for (size_t i = 0; i < d->n_headers && n < sizeof(o->hdrs); i++) {
-        n += (size_t)snprintf(o->hdrs + n, sizeof(o->hdrs) - n, "%s=%s;", d->headers[i].key,
-                              d->headers[i].value);
+        n += (size_t)snprintf(o->hdrs + n, sizeof(o->hdrs) - n, "%s=%s;",
+                              d->headers[i].key, d->headers[i].value);
     }
     o->prio = d->priority;
     snprintf(o->corr, sizeof(o->corr), "%s", d->correlation_id);
@@ -121,7 +122,8 @@ on_deliver(void *arg, protoq_client *c, const struct protoq_delivery *d)
 }
 
 static void
-on_cancel(void *arg, protoq_client *c, const char *queue, uint64_t id, uint32_t attempt)
+on_cancel(void *arg, protoq_client *c, const char *queue, uint64_t id,
+          uint32_t attempt)
 {
     (void)c;
     (void)queue;
@@ -182,9 +184,10 @@ process_obs(struct hist *h)
         int si = find_sub(&h->w, g_obs[i].conn, g_obs[i].sid);
 
         if (si < 0) {
-            m_fail(&h->w, "delivery of %" PRIu64 " for subscription %" PRIu64
-                   " on connection %d, which the model does not have", g_obs[i].id,
-                   g_obs[i].sid, g_obs[i].conn);
+            m_fail(&h->w,
+                   "delivery of %" PRIu64 " for subscription %" PRIu64
+                   " on connection %d, which the model does not have",
+                   g_obs[i].id, g_obs[i].sid, g_obs[i].conn);
             break;
         }
         m_deliver(&h->w, si, &g_obs[i]);
@@ -254,8 +257,10 @@ settle(struct hist *h)
             break;
         }
         if (now_ms_mono() > deadline) {
-            return m_fail(&h->w, "the broker still owes %u deliveries (e.g. to the "
-                          "subscription on %s) after 5 s", owed, m_qname(h->w.s[who].q));
+            return m_fail(&h->w,
+                          "the broker still owes %u deliveries (e.g. to the "
+                          "subscription on %s) after 5 s",
+                          owed, m_qname(h->w.s[who].q));
         }
         if (poll_all(h, 2, -1) != 0) {
             return -1;
@@ -299,12 +304,13 @@ check_queue(struct hist *h, int q, bool counters, int retry_ms)
             return -1;
         }
         m_gauges(w, q, &r, &d, &f, &b);
-        if (qi.ready == r && qi.delayed == d && qi.inflight == f && qi.bytes == b &&
-            qi.consumers == (uint64_t)(w->q[q].sub >= 0)) {
+        if (qi.ready == r && qi.delayed == d && qi.inflight == f &&
+            qi.bytes == b && qi.consumers == (uint64_t)(w->q[q].sub >= 0)) {
             if (!counters ||
                 (qi.published == n->published && qi.acked == n->acked &&
                  qi.nacked == n->nacked && qi.redelivered == n->redelivered &&
-                 qi.expired == n->expired && qi.dead_lettered == n->dead_lettered &&
+                 qi.expired == n->expired &&
+                 qi.dead_lettered == n->dead_lettered &&
                  qi.dropped == n->dropped)) {
                 return 0;
             }
@@ -316,17 +322,21 @@ check_queue(struct hist *h, int q, bool counters, int retry_ms)
             return -1;
         }
     }
-    return m_fail(w, "stat %s: ready/delayed/inflight/bytes/consumers %" PRIu64 "/%" PRIu64
-                  "/%" PRIu64 "/%" PRIu64 "/%" PRIu64 ", model %" PRIu64 "/%" PRIu64 "/%" PRIu64
-                  "/%" PRIu64 "/%d; counters published/acked/nacked/redelivered/expired/"
-                  "dead_lettered/dropped %" PRIu64 "/%" PRIu64 "/%" PRIu64 "/%" PRIu64 "/%" PRIu64
-                  "/%" PRIu64 "/%" PRIu64 ", model %" PRIu64 "/%" PRIu64 "/%" PRIu64 "/%" PRIu64
-                  "/%" PRIu64 "/%" PRIu64 "/%" PRIu64,
-                  m_qname(q), qi.ready, qi.delayed, qi.inflight, qi.bytes, qi.consumers, r, d,
-                  f, b, w->q[q].sub >= 0, qi.published, qi.acked, qi.nacked, qi.redelivered,
-                  qi.expired, qi.dead_lettered, qi.dropped, w->q[q].n.published,
-                  w->q[q].n.acked, w->q[q].n.nacked, w->q[q].n.redelivered, w->q[q].n.expired,
-                  w->q[q].n.dead_lettered, w->q[q].n.dropped);
+    return m_fail(
+        w,
+        "stat %s: ready/delayed/inflight/bytes/consumers %" PRIu64 "/%" PRIu64
+        "/%" PRIu64 "/%" PRIu64 "/%" PRIu64 ", model %" PRIu64 "/%" PRIu64
+        "/%" PRIu64 "/%" PRIu64
+        "/%d; counters published/acked/nacked/redelivered/expired/"
+        "dead_lettered/dropped %" PRIu64 "/%" PRIu64 "/%" PRIu64 "/%" PRIu64
+        "/%" PRIu64 "/%" PRIu64 "/%" PRIu64 ", model %" PRIu64 "/%" PRIu64
+        "/%" PRIu64 "/%" PRIu64 "/%" PRIu64 "/%" PRIu64 "/%" PRIu64,
+        m_qname(q), qi.ready, qi.delayed, qi.inflight, qi.bytes, qi.consumers,
+        r, d, f, b, w->q[q].sub >= 0, qi.published, qi.acked, qi.nacked,
+        qi.redelivered, qi.expired, qi.dead_lettered, qi.dropped,
+        w->q[q].n.published, w->q[q].n.acked, w->q[q].n.nacked,
+        w->q[q].n.redelivered, w->q[q].n.expired, w->q[q].n.dead_lettered,
+        w->q[q].n.dropped);
 }
 
 /* Let every timed event of the last operation happen, then settle. */
@@ -415,7 +425,8 @@ launch(struct hist *h)
     h->launch_ms += now_ms_mono() - t0;
     h->launches++;
     if (rc != 0) {
-        return m_fail(&h->w, "protoqd did not start again (log in %s)", h->srv.dir);
+        return m_fail(&h->w, "protoqd did not start again (log in %s)",
+                      h->srv.dir);
     }
     return 0;
 }
@@ -439,15 +450,17 @@ resolve_uncertain(struct hist *h)
         if (!w->q[q].exists) {
             continue;
         }
-        if (stat_queue(h, 0, q, &qi) != 0 || subscribe(h, DRAIN_CONN, q, 100000,
-                                                       (1u << M_NTAGS) - 1) != 0) {
+        if (stat_queue(h, 0, q, &qi) != 0 ||
+            subscribe(h, DRAIN_CONN, q, 100000, (1u << M_NTAGS) - 1) != 0) {
             return -1;
         }
         si = w->q[q].sub;
         deadline = now_ms_mono() + 5000;
         while (w->s[si].held < qi.ready) {
             if (now_ms_mono() > deadline) {
-                return m_fail(w, "after kill -9: %s shows %" PRIu64 " ready, %u delivered",
+                return m_fail(w,
+                              "after kill -9: %s shows %" PRIu64
+                              " ready, %u delivered",
                               m_qname(q), qi.ready, w->s[si].held);
             }
             if (poll_all(h, 2, -1) != 0) {
@@ -461,7 +474,8 @@ resolve_uncertain(struct hist *h)
             struct m_msg *m = &w->m[i];
 
             if (m->st == ST_INFLIGHT && m->sub == si) {
-                if (protoq_ack(h->c[DRAIN_CONN].c, m->id, m->cur.attempt) != PQ_OK) {
+                if (protoq_ack(h->c[DRAIN_CONN].c, m->id, m->cur.attempt) !=
+                    PQ_OK) {
                     return unexpected(h, DRAIN_CONN, "ack", -1, "PQ_OK");
                 }
                 m->st = ST_GONE;
@@ -487,7 +501,8 @@ resolve_uncertain(struct hist *h)
                 continue;
             }
             for (int k = 0; k < m->np; k++) {
-                bool here = m->pend[k].exists && m->pend[k].q == q && m->pend[k].dlong;
+                bool here =
+                    m->pend[k].exists && m->pend[k].q == q && m->pend[k].dlong;
 
                 can_be |= here;
                 must_be &= here;
@@ -496,11 +511,16 @@ resolve_uncertain(struct hist *h)
             dmax += can_be;
         }
         if (qi.delayed < dmin || qi.delayed > dmax) {
-            return m_fail(w, "after kill -9: %s shows %" PRIu64 " delayed, model %" PRIu64
-                          "..%" PRIu64, m_qname(q), qi.delayed, dmin, dmax);
+            return m_fail(w,
+                          "after kill -9: %s shows %" PRIu64
+                          " delayed, model %" PRIu64 "..%" PRIu64,
+                          m_qname(q), qi.delayed, dmin, dmax);
         }
-        if (protoq_queue_purge(h->c[0].c, m_qname(q), &n) != PQ_OK || n != qi.delayed) {
-            return m_fail(w, "after kill -9: purge %s removed %" PRIu64 ", stat said %" PRIu64,
+        if (protoq_queue_purge(h->c[0].c, m_qname(q), &n) != PQ_OK ||
+            n != qi.delayed) {
+            return m_fail(w,
+                          "after kill -9: purge %s removed %" PRIu64
+                          ", stat said %" PRIu64,
                           m_qname(q), n, qi.delayed);
         }
         /* A message whose TTL ended before the kill but whose DROP or
@@ -526,8 +546,11 @@ resolve_uncertain(struct hist *h)
             ok |= !m->pend[k].exists || m->pend[k].dlong;
         }
         if (!ok) {
-            return m_fail(w, "after kill -9: message %" PRIu64 " (%s) is lost: every record "
-                          "the log may hold keeps it", m->id, m_qname(m->pend[m->np - 1].q));
+            return m_fail(w,
+                          "after kill -9: message %" PRIu64
+                          " (%s) is lost: every record "
+                          "the log may hold keeps it",
+                          m->id, m_qname(m->pend[m->np - 1].q));
         }
         /* its key: the answer depends on what the log held */
         if (m->key[0]) {
@@ -562,7 +585,10 @@ op_restart(struct hist *h, int kind)
             }
         }
     }
-    oplog(h, "restart: %s", kind == 0 ? "barrier + kill -9" : kind == 1 ? "kill -9" : "SIGTERM");
+    oplog(h, "restart: %s",
+          kind == 0   ? "barrier + kill -9"
+          : kind == 1 ? "kill -9"
+                      : "SIGTERM");
     h->restarts++;
     if (kind == 0 && barrier(h) != 0) {
         return -1;
@@ -580,8 +606,8 @@ op_restart(struct hist *h, int kind)
         /* debugging: the data dir as each restart found it */
         char cmd[800];
 
-        snprintf(cmd, sizeof(cmd), "cp -a %s %s/data.restart%d", h->srv.data_dir,
-                 h->srv.dir, h->restarts);
+        snprintf(cmd, sizeof(cmd), "cp -a %s %s/data.restart%d",
+                 h->srv.data_dir, h->srv.dir, h->restarts);
         if (system(cmd) != 0) {
             return m_fail(w, "%s failed", cmd);
         }
@@ -600,4 +626,3 @@ op_restart(struct hist *h, int kind)
     m_restart(w, kind == 2);
     return 0;
 }
-

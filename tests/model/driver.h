@@ -59,7 +59,7 @@ struct hist {
     int nops, limit;
     unsigned avoid;
     int restarts;
-    int64_t launch_ms;            /* time spent in srv_launch */
+    int64_t launch_ms; /* time spent in srv_launch */
     int launches;
     uint32_t pubgen;
     char log[MAX_OPS][200];
@@ -73,9 +73,11 @@ extern struct hist *g_h; /* the history running (for callbacks) */
 uint64_t rnd(struct hist *h);
 uint32_t rn(struct hist *h, uint32_t n);
 bool chance(struct hist *h, uint32_t pct);
-void oplog(struct hist *h, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void oplog(struct hist *h, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
 bool failed(const struct hist *h);
-int unexpected(struct hist *h, int ci, const char *what, int rc, const char *want);
+int unexpected(struct hist *h, int ci, const char *what, int rc,
+               const char *want);
 bool remote_is(const struct hist *h, int ci, int rc, int code);
 int conn_get(struct hist *h, int ci);
 void conn_drop(struct hist *h, int ci);

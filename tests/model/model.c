@@ -229,7 +229,8 @@ m_unlink_ready(struct model *w, int mi)
 
     for (int i = 0; i < Q->nrd; i++) {
         if (Q->rd[i] == mi) {
-            memmove(&Q->rd[i], &Q->rd[i + 1], (size_t)(Q->nrd - i - 1) * sizeof(int));
+            memmove(&Q->rd[i], &Q->rd[i + 1],
+                    (size_t)(Q->nrd - i - 1) * sizeof(int));
             Q->nrd--;
             return;
         }
@@ -270,7 +271,8 @@ m_gone(struct model *w, int mi, bool record)
 }
 
 int
-m_add_event(struct model *w, int mi, enum m_ev kind, int64_t lo, int64_t hi, uint32_t grp)
+m_add_event(struct model *w, int mi, enum m_ev kind, int64_t lo, int64_t hi,
+            uint32_t grp)
 {
     for (int i = 0; i < M_MAXEV; i++) {
         if (!w->ev[i].used) {
@@ -288,7 +290,8 @@ m_dead_letter(struct model *w, int mi, const char *reason, uint32_t grp)
 {
     struct m_msg *m = &w->m[mi];
     int src = m->cur.q;
-    int dst = w->q[src].a.dead_letter[0] ? m_qindex(w->q[src].a.dead_letter) : -1;
+    int dst =
+        w->q[src].a.dead_letter[0] ? m_qindex(w->q[src].a.dead_letter) : -1;
     struct m_dl d;
 
     memset(&d, 0, sizeof(d));
@@ -338,7 +341,8 @@ backoff_hi(const struct model *w, int q, uint32_t failures)
 
 /* Back to ready after a failure or release: at once (front) or timed. */
 static void
-requeue(struct model *w, int mi, int64_t now, uint64_t lo, uint64_t hi, uint32_t grp)
+requeue(struct model *w, int mi, int64_t now, uint64_t lo, uint64_t hi,
+        uint32_t grp)
 {
     struct m_msg *m = &w->m[mi];
 
@@ -348,7 +352,8 @@ requeue(struct model *w, int mi, int64_t now, uint64_t lo, uint64_t hi, uint32_t
     if (hi == 0) {
         m_insert_front(w, m->cur.q, mi);
     } else {
-        m_add_event(w, mi, EV_READY_FRONT, now + (int64_t)lo, now + (int64_t)hi, grp);
+        m_add_event(w, mi, EV_READY_FRONT, now + (int64_t)lo, now + (int64_t)hi,
+                    grp);
     }
     m_record(w, m);
 }
@@ -496,7 +501,8 @@ m_apply_one_event(struct model *w)
     case EV_EXPIRE:
         w->q[m->cur.q].n.expired++;
         m->st = ST_READY; /* not linked: dead-letter or drop unlinks nothing */
-        if (w->q[m->cur.q].a.dead_letter_expired && w->q[m->cur.q].a.dead_letter[0]) {
+        if (w->q[m->cur.q].a.dead_letter_expired &&
+            w->q[m->cur.q].a.dead_letter[0]) {
             m->st = ST_DLONG;
             m_dead_letter(w, ev.m, "expired", 0);
         } else {
@@ -586,8 +592,8 @@ m_owed(const struct model *w, int si)
 }
 
 void
-m_headers_text(const struct model *w, const struct m_msg *m, const struct m_proj *p,
-               char *buf, size_t cap)
+m_headers_text(const struct model *w, const struct m_msg *m,
+               const struct m_proj *p, char *buf, size_t cap)
 {
     size_t n = 0;
 
@@ -600,10 +606,12 @@ m_headers_text(const struct model *w, const struct m_msg *m, const struct m_proj
         const struct m_dl *d = &p->dl[i];
 
         n += (size_t)snprintf(buf + n, cap - n,
-                              "x-death-reason=%s;x-death-attempts=%" PRIu32 ";x-death-queue=%s;",
+                              "x-death-reason=%s;x-death-attempts=%" PRIu32
+                              ";x-death-queue=%s;",
                               d->reason, d->attempts, m_qname(d->q));
         if (d->err[0] && n < cap) {
-            n += (size_t)snprintf(buf + n, cap - n, "x-death-error=%s;", d->err);
+            n +=
+                (size_t)snprintf(buf + n, cap - n, "x-death-error=%s;", d->err);
         }
     }
 }
@@ -616,7 +624,8 @@ check_fields(struct model *w, const struct m_msg *m, const struct m_proj *p,
     static char buf[70000];
 
     if (o->len != m->len) {
-        return m_fail(w, "message %" PRIu64 ": payload %u bytes, want %u", m->id, o->len, m->len);
+        return m_fail(w, "message %" PRIu64 ": payload %u bytes, want %u",
+                      m->id, o->len, m->len);
     }
     m_payload(m->gen, m->len, buf);
     if (o->hash != m_hash(buf, m->len)) {
@@ -624,24 +633,31 @@ check_fields(struct model *w, const struct m_msg *m, const struct m_proj *p,
     }
     m_headers_text(w, m, p, exp, sizeof(exp));
     if (strcmp(exp, o->hdrs) != 0) {
-        return m_fail(w, "message %" PRIu64 ": headers '%s', want '%s'", m->id, o->hdrs, exp);
+        return m_fail(w, "message %" PRIu64 ": headers '%s', want '%s'", m->id,
+                      o->hdrs, exp);
     }
-    if (o->prio != m->prio || strcmp(o->corr, m->corr) != 0 || strcmp(o->rto, m->rto) != 0 ||
-        strcmp(o->key, m->key) != 0) {
-        return m_fail(w, "message %" PRIu64 ": priority/correlation/reply_to/key %u/%s/%s/%s, "
-                      "want %u/%s/%s/%s", m->id, o->prio, o->corr, o->rto, o->key,
-                      m->prio, m->corr, m->rto, m->key);
+    if (o->prio != m->prio || strcmp(o->corr, m->corr) != 0 ||
+        strcmp(o->rto, m->rto) != 0 || strcmp(o->key, m->key) != 0) {
+        return m_fail(w,
+                      "message %" PRIu64
+                      ": priority/correlation/reply_to/key %u/%s/%s/%s, "
+                      "want %u/%s/%s/%s",
+                      m->id, o->prio, o->corr, o->rto, o->key, m->prio, m->corr,
+                      m->rto, m->key);
     }
     if (o->pg.has != p->pg.has ||
-        (p->pg.has && (o->pg.pct != p->pg.pct || strcmp(o->pg.text, p->pg.text) != 0 ||
-                       strcmp(o->pg.ckpt, p->pg.ckpt) != 0))) {
-        return m_fail(w, "message %" PRIu64 ": progress %d %u '%s' '%s', want %d %u '%s' '%s'",
-                      m->id, o->pg.has, o->pg.pct, o->pg.text, o->pg.ckpt, p->pg.has,
-                      p->pg.pct, p->pg.text, p->pg.ckpt);
+        (p->pg.has &&
+         (o->pg.pct != p->pg.pct || strcmp(o->pg.text, p->pg.text) != 0 ||
+          strcmp(o->pg.ckpt, p->pg.ckpt) != 0))) {
+        return m_fail(w,
+                      "message %" PRIu64
+                      ": progress %d %u '%s' '%s', want %d %u '%s' '%s'",
+                      m->id, o->pg.has, o->pg.pct, o->pg.text, o->pg.ckpt,
+                      p->pg.has, p->pg.pct, p->pg.text, p->pg.ckpt);
     }
     if (o->attempt != p->attempt + 1) {
-        return m_fail(w, "message %" PRIu64 ": attempt %u, want %u", m->id, o->attempt,
-                      p->attempt + 1);
+        return m_fail(w, "message %" PRIu64 ": attempt %u, want %u", m->id,
+                      o->attempt, p->attempt + 1);
     }
     return 0;
 }
@@ -665,7 +681,8 @@ deliver_uncertain(struct model *w, int si, int mi, const struct m_obs *o)
     int q = w->s[si].q;
 
     if (m->seen) {
-        return m_fail(w, "message %" PRIu64 " delivered twice after the restart", m->id);
+        return m_fail(
+            w, "message %" PRIu64 " delivered twice after the restart", m->id);
     }
     for (int k = m->np - 1; k >= 0; k--) {
         struct m_proj *p = &m->pend[k];
@@ -693,8 +710,11 @@ deliver_uncertain(struct model *w, int si, int mi, const struct m_obs *o)
         w->failed = false;
         w->err[0] = '\0';
     }
-    return m_fail(w, "message %" PRIu64 " delivered from %s (attempt %u) matches none of "
-                  "the %u states the log may hold for it", m->id, m_qname(q), o->attempt, m->np);
+    return m_fail(w,
+                  "message %" PRIu64
+                  " delivered from %s (attempt %u) matches none of "
+                  "the %u states the log may hold for it",
+                  m->id, m_qname(q), o->attempt, m->np);
 }
 
 /* One try at matching a delivery against the model as it is now. */
@@ -707,13 +727,15 @@ deliver_now(struct model *w, int si, int mi, const struct m_obs *o)
     int from, to, at = -1;
 
     if (s->held >= s->prefetch) {
-        return m_fail(w, "delivery of %" PRIu64 " beyond the prefetch %u of %s", o->id,
-                      s->prefetch, o->queue);
+        return m_fail(w, "delivery of %" PRIu64 " beyond the prefetch %u of %s",
+                      o->id, s->prefetch, o->queue);
     }
     if (!candidates(w, si, &from, &to)) {
-        return m_fail(w, "delivery of %" PRIu64 " (attempt %u) from %s, but nothing is ready "
-                      "for it (message state %d in %s)", o->id, o->attempt, o->queue, m->st,
-                      m_qname(m->cur.q));
+        return m_fail(w,
+                      "delivery of %" PRIu64
+                      " (attempt %u) from %s, but nothing is ready "
+                      "for it (message state %d in %s)",
+                      o->id, o->attempt, o->queue, m->st, m_qname(m->cur.q));
     }
     for (int i = from; i < to; i++) {
         if (Q->rd[i] == mi && eligible(w, si, mi)) {
@@ -721,9 +743,12 @@ deliver_now(struct model *w, int si, int mi, const struct m_obs *o)
         }
     }
     if (at < 0) {
-        return m_fail(w, "delivery of %" PRIu64 " (attempt %u) from %s, want %" PRIu64
-                      " (attempt %u)%s; its state %d in %s", o->id, o->attempt, o->queue,
-                      w->m[Q->rd[from]].id, w->m[Q->rd[from]].cur.attempt + 1,
+        return m_fail(w,
+                      "delivery of %" PRIu64
+                      " (attempt %u) from %s, want %" PRIu64
+                      " (attempt %u)%s; its state %d in %s",
+                      o->id, o->attempt, o->queue, w->m[Q->rd[from]].id,
+                      w->m[Q->rd[from]].cur.attempt + 1,
                       to - from > 1 ? " or another of its group" : "", m->st,
                       m_qname(m->cur.q));
     }
@@ -750,11 +775,13 @@ m_deliver(struct model *w, int si, const struct m_obs *o)
     int mi = find_msg(w, o->id);
 
     if (strcmp(o->queue, m_qname(s->q)) != 0) {
-        return m_fail(w, "delivery of %" PRIu64 " names queue %s, subscription is on %s",
-                      o->id, o->queue, m_qname(s->q));
+        return m_fail(
+            w, "delivery of %" PRIu64 " names queue %s, subscription is on %s",
+            o->id, o->queue, m_qname(s->q));
     }
     if (mi < 0) {
-        return m_fail(w, "delivery of unknown message %" PRIu64 " from %s", o->id, o->queue);
+        return m_fail(w, "delivery of unknown message %" PRIu64 " from %s",
+                      o->id, o->queue);
     }
     if (w->m[mi].unc) {
         return deliver_uncertain(w, si, mi, o);
@@ -894,7 +921,8 @@ m_restart(struct model *w, bool clean)
         m->grp = 0;
         m->cancelled = false;
         m->ev = -1;
-        if (!m->cur.exists || !w->q[m->cur.q].exists || w->q[m->cur.q].a.transient) {
+        if (!m->cur.exists || !w->q[m->cur.q].exists ||
+            w->q[m->cur.q].a.transient) {
             m->st = ST_GONE;
             m->cur.exists = false;
             continue;

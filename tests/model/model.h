@@ -26,15 +26,15 @@
 #include "protoq.h"
 
 enum {
-    M_NQ = 5,          /* queue slots q0..q4 */
-    M_MAXM = 700,      /* messages per history */
-    M_NC = 4,          /* connections; the last one is the drainer's */
-    M_NS = 16,         /* subscriptions */
-    M_MAXDL = 5,       /* dead-letter hops kept per message */
-    M_MAXP = 8,        /* records kept since the last durable point */
-    M_NTAGS = 3,       /* tag universe: gpu=a100, gpu=h100, zone=eu */
-    M_MAXEV = 256,     /* pending timed events */
-    M_MAXKEYS = 64,    /* dedup entries per queue */
+    M_NQ = 5,       /* queue slots q0..q4 */
+    M_MAXM = 700,   /* messages per history */
+    M_NC = 4,       /* connections; the last one is the drainer's */
+    M_NS = 16,      /* subscriptions */
+    M_MAXDL = 5,    /* dead-letter hops kept per message */
+    M_MAXP = 8,     /* records kept since the last durable point */
+    M_NTAGS = 3,    /* tag universe: gpu=a100, gpu=h100, zone=eu */
+    M_MAXEV = 256,  /* pending timed events */
+    M_MAXKEYS = 64, /* dedup entries per queue */
 };
 
 enum m_state { ST_GONE, ST_READY, ST_DLONG, ST_INFLIGHT, ST_TIMED };
@@ -60,18 +60,18 @@ struct m_dl {
 struct m_proj {
     bool exists;
     int q;
-    uint32_t attempt;    /* deliveries so far */
+    uint32_t attempt; /* deliveries so far */
     uint32_t failures;
     struct m_prog pg;
     uint8_t ndl;
     struct m_dl dl[M_MAXDL];
-    char err[24];        /* the last nack's error text */
-    bool dlong;          /* delayed for an hour */
+    char err[24]; /* the last nack's error text */
+    bool dlong;   /* delayed for an hour */
 };
 
 struct m_msg {
     uint64_t id;
-    uint32_t gen;        /* payload generator index */
+    uint32_t gen; /* payload generator index */
     uint32_t len;
     uint8_t nh;
     char hk[3][8];
@@ -80,38 +80,39 @@ struct m_msg {
     char key[24];
     char corr[12];
     char rto[12];
-    uint8_t reqmask;     /* required tags (bits over the universe) */
-    bool doomed;         /* TTL ends before its delay: never delivered */
+    uint8_t reqmask; /* required tags (bits over the universe) */
+    bool doomed;     /* TTL ends before its delay: never delivered */
     bool ttl_long;
-    struct m_proj cur;   /* the live state */
+    struct m_proj cur; /* the live state */
     enum m_state st;
-    int sub;             /* INFLIGHT: holder */
-    uint64_t dseq;       /* INFLIGHT: delivery order */
-    uint32_t grp;        /* READY: unordered group, 0 = none */
-    bool cancelled;      /* INFLIGHT and cancelled */
-    int ev;              /* TIMED: pending event index, -1 none */
-    uint8_t np;          /* pend[0] durable, pend[1..np) written since */
+    int sub;        /* INFLIGHT: holder */
+    uint64_t dseq;  /* INFLIGHT: delivery order */
+    uint32_t grp;   /* READY: unordered group, 0 = none */
+    bool cancelled; /* INFLIGHT and cancelled */
+    int ev;         /* TIMED: pending event index, -1 none */
+    uint8_t np;     /* pend[0] durable, pend[1..np) written since */
     struct m_proj pend[M_MAXP];
-    bool unc;            /* after a kill -9: state is one of pend[] */
-    bool seen;           /* uncertain and observed */
+    bool unc;  /* after a kill -9: state is one of pend[] */
+    bool seen; /* uncertain and observed */
 };
 
 struct m_counters {
-    uint64_t published, acked, nacked, redelivered, expired, dead_lettered, dropped;
+    uint64_t published, acked, nacked, redelivered, expired, dead_lettered,
+        dropped;
 };
 
 struct m_key {
     char key[24];
-    int m;               /* message index, -1 = unknown (avoid the key) */
+    int m; /* message index, -1 = unknown (avoid the key) */
 };
 
 struct m_queue {
     bool exists;
-    uint32_t inc;        /* incarnation (create after delete) */
+    uint32_t inc; /* incarnation (create after delete) */
     struct protoq_queue_attrs a;
-    int rd[M_MAXM];      /* READY messages in delivery order */
+    int rd[M_MAXM]; /* READY messages in delivery order */
     int nrd;
-    int sub;             /* the one subscription, -1 none */
+    int sub; /* the one subscription, -1 none */
     struct m_counters n;
     struct m_key keys[M_MAXKEYS];
     int nkeys;
@@ -124,14 +125,14 @@ struct m_sub {
     uint64_t sid;
     uint32_t prefetch;
     uint32_t held;
-    uint8_t tags;        /* bits over the universe */
+    uint8_t tags; /* bits over the universe */
 };
 
 struct m_event {
     bool used;
     int m;
     enum m_ev kind;
-    int64_t lo, hi;      /* monotonic ms window */
+    int64_t lo, hi; /* monotonic ms window */
     uint32_t grp;
 };
 
@@ -158,7 +159,7 @@ struct model {
     struct m_event ev[M_MAXEV];
     uint64_t dseq;
     uint32_t grp;
-    uint32_t cfg_max_attempts;    /* broker defaults the test configures */
+    uint32_t cfg_max_attempts; /* broker defaults the test configures */
     uint64_t cfg_backoff_base, cfg_backoff_cap, cfg_ack_timeout, cfg_dedup;
     uint64_t unc_msgs, unc_multi; /* after bare kill -9s: messages, and
                                      those with more than one possible state */
@@ -170,7 +171,8 @@ extern const char *const m_tag_key[M_NTAGS];
 extern const char *const m_tag_val[M_NTAGS];
 
 /* m_fail: record the first mismatch (printf-like); returns -1. */
-int m_fail(struct model *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int m_fail(struct model *w, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
 
 const char *m_qname(int q);
 int m_qindex(const char *name);
@@ -193,15 +195,18 @@ void m_insert_back(struct model *w, int q, int mi);
 void m_insert_front(struct model *w, int q, int mi);
 void m_unlink_ready(struct model *w, int mi);
 void m_gone(struct model *w, int mi, bool record);
-int m_add_event(struct model *w, int mi, enum m_ev kind, int64_t lo, int64_t hi, uint32_t grp);
+int m_add_event(struct model *w, int mi, enum m_ev kind, int64_t lo, int64_t hi,
+                uint32_t grp);
 void m_drop_event(struct model *w, int mi);
 /* A failed attempt of held (unlinked) message mi. */
-void m_fail_attempt(struct model *w, int mi, int64_t now, bool to_dl, bool has_delay,
-                    uint64_t delay, uint32_t grp, uint32_t dlgrp);
+void m_fail_attempt(struct model *w, int mi, int64_t now, bool to_dl,
+                    bool has_delay, uint64_t delay, uint32_t grp,
+                    uint32_t dlgrp);
 void m_dead_letter(struct model *w, int mi, const char *reason, uint32_t grp);
 void m_release_held(struct model *w, int mi);
 /* A subscription ends (unsubscribe, disconnect, queue deleted). */
-void m_detach(struct model *w, int si, int64_t now, uint32_t grp, uint32_t dlgrp);
+void m_detach(struct model *w, int si, int64_t now, uint32_t grp,
+              uint32_t dlgrp);
 /* Apply the earliest pending event; false if none. */
 bool m_apply_one_event(struct model *w);
 /* Apply events in order until message mi has none. */
@@ -214,8 +219,8 @@ uint32_t m_owed(const struct model *w, int si);
 /* Check one delivery; 0 or -1 (w->err set). */
 int m_deliver(struct model *w, int si, const struct m_obs *o);
 /* Expected header text of message m as its delivery shows it. */
-void m_headers_text(const struct model *w, const struct m_msg *m, const struct m_proj *p,
-                    char *buf, size_t cap);
+void m_headers_text(const struct model *w, const struct m_msg *m,
+                    const struct m_proj *p, char *buf, size_t cap);
 
 /* Restarts. held_released: a clean stop gave held jobs back as released. */
 void m_restart(struct model *w, bool clean);

@@ -23,7 +23,8 @@ ids_text(const struct model *w, int q)
 
     buf[0] = '\0';
     for (int i = 0; i < w->q[q].nrd && n < sizeof(buf) - 24; i++) {
-        n += (size_t)snprintf(buf + n, sizeof(buf) - n, " %" PRIu64, w->m[w->q[q].rd[i]].id);
+        n += (size_t)snprintf(buf + n, sizeof(buf) - n, " %" PRIu64,
+                              w->m[w->q[q].rd[i]].id);
     }
     return buf;
 }
@@ -84,11 +85,15 @@ attrs_same(const struct model *w, int q, const struct protoq_queue_attrs *b)
 
     m_effective(w, q, &a);
     return a.transient == b->transient && a.max_length == b->max_length &&
-           a.max_bytes == b->max_bytes && a.ack_timeout_ms == b->ack_timeout_ms &&
-           a.max_attempts == b->max_attempts && strcmp(a.dead_letter, b->dead_letter) == 0 &&
-           a.backoff_base_ms == b->backoff_base_ms && a.backoff_cap_ms == b->backoff_cap_ms &&
-           a.ttl_ms == b->ttl_ms && a.dedup_window_ms == b->dedup_window_ms &&
-           a.max_lease_ms == b->max_lease_ms && a.dead_letter_expired == b->dead_letter_expired &&
+           a.max_bytes == b->max_bytes &&
+           a.ack_timeout_ms == b->ack_timeout_ms &&
+           a.max_attempts == b->max_attempts &&
+           strcmp(a.dead_letter, b->dead_letter) == 0 &&
+           a.backoff_base_ms == b->backoff_base_ms &&
+           a.backoff_cap_ms == b->backoff_cap_ms && a.ttl_ms == b->ttl_ms &&
+           a.dedup_window_ms == b->dedup_window_ms &&
+           a.max_lease_ms == b->max_lease_ms &&
+           a.dead_letter_expired == b->dead_letter_expired &&
            a.no_backoff == b->no_backoff;
 }
 
@@ -105,11 +110,14 @@ op_create(struct hist *h, int ci, int q)
         a = w->q[q].a; /* re-declare with the same attributes */
     }
     dl = a.dead_letter[0] ? m_qindex(a.dead_letter) : -1;
-    oplog(h, "create %s transient=%d max_length=%" PRIu64 " max_bytes=%" PRIu64 " ack=%" PRIu64
-          " attempts=%u dl=%s dle=%d backoff=%" PRIu64 "/%" PRIu64 "%s ttl=%" PRIu64 " (c%d)",
-          m_qname(q), a.transient, a.max_length, a.max_bytes, a.ack_timeout_ms, a.max_attempts,
-          a.dead_letter, a.dead_letter_expired, a.backoff_base_ms, a.backoff_cap_ms,
-          a.no_backoff ? " none" : "", a.ttl_ms, ci);
+    oplog(h,
+          "create %s transient=%d max_length=%" PRIu64 " max_bytes=%" PRIu64
+          " ack=%" PRIu64 " attempts=%u dl=%s dle=%d backoff=%" PRIu64
+          "/%" PRIu64 "%s ttl=%" PRIu64 " (c%d)",
+          m_qname(q), a.transient, a.max_length, a.max_bytes, a.ack_timeout_ms,
+          a.max_attempts, a.dead_letter, a.dead_letter_expired,
+          a.backoff_base_ms, a.backoff_cap_ms, a.no_backoff ? " none" : "",
+          a.ttl_ms, ci);
     if (w->q[q].exists) {
         struct m_queue tmp = w->q[q];
 
@@ -122,17 +130,21 @@ op_create(struct hist *h, int ci, int q)
     rc = protoq_queue_create(h->c[ci].c, m_qname(q), &a);
     /* The dead-letter queue must exist, and a durable queue's must be
      * durable (the broker checks this before anything else). */
-    dl_bad = dl >= 0 && (!w->q[dl].exists || (!a.transient && w->q[dl].a.transient));
+    dl_bad =
+        dl >= 0 && (!w->q[dl].exists || (!a.transient && w->q[dl].a.transient));
     if (w->q[q].exists && !(dl_bad && !same)) {
-        if (same ? rc != PQ_OK : !remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_EXISTS)) {
-            return unexpected(h, ci, "create existing", rc, same ? "PQ_OK" : "QUEUE_EXISTS");
+        if (same ? rc != PQ_OK
+                 : !remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_EXISTS)) {
+            return unexpected(h, ci, "create existing", rc,
+                              same ? "PQ_OK" : "QUEUE_EXISTS");
         }
         return 0;
     }
     if (dl_bad) {
         if (rc == PQ_OK) {
-            return unexpected(h, ci, "create with a missing or transient dead_letter queue",
-                              rc, "a refusal");
+            return unexpected(
+                h, ci, "create with a missing or transient dead_letter queue",
+                rc, "a refusal");
         }
         return 0;
     }
@@ -164,7 +176,8 @@ static int
 dl_user(const struct model *w, int q)
 {
     for (int i = 0; i < M_NQ; i++) {
-        if (i != q && w->q[i].exists && strcmp(w->q[i].a.dead_letter, m_qname(q)) == 0) {
+        if (i != q && w->q[i].exists &&
+            strcmp(w->q[i].a.dead_letter, m_qname(q)) == 0) {
             return i;
         }
     }
@@ -183,15 +196,19 @@ op_delete(struct hist *h, int ci, int q)
     if ((h->avoid & AV_DLQ_MISSING) && user >= 0) {
         return 0;
     }
-    oplog(h, "delete %s%s (c%d)", m_qname(q), queue_has_held(w, q) ? " with jobs held" : "", ci);
+    oplog(h, "delete %s%s (c%d)", m_qname(q),
+          queue_has_held(w, q) ? " with jobs held" : "", ci);
     rc = protoq_queue_delete(h->c[ci].c, m_qname(q));
     if (!w->q[q].exists) {
         return remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_NOT_FOUND)
-                   ? 0 : unexpected(h, ci, "delete of a missing queue", rc, "QUEUE_NOT_FOUND");
+                   ? 0
+                   : unexpected(h, ci, "delete of a missing queue", rc,
+                                "QUEUE_NOT_FOUND");
     }
     if (user >= 0) {
         if (rc == PQ_OK) {
-            return unexpected(h, ci, "delete of a dead-letter queue in use", rc, "a refusal");
+            return unexpected(h, ci, "delete of a dead-letter queue in use", rc,
+                              "a refusal");
         }
         return 0;
     }
@@ -226,7 +243,9 @@ op_purge(struct hist *h, int ci, int q, uint64_t extra)
     rc = protoq_queue_purge(h->c[ci].c, m_qname(q), &n);
     if (!w->q[q].exists) {
         return remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_NOT_FOUND)
-                   ? 0 : unexpected(h, ci, "purge of a missing queue", rc, "QUEUE_NOT_FOUND");
+                   ? 0
+                   : unexpected(h, ci, "purge of a missing queue", rc,
+                                "QUEUE_NOT_FOUND");
     }
     if (rc != PQ_OK) {
         return unexpected(h, ci, "purge", rc, "PQ_OK");
@@ -234,13 +253,15 @@ op_purge(struct hist *h, int ci, int q, uint64_t extra)
     for (int i = 0; i < w->nm; i++) {
         struct m_msg *m = &w->m[i];
 
-        if (m->cur.q == q && (m->st == ST_READY || m->st == ST_DLONG || m->st == ST_TIMED)) {
+        if (m->cur.q == q &&
+            (m->st == ST_READY || m->st == ST_DLONG || m->st == ST_TIMED)) {
             want++;
             m_gone(w, i, true);
         }
     }
     if (n != want) {
-        return m_fail(w, "purge %s removed %" PRIu64 ", model %" PRIu64, m_qname(q), n, want);
+        return m_fail(w, "purge %s removed %" PRIu64 ", model %" PRIu64,
+                      m_qname(q), n, want);
     }
     if (!w->q[q].a.transient) {
         m_durable(w);
@@ -263,7 +284,8 @@ op_churn(struct hist *h, int ci, int q)
         w->q[q].a.max_bytes != 0 || w->q[q].sub >= 0) {
         return 0;
     }
-    oplog(h, "churn %s: 12 x %zu bytes, then purge (c%d)", m_qname(q), sizeof(payload), ci);
+    oplog(h, "churn %s: 12 x %zu bytes, then purge (c%d)", m_qname(q),
+          sizeof(payload), ci);
     memset(pm, 0, sizeof(pm));
     memset(payload, 'z', sizeof(payload));
     for (int i = 0; i < 4; i++) {
@@ -304,7 +326,8 @@ op_list(struct hist *h, int ci)
             continue;
         }
         if (q < 0 || !w->q[q].exists) {
-            m_fail(w, "list shows queue %s, which the model does not have", l[i].name);
+            m_fail(w, "list shows queue %s, which the model does not have",
+                   l[i].name);
         } else if (!attrs_same(w, q, &l[i].attrs)) {
             m_fail(w, "list: %s has other attributes than declared", l[i].name);
         }
@@ -341,8 +364,8 @@ find_key(const struct m_queue *Q, const char *key)
 
 /* Make message mi (not yet in any queue) and its wire form. */
 static void
-gen_msg(struct hist *h, int mi, int q, bool keyed, uint32_t maxlen, struct protoq_message *pm,
-        struct pubbuf *b)
+gen_msg(struct hist *h, int mi, int q, bool keyed, uint32_t maxlen,
+        struct protoq_message *pm, struct pubbuf *b)
 {
     struct m_msg *m = &h->w.m[mi];
 
@@ -441,7 +464,8 @@ stored(struct hist *h, int mi, int q, int kind, const struct protoq_message *pm,
                     t1 + (int64_t)pm->delay_ms, grp);
         break;
     case 3:
-        m_add_event(w, mi, EV_EXPIRE, t0 + (int64_t)pm->ttl_ms, t1 + (int64_t)pm->ttl_ms, 0);
+        m_add_event(w, mi, EV_EXPIRE, t0 + (int64_t)pm->ttl_ms,
+                    t1 + (int64_t)pm->ttl_ms, 0);
         break;
     default:
         m_insert_back(w, q, mi);
@@ -457,7 +481,8 @@ static bool
 can_key(const struct hist *h, int q)
 {
     /* avoid keyed-requeue: no keys where a subscription can put them back */
-    return !(h->avoid & AV_KEYED_REQUEUE) || (h->w.q[q].sub < 0 && h->w.q[q].a.dead_letter[0] == '\0');
+    return !(h->avoid & AV_KEYED_REQUEUE) ||
+           (h->w.q[q].sub < 0 && h->w.q[q].a.dead_letter[0] == '\0');
 }
 
 int
@@ -484,24 +509,31 @@ op_publish(struct hist *h, int ci, int q)
             return 0;
         }
     }
-    oplog(h, "publish %s len=%u prio=%u key=%s req=%u delay=%" PRIu64 " ttl=%" PRIu64 " (c%d)",
-          m_qname(q), w->m[mi].len, w->m[mi].prio, w->m[mi].key, w->m[mi].reqmask, pm.delay_ms,
-          pm.ttl_ms, ci);
+    oplog(h,
+          "publish %s len=%u prio=%u key=%s req=%u delay=%" PRIu64
+          " ttl=%" PRIu64 " (c%d)",
+          m_qname(q), w->m[mi].len, w->m[mi].prio, w->m[mi].key,
+          w->m[mi].reqmask, pm.delay_ms, pm.ttl_ms, ci);
     t0 = now_ms_mono();
     rc = protoq_publish_ex(h->c[ci].c, m_qname(q), &pm, &id, &dup);
     t1 = now_ms_mono();
     if (!w->q[q].exists) {
         w->nm--;
         return remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_NOT_FOUND)
-                   ? 0 : unexpected(h, ci, "publish to a missing queue", rc, "QUEUE_NOT_FOUND");
+                   ? 0
+                   : unexpected(h, ci, "publish to a missing queue", rc,
+                                "QUEUE_NOT_FOUND");
     }
     if (k >= 0) {
         const struct m_msg *first = &w->m[w->q[q].keys[k].m];
 
         w->nm--;
         if (rc != PQ_OK || !dup || id != first->id) {
-            return m_fail(w, "publish %s key %s: rc %s dup %d id %" PRIu64 ", model: duplicate "
-                          "of %" PRIu64, m_qname(q), first->key, pq_strerror(rc), dup, id,
+            return m_fail(w,
+                          "publish %s key %s: rc %s dup %d id %" PRIu64
+                          ", model: duplicate "
+                          "of %" PRIu64,
+                          m_qname(q), first->key, pq_strerror(rc), dup, id,
                           first->id);
         }
         return 0;
@@ -509,7 +541,9 @@ op_publish(struct hist *h, int ci, int q)
     if (!m_room(w, q, 1, w->m[mi].len)) {
         w->nm--;
         return remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_FULL)
-                   ? 0 : unexpected(h, ci, "publish to a full queue", rc, "QUEUE_FULL");
+                   ? 0
+                   : unexpected(h, ci, "publish to a full queue", rc,
+                                "QUEUE_FULL");
     }
     if (rc != PQ_OK || dup) {
         w->nm--;
@@ -549,16 +583,18 @@ op_batch(struct hist *h, int ci, int q0)
         mis[i] = m_new_msg(w);
         b[i].payload = payloads[i];
         /* avoid batch-over-segment: 5 x 8000 bytes fit in a 64 KiB segment */
-        gen_msg(h, mis[i], qs[i], false, (h->avoid & AV_BATCH_OVER_SEGMENT) ? 8000 : 16000,
-                &pm[i], &b[i]);
+        gen_msg(h, mis[i], qs[i], false,
+                (h->avoid & AV_BATCH_OVER_SEGMENT) ? 8000 : 16000, &pm[i],
+                &b[i]);
         kinds[i] = gen_timing(h, mis[i], &pm[i], i);
         qn[i] = m_qname(qs[i]);
         all_exist &= w->q[qs[i]].exists;
         need[qs[i]]++;
         bytes[qs[i]] += w->m[mis[i]].len;
-        ln += (size_t)snprintf(line + ln, sizeof(line) - ln, " %s/%u/p%u/d%" PRIu64 "/t%" PRIu64,
-                               qn[i], w->m[mis[i]].len, w->m[mis[i]].prio, pm[i].delay_ms,
-                               pm[i].ttl_ms);
+        ln += (size_t)snprintf(line + ln, sizeof(line) - ln,
+                               " %s/%u/p%u/d%" PRIu64 "/t%" PRIu64, qn[i],
+                               w->m[mis[i]].len, w->m[mis[i]].prio,
+                               pm[i].delay_ms, pm[i].ttl_ms);
     }
     oplog(h, "batch%s (c%d)", line, ci);
     for (int q = 0; q < M_NQ && all_exist; q++) {
@@ -573,7 +609,8 @@ op_batch(struct hist *h, int ci, int q0)
                        : remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_FULL)) {
             return 0;
         }
-        return unexpected(h, ci, "batch", rc, !all_exist ? "QUEUE_NOT_FOUND" : "QUEUE_FULL");
+        return unexpected(h, ci, "batch", rc,
+                          !all_exist ? "QUEUE_NOT_FOUND" : "QUEUE_FULL");
     }
     if (rc != PQ_OK) {
         w->nm = first;
@@ -629,16 +666,19 @@ subscribe(struct hist *h, int ci, int q, uint32_t prefetch, uint8_t tags)
             t[nt++].value = m_tag_val[i];
         }
     }
-    oplog(h, "subscribe %s prefetch=%u tags=%u (c%d)", m_qname(q), prefetch, tags, ci);
+    oplog(h, "subscribe %s prefetch=%u tags=%u (c%d)", m_qname(q), prefetch,
+          tags, ci);
     /* deliveries may come before SubscribeOk: know the subscription first */
-    w->s[si] = (struct m_sub){true, ci, q, 0, prefetch ? prefetch : 1, 0, tags}; /* 0 = 1 */
-    rc = protoq_subscribe(h->c[ci].c, m_qname(q), prefetch, nt ? t : NULL, nt, on_deliver,
-                          (void *)(intptr_t)ci, &sid);
+    w->s[si] = (struct m_sub){true, ci,  q, 0, prefetch ? prefetch : 1,
+                              0,    tags}; /* 0 = 1 */
+    rc = protoq_subscribe(h->c[ci].c, m_qname(q), prefetch, nt ? t : NULL, nt,
+                          on_deliver, (void *)(intptr_t)ci, &sid);
     if (!w->q[q].exists) {
         w->s[si].used = false;
         return remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_NOT_FOUND)
-                   ? 1 : unexpected(h, ci, "subscribe to a missing queue", rc,
-                                    "QUEUE_NOT_FOUND");
+                   ? 1
+                   : unexpected(h, ci, "subscribe to a missing queue", rc,
+                                "QUEUE_NOT_FOUND");
     }
     if (rc != PQ_OK) {
         w->s[si].used = false;
@@ -688,8 +728,9 @@ expect_async(struct hist *h, int ci, uint64_t stale_want, const char *what)
         return -1;
     }
     if (protoq_async_errors(h->c[ci].c) - before != stale_want) {
-        return m_fail(&h->w, "%s: %" PRIu64 " asynchronous errors, model %" PRIu64, what,
-                      protoq_async_errors(h->c[ci].c) - before, stale_want);
+        return m_fail(
+            &h->w, "%s: %" PRIu64 " asynchronous errors, model %" PRIu64, what,
+            protoq_async_errors(h->c[ci].c) - before, stale_want);
     }
     return 0;
 }
@@ -708,12 +749,14 @@ op_ack(struct hist *h)
     m = &w->m[mi];
     ci = w->s[m->sub].conn;
     stale = m->cancelled;
-    oplog(h, "ack %" PRIu64 "/%u %s%s (c%d)", m->id, m->cur.attempt, confirm ? "confirm" : "",
-          stale ? " cancelled" : "", ci);
+    oplog(h, "ack %" PRIu64 "/%u %s%s (c%d)", m->id, m->cur.attempt,
+          confirm ? "confirm" : "", stale ? " cancelled" : "", ci);
     if (confirm) {
         rc = protoq_ack_sync(h->c[ci].c, m->id, m->cur.attempt);
-        if (stale ? !remote_is(h, ci, rc, PROTOQ_CODE_STALE_DELIVERY) : rc != PQ_OK) {
-            return unexpected(h, ci, "ack", rc, stale ? "STALE_DELIVERY" : "PQ_OK");
+        if (stale ? !remote_is(h, ci, rc, PROTOQ_CODE_STALE_DELIVERY)
+                  : rc != PQ_OK) {
+            return unexpected(h, ci, "ack", rc,
+                              stale ? "STALE_DELIVERY" : "PQ_OK");
         }
     } else {
         rc = protoq_ack(h->c[ci].c, m->id, m->cur.attempt);
@@ -750,13 +793,16 @@ op_nack(struct hist *h)
     ci = w->s[m->sub].conn;
     stale = m->cancelled;
     snprintf(err, sizeof(err), "e%u", rn(h, 1000));
-    oplog(h, "nack %" PRIu64 "/%u delay=%" PRIu64 " dl=%d err=%s %s%s (c%d)", m->id,
-          m->cur.attempt, delay, dl, err, confirm ? "confirm" : "", stale ? " cancelled" : "",
-          ci);
+    oplog(h, "nack %" PRIu64 "/%u delay=%" PRIu64 " dl=%d err=%s %s%s (c%d)",
+          m->id, m->cur.attempt, delay, dl, err, confirm ? "confirm" : "",
+          stale ? " cancelled" : "", ci);
     if (confirm) {
-        rc = protoq_nack_sync(h->c[ci].c, m->id, m->cur.attempt, delay, dl, err);
-        if (stale ? !remote_is(h, ci, rc, PROTOQ_CODE_STALE_DELIVERY) : rc != PQ_OK) {
-            return unexpected(h, ci, "nack", rc, stale ? "STALE_DELIVERY" : "PQ_OK");
+        rc =
+            protoq_nack_sync(h->c[ci].c, m->id, m->cur.attempt, delay, dl, err);
+        if (stale ? !remote_is(h, ci, rc, PROTOQ_CODE_STALE_DELIVERY)
+                  : rc != PQ_OK) {
+            return unexpected(h, ci, "nack", rc,
+                              stale ? "STALE_DELIVERY" : "PQ_OK");
         }
     } else {
         rc = protoq_nack(h->c[ci].c, m->id, m->cur.attempt, delay, dl, err);
@@ -776,12 +822,14 @@ op_nack(struct hist *h)
 }
 
 static void
-gen_progress(struct hist *h, struct protoq_progress *p, struct m_prog *mp, char *text, char *ck)
+gen_progress(struct hist *h, struct protoq_progress *p, struct m_prog *mp,
+             char *text, char *ck)
 {
     mp->has = true;
     mp->pct = rn(h, 101);
     snprintf(mp->text, sizeof(mp->text), "%s", chance(h, 50) ? "" : "step");
-    snprintf(mp->ckpt, sizeof(mp->ckpt), chance(h, 50) ? "" : "s3://ck/%u", rn(h, 100));
+    snprintf(mp->ckpt, sizeof(mp->ckpt), chance(h, 50) ? "" : "s3://ck/%u",
+             rn(h, 100));
     snprintf(text, 24, "%s", mp->text);
     snprintf(ck, 24, "%s", mp->ckpt);
     p->percent = mp->pct;
@@ -812,7 +860,8 @@ op_touch(struct hist *h, bool expire)
     oplog(h, "%s %" PRIu64 "/%u extend=%" PRIu64 " progress=%s (c%d)",
           expire ? "expire" : "touch", m->id, m->cur.attempt, extend,
           with ? (mp.text[0] ? mp.text : "yes") : "none", ci);
-    rc = protoq_touch(h->c[ci].c, m->id, m->cur.attempt, extend, with ? &p : NULL, &lease);
+    rc = protoq_touch(h->c[ci].c, m->id, m->cur.attempt, extend,
+                      with ? &p : NULL, &lease);
     if (rc != PQ_OK) {
         return unexpected(h, ci, "touch", rc, "PQ_OK");
     }
@@ -823,7 +872,8 @@ op_touch(struct hist *h, bool expire)
     if (expire) {
         int64_t t = now_ms_mono();
 
-        return m_add_event(w, mi, EV_LEASE, t + (int64_t)extend, t + (int64_t)extend, 0);
+        return m_add_event(w, mi, EV_LEASE, t + (int64_t)extend,
+                           t + (int64_t)extend, 0);
     }
     return 0;
 }
@@ -848,13 +898,16 @@ op_release(struct hist *h)
     if (with) {
         gen_progress(h, &p, &mp, text, ck);
     }
-    oplog(h, "release %" PRIu64 "/%u progress=%s %s%s (c%d)", m->id, m->cur.attempt,
-          with ? "yes" : "none", confirm ? "confirm" : "", stale ? " cancelled" : "", ci);
-    rc = protoq_release(h->c[ci].c, m->id, m->cur.attempt, PROTOQ_RELEASE_PREEMPTED,
-                        with ? &p : NULL, confirm);
+    oplog(h, "release %" PRIu64 "/%u progress=%s %s%s (c%d)", m->id,
+          m->cur.attempt, with ? "yes" : "none", confirm ? "confirm" : "",
+          stale ? " cancelled" : "", ci);
+    rc = protoq_release(h->c[ci].c, m->id, m->cur.attempt,
+                        PROTOQ_RELEASE_PREEMPTED, with ? &p : NULL, confirm);
     if (confirm) {
-        if (stale ? !remote_is(h, ci, rc, PROTOQ_CODE_STALE_DELIVERY) : rc != PQ_OK) {
-            return unexpected(h, ci, "release", rc, stale ? "STALE_DELIVERY" : "PQ_OK");
+        if (stale ? !remote_is(h, ci, rc, PROTOQ_CODE_STALE_DELIVERY)
+                  : rc != PQ_OK) {
+            return unexpected(h, ci, "release", rc,
+                              stale ? "STALE_DELIVERY" : "PQ_OK");
         }
     } else if (rc != PQ_OK || expect_async(h, ci, stale, "release") != 0) {
         return rc != PQ_OK ? unexpected(h, ci, "release", rc, "PQ_OK") : -1;
@@ -888,13 +941,15 @@ op_cancel(struct hist *h, int ci)
     if (m->st == ST_INFLIGHT && m->ev >= 0) {
         return 0; /* a lease about to end: the outcome would race */
     }
-    oplog(h, "cancel %s %" PRIu64 " (state %d%s) (c%d)", m_qname(m->cur.q), m->id, m->st,
-          m->cancelled ? " cancelled" : "", ci);
+    oplog(h, "cancel %s %" PRIu64 " (state %d%s) (c%d)", m_qname(m->cur.q),
+          m->id, m->st, m->cancelled ? " cancelled" : "", ci);
     before = m->st == ST_INFLIGHT ? h->c[w->s[m->sub].conn].cancels : 0;
     rc = protoq_cancel(h->c[ci].c, m_qname(m->cur.q), m->id);
     if (m->st == ST_GONE) {
         return remote_is(h, ci, rc, PROTOQ_CODE_BAD_REQUEST)
-                   ? 0 : unexpected(h, ci, "cancel of a gone message", rc, "BAD_REQUEST");
+                   ? 0
+                   : unexpected(h, ci, "cancel of a gone message", rc,
+                                "BAD_REQUEST");
     }
     if (rc != PQ_OK) {
         return unexpected(h, ci, "cancel", rc, "PQ_OK");
@@ -915,7 +970,9 @@ op_cancel(struct hist *h, int ci)
             return -1;
         }
         if (h->c[hc].cancels != before + 1) {
-            return m_fail(w, "cancel of %" PRIu64 ": holder got %d CancelRequested, want 1",
+            return m_fail(w,
+                          "cancel of %" PRIu64
+                          ": holder got %d CancelRequested, want 1",
                           m->id, h->c[hc].cancels - before);
         }
         return 0;
@@ -928,8 +985,8 @@ static bool
 sub_holds_keyed(const struct hist *h, int si)
 {
     for (int i = 0; i < h->w.nm; i++) {
-        if (h->w.m[i].st == ST_INFLIGHT && h->w.m[i].sub == si && h->w.m[i].key[0] &&
-            !h->w.m[i].cancelled) {
+        if (h->w.m[i].st == ST_INFLIGHT && h->w.m[i].sub == si &&
+            h->w.m[i].key[0] && !h->w.m[i].cancelled) {
             return true;
         }
     }
@@ -940,7 +997,8 @@ bool
 conn_holds_keyed(const struct hist *h, int ci)
 {
     for (int si = 0; si < M_NS; si++) {
-        if (h->w.s[si].used && h->w.s[si].conn == ci && sub_holds_keyed(h, si)) {
+        if (h->w.s[si].used && h->w.s[si].conn == ci &&
+            sub_holds_keyed(h, si)) {
             return true;
         }
     }
@@ -970,7 +1028,8 @@ op_flow(struct hist *h)
     if (si < 0) {
         return 0;
     }
-    oplog(h, "flow %s prefetch=%u (c%d)", m_qname(w->s[si].q), p, w->s[si].conn);
+    oplog(h, "flow %s prefetch=%u (c%d)", m_qname(w->s[si].q), p,
+          w->s[si].conn);
     rc = protoq_flow(h->c[w->s[si].conn].c, w->s[si].sid, p);
     if (rc != PQ_OK) {
         return unexpected(h, w->s[si].conn, "flow", rc, "PQ_OK");
@@ -988,8 +1047,8 @@ op_unsubscribe(struct hist *h)
     if (si < 0 || ((h->avoid & AV_KEYED_REQUEUE) && sub_holds_keyed(h, si))) {
         return 0;
     }
-    oplog(h, "unsubscribe %s holding %u (c%d)", m_qname(w->s[si].q), w->s[si].held,
-          w->s[si].conn);
+    oplog(h, "unsubscribe %s holding %u (c%d)", m_qname(w->s[si].q),
+          w->s[si].held, w->s[si].conn);
     rc = protoq_unsubscribe(h->c[w->s[si].conn].c, w->s[si].sid);
     if (rc != PQ_OK) {
         return unexpected(h, w->s[si].conn, "unsubscribe", rc, "PQ_OK");
@@ -1019,8 +1078,10 @@ await_detached(struct hist *h, unsigned mask, int skip)
                 break;
             }
             if (now_ms_mono() > deadline) {
-                return m_fail(&h->w, "%s still has a consumer 3 s after its connection ended",
-                              m_qname(q));
+                return m_fail(
+                    &h->w,
+                    "%s still has a consumer 3 s after its connection ended",
+                    m_qname(q));
             }
             if (sleep_polling(h, now_ms_mono() + 5, skip) != 0) {
                 return -1;
@@ -1040,7 +1101,8 @@ op_disconnect(struct hist *h, int ci, bool heartbeat_loss)
     uint32_t grp = ++w->grp, dlgrp = ++w->grp;
     int64_t t;
 
-    if (h->c[ci].c == NULL || ((h->avoid & AV_KEYED_REQUEUE) && conn_holds_keyed(h, ci))) {
+    if (h->c[ci].c == NULL ||
+        ((h->avoid & AV_KEYED_REQUEUE) && conn_holds_keyed(h, ci))) {
         return 0;
     }
     for (int si = 0; si < M_NS; si++) {
@@ -1085,7 +1147,8 @@ op_drain(struct hist *h, int q)
     }
     oplog(h, "drain %s: model has%s", m_qname(q), ids_text(w, q));
     si = free_sub(w);
-    if (si < 0 || (rc = subscribe(h, DRAIN_CONN, q, 100000, (1u << M_NTAGS) - 1)) != 0) {
+    if (si < 0 ||
+        (rc = subscribe(h, DRAIN_CONN, q, 100000, (1u << M_NTAGS) - 1)) != 0) {
         return rc > 0 ? 0 : -1;
     }
     if (settle(h) != 0) {
@@ -1095,7 +1158,8 @@ op_drain(struct hist *h, int q)
         struct m_msg *m = &w->m[i];
 
         if (m->st == ST_INFLIGHT && m->sub == si) {
-            if (protoq_ack(h->c[DRAIN_CONN].c, m->id, m->cur.attempt) != PQ_OK) {
+            if (protoq_ack(h->c[DRAIN_CONN].c, m->id, m->cur.attempt) !=
+                PQ_OK) {
                 return unexpected(h, DRAIN_CONN, "drain ack", -1, "PQ_OK");
             }
             w->q[q].n.acked++;
@@ -1106,7 +1170,8 @@ op_drain(struct hist *h, int q)
         return -1;
     }
     if (w->q[q].nrd != 0) {
-        return m_fail(w, "drain %s: the model still has%s ready", m_qname(q), ids_text(w, q));
+        return m_fail(w, "drain %s: the model still has%s ready", m_qname(q),
+                      ids_text(w, q));
     }
     rc = protoq_unsubscribe(h->c[DRAIN_CONN].c, w->s[si].sid);
     if (rc != PQ_OK) {
@@ -1116,4 +1181,3 @@ op_drain(struct hist *h, int q)
     conn_drop(h, DRAIN_CONN);
     return 0;
 }
-

@@ -159,8 +159,8 @@ START_TEST(test_garbage_body_is_proto_error)
     /* Field 2 (hello), length-delimited, claiming 100 bytes with 3. */
     uint8_t bad1[] = {0x12, 0x64, 0x01, 0x02, 0x03};
     /* A varint that never ends. */
-    uint8_t bad2[] = {0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-                      0xff, 0xff, 0xff};
+    uint8_t bad2[] = {0x08, 0xff, 0xff, 0xff, 0xff, 0xff,
+                      0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
     /* Wire type 7 does not exist. */
     uint8_t bad3[] = {0x0f, 0x00};
     Protoq__Frame *f = (Protoq__Frame *)1;
@@ -351,10 +351,11 @@ START_TEST(test_message_check_line_is_the_widest_deliver)
                      PQ_ETOOBIG);
     /* Over max_message_bytes is the payload's own limit. */
     m.payload.len = 100;
-    ck_assert_int_eq(frame_message_check(&m, &(struct frame_msg_limits){
-                                             .max_message_bytes = 99,
-                                             .max_frame_bytes = 16384},
-                                         &len, why, sizeof(why)),
+    ck_assert_int_eq(frame_message_check(
+                         &m,
+                         &(struct frame_msg_limits){.max_message_bytes = 99,
+                                                    .max_frame_bytes = 16384},
+                         &len, why, sizeof(why)),
                      PQ_ETOOBIG);
     ck_assert_ptr_nonnull(strstr(why, "max_message_bytes"));
 }

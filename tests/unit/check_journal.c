@@ -168,8 +168,7 @@ message_body(const char *payload)
 /* Publish one message the way dispatch does: PUBLISH record, durable,
  * then into the queue. Returns its id. */
 static uint64_t
-jt_publish(struct jt *t, struct queue *q, const char *payload,
-           const char *key)
+jt_publish(struct jt *t, struct queue *q, const char *payload, const char *key)
 {
     struct pending p;
     uint64_t lsn, now = clock_mono_ms();
@@ -203,7 +202,8 @@ payload_of(const struct body *b, char *buf, size_t cap)
     ck_assert_ptr_nonnull(b);
     m = protoq__message__unpack(NULL, b->len, b->data);
     ck_assert_ptr_nonnull(m);
-    snprintf(buf, cap, "%.*s", (int)m->payload.len, (const char *)m->payload.data);
+    snprintf(buf, cap, "%.*s", (int)m->payload.len,
+             (const char *)m->payload.data);
     protoq__message__free_unpacked(m, NULL);
     return buf;
 }
@@ -404,9 +404,8 @@ START_TEST(test_replay_release_keeps_progress)
     pr.checkpoint = "s3://b/step-4000";
     prog = body_alloc(protoq__progress__get_packed_size(&pr));
     protoq__progress__pack(&pr, prog->data);
-    ck_assert_int_eq(qset_release(t.qs, m->id, m->attempt, prog,
-                                  clock_mono_ms()),
-                     PQ_OK);
+    ck_assert_int_eq(
+        qset_release(t.qs, m->id, m->attempt, prog, clock_mono_ms()), PQ_OK);
     body_unref(&prog);
     jt_sync(&t);
     queue_unsubscribe(&c, clock_mono_ms());
@@ -560,7 +559,8 @@ START_TEST(test_replay_refuses_live_message_without_publish)
 {
     struct store_config sc = {.fsync_policy = FSYNC_NEVER,
                               .segment_bytes = 4096};
-    struct journal_config jc = {.fsync = FSYNC_NEVER, .segment_bytes = 4096,
+    struct journal_config jc = {.fsync = FSYNC_NEVER,
+                                .segment_bytes = 4096,
                                 .payload_budget_bytes = 1 << 20};
     struct record r = {.type = REC_QUEUE_CREATE}, pad = {.type = REC_DROP};
     struct store *st;
@@ -572,8 +572,7 @@ START_TEST(test_replay_refuses_live_message_without_publish)
     snprintf(dir, sizeof(dir), "/tmp/protoq-journal.XXXXXX");
     ck_assert_ptr_nonnull(mkdtemp(dir));
     sc.dir = jc.data_dir = dir;
-    ck_assert_int_eq(store_open(&sc, NULL, NULL, &st, err, sizeof(err)),
-                     PQ_OK);
+    ck_assert_int_eq(store_open(&sc, NULL, NULL, &st, err, sizeof(err)), PQ_OK);
     r.u.queue_create.name = (struct rec_str){"q", 1};
     put_rec(st, &r);
     r = (struct record){.type = REC_PUBLISH};
@@ -647,9 +646,9 @@ START_TEST(test_replay_across_rolled_segments)
 
         if (i % 10 == 9) {
             /* Every tenth stays: released, back at the front. */
-            ck_assert_int_eq(qset_release(t.qs, m->id, m->attempt, NULL,
-                                          clock_mono_ms()),
-                             PQ_OK);
+            ck_assert_int_eq(
+                qset_release(t.qs, m->id, m->attempt, NULL, clock_mono_ms()),
+                PQ_OK);
             want[kept++] = names[i];
             break;
         }
@@ -681,8 +680,8 @@ journal_suite(void)
     tcase_add_test(tc, test_replay_dead_letter);
     tcase_add_test(tc, test_replay_purge_and_delete);
     tcase_add_test(tc, test_replay_dead_letter_after_publish_segment_is_gone);
-    tcase_add_loop_test(tc, test_replay_refuses_live_message_without_publish,
-                        0, 2);
+    tcase_add_loop_test(tc, test_replay_refuses_live_message_without_publish, 0,
+                        2);
     tcase_add_test(tc, test_replay_across_rolled_segments);
     suite_add_tcase(s, tc);
     return s;

@@ -18,10 +18,11 @@
 #include "protoq.pb-c.h"
 #include "queue.h"
 
-#define ck_assert_pq(expr, want) do {                                     \
-        int rc_ = (expr);                                                 \
-        ck_assert_msg(rc_ == (want), "%s: got %s (%d), want %s", #expr,   \
-                      pq_strerror(rc_), rc_, pq_strerror(want));          \
+#define ck_assert_pq(expr, want)                                               \
+    do {                                                                       \
+        int rc_ = (expr);                                                      \
+        ck_assert_msg(rc_ == (want), "%s: got %s (%d), want %s", #expr,        \
+                      pq_strerror(rc_), rc_, pq_strerror(want));               \
     } while (0)
 #define ck_assert_pq_ok(expr) ck_assert_pq(expr, PQ_OK)
 
@@ -114,7 +115,7 @@ mkbody(const char *payload, const char *hk, const char *hv)
 {
     Protoq__Message msg = PROTOQ__MESSAGE__INIT;
     Protoq__KeyValue kv = PROTOQ__KEY_VALUE__INIT;
-    Protoq__KeyValue *kvs[1] = { &kv };
+    Protoq__KeyValue *kvs[1] = {&kv};
     uint8_t buf[512];
     size_t len;
 
@@ -133,7 +134,8 @@ mkbody(const char *payload, const char *hk, const char *hv)
 }
 
 static struct msg *
-push_full(struct queue *q, uint64_t id, uint8_t prio, uint64_t due, uint32_t size)
+push_full(struct queue *q, uint64_t id, uint8_t prio, uint64_t due,
+          uint32_t size)
 {
     struct msg_new mn;
     struct msg *m = NULL;
@@ -304,7 +306,7 @@ END_TEST
 
 START_TEST(test_heap_push_fails_cleanly_on_enomem)
 {
-    struct hitem a = { 1, 0, 0 };
+    struct hitem a = {1, 0, 0};
     struct heap h;
 
     heap_init(&h, hitem_less, hitem_setpos);
@@ -361,15 +363,16 @@ START_TEST(test_hmap_u64_matches_reference_through_grow_and_shrink)
         }
     }
     for (k = 0; k < KEYS; k++) {
-        ck_assert_ptr_eq(hmap_u64_get(&m, k * 0x100000000ULL), ref[k] ? &vals[k] : NULL);
+        ck_assert_ptr_eq(hmap_u64_get(&m, k * 0x100000000ULL),
+                         ref[k] ? &vals[k] : NULL);
     }
     while (hmap_u64_next(&m, &iter, &k) != NULL) {
         ck_assert(ref[k / 0x100000000ULL]);
         seen++;
     }
     ck_assert_uint_eq(seen, n_ref);
-    ck_assert_uint_ge(max_cap, 4096);      /* it grew */
-    ck_assert_uint_lt(m.cap, max_cap);     /* and shrank again */
+    ck_assert_uint_ge(max_cap, 4096);  /* it grew */
+    ck_assert_uint_lt(m.cap, max_cap); /* and shrank again */
     ck_assert_uint_le(hmap_u64_len(&m) * 4, m.cap * 3);
     ck_assert_pq(hmap_u64_put(&m, 1, NULL), PQ_EINVAL);
     hmap_u64_fini(&m);
@@ -401,13 +404,15 @@ START_TEST(test_hmap_ptr_matches_reference_through_grow_and_shrink)
         int insert = i < OPS / 2 ? rand() % 4 != 0 : rand() % 4 == 0;
 
         if (insert) {
-            ck_assert_int_eq(hmap_ptr_put(&m, &objs[k]), ref[k] ? PQ_EEXIST : PQ_OK);
+            ck_assert_int_eq(hmap_ptr_put(&m, &objs[k]),
+                             ref[k] ? PQ_EEXIST : PQ_OK);
             if (!ref[k]) {
                 ref[k] = 1;
                 n_ref++;
             }
         } else {
-            ck_assert_ptr_eq(hmap_ptr_del(&m, objs[k].key), ref[k] ? &objs[k] : NULL);
+            ck_assert_ptr_eq(hmap_ptr_del(&m, objs[k].key),
+                             ref[k] ? &objs[k] : NULL);
             if (ref[k]) {
                 ref[k] = 0;
                 n_ref--;
@@ -420,7 +425,8 @@ START_TEST(test_hmap_ptr_matches_reference_through_grow_and_shrink)
         }
     }
     for (k = 0; k < KEYS; k++) {
-        ck_assert_ptr_eq(hmap_ptr_get(&m, objs[k].key), ref[k] ? &objs[k] : NULL);
+        ck_assert_ptr_eq(hmap_ptr_get(&m, objs[k].key),
+                         ref[k] ? &objs[k] : NULL);
     }
     ck_assert_ptr_null(hmap_ptr_get(&m, 7));
     while ((o = hmap_ptr_next(&m, &iter)) != NULL) {
@@ -428,12 +434,13 @@ START_TEST(test_hmap_ptr_matches_reference_through_grow_and_shrink)
         seen++;
     }
     ck_assert_uint_eq(seen, n_ref);
-    ck_assert_uint_ge(max_cap, 3000);      /* it grew */
-    ck_assert_uint_lt(m.cap, max_cap);     /* and shrank again */
+    ck_assert_uint_ge(max_cap, 3000);  /* it grew */
+    ck_assert_uint_lt(m.cap, max_cap); /* and shrank again */
     ck_assert_pq(hmap_ptr_put(&m, NULL), PQ_EINVAL);
     hmap_ptr_fini(&m);
     pq_mem_fail_after(0);
-    ck_assert_pq(hmap_ptr_put(&m, &objs[0]), PQ_ENOMEM); /* first table: unchanged */
+    ck_assert_pq(hmap_ptr_put(&m, &objs[0]),
+                 PQ_ENOMEM); /* first table: unchanged */
     ck_assert_uint_eq(hmap_ptr_len(&m), 0);
     ck_assert_ptr_null(hmap_ptr_get(&m, objs[0].key));
     pq_mem_fail_after(-1);
@@ -469,7 +476,8 @@ START_TEST(test_hmap_str_matches_reference)
         } else {
             char probe[16];
 
-            snprintf(probe, sizeof(probe), "key-%zu", k); /* equal, not the same pointer */
+            snprintf(probe, sizeof(probe), "key-%zu",
+                     k); /* equal, not the same pointer */
             ck_assert_ptr_eq(hmap_str_del(&m, probe), ref[k] ? keys[k] : NULL);
             if (ref[k]) {
                 ref[k] = 0;
@@ -506,7 +514,7 @@ START_TEST(test_body_refcount_and_unref_nulls_pointer)
     ck_assert_uint_eq(b->refs, 1);
     body_unref(&b);
     ck_assert_ptr_null(b);
-    body_unref(&b);   /* NULL ok */
+    body_unref(&b); /* NULL ok */
     body_unref(NULL);
     ck_assert_uint_eq(pq_mem_used(), before);
 }
@@ -522,9 +530,9 @@ START_TEST(test_body_with_headers_decodes_with_old_and_new_headers)
 
     memset(big, 'v', sizeof(big) - 1); /* > 127 bytes: 2-byte varint lengths */
     big[sizeof(big) - 1] = '\0';
-    add[0] = (struct kv){ "x-death-reason", "max_attempts" };
-    add[1] = (struct kv){ "long", big };
-    add[2] = (struct kv){ "empty", NULL };
+    add[0] = (struct kv){"x-death-reason", "max_attempts"};
+    add[1] = (struct kv){"long", big};
+    add[2] = (struct kv){"empty", NULL};
     nb = body_with_headers(b, add, 3);
     ck_assert_ptr_nonnull(nb);
     ck_assert_uint_eq(b->refs, 1); /* original untouched */
@@ -545,7 +553,7 @@ START_TEST(test_body_with_headers_decodes_with_old_and_new_headers)
     body_unref(&nb);
 
     /* A header of the same name is replaced, the others stay in order. */
-    add[0] = (struct kv){ "a", "2" };
+    add[0] = (struct kv){"a", "2"};
     nb = body_with_headers(b, add, 1);
     ck_assert_ptr_nonnull(nb);
     msg = protoq__message__unpack(NULL, nb->len, nb->data);
@@ -660,10 +668,13 @@ START_TEST(test_higher_priority_first_fifo_within_level)
 {
     struct queue *q = mkq("jobs", NULL);
     struct consumer c;
-    static const struct { uint64_t id; uint8_t prio; } in[] = {
-        { 1, 0 }, { 2, 5 }, { 3, 9 }, { 4, 5 }, { 5, 0 }, { 6, 9 }, { 7, 1 },
+    static const struct {
+        uint64_t id;
+        uint8_t prio;
+    } in[] = {
+        {1, 0}, {2, 5}, {3, 9}, {4, 5}, {5, 0}, {6, 9}, {7, 1},
     };
-    static const uint64_t want[] = { 3, 6, 2, 4, 7, 1, 5 };
+    static const uint64_t want[] = {3, 6, 2, 4, 7, 1, 5};
     size_t i;
     struct msg_new bad;
 
@@ -691,7 +702,7 @@ START_TEST(test_round_robin_across_three_consumers)
     struct queue *q = mkq("jobs", NULL);
     struct consumer c[3];
     struct consumer *to;
-    int counts[3] = { 0, 0, 0 };
+    int counts[3] = {0, 0, 0};
     uint64_t id;
     int i;
 
@@ -854,7 +865,8 @@ START_TEST(test_unsubscribe_with_backoff_returns_jobs_ahead_of_new_ones)
     for (id = 1; id <= 6; id++) {
         got = next_id(q, NULL);
         if (id <= 3) {
-            ck_assert_uint_le(got, 3); /* order among them follows their jittered due times */
+            ck_assert_uint_le(
+                got, 3); /* order among them follows their jittered due times */
         } else {
             ck_assert_uint_eq(got, id);
         }
@@ -961,13 +973,15 @@ START_TEST(test_touch_extends_past_many_ack_timeouts)
     for (i = 0; i < 100; i++) { /* 100 x 20 s = 2000 s >> 30 s lease */
         now += 20000;
         qset_tick(qs, now);
-        ck_assert_pq_ok(qset_touch(qs, 1, 1, 0, i == 50 ? prog : NULL, now, &lease));
+        ck_assert_pq_ok(
+            qset_touch(qs, 1, 1, 0, i == 50 ? prog : NULL, now, &lease));
         ck_assert_uint_eq(lease, 30000);
         ck_assert_uint_eq(m->due_ms, now + 30000);
     }
     ck_assert_ptr_eq(msg_progress(m), prog);
     ck_assert_uint_eq(prog->refs, 2);
-    ck_assert_pq_ok(qset_touch(qs, 1, 1, 3600000, NULL, now, &lease)); /* no cap by default */
+    ck_assert_pq_ok(qset_touch(qs, 1, 1, 3600000, NULL, now,
+                               &lease)); /* no cap by default */
     ck_assert_uint_eq(lease, 3600000);
     ck_assert_ptr_nonnull(find_ev(QEV_TOUCH, 1));
     ck_assert_ptr_null(find_ev(QEV_REQUEUE, 1));
@@ -1007,7 +1021,8 @@ START_TEST(test_touch_is_capped_at_max_lease)
 }
 END_TEST
 
-/* ======================================================== nack, backoff, dead-letter */
+/* ======================================================== nack, backoff,
+ * dead-letter */
 
 START_TEST(test_nack_with_delay_requeues_after_exactly_that_delay)
 {
@@ -1071,21 +1086,22 @@ START_TEST(test_backoff_doubles_to_cap_with_jitter_in_half_to_full)
             if (d > 1000) {
                 d = 1000;
             }
-            m = queue_next_delivery(q, now, &(struct consumer *){ NULL });
+            m = queue_next_delivery(q, now, &(struct consumer *){NULL});
             ck_assert_ptr_nonnull(m);
             ck_assert_pq_ok(qset_nack(qs, m->id, m->attempt, NULL, now));
             ck_assert_uint_eq(m->failures, k);
             ck_assert_int_eq(m->state, MSG_DELAYED);
             delay = m->due_ms - now;
             ck_assert_msg(delay >= d / 2 && delay <= d,
-                          "failure %u: delay %" PRIu64 " not in [%" PRIu64 ", %" PRIu64 "]",
+                          "failure %u: delay %" PRIu64 " not in [%" PRIu64
+                          ", %" PRIu64 "]",
                           k, delay, d / 2, d);
             seen_low += delay < d * 3 / 4;
             seen_high += delay > d * 3 / 4;
             now = m->due_ms;
             qset_tick(qs, now);
         }
-        m = queue_next_delivery(q, now, &(struct consumer *){ NULL });
+        m = queue_next_delivery(q, now, &(struct consumer *){NULL});
         ck_assert_ptr_nonnull(m);
         ack(m->id);
     }
@@ -1144,13 +1160,17 @@ START_TEST(test_max_attempts_dead_letters_with_death_headers)
     ck_assert_ptr_nonnull(m->body);
     ck_assert_ptr_nonnull(header_of(m->body, "origin", buf, sizeof(buf)));
     ck_assert_str_eq(buf, "test");
-    ck_assert_ptr_nonnull(header_of(m->body, "x-death-reason", buf, sizeof(buf)));
+    ck_assert_ptr_nonnull(
+        header_of(m->body, "x-death-reason", buf, sizeof(buf)));
     ck_assert_str_eq(buf, "max_attempts");
-    ck_assert_ptr_nonnull(header_of(m->body, "x-death-attempts", buf, sizeof(buf)));
+    ck_assert_ptr_nonnull(
+        header_of(m->body, "x-death-attempts", buf, sizeof(buf)));
     ck_assert_str_eq(buf, "3");
-    ck_assert_ptr_nonnull(header_of(m->body, "x-death-queue", buf, sizeof(buf)));
+    ck_assert_ptr_nonnull(
+        header_of(m->body, "x-death-queue", buf, sizeof(buf)));
     ck_assert_str_eq(buf, "jobs");
-    ck_assert_ptr_nonnull(header_of(m->body, "x-death-error", buf, sizeof(buf)));
+    ck_assert_ptr_nonnull(
+        header_of(m->body, "x-death-error", buf, sizeof(buf)));
     ck_assert_str_eq(buf, "CUDA out of memory");
     queue_unsubscribe(&c, now);
     queue_consumer_fini(&c);
@@ -1179,7 +1199,8 @@ START_TEST(test_nack_dead_letter_flag_goes_straight_to_dlq)
     ck_assert_str_eq(queue_name(qset_msg(qs, 1)->q), "dlq");
     header_of(qset_msg(qs, 1)->body, "x-death-reason", buf, sizeof(buf));
     ck_assert_str_eq(buf, "nack");
-    ck_assert_ptr_null(header_of(qset_msg(qs, 1)->body, "x-death-error", buf, sizeof(buf)));
+    ck_assert_ptr_null(
+        header_of(qset_msg(qs, 1)->body, "x-death-error", buf, sizeof(buf)));
     queue_unsubscribe(&c, now);
     queue_consumer_fini(&c);
 }
@@ -1226,10 +1247,11 @@ START_TEST(test_dead_letter_again_and_again_keeps_one_set_of_death_headers)
         }
         ck_assert_uint_eq(qset_msg(qs, 1)->body->len, first_len);
     }
-    ck_assert_str_eq(header_of(qset_msg(qs, 1)->body, "x-death-queue", buf,
-                               sizeof(buf)), "pong");
-    ck_assert_str_eq(header_of(qset_msg(qs, 1)->body, "origin", buf,
-                               sizeof(buf)), "test");
+    ck_assert_str_eq(
+        header_of(qset_msg(qs, 1)->body, "x-death-queue", buf, sizeof(buf)),
+        "pong");
+    ck_assert_str_eq(
+        header_of(qset_msg(qs, 1)->body, "origin", buf, sizeof(buf)), "test");
     msg = protoq__message__unpack(NULL, qset_msg(qs, 1)->body->len,
                                   qset_msg(qs, 1)->body->data);
     ck_assert_ptr_nonnull(msg);
@@ -1369,7 +1391,8 @@ START_TEST(test_expired_goes_to_dlq_when_configured)
     a.dead_letter_expired = true;
     strcpy(a.dead_letter, "dlq");
     q = mkq("jobs", &a);
-    push_full(q, 1, 0, now + 5000, 10); /* delayed past its TTL: expires first */
+    push_full(q, 1, 0, now + 5000,
+              10); /* delayed past its TTL: expires first */
     now += 1000;
     qset_tick(qs, now);
     m = qset_msg(qs, 1);
@@ -1449,7 +1472,7 @@ START_TEST(test_full_dlq_drops_instead_of_overflowing)
     struct queue_attrs a;
     struct queue *q, *dlq;
     struct consumer c;
-    struct nack_opts o = { .dead_letter = true };
+    struct nack_opts o = {.dead_letter = true};
 
     memset(&a, 0, sizeof(a));
     a.max_length = 1;
@@ -1506,7 +1529,8 @@ START_TEST(test_dedup_key_known_while_live_and_for_window_after)
     ack(1); /* the window starts at the latest now seen */
     ck_assert_pq_ok(queue_dedup_find(q, "order-42", now + 9999, &id));
     ck_assert_uint_eq(id, 1);
-    ck_assert_pq(queue_dedup_find(q, "order-42", now + 10000, &id), PQ_ENOTFOUND);
+    ck_assert_pq(queue_dedup_find(q, "order-42", now + 10000, &id),
+                 PQ_ENOTFOUND);
     now += 10000;
     ck_assert_pq_ok(queue_push(q, &mn, now, NULL)); /* the key is free again */
     ck_assert_pq_ok(queue_dedup_find(q, "order-42", now, &id));
@@ -1625,9 +1649,9 @@ START_TEST(test_required_tags_skip_unfit_consumer_without_blocking_others)
 {
     struct queue *q = mkq("jobs", NULL);
     struct consumer cpu, gpu, *to;
-    struct kv a100 = { "gpu", "a100" };
-    struct kv h100 = { "gpu", "h100" };
-    struct kv tags[2] = { { "zone", "eu" }, { "gpu", "a100" } };
+    struct kv a100 = {"gpu", "a100"};
+    struct kv h100 = {"gpu", "h100"};
+    struct kv tags[2] = {{"zone", "eu"}, {"gpu", "a100"}};
     struct msg_new mn;
     size_t n;
 
@@ -1665,7 +1689,8 @@ START_TEST(test_required_tags_skip_unfit_consumer_without_blocking_others)
 }
 END_TEST
 
-/* ======================================================== release and cancel */
+/* ======================================================== release and cancel
+ */
 
 START_TEST(test_release_does_not_count_a_failure_and_keeps_progress)
 {
@@ -1685,7 +1710,8 @@ START_TEST(test_release_does_not_count_a_failure_and_keeps_progress)
     push(q, 2, 0);
     for (i = 1; i <= 5; i++) { /* more releases than max_attempts */
         ck_assert_uint_eq(next_id(q, NULL), 1); /* back at the front */
-        ck_assert_pq_ok(qset_release(qs, 1, (uint32_t)i, i == 1 ? prog : NULL, now));
+        ck_assert_pq_ok(
+            qset_release(qs, 1, (uint32_t)i, i == 1 ? prog : NULL, now));
     }
     m = qset_msg(qs, 1);
     ck_assert_int_eq(m->state, MSG_READY);
@@ -1790,7 +1816,7 @@ END_TEST
 START_TEST(test_push_enomem_at_every_step_leaves_nothing_behind)
 {
     struct queue *q = mkq("jobs", NULL);
-    struct kv req = { "gpu", "a100" };
+    struct kv req = {"gpu", "a100"};
     struct msg_new mn;
     struct body *b = body_new("x", 1);
     long n;
@@ -1863,7 +1889,8 @@ START_TEST(test_million_delayed_messages_stay_logarithmic)
     srand(3);
     for (i = 1; i <= N; i++) {
         mn.id = i;
-        mn.due_ms = now + 1 + (uint64_t)rand() % 100000; /* random order of deadlines */
+        mn.due_ms =
+            now + 1 + (uint64_t)rand() % 100000; /* random order of deadlines */
         ck_assert_int_eq(queue_push(q, &mn, now, NULL), PQ_OK);
     }
     ck_assert_uint_eq(queue_delayed_count(q), N);
@@ -1935,7 +1962,7 @@ run_workload(bool ptr, unsigned seed, struct trace *t)
     struct queue_attrs a = {0}, da = {0};
     struct queue *q, *dlq;
     struct consumer c[2];
-    struct kv tag = { "zone", "eu" };
+    struct kv tag = {"zone", "eu"};
     struct body *b = mkbody("x", NULL, NULL);
     uint64_t id = 0, clock = 1000000, held[64];
     size_t n_held = 0;
@@ -1974,10 +2001,12 @@ run_workload(bool ptr, unsigned seed, struct trace *t)
                 mn.requires = &tag;
                 mn.n_requires = 1;
             } else if (kind == 3 && id > 50) {
-                mn.id = id - 1 - (uint64_t)(rand() % 50); /* an old id: EEXIST or back */
+                mn.id = id - 1 -
+                        (uint64_t)(rand() % 50); /* an old id: EEXIST or back */
             }
-            trace_add(t, 1, (uint64_t)queue_push(rand() % 4 == 0 ? dlq : q, &mn, clock,
-                                                 ptr ? &m : NULL));
+            trace_add(t, 1,
+                      (uint64_t)queue_push(rand() % 4 == 0 ? dlq : q, &mn,
+                                           clock, ptr ? &m : NULL));
         } else if (op < 65) {
             struct consumer *to;
             struct msg *m;
@@ -2010,16 +2039,22 @@ run_workload(bool ptr, unsigned seed, struct trace *t)
                 trace_add(t, 3, (uint64_t)qset_ack(s, hid, v.attempt, &out));
                 msg_free(out);
             } else if (r == 1) {
-                trace_add(t, 4, (uint64_t)qset_nack(s, hid, v.attempt, NULL, clock));
+                trace_add(t, 4,
+                          (uint64_t)qset_nack(s, hid, v.attempt, NULL, clock));
             } else if (r == 2) {
-                trace_add(t, 5, (uint64_t)qset_release(s, hid, v.attempt, NULL, clock));
+                trace_add(
+                    t, 5,
+                    (uint64_t)qset_release(s, hid, v.attempt, NULL, clock));
             } else {
-                struct nack_opts o = { .has_delay = true, .delay_ms = 5 };
+                struct nack_opts o = {.has_delay = true, .delay_ms = 5};
 
-                trace_add(t, 6, (uint64_t)qset_nack(s, hid, v.attempt, &o, clock));
+                trace_add(t, 6,
+                          (uint64_t)qset_nack(s, hid, v.attempt, &o, clock));
             }
         } else if (op < 86 && id > 0) {
-            trace_add(t, 7, (uint64_t)qset_cancel(s, 1 + (uint64_t)rand() % id, NULL));
+            trace_add(
+                t, 7,
+                (uint64_t)qset_cancel(s, 1 + (uint64_t)rand() % id, NULL));
         } else if (op < 90 && id > 0) {
             struct msg *m = qset_msg(s, 1 + (uint64_t)rand() % id);
 
@@ -2093,9 +2128,10 @@ START_TEST(test_compact_form_changes_no_order_or_event)
         ck_assert_uint_eq(full.n, compact.n);
         for (i = 0; i < full.n; i++) {
             ck_assert_msg(full.v[i] == compact.v[i],
-                          "seed %u: trace differs at %zu (op %" PRIu64 "): %" PRIu64
-                          " vs %" PRIu64, seed, i, full.v[i & ~(size_t)1],
-                          full.v[i], compact.v[i]);
+                          "seed %u: trace differs at %zu (op %" PRIu64
+                          "): %" PRIu64 " vs %" PRIu64,
+                          seed, i, full.v[i & ~(size_t)1], full.v[i],
+                          compact.v[i]);
         }
     }
 }
@@ -2128,7 +2164,8 @@ START_TEST(test_compact_backlog_costs_under_64_bytes_a_message)
             ck_assert_pq_ok(qset_cancel(qs, i, NULL));
         }
     }
-    ck_assert_uint_le(pq_mem_used() - before, (size_t)N / 8 * 4 * 40 + 3 * 41000);
+    ck_assert_uint_le(pq_mem_used() - before,
+                      (size_t)N / 8 * 4 * 40 + 3 * 41000);
     ck_assert_pq(qset_cancel(qs, 1, NULL), PQ_ENOTFOUND);
     queue_consumer_init(&c, 1, NULL, UINT32_MAX);
     ck_assert_pq_ok(queue_subscribe(q, &c));
@@ -2157,8 +2194,9 @@ move_cb(void *arg, struct msg *m)
 START_TEST(test_compact_foreach_keeps_changes_and_sort_merges_back_pushes)
 {
     struct queue *q = mkq("jobs", NULL);
-    uint64_t order[] = { 10, 11, 12, 3, 4, 13, 1 }; /* replay-like: out of order */
-    uint64_t want[] = { 1, 3, 4, 10, 11, 12, 13 };
+    uint64_t order[] = {10, 11, 12, 3,
+                        4,  13, 1}; /* replay-like: out of order */
+    uint64_t want[] = {1, 3, 4, 10, 11, 12, 13};
     struct consumer c;
     struct consumer *to;
     struct msg v;
@@ -2196,7 +2234,8 @@ END_TEST
 /* ======================================================== suite */
 
 static void
-add_case(Suite *s, const char *name, const TTest *tests[], size_t n, int timeout)
+add_case(Suite *s, const char *name, const TTest *tests[], size_t n,
+         int timeout)
 {
     bool compact = strncmp(name, "compact:", 8) == 0;
     TCase *tc = tcase_create(name);
@@ -2210,14 +2249,16 @@ add_case(Suite *s, const char *name, const TTest *tests[], size_t n, int timeout
     suite_add_tcase(s, tc);
 }
 
-#define ADD(s, name, timeout, ...) do {                                   \
-        const TTest *t_[] = { __VA_ARGS__ };                              \
-        add_case(s, name, t_, sizeof(t_) / sizeof(t_[0]), timeout);       \
+#define ADD(s, name, timeout, ...)                                             \
+    do {                                                                       \
+        const TTest *t_[] = {__VA_ARGS__};                                     \
+        add_case(s, name, t_, sizeof(t_) / sizeof(t_[0]), timeout);            \
     } while (0)
 /* ADD2: the case as is, and again as "compact:name" with compact pushes. */
-#define ADD2(s, name, timeout, ...) do {                                  \
-        ADD(s, name, timeout, __VA_ARGS__);                               \
-        ADD(s, "compact:" name, timeout, __VA_ARGS__);                    \
+#define ADD2(s, name, timeout, ...)                                            \
+    do {                                                                       \
+        ADD(s, name, timeout, __VA_ARGS__);                                    \
+        ADD(s, "compact:" name, timeout, __VA_ARGS__);                         \
     } while (0)
 
 static Suite *
@@ -2228,43 +2269,48 @@ queue_suite(void)
     ADD(s, "heap", 20, test_heap_random_ops_match_sorted_reference,
         test_heap_push_fails_cleanly_on_enomem);
     ADD(s, "hmap", 20, test_hmap_u64_matches_reference_through_grow_and_shrink,
-        test_hmap_str_matches_reference, test_hmap_ptr_matches_reference_through_grow_and_shrink);
+        test_hmap_str_matches_reference,
+        test_hmap_ptr_matches_reference_through_grow_and_shrink);
     ADD(s, "body", 5, test_body_refcount_and_unref_nulls_pointer,
         test_body_with_headers_decodes_with_old_and_new_headers);
     ADD2(s, "declare", 5, test_queue_name_validation,
-        test_declare_is_idempotent_and_conflicts_are_rejected,
-        test_delete_queue_frees_messages_and_heap_slots);
+         test_declare_is_idempotent_and_conflicts_are_rejected,
+         test_delete_queue_frees_messages_and_heap_slots);
     ADD2(s, "ordering", 5, test_fifo_within_one_level,
-        test_higher_priority_first_fifo_within_level);
+         test_higher_priority_first_fifo_within_level);
     ADD2(s, "consumers", 5, test_round_robin_across_three_consumers,
-        test_prefetch_limits_inflight_and_resumes_after_ack,
-        test_paused_consumer_is_skipped,
-        test_unsubscribe_requeues_at_front_in_delivery_order,
-        test_unsubscribe_with_backoff_returns_jobs_ahead_of_new_ones);
+         test_prefetch_limits_inflight_and_resumes_after_ack,
+         test_paused_consumer_is_skipped,
+         test_unsubscribe_requeues_at_front_in_delivery_order,
+         test_unsubscribe_with_backoff_returns_jobs_ahead_of_new_ones);
     ADD2(s, "leases", 5, test_lease_expiry_redelivers_with_next_attempt,
-        test_stale_token_after_expiry_is_rejected_and_changes_nothing,
-        test_touch_extends_past_many_ack_timeouts, test_touch_is_capped_at_max_lease);
+         test_stale_token_after_expiry_is_rejected_and_changes_nothing,
+         test_touch_extends_past_many_ack_timeouts,
+         test_touch_is_capped_at_max_lease);
     ADD2(s, "retry", 10, test_nack_with_delay_requeues_after_exactly_that_delay,
-        test_backoff_doubles_to_cap_with_jitter_in_half_to_full,
-        test_max_attempts_dead_letters_with_death_headers,
-        test_nack_dead_letter_flag_goes_straight_to_dlq,
-        test_dead_letter_again_and_again_keeps_one_set_of_death_headers,
-        test_without_dlq_message_is_dropped_and_counted);
+         test_backoff_doubles_to_cap_with_jitter_in_half_to_full,
+         test_max_attempts_dead_letters_with_death_headers,
+         test_nack_dead_letter_flag_goes_straight_to_dlq,
+         test_dead_letter_again_and_again_keeps_one_set_of_death_headers,
+         test_without_dlq_message_is_dropped_and_counted);
     ADD2(s, "delay_ttl", 5, test_delayed_message_invisible_until_due,
-        test_expired_message_is_never_delivered, test_expired_goes_to_dlq_when_configured,
-        test_inflight_message_is_not_expired_under_its_worker);
+         test_expired_message_is_never_delivered,
+         test_expired_goes_to_dlq_when_configured,
+         test_inflight_message_is_not_expired_under_its_worker);
     ADD2(s, "limits", 5, test_max_length_and_max_bytes_reject_with_efull,
-        test_full_dlq_drops_instead_of_overflowing);
+         test_full_dlq_drops_instead_of_overflowing);
     ADD(s, "dedup", 5, test_dedup_key_known_while_live_and_for_window_after,
         test_dedup_key_takeover_for_replay, test_dedup_entries_expire_in_bulk);
     ADD2(s, "delete", 5, test_delete_with_held_messages_fires_nothing);
-    ADD2(s, "tags", 5, test_required_tags_skip_unfit_consumer_without_blocking_others);
+    ADD2(s, "tags", 5,
+         test_required_tags_skip_unfit_consumer_without_blocking_others);
     ADD2(s, "release_cancel_purge", 5,
-        test_release_does_not_count_a_failure_and_keeps_progress,
-        test_cancel_removes_ready_and_fences_inflight,
-        test_cancelled_inflight_is_dropped_at_lease_end,
-        test_purge_drops_ready_and_delayed_keeps_inflight);
-    ADD(s, "robustness", 5, test_push_enomem_at_every_step_leaves_nothing_behind,
+         test_release_does_not_count_a_failure_and_keeps_progress,
+         test_cancel_removes_ready_and_fences_inflight,
+         test_cancelled_inflight_is_dropped_at_lease_end,
+         test_purge_drops_ready_and_delayed_keeps_inflight);
+    ADD(s, "robustness", 5,
+        test_push_enomem_at_every_step_leaves_nothing_behind,
         test_msg_index_entry_stays_small);
     ADD(s, "scale", 120, test_million_delayed_messages_stay_logarithmic);
     ADD(s, "compact_form", 60, test_compact_form_changes_no_order_or_event,

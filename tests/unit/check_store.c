@@ -31,16 +31,18 @@
 #include "store.h"
 #include "clock.h"
 
-#define ck_assert_pq_ok(expr) do {                                    \
-        int rc_ = (expr);                                             \
-        ck_assert_msg(rc_ == PQ_OK, "%s: %s (%d)", #expr,             \
-                      pq_strerror(rc_), rc_);                         \
+#define ck_assert_pq_ok(expr)                                                  \
+    do {                                                                       \
+        int rc_ = (expr);                                                      \
+        ck_assert_msg(rc_ == PQ_OK, "%s: %s (%d)", #expr, pq_strerror(rc_),    \
+                      rc_);                                                    \
     } while (0)
 
-#define ck_assert_pq(expr, want) do {                                 \
-        int rc_ = (expr);                                             \
-        ck_assert_msg(rc_ == (want), "%s: got %s (%d), want %s", #expr, \
-                      pq_strerror(rc_), rc_, pq_strerror(want));       \
+#define ck_assert_pq(expr, want)                                               \
+    do {                                                                       \
+        int rc_ = (expr);                                                      \
+        ck_assert_msg(rc_ == (want), "%s: got %s (%d), want %s", #expr,        \
+                      pq_strerror(rc_), rc_, pq_strerror(want));               \
     } while (0)
 
 static char tmpdir[PATH_MAX];
@@ -73,7 +75,6 @@ teardown_tmpdir(void)
 }
 
 /* ---- helpers ---- */
-
 
 static struct store_config
 cfg(enum fsync_policy pol, uint64_t seg_bytes)
@@ -147,7 +148,7 @@ struct dones {
     uint64_t upto[4096];
     int status[4096];
     size_t n;
-    uint64_t ok_upto;              /* highest LSN reported PQ_OK */
+    uint64_t ok_upto; /* highest LSN reported PQ_OK */
 };
 
 static void
@@ -280,8 +281,8 @@ START_TEST(test_crc32c_paths_agree_on_random_buffers)
         }
         /* chaining */
         size_t cut = len ? (size_t)rand() % len : 0;
-        ck_assert_uint_eq(crc32c(crc32c(0, buf + off, cut), buf + off + cut,
-                                 len - cut), a);
+        ck_assert_uint_eq(
+            crc32c(crc32c(0, buf + off, cut), buf + off + cut, len - cut), a);
     }
 }
 END_TEST
@@ -300,25 +301,39 @@ sample_records(struct record *r /* [9] */)
     memset(r, 0, 9 * sizeof(*r));
     r[0].type = REC_QUEUE_CREATE;
     r[0].u.queue_create.name = (struct rec_str){"jobs", 4};
-    r[0].u.queue_create.attrs = (struct rec_queue_attrs){
-        .transient = true, .max_length = 1, .max_bytes = 2,
-        .ack_timeout_ms = 3, .max_attempts = 4,
-        .dead_letter = {"dlq", 3}, .backoff_base_ms = 5,
-        .backoff_cap_ms = 6, .ttl_ms = 7, .dedup_window_ms = 8,
-        .max_lease_ms = UINT64_MAX, .dead_letter_expired = true};
+    r[0].u.queue_create.attrs =
+        (struct rec_queue_attrs){.transient = true,
+                                 .max_length = 1,
+                                 .max_bytes = 2,
+                                 .ack_timeout_ms = 3,
+                                 .max_attempts = 4,
+                                 .dead_letter = {"dlq", 3},
+                                 .backoff_base_ms = 5,
+                                 .backoff_cap_ms = 6,
+                                 .ttl_ms = 7,
+                                 .dedup_window_ms = 8,
+                                 .max_lease_ms = UINT64_MAX,
+                                 .dead_letter_expired = true};
     r[1].type = REC_QUEUE_DELETE;
     r[1].u.queue_delete.name = (struct rec_str){"jobs", 4};
     r[2].type = REC_QUEUE_PURGE;
     r[2].u.queue_purge = (struct rec_queue_purge){
         .name = {"jobs", 4}, .n_keep = 3, .keep_ids = keep_ids};
     r[3].type = REC_PUBLISH;
-    r[3].u.publish = (struct rec_publish){
-        .id = 0x0102030405060708ull, .queue = {"jobs", 4}, .priority = 9,
-        .attempt = 2, .failures = 1, .published_wall_ms = 1000,
-        .deliver_at_wall_ms = 2000, .expire_wall_ms = 3000,
-        .idem_key = {"k1", 2}, .n_requires = 2, .requires = kvs,
-        .progress = {(const uint8_t *)"50%", 3},
-        .body = {(const uint8_t *)"\0\1\2payload", 10}};
+    r[3].u.publish =
+        (struct rec_publish){.id = 0x0102030405060708ull,
+                             .queue = {"jobs", 4},
+                             .priority = 9,
+                             .attempt = 2,
+                             .failures = 1,
+                             .published_wall_ms = 1000,
+                             .deliver_at_wall_ms = 2000,
+                             .expire_wall_ms = 3000,
+                             .idem_key = {"k1", 2},
+                             .n_requires = 2,
+                             .requires = kvs,
+                             .progress = {(const uint8_t *)"50%", 3},
+                             .body = {(const uint8_t *)"\0\1\2payload", 10}};
     r[4].type = REC_ACK;
     r[4].u.ack.id = 42;
     r[5].type = REC_REQUEUE;
@@ -361,7 +376,7 @@ START_TEST(test_record_roundtrip_every_type)
         ck_assert_uint_eq(d.u.publish.priority, 9);
         ck_assert_uint_eq(d.u.publish.expire_wall_ms, 3000);
         ck_assert_mem_eq(d.u.publish.body.ptr, "\0\1\2payload", 10);
-        ck_assert(d.u.publish.body.ptr > buf);   /* points into buf */
+        ck_assert(d.u.publish.body.ptr > buf); /* points into buf */
         while (record_publish_next_require(&d.u.publish, &cur, &kv)) {
             ck_assert_uint_eq(kv.key.len, kvs[k].key.len);
             ck_assert_mem_eq(kv.key.ptr, kvs[k].key.ptr, kv.key.len);
@@ -375,7 +390,8 @@ START_TEST(test_record_roundtrip_every_type)
         ck_assert_pq_ok(record_decode(REC_QUEUE_PURGE, buf, (size_t)n, &d));
         ck_assert_uint_eq(d.u.queue_purge.n_keep, 3);
         for (uint32_t i = 0; i < 3; i++) {
-            ck_assert_uint_eq(record_purge_keep_id(&d.u.queue_purge, i), keep_ids[i]);
+            ck_assert_uint_eq(record_purge_keep_id(&d.u.queue_purge, i),
+                              keep_ids[i]);
         }
     }
     {
@@ -424,24 +440,28 @@ START_TEST(test_record_decode_hostile_lengths_and_flags)
     /* transient flag = 2 */
     n = record_encode(&r[0], buf, sizeof(buf));
     buf[4 + 4] = 2;
-    ck_assert_pq(record_decode(REC_QUEUE_CREATE, buf, (size_t)n, &d), PQ_ECORRUPT);
+    ck_assert_pq(record_decode(REC_QUEUE_CREATE, buf, (size_t)n, &d),
+                 PQ_ECORRUPT);
     /* string length 0xffffffff */
     n = record_encode(&r[1], buf, sizeof(buf));
     memset(buf, 0xff, 4);
-    ck_assert_pq(record_decode(REC_QUEUE_DELETE, buf, (size_t)n, &d), PQ_ECORRUPT);
+    ck_assert_pq(record_decode(REC_QUEUE_DELETE, buf, (size_t)n, &d),
+                 PQ_ECORRUPT);
     /* purge count far beyond the body */
     n = record_encode(&r[2], buf, sizeof(buf));
     memset(buf + 8, 0xff, 4);
-    ck_assert_pq(record_decode(REC_QUEUE_PURGE, buf, (size_t)n, &d), PQ_ECORRUPT);
+    ck_assert_pq(record_decode(REC_QUEUE_PURGE, buf, (size_t)n, &d),
+                 PQ_ECORRUPT);
     /* n_requires huge */
     n = record_encode(&r[3], buf, sizeof(buf));
     {
         size_t at = 8 + 4 + 4 + 1 + 4 + 4 + 8 + 8 + 8 + 4 + 2;
         memset(buf + at, 0xff, 4);
-        ck_assert_pq(record_decode(REC_PUBLISH, buf, (size_t)n, &d), PQ_ECORRUPT);
+        ck_assert_pq(record_decode(REC_PUBLISH, buf, (size_t)n, &d),
+                     PQ_ECORRUPT);
     }
     /* inconsistent encode input */
-    r[3].u.publish.requires = NULL;   /* a count without pairs */
+    r[3].u.publish.requires = NULL; /* a count without pairs */
     ck_assert_pq(record_encoded_size(&r[3]), PQ_EINVAL);
 }
 END_TEST
@@ -475,11 +495,11 @@ assert_same(const struct rlog *got, const struct rlog *want, size_t n)
     ck_assert_uint_ge(got->n, n);
     ck_assert_uint_ge(want->n, n);
     for (size_t i = 0; i < n; i++) {
-        ck_assert_msg(got->v[i].type == want->v[i].type &&
-                      got->v[i].len == want->v[i].len &&
-                      memcmp(got->v[i].body, want->v[i].body,
-                             got->v[i].len) == 0,
-                      "record %zu differs", i);
+        ck_assert_msg(
+            got->v[i].type == want->v[i].type &&
+                got->v[i].len == want->v[i].len &&
+                memcmp(got->v[i].body, want->v[i].body, got->v[i].len) == 0,
+            "record %zu differs", i);
     }
 }
 
@@ -493,7 +513,7 @@ START_TEST(test_append_close_reopen_replays_in_order)
     ck_assert(reap_until(st, &d, 300, 5000));
     ck_assert_uint_eq(d.ok_upto, 300);
     ck_assert_uint_eq(store_durable_lsn(st), 300);
-    append_n(st, &want, 20, 2, 50);     /* pending at close: flushed */
+    append_n(st, &want, 20, 2, 50); /* pending at close: flushed */
     ck_assert_pq_ok(store_close(st));
 
     st = must_open(cfg(FSYNC_ALWAYS, 1 << 20), &got);
@@ -504,7 +524,7 @@ START_TEST(test_append_close_reopen_replays_in_order)
         ck_assert_uint_eq(got.v[i].loc.off, want.v[i].loc.off);
         ck_assert_uint_eq(got.v[i].loc.len, want.v[i].loc.len);
     }
-    ck_assert_uint_eq(store_last_lsn(st), 0);  /* LSNs are per process */
+    ck_assert_uint_eq(store_last_lsn(st), 0); /* LSNs are per process */
     ck_assert_pq_ok(store_close(st));
     rlog_free(&want);
     rlog_free(&got);
@@ -543,7 +563,8 @@ START_TEST(test_store_read_back_and_pending)
         ck_assert_int_eq(pwrite(fd, &c, 1, at), 1);
         close(fd);
     }
-    ck_assert_pq(store_read(st, &want.v[5].loc, &type, &body, &len), PQ_ECORRUPT);
+    ck_assert_pq(store_read(st, &want.v[5].loc, &type, &body, &len),
+                 PQ_ECORRUPT);
     ck_assert_pq_ok(store_close(st));
     rlog_free(&want);
 }
@@ -560,10 +581,11 @@ START_TEST(test_lock_second_open_is_busy)
     ck_assert_ptr_null(st2);
     snprintf(pid, sizeof(pid), "(pid %ld)", (long)getpid());
     ck_assert_msg(strstr(errbuf, "locked by another protoqd") != NULL &&
-                  strstr(errbuf, pid) != NULL, "err: %s", errbuf);
+                      strstr(errbuf, pid) != NULL,
+                  "err: %s", errbuf);
     ck_assert_pq(store_check(tmpdir, stderr, errbuf, sizeof(errbuf)), PQ_EBUSY);
     ck_assert_pq_ok(store_close(st));
-    st = must_open(c, NULL);          /* released at close */
+    st = must_open(c, NULL); /* released at close */
     ck_assert_pq_ok(store_close(st));
 }
 END_TEST
@@ -721,7 +743,8 @@ START_TEST(test_unwaited_records_share_the_next_urgent_fsync)
     c.fsync_interval_ms = 400;
     st = must_open(c, NULL);
     append_n(st, NULL, 3, 31, 40);
-    ck_assert(reap_until(st, &d, 3, 5000)); /* deferred, synced by the interval */
+    ck_assert(
+        reap_until(st, &d, 3, 5000)); /* deferred, synced by the interval */
     store_get_stats(st, &s0);
     /* Not urgent: written, not reported within 100 ms, no fsync. */
     append_n(st, NULL, 5, 32, 40);
@@ -758,8 +781,8 @@ START_TEST(test_group_commit_during_slow_fsync)
     memset(body, 'x', sizeof(body));
     /* 2000 appends, submitted one by one, reaped as we go */
     for (int i = 0; i < 2000; i++) {
-        ck_assert_pq_ok(store_append(st, REC_PUBLISH, body, sizeof(body),
-                                     NULL, NULL));
+        ck_assert_pq_ok(
+            store_append(st, REC_PUBLISH, body, sizeof(body), NULL, NULL));
         store_submit(st);
         store_reap(st, on_done, &d);
     }
@@ -767,14 +790,15 @@ START_TEST(test_group_commit_during_slow_fsync)
     ck_assert_uint_le(d.n, 4096);
     for (size_t i = 0; i < d.n; i++) {
         ck_assert_int_eq(d.status[i], PQ_OK);
-        ck_assert_uint_gt(d.upto[i], prev);    /* in order, each once */
+        ck_assert_uint_gt(d.upto[i], prev); /* in order, each once */
         prev = d.upto[i];
     }
     ck_assert_uint_eq(prev, 2000);
     /* 2000 records, 20 ms per fsync: they must share fsyncs */
     ck_assert_msg(d.n < 200, "%zu batches for 2000 records", d.n);
     store_get_stats(st, &ss);
-    ck_assert_msg(ss.fsyncs < 200, "%llu fsyncs", (unsigned long long)ss.fsyncs);
+    ck_assert_msg(ss.fsyncs < 200, "%llu fsyncs",
+                  (unsigned long long)ss.fsyncs);
     ck_assert_pq_ok(store_close(st));
 }
 END_TEST
@@ -808,7 +832,7 @@ START_TEST(test_fsync_policy_always_never_interval)
     ck_assert(reap_until(st, &d, 51, 5000));
     ck_assert_int_eq(fx_syncs(), before);
     ck_assert_pq_ok(store_close(st));
-    ck_assert_int_gt(fx_syncs(), before);   /* close syncs */
+    ck_assert_int_gt(fx_syncs(), before); /* close syncs */
 
     /* interval: reports after write; a sync follows within the interval */
     memset(&d, 0, sizeof(d));
@@ -823,7 +847,7 @@ START_TEST(test_fsync_policy_always_never_interval)
     deadline = clock_mono_ms() + 5000;
     while (fx_syncs() == before && clock_mono_ms() < deadline) {
         struct timespec ts = {0, 5 * 1000000L};
-        nanosleep(&ts, NULL);     /* polling for the timer, bounded */
+        nanosleep(&ts, NULL); /* polling for the timer, bounded */
     }
     ck_assert_int_gt(fx_syncs(), before);
     ck_assert_pq_ok(store_close(st));
@@ -931,8 +955,8 @@ START_TEST(test_segment_deleted_when_refs_reach_zero_oldest_first)
     memset(body, 'm', sizeof(body));
     /* publishes until we are three segments in; each refs its segment */
     while (store_current_seg(st) < 3 && n < 200) {
-        ck_assert_pq_ok(store_append(st, REC_PUBLISH, body, sizeof(body),
-                                     NULL, &locs[n]));
+        ck_assert_pq_ok(
+            store_append(st, REC_PUBLISH, body, sizeof(body), NULL, &locs[n]));
         store_seg_ref(st, locs[n].seg, locs[n].len);
         n++;
     }
@@ -963,20 +987,21 @@ START_TEST(test_segment_deleted_when_refs_reach_zero_oldest_first)
             store_seg_unref(st, s1, locs[i].len);
         }
     }
-    store_reap(st, on_done, &d);      /* the acks are only pending */
+    store_reap(st, on_done, &d); /* the acks are only pending */
     ck_assert(file_exists(p1));
     ck_assert(reap_until(st, &d, store_last_lsn(st), 5000));
     /* deletion is done by the thread: poll for it, bounded */
     {
         uint64_t deadline = clock_mono_ms() + 5000;
-        while ((file_exists(p1) || file_exists(p2)) && clock_mono_ms() < deadline) {
+        while ((file_exists(p1) || file_exists(p2)) &&
+               clock_mono_ms() < deadline) {
             struct timespec ts = {0, 2 * 1000000L};
             nanosleep(&ts, NULL);
         }
     }
     ck_assert(!file_exists(p1));
     ck_assert(!file_exists(p2));
-    ck_assert_uint_eq(store_seg_stats(st, NULL, 0), 1);   /* current only */
+    ck_assert_uint_eq(store_seg_stats(st, NULL, 0), 1); /* current only */
     {
         char p3[PATH_MAX + 32];
         seg_file(p3, sizeof(p3), store_current_seg(st));
@@ -1125,7 +1150,8 @@ expect_corrupt(const char *file_part, uint64_t off)
     ck_assert_ptr_null(st);
     snprintf(offs, sizeof(offs), "offset %llu", (unsigned long long)off);
     ck_assert_msg(strstr(errbuf, file_part) != NULL, "err: %s", errbuf);
-    ck_assert_msg(strstr(errbuf, offs) != NULL, "err: %s (want %s)", errbuf, offs);
+    ck_assert_msg(strstr(errbuf, offs) != NULL, "err: %s (want %s)", errbuf,
+                  offs);
     ck_assert_msg(strstr(errbuf, "--check-data") != NULL, "err: %s", errbuf);
 }
 
@@ -1191,7 +1217,7 @@ START_TEST(test_unknown_version_refused)
 
     two_segments(&want);
     seg_file(path, sizeof(path), 1);
-    flip(path, 8, 0x01);              /* version 2 -> 3 */
+    flip(path, 8, 0x01); /* version 2 -> 3 */
     rc = store_open(&c, NULL, NULL, &st, errbuf, sizeof(errbuf));
     ck_assert_msg(rc == PQ_EVERSION, "got %s: %s", pq_strerror(rc), errbuf);
     ck_assert_msg(strstr(errbuf, "format version 3") != NULL, "%s", errbuf);
@@ -1220,8 +1246,9 @@ START_TEST(test_replay_error_aborts_open)
     int calls = 0;
 
     two_segments(&want);
-    ck_assert_pq(store_open(&c, refuse_third, &calls, &st, errbuf,
-                            sizeof(errbuf)), PQ_EINVAL);
+    ck_assert_pq(
+        store_open(&c, refuse_third, &calls, &st, errbuf, sizeof(errbuf)),
+        PQ_EINVAL);
     ck_assert_ptr_null(st);
     ck_assert_int_eq(calls, 3);
     ck_assert_msg(strstr(errbuf, "replay of a") != NULL, "%s", errbuf);
@@ -1246,7 +1273,7 @@ START_TEST(test_enospc_batch_not_stored_then_recovers)
     ck_assert(reap_until(st, &d, 5, 5000));
     wait_spare(2);
     fx_set(&fx.pwrite_enospc, true);
-    append_n(st, NULL, 7, 22, 50);           /* these are lost */
+    append_n(st, NULL, 7, 22, 50); /* these are lost */
     ck_assert(reap_until(st, &d, 12, 5000));
     ck_assert_int_eq(d.status[d.n - 1], PQ_ENOSPC);
     ck_assert_uint_eq(d.ok_upto, 5);
@@ -1300,13 +1327,14 @@ START_TEST(test_disk_full_refuses_publish_but_acks_use_reserve)
         store_submit(st);
     }
     ck_assert_pq(rc, PQ_ENOSPC);
-    ck_assert_int_gt(published, 20);    /* two segments' worth */
+    ck_assert_int_gt(published, 20); /* two segments' worth */
     ck_assert_pq(store_status(st), PQ_ENOSPC);
     ck_assert_pq(store_space_check(st, 1, sizeof(body)), PQ_ENOSPC);
     ck_assert_uint_eq(store_reserve_count(st), (uint64_t)published);
     /* every accepted publish can still be acked */
     for (int i = 0; i < published; i++) {
-        ck_assert_pq_ok(store_append(st, REC_ACK, ack, sizeof(ack), NULL, NULL));
+        ck_assert_pq_ok(
+            store_append(st, REC_ACK, ack, sizeof(ack), NULL, NULL));
     }
     ck_assert_uint_eq(store_reserve_count(st), 0);
     ck_assert(reap_until(st, &d, store_last_lsn(st), 5000));
@@ -1369,8 +1397,8 @@ struct pl_file {
     char path[PATH_MAX + 32];
     int fd;
     bool is_dir;
-    bool named;                    /* directory entry durable */
-    bool gone;                     /* unlinked */
+    bool named; /* directory entry durable */
+    bool gone;  /* unlinked */
     uint8_t *snap;
     size_t snap_len;
     struct pl_write *w;
@@ -1450,7 +1478,7 @@ pl_open(const char *path, int flags, mode_t mode)
         memset(f, 0, sizeof(*f));
         snprintf(f->path, sizeof(f->path), "%s", path);
         f->is_dir = (flags & O_DIRECTORY) != 0;
-        f->named = !(flags & O_CREAT);   /* existed before: durable */
+        f->named = !(flags & O_CREAT); /* existed before: durable */
         f->fd = fd;
         if (!f->is_dir && !(flags & O_TRUNC)) {
             pl_snapshot(f);
@@ -1586,8 +1614,9 @@ pl_apply_crash(void)
         /* some unsynced writes made it, maybe the next one torn */
         k = f->nw ? (size_t)rand_r(&pl.seed) % (f->nw + 1) : 0;
         for (size_t j = 0; j < k; j++) {
-            ck_assert_int_eq(pwrite(fd, f->w[j].data, f->w[j].len,
-                                    (off_t)f->w[j].off), (ssize_t)f->w[j].len);
+            ck_assert_int_eq(
+                pwrite(fd, f->w[j].data, f->w[j].len, (off_t)f->w[j].off),
+                (ssize_t)f->w[j].len);
         }
         if (k < f->nw && rand_r(&pl.seed) % 2 == 0) {
             size_t part = (size_t)rand_r(&pl.seed) % f->w[k].len;
@@ -1621,8 +1650,8 @@ START_TEST(test_power_loss_keeps_every_durable_record)
             st = must_open(cfg(FSYNC_ALWAYS, 4096), &got);
             /* what survived: a prefix of everything appended, at least
              * up to what was reported durable */
-            ck_assert_msg(got.n <= want.n, "run %d: replayed %zu of %zu",
-                          run, got.n, want.n);
+            ck_assert_msg(got.n <= want.n, "run %d: replayed %zu of %zu", run,
+                          got.n, want.n);
             assert_same(&got, &want, got.n);
             for (size_t i = got.n; i < want.n; i++) {
                 free(want.v[i].body);
@@ -1647,8 +1676,7 @@ START_TEST(test_power_loss_keeps_every_durable_record)
             }
             store_submit(st);
             if (rand_r(&seed) % 2) {
-                (void)reap_until(st, &d, store_last_lsn(st),
-                                 rand_r(&seed) % 5);
+                (void)reap_until(st, &d, store_last_lsn(st), rand_r(&seed) % 5);
             }
             pthread_mutex_lock(&pl.mu);
             pl.crashed = true;
@@ -1807,7 +1835,7 @@ START_TEST(test_meta_torn_write_keeps_the_previous_copy)
     snprintf(path, sizeof(path), "%s/META", tmpdir);
     fd = open(path, O_WRONLY);
     memset(junk, 0x5a, sizeof(junk));
-    ck_assert_int_eq(pwrite(fd, junk, 20, 32), 20);   /* slot 1, torn */
+    ck_assert_int_eq(pwrite(fd, junk, 20, 32), 20); /* slot 1, torn */
     close(fd);
     st = must_open(cfg(FSYNC_ALWAYS, 4096), NULL);
     ck_assert_pq_ok(store_close(st));
@@ -1836,7 +1864,7 @@ START_TEST(test_meta_torn_write_keeps_the_previous_copy)
             size_t l;
             uint8_t *b = slurp(p4, &l);
 
-            b[12] = 4;             /* the header names segment 4 */
+            b[12] = 4; /* the header names segment 4 */
             spit(p4, b, l);
             free(b);
         }
@@ -1954,7 +1982,7 @@ START_TEST(test_random_garbage_tail_is_torn_and_linear)
     ck_assert_pq_ok(store_close(st));
     ck_assert_msg(clock_mono_ms() - t0 < 10000, "open took %llu ms",
                   (unsigned long long)(clock_mono_ms() - t0));
-    all = slurp(path, &n);           /* cut back to the last record */
+    all = slurp(path, &n); /* cut back to the last record */
     {
         size_t i = len;
 
@@ -2003,7 +2031,7 @@ START_TEST(test_check_clean_and_damaged)
         ck_assert_pq(rc, PQ_ECORRUPT);
         ck_assert_msg(strstr(out, "DAMAGED") != NULL, "%s", out);
         ck_assert_msg(strstr(out, "seg-0000000001.log") != NULL, "%s", out);
-        after = slurp(path, &l2);       /* nothing modified */
+        after = slurp(path, &l2); /* nothing modified */
         ck_assert_uint_eq(l1, l2);
         ck_assert_mem_eq(before, after, l1);
         free(before);
@@ -2033,7 +2061,8 @@ START_TEST(test_read_only_open_does_not_truncate)
     c.read_only = true;
     st = must_open(c, &got);
     ck_assert_uint_eq(got.n, 4);
-    ck_assert_pq(store_append(st, REC_ACK, "12345678", 8, NULL, NULL), PQ_EINVAL);
+    ck_assert_pq(store_append(st, REC_ACK, "12345678", 8, NULL, NULL),
+                 PQ_EINVAL);
     ck_assert_pq_ok(store_close(st));
     b = slurp(path, &l2);
     ck_assert_uint_eq(l1, l2);
@@ -2083,15 +2112,16 @@ store_suite(void)
     tcase_add_test(tc, test_torn_tail_truncated_at_every_offset);
     tcase_add_test(tc, test_torn_tail_in_preallocated_zeros_at_every_offset);
     tcase_add_test(tc, test_bitflip_in_earlier_segment_is_corrupt);
-    tcase_add_test(tc, test_bitflip_mid_last_segment_followed_by_valid_is_corrupt);
+    tcase_add_test(tc,
+                   test_bitflip_mid_last_segment_followed_by_valid_is_corrupt);
     tcase_add_test(tc, test_unknown_version_refused);
     tcase_add_test(tc, test_replay_error_aborts_open);
     tcase_add_test(tc, test_check_clean_and_damaged);
     tcase_add_loop_test(tc, test_missing_or_emptied_segment_is_damage, 0, 4);
     tcase_add_test(tc, test_leftovers_before_the_recorded_start_are_removed);
     tcase_add_test(tc, test_meta_torn_write_keeps_the_previous_copy);
-    tcase_add_loop_test(tc, test_live_message_without_its_publish_is_damage,
-                        0, 2);
+    tcase_add_loop_test(tc, test_live_message_without_its_publish_is_damage, 0,
+                        2);
     tcase_add_test(tc, test_random_garbage_tail_is_torn_and_linear);
     suite_add_tcase(s, tc);
 
@@ -2112,7 +2142,7 @@ main(void)
     SRunner *sr = srunner_create(store_suite());
     int failed;
 
-    log_set_level(LOG_ERR);           /* torn-tail notices are expected */
+    log_set_level(LOG_ERR); /* torn-tail notices are expected */
     srunner_run_all(sr, CK_NORMAL);
     failed = srunner_ntests_failed(sr);
     srunner_free(sr);
