@@ -3,31 +3,6 @@
  */
 #include "pbwire.h"
 
-size_t
-pbwire_varint_size(uint64_t v)
-{
-    size_t n = 1;
-
-    while (v >= 0x80) {
-        v >>= 7;
-        n++;
-    }
-    return n;
-}
-
-size_t
-pbwire_put_varint(uint8_t *p, uint64_t v)
-{
-    size_t n = 0;
-
-    while (v >= 0x80) {
-        p[n++] = (uint8_t)(v | 0x80);
-        v >>= 7;
-    }
-    p[n++] = (uint8_t)v;
-    return n;
-}
-
 bool
 pbwire_get_varint(const uint8_t **pp, const uint8_t *end, uint64_t *v)
 {

@@ -35,11 +35,33 @@ struct pbwire_field {
     size_t len;         /* PBWIRE_LEN: their length */
 };
 
-/* pbwire_varint_size: bytes of v as a base-128 varint (1..10). */
-size_t pbwire_varint_size(uint64_t v);
+/* pbwire_varint_size: bytes of v as a base-128 varint (1..10). Inline:
+ * the Deliver fast path sizes every field with it. */
+static inline size_t
+pbwire_varint_size(uint64_t v)
+{
+    size_t n = 1;
+
+    while (v >= 0x80) {
+        v >>= 7;
+        n++;
+    }
+    return n;
+}
 
 /* pbwire_put_varint: write v at p; returns bytes written. */
-size_t pbwire_put_varint(uint8_t *p, uint64_t v);
+static inline size_t
+pbwire_put_varint(uint8_t *p, uint64_t v)
+{
+    size_t n = 0;
+
+    while (v >= 0x80) {
+        p[n++] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    p[n++] = (uint8_t)v;
+    return n;
+}
 
 /* pbwire_get_varint: read a varint at *pp (before end) into *v and advance
  * *pp; false when it runs past end or over 10 bytes. */

@@ -57,89 +57,96 @@ utf8_valid(const uint8_t *s, size_t len)
     return true;
 }
 
-/* Append s (and a dot when more follows) to the path in what. */
-static void
-path_add(char *what, size_t cap, size_t at, const char *s, bool more)
+/* The field path of a failure ("message.headers.value"): the names on
+ * the way down, formatted only when something is wrong (a valid frame
+ * costs no string work). */
+struct path {
+    const char *name[MAX_DEPTH + 1];
+    int depth;
+};
+
+static int
+fail(const struct path *pt, const char *leaf, char *what, size_t cap)
 {
-    if (at < cap) {
-        snprintf(what + at, cap - at, "%s%s", s, more ? "." : "");
+    size_t at = 0;
+
+    for (int i = 0; i < pt->depth && at < cap; i++) {
+        int n = snprintf(what + at, cap - at, "%s.", pt->name[i]);
+
+        at += n > 0 ? (size_t)n : 0;
     }
+    if (at < cap) {
+        snprintf(what + at, cap - at, "%s", leaf);
+    }
+    return PQ_EINVAL;
 }
 
 static int
 check(const ProtobufCMessageDescriptor *desc, const uint8_t *p,
-      const uint8_t *end, int depth, char *what, size_t cap, size_t at)
+      const uint8_t *end, struct path *pt, char *what, size_t cap)
 {
     while (p < end) {
         const ProtobufCFieldDescriptor *f;
         uint64_t key, n;
 
         if (!pbwire_get_varint(&p, end, &key)) {
-            goto malformed;
+            return fail(pt, "(malformed)", what, cap);
         }
         switch (key & 7) {
         case PBWIRE_VARINT:
             if (!pbwire_get_varint(&p, end, &n)) {
-                goto malformed;
+                return fail(pt, "(malformed)", what, cap);
             }
             continue;
         case PBWIRE_I64:
         case PBWIRE_I32:
             n = (key & 7) == PBWIRE_I64 ? 8 : 4;
             if ((uint64_t)(end - p) < n) {
-                goto malformed;
+                return fail(pt, "(malformed)", what, cap);
             }
             p += n;
             continue;
         case PBWIRE_LEN:
             break;
         default:
-            goto malformed;
+            return fail(pt, "(malformed)", what, cap);
         }
         if (!pbwire_get_varint(&p, end, &n) || n > (uint64_t)(end - p)) {
-            goto malformed;
+            return fail(pt, "(malformed)", what, cap);
         }
         f = key >> 3 <= UINT32_MAX ? protobuf_c_message_descriptor_get_field(
                                          desc, (unsigned)(key >> 3))
                                    : NULL;
         if (f != NULL && f->type == PROTOBUF_C_TYPE_STRING &&
             !utf8_valid(p, (size_t)n)) {
-            path_add(what, cap, at, f->name, false);
-            return PQ_EINVAL;
+            return fail(pt, f->name, what, cap);
         }
         if (f != NULL && f->type == PROTOBUF_C_TYPE_MESSAGE) {
-            size_t len = strlen(f->name);
             int rc;
 
-            if (depth >= MAX_DEPTH) {
-                path_add(what, cap, at, f->name, false);
-                return PQ_EINVAL;
+            if (pt->depth >= MAX_DEPTH) {
+                return fail(pt, f->name, what, cap);
             }
-            path_add(what, cap, at, f->name, true);
-            rc = check(f->descriptor, p, p + n, depth + 1, what, cap,
-                       at + len + 1);
+            pt->name[pt->depth++] = f->name;
+            rc = check(f->descriptor, p, p + n, pt, what, cap);
+            pt->depth--;
             if (rc != PQ_OK) {
                 return rc;
-            }
-            if (at < cap) {
-                what[at] = '\0';
             }
         }
         p += n;
     }
     return PQ_OK;
-
-malformed:
-    path_add(what, cap, at, "(malformed)", false);
-    return PQ_EINVAL;
 }
 
 int
 wire_strings_check(const ProtobufCMessageDescriptor *desc, const uint8_t *buf,
                    size_t len, char *what, size_t cap)
 {
+    struct path pt = {.depth = 0};
+
     if (cap > 0) {
         what[0] = '\0';
     }
-    return check(desc, buf, buf + len, 0, what, cap, 0);
+    return check(desc, buf, buf + len, &pt, what, cap);
 }
