@@ -794,10 +794,13 @@ START_TEST(test_group_commit_during_slow_fsync)
         prev = d.upto[i];
     }
     ck_assert_uint_eq(prev, 2000);
-    /* 2000 records, 20 ms per fsync: they must share fsyncs */
-    ck_assert_msg(d.n < 200, "%zu batches for 2000 records", d.n);
+    /* 2000 records, 20 ms per fsync: they must share fsyncs. The bound
+     * allows a slow loop (sanitizers, a loaded machine: CI saw 640
+     * completions and more than 200 fsyncs), yet fails if records were
+     * synced one by one: at least two records per fsync on average. */
+    ck_assert_msg(d.n < 1000, "%zu batches for 2000 records", d.n);
     store_get_stats(st, &ss);
-    ck_assert_msg(ss.fsyncs < 200, "%llu fsyncs",
+    ck_assert_msg(ss.fsyncs < 1000, "%llu fsyncs",
                   (unsigned long long)ss.fsyncs);
     ck_assert_pq_ok(store_close(st));
 }
