@@ -15,6 +15,7 @@
  *
  * Transient queues skip the journal: their changes apply and answer at once.
  */
+#include "dispatch.h"
 #include "dispatch_int.h"
 
 #include <assert.h>

@@ -3,6 +3,7 @@
  * checks, dead-letter targets), delete (its subscriptions and held
  * deliveries go with it), purge, stat and list.
  */
+#include "dispatch.h"
 #include "dispatch_int.h"
 
 #include <assert.h>

@@ -3,6 +3,7 @@
  * subscribe, unsubscribe, flow, the delivery pass of a queue, ack, nack,
  * touch, release and cancel.
  */
+#include "dispatch.h"
 #include "dispatch_int.h"
 
 #include <assert.h>

@@ -13,8 +13,6 @@
 #ifndef PQ_DISPATCH_INT_H
 #define PQ_DISPATCH_INT_H
 
-#include "dispatch.h"
-
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -24,6 +22,10 @@
 #include "frame.h"
 #include "journal.h"
 #include "queue.h"
+
+/* Included after dispatch.h by each file of the module (struct broker);
+ * it does not include it back. */
+struct broker;
 
 #ifndef PROTOQ_VERSION
 #define PROTOQ_VERSION "0.1.0"

@@ -3,6 +3,7 @@
  * room and idempotency keys taken, PUBLISH records appended all or nothing,
  * the reply and the push once they are durable (dispatch.c's waits).
  */
+#include "dispatch.h"
 #include "dispatch_int.h"
 
 #include <assert.h>

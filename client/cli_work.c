@@ -33,6 +33,7 @@
  */
 #include "cli.h"
 #include "clock.h"
+#include "pqlimits.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -51,8 +52,8 @@
 #include <unistd.h>
 
 enum {
-    TAIL_MAX = 4096,       /* stderr bytes kept per job */
-    NACK_ERROR_MAX = 1000, /* the broker keeps 1 KiB of nack text */
+    TAIL_MAX = 4096,                         /* stderr bytes kept per job */
+    NACK_ERROR_MAX = PQ_NACK_ERROR_MAX - 24, /* the broker keeps 1 KiB */
     PROGRESS_TEXT_MAX = 256,
     CHECKPOINT_MAX = 1024,
     PROGRESS_LINE_MAX = 2048,
