@@ -89,7 +89,8 @@ CLI_OBJS   = $(B)/client/cli.o $(B)/client/cli_queue.o $(B)/client/cli_pub.o \
              $(B)/client/cli_consume.o $(B)/client/cli_work.o $(B)/client/cli_job.o
 BENCH_OBJS = $(B)/client/bench.o
 
-UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_queue \
+UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_structs \
+              $(B)/tests/unit/check_queue $(B)/tests/unit/check_queue_compact \
               $(B)/tests/unit/check_store $(B)/tests/unit/check_config \
               $(B)/tests/unit/check_journal
 INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_jobs \
@@ -101,6 +102,7 @@ MODEL_TESTS = $(B)/tests/model/check_model
 MODEL_OBJS  = $(B)/tests/model/model.o $(B)/tests/model/driver.o $(B)/tests/model/ops.o
 TESTS = $(UNIT_TESTS) $(INTEG_TESTS) $(MODEL_TESTS)
 TESTUTIL_OBJS = $(B)/tests/testutil.o
+QFIX_OBJS   = $(B)/tests/unit/queue_fixture.o
 
 BINS = $(B)/protoqd $(B)/protoq $(B)/protoq-bench
 LIBA = $(B)/libprotoq.a
@@ -113,7 +115,7 @@ PY_PKG   = $(B)/python/protoq
 PY_STAMP = $(PY_PKG)/protoq_pb2.py
 
 ALL_OBJS = $(PROTO_OBJS) $(BROKER_OBJS) $(LIB_OBJS) $(CLI_OBJS) $(BENCH_OBJS) \
-           $(TESTUTIL_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
+           $(TESTUTIL_OBJS) $(QFIX_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
 
 .PHONY: all run test pytest bench soak install clean fuzz fuzz-build fuzz-corpus \
         check-includes format format-check
@@ -161,7 +163,8 @@ $(B)/tests/%.o: override CFLAGS += $(CHECK_CFLAGS) -Itests
 
 $(B)/tests/unit/check_frame: $(B)/tests/unit/check_frame.o $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
-$(B)/tests/unit/check_queue: $(B)/tests/unit/check_queue.o $(QUEUE_OBJS) $(CORE_OBJS) $(PROTO_OBJS)
+$(B)/tests/unit/check_structs $(B)/tests/unit/check_queue $(B)/tests/unit/check_queue_compact: \
+        %: %.o $(QFIX_OBJS) $(QUEUE_OBJS) $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/unit/check_store: $(B)/tests/unit/check_store.o $(STORE_OBJS) $(B)/broker/hmap.o $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
@@ -184,13 +187,18 @@ $(B)/tests/model/check_model: $(B)/tests/model/check_model.o $(MODEL_OBJS) \
 # status says whether any failed. Integration tests find the binaries
 # through PROTOQD / PROTOQ.
 test: $(BINS) $(TESTS) $(PY_STAMP)
-	@fail=0; for t in $(TESTS); do \
+	@failed=; rm -f $(B)/tests/failures.txt; for t in $(TESTS); do \
 	    echo "== $$t"; \
 	    PROTOQD=$(CURDIR)/$(B)/protoqd PROTOQ=$(CURDIR)/$(B)/protoq \
-	        $(VALGRIND) ./$$t || fail=1; \
+	        $(VALGRIND) ./$$t > $(B)/tests/last.log 2>&1; rc=$$?; \
+	    cat $(B)/tests/last.log; \
+	    if [ $$rc -ne 0 ]; then failed="$$failed $$t"; \
+	        grep -E ':[EF]:' $(B)/tests/last.log >> $(B)/tests/failures.txt || \
+	        tail -5 $(B)/tests/last.log >> $(B)/tests/failures.txt; fi; \
 	done; \
-	$(MAKE) --no-print-directory pytest || fail=1; \
-	exit $$fail
+	$(MAKE) --no-print-directory pytest || failed="$$failed pytest"; \
+	if [ -n "$$failed" ]; then echo "== FAILED:$$failed"; \
+	    cat $(B)/tests/failures.txt 2>/dev/null; exit 1; fi
 
 # The Python client's suite alone (against this build's protoqd).
 pytest: $(BINS) $(PY_STAMP)
