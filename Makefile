@@ -91,7 +91,8 @@ BENCH_OBJS = $(B)/client/bench.o
 
 UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_structs \
               $(B)/tests/unit/check_queue $(B)/tests/unit/check_queue_compact \
-              $(B)/tests/unit/check_store $(B)/tests/unit/check_config \
+              $(B)/tests/unit/check_record $(B)/tests/unit/check_store \
+              $(B)/tests/unit/check_store_recover $(B)/tests/unit/check_config \
               $(B)/tests/unit/check_journal
 INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_jobs \
               $(B)/tests/integration/check_client $(B)/tests/integration/check_work \
@@ -103,6 +104,7 @@ MODEL_OBJS  = $(B)/tests/model/model.o $(B)/tests/model/driver.o $(B)/tests/mode
 TESTS = $(UNIT_TESTS) $(INTEG_TESTS) $(MODEL_TESTS)
 TESTUTIL_OBJS = $(B)/tests/testutil.o
 QFIX_OBJS   = $(B)/tests/unit/queue_fixture.o
+SFIX_OBJS   = $(B)/tests/unit/store_fixture.o
 
 BINS = $(B)/protoqd $(B)/protoq $(B)/protoq-bench
 LIBA = $(B)/libprotoq.a
@@ -115,7 +117,7 @@ PY_PKG   = $(B)/python/protoq
 PY_STAMP = $(PY_PKG)/protoq_pb2.py
 
 ALL_OBJS = $(PROTO_OBJS) $(BROKER_OBJS) $(LIB_OBJS) $(CLI_OBJS) $(BENCH_OBJS) \
-           $(TESTUTIL_OBJS) $(QFIX_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
+           $(TESTUTIL_OBJS) $(QFIX_OBJS) $(SFIX_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
 
 .PHONY: all run test pytest bench soak install clean fuzz fuzz-build fuzz-corpus \
         check-includes format format-check
@@ -166,7 +168,8 @@ $(B)/tests/unit/check_frame: $(B)/tests/unit/check_frame.o $(PROTO_OBJS)
 $(B)/tests/unit/check_structs $(B)/tests/unit/check_queue $(B)/tests/unit/check_queue_compact: \
         %: %.o $(QFIX_OBJS) $(QUEUE_OBJS) $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
-$(B)/tests/unit/check_store: $(B)/tests/unit/check_store.o $(STORE_OBJS) $(B)/broker/hmap.o $(CORE_OBJS) $(PROTO_OBJS)
+$(B)/tests/unit/check_record $(B)/tests/unit/check_store $(B)/tests/unit/check_store_recover: \
+        %: %.o $(SFIX_OBJS) $(STORE_OBJS) $(B)/broker/hmap.o $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/unit/check_journal: $(B)/tests/unit/check_journal.o $(B)/broker/journal.o \
                                $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS) $(PROTO_OBJS)

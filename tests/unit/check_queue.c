@@ -7,13 +7,12 @@
  */
 #include <check.h>
 #include <inttypes.h>
-#include <stddef.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "mem.h"
 #include "protoq.pb-c.h"
+#include "queue.h"
 #include "queue_fixture.h"
 
 /* ======================================================== names and declare */

@@ -6,12 +6,11 @@
  */
 #include <check.h>
 #include <inttypes.h>
-#include <stddef.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "mem.h"
+#include "queue.h"
 #include "queue_fixture.h"
 
 /* ======================================================== scale */

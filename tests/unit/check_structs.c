@@ -4,11 +4,11 @@
  */
 #include <check.h>
 #include <inttypes.h>
-#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "body.h"
 #include "heap.h"
 #include "hmap.h"
 #include "mem.h"
