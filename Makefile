@@ -191,10 +191,10 @@ $(B)/tests/model/check_model: $(B)/tests/model/check_model.o $(MODEL_OBJS) \
 # through PROTOQD / PROTOQ.
 test: $(BINS) $(TESTS) $(PY_STAMP)
 	@failed=; rm -f $(B)/tests/failures.txt; for t in $(TESTS); do \
-	    echo "== $$t"; \
+	    echo "== $$t"; t0=$$(date +%s); \
 	    PROTOQD=$(CURDIR)/$(B)/protoqd PROTOQ=$(CURDIR)/$(B)/protoq \
 	        $(VALGRIND) ./$$t > $(B)/tests/last.log 2>&1; rc=$$?; \
-	    cat $(B)/tests/last.log; \
+	    cat $(B)/tests/last.log; echo "   ($$(( $$(date +%s) - t0 )) s)"; \
 	    if [ $$rc -ne 0 ]; then failed="$$failed $$t"; \
 	        grep -E ':[EF]:' $(B)/tests/last.log >> $(B)/tests/failures.txt || \
 	        tail -5 $(B)/tests/last.log >> $(B)/tests/failures.txt; fi; \
