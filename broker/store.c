@@ -1291,9 +1291,11 @@ store_space_check(struct store *st, uint32_t n_publish, uint64_t bytes)
         st->cur_off + need <= st->cfg.segment_bytes) {
         return PQ_OK;
     }
-    /* A roll will be needed: fine if a spare is ready or on its way. */
-    if (sp != SPARE_FAILED && room <= spare_room + st->cfg.segment_bytes &&
-        need <= st->cfg.segment_bytes) {
+    /* A roll will be needed (several for a batch over a segment: the log
+     * goes on in the next segment between any two records, and each
+     * record was checked against a segment's size): fine while spares
+     * are ready or on their way. */
+    if (sp != SPARE_FAILED && room <= spare_room + st->cfg.segment_bytes) {
         return PQ_OK;
     }
     return PQ_ENOSPC;

@@ -588,6 +588,51 @@ START_TEST(test_counters_start_at_zero_after_restart)
 }
 END_TEST
 
+/*
+ * A PublishBatch larger than one segment (segment_bytes 65536 here) was
+ * refused with DISK_FULL, which no retry can cure, although the log goes
+ * on in the next segment between any two records. It is stored, confirmed
+ * and kept across a restart, and the segments it spans are collected once
+ * it is consumed.
+ */
+START_TEST(test_batch_over_a_segment_is_stored)
+{
+    enum { N = 6, LEN = 16000 };
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    static char payload[N][LEN];
+    struct protoq_message m[N];
+    uint64_t ids[N];
+    struct cons *k;
+
+    mkq(c, "big", NULL, 0);
+    memset(m, 0, sizeof(m));
+    for (int i = 0; i < N; i++) {
+        memset(payload[i], 'a' + i, LEN);
+        snprintf(payload[i], 16, "part-%d", i);
+        m[i].payload = payload[i];
+        m[i].len = LEN;
+    }
+    pq_check_ok(c, protoq_publish_batch(c, "big", m, N, ids));
+    protoq_close(c);
+    bounce(_i);
+    c = pq_connect_or_fail(&g_srv);
+    ck_assert_uint_eq(qstat(c, "big").ready, N);
+    k = cons_open("big", N);
+    for (int i = 0; i < N; i++) {
+        struct got g = cons_get(k, "batch part");
+        char want[16];
+
+        snprintf(want, sizeof(want), "part-%d", i);
+        ck_assert_str_eq(g.payload, want);
+        ck_assert_uint_eq(g.id, ids[i]);
+        pq_check_ok(k->c, protoq_ack_sync(k->c, g.id, g.attempt));
+    }
+    cons_close(k);
+    ck_assert_uint_eq(qtotal_wait(c, "big", 0), 0);
+    protoq_close(c);
+}
+END_TEST
+
 /* ------------------------------------------ item 6: raw frames */
 
 /* raw_open: a raw connection past the handshake. */
@@ -1102,6 +1147,7 @@ loss_suite(void)
                         0, 2);
     tcase_add_loop_test(tc, test_compacted_keyed_job_survives_restart, 0, 2);
     tcase_add_loop_test(tc, test_counters_start_at_zero_after_restart, 0, 2);
+    tcase_add_loop_test(tc, test_batch_over_a_segment_is_stored, 0, 2);
     tcase_add_loop_test(tc, test_keys_put_back_delete_and_compaction_combined,
                         0, 2);
     suite_add_tcase(s, tc);
