@@ -11,6 +11,7 @@
 
 #include "mem.h"
 #include "queue.h"
+#include "ckfast.h"
 #include "queue_fixture.h"
 
 /* ======================================================== scale */
@@ -32,33 +33,33 @@ START_TEST(test_million_delayed_messages_stay_logarithmic)
         mn.id = i;
         mn.due_ms =
             now + 1 + (uint64_t)rand() % 100000; /* random order of deadlines */
-        ck_assert_int_eq(queue_push(q, &mn, now, NULL), PQ_OK);
+        CKF_CMP(queue_push(q, &mn, now, NULL), ==, PQ_OK);
     }
-    ck_assert_uint_eq(queue_delayed_count(q), N);
+    CKF_CMP(queue_delayed_count(q), ==, N);
     qset_set_listener(qs, NULL, NULL);
     /* cancel a slice from the middle of the heap */
     for (i = 1; i <= N; i += 10) {
-        ck_assert_int_eq(qset_cancel(qs, i, NULL), PQ_OK);
+        CKF_CMP(qset_cancel(qs, i, NULL), ==, PQ_OK);
     }
     queue_consumer_init(&c, 1, NULL, UINT32_MAX);
-    ck_assert_pq_ok(queue_subscribe(q, &c));
+    CKF_CMP(queue_subscribe(q, &c), ==, PQ_OK);
     while (qset_next_deadline(qs) != UINT64_MAX && got < N) {
         uint64_t d = qset_next_deadline(qs);
 
-        ck_assert_uint_ge(d, last); /* deadlines come out in order */
+        CKF_CMP(d, >=, last); /* deadlines come out in order */
         last = d;
         now = d;
         qset_tick(qs, now);
         while ((m = queue_next_delivery(q, now, &to)) != NULL) {
             struct msg *out;
 
-            ck_assert_int_eq(qset_ack(qs, m->id, m->attempt, &out), PQ_OK);
+            CKF_CMP(qset_ack(qs, m->id, m->attempt, &out), ==, PQ_OK);
             msg_free(out);
             got++;
         }
     }
-    ck_assert_uint_eq(got, N - N / 10);
-    ck_assert_uint_eq(qset_msg_count(qs), 0);
+    CKF_CMP(got, ==, N - N / 10);
+    CKF_CMP(qset_msg_count(qs), ==, 0);
     queue_unsubscribe(&c, now);
     queue_consumer_fini(&c);
 }
@@ -76,7 +77,7 @@ struct trace {
 static void
 trace_add(struct trace *t, uint64_t a, uint64_t b)
 {
-    ck_assert_uint_lt(t->n + 2, sizeof(t->v) / sizeof(t->v[0]));
+    CKF_CMP(t->n + 2, <, sizeof(t->v) / sizeof(t->v[0]));
     t->v[t->n++] = a;
     t->v[t->n++] = b;
 }
@@ -109,17 +110,17 @@ run_workload(bool ptr, unsigned seed, struct trace *t)
     size_t n_held = 0;
     int i;
 
-    ck_assert_ptr_nonnull(s);
+    CKF_CMP(s, !=, NULL);
     qset_seed(s, 7);
     qset_set_listener(s, trace_event, t);
     a.no_backoff = true;
     a.max_attempts = 3;
     strcpy(a.dead_letter, "dlq");
-    ck_assert_pq_ok(qset_create(s, "dlq", &da, &dlq));
-    ck_assert_pq_ok(qset_create(s, "q", &a, &q));
+    CKF_CMP(qset_create(s, "dlq", &da, &dlq), ==, PQ_OK);
+    CKF_CMP(qset_create(s, "q", &a, &q), ==, PQ_OK);
     queue_consumer_init(&c[0], 1, NULL, 8);
     queue_consumer_init(&c[1], 2, NULL, 8);
-    ck_assert_pq_ok(queue_consumer_set_tags(&c[1], &tag, 1));
+    CKF_CMP(queue_consumer_set_tags(&c[1], &tag, 1), ==, PQ_OK);
     srand(seed);
     for (i = 0; i < 6000; i++) {
         int op = rand() % 100;
@@ -153,10 +154,10 @@ run_workload(bool ptr, unsigned seed, struct trace *t)
             struct msg *m;
 
             if (c[0].q == NULL && rand() % 2) {
-                ck_assert_pq_ok(queue_subscribe(q, &c[0]));
+                CKF_CMP(queue_subscribe(q, &c[0]), ==, PQ_OK);
             }
             if (c[1].q == NULL && rand() % 2) {
-                ck_assert_pq_ok(queue_subscribe(q, &c[1]));
+                CKF_CMP(queue_subscribe(q, &c[1]), ==, PQ_OK);
             }
             m = queue_next_delivery(q, clock, &to);
             trace_add(t, 2, m != NULL ? m->id * 4 + to->id : 0);
@@ -216,13 +217,13 @@ run_workload(bool ptr, unsigned seed, struct trace *t)
         trace_add(t, 12, queue_ready_count(q) << 32 | queue_ready_count(dlq));
         trace_add(t, 13, queue_bytes(q) << 32 | qset_msg_count(s));
     }
-    ck_assert_pq_ok(qset_sort_ready(s));
+    CKF_CMP(qset_sort_ready(s), ==, PQ_OK);
     {
         uint64_t n = 0;
 
         queue_foreach_msg(q, count_cb, &n);
         queue_foreach_msg(dlq, count_cb, &n);
-        ck_assert_uint_eq(n, qset_msg_count(s));
+        CKF_CMP(n, ==, qset_msg_count(s));
     }
     /* drain in the sorted order (both runs now hold compact slots) */
     for (i = 0; i < 100000; i++) {
@@ -230,7 +231,7 @@ run_workload(bool ptr, unsigned seed, struct trace *t)
         struct msg *m;
 
         if (c[0].q == NULL) {
-            ck_assert_pq_ok(queue_subscribe(q, &c[0]));
+            CKF_CMP(queue_subscribe(q, &c[0]), ==, PQ_OK);
         }
         m = queue_next_delivery(q, clock, &to);
         if (m == NULL) {
@@ -266,7 +267,7 @@ START_TEST(test_compact_form_changes_no_order_or_event)
         full.n = compact.n = 0;
         run_workload(true, seed, &full);
         run_workload(false, seed, &compact);
-        ck_assert_uint_eq(full.n, compact.n);
+        CKF_CMP(full.n, ==, compact.n);
         for (i = 0; i < full.n; i++) {
             ck_assert_msg(full.v[i] == compact.v[i],
                           "seed %u: trace differs at %zu (op %" PRIu64
@@ -293,31 +294,30 @@ START_TEST(test_compact_backlog_costs_under_64_bytes_a_message)
     mn.size = 1;
     for (i = 1; i <= N; i++) {
         mn.id = i;
-        ck_assert_pq_ok(queue_push(q, &mn, now, NULL));
+        CKF_CMP(queue_push(q, &mn, now, NULL), ==, PQ_OK);
     }
-    ck_assert_uint_eq(qset_msg_count(qs), N);
-    ck_assert_uint_le((pq_mem_used() - before) / N, 48);
+    CKF_CMP(qset_msg_count(qs), ==, N);
+    CKF_CMP((pq_mem_used() - before) / N, <=, 48);
     /* cancel 7 of every 8 from the middle: the level is squeezed whenever
      * tombstones pass 3/4, so it holds at most 4 slots a live message */
     qset_set_listener(qs, NULL, NULL);
     for (i = 1; i <= N; i++) {
         if (i % 8 != 0) {
-            ck_assert_pq_ok(qset_cancel(qs, i, NULL));
+            CKF_CMP(qset_cancel(qs, i, NULL), ==, PQ_OK);
         }
     }
-    ck_assert_uint_le(pq_mem_used() - before,
-                      (size_t)N / 8 * 4 * 40 + 3 * 41000);
-    ck_assert_pq(qset_cancel(qs, 1, NULL), PQ_ENOTFOUND);
+    CKF_CMP(pq_mem_used() - before, <=, (size_t)N / 8 * 4 * 40 + 3 * 41000);
+    CKF_CMP(qset_cancel(qs, 1, NULL), ==, PQ_ENOTFOUND);
     queue_consumer_init(&c, 1, NULL, UINT32_MAX);
-    ck_assert_pq_ok(queue_subscribe(q, &c));
+    CKF_CMP(queue_subscribe(q, &c), ==, PQ_OK);
     for (i = 8; i <= N; i += 8) {
         m = queue_next_delivery(q, now, &to);
-        ck_assert_ptr_nonnull(m);
-        ck_assert_uint_eq(m->id, i);
-        ck_assert_pq_ok(qset_ack(qs, m->id, m->attempt, NULL));
+        CKF_CMP(m, !=, NULL);
+        CKF_CMP(m->id, ==, i);
+        CKF_CMP(qset_ack(qs, m->id, m->attempt, NULL), ==, PQ_OK);
     }
-    ck_assert_ptr_null(queue_next_delivery(q, now, &to));
-    ck_assert_uint_eq(qset_msg_count(qs), 0);
+    CKF_CMP(queue_next_delivery(q, now, &to), ==, NULL);
+    CKF_CMP(qset_msg_count(qs), ==, 0);
     queue_unsubscribe(&c, now);
     queue_consumer_fini(&c);
 }
@@ -346,26 +346,26 @@ START_TEST(test_compact_foreach_keeps_changes_and_sort_merges_back_pushes)
     for (i = 0; i < sizeof(order) / sizeof(order[0]); i++) {
         push(q, order[i], 2);
     }
-    ck_assert(qset_msg_peek(qs, 11, &v));
-    ck_assert_uint_eq(v.state, MSG_READY);
-    ck_assert_uint_eq(v.priority, 2);
+    CKF(qset_msg_peek(qs, 11, &v));
+    CKF_CMP(v.state, ==, MSG_READY);
+    CKF_CMP(v.priority, ==, 2);
     queue_foreach_msg(q, move_cb, NULL);
-    ck_assert(qset_msg_peek(qs, 12, &v));
-    ck_assert_uint_eq(v.pub_seg, 77);
-    ck_assert_uint_eq(v.state_seg, 77);
-    ck_assert_uint_eq(v.pub_off, 12);
-    ck_assert_ptr_null(v.body);
-    ck_assert_pq_ok(qset_sort_ready(qs));
-    ck_assert_uint_eq(qset_msg_count(qs), 7);
+    CKF(qset_msg_peek(qs, 12, &v));
+    CKF_CMP(v.pub_seg, ==, 77);
+    CKF_CMP(v.state_seg, ==, 77);
+    CKF_CMP(v.pub_off, ==, 12);
+    CKF_CMP(v.body, ==, NULL);
+    CKF_CMP(qset_sort_ready(qs), ==, PQ_OK);
+    CKF_CMP(qset_msg_count(qs), ==, 7);
     queue_consumer_init(&c, 1, NULL, 100);
-    ck_assert_pq_ok(queue_subscribe(q, &c));
+    CKF_CMP(queue_subscribe(q, &c), ==, PQ_OK);
     for (i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
         struct msg *m = queue_next_delivery(q, now, &to);
 
-        ck_assert_ptr_nonnull(m);
-        ck_assert_uint_eq(m->id, want[i]);
-        ck_assert_uint_eq(m->pub_seg, 77);
-        ck_assert_uint_eq(m->pub_off, (uint32_t)m->id);
+        CKF_CMP(m, !=, NULL);
+        CKF_CMP(m->id, ==, want[i]);
+        CKF_CMP(m->pub_seg, ==, 77);
+        CKF_CMP(m->pub_off, ==, (uint32_t)m->id);
     }
     queue_unsubscribe(&c, now);
     queue_consumer_fini(&c);

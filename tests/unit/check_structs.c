@@ -13,6 +13,7 @@
 #include "hmap.h"
 #include "mem.h"
 #include "protoq.pb-c.h"
+#include "ckfast.h"
 #include "queue_fixture.h"
 
 /* ======================================================== heap */
@@ -51,20 +52,20 @@ START_TEST(test_heap_random_ops_match_sorted_reference)
     struct heap h;
     size_t i, n_ref = 0;
 
-    ck_assert_ptr_nonnull(items);
-    ck_assert_ptr_nonnull(ref);
+    CKF_CMP(items, !=, NULL);
+    CKF_CMP(ref, !=, NULL);
     srand(7);
     heap_init(&h, hitem_less, hitem_setpos);
     for (i = 0; i < N; i++) {
         items[i].key = (uint64_t)rand() % 5000; /* duplicates on purpose */
-        ck_assert_pq_ok(heap_push(&h, &items[i]));
+        CKF_CMP(heap_push(&h, &items[i]), ==, PQ_OK);
         items[i].in = 1;
-        ck_assert_ptr_eq(h.items[items[i].pos], &items[i]);
+        CKF_CMP(h.items[items[i].pos], ==, &items[i]);
     }
     /* remove a third from the middle by slot, and re-key some */
     for (i = 0; i < N; i += 3) {
-        ck_assert_ptr_eq(heap_remove(&h, items[i].pos), &items[i]);
-        ck_assert_uint_eq(items[i].pos, HEAP_NOPOS);
+        CKF_CMP(heap_remove(&h, items[i].pos), ==, &items[i]);
+        CKF_CMP(items[i].pos, ==, HEAP_NOPOS);
         items[i].in = 0;
     }
     for (i = 1; i < N; i += 7) {
@@ -79,15 +80,15 @@ START_TEST(test_heap_random_ops_match_sorted_reference)
         }
     }
     qsort(ref, n_ref, sizeof(*ref), cmp_u64);
-    ck_assert_uint_eq(heap_len(&h), n_ref);
+    CKF_CMP(heap_len(&h), ==, n_ref);
     for (i = 0; i < n_ref; i++) {
         struct hitem *it = heap_peek(&h);
 
-        ck_assert_ptr_eq(heap_pop(&h), it);
-        ck_assert_uint_eq(it->key, ref[i]);
+        CKF_CMP(heap_pop(&h), ==, it);
+        CKF_CMP(it->key, ==, ref[i]);
     }
-    ck_assert_ptr_null(heap_pop(&h));
-    ck_assert_ptr_null(heap_peek(&h));
+    CKF_CMP(heap_pop(&h), ==, NULL);
+    CKF_CMP(heap_peek(&h), ==, NULL);
     heap_fini(&h);
     free(items);
     free(ref);
@@ -101,11 +102,11 @@ START_TEST(test_heap_push_fails_cleanly_on_enomem)
 
     heap_init(&h, hitem_less, hitem_setpos);
     pq_mem_fail_after(0);
-    ck_assert_pq(heap_push(&h, &a), PQ_ENOMEM);
+    CKF_CMP(heap_push(&h, &a), ==, PQ_ENOMEM);
     pq_mem_fail_after(-1);
-    ck_assert_uint_eq(heap_len(&h), 0);
-    ck_assert_pq_ok(heap_push(&h, &a));
-    ck_assert_uint_eq(heap_len(&h), 1);
+    CKF_CMP(heap_len(&h), ==, 0);
+    CKF_CMP(heap_push(&h, &a), ==, PQ_OK);
+    CKF_CMP(heap_len(&h), ==, 1);
     heap_fini(&h);
 }
 END_TEST
@@ -133,7 +134,7 @@ START_TEST(test_hmap_u64_matches_reference_through_grow_and_shrink)
         if (insert) {
             int rc = hmap_u64_put(&m, k * 0x100000000ULL, &vals[k]);
 
-            ck_assert_int_eq(rc, ref[k] ? PQ_EEXIST : PQ_OK);
+            CKF_CMP(rc, ==, ref[k] ? PQ_EEXIST : PQ_OK);
             if (!ref[k]) {
                 ref[k] = 1;
                 n_ref++;
@@ -141,30 +142,30 @@ START_TEST(test_hmap_u64_matches_reference_through_grow_and_shrink)
         } else {
             void *v = hmap_u64_del(&m, k * 0x100000000ULL);
 
-            ck_assert_ptr_eq(v, ref[k] ? &vals[k] : NULL);
+            CKF_CMP(v, ==, ref[k] ? &vals[k] : NULL);
             if (ref[k]) {
                 ref[k] = 0;
                 n_ref--;
             }
         }
-        ck_assert_uint_eq(hmap_u64_len(&m), n_ref);
+        CKF_CMP(hmap_u64_len(&m), ==, n_ref);
         if (m.cap > max_cap) {
             max_cap = m.cap;
         }
     }
     for (k = 0; k < KEYS; k++) {
-        ck_assert_ptr_eq(hmap_u64_get(&m, k * 0x100000000ULL),
-                         ref[k] ? &vals[k] : NULL);
+        CKF_CMP(hmap_u64_get(&m, k * 0x100000000ULL), ==,
+                ref[k] ? &vals[k] : NULL);
     }
     while (hmap_u64_next(&m, &iter, &k) != NULL) {
-        ck_assert(ref[k / 0x100000000ULL]);
+        CKF(ref[k / 0x100000000ULL]);
         seen++;
     }
-    ck_assert_uint_eq(seen, n_ref);
-    ck_assert_uint_ge(max_cap, 4096);  /* it grew */
-    ck_assert_uint_lt(m.cap, max_cap); /* and shrank again */
-    ck_assert_uint_le(hmap_u64_len(&m) * 4, m.cap * 3);
-    ck_assert_pq(hmap_u64_put(&m, 1, NULL), PQ_EINVAL);
+    CKF_CMP(seen, ==, n_ref);
+    CKF_CMP(max_cap, >=, 4096); /* it grew */
+    CKF_CMP(m.cap, <, max_cap); /* and shrank again */
+    CKF_CMP(hmap_u64_len(&m) * 4, <=, m.cap * 3);
+    CKF_CMP(hmap_u64_put(&m, 1, NULL), ==, PQ_EINVAL);
     hmap_u64_fini(&m);
 }
 END_TEST
@@ -194,45 +195,43 @@ START_TEST(test_hmap_ptr_matches_reference_through_grow_and_shrink)
         int insert = i < OPS / 2 ? rand() % 4 != 0 : rand() % 4 == 0;
 
         if (insert) {
-            ck_assert_int_eq(hmap_ptr_put(&m, &objs[k]),
-                             ref[k] ? PQ_EEXIST : PQ_OK);
+            CKF_CMP(hmap_ptr_put(&m, &objs[k]), ==, ref[k] ? PQ_EEXIST : PQ_OK);
             if (!ref[k]) {
                 ref[k] = 1;
                 n_ref++;
             }
         } else {
-            ck_assert_ptr_eq(hmap_ptr_del(&m, objs[k].key),
-                             ref[k] ? &objs[k] : NULL);
+            CKF_CMP(hmap_ptr_del(&m, objs[k].key), ==,
+                    ref[k] ? &objs[k] : NULL);
             if (ref[k]) {
                 ref[k] = 0;
                 n_ref--;
             }
         }
-        ck_assert_uint_eq(hmap_ptr_len(&m), n_ref);
-        ck_assert_uint_le(hmap_ptr_len(&m) * 20, m.cap * 17); /* load <= 85% */
+        CKF_CMP(hmap_ptr_len(&m), ==, n_ref);
+        CKF_CMP(hmap_ptr_len(&m) * 20, <=, m.cap * 17); /* load <= 85% */
         if (m.cap > max_cap) {
             max_cap = m.cap;
         }
     }
     for (k = 0; k < KEYS; k++) {
-        ck_assert_ptr_eq(hmap_ptr_get(&m, objs[k].key),
-                         ref[k] ? &objs[k] : NULL);
+        CKF_CMP(hmap_ptr_get(&m, objs[k].key), ==, ref[k] ? &objs[k] : NULL);
     }
-    ck_assert_ptr_null(hmap_ptr_get(&m, 7));
+    CKF_CMP(hmap_ptr_get(&m, 7), ==, NULL);
     while ((o = hmap_ptr_next(&m, &iter)) != NULL) {
-        ck_assert(ref[o - objs]);
+        CKF(ref[o - objs]);
         seen++;
     }
-    ck_assert_uint_eq(seen, n_ref);
-    ck_assert_uint_ge(max_cap, 3000);  /* it grew */
-    ck_assert_uint_lt(m.cap, max_cap); /* and shrank again */
-    ck_assert_pq(hmap_ptr_put(&m, NULL), PQ_EINVAL);
+    CKF_CMP(seen, ==, n_ref);
+    CKF_CMP(max_cap, >=, 3000); /* it grew */
+    CKF_CMP(m.cap, <, max_cap); /* and shrank again */
+    CKF_CMP(hmap_ptr_put(&m, NULL), ==, PQ_EINVAL);
     hmap_ptr_fini(&m);
     pq_mem_fail_after(0);
-    ck_assert_pq(hmap_ptr_put(&m, &objs[0]),
-                 PQ_ENOMEM); /* first table: unchanged */
-    ck_assert_uint_eq(hmap_ptr_len(&m), 0);
-    ck_assert_ptr_null(hmap_ptr_get(&m, objs[0].key));
+    CKF_CMP(hmap_ptr_put(&m, &objs[0]), ==,
+            PQ_ENOMEM); /* first table: unchanged */
+    CKF_CMP(hmap_ptr_len(&m), ==, 0);
+    CKF_CMP(hmap_ptr_get(&m, objs[0].key), ==, NULL);
     pq_mem_fail_after(-1);
     hmap_ptr_fini(&m);
 }
@@ -258,7 +257,7 @@ START_TEST(test_hmap_str_matches_reference)
         if (rand() % 3 != 0) {
             int rc = hmap_str_put(&m, keys[k], keys[k]);
 
-            ck_assert_int_eq(rc, ref[k] ? PQ_EEXIST : PQ_OK);
+            CKF_CMP(rc, ==, ref[k] ? PQ_EEXIST : PQ_OK);
             if (!ref[k]) {
                 ref[k] = 1;
                 n_ref++;
@@ -268,18 +267,18 @@ START_TEST(test_hmap_str_matches_reference)
 
             snprintf(probe, sizeof(probe), "key-%zu",
                      k); /* equal, not the same pointer */
-            ck_assert_ptr_eq(hmap_str_del(&m, probe), ref[k] ? keys[k] : NULL);
+            CKF_CMP(hmap_str_del(&m, probe), ==, ref[k] ? keys[k] : NULL);
             if (ref[k]) {
                 ref[k] = 0;
                 n_ref--;
             }
         }
     }
-    ck_assert_uint_eq(hmap_str_len(&m), n_ref);
+    CKF_CMP(hmap_str_len(&m), ==, n_ref);
     for (i = 0; i < KEYS; i++) {
-        ck_assert_ptr_eq(hmap_str_get(&m, keys[i]), ref[i] ? keys[i] : NULL);
+        CKF_CMP(hmap_str_get(&m, keys[i]), ==, ref[i] ? keys[i] : NULL);
     }
-    ck_assert_ptr_null(hmap_str_get(&m, "absent"));
+    CKF_CMP(hmap_str_get(&m, "absent"), ==, NULL);
     hmap_str_fini(&m);
 }
 END_TEST
