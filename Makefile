@@ -75,11 +75,12 @@ CORE_OBJS  = $(B)/broker/mem.o $(B)/broker/log.o $(B)/broker/failpoint.o
 QUEUE_OBJS = $(B)/broker/queue.o $(B)/broker/queue_ready.o $(B)/broker/queue_dedup.o \
              $(B)/broker/queue_deliver.o $(B)/broker/heap.o $(B)/broker/hmap.o $(B)/broker/body.o
 STORE_OBJS = $(B)/broker/store.o $(B)/broker/store_thread.o $(B)/broker/store_recover.o \
-             $(B)/broker/store_verify.o $(B)/broker/record.o \
+             $(B)/broker/store_verify.o $(B)/broker/store_read.o $(B)/broker/record.o \
              $(B)/broker/crc32c.o
 BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
               $(B)/broker/dispatch.o $(B)/broker/dispatch_admin.o \
               $(B)/broker/dispatch_publish.o $(B)/broker/dispatch_consume.o \
+              $(B)/broker/dispatch_deliver.o \
               $(B)/broker/journal.o $(B)/broker/config.o \
               $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS)
 
@@ -96,7 +97,7 @@ UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_structs \
               $(B)/tests/unit/check_journal
 INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_jobs \
               $(B)/tests/integration/check_client $(B)/tests/integration/check_work \
-              $(B)/tests/integration/check_loss \
+              $(B)/tests/integration/check_loss $(B)/tests/integration/check_evict \
               $(B)/tests/crash/check_crash $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
 MODEL_TESTS = $(B)/tests/model/check_model

@@ -675,6 +675,7 @@ dispatch_open(struct broker *bk, char *err, size_t errlen)
 
     hmap_u64_init(&bk->dirty_set);
     hmap_u64_init(&bk->pending_room);
+    hmap_u64_init(&bk->loading);
     hmap_str_init(&bk->pending_keys);
     bk->store_fd = -1;
     queue_defaults_init(&d);
@@ -736,6 +737,7 @@ void
 dispatch_store_event(struct broker *bk)
 {
     journal_reap(bk->journal, settle_waits, bk);
+    dispatch_reap_loads(bk);
 }
 
 void
@@ -774,6 +776,7 @@ dispatch_close(struct broker *bk)
         hmap_u64_fini(&bk->pending_room);
     }
     hmap_str_fini(&bk->pending_keys); /* entries went with their waits */
+    dispatch_drop_loads(bk);
     pq_free(bk->dirty);
     bk->dirty = NULL;
     bk->ndirty = bk->dirty_cap = 0;

@@ -59,6 +59,8 @@ struct broker {
         pending_room; /* queue -> room taken by unconfirmed publishes */
     struct hmap_str pending_keys; /* "queue\x01key" -> idempotency keys whose
                                      publish is not durable yet */
+    struct hmap_u64 loading;      /* message id -> the delivery waiting for its
+                                     payload to be read back */
     struct broker_stats stats;
 };
 

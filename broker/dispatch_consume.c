@@ -91,6 +91,7 @@ dispatch_on_subscribe(struct conn *c, uint64_t rid, const Protoq__Subscribe *r)
 void
 dispatch_unsubscribe(struct broker *bk, struct sub *s)
 {
+    dispatch_sub_drop_outq(s);
     dispatch_sub_unlink(s);
     queue_unsubscribe(&s->cons, *bk->now_mono_ms);
     queue_consumer_fini(&s->cons);
@@ -175,90 +176,6 @@ dispatch_conn_output(void *arg, struct conn *c, bool full)
             dispatch_mark_dirty(broker_of(c), s->cons.q);
         }
     }
-}
-
-/* A delivery that cannot be sent is a failed attempt (error logged by
- * the caller): after max_attempts the message is dead-lettered or dropped,
- * and the consumer's connection is not harmed. */
-static void
-fail_attempt(struct broker *bk, struct msg *m, const char *error)
-{
-    struct nack_opts o = {.dead_letter = false, .error = error};
-
-    qset_nack(bk->qs, m->id, m->attempt, &o, *bk->now_mono_ms);
-}
-
-/* Send one Deliver; the message body is spliced, not re-encoded. */
-static void
-send_deliver(struct broker *bk, struct sub *s, struct msg *m)
-{
-    struct body *prog = msg_progress(m);
-    struct frame_deliver d = {
-        .subscription_id = s->cons.id,
-        .queue = queue_name(m->q),
-        .message_id = m->id,
-        .attempt = m->attempt,
-        .lease_ms =
-            m->due_ms > *bk->now_mono_ms ? m->due_ms - *bk->now_mono_ms : 0,
-        .published_at_ms = m->published_wall_ms,
-        .progress = prog ? prog->data : NULL,
-        .progress_len = prog ? prog->len : 0,
-    };
-    struct body *b = m->body;
-    size_t n;
-    uint8_t *p;
-
-    if (b == NULL) {
-        b = journal_load_body(bk->journal, m);
-    } else {
-        body_ref(b);
-    }
-    if (b == NULL) {
-        /* Unreadable payload: fail this attempt rather than send garbage. */
-        log_err("queue %s: message %llu: payload cannot be read back",
-                queue_name(m->q), (unsigned long long)m->id);
-        fail_attempt(bk, m, "payload unreadable");
-        return;
-    }
-    n = frame_deliver_size(&d, b->len);
-    if (n - FRAME_HEADER_LEN > bk->cfg->max_frame_bytes) {
-        /* Publish checks that this cannot happen; a message stored while
-         * max_frame_bytes was larger can. No client would accept it. */
-        log_err("queue %s: message %llu: its Deliver of %zu bytes is over "
-                "max_frame_bytes (%u, lowered since it was stored); the "
-                "attempt fails",
-                queue_name(m->q), (unsigned long long)m->id,
-                n - FRAME_HEADER_LEN, bk->cfg->max_frame_bytes);
-        body_unref(&b);
-        fail_attempt(bk, m, "message over max_frame_bytes");
-        return;
-    }
-    p = conn_reserve(s->conn, n);
-    if (p == NULL) {
-        /* The connection is going away; its close requeues the message. */
-        body_unref(&b);
-        return;
-    }
-    conn_commit(s->conn, frame_deliver_encode(&d, b->data, b->len, p));
-    body_unref(&b);
-}
-
-/* dispatch_deliver: hand out what q can deliver now; true if it stopped early.
- */
-bool
-dispatch_deliver(struct broker *bk, struct queue *q)
-{
-    struct consumer *to;
-    struct msg *m;
-
-    for (int i = 0; i < DELIVERIES_PER_PASS; i++) {
-        m = queue_next_delivery(q, *bk->now_mono_ms, &to);
-        if (m == NULL) {
-            return false;
-        }
-        send_deliver(bk, to->owner, m);
-    }
-    return true;
 }
 
 /* ---- acknowledgements ---- */

@@ -58,6 +58,9 @@ struct sub {
     struct conn *conn;
     struct sub *next; /* conn->subs */
     bool flow_paused; /* Flow{prefetch 0}: no new deliveries */
+    /* deliveries waiting behind one whose payload is read back from disk
+     * (dispatch_deliver.c) */
+    struct outd *out_head, *out_tail;
 };
 
 enum wait_kind { WAIT_PUBLISH, WAIT_OK };
@@ -206,6 +209,18 @@ void dispatch_on_flow(struct conn *c, uint64_t rid, const Protoq__Flow *r);
 /* dispatch_deliver: hand out what q can deliver now; true if it stopped early.
  */
 bool dispatch_deliver(struct broker *bk, struct queue *q);
+
+/* dispatch_reap_loads: payloads read back from disk: send the deliveries
+ * that waited for them. */
+void dispatch_reap_loads(struct broker *bk);
+
+/* dispatch_sub_drop_outq: forget s's waiting deliveries (s is going); a
+ * read under way goes on, for the message's next delivery to take over. */
+void dispatch_sub_drop_outq(struct sub *s);
+
+/* dispatch_drop_loads: free the reads nobody waits for (at close, after
+ * every subscription went). */
+void dispatch_drop_loads(struct broker *bk);
 
 void dispatch_on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r);
 

@@ -11,6 +11,10 @@
  *   sync-before-confirm  a batch is synced, its confirms not yet sent
  *   segment-roll         the old segment is sealed, nothing in the new one
  *   compaction           half of one compaction pass is written
+ *
+ * With PROTOQ_DELAY=NAME:MS, failpoint_delay(NAME) sleeps MS ms at every
+ * hit instead, so a test can make one step slow:
+ *   store-read           reading a record back from a segment
  */
 #ifndef PQ_FAILPOINT_H
 #define PQ_FAILPOINT_H
@@ -20,5 +24,8 @@ void failpoint_init(void);
 
 /* failpoint: crash here if armed for name and this is the Nth hit. */
 void failpoint(const char *name);
+
+/* failpoint_delay: sleep here if PROTOQ_DELAY names name. */
+void failpoint_delay(const char *name);
 
 #endif

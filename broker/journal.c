@@ -288,43 +288,53 @@ forget_body(struct journal *j, const struct msg *m)
     }
 }
 
+/* The body of message id from the record read back at loc (rc as
+ * store_read gives it). A new reference, or NULL (logged). */
+static struct body *
+body_of_record(uint64_t id, const struct store_loc *loc, int rc, uint8_t type,
+               const uint8_t *raw, size_t len)
+{
+    struct body *b = NULL;
+    struct record r;
+
+    if (rc != PQ_OK) {
+        log_err("message %llu: reading its record back (segment %u offset "
+                "%llu): %s",
+                (unsigned long long)id, loc->seg, (unsigned long long)loc->off,
+                pq_strerror(rc));
+    } else if (record_decode(type, raw, len, &r) != PQ_OK) {
+        log_err("message %llu: its record at segment %u offset %llu does "
+                "not decode",
+                (unsigned long long)id, loc->seg, (unsigned long long)loc->off);
+    } else if (r.type == REC_PUBLISH && r.u.publish.id == id) {
+        b = body_new(r.u.publish.body.ptr, r.u.publish.body.len);
+    } else if (r.type == REC_DEAD_LETTER && r.u.dead_letter.id == id) {
+        b = body_new(r.u.dead_letter.body.ptr, r.u.dead_letter.body.len);
+    } else {
+        log_err("message %llu: segment %u offset %llu holds another record "
+                "(%s)",
+                (unsigned long long)id, loc->seg, (unsigned long long)loc->off,
+                record_type_name(type));
+    }
+    return b;
+}
+
 /* Read m's current body back from its record. A new reference or NULL. */
 static struct body *
 load_body(struct journal *j, const struct msg *m)
 {
     struct store_loc loc = {
         .seg = m->pub_seg, .off = m->pub_off, .len = m->pub_len};
-    uint8_t type, *raw = NULL;
-    struct body *b = NULL;
-    struct record r;
-    size_t len;
+    uint8_t type = 0, *raw = NULL;
+    struct body *b;
+    size_t len = 0;
     int rc;
 
     if (m->pub_len == 0) {
         return NULL;
     }
     rc = store_read(j->st, &loc, &type, &raw, &len);
-    if (rc != PQ_OK) {
-        log_err("message %llu: reading its record back (segment %u offset "
-                "%u): %s",
-                (unsigned long long)m->id, m->pub_seg, m->pub_off,
-                pq_strerror(rc));
-        return NULL;
-    }
-    if (record_decode(type, raw, len, &r) != PQ_OK) {
-        log_err("message %llu: its record at segment %u offset %u does not "
-                "decode",
-                (unsigned long long)m->id, m->pub_seg, m->pub_off);
-    } else if (r.type == REC_PUBLISH && r.u.publish.id == m->id) {
-        b = body_new(r.u.publish.body.ptr, r.u.publish.body.len);
-    } else if (r.type == REC_DEAD_LETTER && r.u.dead_letter.id == m->id) {
-        b = body_new(r.u.dead_letter.body.ptr, r.u.dead_letter.body.len);
-    } else {
-        log_err("message %llu: segment %u offset %u holds another record "
-                "(%s)",
-                (unsigned long long)m->id, m->pub_seg, m->pub_off,
-                record_type_name(type));
-    }
+    b = body_of_record(m->id, &loc, rc, type, raw, len);
     pq_free(raw);
     return b;
 }
@@ -836,6 +846,50 @@ struct body *
 journal_load_body(struct journal *j, struct msg *m)
 {
     return load_body(j, m);
+}
+
+int
+journal_load_start(struct journal *j, const struct msg *m)
+{
+    struct store_loc loc = {
+        .seg = m->pub_seg, .off = m->pub_off, .len = m->pub_len};
+    int rc;
+
+    if (m->pub_len == 0) {
+        return PQ_EINVAL;
+    }
+    store_seg_hold(j->st, loc.seg); /* no deletion under the reader */
+    rc = store_read_submit(j->st, m->id, &loc);
+    if (rc != PQ_OK) {
+        store_seg_release(j->st, loc.seg);
+    }
+    return rc;
+}
+
+struct loads {
+    struct journal *j;
+    journal_loaded_fn fn;
+    void *arg;
+};
+
+static void
+loaded(void *arg, uint64_t id, const struct store_loc *loc, int rc,
+       uint8_t type, uint8_t *raw, size_t len)
+{
+    struct loads *l = arg;
+    struct body *b = body_of_record(id, loc, rc, type, raw, len);
+
+    pq_free(raw);
+    store_seg_release(l->j->st, loc->seg);
+    l->fn(l->arg, id, b);
+}
+
+void
+journal_reap_loads(struct journal *j, journal_loaded_fn fn, void *arg)
+{
+    struct loads l = {j, fn, arg};
+
+    store_read_reap(j->st, loaded, &l);
 }
 
 void

@@ -123,6 +123,19 @@ uint64_t journal_last_lsn(struct journal *j);
  * message whose payload is not in memory). A new reference, or NULL. */
 struct body *journal_load_body(struct journal *j, struct msg *m);
 
+/*
+ * journal_load_start: read m's body back off the loop thread (for a
+ * delivery of a message whose body is not in memory). The result comes to
+ * journal_reap_loads's fn with m's id: a new reference to the body, or
+ * NULL when its record could not be read back (logged). PQ_OK, or an error
+ * (then nothing comes).
+ */
+int journal_load_start(struct journal *j, const struct msg *m);
+typedef void (*journal_loaded_fn)(void *arg, uint64_t id, struct body *b);
+/* journal_reap_loads: hand the finished loads to fn, in the order they
+ * were started; call it when journal_event_fd is readable. */
+void journal_reap_loads(struct journal *j, journal_loaded_fn fn, void *arg);
+
 /* journal_submit: hand the pending records to the storage thread;
  * journal_reap: report completed batches (see store_reap). */
 void journal_submit(struct journal *j);

@@ -115,8 +115,8 @@ seg_path(char *buf, size_t n, const char *dir, uint32_t seq)
     snprintf(buf, n, "%s/seg-%010u.log", dir, seq);
 }
 
-/* rec_crc: the CRC of a record: type byte, then body. */
-static uint32_t
+/* rec_crc: see store_int.h. */
+uint32_t
 rec_crc(uint8_t type, const uint8_t *body, size_t len)
 {
     return crc32c(crc32c(0, &type, 1), body, len);
@@ -168,28 +168,6 @@ store_pwrite_all(int fd, const uint8_t *p, size_t n, uint64_t off)
         p += w;
         n -= (size_t)w;
         off += (uint64_t)w;
-    }
-    return 0;
-}
-
-static int
-pread_all(int fd, uint8_t *p, size_t n, uint64_t off)
-{
-    while (n > 0) {
-        ssize_t r = pread(fd, p, n, (off_t)off);
-        if (r < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            return -1;
-        }
-        if (r == 0) {
-            errno = 0; /* short file */
-            return -1;
-        }
-        p += r;
-        n -= (size_t)r;
-        off += (uint64_t)r;
     }
     return 0;
 }
@@ -962,6 +940,7 @@ store_free(struct store *st)
     if (st == NULL) {
         return;
     }
+    store_reader_stop(st);
     for (b = st->c_head; b != NULL; b = next) {
         next = b->next;
         pq_free(b->data);
@@ -997,6 +976,7 @@ store_free(struct store *st)
     pthread_mutex_destroy(&st->mu);
     pthread_cond_destroy(&st->wake);
     pthread_cond_destroy(&st->spare_cv);
+    pthread_cond_destroy(&st->rd_wake);
     pq_free(st->dels);
     pq_free(st->segs);
     pq_free(st->dir);
@@ -1033,6 +1013,7 @@ store_open(const struct store_config *c, store_replay_fn fn, void *arg,
     pthread_cond_init(&st->wake, &ca);
     pthread_condattr_destroy(&ca);
     pthread_cond_init(&st->spare_cv, NULL);
+    pthread_cond_init(&st->rd_wake, NULL);
     st->dir = pq_strdup(c->dir);
     if (st->dir == NULL) {
         rc = PQ_ENOMEM;
@@ -1438,69 +1419,4 @@ store_get_stats(struct store *st, struct store_stats *out)
     pthread_mutex_lock(&st->mu);
     *out = st->stats;
     pthread_mutex_unlock(&st->mu);
-}
-
-/* ==== Read-back ==== */
-
-/* store_read: see store.h. */
-int
-store_read(struct store *st, const struct store_loc *loc, uint8_t *type,
-           uint8_t **body, size_t *len)
-{
-    char path[PATH_BUF];
-    uint8_t hdr[STORE_REC_HDR_LEN];
-    uint8_t *b = NULL;
-    uint32_t rlen;
-    bool written;
-    int fd, rc = PQ_OK;
-
-    *body = NULL;
-    *len = 0;
-    if (loc->len < STORE_REC_HDR_LEN || loc->len - 8 > REC_LEN_MAX) {
-        return PQ_EINVAL;
-    }
-    pthread_mutex_lock(&st->mu);
-    written = st->cfg.read_only || loc->seg < st->w_seg ||
-              (loc->seg == st->w_seg && loc->off + loc->len <= st->w_off);
-    pthread_mutex_unlock(&st->mu);
-    if (!written) {
-        return PQ_EAGAIN;
-    }
-    seg_path(path, sizeof(path), st->dir, loc->seg);
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        return errno == ENOENT ? PQ_ENOTFOUND : store_errno_to_pq(errno);
-    }
-    if (pread_all(fd, hdr, sizeof(hdr), loc->off) < 0) {
-        rc = errno ? store_errno_to_pq(errno) : PQ_ECORRUPT;
-        goto out_close;
-    }
-    rlen = le32_get(hdr);
-    if (rlen != loc->len - 8) {
-        rc = PQ_ECORRUPT;
-        goto out_close;
-    }
-    b = pq_malloc(rlen > 1 ? rlen - 1 : 1);
-    if (b == NULL) {
-        rc = PQ_ENOMEM;
-        goto out_close;
-    }
-    if (rlen > 1 && pread_all(fd, b, rlen - 1, loc->off + 9) < 0) {
-        rc = errno ? store_errno_to_pq(errno) : PQ_ECORRUPT;
-        goto err_free;
-    }
-    if (le32_get(hdr + 4) != rec_crc(hdr[8], b, rlen - 1)) {
-        rc = PQ_ECORRUPT;
-        goto err_free;
-    }
-    *type = hdr[8];
-    *body = b;
-    *len = rlen - 1;
-    goto out_close;
-
-err_free:
-    pq_free(b);
-out_close:
-    close(fd);
-    return rc;
 }

@@ -212,8 +212,9 @@ int store_append(struct store *st, uint8_t type, const void *body, size_t len,
  */
 void store_submit(struct store *st);
 
-/* store_event_fd: an eventfd that becomes readable when batches complete;
- * the loop polls it and calls store_reap. -1 for a read-only store. */
+/* store_event_fd: an eventfd that becomes readable when batches complete
+ * or reads are done; the loop polls it and calls store_reap and
+ * store_read_reap. -1 for a read-only store. */
 int store_event_fd(const struct store *st);
 
 /*
@@ -343,6 +344,23 @@ void store_get_stats(struct store *st, struct store_stats *out);
  */
 int store_read(struct store *st, const struct store_loc *loc, uint8_t *type,
                uint8_t **body, size_t *len);
+
+/*
+ * Reads off the caller's thread. store_read_submit queues a read of the
+ * record at loc for the store's reader thread (the caller keeps loc.seg
+ * from deletion, e.g. with store_seg_hold, until the result is reaped);
+ * PQ_OK or PQ_ENOMEM. When it is done the store's eventfd becomes
+ * readable, and store_read_reap calls fn once for each finished read, in
+ * submission order, on the caller's thread: rc and the rest as store_read
+ * gives them; fn owns body (pq_free). Reads not reaped by store_close are
+ * dropped.
+ */
+typedef void (*store_read_fn)(void *arg, uint64_t tag,
+                              const struct store_loc *loc, int rc, uint8_t type,
+                              uint8_t *body, size_t len);
+int store_read_submit(struct store *st, uint64_t tag,
+                      const struct store_loc *loc);
+void store_read_reap(struct store *st, store_read_fn fn, void *arg);
 
 /*
  * store_check: verify dir read-only (no lock taken for writing, nothing

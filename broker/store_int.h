@@ -110,6 +110,8 @@ struct store {
     pthread_cond_t spare_cv; /* the loop waits here for a spare */
     pthread_t thr;
     bool thr_started;
+    pthread_t rd_thr; /* the reader thread (store_read.c) */
+    bool rd_started;
     bool stop;
     struct batch *q_head, *q_tail; /* submitted, not yet taken */
     struct batch *c_head, *c_tail; /* completed, not yet reaped */
@@ -124,10 +126,14 @@ struct store {
     bool spare_taken; /* the loop rolled into it */
     uint32_t spare_seq;
     uint64_t spare_alloc;
-    uint64_t spare_room;     /* reserve room beyond segment_bytes */
-    uint64_t want_room;      /* reserve bytes the loop needs */
-    uint64_t spare_retry_ms; /* monotonic time of next retry */
-    uint32_t w_seg;          /* written up to (for store_read) */
+    uint64_t spare_room;                /* reserve room beyond segment_bytes */
+    uint64_t want_room;                 /* reserve bytes the loop needs */
+    uint64_t spare_retry_ms;            /* monotonic time of next retry */
+    struct store_rd *rd_head, *rd_tail; /* reads asked for */
+    struct store_rd *rd_done_head, *rd_done_tail; /* reads done */
+    pthread_cond_t rd_wake;                       /* the reader waits here */
+    bool rd_stop;
+    uint32_t w_seg; /* written up to (for store_read) */
     uint64_t w_off;
     struct store_stats stats;
 
@@ -218,6 +224,12 @@ void store_seterr(char *err, size_t errlen, const char *fmt, ...);
 void seg_path(char *buf, size_t n, const char *dir, uint32_t seq);
 
 int store_errno_to_pq(int e);
+/* rec_crc: the CRC of a record: type byte, then body. */
+uint32_t rec_crc(uint8_t type, const uint8_t *body, size_t len);
+
+/* store_reader_stop: join the reader thread (if it started) and free the
+ * reads it was asked for and the results nobody reaped. */
+void store_reader_stop(struct store *st);
 
 /* reserve room a new segment gets beyond segment_bytes */
 uint64_t store_room_for(const struct store *st, uint64_t want);

@@ -96,6 +96,85 @@ START_TEST(test_store_read_back_and_pending)
 }
 END_TEST
 
+/* Results of reads done by the reader thread. */
+struct reads {
+    size_t n;
+    uint64_t tag[64];
+    int rc[64];
+    uint8_t type[64];
+    uint8_t *body[64];
+    size_t len[64];
+};
+
+static void
+on_read(void *arg, uint64_t tag, const struct store_loc *loc, int rc,
+        uint8_t type, uint8_t *body, size_t len)
+{
+    struct reads *r = arg;
+
+    (void)loc;
+    ck_assert_uint_lt(r->n, 64);
+    r->tag[r->n] = tag;
+    r->rc[r->n] = rc;
+    r->type[r->n] = type;
+    r->body[r->n] = body;
+    r->len[r->n] = len;
+    r->n++;
+}
+
+/*
+ * Reads off the loop thread give what store_read gives, in submission
+ * order, through the store's eventfd: each record, a damaged one as
+ * PQ_ECORRUPT. Reads still queued or not reaped at close are freed (ASan).
+ */
+START_TEST(test_reader_thread_reads_in_order_and_close_frees_the_rest)
+{
+    struct rlog want = {0};
+    struct dones d = {0};
+    struct reads r = {0};
+    struct store *st = must_open(cfg(FSYNC_ALWAYS, 1 << 20), NULL);
+    struct pollfd pfd;
+    struct store_loc bad;
+    int64_t end;
+
+    append_n(st, &want, 20, 7, 300);
+    ck_assert(reap_until(st, &d, 20, 5000));
+    for (size_t i = 0; i < 20; i++) {
+        ck_assert_pq_ok(store_read_submit(st, 100 + i, &want.v[i].loc));
+    }
+    bad = want.v[3].loc;
+    bad.len += 1; /* the length on disk says otherwise */
+    ck_assert_pq_ok(store_read_submit(st, 999, &bad));
+    pfd.fd = store_event_fd(st);
+    pfd.events = POLLIN;
+    end = (int64_t)clock_mono_ms() + 5000;
+    while (r.n < 21 && (int64_t)clock_mono_ms() < end) {
+        poll(&pfd, 1, 100);
+        store_reap(st, on_done, &d);
+        store_read_reap(st, on_read, &r);
+    }
+    ck_assert_uint_eq(r.n, 21);
+    for (size_t i = 0; i < 20; i++) {
+        ck_assert_uint_eq(r.tag[i], 100 + i);
+        ck_assert_pq_ok(r.rc[i]);
+        ck_assert_uint_eq(r.type[i], want.v[i].type);
+        ck_assert_uint_eq(r.len[i], want.v[i].len);
+        ck_assert(r.len[i] == 0 ||
+                  memcmp(r.body[i], want.v[i].body, r.len[i]) == 0);
+        pq_free(r.body[i]);
+    }
+    ck_assert_uint_eq(r.tag[20], 999);
+    ck_assert_pq(r.rc[20], PQ_ECORRUPT);
+    ck_assert_ptr_null(r.body[20]);
+    /* left for close: queued and done, never reaped */
+    for (size_t i = 0; i < 20; i++) {
+        ck_assert_pq_ok(store_read_submit(st, i, &want.v[i].loc));
+    }
+    ck_assert_pq_ok(store_close(st));
+    rlog_free(&want);
+}
+END_TEST
+
 START_TEST(test_lock_second_open_is_busy)
 {
     struct store_config c = cfg(FSYNC_ALWAYS, 1 << 20);
@@ -1051,6 +1130,8 @@ store_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_append_close_reopen_replays_in_order);
     tcase_add_test(tc, test_store_read_back_and_pending);
+    tcase_add_test(tc,
+                   test_reader_thread_reads_in_order_and_close_frees_the_rest);
     tcase_add_test(tc, test_lock_second_open_is_busy);
     tcase_add_test(tc, test_unwaited_records_share_the_next_urgent_fsync);
     tcase_add_test(tc, test_group_commit_during_slow_fsync);
