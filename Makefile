@@ -5,20 +5,41 @@
 #                     Python package into build/python (protoc-generated)
 #   make run          build, then run protoqd in the foreground (conf/protoqd.conf)
 #   make test         build and run every Check suite (SAN=1: ASan + UBSan),
-#                     then the Python client's pytest suite
+#                     then the Python client's pytest suite and (not with
+#                     SAN=1) test-install
 #   make bench        standard benchmark workloads against a fresh protoqd
 #   make soak         the crash test with many more kill cycles, and the
 #                     model test with 5000 histories (MODEL_HISTORIES)
 #   make fuzz         build the libFuzzer targets (clang) into build/fuzz and
 #                     run each for FUZZ_SECONDS (default 60)
 #   make fuzz-corpus  regenerate the seed corpora under tests/fuzz/corpus
-#   make install      PREFIX=/usr/local DESTDIR=
+#   make install      PREFIX=/usr/local DESTDIR= (programs, libprotoq .a and
+#                     .so, protoq.h, protoq.pc, conf, systemd unit and
+#                     sysusers file, man pages, bash completion, Python)
+#   make uninstall    remove what make install put there
+#   make test-install install into a temp DESTDIR, build and run a program
+#                     against it with pkg-config
 #   make clean
 
+VERSION   = 0.1.0
+SOVERSION = 0
 PREFIX   ?= /usr/local
 BINDIR    = $(DESTDIR)$(PREFIX)/bin
 LIBDIR    = $(DESTDIR)$(PREFIX)/lib
 INCDIR    = $(DESTDIR)$(PREFIX)/include
+PCDIR     = $(LIBDIR)/pkgconfig
+MANDIR    = $(DESTDIR)$(PREFIX)/share/man
+BASHCOMPDIR = $(DESTDIR)$(PREFIX)/share/bash-completion/completions
+# systemd's own directories under PREFIX (/usr/lib/systemd/system for
+# PREFIX=/usr; /usr/local/lib/systemd/system is on systemd's path too).
+UNITDIR   = $(DESTDIR)$(PREFIX)/lib/systemd/system
+SYSUSERSDIR = $(DESTDIR)$(PREFIX)/lib/sysusers.d
+# The config: /etc/protoq for PREFIX=/usr, else PREFIX/etc/protoq.
+ifeq ($(PREFIX),/usr)
+SYSCONFDIR ?= /etc
+else
+SYSCONFDIR ?= $(PREFIX)/etc
+endif
 PROTOC_C ?= protoc-c
 PROTOC   ?= protoc
 # Debian's interpreter, where python3-protobuf and python3-pytest live (a
@@ -45,7 +66,7 @@ endif
 # The deps check runs before anything reads pkg-config, and only for goals
 # that build or run something: `make clean` and the source checks never
 # install packages.
-NODEPS_GOALS = clean format format-check check-includes
+NODEPS_GOALS = clean format format-check check-includes uninstall
 ifneq ($(filter-out $(NODEPS_GOALS),$(or $(MAKECMDGOALS),all)),)
 DEPS_OK := $(shell .ci/deps.sh >&2 && echo ok)
 ifneq ($(DEPS_OK),ok)
@@ -106,6 +127,10 @@ TESTUTIL_OBJS = $(B)/tests/testutil.o
 
 BINS = $(B)/protoqd $(B)/protoq $(B)/protoq-bench
 LIBA = $(B)/libprotoq.a
+# The shared library: the same objects built with -fPIC into $(B)/pic.
+LIBSO_NAME = libprotoq.so.$(SOVERSION)
+LIBSO      = $(B)/libprotoq.so.$(VERSION)
+PIC_OBJS   = $(patsubst $(B)/%,$(B)/pic/%,$(LIB_OBJS) $(PROTO_OBJS))
 
 # The Python package, assembled in $(B)/python/protoq with its generated
 # protoq_pb2.py (never committed); the tests import it from there.
@@ -117,9 +142,9 @@ PY_STAMP = $(PY_PKG)/protoq_pb2.py
 ALL_OBJS = $(PROTO_OBJS) $(BROKER_OBJS) $(LIB_OBJS) $(CLI_OBJS) $(BENCH_OBJS) \
            $(TESTUTIL_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
 
-.PHONY: all run test pytest bench soak install clean fuzz fuzz-build fuzz-corpus \
+.PHONY: all run test pytest bench soak install uninstall test-install clean fuzz fuzz-build fuzz-corpus \
         check-includes format format-check
-all: $(BINS) $(LIBA) $(PY_STAMP)
+all: $(BINS) $(LIBA) $(LIBSO) $(PY_STAMP)
 
 # ---- generated protobuf-c code (never committed) ----
 # One protoc-c run writes both files (grouped target).
@@ -145,12 +170,30 @@ $(B)/%.o: %.c
 $(B)/protocol/protoq.pb-c.o: $(B)/protocol/protoq.pb-c.c
 	$(CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
 
+$(B)/pic/%.o: %.c
+	@mkdir -p $(@D)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -fPIC -c -o $@ $<
+
+$(B)/pic/protocol/protoq.pb-c.o: $(B)/protocol/protoq.pb-c.c
+	@mkdir -p $(@D)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -fPIC -c -o $@ $<
+
+$(filter-out $(B)/pic/protocol/protoq.pb-c.o,$(PIC_OBJS)): | $(B)/protocol/protoq.pb-c.h
+
 # ---- programs ----
 $(B)/protoqd: $(BROKER_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 $(LIBA): $(LIB_OBJS) $(PROTO_OBJS)
 	$(AR) rcs $@ $^
+
+# libprotoq.so.VERSION with soname libprotoq.so.SOVERSION; it needs only
+# protobuf-c (and pthreads) at run time.
+$(LIBSO): $(PIC_OBJS)
+	$(CC) $(LDFLAGS) -shared -Wl,-soname,$(LIBSO_NAME) -Wl,--as-needed \
+	    -o $@ $^ $(LDLIBS)
+	ln -sf libprotoq.so.$(VERSION) $(B)/$(LIBSO_NAME)
+	ln -sf $(LIBSO_NAME) $(B)/libprotoq.so
 
 $(B)/protoq: $(CLI_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
@@ -198,6 +241,7 @@ test: $(BINS) $(TESTS) $(PY_STAMP)
 	        $(VALGRIND) ./$$t || fail=1; \
 	done; \
 	$(MAKE) --no-print-directory pytest || fail=1; \
+	$(if $(filter 1,$(SAN)),,$(MAKE) --no-print-directory test-install || fail=1;) \
 	exit $$fail
 
 # The Python client's suite alone (against this build's protoqd).
@@ -320,14 +364,51 @@ run: $(B)/protoqd $(B)/protoq
 	@mkdir -p var/protoq
 	./$(B)/protoqd -c conf/protoqd.conf
 
-install: $(BINS) $(LIBA) $(PY_STAMP)
-	install -d $(BINDIR) $(LIBDIR) $(INCDIR) $(PYLIBDIR)/protoq
+install: $(BINS) $(LIBA) $(LIBSO) $(PY_STAMP)
+	install -d $(BINDIR) $(LIBDIR) $(INCDIR) $(PCDIR) $(PYLIBDIR)/protoq \
+	    $(MANDIR)/man1 $(MANDIR)/man5 $(MANDIR)/man8 $(BASHCOMPDIR) \
+	    $(UNITDIR) $(SYSUSERSDIR) $(DESTDIR)$(SYSCONFDIR)/protoq
 	install -m 0755 $(BINS) $(BINDIR)
 	install -m 0644 $(LIBA) $(LIBDIR)
+	install -m 0644 $(LIBSO) $(LIBDIR)
+	ln -sf libprotoq.so.$(VERSION) $(LIBDIR)/$(LIBSO_NAME)
+	ln -sf $(LIBSO_NAME) $(LIBDIR)/libprotoq.so
 	install -m 0644 client/protoq.h $(INCDIR)
+	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(VERSION)|g' \
+	    client/protoq.pc.in > $(PCDIR)/protoq.pc
+	install -m 0644 client/protoq.1 $(MANDIR)/man1
+	install -m 0644 conf/protoqd.conf.5 $(MANDIR)/man5
+	install -m 0644 broker/protoqd.8 $(MANDIR)/man8
+	install -m 0644 client/protoq.bash-completion $(BASHCOMPDIR)/protoq
+	sed -e 's|/usr/local/bin/protoqd|$(PREFIX)/bin/protoqd|' \
+	    -e 's|/etc/protoq/|$(SYSCONFDIR)/protoq/|' \
+	    systemd/protoqd.service > $(UNITDIR)/protoqd.service
+	chmod 0644 $(UNITDIR)/protoqd.service
+	install -m 0644 systemd/protoqd.sysusers $(SYSUSERSDIR)/protoqd.conf
+	# The conf without the source tree's data_dir (var/protoq, for make
+	# run): the default /var/lib/protoq applies. An existing one is kept.
+	test -e $(DESTDIR)$(SYSCONFDIR)/protoq/protoqd.conf || \
+	    sed -e '/^data_dir var\/protoq$$/d' conf/protoqd.conf \
+	        > $(DESTDIR)$(SYSCONFDIR)/protoq/protoqd.conf
 	install -m 0644 $(PY_PKG)/*.py $(PYLIBDIR)/protoq
+
+uninstall:
+	rm -f $(addprefix $(BINDIR)/,protoqd protoq protoq-bench) \
+	    $(LIBDIR)/libprotoq.a $(LIBDIR)/libprotoq.so.$(VERSION) \
+	    $(LIBDIR)/$(LIBSO_NAME) $(LIBDIR)/libprotoq.so \
+	    $(INCDIR)/protoq.h $(PCDIR)/protoq.pc \
+	    $(MANDIR)/man1/protoq.1 $(MANDIR)/man5/protoqd.conf.5 \
+	    $(MANDIR)/man8/protoqd.8 $(BASHCOMPDIR)/protoq \
+	    $(UNITDIR)/protoqd.service $(SYSUSERSDIR)/protoqd.conf
+	rm -rf $(PYLIBDIR)/protoq
+	@echo "kept $(DESTDIR)$(SYSCONFDIR)/protoq/protoqd.conf (configuration)"
+
+# Install into a temp DESTDIR; compile and run a program against it with
+# pkg-config (shared and static); check the unit and the uninstall.
+test-install: all
+	tests/install_test.sh $(B)
 
 clean:
 	rm -rf build
 
--include $(ALL_OBJS:.o=.d) $(FUZZ_OBJS:.o=.d)
+-include $(ALL_OBJS:.o=.d) $(PIC_OBJS:.o=.d) $(FUZZ_OBJS:.o=.d)
