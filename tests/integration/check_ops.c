@@ -2,7 +2,8 @@
  * check_ops.c: what an operator sees of protoqd: the minute summary only
  * when something happened (PROTOQ_SUMMARY_MS shortens the minute), log
  * lines with timestamps, and a data dir that is created only when its
- * parent exists (a mistyped path does not start an empty broker).
+ * parent exists (a mistyped path does not start an empty broker), and
+ * --check-data's advice on a damaged dir naming the salvage step.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -96,6 +97,44 @@ START_TEST(data_dir_needs_its_parent)
 }
 END_TEST
 
+/* --check-data on a damaged segment names the next step (salvage), not
+ * itself. */
+START_TEST(check_data_advice_names_salvage)
+{
+    char seg[400], out[400], buf[8192], want[400];
+    const char *argv[] = {srv_binary(), "--check-data", S.data_dir, NULL};
+    protoq_client *c;
+    struct protoq_message m;
+    FILE *f;
+
+    ck_assert_int_eq(srv_start(&S, NULL), 0);
+    c = pq_connect_or_fail(&S);
+    pq_check_ok(c, protoq_queue_create(c, "q", NULL));
+    memset(&m, 0, sizeof(m));
+    m.payload = "0123456789abcdef0123456789abcdef";
+    m.len = 32;
+    for (int i = 0; i < 200; i++) {
+        pq_check_ok(c, protoq_publish(c, "q", &m, NULL));
+    }
+    protoq_close(c);
+    ck_assert_int_eq(srv_stop(&S), 0);
+    /* Flip bytes in the middle of the records: valid ones follow. */
+    snprintf(seg, sizeof(seg), "%s/seg-0000000001.log", S.data_dir);
+    f = fopen(seg, "r+b");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_int_eq(fseek(f, 4000, SEEK_SET), 0);
+    ck_assert_int_eq(fwrite("\xff\xff\xff\xff", 1, 4, f), 4);
+    ck_assert_int_eq(fclose(f), 0);
+    snprintf(out, sizeof(out), "%s/check.out", S.dir);
+    ck_assert_int_eq(prog_run(argv, out, 20000), 65);
+    file_slurp(out, buf, sizeof(buf));
+    snprintf(want, sizeof(want), "protoqd --salvage-data %s keeps", S.data_dir);
+    ck_assert_msg(strstr(buf, want) != NULL, "%s", buf);
+    ck_assert_msg(strstr(buf, "run protoqd --check-data") == NULL, "%s", buf);
+    srv_cleanup(&S);
+}
+END_TEST
+
 int
 main(void)
 {
@@ -107,6 +146,7 @@ main(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, summary_only_after_activity);
     tcase_add_test(tc, data_dir_needs_its_parent);
+    tcase_add_test(tc, check_data_advice_names_salvage);
     suite_add_tcase(s, tc);
     sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
