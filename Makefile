@@ -19,6 +19,8 @@
 #   make uninstall    remove what make install put there
 #   make test-install install into a temp DESTDIR, build and run a program
 #                     against it with pkg-config
+#   make deb          Debian packages (protoq, libprotoq0, libprotoq-dev)
+#                     from debian/ into build/deb, then lintian
 #   make clean
 
 VERSION   = 0.1.0
@@ -32,7 +34,8 @@ MANDIR    = $(DESTDIR)$(PREFIX)/share/man
 BASHCOMPDIR = $(DESTDIR)$(PREFIX)/share/bash-completion/completions
 # systemd's own directories under PREFIX (/usr/lib/systemd/system for
 # PREFIX=/usr; /usr/local/lib/systemd/system is on systemd's path too).
-UNITDIR   = $(DESTDIR)$(PREFIX)/lib/systemd/system
+SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
+UNITDIR   = $(DESTDIR)$(SYSTEMDUNITDIR)
 SYSUSERSDIR = $(DESTDIR)$(PREFIX)/lib/sysusers.d
 # The config: /etc/protoq for PREFIX=/usr, else PREFIX/etc/protoq.
 ifeq ($(PREFIX),/usr)
@@ -65,12 +68,14 @@ endif
 
 # The deps check runs before anything reads pkg-config, and only for goals
 # that build or run something: `make clean` and the source checks never
-# install packages.
+# install packages. NODEPS=1 skips it (debian/rules: Build-Depends did it).
 NODEPS_GOALS = clean format format-check check-includes uninstall
+ifneq ($(NODEPS),1)
 ifneq ($(filter-out $(NODEPS_GOALS),$(or $(MAKECMDGOALS),all)),)
 DEPS_OK := $(shell .ci/deps.sh >&2 && echo ok)
 ifneq ($(DEPS_OK),ok)
 $(error missing build dependencies; see the message above)
+endif
 endif
 endif
 
@@ -142,7 +147,7 @@ PY_STAMP = $(PY_PKG)/protoq_pb2.py
 ALL_OBJS = $(PROTO_OBJS) $(BROKER_OBJS) $(LIB_OBJS) $(CLI_OBJS) $(BENCH_OBJS) \
            $(TESTUTIL_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
 
-.PHONY: all run test pytest bench soak install uninstall test-install clean fuzz fuzz-build fuzz-corpus \
+.PHONY: all run test pytest bench soak install uninstall test-install deb clean fuzz fuzz-build fuzz-corpus \
         check-includes format format-check
 all: $(BINS) $(LIBA) $(LIBSO) $(PY_STAMP)
 
@@ -402,6 +407,17 @@ uninstall:
 	    $(UNITDIR)/protoqd.service $(SYSUSERSDIR)/protoqd.conf
 	rm -rf $(PYLIBDIR)/protoq
 	@echo "kept $(DESTDIR)$(SYSCONFDIR)/protoq/protoqd.conf (configuration)"
+
+# Debian packages, built by dpkg-buildpackage from a copy of the tracked
+# files (its output goes to the parent directory: build/deb), then checked
+# by lintian (errors fail). Needs debhelper and lintian (.ci/deps.sh deb).
+DEB_SRC = build/deb/protoq-$(VERSION)
+deb:
+	rm -rf build/deb && mkdir -p $(DEB_SRC)
+	git ls-files -z | xargs -0 tar cf - | tar xf - -C $(DEB_SRC)
+	cd $(DEB_SRC) && dpkg-buildpackage -b -us -uc
+	lintian --fail-on error build/deb/*.changes
+	@ls build/deb/*.deb
 
 # Install into a temp DESTDIR; compile and run a program against it with
 # pkg-config (shared and static); check the unit and the uninstall.
