@@ -5,20 +5,44 @@
 #                     Python package into build/python (protoc-generated)
 #   make run          build, then run protoqd in the foreground (conf/protoqd.conf)
 #   make test         build and run every Check suite (SAN=1: ASan + UBSan),
-#                     then the Python client's pytest suite
+#                     then the Python client's pytest suite and (not with
+#                     SAN=1) test-install
 #   make bench        standard benchmark workloads against a fresh protoqd
 #   make soak         the crash test with many more kill cycles, and the
 #                     model test with 5000 histories (MODEL_HISTORIES)
 #   make fuzz         build the libFuzzer targets (clang) into build/fuzz and
 #                     run each for FUZZ_SECONDS (default 60)
 #   make fuzz-corpus  regenerate the seed corpora under tests/fuzz/corpus
-#   make install      PREFIX=/usr/local DESTDIR=
+#   make install      PREFIX=/usr/local DESTDIR= (programs, libprotoq .a and
+#                     .so, protoq.h, protoq.pc, conf, systemd unit and
+#                     sysusers file, man pages, bash completion, Python)
+#   make uninstall    remove what make install put there
+#   make test-install install into a temp DESTDIR, build and run a program
+#                     against it with pkg-config
+#   make deb          Debian packages (protoq, libprotoq0, libprotoq-dev)
+#                     from debian/ into build/deb, then lintian
 #   make clean
 
+VERSION   = 0.1.0
+SOVERSION = 0
 PREFIX   ?= /usr/local
 BINDIR    = $(DESTDIR)$(PREFIX)/bin
 LIBDIR    = $(DESTDIR)$(PREFIX)/lib
 INCDIR    = $(DESTDIR)$(PREFIX)/include
+PCDIR     = $(LIBDIR)/pkgconfig
+MANDIR    = $(DESTDIR)$(PREFIX)/share/man
+BASHCOMPDIR = $(DESTDIR)$(PREFIX)/share/bash-completion/completions
+# systemd's own directories under PREFIX (/usr/lib/systemd/system for
+# PREFIX=/usr; /usr/local/lib/systemd/system is on systemd's path too).
+SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
+UNITDIR   = $(DESTDIR)$(SYSTEMDUNITDIR)
+SYSUSERSDIR = $(DESTDIR)$(PREFIX)/lib/sysusers.d
+# The config: /etc/protoq for PREFIX=/usr, else PREFIX/etc/protoq.
+ifeq ($(PREFIX),/usr)
+SYSCONFDIR ?= /etc
+else
+SYSCONFDIR ?= $(PREFIX)/etc
+endif
 PROTOC_C ?= protoc-c
 PROTOC   ?= protoc
 # Debian's interpreter, where python3-protobuf and python3-pytest live (a
@@ -44,12 +68,14 @@ endif
 
 # The deps check runs before anything reads pkg-config, and only for goals
 # that build or run something: `make clean` and the source checks never
-# install packages.
-NODEPS_GOALS = clean format format-check check-includes
+# install packages. NODEPS=1 skips it (debian/rules: Build-Depends did it).
+NODEPS_GOALS = clean format format-check check-includes uninstall
+ifneq ($(NODEPS),1)
 ifneq ($(filter-out $(NODEPS_GOALS),$(or $(MAKECMDGOALS),all)),)
 DEPS_OK := $(shell .ci/deps.sh >&2 && echo ok)
 ifneq ($(DEPS_OK),ok)
 $(error missing build dependencies; see the message above)
+endif
 endif
 endif
 
@@ -87,17 +113,19 @@ BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
 LIB_OBJS   = $(B)/client/client.o $(B)/client/client_admin.o \
              $(B)/client/client_pub.o $(B)/client/client_consume.o
 CLI_OBJS   = $(B)/client/cli.o $(B)/client/cli_queue.o $(B)/client/cli_pub.o \
-             $(B)/client/cli_consume.o $(B)/client/cli_work.o $(B)/client/cli_job.o
+             $(B)/client/cli_consume.o $(B)/client/cli_work.o $(B)/client/cli_job.o \
+             $(B)/client/cli_json.o $(B)/client/cli_help.o
 BENCH_OBJS = $(B)/client/bench.o
 
 UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_structs \
               $(B)/tests/unit/check_queue $(B)/tests/unit/check_queue_compact \
               $(B)/tests/unit/check_record $(B)/tests/unit/check_store \
               $(B)/tests/unit/check_store_recover $(B)/tests/unit/check_config \
-              $(B)/tests/unit/check_journal
+              $(B)/tests/unit/check_journal $(B)/tests/unit/check_log
 INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_jobs \
               $(B)/tests/integration/check_client $(B)/tests/integration/check_work \
               $(B)/tests/integration/check_loss $(B)/tests/integration/check_evict \
+              $(B)/tests/integration/check_cli $(B)/tests/integration/check_ops \
               $(B)/tests/crash/check_crash $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
 MODEL_TESTS = $(B)/tests/model/check_model
@@ -109,6 +137,10 @@ SFIX_OBJS   = $(B)/tests/unit/store_fixture.o
 
 BINS = $(B)/protoqd $(B)/protoq $(B)/protoq-bench
 LIBA = $(B)/libprotoq.a
+# The shared library: the same objects built with -fPIC into $(B)/pic.
+LIBSO_NAME = libprotoq.so.$(SOVERSION)
+LIBSO      = $(B)/libprotoq.so.$(VERSION)
+PIC_OBJS   = $(patsubst $(B)/%,$(B)/pic/%,$(LIB_OBJS) $(PROTO_OBJS))
 
 # The Python package, assembled in $(B)/python/protoq with its generated
 # protoq_pb2.py (never committed); the tests import it from there.
@@ -120,9 +152,9 @@ PY_STAMP = $(PY_PKG)/protoq_pb2.py
 ALL_OBJS = $(PROTO_OBJS) $(BROKER_OBJS) $(LIB_OBJS) $(CLI_OBJS) $(BENCH_OBJS) \
            $(TESTUTIL_OBJS) $(QFIX_OBJS) $(SFIX_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
 
-.PHONY: all run test pytest bench soak install clean fuzz fuzz-build fuzz-corpus \
+.PHONY: all run test pytest bench soak install uninstall test-install deb clean fuzz fuzz-build fuzz-corpus \
         check-includes format format-check
-all: $(BINS) $(LIBA) $(PY_STAMP)
+all: $(BINS) $(LIBA) $(LIBSO) $(PY_STAMP)
 
 # ---- generated protobuf-c code (never committed) ----
 # One protoc-c run writes both files (grouped target).
@@ -148,12 +180,30 @@ $(B)/%.o: %.c
 $(B)/protocol/protoq.pb-c.o: $(B)/protocol/protoq.pb-c.c
 	$(CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
 
+$(B)/pic/%.o: %.c
+	@mkdir -p $(@D)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -fPIC -c -o $@ $<
+
+$(B)/pic/protocol/protoq.pb-c.o: $(B)/protocol/protoq.pb-c.c
+	@mkdir -p $(@D)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -fPIC -c -o $@ $<
+
+$(filter-out $(B)/pic/protocol/protoq.pb-c.o,$(PIC_OBJS)): | $(B)/protocol/protoq.pb-c.h
+
 # ---- programs ----
 $(B)/protoqd: $(BROKER_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 $(LIBA): $(LIB_OBJS) $(PROTO_OBJS)
 	$(AR) rcs $@ $^
+
+# libprotoq.so.VERSION with soname libprotoq.so.SOVERSION; it needs only
+# protobuf-c (and pthreads) at run time.
+$(LIBSO): $(PIC_OBJS)
+	$(CC) $(LDFLAGS) -shared -Wl,-soname,$(LIBSO_NAME) -Wl,--as-needed \
+	    -o $@ $^ $(LDLIBS)
+	ln -sf libprotoq.so.$(VERSION) $(B)/$(LIBSO_NAME)
+	ln -sf $(LIBSO_NAME) $(B)/libprotoq.so
 
 $(B)/protoq: $(CLI_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
@@ -175,7 +225,13 @@ $(B)/tests/unit/check_record $(B)/tests/unit/check_store $(B)/tests/unit/check_s
 $(B)/tests/unit/check_journal: $(B)/tests/unit/check_journal.o $(B)/broker/journal.o \
                                $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+$(B)/tests/unit/check_log: $(B)/tests/unit/check_log.o $(CORE_OBJS) $(PROTO_OBJS)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/unit/check_config: $(B)/tests/unit/check_config.o $(B)/broker/config.o $(CORE_OBJS) $(PROTO_OBJS)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+# check_cli also calls the CLI's --json writer directly.
+$(B)/tests/integration/check_cli: $(B)/tests/integration/check_cli.o \
+                                  $(B)/client/cli_json.o $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/integration/%: $(B)/tests/integration/%.o $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
@@ -201,6 +257,7 @@ test: $(BINS) $(TESTS) $(PY_STAMP)
 	        tail -5 $(B)/tests/last.log >> $(B)/tests/failures.txt; fi; \
 	done; \
 	$(MAKE) --no-print-directory pytest || failed="$$failed pytest"; \
+	$(if $(filter 1,$(SAN)),,$(MAKE) --no-print-directory test-install || failed="$$failed test-install";) \
 	if [ -n "$$failed" ]; then echo "== FAILED:$$failed"; \
 	    cat $(B)/tests/failures.txt 2>/dev/null; exit 1; fi
 
@@ -324,14 +381,62 @@ run: $(B)/protoqd $(B)/protoq
 	@mkdir -p var/protoq
 	./$(B)/protoqd -c conf/protoqd.conf
 
-install: $(BINS) $(LIBA) $(PY_STAMP)
-	install -d $(BINDIR) $(LIBDIR) $(INCDIR) $(PYLIBDIR)/protoq
+install: $(BINS) $(LIBA) $(LIBSO) $(PY_STAMP)
+	install -d $(BINDIR) $(LIBDIR) $(INCDIR) $(PCDIR) $(PYLIBDIR)/protoq \
+	    $(MANDIR)/man1 $(MANDIR)/man5 $(MANDIR)/man8 $(BASHCOMPDIR) \
+	    $(UNITDIR) $(SYSUSERSDIR) $(DESTDIR)$(SYSCONFDIR)/protoq
 	install -m 0755 $(BINS) $(BINDIR)
 	install -m 0644 $(LIBA) $(LIBDIR)
+	install -m 0644 $(LIBSO) $(LIBDIR)
+	ln -sf libprotoq.so.$(VERSION) $(LIBDIR)/$(LIBSO_NAME)
+	ln -sf $(LIBSO_NAME) $(LIBDIR)/libprotoq.so
 	install -m 0644 client/protoq.h $(INCDIR)
+	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(VERSION)|g' \
+	    client/protoq.pc.in > $(PCDIR)/protoq.pc
+	install -m 0644 client/protoq.1 $(MANDIR)/man1
+	install -m 0644 conf/protoqd.conf.5 $(MANDIR)/man5
+	install -m 0644 broker/protoqd.8 $(MANDIR)/man8
+	install -m 0644 client/protoq.bash-completion $(BASHCOMPDIR)/protoq
+	sed -e 's|/usr/local/bin/protoqd|$(PREFIX)/bin/protoqd|' \
+	    -e 's|/etc/protoq/|$(SYSCONFDIR)/protoq/|' \
+	    systemd/protoqd.service > $(UNITDIR)/protoqd.service
+	chmod 0644 $(UNITDIR)/protoqd.service
+	install -m 0644 systemd/protoqd.sysusers $(SYSUSERSDIR)/protoqd.conf
+	# The conf without the source tree's data_dir (var/protoq, for make
+	# run): the default /var/lib/protoq applies. An existing one is kept.
+	test -e $(DESTDIR)$(SYSCONFDIR)/protoq/protoqd.conf || \
+	    sed -e '/^data_dir var\/protoq$$/d' conf/protoqd.conf \
+	        > $(DESTDIR)$(SYSCONFDIR)/protoq/protoqd.conf
 	install -m 0644 $(PY_PKG)/*.py $(PYLIBDIR)/protoq
+
+uninstall:
+	rm -f $(addprefix $(BINDIR)/,protoqd protoq protoq-bench) \
+	    $(LIBDIR)/libprotoq.a $(LIBDIR)/libprotoq.so.$(VERSION) \
+	    $(LIBDIR)/$(LIBSO_NAME) $(LIBDIR)/libprotoq.so \
+	    $(INCDIR)/protoq.h $(PCDIR)/protoq.pc \
+	    $(MANDIR)/man1/protoq.1 $(MANDIR)/man5/protoqd.conf.5 \
+	    $(MANDIR)/man8/protoqd.8 $(BASHCOMPDIR)/protoq \
+	    $(UNITDIR)/protoqd.service $(SYSUSERSDIR)/protoqd.conf
+	rm -rf $(PYLIBDIR)/protoq
+	@echo "kept $(DESTDIR)$(SYSCONFDIR)/protoq/protoqd.conf (configuration)"
+
+# Debian packages, built by dpkg-buildpackage from a copy of the tracked
+# files (its output goes to the parent directory: build/deb), then checked
+# by lintian (errors fail). Needs debhelper and lintian (.ci/deps.sh deb).
+DEB_SRC = build/deb/protoq-$(VERSION)
+deb:
+	rm -rf build/deb && mkdir -p $(DEB_SRC)
+	git ls-files -z | xargs -0 tar cf - | tar xf - -C $(DEB_SRC)
+	cd $(DEB_SRC) && dpkg-buildpackage -b -us -uc
+	lintian --fail-on error build/deb/*.changes
+	@ls build/deb/*.deb
+
+# Install into a temp DESTDIR; compile and run a program against it with
+# pkg-config (shared and static); check the unit and the uninstall.
+test-install: all
+	tests/install_test.sh $(B)
 
 clean:
 	rm -rf build
 
--include $(ALL_OBJS:.o=.d) $(FUZZ_OBJS:.o=.d)
+-include $(ALL_OBJS:.o=.d) $(PIC_OBJS:.o=.d) $(FUZZ_OBJS:.o=.d)

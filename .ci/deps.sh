@@ -5,6 +5,7 @@
 #   .ci/deps.sh        what `make` and `make test` need
 #   .ci/deps.sh fuzz   that, plus clang and libFuzzer for `make fuzz` and
 #                      clang-format for `make format-check` (CI)
+#   .ci/deps.sh deb    that, plus debhelper and lintian for `make deb`
 set -eu
 
 # python3-*, protobuf-compiler: the Python client (client/python), its
@@ -14,6 +15,9 @@ PKGS="build-essential pkg-config libevent-dev libprotobuf-c-dev protobuf-c-compi
       python3-wheel python3-venv python3-pip"
 if [ "${1:-}" = fuzz ]; then
     PKGS="$PKGS clang-14 libclang-rt-14-dev clang-format"
+fi
+if [ "${1:-}" = deb ]; then
+    PKGS="$PKGS debhelper lintian"
 fi
 
 missing=""

@@ -165,12 +165,13 @@ static const struct key_def keys[] = {
     NUM(payload_budget_bytes, KT_BYTES, 0, TIB, false),
     NUM(memory_high_bytes, KT_BYTES, 64 * KIB, TIB, true),
     /* ---- queue defaults ---- */
-    NUM(ack_timeout_ms, KT_DURATION, 10, 30 * DAY_MS, false),
-    NUM(max_attempts, KT_COUNT, 1, 1000, false),
-    NUM(backoff_base_ms, KT_DURATION, 0, DAY_MS, false),
-    NUM(backoff_cap_ms, KT_DURATION, 0, 7 * DAY_MS, false),
-    NUM(max_lease_ms, KT_DURATION, 0, 365 * DAY_MS, false),
-    NUM(dedup_window_ms, KT_DURATION, 0, 365 * DAY_MS, false),
+    NUM(ack_timeout_ms, KT_DURATION, UNITS_ACK_TIMEOUT_MIN_MS,
+        UNITS_ACK_TIMEOUT_MAX_MS, false),
+    NUM(max_attempts, KT_COUNT, 1, UNITS_MAX_ATTEMPTS_MAX, false),
+    NUM(backoff_base_ms, KT_DURATION, 0, UNITS_BACKOFF_BASE_MAX_MS, false),
+    NUM(backoff_cap_ms, KT_DURATION, 0, UNITS_BACKOFF_CAP_MAX_MS, false),
+    NUM(max_lease_ms, KT_DURATION, 0, UNITS_MAX_LEASE_MAX_MS, false),
+    NUM(dedup_window_ms, KT_DURATION, 0, UNITS_DEDUP_WINDOW_MAX_MS, false),
     /* ---- logging ---- */
     ENUM(log_level, enum_level, true),
 };

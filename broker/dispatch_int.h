@@ -22,6 +22,7 @@
 #include "frame.h"
 #include "journal.h"
 #include "queue.h"
+#include "units.h"
 
 /* Included after dispatch.h by each file of the module (struct broker);
  * it does not include it back. */
@@ -42,7 +43,7 @@ _Static_assert((int)QUEUE_NAME_MAX == (int)PQ_QUEUE_NAME_MAX,
 /* The longest duration a client may give (delays, TTLs, leases, backoff,
  * windows): ten years. Past it a request is refused, so that no deadline
  * arithmetic can wrap. */
-static const uint64_t DURATION_MAX_MS = 10ULL * 365 * 86400000;
+static const uint64_t DURATION_MAX_MS = UNITS_DURATION_MAX_MS;
 
 /* The server a connection belongs to (the argument the server gave its
  * connection set, see server.c). */

@@ -81,29 +81,58 @@ struct journal {
     uint64_t now_mono_ms;         /* "now" of the call being served */
 };
 
-/* mkdir_p: create dir and its parents (mode 0750); existing is fine. */
+/*
+ * data_dir_ensure: dir exists as a directory, or is created (mode 0750,
+ * logged at warn) when its parent exists. A missing parent is an error: a
+ * mistyped data_dir must not start an empty broker somewhere new.
+ */
 static int
-mkdir_p(const char *dir, char *err, size_t errlen)
+data_dir_ensure(const char *dir, char *err, size_t errlen)
 {
-    char path[CONFIG_PATH_MAX];
+    char parent[CONFIG_PATH_MAX];
     size_t len = strlen(dir);
+    struct stat st;
+    char *slash;
 
-    if (len == 0 || len >= sizeof(path)) {
+    if (len == 0 || len >= sizeof(parent)) {
         snprintf(err, errlen, "data_dir \"%s\": bad path", dir);
         return PQ_EINVAL;
     }
-    memcpy(path, dir, len + 1);
-    for (size_t i = 1; i <= len; i++) {
-        if (path[i] != '/' && path[i] != '\0') {
-            continue;
+    if (stat(dir, &st) == 0) {
+        if (!S_ISDIR(st.st_mode)) {
+            snprintf(err, errlen, "data_dir %s is not a directory", dir);
+            return PQ_EINVAL;
         }
-        path[i] = '\0';
-        if (mkdir(path, 0750) != 0 && errno != EEXIST) {
-            snprintf(err, errlen, "mkdir %s: %s", path, strerror(errno));
-            return PQ_ESYS;
-        }
-        path[i] = i < len ? '/' : '\0';
+        return PQ_OK;
     }
+    if (errno != ENOENT) {
+        snprintf(err, errlen, "data_dir %s: %s", dir, strerror(errno));
+        return PQ_ESYS;
+    }
+    memcpy(parent, dir, len + 1);
+    while (len > 1 && parent[len - 1] == '/') {
+        parent[--len] = '\0';
+    }
+    slash = strrchr(parent, '/');
+    if (slash == NULL) {
+        snprintf(parent, sizeof(parent), ".");
+    } else if (slash == parent) {
+        parent[1] = '\0';
+    } else {
+        *slash = '\0';
+    }
+    if (stat(parent, &st) != 0 || !S_ISDIR(st.st_mode)) {
+        snprintf(err, errlen,
+                 "data_dir %s does not exist, nor its parent %s: create it "
+                 "(mkdir -p) or correct data_dir",
+                 dir, parent);
+        return PQ_ENOTFOUND;
+    }
+    if (mkdir(dir, 0750) != 0 && errno != EEXIST) {
+        snprintf(err, errlen, "mkdir %s: %s", dir, strerror(errno));
+        return PQ_ESYS;
+    }
+    log_warn("data_dir %s did not exist: created it (empty)", dir);
     return PQ_OK;
 }
 
@@ -1536,7 +1565,7 @@ journal_open(const struct journal_config *cfg, struct qset *qs,
     int rc;
 
     *out = NULL;
-    rc = mkdir_p(cfg->data_dir, err, errlen);
+    rc = data_dir_ensure(cfg->data_dir, err, errlen);
     if (rc != PQ_OK) {
         goto fail;
     }

@@ -4,11 +4,62 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 static enum log_level cur_level = LOG_INFO;
 static const char *const level_names[] = {"debug", "info", "warn", "error"};
+/* sd-daemon(3) priorities: LOG_DEBUG 7, LOG_INFO 6, LOG_WARNING 4,
+ * LOG_ERR 3. */
+static const char syslog_prio[] = {'7', '6', '4', '3'};
+static bool to_journal;
+
+/* log_init: see log.h. */
+void
+log_init(void)
+{
+    const char *js = getenv("JOURNAL_STREAM");
+    unsigned long long dev, ino;
+    struct stat st;
+
+    to_journal = false;
+    if (js == NULL || sscanf(js, "%llu:%llu", &dev, &ino) != 2 ||
+        fstat(STDERR_FILENO, &st) != 0) {
+        return;
+    }
+    /* systemd sets it for the service's own stderr; a child whose stderr
+     * was redirected inherits the variable but not the stream. */
+    to_journal = (unsigned long long)st.st_dev == dev &&
+                 (unsigned long long)st.st_ino == ino;
+}
+
+bool
+log_to_journal(void)
+{
+    return to_journal;
+}
+
+/* The line's prefix: "<N>" for journald, else an RFC 3339 UTC time with
+ * milliseconds and a space. Returns its length. */
+static int
+line_prefix(char *buf, size_t cap, enum log_level lvl)
+{
+    struct timespec ts;
+    struct tm tm;
+    size_t n;
+
+    if (to_journal) {
+        return snprintf(buf, cap, "<%c>", syslog_prio[lvl]);
+    }
+    clock_gettime(CLOCK_REALTIME, &ts);
+    gmtime_r(&ts.tv_sec, &tm);
+    n = strftime(buf, cap, "%Y-%m-%dT%H:%M:%S", &tm);
+    return (int)n +
+           snprintf(buf + n, cap - n, ".%03ldZ ", ts.tv_nsec / 1000000);
+}
 
 void
 log_set_level(enum log_level lvl)
@@ -50,7 +101,9 @@ log_msg(enum log_level lvl, const char *fmt, ...)
     if (lvl < cur_level) {
         return;
     }
-    n = snprintf(line, sizeof(line), "protoqd: %s: ", level_names[lvl]);
+    n = line_prefix(line, 64, lvl);
+    n += snprintf(line + n, sizeof(line) - (size_t)n,
+                  "protoqd: %s: ", level_names[lvl]);
     va_start(ap, fmt);
     n += vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
     va_end(ap);

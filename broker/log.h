@@ -1,13 +1,27 @@
 /*
- * log.h: leveled logging to stderr ("protoqd: warn: ..."); journald adds
- * the timestamps under systemd. The level is process-wide (set from config,
- * changed on SIGHUP). Thread-safe: each line is one write(2).
+ * log.h: leveled logging to stderr, one line each:
+ *
+ *   2026-12-01T14:52:06.123Z protoqd: warn: ...   (RFC 3339, UTC, ms)
+ *   <4>protoqd: warn: ...                         (under journald)
+ *
+ * Under systemd with stderr on the journal (JOURNAL_STREAM names stderr's
+ * device:inode) the line starts with the sd-daemon priority prefix instead
+ * (<7> debug, <6> info, <4> warn, <3> error): journald adds the time and
+ * `journalctl -p warning` filters on it. The level is process-wide (set
+ * from config, changed on SIGHUP). Thread-safe: each line is one write(2).
  */
 #ifndef PQ_LOG_H
 #define PQ_LOG_H
 
+#include <stdbool.h>
+
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERR };
 
+/* log_init: decide between timestamps and journald's <N> prefixes (from
+ * JOURNAL_STREAM and stderr); call once at start, before any thread. */
+void log_init(void);
+/* log_to_journal: log_init found stderr to be the journal. */
+bool log_to_journal(void);
 void log_set_level(enum log_level lvl);
 enum log_level log_get_level(void);
 /* log_parse_level: "debug"|"info"|"warn"|"error" -> 0, else PQ_EINVAL. */

@@ -129,6 +129,7 @@ main(int argc, char **argv)
     char err[1024] = "";
     int opt, rc;
 
+    log_init();
     /* First pass: find -c and the action flags. */
     while ((opt = getopt_long(argc, argv, "c:h", longopts, NULL)) != -1) {
         switch (opt) {

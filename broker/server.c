@@ -37,6 +37,7 @@
 #include "queue.h"
 #include "journal.h"
 #include "store.h"
+#include "units.h"
 
 /* ---- systemd notification (sd_notify without libsystemd) ---- */
 
@@ -137,9 +138,37 @@ deadline_cb(evutil_socket_t fd, short what, void *arg)
 /*
  * log_summary: one line at info level every SUMMARY_MS with the broker's
  * counters (since start), so an operator sees load and disk health in the
- * journal without a metrics endpoint.
+ * journal without a metrics endpoint; only when something happened since
+ * the last line (an idle broker does not repeat it every minute). The
+ * environment's PROTOQ_SUMMARY_MS changes the interval (for tests).
  */
 enum { SUMMARY_MS = 60000 };
+
+/* activity_count: a sum that grows with every connection, frame and
+ * durable batch: unchanged means nothing happened. */
+static uint64_t
+activity_count(const struct server *srv)
+{
+    const struct conn_stats *cst = &srv->cs.stats;
+
+    return cst->conns_accepted + cst->conns_rejected + cst->protocol_errors +
+           cst->frames_in + cst->frames_out +
+           srv->broker.stats.batches_durable +
+           srv->broker.stats.disk_full_refusals;
+}
+
+/* summary_interval_ms: SUMMARY_MS, or $PROTOQ_SUMMARY_MS when set. */
+static uint64_t
+summary_interval_ms(void)
+{
+    const char *e = getenv("PROTOQ_SUMMARY_MS");
+    uint64_t v;
+
+    if (e != NULL && units_parse_u64(e, &v) == PQ_OK && v > 0) {
+        return v;
+    }
+    return SUMMARY_MS;
+}
 
 static void
 log_summary(struct server *srv)
@@ -147,7 +176,12 @@ log_summary(struct server *srv)
     const struct broker_stats *s = &srv->broker.stats;
     const struct conn_stats *cst = &srv->cs.stats;
     struct store_stats ss = {0};
+    uint64_t act = activity_count(srv);
 
+    if (act == srv->summary_activity) {
+        return;
+    }
+    srv->summary_activity = act;
     if (srv->broker.journal != NULL) {
         journal_store_stats(srv->broker.journal, &ss);
     }
@@ -183,7 +217,7 @@ housekeeping_cb(evutil_socket_t fd, short what, void *arg)
     }
     conn_housekeeping(&srv->cs, srv->now_mono_ms);
     dispatch_housekeeping(&srv->broker);
-    if (srv->now_mono_ms - srv->summary_ms >= SUMMARY_MS) {
+    if (srv->now_mono_ms - srv->summary_ms >= srv->summary_every_ms) {
         srv->summary_ms = srv->now_mono_ms;
         log_summary(srv);
     }
@@ -308,6 +342,7 @@ server_init(struct server *srv, char *err, size_t errlen)
     signal(SIGPIPE, SIG_IGN);
     srv->now_mono_ms = clock_mono_ms();
     srv->summary_ms = srv->now_mono_ms;
+    srv->summary_every_ms = summary_interval_ms();
     srv->base = event_base_new();
     if (srv->base == NULL) {
         snprintf(err, errlen, "event_base_new failed");

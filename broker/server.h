@@ -39,7 +39,9 @@ struct server {
     struct event *store_ev;      /* the log's eventfd is readable */
     struct event *work;          /* made active when a pass left work */
     uint64_t listener_paused_ms; /* mono; accepts paused after EMFILE */
-    uint64_t summary_ms;         /* mono; last summary line logged */
+    uint64_t summary_ms;         /* mono; last summary check */
+    uint64_t summary_every_ms;   /* SUMMARY_MS, or $PROTOQ_SUMMARY_MS */
+    uint64_t summary_activity;   /* activity_count() at the last line */
     bool stopping;
     uint64_t now_mono_ms; /* read once per loop pass */
     uint16_t port;        /* the port actually bound */

@@ -758,6 +758,29 @@ print_summary(const struct scan *sc, const char *dir, FILE *out, int rc,
     }
 }
 
+/*
+ * check_advice: the damage messages are written for a failed start and
+ * end with "; run protoqd --check-data DIR ...". This is that check: say
+ * the step that follows instead, the salvage.
+ */
+static void
+check_advice(char *err, size_t errlen, const char *dir)
+{
+    char *run = strstr(err, "; run protoqd --check-data ");
+    size_t n;
+
+    if (run == NULL) {
+        return;
+    }
+    *run = '\0';
+    n = strlen(err);
+    snprintf(err + n, errlen - n,
+             "; to start again, protoqd --salvage-data %s keeps every record "
+             "that can be read and moves the damaged files to "
+             "%s/salvage-UNIXTIME/ (README, \"Data directory\")",
+             dir, dir);
+}
+
 /* store_check: see store.h. */
 int
 store_check(const char *dir, FILE *out, char *err, size_t errlen)
@@ -773,6 +796,9 @@ store_check(const char *dir, FILE *out, char *err, size_t errlen)
         return rc;
     }
     rc = store_scan_dir(&sc, err, errlen);
+    if (rc == PQ_ECORRUPT && err != NULL) {
+        check_advice(err, errlen, dir);
+    }
     print_summary(&sc, dir, out, rc, err != NULL ? err : "");
     store_scan_fini(&sc);
     if (lock_fd >= 0) {

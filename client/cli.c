@@ -21,6 +21,7 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <poll.h>
+#include <stddef.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -42,16 +43,19 @@ static const char usage_text[] =
     "  queue stat NAME          every attribute and counter\n"
     "  queue purge NAME         drop ready and delayed messages\n"
     "  queue rm NAME            delete the queue\n"
-    "  pub QUEUE [DATA] [--file F] [--lines] [--priority P] [--delay D]\n"
-    "            [--ttl D] [--header K=V]... [--key IDEMPOTENCY_KEY]\n"
+    "  pub QUEUE [DATA] [--file F] [--lines] [--binary] [--priority P]\n"
+    "            [--delay D] [--ttl D] [--header K=V]... [--key KEY]\n"
     "            [--require K=V]...\n"
-    "      No DATA and no --file: stdin is one message. --lines: each stdin\n"
-    "      line is one message (pipelined); exits 0 only when every line\n"
-    "      was confirmed. Prints the message id of a single publish.\n"
-    "  consume QUEUE [--count N] [--wait D] [--prefetch N] [--json]\n"
-    "                [--no-ack | --nack] [--tag K=V]...\n"
-    "      Prints each payload on its own line (--json: one object per line\n"
-    "      with id, attempt, priority, headers, payload or payload_base64)\n"
+    "      No DATA and no --file: stdin is one message, one trailing\n"
+    "      newline stripped (--binary: kept). --lines: each stdin line is\n"
+    "      one message (pipelined); exits 0 only when every line was\n"
+    "      confirmed. Prints the message id of a single publish.\n"
+    "  consume QUEUE [--count N] [--wait D] [--prefetch N]\n"
+    "                [--json | --raw | --framed] [--no-ack | --nack]\n"
+    "                [--tag K=V]...\n"
+    "      Prints each payload followed by a newline (--json: one object\n"
+    "      per line, id as a string; --raw: the bytes of one message only;\n"
+    "      --framed: a 4-byte big-endian length before each payload)\n"
     "      and acks it after it was written. Stops after --count messages or\n"
     "      when nothing arrived for --wait; with --count and no --wait it\n"
     "      waits forever, with neither --wait is 5s. Exit 0 when the count\n"
@@ -76,8 +80,34 @@ static const char usage_text[] =
     "\n"
     "Durations (D): 500ms, 10s, 5m, 1h30m, 2d; a plain number is "
     "milliseconds.\n"
-    "The server is -s HOST:PORT, else $PROTOQ_SERVER, else 127.0.0.1:7650.\n"
+    "The server is -s HOST:PORT (anywhere on the line), else\n"
+    "$PROTOQ_SERVER, else 127.0.0.1:7650. 'protoq CMD --help': one command.\n"
     "Exit status: 0 ok, 1 error, 2 usage.\n";
+
+/* The commands, for "did you mean" (cli_help.c has their help). */
+static const char *const cli_commands[] = {
+    "queue",  "pub",      "publish", "consume", "work",
+    "cancel", "progress", "help",    NULL,
+};
+static const char *const queue_commands[] = {
+    "create", "ls", "list", "stat", "purge", "rm", "delete", NULL,
+};
+
+/*
+ * The global options: taken out of the command line wherever they appear
+ * before "--" (protoq -s A pub q x, protoq pub q x -s A), each setting one
+ * string of struct cli. --opt=VALUE works too.
+ */
+static const struct global_opt {
+    const char *shrt, *lng;
+    size_t off; /* offsetof(struct cli, ...) */
+} global_opts[] = {
+    {"-s", "--server", offsetof(struct cli, server)},
+};
+
+/* What usage errors and --help are about: "pub", "queue create"; NULL
+ * before the command is known. */
+static const char *usage_topic;
 
 /* ---- messages ---- */
 
@@ -103,12 +133,23 @@ fail_pq(const struct cli *cli, int rc)
     if (msg[0] == '\0') {
         msg = pq_strerror(rc);
     }
-    if (rc == PQ_EREMOTE && cli->c != NULL &&
+    if ((rc == PQ_EREMOTE || rc == PQ_ETOOBIG) && cli->c != NULL &&
         protoq_last_error_code(cli->c) != 0) {
         return fail(cli, "%s (%s)", msg,
                     protoq_code_name(protoq_last_error_code(cli->c)));
     }
     return fail(cli, "%s", msg);
+}
+
+/* The hint under a usage error. */
+static void
+usage_hint(void)
+{
+    if (usage_topic != NULL) {
+        fprintf(stderr, "try 'protoq %s --help'\n", usage_topic);
+    } else {
+        fputs("try 'protoq --help'\n", stderr);
+    }
 }
 
 int
@@ -121,8 +162,111 @@ usage_err(const char *fmt, ...)
     vfprintf(stderr, fmt, ap);
     va_end(ap);
     fputs("\n", stderr);
-    fputs(usage_text, stderr);
+    usage_hint();
     return EXIT_USAGE;
+}
+
+/* edit_distance: Levenshtein distance of a and b, capped at 9. */
+static size_t
+edit_distance(const char *a, const char *b)
+{
+    size_t la = strlen(a), lb = strlen(b);
+    size_t row[64];
+
+    if (la >= 64 || lb >= 64) {
+        return 9;
+    }
+    for (size_t j = 0; j <= lb; j++) {
+        row[j] = j;
+    }
+    for (size_t i = 1; i <= la; i++) {
+        size_t diag = row[0];
+
+        row[0] = i;
+        for (size_t j = 1; j <= lb; j++) {
+            size_t up = row[j];
+            size_t best = diag + (a[i - 1] != b[j - 1]);
+
+            if (up + 1 < best) {
+                best = up + 1;
+            }
+            if (row[j - 1] + 1 < best) {
+                best = row[j - 1] + 1;
+            }
+            row[j] = best;
+            diag = up;
+        }
+    }
+    return row[lb] < 9 ? row[lb] : 9;
+}
+
+/* cli_suggest: see cli.h. */
+const char *
+cli_suggest(const char *word, const char *const *cands)
+{
+    const char *best = NULL;
+    size_t best_d = 3; /* at most two edits... */
+
+    if (strlen(word) < 3) {
+        best_d = 2; /* ...one for short words */
+    }
+    for (size_t i = 0; cands[i] != NULL; i++) {
+        size_t d = edit_distance(word, cands[i]);
+
+        if (d < best_d) {
+            best_d = d;
+            best = cands[i];
+        }
+    }
+    return best;
+}
+
+/* Report a bad option of a command (argv[optind - 1]) in one line. */
+static void
+bad_option(int ch, char **argv, const struct option *opts)
+{
+    const char *arg = argv[optind - 1];
+    char name[64];
+    const char *names[128];
+    const char *guess;
+    size_t n = 0;
+
+    if (ch == ':') {
+        usage_err("%s: %s needs a value", usage_topic, arg);
+        return;
+    }
+    if (strncmp(arg, "--", 2) != 0) {
+        usage_err("%s: unknown option '%s'", usage_topic, arg);
+        return;
+    }
+    snprintf(name, sizeof(name), "%.*s", (int)strcspn(arg + 2, "="), arg + 2);
+    for (; opts[n].name != NULL && n + 1 < sizeof(names) / sizeof(names[0]);
+         n++) {
+        names[n] = opts[n].name;
+    }
+    names[n] = NULL;
+    guess = cli_suggest(name, names);
+    if (guess != NULL) {
+        usage_err("%s: unknown option '--%s' (did you mean '--%s'?)",
+                  usage_topic, name, guess);
+    } else {
+        usage_err("%s: unknown option '--%s'", usage_topic, name);
+    }
+}
+
+/* cli_getopt: see cli.h. */
+int
+cli_getopt(int argc, char **argv, const struct option *opts)
+{
+    int ch;
+
+    opterr = 0;
+    ch = getopt_long(argc, argv, ":", opts, NULL);
+    if (ch == '?' || ch == ':') {
+        bad_option(ch, argv, opts);
+        return '?';
+    }
+    return ch;
 }
 
 /* ---- parsing ---- */
@@ -173,69 +317,219 @@ cli_connect(struct cli *cli)
 
 /* ---- main ---- */
 
+/*
+ * server_check: a server address the library can use: [tls://]HOST:PORT,
+ * [IPV6]:PORT, or a HOST alone (the default port); the port 1-65535.
+ * NULL when fine, else what is wrong.
+ */
+static const char *
+server_check(const char *s)
+{
+    const char *port;
+    uint64_t v;
+
+    if (strncmp(s, "tls://", 6) == 0) {
+        s += 6;
+    }
+    if (s[0] == '[') {
+        const char *end = strchr(s, ']');
+
+        if (end == NULL || end == s + 1) {
+            return "want [IPV6]:PORT";
+        }
+        if (end[1] == '\0') {
+            return NULL;
+        }
+        if (end[1] != ':') {
+            return "want [IPV6]:PORT";
+        }
+        port = end + 2;
+    } else {
+        const char *colon = strrchr(s, ':');
+
+        if (colon == NULL || strchr(s, ':') != colon) {
+            return s[0] == '\0' ? "want HOST:PORT" : NULL;
+        }
+        if (colon == s) {
+            return "want HOST:PORT (no host)";
+        }
+        port = colon + 1;
+    }
+    if (units_parse_u64(port, &v) != PQ_OK || v == 0 || v > 65535) {
+        return "the port must be a number 1-65535";
+    }
+    return NULL;
+}
+
+/*
+ * take_globals: move the global options out of argv[1..] (up to "--"),
+ * setting cli's fields; what is left stays in order in argv, argc updated.
+ * Returns EXIT_OK, or EXIT_USAGE after the message.
+ */
+static int
+take_globals(struct cli *cli, int *argc, char **argv)
+{
+    int out = 1, i = 1;
+
+    while (i < *argc) {
+        const struct global_opt *g = NULL;
+        const char *val = NULL;
+        size_t k;
+
+        if (strcmp(argv[i], "--") == 0) {
+            break;
+        }
+        for (k = 0; k < sizeof(global_opts) / sizeof(global_opts[0]); k++) {
+            size_t ll = strlen(global_opts[k].lng);
+
+            if (strcmp(argv[i], global_opts[k].shrt) == 0 ||
+                strcmp(argv[i], global_opts[k].lng) == 0) {
+                g = &global_opts[k];
+                if (i + 1 >= *argc) {
+                    return usage_err("%s needs a value", argv[i]);
+                }
+                val = argv[i + 1];
+                i += 2;
+                break;
+            }
+            if (strncmp(argv[i], global_opts[k].lng, ll) == 0 &&
+                argv[i][ll] == '=') {
+                g = &global_opts[k];
+                val = argv[i] + ll + 1;
+                i++;
+                break;
+            }
+        }
+        if (g == NULL) {
+            argv[out++] = argv[i++];
+            continue;
+        }
+        *(const char **)((char *)cli + g->off) = val;
+    }
+    while (i < *argc) {
+        argv[out++] = argv[i++];
+    }
+    argv[out] = NULL;
+    *argc = out;
+    return EXIT_OK;
+}
+
+/* wants_help: a -h or --help among args (up to "--"). */
+static bool
+wants_help(int argc, char **argv)
+{
+    for (int i = 0; i < argc && strcmp(argv[i], "--") != 0; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* The topic of argv[0..]: "queue create" for a known queue command, else
+ * the command's name, into buf. */
+static const char *
+topic_of(int argc, char **argv, char *buf, size_t cap)
+{
+    if (strcmp(argv[0], "queue") == 0 && argc > 1) {
+        for (size_t k = 0; queue_commands[k] != NULL; k++) {
+            if (strcmp(argv[1], queue_commands[k]) == 0) {
+                snprintf(buf, cap, "queue %s", argv[1]);
+                return buf;
+            }
+        }
+    }
+    snprintf(buf, cap, "%s", argv[0]);
+    return buf;
+}
+
+/* print_help: the help of topic on stdout (the whole usage when there is
+ * none). */
+static int
+print_help(const char *topic)
+{
+    const char *text = topic != NULL ? cli_help(topic) : NULL;
+
+    if (text == NULL && topic != NULL && strncmp(topic, "queue ", 6) == 0) {
+        text = cli_help("queue");
+    }
+    fputs(text != NULL ? text : usage_text, stdout);
+    return EXIT_OK;
+}
+
 /* main: parse the global options, run one command, exit 0/1/2. */
 int
 main(int argc, char **argv)
 {
     struct cli cli;
-    const char *cmd;
-    int i = 1;
+    char topic[64];
+    const char *cmd, *bad, *guess;
+    bool from_env = false;
     int ret;
 
     memset(&cli, 0, sizeof(cli));
-    cli.server = getenv("PROTOQ_SERVER");
+    if (take_globals(&cli, &argc, argv) != EXIT_OK) {
+        return EXIT_USAGE;
+    }
+    if (cli.server == NULL) {
+        cli.server = getenv("PROTOQ_SERVER");
+        from_env = cli.server != NULL && cli.server[0] != '\0';
+    }
     if (cli.server == NULL || cli.server[0] == '\0') {
         cli.server = "127.0.0.1:7650";
     }
-    while (i < argc && argv[i][0] == '-') {
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            fputs(usage_text, stdout);
-            return EXIT_OK;
-        }
-        if (strcmp(argv[i], "--version") == 0 || strcmp(argv[i], "-V") == 0) {
-            printf("protoq %s\n", PROTOQ_VERSION);
-            return EXIT_OK;
-        }
-        if (strcmp(argv[i], "-s") == 0 || strcmp(argv[i], "--server") == 0) {
-            if (i + 1 >= argc) {
-                return usage_err("%s needs HOST:PORT", argv[i]);
-            }
-            cli.server = argv[i + 1];
-            i += 2;
-            continue;
-        }
-        if (strncmp(argv[i], "--server=", 9) == 0) {
-            cli.server = argv[i] + 9;
-            i++;
-            continue;
-        }
-        return usage_err("unknown option '%s'", argv[i]);
-    }
-    if (i >= argc) {
+    if (argc < 2) {
         return usage_err("no command");
     }
-    cmd = argv[i];
-    cli.cmd = cmd;
-    /* Each command parses argv[i..] with getopt_long from a fresh start;
-     * argv[i] plays the program name. */
-    optind = 0;
-    opterr = 1;
-    if (strcmp(cmd, "queue") == 0) {
-        ret = cmd_queue(&cli, argc - i, argv + i);
-    } else if (strcmp(cmd, "pub") == 0 || strcmp(cmd, "publish") == 0) {
-        ret = cmd_pub(&cli, argc - i, argv + i);
-    } else if (strcmp(cmd, "consume") == 0) {
-        ret = cmd_consume(&cli, argc - i, argv + i);
-    } else if (strcmp(cmd, "work") == 0) {
-        ret = cmd_work(&cli, argc - i, argv + i);
-    } else if (strcmp(cmd, "cancel") == 0) {
-        ret = cmd_cancel(&cli, argc - i, argv + i);
-    } else if (strcmp(cmd, "progress") == 0) {
-        ret = cmd_progress(&cli, argc - i, argv + i);
-    } else if (strcmp(cmd, "help") == 0) {
+    cmd = argv[1];
+    if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0) {
         fputs(usage_text, stdout);
-        ret = EXIT_OK;
+        return EXIT_OK;
+    }
+    if (strcmp(cmd, "--version") == 0 || strcmp(cmd, "-V") == 0) {
+        printf("protoq %s\n", PROTOQ_VERSION);
+        return EXIT_OK;
+    }
+    if (cmd[0] == '-') {
+        return usage_err("unknown option '%s'", cmd);
+    }
+    usage_topic = topic_of(argc - 1, argv + 1, topic, sizeof(topic));
+    if (strcmp(cmd, "help") == 0) {
+        return argc > 2 ? print_help(topic_of(argc - 2, argv + 2, topic,
+                                              sizeof(topic)))
+                        : print_help(NULL);
+    }
+    if (wants_help(argc - 1, argv + 1)) {
+        return print_help(usage_topic);
+    }
+    if ((bad = server_check(cli.server)) != NULL) {
+        return usage_err("%s%s: %s", from_env ? "PROTOQ_SERVER=" : "server ",
+                         cli.server, bad);
+    }
+    cli.cmd = cmd;
+    /* Each command parses argv[1..] with cli_getopt from a fresh start;
+     * argv[1] plays the program name. */
+    argc--;
+    argv++;
+    optind = 0;
+    if (strcmp(cmd, "queue") == 0) {
+        ret = cmd_queue(&cli, argc, argv);
+    } else if (strcmp(cmd, "pub") == 0 || strcmp(cmd, "publish") == 0) {
+        ret = cmd_pub(&cli, argc, argv);
+    } else if (strcmp(cmd, "consume") == 0) {
+        ret = cmd_consume(&cli, argc, argv);
+    } else if (strcmp(cmd, "work") == 0) {
+        ret = cmd_work(&cli, argc, argv);
+    } else if (strcmp(cmd, "cancel") == 0) {
+        ret = cmd_cancel(&cli, argc, argv);
+    } else if (strcmp(cmd, "progress") == 0) {
+        ret = cmd_progress(&cli, argc, argv);
+    } else if ((guess = cli_suggest(cmd, cli_commands)) != NULL) {
+        usage_topic = NULL;
+        ret =
+            usage_err("unknown command '%s' (did you mean '%s'?)", cmd, guess);
     } else {
+        usage_topic = NULL;
         ret = usage_err("unknown command '%s'", cmd);
     }
     protoq_close(cli.c);

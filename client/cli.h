@@ -7,13 +7,16 @@
  *   cli_consume.c  consume
  *   cli_work.c     work (runs a command per job)
  *   cli_job.c      cancel, progress
+ *   cli_json.c     the --json writer
  */
 #ifndef PQ_CLI_H
 #define PQ_CLI_H
 
+#include <getopt.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "protoq.h"
 #include "units.h"
@@ -55,10 +58,23 @@ __attribute__((format(printf, 2, 3))) int fail(const struct cli *cli,
                                                const char *fmt, ...);
 /* fail_pq: report a failed library call on cli->c (message and code). */
 int fail_pq(const struct cli *cli, int rc);
-/* usage_err: the message and the usage on stderr; returns EXIT_USAGE. */
+/* usage_err: "protoq: message" and a hint ("try 'protoq pub --help'") on
+ * stderr; returns EXIT_USAGE. */
 __attribute__((format(printf, 1, 2))) int usage_err(const char *fmt, ...);
+/* cli_getopt: getopt_long over a command's options (no short ones); an
+ * unknown option or a missing value is reported in one line (with "did
+ * you mean") and returns '?': the caller returns EXIT_USAGE. */
+int cli_getopt(int argc, char **argv, const struct option *opts);
+/* cli_suggest: the candidate (NULL-terminated list) closest to a misspelt
+ * word, or NULL when none is close. */
+const char *cli_suggest(const char *word, const char *const *cands);
+/* cli_help: the --help text of a topic ("pub", "queue create"), or NULL
+ * (cli_help.c). */
+const char *cli_help(const char *topic);
 /* kv_add: add a copy of "K=V" to l; false when malformed or full. */
 bool kv_add(struct kvlist *l, const char *arg);
+/* cli_json_delivery: one delivery as a line of JSON on out (cli_json.c). */
+void cli_json_delivery(FILE *out, const struct protoq_delivery *d);
 /* cli_connect: connect cli->c to cli->server; EXIT_OK or a failure. */
 int cli_connect(struct cli *cli);
 

@@ -20,6 +20,11 @@
 
 enum consume_mode { MODE_ACK, MODE_NO_ACK, MODE_NACK };
 
+/* How a delivery is printed: its payload and a newline (the default), one
+ * line of JSON, the payload's bytes alone (--raw, one message), or each
+ * payload after its length as 4 bytes big-endian (--framed). */
+enum consume_out { OUT_LINE, OUT_JSON, OUT_RAW, OUT_FRAMED };
+
 /* A delivery token waiting for its ack (after stdout was flushed). */
 struct token {
     uint64_t id;
@@ -35,7 +40,7 @@ struct tokens {
 struct consume_state {
     struct cli *cli;
     enum consume_mode mode;
-    bool json;
+    enum consume_out out;
     uint64_t count;          /* 0 = no limit */
     uint64_t received;       /* printed */
     struct tokens acks;      /* printed, not yet acked (or nacked) */
@@ -72,149 +77,6 @@ tokens_add(struct tokens *l, const struct protoq_delivery *d)
     return tokens_append(l, &tok);
 }
 
-static void
-json_str(FILE *out, const char *s, size_t n)
-{
-    static const char hex[] = "0123456789abcdef";
-    size_t i;
-
-    fputc('"', out);
-    for (i = 0; i < n; i++) {
-        unsigned char ch = (unsigned char)s[i];
-
-        switch (ch) {
-        case '"':
-            fputs("\\\"", out);
-            break;
-        case '\\':
-            fputs("\\\\", out);
-            break;
-        case '\n':
-            fputs("\\n", out);
-            break;
-        case '\r':
-            fputs("\\r", out);
-            break;
-        case '\t':
-            fputs("\\t", out);
-            break;
-        default:
-            if (ch < 0x20 || ch == 0x7f) {
-                fputs("\\u00", out);
-                fputc(hex[ch >> 4], out);
-                fputc(hex[ch & 15], out);
-            } else {
-                fputc(ch, out);
-            }
-        }
-    }
-    fputc('"', out);
-}
-
-/* utf8_valid: strict UTF-8 (no overlongs, surrogates or > U+10FFFF). */
-static bool
-utf8_valid(const unsigned char *s, size_t n)
-{
-    size_t i = 0;
-
-    while (i < n) {
-        unsigned char c = s[i];
-        size_t len;
-        uint32_t cp;
-
-        if (c < 0x80) {
-            i++;
-            continue;
-        } else if ((c & 0xe0) == 0xc0) {
-            len = 2;
-            cp = c & 0x1f;
-        } else if ((c & 0xf0) == 0xe0) {
-            len = 3;
-            cp = c & 0x0f;
-        } else if ((c & 0xf8) == 0xf0) {
-            len = 4;
-            cp = c & 0x07;
-        } else {
-            return false;
-        }
-        if (i + len > n) {
-            return false;
-        }
-        for (size_t k = 1; k < len; k++) {
-            if ((s[i + k] & 0xc0) != 0x80) {
-                return false;
-            }
-            cp = cp << 6 | (s[i + k] & 0x3f);
-        }
-        if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) ||
-            (len == 4 && cp < 0x10000) || cp > 0x10ffff ||
-            (cp >= 0xd800 && cp <= 0xdfff)) {
-            return false;
-        }
-        i += len;
-    }
-    return true;
-}
-
-static void
-base64_out(FILE *out, const unsigned char *p, size_t n)
-{
-    static const char tbl[] =
-        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    size_t i;
-
-    for (i = 0; i + 2 < n; i += 3) {
-        uint32_t v = (uint32_t)p[i] << 16 | (uint32_t)p[i + 1] << 8 | p[i + 2];
-
-        fputc(tbl[v >> 18], out);
-        fputc(tbl[(v >> 12) & 63], out);
-        fputc(tbl[(v >> 6) & 63], out);
-        fputc(tbl[v & 63], out);
-    }
-    if (i < n) {
-        uint32_t v = (uint32_t)p[i] << 16;
-
-        if (i + 1 < n) {
-            v |= (uint32_t)p[i + 1] << 8;
-        }
-        fputc(tbl[v >> 18], out);
-        fputc(tbl[(v >> 12) & 63], out);
-        fputc(i + 1 < n ? tbl[(v >> 6) & 63] : '=', out);
-        fputc('=', out);
-    }
-}
-
-static void
-print_json(FILE *out, const struct protoq_delivery *d)
-{
-    size_t i;
-
-    fprintf(out,
-            "{\"id\":%" PRIu64 ",\"attempt\":%u,\"priority\":%u,"
-            "\"queue\":",
-            d->message_id, d->attempt, d->priority);
-    json_str(out, d->queue, strlen(d->queue));
-    fputs(",\"headers\":{", out);
-    for (i = 0; i < d->n_headers; i++) {
-        if (i > 0) {
-            fputc(',', out);
-        }
-        json_str(out, d->headers[i].key, strlen(d->headers[i].key));
-        fputc(':', out);
-        json_str(out, d->headers[i].value, strlen(d->headers[i].value));
-    }
-    fputc('}', out);
-    if (utf8_valid(d->payload, d->len)) {
-        fputs(",\"payload\":", out);
-        json_str(out, d->payload, d->len);
-    } else {
-        fputs(",\"payload_base64\":\"", out);
-        base64_out(out, d->payload, d->len);
-        fputc('"', out);
-    }
-    fputs("}\n", out);
-}
-
 /* Set by SIGINT, SIGTERM or SIGHUP: stop as if --count was reached. */
 static volatile sig_atomic_t consume_stop;
 
@@ -240,11 +102,27 @@ consume_deliver(void *arg, protoq_client *c, const struct protoq_delivery *d)
         }
         return;
     }
-    if (st->json) {
-        print_json(stdout, d);
-    } else {
+    switch (st->out) {
+    case OUT_JSON:
+        cli_json_delivery(stdout, d);
+        break;
+    case OUT_FRAMED: {
+        uint32_t n = (uint32_t)d->len;
+        unsigned char len[4] = {(unsigned char)(n >> 24),
+                                (unsigned char)(n >> 16),
+                                (unsigned char)(n >> 8), (unsigned char)n};
+
+        fwrite(len, 1, sizeof(len), stdout);
+        fwrite(d->payload, 1, d->len, stdout);
+        break;
+    }
+    case OUT_RAW:
+        fwrite(d->payload, 1, d->len, stdout);
+        break;
+    case OUT_LINE:
         fwrite(d->payload, 1, d->len, stdout);
         fputc('\n', stdout);
+        break;
     }
     st->received++;
     /* --no-ack holds what it printed and gives it back at exit (after
@@ -353,7 +231,17 @@ install_consume_signals(void)
 int
 cmd_consume(struct cli *cli, int argc, char **argv)
 {
-    enum { O_COUNT = 256, O_WAIT, O_PREFETCH, O_JSON, O_NOACK, O_NACK, O_TAG };
+    enum {
+        O_COUNT = 256,
+        O_WAIT,
+        O_PREFETCH,
+        O_JSON,
+        O_NOACK,
+        O_NACK,
+        O_TAG,
+        O_RAW,
+        O_FRAMED
+    };
     static const struct option opts[] = {
         {"count", required_argument, NULL, O_COUNT},
         {"wait", required_argument, NULL, O_WAIT},
@@ -362,6 +250,8 @@ cmd_consume(struct cli *cli, int argc, char **argv)
         {"no-ack", no_argument, NULL, O_NOACK},
         {"nack", no_argument, NULL, O_NACK},
         {"tag", required_argument, NULL, O_TAG},
+        {"raw", no_argument, NULL, O_RAW},
+        {"framed", no_argument, NULL, O_FRAMED},
         {NULL, 0, NULL, 0},
     };
     struct consume_state st;
@@ -376,7 +266,7 @@ cmd_consume(struct cli *cli, int argc, char **argv)
     memset(&st, 0, sizeof(st));
     st.cli = cli;
     tags.n = tags.used = 0;
-    while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+    while ((ch = cli_getopt(argc, argv, opts)) != -1) {
         switch (ch) {
         case O_COUNT:
             if (units_parse_u64(optarg, &st.count) != PQ_OK || st.count == 0) {
@@ -398,7 +288,15 @@ cmd_consume(struct cli *cli, int argc, char **argv)
             prefetch = v;
             break;
         case O_JSON:
-            st.json = true;
+        case O_RAW:
+        case O_FRAMED:
+            if (st.out != OUT_LINE) {
+                return usage_err("consume: --json, --raw and --framed "
+                                 "exclude each other");
+            }
+            st.out = ch == O_JSON  ? OUT_JSON
+                     : ch == O_RAW ? OUT_RAW
+                                   : OUT_FRAMED;
             break;
         case O_NOACK:
             if (st.mode == MODE_NACK) {
@@ -418,11 +316,15 @@ cmd_consume(struct cli *cli, int argc, char **argv)
             }
             break;
         default:
-            return usage_err("consume: bad option");
+            return EXIT_USAGE; /* cli_getopt said why */
         }
     }
     if (optind != argc - 1) {
         return usage_err("consume: want exactly one QUEUE");
+    }
+    if (st.out == OUT_RAW && st.count != 1) {
+        return usage_err("consume: --raw prints one message: add --count 1 "
+                         "(or use --framed)");
     }
     queue = argv[optind];
     snprintf(cli->cmdbuf, sizeof(cli->cmdbuf), "consume %s", queue);

@@ -159,7 +159,8 @@ cmd_pub(struct cli *cli, int argc, char **argv)
         O_TTL,
         O_HEADER,
         O_KEY,
-        O_REQUIRE
+        O_REQUIRE,
+        O_BINARY
     };
     static const struct option opts[] = {
         {"file", required_argument, NULL, O_FILE},
@@ -170,6 +171,7 @@ cmd_pub(struct cli *cli, int argc, char **argv)
         {"header", required_argument, NULL, O_HEADER},
         {"key", required_argument, NULL, O_KEY},
         {"require", required_argument, NULL, O_REQUIRE},
+        {"binary", no_argument, NULL, O_BINARY},
         {NULL, 0, NULL, 0},
     };
     struct kvlist headers, requires;
@@ -177,7 +179,7 @@ cmd_pub(struct cli *cli, int argc, char **argv)
     const char *file = NULL;
     const char *queue;
     const char *data = NULL;
-    bool lines = false;
+    bool lines = false, binary = false;
     char *buf = NULL;
     uint64_t v, id = 0;
     int ch, rc;
@@ -185,7 +187,7 @@ cmd_pub(struct cli *cli, int argc, char **argv)
     memset(&m, 0, sizeof(m));
     headers.n = requires.n = 0;
     headers.used = requires.used = 0;
-    while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+    while ((ch = cli_getopt(argc, argv, opts)) != -1) {
         switch (ch) {
         case O_FILE:
             file = optarg;
@@ -222,8 +224,11 @@ cmd_pub(struct cli *cli, int argc, char **argv)
                 return usage_err("--require: want K=V (at most %d)", MAX_KV);
             }
             break;
+        case O_BINARY:
+            binary = true;
+            break;
         default:
-            return usage_err("pub: bad option");
+            return EXIT_USAGE; /* cli_getopt said why */
         }
     }
     if (optind >= argc) {
@@ -262,6 +267,11 @@ cmd_pub(struct cli *cli, int argc, char **argv)
         if (rc != 0) {
             return fail(cli, "reading %s: %s", file ? file : "stdin",
                         strerror(errno));
+        }
+        /* `echo x | protoq pub q` publishes "x": one trailing newline of
+         * stdin goes, unless --binary (a file is taken as it is). */
+        if (file == NULL && !binary && m.len > 0 && buf[m.len - 1] == '\n') {
+            m.len--;
         }
         m.payload = buf;
     }

@@ -17,6 +17,30 @@
 #include <time.h>
 #include <unistd.h>
 
+/*
+ * duration_in: parse a duration option of queue create in the config's
+ * grammar and range (units.h): min..max ms. On the wire 0 means "the
+ * broker's default", so where 0 is not that, min is at least 1 ms.
+ */
+static bool
+duration_in(const char *opt, const char *arg, uint64_t min, uint64_t max,
+            uint64_t *out)
+{
+    if (units_parse_duration_ms(arg, out) != PQ_OK) {
+        usage_err("%s: not a duration: %s (e.g. 500ms, 30s, 1h30m)", opt, arg);
+        return false;
+    }
+    if (*out < min || *out > max) {
+        char lo[32], hi[32];
+
+        units_format_duration_ms(min, lo, sizeof(lo));
+        units_format_duration_ms(max, hi, sizeof(hi));
+        usage_err("%s: %s is out of range %s-%s", opt, arg, lo, hi);
+        return false;
+    }
+    return true;
+}
+
 static int
 cmd_queue_create(struct cli *cli, int argc, char **argv)
 {
@@ -52,7 +76,7 @@ cmd_queue_create(struct cli *cli, int argc, char **argv)
     int ch, rc;
 
     memset(&a, 0, sizeof(a));
-    while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+    while ((ch = cli_getopt(argc, argv, opts)) != -1) {
         switch (ch) {
         case O_MAXLEN:
             if (units_parse_u64(optarg, &a.max_length) != PQ_OK) {
@@ -65,13 +89,16 @@ cmd_queue_create(struct cli *cli, int argc, char **argv)
             }
             break;
         case O_ACK:
-            if (units_parse_duration_ms(optarg, &a.ack_timeout_ms) != PQ_OK) {
-                return usage_err("--ack-timeout: not a duration: %s", optarg);
+            if (!duration_in("--ack-timeout", optarg, UNITS_ACK_TIMEOUT_MIN_MS,
+                             UNITS_ACK_TIMEOUT_MAX_MS, &a.ack_timeout_ms)) {
+                return EXIT_USAGE;
             }
             break;
         case O_ATTEMPTS:
-            if (units_parse_u64(optarg, &v) != PQ_OK || v > UINT32_MAX) {
-                return usage_err("--max-attempts: not a number: %s", optarg);
+            if (units_parse_u64(optarg, &v) != PQ_OK || v == 0 ||
+                v > UNITS_MAX_ATTEMPTS_MAX) {
+                return usage_err("--max-attempts: want 1-%u, not %s",
+                                 (unsigned)UNITS_MAX_ATTEMPTS_MAX, optarg);
             }
             a.max_attempts = (uint32_t)v;
             break;
@@ -87,28 +114,33 @@ cmd_queue_create(struct cli *cli, int argc, char **argv)
             if (colon != NULL) {
                 *colon = '\0';
             }
-            if (units_parse_duration_ms(optarg, &a.backoff_base_ms) != PQ_OK ||
-                (colon && units_parse_duration_ms(
-                              colon + 1, &a.backoff_cap_ms) != PQ_OK)) {
-                return usage_err("--backoff: want BASE[:CAP], e.g. 1s:60s");
+            if (!duration_in("--backoff BASE", optarg, 0,
+                             UNITS_BACKOFF_BASE_MAX_MS, &a.backoff_base_ms) ||
+                (colon &&
+                 !duration_in("--backoff CAP", colon + 1, 0,
+                              UNITS_BACKOFF_CAP_MAX_MS, &a.backoff_cap_ms))) {
+                return EXIT_USAGE;
             }
             /* --backoff 0: retry at once (0 on the wire means "default"). */
             a.no_backoff = a.backoff_base_ms == 0;
             break;
         }
         case O_TTL:
-            if (units_parse_duration_ms(optarg, &a.ttl_ms) != PQ_OK) {
-                return usage_err("--ttl: not a duration: %s", optarg);
+            if (!duration_in("--ttl", optarg, 0, UNITS_DURATION_MAX_MS,
+                             &a.ttl_ms)) {
+                return EXIT_USAGE;
             }
             break;
         case O_DEDUP:
-            if (units_parse_duration_ms(optarg, &a.dedup_window_ms) != PQ_OK) {
-                return usage_err("--dedup-window: not a duration: %s", optarg);
+            if (!duration_in("--dedup-window", optarg, 1,
+                             UNITS_DEDUP_WINDOW_MAX_MS, &a.dedup_window_ms)) {
+                return EXIT_USAGE;
             }
             break;
         case O_LEASE:
-            if (units_parse_duration_ms(optarg, &a.max_lease_ms) != PQ_OK) {
-                return usage_err("--max-lease: not a duration: %s", optarg);
+            if (!duration_in("--max-lease", optarg, 0, UNITS_MAX_LEASE_MAX_MS,
+                             &a.max_lease_ms)) {
+                return EXIT_USAGE;
             }
             break;
         case O_DLEXP:
@@ -118,7 +150,7 @@ cmd_queue_create(struct cli *cli, int argc, char **argv)
             a.transient = true;
             break;
         default:
-            return usage_err("queue create: bad option");
+            return EXIT_USAGE; /* cli_getopt said why */
         }
     }
     if (optind != argc - 1) {
@@ -250,6 +282,8 @@ cmd_queue_purge_rm(struct cli *cli, int argc, char **argv, bool purge)
     }
     if (purge) {
         printf("purged %" PRIu64 "\n", n);
+    } else {
+        printf("deleted queue %s\n", argv[1]);
     }
     return fflush(stdout) == 0 ? EXIT_OK
                                : fail(cli, "stdout: %s", strerror(errno));
@@ -279,5 +313,16 @@ cmd_queue(struct cli *cli, int argc, char **argv)
     if (strcmp(argv[1], "rm") == 0 || strcmp(argv[1], "delete") == 0) {
         return cmd_queue_purge_rm(cli, argc - 1, argv + 1, false);
     }
-    return usage_err("queue: unknown subcommand '%s'", argv[1]);
+    {
+        static const char *const subs[] = {"create", "ls", "stat",
+                                           "purge",  "rm", NULL};
+        const char *guess = cli_suggest(argv[1], subs);
+
+        if (guess != NULL) {
+            return usage_err("queue: unknown command '%s' (did you mean "
+                             "'%s'?)",
+                             argv[1], guess);
+        }
+    }
+    return usage_err("queue: unknown command '%s'", argv[1]);
 }

@@ -877,7 +877,7 @@ parse_work_args(struct work_state *ws, struct kvlist *tags, int argc,
 
     ws->shutdown_grace_ms = DEFAULT_SHUTDOWN_GRACE_MS;
     ws->kill_grace_ms = DEFAULT_KILL_GRACE_MS;
-    while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+    while ((ch = cli_getopt(argc, argv, opts)) != -1) {
         switch (ch) {
         case O_CONC:
             if (units_parse_u64(optarg, &conc) != PQ_OK || conc == 0 ||
@@ -904,7 +904,7 @@ parse_work_args(struct work_state *ws, struct kvlist *tags, int argc,
             break;
         }
         default:
-            return usage_err("work: bad option");
+            return EXIT_USAGE; /* cli_getopt said why */
         }
     }
     if (optind >= argc) {

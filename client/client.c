@@ -921,11 +921,19 @@ client_send_frame(protoq_client *c, Protoq__Frame *f)
     int rc;
 
     if (n - FRAME_HEADER_LEN > c->info.max_frame_bytes) {
-        return client_set_err(
-            c, PQ_ETOOBIG,
-            "request of %zu bytes is over the broker's frame limit "
-            "of %u bytes",
-            n - FRAME_HEADER_LEN, c->info.max_frame_bytes);
+        client_set_err(c, PQ_ETOOBIG,
+                       "request of %zu bytes is over the broker's frame "
+                       "limit of %u bytes",
+                       n - FRAME_HEADER_LEN, c->info.max_frame_bytes);
+        /* The broker would close the connection on it, not answer: for
+         * what carries messages, give the code it answers a message over
+         * max_message_bytes with (what a slightly smaller one gets). */
+        if (f->kind_case == PROTOQ__FRAME__KIND_PUBLISH ||
+            f->kind_case == PROTOQ__FRAME__KIND_PUBLISH_BATCH ||
+            f->kind_case == PROTOQ__FRAME__KIND_ACK) {
+            c->last_code = PROTOQ_CODE_MESSAGE_TOO_LARGE;
+        }
+        return PQ_ETOOBIG;
     }
     rc = out_reserve(c, n);
     if (rc != PQ_OK) {

@@ -173,7 +173,10 @@ void protoq_close(protoq_client *c);
 const char *protoq_errmsg(const protoq_client *c);
 
 /* protoq_last_error_code: the wire code (enum protoq_code) of the last
- * Error frame that failed a call on c, 0 if the last failure was local. */
+ * Error frame that failed a call on c, 0 if the last failure was local;
+ * except that a publish (or an ack with follow-ups) too large for the
+ * broker's frame limit (from Welcome) fails locally, unsent, with
+ * PQ_ETOOBIG and PROTOQ_CODE_MESSAGE_TOO_LARGE here. */
 int protoq_last_error_code(const protoq_client *c);
 
 /* protoq_server_info: copy the Welcome's contents into *out. */

@@ -4,6 +4,7 @@
 #include "units.h"
 
 #include <stddef.h>
+#include <stdio.h>
 #include <string.h>
 #include <strings.h>
 
@@ -150,4 +151,37 @@ units_parse_bytes(const char *s, uint64_t *out)
     }
     *out = v * mult;
     return PQ_OK;
+}
+
+/* units_format_duration_ms: see units.h. */
+void
+units_format_duration_ms(uint64_t ms, char *buf, size_t cap)
+{
+    static const struct {
+        const char *name;
+        uint64_t ms;
+    } u[] = {
+        {"d", 86400000}, {"h", 3600000}, {"m", 60000}, {"s", 1000}, {"ms", 1}};
+    size_t used = 0;
+
+    if (cap == 0) {
+        return;
+    }
+    buf[0] = '\0';
+    if (ms == 0) {
+        snprintf(buf, cap, "0ms");
+        return;
+    }
+    for (size_t i = 0; i < sizeof(u) / sizeof(u[0]) && used < cap; i++) {
+        if (ms >= u[i].ms) {
+            int n = snprintf(buf + used, cap - used, "%llu%s",
+                             (unsigned long long)(ms / u[i].ms), u[i].name);
+
+            if (n < 0) {
+                return;
+            }
+            used += (size_t)n;
+            ms %= u[i].ms;
+        }
+    }
 }

@@ -15,11 +15,32 @@
 #ifndef PQ_UNITS_H
 #define PQ_UNITS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /* units_parse_u64: a whole decimal number, nothing else. */
 int units_parse_u64(const char *s, uint64_t *out);
 int units_parse_duration_ms(const char *s, uint64_t *out);
 int units_parse_bytes(const char *s, uint64_t *out);
+
+/*
+ * The ranges of the per-queue settings, shared by protoqd's config (the
+ * broker-wide defaults, broker/config.c) and `protoq queue create`, so a
+ * value the config refuses is refused on the command line too.
+ */
+#define UNITS_DAY_MS ((uint64_t)24 * 3600 * 1000)
+#define UNITS_ACK_TIMEOUT_MIN_MS ((uint64_t)10)
+#define UNITS_ACK_TIMEOUT_MAX_MS (30 * UNITS_DAY_MS)
+#define UNITS_MAX_ATTEMPTS_MAX ((uint64_t)1000)
+#define UNITS_BACKOFF_BASE_MAX_MS UNITS_DAY_MS
+#define UNITS_BACKOFF_CAP_MAX_MS (7 * UNITS_DAY_MS)
+#define UNITS_MAX_LEASE_MAX_MS (365 * UNITS_DAY_MS)
+#define UNITS_DEDUP_WINDOW_MAX_MS (365 * UNITS_DAY_MS)
+/* The longest duration the broker takes in a request (ten years). */
+#define UNITS_DURATION_MAX_MS (10 * 365 * UNITS_DAY_MS)
+
+/* units_format_duration_ms: ms in the grammar above ("0ms", "1h30m",
+ * "30d"), into buf (NUL-terminated, truncated to cap). */
+void units_format_duration_ms(uint64_t ms, char *buf, size_t cap);
 
 #endif

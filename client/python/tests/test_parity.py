@@ -26,12 +26,13 @@ def test_python_publishes_c_consumes(broker, client):
     rows = [json.loads(line) for line in out.decode().splitlines()]
     assert len(rows) == 1001
     first = rows[0]  # priority 9 comes first
+    # --json writes ids as strings (64-bit ids do not fit a JSON number).
     assert (first["id"], first["priority"], first["headers"], first["payload"]) == \
-        (hid, 9, {"run": "7", "lr": "0.1"}, "with headers")
+        (str(hid), 9, {"run": "7", "lr": "0.1"}, "with headers")
     got = {}
     for r in rows[1:]:
         assert r["attempt"] == 1 and r["queue"] == "q"
-        got[r["id"]] = (base64.b64decode(r["payload_base64"]) if "payload_base64" in r
+        got[int(r["id"])] = (base64.b64decode(r["payload_base64"]) if "payload_base64" in r
                         else r["payload"].encode())
     assert got == dict(zip(ids, payloads))
     info = client.stat_queue("q")

@@ -1,0 +1,156 @@
+/*
+ * cli_help.c: `protoq CMD --help` (also -h anywhere before "--", and
+ * `protoq help CMD`): a short text per command with its synopsis, its
+ * options and examples. A new command adds its entry to topics[] (and its
+ * name to cli_commands[] in cli.c).
+ */
+#include "cli.h"
+
+#include <stdio.h>
+#include <string.h>
+
+struct topic {
+    const char *name; /* "pub", "queue create" */
+    const char *text;
+};
+
+static const struct topic topics[] = {
+    {"queue",
+     "usage: protoq queue create|ls|stat|purge|rm ...\n"
+     "\n"
+     "  queue create NAME [OPTIONS]  declare a queue (same attributes: "
+     "no-op)\n"
+     "  queue ls                     queues and their counts\n"
+     "  queue stat NAME              every attribute and counter\n"
+     "  queue purge NAME             drop ready and delayed messages\n"
+     "  queue rm NAME                delete the queue and its messages\n"
+     "\n"
+     "Examples:\n"
+     "  protoq queue create jobs --ack-timeout 5m --dead-letter "
+     "jobs.dead\n"
+     "  protoq queue ls\n"
+     "See 'protoq queue create --help'.\n"},
+    {"queue create",
+     "usage: protoq queue create NAME [OPTIONS]\n"
+     "\n"
+     "  --max-length N        refuse publishes past N messages (QUEUE_FULL)\n"
+     "  --max-bytes N[k|m|g]  refuse publishes past N payload bytes\n"
+     "  --ack-timeout D       lease of a delivery (10ms-30d; default 30s)\n"
+     "  --max-attempts N      then dead-letter (1-1000; default 5)\n"
+     "  --dead-letter Q       where failed and expired messages go\n"
+     "  --backoff BASE[:CAP]  retry delay, doubling (BASE <= 1d, CAP <= 7d;\n"
+     "                        0: retry at once; default 1s:60s)\n"
+     "  --ttl D               default message time to live (0: none)\n"
+     "  --dedup-window D      idempotency keys kept (1ms-365d; default 1d)\n"
+     "  --max-lease D         cap on touches (0: none; up to 365d)\n"
+     "  --dead-letter-expired expired messages go to --dead-letter too\n"
+     "  --transient           kept in memory only\n"
+     "Durations (D): 500ms, 30s, 5m, 1h30m, 2d; a plain number is ms.\n"
+     "\n"
+     "Examples:\n"
+     "  protoq queue create jobs --ack-timeout 10m --max-attempts 3\n"
+     "  protoq queue create events --transient --max-length 100000\n"},
+    {"queue ls", "usage: protoq queue ls\n"
+                 "\n"
+                 "One line per queue: NAME READY DELAYED INFLIGHT CONSUMERS.\n"
+                 "\n"
+                 "Example:\n"
+                 "  protoq queue ls\n"},
+    {"queue stat", "usage: protoq queue stat NAME\n"
+                   "\n"
+                   "Every attribute and counter, one 'key: value' a line.\n"
+                   "\n"
+                   "Example:\n"
+                   "  protoq queue stat jobs | grep ready\n"},
+    {"queue purge", "usage: protoq queue purge NAME\n"
+                    "\n"
+                    "Drops the ready and delayed messages (not those in "
+                    "flight);\n"
+                    "prints 'purged N'.\n"
+                    "\n"
+                    "Example:\n"
+                    "  protoq queue purge jobs\n"},
+    {"queue rm", "usage: protoq queue rm NAME\n"
+                 "\n"
+                 "Deletes the queue and every message in it; prints\n"
+                 "'deleted queue NAME'.\n"
+                 "\n"
+                 "Example:\n"
+                 "  protoq queue rm jobs\n"},
+    {"pub",
+     "usage: protoq pub QUEUE [DATA] [OPTIONS]\n"
+     "\n"
+     "One message from DATA, --file F (bytes as they are) or stdin (one\n"
+     "trailing newline stripped, unless --binary); prints its id.\n"
+     "  --lines            each stdin line is a message (pipelined)\n"
+     "  --binary           keep stdin exactly, trailing newline too\n"
+     "  --priority P       0-9, higher first\n"
+     "  --delay D, --ttl D deliver later; expire after D\n"
+     "  --header K=V       repeatable\n"
+     "  --require K=V      only consumers with this tag get it\n"
+     "  --key KEY          idempotency key\n"
+     "\n"
+     "Examples:\n"
+     "  protoq pub jobs 'train model=a lr=0.1' --priority 5\n"
+     "  echo hello | protoq pub jobs\n"
+     "  protoq pub jobs --file image.bin\n"
+     "  seq 1000 | protoq pub jobs --lines\n"},
+    {"consume",
+     "usage: protoq consume QUEUE [OPTIONS]\n"
+     "\n"
+     "Prints each payload followed by a newline, then acks it. Stops after\n"
+     "--count messages, or when nothing arrived for --wait (default 5s;\n"
+     "with --count and no --wait it waits until --count arrived).\n"
+     "  --count N, --wait D, --prefetch N, --tag K=V\n"
+     "  --json        one JSON object a line (id as a string)\n"
+     "  --raw         the payload's bytes only (needs --count 1)\n"
+     "  --framed      each payload as a 4-byte big-endian length + bytes\n"
+     "  --no-ack      ack nothing (they return to the queue)\n"
+     "  --nack        nack each (retried with the queue's backoff)\n"
+     "\n"
+     "Examples:\n"
+     "  protoq consume jobs --count 10 --json | jq -r .id\n"
+     "  protoq consume jobs --count 1 --raw > job.bin\n"
+     "  protoq consume jobs --wait 1m --tag gpu=a100\n"},
+    {"work", "usage: protoq work QUEUE [OPTIONS] -- COMMAND [ARG]...\n"
+             "\n"
+             "Runs COMMAND once per job: payload on stdin, PROTOQ_MESSAGE_ID,\n"
+             "PROTOQ_ATTEMPT, PROTOQ_HEADER_<KEY>, PROTOQ_PROGRESS in the\n"
+             "environment. Exit 0 acks (stdout is the result); else nacks.\n"
+             "  --concurrency N       jobs at once (1-4096; default 1)\n"
+             "  --tag K=V             this worker's tags\n"
+             "  --timeout D           per job\n"
+             "  --shutdown-grace D    on SIGTERM (default 30s)\n"
+             "  --kill-grace D        SIGTERM to SIGKILL (default 10s)\n"
+             "\n"
+             "Examples:\n"
+             "  protoq work jobs --concurrency 4 -- ./train.sh\n"
+             "  protoq work gpu-jobs --tag gpu=a100 -- python3 run.py\n"},
+    {"cancel", "usage: protoq cancel QUEUE ID\n"
+               "\n"
+               "Removes a ready job; a running one gets a cancel request.\n"
+               "\n"
+               "Example:\n"
+               "  protoq cancel jobs 117710672494560966\n"},
+    {"progress", "usage: protoq progress PERCENT [TEXT]\n"
+                 "       protoq progress --checkpoint URI\n"
+                 "\n"
+                 "Inside a job run by 'protoq work': report progress; the\n"
+                 "next attempt finds it in PROTOQ_PROGRESS_*.\n"
+                 "\n"
+                 "Examples:\n"
+                 "  protoq progress 40 epoch 4 of 10\n"
+                 "  protoq progress --checkpoint s3://bucket/ckpt-4\n"},
+};
+
+/* cli_help: see cli.h. */
+const char *
+cli_help(const char *topic)
+{
+    for (size_t i = 0; i < sizeof(topics) / sizeof(topics[0]); i++) {
+        if (strcmp(topics[i].name, topic) == 0) {
+            return topics[i].text;
+        }
+    }
+    return NULL;
+}
