@@ -9,10 +9,11 @@
 set -eu
 
 # python3-*, protobuf-compiler: the Python client (client/python), its
-# generated messages, its tests and the venv install test.
+# generated messages, its tests and the venv install test. groff-base: the
+# install test renders the man pages.
 PKGS="build-essential pkg-config libevent-dev libprotobuf-c-dev protobuf-c-compiler check
       python3 python3-protobuf protobuf-compiler python3-pytest python3-setuptools
-      python3-wheel python3-venv python3-pip"
+      python3-wheel python3-venv python3-pip groff-base"
 if [ "${1:-}" = fuzz ]; then
     PKGS="$PKGS clang-14 libclang-rt-14-dev clang-format"
 fi
