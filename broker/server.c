@@ -16,6 +16,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -168,6 +169,35 @@ log_summary(struct server *srv)
         (unsigned long long)s->disk_full_refusals, pq_mem_used());
 }
 
+/*
+ * trim_memory: once usage fell TRIM_MIN_BYTES below its peak since the last
+ * trim (connections holding big frames closed, a queue purged), give the
+ * free heap pages back to the system, so that RSS follows usage down.
+ * malloc_trim walks the free lists: about a millisecond per 100 MiB freed
+ * here, at most once a second.
+ */
+enum { TRIM_MIN_BYTES = 16 * 1024 * 1024 };
+
+static void
+trim_memory(struct server *srv)
+{
+    size_t used = pq_mem_used();
+    uint64_t t0;
+
+    if (used > srv->mem_peak) {
+        srv->mem_peak = used;
+    }
+    if (srv->mem_peak - used < TRIM_MIN_BYTES) {
+        return;
+    }
+    t0 = clock_mono_ns();
+    malloc_trim(0);
+    log_debug("malloc_trim: usage %zu bytes, %zu below its peak; took %llu us",
+              used, srv->mem_peak - used,
+              (unsigned long long)((clock_mono_ns() - t0) / 1000));
+    srv->mem_peak = used;
+}
+
 static void
 housekeeping_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -183,6 +213,7 @@ housekeeping_cb(evutil_socket_t fd, short what, void *arg)
     }
     conn_housekeeping(&srv->cs, srv->now_mono_ms);
     dispatch_housekeeping(&srv->broker);
+    trim_memory(srv);
     if (srv->now_mono_ms - srv->summary_ms >= SUMMARY_MS) {
         srv->summary_ms = srv->now_mono_ms;
         log_summary(srv);
@@ -395,6 +426,7 @@ server_run(struct server *srv)
         }
         conn_flush_all(&srv->cs);
         conn_reap(&srv->cs);
+        conn_resume_reads(&srv->cs);
         arm_deadline(srv);
     }
     sd_notify_msg("STOPPING=1");
@@ -458,6 +490,7 @@ server_fini(struct server *srv)
     }
     srv->cs.flush = NULL;
     conn_reap(&srv->cs);
+    conn_set_fini(&srv->cs);
     if (srv->listener) {
         evconnlistener_free(srv->listener);
     }

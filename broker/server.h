@@ -40,6 +40,7 @@ struct server {
     struct event *work;          /* made active when a pass left work */
     uint64_t listener_paused_ms; /* mono; accepts paused after EMFILE */
     uint64_t summary_ms;         /* mono; last summary line logged */
+    size_t mem_peak;             /* pq_mem_used() peak since the last trim */
     bool stopping;
     uint64_t now_mono_ms; /* read once per loop pass */
     uint16_t port;        /* the port actually bound */
