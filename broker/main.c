@@ -214,11 +214,6 @@ main(int argc, char **argv)
              : srv.cfg.fsync == FSYNC_INTERVAL ? "interval"
                                                : "never");
 
-    if (srv.cfg.metrics[0] != '\0') {
-        log_warn("metrics %s: the HTTP /metrics endpoint is not implemented "
-                 "in this version; nothing is served there",
-                 srv.cfg.metrics);
-    }
     /* libevent allocates through mem.c too, so that connection buffers
      * (a partial frame from its first byte) count against
      * memory_high_bytes and show in protoq_memory_bytes. */

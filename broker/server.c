@@ -34,6 +34,7 @@
 #include "dispatch.h"
 #include "log.h"
 #include "mem.h"
+#include "metrics.h"
 #include "pqerr.h"
 #include "queue.h"
 #include "journal.h"
@@ -241,8 +242,10 @@ work_cb(evutil_socket_t fd, short what, void *arg)
 
 /* ---- listener ---- */
 
+/* The port file: the client port, then `metrics PORT` when it is on. */
 static int
-write_port_file(const char *path, uint16_t port, char *err, size_t errlen)
+write_port_file(const char *path, uint16_t port, uint16_t metrics_port,
+                char *err, size_t errlen)
 {
     char tmp[CONFIG_PATH_MAX + 8];
     FILE *f;
@@ -254,6 +257,9 @@ write_port_file(const char *path, uint16_t port, char *err, size_t errlen)
         return PQ_ESYS;
     }
     fprintf(f, "%u\n", port);
+    if (metrics_port != 0) {
+        fprintf(f, "metrics %u\n", metrics_port);
+    }
     if (fclose(f) != 0 || rename(tmp, path) != 0) {
         snprintf(err, errlen, "write %s: %s", path, strerror(errno));
         return PQ_ESYS;
@@ -305,10 +311,31 @@ open_listener(struct server *srv, char *err, size_t errlen)
     }
     srv->broker.port = srv->port;
     log_info("listening on %s (port %u)", srv->cfg.listen, srv->port);
-    if (srv->cfg.port_file[0] != '\0') {
-        return write_port_file(srv->cfg.port_file, srv->port, err, errlen);
-    }
     return PQ_OK;
+}
+
+/* The HTTP side, when the config names an address for it. */
+static int
+open_metrics(struct server *srv, char *err, size_t errlen)
+{
+    const struct metrics_src src = {
+        .cfg = &srv->cfg,
+        .cs = &srv->cs,
+        .bk = &srv->broker,
+        .ready = &srv->ready,
+    };
+    int rc;
+
+    if (srv->cfg.metrics[0] == '\0') {
+        return PQ_OK;
+    }
+    rc = metrics_open(&srv->metrics, srv->base, srv->cfg.metrics, &src,
+                      &srv->metrics_port, err, errlen);
+    if (rc == PQ_OK) {
+        log_info("metrics on %s (port %u): /metrics, /healthz, /readyz",
+                 srv->cfg.metrics, srv->metrics_port);
+    }
+    return rc;
 }
 
 /* ---- life cycle ---- */
@@ -375,6 +402,17 @@ server_init(struct server *srv, char *err, size_t errlen)
     if (rc != PQ_OK) {
         return rc;
     }
+    rc = open_metrics(srv, err, errlen);
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    if (srv->cfg.port_file[0] != '\0') {
+        rc = write_port_file(srv->cfg.port_file, srv->port, srv->metrics_port,
+                             err, errlen);
+        if (rc != PQ_OK) {
+            return rc;
+        }
+    }
     srv->deadline = evtimer_new(srv->base, deadline_cb, srv);
     srv->housekeeping =
         event_new(srv->base, -1, EV_PERSIST, housekeeping_cb, srv);
@@ -417,6 +455,7 @@ arm_deadline(struct server *srv)
 int
 server_run(struct server *srv)
 {
+    srv->ready = true;
     sd_notify_msg("READY=1");
     while (!srv->stopping) {
         event_base_loop(srv->base, EVLOOP_ONCE);
@@ -429,6 +468,7 @@ server_run(struct server *srv)
         conn_resume_reads(&srv->cs);
         arm_deadline(srv);
     }
+    srv->ready = false;
     sd_notify_msg("STOPPING=1");
     return srv->broker.exit_code;
 }
@@ -491,6 +531,8 @@ server_fini(struct server *srv)
     srv->cs.flush = NULL;
     conn_reap(&srv->cs);
     conn_set_fini(&srv->cs);
+    metrics_close(srv->metrics);
+    srv->metrics = NULL;
     if (srv->listener) {
         evconnlistener_free(srv->listener);
     }

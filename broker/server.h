@@ -21,6 +21,7 @@
 struct event_base;
 struct event;
 struct evconnlistener;
+struct metrics;
 
 /*
  * What the server owns: the loop and its events, the listener, the
@@ -42,8 +43,11 @@ struct server {
     uint64_t summary_ms;         /* mono; last summary line logged */
     size_t mem_peak;             /* pq_mem_used() peak since the last trim */
     bool stopping;
-    uint64_t now_mono_ms; /* read once per loop pass */
-    uint16_t port;        /* the port actually bound */
+    uint64_t now_mono_ms;    /* read once per loop pass */
+    uint16_t port;           /* the port actually bound */
+    uint16_t metrics_port;   /* the metrics port bound; 0 when off */
+    bool ready;              /* recovered and accepting (/readyz) */
+    struct metrics *metrics; /* the HTTP side; NULL when off */
 
     struct connset cs;    /* the connections (conn.c) */
     struct broker broker; /* queues, log, protocol state (dispatch.c) */
