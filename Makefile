@@ -95,7 +95,7 @@ UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_queue \
 INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_jobs \
               $(B)/tests/integration/check_client $(B)/tests/integration/check_work \
               $(B)/tests/integration/check_loss $(B)/tests/integration/check_limits \
-              $(B)/tests/integration/check_metrics \
+              $(B)/tests/integration/check_metrics $(B)/tests/integration/check_systemd \
               $(B)/tests/crash/check_crash $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
 MODEL_TESTS = $(B)/tests/model/check_model

@@ -69,6 +69,48 @@ sd_notify_msg(const char *msg)
     close(fd);
 }
 
+/* sd_status: STATUS=, the line `systemctl status` shows. */
+static void
+sd_status(struct server *srv, const char *what)
+{
+    char msg[256];
+
+    snprintf(msg, sizeof(msg),
+             "STATUS=%s; %u connections, %zu queues, %zu messages, "
+             "memory %zu MiB",
+             what, srv->cs.nconns,
+             srv->broker.qs ? qset_queue_count(srv->broker.qs) : 0,
+             srv->broker.qs ? qset_msg_count(srv->broker.qs) : 0,
+             pq_mem_used() >> 20);
+    sd_notify_msg(msg);
+}
+
+/*
+ * sd_watchdog_us: how often to send WATCHDOG=1 (half of $WATCHDOG_USEC),
+ * or 0 when systemd does not watch this process.
+ */
+static uint64_t
+sd_watchdog_us(void)
+{
+    const char *usec = getenv("WATCHDOG_USEC");
+    const char *pid = getenv("WATCHDOG_PID");
+    unsigned long long v;
+    char *end;
+
+    if (usec == NULL || getenv("NOTIFY_SOCKET") == NULL) {
+        return 0;
+    }
+    if (pid != NULL && strtol(pid, NULL, 10) != (long)getpid()) {
+        return 0;
+    }
+    errno = 0;
+    v = strtoull(usec, &end, 10);
+    if (errno != 0 || end == usec || *end != '\0' || v == 0) {
+        return 0;
+    }
+    return v / 2;
+}
+
 /* ---- callbacks ---- */
 
 static void
@@ -125,6 +167,17 @@ signal_cb(evutil_socket_t sig, short what, void *arg)
     event_base_loopbreak(srv->base);
 }
 
+/* The loop is alive: a timer on it tells systemd so (a wedged loop stops
+ * telling, and systemd restarts protoqd after WatchdogSec). */
+static void
+watchdog_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    (void)arg;
+    sd_notify_msg("WATCHDOG=1");
+}
+
 static void
 deadline_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -141,7 +194,7 @@ deadline_cb(evutil_socket_t fd, short what, void *arg)
  * counters (since start), so an operator sees load and disk health in the
  * journal without a metrics endpoint.
  */
-enum { SUMMARY_MS = 60000 };
+enum { SUMMARY_MS = 60000, STATUS_MS = 10000 };
 
 static void
 log_summary(struct server *srv)
@@ -218,6 +271,10 @@ housekeeping_cb(evutil_socket_t fd, short what, void *arg)
     if (srv->now_mono_ms - srv->summary_ms >= SUMMARY_MS) {
         srv->summary_ms = srv->now_mono_ms;
         log_summary(srv);
+    }
+    if (srv->now_mono_ms - srv->status_ms >= STATUS_MS) {
+        srv->status_ms = srv->now_mono_ms;
+        sd_status(srv, srv->status_text);
     }
 }
 
@@ -361,6 +418,7 @@ static const struct conn_handler conn_to_dispatch = {
 int
 server_init(struct server *srv, char *err, size_t errlen)
 {
+    uint64_t wd_us;
     int rc;
 
     signal(SIGPIPE, SIG_IGN);
@@ -393,6 +451,7 @@ server_init(struct server *srv, char *err, size_t errlen)
         snprintf(err, errlen, "cannot install signal handlers");
         return PQ_ENOMEM;
     }
+    sd_status(srv, "recovering the log");
     rc = dispatch_open(&srv->broker, err, errlen);
     if (rc != PQ_OK) {
         return rc;
@@ -432,6 +491,22 @@ server_init(struct server *srv, char *err, size_t errlen)
     }
     struct timeval one_s = {1, 0};
     event_add(srv->housekeeping, &one_s);
+    wd_us = sd_watchdog_us();
+    if (wd_us > 0) {
+        struct timeval tv = {(time_t)(wd_us / 1000000),
+                             (suseconds_t)(wd_us % 1000000)};
+
+        srv->watchdog = event_new(srv->base, -1, EV_PERSIST, watchdog_cb, srv);
+        if (srv->watchdog == NULL) {
+            snprintf(err, errlen, "cannot create the watchdog timer");
+            return PQ_ENOMEM;
+        }
+        event_add(srv->watchdog, &tv);
+        log_info("systemd watchdog: WATCHDOG=1 every %llu ms",
+                 (unsigned long long)(wd_us / 1000));
+    }
+    snprintf(srv->status_text, sizeof(srv->status_text), "serving on port %u",
+             srv->port);
     return PQ_OK;
 }
 
@@ -457,6 +532,8 @@ server_run(struct server *srv)
 {
     srv->ready = true;
     sd_notify_msg("READY=1");
+    sd_status(srv, srv->status_text);
+    srv->status_ms = srv->now_mono_ms;
     while (!srv->stopping) {
         event_base_loop(srv->base, EVLOOP_ONCE);
         srv->now_mono_ms = clock_mono_ms();
@@ -470,6 +547,7 @@ server_run(struct server *srv)
     }
     srv->ready = false;
     sd_notify_msg("STOPPING=1");
+    sd_status(srv, "stopping: giving back held jobs, flushing the log");
     return srv->broker.exit_code;
 }
 
@@ -538,7 +616,7 @@ server_fini(struct server *srv)
     }
     struct event **evs[] = {&srv->sig_int,  &srv->sig_term,     &srv->sig_hup,
                             &srv->deadline, &srv->housekeeping, &srv->store_ev,
-                            &srv->work};
+                            &srv->work,     &srv->watchdog};
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++) {
         if (*evs[i]) {
             event_free(*evs[i]);

@@ -39,6 +39,9 @@ struct server {
     struct event *housekeeping;  /* 1 s: heartbeats, idle peers, summary */
     struct event *store_ev;      /* the log's eventfd is readable */
     struct event *work;          /* made active when a pass left work */
+    struct event *watchdog;      /* WATCHDOG=1 to systemd; NULL if unwatched */
+    uint64_t status_ms;          /* mono; last STATUS= sent */
+    char status_text[64];        /* what STATUS= says protoqd does */
     uint64_t listener_paused_ms; /* mono; accepts paused after EMFILE */
     uint64_t summary_ms;         /* mono; last summary line logged */
     size_t mem_peak;             /* pq_mem_used() peak since the last trim */
