@@ -323,6 +323,10 @@ flush(struct conn *c)
     if (c->output_full &&
         evbuffer_get_length(c->out) <= cs->cfg->conn_output_high_bytes / 2) {
         c->output_full = false;
+        /* The frame clock stood still while the broker did not read. */
+        if (c->frame_start_ms != 0) {
+            c->frame_start_ms = *cs->now_mono_ms;
+        }
         if (conn_is_open(c)) {
             set_reading(c, true);
             event_active(c->rev, EV_READ, 0); /* frames may wait in c->in */
