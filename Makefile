@@ -107,7 +107,7 @@ BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
               $(B)/broker/dispatch.o $(B)/broker/dispatch_admin.o \
               $(B)/broker/dispatch_publish.o $(B)/broker/dispatch_consume.o \
               $(B)/broker/dispatch_deliver.o \
-              $(B)/broker/journal.o $(B)/broker/config.o \
+              $(B)/broker/journal.o $(B)/broker/config.o $(B)/broker/metrics.o \
               $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS)
 
 LIB_OBJS   = $(B)/client/client.o $(B)/client/client_admin.o \
@@ -126,6 +126,8 @@ INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_j
               $(B)/tests/integration/check_client $(B)/tests/integration/check_work \
               $(B)/tests/integration/check_loss $(B)/tests/integration/check_evict \
               $(B)/tests/integration/check_cli $(B)/tests/integration/check_ops \
+              $(B)/tests/integration/check_limits \
+              $(B)/tests/integration/check_metrics $(B)/tests/integration/check_systemd \
               $(B)/tests/crash/check_crash $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
 MODEL_TESTS = $(B)/tests/model/check_model

@@ -35,6 +35,12 @@ struct config {
     uint32_t heartbeat_ms;         /* 0 = off */
     uint32_t heartbeat_timeout_ms; /* close a peer silent this long */
     uint32_t idle_timeout_ms;      /* close a handshake-less peer after */
+    uint32_t frame_timeout_ms;     /* a started frame must be whole by then */
+    uint32_t idle_conn_timeout_ms; /* close a silent peer without
+                                      subscriptions after; 0 = never */
+    uint32_t max_connections_per_addr;  /* from one source address */
+    uint32_t max_handshake_connections; /* before Hello (at most half of
+                                           max_connections) */
     /* ---- storage ---- */
     char data_dir[CONFIG_PATH_MAX];
     enum fsync_policy fsync;
@@ -122,7 +128,9 @@ const char *config_key_name(size_t i);
  * put back the keys in live->overridden (flags win), validate it, then copy
  * only the reloadable keys into live (log_level, max_connections,
  * max_hello_bytes, max_message_bytes, max_batch, conn_output_high_bytes,
- * heartbeat_ms, heartbeat_timeout_ms, idle_timeout_ms, memory_high_bytes).
+ * heartbeat_ms, heartbeat_timeout_ms, idle_timeout_ms, frame_timeout_ms,
+ * idle_conn_timeout_ms, max_connections_per_addr, max_handshake_connections,
+ * memory_high_bytes).
  * A key missing from the file goes back to its default, as on a restart.
  * PQ_OK on success; non-reloadable keys whose value in the file differs
  * from the running one are ignored and named in err ("ignored until

@@ -40,10 +40,26 @@
 
 enum {
     FRAMES_PER_WAKEUP = 64, /* then yield to other connections */
-    READ_CHUNK = 65536,     /* bytes per read() */
+    /* Bytes per read(): 64 KiB less room for libevent's chain header and
+     * mem.c's, so that the buffer chain holding one read is a 64 KiB heap
+     * block (a 65536-byte read would need a 128 KiB chain, which malloc
+     * maps as 33 pages). */
+    READ_CHUNK = 65536 - 256,
     READS_PER_WAKEUP = 4,
     CLOSING_GRACE_MS = 5000, /* a closing peer's time to take its Error */
+    /* Input a connection may always hold, even over memory_high_bytes:
+     * room for acks, heartbeats and small requests, so that consumers can
+     * still free memory while big partial frames wait. */
+    INPUT_FREE_BYTES = 4096,
 };
+
+/*
+ * Reads land here first and are then copied into the connection's input
+ * buffer, so that the buffer grows with the bytes that arrived (a read of
+ * 10 bytes costs 10 bytes, not a READ_CHUNK reservation). The loop is
+ * single-threaded; one buffer serves every connection.
+ */
+static uint8_t read_scratch[READ_CHUNK];
 
 static const char *const state_names[] = {
     [CONN_HANDSHAKE] = "handshake",
@@ -54,6 +70,59 @@ static const char *const state_names[] = {
 
 static void read_cb(evutil_socket_t fd, short what, void *arg);
 static void write_cb(evutil_socket_t fd, short what, void *arg);
+
+void
+conn_log_bad(struct connset *cs, enum log_level lvl, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+
+    if (lvl < log_get_level()) {
+        return;
+    }
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    log_limited(&cs->badlog, *cs->now_mono_ms, CONN_BAD_LOG_PER_S, lvl, "%s",
+                msg);
+}
+
+/* ---- connections waiting for Hello, oldest first ---- */
+
+static void
+hs_link(struct conn *c)
+{
+    struct connset *cs = c->set;
+
+    c->hs_next = NULL;
+    c->hs_prev = cs->hs_newest;
+    if (cs->hs_newest) {
+        cs->hs_newest->hs_next = c;
+    } else {
+        cs->hs_oldest = c;
+    }
+    cs->hs_newest = c;
+    cs->nhandshake++;
+}
+
+static void
+hs_unlink(struct conn *c)
+{
+    struct connset *cs = c->set;
+
+    if (c->hs_prev) {
+        c->hs_prev->hs_next = c->hs_next;
+    } else {
+        cs->hs_oldest = c->hs_next;
+    }
+    if (c->hs_next) {
+        c->hs_next->hs_prev = c->hs_prev;
+    } else {
+        cs->hs_newest = c->hs_prev;
+    }
+    c->hs_prev = c->hs_next = NULL;
+    cs->nhandshake--;
+}
 
 const char *
 conn_state_name(enum conn_state s)
@@ -81,6 +150,9 @@ conn_set_state(struct conn *c, enum conn_state s)
         break;
     }
     assert(legal);
+    if (c->state == CONN_HANDSHAKE) {
+        hs_unlink(c);
+    }
     log_debug("conn %llu %s: %s -> %s", (unsigned long long)c->id, c->peer,
               state_names[c->state], state_names[s]);
     c->state = s;
@@ -234,6 +306,7 @@ flush(struct conn *c)
         int n = evbuffer_write(c->out, c->fd);
 
         if (n > 0) {
+            cs->stats.bytes_out += (uint64_t)n;
             continue;
         }
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
@@ -250,6 +323,10 @@ flush(struct conn *c)
     if (c->output_full &&
         evbuffer_get_length(c->out) <= cs->cfg->conn_output_high_bytes / 2) {
         c->output_full = false;
+        /* The frame clock stood still while the broker did not read. */
+        if (c->frame_start_ms != 0) {
+            c->frame_start_ms = *cs->now_mono_ms;
+        }
         if (conn_is_open(c)) {
             set_reading(c, true);
             event_active(c->rev, EV_READ, 0); /* frames may wait in c->in */
@@ -315,6 +392,19 @@ move_to_reap(struct conn *c)
     cs->reap = c;
 }
 
+/* One connection less from c's source address. */
+static void
+addr_release(struct conn *c)
+{
+    struct addr_count *a = c->addr;
+
+    c->addr = NULL;
+    if (a != NULL && --a->n == 0) {
+        hmap_str_del(&c->set->addrs, a->host);
+        pq_free(a);
+    }
+}
+
 void
 conn_close(struct conn *c, const char *why)
 {
@@ -329,7 +419,33 @@ conn_close(struct conn *c, const char *why)
     set_writing(c, false);
     evutil_closesocket(c->fd);
     c->fd = -1;
+    if (c->mem_paused) {
+        c->mem_paused = false;
+        c->set->nmem_paused--;
+    }
+    addr_release(c);
     move_to_reap(c);
+}
+
+/*
+ * close_with_error: send an Error and close once it is flushed; reads stop
+ * at once and what input c held is let go. The line about it is logged
+ * under the set's rate limit.
+ */
+static void
+close_with_error(struct conn *c, uint64_t request_id, int code, const char *msg)
+{
+    conn_log_bad(c->set, LOG_INFO, "conn %llu %s: closing: %s",
+                 (unsigned long long)c->id, c->peer, msg);
+    evbuffer_drain(c->in, evbuffer_get_length(c->in));
+    c->frame_start_ms = 0;
+    conn_send_error(c, request_id, code, "%s", msg);
+    conn_set_state(c, CONN_CLOSING);
+    c->closing_ms = *c->set->now_mono_ms;
+    /* Stop reading; the flush closes once the Error is out. */
+    set_reading(c, false);
+    /* The subscriptions go now: a closing peer must not get deliveries. */
+    c->set->h->closed(c->set->arg, c);
 }
 
 void
@@ -344,16 +460,8 @@ conn_fatal(struct conn *c, uint64_t request_id, int code, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
-    log_info("conn %llu %s: closing: %s", (unsigned long long)c->id, c->peer,
-             msg);
     c->set->stats.protocol_errors++;
-    conn_send_error(c, request_id, code, "%s", msg);
-    conn_set_state(c, CONN_CLOSING);
-    c->closing_ms = *c->set->now_mono_ms;
-    /* Stop reading; the flush closes once the Error is out. */
-    set_reading(c, false);
-    /* The subscriptions go now: a closing peer must not get deliveries. */
-    c->set->h->closed(c->set->arg, c);
+    close_with_error(c, request_id, code, msg);
 }
 
 void
@@ -469,6 +577,7 @@ read_frames(struct conn *c)
                                      (size_t)n, bad, sizeof(bad));
         }
         evbuffer_drain(in, FRAME_HEADER_LEN + (size_t)n);
+        c->frame_start_ms = 0;
         if (rc != PQ_OK) {
             conn_fatal(
                 c, 0, PROTOQ__ERROR_CODE__MALFORMED_FRAME,
@@ -493,18 +602,57 @@ read_frames(struct conn *c)
     return conn_is_open(c) && evbuffer_get_length(in) >= FRAME_HEADER_LEN;
 }
 
+static void
+mem_pause(struct conn *c, size_t have)
+{
+    struct connset *cs = c->set;
+
+    set_reading(c, false);
+    c->mem_paused = true;
+    cs->nmem_paused++;
+    cs->stats.mem_pauses++;
+    conn_log_bad(cs, LOG_INFO,
+                 "conn %llu %s: not reading: memory use %zu near "
+                 "memory_high_bytes (%llu) with %zu bytes of an unfinished "
+                 "frame held",
+                 (unsigned long long)c->id, c->peer, pq_mem_used(),
+                 (unsigned long long)cs->cfg->memory_high_bytes, have);
+}
+
+void
+conn_resume_reads(struct connset *cs)
+{
+    if (cs->nmem_paused == 0 || pq_mem_used() >= cs->cfg->memory_high_bytes) {
+        return;
+    }
+    for (struct conn *c = cs->conns; c != NULL; c = c->next) {
+        if (!c->mem_paused) {
+            continue;
+        }
+        c->mem_paused = false;
+        cs->nmem_paused--;
+        if (conn_is_open(c) && !c->output_full) {
+            set_reading(c, true);
+            event_active(c->rev, EV_READ, 0);
+        }
+    }
+}
+
 /*
- * fill: read what the socket has, without buffering more than one
- * largest frame unparsed. Returns false when c was closed.
+ * fill: read what the socket has, without buffering more than one largest
+ * frame unparsed. Input counts against memory_high_bytes like everything
+ * else (mem.c); over it, a connection may hold only INPUT_FREE_BYTES, and
+ * one whose unfinished frame needs more is not read until usage drops.
+ * Returns false when c was closed.
  */
 static bool
 fill(struct conn *c)
 {
-    size_t cap = FRAME_HEADER_LEN + (size_t)c->set->cfg->max_frame_bytes;
+    struct connset *cs = c->set;
+    size_t cap = FRAME_HEADER_LEN + (size_t)cs->cfg->max_frame_bytes;
 
     for (int i = 0; i < READS_PER_WAKEUP; i++) {
         size_t have = evbuffer_get_length(c->in);
-        struct evbuffer_iovec v;
         size_t want;
         ssize_t n;
 
@@ -512,14 +660,21 @@ fill(struct conn *c)
             return true;
         }
         want = cap - have < READ_CHUNK ? cap - have : READ_CHUNK;
-        if (evbuffer_reserve_space(c->in, (ev_ssize_t)want, &v, 1) != 1) {
-            conn_close(c, "out of memory for input");
-            return false;
+        if (have + want > INPUT_FREE_BYTES &&
+            pq_mem_used() + want > cs->cfg->memory_high_bytes) {
+            if (have >= INPUT_FREE_BYTES) {
+                mem_pause(c, have);
+                return true;
+            }
+            want = INPUT_FREE_BYTES - have;
         }
-        n = read(c->fd, v.iov_base, want);
+        n = read(c->fd, read_scratch, want);
         if (n > 0) {
-            v.iov_len = (size_t)n;
-            evbuffer_commit_space(c->in, &v, 1);
+            if (evbuffer_add(c->in, read_scratch, (size_t)n) != 0) {
+                conn_close(c, "out of memory for input");
+                return false;
+            }
+            cs->stats.bytes_in += (uint64_t)n;
             if ((size_t)n < want) {
                 return true; /* drained the socket */
             }
@@ -558,6 +713,10 @@ read_cb(evutil_socket_t fd, short what, void *arg)
         /* Fairness: more frames wait; come back in the next pass. */
         event_active(c->rev, EV_READ, 0);
     }
+    /* The frame that begins what is left started arriving by now. */
+    if (c->frame_start_ms == 0 && evbuffer_get_length(c->in) > 0) {
+        c->frame_start_ms = *c->set->now_mono_ms;
+    }
 }
 
 static void
@@ -581,29 +740,149 @@ format_peer(const struct sockaddr *sa, char *buf, size_t len)
     }
 }
 
+/*
+ * addr_key: what connections are counted by: the IPv4 address, or the /64
+ * of an IPv6 one (one host usually holds a whole /64).
+ */
+static void
+addr_key(const struct sockaddr *sa, char *buf, size_t len)
+{
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *s4 = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &s4->sin_addr, buf, (socklen_t)len);
+    } else if (sa->sa_family == AF_INET6) {
+        struct in6_addr a = ((const struct sockaddr_in6 *)sa)->sin6_addr;
+        char host[INET6_ADDRSTRLEN];
+
+        memset(a.s6_addr + 8, 0, 8);
+        inet_ntop(AF_INET6, &a, host, sizeof(host));
+        snprintf(buf, len, "%s/64", host);
+    } else {
+        snprintf(buf, len, "unknown");
+    }
+}
+
+/*
+ * refuse: tell a connection that is not taken why (an Error, best effort:
+ * nothing waits for the socket) and close it.
+ */
+static void
+refuse(evutil_socket_t fd, const char *why)
+{
+    Protoq__Frame f = PROTOQ__FRAME__INIT;
+    Protoq__Error e = PROTOQ__ERROR__INIT;
+    uint8_t buf[512];
+
+    e.code = PROTOQ__ERROR_CODE__OVERLOADED;
+    e.message = (char *)why;
+    f.kind_case = PROTOQ__FRAME__KIND_ERROR;
+    f.error = &e;
+    if (frame_packed_size(&f) <= sizeof(buf)) {
+        size_t n = frame_pack(&f, buf);
+        if (send(fd, buf, n, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
+            /* best effort: the close says enough */
+        }
+    }
+    evutil_closesocket(fd);
+}
+
+/*
+ * admit: may one more connection from host come in? Returns its address's
+ * count (created at 0 if new), or NULL after refusing fd.
+ */
+static struct addr_count *
+admit(struct connset *cs, evutil_socket_t fd, const char *host)
+{
+    const struct config *cfg = cs->cfg;
+    struct addr_count *a;
+    uint32_t hs_cap;
+
+    if (cs->nconns >= cfg->max_connections) {
+        cs->stats.conns_rejected++;
+        conn_log_bad(cs, LOG_WARN,
+                     "refusing a connection from %s: max_connections (%u) "
+                     "reached",
+                     host, cfg->max_connections);
+        refuse(fd, "too many connections (max_connections)");
+        return NULL;
+    }
+    a = hmap_str_get(&cs->addrs, host);
+    if (a != NULL && a->n >= cfg->max_connections_per_addr) {
+        cs->stats.conns_rejected_addr++;
+        conn_log_bad(cs, LOG_WARN,
+                     "refusing a connection from %s: max_connections_per_addr "
+                     "(%u) reached",
+                     host, cfg->max_connections_per_addr);
+        refuse(fd, "too many connections from this address "
+                   "(max_connections_per_addr)");
+        return NULL;
+    }
+    if (a == NULL) {
+        a = pq_calloc(1, sizeof(*a));
+        if (a == NULL) {
+            log_warn("refusing a connection: out of memory");
+            evutil_closesocket(fd);
+            return NULL;
+        }
+        snprintf(a->host, sizeof(a->host), "%s", host);
+        if (hmap_str_put(&cs->addrs, a->host, a) != PQ_OK) {
+            log_warn("refusing a connection: out of memory");
+            pq_free(a);
+            evutil_closesocket(fd);
+            return NULL;
+        }
+    }
+    /* Strangers that have not said Hello may hold at most half the slots;
+     * past their own cap the oldest of them makes room for the newcomer,
+     * so a flood of silent sockets cannot keep a real client out. */
+    hs_cap = cfg->max_connections / 2;
+    if (hs_cap == 0) {
+        hs_cap = 1;
+    }
+    if (cfg->max_handshake_connections < hs_cap) {
+        hs_cap = cfg->max_handshake_connections;
+    }
+    while (cs->nhandshake >= hs_cap && cs->hs_oldest != NULL) {
+        struct conn *old = cs->hs_oldest;
+
+        cs->stats.handshake_evicted++;
+        close_with_error(old, 0, PROTOQ__ERROR_CODE__OVERLOADED,
+                         "too many connections waiting for Hello "
+                         "(max_handshake_connections); the oldest is closed");
+    }
+    return a;
+}
+
 void
 conn_accept(struct connset *cs, evutil_socket_t fd, const struct sockaddr *sa,
             int salen)
 {
+    struct addr_count *a;
     struct conn *c;
+    char host[sizeof(a->host)];
     int one = 1;
 
     (void)salen;
-    if (cs->nconns >= cs->cfg->max_connections) {
-        cs->stats.conns_rejected++;
-        log_warn("refusing a connection: max_connections (%u) reached",
-                 cs->cfg->max_connections);
-        evutil_closesocket(fd);
+    addr_key(sa, host, sizeof(host));
+    a = admit(cs, fd, host);
+    if (a == NULL) {
         return;
     }
     c = pq_calloc(1, sizeof(*c));
     if (c == NULL) {
         log_warn("refusing a connection: out of memory");
         evutil_closesocket(fd);
+        if (a->n == 0) {
+            hmap_str_del(&cs->addrs, a->host);
+            pq_free(a);
+        }
         return;
     }
-    c->fd = fd;
+    /* From here on the address's count goes with c (addr_release). */
     c->set = cs;
+    c->addr = a;
+    a->n++;
+    c->fd = fd;
     c->in = evbuffer_new();
     c->out = evbuffer_new();
     c->rev = event_new(cs->base, fd, EV_READ | EV_PERSIST, read_cb, c);
@@ -612,11 +891,13 @@ conn_accept(struct connset *cs, evutil_socket_t fd, const struct sockaddr *sa,
         evutil_make_socket_nonblocking(fd) < 0) {
         log_warn("refusing a connection: out of memory");
         evutil_closesocket(fd);
+        addr_release(c);
         conn_free(c);
         return;
     }
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     c->state = CONN_HANDSHAKE;
+    hs_link(c);
     c->id = ++cs->next_id;
     c->max_frame_bytes = cs->cfg->max_hello_bytes;
     c->accepted_ms = c->last_rx_ms = c->last_tx_ms = *cs->now_mono_ms;
@@ -647,6 +928,46 @@ send_heartbeat(struct conn *c)
     conn_send(c, &f);
 }
 
+/*
+ * conn_timed_out: close c if a frame it began did not arrive whole within
+ * frame_timeout_ms (unless the broker itself stopped reading it for its
+ * output), or if it has no subscription and sent nothing for
+ * idle_conn_timeout_ms. True when it was closed.
+ */
+static bool
+conn_timed_out(struct conn *c, uint64_t now_ms)
+{
+    struct connset *cs = c->set;
+    const struct config *cfg = cs->cfg;
+    char msg[160];
+
+    if (!conn_is_open(c)) {
+        return false;
+    }
+    if (c->frame_start_ms != 0 && !c->output_full &&
+        now_ms - c->frame_start_ms >= cfg->frame_timeout_ms) {
+        cs->stats.frame_timeouts++;
+        snprintf(msg, sizeof(msg),
+                 "frame not complete %u ms after it began "
+                 "(frame_timeout_ms; %zu bytes of it arrived)",
+                 cfg->frame_timeout_ms, evbuffer_get_length(c->in));
+        close_with_error(c, 0, PROTOQ__ERROR_CODE__MALFORMED_FRAME, msg);
+        return true;
+    }
+    if (c->state == CONN_READY && c->nsubs == 0 &&
+        cfg->idle_conn_timeout_ms != 0 &&
+        now_ms - c->last_rx_ms >= cfg->idle_conn_timeout_ms) {
+        cs->stats.idle_closed++;
+        snprintf(msg, sizeof(msg),
+                 "idle for %u ms without a subscription "
+                 "(idle_conn_timeout_ms)",
+                 cfg->idle_conn_timeout_ms);
+        close_with_error(c, 0, PROTOQ__ERROR_CODE__OVERLOADED, msg);
+        return true;
+    }
+    return false;
+}
+
 void
 conn_housekeeping(struct connset *cs, uint64_t now_ms)
 {
@@ -665,6 +986,9 @@ conn_housekeeping(struct connset *cs, uint64_t now_ms)
                        "no Hello within %u ms", cs->cfg->idle_timeout_ms);
             continue;
         }
+        if (conn_timed_out(c, now_ms)) {
+            continue;
+        }
         if (c->state != CONN_READY || c->heartbeat_ms == 0) {
             continue;
         }
@@ -672,9 +996,10 @@ conn_housekeeping(struct connset *cs, uint64_t now_ms)
          * closed so its deliveries go to someone else. */
         if (c->nsubs > 0 &&
             now_ms - c->last_rx_ms >= cs->cfg->heartbeat_timeout_ms) {
-            log_info("conn %llu %s: no frame for %llu ms, closing",
-                     (unsigned long long)c->id, c->peer,
-                     (unsigned long long)(now_ms - c->last_rx_ms));
+            conn_log_bad(cs, LOG_INFO,
+                         "conn %llu %s: no frame for %llu ms, closing",
+                         (unsigned long long)c->id, c->peer,
+                         (unsigned long long)(now_ms - c->last_rx_ms));
             conn_close(c, "heartbeat timeout");
             continue;
         }
@@ -682,4 +1007,30 @@ conn_housekeeping(struct connset *cs, uint64_t now_ms)
             send_heartbeat(c);
         }
     }
+}
+
+uint32_t
+conn_count_state(const struct connset *cs, enum conn_state st)
+{
+    uint32_t n = 0;
+
+    if (st == CONN_HANDSHAKE) {
+        return cs->nhandshake;
+    }
+    for (const struct conn *c = cs->conns; c != NULL; c = c->next) {
+        n += c->state == st;
+    }
+    return n;
+}
+
+void
+conn_set_fini(struct connset *cs)
+{
+    size_t it = 0;
+    struct addr_count *a;
+
+    while ((a = hmap_str_next(&cs->addrs, &it, NULL)) != NULL) {
+        pq_free(a);
+    }
+    hmap_str_fini(&cs->addrs);
 }

@@ -16,6 +16,8 @@
 
 #include <event2/util.h>
 
+#include "hmap.h"
+#include "log.h"
 #include "protoq.pb-c.h"
 
 struct config;
@@ -51,10 +53,23 @@ struct conn_handler {
 
 struct conn_stats {
     uint64_t conns_accepted;
-    uint64_t conns_rejected;  /* over max_connections */
-    uint64_t protocol_errors; /* connections closed for bad input */
+    uint64_t conns_rejected;      /* over max_connections */
+    uint64_t conns_rejected_addr; /* over max_connections_per_addr */
+    uint64_t handshake_evicted;   /* closed for a newer one before Hello */
+    uint64_t protocol_errors;     /* connections closed for bad input */
+    uint64_t frame_timeouts;      /* closed: a frame did not arrive whole */
+    uint64_t idle_closed;         /* closed: idle_conn_timeout_ms */
+    uint64_t mem_pauses;          /* reads paused: memory_high_bytes */
     uint64_t frames_in;
     uint64_t frames_out;
+    uint64_t bytes_in;
+    uint64_t bytes_out;
+};
+
+/* Connections open from one source address (the key of connset.addrs). */
+struct addr_count {
+    char host[64]; /* an IPv4 address or an IPv6 /64; the map key */
+    uint32_t n;
 };
 
 /*
@@ -74,6 +89,12 @@ struct connset {
     struct conn *flush; /* connections with output to write */
     uint64_t next_id;
     struct conn_stats stats;
+    struct hmap_str addrs;  /* host -> struct addr_count, owned */
+    struct conn *hs_oldest; /* HANDSHAKE connections, oldest first */
+    struct conn *hs_newest;
+    uint32_t nhandshake;
+    uint32_t nmem_paused;    /* connections not read for memory */
+    struct log_limit badlog; /* lines about misbehaving peers */
 };
 
 struct conn {
@@ -94,15 +115,20 @@ struct conn {
     struct conn *prev, *next; /* set->conns, then set->reap */
     struct sub *subs;         /* this connection's subscriptions */
     uint32_t nsubs;
-    uint32_t refs;            /* waits that still hold this conn */
-    uint32_t max_frame_bytes; /* max_hello_bytes until Hello, then full */
-    uint32_t heartbeat_ms;    /* agreed interval; 0 = off */
-    uint64_t last_rx_ms;      /* mono: last frame received */
-    uint64_t last_tx_ms;      /* mono: last frame queued */
-    uint64_t accepted_ms;     /* mono */
-    uint64_t closing_ms;      /* mono: when it became CLOSING */
-    bool output_full;         /* over conn_output_high_bytes */
-    uint8_t *resv;            /* conn_reserve'd space, until commit */
+    uint32_t refs;                  /* waits that still hold this conn */
+    uint32_t max_frame_bytes;       /* max_hello_bytes until Hello, then full */
+    uint32_t heartbeat_ms;          /* agreed interval; 0 = off */
+    uint64_t last_rx_ms;            /* mono: last frame received */
+    uint64_t last_tx_ms;            /* mono: last frame queued */
+    uint64_t accepted_ms;           /* mono */
+    uint64_t closing_ms;            /* mono: when it became CLOSING */
+    bool output_full;               /* over conn_output_high_bytes */
+    bool mem_paused;                /* not read: over memory_high_bytes */
+    uint8_t *resv;                  /* conn_reserve'd space, until commit */
+    uint64_t frame_start_ms;        /* mono: first byte of the unfinished frame
+                                       in `in`; 0 when none */
+    struct addr_count *addr;        /* its source address's count */
+    struct conn *hs_prev, *hs_next; /* set's HANDSHAKE list */
 };
 
 /* conn_accept: wrap an accepted socket; closes fd on failure. */
@@ -156,7 +182,25 @@ void conn_reap(struct connset *cs);
  * pass: one writev per connection however many frames it got). */
 void conn_flush_all(struct connset *cs);
 
-/* conn_housekeeping: heartbeats out, dead and idle peers closed. */
+/* conn_housekeeping: heartbeats out, dead and idle peers closed, frames
+ * that take too long to arrive refused. */
 void conn_housekeeping(struct connset *cs, uint64_t now_ms);
+
+/* conn_resume_reads: read again from connections paused for memory once
+ * usage is back under memory_high_bytes (cheap when none is paused). */
+void conn_resume_reads(struct connset *cs);
+
+/* conn_count_state: how many open connections are in state s. */
+uint32_t conn_count_state(const struct connset *cs, enum conn_state s);
+
+/* conn_set_fini: free what the set owns besides the connections (call
+ * once every connection was reaped). */
+void conn_set_fini(struct connset *cs);
+
+/* conn_log_bad: a line about a misbehaving peer, at most
+ * CONN_BAD_LOG_PER_S a second (the rest are counted). */
+enum { CONN_BAD_LOG_PER_S = 10 };
+void conn_log_bad(struct connset *cs, enum log_level lvl, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 #endif

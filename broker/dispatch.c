@@ -401,6 +401,7 @@ static void
 settle_waits(void *arg, uint64_t upto_lsn, int status)
 {
     struct broker *bk = arg;
+    uint64_t confirmed = 0;
     struct wait *w;
 
     if (status == PQ_EIO || (status != PQ_OK && status != PQ_ENOSPC)) {
@@ -422,11 +423,15 @@ settle_waits(void *arg, uint64_t upto_lsn, int status)
         if (status != PQ_OK) {
             fail_wait(bk, w, status);
         } else if (w->kind == WAIT_PUBLISH) {
+            confirmed += w->n;
             dispatch_complete_publish(bk, w);
         } else if (w->conn && conn_is_open(w->conn)) {
             dispatch_reply_ok(w->conn, w->request_id, w->count);
         }
         dispatch_wait_free(bk, w);
+    }
+    if (confirmed > 0) {
+        histo_add(&bk->stats.commit_msgs, HISTO_BATCH_MSGS, confirmed);
     }
 }
 

@@ -12,6 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "histo.h"
 #include "hmap.h"
 #include "protoq.pb-c.h"
 
@@ -25,6 +26,8 @@ struct wait;
 struct broker_stats {
     uint64_t batches_durable; /* store batches reported durable */
     uint64_t disk_full_refusals;
+    struct histo commit_msgs; /* messages confirmed per durable batch
+                                 that confirmed any (HISTO_BATCH_MSGS) */
 };
 
 /*
@@ -62,6 +65,7 @@ struct broker {
     struct hmap_u64 loading;      /* message id -> the delivery waiting for its
                                      payload to be read back */
     struct broker_stats stats;
+    uint64_t auth_failures; /* Hellos refused for their token */
 };
 
 /* dispatch_frame: handle one decoded frame from c (which owns nothing of f). */

@@ -1658,3 +1658,9 @@ journal_store_stats(struct journal *j, struct store_stats *out)
 {
     store_get_stats(j->st, out);
 }
+
+uint64_t
+journal_resident_bytes(const struct journal *j)
+{
+    return j->resident;
+}

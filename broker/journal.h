@@ -63,6 +63,10 @@ uint64_t journal_next_id(const struct journal *j);
 /* journal_event_fd: readable when the storage thread finished a batch. */
 int journal_event_fd(const struct journal *j);
 
+/* journal_resident_bytes: payload bytes of durable messages kept in
+ * memory (against payload_budget_bytes). */
+uint64_t journal_resident_bytes(const struct journal *j);
+
 /* journal_store_stats: the store's counters. */
 void journal_store_stats(struct journal *j, struct store_stats *out);
 

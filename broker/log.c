@@ -91,22 +91,16 @@ log_parse_level(const char *s, enum log_level *out)
     return PQ_EINVAL;
 }
 
-void
-log_msg(enum log_level lvl, const char *fmt, ...)
+static void
+log_vmsg(enum log_level lvl, const char *fmt, va_list ap)
 {
     char line[2048];
-    va_list ap;
     int n;
 
-    if (lvl < cur_level) {
-        return;
-    }
     n = line_prefix(line, 64, lvl);
     n += snprintf(line + n, sizeof(line) - (size_t)n,
                   "protoqd: %s: ", level_names[lvl]);
-    va_start(ap, fmt);
     n += vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
-    va_end(ap);
     if (n > (int)sizeof(line) - 2) {
         n = (int)sizeof(line) - 2;
     }
@@ -114,4 +108,45 @@ log_msg(enum log_level lvl, const char *fmt, ...)
     if (write(STDERR_FILENO, line, (size_t)n) < 0) {
         /* nowhere left to report it */
     }
+}
+
+void
+log_msg(enum log_level lvl, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (lvl < cur_level) {
+        return;
+    }
+    va_start(ap, fmt);
+    log_vmsg(lvl, fmt, ap);
+    va_end(ap);
+}
+
+void
+log_limited(struct log_limit *l, uint64_t now_ms, uint32_t per_s,
+            enum log_level lvl, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (lvl < cur_level) {
+        return;
+    }
+    if (now_ms - l->window_ms >= 1000) {
+        l->window_ms = now_ms;
+        l->lines = 0;
+    }
+    if (l->lines >= per_s) {
+        l->suppressed++;
+        return;
+    }
+    l->lines++;
+    if (l->suppressed > 0) {
+        log_msg(lvl, "(%llu similar lines left out: at most %u a second)",
+                (unsigned long long)l->suppressed, per_s);
+        l->suppressed = 0;
+    }
+    va_start(ap, fmt);
+    log_vmsg(lvl, fmt, ap);
+    va_end(ap);
 }

@@ -14,6 +14,7 @@
 #define PQ_LOG_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERR };
 
@@ -30,6 +31,26 @@ const char *log_level_name(enum log_level lvl);
 
 void log_msg(enum log_level lvl, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+
+/*
+ * A budget of lines a second for one kind of line (about misbehaving
+ * connections), so that a flood of them cannot flood the log. Zeroed by
+ * its owner; used from one thread.
+ */
+struct log_limit {
+    uint64_t window_ms;  /* start of the current one-second window */
+    uint32_t lines;      /* logged in that window */
+    uint64_t suppressed; /* left out since the last line logged */
+};
+
+/*
+ * log_limited: log_msg, unless l already logged per_s lines in the second
+ * around now_ms (a monotonic clock): then the line is only counted, and the
+ * next line logged says how many were left out.
+ */
+void log_limited(struct log_limit *l, uint64_t now_ms, uint32_t per_s,
+                 enum log_level lvl, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
 
 #define log_debug(...) log_msg(LOG_DEBUG, __VA_ARGS__)
 #define log_info(...) log_msg(LOG_INFO, __VA_ARGS__)

@@ -13,9 +13,12 @@
 #include <sysexits.h>
 #include <unistd.h>
 
+#include <event2/event.h>
+
 #include "config.h"
 #include "failpoint.h"
 #include "log.h"
+#include "mem.h"
 #include "pqerr.h"
 #include "server.h"
 #include "store.h"
@@ -212,11 +215,10 @@ main(int argc, char **argv)
              : srv.cfg.fsync == FSYNC_INTERVAL ? "interval"
                                                : "never");
 
-    if (srv.cfg.metrics[0] != '\0') {
-        log_warn("metrics %s: the HTTP /metrics endpoint is not implemented "
-                 "in this version; nothing is served there",
-                 srv.cfg.metrics);
-    }
+    /* libevent allocates through mem.c too, so that connection buffers
+     * (a partial frame from its first byte) count against
+     * memory_high_bytes and show in protoq_memory_bytes. */
+    event_set_mem_functions(pq_malloc, pq_realloc, pq_free);
     srv.broker.store_fd = -1;
     rc = server_init(&srv, err, sizeof(err));
     if (rc != PQ_OK) {

@@ -16,6 +16,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -33,6 +34,7 @@
 #include "dispatch.h"
 #include "log.h"
 #include "mem.h"
+#include "metrics.h"
 #include "pqerr.h"
 #include "queue.h"
 #include "journal.h"
@@ -66,6 +68,48 @@ sd_notify_msg(const char *msg)
         log_warn("sd_notify %s: %s", path, strerror(errno));
     }
     close(fd);
+}
+
+/* sd_status: STATUS=, the line `systemctl status` shows. */
+static void
+sd_status(struct server *srv, const char *what)
+{
+    char msg[256];
+
+    snprintf(msg, sizeof(msg),
+             "STATUS=%s; %u connections, %zu queues, %zu messages, "
+             "memory %zu MiB",
+             what, srv->cs.nconns,
+             srv->broker.qs ? qset_queue_count(srv->broker.qs) : 0,
+             srv->broker.qs ? qset_msg_count(srv->broker.qs) : 0,
+             pq_mem_used() >> 20);
+    sd_notify_msg(msg);
+}
+
+/*
+ * sd_watchdog_us: how often to send WATCHDOG=1 (half of $WATCHDOG_USEC),
+ * or 0 when systemd does not watch this process.
+ */
+static uint64_t
+sd_watchdog_us(void)
+{
+    const char *usec = getenv("WATCHDOG_USEC");
+    const char *pid = getenv("WATCHDOG_PID");
+    unsigned long long v;
+    char *end;
+
+    if (usec == NULL || getenv("NOTIFY_SOCKET") == NULL) {
+        return 0;
+    }
+    if (pid != NULL && strtol(pid, NULL, 10) != (long)getpid()) {
+        return 0;
+    }
+    errno = 0;
+    v = strtoull(usec, &end, 10);
+    if (errno != 0 || end == usec || *end != '\0' || v == 0) {
+        return 0;
+    }
+    return v / 2;
 }
 
 /* ---- callbacks ---- */
@@ -124,6 +168,17 @@ signal_cb(evutil_socket_t sig, short what, void *arg)
     event_base_loopbreak(srv->base);
 }
 
+/* The loop is alive: a timer on it tells systemd so (a wedged loop stops
+ * telling, and systemd restarts protoqd after WatchdogSec). */
+static void
+watchdog_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    (void)arg;
+    sd_notify_msg("WATCHDOG=1");
+}
+
 static void
 deadline_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -142,7 +197,7 @@ deadline_cb(evutil_socket_t fd, short what, void *arg)
  * the last line (an idle broker does not repeat it every minute). The
  * environment's PROTOQ_SUMMARY_MS changes the interval (for tests).
  */
-enum { SUMMARY_MS = 60000 };
+enum { SUMMARY_MS = 60000, STATUS_MS = 10000 };
 
 /* activity_count: a sum that grows with every connection, frame and
  * durable batch: unchanged means nothing happened. */
@@ -202,6 +257,35 @@ log_summary(struct server *srv)
         (unsigned long long)s->disk_full_refusals, pq_mem_used());
 }
 
+/*
+ * trim_memory: once usage fell TRIM_MIN_BYTES below its peak since the last
+ * trim (connections holding big frames closed, a queue purged), give the
+ * free heap pages back to the system, so that RSS follows usage down.
+ * malloc_trim walks the free lists: about a millisecond per 100 MiB freed
+ * here, at most once a second.
+ */
+enum { TRIM_MIN_BYTES = 16 * 1024 * 1024 };
+
+static void
+trim_memory(struct server *srv)
+{
+    size_t used = pq_mem_used();
+    uint64_t t0;
+
+    if (used > srv->mem_peak) {
+        srv->mem_peak = used;
+    }
+    if (srv->mem_peak - used < TRIM_MIN_BYTES) {
+        return;
+    }
+    t0 = clock_mono_ns();
+    malloc_trim(0);
+    log_debug("malloc_trim: usage %zu bytes, %zu below its peak; took %llu us",
+              used, srv->mem_peak - used,
+              (unsigned long long)((clock_mono_ns() - t0) / 1000));
+    srv->mem_peak = used;
+}
+
 static void
 housekeeping_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -217,9 +301,14 @@ housekeeping_cb(evutil_socket_t fd, short what, void *arg)
     }
     conn_housekeeping(&srv->cs, srv->now_mono_ms);
     dispatch_housekeeping(&srv->broker);
+    trim_memory(srv);
     if (srv->now_mono_ms - srv->summary_ms >= srv->summary_every_ms) {
         srv->summary_ms = srv->now_mono_ms;
         log_summary(srv);
+    }
+    if (srv->now_mono_ms - srv->status_ms >= STATUS_MS) {
+        srv->status_ms = srv->now_mono_ms;
+        sd_status(srv, srv->status_text);
     }
 }
 
@@ -244,8 +333,10 @@ work_cb(evutil_socket_t fd, short what, void *arg)
 
 /* ---- listener ---- */
 
+/* The port file: the client port, then `metrics PORT` when it is on. */
 static int
-write_port_file(const char *path, uint16_t port, char *err, size_t errlen)
+write_port_file(const char *path, uint16_t port, uint16_t metrics_port,
+                char *err, size_t errlen)
 {
     char tmp[CONFIG_PATH_MAX + 8];
     FILE *f;
@@ -257,6 +348,9 @@ write_port_file(const char *path, uint16_t port, char *err, size_t errlen)
         return PQ_ESYS;
     }
     fprintf(f, "%u\n", port);
+    if (metrics_port != 0) {
+        fprintf(f, "metrics %u\n", metrics_port);
+    }
     if (fclose(f) != 0 || rename(tmp, path) != 0) {
         snprintf(err, errlen, "write %s: %s", path, strerror(errno));
         return PQ_ESYS;
@@ -308,10 +402,31 @@ open_listener(struct server *srv, char *err, size_t errlen)
     }
     srv->broker.port = srv->port;
     log_info("listening on %s (port %u)", srv->cfg.listen, srv->port);
-    if (srv->cfg.port_file[0] != '\0') {
-        return write_port_file(srv->cfg.port_file, srv->port, err, errlen);
-    }
     return PQ_OK;
+}
+
+/* The HTTP side, when the config names an address for it. */
+static int
+open_metrics(struct server *srv, char *err, size_t errlen)
+{
+    const struct metrics_src src = {
+        .cfg = &srv->cfg,
+        .cs = &srv->cs,
+        .bk = &srv->broker,
+        .ready = &srv->ready,
+    };
+    int rc;
+
+    if (srv->cfg.metrics[0] == '\0') {
+        return PQ_OK;
+    }
+    rc = metrics_open(&srv->metrics, srv->base, srv->cfg.metrics, &src,
+                      &srv->metrics_port, err, errlen);
+    if (rc == PQ_OK) {
+        log_info("metrics on %s (port %u): /metrics, /healthz, /readyz",
+                 srv->cfg.metrics, srv->metrics_port);
+    }
+    return rc;
 }
 
 /* ---- life cycle ---- */
@@ -337,6 +452,7 @@ static const struct conn_handler conn_to_dispatch = {
 int
 server_init(struct server *srv, char *err, size_t errlen)
 {
+    uint64_t wd_us;
     int rc;
 
     signal(SIGPIPE, SIG_IGN);
@@ -370,6 +486,7 @@ server_init(struct server *srv, char *err, size_t errlen)
         snprintf(err, errlen, "cannot install signal handlers");
         return PQ_ENOMEM;
     }
+    sd_status(srv, "recovering the log");
     rc = dispatch_open(&srv->broker, err, errlen);
     if (rc != PQ_OK) {
         return rc;
@@ -378,6 +495,17 @@ server_init(struct server *srv, char *err, size_t errlen)
     rc = open_listener(srv, err, errlen);
     if (rc != PQ_OK) {
         return rc;
+    }
+    rc = open_metrics(srv, err, errlen);
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    if (srv->cfg.port_file[0] != '\0') {
+        rc = write_port_file(srv->cfg.port_file, srv->port, srv->metrics_port,
+                             err, errlen);
+        if (rc != PQ_OK) {
+            return rc;
+        }
     }
     srv->deadline = evtimer_new(srv->base, deadline_cb, srv);
     srv->housekeeping =
@@ -398,6 +526,22 @@ server_init(struct server *srv, char *err, size_t errlen)
     }
     struct timeval one_s = {1, 0};
     event_add(srv->housekeeping, &one_s);
+    wd_us = sd_watchdog_us();
+    if (wd_us > 0) {
+        struct timeval tv = {(time_t)(wd_us / 1000000),
+                             (suseconds_t)(wd_us % 1000000)};
+
+        srv->watchdog = event_new(srv->base, -1, EV_PERSIST, watchdog_cb, srv);
+        if (srv->watchdog == NULL) {
+            snprintf(err, errlen, "cannot create the watchdog timer");
+            return PQ_ENOMEM;
+        }
+        event_add(srv->watchdog, &tv);
+        log_info("systemd watchdog: WATCHDOG=1 every %llu ms",
+                 (unsigned long long)(wd_us / 1000));
+    }
+    snprintf(srv->status_text, sizeof(srv->status_text), "serving on port %u",
+             srv->port);
     return PQ_OK;
 }
 
@@ -421,7 +565,10 @@ arm_deadline(struct server *srv)
 int
 server_run(struct server *srv)
 {
+    srv->ready = true;
     sd_notify_msg("READY=1");
+    sd_status(srv, srv->status_text);
+    srv->status_ms = srv->now_mono_ms;
     while (!srv->stopping) {
         event_base_loop(srv->base, EVLOOP_ONCE);
         srv->now_mono_ms = clock_mono_ms();
@@ -430,9 +577,12 @@ server_run(struct server *srv)
         }
         conn_flush_all(&srv->cs);
         conn_reap(&srv->cs);
+        conn_resume_reads(&srv->cs);
         arm_deadline(srv);
     }
+    srv->ready = false;
     sd_notify_msg("STOPPING=1");
+    sd_status(srv, "stopping: giving back held jobs, flushing the log");
     return srv->broker.exit_code;
 }
 
@@ -493,12 +643,15 @@ server_fini(struct server *srv)
     }
     srv->cs.flush = NULL;
     conn_reap(&srv->cs);
+    conn_set_fini(&srv->cs);
+    metrics_close(srv->metrics);
+    srv->metrics = NULL;
     if (srv->listener) {
         evconnlistener_free(srv->listener);
     }
     struct event **evs[] = {&srv->sig_int,  &srv->sig_term,     &srv->sig_hup,
                             &srv->deadline, &srv->housekeeping, &srv->store_ev,
-                            &srv->work};
+                            &srv->work,     &srv->watchdog};
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++) {
         if (*evs[i]) {
             event_free(*evs[i]);

@@ -21,6 +21,7 @@
 struct event_base;
 struct event;
 struct evconnlistener;
+struct metrics;
 
 /*
  * What the server owns: the loop and its events, the listener, the
@@ -38,13 +39,20 @@ struct server {
     struct event *housekeeping;  /* 1 s: heartbeats, idle peers, summary */
     struct event *store_ev;      /* the log's eventfd is readable */
     struct event *work;          /* made active when a pass left work */
+    struct event *watchdog;      /* WATCHDOG=1 to systemd; NULL if unwatched */
+    uint64_t status_ms;          /* mono; last STATUS= sent */
+    char status_text[64];        /* what STATUS= says protoqd does */
     uint64_t listener_paused_ms; /* mono; accepts paused after EMFILE */
     uint64_t summary_ms;         /* mono; last summary check */
     uint64_t summary_every_ms;   /* SUMMARY_MS, or $PROTOQ_SUMMARY_MS */
     uint64_t summary_activity;   /* activity_count() at the last line */
+    size_t mem_peak;             /* pq_mem_used() peak since the last trim */
     bool stopping;
-    uint64_t now_mono_ms; /* read once per loop pass */
-    uint16_t port;        /* the port actually bound */
+    uint64_t now_mono_ms;    /* read once per loop pass */
+    uint16_t port;           /* the port actually bound */
+    uint16_t metrics_port;   /* the metrics port bound; 0 when off */
+    bool ready;              /* recovered and accepting (/readyz) */
+    struct metrics *metrics; /* the HTTP side; NULL when off */
 
     struct connset cs;    /* the connections (conn.c) */
     struct broker broker; /* queues, log, protocol state (dispatch.c) */

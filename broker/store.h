@@ -105,6 +105,7 @@
 #include <sys/types.h>
 
 #include "config.h"
+#include "histo.h"
 #include "record.h"
 
 enum {
@@ -324,6 +325,7 @@ struct store_stats {
     uint64_t fsyncs; /* fdatasync calls on segments */
     uint64_t fsync_ns_total;
     uint64_t fsync_ns_max;
+    struct histo fsync_hist; /* latency in ns, HISTO_FSYNC_NS buckets */
     uint64_t segments_deleted;
 };
 

@@ -61,6 +61,7 @@ sync_fd(struct store *st, int fd)
     if (dt > st->stats.fsync_ns_max) {
         st->stats.fsync_ns_max = dt;
     }
+    histo_add(&st->stats.fsync_hist, HISTO_FSYNC_NS, dt);
     pthread_mutex_unlock(&st->mu);
     st->last_sync_ms = clock_mono_ms();
     if (rc == 0) {

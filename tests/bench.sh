@@ -11,6 +11,8 @@
 #   W5  backlog:   1,000,000 x 1 KiB published with no consumer; protoqd's
 #                  peak RSS; restart (SIGTERM, start on the same data dir)
 #                  until the first message is delivered again; then drain.
+# BENCH_METRICS=1 turns the broker's /metrics on (127.0.0.1, port 0) and
+# scrapes it once a second during the runs (curl), to see what it costs.
 # Each run checks exactly-once delivery; the script exits 1 if any run lost
 # or duplicated a message or failed. It kills only the protoqd it started
 # (by pid) and removes its temp dir on exit. Bounded: well under 5 minutes
@@ -58,13 +60,19 @@ start_broker() {
     # Default settings (fsync always) but a small payload budget, the
     # setting W5's memory target is stated for.
     printf 'payload_budget_bytes 16m\n' > "$TMP/bench.conf"
+    if [ "${BENCH_METRICS:-0}" = 1 ]; then
+        printf 'metrics 127.0.0.1:0\n' >> "$TMP/bench.conf"
+    fi
     "$PROTOQD" -c "$TMP/bench.conf" --listen 127.0.0.1:0 --port-file "$TMP/port" \
         --data-dir "$TMP/data" --log-level warn \
         >/dev/null 2>>"$TMP/protoqd.log" &
     PID=$!
     for _ in $(seq 1 600); do
         if [ -s "$TMP/port" ]; then
-            ADDR=127.0.0.1:$(cat "$TMP/port")
+            ADDR=127.0.0.1:$(head -1 "$TMP/port")
+            if [ "${BENCH_METRICS:-0}" = 1 ]; then
+                start_scraper "$(awk '/^metrics/ {print $2}' "$TMP/port")"
+            fi
             return 0
         fi
         if ! kill -0 "$PID" 2>/dev/null; then
@@ -79,6 +87,17 @@ start_broker() {
     return 1
 }
 
+# start_scraper PORT: GET /metrics once a second until the broker stops.
+SCRAPER=
+start_scraper() {
+    local port=$1 pid=$PID
+    (while kill -0 "$pid" 2>/dev/null; do
+        curl -s -o /dev/null --max-time 2 "http://127.0.0.1:$port/metrics"
+        sleep 1
+    done) &
+    SCRAPER=$!
+}
+
 # stop_broker: SIGTERM, wait up to 10 s, then SIGKILL.
 stop_broker() {
     kill -TERM "$PID" 2>/dev/null
@@ -89,6 +108,10 @@ stop_broker() {
     kill -KILL "$PID" 2>/dev/null
     wait "$PID" 2>/dev/null
     PID=
+    if [ -n "$SCRAPER" ]; then
+        wait "$SCRAPER" 2>/dev/null
+        SCRAPER=
+    fi
 }
 
 vmhwm_mb() {
