@@ -80,21 +80,25 @@ STORE_OBJS = $(B)/broker/store.o $(B)/broker/store_thread.o $(B)/broker/store_re
 BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
               $(B)/broker/dispatch.o $(B)/broker/dispatch_admin.o \
               $(B)/broker/dispatch_publish.o $(B)/broker/dispatch_consume.o \
-              $(B)/broker/journal.o $(B)/broker/config.o \
+              $(B)/broker/dispatch_route.o $(B)/broker/dispatch_job.o \
+              $(B)/broker/journal.o $(B)/broker/route.o $(B)/broker/config.o \
               $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS)
 
 LIB_OBJS   = $(B)/client/client.o $(B)/client/client_admin.o \
-             $(B)/client/client_pub.o $(B)/client/client_consume.o
+             $(B)/client/client_pub.o $(B)/client/client_consume.o \
+             $(B)/client/client_job.o
 CLI_OBJS   = $(B)/client/cli.o $(B)/client/cli_queue.o $(B)/client/cli_pub.o \
-             $(B)/client/cli_consume.o $(B)/client/cli_work.o $(B)/client/cli_job.o
+             $(B)/client/cli_consume.o $(B)/client/cli_work.o $(B)/client/cli_job.o \
+             $(B)/client/cli_route.o
 BENCH_OBJS = $(B)/client/bench.o
 
 UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_queue \
               $(B)/tests/unit/check_store $(B)/tests/unit/check_config \
-              $(B)/tests/unit/check_journal
+              $(B)/tests/unit/check_journal $(B)/tests/unit/check_route
 INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_jobs \
               $(B)/tests/integration/check_client $(B)/tests/integration/check_work \
-              $(B)/tests/integration/check_loss \
+              $(B)/tests/integration/check_loss $(B)/tests/integration/check_routes \
+              $(B)/tests/integration/check_visibility \
               $(B)/tests/crash/check_crash $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
 MODEL_TESTS = $(B)/tests/model/check_model
@@ -165,8 +169,11 @@ $(B)/tests/unit/check_queue: $(B)/tests/unit/check_queue.o $(QUEUE_OBJS) $(CORE_
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/unit/check_store: $(B)/tests/unit/check_store.o $(STORE_OBJS) $(B)/broker/hmap.o $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
-$(B)/tests/unit/check_journal: $(B)/tests/unit/check_journal.o $(B)/broker/journal.o \
+$(B)/tests/unit/check_journal: $(B)/tests/unit/check_journal.o $(B)/broker/journal.o $(B)/broker/route.o \
                                $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS) $(PROTO_OBJS)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+$(B)/tests/unit/check_route: $(B)/tests/unit/check_route.o $(B)/broker/route.o $(B)/broker/record.o \
+                             $(QUEUE_OBJS) $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/unit/check_config: $(B)/tests/unit/check_config.o $(B)/broker/config.o $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)

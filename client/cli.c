@@ -45,6 +45,10 @@ static const char usage_text[] =
     "  pub QUEUE [DATA] [--file F] [--lines] [--priority P] [--delay D]\n"
     "            [--ttl D] [--header K=V]... [--key IDEMPOTENCY_KEY]\n"
     "            [--require K=V]...\n"
+    "  pub --route ROUTE [--routing-key K] [--allow-unrouted] [DATA] ...\n"
+    "      Through a route: one copy per queue whose binding matches K;\n"
+    "      prints the id of each copy. Matching nothing is an error unless\n"
+    "      --allow-unrouted.\n"
     "      No DATA and no --file: stdin is one message. --lines: each stdin\n"
     "      line is one message (pipelined); exits 0 only when every line\n"
     "      was confirmed. Prints the message id of a single publish.\n"
@@ -71,6 +75,14 @@ static const char usage_text[] =
     "      Cancel, lost lease or connection, --timeout: SIGTERM to the job,\n"
     "      SIGKILL after --kill-grace (10s). Reconnects by itself.\n"
     "  cancel QUEUE ID          remove a ready job, or stop a running one\n"
+    "  job QUEUE ID             one job as key: value lines (state, attempt,\n"
+    "                           holder, lease, progress, last error, ...)\n"
+    "  jobs QUEUE [--state ready|delayed|inflight|dead] [--limit N] [--json]\n"
+    "                           the queue's jobs in id order (default 100)\n"
+    "  route bind ROUTE QUEUE [--pattern P]   (P: a.*.c, a.#; none: every "
+    "key)\n"
+    "  route unbind ROUTE QUEUE [--pattern P]\n"
+    "  route ls                 every binding: route, queue, pattern\n"
     "  progress PERCENT [TEXT] | progress --checkpoint URI\n"
     "      (inside a job run by work) report progress or a checkpoint\n"
     "\n"
@@ -80,6 +92,45 @@ static const char usage_text[] =
     "Exit status: 0 ok, 1 error, 2 usage.\n";
 
 /* ---- messages ---- */
+
+void
+cli_json_str(FILE *out, const char *s, size_t n)
+{
+    static const char hex[] = "0123456789abcdef";
+    size_t i;
+
+    fputc('"', out);
+    for (i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+
+        switch (ch) {
+        case '"':
+            fputs("\\\"", out);
+            break;
+        case '\\':
+            fputs("\\\\", out);
+            break;
+        case '\n':
+            fputs("\\n", out);
+            break;
+        case '\r':
+            fputs("\\r", out);
+            break;
+        case '\t':
+            fputs("\\t", out);
+            break;
+        default:
+            if (ch < 0x20 || ch == 0x7f) {
+                fputs("\\u00", out);
+                fputc(hex[ch >> 4], out);
+                fputc(hex[ch & 15], out);
+            } else {
+                fputc(ch, out);
+            }
+        }
+    }
+    fputc('"', out);
+}
 
 int
 fail(const struct cli *cli, const char *fmt, ...)
@@ -230,6 +281,12 @@ main(int argc, char **argv)
         ret = cmd_work(&cli, argc - i, argv + i);
     } else if (strcmp(cmd, "cancel") == 0) {
         ret = cmd_cancel(&cli, argc - i, argv + i);
+    } else if (strcmp(cmd, "job") == 0) {
+        ret = cmd_job(&cli, argc - i, argv + i);
+    } else if (strcmp(cmd, "jobs") == 0) {
+        ret = cmd_jobs(&cli, argc - i, argv + i);
+    } else if (strcmp(cmd, "route") == 0) {
+        ret = cmd_route(&cli, argc - i, argv + i);
     } else if (strcmp(cmd, "progress") == 0) {
         ret = cmd_progress(&cli, argc - i, argv + i);
     } else if (strcmp(cmd, "help") == 0) {

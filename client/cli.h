@@ -6,7 +6,8 @@
  *   cli_pub.c      pub
  *   cli_consume.c  consume
  *   cli_work.c     work (runs a command per job)
- *   cli_job.c      cancel, progress
+ *   cli_job.c      cancel, progress, job, jobs
+ *   cli_route.c    route bind|unbind|ls
  */
 #ifndef PQ_CLI_H
 #define PQ_CLI_H
@@ -14,6 +15,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "protoq.h"
 #include "units.h"
@@ -59,6 +61,8 @@ int fail_pq(const struct cli *cli, int rc);
 __attribute__((format(printf, 1, 2))) int usage_err(const char *fmt, ...);
 /* kv_add: add a copy of "K=V" to l; false when malformed or full. */
 bool kv_add(struct kvlist *l, const char *arg);
+/* cli_json_str: s[0..n) as a JSON string (quoted, escaped) on out. */
+void cli_json_str(FILE *out, const char *s, size_t n);
 /* cli_connect: connect cli->c to cli->server; EXIT_OK or a failure. */
 int cli_connect(struct cli *cli);
 
@@ -69,5 +73,8 @@ int cmd_consume(struct cli *cli, int argc, char **argv);
 int cmd_work(struct cli *cli, int argc, char **argv);
 int cmd_cancel(struct cli *cli, int argc, char **argv);
 int cmd_progress(struct cli *cli, int argc, char **argv);
+int cmd_job(struct cli *cli, int argc, char **argv);
+int cmd_jobs(struct cli *cli, int argc, char **argv);
+int cmd_route(struct cli *cli, int argc, char **argv);
 
 #endif

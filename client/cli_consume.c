@@ -72,45 +72,6 @@ tokens_add(struct tokens *l, const struct protoq_delivery *d)
     return tokens_append(l, &tok);
 }
 
-static void
-json_str(FILE *out, const char *s, size_t n)
-{
-    static const char hex[] = "0123456789abcdef";
-    size_t i;
-
-    fputc('"', out);
-    for (i = 0; i < n; i++) {
-        unsigned char ch = (unsigned char)s[i];
-
-        switch (ch) {
-        case '"':
-            fputs("\\\"", out);
-            break;
-        case '\\':
-            fputs("\\\\", out);
-            break;
-        case '\n':
-            fputs("\\n", out);
-            break;
-        case '\r':
-            fputs("\\r", out);
-            break;
-        case '\t':
-            fputs("\\t", out);
-            break;
-        default:
-            if (ch < 0x20 || ch == 0x7f) {
-                fputs("\\u00", out);
-                fputc(hex[ch >> 4], out);
-                fputc(hex[ch & 15], out);
-            } else {
-                fputc(ch, out);
-            }
-        }
-    }
-    fputc('"', out);
-}
-
 /* utf8_valid: strict UTF-8 (no overlongs, surrogates or > U+10FFFF). */
 static bool
 utf8_valid(const unsigned char *s, size_t n)
@@ -193,20 +154,20 @@ print_json(FILE *out, const struct protoq_delivery *d)
             "{\"id\":%" PRIu64 ",\"attempt\":%u,\"priority\":%u,"
             "\"queue\":",
             d->message_id, d->attempt, d->priority);
-    json_str(out, d->queue, strlen(d->queue));
+    cli_json_str(out, d->queue, strlen(d->queue));
     fputs(",\"headers\":{", out);
     for (i = 0; i < d->n_headers; i++) {
         if (i > 0) {
             fputc(',', out);
         }
-        json_str(out, d->headers[i].key, strlen(d->headers[i].key));
+        cli_json_str(out, d->headers[i].key, strlen(d->headers[i].key));
         fputc(':', out);
-        json_str(out, d->headers[i].value, strlen(d->headers[i].value));
+        cli_json_str(out, d->headers[i].value, strlen(d->headers[i].value));
     }
     fputc('}', out);
     if (utf8_valid(d->payload, d->len)) {
         fputs(",\"payload\":", out);
-        json_str(out, d->payload, d->len);
+        cli_json_str(out, d->payload, d->len);
     } else {
         fputs(",\"payload_base64\":\"", out);
         base64_out(out, d->payload, d->len);
