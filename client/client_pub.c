@@ -350,7 +350,7 @@ protoq_publish_route_ex(protoq_client *c, const char *route,
         return rc;
     }
     n = r->publish_ok->n_message_ids;
-    if (ids_out != NULL) {
+    if (ids_out != NULL && n > 0) { /* no ids: message_ids is NULL */
         memcpy(ids_out, r->publish_ok->message_ids,
                (n < max_ids ? n : max_ids) * sizeof(*ids_out));
     }
