@@ -402,6 +402,78 @@ START_TEST(test_bad_route_requests_are_refused)
 }
 END_TEST
 
+/* Payloads of every ready message of queue, in order, "|"-joined into
+ * buf; nothing is acked (the messages go back when c closes). */
+struct take {
+    char *buf;
+    size_t cap, len;
+    int n;
+};
+
+static void
+take_cb(void *arg, protoq_client *c, const struct protoq_delivery *d)
+{
+    struct take *t = arg;
+
+    (void)c;
+    t->len += (size_t)snprintf(t->buf + t->len, t->cap - t->len, "%.*s|",
+                               (int)d->len, (const char *)d->payload);
+    t->n++;
+}
+
+static void
+payloads_of(const char *queue, int want, char *buf, size_t cap)
+{
+    protoq_client *c = pq_connect_or_fail(&g_srv);
+    struct take t = {.buf = buf, .cap = cap};
+    int64_t until = now_ms_mono() + 10000;
+
+    buf[0] = '\0';
+    pq_check_ok(c, protoq_subscribe(c, queue, 100, NULL, 0, take_cb, &t, NULL));
+    while (t.n < want && now_ms_mono() < until) {
+        pq_check_ok(c, protoq_poll(c, 50));
+    }
+    protoq_close(c);
+}
+
+/* With no payload budget every durable body stays on disk: a delivery
+ * reads it back from the one record of its publish, and finds its own
+ * part of a batch or a fan-out, before and after a restart. */
+START_TEST(test_evicted_bodies_come_back_from_a_shared_record)
+{
+    static const char *const qs[] = {"e1", "e2", "e1"};
+    struct test_conf tc;
+    const char *args[] = {"-c", tc.path, NULL};
+    struct protoq_message m[3] = {{.payload = "first", .len = 5},
+                                  {.payload = "second", .len = 6},
+                                  {.payload = "third", .len = 5}};
+    protoq_client *c;
+    char got[256];
+
+    srv_cleanup(&g_srv);
+    ck_assert_int_eq(test_conf_write(&tc, "payload_budget_bytes 0\n"), 0);
+    ck_assert_int_eq(srv_start(&g_srv, args), 0);
+    c = pq_connect_or_fail(&g_srv);
+    pq_check_ok(c, protoq_queue_create(c, "e1", NULL));
+    pq_check_ok(c, protoq_queue_create(c, "e2", NULL));
+    pq_check_ok(c, protoq_publish_batch_multi(c, qs, m, 3, NULL));
+    pq_check_ok(c, protoq_route_bind(c, "both", "e2", ""));
+    pq_check_ok(c, protoq_route_bind(c, "both", "e1", ""));
+    ck_assert_uint_eq(pub_route(c, "both", "", "fanned", NULL, 0), 2);
+    protoq_close(c);
+    for (int round = 0; round < 2; round++) {
+        payloads_of("e1", 3, got, sizeof(got));
+        ck_assert_str_eq(got, "first|third|fanned|");
+        payloads_of("e2", 2, got, sizeof(got));
+        ck_assert_str_eq(got, "second|fanned|");
+        srv_kill9(&g_srv);
+        ck_assert_int_eq(srv_launch(&g_srv), 0);
+    }
+    srv_cleanup(&g_srv);
+    test_conf_remove(&tc);
+}
+END_TEST
+
 static Suite *
 routes_suite(void)
 {
@@ -417,6 +489,7 @@ routes_suite(void)
     tcase_add_test(tc, test_fanout_is_all_or_nothing_across_a_torn_tail);
     tcase_add_test(tc, test_batch_is_all_or_nothing_across_a_torn_tail);
     tcase_add_test(tc, test_bad_route_requests_are_refused);
+    tcase_add_test(tc, test_evicted_bodies_come_back_from_a_shared_record);
     suite_add_tcase(s, tc);
     return s;
 }
