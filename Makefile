@@ -107,27 +107,32 @@ BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
               $(B)/broker/dispatch.o $(B)/broker/dispatch_admin.o \
               $(B)/broker/dispatch_publish.o $(B)/broker/dispatch_consume.o \
               $(B)/broker/dispatch_deliver.o \
-              $(B)/broker/journal.o $(B)/broker/config.o $(B)/broker/metrics.o \
+              $(B)/broker/dispatch_route.o $(B)/broker/dispatch_job.o \
+              $(B)/broker/journal.o $(B)/broker/route.o $(B)/broker/config.o \
+              $(B)/broker/metrics.o \
               $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS)
 
 LIB_OBJS   = $(B)/client/client.o $(B)/client/client_admin.o \
-             $(B)/client/client_pub.o $(B)/client/client_consume.o
+             $(B)/client/client_pub.o $(B)/client/client_consume.o \
+             $(B)/client/client_job.o
 CLI_OBJS   = $(B)/client/cli.o $(B)/client/cli_queue.o $(B)/client/cli_pub.o \
              $(B)/client/cli_consume.o $(B)/client/cli_work.o $(B)/client/cli_job.o \
-             $(B)/client/cli_json.o $(B)/client/cli_help.o
+             $(B)/client/cli_json.o $(B)/client/cli_help.o $(B)/client/cli_route.o
 BENCH_OBJS = $(B)/client/bench.o
 
 UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_structs \
               $(B)/tests/unit/check_queue $(B)/tests/unit/check_queue_compact \
               $(B)/tests/unit/check_record $(B)/tests/unit/check_store \
               $(B)/tests/unit/check_store_recover $(B)/tests/unit/check_config \
-              $(B)/tests/unit/check_journal $(B)/tests/unit/check_log
+              $(B)/tests/unit/check_journal $(B)/tests/unit/check_log \
+              $(B)/tests/unit/check_route
 INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_jobs \
               $(B)/tests/integration/check_client $(B)/tests/integration/check_work \
               $(B)/tests/integration/check_loss $(B)/tests/integration/check_evict \
               $(B)/tests/integration/check_cli $(B)/tests/integration/check_ops \
               $(B)/tests/integration/check_limits \
               $(B)/tests/integration/check_metrics $(B)/tests/integration/check_systemd \
+              $(B)/tests/integration/check_routes $(B)/tests/integration/check_visibility \
               $(B)/tests/crash/check_crash $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
 MODEL_TESTS = $(B)/tests/model/check_model
@@ -224,10 +229,13 @@ $(B)/tests/unit/check_structs $(B)/tests/unit/check_queue $(B)/tests/unit/check_
 $(B)/tests/unit/check_record $(B)/tests/unit/check_store $(B)/tests/unit/check_store_recover: \
         %: %.o $(SFIX_OBJS) $(STORE_OBJS) $(B)/broker/hmap.o $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
-$(B)/tests/unit/check_journal: $(B)/tests/unit/check_journal.o $(B)/broker/journal.o \
+$(B)/tests/unit/check_journal: $(B)/tests/unit/check_journal.o $(B)/broker/journal.o $(B)/broker/route.o \
                                $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/unit/check_log: $(B)/tests/unit/check_log.o $(CORE_OBJS) $(PROTO_OBJS)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+$(B)/tests/unit/check_route: $(B)/tests/unit/check_route.o $(B)/broker/route.o $(B)/broker/record.o \
+                             $(QUEUE_OBJS) $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/unit/check_config: $(B)/tests/unit/check_config.o $(B)/broker/config.o $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)

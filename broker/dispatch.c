@@ -28,6 +28,7 @@
 #include "log.h"
 #include "mem.h"
 #include "pqerr.h"
+#include "route.h"
 
 /* dispatch_mark_dirty: q may now deliver; the delivery pass handles it. */
 void
@@ -615,9 +616,19 @@ dispatch_frame(void *arg, struct conn *c, const Protoq__Frame *f)
         dispatch_on_cancel(c, rid, f->cancel);
         break;
     case PROTOQ__FRAME__KIND_ROUTE_BIND:
+        dispatch_on_route_bind(c, rid, f->route_bind);
+        break;
     case PROTOQ__FRAME__KIND_ROUTE_UNBIND:
-        conn_send_error(c, rid, PROTOQ__ERROR_CODE__UNSUPPORTED,
-                        "routes are not implemented yet");
+        dispatch_on_route_unbind(c, rid, f->route_unbind);
+        break;
+    case PROTOQ__FRAME__KIND_ROUTE_LIST:
+        dispatch_on_route_list(c, rid);
+        break;
+    case PROTOQ__FRAME__KIND_JOB_GET:
+        dispatch_on_job_get(c, rid, f->job_get);
+        break;
+    case PROTOQ__FRAME__KIND_JOB_LIST:
+        dispatch_on_job_list(c, rid, f->job_list);
         break;
     case PROTOQ__FRAME__KIND_WELCOME:
     case PROTOQ__FRAME__KIND_ERROR:
@@ -629,6 +640,9 @@ dispatch_frame(void *arg, struct conn *c, const Protoq__Frame *f)
     case PROTOQ__FRAME__KIND_DELIVER:
     case PROTOQ__FRAME__KIND_TOUCH_OK:
     case PROTOQ__FRAME__KIND_CANCEL_REQUESTED:
+    case PROTOQ__FRAME__KIND_ROUTE_LIST_OK:
+    case PROTOQ__FRAME__KIND_JOB_INFO:
+    case PROTOQ__FRAME__KIND_JOB_LIST_OK:
         conn_fatal(c, rid, PROTOQ__ERROR_CODE__UNEXPECTED_FRAME,
                    "frame kind %d is sent by the broker, not to it",
                    (int)f->kind_case);
@@ -701,6 +715,12 @@ dispatch_open(struct broker *bk, char *err, size_t errlen)
     jc.fsync_interval_ms = bk->cfg->fsync_interval_ms;
     jc.segment_bytes = bk->cfg->segment_bytes;
     jc.payload_budget_bytes = bk->cfg->payload_budget_bytes;
+    bk->routes = routes_new();
+    if (bk->routes == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return PQ_ENOMEM;
+    }
+    jc.routes = bk->routes;
     rc = journal_open(&jc, bk->qs, &bk->journal, err, errlen);
     if (rc != PQ_OK) {
         return rc;
@@ -788,4 +808,6 @@ dispatch_close(struct broker *bk)
     hmap_u64_fini(&bk->dirty_set);
     qset_free(bk->qs);
     bk->qs = NULL;
+    routes_free(bk->routes);
+    bk->routes = NULL;
 }

@@ -30,6 +30,8 @@ struct broker_stats {
                                  that confirmed any (HISTO_BATCH_MSGS) */
 };
 
+struct routes;
+
 /*
  * The broker: the queues, the log, and every piece of state the protocol
  * needs between frames. The server embeds it, fills the first block before
@@ -49,6 +51,7 @@ struct broker {
     /* Owned here. */
     int exit_code; /* 0, or EX_IOERR after a fatal store error */
     struct qset *qs;
+    struct routes *routes;   /* route bindings (route.h) */
     struct journal *journal; /* the log, NULL until opened */
     int store_fd;            /* the log's eventfd; -1 without one */
     uint64_t next_msg_id;    /* never reused */

@@ -16,6 +16,7 @@
 #include "log.h"
 #include "mem.h"
 #include "pqerr.h"
+#include "route.h"
 
 /* ---- queue administration ---- */
 
@@ -327,6 +328,7 @@ dispatch_on_queue_delete(struct conn *c, uint64_t rid,
     struct queue *q = dispatch_find_queue(c, rid, r->name);
     char users[512];
     uint64_t lsn = 0;
+    uint32_t n_bindings;
     size_t n_users;
     int rc;
 
@@ -353,8 +355,11 @@ dispatch_on_queue_delete(struct conn *c, uint64_t rid,
     dispatch_unmark_dirty(bk, q);
     forget_queue_in_waits(bk, q);
     dispatch_room_forget(bk, q);
+    /* Its QUEUE_DELETE record removes its bindings on replay too. */
+    n_bindings = routes_unbind_queue(bk->routes, queue_name(q));
     delete_with_subscriptions(bk, q);
-    log_info("queue %s deleted", r->name);
+    log_info("queue %s deleted (and %u route binding%s)", r->name, n_bindings,
+             n_bindings == 1 ? "" : "s");
     dispatch_finish_ok(c, rid, lsn, 0);
 }
 

@@ -9,6 +9,9 @@
  *   dispatch_publish.c  publish and batch publish
  *   dispatch_consume.c  subscriptions, flow, delivery, ack, nack, touch,
  *                       release, cancel
+ *   dispatch_route.c    route bind, unbind, list; a publish's route
+ *                       resolved to its queues
+ *   dispatch_job.c      job lookup and listing (read-only)
  */
 #ifndef PQ_DISPATCH_INT_H
 #define PQ_DISPATCH_INT_H
@@ -233,5 +236,28 @@ void dispatch_on_release(struct conn *c, uint64_t rid,
                          const Protoq__Release *r);
 
 void dispatch_on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r);
+
+void dispatch_on_route_bind(struct conn *c, uint64_t rid,
+                            const Protoq__RouteBind *r);
+
+void dispatch_on_route_unbind(struct conn *c, uint64_t rid,
+                              const Protoq__RouteUnbind *r);
+
+void dispatch_on_route_list(struct conn *c, uint64_t rid);
+
+/*
+ * dispatch_route_queues: the queues a Publish to a route goes to (names
+ * borrowed until the routes change; at most PQ_ROUTE_BINDINGS_MAX) into
+ * queues[0..*n). false: answered with the reason (no such route, a bad
+ * routing key, no match without allow_unrouted).
+ */
+bool dispatch_route_queues(struct conn *c, uint64_t rid,
+                           const Protoq__Publish *pub, const char **queues,
+                           uint32_t *n);
+
+void dispatch_on_job_get(struct conn *c, uint64_t rid, const Protoq__JobGet *r);
+
+void dispatch_on_job_list(struct conn *c, uint64_t rid,
+                          const Protoq__JobList *r);
 
 #endif

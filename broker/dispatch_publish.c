@@ -68,13 +68,14 @@ dispatch_tags_valid(Protoq__KeyValue **kv, size_t n)
 }
 
 /*
- * prepare_one: validate one Publish and fill p (body encoded, ids
- * assigned). On failure answers the request with the reason and returns
- * false; p holds nothing then.
+ * prepare_one: validate one Publish to the queue called qname (pub->queue,
+ * or one of its route's queues) and fill p (body encoded, ids assigned).
+ * On failure answers the request with the reason and returns false; p
+ * holds nothing then.
  */
 static bool
 prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
-            struct pending *p, uint64_t wall_now)
+            const char *qname, struct pending *p, uint64_t wall_now)
 {
     struct broker *bk = broker_of(c);
     Protoq__Message *m = pub->message;
@@ -89,23 +90,17 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
     int rc;
 
     memset(p, 0, sizeof(*p));
-    if (pub->route && pub->route[0] != '\0') {
-        conn_send_error(c, rid, PROTOQ__ERROR_CODE__UNSUPPORTED,
-                        "publish to a route is not implemented yet");
-        return false;
-    }
-    q = dispatch_find_queue(c, rid, pub->queue);
+    q = dispatch_find_queue(c, rid, qname);
     if (q == NULL) {
         return false;
     }
     if (m == NULL) {
-        dispatch_reply_err(c, rid, PQ_EINVAL, "publish %s: no message",
-                           pub->queue);
+        dispatch_reply_err(c, rid, PQ_EINVAL, "publish %s: no message", qname);
         return false;
     }
     rc = frame_message_check(m, &lim, &len, why, sizeof(why));
     if (rc != PQ_OK) {
-        dispatch_reply_err(c, rid, rc, "publish %s: %s", pub->queue, why);
+        dispatch_reply_err(c, rid, rc, "publish %s: %s", qname, why);
         return false;
     }
     if (m->delay_ms > DURATION_MAX_MS || m->ttl_ms > DURATION_MAX_MS ||
@@ -115,7 +110,7 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
             c, rid, PQ_EINVAL,
             "publish %s: delay, deliver_at or ttl more than ten years "
             "away",
-            pub->queue);
+            qname);
         return false;
     }
     p->q = q;
@@ -129,7 +124,7 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
             p->mn.id = dup_id;
             return true;
         }
-        dispatch_pend_key_name(ck, sizeof(ck), pub->queue, m->idempotency_key);
+        dispatch_pend_key_name(ck, sizeof(ck), qname, m->idempotency_key);
         pk = hmap_str_get(&bk->pending_keys, ck);
         if (pk != NULL) {
             /* The first publish with this key is on its way to disk. */
@@ -146,7 +141,7 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
             }
             pq_free(pk);
             dispatch_reply_err(c, rid, PQ_ENOMEM, "publish %s: out of memory",
-                               pub->queue);
+                               qname);
             return false;
         }
         pk->id = bk->next_msg_id; /* assigned to this message below */
@@ -165,7 +160,7 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
         dispatch_pend_key_drop(bk, p);
         dispatch_pending_fini(p);
         dispatch_reply_err(c, rid, PQ_ENOMEM, "publish %s: out of memory",
-                           pub->queue);
+                           qname);
         return false;
     }
     p->mn.n_requires = m->n_requires;
@@ -185,9 +180,51 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
     return true;
 }
 
+static bool
+is_routed(const Protoq__Publish *pub)
+{
+    return pub->route != NULL && pub->route[0] != '\0';
+}
+
+/*
+ * expand: the messages that items stand for: one for a Publish to a
+ * queue, one per matching queue for a Publish to a route. With w NULL it
+ * counts them into *total; else it prepares each into w->items (w->n
+ * counting). false: answered.
+ */
+static bool
+expand(struct conn *c, uint64_t rid, Protoq__Publish *const *items, size_t n,
+       struct wait *w, uint64_t wall_now, size_t *total)
+{
+    const char *queues[PQ_ROUTE_BINDINGS_MAX];
+    uint32_t nq;
+
+    *total = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (is_routed(items[i])) {
+            if (!dispatch_route_queues(c, rid, items[i], queues, &nq)) {
+                return false;
+            }
+        } else {
+            queues[0] = items[i]->queue;
+            nq = 1;
+        }
+        for (uint32_t k = 0; k < nq && w != NULL; k++) {
+            if (!prepare_one(c, rid, items[i], queues[k], &w->items[w->n],
+                             wall_now)) {
+                return false;
+            }
+            w->n++;
+        }
+        *total += nq;
+    }
+    return true;
+}
+
 /*
  * dispatch_publish: the shared path of Publish and PublishBatch. All or
- * nothing: every message is checked before any is journaled.
+ * nothing: every message is checked before any is journaled, and the
+ * durable ones go to the log in one record.
  */
 void
 dispatch_publish(struct conn *c, uint64_t rid, Protoq__Publish *const *items,
@@ -198,7 +235,7 @@ dispatch_publish(struct conn *c, uint64_t rid, Protoq__Publish *const *items,
     bool durable = false;
     struct queue *full = NULL;
     struct wait *w;
-    size_t i;
+    size_t i, total;
     int rc;
 
     if (n == 0 || n > bk->cfg->max_batch) {
@@ -214,16 +251,24 @@ dispatch_publish(struct conn *c, uint64_t rid, Protoq__Publish *const *items,
             (unsigned long long)bk->cfg->memory_high_bytes);
         return;
     }
-    w = dispatch_wait_new(c, rid, WAIT_PUBLISH, (uint32_t)n);
+    if (!expand(c, rid, items, n, NULL, wall_now, &total)) {
+        return; /* answered */
+    }
+    if (total > bk->cfg->max_batch) {
+        dispatch_reply_err(c, rid, PQ_EINVAL,
+                           "publish: %zu messages after routing (at most %u)",
+                           total, bk->cfg->max_batch);
+        return;
+    }
+    w = dispatch_wait_new(c, rid, WAIT_PUBLISH, (uint32_t)total);
     if (w == NULL) {
         dispatch_reply_err(c, rid, PQ_ENOMEM, "publish: out of memory");
         return;
     }
-    for (i = 0; i < n; i++) {
-        if (!prepare_one(c, rid, items[i], &w->items[i], wall_now)) {
-            goto fail; /* answered */
-        }
-        w->n++;
+    if (!expand(c, rid, items, n, w, wall_now, &total)) {
+        goto fail; /* answered */
+    }
+    for (i = 0; i < w->n; i++) {
         durable |=
             !w->items[i].duplicate && !queue_attrs(w->items[i].q)->transient;
     }

@@ -12,6 +12,14 @@
  *                 and when it becomes visible, as wall-clock time)
  *   DEAD_LETTER   when a message moves to its dead-letter queue (new body)
  *   PROGRESS      when a touch or release carries progress
+ *   PUBLISH_BATCH instead of PUBLISH when one publish stores several
+ *                 durable messages (a batch, a route's fan-out): one
+ *                 record, so a crash keeps all of them or none; each
+ *                 message's pub_* point at it (load_body finds its part)
+ *   ROUTE_BIND    on bind, and again for every binding of a durable queue
+ *                 after the queue definitions of each new segment;
+ *                 ROUTE_UNBIND on unbind. A QUEUE_DELETE removes the
+ *                 queue's bindings on replay as it did when it happened.
  *
  * Segment references: every live durable message refs the segment of its
  * PUBLISH (or DEAD_LETTER) record (m->pub_seg) and of its latest state
@@ -51,6 +59,7 @@
 #include "pqlimits.h"
 #include "queue.h"
 #include "record.h"
+#include "route.h"
 #include "store.h"
 
 enum { COMPACT_MSGS_PER_CALL = 20000 };
@@ -74,6 +83,7 @@ struct journal {
     int last_error;         /* the latest one's PQ_* code */
     uint64_t unwritten_logged_ms; /* mono time of that warning */
     struct qset *qs;              /* the queues it journals (borrowed) */
+    struct routes *routes;        /* cfg->routes (borrowed), or NULL */
     struct hmap_u64 suspects;     /* replay: id -> struct suspect, live by a
                                      state record but no PUBLISH seen yet */
     uint64_t last_bulk;           /* replay: j->replayed at the latest
@@ -266,8 +276,48 @@ durable(const struct queue *q)
     return q != NULL && !queue_attrs(q)->transient;
 }
 
-/* Every new segment starts with the definitions of all durable queues. Its
- * own buffer: the record that caused the roll is in j->buf. */
+static void
+route_rec(struct record *r, uint8_t type, const char *route, const char *queue,
+          const char *pattern)
+{
+    memset(r, 0, sizeof(*r));
+    r->type = type;
+    r->u.route.route = rstr(route);
+    r->u.route.queue = rstr(queue);
+    r->u.route.pattern = rstr(pattern);
+}
+
+struct roll_walk {
+    struct journal *j;
+    uint32_t seg;
+    uint8_t *buf;
+    size_t cap;
+};
+
+/* A binding of a durable queue, rewritten at the start of a segment. */
+static void
+roll_binding(void *arg, const char *route, const char *queue,
+             const char *pattern)
+{
+    struct roll_walk *w = arg;
+    struct record r;
+    size_t len;
+
+    if (!durable(qset_find(w->j->qs, queue))) {
+        return;
+    }
+    route_rec(&r, REC_ROUTE_BIND, route, queue, pattern);
+    if (encode(&w->buf, &w->cap, &r, &len) != PQ_OK ||
+        store_append(w->j->st, r.type, w->buf, len, NULL, NULL) != PQ_OK) {
+        log_warn("segment %u: could not write the binding of route %s to "
+                 "queue %s",
+                 w->seg, route, queue);
+    }
+}
+
+/* Every new segment starts with the definitions of all durable queues and
+ * their bindings. Its own buffer: the record that caused the roll is in
+ * j->buf. */
 static void
 on_roll(void *arg, uint32_t new_seg)
 {
@@ -288,6 +338,12 @@ on_roll(void *arg, uint32_t new_seg)
         }
     }
     pq_free(buf);
+    if (j->routes != NULL) {
+        struct roll_walk w = {.j = j, .seg = new_seg};
+
+        routes_foreach(j->routes, roll_binding, &w);
+        pq_free(w.buf);
+    }
 }
 
 /* ---- the payload budget ---- */
@@ -317,6 +373,22 @@ forget_body(struct journal *j, const struct msg *m)
     }
 }
 
+/* batch_find: the publish of message id in batch b, into *out. */
+static bool
+batch_find(const struct rec_publish_batch *b, uint64_t id,
+           struct rec_publish *out)
+{
+    struct rec_publish_batch copy = *b; /* out may overlay b (a union) */
+    size_t cur = 0;
+
+    while (record_batch_next(&copy, &cur, out)) {
+        if (out->id == id) {
+            return true;
+        }
+    }
+    return false;
+}
+
 /* The body of message id from the record read back at loc (rc as
  * store_read gives it). A new reference, or NULL (logged). */
 static struct body *
@@ -339,6 +411,9 @@ body_of_record(uint64_t id, const struct store_loc *loc, int rc, uint8_t type,
         b = body_new(r.u.publish.body.ptr, r.u.publish.body.len);
     } else if (r.type == REC_DEAD_LETTER && r.u.dead_letter.id == id) {
         b = body_new(r.u.dead_letter.body.ptr, r.u.dead_letter.body.len);
+    } else if (r.type == REC_PUBLISH_BATCH &&
+               batch_find(&r.u.batch, id, &r.u.publish)) {
+        b = body_new(r.u.publish.body.ptr, r.u.publish.body.len);
     } else {
         log_err("message %llu: segment %u offset %llu holds another record "
                 "(%s)",
@@ -404,6 +479,17 @@ journal_queue_create(struct journal *j, struct queue *q, uint64_t *lsn)
     struct record r;
 
     queue_create_rec(&r, q);
+    return append(j, &r, lsn, NULL);
+}
+
+int
+journal_route(struct journal *j, bool bind, const char *route,
+              const char *queue, const char *pattern, uint64_t *lsn)
+{
+    struct record r;
+
+    route_rec(&r, bind ? REC_ROUTE_BIND : REC_ROUTE_UNBIND, route, queue,
+              pattern);
     return append(j, &r, lsn, NULL);
 }
 
@@ -521,11 +607,29 @@ publish_rec_from_pending(const struct journal *j, struct record *r,
     r->u.publish.body.len = mn->body->len;
 }
 
+/* The pub_* of every durable item of a publish: its record at loc, its
+ * segment held until the publish settles (a batch may go on in the next
+ * segment, and this one's write may complete, and the segment be
+ * collected, before the rest). */
+static void
+publish_placed(struct journal *j, struct pending *p,
+               const struct store_loc *loc)
+{
+    p->mn.pub_seg = p->mn.state_seg = loc->seg;
+    p->mn.pub_off = (uint32_t)loc->off;
+    p->mn.pub_len = loc->len;
+    store_seg_hold(j->st, loc->seg);
+    p->seg_held = true;
+}
+
 int
 journal_publish(struct journal *j, struct pending *items, uint32_t n,
                 uint64_t now_mono_ms, uint64_t *lsn)
 {
-    struct rec_kv req[PQ_TAGS_MAX];
+    struct rec_kv(*req)[PQ_TAGS_MAX] = NULL;
+    struct rec_publish *recs = NULL;
+    struct store_loc loc;
+    struct record r;
     uint64_t bytes = 0;
     uint32_t count = 0;
     int rc;
@@ -533,44 +637,57 @@ journal_publish(struct journal *j, struct pending *items, uint32_t n,
     j->now_mono_ms = now_mono_ms;
     for (uint32_t i = 0; i < n; i++) {
         if (!items[i].duplicate && durable(items[i].q)) {
+            if (items[i].mn.n_requires > PQ_TAGS_MAX) {
+                return PQ_EINVAL;
+            }
             count++;
             bytes += items[i].mn.body->len + 128;
         }
+    }
+    if (count == 0) {
+        return PQ_OK;
     }
     rc = store_space_check(j->st, count, bytes);
     if (rc != PQ_OK) {
         return rc;
     }
-    for (uint32_t i = 0; i < n; i++) {
-        struct pending *p = &items[i];
-        struct store_loc loc;
-        struct record r;
-
-        if (p->duplicate || !durable(p->q)) {
-            continue;
-        }
-        if (p->mn.n_requires > sizeof(req) / sizeof(req[0])) {
-            return PQ_EINVAL;
-        }
-        publish_rec_from_pending(j, &r, p, req);
-        /* A failure past the first record leaves earlier ones in the
-         * batch: they may survive unconfirmed (at-least-once), never the
-         * reverse. */
-        rc = append(j, &r, lsn, &loc);
-        if (rc != PQ_OK) {
-            return rc;
-        }
-        p->mn.pub_seg = p->mn.state_seg = loc.seg;
-        p->mn.pub_off = (uint32_t)loc.off;
-        p->mn.pub_len = loc.len;
-        /* Hold the segment until the whole publish is durable and the
-         * message's own references are taken: a batch may go on in the
-         * next segment, and this one's write may complete (and the
-         * segment be collected) before the rest. */
-        store_seg_hold(j->st, loc.seg);
-        p->seg_held = true;
+    recs = pq_calloc(count, sizeof(*recs));
+    req = pq_calloc(count, sizeof(*req));
+    if (recs == NULL || req == NULL) {
+        rc = PQ_ENOMEM;
+        goto out;
     }
-    return PQ_OK;
+    count = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (!items[i].duplicate && durable(items[i].q)) {
+            publish_rec_from_pending(j, &r, &items[i], req[count]);
+            recs[count++] = r.u.publish;
+        }
+    }
+    /* One record for all of them: a crash keeps every message of the
+     * publish or none. */
+    if (count == 1) {
+        r.type = REC_PUBLISH;
+        r.u.publish = recs[0];
+    } else {
+        memset(&r, 0, sizeof(r));
+        r.type = REC_PUBLISH_BATCH;
+        r.u.batch.n = count;
+        r.u.batch.items = recs;
+    }
+    rc = append(j, &r, lsn, &loc);
+    if (rc != PQ_OK) {
+        goto out;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        if (!items[i].duplicate && durable(items[i].q)) {
+            publish_placed(j, &items[i], &loc);
+        }
+    }
+out:
+    pq_free(recs);
+    pq_free(req);
+    return rc;
 }
 
 void
@@ -1407,6 +1524,43 @@ purge_replay_cb(void *arg, struct msg *m)
     w->drop[w->n++] = m->id;
 }
 
+/* A binding as it was: of a queue that exists at this point of the log
+ * (a later QUEUE_DELETE removes it again). */
+static int
+replay_route(struct journal *j, const struct record *r)
+{
+    const struct rec_route *b = &r->u.route;
+    char route[PQ_ROUTE_NAME_MAX + 1], pattern[PQ_ROUTE_PATTERN_MAX + 1];
+    struct queue *q = replay_queue(j, b->queue);
+    int rc;
+
+    if (b->route.len == 0 || b->route.len > PQ_ROUTE_NAME_MAX ||
+        b->pattern.len > PQ_ROUTE_PATTERN_MAX) {
+        return PQ_ECORRUPT;
+    }
+    if (j->routes == NULL || q == NULL) {
+        return PQ_OK;
+    }
+    memcpy(route, b->route.ptr, b->route.len);
+    route[b->route.len] = '\0';
+    memcpy(pattern, b->pattern.ptr, b->pattern.len);
+    pattern[b->pattern.len] = '\0';
+    if (r->type == REC_ROUTE_UNBIND) {
+        (void)routes_unbind(j->routes, route, queue_name(q), pattern);
+        return PQ_OK;
+    }
+    rc = routes_bind(j->routes, route, queue_name(q), pattern);
+    if (rc == PQ_EEXIST) {
+        return PQ_OK; /* rewritten at the start of a later segment */
+    }
+    if (rc == PQ_EFULL || rc == PQ_EINVAL) {
+        log_warn("replay: binding of route %s to queue %s skipped: %s", route,
+                 queue_name(q), pq_strerror(rc));
+        return PQ_OK;
+    }
+    return rc;
+}
+
 static int
 replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
               const struct store_loc *loc)
@@ -1432,6 +1586,9 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
         j->last_bulk = j->replayed;
         q = replay_queue(j, r.u.queue_delete.name);
         if (q) {
+            if (j->routes != NULL) {
+                routes_unbind_queue(j->routes, queue_name(q));
+            }
             qset_delete(qs, q);
         }
         return PQ_OK;
@@ -1453,6 +1610,20 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
     case REC_PUBLISH:
         suspect_clear(j, r.u.publish.id);
         return replay_publish(j, &r.u.publish, loc);
+    case REC_PUBLISH_BATCH: {
+        struct rec_publish p;
+        size_t cur = 0;
+
+        rc = PQ_OK;
+        while (rc == PQ_OK && record_batch_next(&r.u.batch, &cur, &p)) {
+            suspect_clear(j, p.id);
+            rc = replay_publish(j, &p, loc);
+        }
+        return rc;
+    }
+    case REC_ROUTE_BIND:
+    case REC_ROUTE_UNBIND:
+        return replay_route(j, &r);
     case REC_ACK:
         suspect_clear(j, r.u.ack.id);
         replay_remove(j, r.u.ack.id);
@@ -1576,6 +1747,7 @@ journal_open(const struct journal_config *cfg, struct qset *qs,
         goto fail;
     }
     j->qs = qs;
+    j->routes = cfg->routes;
     j->budget = cfg->payload_budget_bytes;
     j->mono_at_open = j->now_mono_ms = clock_mono_ms();
     j->wall_at_open = clock_wall_ms();

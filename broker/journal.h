@@ -18,6 +18,7 @@
 
 struct journal;
 struct pend_key;
+struct routes;
 struct store_stats;
 
 /* One message of a publish, from its check until it is durable and queued
@@ -42,6 +43,9 @@ struct journal_config {
     uint32_t fsync_interval_ms;
     uint64_t segment_bytes;
     uint64_t payload_budget_bytes;
+    struct routes *routes; /* replayed into and rewritten at each segment
+                              (borrowed for the journal's life); NULL:
+                              route records are skipped */
 };
 
 /*
@@ -75,8 +79,13 @@ int journal_queue_create(struct journal *j, struct queue *q, uint64_t *lsn);
 int journal_queue_delete(struct journal *j, struct queue *q, uint64_t *lsn);
 int journal_queue_purge(struct journal *j, struct queue *q, uint64_t *lsn);
 
-/* journal_publish: PUBLISH records for the durable, non-duplicate items,
- * all or none (space is checked first); sets each item's pub_seg. */
+/* journal_route: a ROUTE_BIND (bind) or ROUTE_UNBIND record. */
+int journal_route(struct journal *j, bool bind, const char *route,
+                  const char *queue, const char *pattern, uint64_t *lsn);
+
+/* journal_publish: the durable, non-duplicate items in one record (PUBLISH
+ * for one, PUBLISH_BATCH for several), so all or none of them survive a
+ * crash (space is checked first); sets each item's pub_*. */
 int journal_publish(struct journal *j, struct pending *items, uint32_t n,
                     uint64_t now_mono_ms, uint64_t *lsn);
 

@@ -181,6 +181,84 @@ r_bytes(struct rbuf *r)
 /* ---- per-type field lists ---- */
 
 static void
+enc_publish(struct wbuf *w, const struct rec_publish *p)
+{
+    size_t cur = 0;
+    uint32_t n = 0;
+    struct rec_kv kv;
+
+    w_u64(w, p->id);
+    w_str(w, p->queue);
+    w_u8(w, p->priority);
+    w_u32(w, p->attempt);
+    w_u32(w, p->failures);
+    w_u64(w, p->published_wall_ms);
+    w_u64(w, p->deliver_at_wall_ms);
+    w_u64(w, p->expire_wall_ms);
+    w_str(w, p->idem_key);
+    w_u32(w, p->n_requires);
+    while (record_publish_next_require(p, &cur, &kv)) {
+        w_str(w, kv.key);
+        w_str(w, kv.value);
+        n++;
+    }
+    if (n != p->n_requires) {
+        w->invalid = true;
+    }
+    w_bytes(w, p->progress);
+    w_bytes(w, p->body);
+}
+
+static void
+dec_publish(struct rbuf *rb, struct rec_publish *p)
+{
+    size_t start;
+
+    p->id = r_u64(rb);
+    p->queue = r_str(rb);
+    p->priority = r_u8(rb);
+    p->attempt = r_u32(rb);
+    p->failures = r_u32(rb);
+    p->published_wall_ms = r_u64(rb);
+    p->deliver_at_wall_ms = r_u64(rb);
+    p->expire_wall_ms = r_u64(rb);
+    p->idem_key = r_str(rb);
+    p->n_requires = r_u32(rb);
+    p->requires = NULL;
+    start = rb->off;
+    /* Each pair takes at least 8 bytes: bound the loop by the input. */
+    if (!rb->bad && p->n_requires > (rb->len - rb->off) / 8) {
+        rb->bad = true;
+        return;
+    }
+    for (uint32_t i = 0; i < p->n_requires && !rb->bad; i++) {
+        (void)r_str(rb);
+        (void)r_str(rb);
+    }
+    p->requires_raw.ptr = rb->p + start;
+    p->requires_raw.len = (uint32_t)(rb->off - start);
+    p->progress = r_bytes(rb);
+    p->body = r_bytes(rb);
+}
+
+/* One publish body of a batch, whole: nothing short, nothing left over. */
+static void
+dec_batch_item(struct rbuf *rb, struct rec_publish *p)
+{
+    uint32_t len;
+    const uint8_t *item = r_blob(rb, &len);
+    struct rbuf sub = {.p = item, .len = len};
+
+    if (rb->bad) {
+        return;
+    }
+    dec_publish(&sub, p);
+    if (sub.bad || sub.off != sub.len) {
+        rb->bad = true;
+    }
+}
+
+static void
 enc_body(struct wbuf *w, const struct record *r)
 {
     switch (r->type) {
@@ -217,33 +295,35 @@ enc_body(struct wbuf *w, const struct record *r)
         }
         break;
     }
-    case REC_PUBLISH: {
-        const struct rec_publish *p = &r->u.publish;
-        size_t cur = 0;
-        uint32_t n = 0;
-        struct rec_kv kv;
-        w_u64(w, p->id);
-        w_str(w, p->queue);
-        w_u8(w, p->priority);
-        w_u32(w, p->attempt);
-        w_u32(w, p->failures);
-        w_u64(w, p->published_wall_ms);
-        w_u64(w, p->deliver_at_wall_ms);
-        w_u64(w, p->expire_wall_ms);
-        w_str(w, p->idem_key);
-        w_u32(w, p->n_requires);
-        while (record_publish_next_require(p, &cur, &kv)) {
-            w_str(w, kv.key);
-            w_str(w, kv.value);
-            n++;
-        }
-        if (n != p->n_requires) {
+    case REC_PUBLISH:
+        enc_publish(w, &r->u.publish);
+        break;
+    case REC_PUBLISH_BATCH: {
+        const struct rec_publish_batch *b = &r->u.batch;
+        if (b->n == 0 || (b->items == NULL && b->raw.ptr == NULL)) {
             w->invalid = true;
+            break;
         }
-        w_bytes(w, p->progress);
-        w_bytes(w, p->body);
+        w_u32(w, b->n);
+        for (uint32_t i = 0; i < b->n && b->items != NULL; i++) {
+            struct wbuf sz = {0};
+
+            enc_publish(&sz, &b->items[i]);
+            w->invalid |= sz.invalid || sz.len > UINT32_MAX;
+            w_u32(w, (uint32_t)sz.len);
+            enc_publish(w, &b->items[i]);
+        }
+        if (b->items == NULL) {
+            w_raw(w, b->raw.ptr, b->raw.len);
+        }
         break;
     }
+    case REC_ROUTE_BIND:
+    case REC_ROUTE_UNBIND:
+        w_str(w, r->u.route.route);
+        w_str(w, r->u.route.queue);
+        w_str(w, r->u.route.pattern);
+        break;
     case REC_ACK:
         w_u64(w, r->u.ack.id);
         break;
@@ -314,36 +394,34 @@ dec_body(struct rbuf *rb, struct record *r)
         rb->off += (size_t)p->n_keep * 8;
         break;
     }
-    case REC_PUBLISH: {
-        struct rec_publish *p = &r->u.publish;
+    case REC_PUBLISH:
+        dec_publish(rb, &r->u.publish);
+        break;
+    case REC_PUBLISH_BATCH: {
+        struct rec_publish_batch *b = &r->u.batch;
+        struct rec_publish item;
         size_t start;
-        p->id = r_u64(rb);
-        p->queue = r_str(rb);
-        p->priority = r_u8(rb);
-        p->attempt = r_u32(rb);
-        p->failures = r_u32(rb);
-        p->published_wall_ms = r_u64(rb);
-        p->deliver_at_wall_ms = r_u64(rb);
-        p->expire_wall_ms = r_u64(rb);
-        p->idem_key = r_str(rb);
-        p->n_requires = r_u32(rb);
-        p->requires = NULL;
+        b->n = r_u32(rb);
+        b->items = NULL;
         start = rb->off;
-        /* Each pair takes at least 8 bytes: bound the loop by the input. */
-        if (!rb->bad && p->n_requires > (rb->len - rb->off) / 8) {
+        /* Each item takes at least 4 bytes: bound the loop by the input. */
+        if (!rb->bad && (b->n == 0 || b->n > (rb->len - rb->off) / 4)) {
             rb->bad = true;
             break;
         }
-        for (uint32_t i = 0; i < p->n_requires && !rb->bad; i++) {
-            (void)r_str(rb);
-            (void)r_str(rb);
+        for (uint32_t i = 0; i < b->n && !rb->bad; i++) {
+            dec_batch_item(rb, &item);
         }
-        p->requires_raw.ptr = rb->p + start;
-        p->requires_raw.len = (uint32_t)(rb->off - start);
-        p->progress = r_bytes(rb);
-        p->body = r_bytes(rb);
+        b->raw.ptr = rb->p + start;
+        b->raw.len = (uint32_t)(rb->off - start);
         break;
     }
+    case REC_ROUTE_BIND:
+    case REC_ROUTE_UNBIND:
+        r->u.route.route = r_str(rb);
+        r->u.route.queue = r_str(rb);
+        r->u.route.pattern = r_str(rb);
+        break;
     case REC_ACK:
         r->u.ack.id = r_u64(rb);
         break;
@@ -380,8 +458,15 @@ dec_body(struct rbuf *rb, struct record *r)
 static bool
 type_known(uint8_t type)
 {
-    return (type >= REC_QUEUE_CREATE && type <= REC_TYPE_MAX) ||
+    return (type >= REC_QUEUE_CREATE && type <= REC_PROGRESS) ||
+           (type >= REC_ROUTE_BIND && type <= REC_PUBLISH_BATCH) ||
            type == REC_SEG_START;
+}
+
+bool
+record_type_known(uint8_t type)
+{
+    return type_known(type);
 }
 
 /* ---- public ---- */
@@ -457,6 +542,9 @@ record_type_name(uint8_t type)
         [REC_DEAD_LETTER] = "dead_letter",
         [REC_DROP] = "drop",
         [REC_PROGRESS] = "progress",
+        [REC_ROUTE_BIND] = "route_bind",
+        [REC_ROUTE_UNBIND] = "route_unbind",
+        [REC_PUBLISH_BATCH] = "publish_batch",
         [REC_SEG_START] = "seg_start",
     };
 
@@ -504,6 +592,35 @@ record_publish_next_require(const struct rec_publish *p, size_t *cursor,
     }
     kv->key = r_str(&rb);
     kv->value = r_str(&rb);
+    if (rb.bad) {
+        return false;
+    }
+    *cursor = rb.off;
+    return true;
+}
+
+/* record_batch_next: see record.h. In the encode form the cursor is an
+ * index; in the decode form a byte offset into raw (already validated by
+ * record_decode). */
+bool
+record_batch_next(const struct rec_publish_batch *b, size_t *cursor,
+                  struct rec_publish *p)
+{
+    struct rbuf rb;
+
+    if (b->items != NULL) {
+        if (*cursor >= b->n) {
+            return false;
+        }
+        *p = b->items[(*cursor)++];
+        return true;
+    }
+    rb = (struct rbuf){.p = b->raw.ptr, .len = b->raw.len, .off = *cursor};
+    if (rb.p == NULL || rb.off >= rb.len) {
+        return false;
+    }
+    memset(p, 0, sizeof(*p));
+    dec_batch_item(&rb, p);
     if (rb.bad) {
         return false;
     }

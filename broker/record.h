@@ -34,6 +34,12 @@
  *   7 REC_DEAD_LETTER    id u64, target str, reason str, body bytes
  *   8 REC_DROP           id u64, reason str
  *   9 REC_PROGRESS       id u64, progress bytes
+ *  13 REC_ROUTE_BIND     route str, queue str, pattern str
+ *  14 REC_ROUTE_UNBIND   route str, queue str, pattern str
+ *  15 REC_PUBLISH_BATCH  n u32 (>= 1), n x publish bytes (each the body
+ *                        of a REC_PUBLISH): the messages of one publish
+ *                        that stores several (a batch, a route's fan-out),
+ *                        all or none of them as one record
  *  64 REC_SEG_START      prev_seq u32, prev_end u64: written by the store
  *                        (never by the dispatcher) as the first record of
  *                        every segment of format version 2: the segment
@@ -75,8 +81,11 @@ enum record_type {
     REC_DEAD_LETTER = 7,
     REC_DROP = 8,
     REC_PROGRESS = 9,
-    /* 10..63 reserved for job-state records; see the comment above. */
-    REC_TYPE_MAX = 9,
+    /* 10..12: results and follow-ups (another branch) */
+    REC_ROUTE_BIND = 13,
+    REC_ROUTE_UNBIND = 14,
+    REC_PUBLISH_BATCH = 15,
+    /* 16..63 reserved for job-state records; see the comment above. */
     REC_SEG_START = 64, /* store metadata (64..127) */
 };
 
@@ -191,6 +200,24 @@ struct rec_progress {
     struct rec_bytes progress;
 };
 
+/* A binding of a route (REC_ROUTE_BIND, REC_ROUTE_UNBIND). */
+struct rec_route {
+    struct rec_str route;
+    struct rec_str queue;
+    struct rec_str pattern; /* empty = every key */
+};
+
+/*
+ * Several publishes in one record. Encoding reads items[0..n); decoding
+ * sets items = NULL and raw to the n encoded publish bodies (each checked
+ * by record_decode). Iterate either form with record_batch_next().
+ */
+struct rec_publish_batch {
+    uint32_t n;
+    const struct rec_publish *items; /* encode input */
+    struct rec_bytes raw;            /* decode output */
+};
+
 struct rec_seg_start {
     uint32_t prev_seq; /* 0: the first segment of a new log */
     uint64_t prev_end; /* end of prev_seq's records */
@@ -209,6 +236,8 @@ struct record {
         struct rec_dead_letter dead_letter;
         struct rec_drop drop;
         struct rec_progress progress;
+        struct rec_route route; /* ROUTE_BIND, ROUTE_UNBIND */
+        struct rec_publish_batch batch;
         struct rec_seg_start seg_start;
     } u;
 };
@@ -237,6 +266,9 @@ ssize_t record_encode(const struct record *r, uint8_t *buf, size_t cap);
 int record_decode(uint8_t type, const uint8_t *body, size_t len,
                   struct record *out);
 
+/* record_type_known: whether this build reads records of type. */
+bool record_type_known(uint8_t type);
+
 /* record_type_name: "publish", "ack", ... or "unknown" (never NULL). */
 const char *record_type_name(uint8_t type);
 
@@ -253,5 +285,13 @@ uint64_t record_purge_keep_id(const struct rec_queue_purge *p, uint32_t i);
  */
 bool record_publish_next_require(const struct rec_publish *p, size_t *cursor,
                                  struct rec_kv *kv);
+
+/*
+ * record_batch_next: iterate the publishes of a batch in either form.
+ * Start with *cursor = 0; each call fills *p (pointing into the body in
+ * the decode form) and returns true, or returns false after the last.
+ */
+bool record_batch_next(const struct rec_publish_batch *b, size_t *cursor,
+                       struct rec_publish *p);
 
 #endif

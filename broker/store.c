@@ -698,11 +698,8 @@ store_append(struct store *st, uint8_t type, const void *body, size_t len,
         st->roll_fn(st->roll_arg, st->cur_seg);
         st->in_roll_cb = false;
     }
-    resv_after = st->reserved;
-    if (type == REC_PUBLISH) {
-        resv_after++;
-    } else if (is_terminal(type) && resv_after > 0 &&
-               rec <= STORE_ACK_RESERVE) {
+    resv_after = st->reserved + record_publishes(type, body, len);
+    if (is_terminal(type) && resv_after > 0 && rec <= STORE_ACK_RESERVE) {
         resv_after--;
     }
     room_after = resv_after * STORE_ACK_RESERVE;

@@ -25,6 +25,7 @@
 #include <sys/types.h>
 
 #include "byteorder.h"
+#include "record.h"
 #include "store_verify.h"
 
 /* The I/O seam in use (tests swap it with store_set_io). */
@@ -278,5 +279,19 @@ void store_scan_fini(struct scan *sc);
 
 /* store_thread_main: the storage thread (store_thread.c); arg is the store. */
 void *store_thread_main(void *arg);
+
+/* record_publishes: how many messages a record of type stores (each
+ * reserves room for its ack): 1 for PUBLISH, n for PUBLISH_BATCH. */
+static inline uint64_t
+record_publishes(uint8_t type, const uint8_t *body, size_t len)
+{
+    if (type == REC_PUBLISH) {
+        return 1;
+    }
+    if (type == REC_PUBLISH_BATCH && len >= 4) {
+        return le32_get(body);
+    }
+    return 0;
+}
 
 #endif

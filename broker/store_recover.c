@@ -296,9 +296,8 @@ scan_segment(struct scan *sc, uint32_t seq, const char *path,
         sc->counts[type]++;
         sc->records += type != REC_SEG_START;
         sc->bytes += 8 + (uint64_t)rlen;
-        if (type == REC_PUBLISH) {
-            sc->n_publish++;
-        } else if (type == REC_ACK || type == REC_DROP) {
+        sc->n_publish += record_publishes(type, buf + off + 9, rlen - 1);
+        if (type == REC_ACK || type == REC_DROP) {
             sc->n_end++;
         }
         if (type == REC_SEG_START) {

@@ -260,13 +260,33 @@ purge(struct verify *v, const struct rec_queue_purge *p)
     }
 }
 
+static void
+verify_publish(struct verify *v, const struct rec_publish *p,
+               const struct store_loc *loc)
+{
+    struct vqueue *q = live_queue(v, p->queue);
+    struct vent *e = ent_find(v, p->id);
+
+    if (e == NULL && (e = ent_add(v, p->id)) == NULL) {
+        return;
+    }
+    if (q == NULL) {
+        /* Replay ignores it (its queue is gone): so do its later
+         * records, which must not count as orphans. */
+        e->orphan = e->dl = false;
+        e->dead = true;
+        e->q = NULL;
+    } else {
+        place(v, e, q, loc);
+    }
+}
+
 void
 verify_record(struct verify *v, uint8_t type, const uint8_t *body, size_t len,
               const struct store_loc *loc)
 {
     struct record r;
     struct vqueue *q;
-    struct vent *e;
 
     v->idx++;
     if (record_decode(type, body, len, &r) != PQ_OK) {
@@ -291,21 +311,17 @@ verify_record(struct verify *v, uint8_t type, const uint8_t *body, size_t len,
         purge(v, &r.u.queue_purge);
         break;
     case REC_PUBLISH:
-        q = live_queue(v, r.u.publish.queue);
-        e = ent_find(v, r.u.publish.id);
-        if (e == NULL && (e = ent_add(v, r.u.publish.id)) == NULL) {
-            break;
-        }
-        if (q == NULL) {
-            /* Replay ignores it (its queue is gone): so do its later
-             * records, which must not count as orphans. */
-            e->orphan = e->dl = false;
-            e->dead = true;
-            e->q = NULL;
-        } else {
-            place(v, e, q, loc);
+        verify_publish(v, &r.u.publish, loc);
+        break;
+    case REC_PUBLISH_BATCH: {
+        struct rec_publish p;
+        size_t cur = 0;
+
+        while (record_batch_next(&r.u.batch, &cur, &p)) {
+            verify_publish(v, &p, loc);
         }
         break;
+    }
     case REC_ACK:
         ent_del(v, r.u.ack.id);
         break;

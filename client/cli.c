@@ -50,6 +50,10 @@ static const char usage_text[] =
     "      newline stripped (--binary: kept). --lines: each stdin line is\n"
     "      one message (pipelined); exits 0 only when every line was\n"
     "      confirmed. Prints the message id of a single publish.\n"
+    "  pub --route ROUTE [--routing-key K] [--allow-unrouted] [DATA] ...\n"
+    "      Through a route: one copy per queue whose binding matches K;\n"
+    "      prints the id of each copy. Matching nothing is an error unless\n"
+    "      --allow-unrouted.\n"
     "  consume QUEUE [--count N] [--wait D] [--prefetch N]\n"
     "                [--json | --raw | --framed] [--no-ack | --nack]\n"
     "                [--tag K=V]...\n"
@@ -75,6 +79,14 @@ static const char usage_text[] =
     "      Cancel, lost lease or connection, --timeout: SIGTERM to the job,\n"
     "      SIGKILL after --kill-grace (10s). Reconnects by itself.\n"
     "  cancel QUEUE ID          remove a ready job, or stop a running one\n"
+    "  job QUEUE ID             one job as key: value lines (state, attempt,\n"
+    "                           holder, lease, progress, last error, ...)\n"
+    "  jobs QUEUE [--state ready|delayed|inflight|dead] [--limit N] [--json]\n"
+    "                           the queue's jobs in id order (default 100)\n"
+    "  route bind ROUTE QUEUE [--pattern P]   (P: a.*.c, a.#; none: every "
+    "key)\n"
+    "  route unbind ROUTE QUEUE [--pattern P]\n"
+    "  route ls                 every binding: route, queue, pattern\n"
     "  progress PERCENT [TEXT] | progress --checkpoint URI\n"
     "      (inside a job run by work) report progress or a checkpoint\n"
     "\n"
@@ -86,8 +98,8 @@ static const char usage_text[] =
 
 /* The commands, for "did you mean" (cli_help.c has their help). */
 static const char *const cli_commands[] = {
-    "queue",  "pub",      "publish", "consume", "work",
-    "cancel", "progress", "help",    NULL,
+    "queue", "pub",  "publish", "consume",  "work", "cancel",
+    "job",   "jobs", "route",   "progress", "help", NULL,
 };
 static const char *const queue_commands[] = {
     "create", "ls", "list", "stat", "purge", "rm", "delete", NULL,
@@ -522,6 +534,12 @@ main(int argc, char **argv)
         ret = cmd_work(&cli, argc, argv);
     } else if (strcmp(cmd, "cancel") == 0) {
         ret = cmd_cancel(&cli, argc, argv);
+    } else if (strcmp(cmd, "job") == 0) {
+        ret = cmd_job(&cli, argc, argv);
+    } else if (strcmp(cmd, "jobs") == 0) {
+        ret = cmd_jobs(&cli, argc, argv);
+    } else if (strcmp(cmd, "route") == 0) {
+        ret = cmd_route(&cli, argc, argv);
     } else if (strcmp(cmd, "progress") == 0) {
         ret = cmd_progress(&cli, argc, argv);
     } else if ((guess = cli_suggest(cmd, cli_commands)) != NULL) {

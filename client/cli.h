@@ -6,7 +6,8 @@
  *   cli_pub.c      pub
  *   cli_consume.c  consume
  *   cli_work.c     work (runs a command per job)
- *   cli_job.c      cancel, progress
+ *   cli_job.c      cancel, progress, job, jobs
+ *   cli_route.c    route bind|unbind|ls
  *   cli_json.c     the --json writer
  */
 #ifndef PQ_CLI_H
@@ -75,6 +76,8 @@ const char *cli_help(const char *topic);
 bool kv_add(struct kvlist *l, const char *arg);
 /* cli_json_delivery: one delivery as a line of JSON on out (cli_json.c). */
 void cli_json_delivery(FILE *out, const struct protoq_delivery *d);
+/* cli_json_str: s[0..n) as a JSON string (quoted, escaped) on out. */
+void cli_json_str(FILE *out, const char *s, size_t n);
 /* cli_connect: connect cli->c to cli->server; EXIT_OK or a failure. */
 int cli_connect(struct cli *cli);
 
@@ -85,5 +88,8 @@ int cmd_consume(struct cli *cli, int argc, char **argv);
 int cmd_work(struct cli *cli, int argc, char **argv);
 int cmd_cancel(struct cli *cli, int argc, char **argv);
 int cmd_progress(struct cli *cli, int argc, char **argv);
+int cmd_job(struct cli *cli, int argc, char **argv);
+int cmd_jobs(struct cli *cli, int argc, char **argv);
+int cmd_route(struct cli *cli, int argc, char **argv);
 
 #endif

@@ -18,8 +18,9 @@
 #include <stdio.h>
 #include <string.h>
 
-static void
-json_str(FILE *out, const char *s, size_t n)
+/* cli_json_str: see cli.h. */
+void
+cli_json_str(FILE *out, const char *s, size_t n)
 {
     static const char hex[] = "0123456789abcdef";
     size_t i;
@@ -157,9 +158,9 @@ headers_out(FILE *out, const struct protoq_delivery *d, bool want_text)
         }
         first = false;
         if (want_text) {
-            json_str(out, kv->key, strlen(kv->key));
+            cli_json_str(out, kv->key, strlen(kv->key));
             fputc(':', out);
-            json_str(out, kv->value, strlen(kv->value));
+            cli_json_str(out, kv->value, strlen(kv->value));
         } else {
             fputc('"', out);
             base64_out(out, (const unsigned char *)kv->key, strlen(kv->key));
@@ -182,7 +183,7 @@ cli_json_delivery(FILE *out, const struct protoq_delivery *d)
             "{\"id\":\"%" PRIu64 "\",\"attempt\":%u,\"priority\":%u,"
             "\"queue\":",
             d->message_id, d->attempt, d->priority);
-    json_str(out, d->queue, strlen(d->queue));
+    cli_json_str(out, d->queue, strlen(d->queue));
     fputs(",\"headers\":", out);
     headers_out(out, d, true);
     for (size_t i = 0; i < d->n_headers; i++) {
@@ -194,7 +195,7 @@ cli_json_delivery(FILE *out, const struct protoq_delivery *d)
     }
     if (utf8_valid(d->payload, d->len)) {
         fputs(",\"payload\":", out);
-        json_str(out, d->payload, d->len);
+        cli_json_str(out, d->payload, d->len);
     } else {
         fputs(",\"payload_base64\":\"", out);
         base64_out(out, d->payload, d->len);

@@ -1,6 +1,7 @@
 /*
  * cli_pub.c: protoq pub: one message from DATA, --file or stdin, or one per
- * stdin line (--lines, pipelined, exit 0 only when every line was confirmed).
+ * stdin line (--lines, pipelined, exit 0 only when every line was confirmed);
+ * to a queue, or through a route (--route, one copy per matching queue).
  */
 #include "cli.h"
 
@@ -16,6 +17,10 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+/* A route fans out to at most this many queues (the broker's limit of
+ * bindings a route). */
+enum { PUB_ROUTE_IDS_MAX = 256 };
 
 /* Read all of f into a malloc'ed buffer. */
 static int
@@ -148,6 +153,26 @@ pub_lines(struct cli *cli, const char *queue, struct protoq_message *m)
     return rc == PQ_OK ? EXIT_OK : EXIT_ERR;
 }
 
+/* Publish m through route: prints the id of each copy, one a line. */
+static int
+pub_route(struct cli *cli, const char *route, const char *key, unsigned flags,
+          const struct protoq_message *m)
+{
+    uint64_t ids[PUB_ROUTE_IDS_MAX];
+    size_t n = 0;
+    int rc = protoq_publish_route_ex(cli->c, route, key, m, flags, ids,
+                                     PUB_ROUTE_IDS_MAX, &n);
+
+    if (rc != PQ_OK) {
+        return fail_pq(cli, rc);
+    }
+    for (size_t i = 0; i < n && i < PUB_ROUTE_IDS_MAX; i++) {
+        printf("%" PRIu64 "\n", ids[i]);
+    }
+    return fflush(stdout) == 0 ? EXIT_OK
+                               : fail(cli, "stdout: %s", strerror(errno));
+}
+
 int
 cmd_pub(struct cli *cli, int argc, char **argv)
 {
@@ -160,7 +185,10 @@ cmd_pub(struct cli *cli, int argc, char **argv)
         O_HEADER,
         O_KEY,
         O_REQUIRE,
-        O_BINARY
+        O_BINARY,
+        O_ROUTE,
+        O_ROUTING_KEY,
+        O_ALLOW_UNROUTED
     };
     static const struct option opts[] = {
         {"file", required_argument, NULL, O_FILE},
@@ -172,12 +200,16 @@ cmd_pub(struct cli *cli, int argc, char **argv)
         {"key", required_argument, NULL, O_KEY},
         {"require", required_argument, NULL, O_REQUIRE},
         {"binary", no_argument, NULL, O_BINARY},
+        {"route", required_argument, NULL, O_ROUTE},
+        {"routing-key", required_argument, NULL, O_ROUTING_KEY},
+        {"allow-unrouted", no_argument, NULL, O_ALLOW_UNROUTED},
         {NULL, 0, NULL, 0},
     };
     struct kvlist headers, requires;
     struct protoq_message m;
     const char *file = NULL;
-    const char *queue;
+    const char *queue = NULL, *route = NULL, *routing_key = NULL;
+    unsigned route_flags = 0;
     const char *data = NULL;
     bool lines = false, binary = false;
     char *buf = NULL;
@@ -227,14 +259,31 @@ cmd_pub(struct cli *cli, int argc, char **argv)
         case O_BINARY:
             binary = true;
             break;
+        case O_ROUTE:
+            route = optarg;
+            break;
+        case O_ROUTING_KEY:
+            routing_key = optarg;
+            break;
+        case O_ALLOW_UNROUTED:
+            route_flags |= PROTOQ_ROUTE_ALLOW_UNROUTED;
+            break;
         default:
             return EXIT_USAGE; /* cli_getopt said why */
         }
     }
-    if (optind >= argc) {
-        return usage_err("pub: want a QUEUE");
+    if (route == NULL && optind >= argc) {
+        return usage_err("pub: want a QUEUE (or --route ROUTE)");
     }
-    queue = argv[optind++];
+    if (route == NULL) {
+        queue = argv[optind++];
+    } else if (lines) {
+        return usage_err("pub: --lines needs a QUEUE, not --route");
+    }
+    if (route == NULL && (routing_key != NULL || route_flags != 0)) {
+        return usage_err("pub: --routing-key and --allow-unrouted go with "
+                         "--route");
+    }
     if (optind < argc) {
         data = argv[optind++];
     }
@@ -244,7 +293,8 @@ cmd_pub(struct cli *cli, int argc, char **argv)
     if ((data != NULL) + (file != NULL) + lines > 1) {
         return usage_err("pub: DATA, --file and --lines exclude each other");
     }
-    snprintf(cli->cmdbuf, sizeof(cli->cmdbuf), "pub %s", queue);
+    snprintf(cli->cmdbuf, sizeof(cli->cmdbuf), "pub %s%s",
+             route ? "--route " : "", route ? route : queue);
     cli->cmd = cli->cmdbuf;
     m.headers = headers.kv;
     m.n_headers = headers.n;
@@ -281,6 +331,11 @@ cmd_pub(struct cli *cli, int argc, char **argv)
     }
     if (lines) {
         return pub_lines(cli, queue, &m);
+    }
+    if (route != NULL) {
+        rc = pub_route(cli, route, routing_key, route_flags, &m);
+        free(buf);
+        return rc;
     }
     rc = protoq_publish(cli->c, queue, &m, &id);
     free(buf);

@@ -311,6 +311,17 @@ protoq_publish_route(protoq_client *c, const char *route,
                      const char *routing_key, const struct protoq_message *msg,
                      uint64_t *ids_out, size_t max_ids, size_t *n_ids)
 {
+    return protoq_publish_route_ex(c, route, routing_key, msg, 0, ids_out,
+                                   max_ids, n_ids);
+}
+
+/* protoq_publish_route_ex: protoq_publish_route with flags. */
+int
+protoq_publish_route_ex(protoq_client *c, const char *route,
+                        const char *routing_key,
+                        const struct protoq_message *msg, unsigned flags,
+                        uint64_t *ids_out, size_t max_ids, size_t *n_ids)
+{
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__Frame *r;
     struct msgbuf b;
@@ -330,6 +341,7 @@ protoq_publish_route(protoq_client *c, const char *route,
     client_msg_to_wire(&b, 0, &kvi, NULL, msg);
     b.pub[0].route = S(route);
     b.pub[0].routing_key = S(routing_key);
+    b.pub[0].allow_unrouted = (flags & PROTOQ_ROUTE_ALLOW_UNROUTED) != 0;
     f.kind_case = PROTOQ__FRAME__KIND_PUBLISH;
     f.publish = &b.pub[0];
     rc = client_request(c, &f, PROTOQ__FRAME__KIND_PUBLISH_OK, &r);
@@ -338,7 +350,7 @@ protoq_publish_route(protoq_client *c, const char *route,
         return rc;
     }
     n = r->publish_ok->n_message_ids;
-    if (ids_out != NULL) {
+    if (ids_out != NULL && n > 0) { /* no ids: message_ids is NULL */
         memcpy(ids_out, r->publish_ok->message_ids,
                (n < max_ids ? n : max_ids) * sizeof(*ids_out));
     }

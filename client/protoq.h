@@ -252,11 +252,27 @@ int protoq_queue_stat(protoq_client *c, const char *name,
                       struct protoq_queue_info *out);
 
 /* protoq_route_bind / protoq_route_unbind: bind queue to route, matching
- * routing keys against pattern (NULL or "" = every key). Wait for Ok. */
+ * routing keys against pattern (NULL or "" = every key: an AMQP topic
+ * pattern, `*` one dot-separated word, `#` zero or more). Wait for Ok
+ * (durable when the queue is). Binding what is bound, or unbinding what is
+ * not, succeeds and changes nothing; deleting a queue removes its
+ * bindings; a route exists while it has bindings. */
 int protoq_route_bind(protoq_client *c, const char *route, const char *queue,
                       const char *pattern);
 int protoq_route_unbind(protoq_client *c, const char *route, const char *queue,
                         const char *pattern);
+
+/* One binding of a route. */
+struct protoq_binding {
+    char route[PROTOQ_NAME_MAX + 1];
+    char queue[PROTOQ_NAME_MAX + 1];
+    char pattern[256]; /* "" = every key */
+};
+
+/* protoq_route_list: every binding, by route name then bind order. On
+ * success *out is a malloc'ed array of *n entries (NULL when 0); free()
+ * it. */
+int protoq_route_list(protoq_client *c, struct protoq_binding **out, size_t *n);
 
 /* ------------------------------------------------------------ publishing */
 
@@ -336,12 +352,28 @@ int protoq_publish_batch_multi(protoq_client *c, const char *const *queues,
                                uint64_t *ids_out);
 
 /* protoq_publish_route: publish msg through route with routing_key (NULL =
- * ""); every matching queue gets a copy. Up to max_ids stored ids go to
- * ids_out and their count to *n_ids (both NULL ok). */
+ * ""); every matching queue gets a copy, all stored in one log record (a
+ * crash keeps all or none). Up to max_ids stored ids (one per matching
+ * queue, in the order of their bindings) go to ids_out and their count to
+ * *n_ids (both NULL ok). A route that does not exist, or whose bindings
+ * match nothing, fails with PROTOQ_CODE_QUEUE_NOT_FOUND. */
 int protoq_publish_route(protoq_client *c, const char *route,
                          const char *routing_key,
                          const struct protoq_message *msg, uint64_t *ids_out,
                          size_t max_ids, size_t *n_ids);
+
+enum {
+    /* protoq_publish_route_ex: matching no binding stores nothing and
+     * succeeds with *n_ids 0, instead of failing. */
+    PROTOQ_ROUTE_ALLOW_UNROUTED = 1u << 0,
+};
+
+/* protoq_publish_route_ex: protoq_publish_route with flags
+ * (PROTOQ_ROUTE_*). */
+int protoq_publish_route_ex(protoq_client *c, const char *route,
+                            const char *routing_key,
+                            const struct protoq_message *msg, unsigned flags,
+                            uint64_t *ids_out, size_t max_ids, size_t *n_ids);
 
 /*
  * protoq_wait_confirms: send all buffered output, then process incoming
@@ -483,6 +515,72 @@ enum protoq_release_reason {
 int protoq_release(protoq_client *c, uint64_t message_id, uint32_t attempt,
                    enum protoq_release_reason reason,
                    const struct protoq_progress *progress, bool confirm);
+
+/* ------------------------------------------------------ job visibility */
+
+/* A job's state (JobState on the wire). */
+enum protoq_job_state {
+    PROTOQ_JOB_ANY = 0, /* protoq_job_list: no filter */
+    PROTOQ_JOB_READY = 1,
+    PROTOQ_JOB_DELAYED = 2,  /* waiting for its delay or retry */
+    PROTOQ_JOB_INFLIGHT = 3, /* delivered, lease running */
+    PROTOQ_JOB_DEAD = 4,     /* in the queue's dead-letter queue */
+};
+
+/* protoq_job_state_name: "ready", "delayed", "inflight", "dead" ("any"
+ * for 0, "unknown" otherwise). Static string. */
+const char *protoq_job_state_name(int state);
+
+/* protoq_job_state_parse: the state called name (as above); -1 if none. */
+int protoq_job_state_parse(const char *name);
+
+/* What the broker knows of one job (JobInfo). Strings are malloc'ed (never
+ * NULL after a successful call); protoq_job_fini frees them. */
+struct protoq_job {
+    char queue[PROTOQ_NAME_MAX + 1]; /* where it is (the DLQ when dead) */
+    uint64_t id;
+    int state; /* enum protoq_job_state */
+    uint32_t attempt;
+    uint32_t failures;
+    uint32_t priority;
+    struct protoq_kv *requires; /* malloc'ed pairs */
+    size_t n_requires;
+    bool has_holder; /* in flight: */
+    char holder_name[65];
+    char holder_address[65];
+    uint64_t subscription_id;
+    uint64_t lease_left_ms;
+    bool has_progress;
+    uint32_t progress_percent;
+    char *progress_text;
+    char *checkpoint;
+    char *last_error;         /* "" = none */
+    uint64_t published_at_ms; /* wall clock, Unix ms */
+    uint64_t due_at_ms;       /* delayed: visible at; in flight: lease end */
+    bool cancelled;
+    uint32_t payload_bytes;
+};
+
+/* protoq_job_fini: free what a protoq_job holds (zeroed after). */
+void protoq_job_fini(struct protoq_job *j);
+
+/* protoq_job_get: look up job id of queue without changing it (no
+ * delivery, no attempt counted). PQ_EREMOTE with
+ * PROTOQ_CODE_QUEUE_NOT_FOUND when the queue or the job is not there. */
+int protoq_job_get(protoq_client *c, const char *queue, uint64_t id,
+                   struct protoq_job *out);
+
+/* protoq_job_list: up to limit (0 = 100, at most 1000) jobs of queue with
+ * ids above after_id, in id order, in state (PROTOQ_JOB_ANY: all;
+ * PROTOQ_JOB_DEAD: the queue's dead-letter queue). *out: a malloc'ed array
+ * of *n (NULL when 0), freed with protoq_job_list_free; *next_after_id
+ * (NULL ok): the after_id of the next page, 0 when this was the last. */
+int protoq_job_list(protoq_client *c, const char *queue, int state,
+                    uint32_t limit, uint64_t after_id, struct protoq_job **out,
+                    size_t *n, uint64_t *next_after_id);
+
+/* protoq_job_list_free: free an array from protoq_job_list (NULL ok). */
+void protoq_job_list_free(struct protoq_job *list, size_t n);
 
 /* protoq_cancel: cancel job message_id of queue: a ready job is removed, a
  * job in flight gets a cancel request pushed to its holder. Waits for Ok. */

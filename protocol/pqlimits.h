@@ -26,6 +26,14 @@ enum {
     PQ_NACK_ERROR_MAX = 1024,            /* Nack.error, kept as x-death-error */
     PQ_PROGRESS_MAX = 2048,         /* an encoded Progress (Touch, Release) */
     PQ_DEAD_LETTER_REASON_MAX = 16, /* x-death-reason value ("max_attempts") */
+    PQ_ROUTE_NAME_MAX = PQ_QUEUE_NAME_MAX, /* a route name (queue charset) */
+    PQ_ROUTING_KEY_MAX = 255,              /* Publish.routing_key */
+    PQ_ROUTE_PATTERN_MAX = 255,            /* RouteBind.pattern */
+    PQ_ROUTES_MAX = 1024,                  /* routes in a broker */
+    PQ_ROUTE_BINDINGS_MAX = 256,           /* bindings of one route */
+    PQ_BINDINGS_MAX = 4096,                /* bindings of all routes */
+    PQ_JOB_LIST_DEFAULT = 100,             /* JobList.limit 0 */
+    PQ_JOB_LIST_MAX = 1000,                /* JobList.limit */
 };
 
 #endif

@@ -272,6 +272,34 @@ record_seeds(void)
     r.u.progress.id = 42;
     r.u.progress.progress = B("\x08\x32\x12\x04half");
     record_seed("progress", &r);
+
+    memset(&r, 0, sizeof(r));
+    r.type = REC_ROUTE_BIND;
+    r.u.route.route = S("train");
+    r.u.route.queue = S("jobs");
+    r.u.route.pattern = S("*.gpu.#");
+    record_seed("route_bind", &r);
+    r.type = REC_ROUTE_UNBIND;
+    record_seed("route_unbind", &r);
+
+    {
+        struct rec_publish items[2];
+
+        memset(items, 0, sizeof(items));
+        items[0].id = 43;
+        items[0].queue = S("jobs");
+        items[0].n_requires = 1;
+        items[0].requires = reqs;
+        items[0].body = B("\x0a\x05hello");
+        items[1].id = 44;
+        items[1].queue = S("dlq");
+        items[1].body = B("\x0a\x02hi");
+        memset(&r, 0, sizeof(r));
+        r.type = REC_PUBLISH_BATCH;
+        r.u.batch.n = 2;
+        r.u.batch.items = items;
+        record_seed("publish_batch", &r);
+    }
 }
 
 /* ---- conf files ---- */

@@ -276,6 +276,37 @@ gen_torn(struct srv *s)
     protoq_close(c);
 }
 
+/* routes: ROUTE_BIND (patterns, a binding of a queue deleted later),
+ * ROUTE_UNBIND, PUBLISH_BATCH from a fan-out (key `kr` in each copy's
+ * queue) and from a batch across queues. */
+static void
+gen_routes(struct srv *s)
+{
+    static const char *const bq[] = {"ra", "rb"};
+    struct protoq_message m = {
+        .payload = "F1", .len = 2, .priority = 4, .idempotency_key = "kr"};
+    struct protoq_message bm[2] = {{.payload = "B1", .len = 2},
+                                   {.payload = "B2", .len = 2}};
+    protoq_client *c = pq_connect_or_fail(s);
+    size_t n;
+
+    create(c, "ra", 5, "");
+    create(c, "rb", 5, "");
+    create(c, "rc", 5, "");
+    create(c, "rgone", 5, "");
+    pq_check_ok(c, protoq_route_bind(c, "fan", "ra", "job.*"));
+    pq_check_ok(c, protoq_route_bind(c, "fan", "rb", "#"));
+    pq_check_ok(c, protoq_route_bind(c, "fan", "rc", "other"));
+    pq_check_ok(c, protoq_route_bind(c, "fan", "rgone", ""));
+    pq_check_ok(c, protoq_route_bind(c, "solo", "rc", "x.#"));
+    pq_check_ok(c, protoq_route_unbind(c, "fan", "rc", "other"));
+    pq_check_ok(c, protoq_queue_delete(c, "rgone"));
+    pq_check_ok(c, protoq_publish_route(c, "fan", "job.1", &m, NULL, 0, &n));
+    ck_assert_uint_eq(n, 2);
+    pq_check_ok(c, protoq_publish_batch_multi(c, bq, bm, 2, NULL));
+    protoq_close(c);
+}
+
 struct scenario {
     const char *name;
     const char *conf; /* extra config lines */
@@ -288,6 +319,7 @@ static const char *const dedup_records[] = {"order", "ka", "order", "kb",
                                             "gone",  "kg", NULL};
 static const char *const dedup_compacted[] = {"keep", "kk", NULL};
 static const char *const dedup_torn[] = {"t", "kt", NULL};
+static const char *const dedup_routes[] = {"ra", "kr", "rb", "kr", NULL};
 
 static const struct scenario g_scenarios[] = {
     /* written by protoqd 6b0104b (format 1, before META and links) */
@@ -296,6 +328,7 @@ static const struct scenario g_scenarios[] = {
     {"v2-compacted", "segment_bytes 65536\n", gen_compacted, false,
      dedup_compacted},
     {"v2-torn", "", gen_torn, true, dedup_torn},
+    {"v2-routes", "", gen_routes, false, dedup_routes},
 };
 enum { N_SCENARIOS = sizeof(g_scenarios) / sizeof(g_scenarios[0]) };
 
@@ -336,6 +369,21 @@ dump_queues(protoq_client *c, struct dump *d)
                  a->dead_letter, a->no_backoff, (unsigned long long)a->ttl_ms);
     }
     protoq_queue_list_free(qs, n);
+}
+
+/* The bindings (none in a dir older than routes: no lines). */
+static void
+dump_routes(protoq_client *c, struct dump *d)
+{
+    struct protoq_binding *b = NULL;
+    size_t n = 0;
+
+    pq_check_ok(c, protoq_route_list(c, &b, &n));
+    for (size_t i = 0; i < n; i++) {
+        dump_add(d, "route %s queue %s pattern \"%s\"\n", b[i].route,
+                 b[i].queue, b[i].pattern);
+    }
+    free(b);
 }
 
 static void
@@ -397,6 +445,7 @@ read_state(struct srv *s, const struct scenario *sc, struct dump *d)
     d->len = 0;
     d->buf[0] = '\0';
     dump_queues(c, d);
+    dump_routes(c, d);
     dump_dedup(c, sc->dedup, d);
     consume_all(c, d);
     protoq_close(c);

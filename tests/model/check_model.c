@@ -105,10 +105,16 @@ one_op(struct hist *h)
         return op_delete(h, ci, q);
     } else if (r < 110) {
         return op_purge(h, ci, q, 0);
-    } else if (r < 330) {
+    } else if (r < 315) {
         return op_publish(h, ci, q);
-    } else if (r < 400) {
+    } else if (r < 370) {
         return op_batch(h, ci, q);
+    } else if (r < 378) {
+        return op_route_bind(h, ci, q);
+    } else if (r < 381) {
+        return op_route_unbind(h, ci);
+    } else if (r < 400) {
+        return op_route_pub(h, ci);
     } else if (r < 480) {
         if (w->q[q].sub >= 0) {
             return 0;

@@ -68,6 +68,51 @@ m_hash(const void *p, size_t len)
     return h;
 }
 
+/* Patterns and keys, and whether each pattern matches each key (by hand,
+ * not by a second matcher): "" every key; "*" one word, "#" any words. */
+const char *const m_pat[M_NPAT] = {"", "a.*", "a.#", "#.c"};
+const char *const m_rkey[M_NRKEY] = {"a.b", "a.b.c", "x.c", "a"};
+static const bool pat_matches[M_NPAT][M_NRKEY] = {
+    {true, true, true, true},    /* "" */
+    {true, false, false, false}, /* a.* */
+    {true, true, false, true},   /* a.# */
+    {false, true, true, false},  /* #.c */
+};
+
+int
+m_route_match(const struct model *w, int k, int *qs)
+{
+    int n = 0;
+
+    for (int i = 0; i < w->nb; i++) {
+        bool dup = false;
+
+        if (!pat_matches[w->b[i].pat][k]) {
+            continue;
+        }
+        for (int j = 0; j < n; j++) {
+            dup |= qs[j] == w->b[i].q;
+        }
+        if (!dup) {
+            qs[n++] = w->b[i].q;
+        }
+    }
+    return n;
+}
+
+void
+m_unbind_queue(struct model *w, int q)
+{
+    int n = 0;
+
+    for (int i = 0; i < w->nb; i++) {
+        if (w->b[i].q != q) {
+            w->b[n++] = w->b[i];
+        }
+    }
+    w->nb = n;
+}
+
 void
 m_init(struct model *w)
 {
@@ -878,6 +923,7 @@ restart_queues(struct model *w)
         memset(&Q->n, 0, sizeof(Q->n));
         if (Q->exists && Q->a.transient) {
             Q->exists = false;
+            m_unbind_queue(w, q);
         }
     }
     for (int i = 0; i < M_NS; i++) {

@@ -35,6 +35,9 @@ enum {
     M_NTAGS = 3,    /* tag universe: gpu=a100, gpu=h100, zone=eu */
     M_MAXEV = 256,  /* pending timed events */
     M_MAXKEYS = 64, /* dedup entries per queue */
+    M_MAXB = 12,    /* bindings of the one route, "r" */
+    M_NPAT = 4,     /* patterns a binding may have (m_pat) */
+    M_NRKEY = 4,    /* routing keys a publish may use (m_rkey) */
 };
 
 enum m_state { ST_GONE, ST_READY, ST_DLONG, ST_INFLIGHT, ST_TIMED };
@@ -151,8 +154,16 @@ struct m_obs {
     struct m_prog pg;
 };
 
+/* A binding of route "r": queue slot q, pattern m_pat[pat]. */
+struct m_bind {
+    int q;
+    int pat;
+};
+
 struct model {
     struct m_queue q[M_NQ];
+    struct m_bind b[M_MAXB]; /* in bind order */
+    int nb;
     struct m_msg m[M_MAXM];
     int nm;
     struct m_sub s[M_NS];
@@ -166,6 +177,18 @@ struct model {
     char err[1024];               /* first mismatch */
     bool failed;
 };
+
+extern const char *const m_pat[M_NPAT];
+extern const char *const m_rkey[M_NRKEY];
+
+/* m_route_match: the queues of route "r" that a publish with routing key
+ * m_rkey[k] reaches, each once, in the order of their first matching
+ * binding, into qs; returns how many. */
+int m_route_match(const struct model *w, int k, int *qs);
+
+/* m_unbind_queue: queue q's bindings are gone (deleted, or transient at a
+ * restart). */
+void m_unbind_queue(struct model *w, int q);
 
 extern const char *const m_tag_key[M_NTAGS];
 extern const char *const m_tag_val[M_NTAGS];

@@ -226,6 +226,7 @@ op_delete(struct hist *h, int ci, int q)
     w->q[q].sub = -1;
     w->q[q].exists = false;
     w->q[q].nkeys = 0;
+    m_unbind_queue(w, q);
     if (!w->q[q].a.transient) {
         m_durable(w);
     }
@@ -303,6 +304,8 @@ op_churn(struct hist *h, int ci, int q)
     return op_purge(h, ci, q, 12);
 }
 
+static int check_routes(struct hist *h, int ci);
+
 int
 op_list(struct hist *h, int ci)
 {
@@ -340,6 +343,34 @@ op_list(struct hist *h, int ci)
     if (!failed(h) && seen != want) {
         m_fail(w, "list shows %d queues, model %d", seen, want);
     }
+    return failed(h) ? -1 : check_routes(h, ci);
+}
+
+/* The broker's bindings are the model's, in order. */
+static int
+check_routes(struct hist *h, int ci)
+{
+    struct model *w = &h->w;
+    struct protoq_binding *b = NULL;
+    size_t n = 0;
+    int rc = protoq_route_list(h->c[ci].c, &b, &n);
+
+    if (rc != PQ_OK) {
+        return unexpected(h, ci, "route list", rc, "PQ_OK");
+    }
+    if (n != (size_t)w->nb) {
+        m_fail(w, "route list shows %zu bindings, model %d", n, w->nb);
+    }
+    for (size_t i = 0; i < n && !failed(h); i++) {
+        if (strcmp(b[i].route, "r") != 0 ||
+            strcmp(b[i].queue, m_qname(w->b[i].q)) != 0 ||
+            strcmp(b[i].pattern, m_pat[w->b[i].pat]) != 0) {
+            m_fail(w, "binding %zu is %s %s \"%s\", model r %s \"%s\"", i,
+                   b[i].route, b[i].queue, b[i].pattern, m_qname(w->b[i].q),
+                   m_pat[w->b[i].pat]);
+        }
+    }
+    free(b);
     return failed(h) ? -1 : 0;
 }
 
@@ -627,6 +658,131 @@ op_batch(struct hist *h, int ci, int q0)
     for (int i = 0; i < n; i++) {
         w->m[mis[i]].id = ids[i];
         stored(h, mis[i], qs[i], kinds[i], &pm[i], t0, t1, grp);
+        durable |= !w->q[qs[i]].a.transient;
+    }
+    if (durable) {
+        m_durable(w);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------- routing */
+
+int
+op_route_bind(struct hist *h, int ci, int q)
+{
+    struct model *w = &h->w;
+    int pat = (int)rn(h, M_NPAT), rc, i;
+
+    oplog(h, "route bind r %s \"%s\" (c%d)", m_qname(q), m_pat[pat], ci);
+    for (i = 0; i < w->nb; i++) {
+        if (w->b[i].q == q && w->b[i].pat == pat) {
+            break;
+        }
+    }
+    if (i == w->nb && w->nb == M_MAXB) {
+        return 0;
+    }
+    rc = protoq_route_bind(h->c[ci].c, "r", m_qname(q), m_pat[pat]);
+    if (!w->q[q].exists) {
+        return remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_NOT_FOUND)
+                   ? 0
+                   : unexpected(h, ci, "route bind to a missing queue", rc,
+                                "QUEUE_NOT_FOUND");
+    }
+    if (rc != PQ_OK) {
+        return unexpected(h, ci, "route bind", rc, "PQ_OK");
+    }
+    if (i == w->nb) {
+        w->b[w->nb++] = (struct m_bind){.q = q, .pat = pat};
+    }
+    return 0;
+}
+
+int
+op_route_unbind(struct hist *h, int ci)
+{
+    struct model *w = &h->w;
+    int i, rc;
+
+    if (w->nb == 0) {
+        return 0;
+    }
+    i = (int)rn(h, (uint32_t)w->nb);
+    oplog(h, "route unbind r %s \"%s\" (c%d)", m_qname(w->b[i].q),
+          m_pat[w->b[i].pat], ci);
+    rc = protoq_route_unbind(h->c[ci].c, "r", m_qname(w->b[i].q),
+                             m_pat[w->b[i].pat]);
+    if (rc != PQ_OK) {
+        return unexpected(h, ci, "route unbind", rc, "PQ_OK");
+    }
+    memmove(&w->b[i], &w->b[i + 1], (size_t)(w->nb - i - 1) * sizeof(w->b[0]));
+    w->nb--;
+    return 0;
+}
+
+/* One message through route "r": a copy in each matching queue, like a
+ * batch of identical messages (all or none). */
+int
+op_route_pub(struct hist *h, int ci)
+{
+    static char payload[16384];
+    struct model *w = &h->w;
+    struct protoq_message pm;
+    struct pubbuf b = {.payload = payload};
+    int qs[M_NQ], mis[M_NQ], k = (int)rn(h, M_NRKEY);
+    int n = m_route_match(w, k, qs), kind, rc, first = w->nm;
+    uint64_t ids[M_NQ];
+    bool room = true, durable = false;
+    uint32_t grp = 0;
+    size_t got = 0;
+    int64_t t0, t1;
+
+    if (w->nm + (n > 0 ? n : 1) > M_MAXM) {
+        return 0;
+    }
+    if (n == 0 && chance(h, 75)) {
+        /* histories are short: a route with nothing to match binds first */
+        return op_route_bind(h, ci, (int)rn(h, M_NQ));
+    }
+    mis[0] = m_new_msg(w);
+    /* at most 5 x 8000 bytes: a fan-out is one record, in one segment */
+    gen_msg(h, mis[0], n > 0 ? qs[0] : 0, false, 8000, &pm, &b);
+    kind = gen_timing(h, mis[0], &pm, 0);
+    for (int i = 1; i < n; i++) {
+        mis[i] = m_new_msg(w);
+        w->m[mis[i]] = w->m[mis[0]];
+        w->m[mis[i]].cur.q = qs[i];
+    }
+    for (int i = 0; i < n; i++) {
+        room &= m_room(w, qs[i], 1, w->m[mis[i]].len);
+    }
+    oplog(h, "route pub r \"%s\" to %d queue%s, %u bytes (c%d)", m_rkey[k], n,
+          n == 1 ? "" : "s", w->m[mis[0]].len, ci);
+    t0 = now_ms_mono();
+    rc = protoq_publish_route(h->c[ci].c, "r", m_rkey[k], &pm, ids, M_NQ, &got);
+    t1 = now_ms_mono();
+    if (n == 0 || !room) {
+        w->nm = first;
+        if (n == 0 ? remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_NOT_FOUND)
+                   : remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_FULL)) {
+            return 0;
+        }
+        return unexpected(h, ci, "route pub", rc,
+                          n == 0 ? "QUEUE_NOT_FOUND" : "QUEUE_FULL");
+    }
+    if (rc != PQ_OK || got != (size_t)n) {
+        w->nm = first;
+        return rc != PQ_OK
+                   ? unexpected(h, ci, "route pub", rc, "PQ_OK")
+                   : m_fail(w, "route pub: %zu copies, model %d", got, n);
+    }
+    if (kind == 2 && t1 - t0 + 2 >= (int64_t)pm.delay_ms) {
+        grp = ++w->grp;
+    }
+    for (int i = 0; i < n; i++) {
+        w->m[mis[i]].id = ids[i];
+        stored(h, mis[i], qs[i], kind, &pm, t0, t1, grp);
         durable |= !w->q[qs[i]].a.transient;
     }
     if (durable) {

@@ -18,7 +18,8 @@ from .errors import (  # noqa: F401
     MessageTooLarge, Unauthorized, Forbidden, DiskFull, Overloaded,
     StaleDelivery, SubscriptionNotFound, Internal, Unsupported)
 from .client import (  # noqa: F401
-    Client, Delivery, Subscription, QueueInfo, Progress, InvalidArgument,
+    Client, Delivery, Subscription, QueueInfo, JobInfo, Progress,
+    InvalidArgument,
     parse_address, PROTOCOL_VERSION, DEFAULT_PORT)
 from .worker import Worker, Job, worker, decode_payload  # noqa: F401
 from . import protoq_pb2 as wire  # noqa: F401  the generated messages

@@ -1054,3 +1054,122 @@ class Client:
         f = pb.Frame()
         f.cancel.queue, f.cancel.message_id = queue, message_id
         self._call(f, "ok")
+
+    # ---- public: routes
+
+    def route_bind(self, route, queue, pattern=""):
+        """Bind queue to route; a publish to the route with a routing key
+        matching pattern (AMQP topic: "*" one dot-separated word, "#" zero
+        or more; "" every key) stores a copy in queue. Returns True when
+        the binding is new, False when it existed."""
+        _check_name(route)
+        _check_name(queue)
+        f = pb.Frame()
+        f.route_bind.route, f.route_bind.queue = route, queue
+        f.route_bind.pattern = pattern or ""
+        return self._call(f, "ok").ok.count == 1
+
+    def route_unbind(self, route, queue, pattern=""):
+        """Remove that exact binding; True when there was one."""
+        _check_name(route)
+        _check_name(queue)
+        f = pb.Frame()
+        f.route_unbind.route, f.route_unbind.queue = route, queue
+        f.route_unbind.pattern = pattern or ""
+        return self._call(f, "ok").ok.count == 1
+
+    def routes(self):
+        """Every binding as (route, queue, pattern), by route then bind
+        order."""
+        f = pb.Frame()
+        f.route_list.SetInParent()
+        ok = self._call(f, "route_list_ok").route_list_ok
+        return [(b.route, b.queue, b.pattern) for b in ok.bindings]
+
+    def publish_route(self, route, payload, routing_key="",
+                      allow_unrouted=False, **opts):
+        """Publish through a route: one copy in every queue whose binding
+        matches routing_key, all in one log record. Returns the copies'
+        ids (one per queue; [] only with allow_unrouted). A route that
+        matches nothing raises QueueNotFound unless allow_unrouted."""
+        _check_name(route)
+        f = pb.Frame()
+        f.publish.route = route
+        f.publish.routing_key = routing_key or ""
+        f.publish.allow_unrouted = bool(allow_unrouted)
+        _message(f.publish.message, payload, **opts)
+        return list(self._call(f, "publish_ok").publish_ok.message_ids)
+
+    # ---- public: job visibility
+
+    def job(self, queue, message_id):
+        """Look at one job without changing it: a JobInfo (state "ready",
+        "delayed", "inflight" or "dead", attempt, failures, holder, ...).
+        QueueNotFound when the queue or the job is not there."""
+        _check_name(queue)
+        f = pb.Frame()
+        f.job_get.queue, f.job_get.message_id = queue, message_id
+        return JobInfo(self._call(f, "job_info").job_info)
+
+    def jobs(self, queue, state=None, limit=100, after_id=0):
+        """A queue's jobs in id order, at most limit (fetched a page of up
+        to 1000 at a time), only those in state ("ready", "delayed",
+        "inflight", "dead": the dead-letter queue's) if given, ids above
+        after_id. Nothing is delivered or counted."""
+        _check_name(queue)
+        if state is not None and state not in _JOB_STATES[1:]:
+            raise InvalidArgument("state: one of %s, not %r"
+                                  % (", ".join(_JOB_STATES[1:]), state))
+        out = []
+        while len(out) < limit:
+            f = pb.Frame()
+            f.job_list.queue = queue
+            f.job_list.state = _JOB_STATES.index(state) if state else 0
+            f.job_list.limit = min(limit - len(out), 1000)
+            f.job_list.after_id = after_id
+            ok = self._call(f, "job_list_ok").job_list_ok
+            out.extend(JobInfo(j) for j in ok.jobs)
+            after_id = ok.next_after_id
+            if after_id == 0:
+                break
+        return out
+
+
+_JOB_STATES = ("any", "ready", "delayed", "inflight", "dead")
+
+
+class JobInfo:
+    """What the broker knows of one job (JobInfo). Times are Unix seconds
+    (None when not set); lease_left in seconds."""
+
+    __slots__ = ("queue", "id", "state", "attempt", "failures", "priority",
+                 "requires", "holder", "holder_address", "lease_left",
+                 "progress", "last_error", "published_at", "due_at",
+                 "cancelled", "payload_bytes")
+
+    def __init__(self, j):
+        self.queue = j.queue
+        self.id = j.message_id
+        self.state = _JOB_STATES[j.state] if j.state < len(_JOB_STATES) \
+            else "unknown"
+        self.attempt = j.attempt
+        self.failures = j.failures
+        self.priority = j.priority
+        self.requires = {kv.key: kv.value for kv in j.requires}
+        held = j.HasField("holder")
+        self.holder = j.holder.client_name if held else None
+        self.holder_address = j.holder.address if held else None
+        self.lease_left = j.holder.lease_left_ms / 1000.0 if held else None
+        self.progress = Progress(j.progress.percent, j.progress.text,
+                                 j.progress.checkpoint) \
+            if j.HasField("progress") else None
+        self.last_error = j.last_error or None
+        self.published_at = j.published_at_ms / 1000.0
+        self.due_at = j.due_at_ms / 1000.0 if j.due_at_ms else None
+        self.cancelled = j.cancelled
+        self.payload_bytes = j.payload_bytes
+
+    def __repr__(self):
+        return "JobInfo(%s)" % ", ".join(
+            "%s=%r" % (s, getattr(self, s)) for s in self.__slots__)
+
