@@ -293,8 +293,17 @@ dispatch_publish(struct conn *c, uint64_t rid, Protoq__Publish *const *items,
             if (rc == PQ_ENOSPC) {
                 bk->stats.disk_full_refusals++;
             }
-            dispatch_reply_err(c, rid, rc, "publish: not stored: %s",
-                               pq_strerror(rc));
+            if (rc == PQ_ETOOBIG) {
+                /* a batch is one record, and a record fits in a segment */
+                dispatch_reply_err(c, rid, rc,
+                                   "publish: not stored: the batch is larger "
+                                   "than a log segment (segment_bytes "
+                                   "%llu); publish it in smaller batches",
+                                   (unsigned long long)bk->cfg->segment_bytes);
+            } else {
+                dispatch_reply_err(c, rid, rc, "publish: not stored: %s",
+                                   pq_strerror(rc));
+            }
             for (i = 0; i < w->n; i++) {
                 dispatch_room_give(bk, &w->items[i]);
             }

@@ -590,12 +590,13 @@ END_TEST
 
 /*
  * A PublishBatch larger than one segment (segment_bytes 65536 here) was
- * refused with DISK_FULL, which no retry can cure, although the log goes
- * on in the next segment between any two records. It is stored, confirmed
- * and kept across a restart, and the segments it spans are collected once
- * it is consumed.
+ * refused with DISK_FULL, which no retry can cure. A batch is one log
+ * record (all or nothing across a crash), and a record must fit in a
+ * segment: it is refused with MESSAGE_TOO_LARGE naming segment_bytes,
+ * stores nothing, and the same messages in two batches are stored and
+ * kept across a restart.
  */
-START_TEST(test_batch_over_a_segment_is_stored)
+START_TEST(test_batch_over_a_segment_is_too_large_and_stores_nothing)
 {
     enum { N = 6, LEN = 16000 };
     protoq_client *c = pq_connect_or_fail(&g_srv);
@@ -612,7 +613,13 @@ START_TEST(test_batch_over_a_segment_is_stored)
         m[i].payload = payload[i];
         m[i].len = LEN;
     }
-    pq_check_ok(c, protoq_publish_batch(c, "big", m, N, ids));
+    pq_check_remote(c, protoq_publish_batch(c, "big", m, N, ids),
+                    PROTOQ_CODE_MESSAGE_TOO_LARGE);
+    ck_assert_ptr_nonnull(strstr(protoq_errmsg(c), "segment_bytes"));
+    ck_assert_uint_eq(qtotal(c, "big"), 0);
+    pq_check_ok(c, protoq_publish_batch(c, "big", m, N / 2, ids));
+    pq_check_ok(
+        c, protoq_publish_batch(c, "big", m + N / 2, N - N / 2, ids + N / 2));
     protoq_close(c);
     bounce(_i);
     c = pq_connect_or_fail(&g_srv);
@@ -1147,7 +1154,8 @@ loss_suite(void)
                         0, 2);
     tcase_add_loop_test(tc, test_compacted_keyed_job_survives_restart, 0, 2);
     tcase_add_loop_test(tc, test_counters_start_at_zero_after_restart, 0, 2);
-    tcase_add_loop_test(tc, test_batch_over_a_segment_is_stored, 0, 2);
+    tcase_add_loop_test(
+        tc, test_batch_over_a_segment_is_too_large_and_stores_nothing, 0, 2);
     tcase_add_loop_test(tc, test_keys_put_back_delete_and_compaction_combined,
                         0, 2);
     suite_add_tcase(s, tc);

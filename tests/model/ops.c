@@ -588,6 +588,11 @@ op_publish(struct hist *h, int ci, int q)
     return 0;
 }
 
+/* Payload bytes of a batch that surely fits in one 64 KiB segment's
+ * record, and that surely does not (headers, keys, requirements and the
+ * record's framing make up the difference). */
+enum { BATCH_SURE_FITS = 56000, BATCH_SURE_TOO_BIG = 65536 };
+
 /* A batch of 2-5 messages (no keys) to one or several queues. */
 int
 op_batch(struct hist *h, int ci, int q0)
@@ -601,6 +606,7 @@ op_batch(struct hist *h, int ci, int q0)
     uint64_t ids[5], need[M_NQ] = {0}, bytes[M_NQ] = {0};
     int n = 2 + (int)rn(h, 4), rc, first = w->nm;
     bool all_exist = true, room = true, durable = false;
+    uint64_t total = 0;
     uint32_t grp = 0;
     int64_t t0, t1;
     char line[200];
@@ -613,7 +619,8 @@ op_batch(struct hist *h, int ci, int q0)
         qs[i] = chance(h, 70) ? q0 : (int)rn(h, M_NQ);
         mis[i] = m_new_msg(w);
         b[i].payload = payloads[i];
-        /* avoid batch-over-segment: 5 x 8000 bytes fit in a 64 KiB segment */
+        /* avoid batch-over-segment: 5 x 8000 bytes fit in a 64 KiB segment;
+         * otherwise up to 5 x 16000 do not, and are refused */
         gen_msg(h, mis[i], qs[i], false,
                 (h->avoid & AV_BATCH_OVER_SEGMENT) ? 8000 : 16000, &pm[i],
                 &b[i]);
@@ -622,6 +629,7 @@ op_batch(struct hist *h, int ci, int q0)
         all_exist &= w->q[qs[i]].exists;
         need[qs[i]]++;
         bytes[qs[i]] += w->m[mis[i]].len;
+        total += w->m[mis[i]].len;
         ln += (size_t)snprintf(line + ln, sizeof(line) - ln,
                                " %s/%u/p%u/d%" PRIu64 "/t%" PRIu64, qn[i],
                                w->m[mis[i]].len, w->m[mis[i]].prio,
@@ -642,6 +650,18 @@ op_batch(struct hist *h, int ci, int q0)
         }
         return unexpected(h, ci, "batch", rc,
                           !all_exist ? "QUEUE_NOT_FOUND" : "QUEUE_FULL");
+    }
+    /* A batch is one log record: one bigger than a segment (64 KiB here)
+     * is refused whole. Near the limit the record's own overhead decides,
+     * so either answer is right there. */
+    if (total > BATCH_SURE_TOO_BIG ||
+        (total > BATCH_SURE_FITS && rc != PQ_OK)) {
+        w->nm = first;
+        if (remote_is(h, ci, rc, PROTOQ_CODE_MESSAGE_TOO_LARGE)) {
+            return 0;
+        }
+        return unexpected(h, ci, "batch over a segment", rc,
+                          "MESSAGE_TOO_LARGE");
     }
     if (rc != PQ_OK) {
         w->nm = first;
