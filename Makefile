@@ -79,7 +79,7 @@ STORE_OBJS = $(B)/broker/store.o $(B)/broker/store_thread.o $(B)/broker/store_re
              $(B)/broker/crc32c.o
 BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
               $(B)/broker/dispatch.o $(B)/broker/dispatch_admin.o \
-              $(B)/broker/dispatch_publish.o $(B)/broker/dispatch_consume.o \
+              $(B)/broker/dispatch_publish.o $(B)/broker/dispatch_consume.o $(B)/broker/dispatch_result.o \
               $(B)/broker/journal.o $(B)/broker/config.o \
               $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS)
 
@@ -94,7 +94,7 @@ UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_queue \
               $(B)/tests/unit/check_journal
 INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_jobs \
               $(B)/tests/integration/check_client $(B)/tests/integration/check_work \
-              $(B)/tests/integration/check_loss \
+              $(B)/tests/integration/check_loss $(B)/tests/integration/check_results \
               $(B)/tests/crash/check_crash $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
 MODEL_TESTS = $(B)/tests/model/check_model

@@ -34,6 +34,13 @@
  *   7 REC_DEAD_LETTER    id u64, target str, reason str, body bytes
  *   8 REC_DROP           id u64, reason str
  *   9 REC_PROGRESS       id u64, progress bytes
+ *  10 REC_ATOMIC         inner_type u8 (5 ACK, 7 DEAD_LETTER or 8 DROP),
+ *                        inner bytes (that record's body), n u32 (>= 1),
+ *                        n x publish bytes (each a REC_PUBLISH body): a
+ *                        job's end and the messages it causes (an ack's
+ *                        result and follow-ups, a failure notice), applied
+ *                        together or not at all. Replay applies the inner
+ *                        record, then each publish, all at this location.
  *  64 REC_SEG_START      prev_seq u32, prev_end u64: written by the store
  *                        (never by the dispatcher) as the first record of
  *                        every segment of format version 2: the segment
@@ -75,8 +82,9 @@ enum record_type {
     REC_DEAD_LETTER = 7,
     REC_DROP = 8,
     REC_PROGRESS = 9,
-    /* 10..63 reserved for job-state records; see the comment above. */
-    REC_TYPE_MAX = 9,
+    REC_ATOMIC = 10,
+    /* 11..63 reserved for job-state records; see the comment above. */
+    REC_TYPE_MAX = 10,
     REC_SEG_START = 64, /* store metadata (64..127) */
 };
 
@@ -191,6 +199,23 @@ struct rec_progress {
     struct rec_bytes progress;
 };
 
+/*
+ * An ack, dead-letter or drop with the publishes that go with it. Encoding
+ * reads inner (a record of type inner_type) and pubs[n]; decoding checks
+ * the inner record and every publish strictly, sets inner = pubs = NULL,
+ * inner_raw to the inner body and pubs_raw to the n length-prefixed
+ * publish bodies. Decode the inner one with record_atomic_inner() and walk
+ * the publishes with record_atomic_next_publish().
+ */
+struct rec_atomic {
+    uint8_t inner_type;
+    const struct record *inner;     /* encode input */
+    struct rec_bytes inner_raw;     /* decode output */
+    uint32_t n;                     /* publishes, >= 1 */
+    const struct rec_publish *pubs; /* encode input */
+    struct rec_bytes pubs_raw;      /* decode output */
+};
+
 struct rec_seg_start {
     uint32_t prev_seq; /* 0: the first segment of a new log */
     uint64_t prev_end; /* end of prev_seq's records */
@@ -209,6 +234,7 @@ struct record {
         struct rec_dead_letter dead_letter;
         struct rec_drop drop;
         struct rec_progress progress;
+        struct rec_atomic atomic;
         struct rec_seg_start seg_start;
     } u;
 };
@@ -253,5 +279,20 @@ uint64_t record_purge_keep_id(const struct rec_queue_purge *p, uint32_t i);
  */
 bool record_publish_next_require(const struct rec_publish *p, size_t *cursor,
                                  struct rec_kv *kv);
+
+/*
+ * record_atomic_inner: decode the inner record of a decoded atomic one
+ * into *out (PQ_OK; it was checked by record_decode).
+ */
+int record_atomic_inner(const struct rec_atomic *a, struct record *out);
+
+/*
+ * record_atomic_next_publish: walk the publishes of a decoded atomic
+ * record. Start with *cursor = 0; each call sets *raw to one REC_PUBLISH
+ * body and *out (may be NULL) to its decoding, and returns true, or
+ * returns false after the last one.
+ */
+bool record_atomic_next_publish(const struct rec_atomic *a, size_t *cursor,
+                                struct rec_bytes *raw, struct rec_publish *out);
 
 #endif
