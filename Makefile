@@ -86,7 +86,8 @@ BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
 LIB_OBJS   = $(B)/client/client.o $(B)/client/client_admin.o \
              $(B)/client/client_pub.o $(B)/client/client_consume.o
 CLI_OBJS   = $(B)/client/cli.o $(B)/client/cli_queue.o $(B)/client/cli_pub.o \
-             $(B)/client/cli_consume.o $(B)/client/cli_work.o $(B)/client/cli_job.o
+             $(B)/client/cli_consume.o $(B)/client/cli_work.o $(B)/client/cli_job.o \
+             $(B)/client/cli_wait.o
 BENCH_OBJS = $(B)/client/bench.o
 
 UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_queue \

@@ -159,7 +159,10 @@ cmd_pub(struct cli *cli, int argc, char **argv)
         O_TTL,
         O_HEADER,
         O_KEY,
-        O_REQUIRE
+        O_REQUIRE,
+        O_REPLY_TO,
+        O_CORRELATION_ID,
+        O_WAIT
     };
     static const struct option opts[] = {
         {"file", required_argument, NULL, O_FILE},
@@ -170,6 +173,9 @@ cmd_pub(struct cli *cli, int argc, char **argv)
         {"header", required_argument, NULL, O_HEADER},
         {"key", required_argument, NULL, O_KEY},
         {"require", required_argument, NULL, O_REQUIRE},
+        {"reply-to", required_argument, NULL, O_REPLY_TO},
+        {"correlation-id", required_argument, NULL, O_CORRELATION_ID},
+        {"wait", optional_argument, NULL, O_WAIT},
         {NULL, 0, NULL, 0},
     };
     struct kvlist headers, requires;
@@ -177,7 +183,9 @@ cmd_pub(struct cli *cli, int argc, char **argv)
     const char *file = NULL;
     const char *queue;
     const char *data = NULL;
-    bool lines = false;
+    bool lines = false, wait = false;
+    uint64_t wait_ms = 0;
+    bool wait_limit = false;
     char *buf = NULL;
     uint64_t v, id = 0;
     int ch, rc;
@@ -222,6 +230,26 @@ cmd_pub(struct cli *cli, int argc, char **argv)
                 return usage_err("--require: want K=V (at most %d)", MAX_KV);
             }
             break;
+        case O_REPLY_TO:
+            m.reply_to = optarg;
+            break;
+        case O_CORRELATION_ID:
+            m.correlation_id = optarg;
+            break;
+        case O_WAIT:
+            /* --wait[=T] or --wait T: a following word that reads as a
+             * duration is the timeout (put DATA first if it is one). */
+            wait = true;
+            if (optarg == NULL && optind < argc &&
+                units_parse_duration_ms(argv[optind], &wait_ms) == PQ_OK) {
+                optarg = argv[optind++];
+            }
+            if (optarg != NULL &&
+                units_parse_duration_ms(optarg, &wait_ms) != PQ_OK) {
+                return usage_err("--wait: not a duration: %s", optarg);
+            }
+            wait_limit = optarg != NULL;
+            break;
         default:
             return usage_err("pub: bad option");
         }
@@ -238,6 +266,10 @@ cmd_pub(struct cli *cli, int argc, char **argv)
     }
     if ((data != NULL) + (file != NULL) + lines > 1) {
         return usage_err("pub: DATA, --file and --lines exclude each other");
+    }
+    if (wait && (lines || m.reply_to != NULL)) {
+        return usage_err("pub: --wait makes its own reply queue: it excludes "
+                         "--lines and --reply-to");
     }
     snprintf(cli->cmdbuf, sizeof(cli->cmdbuf), "pub %s", queue);
     cli->cmd = cli->cmdbuf;
@@ -271,6 +303,11 @@ cmd_pub(struct cli *cli, int argc, char **argv)
     }
     if (lines) {
         return pub_lines(cli, queue, &m);
+    }
+    if (wait) {
+        rc = pub_wait(cli, queue, &m, wait_limit ? (int64_t)wait_ms : -1);
+        free(buf);
+        return rc;
     }
     rc = protoq_publish(cli->c, queue, &m, &id);
     free(buf);

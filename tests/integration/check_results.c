@@ -10,14 +10,18 @@
  * the ack and changes nothing; failure notices for a job dead-lettered
  * after max attempts, dropped by its TTL, or cancelled (ready and in
  * flight); across kill -9, a job's result and follow-up exist exactly when
- * its ack does.
+ * its ack does; `protoq pub --wait` against `protoq work` and against a
+ * poison job (exit 3).
  */
 #include <check.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "testutil.h"
@@ -583,6 +587,135 @@ START_TEST(test_kill9_result_and_follow_up_exactly_with_ack)
 }
 END_TEST
 
+/* ----------------------------------------------------------------- CLI */
+
+static const char *
+protoq_bin(void)
+{
+    const char *p = getenv("PROTOQ");
+
+    return p && p[0] ? p : "build/protoq";
+}
+
+/* spawn_work: `protoq work QUEUE -- sh -c SCRIPT` in the background, its
+ * output into DIR/work.log. Stop it with stop_work. */
+static pid_t
+spawn_work(const char *queue, const char *script)
+{
+    char log[320];
+    pid_t pid;
+
+    snprintf(log, sizeof(log), "%s/work.log", g_srv.dir);
+    pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+
+        if (fd >= 0) {
+            dup2(fd, STDOUT_FILENO);
+            dup2(fd, STDERR_FILENO);
+        }
+        setenv("PROTOQ_SERVER", g_srv.addr, 1);
+        execl(protoq_bin(), protoq_bin(), "work", queue, "--", "sh", "-c",
+              script, (char *)NULL);
+        _exit(127);
+    }
+    return pid;
+}
+
+/* stop_work: SIGTERM, up to 5 s, then SIGKILL. */
+static void
+stop_work(pid_t pid)
+{
+    int64_t end = now_ms_mono() + 5000;
+    int status;
+
+    kill(pid, SIGTERM);
+    while (waitpid(pid, &status, WNOHANG) != pid) {
+        if (now_ms_mono() > end) {
+            kill(pid, SIGKILL);
+            waitpid(pid, &status, 0);
+            return;
+        }
+        poll(NULL, 0, 20);
+    }
+}
+
+/* pub_wait: `protoq -s ADDR pub QUEUE DATA --wait 20s`; its exit status,
+ * its output into out. */
+static int
+pub_wait(const char *queue, const char *data, char *out, size_t cap)
+{
+    char path[320];
+    const char *const argv[] = {protoq_bin(), "-s",  g_srv.addr,
+                                "pub",        queue, data,
+                                "--wait",     "20s", NULL};
+    int st;
+
+    snprintf(path, sizeof(path), "%s/pub.out", g_srv.dir);
+    st = prog_run(argv, path, 30000);
+    file_slurp(path, out, cap);
+    return st;
+}
+
+/* The private reply queue of pub --wait is gone: only `name` is left. */
+static void
+assert_only_queue(protoq_client *c, const char *name)
+{
+    struct protoq_queue_info *l = NULL;
+    size_t n = 0;
+
+    pq_check_ok(c, protoq_queue_list(c, &l, &n));
+    ck_assert_uint_eq(n, 1);
+    ck_assert_str_eq(l[0].name, name);
+    protoq_queue_list_free(l, n);
+}
+
+START_TEST(test_pub_wait_returns_work_stdout)
+{
+    protoq_client *p = pq_connect_or_fail(&g_srv);
+    char out[512];
+    pid_t w;
+    int st;
+
+    mkq(p, "train", 0);
+    w = spawn_work("train", "printf 'trained on %s' \"$(cat)\"");
+    st = pub_wait("train", "cifar", out, sizeof(out));
+    stop_work(w);
+    ck_assert_msg(st == 0, "exit %d: %s", st, out);
+    ck_assert_str_eq(out, "trained on cifar");
+    ck_assert_uint_eq(ready_count(p, "train"), 0);
+    assert_only_queue(p, "train");
+    protoq_close(p);
+}
+END_TEST
+
+START_TEST(test_pub_wait_poison_job_exits_3_with_its_failure)
+{
+    protoq_client *p = pq_connect_or_fail(&g_srv);
+    struct protoq_queue_attrs a;
+    char out[1024];
+    pid_t w;
+    int st;
+
+    memset(&a, 0, sizeof(a));
+    a.max_attempts = 2;
+    a.backoff_base_ms = 1;
+    a.backoff_cap_ms = 1;
+    pq_check_ok(p, protoq_queue_create(p, "train", &a));
+    w = spawn_work("train", "echo 'CUDA out of memory' >&2; exit 7");
+    st = pub_wait("train", "huge", out, sizeof(out));
+    stop_work(w);
+    ck_assert_msg(st == 3, "exit %d: %s", st, out);
+    ck_assert_msg(strstr(out, "max_attempts") != NULL &&
+                      strstr(out, "CUDA out of memory") != NULL,
+                  "%s", out);
+    ck_assert_uint_eq(ready_count(p, "train"), 0);
+    assert_only_queue(p, "train");
+    protoq_close(p);
+}
+END_TEST
+
 /* ------------------------------------------------------------ main */
 
 static Suite *
@@ -602,6 +735,8 @@ results_suite(void)
     tcase_add_test(tc, test_refused_follow_up_refuses_the_ack);
     tcase_add_test(tc, test_notice_when_dead_lettered_after_max_attempts);
     tcase_add_test(tc, test_notice_when_expired_or_cancelled);
+    tcase_add_test(tc, test_pub_wait_returns_work_stdout);
+    tcase_add_test(tc, test_pub_wait_poison_job_exits_3_with_its_failure);
     suite_add_tcase(s, tc);
 
     tcase_add_checked_fixture(tk, setup, teardown);
