@@ -293,6 +293,15 @@ ack_extras(struct conn *c, uint64_t rid, const Protoq__Ack *r)
                            r->n_follow_ups, bk->cfg->max_batch);
         return NULL;
     }
+    if (r->n_follow_ups > 0 && pq_mem_used() > bk->cfg->memory_high_bytes) {
+        /* follow-ups are publishes: refused like them */
+        conn_send_error(
+            c, rid, PROTOQ__ERROR_CODE__OVERLOADED,
+            "ack: follow-ups refused: broker memory over memory_high_bytes "
+            "(%llu); retry later",
+            (unsigned long long)bk->cfg->memory_high_bytes);
+        return NULL;
+    }
     w = dispatch_wait_new(r->confirm ? c : NULL, rid, WAIT_ACK,
                           (uint32_t)r->n_follow_ups + 1);
     if (w == NULL) {
