@@ -427,6 +427,54 @@ START_TEST(test_notice_when_expired_or_cancelled)
 }
 END_TEST
 
+/* ------------------------------------------------------------- evicted */
+
+static struct test_conf g_conf_evicted;
+static const char *const g_args_evicted[] = {"-c", g_conf_evicted.path, NULL};
+
+static void
+setup_evicted(void)
+{
+    ck_assert_msg(srv_start(&g_srv, g_args_evicted) == 0,
+                  "protoqd did not start");
+}
+
+/* Every payload stays on disk only (payload_budget_bytes 0). A job
+ * dead-lettered with an error: its dead letter is built from the body read
+ * back and the x-death headers of the event, whose x-death-error pointed
+ * at the error text dead_letter() had already freed (garbage, or a crash
+ * under ASan, before the fix); the failure notice reads the same headers. */
+START_TEST(test_evicted_dead_letter_keeps_its_error_text)
+{
+    protoq_client *p = pq_connect_or_fail(&g_srv);
+    protoq_client *w = pq_connect_or_fail(&g_srv);
+    struct protoq_queue_attrs a;
+    struct one job, dead, res;
+
+    memset(&a, 0, sizeof(a));
+    a.max_attempts = 1;
+    snprintf(a.dead_letter, sizeof(a.dead_letter), "dlq");
+    mkq(p, "dlq", 0);
+    mkq(p, "replies", 0);
+    pq_check_ok(p, protoq_queue_create(p, "jobs", &a));
+    submit(p, "jobs", "evicted job", "replies", "e1");
+    ck_assert(take(w, "jobs", &job, 3000));
+    ck_assert_str_eq(job.payload, "evicted job");
+    pq_check_ok(w, protoq_nack_sync(w, job.id, job.attempt, 0, false,
+                                    "the error text of the last attempt"));
+    ck_assert(take(p, "dlq", &dead, 3000));
+    ck_assert_str_eq(dead.payload, "evicted job");
+    ck_assert_str_eq(hdr(&dead, "x-death-error"),
+                     "the error text of the last attempt");
+    ck_assert(take(w, "replies", &res, 3000));
+    ck_assert_str_eq(hdr(&res, "protoq-error"),
+                     "the error text of the last attempt");
+    ck_assert_str_eq(res.cid, "e1");
+    protoq_close(w);
+    protoq_close(p);
+}
+END_TEST
+
 /* --------------------------------------------------------------- crash */
 
 enum { CRASH_JOBS = 200 };
@@ -724,6 +772,7 @@ results_suite(void)
     Suite *s = suite_create("results");
     TCase *tc = tcase_create("results");
     TCase *tk = tcase_create("crash");
+    TCase *te = tcase_create("evicted");
 
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 30);
@@ -738,6 +787,10 @@ results_suite(void)
     tcase_add_test(tc, test_pub_wait_returns_work_stdout);
     tcase_add_test(tc, test_pub_wait_poison_job_exits_3_with_its_failure);
     suite_add_tcase(s, tc);
+
+    tcase_add_checked_fixture(te, setup_evicted, teardown);
+    tcase_add_test(te, test_evicted_dead_letter_keeps_its_error_text);
+    suite_add_tcase(s, te);
 
     tcase_add_checked_fixture(tk, setup, teardown);
     tcase_set_timeout(tk, 60);
@@ -755,7 +808,8 @@ main(void)
 
     if (test_conf_write(&g_conf, "max_result_bytes 1024\n"
                                  "heartbeat_ms 1000\n"
-                                 "heartbeat_timeout_ms 5000\n") != 0) {
+                                 "heartbeat_timeout_ms 5000\n") != 0 ||
+        test_conf_write(&g_conf_evicted, "payload_budget_bytes 0\n") != 0) {
         return 1;
     }
     sr = srunner_create(results_suite());
@@ -763,5 +817,6 @@ main(void)
     failed = srunner_ntests_failed(sr);
     srunner_free(sr);
     test_conf_remove(&g_conf);
+    test_conf_remove(&g_conf_evicted);
     return failed == 0 ? 0 : 1;
 }
