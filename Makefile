@@ -106,7 +106,7 @@ STORE_OBJS = $(B)/broker/store.o $(B)/broker/store_thread.o $(B)/broker/store_re
 BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
               $(B)/broker/dispatch.o $(B)/broker/dispatch_admin.o \
               $(B)/broker/dispatch_publish.o $(B)/broker/dispatch_consume.o \
-              $(B)/broker/dispatch_deliver.o \
+              $(B)/broker/dispatch_deliver.o $(B)/broker/dispatch_result.o \
               $(B)/broker/dispatch_route.o $(B)/broker/dispatch_job.o \
               $(B)/broker/journal.o $(B)/broker/route.o $(B)/broker/config.o \
               $(B)/broker/metrics.o \
@@ -117,7 +117,8 @@ LIB_OBJS   = $(B)/client/client.o $(B)/client/client_admin.o \
              $(B)/client/client_job.o
 CLI_OBJS   = $(B)/client/cli.o $(B)/client/cli_queue.o $(B)/client/cli_pub.o \
              $(B)/client/cli_consume.o $(B)/client/cli_work.o $(B)/client/cli_job.o \
-             $(B)/client/cli_json.o $(B)/client/cli_help.o $(B)/client/cli_route.o
+             $(B)/client/cli_json.o $(B)/client/cli_help.o $(B)/client/cli_route.o \
+             $(B)/client/cli_wait.o
 BENCH_OBJS = $(B)/client/bench.o
 
 UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_structs \
@@ -125,7 +126,7 @@ UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_structs \
               $(B)/tests/unit/check_record $(B)/tests/unit/check_store \
               $(B)/tests/unit/check_store_recover $(B)/tests/unit/check_config \
               $(B)/tests/unit/check_journal $(B)/tests/unit/check_log \
-              $(B)/tests/unit/check_route
+              $(B)/tests/unit/check_route $(B)/tests/unit/check_record_atomic
 INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_jobs \
               $(B)/tests/integration/check_client $(B)/tests/integration/check_work \
               $(B)/tests/integration/check_loss $(B)/tests/integration/check_evict \
@@ -133,6 +134,7 @@ INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_j
               $(B)/tests/integration/check_limits \
               $(B)/tests/integration/check_metrics $(B)/tests/integration/check_systemd \
               $(B)/tests/integration/check_routes $(B)/tests/integration/check_visibility \
+              $(B)/tests/integration/check_results \
               $(B)/tests/crash/check_crash $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
 MODEL_TESTS = $(B)/tests/model/check_model
@@ -228,6 +230,9 @@ $(B)/tests/unit/check_structs $(B)/tests/unit/check_queue $(B)/tests/unit/check_
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/unit/check_record $(B)/tests/unit/check_store $(B)/tests/unit/check_store_recover: \
         %: %.o $(SFIX_OBJS) $(STORE_OBJS) $(B)/broker/hmap.o $(CORE_OBJS) $(PROTO_OBJS)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+$(B)/tests/unit/check_record_atomic: $(B)/tests/unit/check_record_atomic.o $(B)/broker/record.o \
+                                    $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/unit/check_journal: $(B)/tests/unit/check_journal.o $(B)/broker/journal.o $(B)/broker/route.o \
                                $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS) $(PROTO_OBJS)

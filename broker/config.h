@@ -30,6 +30,7 @@ struct config {
     uint32_t max_hello_bytes;   /* before Hello */
     uint32_t max_message_bytes; /* payload of one message */
     uint32_t max_batch;         /* messages in one PublishBatch */
+    uint32_t max_result_bytes;  /* result an Ack may carry */
     uint64_t
         conn_output_high_bytes;    /* stop delivering to a consumer past this */
     uint32_t heartbeat_ms;         /* 0 = off */

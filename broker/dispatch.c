@@ -151,7 +151,7 @@ dispatch_room_take(struct broker *bk, struct pending *items, uint32_t n,
     for (i = 0; i < n; i++) {
         struct room *r;
 
-        if (items[i].duplicate) {
+        if (items[i].duplicate || items[i].no_room) {
             continue;
         }
         r = room_of(bk, items[i].q, true);
@@ -165,7 +165,7 @@ dispatch_room_take(struct broker *bk, struct pending *items, uint32_t n,
     for (uint32_t k = 0; rc == PQ_OK && k < n; k++) {
         struct room *r;
 
-        if (items[k].duplicate) {
+        if (items[k].duplicate || items[k].no_room) {
             continue;
         }
         r = room_of(bk, items[k].q, false);
@@ -176,8 +176,9 @@ dispatch_room_take(struct broker *bk, struct pending *items, uint32_t n,
     }
     if (rc != PQ_OK) {
         for (uint32_t k = 0; k < i; k++) {
-            struct room *r =
-                items[k].duplicate ? NULL : room_of(bk, items[k].q, false);
+            struct room *r = items[k].duplicate || items[k].no_room
+                                 ? NULL
+                                 : room_of(bk, items[k].q, false);
             if (r) {
                 r->n--;
                 r->bytes -= items[k].mn.size;
@@ -192,7 +193,7 @@ dispatch_room_give(struct broker *bk, const struct pending *p)
 {
     struct room *r;
 
-    if (p->duplicate || p->q == NULL ||
+    if (p->duplicate || p->no_room || p->q == NULL ||
         (r = room_of(bk, p->q, false)) == NULL) {
         return;
     }
@@ -293,6 +294,50 @@ dispatch_wait_enqueue(struct broker *bk, struct wait *w, uint64_t lsn)
     bk->waits_tail = w;
 }
 
+/* dispatch_push_pending: see dispatch_int.h. */
+void
+dispatch_push_pending(struct broker *bk, struct pending *p)
+{
+    struct msg_new mn;
+    bool durable;
+    int rc;
+
+    dispatch_room_give(bk, p);
+    if (p->duplicate) {
+        return;
+    }
+    /* The queue may have been deleted while the record was written:
+     * its QUEUE_DELETE follows the PUBLISH in the log, so dropping the
+     * message here is what a replay would do too. */
+    if (p->q != NULL) {
+        p->mn.requires = p->requires;
+        p->mn.idem_key = p->idem_key;
+        /* The budget decides before the push, so the queue can keep
+         * the message compact (no struct msg pointer needed here). */
+        mn = p->mn;
+        durable = !queue_attrs(p->q)->transient;
+        if (durable && !journal_keep_body(bk->journal, &mn)) {
+            mn.body = NULL; /* the pending item still owns its ref */
+        }
+        rc = queue_push(p->q, &mn, *bk->now_mono_ms, NULL);
+        if (rc != PQ_OK && durable) {
+            /* On disk but not in memory (out of memory): keep its
+             * segment for the life of this process, so the record is
+             * not deleted and a restart brings the message back. */
+            journal_pin(bk->journal, &mn);
+            log_err("queue %s: message %llu is stored but could not be "
+                    "queued (%s); it is delivered after a restart",
+                    queue_name(p->q), (unsigned long long)p->mn.id,
+                    pq_strerror(rc));
+        } else if (rc != PQ_OK) {
+            log_warn("queue %s: message %llu not queued: %s", queue_name(p->q),
+                     (unsigned long long)p->mn.id, pq_strerror(rc));
+        } else if (durable) {
+            journal_msg_stored(bk->journal, &mn);
+        }
+    }
+}
+
 /* Push the messages of a durable publish and answer PublishOk. */
 void
 dispatch_complete_publish(struct broker *bk, struct wait *w)
@@ -308,11 +353,7 @@ dispatch_complete_publish(struct broker *bk, struct wait *w)
 
     for (uint32_t i = 0; i < w->n; i++) {
         struct pending *p = &w->items[i];
-        struct msg_new mn;
-        bool durable;
-        int rc;
 
-        dispatch_room_give(bk, p);
         if (ids) {
             ids[i] = p->mn.id;
         }
@@ -320,40 +361,7 @@ dispatch_complete_publish(struct broker *bk, struct wait *w)
             dups[i] = p->duplicate;
         }
         any_dup |= p->duplicate;
-        if (p->duplicate) {
-            continue;
-        }
-        /* The queue may have been deleted while the record was written:
-         * its QUEUE_DELETE follows the PUBLISH in the log, so dropping the
-         * message here is what a replay would do too. */
-        if (p->q != NULL) {
-            p->mn.requires = p->requires;
-            p->mn.idem_key = p->idem_key;
-            /* The budget decides before the push, so the queue can keep
-             * the message compact (no struct msg pointer needed here). */
-            mn = p->mn;
-            durable = !queue_attrs(p->q)->transient;
-            if (durable && !journal_keep_body(bk->journal, &mn)) {
-                mn.body = NULL; /* the pending item still owns its ref */
-            }
-            rc = queue_push(p->q, &mn, *bk->now_mono_ms, NULL);
-            if (rc != PQ_OK && durable) {
-                /* On disk but not in memory (out of memory): keep its
-                 * segment for the life of this process, so the record is
-                 * not deleted and a restart brings the message back. */
-                journal_pin(bk->journal, &mn);
-                log_err("queue %s: message %llu is stored but could not be "
-                        "queued (%s); it is delivered after a restart",
-                        queue_name(p->q), (unsigned long long)p->mn.id,
-                        pq_strerror(rc));
-            } else if (rc != PQ_OK) {
-                log_warn("queue %s: message %llu not queued: %s",
-                         queue_name(p->q), (unsigned long long)p->mn.id,
-                         pq_strerror(rc));
-            } else if (durable) {
-                journal_msg_stored(bk->journal, &mn);
-            }
-        }
+        dispatch_push_pending(bk, p);
     }
     if (w->conn && conn_is_open(w->conn)) {
         if (ids == NULL || dups == NULL) {
@@ -426,6 +434,8 @@ settle_waits(void *arg, uint64_t upto_lsn, int status)
         } else if (w->kind == WAIT_PUBLISH) {
             confirmed += w->n;
             dispatch_complete_publish(bk, w);
+        } else if (w->kind == WAIT_ACK) {
+            dispatch_complete_ack(bk, w);
         } else if (w->conn && conn_is_open(w->conn)) {
             dispatch_reply_ok(w->conn, w->request_id, w->count);
         }
@@ -662,6 +672,9 @@ static void
 on_qevent(void *arg, const struct qevent *ev)
 {
     struct broker *bk = arg;
+    struct wait *notice = NULL;
+    struct mark before;
+    int rc;
 
     if (ev->type == QEV_READY) {
         dispatch_mark_dirty(bk, ev->q);
@@ -672,7 +685,16 @@ on_qevent(void *arg, const struct qevent *ev)
                  (unsigned long long)ev->m->id, qreason_name(ev->reason),
                  ev->detail);
     }
-    journal_qevent(bk->journal, ev, *bk->now_mono_ms);
+    before = dispatch_mark_now(bk);
+    dispatch_qevent_notice(bk, ev, &notice);
+    rc = journal_qevent(bk->journal, ev, *bk->now_mono_ms,
+                        notice ? notice->items : NULL, notice ? notice->n : 0);
+    if (notice != NULL && rc == PQ_OK) {
+        dispatch_wait_after(bk, notice, before);
+    } else if (notice != NULL) {
+        /* not on disk with the job's end: not sent either */
+        dispatch_wait_free(bk, notice);
+    }
     if (ev->type == QEV_REQUEUE || ev->type == QEV_DEAD_LETTER) {
         dispatch_mark_dirty(bk, ev->q);
     }
@@ -737,6 +759,7 @@ dispatch_pass(struct broker *bk)
     bool more = false;
     uint32_t n = bk->ndirty;
 
+    dispatch_run_later(bk);
     /* Deliver for queues marked dirty before this pass; queues marked
      * during it are handled next pass. */
     for (uint32_t i = 0; i < n; i++) {
@@ -791,6 +814,11 @@ dispatch_close(struct broker *bk)
         dispatch_wait_free(bk, w);
     }
     bk->waits_tail = NULL;
+    while ((w = bk->later_head) != NULL) {
+        bk->later_head = w->next;
+        dispatch_wait_free(bk, w);
+    }
+    bk->later_tail = NULL;
     {
         size_t it = 0;
         void *r;

@@ -58,7 +58,9 @@ struct broker {
     uint64_t next_sub_id;
     struct wait *waits_head; /* FIFO of replies waiting for durability */
     struct wait *waits_tail;
-    struct queue **dirty; /* queues that may be able to deliver */
+    struct wait *later_head; /* results and notices with nothing to wait */
+    struct wait *later_tail; /* for: pushed at the next pass */
+    struct queue **dirty;    /* queues that may be able to deliver */
     uint32_t ndirty, dirty_cap;
     struct hmap_u64 dirty_set; /* membership of dirty, keyed by pointer */
     struct hmap_u64

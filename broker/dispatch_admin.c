@@ -283,9 +283,9 @@ delete_with_subscriptions(struct broker *bk, struct queue *q)
  * Their idempotency keys go with the queue: a publish to a queue of the
  * same name created meanwhile is not their duplicate. */
 static void
-forget_queue_in_waits(struct broker *bk, struct queue *q)
+forget_queue_in_list(struct broker *bk, struct wait *head, struct queue *q)
 {
-    for (struct wait *w = bk->waits_head; w; w = w->next) {
+    for (struct wait *w = head; w; w = w->next) {
         for (uint32_t i = 0; i < w->n; i++) {
             if (w->items[i].q == q) {
                 dispatch_room_give(bk, &w->items[i]);
@@ -294,6 +294,13 @@ forget_queue_in_waits(struct broker *bk, struct queue *q)
             }
         }
     }
+}
+
+static void
+forget_queue_in_waits(struct broker *bk, struct queue *q)
+{
+    forget_queue_in_list(bk, bk->waits_head, q);
+    forget_queue_in_list(bk, bk->later_head, q);
 }
 
 /* The queues other than q whose dead_letter is q: their names, comma

@@ -180,6 +180,102 @@ dispatch_conn_output(void *arg, struct conn *c, bool full)
 
 /* ---- acknowledgements ---- */
 
+/*
+ * ack_extras: the messages an ack adds (its follow-ups, then its result if
+ * the job has a reply_to), checked, with room and disk space taken, into a
+ * WAIT_ACK wait, before the ack touches the job: any refusal refuses the
+ * ack and changes nothing. NULL when it answered rid with the refusal.
+ */
+static struct wait *
+ack_extras(struct conn *c, uint64_t rid, const Protoq__Ack *r)
+{
+    struct broker *bk = broker_of(c);
+    struct wait *w;
+    struct queue *full = NULL;
+    struct msg cur;
+    uint64_t wall_now = clock_wall_ms();
+    bool room = false;
+    int rc;
+
+    if (r->result.len > bk->cfg->max_result_bytes) {
+        dispatch_reply_err(c, rid, PQ_ETOOBIG,
+                           "ack: result of %zu bytes is over max_result_bytes "
+                           "(%u)",
+                           r->result.len, bk->cfg->max_result_bytes);
+        return NULL;
+    }
+    if (r->n_follow_ups > bk->cfg->max_batch) {
+        dispatch_reply_err(c, rid, PQ_EINVAL,
+                           "ack: %zu follow-ups (at most max_batch, %u)",
+                           r->n_follow_ups, bk->cfg->max_batch);
+        return NULL;
+    }
+    if (r->n_follow_ups > 0 && pq_mem_used() > bk->cfg->memory_high_bytes) {
+        /* follow-ups are publishes: refused like them */
+        conn_send_error(
+            c, rid, PROTOQ__ERROR_CODE__OVERLOADED,
+            "ack: follow-ups refused: broker memory over memory_high_bytes "
+            "(%llu); retry later",
+            (unsigned long long)bk->cfg->memory_high_bytes);
+        return NULL;
+    }
+    w = dispatch_wait_new(r->confirm ? c : NULL, rid, WAIT_ACK,
+                          (uint32_t)r->n_follow_ups + 1);
+    if (w == NULL) {
+        dispatch_reply_err(c, rid, PQ_ENOMEM, "ack: out of memory");
+        return NULL;
+    }
+    for (size_t i = 0; i < r->n_follow_ups; i++) {
+        if (!dispatch_prepare_one(c, rid, r->follow_ups[i],
+                                  r->follow_ups[i]->queue, &w->items[w->n],
+                                  wall_now)) {
+            goto fail; /* answered */
+        }
+        w->n++;
+    }
+    /* The result: only for the job in flight (any other ack is refused
+     * below) that named a reply_to. */
+    if (qset_msg_peek(bk->qs, r->message_id, &cur) &&
+        cur.state == MSG_INFLIGHT && cur.attempt == r->attempt) {
+        struct outcome o = {
+            .status = "ok",
+            .queue = queue_name(cur.q),
+            .attempt = cur.attempt,
+            .result = r->result.data,
+            .result_len = r->result.len,
+        };
+
+        rc = dispatch_reply_item(bk, &cur, &o, &w->items[w->n]);
+        if (rc == PQ_OK) {
+            w->n++;
+        } else if (rc != PQ_ENOTFOUND) {
+            dispatch_reply_err(c, rid, rc,
+                               "ack: the result does not fit a message (%s)",
+                               pq_strerror(rc));
+            goto fail;
+        }
+    }
+    rc = dispatch_room_take(bk, w->items, w->n, &full);
+    if (rc != PQ_OK) {
+        dispatch_reply_err(c, rid, rc, "ack: follow-up to %s: %s",
+                           full ? queue_name(full) : "?", pq_strerror(rc));
+        goto fail;
+    }
+    room = true;
+    rc = journal_publish_check(bk->journal, w->items, w->n);
+    if (rc != PQ_OK) {
+        dispatch_reply_err(c, rid, rc, "ack: not stored: %s", pq_strerror(rc));
+        goto fail;
+    }
+    return w;
+fail:
+    for (uint32_t i = 0; room && i < w->n; i++) {
+        dispatch_room_give(bk, &w->items[i]);
+    }
+    dispatch_wait_free(bk, w);
+    return NULL;
+}
+
 void
 dispatch_on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
 {
@@ -187,14 +283,15 @@ dispatch_on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
     struct msg *m = NULL;
     struct msg cur;
     struct queue *q, *was;
+    struct wait *w = NULL;
     uint64_t lsn = 0;
     int rc;
 
     if (r->n_follow_ups > 0 || r->result.len > 0) {
-        conn_send_error(
-            c, rid, PROTOQ__ERROR_CODE__UNSUPPORTED,
-            "ack with a result or follow-ups is not implemented yet");
-        return;
+        w = ack_extras(c, rid, r);
+        if (w == NULL) {
+            return; /* refused, nothing changed */
+        }
     }
     was = qset_msg_peek(bk->qs, r->message_id, &cur) ? cur.q : NULL;
     rc = qset_ack(bk->qs, r->message_id, r->attempt, &m);
@@ -215,15 +312,17 @@ dispatch_on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
                            "ack %llu/%u: not the current delivery (lease "
                            "expired, already acked, or cancelled)",
                            (unsigned long long)r->message_id, r->attempt);
-        return;
+        goto out;
     }
     q = m->q;
     rc = PQ_OK;
-    if (!queue_attrs(q)->transient) {
-        rc = journal_ack(bk->journal, m, &lsn);
+    if (w != NULL || !queue_attrs(q)->transient) {
+        rc = journal_ack(bk->journal, m, w ? w->items : NULL, w ? w->n : 0,
+                         &lsn);
         if (rc != PQ_OK) {
             /* In memory it is gone; on disk it stays and would come back
-             * after a restart: at-least-once, never a loss. */
+             * after a restart: at-least-once, never a loss. What the ack
+             * would have added is in no record, so it is not added. */
             log_warn("queue %s: ack of %llu not journaled: %s", queue_name(q),
                      (unsigned long long)m->id, pq_strerror(rc));
         }
@@ -235,8 +334,23 @@ dispatch_on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
                            "ack applied, but not recorded in the log (%s); "
                            "after a restart the message is delivered again",
                            pq_strerror(rc));
-    } else if (r->confirm) {
+    } else if (w != NULL && rc == PQ_OK) {
+        if (lsn == 0) {
+            dispatch_complete_ack(bk, w); /* gives the room back */
+            dispatch_wait_free(bk, w);
+        } else {
+            dispatch_wait_enqueue(bk, w, lsn); /* the wait list owns it */
+        }
+        w = NULL;
+    } else if (r->confirm && rc == PQ_OK) {
         dispatch_finish_ok(c, rid, lsn, 0);
+    }
+out:
+    if (w != NULL) {
+        for (uint32_t i = 0; i < w->n; i++) {
+            dispatch_room_give(bk, &w->items[i]);
+        }
+        dispatch_wait_free(bk, w);
     }
 }
 
@@ -399,12 +513,27 @@ dispatch_on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r)
                            (unsigned long long)r->message_id, pq_strerror(rc));
         return;
     }
-    if (held && !queue_attrs(held->q)->transient) {
-        rc = journal_cancel(bk->journal, held);
+    if (held) {
+        struct outcome o = {
+            .status = "failed",
+            .queue = queue_name(held->q),
+            .attempt = held->attempt,
+            .reason = qreason_name(QR_CANCELLED),
+        };
+        struct mark at = dispatch_mark_now(bk);
+        struct wait *notice = dispatch_notice(bk, held, &o);
+
+        rc = journal_cancel(bk->journal, held, notice ? notice->items : NULL,
+                            notice ? notice->n : 0);
         if (rc != PQ_OK) {
             log_warn("queue %s: cancel of %llu not journaled: %s",
                      queue_name(held->q), (unsigned long long)held->id,
                      pq_strerror(rc));
+        }
+        if (notice != NULL && rc == PQ_OK) {
+            dispatch_wait_after(bk, notice, at);
+        } else if (notice != NULL) {
+            dispatch_wait_free(bk, notice);
         }
     }
     if (held && held->holder) {

@@ -12,6 +12,7 @@
  *   dispatch_route.c    route bind, unbind, list; a publish's route
  *                       resolved to its queues
  *   dispatch_job.c      job lookup and listing (read-only)
+ *   dispatch_result.c   results and failure notices to a job's reply_to
  */
 #ifndef PQ_DISPATCH_INT_H
 #define PQ_DISPATCH_INT_H
@@ -67,7 +68,9 @@ struct sub {
     struct outd *out_head, *out_tail;
 };
 
-enum wait_kind { WAIT_PUBLISH, WAIT_OK };
+/* WAIT_ACK: push the items (an ack's result and follow-ups, a failure
+ * notice), then answer Ok if there is a connection. */
+enum wait_kind { WAIT_PUBLISH, WAIT_OK, WAIT_ACK };
 
 /* A reply (and for publishes, the messages) waiting for an LSN to be durable.
  */
@@ -150,6 +153,53 @@ void dispatch_wait_enqueue(struct broker *bk, struct wait *w, uint64_t lsn);
 /* Push the messages of a durable publish and answer PublishOk. */
 void dispatch_complete_publish(struct broker *bk, struct wait *w);
 
+/* dispatch_push_pending: put the message of p (durable, or in a transient
+ * queue) into its queue; gives back its room. */
+void dispatch_push_pending(struct broker *bk, struct pending *p);
+
+/* ---- results and failure notices (dispatch_result.c) ---- */
+
+/* How a job ended, for the message to its producer's reply_to. */
+struct outcome {
+    const char *status;      /* "ok" or "failed" */
+    const char *queue;       /* the queue the job ran in */
+    uint32_t attempt;        /* its last attempt */
+    const char *reason;      /* failed: max_attempts, nack, expired, ... */
+    const char *error;       /* failed: the last error text, or NULL */
+    const char *dead_letter; /* failed: the dead-letter queue it went to */
+    const uint8_t *result;   /* ok: the Ack's result */
+    size_t result_len;
+};
+
+/*
+ * dispatch_reply_item: fill p with the message that tells m's producer how
+ * its job ended. PQ_OK; PQ_ENOTFOUND when there is nobody to tell (no
+ * reply_to, or that queue is gone; logged); PQ_ETOOBIG when it would not
+ * fit a Deliver; PQ_ENOMEM. p holds nothing unless PQ_OK.
+ */
+int dispatch_reply_item(struct broker *bk, const struct msg *m,
+                        const struct outcome *o, struct pending *p);
+
+/* dispatch_notice: a WAIT_ACK wait without a connection holding m's
+ * failure notice, or NULL when there is none to send. */
+struct wait *dispatch_notice(struct broker *bk, const struct msg *m,
+                             const struct outcome *o);
+
+/* dispatch_qevent_notice: the notice a queue event calls for (a job that
+ * was dead-lettered or dropped), or *out = NULL. */
+void dispatch_qevent_notice(struct broker *bk, const struct qevent *ev,
+                            struct wait **out);
+
+/* dispatch_wait_after: complete w (WAIT_ACK) once what was appended since
+ * before is durable, or at the next pass if nothing was. */
+void dispatch_wait_after(struct broker *bk, struct wait *w, struct mark before);
+
+/* dispatch_complete_ack: push w's items and answer Ok (w->conn set). */
+void dispatch_complete_ack(struct broker *bk, struct wait *w);
+
+/* dispatch_run_later: complete what dispatch_wait_after deferred. */
+void dispatch_run_later(struct broker *bk);
+
 /*
  * finish: answer a request whose change was journaled up to lsn (0: nothing
  * journaled, answer now). Waits are FIFO in LSN order; an lsn-0 request
@@ -192,6 +242,16 @@ void dispatch_on_queue_list(struct conn *c, uint64_t rid);
 /* A subscription's tags: at most PQ_TAGS_MAX, keys 1..PQ_TAG_BYTES_MAX
  * bytes, values up to PQ_TAG_BYTES_MAX. */
 bool dispatch_tags_valid(Protoq__KeyValue **kv, size_t n);
+
+/*
+ * dispatch_prepare_one: validate one Publish to the queue called qname
+ * (pub->queue, or one of its route's queues) and fill p (body encoded, ids
+ * assigned). On failure answers rid with the reason and returns false; p
+ * holds nothing then.
+ */
+bool dispatch_prepare_one(struct conn *c, uint64_t rid,
+                          const Protoq__Publish *pub, const char *qname,
+                          struct pending *p, uint64_t wall_now);
 
 /*
  * dispatch_publish: the shared path of Publish and PublishBatch. All or

@@ -67,15 +67,10 @@ dispatch_tags_valid(Protoq__KeyValue **kv, size_t n)
     return true;
 }
 
-/*
- * prepare_one: validate one Publish to the queue called qname (pub->queue,
- * or one of its route's queues) and fill p (body encoded, ids assigned).
- * On failure answers the request with the reason and returns false; p
- * holds nothing then.
- */
-static bool
-prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
-            const char *qname, struct pending *p, uint64_t wall_now)
+/* dispatch_prepare_one: see dispatch_int.h. */
+bool
+dispatch_prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
+                     const char *qname, struct pending *p, uint64_t wall_now)
 {
     struct broker *bk = broker_of(c);
     Protoq__Message *m = pub->message;
@@ -101,6 +96,14 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
     rc = frame_message_check(m, &lim, &len, why, sizeof(why));
     if (rc != PQ_OK) {
         dispatch_reply_err(c, rid, rc, "publish %s: %s", qname, why);
+        return false;
+    }
+    /* Where the job's result goes must exist now, not only at its ack. */
+    if (m->reply_to && m->reply_to[0] != '\0' &&
+        qset_find(bk->qs, m->reply_to) == NULL) {
+        dispatch_reply_err(c, rid, PQ_ENOTFOUND,
+                           "publish %s: reply_to queue %s does not exist",
+                           pub->queue, m->reply_to);
         return false;
     }
     if (m->delay_ms > DURATION_MAX_MS || m->ttl_ms > DURATION_MAX_MS ||
@@ -210,8 +213,8 @@ expand(struct conn *c, uint64_t rid, Protoq__Publish *const *items, size_t n,
             nq = 1;
         }
         for (uint32_t k = 0; k < nq && w != NULL; k++) {
-            if (!prepare_one(c, rid, items[i], queues[k], &w->items[w->n],
-                             wall_now)) {
+            if (!dispatch_prepare_one(c, rid, items[i], queues[k],
+                                      &w->items[w->n], wall_now)) {
                 return false;
             }
             w->n++;

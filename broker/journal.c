@@ -389,6 +389,30 @@ batch_find(const struct rec_publish_batch *b, uint64_t id,
     return false;
 }
 
+/* The body of message id in an atomic record (its dead letter or one of
+ * its publishes) as a new reference in *out; false if it is not there. */
+static bool
+atomic_body(const struct rec_atomic *a, uint64_t id, struct body **out)
+{
+    struct rec_publish p;
+    struct rec_bytes raw;
+    struct record in;
+    size_t cur = 0;
+
+    if (record_atomic_inner(a, &in) == PQ_OK && in.type == REC_DEAD_LETTER &&
+        in.u.dead_letter.id == id) {
+        *out = body_new(in.u.dead_letter.body.ptr, in.u.dead_letter.body.len);
+        return true;
+    }
+    while (record_atomic_next_publish(a, &cur, &raw, &p)) {
+        if (p.id == id) {
+            *out = body_new(p.body.ptr, p.body.len);
+            return true;
+        }
+    }
+    return false;
+}
+
 /* The body of message id from the record read back at loc (rc as
  * store_read gives it). A new reference, or NULL (logged). */
 static struct body *
@@ -414,6 +438,8 @@ body_of_record(uint64_t id, const struct store_loc *loc, int rc, uint8_t type,
     } else if (r.type == REC_PUBLISH_BATCH &&
                batch_find(&r.u.batch, id, &r.u.publish)) {
         b = body_new(r.u.publish.body.ptr, r.u.publish.body.len);
+    } else if (r.type == REC_ATOMIC && atomic_body(&r.u.atomic, id, &b)) {
+        /* found (b NULL: out of memory) */
     } else {
         log_err("message %llu: segment %u offset %llu holds another record "
                 "(%s)",
@@ -607,19 +633,106 @@ publish_rec_from_pending(const struct journal *j, struct record *r,
     r->u.publish.body.len = mn->body->len;
 }
 
-/* The pub_* of every durable item of a publish: its record at loc, its
- * segment held until the publish settles (a batch may go on in the next
- * segment, and this one's write may complete, and the segment be
- * collected, before the rest). */
+/* Does p need a record (a new message in a durable queue)? */
+static bool
+needs_record(const struct pending *p)
+{
+    return !p->duplicate && p->q != NULL && durable(p->q);
+}
+
+/* How many of items need a record. */
+static uint32_t
+count_records(const struct pending *items, uint32_t n)
+{
+    uint32_t count = 0;
+
+    for (uint32_t i = 0; i < n; i++) {
+        count += needs_record(&items[i]);
+    }
+    return count;
+}
+
+int
+journal_publish_check(struct journal *j, const struct pending *items,
+                      uint32_t n)
+{
+    uint64_t bytes = 0;
+
+    for (uint32_t i = 0; i < n; i++) {
+        if (needs_record(&items[i])) {
+            bytes += items[i].mn.body->len + 128;
+        }
+    }
+    return store_space_check(j->st, count_records(items, n), bytes);
+}
+
+/* p's record is at loc: where its body is, and a hold on the segment
+ * until the publish settles (journal_publish_settled): the write may
+ * complete, and the segment be collected, before the message takes its
+ * own references. */
 static void
-publish_placed(struct journal *j, struct pending *p,
-               const struct store_loc *loc)
+placed(struct journal *j, struct pending *p, const struct store_loc *loc)
 {
     p->mn.pub_seg = p->mn.state_seg = loc->seg;
     p->mn.pub_off = (uint32_t)loc->off;
     p->mn.pub_len = loc->len;
     store_seg_hold(j->st, loc->seg);
     p->seg_held = true;
+}
+
+/*
+ * append_with: inner (a job's end: ACK, DROP or DEAD_LETTER) and the
+ * messages of pubs that need a record, as ONE record: inner alone when
+ * none does, a REC_ATOMIC otherwise. *loc: where it went.
+ */
+static int
+append_with(struct journal *j, const struct record *inner, struct pending *pubs,
+            uint32_t n, uint64_t *lsn, struct store_loc *loc)
+{
+    uint32_t count = count_records(pubs, n), k = 0;
+    struct rec_publish *recs = NULL;
+    struct rec_kv *req = NULL;
+    struct record r = {.type = REC_ATOMIC};
+    int rc = PQ_ENOMEM;
+
+    if (count == 0) {
+        return append(j, inner, lsn, loc);
+    }
+    recs = pq_calloc(count, sizeof(*recs));
+    req = pq_calloc((size_t)count * PQ_TAGS_MAX, sizeof(*req));
+    if (recs == NULL || req == NULL) {
+        goto out;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        struct record one;
+
+        if (!needs_record(&pubs[i])) {
+            continue;
+        }
+        if (pubs[i].mn.n_requires > PQ_TAGS_MAX) {
+            rc = PQ_EINVAL;
+            goto out;
+        }
+        publish_rec_from_pending(j, &one, &pubs[i], req + k * PQ_TAGS_MAX);
+        recs[k++] = one.u.publish;
+    }
+    r.u.atomic.inner_type = inner->type;
+    r.u.atomic.inner = inner;
+    r.u.atomic.n = count;
+    r.u.atomic.pubs = recs;
+    rc = append(j, &r, lsn, loc);
+    if (rc != PQ_OK) {
+        goto out;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        if (needs_record(&pubs[i])) {
+            placed(j, &pubs[i], loc);
+        }
+    }
+out:
+    pq_free(req);
+    pq_free(recs);
+    return rc;
 }
 
 int
@@ -630,24 +743,20 @@ journal_publish(struct journal *j, struct pending *items, uint32_t n,
     struct rec_publish *recs = NULL;
     struct store_loc loc;
     struct record r;
-    uint64_t bytes = 0;
-    uint32_t count = 0;
+    uint32_t count;
     int rc;
 
     j->now_mono_ms = now_mono_ms;
     for (uint32_t i = 0; i < n; i++) {
-        if (!items[i].duplicate && durable(items[i].q)) {
-            if (items[i].mn.n_requires > PQ_TAGS_MAX) {
-                return PQ_EINVAL;
-            }
-            count++;
-            bytes += items[i].mn.body->len + 128;
+        if (needs_record(&items[i]) && items[i].mn.n_requires > PQ_TAGS_MAX) {
+            return PQ_EINVAL;
         }
     }
+    count = count_records(items, n);
     if (count == 0) {
         return PQ_OK;
     }
-    rc = store_space_check(j->st, count, bytes);
+    rc = journal_publish_check(j, items, n);
     if (rc != PQ_OK) {
         return rc;
     }
@@ -659,7 +768,7 @@ journal_publish(struct journal *j, struct pending *items, uint32_t n,
     }
     count = 0;
     for (uint32_t i = 0; i < n; i++) {
-        if (!items[i].duplicate && durable(items[i].q)) {
+        if (needs_record(&items[i])) {
             publish_rec_from_pending(j, &r, &items[i], req[count]);
             recs[count++] = r.u.publish;
         }
@@ -680,8 +789,8 @@ journal_publish(struct journal *j, struct pending *items, uint32_t n,
         goto out;
     }
     for (uint32_t i = 0; i < n; i++) {
-        if (!items[i].duplicate && durable(items[i].q)) {
-            publish_placed(j, &items[i], &loc);
+        if (needs_record(&items[i])) {
+            placed(j, &items[i], &loc);
         }
     }
 out:
@@ -739,14 +848,30 @@ journal_pin(struct journal *j, const struct msg_new *mn)
     store_seg_ref(j->st, mn->pub_seg, mn->pub_len);
 }
 
+/* A job's end without a record of its own (its queue is transient): the
+ * messages it causes as plain PUBLISH records. */
+static int
+publish_alone(struct journal *j, struct pending *pubs, uint32_t n,
+              uint64_t *lsn)
+{
+    return count_records(pubs, n) > 0
+               ? journal_publish(j, pubs, n, j->now_mono_ms, lsn)
+               : PQ_OK;
+}
+
 int
-journal_ack(struct journal *j, struct msg *m, uint64_t *lsn)
+journal_ack(struct journal *j, struct msg *m, struct pending *pubs, uint32_t n,
+            uint64_t *lsn)
 {
     struct record r = {.type = REC_ACK};
+    struct store_loc loc;
     int rc;
 
+    if (!durable(m->q)) {
+        return publish_alone(j, pubs, n, lsn);
+    }
     r.u.ack.id = m->id;
-    rc = append(j, &r, lsn, NULL);
+    rc = append_with(j, &r, pubs, n, lsn, &loc);
     unref_msg(j, m);
     forget_body(j, m);
     return rc;
@@ -840,12 +965,14 @@ warn_unwritten(struct journal *j, const struct qevent *ev, int rc)
     j->unwritten_logged_ms = now;
 }
 
-void
-journal_qevent(struct journal *j, const struct qevent *ev, uint64_t now_mono_ms)
+int
+journal_qevent(struct journal *j, const struct qevent *ev, uint64_t now_mono_ms,
+               struct pending *pubs, uint32_t n)
 {
     struct msg *m = ev->m;
     struct store_loc loc;
     struct record r;
+    uint64_t lsn;
     int rc = PQ_OK;
 
     j->now_mono_ms = now_mono_ms;
@@ -853,7 +980,7 @@ journal_qevent(struct journal *j, const struct qevent *ev, uint64_t now_mono_ms)
     switch (ev->type) {
     case QEV_REQUEUE:
         if (!durable(ev->q)) {
-            return;
+            return PQ_OK;
         }
         r.type = REC_REQUEUE;
         r.u.requeue.id = m->id;
@@ -876,7 +1003,8 @@ journal_qevent(struct journal *j, const struct qevent *ev, uint64_t now_mono_ms)
         break;
     case QEV_DROP:
         if (!durable(ev->q)) {
-            return;
+            rc = publish_alone(j, pubs, n, &lsn);
+            break;
         }
         /* An in-flight cancel was recorded when it happened
          * (journal_cancel); recording it twice would take a second ack
@@ -885,7 +1013,7 @@ journal_qevent(struct journal *j, const struct qevent *ev, uint64_t now_mono_ms)
             r.type = REC_DROP;
             r.u.drop.id = m->id;
             r.u.drop.reason = rstr(qreason_name(ev->reason));
-            rc = append(j, &r, NULL, NULL);
+            rc = append_with(j, &r, pubs, n, &lsn, &loc);
         }
         unref_msg(j, m);
         forget_body(j, m);
@@ -914,7 +1042,7 @@ journal_qevent(struct journal *j, const struct qevent *ev, uint64_t now_mono_ms)
             r.u.dead_letter.reason = rstr(qreason_name(ev->reason));
             r.u.dead_letter.body.ptr = m->body ? m->body->data : NULL;
             r.u.dead_letter.body.len = m->body ? m->body->len : 0;
-            rc = append(j, &r, NULL, &loc);
+            rc = append_with(j, &r, pubs, n, &lsn, &loc);
             /* Only a written record moves the message on disk. If it was
              * not written, the log still has it in the source queue (it
              * comes back there after a restart) and its old references
@@ -930,7 +1058,7 @@ journal_qevent(struct journal *j, const struct qevent *ev, uint64_t now_mono_ms)
             r.type = REC_DROP;
             r.u.drop.id = m->id;
             r.u.drop.reason = rstr("dead-lettered to a transient queue");
-            rc = append(j, &r, NULL, NULL);
+            rc = append_with(j, &r, pubs, n, &lsn, &loc);
             unref_msg(j, m);
             forget_body(j, m);
             m->pub_len = 0;
@@ -947,6 +1075,11 @@ journal_qevent(struct journal *j, const struct qevent *ev, uint64_t now_mono_ms)
             } else {
                 m->pub_len = 0;
             }
+            if (rc == PQ_OK) {
+                rc = publish_alone(j, pubs, n, &lsn);
+            }
+        } else {
+            rc = publish_alone(j, pubs, n, &lsn);
         }
         break;
     case QEV_READY:
@@ -955,16 +1088,23 @@ journal_qevent(struct journal *j, const struct qevent *ev, uint64_t now_mono_ms)
     if (rc != PQ_OK) {
         warn_unwritten(j, ev, rc);
     }
+    return rc;
 }
 
 int
-journal_cancel(struct journal *j, struct msg *m)
+journal_cancel(struct journal *j, struct msg *m, struct pending *pubs,
+               uint32_t n)
 {
     struct record r = {.type = REC_DROP};
+    struct store_loc loc;
+    uint64_t lsn;
 
+    if (!durable(m->q)) {
+        return publish_alone(j, pubs, n, &lsn);
+    }
     r.u.drop.id = m->id;
     r.u.drop.reason = rstr(qreason_name(QR_CANCELLED));
-    return append(j, &r, NULL, NULL);
+    return append_with(j, &r, pubs, n, &lsn, &loc);
 }
 
 uint64_t
@@ -1660,6 +1800,19 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
         }
         rc = replay_reset(j, &view, q, nb, 0, 0, 0, loc, true);
         body_unref(&nb);
+        return rc;
+    }
+    case REC_ATOMIC: {
+        /* The job's end, then what it caused, all at this location. */
+        struct rec_bytes raw;
+        size_t cur = 0;
+
+        rc = replay_record(j, r.u.atomic.inner_type, r.u.atomic.inner_raw.ptr,
+                           r.u.atomic.inner_raw.len, loc);
+        while (rc == PQ_OK &&
+               record_atomic_next_publish(&r.u.atomic, &cur, &raw, NULL)) {
+            rc = replay_record(j, REC_PUBLISH, raw.ptr, raw.len, loc);
+        }
         return rc;
     }
     case REC_PROGRESS:

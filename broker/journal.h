@@ -34,6 +34,8 @@ struct pending {
                               answer no earlier than this LSN */
     bool seg_held;         /* journal_publish holds mn.pub_seg until
                               journal_publish_settled */
+    bool no_room;          /* a result or failure notice: stored even past
+                              its queue's max_length / max_bytes */
 };
 
 /* What the journal needs from the config. */
@@ -109,18 +111,37 @@ void journal_msg_stored(struct journal *j, const struct msg_new *mn);
  * message that could not be queued; a restart brings it back). */
 void journal_pin(struct journal *j, const struct msg_new *mn);
 
-/* journal_ack: m was acked: ACK record, segment refs dropped. */
-int journal_ack(struct journal *j, struct msg *m, uint64_t *lsn);
+/* journal_publish_check: whether the store has room for the records of
+ * items (PQ_OK, or PQ_ENOSPC and the like); nothing is appended. */
+int journal_publish_check(struct journal *j, const struct pending *items,
+                          uint32_t n);
 
-/* journal_cancel: m (in flight) was cancelled: record it now, so a crash
- * before its holder answers cannot bring it back. Its references go when
- * the queue drops it (QEV_DROP, which then writes no second record). */
-int journal_cancel(struct journal *j, struct msg *m);
+/*
+ * The end of a job and the messages it causes (pubs[n]: an ack's result
+ * and follow-ups, a failure notice; n may be 0) are ONE record: the end
+ * record alone when no item of pubs needs one, else a REC_ATOMIC. Items
+ * that need a record get their location and a segment hold, as from
+ * journal_publish; the caller pushes them once the LSN is durable and
+ * settles them (journal_publish_settled). A job in a transient queue has
+ * no end record: its items go as plain PUBLISH records.
+ */
+
+/* journal_ack: m was acked: ACK (with pubs), segment refs dropped. */
+int journal_ack(struct journal *j, struct msg *m, struct pending *pubs,
+                uint32_t n, uint64_t *lsn);
+
+/* journal_cancel: m (in flight) was cancelled: record it now (with pubs),
+ * so a crash before its holder answers cannot bring it back. Its
+ * references go when the queue drops it (QEV_DROP, which then writes no
+ * second record). */
+int journal_cancel(struct journal *j, struct msg *m, struct pending *pubs,
+                   uint32_t n);
 
 /* journal_qevent: the record a queue event needs (requeue, dead-letter,
- * drop, progress), if m's queue is durable. */
-void journal_qevent(struct journal *j, const struct qevent *ev,
-                    uint64_t now_mono_ms);
+ * drop with pubs, progress), if m's queue is durable. PQ_OK, or why a
+ * record was not written (logged here). */
+int journal_qevent(struct journal *j, const struct qevent *ev,
+                   uint64_t now_mono_ms, struct pending *pubs, uint32_t n);
 
 /* journal_errors: how many appends have failed so far (*last: the latest
  * one's PQ_* code); a confirm compares it before and after a change. */

@@ -633,6 +633,7 @@ dead_letter(struct msg *m, uint64_t now_ms, enum qreason reason)
     struct kv hdrs[4];
     size_t n = 0;
     char attempts[24];
+    char *last_error = NULL; /* hdrs may point at it: freed after the event */
 
     snprintf(attempts, sizeof(attempts), "%" PRIu32, m->attempt);
     hdrs[n++] = (struct kv){"x-death-reason", qreason_name(reason)};
@@ -678,12 +679,15 @@ dead_letter(struct msg *m, uint64_t now_ms, enum qreason reason)
         pq_free(m->ext->requires);
         m->ext->requires = NULL;
         m->ext->n_requires = 0;
-        pq_free(m->ext->last_error);
+        last_error = m->ext->last_error;
         m->ext->last_error = NULL;
     }
     queue_make_ready(m, false);
     queue_sched(m);
+    /* The listener builds an evicted message's dead-letter body (and a
+     * failure notice) from hdrs, x-death-error included. */
     queue_emit(qs, QEV_DEAD_LETTER, m, dst, src, reason, NULL, hdrs, n);
+    pq_free(last_error);
     queue_hint_ready(dst);
 }
 

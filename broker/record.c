@@ -180,6 +180,78 @@ r_bytes(struct rbuf *r)
 
 /* ---- per-type field lists ---- */
 
+static void enc_body(struct wbuf *w, const struct record *r);
+
+/* The inner record of an atomic one: only these may be wrapped. */
+static bool
+atomic_inner_ok(uint8_t type)
+{
+    return type == REC_ACK || type == REC_DEAD_LETTER || type == REC_DROP;
+}
+
+/* A nested record body with its u32 length: a size pass, then the body. */
+static void
+w_nested(struct wbuf *w, const struct record *r)
+{
+    struct wbuf size = {0};
+
+    enc_body(&size, r);
+    if (size.invalid || size.len > UINT32_MAX) {
+        w->invalid = true;
+        return;
+    }
+    w_u32(w, (uint32_t)size.len);
+    enc_body(w, r);
+}
+
+static void
+enc_atomic(struct wbuf *w, const struct rec_atomic *a)
+{
+    struct record pub = {.type = REC_PUBLISH};
+
+    if (a->inner == NULL || a->inner->type != a->inner_type ||
+        !atomic_inner_ok(a->inner_type) || a->n == 0 || a->pubs == NULL) {
+        w->invalid = true;
+        return;
+    }
+    w_u8(w, a->inner_type);
+    w_nested(w, a->inner);
+    w_u32(w, a->n);
+    for (uint32_t i = 0; i < a->n; i++) {
+        pub.u.publish = a->pubs[i];
+        w_nested(w, &pub);
+    }
+}
+
+static void
+dec_atomic(struct rbuf *rb, struct rec_atomic *a)
+{
+    struct record inner;
+    size_t start;
+
+    a->inner_type = r_u8(rb);
+    a->inner_raw = r_bytes(rb);
+    a->n = r_u32(rb);
+    if (rb->bad || !atomic_inner_ok(a->inner_type) || a->n == 0 ||
+        record_decode(a->inner_type, a->inner_raw.ptr, a->inner_raw.len,
+                      &inner) != PQ_OK ||
+        a->n > (rb->len - rb->off) / 4) {
+        rb->bad = true;
+        return;
+    }
+    start = rb->off;
+    for (uint32_t i = 0; i < a->n && !rb->bad; i++) {
+        struct rec_bytes b = r_bytes(rb);
+
+        if (!rb->bad &&
+            record_decode(REC_PUBLISH, b.ptr, b.len, &inner) != PQ_OK) {
+            rb->bad = true;
+        }
+    }
+    a->pubs_raw.ptr = rb->p + start;
+    a->pubs_raw.len = (uint32_t)(rb->off - start);
+}
+
 static void
 enc_publish(struct wbuf *w, const struct rec_publish *p)
 {
@@ -347,6 +419,9 @@ enc_body(struct wbuf *w, const struct record *r)
         w_u64(w, r->u.progress.id);
         w_bytes(w, r->u.progress.progress);
         break;
+    case REC_ATOMIC:
+        enc_atomic(w, &r->u.atomic);
+        break;
     case REC_SEG_START:
         w_u32(w, r->u.seg_start.prev_seq);
         w_u64(w, r->u.seg_start.prev_end);
@@ -445,6 +520,9 @@ dec_body(struct rbuf *rb, struct record *r)
         r->u.progress.id = r_u64(rb);
         r->u.progress.progress = r_bytes(rb);
         break;
+    case REC_ATOMIC:
+        dec_atomic(rb, &r->u.atomic);
+        break;
     case REC_SEG_START:
         r->u.seg_start.prev_seq = r_u32(rb);
         r->u.seg_start.prev_end = r_u64(rb);
@@ -459,6 +537,7 @@ static bool
 type_known(uint8_t type)
 {
     return (type >= REC_QUEUE_CREATE && type <= REC_PROGRESS) ||
+           type == REC_ATOMIC ||
            (type >= REC_ROUTE_BIND && type <= REC_PUBLISH_BATCH) ||
            type == REC_SEG_START;
 }
@@ -545,6 +624,7 @@ record_type_name(uint8_t type)
         [REC_ROUTE_BIND] = "route_bind",
         [REC_ROUTE_UNBIND] = "route_unbind",
         [REC_PUBLISH_BATCH] = "publish_batch",
+        [REC_ATOMIC] = "atomic",
         [REC_SEG_START] = "seg_start",
     };
 
@@ -623,6 +703,55 @@ record_batch_next(const struct rec_publish_batch *b, size_t *cursor,
     dec_batch_item(&rb, p);
     if (rb.bad) {
         return false;
+    }
+    *cursor = rb.off;
+    return true;
+}
+
+/* record_atomic_inner: see record.h. */
+int
+record_atomic_inner(const struct rec_atomic *a, struct record *out)
+{
+    if (a->inner != NULL) {
+        *out = *a->inner;
+        return PQ_OK;
+    }
+    return record_decode(a->inner_type, a->inner_raw.ptr, a->inner_raw.len,
+                         out);
+}
+
+/* record_atomic_next_publish: see record.h. The cursor is an index in the
+ * encode form, a byte offset into pubs_raw in the decode form. */
+bool
+record_atomic_next_publish(const struct rec_atomic *a, size_t *cursor,
+                           struct rec_bytes *raw, struct rec_publish *out)
+{
+    struct rbuf rb;
+    struct record r;
+
+    if (a->pubs != NULL) {
+        if (*cursor >= a->n) {
+            return false;
+        }
+        raw->ptr = NULL;
+        raw->len = 0;
+        if (out != NULL) {
+            *out = a->pubs[*cursor];
+        }
+        (*cursor)++;
+        return true;
+    }
+    rb = (struct rbuf){
+        .p = a->pubs_raw.ptr, .len = a->pubs_raw.len, .off = *cursor};
+    if (rb.p == NULL || rb.off >= rb.len) {
+        return false;
+    }
+    *raw = r_bytes(&rb);
+    if (rb.bad || record_decode(REC_PUBLISH, raw->ptr, raw->len, &r) != PQ_OK) {
+        return false;
+    }
+    if (out != NULL) {
+        *out = r.u.publish;
     }
     *cursor = rb.off;
     return true;

@@ -34,6 +34,13 @@
  *   7 REC_DEAD_LETTER    id u64, target str, reason str, body bytes
  *   8 REC_DROP           id u64, reason str
  *   9 REC_PROGRESS       id u64, progress bytes
+ *  10 REC_ATOMIC         inner_type u8 (5 ACK, 7 DEAD_LETTER or 8 DROP),
+ *                        inner bytes (that record's body), n u32 (>= 1),
+ *                        n x publish bytes (each a REC_PUBLISH body): a
+ *                        job's end and the messages it causes (an ack's
+ *                        result and follow-ups, a failure notice), applied
+ *                        together or not at all. Replay applies the inner
+ *                        record, then each publish, all at this location.
  *  13 REC_ROUTE_BIND     route str, queue str, pattern str
  *  14 REC_ROUTE_UNBIND   route str, queue str, pattern str
  *  15 REC_PUBLISH_BATCH  n u32 (>= 1), n x publish bytes (each the body
@@ -81,7 +88,8 @@ enum record_type {
     REC_DEAD_LETTER = 7,
     REC_DROP = 8,
     REC_PROGRESS = 9,
-    /* 10..12: results and follow-ups (another branch) */
+    REC_ATOMIC = 10,
+    /* 11..12: free */
     REC_ROUTE_BIND = 13,
     REC_ROUTE_UNBIND = 14,
     REC_PUBLISH_BATCH = 15,
@@ -218,6 +226,23 @@ struct rec_publish_batch {
     struct rec_bytes raw;            /* decode output */
 };
 
+/*
+ * An ack, dead-letter or drop with the publishes that go with it. Encoding
+ * reads inner (a record of type inner_type) and pubs[n]; decoding checks
+ * the inner record and every publish strictly, sets inner = pubs = NULL,
+ * inner_raw to the inner body and pubs_raw to the n length-prefixed
+ * publish bodies. Decode the inner one with record_atomic_inner() and walk
+ * the publishes with record_atomic_next_publish().
+ */
+struct rec_atomic {
+    uint8_t inner_type;
+    const struct record *inner;     /* encode input */
+    struct rec_bytes inner_raw;     /* decode output */
+    uint32_t n;                     /* publishes, >= 1 */
+    const struct rec_publish *pubs; /* encode input */
+    struct rec_bytes pubs_raw;      /* decode output */
+};
+
 struct rec_seg_start {
     uint32_t prev_seq; /* 0: the first segment of a new log */
     uint64_t prev_end; /* end of prev_seq's records */
@@ -238,6 +263,7 @@ struct record {
         struct rec_progress progress;
         struct rec_route route; /* ROUTE_BIND, ROUTE_UNBIND */
         struct rec_publish_batch batch;
+        struct rec_atomic atomic;
         struct rec_seg_start seg_start;
     } u;
 };
@@ -293,5 +319,20 @@ bool record_publish_next_require(const struct rec_publish *p, size_t *cursor,
  */
 bool record_batch_next(const struct rec_publish_batch *b, size_t *cursor,
                        struct rec_publish *p);
+
+/*
+ * record_atomic_inner: decode the inner record of a decoded atomic one
+ * into *out (PQ_OK; it was checked by record_decode).
+ */
+int record_atomic_inner(const struct rec_atomic *a, struct record *out);
+
+/*
+ * record_atomic_next_publish: walk the publishes of a decoded atomic
+ * record. Start with *cursor = 0; each call sets *raw to one REC_PUBLISH
+ * body and *out (may be NULL) to its decoding, and returns true, or
+ * returns false after the last one.
+ */
+bool record_atomic_next_publish(const struct rec_atomic *a, size_t *cursor,
+                                struct rec_bytes *raw, struct rec_publish *out);
 
 #endif

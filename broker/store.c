@@ -597,6 +597,23 @@ is_terminal(uint8_t type)
     return type == REC_ACK || type == REC_DROP;
 }
 
+/* The ack reservations a record takes (publishes, a batch's each) and
+ * whether it gives one back (it ends a message). An atomic record does
+ * both; it never draws on the reserve, since it adds messages. */
+static void
+resv_change(uint8_t type, const void *body, size_t len, uint64_t *take,
+            bool *give)
+{
+    struct record r;
+
+    *take = record_publishes(type, body, len);
+    *give = is_terminal(type);
+    if (type == REC_ATOMIC && record_decode(type, body, len, &r) == PQ_OK) {
+        *take = r.u.atomic.n;
+        *give = is_terminal(r.u.atomic.inner_type);
+    }
+}
+
 /* start_bytes: room the SEG_START of the current segment still needs. */
 static uint64_t
 start_bytes(const struct store *st)
@@ -674,8 +691,8 @@ store_append(struct store *st, uint8_t type, const void *body, size_t len,
              uint64_t *lsn_out, struct store_loc *loc_out)
 {
     uint64_t rec = STORE_REC_HDR_LEN + (uint64_t)len;
-    uint64_t resv_after, room_after;
-    bool ordinary_fits;
+    uint64_t resv_after, room_after, take;
+    bool ordinary_fits, give;
     int rc, fatal;
 
     if (st->cfg.read_only || type == 0 || type == REC_SEG_START ||
@@ -698,8 +715,9 @@ store_append(struct store *st, uint8_t type, const void *body, size_t len,
         st->roll_fn(st->roll_arg, st->cur_seg);
         st->in_roll_cb = false;
     }
-    resv_after = st->reserved + record_publishes(type, body, len);
-    if (is_terminal(type) && resv_after > 0 && rec <= STORE_ACK_RESERVE) {
+    resv_change(type, body, len, &take, &give);
+    resv_after = st->reserved + take;
+    if (give && resv_after > 0 && (take > 0 || rec <= STORE_ACK_RESERVE)) {
         resv_after--;
     }
     room_after = resv_after * STORE_ACK_RESERVE;

@@ -200,7 +200,9 @@ int store_close(struct store *st);
  * or the record cannot fit in an empty segment; PQ_EINVAL for a read-only
  * store or type 0; PQ_ENOMEM.
  * A REC_PUBLISH takes one reservation (STORE_ACK_RESERVE bytes); a REC_ACK
- * or REC_DROP gives one back.
+ * or REC_DROP gives one back; a REC_ATOMIC takes one per publish it holds
+ * and gives one back when it wraps an ACK or DROP (it never draws on the
+ * reserve).
  */
 int store_append(struct store *st, uint8_t type, const void *body, size_t len,
                  uint64_t *lsn_out, struct store_loc *loc_out);

@@ -299,6 +299,13 @@ scan_segment(struct scan *sc, uint32_t seq, const char *path,
         sc->n_publish += record_publishes(type, buf + off + 9, rlen - 1);
         if (type == REC_ACK || type == REC_DROP) {
             sc->n_end++;
+        } else if (type == REC_ATOMIC) {
+            struct record ar;
+
+            if (record_decode(type, buf + off + 9, rlen - 1, &ar) == PQ_OK) {
+                sc->n_publish += ar.u.atomic.n;
+                sc->n_end += ar.u.atomic.inner_type != REC_DEAD_LETTER;
+            }
         }
         if (type == REC_SEG_START) {
             /* The store's own: checked by the caller, never replayed. */

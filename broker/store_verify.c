@@ -337,6 +337,18 @@ verify_record(struct verify *v, uint8_t type, const uint8_t *body, size_t len,
     case REC_DEAD_LETTER:
         dead_letter(v, &r.u.dead_letter, loc);
         break;
+    case REC_ATOMIC: {
+        /* As replay: the inner record, then each publish, all here. */
+        struct rec_bytes raw;
+        size_t cur = 0;
+
+        verify_record(v, r.u.atomic.inner_type, r.u.atomic.inner_raw.ptr,
+                      r.u.atomic.inner_raw.len, loc);
+        while (record_atomic_next_publish(&r.u.atomic, &cur, &raw, NULL)) {
+            verify_record(v, REC_PUBLISH, raw.ptr, raw.len, loc);
+        }
+        break;
+    }
     default:
         break;
     }

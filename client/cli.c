@@ -9,7 +9,8 @@
  *   protoq [-s HOST:PORT] consume QUEUE ...
  *   protoq [-s HOST:PORT] work QUEUE ... -- COMMAND [ARG]...
  *
- * Exit status: 0 ok, 1 error (one line on stderr), 2 usage. Output
+ * Exit status: 0 ok, 1 error (one line on stderr), 2 usage, 3 the job
+ * that pub --wait waited for failed. Output
  * correctness rules: `pub --lines` exits 0 only after every line was
  * confirmed; `consume` never acks a message before its output reached
  * stdout (fflush first, then the acks go out).
@@ -45,11 +46,15 @@ static const char usage_text[] =
     "  queue rm NAME            delete the queue\n"
     "  pub QUEUE [DATA] [--file F] [--lines] [--binary] [--priority P]\n"
     "            [--delay D] [--ttl D] [--header K=V]... [--key KEY]\n"
-    "            [--require K=V]...\n"
+    "            [--require K=V]... [--reply-to Q] [--correlation-id ID]\n"
+    "            [--wait [TIMEOUT]]\n"
     "      No DATA and no --file: stdin is one message, one trailing\n"
     "      newline stripped (--binary: kept). --lines: each stdin line is\n"
     "      one message (pipelined); exits 0 only when every line was\n"
     "      confirmed. Prints the message id of a single publish.\n"
+    "      --reply-to: the job's result (or failure notice) goes to Q.\n"
+    "      --wait: wait for the job's end on a private reply queue: the\n"
+    "      result on stdout (exit 0) or the failure on stderr (exit 3).\n"
     "  pub --route ROUTE [--routing-key K] [--allow-unrouted] [DATA] ...\n"
     "      Through a route: one copy per queue whose binding matches K;\n"
     "      prints the id of each copy. Matching nothing is an error unless\n"
@@ -67,13 +72,16 @@ static const char usage_text[] =
     "      --no-ack: ack nothing (messages return to the queue on exit);\n"
     "      --nack: nack each (requeued with the queue's backoff).\n"
     "  work QUEUE [--concurrency N] [--tag K=V]... [--timeout D]\n"
-    "             [--shutdown-grace D] [--kill-grace D] -- COMMAND [ARG]...\n"
+    "             [--shutdown-grace D] [--kill-grace D] [--max-result N]\n"
+    "             -- COMMAND [ARG]...\n"
     "      Runs COMMAND once per job in its own process group: payload on\n"
     "      stdin; PROTOQ_MESSAGE_ID, PROTOQ_ATTEMPT, PROTOQ_QUEUE,\n"
     "      PROTOQ_HEADER_<KEY>, PROTOQ_PROGRESS (a file for progress lines)\n"
     "      and the last attempt's PROTOQ_PROGRESS_PERCENT/_TEXT and\n"
     "      PROTOQ_CHECKPOINT in the environment. Touches the lease while it\n"
-    "      runs; acks on exit 0, nacks otherwise (stderr tail as the error).\n"
+    "      runs; acks on exit 0 with the first --max-result bytes (1m) of\n"
+    "      its stdout as the job's result (sent to its reply_to), nacks\n"
+    "      otherwise (stderr tail as the error).\n"
     "      SIGTERM/SIGINT/SIGHUP: take no more jobs, wait --shutdown-grace\n"
     "      (30s), then stop and release what runs (no failed attempt).\n"
     "      Cancel, lost lease or connection, --timeout: SIGTERM to the job,\n"
@@ -94,7 +102,7 @@ static const char usage_text[] =
     "milliseconds.\n"
     "The server is -s HOST:PORT (anywhere on the line), else\n"
     "$PROTOQ_SERVER, else 127.0.0.1:7650. 'protoq CMD --help': one command.\n"
-    "Exit status: 0 ok, 1 error, 2 usage.\n";
+    "Exit status: 0 ok, 1 error, 2 usage, 3 the awaited job failed.\n";
 
 /* The commands, for "did you mean" (cli_help.c has their help). */
 static const char *const cli_commands[] = {

@@ -4,6 +4,7 @@
  *
  *   cli_queue.c    queue create|ls|stat|purge|rm
  *   cli_pub.c      pub
+ *   cli_wait.c     pub --wait (a private reply queue, result or failure)
  *   cli_consume.c  consume
  *   cli_work.c     work (runs a command per job)
  *   cli_job.c      cancel, progress, job, jobs
@@ -30,6 +31,7 @@ enum {
     EXIT_OK = 0,
     EXIT_ERR = 1,
     EXIT_USAGE = 2,
+    EXIT_JOB_FAILED = 3, /* pub --wait: the awaited job failed */
     LINES_WINDOW = 1000, /* unconfirmed publishes of pub --lines */
     MAX_KV = 64,         /* --header / --require / --tag each */
     KV_TEXT_MAX = 16384, /* their text, per option kind */
@@ -84,6 +86,12 @@ int cli_connect(struct cli *cli);
 /* The commands: argv[0] is the command's name; exit status back. */
 int cmd_queue(struct cli *cli, int argc, char **argv);
 int cmd_pub(struct cli *cli, int argc, char **argv);
+/* pub_wait: publish m to queue with a private reply queue as reply_to
+ * and wait up to timeout_ms (< 0: forever) for the job's end: EXIT_OK with
+ * the result on stdout, EXIT_JOB_FAILED with the failure on stderr, or
+ * EXIT_ERR. The reply queue is removed in every case. */
+int pub_wait(struct cli *cli, const char *queue, struct protoq_message *m,
+             int64_t timeout_ms);
 int cmd_consume(struct cli *cli, int argc, char **argv);
 int cmd_work(struct cli *cli, int argc, char **argv);
 int cmd_cancel(struct cli *cli, int argc, char **argv);

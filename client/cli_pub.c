@@ -188,7 +188,10 @@ cmd_pub(struct cli *cli, int argc, char **argv)
         O_BINARY,
         O_ROUTE,
         O_ROUTING_KEY,
-        O_ALLOW_UNROUTED
+        O_ALLOW_UNROUTED,
+        O_REPLY_TO,
+        O_CORRELATION_ID,
+        O_WAIT
     };
     static const struct option opts[] = {
         {"file", required_argument, NULL, O_FILE},
@@ -203,6 +206,9 @@ cmd_pub(struct cli *cli, int argc, char **argv)
         {"route", required_argument, NULL, O_ROUTE},
         {"routing-key", required_argument, NULL, O_ROUTING_KEY},
         {"allow-unrouted", no_argument, NULL, O_ALLOW_UNROUTED},
+        {"reply-to", required_argument, NULL, O_REPLY_TO},
+        {"correlation-id", required_argument, NULL, O_CORRELATION_ID},
+        {"wait", optional_argument, NULL, O_WAIT},
         {NULL, 0, NULL, 0},
     };
     struct kvlist headers, requires;
@@ -211,7 +217,9 @@ cmd_pub(struct cli *cli, int argc, char **argv)
     const char *queue = NULL, *route = NULL, *routing_key = NULL;
     unsigned route_flags = 0;
     const char *data = NULL;
-    bool lines = false, binary = false;
+    bool lines = false, binary = false, wait = false;
+    uint64_t wait_ms = 0;
+    bool wait_limit = false;
     char *buf = NULL;
     uint64_t v, id = 0;
     int ch, rc;
@@ -268,6 +276,26 @@ cmd_pub(struct cli *cli, int argc, char **argv)
         case O_ALLOW_UNROUTED:
             route_flags |= PROTOQ_ROUTE_ALLOW_UNROUTED;
             break;
+        case O_REPLY_TO:
+            m.reply_to = optarg;
+            break;
+        case O_CORRELATION_ID:
+            m.correlation_id = optarg;
+            break;
+        case O_WAIT:
+            /* --wait[=T] or --wait T: a following word that reads as a
+             * duration is the timeout (put DATA first if it is one). */
+            wait = true;
+            if (optarg == NULL && optind < argc &&
+                units_parse_duration_ms(argv[optind], &wait_ms) == PQ_OK) {
+                optarg = argv[optind++];
+            }
+            if (optarg != NULL &&
+                units_parse_duration_ms(optarg, &wait_ms) != PQ_OK) {
+                return usage_err("--wait: not a duration: %s", optarg);
+            }
+            wait_limit = optarg != NULL;
+            break;
         default:
             return EXIT_USAGE; /* cli_getopt said why */
         }
@@ -292,6 +320,10 @@ cmd_pub(struct cli *cli, int argc, char **argv)
     }
     if ((data != NULL) + (file != NULL) + lines > 1) {
         return usage_err("pub: DATA, --file and --lines exclude each other");
+    }
+    if (wait && (lines || m.reply_to != NULL || route != NULL)) {
+        return usage_err("pub: --wait makes its own reply queue: it excludes "
+                         "--lines, --reply-to and --route");
     }
     snprintf(cli->cmdbuf, sizeof(cli->cmdbuf), "pub %s%s",
              route ? "--route " : "", route ? route : queue);
@@ -334,6 +366,11 @@ cmd_pub(struct cli *cli, int argc, char **argv)
     }
     if (route != NULL) {
         rc = pub_route(cli, route, routing_key, route_flags, &m);
+        free(buf);
+        return rc;
+    }
+    if (wait) {
+        rc = pub_wait(cli, queue, &m, wait_limit ? (int64_t)wait_ms : -1);
         free(buf);
         return rc;
     }

@@ -4,8 +4,11 @@
  * Each job runs in its own process group with the payload on stdin and its
  * id, attempt, headers and the previous attempt's progress in the
  * environment. While it runs, work touches its lease (and forwards the
- * progress lines the job writes to $PROTOQ_PROGRESS); exit 0 acks it, any
- * other end nacks it with the tail of its stderr as the error text.
+ * progress lines the job writes to $PROTOQ_PROGRESS); exit 0 acks it with
+ * its stdout (the first --max-result bytes, default 1 MiB, the broker's
+ * default max_result_bytes) as the job's result, which the broker sends to
+ * the job's reply_to; any other end nacks it with the tail of its stderr
+ * as the error text. The job's stdout is also passed through to ours.
  *
  * Slots and credit: the broker may push as many jobs as the subscription
  * has credit. A job whose delivery is no longer ours (cancelled, lease lost,
@@ -62,6 +65,7 @@ enum {
     RECONNECT_MAX_MS = 5000,
     DEFAULT_SHUTDOWN_GRACE_MS = 30000,
     DEFAULT_KILL_GRACE_MS = 10000,
+    DEFAULT_RESULT_MAX = 1024 * 1024, /* the broker's max_result_bytes */
 };
 
 /* Why a job's process is being stopped (JOB_RUN: it is not). */
@@ -81,6 +85,10 @@ struct job {
     pid_t watchdog; /* feeds stdin, guards against our death */
     int lifeline;   /* write end; closed with a byte when done */
     int err_fd;     /* the command's stderr, non-blocking; -1 */
+    int out_fd;     /* the command's stdout, non-blocking; -1 */
+    char *out;      /* its first result_max bytes (malloc'ed) */
+    size_t out_len;
+    bool out_cut; /* it wrote more than that */
     uint64_t message_id;
     uint32_t attempt;
     uint64_t lease_ms;
@@ -113,8 +121,9 @@ struct work_state {
     uint64_t sub_id;
     uint32_t credit; /* prefetch the broker has now */
     uint64_t timeout_ms, shutdown_grace_ms, kill_grace_ms;
-    char dir[64];  /* private dir for progress files */
-    bool draining; /* shutdown: paused, no new jobs */
+    uint64_t result_max; /* --max-result: stdout bytes kept as the result */
+    char dir[64];        /* private dir for progress files */
+    bool draining;       /* shutdown: paused, no new jobs */
     int64_t drain_end_ms;
 };
 
@@ -224,12 +233,13 @@ set_progress_env(const struct protoq_delivery *d)
 /* In the command's child: environment, process group, fds, exec. */
 static void
 exec_command(struct work_state *ws, struct job *j,
-             const struct protoq_delivery *d, int in_fd, int err_fd)
+             const struct protoq_delivery *d, int in_fd, int out_fd, int err_fd)
 {
     char name[256], val[32];
 
     setpgid(0, 0);
     dup2(in_fd, STDIN_FILENO);
+    dup2(out_fd, STDOUT_FILENO);
     dup2(err_fd, STDERR_FILENO);
     /* Every other descriptor of ours is close-on-exec. */
     snprintf(val, sizeof(val), "%" PRIu64, d->message_id);
@@ -316,7 +326,8 @@ run_watchdog(const struct protoq_delivery *d, pid_t pgid, int in_w, int life_r,
 static int
 spawn_job(struct work_state *ws, struct job *j, const struct protoq_delivery *d)
 {
-    int in[2] = {-1, -1}, err[2] = {-1, -1}, life[2] = {-1, -1};
+    int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1};
+    int life[2] = {-1, -1};
     int fd, saved;
     pid_t pid;
 
@@ -324,7 +335,8 @@ spawn_job(struct work_state *ws, struct job *j, const struct protoq_delivery *d)
              (size_t)(j - ws->jobs));
     fd = open(j->progress_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0 || close(fd) != 0 || pipe2(in, O_CLOEXEC) != 0 ||
-        pipe2(err, O_CLOEXEC) != 0 || pipe2(life, O_CLOEXEC) != 0) {
+        pipe2(out, O_CLOEXEC) != 0 || pipe2(err, O_CLOEXEC) != 0 ||
+        pipe2(life, O_CLOEXEC) != 0) {
         goto fail;
     }
     fflush(NULL);
@@ -333,7 +345,7 @@ spawn_job(struct work_state *ws, struct job *j, const struct protoq_delivery *d)
         goto fail;
     }
     if (pid == 0) {
-        exec_command(ws, j, d, in[0], err[1]);
+        exec_command(ws, j, d, in[0], out[1], err[1]);
     }
     setpgid(pid, pid); /* also in the child: whoever runs first */
     j->pid = pid;
@@ -351,9 +363,12 @@ spawn_job(struct work_state *ws, struct job *j, const struct protoq_delivery *d)
     }
     close(in[0]);
     close(in[1]);
+    close(out[1]);
     close(err[1]);
     close(life[0]);
+    fcntl(out[0], F_SETFL, O_NONBLOCK);
     fcntl(err[0], F_SETFL, O_NONBLOCK);
+    j->out_fd = out[0];
     j->err_fd = err[0];
     j->lifeline = life[1];
     return 0;
@@ -362,6 +377,9 @@ fail:
     for (int i = 0; i < 2; i++) {
         if (in[i] >= 0) {
             close(in[i]);
+        }
+        if (out[i] >= 0) {
+            close(out[i]);
         }
         if (err[i] >= 0) {
             close(err[i]);
@@ -401,7 +419,7 @@ work_deliver(void *arg, protoq_client *c, const struct protoq_delivery *d)
         return;
     }
     memset(j, 0, sizeof(*j));
-    j->err_fd = j->lifeline = -1;
+    j->err_fd = j->out_fd = j->lifeline = -1;
     if (spawn_job(ws, j, d) != 0) {
         say(ws, "cannot start %s: %s", ws->command[0], strerror(errno));
         protoq_nack(c, d->message_id, d->attempt, 0, false,
@@ -501,29 +519,68 @@ tail_copy(const struct job *j, char *buf, size_t max)
     buf[n] = '\0';
 }
 
-/* Pass the job's stderr through to ours and keep its tail. */
+/* Keep what fits of the job's stdout as its result. */
 static void
-drain_stderr(struct job *j)
+out_add(struct work_state *ws, struct job *j, const char *p, size_t n)
+{
+    size_t room = ws->result_max - j->out_len;
+
+    if (n > room) {
+        j->out_cut = true;
+        n = room;
+    }
+    if (n == 0) {
+        return;
+    }
+    if (j->out == NULL && (j->out = malloc(ws->result_max)) == NULL) {
+        j->out_cut = true;
+        return;
+    }
+    memcpy(j->out + j->out_len, p, n);
+    j->out_len += n;
+}
+
+/* Read what is there on *fd (non-blocking) into keep(), and pass it
+ * through to `to`; closes *fd at EOF. */
+static void
+drain_fd(struct work_state *ws, struct job *j, int *fd, FILE *to,
+         void (*keep)(struct work_state *, struct job *, const char *, size_t))
 {
     char buf[4096];
     ssize_t n;
 
-    while (j->err_fd >= 0) {
-        n = read(j->err_fd, buf, sizeof(buf));
+    while (*fd >= 0) {
+        n = read(*fd, buf, sizeof(buf));
         if (n > 0) {
-            tail_add(j, buf, (size_t)n);
-            fwrite(buf, 1, (size_t)n, stderr);
+            keep(ws, j, buf, (size_t)n);
+            fwrite(buf, 1, (size_t)n, to);
             continue;
         }
         if (n < 0 && (errno == EINTR)) {
             continue;
         }
         if (n == 0) {
-            close(j->err_fd);
-            j->err_fd = -1;
+            close(*fd);
+            *fd = -1;
         }
         break;
     }
+}
+
+static void
+keep_tail(struct work_state *ws, struct job *j, const char *p, size_t n)
+{
+    (void)ws;
+    tail_add(j, p, n);
+}
+
+/* Pass the job's stderr and stdout through to ours, keeping the tail of
+ * one (the error text) and the head of the other (the result). */
+static void
+drain_output(struct work_state *ws, struct job *j)
+{
+    drain_fd(ws, j, &j->err_fd, stderr, keep_tail);
+    drain_fd(ws, j, &j->out_fd, stdout, out_add);
 }
 
 /* One line written to $PROTOQ_PROGRESS: "progress PERCENT [TEXT]" or
@@ -605,7 +662,7 @@ finish_job(struct work_state *ws, struct job *j)
     int rc = PQ_OK;
     int n;
 
-    drain_stderr(j);
+    drain_output(ws, j);
     read_progress(ws, j);
     progress_of(j, &prog);
     if (!j->held) {
@@ -621,7 +678,16 @@ finish_job(struct work_state *ws, struct job *j)
                             j->has_progress ? &prog : NULL, true);
         say(ws, "job %" PRIu64 " released (shutdown)", j->message_id);
     } else if (j->stop == JOB_RUN && WIFEXITED(st) && WEXITSTATUS(st) == 0) {
-        rc = protoq_ack(c, j->message_id, j->attempt);
+        struct protoq_ack_opts ao = {.result = j->out,
+                                     .result_len = j->out_len};
+
+        if (j->out_cut) {
+            say(ws,
+                "job %" PRIu64 ": its result is cut to the first %" PRIu64
+                " bytes of its stdout (--max-result)",
+                j->message_id, ws->result_max);
+        }
+        rc = protoq_ack_ex(c, j->message_id, j->attempt, &ao);
     } else {
         if (j->stop == JOB_TIMEOUT) {
             n = snprintf(err, sizeof(err), "timed out after %" PRIu64 " ms",
@@ -649,6 +715,11 @@ finish_job(struct work_state *ws, struct job *j)
     if (j->err_fd >= 0) {
         close(j->err_fd);
     }
+    if (j->out_fd >= 0) {
+        close(j->out_fd);
+    }
+    free(j->out);
+    j->out = NULL;
     if (j->lifeline >= 0) {
         /* Tell the watchdog we are done with this job. */
         (void)!write(j->lifeline, "x", 1);
@@ -690,7 +761,7 @@ reap_jobs(struct work_state *ws)
         if (!j->used) {
             continue;
         }
-        drain_stderr(j);
+        drain_output(ws, j);
         /* Done when the command exited and, if it was being stopped, its
          * whole group is gone (or the kill grace is over). */
         if (j->exited && (j->stop == JOB_RUN || kill(-j->pid, 0) != 0 ||
@@ -863,13 +934,14 @@ static int
 parse_work_args(struct work_state *ws, struct kvlist *tags, int argc,
                 char **argv)
 {
-    enum { O_CONC = 256, O_TAG, O_TIMEOUT, O_SHUTDOWN, O_KILL };
+    enum { O_CONC = 256, O_TAG, O_TIMEOUT, O_SHUTDOWN, O_KILL, O_RESULT };
     static const struct option opts[] = {
         {"concurrency", required_argument, NULL, O_CONC},
         {"tag", required_argument, NULL, O_TAG},
         {"timeout", required_argument, NULL, O_TIMEOUT},
         {"shutdown-grace", required_argument, NULL, O_SHUTDOWN},
         {"kill-grace", required_argument, NULL, O_KILL},
+        {"max-result", required_argument, NULL, O_RESULT},
         {NULL, 0, NULL, 0},
     };
     uint64_t conc = 1;
@@ -877,6 +949,7 @@ parse_work_args(struct work_state *ws, struct kvlist *tags, int argc,
 
     ws->shutdown_grace_ms = DEFAULT_SHUTDOWN_GRACE_MS;
     ws->kill_grace_ms = DEFAULT_KILL_GRACE_MS;
+    ws->result_max = DEFAULT_RESULT_MAX;
     while ((ch = cli_getopt(argc, argv, opts)) != -1) {
         switch (ch) {
         case O_CONC:
@@ -903,6 +976,13 @@ parse_work_args(struct work_state *ws, struct kvlist *tags, int argc,
             }
             break;
         }
+        case O_RESULT:
+            if (units_parse_bytes(optarg, &ws->result_max) != PQ_OK ||
+                ws->result_max > 64 * 1024 * 1024) {
+                return usage_err("--max-result: want 0-64m bytes, not %s",
+                                 optarg);
+            }
+            break;
         default:
             return EXIT_USAGE; /* cli_getopt said why */
         }

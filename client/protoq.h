@@ -467,10 +467,13 @@ int protoq_ack(protoq_client *c, uint64_t message_id, uint32_t attempt);
 /* protoq_ack_sync: acknowledge and wait until the ack is durable. */
 int protoq_ack_sync(protoq_client *c, uint64_t message_id, uint32_t attempt);
 
-/* Extra parts of an ack. */
+/* Extra parts of an ack. The result and the follow-ups are stored in the
+ * same log record as the ack (they exist exactly when it does). */
 struct protoq_ack_opts {
     bool confirm;       /* wait for the durable Ok */
-    const void *result; /* sent to the message's reply_to queue */
+    const void *result; /* sent to the message's reply_to queue (dropped
+                           when it has none); up to the broker's
+                           max_result_bytes (default 1 MiB) */
     size_t result_len;
     const char *const *follow_up_queues;     /* one queue per follow-up */
     const struct protoq_message *follow_ups; /* published atomically with
@@ -479,7 +482,11 @@ struct protoq_ack_opts {
 };
 
 /* protoq_ack_ex: acknowledge with a result and/or follow-up publishes;
- * waits for the Ok when opts->confirm, otherwise like protoq_ack. */
+ * waits for the Ok when opts->confirm, otherwise like protoq_ack. All or
+ * nothing: a follow-up the broker refuses (e.g. QUEUE_NOT_FOUND,
+ * QUEUE_FULL) or a result over max_result_bytes (MESSAGE_TOO_LARGE)
+ * refuses the ack with that error, and the job stays held. The
+ * follow-ups' message ids are not returned. */
 int protoq_ack_ex(protoq_client *c, uint64_t message_id, uint32_t attempt,
                   const struct protoq_ack_opts *opts);
 

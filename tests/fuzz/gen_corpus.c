@@ -204,7 +204,8 @@ record_seeds(void)
 {
     static const uint64_t keep[2] = {5, 9};
     static const struct rec_kv reqs[1] = {{S("gpu"), S("a100")}};
-    struct record r;
+    struct record r, inner;
+    struct rec_publish pubs[2];
 
     memset(&r, 0, sizeof(r));
     r.type = REC_QUEUE_CREATE;
@@ -239,6 +240,10 @@ record_seeds(void)
     r.u.publish.progress = B("\x08\x32");
     r.u.publish.body = B("\x0a\x05hello");
     record_seed("publish", &r);
+    pubs[0] = pubs[1] = r.u.publish;
+    pubs[1].id = 43;
+    pubs[1].n_requires = 0;
+    pubs[1].requires = NULL;
 
     memset(&r, 0, sizeof(r));
     r.type = REC_ACK;
@@ -300,6 +305,18 @@ record_seeds(void)
         r.u.batch.items = items;
         record_seed("publish_batch", &r);
     }
+
+    /* an ack with its result and a follow-up */
+    memset(&inner, 0, sizeof(inner));
+    inner.type = REC_ACK;
+    inner.u.ack.id = 41;
+    memset(&r, 0, sizeof(r));
+    r.type = REC_ATOMIC;
+    r.u.atomic.inner_type = REC_ACK;
+    r.u.atomic.inner = &inner;
+    r.u.atomic.n = 2;
+    r.u.atomic.pubs = pubs;
+    record_seed("atomic", &r);
 }
 
 /* ---- conf files ---- */

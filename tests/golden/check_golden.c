@@ -307,6 +307,58 @@ gen_routes(struct srv *s)
     protoq_close(c);
 }
 
+/* A job with a reply_to and a correlation id. */
+static uint64_t
+submit(protoq_client *c, const char *q, const char *payload, const char *cid)
+{
+    struct protoq_message m = {.payload = payload,
+                               .len = strlen(payload),
+                               .correlation_id = cid,
+                               .reply_to = "replies"};
+    uint64_t id = 0;
+
+    pq_check_ok(c, protoq_publish(c, q, &m, &id));
+    return id;
+}
+
+/*
+ * atomic: the REC_ATOMIC records (a job's end with the messages it
+ * causes): an ack with a result and a follow-up, a dead letter with its
+ * failure notice, a cancel with its notice.
+ */
+static void
+gen_atomic(struct srv *s)
+{
+    static const char *const fq[] = {"next"};
+    struct protoq_message fu = {.payload = "F1", .len = 2};
+    struct protoq_ack_opts ao = {.confirm = true,
+                                 .result = "R1",
+                                 .result_len = 2,
+                                 .follow_up_queues = fq,
+                                 .follow_ups = &fu,
+                                 .n_follow_ups = 1};
+    protoq_client *c = pq_connect_or_fail(s);
+    struct got g;
+    uint64_t sub, j3;
+
+    create(c, "replies", 5, "");
+    create(c, "next", 5, "");
+    create(c, "dead", 5, "");
+    create(c, "jobs", 5, "");
+    create(c, "dl", 1, "dead");
+    submit(c, "jobs", "J1", "c1");
+    take_one(c, "jobs", &g, &sub);
+    pq_check_ok(c, protoq_ack_ex(c, g.id, g.attempt, &ao));
+    pq_check_ok(c, protoq_unsubscribe(c, sub));
+    submit(c, "dl", "J2", "c2");
+    take_one(c, "dl", &g, &sub);
+    pq_check_ok(c, protoq_nack_sync(c, g.id, g.attempt, 0, false, "bad"));
+    pq_check_ok(c, protoq_unsubscribe(c, sub));
+    j3 = submit(c, "jobs", "J3", "c3");
+    pq_check_ok(c, protoq_cancel(c, "jobs", j3));
+    protoq_close(c);
+}
+
 struct scenario {
     const char *name;
     const char *conf; /* extra config lines */
@@ -320,6 +372,7 @@ static const char *const dedup_records[] = {"order", "ka", "order", "kb",
 static const char *const dedup_compacted[] = {"keep", "kk", NULL};
 static const char *const dedup_torn[] = {"t", "kt", NULL};
 static const char *const dedup_routes[] = {"ra", "kr", "rb", "kr", NULL};
+static const char *const dedup_none[] = {NULL};
 
 static const struct scenario g_scenarios[] = {
     /* written by protoqd 6b0104b (format 1, before META and links) */
@@ -329,6 +382,7 @@ static const struct scenario g_scenarios[] = {
      dedup_compacted},
     {"v2-torn", "", gen_torn, true, dedup_torn},
     {"v2-routes", "", gen_routes, false, dedup_routes},
+    {"v2-atomic", "", gen_atomic, false, dedup_none},
 };
 enum { N_SCENARIOS = sizeof(g_scenarios) / sizeof(g_scenarios[0]) };
 

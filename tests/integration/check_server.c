@@ -2187,11 +2187,12 @@ START_TEST(test_long_correlation_id_and_reply_to_are_bad_request)
                     PROTOQ_CODE_BAD_REQUEST);
     stat_q(c, "corr", &qi);
     ck_assert_uint_eq(qi.ready, 0);
-    /* At the limits both are stored. */
+    /* At the limits both are stored (a reply_to must name a queue). */
     memset(ok, 'k', sizeof(ok) - 1);
     ok[sizeof(ok) - 1] = '\0';
     m.correlation_id = ok;
     s[PQ_REPLY_TO_MAX] = '\0';
+    pq_check_ok(c, protoq_queue_create(c, s, NULL));
     pq_check_ok(c, protoq_publish(c, "corr", &m, NULL));
     stat_q(c, "corr", &qi);
     ck_assert_uint_eq(qi.ready, 1);

@@ -173,6 +173,7 @@ START_TEST(test_key_table_is_complete_and_unique)
         "max_hello_bytes",
         "max_message_bytes",
         "max_batch",
+        "max_result_bytes",
         "conn_output_high_bytes",
         "heartbeat_ms",
         "heartbeat_timeout_ms",
@@ -897,6 +898,7 @@ START_TEST(test_reloadable_flags)
         "idle_conn_timeout_ms",
         "max_connections_per_addr",
         "max_handshake_connections",
+        "max_result_bytes",
     };
     size_t nyes = 0;
     for (size_t i = 0; i < config_key_count(); i++) {
@@ -1081,6 +1083,7 @@ START_TEST(test_dump_then_load_round_trips)
         {"max_lease_ms", "365d"},
         {"dedup_window_ms", "0"},
         {"log_level", "error"},
+        {"max_result_bytes", "0"},
     };
     ck_assert_uint_eq(sizeof(kv) / sizeof(kv[0]), config_key_count());
     config_defaults(&c);
@@ -1121,8 +1124,9 @@ START_TEST(test_dump_then_load_round_trips)
     for (size_t i = 0; i < config_key_count(); i++) {
         nreload += config_key_reloadable(config_key_name(i));
     }
-    ck_assert_uint_eq(nreload, 14);
+    ck_assert_uint_eq(nreload, 15);
     ck_assert_uint_eq(commas + 1, config_key_count() - nreload);
+    ck_assert_uint_eq(commas + 1, config_key_count() - 11);
     /* A short err buffer is cut, never overrun. */
     char tiny[8];
     struct config live2;

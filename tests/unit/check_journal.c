@@ -47,7 +47,7 @@ on_qevent(void *arg, const struct qevent *ev)
 
     if (ev->type != QEV_READY && ev->type != QEV_TOUCH &&
         !queue_attrs(ev->q)->transient) {
-        journal_qevent(t->j, ev, clock_mono_ms());
+        (void)journal_qevent(t->j, ev, clock_mono_ms(), NULL, 0);
     }
 }
 
@@ -231,7 +231,7 @@ jt_ack(struct jt *t, uint64_t id, uint32_t attempt)
     uint64_t lsn;
 
     ck_assert_int_eq(qset_ack(t->qs, id, attempt, &m), PQ_OK);
-    ck_assert_int_eq(journal_ack(t->j, m, &lsn), PQ_OK);
+    ck_assert_int_eq(journal_ack(t->j, m, NULL, 0, &lsn), PQ_OK);
     msg_free(m);
     jt_sync(t);
 }

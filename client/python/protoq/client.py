@@ -320,17 +320,27 @@ class Delivery:
         if self.cancelled:
             fn(self)
 
-    def ack(self, result=None, confirm=False):
+    def ack(self, result=None, follow_ups=None, confirm=False):
         """Done: the message is removed. confirm: wait until the ack is
-        durable. result: sent to the producer's reply_to queue (this broker
-        refuses results with Unsupported today; the call then raises)."""
-        if result is None and not confirm:
+        durable. result (bytes or str, up to the broker's max_result_bytes):
+        sent to the producer's reply_to queue. follow_ups: publishes stored
+        in the same log record as the ack, each (queue, payload) or
+        (queue, payload, {publish options}); any one refused refuses the ack
+        (it raises, and the job stays held). Both wait for the answer."""
+        if result is None and not follow_ups and not confirm:
             self._client._ack_lazy(self)
             return
         f = pb.Frame()
         f.ack.message_id, f.ack.attempt = self.id, self.attempt
         if result is not None:
             f.ack.result = _bytes("result", result)
+            confirm = True
+        for fu in follow_ups or ():
+            queue, payload = fu[0], fu[1]
+            _check_name(queue)
+            item = f.ack.follow_ups.add()
+            item.queue = queue
+            _message(item.message, payload, **(fu[2] if len(fu) > 2 else {}))
             confirm = True
         f.ack.confirm = confirm
         self._client._settle(self, f, confirm)

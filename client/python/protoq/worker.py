@@ -13,7 +13,9 @@
 One job at a time, in the calling (main) thread, never in a forked child
 (CUDA does not survive a fork). While the function runs, a background
 thread touches the job's lease, and the client's reader thread keeps the
-connection alive with heartbeats. The function's return acks the job; an
+connection alive with heartbeats. The function's return acks the job (a
+value other than None is the job's result, sent to its reply_to: bytes,
+str, or anything JSON can encode); an
 exception nacks it (retried with the queue's backoff, dead-lettered after
 max_attempts) with the traceback's tail as the error text; protoq.Reject
 dead-letters it at once. SIGTERM (pre-emption) releases the job without
@@ -279,9 +281,11 @@ class Worker:
         try:
             try:
                 self._in_job = True
-                self.fn(job)
+                ret = self.fn(job)
             finally:
                 self._in_job = False
+            if ret is not None:
+                kw = {"result": _result_bytes(ret)}
         except (errors.Shutdown, KeyboardInterrupt) as e:
             outcome, kw = "release", {"reason": "shutdown"}
             self._stopping = True
@@ -302,11 +306,30 @@ class Worker:
 
     def _settle(self, d, outcome, **kw):
         """Ack, nack or release with a durable confirm; a fenced token (lease
-        lost, cancelled) is logged, not raised."""
+        lost, cancelled) is logged, not raised. A result the broker refuses
+        (over its max_result_bytes) fails the job for good, so that its
+        producer hears why."""
         try:
             getattr(d, outcome)(confirm=True, **kw)
         except errors.StaleDelivery as e:
             log.info("job %d: %s not applied: %s", d.id, outcome, e)
+        except errors.MessageTooLarge as e:
+            log.warning("job %d: result refused: %s", d.id, e)
+            self._settle(d, "nack", dead_letter=True,
+                         error="result refused by the broker: %s" % e)
+
+
+def _result_bytes(ret):
+    """A job function's return value as the job's result: bytes as they
+    are, str as UTF-8, anything else as JSON (str() if it is not JSON)."""
+    if isinstance(ret, (bytes, bytearray, memoryview)):
+        return bytes(ret)
+    if isinstance(ret, str):
+        return ret.encode("utf-8")
+    try:
+        return json.dumps(ret).encode("utf-8")
+    except (TypeError, ValueError):
+        return str(ret).encode("utf-8")
 
 
 def worker(server, queue, **kw):

@@ -24,6 +24,7 @@ def test_one_exception_class_per_wire_error_code():
 
 def test_publish_consume_fields(client):
     client.create_queue("q")
+    client.create_queue("replies")
     t0 = time.time()
     mid = client.publish("q", b"\x00\xffbin", headers={"k": "v", "x": "y"},
                          priority=7, correlation_id="c-1", reply_to="replies", key="idem-1")
@@ -196,14 +197,23 @@ def test_heartbeats_keep_an_idle_consumer(tmp_path):
         b.close()
 
 
-def test_ack_result_is_refused_clearly(client):
-    client.create_queue("q")
-    client.publish("q", "x")
+def test_ack_result_and_follow_ups(client):
+    for q in ("q", "replies", "next"):
+        client.create_queue(q)
+    with pytest.raises(protoq.QueueNotFound):
+        client.publish("q", "x", reply_to="nobody")
+    mid = client.publish("q", "x", reply_to="replies", correlation_id="run-1")
     d = client.consume("q").get(timeout=5)
-    with pytest.raises(protoq.Unsupported) as e:
-        d.ack(result=b"accuracy=0.93")
-    assert e.value.code == 18
-    d.ack(confirm=True)
+    with pytest.raises(protoq.QueueNotFound):
+        d.ack(follow_ups=[("missing", b"step2")])
+    d.ack(result=b"accuracy=0.93", follow_ups=[("next", b"step2", {"priority": 3})])
+    r = client.consume("replies").get(timeout=5)
+    assert r.payload == b"accuracy=0.93" and r.correlation_id == "run-1"
+    assert r.headers["protoq-status"] == "ok"
+    assert r.headers["protoq-job-id"] == str(mid)
+    n = client.consume("next").get(timeout=5)
+    assert n.payload == b"step2" and n.priority == 3
+    assert client.stat_queue("q").acked == 1
 
 
 def test_bad_input_gives_clear_exceptions(broker, client):

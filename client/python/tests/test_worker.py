@@ -214,3 +214,18 @@ def test_clean_stop_gives_back_the_next_job_unfailed(broker, client):
     assert client.stat_queue("dlq").ready == 0
     d = client.consume("train").get(timeout=5)
     assert d.payload == b"two"
+
+
+def test_return_value_is_the_result(broker, client):
+    client.create_queue("train")
+    client.create_queue("replies")
+    mid = client.publish("train", '{"lr": 0.1}', reply_to="replies", correlation_id="r1")
+
+    def fn(job):
+        return {"acc": 0.9, "lr": job.payload["lr"]}
+
+    assert run_worker(protoq.Worker(broker.addr, "train", fn, max_jobs=1)) == 1
+    r = client.consume("replies").get(timeout=5)
+    assert r.headers["protoq-status"] == "ok" and r.headers["protoq-job-id"] == str(mid)
+    assert r.correlation_id == "r1"
+    assert r.payload == b'{"acc": 0.9, "lr": 0.1}'
