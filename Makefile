@@ -32,7 +32,7 @@ PYLIBDIR  = $(DESTDIR)/usr/lib/python3/dist-packages
 else
 PYLIBDIR  = $(DESTDIR)$(PREFIX)/lib/$(shell $(PYTHON) -c 'import sys; print("python%d.%d" % sys.version_info[:2])')/dist-packages
 endif
-PKGS      = libevent libevent_pthreads libprotobuf-c
+PKGS      = libevent libevent_pthreads libprotobuf-c libcrypto
 
 ifeq ($(SAN),1)
 B       = build/san
@@ -80,7 +80,7 @@ STORE_OBJS = $(B)/broker/store.o $(B)/broker/store_thread.o $(B)/broker/store_re
 BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
               $(B)/broker/dispatch.o $(B)/broker/dispatch_admin.o \
               $(B)/broker/dispatch_publish.o $(B)/broker/dispatch_consume.o \
-              $(B)/broker/journal.o $(B)/broker/config.o \
+              $(B)/broker/journal.o $(B)/broker/config.o $(B)/broker/auth.o \
               $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS)
 
 LIB_OBJS   = $(B)/client/client.o $(B)/client/client_admin.o \
@@ -91,10 +91,10 @@ BENCH_OBJS = $(B)/client/bench.o
 
 UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_queue \
               $(B)/tests/unit/check_store $(B)/tests/unit/check_config \
-              $(B)/tests/unit/check_journal
+              $(B)/tests/unit/check_journal $(B)/tests/unit/check_auth
 INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_jobs \
               $(B)/tests/integration/check_client $(B)/tests/integration/check_work \
-              $(B)/tests/integration/check_loss \
+              $(B)/tests/integration/check_loss $(B)/tests/integration/check_auth \
               $(B)/tests/crash/check_crash $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
 MODEL_TESTS = $(B)/tests/model/check_model
@@ -169,6 +169,8 @@ $(B)/tests/unit/check_journal: $(B)/tests/unit/check_journal.o $(B)/broker/journ
                                $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/unit/check_config: $(B)/tests/unit/check_config.o $(B)/broker/config.o $(CORE_OBJS) $(PROTO_OBJS)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+$(B)/tests/unit/check_auth: $(B)/tests/unit/check_auth.o $(B)/broker/auth.o $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/integration/%: $(B)/tests/integration/%.o $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)

@@ -9,7 +9,8 @@ set -eu
 
 # python3-*, protobuf-compiler: the Python client (client/python), its
 # generated messages, its tests and the venv install test.
-PKGS="build-essential pkg-config libevent-dev libprotobuf-c-dev protobuf-c-compiler check
+# libssl-dev: libcrypto's SHA-256 for auth tokens (and OpenSSL for TLS).
+PKGS="build-essential pkg-config libevent-dev libprotobuf-c-dev protobuf-c-compiler check libssl-dev
       python3 python3-protobuf protobuf-compiler python3-pytest python3-setuptools
       python3-wheel python3-venv python3-pip"
 if [ "${1:-}" = fuzz ]; then

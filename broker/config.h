@@ -35,6 +35,9 @@ struct config {
     uint32_t heartbeat_ms;         /* 0 = off */
     uint32_t heartbeat_timeout_ms; /* close a peer silent this long */
     uint32_t idle_timeout_ms;      /* close a handshake-less peer after */
+    /* ---- security ---- */
+    char auth_file[CONFIG_PATH_MAX]; /* token table; "" = no tokens */
+    uint32_t allow_anonymous; /* 1: no auth_file on a non-loopback listen */
     /* ---- storage ---- */
     char data_dir[CONFIG_PATH_MAX];
     enum fsync_policy fsync;

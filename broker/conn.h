@@ -16,6 +16,7 @@
 
 #include <event2/util.h>
 
+#include "auth.h"
 #include "protoq.pb-c.h"
 
 struct config;
@@ -103,6 +104,11 @@ struct conn {
     uint64_t closing_ms;      /* mono: when it became CLOSING */
     bool output_full;         /* over conn_output_high_bytes */
     uint8_t *resv;            /* conn_reserve'd space, until commit */
+    /* The token given in Hello (dispatch.c); unused without auth_file. */
+    const struct auth_token *auth_tok; /* in the table of auth_gen */
+    uint64_t auth_gen;                 /* table generation auth_tok is from */
+    char auth_name[AUTH_NAME_MAX + 1]; /* to find it in a reloaded table */
+    uint8_t auth_hash[AUTH_HASH_BYTES];
 };
 
 /* conn_accept: wrap an accepted socket; closes fd on failure. */

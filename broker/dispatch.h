@@ -15,6 +15,7 @@
 #include "hmap.h"
 #include "protoq.pb-c.h"
 
+struct auth_table;
 struct config;
 struct conn;
 struct journal;
@@ -25,6 +26,7 @@ struct wait;
 struct broker_stats {
     uint64_t batches_durable; /* store batches reported durable */
     uint64_t disk_full_refusals;
+    uint64_t auth_failures; /* Hellos refused UNAUTHORIZED */
 };
 
 /*
@@ -35,13 +37,16 @@ struct broker_stats {
  */
 struct broker {
     /* Set by the owner (the server). */
-    const struct config *cfg;    /* borrowed; limits are read at each use,
-                                    so a SIGHUP reload applies at once */
-    const uint64_t *now_mono_ms; /* the loop's clock, read once per pass */
-    void (*stop)(void *owner);   /* a fatal storage error: end the loop */
-    void *owner;                 /* stop's argument */
-    uint16_t port;               /* names the broker in Welcome */
-    bool shutting_down;          /* a clean stop: held jobs are released */
+    const struct config *cfg;      /* borrowed; limits are read at each use,
+                                      so a SIGHUP reload applies at once */
+    const uint64_t *now_mono_ms;   /* the loop's clock, read once per pass */
+    void (*stop)(void *owner);     /* a fatal storage error: end the loop */
+    void *owner;                   /* stop's argument */
+    uint16_t port;                 /* names the broker in Welcome */
+    bool shutting_down;            /* a clean stop: held jobs are released */
+    const struct auth_table *auth; /* tokens (auth_file); NULL = none, every
+                                      client may do anything */
+    uint64_t auth_gen;             /* bumped when auth is replaced */
 
     /* Owned here. */
     int exit_code; /* 0, or EX_IOERR after a fatal store error */

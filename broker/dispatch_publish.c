@@ -94,7 +94,7 @@ prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
                         "publish to a route is not implemented yet");
         return false;
     }
-    q = dispatch_find_queue(c, rid, pub->queue);
+    q = dispatch_find_queue(c, rid, pub->queue, AUTH_PUBLISH, "publish");
     if (q == NULL) {
         return false;
     }

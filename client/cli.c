@@ -31,7 +31,7 @@
 #include <unistd.h>
 
 static const char usage_text[] =
-    "usage: protoq [-s HOST:PORT] COMMAND [ARGS]\n"
+    "usage: protoq [-s HOST:PORT] [-t TOKEN] COMMAND [ARGS]\n"
     "\n"
     "  queue create NAME [--max-length N] [--max-bytes N[k|m|g]]\n"
     "               [--ack-timeout D] [--max-attempts N] [--dead-letter Q]\n"
@@ -77,6 +77,8 @@ static const char usage_text[] =
     "Durations (D): 500ms, 10s, 5m, 1h30m, 2d; a plain number is "
     "milliseconds.\n"
     "The server is -s HOST:PORT, else $PROTOQ_SERVER, else 127.0.0.1:7650.\n"
+    "The auth token (for a broker with an auth_file) is -t TOKEN, else\n"
+    "$PROTOQ_TOKEN; prefer the variable: a command line shows in ps.\n"
     "Exit status: 0 ok, 1 error, 2 usage.\n";
 
 /* ---- messages ---- */
@@ -158,7 +160,7 @@ cli_connect(struct cli *cli)
 
     memset(&o, 0, sizeof(o));
     o.client_name = "protoq-cli";
-    o.auth_token = getenv("PROTOQ_TOKEN");
+    o.auth_token = cli->token;
     o.io_timeout_ms = 60000;
     rc = protoq_connect(cli->server, &o, &cli->c);
     if (rc != PQ_OK) {
@@ -187,6 +189,7 @@ main(int argc, char **argv)
     if (cli.server == NULL || cli.server[0] == '\0') {
         cli.server = "127.0.0.1:7650";
     }
+    cli.token = getenv("PROTOQ_TOKEN");
     while (i < argc && argv[i][0] == '-') {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             fputs(usage_text, stdout);
@@ -201,6 +204,14 @@ main(int argc, char **argv)
                 return usage_err("%s needs HOST:PORT", argv[i]);
             }
             cli.server = argv[i + 1];
+            i += 2;
+            continue;
+        }
+        if (strcmp(argv[i], "-t") == 0 || strcmp(argv[i], "--token") == 0) {
+            if (i + 1 >= argc) {
+                return usage_err("%s needs TOKEN", argv[i]);
+            }
+            cli.token = argv[i + 1];
             i += 2;
             continue;
         }
