@@ -517,6 +517,15 @@ live_token(struct conn *c, uint64_t rid)
     return tok;
 }
 
+/* dispatch_auth_recheck: see dispatch.h. */
+void
+dispatch_auth_recheck(struct broker *bk, struct conn *c)
+{
+    if (bk->auth != NULL && c->state == CONN_READY) {
+        (void)live_token(c, 0);
+    }
+}
+
 /* dispatch_may: see dispatch_int.h. */
 bool
 dispatch_may(struct conn *c, unsigned perms, const char *queue)

@@ -74,6 +74,11 @@ void dispatch_frame(void *broker, struct conn *c, const Protoq__Frame *f);
  * are failed attempts and go back to their queues). Idempotent. */
 void dispatch_conn_closed(void *broker, struct conn *c);
 
+/* dispatch_auth_recheck: the token table was replaced: close c
+ * (UNAUTHORIZED, request_id 0) if the token it authenticated with is gone
+ * or changed, so a revoked consumer stops getting deliveries at once. */
+void dispatch_auth_recheck(struct broker *b, struct conn *c);
+
 /* dispatch_conn_output: c's output went over (full) or back under the
  * high-water mark: pause or resume deliveries to its consumers. */
 void dispatch_conn_output(void *broker, struct conn *c, bool full);

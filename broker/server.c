@@ -311,12 +311,16 @@ server_load_auth(struct server *srv, char *err, size_t errlen)
     if (rc != PQ_OK) {
         return rc;
     }
-    /* Connections find their token again by name and hash at their next
-     * request (dispatch.c), so the old table can go at once. */
+    /* Each connection finds its token again by name and hash (dispatch.c);
+     * those whose token is gone are closed now, so the old table can go. */
     auth_table_free(srv->auth);
     srv->auth = t;
     srv->broker.auth = t;
     srv->broker.auth_gen++;
+    for (struct conn *c = srv->cs.conns, *next; c != NULL; c = next) {
+        next = c->next;
+        dispatch_auth_recheck(&srv->broker, c);
+    }
     return PQ_OK;
 }
 

@@ -522,6 +522,15 @@ late_refused(void *arg)
 }
 
 static bool
+nothing_in_flight(void *arg)
+{
+    struct protoq_queue_info info;
+
+    return protoq_queue_stat(arg, "jobs", &info) == PQ_OK &&
+           info.inflight == 0 && info.ready == 1;
+}
+
+static bool
 log_says_kept(void *arg)
 {
     (void)arg;
@@ -533,6 +542,7 @@ START_TEST(test_sighup_adds_and_removes_tokens)
     protoq_client *admin = connect_ok(ADMIN_TOKEN);
     protoq_client *late;
     struct protoq_queue_info info;
+    struct got g;
 
     pq_check_ok(admin, protoq_queue_create(admin, "jobs", NULL));
     ck_assert(late_refused(NULL));
@@ -549,13 +559,16 @@ START_TEST(test_sighup_adds_and_removes_tokens)
     ck_assert(wait_until(log_says_kept, NULL, 5000));
     ck_assert(late_gets_in(NULL));
 
-    /* removed: no new connection, and the open one is closed at its next
-     * request */
+    /* removed: no new connection, and the open one is closed at once:
+     * its job goes back to the queue without it asking anything */
+    publish_one(admin, "jobs");
+    take_one(late, &g);
+    pq_check_ok(admin, protoq_queue_stat(admin, "jobs", &info));
+    ck_assert_uint_eq(info.inflight, 1);
     write_tokens(false, false);
     ck_assert_int_eq(kill(g_srv.pid, SIGHUP), 0);
     ck_assert(wait_until(late_refused, NULL, 5000));
-    pq_check_remote(late, protoq_queue_stat(late, "jobs", &info),
-                    PROTOQ_CODE_UNAUTHORIZED);
+    ck_assert(wait_until(nothing_in_flight, admin, 5000));
     ck_assert_int_ne(protoq_queue_stat(late, "jobs", &info), PQ_OK);
 
     /* the others were not disturbed */
