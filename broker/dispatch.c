@@ -577,9 +577,7 @@ authenticate(struct conn *c, uint64_t rid, const char *token)
     tok = auth_lookup(bk->auth, token);
     if (tok == NULL) {
         bk->stats.auth_failures++;
-        log_info("conn %llu %s: refused: %s auth token",
-                 (unsigned long long)c->id, c->peer,
-                 token && token[0] ? "unknown" : "no");
+        /* conn_fatal logs the refusal with the peer's address */
         conn_fatal(c, rid, PROTOQ__ERROR_CODE__UNAUTHORIZED,
                    "%s auth token: this broker needs a valid one in Hello",
                    token && token[0] ? "unknown" : "no");
