@@ -56,7 +56,7 @@ PYLIBDIR  = $(DESTDIR)/usr/lib/python3/dist-packages
 else
 PYLIBDIR  = $(DESTDIR)$(PREFIX)/lib/$(shell $(PYTHON) -c 'import sys; print("python%d.%d" % sys.version_info[:2])')/dist-packages
 endif
-PKGS      = libevent libevent_pthreads libprotobuf-c
+PKGS      = libevent libevent_pthreads libprotobuf-c libcrypto
 
 ifeq ($(SAN),1)
 B       = build/san
@@ -108,7 +108,7 @@ BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
               $(B)/broker/dispatch_publish.o $(B)/broker/dispatch_consume.o \
               $(B)/broker/dispatch_deliver.o $(B)/broker/dispatch_result.o \
               $(B)/broker/dispatch_route.o $(B)/broker/dispatch_job.o \
-              $(B)/broker/journal.o $(B)/broker/route.o $(B)/broker/config.o \
+              $(B)/broker/journal.o $(B)/broker/route.o $(B)/broker/config.o $(B)/broker/auth.o \
               $(B)/broker/metrics.o \
               $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS)
 
@@ -126,7 +126,8 @@ UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_structs \
               $(B)/tests/unit/check_record $(B)/tests/unit/check_store \
               $(B)/tests/unit/check_store_recover $(B)/tests/unit/check_config \
               $(B)/tests/unit/check_journal $(B)/tests/unit/check_log \
-              $(B)/tests/unit/check_route $(B)/tests/unit/check_record_atomic
+              $(B)/tests/unit/check_route $(B)/tests/unit/check_record_atomic \
+              $(B)/tests/unit/check_auth
 INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_jobs \
               $(B)/tests/integration/check_client $(B)/tests/integration/check_work \
               $(B)/tests/integration/check_loss $(B)/tests/integration/check_evict \
@@ -134,7 +135,7 @@ INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_j
               $(B)/tests/integration/check_limits \
               $(B)/tests/integration/check_metrics $(B)/tests/integration/check_systemd \
               $(B)/tests/integration/check_routes $(B)/tests/integration/check_visibility \
-              $(B)/tests/integration/check_results \
+              $(B)/tests/integration/check_results $(B)/tests/integration/check_auth \
               $(B)/tests/crash/check_crash $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
 MODEL_TESTS = $(B)/tests/model/check_model
@@ -243,6 +244,8 @@ $(B)/tests/unit/check_route: $(B)/tests/unit/check_route.o $(B)/broker/route.o $
                              $(QUEUE_OBJS) $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/unit/check_config: $(B)/tests/unit/check_config.o $(B)/broker/config.o $(CORE_OBJS) $(PROTO_OBJS)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+$(B)/tests/unit/check_auth: $(B)/tests/unit/check_auth.o $(B)/broker/auth.o $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 # check_cli also calls the CLI's --json writer directly.
 $(B)/tests/integration/check_cli: $(B)/tests/integration/check_cli.o \

@@ -10,8 +10,9 @@ set -eu
 
 # python3-*, protobuf-compiler: the Python client (client/python), its
 # generated messages, its tests and the venv install test. groff-base: the
-# install test renders the man pages.
-PKGS="build-essential pkg-config libevent-dev libprotobuf-c-dev protobuf-c-compiler check
+# install test renders the man pages. libssl-dev: libcrypto's SHA-256 for
+# auth tokens (and OpenSSL for TLS).
+PKGS="build-essential pkg-config libevent-dev libprotobuf-c-dev protobuf-c-compiler check libssl-dev
       python3 python3-protobuf protobuf-compiler python3-pytest python3-setuptools
       python3-wheel python3-venv python3-pip groff-base"
 if [ "${1:-}" = fuzz ]; then

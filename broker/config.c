@@ -124,6 +124,28 @@ level_name_u32(uint32_t v)
     return log_level_name((enum log_level)v);
 }
 
+static const char *const yesno_names[] = {"no", "yes"};
+
+static int
+yesno_parse(const char *s, uint32_t *out)
+{
+    for (uint32_t i = 0; i < 2; i++) {
+        if (strcmp(s, yesno_names[i]) == 0) {
+            *out = i;
+            return PQ_OK;
+        }
+    }
+    return PQ_EINVAL;
+}
+
+static const char *
+yesno_name_u32(uint32_t v)
+{
+    return v < 2 ? yesno_names[v] : NULL;
+}
+
+static const struct enum_kind enum_yesno = {"yes|no", yesno_parse,
+                                            yesno_name_u32};
 static const struct enum_kind enum_fsync = {"always|interval|never",
                                             fsync_parse, fsync_name_u32};
 static const struct enum_kind enum_level = {"debug|info|warn|error",
@@ -162,6 +184,10 @@ static const struct key_def keys[] = {
     NUM(idle_conn_timeout_ms, KT_DURATION, 0, 7 * DAY_MS, true),
     NUM(max_connections_per_addr, KT_COUNT, 1, 1000000, true),
     NUM(max_handshake_connections, KT_COUNT, 1, 1000000, true),
+    /* ---- security (the file's tokens are re-read on SIGHUP; turning
+     * authentication on or off takes a restart) ---- */
+    STR(auth_file, str_path_opt, false),
+    ENUM(allow_anonymous, enum_yesno, false),
     /* ---- storage ---- */
     STR(data_dir, str_path, false),
     ENUM(fsync, enum_fsync, false),
@@ -209,6 +235,8 @@ config_defaults(struct config *c)
         .idle_conn_timeout_ms = HOUR_MS,
         .max_connections_per_addr = 1000,
         .max_handshake_connections = 1024,
+        .auth_file = "",
+        .allow_anonymous = 0,
         .data_dir = "/var/lib/protoq",
         .fsync = FSYNC_ALWAYS,
         .fsync_interval_ms = 50,

@@ -42,6 +42,9 @@ struct config {
     uint32_t max_connections_per_addr;  /* from one source address */
     uint32_t max_handshake_connections; /* before Hello (at most half of
                                            max_connections) */
+    /* ---- security ---- */
+    char auth_file[CONFIG_PATH_MAX]; /* token table; "" = no tokens */
+    uint32_t allow_anonymous; /* 1: no auth_file on a non-loopback listen */
     /* ---- storage ---- */
     char data_dir[CONFIG_PATH_MAX];
     enum fsync_policy fsync;

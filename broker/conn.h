@@ -18,6 +18,7 @@
 
 #include "hmap.h"
 #include "log.h"
+#include "auth.h"
 #include "protoq.pb-c.h"
 
 struct config;
@@ -129,6 +130,11 @@ struct conn {
                                        in `in`; 0 when none */
     struct addr_count *addr;        /* its source address's count */
     struct conn *hs_prev, *hs_next; /* set's HANDSHAKE list */
+    /* The token given in Hello (dispatch.c); unused without auth_file. */
+    const struct auth_token *auth_tok; /* in the table of auth_gen */
+    uint64_t auth_gen;                 /* table generation auth_tok is from */
+    char auth_name[AUTH_NAME_MAX + 1]; /* to find it in a reloaded table */
+    uint8_t auth_hash[AUTH_HASH_BYTES];
 };
 
 /* conn_accept: wrap an accepted socket; closes fd on failure. */

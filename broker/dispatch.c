@@ -502,6 +502,110 @@ dispatch_finish_since(struct conn *c, uint64_t rid, struct mark before)
     dispatch_finish_ok(c, rid, lsn != before.lsn ? lsn : 0, 0);
 }
 
+/* ---- authentication and permissions ---- */
+
+/* c's token in the live table (found again after a reload): NULL when a
+ * reload removed or changed it. Only called with an auth table. */
+static const struct auth_token *
+current_token(struct conn *c)
+{
+    struct broker *bk = broker_of(c);
+
+    if (c->auth_gen != bk->auth_gen) {
+        c->auth_tok = auth_find(bk->auth, c->auth_name, c->auth_hash);
+        c->auth_gen = bk->auth_gen;
+    }
+    return c->auth_tok;
+}
+
+/* current_token, and a revoked token closes c UNAUTHORIZED (NULL then). */
+static const struct auth_token *
+live_token(struct conn *c, uint64_t rid)
+{
+    const struct auth_token *tok = current_token(c);
+
+    if (tok == NULL) {
+        broker_of(c)->stats.auth_failures++;
+        conn_fatal(c, rid, PROTOQ__ERROR_CODE__UNAUTHORIZED,
+                   "token %s is no longer valid (auth_file reloaded)",
+                   c->auth_name);
+    }
+    return tok;
+}
+
+/* dispatch_auth_recheck: see dispatch.h. */
+void
+dispatch_auth_recheck(struct broker *bk, struct conn *c)
+{
+    if (bk->auth != NULL && c->state == CONN_READY) {
+        (void)live_token(c, 0);
+    }
+}
+
+/* dispatch_may: see dispatch_int.h. */
+bool
+dispatch_may(struct conn *c, unsigned perms, const char *queue)
+{
+    const struct auth_token *tok;
+
+    if (broker_of(c)->auth == NULL) {
+        return true;
+    }
+    tok = current_token(c);
+    return tok != NULL && auth_allows(tok, perms, queue ? queue : "");
+}
+
+/* dispatch_allow: see dispatch_int.h. */
+bool
+dispatch_allow(struct conn *c, uint64_t rid, unsigned perms, const char *queue,
+               const char *what)
+{
+    struct broker *bk = broker_of(c);
+    const struct auth_token *tok;
+
+    if (bk->auth == NULL) {
+        return true;
+    }
+    tok = live_token(c, rid);
+    if (tok == NULL) {
+        return false;
+    }
+    if (auth_allows(tok, perms, queue ? queue : "")) {
+        return true;
+    }
+    conn_send_error(c, rid, PROTOQ__ERROR_CODE__FORBIDDEN,
+                    "%s %s: token %s lacks %s permission on this queue", what,
+                    queue ? queue : "", auth_token_name(tok),
+                    auth_perm_name(perms));
+    return false;
+}
+
+/* Hello's token against the table; false when c was refused (and closed). */
+static bool
+authenticate(struct conn *c, uint64_t rid, const char *token)
+{
+    struct broker *bk = broker_of(c);
+    const struct auth_token *tok;
+
+    if (bk->auth == NULL) {
+        return true; /* a token sent anyway is ignored */
+    }
+    tok = auth_lookup(bk->auth, token);
+    if (tok == NULL) {
+        bk->stats.auth_failures++;
+        /* conn_fatal logs the refusal with the peer's address */
+        conn_fatal(c, rid, PROTOQ__ERROR_CODE__UNAUTHORIZED,
+                   "%s auth token: this broker needs a valid one in Hello",
+                   token && token[0] ? "unknown" : "no");
+        return false;
+    }
+    c->auth_tok = tok;
+    c->auth_gen = bk->auth_gen;
+    snprintf(c->auth_name, sizeof(c->auth_name), "%s", auth_token_name(tok));
+    memcpy(c->auth_hash, auth_token_hash(tok), AUTH_HASH_BYTES);
+    return true;
+}
+
 /* ---- handshake ---- */
 
 static void
@@ -518,6 +622,9 @@ on_hello(struct conn *c, uint64_t rid, const Protoq__Hello *h)
             c, rid, PROTOQ__ERROR_CODE__UNSUPPORTED_VERSION,
             "protocol version %u is not supported; this broker speaks %d",
             h->protocol_version, PROTOQ_PROTOCOL_VERSION);
+        return;
+    }
+    if (!authenticate(c, rid, h->auth_token)) {
         return;
     }
     /* Keep a printable copy of the client name for logs. */
@@ -550,8 +657,9 @@ on_hello(struct conn *c, uint64_t rid, const Protoq__Hello *h)
     f.kind_case = PROTOQ__FRAME__KIND_WELCOME;
     f.welcome = &w;
     conn_send(c, &f);
-    log_debug("conn %llu %s: hello from \"%s\"", (unsigned long long)c->id,
-              c->peer, c->name);
+    log_debug("conn %llu %s: hello from \"%s\"%s%s", (unsigned long long)c->id,
+              c->peer, c->name, bk->auth ? ", token " : "",
+              bk->auth ? c->auth_name : "");
 }
 
 /* ---- the frame switch ---- */
@@ -626,10 +734,16 @@ dispatch_frame(void *arg, struct conn *c, const Protoq__Frame *f)
         dispatch_on_cancel(c, rid, f->cancel);
         break;
     case PROTOQ__FRAME__KIND_ROUTE_BIND:
-        dispatch_on_route_bind(c, rid, f->route_bind);
+        if (dispatch_allow(c, rid, AUTH_MANAGE, f->route_bind->queue,
+                           "route bind")) {
+            dispatch_on_route_bind(c, rid, f->route_bind);
+        }
         break;
     case PROTOQ__FRAME__KIND_ROUTE_UNBIND:
-        dispatch_on_route_unbind(c, rid, f->route_unbind);
+        if (dispatch_allow(c, rid, AUTH_MANAGE, f->route_unbind->queue,
+                           "route unbind")) {
+            dispatch_on_route_unbind(c, rid, f->route_unbind);
+        }
         break;
     case PROTOQ__FRAME__KIND_ROUTE_LIST:
         dispatch_on_route_list(c, rid);

@@ -16,6 +16,7 @@
 #include "hmap.h"
 #include "protoq.pb-c.h"
 
+struct auth_table;
 struct config;
 struct conn;
 struct journal;
@@ -28,6 +29,7 @@ struct broker_stats {
     uint64_t disk_full_refusals;
     struct histo commit_msgs; /* messages confirmed per durable batch
                                  that confirmed any (HISTO_BATCH_MSGS) */
+    uint64_t auth_failures;   /* Hellos refused UNAUTHORIZED */
 };
 
 struct routes;
@@ -40,13 +42,16 @@ struct routes;
  */
 struct broker {
     /* Set by the owner (the server). */
-    const struct config *cfg;    /* borrowed; limits are read at each use,
-                                    so a SIGHUP reload applies at once */
-    const uint64_t *now_mono_ms; /* the loop's clock, read once per pass */
-    void (*stop)(void *owner);   /* a fatal storage error: end the loop */
-    void *owner;                 /* stop's argument */
-    uint16_t port;               /* names the broker in Welcome */
-    bool shutting_down;          /* a clean stop: held jobs are released */
+    const struct config *cfg;      /* borrowed; limits are read at each use,
+                                      so a SIGHUP reload applies at once */
+    const uint64_t *now_mono_ms;   /* the loop's clock, read once per pass */
+    void (*stop)(void *owner);     /* a fatal storage error: end the loop */
+    void *owner;                   /* stop's argument */
+    uint16_t port;                 /* names the broker in Welcome */
+    bool shutting_down;            /* a clean stop: held jobs are released */
+    const struct auth_table *auth; /* tokens (auth_file); NULL = none, every
+                                      client may do anything */
+    uint64_t auth_gen;             /* bumped when auth is replaced */
 
     /* Owned here. */
     int exit_code; /* 0, or EX_IOERR after a fatal store error */
@@ -70,7 +75,6 @@ struct broker {
     struct hmap_u64 loading;      /* message id -> the delivery waiting for its
                                      payload to be read back */
     struct broker_stats stats;
-    uint64_t auth_failures; /* Hellos refused for their token */
 };
 
 /* dispatch_frame: handle one decoded frame from c (which owns nothing of f). */
@@ -79,6 +83,11 @@ void dispatch_frame(void *broker, struct conn *c, const Protoq__Frame *f);
 /* dispatch_conn_closed: c stops: drop its subscriptions (their deliveries
  * are failed attempts and go back to their queues). Idempotent. */
 void dispatch_conn_closed(void *broker, struct conn *c);
+
+/* dispatch_auth_recheck: the token table was replaced: close c
+ * (UNAUTHORIZED, request_id 0) if the token it authenticated with is gone
+ * or changed, so a revoked consumer stops getting deliveries at once. */
+void dispatch_auth_recheck(struct broker *b, struct conn *c);
 
 /* dispatch_conn_output: c's output went over (full) or back under the
  * high-water mark: pause or resume deliveries to its consumers. */

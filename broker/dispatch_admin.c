@@ -33,12 +33,15 @@ check_name(struct conn *c, uint64_t rid, const char *what, const char *name)
     return true;
 }
 
+/* dispatch_find_queue: see dispatch_int.h. */
 struct queue *
-dispatch_find_queue(struct conn *c, uint64_t rid, const char *name)
+dispatch_find_queue(struct conn *c, uint64_t rid, const char *name,
+                    unsigned perms, const char *what)
 {
     struct queue *q;
 
-    if (!check_name(c, rid, "queue", name)) {
+    if (!check_name(c, rid, "queue", name) ||
+        !dispatch_allow(c, rid, perms, name, what)) {
         return NULL;
     }
     q = qset_find(broker_of(c)->qs, name);
@@ -164,7 +167,8 @@ dispatch_on_queue_create(struct conn *c, uint64_t rid,
     uint64_t lsn = 0;
     int rc;
 
-    if (!check_name(c, rid, "queue create", r->name)) {
+    if (!check_name(c, rid, "queue create", r->name) ||
+        !dispatch_allow(c, rid, AUTH_MANAGE, r->name, "queue create")) {
         return;
     }
     if (r->attrs && r->attrs->dead_letter &&
@@ -183,7 +187,11 @@ dispatch_on_queue_create(struct conn *c, uint64_t rid,
                            r->name);
         return;
     }
-    if (a.dead_letter[0] != '\0' && !dead_letter_ok(c, rid, r->name, &a)) {
+    /* Dead letters flow into that queue: as good as publishing there. */
+    if (a.dead_letter[0] != '\0' &&
+        (!dispatch_allow(c, rid, AUTH_PUBLISH | AUTH_MANAGE, a.dead_letter,
+                         "queue create: dead_letter") ||
+         !dead_letter_ok(c, rid, r->name, &a))) {
         return;
     }
     if (a.max_attempts > 1000000 || a.ack_timeout_ms > 365ULL * 86400000 ||
@@ -332,7 +340,8 @@ dispatch_on_queue_delete(struct conn *c, uint64_t rid,
                          const Protoq__QueueDelete *r)
 {
     struct broker *bk = broker_of(c);
-    struct queue *q = dispatch_find_queue(c, rid, r->name);
+    struct queue *q =
+        dispatch_find_queue(c, rid, r->name, AUTH_MANAGE, "queue delete");
     char users[512];
     uint64_t lsn = 0;
     uint32_t n_bindings;
@@ -375,7 +384,8 @@ dispatch_on_queue_purge(struct conn *c, uint64_t rid,
                         const Protoq__QueuePurge *r)
 {
     struct broker *bk = broker_of(c);
-    struct queue *q = dispatch_find_queue(c, rid, r->name);
+    struct queue *q =
+        dispatch_find_queue(c, rid, r->name, AUTH_MANAGE, "queue purge");
     uint64_t lsn = 0, n;
     int rc;
 
@@ -421,7 +431,8 @@ fill_info(Protoq__QueueInfo *i, Protoq__QueueAttrs *wa, const struct queue *q)
 void
 dispatch_on_queue_stat(struct conn *c, uint64_t rid, const Protoq__QueueStat *r)
 {
-    struct queue *q = dispatch_find_queue(c, rid, r->name);
+    struct queue *q =
+        dispatch_find_queue(c, rid, r->name, AUTH_ANY, "queue stat");
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__QueueStatOk ok = PROTOQ__QUEUE_STAT_OK__INIT;
     Protoq__QueueInfo info;
@@ -457,10 +468,14 @@ dispatch_on_queue_list(struct conn *c, uint64_t rid)
             goto out;
         }
     }
-    for (struct queue *q = qset_first(bk->qs); q && i < n;
-         q = qset_next(q), i++) {
+    /* Only the queues the token has some permission on. */
+    for (struct queue *q = qset_first(bk->qs); q && i < n; q = qset_next(q)) {
+        if (!dispatch_may(c, AUTH_ANY, queue_name(q))) {
+            continue;
+        }
         fill_info(&infos[i], &attrs[i], q);
         ptrs[i] = &infos[i];
+        i++;
     }
     ok.n_queues = i;
     ok.queues = ptrs;

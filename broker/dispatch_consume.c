@@ -37,7 +37,8 @@ dispatch_on_subscribe(struct conn *c, uint64_t rid, const Protoq__Subscribe *r)
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__SubscribeOk ok = PROTOQ__SUBSCRIBE_OK__INIT;
     struct kv tags[PQ_TAGS_MAX];
-    struct queue *q = dispatch_find_queue(c, rid, r->queue);
+    struct queue *q =
+        dispatch_find_queue(c, rid, r->queue, AUTH_CONSUME, "subscribe");
     struct sub *s;
     uint32_t prefetch = r->prefetch ? r->prefetch : 1;
 
@@ -276,6 +277,41 @@ fail:
     return NULL;
 }
 
+/*
+ * Ownership: ack, nack, touch and release come from the connection whose
+ * subscription holds the delivery, or from a token with manage (or admin)
+ * on its queue. Anyone else gets the same STALE_DELIVERY as for an id that
+ * does not exist, so the answer says nothing about other connections'
+ * jobs or other queues. Without an auth_file no connection may override.
+ */
+static bool
+may_settle(struct conn *c, uint64_t id)
+{
+    struct broker *bk = broker_of(c);
+    struct msg v;
+
+    if (!qset_msg_peek(bk->qs, id, &v)) {
+        return true; /* the handler answers STALE_DELIVERY itself */
+    }
+    if (v.state == MSG_INFLIGHT && v.holder != NULL &&
+        ((struct sub *)v.holder->owner)->conn == c) {
+        return true;
+    }
+    return bk->auth != NULL && dispatch_may(c, AUTH_MANAGE, queue_name(v.q));
+}
+
+/* The one answer to a delivery token that is not c's to settle. */
+static void
+reply_stale(struct conn *c, uint64_t rid, int rc, const char *what, uint64_t id,
+            uint32_t attempt)
+{
+    dispatch_reply_err(c, rid, rc,
+                       "%s %llu/%u: not a current delivery of this "
+                       "connection (lease expired, already settled, "
+                       "cancelled, or held by another connection)",
+                       what, (unsigned long long)id, attempt);
+}
+
 void
 dispatch_on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
 {
@@ -287,6 +323,10 @@ dispatch_on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
     uint64_t lsn = 0;
     int rc;
 
+    if (!may_settle(c, r->message_id)) {
+        reply_stale(c, rid, PQ_ESTALE, "ack", r->message_id, r->attempt);
+        return;
+    }
     if (r->n_follow_ups > 0 || r->result.len > 0) {
         w = ack_extras(c, rid, r);
         if (w == NULL) {
@@ -308,10 +348,7 @@ dispatch_on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
                   live ? (cur.state == MSG_INFLIGHT ? "in flight, other attempt"
                                                     : "not in flight")
                        : "no such message");
-        dispatch_reply_err(c, rid, rc,
-                           "ack %llu/%u: not the current delivery (lease "
-                           "expired, already acked, or cancelled)",
-                           (unsigned long long)r->message_id, r->attempt);
+        reply_stale(c, rid, rc, "ack", r->message_id, r->attempt);
         goto out;
     }
     q = m->q;
@@ -378,11 +415,14 @@ dispatch_on_nack(struct conn *c, uint64_t rid, const Protoq__Nack *r)
         dispatch_reply_err(c, rid, PQ_EINVAL, "nack: delay over ten years");
         return;
     }
+    if (!may_settle(c, r->message_id)) {
+        reply_stale(c, rid, PQ_ESTALE, "nack", r->message_id, r->attempt);
+        return;
+    }
     before = dispatch_mark_now(bk);
     rc = qset_nack(bk->qs, r->message_id, r->attempt, &o, *bk->now_mono_ms);
     if (rc != PQ_OK) {
-        dispatch_reply_err(c, rid, rc, "nack %llu/%u: not the current delivery",
-                           (unsigned long long)r->message_id, r->attempt);
+        reply_stale(c, rid, rc, "nack", r->message_id, r->attempt);
         return;
     }
     if (q) {
@@ -432,6 +472,10 @@ dispatch_on_touch(struct conn *c, uint64_t rid, const Protoq__Touch *r)
                            "touch: extension over ten years");
         return;
     }
+    if (!may_settle(c, r->message_id)) {
+        reply_stale(c, rid, PQ_ESTALE, "touch", r->message_id, r->attempt);
+        return;
+    }
     rc = progress_body(r->progress, &prog);
     if (rc != PQ_OK) {
         dispatch_reply_err(c, rid, rc,
@@ -442,9 +486,7 @@ dispatch_on_touch(struct conn *c, uint64_t rid, const Protoq__Touch *r)
                     *bk->now_mono_ms, &lease);
     body_unref(&prog);
     if (rc != PQ_OK) {
-        dispatch_reply_err(c, rid, rc,
-                           "touch %llu/%u: not the current delivery",
-                           (unsigned long long)r->message_id, r->attempt);
+        reply_stale(c, rid, rc, "touch", r->message_id, r->attempt);
         return;
     }
     ok.lease_ms = lease;
@@ -464,6 +506,10 @@ dispatch_on_release(struct conn *c, uint64_t rid, const Protoq__Release *r)
     struct mark before;
     int rc;
 
+    if (!may_settle(c, r->message_id)) {
+        reply_stale(c, rid, PQ_ESTALE, "release", r->message_id, r->attempt);
+        return;
+    }
     rc = progress_body(r->progress, &prog);
     if (rc != PQ_OK) {
         dispatch_reply_err(c, rid, rc,
@@ -475,9 +521,7 @@ dispatch_on_release(struct conn *c, uint64_t rid, const Protoq__Release *r)
         qset_release(bk->qs, r->message_id, r->attempt, prog, *bk->now_mono_ms);
     body_unref(&prog);
     if (rc != PQ_OK) {
-        dispatch_reply_err(c, rid, rc,
-                           "release %llu/%u: not the current delivery",
-                           (unsigned long long)r->message_id, r->attempt);
+        reply_stale(c, rid, rc, "release", r->message_id, r->attempt);
         return;
     }
     if (q) {
@@ -497,13 +541,22 @@ dispatch_on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r)
     struct mark before;
     int rc;
 
-    if (!live ||
-        (r->queue && r->queue[0] && strcmp(r->queue, queue_name(v.q)) != 0)) {
+    /* Ids are global and sequential: the queue name and a permission on
+     * it keep them from being enumerated across queues. */
+    if (r->queue == NULL || r->queue[0] == '\0') {
         conn_send_error(c, rid, PROTOQ__ERROR_CODE__BAD_REQUEST,
-                        "cancel: no live message %llu%s%s",
-                        (unsigned long long)r->message_id,
-                        r->queue && r->queue[0] ? " in queue " : "",
-                        r->queue ? r->queue : "");
+                        "cancel %llu: the queue name is required",
+                        (unsigned long long)r->message_id);
+        return;
+    }
+    if (!dispatch_allow(c, rid, AUTH_CONSUME | AUTH_MANAGE, r->queue,
+                        "cancel")) {
+        return;
+    }
+    if (!live || strcmp(r->queue, queue_name(v.q)) != 0) {
+        conn_send_error(c, rid, PROTOQ__ERROR_CODE__BAD_REQUEST,
+                        "cancel: no live message %llu in queue %s",
+                        (unsigned long long)r->message_id, r->queue);
         return;
     }
     before = dispatch_mark_now(bk);

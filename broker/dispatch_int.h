@@ -125,6 +125,22 @@ dispatch_reply_err(struct conn *c, uint64_t rid, int err, const char *fmt, ...);
 
 void dispatch_reply_ok(struct conn *c, uint64_t rid, uint64_t count);
 
+/*
+ * dispatch_may: c's token allows one of perms (enum auth_perm bits) on
+ * queue; always true without an auth table. Answers nothing.
+ */
+bool dispatch_may(struct conn *c, unsigned perms, const char *queue);
+
+/*
+ * dispatch_allow: dispatch_may, else FORBIDDEN answering rid with what
+ * (e.g. "queue delete") and the permission needed; the connection stays.
+ * False too when c's token was revoked by a reload (c is closed
+ * UNAUTHORIZED). Permissions depend on the name only, so a refusal never
+ * says whether the queue exists.
+ */
+bool dispatch_allow(struct conn *c, uint64_t rid, unsigned perms,
+                    const char *queue, const char *what);
+
 /* dispatch_room_take: add what items adds to each queue, then check every queue
  * involved; on PQ_EFULL nothing stays taken and *full names the queue. */
 int dispatch_room_take(struct broker *bk, struct pending *items, uint32_t n,
@@ -219,8 +235,12 @@ struct mark dispatch_mark_now(struct broker *bk);
  */
 void dispatch_finish_since(struct conn *c, uint64_t rid, struct mark before);
 
+/* dispatch_find_queue: the queue named name, after checking the name and
+ * that c may do one of perms on it (what names the request in errors);
+ * NULL when answered with an error. */
 struct queue *dispatch_find_queue(struct conn *c, uint64_t rid,
-                                  const char *name);
+                                  const char *name, unsigned perms,
+                                  const char *what);
 
 void dispatch_on_queue_create(struct conn *c, uint64_t rid,
                               const Protoq__QueueCreate *r);

@@ -120,7 +120,8 @@ void
 dispatch_on_job_get(struct conn *c, uint64_t rid, const Protoq__JobGet *r)
 {
     struct broker *bk = broker_of(c);
-    struct queue *q = dispatch_find_queue(c, rid, r->queue);
+    struct queue *q = dispatch_find_queue(
+        c, rid, r->queue, AUTH_CONSUME | AUTH_MANAGE, "job get");
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     struct job_view v;
     struct msg m;
@@ -185,7 +186,9 @@ void
 dispatch_on_job_list(struct conn *c, uint64_t rid, const Protoq__JobList *r)
 {
     struct broker *bk = broker_of(c);
-    struct queue *q = dispatch_find_queue(c, rid, r->queue), *from;
+    struct queue *q = dispatch_find_queue(
+                     c, rid, r->queue, AUTH_CONSUME | AUTH_MANAGE, "job list"),
+                 *from;
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__JobListOk ok = PROTOQ__JOB_LIST_OK__INIT;
     struct list_walk w = {.after_id = r->after_id, .state = -1};

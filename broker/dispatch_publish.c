@@ -85,7 +85,7 @@ dispatch_prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
     int rc;
 
     memset(p, 0, sizeof(*p));
-    q = dispatch_find_queue(c, rid, qname);
+    q = dispatch_find_queue(c, rid, qname, AUTH_PUBLISH, "publish");
     if (q == NULL) {
         return false;
     }
@@ -98,12 +98,17 @@ dispatch_prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
         dispatch_reply_err(c, rid, rc, "publish %s: %s", qname, why);
         return false;
     }
-    /* Where the job's result goes must exist now, not only at its ack. */
+    /* Where the job's result goes must exist now, not only at its ack,
+     * and the publisher must be one who may publish there. */
+    if (m->reply_to && m->reply_to[0] != '\0' &&
+        !dispatch_allow(c, rid, AUTH_PUBLISH, m->reply_to, "reply_to")) {
+        return false;
+    }
     if (m->reply_to && m->reply_to[0] != '\0' &&
         qset_find(bk->qs, m->reply_to) == NULL) {
         dispatch_reply_err(c, rid, PQ_ENOTFOUND,
                            "publish %s: reply_to queue %s does not exist",
-                           pub->queue, m->reply_to);
+                           qname, m->reply_to);
         return false;
     }
     if (m->delay_ms > DURATION_MAX_MS || m->ttl_ms > DURATION_MAX_MS ||

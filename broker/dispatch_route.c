@@ -52,7 +52,8 @@ dispatch_on_route_bind(struct conn *c, uint64_t rid, const Protoq__RouteBind *r)
     int rc;
 
     if (!check_route(c, rid, "route bind", r->route, pattern) ||
-        (q = dispatch_find_queue(c, rid, r->queue)) == NULL) {
+        (q = dispatch_find_queue(c, rid, r->queue, AUTH_MANAGE,
+                                 "route bind")) == NULL) {
         return; /* answered */
     }
     rc = routes_bind(bk->routes, r->route, r->queue, pattern);
@@ -122,6 +123,7 @@ dispatch_on_route_unbind(struct conn *c, uint64_t rid,
 }
 
 struct list_walk {
+    struct conn *c; /* bindings of queues it may not see are left out */
     Protoq__RouteBinding *b;
     Protoq__RouteBinding **ptrs;
     size_t n;
@@ -134,6 +136,9 @@ list_binding(void *arg, const char *route, const char *queue,
     struct list_walk *w = arg;
     Protoq__RouteBinding *b = &w->b[w->n];
 
+    if (!dispatch_may(w->c, AUTH_ANY, queue)) {
+        return; /* as QueueList: only queues the token may see */
+    }
     protoq__route_binding__init(b);
     /* The frame only reads them; the set does not change meanwhile. */
     b->route = (char *)route;
@@ -149,7 +154,7 @@ dispatch_on_route_list(struct conn *c, uint64_t rid)
     size_t n = routes_binding_count(bk->routes);
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__RouteListOk ok = PROTOQ__ROUTE_LIST_OK__INIT;
-    struct list_walk w = {0};
+    struct list_walk w = {.c = c};
 
     if (n > 0) {
         w.b = pq_calloc(n, sizeof(*w.b));

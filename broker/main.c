@@ -15,6 +15,9 @@
 
 #include <event2/event.h>
 
+#include <openssl/crypto.h>
+
+#include "auth.h"
 #include "config.h"
 #include "failpoint.h"
 #include "log.h"
@@ -37,7 +40,7 @@ usage(FILE *out)
         "debug|info|warn|error]\n"
         "               [--port-file PATH] [--fsync always|interval|never]\n"
         "               [--check-config] [--check-data DIR]\n"
-        "               [--salvage-data DIR] [--version]\n"
+        "               [--salvage-data DIR] [--hash-token] [--version]\n"
         "\n"
         "  -c FILE            read settings from FILE (see "
         "conf/protoqd.conf);\n"
@@ -51,7 +54,9 @@ usage(FILE *out)
         "                     exit 0 if clean, 65 if damaged\n"
         "  --salvage-data DIR make a damaged data dir startable, keeping what\n"
         "                     can be read (originals go to DIR/salvage-TIME/;\n"
-        "                     see README); exit 0 if it checks clean after\n");
+        "                     see README); exit 0 if it checks clean after\n"
+        "  --hash-token       read a token on stdin, print its SHA-256 for\n"
+        "                     auth_file (and an example line)\n");
 }
 
 enum {
@@ -64,6 +69,7 @@ enum {
     OPT_CHECK_CONFIG,
     OPT_CHECK_DATA,
     OPT_SALVAGE_DATA,
+    OPT_HASH_TOKEN,
     OPT_VERSION,
     OPT_HELP,
 };
@@ -78,6 +84,7 @@ static const struct option longopts[] = {
     {"check-config", no_argument, NULL, OPT_CHECK_CONFIG},
     {"check-data", required_argument, NULL, OPT_CHECK_DATA},
     {"salvage-data", required_argument, NULL, OPT_SALVAGE_DATA},
+    {"hash-token", no_argument, NULL, OPT_HASH_TOKEN},
     {"version", no_argument, NULL, OPT_VERSION},
     {"help", no_argument, NULL, OPT_HELP},
     {NULL, 0, NULL, 0},
@@ -123,6 +130,79 @@ init_exit_code(int rc)
     }
 }
 
+/*
+ * hash_token: --hash-token. One token on stdin (a trailing newline is not
+ * part of it); its hex SHA-256 on the first line of stdout, then an example
+ * auth_file line. 0, or EX_DATAERR for an empty or oversized token.
+ */
+static int
+hash_token(void)
+{
+    char tok[4097], hex[2 * AUTH_HASH_BYTES + 1];
+    size_t n = fread(tok, 1, sizeof(tok) - 1, stdin);
+    int rc = EX_DATAERR;
+
+    tok[n] = '\0';
+    if (n == sizeof(tok) - 1 && fgetc(stdin) != EOF) {
+        fprintf(stderr, "protoqd: --hash-token: token over %zu bytes\n", n);
+        goto out;
+    }
+    if (n > 0 && tok[n - 1] == '\n') {
+        tok[--n] = '\0';
+        if (n > 0 && tok[n - 1] == '\r') {
+            tok[--n] = '\0';
+        }
+    }
+    if (n == 0 || strlen(tok) != n) {
+        fprintf(stderr, "protoqd: --hash-token: give one non-empty token on "
+                        "stdin (no NUL bytes)\n");
+        goto out;
+    }
+    if (auth_hash_hex(tok, hex) != PQ_OK) {
+        fprintf(stderr, "protoqd: --hash-token: SHA-256 failed\n");
+        rc = EX_SOFTWARE;
+        goto out;
+    }
+    printf("%s\n# an auth_file line (choose the name and permissions):\n"
+           "# NAME %s consume:QUEUE-GLOB publish:QUEUE-GLOB\n",
+           hex, hex);
+    rc = 0;
+out:
+    OPENSSL_cleanse(tok, sizeof(tok));
+    return rc;
+}
+
+/*
+ * protected_mode: without auth_file, refuse a listen address that is not
+ * loopback unless allow_anonymous is yes (then warn). 0 or EX_CONFIG.
+ */
+static int
+protected_mode(const struct config *c)
+{
+    char host[CONFIG_ADDR_MAX];
+    uint16_t port;
+
+    if (c->auth_file[0] != '\0' ||
+        config_split_hostport(c->listen, host, sizeof(host), &port) != PQ_OK ||
+        auth_host_is_loopback(host)) {
+        return 0;
+    }
+    if (!c->allow_anonymous) {
+        fprintf(stderr,
+                "protoqd: refusing to listen on %s: it is not a loopback "
+                "address and no auth_file is set, so anyone who can reach "
+                "the port could read, delete and publish anything. Set "
+                "auth_file (README, \"Running protoq on a network\"), or "
+                "allow_anonymous yes to accept that.\n",
+                c->listen);
+        return EX_CONFIG;
+    }
+    log_warn("listening on %s with no auth_file (allow_anonymous yes): "
+             "anyone who can reach the port may do anything",
+             c->listen);
+    return 0;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -148,6 +228,8 @@ main(int argc, char **argv)
         case OPT_SALVAGE_DATA:
             salvage_data = optarg;
             break;
+        case OPT_HASH_TOKEN:
+            return hash_token();
         case OPT_VERSION:
             printf("protoqd %s (protocol %d)\n", PROTOQ_VERSION, 1);
             return 0;
@@ -203,11 +285,23 @@ main(int argc, char **argv)
         fprintf(stderr, "protoqd: %s\n", err);
         return EX_CONFIG;
     }
+    log_set_level(srv.cfg.log_level);
+    if ((rc = protected_mode(&srv.cfg)) != 0) {
+        return rc;
+    }
+    if (server_load_auth(&srv, err, sizeof(err)) != PQ_OK) {
+        fprintf(stderr, "protoqd: %s\n", err);
+        return EX_CONFIG;
+    }
     if (check_config) {
         config_dump(&srv.cfg, STDOUT_FILENO);
+        auth_table_free(srv.auth);
         return 0;
     }
-    log_set_level(srv.cfg.log_level);
+    if (srv.auth != NULL) {
+        log_info("auth_file %s: %zu tokens; clients must authenticate",
+                 srv.cfg.auth_file, auth_table_count(srv.auth));
+    }
     failpoint_init();
     log_info("protoqd %s starting (data dir %s, fsync %s)", PROTOQ_VERSION,
              srv.cfg.data_dir,

@@ -273,7 +273,8 @@ render_broker(const struct metrics_src *src, struct evbuffer *b)
     const struct config *cfg = src->cfg;
 
     scalar(b, "protoq_auth_failures_total", "counter",
-           "Hellos refused for a missing or wrong token.", bk->auth_failures);
+           "Hellos refused for a missing or wrong token.",
+           bk->stats.auth_failures);
     scalar(b, "protoq_memory_bytes", "gauge",
            "Memory the broker allocated (what memory_high_bytes limits).",
            pq_mem_used());

@@ -30,6 +30,7 @@
 #include <event2/event.h>
 #include <event2/listener.h>
 
+#include "auth.h"
 #include "conn.h"
 #include "dispatch.h"
 #include "log.h"
@@ -148,6 +149,18 @@ signal_cb(evutil_socket_t sig, short what, void *arg)
     if (sig == SIGHUP) {
         char err[512] = "";
 
+        /* Tokens first, and whatever the conf file holds: a broken conf
+         * must not keep a revoked token alive. */
+        if (srv->auth != NULL) {
+            if (server_load_auth(srv, err, sizeof(err)) != PQ_OK) {
+                log_err("SIGHUP: %s; the previous %zu tokens stay in force",
+                        err, auth_table_count(srv->auth));
+            } else {
+                log_info("SIGHUP: reloaded %s (%zu tokens)", srv->cfg.auth_file,
+                         auth_table_count(srv->auth));
+            }
+            err[0] = '\0';
+        }
         if (srv->conf_path[0] == '\0') {
             log_info("SIGHUP: no config file to reload");
             return;
@@ -244,7 +257,8 @@ log_summary(struct server *srv)
         "summary: connections %u (accepted %llu, refused %llu, closed "
         "for bad input %llu); frames in %llu out %llu; queues %zu, "
         "messages %zu; durable batches %llu, fsyncs %llu (mean %llu us, "
-        "max %llu us); publishes refused for disk %llu; memory %zu bytes",
+        "max %llu us); publishes refused for disk %llu; auth failures %llu; "
+        "memory %zu bytes",
         srv->cs.nconns, (unsigned long long)cst->conns_accepted,
         (unsigned long long)cst->conns_rejected,
         (unsigned long long)cst->protocol_errors,
@@ -254,7 +268,8 @@ log_summary(struct server *srv)
         (unsigned long long)(ss.fsyncs ? ss.fsync_ns_total / ss.fsyncs / 1000
                                        : 0),
         (unsigned long long)(ss.fsync_ns_max / 1000),
-        (unsigned long long)s->disk_full_refusals, pq_mem_used());
+        (unsigned long long)s->disk_full_refusals,
+        (unsigned long long)s->auth_failures, pq_mem_used());
 }
 
 /*
@@ -427,6 +442,35 @@ open_metrics(struct server *srv, char *err, size_t errlen)
                  srv->cfg.metrics, srv->metrics_port);
     }
     return rc;
+}
+
+/* ---- tokens ---- */
+
+/* server_load_auth: see server.h. */
+int
+server_load_auth(struct server *srv, char *err, size_t errlen)
+{
+    struct auth_table *t = NULL;
+    int rc;
+
+    if (srv->cfg.auth_file[0] == '\0') {
+        return PQ_OK;
+    }
+    rc = auth_table_load(srv->cfg.auth_file, &t, err, errlen);
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    /* Each connection finds its token again by name and hash (dispatch.c);
+     * those whose token is gone are closed now, so the old table can go. */
+    auth_table_free(srv->auth);
+    srv->auth = t;
+    srv->broker.auth = t;
+    srv->broker.auth_gen++;
+    for (struct conn *c = srv->cs.conns, *next; c != NULL; c = next) {
+        next = c->next;
+        dispatch_auth_recheck(&srv->broker, c);
+    }
+    return PQ_OK;
 }
 
 /* ---- life cycle ---- */
@@ -661,5 +705,8 @@ server_fini(struct server *srv)
     if (srv->base) {
         event_base_free(srv->base);
     }
+    srv->broker.auth = NULL;
+    auth_table_free(srv->auth);
+    srv->auth = NULL;
     libevent_global_shutdown();
 }

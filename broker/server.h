@@ -54,6 +54,8 @@ struct server {
     bool ready;              /* recovered and accepting (/readyz) */
     struct metrics *metrics; /* the HTTP side; NULL when off */
 
+    struct auth_table *auth; /* tokens of cfg.auth_file; NULL = none */
+
     struct connset cs;    /* the connections (conn.c) */
     struct broker broker; /* queues, log, protocol state (dispatch.c) */
 };
@@ -65,6 +67,14 @@ struct server {
  * releases whatever was set up.
  */
 int server_init(struct server *srv, char *err, size_t errlen);
+
+/*
+ * server_load_auth: (re)load the token table from cfg.auth_file and make it
+ * the broker's. At start (no table yet) and on SIGHUP; on error the old
+ * table stays and err says why (PQ_EINVAL for a bad line, PQ_ESYS when
+ * unreadable). PQ_OK without doing anything when auth_file is "".
+ */
+int server_load_auth(struct server *srv, char *err, size_t errlen);
 
 /* server_run: the loop (see server.c); returns the exit code for main. */
 int server_run(struct server *srv);

@@ -50,6 +50,7 @@ struct opts {
     double rate;       /* total msgs/s; 0 = as fast as possible */
     double duration_s; /* 0 = by --messages */
     const char *server;
+    const char *token; /* -t / $PROTOQ_TOKEN; NULL = none */
     bool publish_only, consume_only;
 };
 
@@ -220,6 +221,7 @@ bench_connect(struct bench *b, const char *name, protoq_client **out, char *err,
 
     memset(&o, 0, sizeof(o));
     o.client_name = name;
+    o.auth_token = b->o.token;
     o.io_timeout_ms = 60000;
     rc = protoq_connect(b->o.server, &o, out);
     if (rc != PQ_OK) {
@@ -515,7 +517,8 @@ out:
 /* ---- main ---- */
 
 static const char usage_text[] =
-    "usage: protoq-bench [-s HOST:PORT] [--producers P] [--consumers C]\n"
+    "usage: protoq-bench [-s HOST:PORT] [-t TOKEN] [--producers P]\n"
+    "                    [--consumers C]\n"
     "                    [--messages N | --duration S] [--size BYTES]\n"
     "                    [--inflight W] [--prefetch K] [--queue NAME]\n"
     "                    [--transient] [--rate R] [--json]\n"
@@ -525,7 +528,8 @@ static const char usage_text[] =
     "  --rate R: R messages/s in total; --duration S: publish for S seconds.\n"
     "  --publish-only: no consumers, the queue is kept (for a backlog).\n"
     "  --consume-only: no producers; drain N messages published earlier,\n"
-    "  then delete the queue. Exit 1 if a message was lost or duplicated.\n";
+    "  then delete the queue. Exit 1 if a message was lost or duplicated.\n"
+    "  -t TOKEN (or $PROTOQ_TOKEN): the auth token for a broker with tokens.\n";
 
 static int
 usage(const char *msg)
@@ -581,6 +585,7 @@ parse_args(struct opts *o, int argc, char **argv)
         {"publish-only", no_argument, NULL, O_PUBONLY},
         {"consume-only", no_argument, NULL, O_CONSONLY},
         {"server", required_argument, NULL, 's'},
+        {"token", required_argument, NULL, 't'},
         {"help", no_argument, NULL, O_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -599,7 +604,8 @@ parse_args(struct opts *o, int argc, char **argv)
     if (o->server == NULL || o->server[0] == '\0') {
         o->server = "127.0.0.1:7650";
     }
-    while ((ch = getopt_long(argc, argv, "s:h", lo, NULL)) != -1) {
+    o->token = getenv("PROTOQ_TOKEN");
+    while ((ch = getopt_long(argc, argv, "s:t:h", lo, NULL)) != -1) {
         const char *a = optarg;
 
         switch (ch) {
@@ -669,6 +675,9 @@ parse_args(struct opts *o, int argc, char **argv)
             break;
         case 's':
             o->server = a;
+            break;
+        case 't':
+            o->token = a;
             break;
         case O_HELP:
         case 'h':

@@ -33,7 +33,7 @@
 #include <unistd.h>
 
 static const char usage_text[] =
-    "usage: protoq [-s HOST:PORT] COMMAND [ARGS]\n"
+    "usage: protoq [-s HOST:PORT] [-t TOKEN] COMMAND [ARGS]\n"
     "\n"
     "  queue create NAME [--max-length N] [--max-bytes N[k|m|g]]\n"
     "               [--ack-timeout D] [--max-attempts N] [--dead-letter Q]\n"
@@ -102,6 +102,8 @@ static const char usage_text[] =
     "milliseconds.\n"
     "The server is -s HOST:PORT (anywhere on the line), else\n"
     "$PROTOQ_SERVER, else 127.0.0.1:7650. 'protoq CMD --help': one command.\n"
+    "The auth token (for a broker with an auth_file) is -t TOKEN, else\n"
+    "$PROTOQ_TOKEN; prefer the variable: a command line shows in ps.\n"
     "Exit status: 0 ok, 1 error, 2 usage, 3 the awaited job failed.\n";
 
 /* The commands, for "did you mean" (cli_help.c has their help). */
@@ -123,6 +125,7 @@ static const struct global_opt {
     size_t off; /* offsetof(struct cli, ...) */
 } global_opts[] = {
     {"-s", "--server", offsetof(struct cli, server)},
+    {"-t", "--token", offsetof(struct cli, token)},
 };
 
 /* What usage errors and --help are about: "pub", "queue create"; NULL
@@ -322,7 +325,7 @@ cli_connect(struct cli *cli)
 
     memset(&o, 0, sizeof(o));
     o.client_name = "protoq-cli";
-    o.auth_token = getenv("PROTOQ_TOKEN");
+    o.auth_token = cli->token;
     o.io_timeout_ms = 60000;
     rc = protoq_connect(cli->server, &o, &cli->c);
     if (rc != PQ_OK) {
@@ -497,6 +500,9 @@ main(int argc, char **argv)
     }
     if (cli.server == NULL || cli.server[0] == '\0') {
         cli.server = "127.0.0.1:7650";
+    }
+    if (cli.token == NULL) {
+        cli.token = getenv("PROTOQ_TOKEN");
     }
     if (argc < 2) {
         return usage_err("no command");

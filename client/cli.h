@@ -42,7 +42,8 @@ enum {
 /* The global options and what every command needs. */
 struct cli {
     const char *server;
-    const char *cmd; /* e.g. "pub jobs", for error messages */
+    const char *token; /* -t TOKEN, else $PROTOQ_TOKEN; NULL = none */
+    const char *cmd;   /* e.g. "pub jobs", for error messages */
     char cmdbuf[300];
     protoq_client *c;
 };

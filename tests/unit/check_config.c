@@ -182,6 +182,8 @@ START_TEST(test_key_table_is_complete_and_unique)
         "idle_conn_timeout_ms",
         "max_connections_per_addr",
         "max_handshake_connections",
+        "auth_file",
+        "allow_anonymous",
         "data_dir",
         "fsync",
         "fsync_interval_ms",
@@ -1070,6 +1072,8 @@ START_TEST(test_dump_then_load_round_trips)
         {"idle_conn_timeout_ms", "7d"},
         {"max_connections_per_addr", "1"},
         {"max_handshake_connections", "1000000"},
+        {"auth_file", "/etc/protoqd/tokens"},
+        {"allow_anonymous", "yes"},
         {"data_dir", "\"\"quoted\"\""},
         {"fsync", "interval"},
         {"fsync_interval_ms", "1m"},
@@ -1126,7 +1130,6 @@ START_TEST(test_dump_then_load_round_trips)
     }
     ck_assert_uint_eq(nreload, 15);
     ck_assert_uint_eq(commas + 1, config_key_count() - nreload);
-    ck_assert_uint_eq(commas + 1, config_key_count() - 11);
     /* A short err buffer is cut, never overrun. */
     char tiny[8];
     struct config live2;
