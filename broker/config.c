@@ -146,6 +146,29 @@ yesno_name_u32(uint32_t v)
 
 static const struct enum_kind enum_yesno = {"yes|no", yesno_parse,
                                             yesno_name_u32};
+
+static const char *const format_names[] = {"text", "json"};
+
+static int
+format_parse(const char *s, uint32_t *out)
+{
+    for (uint32_t i = 0; i < 2; i++) {
+        if (strcmp(s, format_names[i]) == 0) {
+            *out = i;
+            return PQ_OK;
+        }
+    }
+    return PQ_EINVAL;
+}
+
+static const char *
+format_name_u32(uint32_t v)
+{
+    return v < 2 ? format_names[v] : NULL;
+}
+
+static const struct enum_kind enum_format = {"text|json", format_parse,
+                                             format_name_u32};
 static const struct enum_kind enum_fsync = {"always|interval|never",
                                             fsync_parse, fsync_name_u32};
 static const struct enum_kind enum_level = {"debug|info|warn|error",
@@ -205,6 +228,7 @@ static const struct key_def keys[] = {
     NUM(dedup_window_ms, KT_DURATION, 0, UNITS_DEDUP_WINDOW_MAX_MS, false),
     /* ---- logging ---- */
     ENUM(log_level, enum_level, true),
+    ENUM(log_format, enum_format, true),
 };
 
 enum { NKEYS = sizeof(keys) / sizeof(keys[0]) };

@@ -61,6 +61,7 @@ struct config {
     uint64_t dedup_window_ms;
     /* ---- logging ---- */
     enum log_level log_level;
+    uint32_t log_format; /* 0 text, 1 json (one object a line) */
     /* ---- bookkeeping, not a setting ---- */
     uint64_t overridden; /* bit per key set by config_override() */
 };
@@ -130,11 +131,11 @@ const char *config_key_name(size_t i);
 /*
  * config_reload_file: SIGHUP. Parse path over the defaults into a copy,
  * put back the keys in live->overridden (flags win), validate it, then copy
- * only the reloadable keys into live (log_level, max_connections,
+ * only the reloadable keys into live (log_level, log_format, max_connections,
  * max_hello_bytes, max_message_bytes, max_batch, conn_output_high_bytes,
  * heartbeat_ms, heartbeat_timeout_ms, idle_timeout_ms, frame_timeout_ms,
  * idle_conn_timeout_ms, max_connections_per_addr, max_handshake_connections,
- * memory_high_bytes).
+ * max_result_bytes, memory_high_bytes).
  * A key missing from the file goes back to its default, as on a restart.
  * PQ_OK on success; non-reloadable keys whose value in the file differs
  * from the running one are ignored and named in err ("ignored until

@@ -16,6 +16,7 @@ static const char *const level_names[] = {"debug", "info", "warn", "error"};
  * LOG_ERR 3. */
 static const char syslog_prio[] = {'7', '6', '4', '3'};
 static bool to_journal;
+static bool as_json; /* log_format json */
 
 /* log_init: see log.h. */
 void
@@ -67,6 +68,12 @@ log_set_level(enum log_level lvl)
     cur_level = lvl;
 }
 
+void
+log_set_json(bool on)
+{
+    as_json = on;
+}
+
 enum log_level
 log_get_level(void)
 {
@@ -91,18 +98,64 @@ log_parse_level(const char *s, enum log_level *out)
     return PQ_EINVAL;
 }
 
+/* json_line: {"time":...,"level":...,"msg":...} from msg into line (after
+ * the journal's prefix, if any); returns the new length. The message is
+ * escaped as a JSON string; a byte over 0x7f goes through as it is. */
+static int
+json_line(char *line, size_t cap, int n, enum log_level lvl, const char *msg)
+{
+    static const char hex[] = "0123456789abcdef";
+    struct timespec ts;
+    struct tm tm;
+    size_t at;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    gmtime_r(&ts.tv_sec, &tm);
+    at = (size_t)n;
+    at += strftime(line + at, cap - at, "{\"time\":\"%Y-%m-%dT%H:%M:%S", &tm);
+    at += (size_t)snprintf(line + at, cap - at,
+                           ".%03ldZ\",\"level\":\"%s\",\"msg\":\"",
+                           ts.tv_nsec / 1000000, level_names[lvl]);
+    for (const char *s = msg; *s != '\0' && at + 8 < cap; s++) {
+        unsigned char ch = (unsigned char)*s;
+
+        if (ch == '"' || ch == '\\') {
+            line[at++] = '\\';
+            line[at++] = (char)ch;
+        } else if (ch < 0x20) {
+            line[at++] = '\\';
+            line[at++] = 'u';
+            line[at++] = '0';
+            line[at++] = '0';
+            line[at++] = hex[ch >> 4];
+            line[at++] = hex[ch & 15];
+        } else {
+            line[at++] = (char)ch;
+        }
+    }
+    line[at++] = '"';
+    line[at++] = '}';
+    return (int)at;
+}
+
 static void
 log_vmsg(enum log_level lvl, const char *fmt, va_list ap)
 {
-    char line[2048];
+    char line[4096], msg[2048];
     int n;
 
-    n = line_prefix(line, 64, lvl);
-    n += snprintf(line + n, sizeof(line) - (size_t)n,
-                  "protoqd: %s: ", level_names[lvl]);
-    n += vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
-    if (n > (int)sizeof(line) - 2) {
-        n = (int)sizeof(line) - 2;
+    if (as_json) {
+        vsnprintf(msg, sizeof(msg), fmt, ap);
+        n = to_journal ? snprintf(line, 8, "<%c>", syslog_prio[lvl]) : 0;
+        n = json_line(line, sizeof(line) - 1, n, lvl, msg);
+    } else {
+        n = line_prefix(line, 64, lvl);
+        n += snprintf(line + n, sizeof(line) - (size_t)n,
+                      "protoqd: %s: ", level_names[lvl]);
+        n += vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
+        if (n > (int)sizeof(line) - 2) {
+            n = (int)sizeof(line) - 2;
+        }
     }
     line[n++] = '\n';
     if (write(STDERR_FILENO, line, (size_t)n) < 0) {

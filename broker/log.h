@@ -24,6 +24,9 @@ void log_init(void);
 /* log_to_journal: log_init found stderr to be the journal. */
 bool log_to_journal(void);
 void log_set_level(enum log_level lvl);
+/* log_set_json: one JSON object a line ({"time", "level", "msg"}) instead
+ * of text (log_format json); the journal's <N> prefix stays. */
+void log_set_json(bool on);
 enum log_level log_get_level(void);
 /* log_parse_level: "debug"|"info"|"warn"|"error" -> 0, else PQ_EINVAL. */
 int log_parse_level(const char *s, enum log_level *out);

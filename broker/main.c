@@ -286,6 +286,7 @@ main(int argc, char **argv)
         return EX_CONFIG;
     }
     log_set_level(srv.cfg.log_level);
+    log_set_json(srv.cfg.log_format == 1);
     if ((rc = protected_mode(&srv.cfg)) != 0) {
         return rc;
     }

@@ -172,6 +172,7 @@ signal_cb(evutil_socket_t sig, short what, void *arg)
             return;
         }
         log_set_level(srv->cfg.log_level);
+        log_set_json(srv->cfg.log_format == 1);
         log_info("SIGHUP: reloaded %s%s%s", srv->conf_path, err[0] ? "; " : "",
                  err);
         return;

@@ -197,6 +197,7 @@ START_TEST(test_key_table_is_complete_and_unique)
         "max_lease_ms",
         "dedup_window_ms",
         "log_level",
+        "log_format",
     };
     size_t n = sizeof(want) / sizeof(want[0]);
     ck_assert_uint_eq(config_key_count(), n);
@@ -887,6 +888,7 @@ START_TEST(test_reloadable_flags)
 {
     static const char *const yes[] = {
         "log_level",
+        "log_format",
         "max_connections",
         "max_hello_bytes",
         "max_message_bytes",
@@ -1087,6 +1089,7 @@ START_TEST(test_dump_then_load_round_trips)
         {"max_lease_ms", "365d"},
         {"dedup_window_ms", "0"},
         {"log_level", "error"},
+        {"log_format", "json"},
         {"max_result_bytes", "0"},
     };
     ck_assert_uint_eq(sizeof(kv) / sizeof(kv[0]), config_key_count());
@@ -1128,7 +1131,7 @@ START_TEST(test_dump_then_load_round_trips)
     for (size_t i = 0; i < config_key_count(); i++) {
         nreload += config_key_reloadable(config_key_name(i));
     }
-    ck_assert_uint_eq(nreload, 15);
+    ck_assert_uint_eq(nreload, 16);
     ck_assert_uint_eq(commas + 1, config_key_count() - nreload);
     /* A short err buffer is cut, never overrun. */
     char tiny[8];

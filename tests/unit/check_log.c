@@ -128,6 +128,38 @@ START_TEST(other_stream_is_not_journald)
 }
 END_TEST
 
+/* log_format json: one object a line, the message escaped, the
+ * journal's priority prefix kept in front. */
+START_TEST(json_lines)
+{
+    char out[4096], js[64];
+
+    unsetenv("JOURNAL_STREAM");
+    capture();
+    log_init();
+    log_set_level(LOG_INFO);
+    log_set_json(true);
+    log_warn("say \"%s\"\tto\\ %d", "hi", 7);
+    release(out, sizeof(out));
+    ck_assert_msg(matches(out, "^\\{\"time\":\"[0-9]{4}-[0-9]{2}-[0-9]{2}T"
+                               "[0-9:]{8}\\.[0-9]{3}Z\",\"level\":\"warn\","
+                               "\"msg\":\"say \\\\\"hi\\\\\"\\\\u0009to"
+                               "\\\\\\\\ 7\"\\}\n$"),
+                  "%s", out);
+    capture();
+    journal_stream_of_stderr(js, sizeof(js));
+    setenv("JOURNAL_STREAM", js, 1);
+    log_init();
+    log_err("e");
+    release(out, sizeof(out));
+    unsetenv("JOURNAL_STREAM");
+    log_set_json(false);
+    ck_assert_msg(matches(out, "^<3>\\{\"time\":\"[^\"]+\",\"level\":"
+                               "\"error\",\"msg\":\"e\"\\}\n$"),
+                  "%s", out);
+}
+END_TEST
+
 int
 main(void)
 {
@@ -139,6 +171,7 @@ main(void)
     tcase_add_test(tc, timestamps_when_not_journald);
     tcase_add_test(tc, priority_prefixes_under_journald);
     tcase_add_test(tc, other_stream_is_not_journald);
+    tcase_add_test(tc, json_lines);
     suite_add_tcase(s, tc);
     sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
