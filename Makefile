@@ -108,7 +108,8 @@ BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
               $(B)/broker/dispatch_publish.o $(B)/broker/dispatch_consume.o \
               $(B)/broker/dispatch_deliver.o $(B)/broker/dispatch_result.o \
               $(B)/broker/dispatch_route.o $(B)/broker/dispatch_job.o \
-              $(B)/broker/journal.o $(B)/broker/route.o $(B)/broker/config.o $(B)/broker/auth.o \
+              $(B)/broker/journal.o $(B)/broker/journal_replay.o \
+              $(B)/broker/route.o $(B)/broker/config.o $(B)/broker/auth.o \
               $(B)/broker/metrics.o \
               $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS)
 
@@ -235,7 +236,8 @@ $(B)/tests/unit/check_record $(B)/tests/unit/check_store $(B)/tests/unit/check_s
 $(B)/tests/unit/check_record_atomic: $(B)/tests/unit/check_record_atomic.o $(B)/broker/record.o \
                                     $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
-$(B)/tests/unit/check_journal: $(B)/tests/unit/check_journal.o $(B)/broker/journal.o $(B)/broker/route.o \
+$(B)/tests/unit/check_journal: $(B)/tests/unit/check_journal.o $(B)/broker/journal.o \
+                               $(B)/broker/journal_replay.o $(B)/broker/route.o \
                                $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS) $(PROTO_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/unit/check_log: $(B)/tests/unit/check_log.o $(CORE_OBJS) $(PROTO_OBJS)

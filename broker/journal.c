@@ -35,26 +35,21 @@
  * per message beyond it is the index entry alone. Replay applies the same
  * rule. Transient queues have no disk: their bodies always stay.
  *
- * Replay: records are applied in log order with the queue listener off.
- * Nothing is in flight after a restart: every message comes back READY, or
- * DELAYED while its deliver-at time is in the future, with the attempt and
- * failure counts of its last record.
+ * journal_replay.c holds the other half: opening the log and replaying it
+ * into the queues. What both files share (struct journal, the helpers the
+ * replay calls) is in journal_int.h.
  */
-#include "journal.h"
+#include "journal_int.h"
 
-#include <errno.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "body.h"
 #include "clock.h"
 #include "failpoint.h"
-#include "hmap.h"
 #include "log.h"
 #include "mem.h"
-#include "pbwire.h"
 #include "pqerr.h"
 #include "pqlimits.h"
 #include "queue.h"
@@ -63,108 +58,6 @@
 #include "store.h"
 
 enum { COMPACT_MSGS_PER_CALL = 20000 };
-/* Room for one requirement key or value and its NUL. */
-enum { KEY_CAP = PQ_TAG_BYTES_MAX + 1 };
-
-struct journal {
-    struct store *st;
-    uint8_t *buf; /* scratch for encoding one record */
-    size_t cap;
-    uint64_t max_id;       /* replay: largest message id seen */
-    uint64_t next_id;      /* first id a new message may take */
-    uint64_t replayed;     /* replay: records applied */
-    uint64_t mono_at_open; /* replay: clocks read once */
-    uint64_t wall_at_open;
-    uint64_t resident;      /* payload bytes of durable messages in memory */
-    uint64_t budget;        /* cfg.payload_budget_bytes */
-    uint64_t evicted;       /* messages stored without their body in memory */
-    uint64_t unwritten;     /* state records lost since the last warning */
-    uint64_t append_errors; /* appends that failed, ever */
-    int last_error;         /* the latest one's PQ_* code */
-    uint64_t unwritten_logged_ms; /* mono time of that warning */
-    struct qset *qs;              /* the queues it journals (borrowed) */
-    struct routes *routes;        /* cfg->routes (borrowed), or NULL */
-    struct hmap_u64 suspects;     /* replay: id -> struct suspect, live by a
-                                     state record but no PUBLISH seen yet */
-    uint64_t last_bulk;           /* replay: j->replayed at the latest
-                                     QUEUE_DELETE or QUEUE_PURGE */
-    uint64_t now_mono_ms;         /* "now" of the call being served */
-};
-
-/*
- * data_dir_ensure: dir exists as a directory, or is created (mode 0750,
- * logged at warn) when its parent exists. A missing parent is an error: a
- * mistyped data_dir must not start an empty broker somewhere new.
- */
-static int
-data_dir_ensure(const char *dir, char *err, size_t errlen)
-{
-    char parent[CONFIG_PATH_MAX];
-    size_t len = strlen(dir);
-    struct stat st;
-    char *slash;
-
-    if (len == 0 || len >= sizeof(parent)) {
-        snprintf(err, errlen, "data_dir \"%s\": bad path", dir);
-        return PQ_EINVAL;
-    }
-    if (stat(dir, &st) == 0) {
-        if (!S_ISDIR(st.st_mode)) {
-            snprintf(err, errlen, "data_dir %s is not a directory", dir);
-            return PQ_EINVAL;
-        }
-        return PQ_OK;
-    }
-    if (errno != ENOENT) {
-        snprintf(err, errlen, "data_dir %s: %s", dir, strerror(errno));
-        return PQ_ESYS;
-    }
-    memcpy(parent, dir, len + 1);
-    while (len > 1 && parent[len - 1] == '/') {
-        parent[--len] = '\0';
-    }
-    slash = strrchr(parent, '/');
-    if (slash == NULL) {
-        snprintf(parent, sizeof(parent), ".");
-    } else if (slash == parent) {
-        parent[1] = '\0';
-    } else {
-        *slash = '\0';
-    }
-    if (stat(parent, &st) != 0 || !S_ISDIR(st.st_mode)) {
-        snprintf(err, errlen,
-                 "data_dir %s does not exist, nor its parent %s: create it "
-                 "(mkdir -p) or correct data_dir",
-                 dir, parent);
-        return PQ_ENOTFOUND;
-    }
-    if (mkdir(dir, 0750) != 0 && errno != EEXIST) {
-        snprintf(err, errlen, "mkdir %s: %s", dir, strerror(errno));
-        return PQ_ESYS;
-    }
-    log_warn("data_dir %s did not exist: created it (empty)", dir);
-    return PQ_OK;
-}
-
-/*
- * message_payload_size: the payload length inside an encoded
- * protoq.Message (field 1), for the max_bytes accounting of replayed
- * messages. Walks the top-level fields with bounds checks; 0 if absent
- * or malformed (the body was CRC-checked, so malformed means a bug).
- */
-static uint32_t
-message_payload_size(const uint8_t *data, size_t len)
-{
-    const uint8_t *p = data, *end = data + len;
-    struct pbwire_field f;
-
-    while (p < end && pbwire_next_field(&p, end, &f)) {
-        if (f.num == 1 && f.type == PBWIRE_LEN) {
-            return (uint32_t)f.len;
-        }
-    }
-    return 0;
-}
 
 /* ---- clocks: the log stores wall time, the queues run on mono time ---- */
 
@@ -178,18 +71,6 @@ mono_to_wall(const struct journal *j, uint64_t mono, bool never_zero)
         return never_zero ? clock_wall_ms() : 0;
     }
     return clock_wall_ms() + (mono - j->now_mono_ms);
-}
-
-static uint64_t
-wall_to_mono(const struct journal *j, uint64_t wall, bool never_zero)
-{
-    if (wall == 0) {
-        return 0;
-    }
-    if (wall <= j->wall_at_open) {
-        return never_zero ? j->mono_at_open : 0;
-    }
-    return j->mono_at_open + (wall - j->wall_at_open);
 }
 
 /* ---- appending ---- */
@@ -270,8 +151,8 @@ queue_create_rec(struct record *r, const struct queue *q)
     attrs_to_rec(&r->u.queue_create.attrs, queue_attrs(q));
 }
 
-static bool
-durable(const struct queue *q)
+bool
+journal_durable(const struct queue *q)
 {
     return q != NULL && !queue_attrs(q)->transient;
 }
@@ -303,7 +184,7 @@ roll_binding(void *arg, const char *route, const char *queue,
     struct record r;
     size_t len;
 
-    if (!durable(qset_find(w->j->qs, queue))) {
+    if (!journal_durable(qset_find(w->j->qs, queue))) {
         return;
     }
     route_rec(&r, REC_ROUTE_BIND, route, queue, pattern);
@@ -318,8 +199,8 @@ roll_binding(void *arg, const char *route, const char *queue,
 /* Every new segment starts with the definitions of all durable queues and
  * their bindings. Its own buffer: the record that caused the roll is in
  * j->buf. */
-static void
-on_roll(void *arg, uint32_t new_seg)
+void
+journal_on_roll(void *arg, uint32_t new_seg)
 {
     struct journal *j = arg;
     uint8_t *buf = NULL;
@@ -327,7 +208,7 @@ on_roll(void *arg, uint32_t new_seg)
     struct record r;
 
     for (struct queue *q = qset_first(j->qs); q; q = qset_next(q)) {
-        if (!durable(q)) {
+        if (!journal_durable(q)) {
             continue;
         }
         queue_create_rec(&r, q);
@@ -365,8 +246,8 @@ keep_or_evict(struct journal *j, struct msg *m)
 }
 
 /* m (durable) leaves memory: give its budget back. */
-static void
-forget_body(struct journal *j, const struct msg *m)
+void
+journal_forget_body(struct journal *j, const struct msg *m)
 {
     if (m->body != NULL) {
         j->resident -= m->size;
@@ -474,8 +355,8 @@ load_body(struct journal *j, const struct msg *m)
 /* The live bytes of a segment (what compaction weighs) are those of the
  * PUBLISH records it holds for live messages. Callers unref before they
  * change m->pub_*, and ref after. */
-static void
-ref_msg(struct journal *j, struct msg *m)
+void
+journal_ref_msg(struct journal *j, struct msg *m)
 {
     store_seg_ref(j->st, m->pub_seg, m->pub_len);
     store_seg_ref(j->st, m->state_seg, 0);
@@ -523,7 +404,7 @@ static void
 unref_cb(void *arg, struct msg *m)
 {
     unref_msg(arg, m);
-    forget_body(arg, m);
+    journal_forget_body(arg, m);
 }
 
 int
@@ -578,7 +459,7 @@ purge_unref_cb(void *arg, struct msg *m)
 
     if (m->state != MSG_INFLIGHT) {
         unref_msg(w->j, m);
-        forget_body(w->j, m);
+        journal_forget_body(w->j, m);
         w->gone++;
     }
 }
@@ -637,7 +518,7 @@ publish_rec_from_pending(const struct journal *j, struct record *r,
 static bool
 needs_record(const struct pending *p)
 {
-    return !p->duplicate && p->q != NULL && durable(p->q);
+    return !p->duplicate && p->q != NULL && journal_durable(p->q);
 }
 
 /* How many of items need a record. */
@@ -809,8 +690,8 @@ journal_publish_settled(struct journal *j, struct pending *p)
 }
 
 /* May a message of size bytes, on disk if pub_len > 0, keep its body? */
-static bool
-budget_allows(struct journal *j, uint32_t size, uint32_t pub_len)
+bool
+journal_budget_allows(struct journal *j, uint32_t size, uint32_t pub_len)
 {
     if (pub_len > 0 && j->resident + size > j->budget) {
         j->evicted++;
@@ -822,7 +703,7 @@ budget_allows(struct journal *j, uint32_t size, uint32_t pub_len)
 bool
 journal_keep_body(struct journal *j, const struct msg_new *mn)
 {
-    return mn->body == NULL || budget_allows(j, mn->size, mn->pub_len);
+    return mn->body == NULL || journal_budget_allows(j, mn->size, mn->pub_len);
 }
 
 /* mn entered a durable queue as pushed: segment refs, resident bytes. */
@@ -867,13 +748,13 @@ journal_ack(struct journal *j, struct msg *m, struct pending *pubs, uint32_t n,
     struct store_loc loc;
     int rc;
 
-    if (!durable(m->q)) {
+    if (!journal_durable(m->q)) {
         return publish_alone(j, pubs, n, lsn);
     }
     r.u.ack.id = m->id;
     rc = append_with(j, &r, pubs, n, lsn, &loc);
     unref_msg(j, m);
-    forget_body(j, m);
+    journal_forget_body(j, m);
     return rc;
 }
 
@@ -979,7 +860,7 @@ journal_qevent(struct journal *j, const struct qevent *ev, uint64_t now_mono_ms,
     memset(&r, 0, sizeof(r));
     switch (ev->type) {
     case QEV_REQUEUE:
-        if (!durable(ev->q)) {
+        if (!journal_durable(ev->q)) {
             return PQ_OK;
         }
         r.type = REC_REQUEUE;
@@ -997,12 +878,12 @@ journal_qevent(struct journal *j, const struct qevent *ev, uint64_t now_mono_ms,
         }
         break;
     case QEV_TOUCH:
-        if (durable(ev->q)) {
+        if (journal_durable(ev->q)) {
             write_progress(j, m);
         }
         break;
     case QEV_DROP:
-        if (!durable(ev->q)) {
+        if (!journal_durable(ev->q)) {
             rc = publish_alone(j, pubs, n, &lsn);
             break;
         }
@@ -1016,10 +897,11 @@ journal_qevent(struct journal *j, const struct qevent *ev, uint64_t now_mono_ms,
             rc = append_with(j, &r, pubs, n, &lsn, &loc);
         }
         unref_msg(j, m);
-        forget_body(j, m);
+        journal_forget_body(j, m);
         break;
     case QEV_DEAD_LETTER:
-        if (m->body == NULL && (durable(ev->from) || durable(ev->q))) {
+        if (m->body == NULL &&
+            (journal_durable(ev->from) || journal_durable(ev->q))) {
             /* Evicted: queue.c moved it without its body; add the x-death
              * headers to the body read back from the log. */
             struct body *old = load_body(j, m);
@@ -1031,11 +913,11 @@ journal_qevent(struct journal *j, const struct qevent *ev, uint64_t now_mono_ms,
                 log_err("queue %s: message %llu: dead-lettered without its "
                         "body (it could not be read back)",
                         queue_name(ev->q), (unsigned long long)m->id);
-            } else if (durable(ev->from)) {
+            } else if (journal_durable(ev->from)) {
                 j->resident += m->size; /* counted below like a kept body */
             }
         }
-        if (durable(ev->from) && durable(ev->q)) {
+        if (journal_durable(ev->from) && journal_durable(ev->q)) {
             r.type = REC_DEAD_LETTER;
             r.u.dead_letter.id = m->id;
             r.u.dead_letter.target = rstr(queue_name(ev->q));
@@ -1052,17 +934,17 @@ journal_qevent(struct journal *j, const struct qevent *ev, uint64_t now_mono_ms,
                 m->pub_seg = m->state_seg = loc.seg;
                 m->pub_off = (uint32_t)loc.off;
                 m->pub_len = loc.len;
-                ref_msg(j, m);
+                journal_ref_msg(j, m);
             }
-        } else if (durable(ev->from)) {
+        } else if (journal_durable(ev->from)) {
             r.type = REC_DROP;
             r.u.drop.id = m->id;
             r.u.drop.reason = rstr("dead-lettered to a transient queue");
             rc = append_with(j, &r, pubs, n, &lsn, &loc);
             unref_msg(j, m);
-            forget_body(j, m);
+            journal_forget_body(j, m);
             m->pub_len = 0;
-        } else if (durable(ev->q)) {
+        } else if (journal_durable(ev->q)) {
             /* From a transient queue: its first record. Not written, it
              * stays in memory only (as it was) and has no references. */
             rc = republish(j, m, &loc);
@@ -1070,7 +952,7 @@ journal_qevent(struct journal *j, const struct qevent *ev, uint64_t now_mono_ms,
                 m->pub_seg = m->state_seg = loc.seg;
                 m->pub_off = (uint32_t)loc.off;
                 m->pub_len = loc.len;
-                ref_msg(j, m);
+                journal_ref_msg(j, m);
                 keep_or_evict(j, m);
             } else {
                 m->pub_len = 0;
@@ -1099,7 +981,7 @@ journal_cancel(struct journal *j, struct msg *m, struct pending *pubs,
     struct store_loc loc;
     uint64_t lsn;
 
-    if (!durable(m->q)) {
+    if (!journal_durable(m->q)) {
         return publish_alone(j, pubs, n, &lsn);
     }
     r.u.drop.id = m->id;
@@ -1219,7 +1101,7 @@ compact_cb(void *arg, struct msg *m)
     m->pub_seg = m->state_seg = loc.seg;
     m->pub_off = (uint32_t)loc.off;
     m->pub_len = loc.len;
-    ref_msg(w->j, m);
+    journal_ref_msg(w->j, m);
     w->moved++;
     if (w->moved % 256 == 0) {
         /* Hand over what is moved so far: a long pass reaches the disk in
@@ -1239,7 +1121,7 @@ journal_compact(struct journal *j, uint64_t now_mono_ms)
         return;
     }
     for (struct queue *q = qset_first(j->qs); q; q = qset_next(q)) {
-        if (durable(q)) {
+        if (journal_durable(q)) {
             queue_foreach_msg(q, compact_cb, &w);
         }
     }
@@ -1247,705 +1129,6 @@ journal_compact(struct journal *j, uint64_t now_mono_ms)
         log_info("compaction: moved %u live messages out of segment %u",
                  w.moved, w.seg);
     }
-}
-
-/* ---- replay ---- */
-
-/*
- * The live-message check at start (what store_verify.c does for
- * --check-data, here without a map of its own: the queue set is the live
- * set). A REQUEUE or PROGRESS record for a message replay does not hold is
- * a suspect: its PUBLISH was lost with a segment, unless a later record
- * explains it (a PUBLISH moved by compaction, an ACK or DROP, a queue
- * delete or purge). What is left at the end refuses the start.
- */
-struct suspect {
-    struct store_loc at; /* the state record */
-    uint64_t idx;        /* j->replayed when it was seen */
-};
-
-static int
-suspect_add(struct journal *j, uint64_t id, const struct store_loc *loc)
-{
-    struct suspect *s = hmap_u64_get(&j->suspects, id);
-
-    if (s == NULL) {
-        s = pq_malloc(sizeof(*s));
-        if (s == NULL) {
-            return PQ_ENOMEM;
-        }
-        if (hmap_u64_put(&j->suspects, id, s) != PQ_OK) {
-            pq_free(s);
-            return PQ_ENOMEM;
-        }
-    }
-    s->at = *loc;
-    s->idx = j->replayed;
-    return PQ_OK;
-}
-
-static void
-suspect_clear(struct journal *j, uint64_t id)
-{
-    if (j->suspects.len > 0) {
-        pq_free(hmap_u64_del(&j->suspects, id));
-    }
-}
-
-static void
-suspects_free(struct journal *j)
-{
-    size_t it = 0;
-    void *s;
-
-    while ((s = hmap_u64_next(&j->suspects, &it, NULL)) != NULL) {
-        pq_free(s);
-    }
-    hmap_u64_fini(&j->suspects);
-}
-
-/* check_suspects: after replay, refuse a log in which a message is live
- * without its PUBLISH (PQ_ECORRUPT with the file and offset in err). */
-static int
-check_suspects(struct journal *j, const char *dir, char *err, size_t errlen)
-{
-    uint32_t floor = store_salvage_floor(j->st);
-    const struct suspect *first = NULL;
-    uint64_t first_id = 0, n = 0, id;
-    size_t it = 0;
-    struct suspect *s;
-
-    while ((s = hmap_u64_next(&j->suspects, &it, &id)) != NULL) {
-        if (s->idx < j->last_bulk || s->at.seg <= floor) {
-            continue; /* a delete or purge may have removed it; salvaged */
-        }
-        if (n++ == 0 || s->at.seg < first->at.seg ||
-            (s->at.seg == first->at.seg && s->at.off < first->at.off)) {
-            first = s;
-            first_id = id;
-        }
-    }
-    if (n == 0) {
-        return PQ_OK;
-    }
-    snprintf(err, errlen,
-             "%s/seg-%010u.log: offset %llu: message %llu is "
-             "live here, but its publish record is not in the log (%llu such "
-             "messages): a segment that held live messages is missing; run "
-             "protoqd --check-data %s (salvage: protoqd --salvage-data %s)",
-             dir, first->at.seg, (unsigned long long)first->at.off,
-             (unsigned long long)first_id, (unsigned long long)n, dir, dir);
-    return PQ_ECORRUPT;
-}
-
-static struct queue *
-replay_queue(struct journal *j, struct rec_str name)
-{
-    char buf[QUEUE_NAME_MAX + 1];
-
-    if (name.len == 0 || name.len > QUEUE_NAME_MAX) {
-        return NULL;
-    }
-    memcpy(buf, name.ptr, name.len);
-    buf[name.len] = '\0';
-    return qset_find(j->qs, buf);
-}
-
-/* Remove a replayed message (all are READY or DELAYED during replay). */
-static void
-replay_remove(struct journal *j, uint64_t id)
-{
-    struct msg v;
-
-    if (qset_msg_peek(j->qs, id, &v)) {
-        forget_body(j, &v);
-        qset_cancel(j->qs, id, NULL);
-    }
-}
-
-static int
-replay_create(struct journal *j, const struct rec_queue_create *c)
-{
-    const struct rec_queue_attrs *ra = &c->attrs;
-    struct queue_attrs a = {0};
-    char name[QUEUE_NAME_MAX + 1];
-    int rc;
-
-    if (c->name.len == 0 || c->name.len > QUEUE_NAME_MAX ||
-        ra->dead_letter.len > QUEUE_NAME_MAX) {
-        return PQ_ECORRUPT;
-    }
-    memcpy(name, c->name.ptr, c->name.len);
-    name[c->name.len] = '\0';
-    a.transient = ra->transient;
-    a.max_length = ra->max_length;
-    a.max_bytes = ra->max_bytes;
-    a.ack_timeout_ms = ra->ack_timeout_ms;
-    a.max_attempts = ra->max_attempts;
-    memcpy(a.dead_letter, ra->dead_letter.ptr, ra->dead_letter.len);
-    a.dead_letter[ra->dead_letter.len] = '\0';
-    a.backoff_base_ms = ra->backoff_base_ms;
-    a.backoff_cap_ms = ra->backoff_cap_ms;
-    a.ttl_ms = ra->ttl_ms;
-    a.dedup_window_ms = ra->dedup_window_ms;
-    a.max_lease_ms = ra->max_lease_ms;
-    a.dead_letter_expired = ra->dead_letter_expired;
-    /* Records hold resolved attributes; no_backoff resolves both to 0,
-     * and only it does (a broker default base of 0 keeps its cap). */
-    a.no_backoff = ra->backoff_base_ms == 0 && ra->backoff_cap_ms == 0;
-    rc = qset_create(j->qs, name, &a, NULL);
-    /* A later definition of the same name (re-created with other
-     * attributes after a delete in a segment since removed) wins. */
-    if (rc == PQ_EEXIST) {
-        log_warn("replay: queue %s redefined with other attributes", name);
-        rc = PQ_OK;
-    }
-    return rc;
-}
-
-/*
- * replay_push: push a replayed message (its body within the budget,
- * checked by the caller). The log already accepted it, so its idempotency
- * key is taken over from a message that is gone (a put-back job re-pushed
- * by its REQUEUE record, or a key reused after its window): refusing it
- * lost the job. Only a live message with the same key, which the broker
- * never lets happen, still wins; that is logged, not hidden.
- */
-static int
-replay_push(struct journal *j, struct queue *q, struct msg_new *mn)
-{
-    int rc;
-
-    mn->key_takeover = true;
-    rc = queue_push(q, mn, j->mono_at_open, NULL);
-    if (rc == PQ_EEXIST) {
-        log_warn("replay: queue %s: message %llu skipped: its id or "
-                 "idempotency key \"%s\" belongs to a live message",
-                 queue_name(q), (unsigned long long)mn->id,
-                 mn->idem_key ? mn->idem_key : "");
-        rc = PQ_OK;
-    } else if (rc == PQ_OK && durable(q) && mn->body != NULL) {
-        j->resident += mn->size;
-    }
-    return rc;
-}
-
-static int
-replay_publish(struct journal *j, const struct rec_publish *p,
-               const struct store_loc *loc)
-{
-    struct queue *q = replay_queue(j, p->queue);
-    struct kv req[PQ_TAGS_MAX];
-    char keys[PQ_TAGS_MAX][2][PQ_TAG_BYTES_MAX + 1];
-    char idem[PQ_IDEMPOTENCY_KEY_MAX + 1];
-    struct msg_new mn = {0};
-    struct rec_kv kv;
-    struct msg v;
-    size_t cursor = 0, n = 0;
-    int rc;
-
-    if (p->id > j->max_id) {
-        j->max_id = p->id;
-    }
-    if (q == NULL) {
-        return PQ_OK; /* its queue was deleted in a segment since removed */
-    }
-    if (qset_msg_peek(j->qs, p->id, &v)) {
-        replay_remove(j, p->id); /* compaction moved it: the newest wins */
-    }
-    while (record_publish_next_require(p, &cursor, &kv)) {
-        if (n >= PQ_TAGS_MAX || kv.key.len > PQ_TAG_BYTES_MAX ||
-            kv.value.len > PQ_TAG_BYTES_MAX) {
-            return PQ_ECORRUPT;
-        }
-        memcpy(keys[n][0], kv.key.ptr, kv.key.len);
-        keys[n][0][kv.key.len] = '\0';
-        memcpy(keys[n][1], kv.value.ptr, kv.value.len);
-        keys[n][1][kv.value.len] = '\0';
-        req[n].key = keys[n][0];
-        req[n].value = keys[n][1];
-        n++;
-    }
-    if (p->idem_key.len > PQ_IDEMPOTENCY_KEY_MAX) {
-        return PQ_ECORRUPT;
-    }
-    memcpy(idem, p->idem_key.ptr, p->idem_key.len);
-    idem[p->idem_key.len] = '\0';
-    mn.id = p->id;
-    mn.size = message_payload_size(p->body.ptr, p->body.len);
-    /* Past the budget the body stays on disk: do not even copy it. */
-    if (!durable(q) || j->resident + mn.size <= j->budget) {
-        mn.body = body_new(p->body.ptr, p->body.len);
-        if (mn.body == NULL) {
-            rc = PQ_ENOMEM;
-            goto out;
-        }
-    } else {
-        j->evicted++;
-    }
-    mn.progress =
-        p->progress.len ? body_new(p->progress.ptr, p->progress.len) : NULL;
-    if (p->progress.len && mn.progress == NULL) {
-        rc = PQ_ENOMEM;
-        goto out;
-    }
-    mn.priority = p->priority > 9 ? 9 : p->priority;
-    mn.due_ms = wall_to_mono(j, p->deliver_at_wall_ms, false);
-    mn.expire_ms = wall_to_mono(j, p->expire_wall_ms, true);
-    mn.published_wall_ms = p->published_wall_ms;
-    mn.idem_key = idem[0] ? idem : NULL;
-    mn.requires = req;
-    mn.n_requires = n;
-    mn.attempt = p->attempt;
-    mn.failures = p->failures;
-    mn.pub_seg = mn.state_seg = loc->seg;
-    mn.pub_off = (uint32_t)loc->off;
-    mn.pub_len = loc->len;
-    rc = replay_push(j, q, &mn);
-out:
-    body_unref(&mn.body);
-    body_unref(&mn.progress);
-    return rc;
-}
-
-/* Re-push m (a qset_msg_peek copy) with a new state (requeue,
- * dead-letter): replay has no in-flight messages, so remove and add is
- * exact but for its position. A dead letter (its DEAD_LETTER record at
- * loc holds the new body) enters `to` as queue.c's dead-lettering leaves
- * it: without its idempotency key (whose window stays with the source),
- * its requirements, or its source's TTL (the target's applies). */
-static int
-replay_reset(struct journal *j, const struct msg *m, struct queue *to,
-             struct body *new_body, uint32_t attempt, uint32_t failures,
-             uint64_t due_ms, const struct store_loc *loc, bool dead_letter)
-{
-    uint32_t seg = loc->seg;
-    struct kv req[PQ_TAGS_MAX];
-    size_t n_req = 0;
-    const struct kv *kv = dead_letter ? NULL : msg_requires(m, &n_req);
-    char *keys = NULL;
-    char *idem = NULL;
-    struct msg_new mn = {0};
-    int rc = PQ_ENOMEM;
-
-    if (n_req > PQ_TAGS_MAX) {
-        return PQ_ECORRUPT;
-    }
-    /* Copy what the old message owns before it goes. */
-    keys = pq_calloc(n_req ? n_req : 1, 2 * KEY_CAP);
-    if (keys == NULL) {
-        goto out;
-    }
-    for (size_t i = 0; i < n_req; i++) {
-        snprintf(keys + i * 2 * KEY_CAP, KEY_CAP, "%s", kv[i].key);
-        snprintf(keys + i * 2 * KEY_CAP + KEY_CAP, KEY_CAP, "%s", kv[i].value);
-        req[i].key = keys + i * 2 * KEY_CAP;
-        req[i].value = keys + i * 2 * KEY_CAP + KEY_CAP;
-    }
-    if (!dead_letter && msg_idem_key(m) &&
-        (idem = pq_strdup(msg_idem_key(m))) == NULL) {
-        goto out;
-    }
-    mn.id = m->id;
-    mn.body = new_body ? body_ref(new_body) : body_ref(m->body);
-    mn.progress = body_ref(msg_progress(m));
-    mn.size = m->size;
-    mn.priority = m->priority;
-    mn.due_ms = due_ms;
-    /* A dead letter takes its new queue's TTL (queue_push applies it), as
-     * dead_letter() does live; the source's TTL would drop it again. */
-    mn.expire_ms = dead_letter ? 0 : m->expire_ms;
-    mn.published_wall_ms = m->published_wall_ms;
-    mn.idem_key = idem;
-    mn.requires = req;
-    mn.n_requires = n_req;
-    mn.attempt = attempt;
-    mn.failures = failures;
-    mn.pub_seg = dead_letter ? seg : m->pub_seg;
-    mn.pub_off = dead_letter ? (uint32_t)loc->off : m->pub_off;
-    mn.pub_len = dead_letter ? loc->len : m->pub_len;
-    mn.state_seg = seg;
-    replay_remove(j, mn.id); /* m is stale from here on */
-    if (mn.body != NULL && durable(to) &&
-        !budget_allows(j, mn.size, mn.pub_len)) {
-        body_unref(&mn.body);
-    }
-    rc = replay_push(j, to, &mn);
-out:
-    body_unref(&mn.body);
-    body_unref(&mn.progress);
-    pq_free(idem);
-    pq_free(keys);
-    return rc;
-}
-
-/* The priority field (3) of an encoded protoq.Message; 0 if absent. */
-static uint8_t
-message_priority(const uint8_t *data, size_t len)
-{
-    const uint8_t *p = data, *end = data + len;
-    struct pbwire_field f;
-
-    while (p < end && pbwire_next_field(&p, end, &f)) {
-        if (f.num == 3 && f.type == PBWIRE_VARINT) {
-            return f.varint > 9 ? 9 : (uint8_t)f.varint;
-        }
-    }
-    return 0;
-}
-
-/*
- * replay_orphan_dead_letter: a DEAD_LETTER record for a message whose
- * PUBLISH is no longer in the log. That is normal: the live dead letter
- * references this record (its whole new body), not the PUBLISH, so the
- * segment of the PUBLISH may have been deleted. Rebuild the message in its
- * dead-letter queue from this record, as the live broker had it: attempt
- * and failures reset, the queue's TTL, no key or requirements. What the
- * record does not keep: the original publish time (0 here). A later ACK,
- * DROP or delete in the log removes it again as usual.
- */
-static int
-replay_orphan_dead_letter(struct journal *j, const struct rec_dead_letter *d,
-                          struct queue *q, const struct store_loc *loc)
-{
-    struct msg_new mn = {0};
-    int rc;
-
-    if (d->id > j->max_id) {
-        j->max_id = d->id;
-    }
-    mn.id = d->id;
-    mn.size = message_payload_size(d->body.ptr, d->body.len);
-    mn.priority = message_priority(d->body.ptr, d->body.len);
-    if (!durable(q) || j->resident + mn.size <= j->budget) {
-        mn.body = body_new(d->body.ptr, d->body.len);
-        if (mn.body == NULL) {
-            return PQ_ENOMEM;
-        }
-    } else {
-        j->evicted++;
-    }
-    mn.pub_seg = mn.state_seg = loc->seg;
-    mn.pub_off = (uint32_t)loc->off;
-    mn.pub_len = loc->len;
-    rc = replay_push(j, q, &mn);
-    body_unref(&mn.body);
-    return rc;
-}
-
-struct purge_replay {
-    const struct rec_queue_purge *p;
-    uint64_t *drop;
-    size_t n, cap;
-    bool oom;
-};
-
-static void
-purge_replay_cb(void *arg, struct msg *m)
-{
-    struct purge_replay *w = arg;
-
-    for (uint32_t i = 0; i < w->p->n_keep; i++) {
-        if (record_purge_keep_id(w->p, i) == m->id) {
-            return;
-        }
-    }
-    if (w->n == w->cap) {
-        size_t cap = w->cap ? w->cap * 2 : 256;
-        uint64_t *d = pq_realloc(w->drop, cap * sizeof(*d));
-
-        if (d == NULL) {
-            w->oom = true;
-            return;
-        }
-        w->drop = d;
-        w->cap = cap;
-    }
-    w->drop[w->n++] = m->id;
-}
-
-/* A binding as it was: of a queue that exists at this point of the log
- * (a later QUEUE_DELETE removes it again). */
-static int
-replay_route(struct journal *j, const struct record *r)
-{
-    const struct rec_route *b = &r->u.route;
-    char route[PQ_ROUTE_NAME_MAX + 1], pattern[PQ_ROUTE_PATTERN_MAX + 1];
-    struct queue *q = replay_queue(j, b->queue);
-    int rc;
-
-    if (b->route.len == 0 || b->route.len > PQ_ROUTE_NAME_MAX ||
-        b->pattern.len > PQ_ROUTE_PATTERN_MAX) {
-        return PQ_ECORRUPT;
-    }
-    if (j->routes == NULL || q == NULL) {
-        return PQ_OK;
-    }
-    memcpy(route, b->route.ptr, b->route.len);
-    route[b->route.len] = '\0';
-    memcpy(pattern, b->pattern.ptr, b->pattern.len);
-    pattern[b->pattern.len] = '\0';
-    if (r->type == REC_ROUTE_UNBIND) {
-        (void)routes_unbind(j->routes, route, queue_name(q), pattern);
-        return PQ_OK;
-    }
-    rc = routes_bind(j->routes, route, queue_name(q), pattern);
-    if (rc == PQ_EEXIST) {
-        return PQ_OK; /* rewritten at the start of a later segment */
-    }
-    if (rc == PQ_EFULL || rc == PQ_EINVAL) {
-        log_warn("replay: binding of route %s to queue %s skipped: %s", route,
-                 queue_name(q), pq_strerror(rc));
-        return PQ_OK;
-    }
-    return rc;
-}
-
-static int
-replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
-              const struct store_loc *loc)
-{
-    struct journal *j = arg;
-    struct qset *qs = j->qs;
-    struct record r;
-    struct msg *m, view;
-    struct queue *q;
-    int rc;
-
-    rc = record_decode(type, body, len, &r);
-    if (rc != PQ_OK) {
-        log_err("replay: segment %u offset %llu: undecodable %s record",
-                loc->seg, (unsigned long long)loc->off, record_type_name(type));
-        return PQ_ECORRUPT;
-    }
-    j->replayed++;
-    switch (r.type) {
-    case REC_QUEUE_CREATE:
-        return replay_create(j, &r.u.queue_create);
-    case REC_QUEUE_DELETE:
-        j->last_bulk = j->replayed;
-        q = replay_queue(j, r.u.queue_delete.name);
-        if (q) {
-            if (j->routes != NULL) {
-                routes_unbind_queue(j->routes, queue_name(q));
-            }
-            qset_delete(qs, q);
-        }
-        return PQ_OK;
-    case REC_QUEUE_PURGE: {
-        struct purge_replay w = {.p = &r.u.queue_purge};
-
-        j->last_bulk = j->replayed;
-        q = replay_queue(j, r.u.queue_purge.name);
-        if (q == NULL) {
-            return PQ_OK;
-        }
-        queue_foreach_msg(q, purge_replay_cb, &w);
-        for (size_t i = 0; i < w.n; i++) {
-            replay_remove(j, w.drop[i]);
-        }
-        pq_free(w.drop);
-        return w.oom ? PQ_ENOMEM : PQ_OK;
-    }
-    case REC_PUBLISH:
-        suspect_clear(j, r.u.publish.id);
-        return replay_publish(j, &r.u.publish, loc);
-    case REC_PUBLISH_BATCH: {
-        struct rec_publish p;
-        size_t cur = 0;
-
-        rc = PQ_OK;
-        while (rc == PQ_OK && record_batch_next(&r.u.batch, &cur, &p)) {
-            suspect_clear(j, p.id);
-            rc = replay_publish(j, &p, loc);
-        }
-        return rc;
-    }
-    case REC_ROUTE_BIND:
-    case REC_ROUTE_UNBIND:
-        return replay_route(j, &r);
-    case REC_ACK:
-        suspect_clear(j, r.u.ack.id);
-        replay_remove(j, r.u.ack.id);
-        return PQ_OK;
-    case REC_DROP:
-        suspect_clear(j, r.u.drop.id);
-        replay_remove(j, r.u.drop.id);
-        return PQ_OK;
-    case REC_REQUEUE:
-        if (!qset_msg_peek(qs, r.u.requeue.id, &view)) {
-            return suspect_add(j, r.u.requeue.id, loc);
-        }
-        return replay_reset(
-            j, &view, view.q, NULL, r.u.requeue.attempt, r.u.requeue.failures,
-            wall_to_mono(j, r.u.requeue.deliver_at_wall_ms, false), loc, false);
-    case REC_DEAD_LETTER: {
-        struct body *nb;
-
-        q = replay_queue(j, r.u.dead_letter.target);
-        if (!qset_msg_peek(qs, r.u.dead_letter.id, &view)) {
-            /* Its PUBLISH went with a deleted segment: since the dead
-             * letter, this record is the message (its refs moved here). */
-            return q != NULL
-                       ? replay_orphan_dead_letter(j, &r.u.dead_letter, q, loc)
-                       : PQ_OK;
-        }
-        if (q == NULL) {
-            replay_remove(j, view.id);
-            return PQ_OK;
-        }
-        nb = body_new(r.u.dead_letter.body.ptr, r.u.dead_letter.body.len);
-        if (nb == NULL) {
-            return PQ_ENOMEM;
-        }
-        rc = replay_reset(j, &view, q, nb, 0, 0, 0, loc, true);
-        body_unref(&nb);
-        return rc;
-    }
-    case REC_ATOMIC: {
-        /* The job's end, then what it caused, all at this location. */
-        struct rec_bytes raw;
-        size_t cur = 0;
-
-        rc = replay_record(j, r.u.atomic.inner_type, r.u.atomic.inner_raw.ptr,
-                           r.u.atomic.inner_raw.len, loc);
-        while (rc == PQ_OK &&
-               record_atomic_next_publish(&r.u.atomic, &cur, &raw, NULL)) {
-            rc = replay_record(j, REC_PUBLISH, raw.ptr, raw.len, loc);
-        }
-        return rc;
-    }
-    case REC_PROGRESS:
-        m = qset_msg(qs, r.u.progress.id);
-        if (m == NULL && qset_msg_peek(qs, r.u.progress.id, &view)) {
-            return PQ_ENOMEM; /* live, but no memory to expand it */
-        }
-        if (m != NULL) {
-            struct body *pb =
-                body_new(r.u.progress.progress.ptr, r.u.progress.progress.len);
-            if (pb == NULL) {
-                return PQ_ENOMEM;
-            }
-            rc = msg_set_progress(m, pb);
-            body_unref(&pb);
-            m->state_seg = loc->seg;
-            return rc;
-        }
-        return suspect_add(j, r.u.progress.id, loc);
-    default:
-        log_warn("replay: segment %u offset %llu: unknown record type %u "
-                 "skipped",
-                 loc->seg, (unsigned long long)loc->off, type);
-        return PQ_OK;
-    }
-}
-
-struct ref_walk {
-    struct journal *j;
-    uint64_t n;
-};
-
-static void
-ref_cb(void *arg, struct msg *m)
-{
-    struct ref_walk *w = arg;
-
-    ref_msg(w->j, m);
-    w->n++;
-}
-
-/* A log written before dead_letter targets were checked may define a
- * queue whose dead-letter queue does not exist: it still loads. */
-static void
-warn_missing_dead_letters(struct journal *j)
-{
-    for (struct queue *q = qset_first(j->qs); q; q = qset_next(q)) {
-        const char *dl = queue_attrs(q)->dead_letter;
-
-        if (dl[0] != '\0' && qset_find(j->qs, dl) == NULL) {
-            log_warn("queue %s: its dead_letter queue %s does not exist: "
-                     "jobs it would dead-letter are dropped until %s is "
-                     "created",
-                     queue_name(q), dl, dl);
-        }
-    }
-}
-
-int
-journal_open(const struct journal_config *cfg, struct qset *qs,
-             struct journal **out, char *err, size_t errlen)
-{
-    struct store_config sc = {
-        .dir = cfg->data_dir,
-        .fsync_policy = cfg->fsync,
-        .fsync_interval_ms = cfg->fsync_interval_ms,
-        .segment_bytes = cfg->segment_bytes,
-        .read_only = false,
-        .live_check_by_caller = true, /* check_suspects, without a map */
-    };
-    struct journal *j = NULL;
-    struct ref_walk w;
-    uint64_t t0 = clock_mono_ms(), floor;
-    int rc;
-
-    *out = NULL;
-    rc = data_dir_ensure(cfg->data_dir, err, errlen);
-    if (rc != PQ_OK) {
-        goto fail;
-    }
-    j = pq_calloc(1, sizeof(*j));
-    if (j == NULL) {
-        snprintf(err, errlen, "out of memory");
-        rc = PQ_ENOMEM;
-        goto fail;
-    }
-    j->qs = qs;
-    j->routes = cfg->routes;
-    j->budget = cfg->payload_budget_bytes;
-    j->mono_at_open = j->now_mono_ms = clock_mono_ms();
-    j->wall_at_open = clock_wall_ms();
-    hmap_u64_init(&j->suspects);
-    rc = store_open(&sc, replay_record, j, &j->st, err, errlen);
-    if (rc == PQ_OK) {
-        rc = check_suspects(j, cfg->data_dir, err, errlen);
-    }
-    suspects_free(j);
-    if (rc != PQ_OK) {
-        goto fail;
-    }
-    rc = qset_sort_ready(qs);
-    if (rc != PQ_OK) {
-        snprintf(err, errlen,
-                 "out of memory putting the recovered messages in order");
-        goto fail;
-    }
-    /* Counters are since this start: the replay's pushes (one per PUBLISH
-     * and per put-back) and removals are not traffic. */
-    qset_stats_reset(qs);
-    w.j = j;
-    w.n = 0;
-    for (struct queue *q = qset_first(qs); q; q = qset_next(q)) {
-        queue_foreach_msg(q, ref_cb, &w);
-    }
-    store_reserve_set(j->st, w.n);
-    store_set_roll_cb(j->st, on_roll, j);
-    warn_missing_dead_letters(j);
-    /* Ids never repeat: past every id in the log, and past the clock so
-     * that a log emptied by deletion cannot bring old ids back. */
-    floor = clock_wall_ms() << 16;
-    j->next_id = j->max_id + 1 > floor ? j->max_id + 1 : floor;
-    log_info("recovered %zu queues and %llu messages from %s (%llu records) "
-             "in %llu ms; %llu payload bytes in memory, %llu messages on "
-             "disk only",
-             qset_queue_count(qs), (unsigned long long)w.n, cfg->data_dir,
-             (unsigned long long)j->replayed,
-             (unsigned long long)(clock_mono_ms() - t0),
-             (unsigned long long)j->resident, (unsigned long long)j->evicted);
-    *out = j;
-    return PQ_OK;
-fail:
-    journal_close(j);
-    return rc;
 }
 
 void

@@ -8,8 +8,8 @@
  * pattern matches every key. A route exists while it has a binding.
  *
  * Pure in-memory state (no I/O, no clock): dispatch.c journals the changes
- * and journal.c replays them. Queue names are kept as strings: a queue's
- * deletion removes its bindings through routes_unbind_queue.
+ * and journal_replay.c replays them. Queue names are kept as strings: a
+ * queue's deletion removes its bindings through routes_unbind_queue.
  */
 #ifndef PQ_ROUTE_H
 #define PQ_ROUTE_H

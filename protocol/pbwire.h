@@ -2,8 +2,8 @@
  * pbwire.h: the protobuf wire format by hand, for the few places that must
  * read or write encoded bytes without a full decode: the Deliver fast path
  * (frame.c), a stored message's headers (broker/body.c), a replayed
- * message's payload size (broker/journal.c), the string check of every
- * frame (strcheck.c). One home for the varint.
+ * message's payload size (broker/journal_replay.c), the string check of
+ * every frame (strcheck.c). One home for the varint.
  *
  * A field is key = number << 3 | wire type, then a varint (type 0), 8 or 4
  * bytes (types 1, 5) or a varint length and that many bytes (type 2).
