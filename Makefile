@@ -32,7 +32,7 @@ PYLIBDIR  = $(DESTDIR)/usr/lib/python3/dist-packages
 else
 PYLIBDIR  = $(DESTDIR)$(PREFIX)/lib/$(shell $(PYTHON) -c 'import sys; print("python%d.%d" % sys.version_info[:2])')/dist-packages
 endif
-PKGS      = libevent libevent_pthreads libprotobuf-c
+PKGS      = libevent libevent_pthreads libprotobuf-c openssl
 
 ifeq ($(SAN),1)
 B       = build/san
@@ -69,7 +69,8 @@ LDLIBS += $(PKG_LIBS)
 # ---- object lists (explicit: no wildcards) ----
 PROTO_GEN  = $(B)/protocol/protoq.pb-c.c $(B)/protocol/protoq.pb-c.h
 PROTO_OBJS = $(B)/protocol/protoq.pb-c.o $(B)/protocol/frame.o $(B)/protocol/pqerr.o \
-             $(B)/protocol/units.o $(B)/protocol/strcheck.o $(B)/protocol/pbwire.o
+             $(B)/protocol/units.o $(B)/protocol/strcheck.o $(B)/protocol/pbwire.o \
+             $(B)/protocol/tlsio.o
 
 CORE_OBJS  = $(B)/broker/mem.o $(B)/broker/log.o $(B)/broker/failpoint.o
 QUEUE_OBJS = $(B)/broker/queue.o $(B)/broker/queue_ready.o $(B)/broker/queue_dedup.o \
@@ -80,11 +81,12 @@ STORE_OBJS = $(B)/broker/store.o $(B)/broker/store_thread.o $(B)/broker/store_re
 BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
               $(B)/broker/dispatch.o $(B)/broker/dispatch_admin.o \
               $(B)/broker/dispatch_publish.o $(B)/broker/dispatch_consume.o \
-              $(B)/broker/journal.o $(B)/broker/config.o \
+              $(B)/broker/journal.o $(B)/broker/config.o $(B)/broker/tls.o \
               $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS)
 
 LIB_OBJS   = $(B)/client/client.o $(B)/client/client_admin.o \
-             $(B)/client/client_pub.o $(B)/client/client_consume.o
+             $(B)/client/client_pub.o $(B)/client/client_consume.o \
+             $(B)/client/client_tls.o
 CLI_OBJS   = $(B)/client/cli.o $(B)/client/cli_queue.o $(B)/client/cli_pub.o \
              $(B)/client/cli_consume.o $(B)/client/cli_work.o $(B)/client/cli_job.o
 BENCH_OBJS = $(B)/client/bench.o
@@ -94,7 +96,7 @@ UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_queue \
               $(B)/tests/unit/check_journal
 INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_jobs \
               $(B)/tests/integration/check_client $(B)/tests/integration/check_work \
-              $(B)/tests/integration/check_loss \
+              $(B)/tests/integration/check_loss $(B)/tests/integration/check_tls \
               $(B)/tests/crash/check_crash $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
 MODEL_TESTS = $(B)/tests/model/check_model

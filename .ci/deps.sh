@@ -7,9 +7,12 @@
 #                      clang-format for `make format-check` (CI)
 set -eu
 
+# libssl-dev: TLS (broker and libprotoq); openssl: the CLI check_tls makes
+# its throwaway CA and certificates with.
 # python3-*, protobuf-compiler: the Python client (client/python), its
 # generated messages, its tests and the venv install test.
 PKGS="build-essential pkg-config libevent-dev libprotobuf-c-dev protobuf-c-compiler check
+      libssl-dev openssl
       python3 python3-protobuf protobuf-compiler python3-pytest python3-setuptools
       python3-wheel python3-venv python3-pip"
 if [ "${1:-}" = fuzz ]; then

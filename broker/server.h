@@ -21,6 +21,7 @@
 struct event_base;
 struct event;
 struct evconnlistener;
+struct ssl_ctx_st;
 
 /*
  * What the server owns: the loop and its events, the listener, the
@@ -32,7 +33,11 @@ struct server {
     struct config cfg;
     char conf_path[CONFIG_PATH_MAX]; /* for SIGHUP; "" when none */
     struct event_base *base;
-    struct evconnlistener *listener;
+    struct evconnlistener *listener;     /* plain protoq; NULL if off */
+    struct evconnlistener *tls_listener; /* tls_listen; NULL if off */
+    struct ssl_ctx_st *tls_ctx;          /* for new TLS connections;
+                                            replaced on SIGHUP; main may
+                                            make it before server_init */
     struct event *sig_int, *sig_term, *sig_hup;
     struct event *deadline;      /* the one timer: qset_next_deadline() */
     struct event *housekeeping;  /* 1 s: heartbeats, idle peers, summary */
@@ -43,6 +48,7 @@ struct server {
     bool stopping;
     uint64_t now_mono_ms; /* read once per loop pass */
     uint16_t port;        /* the port actually bound */
+    uint16_t tls_port;    /* the TLS port actually bound */
 
     struct connset cs;    /* the connections (conn.c) */
     struct broker broker; /* queues, log, protocol state (dispatch.c) */

@@ -31,7 +31,9 @@
 #include <unistd.h>
 
 static const char usage_text[] =
-    "usage: protoq [-s HOST:PORT] COMMAND [ARGS]\n"
+    "usage: protoq [-s [tls://]HOST:PORT] [--ca FILE] [--cert FILE --key "
+    "FILE]\n"
+    "              COMMAND [ARGS]\n"
     "\n"
     "  queue create NAME [--max-length N] [--max-bytes N[k|m|g]]\n"
     "               [--ack-timeout D] [--max-attempts N] [--dead-letter Q]\n"
@@ -77,6 +79,10 @@ static const char usage_text[] =
     "Durations (D): 500ms, 10s, 5m, 1h30m, 2d; a plain number is "
     "milliseconds.\n"
     "The server is -s HOST:PORT, else $PROTOQ_SERVER, else 127.0.0.1:7650.\n"
+    "tls://HOST:PORT speaks TLS: the broker's certificate must chain to a CA\n"
+    "in --ca FILE ($PROTOQ_CA; default: the system's CAs) and name HOST.\n"
+    "--cert/--key FILE ($PROTOQ_CERT, $PROTOQ_KEY): a client certificate,\n"
+    "for a broker that asks for one. PEM files.\n"
     "Exit status: 0 ok, 1 error, 2 usage.\n";
 
 /* ---- messages ---- */
@@ -160,6 +166,9 @@ cli_connect(struct cli *cli)
     o.client_name = "protoq-cli";
     o.auth_token = getenv("PROTOQ_TOKEN");
     o.io_timeout_ms = 60000;
+    o.tls_ca_file = cli->tls_ca;
+    o.tls_cert_file = cli->tls_cert;
+    o.tls_key_file = cli->tls_key;
     rc = protoq_connect(cli->server, &o, &cli->c);
     if (rc != PQ_OK) {
         int ret = fail_pq(cli, rc);
@@ -173,6 +182,53 @@ cli_connect(struct cli *cli)
 
 /* ---- main ---- */
 
+/* getenv, with "" counted as unset. */
+static const char *
+env_or_null(const char *name)
+{
+    const char *v = getenv(name);
+
+    return v != NULL && v[0] != '\0' ? v : NULL;
+}
+
+/*
+ * global_opt: one global option taking a value at argv[0] ("-s X",
+ * "--server X", "--server=X", and the same for --ca, --cert, --key).
+ * Returns the argv entries it used, 0 when argv[0] is none of them, -1
+ * when its value is missing.
+ */
+static int
+global_opt(struct cli *cli, int argc, char **argv)
+{
+    const struct {
+        const char *flag, *alias;
+        const char **dst;
+    } opts[] = {
+        {"--server", "-s", &cli->server},
+        {"--ca", NULL, &cli->tls_ca},
+        {"--cert", NULL, &cli->tls_cert},
+        {"--key", NULL, &cli->tls_key},
+    };
+
+    for (size_t k = 0; k < sizeof(opts) / sizeof(opts[0]); k++) {
+        size_t len = strlen(opts[k].flag);
+
+        if (strncmp(argv[0], opts[k].flag, len) == 0 && argv[0][len] == '=') {
+            *opts[k].dst = argv[0] + len + 1;
+            return 1;
+        }
+        if (strcmp(argv[0], opts[k].flag) == 0 ||
+            (opts[k].alias != NULL && strcmp(argv[0], opts[k].alias) == 0)) {
+            if (argc < 2) {
+                return -1;
+            }
+            *opts[k].dst = argv[1];
+            return 2;
+        }
+    }
+    return 0;
+}
+
 /* main: parse the global options, run one command, exit 0/1/2. */
 int
 main(int argc, char **argv)
@@ -180,13 +236,17 @@ main(int argc, char **argv)
     struct cli cli;
     const char *cmd;
     int i = 1;
+    int n;
     int ret;
 
     memset(&cli, 0, sizeof(cli));
-    cli.server = getenv("PROTOQ_SERVER");
-    if (cli.server == NULL || cli.server[0] == '\0') {
+    cli.server = env_or_null("PROTOQ_SERVER");
+    if (cli.server == NULL) {
         cli.server = "127.0.0.1:7650";
     }
+    cli.tls_ca = env_or_null("PROTOQ_CA");
+    cli.tls_cert = env_or_null("PROTOQ_CERT");
+    cli.tls_key = env_or_null("PROTOQ_KEY");
     while (i < argc && argv[i][0] == '-') {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             fputs(usage_text, stdout);
@@ -196,17 +256,12 @@ main(int argc, char **argv)
             printf("protoq %s\n", PROTOQ_VERSION);
             return EXIT_OK;
         }
-        if (strcmp(argv[i], "-s") == 0 || strcmp(argv[i], "--server") == 0) {
-            if (i + 1 >= argc) {
-                return usage_err("%s needs HOST:PORT", argv[i]);
-            }
-            cli.server = argv[i + 1];
-            i += 2;
-            continue;
+        n = global_opt(&cli, argc - i, argv + i);
+        if (n < 0) {
+            return usage_err("%s needs a value", argv[i]);
         }
-        if (strncmp(argv[i], "--server=", 9) == 0) {
-            cli.server = argv[i] + 9;
-            i++;
+        if (n > 0) {
+            i += n;
             continue;
         }
         return usage_err("unknown option '%s'", argv[i]);

@@ -135,6 +135,12 @@ START_TEST(test_defaults_are_the_documented_values)
     ck_assert_uint_eq(c.heartbeat_ms, 5000);
     ck_assert_uint_eq(c.heartbeat_timeout_ms, 15000);
     ck_assert_uint_eq(c.idle_timeout_ms, 10000);
+    ck_assert_str_eq(c.tls_listen, "");
+    ck_assert_str_eq(c.tls_port_file, "");
+    ck_assert_str_eq(c.tls_cert, "");
+    ck_assert_str_eq(c.tls_key, "");
+    ck_assert_str_eq(c.tls_client_ca, "");
+    ck_assert_int_eq(c.tls_client_verify, TLS_CLIENT_REQUIRE);
     ck_assert_str_eq(c.data_dir, "/var/lib/protoq");
     ck_assert_int_eq(c.fsync, FSYNC_ALWAYS);
     ck_assert_uint_eq(c.fsync_interval_ms, 50);
@@ -177,6 +183,12 @@ START_TEST(test_key_table_is_complete_and_unique)
         "heartbeat_ms",
         "heartbeat_timeout_ms",
         "idle_timeout_ms",
+        "tls_listen",
+        "tls_port_file",
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
+        "tls_client_verify",
         "data_dir",
         "fsync",
         "fsync_interval_ms",
@@ -539,8 +551,8 @@ START_TEST(test_set_error_messages_are_exact)
                      "log_level: expected debug|info|warn|error, got \"INFO\"");
     ck_assert_pq_err(config_set(&c, "listen", "7650", err, sizeof(err)),
                      PQ_EINVAL);
-    ck_assert_str_eq(err, "listen: expected HOST:PORT or [V6]:PORT with port "
-                          "0..65535, got \"7650\"");
+    ck_assert_str_eq(err, "listen: expected HOST:PORT, [V6]:PORT (port "
+                          "0..65535) or \"\", got \"7650\"");
     ck_assert_pq_err(config_set(&c, "heartbeat_ms", "5 s", err, sizeof(err)),
                      PQ_EINVAL);
     ck_assert_str_eq(err, "heartbeat_ms: expected 0..3600000, got \"5 s\"");
@@ -884,6 +896,8 @@ START_TEST(test_reloadable_flags)
         "max_batch",       "conn_output_high_bytes",
         "heartbeat_ms",    "heartbeat_timeout_ms",
         "idle_timeout_ms", "memory_high_bytes",
+        "tls_cert",        "tls_key",
+        "tls_client_ca",   "tls_client_verify",
     };
     size_t nyes = 0;
     for (size_t i = 0; i < config_key_count(); i++) {
@@ -1051,6 +1065,12 @@ START_TEST(test_dump_then_load_round_trips)
         {"heartbeat_ms", "0"},
         {"heartbeat_timeout_ms", "1d"},
         {"idle_timeout_ms", "1h"},
+        {"tls_listen", "127.0.0.1:0"},
+        {"tls_port_file", "/tmp/tls port"},
+        {"tls_cert", "/etc/protoq/cert.pem"},
+        {"tls_key", "/etc/protoq/key.pem"},
+        {"tls_client_ca", "/etc/protoq/ca.pem"},
+        {"tls_client_verify", "optional"},
         {"data_dir", "\"\"quoted\"\""},
         {"fsync", "interval"},
         {"fsync_interval_ms", "1m"},
@@ -1100,7 +1120,7 @@ START_TEST(test_dump_then_load_round_trips)
     for (const char *q = err; *q != '\0'; q++) {
         commas += *q == ',';
     }
-    ck_assert_uint_eq(commas + 1, config_key_count() - 10);
+    ck_assert_uint_eq(commas + 1, config_key_count() - 14);
     /* A short err buffer is cut, never overrun. */
     char tiny[8];
     struct config live2;
