@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <openssl/ssl.h>
@@ -743,6 +744,65 @@ START_TEST(test_cli_over_tls)
 }
 END_TEST
 
+struct work_wait {
+    protoq_client *c;
+    const char *out;
+};
+
+/* The job ran (its payload is in the output file) and was acked. */
+static bool
+job_done(void *arg)
+{
+    struct work_wait *w = arg;
+    struct protoq_queue_info qi;
+    char buf[64];
+
+    if (strcmp(file_slurp(w->out, buf, sizeof(buf)), "job over tls") != 0 ||
+        protoq_queue_stat(w->c, "wq", &qi) != PQ_OK) {
+        return false;
+    }
+    return qi.ready == 0 && qi.inflight == 0 && qi.acked == 1;
+}
+
+START_TEST(test_work_over_tls)
+{
+    struct tls_srv t;
+    protoq_client *c = NULL;
+    struct protoq_message m;
+    struct work_wait w;
+    char out[128], cmd[512];
+    int status;
+    pid_t pid;
+
+    tls_start(&t, pki("srv1.pem"), pki("srv1.key"), "");
+    pq_check_ok(c, tls_connect(t.tls_addr, pki("ca.pem"), NULL, NULL, &c));
+    pq_check_ok(c, protoq_queue_create(c, "wq", NULL));
+    memset(&m, 0, sizeof(m));
+    m.payload = "job over tls";
+    m.len = strlen("job over tls");
+    pq_check_ok(c, protoq_publish(c, "wq", &m, NULL));
+    snprintf(out, sizeof(out), "%s/work-%d.out", g_pki, (int)getpid());
+    snprintf(cmd, sizeof(cmd), "exec %s work wq -- /bin/sh -c 'cat > %s'",
+             getenv("PROTOQ") ? getenv("PROTOQ") : "build/protoq", out);
+    pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        setenv("PROTOQ_SERVER", t.tls_addr, 1);
+        setenv("PROTOQ_CA", pki("ca.pem"), 1);
+        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+        _exit(127);
+    }
+    w = (struct work_wait){.c = c, .out = out};
+    ck_assert_msg(wait_until(job_done, &w, 10000), "the job did not run");
+    ck_assert_int_eq(kill(pid, SIGTERM), 0);
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    protoq_close(c);
+    unlink(out);
+    tls_stop(&t);
+}
+END_TEST
+
 static Suite *
 tls_suite(void)
 {
@@ -759,6 +819,7 @@ tls_suite(void)
     tcase_add_test(tc, test_sighup_reloads_certificate);
     tcase_add_test(tc, test_config_is_checked);
     tcase_add_test(tc, test_cli_over_tls);
+    tcase_add_test(tc, test_work_over_tls);
     suite_add_tcase(s, tc);
     return s;
 }
