@@ -553,6 +553,15 @@ parse_num(const char *s, double *out)
     return errno == 0 && end != s && *end == '\0' && *out >= 0;
 }
 
+/* getenv, with "" counted as unset. */
+static const char *
+env_or_null(const char *name)
+{
+    const char *v = getenv(name);
+
+    return v != NULL && v[0] != '\0' ? v : NULL;
+}
+
 static int
 parse_args(struct opts *o, int argc, char **argv)
 {
@@ -611,9 +620,9 @@ parse_args(struct opts *o, int argc, char **argv)
     if (o->server == NULL || o->server[0] == '\0') {
         o->server = "127.0.0.1:7650";
     }
-    o->tls_ca = getenv("PROTOQ_CA");
-    o->tls_cert = getenv("PROTOQ_CERT");
-    o->tls_key = getenv("PROTOQ_KEY");
+    o->tls_ca = env_or_null("PROTOQ_CA");
+    o->tls_cert = env_or_null("PROTOQ_CERT");
+    o->tls_key = env_or_null("PROTOQ_KEY");
     while ((ch = getopt_long(argc, argv, "s:h", lo, NULL)) != -1) {
         const char *a = optarg;
 
