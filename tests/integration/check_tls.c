@@ -549,6 +549,64 @@ server_cn(uint16_t port, char *cn, size_t len)
     close(fd);
 }
 
+/*
+ * handshake_with: a TLS handshake with the broker on port from a client
+ * limited to max_version and (when not NULL) the TLS 1.2 cipher list
+ * ciphers. Returns true when it succeeded; the version into ver.
+ */
+static bool
+handshake_with(uint16_t port, int max_version, const char *ciphers, char *ver,
+               size_t verlen)
+{
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    SSL *ssl;
+    int fd = raw_connect(port);
+    bool ok;
+
+    ck_assert_ptr_nonnull(ctx);
+    ck_assert_int_ge(fd, 0);
+    SSL_CTX_set_min_proto_version(ctx, 0);
+    ck_assert_int_eq(SSL_CTX_set_max_proto_version(ctx, max_version), 1);
+    if (ciphers != NULL) {
+        ck_assert_int_eq(SSL_CTX_set_cipher_list(ctx, ciphers), 1);
+    }
+    ssl = SSL_new(ctx);
+    ck_assert_ptr_nonnull(ssl);
+    SSL_set_fd(ssl, fd);
+    ok = SSL_connect(ssl) == 1; /* blocking socket */
+    snprintf(ver, verlen, "%s", ok ? SSL_get_version(ssl) : "");
+    if (ok) {
+        SSL_shutdown(ssl);
+    }
+    SSL_free(ssl);
+    SSL_CTX_free(ctx);
+    close(fd);
+    return ok;
+}
+
+START_TEST(test_protocol_versions_and_ciphers)
+{
+    struct tls_srv t;
+    char ver[32];
+
+    tls_start(&t, pki("srv1.pem"), pki("srv1.key"), "");
+    ck_assert(
+        handshake_with(t.tls_port, TLS1_3_VERSION, NULL, ver, sizeof(ver)));
+    ck_assert_str_eq(ver, "TLSv1.3");
+    /* TLS 1.2 is accepted, with a forward-secret AEAD suite... */
+    ck_assert(handshake_with(t.tls_port, TLS1_2_VERSION,
+                             "ECDHE-ECDSA-AES128-GCM-SHA256", ver,
+                             sizeof(ver)));
+    ck_assert_str_eq(ver, "TLSv1.2");
+    /* ...but not with a CBC suite, and nothing older. */
+    ck_assert(!handshake_with(t.tls_port, TLS1_2_VERSION,
+                              "ECDHE-ECDSA-AES128-SHA", ver, sizeof(ver)));
+    ck_assert(!handshake_with(t.tls_port, TLS1_1_VERSION, "ALL:@SECLEVEL=0",
+                              ver, sizeof(ver)));
+    tls_stop(&t);
+}
+END_TEST
+
 static void
 copy_file(const char *from, const char *to)
 {
@@ -815,6 +873,7 @@ tls_suite(void)
     tcase_add_test(tc, test_client_certificate_optional);
     tcase_add_test(tc, test_wrong_ca_refused);
     tcase_add_test(tc, test_hostname_mismatch_refused);
+    tcase_add_test(tc, test_protocol_versions_and_ciphers);
     tcase_add_test(tc, test_plain_client_on_tls_port_gets_clean_close);
     tcase_add_test(tc, test_sighup_reloads_certificate);
     tcase_add_test(tc, test_config_is_checked);
