@@ -111,8 +111,15 @@ fail_pq(const struct cli *cli, int rc)
     }
     if (rc == PQ_EREMOTE && cli->c != NULL &&
         protoq_last_error_code(cli->c) != 0) {
-        return fail(cli, "%s (%s)", msg,
-                    protoq_code_name(protoq_last_error_code(cli->c)));
+        const char *name = protoq_code_name(protoq_last_error_code(cli->c));
+        size_t mlen = strlen(msg), nlen = strlen(name);
+
+        /* A connection the broker closed names the code already. */
+        if (!(mlen > nlen + 2 && msg[mlen - 1] == ')' &&
+              strncmp(msg + mlen - nlen - 1, name, nlen) == 0 &&
+              msg[mlen - nlen - 2] == '(')) {
+            return fail(cli, "%s (%s)", msg, name);
+        }
     }
     return fail(cli, "%s", msg);
 }

@@ -797,6 +797,18 @@ START_TEST(test_cli_over_tls)
     ck_assert_msg(strstr(file_slurp(out, buf, sizeof(buf)),
                          "certificate verify failed") != NULL,
                   "%s", buf);
+    /* The plain CLI on the TLS port: told to use tls://, the wire code
+     * named once (it was printed twice: "(BAD_REQUEST) (BAD_REQUEST)"). */
+    snprintf(server, sizeof(server), "127.0.0.1:%u", t.tls_port);
+    const char *const plain[] = {create[0], "-s", server, "queue", "ls", NULL};
+    rc = prog_run(plain, out, 10000);
+    ck_assert_int_eq(rc, 1);
+    file_slurp(out, buf, sizeof(buf));
+    ck_assert_msg(strstr(buf, "tls://") != NULL, "%s", buf);
+    ck_assert_msg(
+        strstr(buf, "(BAD_REQUEST)") != NULL &&
+            strstr(strstr(buf, "(BAD_REQUEST)") + 1, "(BAD_REQUEST)") == NULL,
+        "%s", buf);
     unlink(out);
     tls_stop(&t);
 }
