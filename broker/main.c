@@ -21,6 +21,7 @@
 #include "mem.h"
 #include "pqerr.h"
 #include "server.h"
+#include "tls.h"
 #include "store.h"
 
 #ifndef PROTOQ_VERSION
@@ -203,8 +204,16 @@ main(int argc, char **argv)
         fprintf(stderr, "protoqd: %s\n", err);
         return EX_CONFIG;
     }
+    /* The TLS files are part of the config: a bad one is EX_CONFIG, found
+     * by --check-config too, and before the log is replayed. */
+    if (srv.cfg.tls_listen[0] != '\0' &&
+        tls_server_ctx_new(&srv.cfg, &srv.tls_ctx, err, sizeof(err)) != PQ_OK) {
+        fprintf(stderr, "protoqd: %s\n", err);
+        return EX_CONFIG;
+    }
     if (check_config) {
         config_dump(&srv.cfg, STDOUT_FILENO);
+        SSL_CTX_free(srv.tls_ctx);
         return 0;
     }
     log_set_level(srv.cfg.log_level);
