@@ -814,6 +814,74 @@ START_TEST(test_cli_over_tls)
 }
 END_TEST
 
+/*
+ * --ca and --cert are global options anywhere on the line, --key FILE only
+ * before the command: after it, pub's --key is the idempotency key.
+ */
+START_TEST(test_cli_global_options_anywhere)
+{
+    struct tls_srv t;
+    char out[256], buf[4096], extra[256], id1[64], id2[64];
+    const char *cli = getenv("PROTOQ") ? getenv("PROTOQ") : "build/protoq";
+    int rc;
+
+    snprintf(extra, sizeof(extra), "tls_client_ca %s\n", pki("ca.pem"));
+    tls_start(&t, pki("srv1.pem"), pki("srv1.key"), extra);
+    snprintf(out, sizeof(out), "%s/cli-g-%d.out", g_pki, (int)getpid());
+    const char *const create[] = {cli,           "--key",    pki("client.key"),
+                                  "queue",       "create",   "g",
+                                  "-s",          t.tls_addr, "--ca",
+                                  pki("ca.pem"), "--cert",   pki("client.pem"),
+                                  NULL};
+    rc = prog_run(create, out, 10000);
+    ck_assert_msg(rc == 0, "%s", file_slurp(out, buf, sizeof(buf)));
+    /* The same idempotency key twice: one message, the same id. */
+    const char *const pub[] = {cli,
+                               "--key",
+                               pki("client.key"),
+                               "pub",
+                               "g",
+                               "x",
+                               "--key",
+                               "idem-1",
+                               "-s",
+                               t.tls_addr,
+                               "--ca",
+                               pki("ca.pem"),
+                               "--cert",
+                               pki("client.pem"),
+                               NULL};
+    rc = prog_run(pub, out, 10000);
+    ck_assert_msg(rc == 0, "%s", file_slurp(out, id1, sizeof(id1)));
+    file_slurp(out, id1, sizeof(id1));
+    rc = prog_run(pub, out, 10000);
+    ck_assert_msg(rc == 0, "%s", file_slurp(out, id2, sizeof(id2)));
+    file_slurp(out, id2, sizeof(id2));
+    ck_assert_str_eq(id1, id2);
+    /* --key after the command is pub's: no TLS key, so the certificate
+     * file is tried as the key, and that fails. */
+    const char *const nokey[] = {
+        cli,  "pub",      "g",    "y",           "--key",  pki("client.key"),
+        "-s", t.tls_addr, "--ca", pki("ca.pem"), "--cert", pki("client.pem"),
+        NULL};
+    rc = prog_run(nokey, out, 10000);
+    ck_assert_msg(rc == 1, "%s", file_slurp(out, buf, sizeof(buf)));
+    /* The certificate and key from the environment. */
+    ck_assert_int_eq(setenv("PROTOQ_CERT", pki("client.pem"), 1), 0);
+    ck_assert_int_eq(setenv("PROTOQ_KEY", pki("client.key"), 1), 0);
+    const char *const ls[] = {cli,        "queue", "ls",          "-s",
+                              t.tls_addr, "--ca",  pki("ca.pem"), NULL};
+    rc = prog_run(ls, out, 10000);
+    ck_assert_int_eq(unsetenv("PROTOQ_CERT"), 0);
+    ck_assert_int_eq(unsetenv("PROTOQ_KEY"), 0);
+    file_slurp(out, buf, sizeof(buf));
+    ck_assert_msg(rc == 0, "%s", buf);
+    ck_assert_msg(strstr(buf, "g ") != NULL, "%s", buf);
+    unlink(out);
+    tls_stop(&t);
+}
+END_TEST
+
 struct work_wait {
     protoq_client *c;
     const char *out;
@@ -890,6 +958,7 @@ tls_suite(void)
     tcase_add_test(tc, test_sighup_reloads_certificate);
     tcase_add_test(tc, test_config_is_checked);
     tcase_add_test(tc, test_cli_over_tls);
+    tcase_add_test(tc, test_cli_global_options_anywhere);
     tcase_add_test(tc, test_work_over_tls);
     suite_add_tcase(s, tc);
     return s;
