@@ -437,7 +437,10 @@ payloads_of(const char *queue, int want, char *buf, size_t cap)
     buf[0] = '\0';
     pq_check_ok(c, protoq_subscribe(c, queue, 100, NULL, 0, take_cb, &t, NULL));
     while (t.n < want && now_ms_mono() < until) {
-        pq_check_ok(c, protoq_poll(c, 50));
+        int rc = protoq_poll(c, 50); /* callbacks run, or a PQ_* error */
+
+        ck_assert_msg(rc >= 0, "protoq_poll: %s: %s", pq_strerror(rc),
+                      protoq_errmsg(c));
     }
     protoq_close(c);
 }
