@@ -56,7 +56,7 @@ PYLIBDIR  = $(DESTDIR)/usr/lib/python3/dist-packages
 else
 PYLIBDIR  = $(DESTDIR)$(PREFIX)/lib/$(shell $(PYTHON) -c 'import sys; print("python%d.%d" % sys.version_info[:2])')/dist-packages
 endif
-PKGS      = libevent libevent_pthreads libprotobuf-c libcrypto
+PKGS      = libevent libevent_pthreads libprotobuf-c openssl
 
 ifeq ($(SAN),1)
 B       = build/san
@@ -95,7 +95,8 @@ LDLIBS += $(PKG_LIBS)
 # ---- object lists (explicit: no wildcards) ----
 PROTO_GEN  = $(B)/protocol/protoq.pb-c.c $(B)/protocol/protoq.pb-c.h
 PROTO_OBJS = $(B)/protocol/protoq.pb-c.o $(B)/protocol/frame.o $(B)/protocol/pqerr.o \
-             $(B)/protocol/units.o $(B)/protocol/strcheck.o $(B)/protocol/pbwire.o
+             $(B)/protocol/units.o $(B)/protocol/strcheck.o $(B)/protocol/pbwire.o \
+             $(B)/protocol/tlsio.o
 
 CORE_OBJS  = $(B)/broker/mem.o $(B)/broker/log.o $(B)/broker/failpoint.o
 QUEUE_OBJS = $(B)/broker/queue.o $(B)/broker/queue_ready.o $(B)/broker/queue_dedup.o \
@@ -110,12 +111,12 @@ BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
               $(B)/broker/dispatch_route.o $(B)/broker/dispatch_job.o \
               $(B)/broker/journal.o $(B)/broker/journal_replay.o \
               $(B)/broker/route.o $(B)/broker/config.o $(B)/broker/auth.o \
-              $(B)/broker/metrics.o \
+              $(B)/broker/metrics.o $(B)/broker/tls.o \
               $(QUEUE_OBJS) $(STORE_OBJS) $(CORE_OBJS)
 
 LIB_OBJS   = $(B)/client/client.o $(B)/client/client_admin.o \
              $(B)/client/client_pub.o $(B)/client/client_consume.o \
-             $(B)/client/client_job.o
+             $(B)/client/client_job.o $(B)/client/client_tls.o
 CLI_OBJS   = $(B)/client/cli.o $(B)/client/cli_queue.o $(B)/client/cli_pub.o \
              $(B)/client/cli_consume.o $(B)/client/cli_work.o $(B)/client/cli_job.o \
              $(B)/client/cli_json.o $(B)/client/cli_help.o $(B)/client/cli_route.o \
@@ -137,6 +138,7 @@ INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_j
               $(B)/tests/integration/check_metrics $(B)/tests/integration/check_systemd \
               $(B)/tests/integration/check_routes $(B)/tests/integration/check_visibility \
               $(B)/tests/integration/check_results $(B)/tests/integration/check_auth \
+              $(B)/tests/integration/check_tls \
               $(B)/tests/crash/check_crash $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
 MODEL_TESTS = $(B)/tests/model/check_model

@@ -8,11 +8,14 @@
 #   .ci/deps.sh deb    that, plus debhelper and lintian for `make deb`
 set -eu
 
+# libssl-dev: TLS (broker and libprotoq); openssl: the CLI check_tls makes
+# its throwaway CA and certificates with.
 # python3-*, protobuf-compiler: the Python client (client/python), its
 # generated messages, its tests and the venv install test. groff-base: the
-# install test renders the man pages. libssl-dev: libcrypto's SHA-256 for
-# auth tokens (and OpenSSL for TLS).
-PKGS="build-essential pkg-config libevent-dev libprotobuf-c-dev protobuf-c-compiler check libssl-dev
+# install test renders the man pages. libssl-dev, openssl: libcrypto's
+# SHA-256 for auth tokens, OpenSSL for TLS and the TLS tests' throwaway CA.
+PKGS="build-essential pkg-config libevent-dev libprotobuf-c-dev protobuf-c-compiler check
+      libssl-dev openssl
       python3 python3-protobuf protobuf-compiler python3-pytest python3-setuptools
       python3-wheel python3-venv python3-pip groff-base"
 if [ "${1:-}" = fuzz ]; then

@@ -72,21 +72,17 @@ struct key_def {
     const struct enum_kind *en; /* KT_ENUM only */
 };
 
-static const struct str_kind str_addr = {
-    "HOST:PORT or [V6]:PORT with port 0..65535", false, true};
 static const struct str_kind str_addr_opt = {
     "HOST:PORT, [V6]:PORT (port 0..65535) or \"\"", true, true};
 static const struct str_kind str_path = {"a non-empty path", false, false};
 static const struct str_kind str_path_opt = {"a path or \"\"", true, false};
 
-static const char *const fsync_names[] = {"always", "interval", "never"};
-
+/* Index of s in names[0..n) into *out; PQ_EINVAL when absent. */
 static int
-fsync_parse(const char *s, uint32_t *out)
+name_index(const char *const *names, uint32_t n, const char *s, uint32_t *out)
 {
-    for (uint32_t i = 0; i < sizeof(fsync_names) / sizeof(fsync_names[0]);
-         i++) {
-        if (strcmp(s, fsync_names[i]) == 0) {
+    for (uint32_t i = 0; i < n; i++) {
+        if (strcmp(s, names[i]) == 0) {
             *out = i;
             return PQ_OK;
         }
@@ -94,13 +90,34 @@ fsync_parse(const char *s, uint32_t *out)
     return PQ_EINVAL;
 }
 
+#define NAMES_N(a) ((uint32_t)(sizeof(a) / sizeof((a)[0])))
+
+static const char *const fsync_names[] = {"always", "interval", "never"};
+
+static int
+fsync_parse(const char *s, uint32_t *out)
+{
+    return name_index(fsync_names, NAMES_N(fsync_names), s, out);
+}
+
 static const char *
 fsync_name_u32(uint32_t v)
 {
-    if (v >= sizeof(fsync_names) / sizeof(fsync_names[0])) {
-        return NULL;
-    }
-    return fsync_names[v];
+    return v < NAMES_N(fsync_names) ? fsync_names[v] : NULL;
+}
+
+static const char *const verify_names[] = {"require", "optional"};
+
+static int
+verify_parse(const char *s, uint32_t *out)
+{
+    return name_index(verify_names, NAMES_N(verify_names), s, out);
+}
+
+static const char *
+verify_name_u32(uint32_t v)
+{
+    return v < NAMES_N(verify_names) ? verify_names[v] : NULL;
 }
 
 static int
@@ -173,6 +190,8 @@ static const struct enum_kind enum_fsync = {"always|interval|never",
                                             fsync_parse, fsync_name_u32};
 static const struct enum_kind enum_level = {"debug|info|warn|error",
                                             level_parse, level_name_u32};
+static const struct enum_kind enum_verify = {"require|optional", verify_parse,
+                                             verify_name_u32};
 
 /* clang-format off */
 #define FIELD(f) offsetof(struct config, f), sizeof(((struct config *)0)->f)
@@ -190,7 +209,7 @@ static const struct enum_kind enum_level = {"debug|info|warn|error",
  */
 static const struct key_def keys[] = {
     /* ---- network ---- */
-    STR(listen, str_addr, false),
+    STR(listen, str_addr_opt, false),
     STR(port_file, str_path_opt, false),
     STR(metrics, str_addr_opt, false),
     NUM(max_connections, KT_COUNT, 1, 1000000, true),
@@ -211,6 +230,13 @@ static const struct key_def keys[] = {
      * authentication on or off takes a restart) ---- */
     STR(auth_file, str_path_opt, false),
     ENUM(allow_anonymous, enum_yesno, false),
+    /* ---- TLS ---- */
+    STR(tls_listen, str_addr_opt, false),
+    STR(tls_port_file, str_path_opt, false),
+    STR(tls_cert, str_path_opt, true),
+    STR(tls_key, str_path_opt, true),
+    STR(tls_client_ca, str_path_opt, true),
+    ENUM(tls_client_verify, enum_verify, true),
     /* ---- storage ---- */
     STR(data_dir, str_path, false),
     ENUM(fsync, enum_fsync, false),
@@ -261,6 +287,12 @@ config_defaults(struct config *c)
         .max_handshake_connections = 1024,
         .auth_file = "",
         .allow_anonymous = 0,
+        .tls_listen = "",
+        .tls_port_file = "",
+        .tls_cert = "",
+        .tls_key = "",
+        .tls_client_ca = "",
+        .tls_client_verify = TLS_CLIENT_REQUIRE,
         .data_dir = "/var/lib/protoq",
         .fsync = FSYNC_ALWAYS,
         .fsync_interval_ms = 50,
@@ -796,6 +828,54 @@ cross_error(char *err, size_t errlen, const char *key, const char *rel,
     return PQ_EINVAL;
 }
 
+/* Two HOST:PORT strings name the same fixed port on the same host. */
+static bool
+same_address(const char *a, const char *b)
+{
+    char h1[CONFIG_ADDR_MAX], h2[CONFIG_ADDR_MAX];
+    uint16_t p1, p2;
+
+    return a[0] != '\0' && b[0] != '\0' &&
+           config_split_hostport(a, h1, sizeof(h1), &p1) == PQ_OK &&
+           config_split_hostport(b, h2, sizeof(h2), &p2) == PQ_OK && p1 != 0 &&
+           p1 == p2 && strcmp(h1, h2) == 0;
+}
+
+/* The TLS keys against each other and against listen. */
+static int
+validate_tls(const struct config *c, char *err, size_t errlen)
+{
+    if (c->listen[0] == '\0' && c->tls_listen[0] == '\0') {
+        expected(err, errlen, "listen", "an address when tls_listen is \"\"",
+                 c->listen);
+        return PQ_EINVAL;
+    }
+    if (c->tls_listen[0] == '\0') {
+        return PQ_OK;
+    }
+    if (same_address(c->listen, c->tls_listen)) {
+        expected(err, errlen, "tls_listen", "an address other than listen's",
+                 c->tls_listen);
+        return PQ_EINVAL;
+    }
+    if (same_address(c->metrics, c->tls_listen)) {
+        expected(err, errlen, "metrics", "an address other than tls_listen's",
+                 c->metrics);
+        return PQ_EINVAL;
+    }
+    if (c->tls_cert[0] == '\0') {
+        expected(err, errlen, "tls_cert", "a path when tls_listen is set",
+                 c->tls_cert);
+        return PQ_EINVAL;
+    }
+    if (c->tls_key[0] == '\0') {
+        expected(err, errlen, "tls_key", "a path when tls_listen is set",
+                 c->tls_key);
+        return PQ_EINVAL;
+    }
+    return PQ_OK;
+}
+
 /* config_validate: see config.h. */
 int
 config_validate(const struct config *c, char *err, size_t errlen)
@@ -833,18 +913,12 @@ config_validate(const struct config *c, char *err, size_t errlen)
                            "0 or at least ack_timeout_ms", c->ack_timeout_ms,
                            c->max_lease_ms);
     }
-    if (c->metrics[0] != '\0') {
-        char h1[CONFIG_ADDR_MAX], h2[CONFIG_ADDR_MAX];
-        uint16_t p1, p2;
-        if (config_split_hostport(c->listen, h1, sizeof(h1), &p1) == PQ_OK &&
-            config_split_hostport(c->metrics, h2, sizeof(h2), &p2) == PQ_OK &&
-            p1 != 0 && p1 == p2 && strcmp(h1, h2) == 0) {
-            expected(err, errlen, "metrics", "an address other than listen's",
-                     c->metrics);
-            return PQ_EINVAL;
-        }
+    if (same_address(c->listen, c->metrics)) {
+        expected(err, errlen, "metrics", "an address other than listen's",
+                 c->metrics);
+        return PQ_EINVAL;
     }
-    return PQ_OK;
+    return validate_tls(c, err, errlen);
 }
 
 /* ---- dump ---- */

@@ -15,6 +15,9 @@
 
 enum fsync_policy { FSYNC_ALWAYS, FSYNC_INTERVAL, FSYNC_NEVER };
 
+/* With tls_client_ca set: must a TLS client show a certificate? */
+enum tls_client_verify { TLS_CLIENT_REQUIRE, TLS_CLIENT_OPTIONAL };
+
 enum { CONFIG_PATH_MAX = 4096, CONFIG_ADDR_MAX = 300 };
 
 /* Longest line config_load_file accepts, newline excluded. */
@@ -22,7 +25,8 @@ enum { CONFIG_LINE_MAX = 4096 };
 
 struct config {
     /* ---- network ---- */
-    char listen[CONFIG_ADDR_MAX];    /* HOST:PORT, [v6]:PORT; port 0 = any */
+    char listen[CONFIG_ADDR_MAX];    /* HOST:PORT, [v6]:PORT; port 0 = any;
+                                        "" = no plain listener (tls_listen) */
     char port_file[CONFIG_PATH_MAX]; /* write the bound port here; "" = no */
     char metrics[CONFIG_ADDR_MAX];   /* HTTP /metrics HOST:PORT; "" = off */
     uint32_t max_connections;
@@ -45,6 +49,14 @@ struct config {
     /* ---- security ---- */
     char auth_file[CONFIG_PATH_MAX]; /* token table; "" = no tokens */
     uint32_t allow_anonymous; /* 1: no auth_file on a non-loopback listen */
+    /* ---- TLS ---- */
+    char tls_listen[CONFIG_ADDR_MAX];    /* TLS HOST:PORT; "" = none */
+    char tls_port_file[CONFIG_PATH_MAX]; /* its bound port; "" = no */
+    char tls_cert[CONFIG_PATH_MAX];      /* PEM chain, leaf first */
+    char tls_key[CONFIG_PATH_MAX];       /* PEM private key */
+    char tls_client_ca[CONFIG_PATH_MAX]; /* PEM CAs for client certificates;
+                                            "" = none asked for */
+    enum tls_client_verify tls_client_verify;
     /* ---- storage ---- */
     char data_dir[CONFIG_PATH_MAX];
     enum fsync_policy fsync;
@@ -101,7 +113,9 @@ int config_override(struct config *c, const char *key, const char *value,
  * config_validate: range-check every key and run the cross-field checks
  * (max_frame_bytes >= max_message_bytes + 64 KiB, heartbeat_timeout_ms >
  * heartbeat_ms when heartbeats are on, backoff_cap_ms >= backoff_base_ms,
- * max_lease_ms 0 or >= ack_timeout_ms, metrics not on listen's port). Call it
+ * max_lease_ms 0 or >= ack_timeout_ms, metrics not on listen's port, at
+ * least one of listen and tls_listen, tls_cert and tls_key with
+ * tls_listen, tls_listen not on listen's port). Call it
  * once after the file and the flags are applied. PQ_OK, or PQ_EINVAL with
  * "KEY: expected ..., got \"...\"" in err.
  */
@@ -135,7 +149,8 @@ const char *config_key_name(size_t i);
  * max_hello_bytes, max_message_bytes, max_batch, conn_output_high_bytes,
  * heartbeat_ms, heartbeat_timeout_ms, idle_timeout_ms, frame_timeout_ms,
  * idle_conn_timeout_ms, max_connections_per_addr, max_handshake_connections,
- * max_result_bytes, memory_high_bytes).
+ * max_result_bytes, memory_high_bytes, tls_cert, tls_key, tls_client_ca,
+ * tls_client_verify).
  * A key missing from the file goes back to its default, as on a restart.
  * PQ_OK on success; non-reloadable keys whose value in the file differs
  * from the running one are ignored and named in err ("ignored until

@@ -14,6 +14,16 @@
  *
  * A conn is never freed from under its own callback: closing marks it
  * CLOSED and moves it to the reap list, which the loop pass empties.
+ *
+ * TLS (a connection accepted on tls_listen) changes only the two byte
+ * pumps: read_some and write_some go through the connection's SSL instead
+ * of read() and writev(), and the handshake (tls_step) runs before the
+ * first read. OpenSSL's non-blocking API is used directly because the
+ * I/O here is not a bufferevent. Two things differ from a plain socket:
+ * decrypted bytes may wait inside the SSL when the socket has nothing
+ * more (read_cb comes back for them), and either direction may have to
+ * wait for the other (a write event drives a pending read, and
+ * tls_flush_on_read a pending write).
  */
 #include "conn.h"
 
@@ -37,6 +47,10 @@
 #include "clock.h"
 #include "config.h"
 #include "strcheck.h"
+#include "tlsio.h"
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 
 enum {
     FRAMES_PER_WAKEUP = 64, /* then yield to other connections */
@@ -46,7 +60,9 @@ enum {
      * maps as 33 pages). */
     READ_CHUNK = 65536 - 256,
     READS_PER_WAKEUP = 4,
-    CLOSING_GRACE_MS = 5000, /* a closing peer's time to take its Error */
+    CLOSING_GRACE_MS = 5000,     /* a closing peer's time to take its Error */
+    TLS_RECORD_MAX = 16384,      /* plaintext bytes per TLS record */
+    TLS_HANDSHAKE_RECORD = 0x16, /* first byte of a ClientHello */
     /* Input a connection may always hold, even over memory_high_bytes:
      * room for acks, heartbeats and small requests, so that consumers can
      * still free memory while big partial frames wait. */
@@ -293,31 +309,96 @@ conn_send_error(struct conn *c, uint64_t request_id, int code, const char *fmt,
     return rc;
 }
 
+/* Outcome of one write to the peer. */
+enum wr { WR_SOME, WR_AGAIN, WR_WAIT_READ, WR_ERROR };
+
+/*
+ * write_some: one write of c's output, plain (one writev of everything)
+ * or TLS (one record of at most TLS_RECORD_MAX bytes); drains what went
+ * out and sets *wrote to its length (WR_SOME with 0: try again).
+ * WR_ERROR with the reason in why.
+ */
+static enum wr
+write_some(struct conn *c, size_t *wrote, char *why, size_t whylen)
+{
+    *wrote = 0;
+    if (c->ssl != NULL) {
+        size_t len = evbuffer_get_length(c->out), n;
+        size_t chunk = len < TLS_RECORD_MAX ? len : TLS_RECORD_MAX;
+        const uint8_t *p = evbuffer_pullup(c->out, (ev_ssize_t)chunk);
+
+        if (p == NULL) {
+            snprintf(why, whylen, "out of memory for output");
+            return WR_ERROR;
+        }
+        switch (tlsio_write(c->ssl, p, chunk, &n, why, whylen)) {
+        case TLSIO_OK:
+            evbuffer_drain(c->out, n);
+            *wrote = n;
+            return WR_SOME;
+        case TLSIO_WANT_WRITE:
+            return WR_AGAIN;
+        case TLSIO_WANT_READ:
+            return WR_WAIT_READ;
+        case TLSIO_CLOSED:
+            snprintf(why, whylen, "peer closed");
+            return WR_ERROR;
+        default:
+            return WR_ERROR;
+        }
+    }
+    int n = evbuffer_write(c->out, c->fd);
+
+    if (n > 0) {
+        *wrote = (size_t)n;
+        return WR_SOME;
+    }
+    if (n < 0 && errno == EINTR) {
+        return WR_SOME;
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        return WR_AGAIN;
+    }
+    snprintf(why, whylen, "%s", n == 0 ? "peer closed" : strerror(errno));
+    return WR_ERROR;
+}
+
 /*
  * flush: write c's output until it is empty or the kernel buffer is full
  * (then a write event finishes the job). Returns false when c was closed.
+ * Before its TLS handshake is done a TLS connection writes nothing (its
+ * output waits), except that a CLOSING one is closed at once.
  */
 static bool
 flush(struct conn *c)
 {
     struct connset *cs = c->set;
+    char why[256];
 
-    while (evbuffer_get_length(c->out) > 0) {
-        int n = evbuffer_write(c->out, c->fd);
-
-        if (n > 0) {
-            cs->stats.bytes_out += (uint64_t)n;
-            continue;
+    if (c->ssl != NULL && !c->tls_ready) {
+        if (c->state == CONN_CLOSING) {
+            conn_close(c, "closed during the TLS handshake");
+            return false;
         }
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        return true;
+    }
+    while (evbuffer_get_length(c->out) > 0) {
+        size_t wrote;
+
+        switch (write_some(c, &wrote, why, sizeof(why))) {
+        case WR_SOME:
+            cs->stats.bytes_out += (uint64_t)wrote;
+            continue;
+        case WR_AGAIN:
             set_writing(c, true);
             return true;
+        case WR_WAIT_READ:
+            c->tls_flush_on_read = true;
+            return true;
+        case WR_ERROR:
+            conn_close(c, why);
+            return false;
         }
-        if (n < 0 && errno == EINTR) {
-            continue;
-        }
-        conn_close(c, n == 0 ? "peer closed" : strerror(errno));
-        return false;
     }
     set_writing(c, false);
     if (c->output_full &&
@@ -365,6 +446,11 @@ write_cb(evutil_socket_t fd, short what, void *arg)
     (void)what;
     *c->set->now_mono_ms = clock_mono_ms();
     set_writing(c, false);
+    if (c->ssl != NULL) {
+        /* The TLS layer may have waited for a writable socket on behalf
+         * of the handshake or a read: let read_cb retry. */
+        event_active(c->rev, EV_READ, 0);
+    }
     flush(c);
 }
 
@@ -417,6 +503,12 @@ conn_close(struct conn *c, const char *why)
     conn_set_state(c, CONN_CLOSED);
     set_reading(c, false);
     set_writing(c, false);
+    if (c->ssl != NULL && c->tls_ready) {
+        /* close_notify, best effort: the socket is non-blocking and
+         * nothing waits for the peer's answer. */
+        (void)SSL_shutdown(c->ssl);
+        ERR_clear_error();
+    }
     evutil_closesocket(c->fd);
     c->fd = -1;
     if (c->mem_paused) {
@@ -486,6 +578,7 @@ conn_free(struct conn *c)
     if (c->out) {
         evbuffer_free(c->out);
     }
+    SSL_free(c->ssl);
     pq_free(c);
 }
 
@@ -638,6 +731,50 @@ conn_resume_reads(struct connset *cs)
     }
 }
 
+/* Outcome of one read from the peer. */
+enum rd { RD_DATA, RD_AGAIN, RD_EOF, RD_ERROR };
+
+/* read_some: one read() or one TLS record into buf; RD_ERROR with the
+ * reason in why. */
+static enum rd
+read_some(struct conn *c, void *buf, size_t want, size_t *got, char *why,
+          size_t whylen)
+{
+    if (c->ssl != NULL) {
+        switch (tlsio_read(c->ssl, buf, want, got, why, whylen)) {
+        case TLSIO_OK:
+            return RD_DATA;
+        case TLSIO_WANT_READ:
+            return RD_AGAIN;
+        case TLSIO_WANT_WRITE:
+            set_writing(c, true); /* write_cb brings read_cb back */
+            return RD_AGAIN;
+        case TLSIO_CLOSED:
+            return RD_EOF;
+        default:
+            return RD_ERROR;
+        }
+    }
+    for (;;) {
+        ssize_t n = read(c->fd, buf, want);
+
+        if (n > 0) {
+            *got = (size_t)n;
+            return RD_DATA;
+        }
+        if (n == 0) {
+            return RD_EOF;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            return RD_AGAIN;
+        }
+        if (errno != EINTR) {
+            snprintf(why, whylen, "%s", strerror(errno));
+            return RD_ERROR;
+        }
+    }
+}
+
 /*
  * fill: read what the socket has, without buffering more than one largest
  * frame unparsed. Input counts against memory_high_bytes like everything
@@ -650,11 +787,17 @@ fill(struct conn *c)
 {
     struct connset *cs = c->set;
     size_t cap = FRAME_HEADER_LEN + (size_t)cs->cfg->max_frame_bytes;
+    /* A TLS read returns one record (16 KiB at most): allow as many
+     * bytes per wakeup as plain reads of READ_CHUNK would. */
+    int reads = c->ssl != NULL
+                    ? READS_PER_WAKEUP *
+                          ((READ_CHUNK + TLS_RECORD_MAX - 1) / TLS_RECORD_MAX)
+                    : READS_PER_WAKEUP;
+    char why[256];
 
-    for (int i = 0; i < READS_PER_WAKEUP; i++) {
+    for (int i = 0; i < reads; i++) {
         size_t have = evbuffer_get_length(c->in);
-        size_t want;
-        ssize_t n;
+        size_t want, got = 0;
 
         if (have >= cap) {
             return true;
@@ -668,31 +811,102 @@ fill(struct conn *c)
             }
             want = INPUT_FREE_BYTES - have;
         }
-        n = read(c->fd, read_scratch, want);
-        if (n > 0) {
-            if (evbuffer_add(c->in, read_scratch, (size_t)n) != 0) {
+        switch (read_some(c, read_scratch, want, &got, why, sizeof(why))) {
+        case RD_DATA:
+            if (evbuffer_add(c->in, read_scratch, got) != 0) {
                 conn_close(c, "out of memory for input");
                 return false;
             }
-            cs->stats.bytes_in += (uint64_t)n;
-            if ((size_t)n < want) {
+            cs->stats.bytes_in += (uint64_t)got;
+            /* A short plain read drained the socket; a TLS read stops
+             * at its record's end, and more may follow. */
+            if (got < want && c->ssl == NULL) {
                 return true; /* drained the socket */
             }
             continue;
-        }
-        if (n == 0) {
+        case RD_AGAIN:
+            return true;
+        case RD_EOF:
             conn_close(c, "peer closed");
             return false;
-        }
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            return true;
-        }
-        if (errno != EINTR) {
-            conn_close(c, strerror(errno));
+        case RD_ERROR:
+            conn_close(c, why);
             return false;
         }
     }
     return true;
+}
+
+/*
+ * refuse_plain: a plain protoq client (or anything else) on the TLS port.
+ * Its first bytes are read, so that the close is not a reset that could
+ * beat the Error to it, and it gets an Error in plain protoq saying so.
+ */
+static void
+refuse_plain(struct conn *c)
+{
+    SSL_free(c->ssl);
+    c->ssl = NULL;
+    if (fill(c)) {
+        conn_fatal(c, 0, PROTOQ__ERROR_CODE__BAD_REQUEST,
+                   "this port speaks TLS: connect with tls://HOST:PORT");
+    }
+}
+
+/*
+ * tls_step: drive the server side of c's TLS handshake. Returns true once
+ * it is done (frames may be read), false while it waits for the socket or
+ * when c was closed.
+ */
+static bool
+tls_step(struct conn *c)
+{
+    char why[256];
+    uint8_t first;
+
+    if (c->tls_ready) {
+        return true;
+    }
+    if (!c->tls_sniffed) {
+        ssize_t n = recv(c->fd, &first, 1, MSG_PEEK);
+
+        if (n < 0 &&
+            (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+            return false;
+        }
+        if (n <= 0) {
+            conn_close(c, n == 0 ? "peer closed" : strerror(errno));
+            return false;
+        }
+        c->tls_sniffed = true;
+        if (first != TLS_HANDSHAKE_RECORD) {
+            refuse_plain(c);
+            return false;
+        }
+    }
+    switch (tlsio_handshake(c->ssl, why, sizeof(why))) {
+    case TLSIO_OK:
+        c->tls_ready = true;
+        tlsio_peer_cn(c->ssl, c->peer_cn, sizeof(c->peer_cn));
+        log_debug("conn %llu %s: %s %s%s%s", (unsigned long long)c->id, c->peer,
+                  SSL_get_version(c->ssl), SSL_get_cipher_name(c->ssl),
+                  c->peer_cn[0] != '\0' ? ", client certificate CN=" : "",
+                  c->peer_cn);
+        return true;
+    case TLSIO_WANT_READ:
+        return false;
+    case TLSIO_WANT_WRITE:
+        set_writing(c, true);
+        return false;
+    case TLSIO_CLOSED:
+        conn_close(c, "peer closed during the TLS handshake");
+        return false;
+    default:
+        conn_log_bad(c->set, LOG_INFO, "conn %llu %s: TLS handshake failed: %s",
+                     (unsigned long long)c->id, c->peer, why);
+        conn_close(c, "TLS handshake failed");
+        return false;
+    }
 }
 
 static void
@@ -706,11 +920,23 @@ read_cb(evutil_socket_t fd, short what, void *arg)
     if (!conn_is_open(c) || !c->reading) {
         return;
     }
+    if (c->ssl != NULL && !tls_step(c)) {
+        return;
+    }
+    if (c->tls_flush_on_read) {
+        c->tls_flush_on_read = false;
+        if (!flush(c)) {
+            return;
+        }
+    }
     if (!fill(c)) {
         return;
     }
-    if (read_frames(c)) {
-        /* Fairness: more frames wait; come back in the next pass. */
+    /* Fairness: more frames wait, or decrypted bytes wait inside the
+     * SSL where no socket event will announce them: come back in the
+     * next pass. */
+    if (read_frames(c) ||
+        (c->ssl != NULL && conn_is_open(c) && SSL_has_pending(c->ssl))) {
         event_active(c->rev, EV_READ, 0);
     }
     /* The frame that begins what is left started arriving by now. */
@@ -764,10 +990,11 @@ addr_key(const struct sockaddr *sa, char *buf, size_t len)
 
 /*
  * refuse: tell a connection that is not taken why (an Error, best effort:
- * nothing waits for the socket) and close it.
+ * nothing waits for the socket) and close it. A connection to the TLS port
+ * (plain false) is closed without one: its peer expects a TLS handshake.
  */
 static void
-refuse(evutil_socket_t fd, const char *why)
+refuse(evutil_socket_t fd, bool plain, const char *why)
 {
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__Error e = PROTOQ__ERROR__INIT;
@@ -777,7 +1004,7 @@ refuse(evutil_socket_t fd, const char *why)
     e.message = (char *)why;
     f.kind_case = PROTOQ__FRAME__KIND_ERROR;
     f.error = &e;
-    if (frame_packed_size(&f) <= sizeof(buf)) {
+    if (plain && frame_packed_size(&f) <= sizeof(buf)) {
         size_t n = frame_pack(&f, buf);
         if (send(fd, buf, n, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
             /* best effort: the close says enough */
@@ -787,11 +1014,12 @@ refuse(evutil_socket_t fd, const char *why)
 }
 
 /*
- * admit: may one more connection from host come in? Returns its address's
- * count (created at 0 if new), or NULL after refusing fd.
+ * admit: may one more connection from host come in (plain: not on the TLS
+ * port)? Returns its address's count (created at 0 if new), or NULL after
+ * refusing fd.
  */
 static struct addr_count *
-admit(struct connset *cs, evutil_socket_t fd, const char *host)
+admit(struct connset *cs, evutil_socket_t fd, bool plain, const char *host)
 {
     const struct config *cfg = cs->cfg;
     struct addr_count *a;
@@ -803,7 +1031,7 @@ admit(struct connset *cs, evutil_socket_t fd, const char *host)
                      "refusing a connection from %s: max_connections (%u) "
                      "reached",
                      host, cfg->max_connections);
-        refuse(fd, "too many connections (max_connections)");
+        refuse(fd, plain, "too many connections (max_connections)");
         return NULL;
     }
     a = hmap_str_get(&cs->addrs, host);
@@ -813,8 +1041,9 @@ admit(struct connset *cs, evutil_socket_t fd, const char *host)
                      "refusing a connection from %s: max_connections_per_addr "
                      "(%u) reached",
                      host, cfg->max_connections_per_addr);
-        refuse(fd, "too many connections from this address "
-                   "(max_connections_per_addr)");
+        refuse(fd, plain,
+               "too many connections from this address "
+               "(max_connections_per_addr)");
         return NULL;
     }
     if (a == NULL) {
@@ -855,7 +1084,7 @@ admit(struct connset *cs, evutil_socket_t fd, const char *host)
 
 void
 conn_accept(struct connset *cs, evutil_socket_t fd, const struct sockaddr *sa,
-            int salen)
+            int salen, SSL_CTX *tls)
 {
     struct addr_count *a;
     struct conn *c;
@@ -864,7 +1093,7 @@ conn_accept(struct connset *cs, evutil_socket_t fd, const struct sockaddr *sa,
 
     (void)salen;
     addr_key(sa, host, sizeof(host));
-    a = admit(cs, fd, host);
+    a = admit(cs, fd, tls == NULL, host);
     if (a == NULL) {
         return;
     }
@@ -887,7 +1116,11 @@ conn_accept(struct connset *cs, evutil_socket_t fd, const struct sockaddr *sa,
     c->out = evbuffer_new();
     c->rev = event_new(cs->base, fd, EV_READ | EV_PERSIST, read_cb, c);
     c->wev = event_new(cs->base, fd, EV_WRITE, write_cb, c);
+    if (tls != NULL) {
+        c->ssl = SSL_new(tls);
+    }
     if (c->in == NULL || c->out == NULL || c->rev == NULL || c->wev == NULL ||
+        (tls != NULL && (c->ssl == NULL || SSL_set_fd(c->ssl, fd) != 1)) ||
         evutil_make_socket_nonblocking(fd) < 0) {
         log_warn("refusing a connection: out of memory");
         evutil_closesocket(fd);
@@ -896,6 +1129,9 @@ conn_accept(struct connset *cs, evutil_socket_t fd, const struct sockaddr *sa,
         return;
     }
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    if (c->ssl != NULL) {
+        SSL_set_accept_state(c->ssl);
+    }
     c->state = CONN_HANDSHAKE;
     hs_link(c);
     c->id = ++cs->next_id;

@@ -28,6 +28,8 @@ struct sub;
 struct event;
 struct evbuffer;
 struct sockaddr;
+struct ssl_st;
+struct ssl_ctx_st;
 
 /*
  * States and their legal transitions (conn_set_state asserts them):
@@ -135,11 +137,25 @@ struct conn {
     uint64_t auth_gen;                 /* table generation auth_tok is from */
     char auth_name[AUTH_NAME_MAX + 1]; /* to find it in a reloaded table */
     uint8_t auth_hash[AUTH_HASH_BYTES];
+    /* ---- TLS (tls_listen); all zero on the plain port ---- */
+    struct ssl_st *ssl;     /* the session; NULL for plain protoq */
+    bool tls_sniffed;       /* first byte checked: a TLS record */
+    bool tls_ready;         /* handshake done: records carry frames */
+    bool tls_flush_on_read; /* a TLS write waits for input first */
+    char peer_cn[128];      /* CN of the client's verified certificate,
+                               "" when none: the connection's identity
+                               for authorisation */
 };
 
-/* conn_accept: wrap an accepted socket; closes fd on failure. */
+/*
+ * conn_accept: wrap an accepted socket; closes fd on failure. tls NULL:
+ * plain protoq; otherwise the connection first runs a TLS handshake as the
+ * server with its own SSL from tls (which it keeps alive), and its frames
+ * travel in TLS records. A peer on a TLS port whose first byte is not a
+ * TLS handshake record gets a plain Error and is closed.
+ */
 void conn_accept(struct connset *cs, evutil_socket_t fd,
-                 const struct sockaddr *sa, int salen);
+                 const struct sockaddr *sa, int salen, struct ssl_ctx_st *tls);
 
 const char *conn_state_name(enum conn_state s);
 void conn_set_state(struct conn *c, enum conn_state s);

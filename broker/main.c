@@ -24,6 +24,7 @@
 #include "mem.h"
 #include "pqerr.h"
 #include "server.h"
+#include "tls.h"
 #include "store.h"
 
 #ifndef PROTOQ_VERSION
@@ -179,27 +180,34 @@ out:
 static int
 protected_mode(const struct config *c)
 {
+    const char *const addrs[] = {c->listen, c->tls_listen};
     char host[CONFIG_ADDR_MAX];
     uint16_t port;
 
-    if (c->auth_file[0] != '\0' ||
-        config_split_hostport(c->listen, host, sizeof(host), &port) != PQ_OK ||
-        auth_host_is_loopback(host)) {
+    if (c->auth_file[0] != '\0') {
         return 0;
     }
-    if (!c->allow_anonymous) {
-        fprintf(stderr,
-                "protoqd: refusing to listen on %s: it is not a loopback "
-                "address and no auth_file is set, so anyone who can reach "
-                "the port could read, delete and publish anything. Set "
-                "auth_file (README, \"Running protoq on a network\"), or "
-                "allow_anonymous yes to accept that.\n",
-                c->listen);
-        return EX_CONFIG;
+    for (size_t i = 0; i < sizeof(addrs) / sizeof(addrs[0]); i++) {
+        if (addrs[i][0] == '\0' ||
+            config_split_hostport(addrs[i], host, sizeof(host), &port) !=
+                PQ_OK ||
+            auth_host_is_loopback(host)) {
+            continue;
+        }
+        if (!c->allow_anonymous) {
+            fprintf(stderr,
+                    "protoqd: refusing to listen on %s: it is not a loopback "
+                    "address and no auth_file is set, so anyone who can reach "
+                    "the port could read, delete and publish anything. Set "
+                    "auth_file (README, \"Running protoq on a network\"), or "
+                    "allow_anonymous yes to accept that.\n",
+                    addrs[i]);
+            return EX_CONFIG;
+        }
+        log_warn("listening on %s with no auth_file (allow_anonymous yes): "
+                 "anyone who can reach the port may do anything",
+                 addrs[i]);
     }
-    log_warn("listening on %s with no auth_file (allow_anonymous yes): "
-             "anyone who can reach the port may do anything",
-             c->listen);
     return 0;
 }
 
@@ -294,9 +302,17 @@ main(int argc, char **argv)
         fprintf(stderr, "protoqd: %s\n", err);
         return EX_CONFIG;
     }
+    /* The TLS files are part of the config: a bad one is EX_CONFIG, found
+     * by --check-config too, and before the log is replayed. */
+    if (srv.cfg.tls_listen[0] != '\0' &&
+        tls_server_ctx_new(&srv.cfg, &srv.tls_ctx, err, sizeof(err)) != PQ_OK) {
+        fprintf(stderr, "protoqd: %s\n", err);
+        return EX_CONFIG;
+    }
     if (check_config) {
         config_dump(&srv.cfg, STDOUT_FILENO);
         auth_table_free(srv.auth);
+        SSL_CTX_free(srv.tls_ctx);
         return 0;
     }
     if (srv.auth != NULL) {

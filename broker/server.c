@@ -40,7 +40,10 @@
 #include "queue.h"
 #include "journal.h"
 #include "store.h"
+#include "tls.h"
 #include "units.h"
+
+#include <openssl/ssl.h>
 
 /* ---- systemd notification (sd_notify without libsystemd) ---- */
 
@@ -121,9 +124,9 @@ accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
 {
     struct server *srv = arg;
 
-    (void)l;
     srv->now_mono_ms = clock_mono_ms();
-    conn_accept(&srv->cs, fd, sa, salen);
+    conn_accept(&srv->cs, fd, sa, salen,
+                l == srv->tls_listener ? srv->tls_ctx : NULL);
 }
 
 static void
@@ -138,6 +141,32 @@ accept_error_cb(struct evconnlistener *l, void *arg)
              evutil_socket_error_to_string(err));
     evconnlistener_disable(l);
     srv->listener_paused_ms = clock_mono_ms();
+}
+
+/*
+ * reload_tls: SIGHUP reads the certificate, key and client CAs again
+ * (also when the paths did not change: renewing a certificate in place is
+ * the usual case). New connections get the new context; open ones keep
+ * theirs. A file that does not load keeps the old context, and says why.
+ */
+static void
+reload_tls(struct server *srv)
+{
+    SSL_CTX *ctx = NULL;
+    char err[512];
+
+    if (srv->tls_listener == NULL) {
+        return;
+    }
+    if (tls_server_ctx_new(&srv->cfg, &ctx, err, sizeof(err)) != PQ_OK) {
+        log_warn("SIGHUP: TLS certificate not reloaded, new connections "
+                 "keep the previous one: %s",
+                 err);
+        return;
+    }
+    SSL_CTX_free(srv->tls_ctx); /* open connections hold their own ref */
+    srv->tls_ctx = ctx;
+    log_info("SIGHUP: TLS certificate reloaded from %s", srv->cfg.tls_cert);
 }
 
 static void
@@ -175,6 +204,7 @@ signal_cb(evutil_socket_t sig, short what, void *arg)
         log_set_json(srv->cfg.log_format == 1);
         log_info("SIGHUP: reloaded %s%s%s", srv->conf_path, err[0] ? "; " : "",
                  err);
+        reload_tls(srv);
         return;
     }
     log_info("%s: shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
@@ -313,7 +343,12 @@ housekeeping_cb(evutil_socket_t fd, short what, void *arg)
     if (srv->listener_paused_ms &&
         srv->now_mono_ms - srv->listener_paused_ms >= 1000) {
         srv->listener_paused_ms = 0;
-        evconnlistener_enable(srv->listener);
+        if (srv->listener) {
+            evconnlistener_enable(srv->listener);
+        }
+        if (srv->tls_listener) {
+            evconnlistener_enable(srv->tls_listener);
+        }
     }
     conn_housekeeping(&srv->cs, srv->now_mono_ms);
     dispatch_housekeeping(&srv->broker);
@@ -374,50 +409,87 @@ write_port_file(const char *path, uint16_t port, uint16_t metrics_port,
     return PQ_OK;
 }
 
+/*
+ * open_listener: bind addr (the value of config key `key`) and report the
+ * bound port in *port (server_init writes the port files).
+ */
 static int
-open_listener(struct server *srv, char *err, size_t errlen)
+open_listener(struct server *srv, const char *key, const char *addr,
+              struct evconnlistener **out, uint16_t *port, char *err,
+              size_t errlen)
 {
     struct evutil_addrinfo hints = {0}, *ai = NULL;
     struct sockaddr_storage bound;
     socklen_t blen = sizeof(bound);
     char host[CONFIG_ADDR_MAX], portstr[8];
-    uint16_t port;
+    struct evconnlistener *l;
+    uint16_t want;
     int rc;
 
-    if (config_split_hostport(srv->cfg.listen, host, sizeof(host), &port) !=
-        PQ_OK) {
-        snprintf(err, errlen, "listen: bad address \"%s\"", srv->cfg.listen);
+    if (config_split_hostport(addr, host, sizeof(host), &want) != PQ_OK) {
+        snprintf(err, errlen, "%s: bad address \"%s\"", key, addr);
         return PQ_EINVAL;
     }
-    snprintf(portstr, sizeof(portstr), "%u", port);
+    snprintf(portstr, sizeof(portstr), "%u", want);
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
     hints.ai_flags = EVUTIL_AI_PASSIVE | EVUTIL_AI_ADDRCONFIG;
     rc = evutil_getaddrinfo(host, portstr, &hints, &ai);
     if (rc != 0) {
-        snprintf(err, errlen, "listen %s: %s", srv->cfg.listen,
-                 evutil_gai_strerror(rc));
+        snprintf(err, errlen, "%s %s: %s", key, addr, evutil_gai_strerror(rc));
         return PQ_EINVAL;
     }
-    srv->listener = evconnlistener_new_bind(
-        srv->base, accept_cb, srv,
-        LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_EXEC, 1024,
-        ai->ai_addr, (int)ai->ai_addrlen);
+    l = evconnlistener_new_bind(srv->base, accept_cb, srv,
+                                LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE |
+                                    LEV_OPT_CLOSE_ON_EXEC,
+                                1024, ai->ai_addr, (int)ai->ai_addrlen);
     evutil_freeaddrinfo(ai);
-    if (srv->listener == NULL) {
-        snprintf(err, errlen, "listen %s: %s", srv->cfg.listen,
-                 strerror(errno));
+    if (l == NULL) {
+        snprintf(err, errlen, "%s %s: %s", key, addr, strerror(errno));
         return PQ_ESYS;
     }
-    evconnlistener_set_error_cb(srv->listener, accept_error_cb);
-    if (getsockname(evconnlistener_get_fd(srv->listener),
-                    (struct sockaddr *)&bound, &blen) == 0) {
-        srv->port = ntohs(bound.ss_family == AF_INET6
-                              ? ((struct sockaddr_in6 *)&bound)->sin6_port
-                              : ((struct sockaddr_in *)&bound)->sin_port);
+    *out = l;
+    evconnlistener_set_error_cb(l, accept_error_cb);
+    if (getsockname(evconnlistener_get_fd(l), (struct sockaddr *)&bound,
+                    &blen) == 0) {
+        *port = ntohs(bound.ss_family == AF_INET6
+                          ? ((struct sockaddr_in6 *)&bound)->sin6_port
+                          : ((struct sockaddr_in *)&bound)->sin_port);
     }
-    srv->broker.port = srv->port;
-    log_info("listening on %s (port %u)", srv->cfg.listen, srv->port);
+    log_info("%s on %s (port %u)",
+             strcmp(key, "listen") == 0 ? "listening" : "listening for TLS",
+             addr, *port);
+    return PQ_OK;
+}
+
+/* open_listeners: the plain and the TLS listener, each if configured. */
+static int
+open_listeners(struct server *srv, char *err, size_t errlen)
+{
+    int rc;
+
+    if (srv->cfg.tls_listen[0] != '\0' && srv->tls_ctx == NULL) {
+        rc = tls_server_ctx_new(&srv->cfg, &srv->tls_ctx, err, errlen);
+        if (rc != PQ_OK) {
+            return rc;
+        }
+    }
+    if (srv->cfg.tls_listen[0] != '\0') {
+        rc = open_listener(srv, "tls_listen", srv->cfg.tls_listen,
+                           &srv->tls_listener, &srv->tls_port, err, errlen);
+        if (rc != PQ_OK) {
+            return rc;
+        }
+    }
+    if (srv->cfg.listen[0] != '\0') {
+        rc = open_listener(srv, "listen", srv->cfg.listen, &srv->listener,
+                           &srv->port, err, errlen);
+        if (rc != PQ_OK) {
+            return rc;
+        }
+    }
+    /* The broker id names the port clients reach it on. */
+    srv->broker.port = srv->listener != NULL ? srv->port : srv->tls_port;
     return PQ_OK;
 }
 
@@ -537,7 +609,7 @@ server_init(struct server *srv, char *err, size_t errlen)
         return rc;
     }
     srv->now_mono_ms = clock_mono_ms(); /* replay may have taken a while */
-    rc = open_listener(srv, err, errlen);
+    rc = open_listeners(srv, err, errlen);
     if (rc != PQ_OK) {
         return rc;
     }
@@ -545,7 +617,16 @@ server_init(struct server *srv, char *err, size_t errlen)
     if (rc != PQ_OK) {
         return rc;
     }
-    if (srv->cfg.port_file[0] != '\0') {
+    /* Every listener is open by now, and tls_port_file is written first:
+     * whoever waits for port_file finds both ports listening. */
+    if (srv->tls_listener != NULL && srv->cfg.tls_port_file[0] != '\0') {
+        rc = write_port_file(srv->cfg.tls_port_file, srv->tls_port, 0, err,
+                             errlen);
+        if (rc != PQ_OK) {
+            return rc;
+        }
+    }
+    if (srv->listener != NULL && srv->cfg.port_file[0] != '\0') {
         rc = write_port_file(srv->cfg.port_file, srv->port, srv->metrics_port,
                              err, errlen);
         if (rc != PQ_OK) {
@@ -585,8 +666,17 @@ server_init(struct server *srv, char *err, size_t errlen)
         log_info("systemd watchdog: WATCHDOG=1 every %llu ms",
                  (unsigned long long)(wd_us / 1000));
     }
-    snprintf(srv->status_text, sizeof(srv->status_text), "serving on port %u",
-             srv->port);
+    if (srv->tls_listener == NULL) {
+        snprintf(srv->status_text, sizeof(srv->status_text),
+                 "serving on port %u", srv->port);
+    } else if (srv->listener == NULL) {
+        snprintf(srv->status_text, sizeof(srv->status_text),
+                 "serving on TLS port %u", srv->tls_port);
+    } else {
+        snprintf(srv->status_text, sizeof(srv->status_text),
+                 "serving on port %u and TLS port %u", srv->port,
+                 srv->tls_port);
+    }
     return PQ_OK;
 }
 
@@ -643,6 +733,9 @@ server_drain(struct server *srv)
     if (srv->listener) {
         evconnlistener_disable(srv->listener);
     }
+    if (srv->tls_listener) {
+        evconnlistener_disable(srv->tls_listener);
+    }
     srv->stopping = false;
     while (clock_mono_ms() < until && srv->broker.exit_code == 0) {
         bool more = dispatch_pass(&srv->broker);
@@ -694,6 +787,10 @@ server_fini(struct server *srv)
     if (srv->listener) {
         evconnlistener_free(srv->listener);
     }
+    if (srv->tls_listener) {
+        evconnlistener_free(srv->tls_listener);
+    }
+    SSL_CTX_free(srv->tls_ctx);
     struct event **evs[] = {&srv->sig_int,  &srv->sig_term,     &srv->sig_hup,
                             &srv->deadline, &srv->housekeeping, &srv->store_ev,
                             &srv->work,     &srv->watchdog};

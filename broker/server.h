@@ -22,6 +22,7 @@ struct event_base;
 struct event;
 struct evconnlistener;
 struct metrics;
+struct ssl_ctx_st;
 
 /*
  * What the server owns: the loop and its events, the listener, the
@@ -33,7 +34,11 @@ struct server {
     struct config cfg;
     char conf_path[CONFIG_PATH_MAX]; /* for SIGHUP; "" when none */
     struct event_base *base;
-    struct evconnlistener *listener;
+    struct evconnlistener *listener;     /* plain protoq; NULL if off */
+    struct evconnlistener *tls_listener; /* tls_listen; NULL if off */
+    struct ssl_ctx_st *tls_ctx;          /* for new TLS connections;
+                                            replaced on SIGHUP; main may
+                                            make it before server_init */
     struct event *sig_int, *sig_term, *sig_hup;
     struct event *deadline;      /* the one timer: qset_next_deadline() */
     struct event *housekeeping;  /* 1 s: heartbeats, idle peers, summary */
@@ -50,6 +55,7 @@ struct server {
     bool stopping;
     uint64_t now_mono_ms;    /* read once per loop pass */
     uint16_t port;           /* the port actually bound */
+    uint16_t tls_port;       /* the TLS port actually bound */
     uint16_t metrics_port;   /* the metrics port bound; 0 when off */
     bool ready;              /* recovered and accepting (/readyz) */
     struct metrics *metrics; /* the HTTP side; NULL when off */

@@ -47,10 +47,11 @@ struct opts {
     uint32_t inflight, prefetch;
     const char *queue;
     bool transient, json;
-    double rate;       /* total msgs/s; 0 = as fast as possible */
-    double duration_s; /* 0 = by --messages */
-    const char *server;
-    const char *token; /* -t / $PROTOQ_TOKEN; NULL = none */
+    double rate;        /* total msgs/s; 0 = as fast as possible */
+    double duration_s;  /* 0 = by --messages */
+    const char *server; /* HOST:PORT or tls://HOST:PORT */
+    const char *token;  /* -t / $PROTOQ_TOKEN; NULL = none */
+    const char *tls_ca, *tls_cert, *tls_key; /* --ca, --cert, --key */
     bool publish_only, consume_only;
 };
 
@@ -223,6 +224,9 @@ bench_connect(struct bench *b, const char *name, protoq_client **out, char *err,
     o.client_name = name;
     o.auth_token = b->o.token;
     o.io_timeout_ms = 60000;
+    o.tls_ca_file = b->o.tls_ca;
+    o.tls_cert_file = b->o.tls_cert;
+    o.tls_key_file = b->o.tls_key;
     rc = protoq_connect(b->o.server, &o, out);
     if (rc != PQ_OK) {
         snprintf(err, errlen, "connect %s: %s", b->o.server,
@@ -517,8 +521,9 @@ out:
 /* ---- main ---- */
 
 static const char usage_text[] =
-    "usage: protoq-bench [-s HOST:PORT] [-t TOKEN] [--producers P]\n"
-    "                    [--consumers C]\n"
+    "usage: protoq-bench [-s [tls://]HOST:PORT] [-t TOKEN] [--ca FILE]\n"
+    "                    [--cert FILE --key FILE] [--producers P] [--consumers "
+    "C]\n"
     "                    [--messages N | --duration S] [--size BYTES]\n"
     "                    [--inflight W] [--prefetch K] [--queue NAME]\n"
     "                    [--transient] [--rate R] [--json]\n"
@@ -551,6 +556,15 @@ parse_num(const char *s, double *out)
     return errno == 0 && end != s && *end == '\0' && *out >= 0;
 }
 
+/* getenv, with "" counted as unset. */
+static const char *
+env_or_null(const char *name)
+{
+    const char *v = getenv(name);
+
+    return v != NULL && v[0] != '\0' ? v : NULL;
+}
+
 static int
 parse_args(struct opts *o, int argc, char **argv)
 {
@@ -568,6 +582,9 @@ parse_args(struct opts *o, int argc, char **argv)
         O_JSON,
         O_PUBONLY,
         O_CONSONLY,
+        O_CA,
+        O_CERT,
+        O_KEY,
         O_HELP
     };
     static const struct option lo[] = {
@@ -586,6 +603,9 @@ parse_args(struct opts *o, int argc, char **argv)
         {"consume-only", no_argument, NULL, O_CONSONLY},
         {"server", required_argument, NULL, 's'},
         {"token", required_argument, NULL, 't'},
+        {"ca", required_argument, NULL, O_CA},
+        {"cert", required_argument, NULL, O_CERT},
+        {"key", required_argument, NULL, O_KEY},
         {"help", no_argument, NULL, O_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -605,6 +625,9 @@ parse_args(struct opts *o, int argc, char **argv)
         o->server = "127.0.0.1:7650";
     }
     o->token = getenv("PROTOQ_TOKEN");
+    o->tls_ca = env_or_null("PROTOQ_CA");
+    o->tls_cert = env_or_null("PROTOQ_CERT");
+    o->tls_key = env_or_null("PROTOQ_KEY");
     while ((ch = getopt_long(argc, argv, "s:t:h", lo, NULL)) != -1) {
         const char *a = optarg;
 
@@ -678,6 +701,15 @@ parse_args(struct opts *o, int argc, char **argv)
             break;
         case 't':
             o->token = a;
+            break;
+        case O_CA:
+            o->tls_ca = a;
+            break;
+        case O_CERT:
+            o->tls_cert = a;
+            break;
+        case O_KEY:
+            o->tls_key = a;
             break;
         case O_HELP:
         case 'h':

@@ -4,6 +4,7 @@
  * uses libprotoq (protoq.h), the C library, and protocol/units.h for
  * durations and sizes (the grammar protoqd's config uses too).
  *
+ *   protoq [-s [tls://]HOST:PORT] [--ca F] [--cert F --key F] COMMAND ...
  *   protoq [-s HOST:PORT] queue create|ls|stat|purge|rm ...
  *   protoq [-s HOST:PORT] pub QUEUE [DATA] ...
  *   protoq [-s HOST:PORT] consume QUEUE ...
@@ -33,7 +34,8 @@
 #include <unistd.h>
 
 static const char usage_text[] =
-    "usage: protoq [-s HOST:PORT] [-t TOKEN] COMMAND [ARGS]\n"
+    "usage: protoq [-s [tls://]HOST:PORT] [-t TOKEN] [--ca FILE]\n"
+    "              [--cert FILE --key FILE] COMMAND [ARGS]\n"
     "\n"
     "  queue create NAME [--max-length N] [--max-bytes N[k|m|g]]\n"
     "               [--ack-timeout D] [--max-attempts N] [--dead-letter Q]\n"
@@ -100,10 +102,15 @@ static const char usage_text[] =
     "\n"
     "Durations (D): 500ms, 10s, 5m, 1h30m, 2d; a plain number is "
     "milliseconds.\n"
-    "The server is -s HOST:PORT (anywhere on the line), else\n"
+    "The server is -s [tls://]HOST:PORT (anywhere on the line), else\n"
     "$PROTOQ_SERVER, else 127.0.0.1:7650. 'protoq CMD --help': one command.\n"
     "The auth token (for a broker with an auth_file) is -t TOKEN, else\n"
     "$PROTOQ_TOKEN; prefer the variable: a command line shows in ps.\n"
+    "tls://HOST:PORT speaks TLS: the broker's certificate must chain to a CA\n"
+    "in --ca FILE ($PROTOQ_CA; default: the system's CAs) and name HOST.\n"
+    "--cert/--key FILE ($PROTOQ_CERT, $PROTOQ_KEY): a client certificate,\n"
+    "for a broker that asks for one. PEM files. --ca and --cert go anywhere\n"
+    "on the line, --key FILE before the command (after it, pub's --key).\n"
     "Exit status: 0 ok, 1 error, 2 usage, 3 the awaited job failed.\n";
 
 /* The commands, for "did you mean" (cli_help.c has their help). */
@@ -118,14 +125,20 @@ static const char *const queue_commands[] = {
 /*
  * The global options: taken out of the command line wherever they appear
  * before "--" (protoq -s A pub q x, protoq pub q x -s A), each setting one
- * string of struct cli. --opt=VALUE works too.
+ * string of struct cli. --opt=VALUE works too. A before_cmd one is global
+ * only before the command: after it the name is the command's own (--key
+ * FILE, the TLS key, versus pub's --key KEY).
  */
 static const struct global_opt {
-    const char *shrt, *lng;
-    size_t off; /* offsetof(struct cli, ...) */
+    const char *shrt, *lng; /* shrt NULL: none */
+    size_t off;             /* offsetof(struct cli, ...) */
+    bool before_cmd;
 } global_opts[] = {
-    {"-s", "--server", offsetof(struct cli, server)},
-    {"-t", "--token", offsetof(struct cli, token)},
+    {"-s", "--server", offsetof(struct cli, server), false},
+    {"-t", "--token", offsetof(struct cli, token), false},
+    {NULL, "--ca", offsetof(struct cli, tls_ca), false},
+    {NULL, "--cert", offsetof(struct cli, tls_cert), false},
+    {NULL, "--key", offsetof(struct cli, tls_key), true},
 };
 
 /* What usage errors and --help are about: "pub", "queue create"; NULL
@@ -158,8 +171,15 @@ fail_pq(const struct cli *cli, int rc)
     }
     if ((rc == PQ_EREMOTE || rc == PQ_ETOOBIG) && cli->c != NULL &&
         protoq_last_error_code(cli->c) != 0) {
-        return fail(cli, "%s (%s)", msg,
-                    protoq_code_name(protoq_last_error_code(cli->c)));
+        const char *name = protoq_code_name(protoq_last_error_code(cli->c));
+        size_t mlen = strlen(msg), nlen = strlen(name);
+
+        /* A connection the broker closed names the code already. */
+        if (!(mlen > nlen + 2 && msg[mlen - 1] == ')' &&
+              strncmp(msg + mlen - nlen - 1, name, nlen) == 0 &&
+              msg[mlen - nlen - 2] == '(')) {
+            return fail(cli, "%s (%s)", msg, name);
+        }
     }
     return fail(cli, "%s", msg);
 }
@@ -327,6 +347,9 @@ cli_connect(struct cli *cli)
     o.client_name = "protoq-cli";
     o.auth_token = cli->token;
     o.io_timeout_ms = 60000;
+    o.tls_ca_file = cli->tls_ca;
+    o.tls_cert_file = cli->tls_cert;
+    o.tls_key_file = cli->tls_key;
     rc = protoq_connect(cli->server, &o, &cli->c);
     if (rc != PQ_OK) {
         int ret = fail_pq(cli, rc);
@@ -393,6 +416,7 @@ static int
 take_globals(struct cli *cli, int *argc, char **argv)
 {
     int out = 1, i = 1;
+    bool cmd_seen = false; /* the first word that is not global is it */
 
     while (i < *argc) {
         const struct global_opt *g = NULL;
@@ -405,7 +429,11 @@ take_globals(struct cli *cli, int *argc, char **argv)
         for (k = 0; k < sizeof(global_opts) / sizeof(global_opts[0]); k++) {
             size_t ll = strlen(global_opts[k].lng);
 
-            if (strcmp(argv[i], global_opts[k].shrt) == 0 ||
+            if (global_opts[k].before_cmd && cmd_seen) {
+                continue;
+            }
+            if ((global_opts[k].shrt != NULL &&
+                 strcmp(argv[i], global_opts[k].shrt) == 0) ||
                 strcmp(argv[i], global_opts[k].lng) == 0) {
                 g = &global_opts[k];
                 if (i + 1 >= *argc) {
@@ -424,6 +452,7 @@ take_globals(struct cli *cli, int *argc, char **argv)
             }
         }
         if (g == NULL) {
+            cmd_seen = true;
             argv[out++] = argv[i++];
             continue;
         }
@@ -480,6 +509,26 @@ print_help(const char *topic)
     return EXIT_OK;
 }
 
+/* getenv, with "" counted as unset. */
+static const char *
+env_or_null(const char *name)
+{
+    const char *v = getenv(name);
+
+    return v != NULL && v[0] != '\0' ? v : NULL;
+}
+
+/* tls_file: *opt from its option, else from $env; NULL when "" or unset. */
+static void
+tls_file(const char **opt, const char *env)
+{
+    if (*opt == NULL) {
+        *opt = env_or_null(env);
+    } else if ((*opt)[0] == '\0') {
+        *opt = NULL;
+    }
+}
+
 /* main: parse the global options, run one command, exit 0/1/2. */
 int
 main(int argc, char **argv)
@@ -495,8 +544,8 @@ main(int argc, char **argv)
         return EXIT_USAGE;
     }
     if (cli.server == NULL) {
-        cli.server = getenv("PROTOQ_SERVER");
-        from_env = cli.server != NULL && cli.server[0] != '\0';
+        cli.server = env_or_null("PROTOQ_SERVER");
+        from_env = cli.server != NULL;
     }
     if (cli.server == NULL || cli.server[0] == '\0') {
         cli.server = "127.0.0.1:7650";
@@ -504,6 +553,10 @@ main(int argc, char **argv)
     if (cli.token == NULL) {
         cli.token = getenv("PROTOQ_TOKEN");
     }
+    /* The TLS files: the option, else the environment; "" is unset. */
+    tls_file(&cli.tls_ca, "PROTOQ_CA");
+    tls_file(&cli.tls_cert, "PROTOQ_CERT");
+    tls_file(&cli.tls_key, "PROTOQ_KEY");
     if (argc < 2) {
         return usage_err("no command");
     }

@@ -41,9 +41,12 @@ enum {
 
 /* The global options and what every command needs. */
 struct cli {
-    const char *server;
-    const char *token; /* -t TOKEN, else $PROTOQ_TOKEN; NULL = none */
-    const char *cmd;   /* e.g. "pub jobs", for error messages */
+    const char *server;   /* HOST:PORT or tls://HOST:PORT */
+    const char *token;    /* -t TOKEN, else $PROTOQ_TOKEN; NULL = none */
+    const char *tls_ca;   /* --ca / $PROTOQ_CA; NULL = system CAs */
+    const char *tls_cert; /* --cert / $PROTOQ_CERT (mTLS) */
+    const char *tls_key;  /* --key / $PROTOQ_KEY */
+    const char *cmd;      /* e.g. "pub jobs", for error messages */
     char cmdbuf[300];
     protoq_client *c;
 };

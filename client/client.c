@@ -319,24 +319,50 @@ out_reserve(protoq_client *c, size_t n)
     return PQ_OK;
 }
 
-/* One write() of pending output. Returns PQ_OK (some or none written) or a
- * connection error. */
+/* One send() of up to len bytes, or one TLS record: bytes written (> 0),
+ * 0 when the socket is full, or a connection error. */
+static ssize_t
+send_some(protoq_client *c, const uint8_t *buf, size_t len)
+{
+    char msg[256];
+    ssize_t n;
+
+    if (c->ssl != NULL) {
+        n = client_tls_write(c, buf, len, msg, sizeof(msg));
+        if (n < 0) {
+            return conn_fail(c, (int)n, "write to broker failed: %s", msg);
+        }
+        return n;
+    }
+    for (;;) {
+        n = send(c->fd, buf, len, MSG_NOSIGNAL);
+        if (n >= 0) {
+            return n;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            return 0;
+        }
+        if (errno != EINTR) {
+            return conn_fail(c, PQ_ECLOSED, "write to broker failed: %s",
+                             strerror(errno));
+        }
+    }
+}
+
+/* Write pending output until done or the socket is full. Returns PQ_OK
+ * (some or none written) or a connection error. */
 static int
 out_write(protoq_client *c)
 {
     while (c->out_start < c->out_len) {
-        ssize_t n = send(c->fd, c->out + c->out_start,
-                         c->out_len - c->out_start, MSG_NOSIGNAL);
+        ssize_t n =
+            send_some(c, c->out + c->out_start, c->out_len - c->out_start);
 
         if (n < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                return PQ_OK;
-            }
-            return conn_fail(c, PQ_ECLOSED, "write to broker failed: %s",
-                             strerror(errno));
+            return (int)n;
+        }
+        if (n == 0) {
+            return PQ_OK;
         }
         c->out_start += (size_t)n;
         c->last_send_ms = now_ms();
@@ -382,6 +408,34 @@ in_reserve(protoq_client *c, size_t want)
     return PQ_OK;
 }
 
+/* TLS: read records while the SSL holds decrypted bytes and there is
+ * room, so that none wait where poll() cannot see them. */
+static ssize_t
+in_read_tls(protoq_client *c)
+{
+    char msg[256];
+    ssize_t total = 0;
+
+    do {
+        ssize_t n = client_tls_read(c, c->in + c->in_end, c->in_cap - c->in_end,
+                                    msg, sizeof(msg));
+
+        if (n < 0) {
+            return conn_fail(c, (int)n,
+                             n == PQ_ECLOSED ? "%s"
+                                             : "read from broker "
+                                               "failed: %s",
+                             msg);
+        }
+        if (n == 0) {
+            break;
+        }
+        c->in_end += (size_t)n;
+        total += n;
+    } while (c->in_end < c->in_cap && client_tls_pending(c));
+    return total;
+}
+
 /* One read() into the input buffer. Returns bytes read (0 when none were
  * ready) or a connection error. */
 static ssize_t
@@ -392,6 +446,9 @@ in_read(protoq_client *c)
 
     if (rc != PQ_OK) {
         return rc;
+    }
+    if (c->ssl != NULL) {
+        return in_read_tls(c);
     }
     for (;;) {
         n = recv(c->fd, c->in + c->in_end, c->in_cap - c->in_end, 0);
@@ -859,10 +916,20 @@ client_pump(protoq_client *c, int timeout_ms, bool dispatch)
         return rc;
     }
     pfd.fd = c->fd;
-    pfd.events = POLLIN | (c->out_len > c->out_start ? POLLOUT : 0);
+    pfd.events =
+        POLLIN | (c->out_len > c->out_start || c->tls_want_write ? POLLOUT : 0);
     pfd.revents = 0;
     wait = heartbeat_wait_ms(c, timeout_ms);
-    rc = poll(&pfd, 1, wait);
+    if (client_tls_pending(c)) {
+        /* Decrypted input waits in the SSL: poll() cannot see it. */
+        rc = 1;
+        pfd.revents = POLLIN;
+    } else {
+        rc = poll(&pfd, 1, wait);
+    }
+    if (c->tls_want_write && (pfd.revents & POLLOUT)) {
+        pfd.revents |= POLLIN; /* the TLS read waited for this */
+    }
     if (rc < 0) {
         if (errno == EINTR) {
             c->interrupted = true;
@@ -1064,6 +1131,8 @@ client_send_noreply(protoq_client *c, Protoq__Frame *f)
 
 /* ---- connecting ---- */
 
+static const char TLS_SCHEME[] = "tls://"; /* 6 bytes */
+
 /* Split "host:port", "[v6]:port", "host" into host and port strings. */
 static int
 parse_hostport(const char *hp, char *host, size_t hostcap, char *port,
@@ -1166,9 +1235,9 @@ err_close:
 }
 
 static int
-do_connect(protoq_client *c, const char *hostport, int64_t deadline)
+do_connect(protoq_client *c, const char *hostport, int64_t deadline, char *host,
+           size_t hostcap)
 {
-    char host[256];
     char port[32];
     struct addrinfo hints;
     struct addrinfo *res = NULL;
@@ -1176,8 +1245,7 @@ do_connect(protoq_client *c, const char *hostport, int64_t deadline)
     int rc;
     int err = 0;
 
-    if (parse_hostport(hostport, host, sizeof(host), port, sizeof(port)) !=
-        PQ_OK) {
+    if (parse_hostport(hostport, host, hostcap, port, sizeof(port)) != PQ_OK) {
         return conn_fail(c, PQ_EINVAL,
                          "bad server address '%s' (want HOST:PORT or "
                          "[IPV6]:PORT)",
@@ -1269,6 +1337,8 @@ protoq_connect(const char *hostport, const struct protoq_opts *opts,
                          ? opts->connect_timeout_ms
                          : DEFAULT_CONNECT_MS;
     int64_t deadline = now_ms() + connect_ms;
+    bool tls = opts != NULL && opts->tls;
+    char host[256];
     int rc;
 
     *out = c;
@@ -1282,9 +1352,25 @@ protoq_connect(const char *hostport, const struct protoq_opts *opts,
     c->in_limit = PRE_WELCOME_MAX;
     c->info.max_frame_bytes = PRE_WELCOME_MAX;
     c->last_send_ms = now_ms();
-    rc = do_connect(c, hostport, deadline);
+    if (hostport != NULL && strncmp(hostport, TLS_SCHEME, 6) == 0) {
+        hostport += 6;
+        tls = true;
+    }
+    rc = do_connect(c, hostport, deadline, host, sizeof(host));
     if (rc != PQ_OK) {
         return rc;
+    }
+    if (tls) {
+        static const struct protoq_opts none;
+        char msg[512];
+
+        rc = client_tls_connect(c, host, opts ? opts : &none, deadline, msg,
+                                sizeof(msg));
+        if (rc != PQ_OK) {
+            conn_fail(c, rc, "%s: %s", hostport, msg);
+            snprintf(c->errmsg, sizeof(c->errmsg), "%s", c->dead_msg);
+            return rc;
+        }
     }
     /* The handshake is bounded by the connect timeout, not the I/O one. */
     c->io_timeout_ms = client_remaining_ms(deadline);
@@ -1306,6 +1392,14 @@ protoq_connect(const char *hostport, const struct protoq_opts *opts,
         }
         c->errmsg[0] = '\0';
         snprintf(c->errmsg, sizeof(c->errmsg), "%s", c->dead_msg);
+        if (tls && rc == PQ_ECLOSED &&
+            (opts == NULL || opts->tls_cert_file == NULL)) {
+            size_t n = strlen(c->errmsg);
+
+            snprintf(c->errmsg + n, sizeof(c->errmsg) - n,
+                     " (after the TLS handshake: does the broker want a "
+                     "client certificate?)");
+        }
         return rc;
     }
     return PQ_OK;
@@ -1318,6 +1412,7 @@ protoq_close(protoq_client *c)
     if (c == NULL) {
         return;
     }
+    client_tls_free(c);
     if (c->fd >= 0) {
         close(c->fd);
     }

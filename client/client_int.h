@@ -8,13 +8,18 @@
  *   client_admin.c    queue and route administration
  *   client_pub.c      packing messages, publishing (sync, async, batches)
  *   client_consume.c  subscriptions, flow, ack/nack/touch/release, cancel
+ *   client_tls.c      TLS: the handshake and record I/O on the socket
  *
- * Only client.c touches the socket and the buffers; the others build a
- * Frame and hand it to client_request* / client_send_*. Functions here take
- * the client_ prefix; everything else stays static in its file.
+ * Only client.c (and client_tls.c below it) touches the socket and the buffers;
+ * the others build a Frame and hand it to client_request* / client_send_*.
+ * Functions here take the client_ prefix; everything else stays static in its
+ * file.
  */
 #ifndef PQ_CLIENT_INT_H
 #define PQ_CLIENT_INT_H
+
+struct ssl_st;
+struct ssl_ctx_st;
 
 /* pqerr.h before protoq.h: the real enum wins and client.c holds protoq.h's
  * standalone copy to it. */
@@ -81,11 +86,14 @@ struct sub {
 };
 
 struct protoq_client {
-    int fd;             /* -1 when never connected */
-    int dead;           /* PQ_* once unusable, else 0 */
-    char dead_msg[512]; /* why it died */
-    uint64_t next_id;   /* next request_id (starts at 1) */
-    int io_timeout_ms;  /* < 0: forever */
+    int fd;                     /* -1 when never connected */
+    struct ssl_ctx_st *tls_ctx; /* TLS (tls://): the context and */
+    struct ssl_st *ssl;         /* the session; NULL for plain TCP */
+    bool tls_want_write;        /* a TLS read waits for POLLOUT */
+    int dead;                   /* PQ_* once unusable, else 0 */
+    char dead_msg[512];         /* why it died */
+    uint64_t next_id;           /* next request_id (starts at 1) */
+    int io_timeout_ms;          /* < 0: forever */
     struct protoq_server_info info;
     uint32_t in_limit; /* largest frame body we accept */
 
@@ -173,6 +181,38 @@ struct pending *client_pend_insert(protoq_client *c, uint64_t id,
 
 /* One round of I/O (see client.c); callbacks run or a PQ_* error. */
 int client_pump(protoq_client *c, int timeout_ms, bool dispatch);
+
+/* ---- TLS (client_tls.c) ---- */
+
+/*
+ * client_tls_connect: TLS handshake on c->fd as the client, verifying the
+ * broker's certificate against o->tls_ca_file (else the system's CAs) and,
+ * unless o->tls_no_verify_hostname, its name against o->tls_server_name or
+ * host; presents o->tls_cert_file/o->tls_key_file when given. Bounded by
+ * deadline. PQ_OK with c->ssl and c->tls_ctx set, or PQ_EINVAL (a file),
+ * PQ_EPROTO (handshake or certificate), PQ_ECLOSED, PQ_ETIMEDOUT,
+ * PQ_ENOMEM with the reason in msg.
+ */
+int client_tls_connect(protoq_client *c, const char *host,
+                       const struct protoq_opts *o, int64_t deadline, char *msg,
+                       size_t msglen);
+
+/* client_tls_write / client_tls_read: like send()/recv() on c->ssl:
+ * bytes moved (> 0), 0 when the socket is not ready (tls_want_write says
+ * whether a read waits for POLLOUT), or PQ_ECLOSED/PQ_EPROTO with the
+ * reason in msg. SIGPIPE is kept from the process during a write. */
+ssize_t client_tls_write(protoq_client *c, const void *buf, size_t len,
+                         char *msg, size_t msglen);
+ssize_t client_tls_read(protoq_client *c, void *buf, size_t len, char *msg,
+                        size_t msglen);
+
+/* client_tls_pending: decrypted input waits inside the SSL (poll() would
+ * not report it). */
+bool client_tls_pending(const protoq_client *c);
+
+/* client_tls_free: close_notify (best effort) and free the session and
+ * context; NULL-safe. */
+void client_tls_free(protoq_client *c);
 /* Write all pending output, bounded by the I/O timeout. */
 int client_flush_all(protoq_client *c, bool dispatch);
 /* Pack f (request_id set) into the output buffer; PQ_ETOOBIG when over the

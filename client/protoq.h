@@ -138,6 +138,22 @@ struct protoq_opts {
     int io_timeout_ms;       /* bound of each blocking request; 0 = 30000,
                                 < 0 = wait forever */
     uint32_t heartbeat_ms;   /* heartbeat interval wished; 0 = broker's */
+    /*
+     * TLS: on when tls is set or the address starts with "tls://". The
+     * broker's certificate must chain to a CA in tls_ca_file (NULL: the
+     * system's CA store) and name the host of the address (a DNS name or
+     * an IP address in its subjectAltName), or tls_server_name when set.
+     * tls_cert_file and tls_key_file (PEM) are the client certificate for
+     * a broker that asks for one (tls_client_ca); tls_key_file NULL means
+     * the key is in tls_cert_file. TLS 1.2 or later.
+     */
+    bool tls;
+    const char *tls_ca_file;
+    const char *tls_cert_file;
+    const char *tls_key_file;
+    const char *tls_server_name; /* name to verify and send as SNI */
+    bool tls_no_verify_hostname; /* any name the CA signed: only for tests
+                                    and private CAs that sign one broker */
 };
 
 /* What the broker said in its Welcome. */
@@ -153,7 +169,8 @@ struct protoq_server_info {
 
 /*
  * protoq_connect: connect to hostport ("127.0.0.1:7650", "[::1]:7650",
- * "localhost:7650"; the port defaults to 7650 when omitted) and do the
+ * "localhost:7650"; the port defaults to 7650 when omitted; a "tls://"
+ * prefix, or opts->tls, runs TLS over the connection) and do the
  * Hello/Welcome handshake (opts NULL = defaults). Returns PQ_OK with a
  * ready handle in *out, or a PQ_* code. Like libpq, *out is set even on
  * failure (to a dead handle, so protoq_errmsg(*out) and
@@ -183,7 +200,9 @@ int protoq_last_error_code(const protoq_client *c);
 void protoq_server_info(const protoq_client *c, struct protoq_server_info *out);
 
 /* protoq_fd: the socket, for callers that poll() it with other fds (wait
- * for POLLIN, then call protoq_poll(c, 0)). Do not read or write it. */
+ * for POLLIN, then call protoq_poll(c, 0)). Do not read or write it. With
+ * TLS, bytes already read may wait decrypted inside the handle: call
+ * protoq_poll(c, 0) until it returns 0 before sleeping on the fd. */
 int protoq_fd(const protoq_client *c);
 
 /* ----------------------------------------------------------- queue admin */

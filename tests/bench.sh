@@ -5,6 +5,8 @@
 # mktemp dir, runs BUILD_DIR/protoq-bench through these workloads, and prints
 # a table:
 #   W1  durable,   1 producer, 1 consumer, 100,000 x 1 KiB, inflight 1000, prefetch 1000
+#   W1t W1 over TLS (tls_listen; a throwaway CA and certificate made with
+#       the openssl CLI in the temp dir; TLS 1.3, hostname verified)
 #   W2  the same, transient queue
 #   W3  durable,   4 producers, 4 consumers, 100,000 x 1 KiB
 #   W4  durable,   fixed rate 2000 msgs/s for 5 s (latency at a modest load)
@@ -33,6 +35,7 @@ done
 TMP=$(mktemp -d /tmp/protoq-bench.XXXXXX) || exit 1
 PID=
 ADDR=
+TLS_ADDR=
 FAILED=0
 ROWS=()
 
@@ -53,15 +56,33 @@ trap 'exit 130' INT TERM
 
 now_ms() { date +%s%3N; }
 
+# make_tls: a CA and a certificate for 127.0.0.1 in $TMP (for W1t).
+make_tls() {
+    local ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+    openssl req -x509 "${ec[@]}" -keyout "$TMP/ca.key" -out "$TMP/ca.pem" \
+        -days 1 -subj "/CN=bench CA" &&
+    openssl req "${ec[@]}" -keyout "$TMP/srv.key" -out "$TMP/srv.csr" \
+        -subj "/CN=127.0.0.1" &&
+    printf 'subjectAltName=IP:127.0.0.1\n' > "$TMP/srv.ext" &&
+    openssl x509 -req -in "$TMP/srv.csr" -CA "$TMP/ca.pem" \
+        -CAkey "$TMP/ca.key" -CAcreateserial -days 1 \
+        -extfile "$TMP/srv.ext" -out "$TMP/srv.pem"
+} 2>>"$TMP/openssl.log"
+
 # start_broker: start protoqd on $TMP/data, wait (at most 30 s: recovery of
-# a large backlog) for its port file. Sets PID and ADDR.
+# a large backlog) for its port file. Sets PID and ADDR, and TLS_ADDR
+# when make_tls made a certificate.
 start_broker() {
-    rm -f "$TMP/port"
+    rm -f "$TMP/port" "$TMP/tlsport"
     # Default settings (fsync always) but a small payload budget, the
     # setting W5's memory target is stated for.
     printf 'payload_budget_bytes 16m\n' > "$TMP/bench.conf"
     if [ "${BENCH_METRICS:-0}" = 1 ]; then
         printf 'metrics 127.0.0.1:0\n' >> "$TMP/bench.conf"
+    fi
+    if [ -s "$TMP/srv.pem" ]; then
+        printf 'tls_listen 127.0.0.1:0\ntls_port_file %s\ntls_cert %s\ntls_key %s\n' \
+            "$TMP/tlsport" "$TMP/srv.pem" "$TMP/srv.key" >> "$TMP/bench.conf"
     fi
     "$PROTOQD" -c "$TMP/bench.conf" --listen 127.0.0.1:0 --port-file "$TMP/port" \
         --data-dir "$TMP/data" --log-level warn \
@@ -72,6 +93,9 @@ start_broker() {
             ADDR=127.0.0.1:$(head -1 "$TMP/port")
             if [ "${BENCH_METRICS:-0}" = 1 ]; then
                 start_scraper "$(awk '/^metrics/ {print $2}' "$TMP/port")"
+            fi
+            if [ -s "$TMP/tlsport" ]; then
+                TLS_ADDR=tls://127.0.0.1:$(head -1 "$TMP/tlsport")
             fi
             return 0
         fi
@@ -121,7 +145,8 @@ vmhwm_mb() {
 # jf JSON FIELD: one numeric/boolean field of a bench JSON line.
 jf() { sed -n "s/.*\"$2\":\([^,}]*\).*/\1/p" <<<"$1"; }
 
-# run NAME ARGS...: one protoq-bench run; appends a table row.
+# run NAME ARGS...: one protoq-bench run; appends a table row. The server
+# is $ADDR unless ARGS name one (-s).
 run() {
     local name=$1 out rc
     shift
@@ -144,11 +169,19 @@ run() {
 }
 
 T0=$(now_ms)
+if ! command -v openssl >/dev/null || ! make_tls; then
+    echo "bench.sh: no openssl CLI or it failed: W1t is skipped" >&2
+    FAILED=1
+fi
 start_broker || exit 1
-echo "bench.sh: protoqd $PID on $ADDR, data in $TMP/data" >&2
+echo "bench.sh: protoqd $PID on $ADDR${TLS_ADDR:+ and $TLS_ADDR}, data in $TMP/data" >&2
 
 run W1 --producers 1 --consumers 1 --messages 100000 --size 1024 \
     --inflight 1000 --prefetch 1000 --queue w1
+if [ -n "$TLS_ADDR" ]; then
+    run W1t -s "$TLS_ADDR" --ca "$TMP/ca.pem" --producers 1 --consumers 1 \
+        --messages 100000 --size 1024 --inflight 1000 --prefetch 1000 --queue w1t
+fi
 run W2 --producers 1 --consumers 1 --messages 100000 --size 1024 \
     --inflight 1000 --prefetch 1000 --queue w2 --transient
 run W3 --producers 4 --consumers 4 --messages 100000 --size 1024 \
@@ -184,7 +217,7 @@ for row in "${ROWS[@]}"; do
     echo "$row"
 done
 echo
-echo "W1 durable 1p/1c; W2 transient 1p/1c; W3 durable 4p/4c; W4 durable at 2000/s for 5 s;"
+echo "W1 durable 1p/1c (W1t: over TLS); W2 transient 1p/1c; W3 durable 4p/4c; W4 durable at 2000/s for 5 s;"
 echo "W5p 1,000,000 published with no consumer; W5d its drain after a restart."
 echo "W5: protoqd peak RSS ${W5_RSS:-?} MB after the backlog was published;" \
     "restart to port file $((R1 - R0)) ms, to first delivery $((R2 - R0)) ms;" \

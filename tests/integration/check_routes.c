@@ -439,7 +439,8 @@ payloads_of(const char *queue, int want, char *buf, size_t cap)
     while (t.n < want && now_ms_mono() < until) {
         int rc = protoq_poll(c, 50); /* callbacks run, or a PQ_* error */
 
-        ck_assert_msg(rc >= 0, "protoq_poll: %s", pq_strerror(rc));
+        ck_assert_msg(rc >= 0, "protoq_poll: %s: %s", pq_strerror(rc),
+                      protoq_errmsg(c));
     }
     protoq_close(c);
 }

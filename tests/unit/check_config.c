@@ -135,6 +135,12 @@ START_TEST(test_defaults_are_the_documented_values)
     ck_assert_uint_eq(c.heartbeat_ms, 5000);
     ck_assert_uint_eq(c.heartbeat_timeout_ms, 15000);
     ck_assert_uint_eq(c.idle_timeout_ms, 10000);
+    ck_assert_str_eq(c.tls_listen, "");
+    ck_assert_str_eq(c.tls_port_file, "");
+    ck_assert_str_eq(c.tls_cert, "");
+    ck_assert_str_eq(c.tls_key, "");
+    ck_assert_str_eq(c.tls_client_ca, "");
+    ck_assert_int_eq(c.tls_client_verify, TLS_CLIENT_REQUIRE);
     ck_assert_str_eq(c.data_dir, "/var/lib/protoq");
     ck_assert_int_eq(c.fsync, FSYNC_ALWAYS);
     ck_assert_uint_eq(c.fsync_interval_ms, 50);
@@ -184,6 +190,12 @@ START_TEST(test_key_table_is_complete_and_unique)
         "max_handshake_connections",
         "auth_file",
         "allow_anonymous",
+        "tls_listen",
+        "tls_port_file",
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
+        "tls_client_verify",
         "data_dir",
         "fsync",
         "fsync_interval_ms",
@@ -547,8 +559,8 @@ START_TEST(test_set_error_messages_are_exact)
                      "log_level: expected debug|info|warn|error, got \"INFO\"");
     ck_assert_pq_err(config_set(&c, "listen", "7650", err, sizeof(err)),
                      PQ_EINVAL);
-    ck_assert_str_eq(err, "listen: expected HOST:PORT or [V6]:PORT with port "
-                          "0..65535, got \"7650\"");
+    ck_assert_str_eq(err, "listen: expected HOST:PORT, [V6]:PORT (port "
+                          "0..65535) or \"\", got \"7650\"");
     ck_assert_pq_err(config_set(&c, "heartbeat_ms", "5 s", err, sizeof(err)),
                      PQ_EINVAL);
     ck_assert_str_eq(err, "heartbeat_ms: expected 0..3600000, got \"5 s\"");
@@ -903,6 +915,10 @@ START_TEST(test_reloadable_flags)
         "max_connections_per_addr",
         "max_handshake_connections",
         "max_result_bytes",
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
+        "tls_client_verify",
     };
     size_t nyes = 0;
     for (size_t i = 0; i < config_key_count(); i++) {
@@ -1076,6 +1092,12 @@ START_TEST(test_dump_then_load_round_trips)
         {"max_handshake_connections", "1000000"},
         {"auth_file", "/etc/protoqd/tokens"},
         {"allow_anonymous", "yes"},
+        {"tls_listen", "127.0.0.1:0"},
+        {"tls_port_file", "/tmp/tls port"},
+        {"tls_cert", "/etc/protoq/cert.pem"},
+        {"tls_key", "/etc/protoq/key.pem"},
+        {"tls_client_ca", "/etc/protoq/ca.pem"},
+        {"tls_client_verify", "optional"},
         {"data_dir", "\"\"quoted\"\""},
         {"fsync", "interval"},
         {"fsync_interval_ms", "1m"},
@@ -1131,7 +1153,7 @@ START_TEST(test_dump_then_load_round_trips)
     for (size_t i = 0; i < config_key_count(); i++) {
         nreload += config_key_reloadable(config_key_name(i));
     }
-    ck_assert_uint_eq(nreload, 16);
+    ck_assert_uint_eq(nreload, 20);
     ck_assert_uint_eq(commas + 1, config_key_count() - nreload);
     /* A short err buffer is cut, never overrun. */
     char tiny[8];

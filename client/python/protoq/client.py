@@ -492,9 +492,10 @@ class Client:
     on_cancel=None)
 
     tls: None/False for plain TCP (unless server starts with tls://), True
-    for the default SSLContext (certificate and hostname verified), or an
-    ssl.SSLContext. protoqd has no TLS listener yet: use this with a TLS
-    terminating proxy until it has.
+    for the default SSLContext (certificate and hostname verified against
+    the system's CAs), or an ssl.SSLContext, e.g.
+    ssl.create_default_context(cafile="ca.pem") with load_cert_chain() for
+    a client certificate; for protoqd's tls_listen port.
     """
 
     def __init__(self, server="127.0.0.1:7650", token=None, tls=None,

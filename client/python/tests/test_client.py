@@ -263,63 +263,6 @@ def test_lost_connection_ends_iteration_and_calls(broker, client):
         client.publish("q", b"x")
 
 
-def test_tls_through_a_terminating_proxy(broker, tmp_path):
-    """protoqd has no TLS listener yet: check the client's TLS path against a
-    TLS-terminating proxy in front of it (certificate and hostname
-    verified)."""
-    import shutil
-    import socket
-    import ssl
-    import subprocess
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
-                    "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost",
-                    "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    sctx.load_cert_chain(cert, key)
-    lsock = socket.create_server(("127.0.0.1", 0))
-    port = lsock.getsockname()[1]
-
-    def pump(a, b):
-        try:
-            while True:
-                data = a.recv(65536)
-                if not data:
-                    break
-                b.sendall(data)
-        except OSError:
-            pass
-        for s in (a, b):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def proxy():
-        conn, _ = lsock.accept()
-        tconn = sctx.wrap_socket(conn, server_side=True)
-        up = socket.create_connection(("127.0.0.1", broker.port))
-        threading.Thread(target=pump, args=(up, tconn), daemon=True).start()
-        pump(tconn, up)
-    threading.Thread(target=proxy, daemon=True).start()
-    cctx = ssl.create_default_context(cafile=str(cert))
-    with protoq.Client("tls://localhost:%d" % port, tls=cctx, timeout=10) as c:
-        c.create_queue("q")
-        ids = c.publish_many("q", [b"t%d" % i for i in range(2000)], window=100)
-        got = []
-        for d in c.consume("q", prefetch=100, timeout=5):
-            got.append(d.id)
-            d.ack()
-            if len(got) == len(ids):
-                break
-        assert got == ids
-    lsock.close()
-
-
 def test_broker_death_during_publish_many_fails_fast(broker, client):
     client.create_queue("q")
     killer = threading.Timer(0.3, broker.kill9)
