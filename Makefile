@@ -129,7 +129,9 @@ UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_structs \
               $(B)/tests/unit/check_journal $(B)/tests/unit/check_log \
               $(B)/tests/unit/check_route $(B)/tests/unit/check_record_atomic \
               $(B)/tests/unit/check_auth
-INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_jobs \
+INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_admin \
+              $(B)/tests/integration/check_delivery $(B)/tests/integration/check_requests \
+              $(B)/tests/integration/check_durability $(B)/tests/integration/check_jobs \
               $(B)/tests/integration/check_client $(B)/tests/integration/check_work \
               $(B)/tests/integration/check_loss $(B)/tests/integration/check_evict \
               $(B)/tests/integration/check_cli $(B)/tests/integration/check_ops \
@@ -145,6 +147,10 @@ TESTS = $(UNIT_TESTS) $(INTEG_TESTS) $(MODEL_TESTS)
 TESTUTIL_OBJS = $(B)/tests/testutil.o
 QFIX_OBJS   = $(B)/tests/unit/queue_fixture.o
 SFIX_OBJS   = $(B)/tests/unit/store_fixture.o
+SRVFIX_OBJS = $(B)/tests/integration/server_fixture.o
+SERVER_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_admin \
+               $(B)/tests/integration/check_delivery $(B)/tests/integration/check_requests \
+               $(B)/tests/integration/check_durability
 
 BINS = $(B)/protoqd $(B)/protoq $(B)/protoq-bench
 LIBA = $(B)/libprotoq.a
@@ -161,7 +167,7 @@ PY_PKG   = $(B)/python/protoq
 PY_STAMP = $(PY_PKG)/protoq_pb2.py
 
 ALL_OBJS = $(PROTO_OBJS) $(BROKER_OBJS) $(LIB_OBJS) $(CLI_OBJS) $(BENCH_OBJS) \
-           $(TESTUTIL_OBJS) $(QFIX_OBJS) $(SFIX_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
+           $(TESTUTIL_OBJS) $(QFIX_OBJS) $(SFIX_OBJS) $(SRVFIX_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
 
 .PHONY: all run test pytest bench soak install uninstall test-install deb clean fuzz fuzz-build fuzz-corpus \
         check-includes format format-check
@@ -252,6 +258,8 @@ $(B)/tests/unit/check_auth: $(B)/tests/unit/check_auth.o $(B)/broker/auth.o $(CO
 # check_cli also calls the CLI's --json writer directly.
 $(B)/tests/integration/check_cli: $(B)/tests/integration/check_cli.o \
                                   $(B)/client/cli_json.o $(TESTUTIL_OBJS) $(LIBA)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+$(SERVER_TESTS): %: %.o $(SRVFIX_OBJS) $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/integration/%: $(B)/tests/integration/%.o $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
