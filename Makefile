@@ -132,6 +132,7 @@ UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_structs \
 INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_admin \
               $(B)/tests/integration/check_delivery $(B)/tests/integration/check_requests \
               $(B)/tests/integration/check_durability $(B)/tests/integration/check_jobs \
+              $(B)/tests/integration/check_jobs_restart \
               $(B)/tests/integration/check_client $(B)/tests/integration/check_work \
               $(B)/tests/integration/check_loss $(B)/tests/integration/check_evict \
               $(B)/tests/integration/check_cli $(B)/tests/integration/check_ops \
@@ -151,6 +152,8 @@ SRVFIX_OBJS = $(B)/tests/integration/server_fixture.o
 SERVER_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_admin \
                $(B)/tests/integration/check_delivery $(B)/tests/integration/check_requests \
                $(B)/tests/integration/check_durability
+JOBFIX_OBJS = $(B)/tests/integration/jobs_fixture.o
+JOBS_TESTS  = $(B)/tests/integration/check_jobs $(B)/tests/integration/check_jobs_restart
 
 BINS = $(B)/protoqd $(B)/protoq $(B)/protoq-bench
 LIBA = $(B)/libprotoq.a
@@ -167,7 +170,7 @@ PY_PKG   = $(B)/python/protoq
 PY_STAMP = $(PY_PKG)/protoq_pb2.py
 
 ALL_OBJS = $(PROTO_OBJS) $(BROKER_OBJS) $(LIB_OBJS) $(CLI_OBJS) $(BENCH_OBJS) \
-           $(TESTUTIL_OBJS) $(QFIX_OBJS) $(SFIX_OBJS) $(SRVFIX_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
+           $(TESTUTIL_OBJS) $(QFIX_OBJS) $(SFIX_OBJS) $(SRVFIX_OBJS) $(JOBFIX_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
 
 .PHONY: all run test pytest bench soak install uninstall test-install deb clean fuzz fuzz-build fuzz-corpus \
         check-includes format format-check
@@ -260,6 +263,8 @@ $(B)/tests/integration/check_cli: $(B)/tests/integration/check_cli.o \
                                   $(B)/client/cli_json.o $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(SERVER_TESTS): %: %.o $(SRVFIX_OBJS) $(TESTUTIL_OBJS) $(LIBA)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+$(JOBS_TESTS): %: %.o $(JOBFIX_OBJS) $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/integration/%: $(B)/tests/integration/%.o $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
