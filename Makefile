@@ -140,7 +140,8 @@ INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_a
               $(B)/tests/integration/check_metrics $(B)/tests/integration/check_systemd \
               $(B)/tests/integration/check_routes $(B)/tests/integration/check_visibility \
               $(B)/tests/integration/check_results $(B)/tests/integration/check_auth \
-              $(B)/tests/crash/check_crash $(B)/tests/crash/check_datadir \
+              $(B)/tests/crash/check_crash $(B)/tests/crash/check_disk_full \
+              $(B)/tests/crash/check_segments $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
 MODEL_TESTS = $(B)/tests/model/check_model
 MODEL_OBJS  = $(B)/tests/model/model.o $(B)/tests/model/driver.o $(B)/tests/model/ops.o
@@ -154,6 +155,9 @@ SERVER_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_
                $(B)/tests/integration/check_durability
 JOBFIX_OBJS = $(B)/tests/integration/jobs_fixture.o
 JOBS_TESTS  = $(B)/tests/integration/check_jobs $(B)/tests/integration/check_jobs_restart
+CRASHFIX_OBJS = $(B)/tests/crash/crash_fixture.o
+CRASH_TESTS = $(B)/tests/crash/check_crash $(B)/tests/crash/check_disk_full \
+              $(B)/tests/crash/check_segments
 
 BINS = $(B)/protoqd $(B)/protoq $(B)/protoq-bench
 LIBA = $(B)/libprotoq.a
@@ -170,7 +174,8 @@ PY_PKG   = $(B)/python/protoq
 PY_STAMP = $(PY_PKG)/protoq_pb2.py
 
 ALL_OBJS = $(PROTO_OBJS) $(BROKER_OBJS) $(LIB_OBJS) $(CLI_OBJS) $(BENCH_OBJS) \
-           $(TESTUTIL_OBJS) $(QFIX_OBJS) $(SFIX_OBJS) $(SRVFIX_OBJS) $(JOBFIX_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
+           $(TESTUTIL_OBJS) $(QFIX_OBJS) $(SFIX_OBJS) $(SRVFIX_OBJS) $(JOBFIX_OBJS) \
+           $(CRASHFIX_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
 
 .PHONY: all run test pytest bench soak install uninstall test-install deb clean fuzz fuzz-build fuzz-corpus \
         check-includes format format-check
@@ -267,6 +272,8 @@ $(SERVER_TESTS): %: %.o $(SRVFIX_OBJS) $(TESTUTIL_OBJS) $(LIBA)
 $(JOBS_TESTS): %: %.o $(JOBFIX_OBJS) $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/integration/%: $(B)/tests/integration/%.o $(TESTUTIL_OBJS) $(LIBA)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+$(CRASH_TESTS): %: %.o $(CRASHFIX_OBJS) $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/crash/%: $(B)/tests/crash/%.o $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)

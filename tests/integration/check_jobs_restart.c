@@ -532,7 +532,6 @@ jobs_restart_suite(void)
     tcase_add_loop_test(tc, test_restart_keeps_priority_and_fifo_order, 0, 2);
     tcase_add_loop_test(tc, test_restart_keeps_inflight_cancel, 0, 2);
     suite_add_tcase(s, tc);
-
     return s;
 }
 
