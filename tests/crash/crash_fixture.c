@@ -274,6 +274,19 @@ producer_run(const char *addr, const char *path, uint64_t seq_base,
     return 0;
 }
 
+/* Deliveries waiting for their ack in the consumer. */
+struct pend {
+    uint64_t id, seq;
+    uint32_t attempt;
+};
+
+struct cons_state {
+    struct pend ring[1024];
+    unsigned head, tail;
+    uint64_t delivered;
+    int64_t last_ms;
+};
+
 static void
 on_cdeliver(void *arg, protoq_client *c, const struct protoq_delivery *d)
 {

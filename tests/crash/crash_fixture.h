@@ -1,9 +1,10 @@
 /*
  * crash_fixture.h: what the crash suites (check_crash.c, check_disk_full.c,
  * check_segments.c) share: the checked fixture (a fresh protoqd per test on
- * a conf with small segments and fast retries), self-checking payloads, the
- * producer and consumer children, and the checker that reads their logs.
- * Test code only; every wait is bounded.
+ * a conf with small segments and fast retries), self-checking payloads, and
+ * the producer and consumer children with their spawn, reap and drain (the
+ * checker that reads their logs is check_crash.c's). Test code only; every
+ * wait is bounded.
  *
  * Payloads are self-checking: 16 hex digits of seq, 4 of filler length,
  * the filler (derived from seq) and an FNV-1a checksum in 8 hex digits.
@@ -27,19 +28,6 @@ enum {
     CHILD_MAX_MS = 15000, /* a child gives up on its own after this */
     REAP_MS = 10000,      /* the parent waits this long for a child */
     PAYLOAD_MAX = 4200,
-};
-
-/* Deliveries waiting for their ack in the consumer. */
-struct pend {
-    uint64_t id, seq;
-    uint32_t attempt;
-};
-
-struct cons_state {
-    struct pend ring[1024];
-    unsigned head, tail;
-    uint64_t delivered;
-    int64_t last_ms;
 };
 
 /* The queue every crash test publishes to and consumes from. */

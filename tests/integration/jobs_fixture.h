@@ -1,10 +1,9 @@
 /*
  * jobs_fixture.h: what the job-semantics suites (check_jobs.c,
  * check_jobs_restart.c) share: the checked fixture (a fresh protoqd per test
- * with a conf file that makes retry backoff short), restarts by SIGTERM or
- * kill -9, queue and publish helpers, stat polling, and a consumer that
- * records deliveries, cancels and async errors. Test code only; every wait
- * is bounded.
+ * with a conf file that makes retry backoff short), queue and publish
+ * helpers, stat polling, and a consumer that records deliveries, cancels and
+ * async errors. Test code only; every wait is bounded.
  */
 #ifndef PROTOQ_JOBS_FIXTURE_H
 #define PROTOQ_JOBS_FIXTURE_H
@@ -73,7 +72,7 @@ void remove_conf(void);
 void sleep_ms(int ms);
 /* Queue attributes with a short backoff, everything else default. */
 struct protoq_queue_attrs attrs_fast(void);
-/* Create queue name with attributes a (NULL: defaults); asserts it worked. */
+/* Create queue name with attributes a; asserts it worked. */
 void mkq(protoq_client *c, const char *name,
          const struct protoq_queue_attrs *a);
 /* Publish payload to q and wait for the confirm; returns the id. */
