@@ -130,7 +130,10 @@ UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_structs \
               $(B)/tests/unit/check_journal $(B)/tests/unit/check_log \
               $(B)/tests/unit/check_route $(B)/tests/unit/check_record_atomic \
               $(B)/tests/unit/check_auth
-INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_jobs \
+INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_admin \
+              $(B)/tests/integration/check_delivery $(B)/tests/integration/check_requests \
+              $(B)/tests/integration/check_durability $(B)/tests/integration/check_jobs \
+              $(B)/tests/integration/check_jobs_restart \
               $(B)/tests/integration/check_client $(B)/tests/integration/check_work \
               $(B)/tests/integration/check_loss $(B)/tests/integration/check_evict \
               $(B)/tests/integration/check_cli $(B)/tests/integration/check_ops \
@@ -139,7 +142,8 @@ INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_j
               $(B)/tests/integration/check_routes $(B)/tests/integration/check_visibility \
               $(B)/tests/integration/check_results $(B)/tests/integration/check_auth \
               $(B)/tests/integration/check_tls \
-              $(B)/tests/crash/check_crash $(B)/tests/crash/check_datadir \
+              $(B)/tests/crash/check_crash $(B)/tests/crash/check_disk_full \
+              $(B)/tests/crash/check_segments $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
 MODEL_TESTS = $(B)/tests/model/check_model
 MODEL_OBJS  = $(B)/tests/model/model.o $(B)/tests/model/driver.o $(B)/tests/model/ops.o
@@ -147,6 +151,15 @@ TESTS = $(UNIT_TESTS) $(INTEG_TESTS) $(MODEL_TESTS)
 TESTUTIL_OBJS = $(B)/tests/testutil.o
 QFIX_OBJS   = $(B)/tests/unit/queue_fixture.o
 SFIX_OBJS   = $(B)/tests/unit/store_fixture.o
+SRVFIX_OBJS = $(B)/tests/integration/server_fixture.o
+SERVER_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_admin \
+               $(B)/tests/integration/check_delivery $(B)/tests/integration/check_requests \
+               $(B)/tests/integration/check_durability
+JOBFIX_OBJS = $(B)/tests/integration/jobs_fixture.o
+JOBS_TESTS  = $(B)/tests/integration/check_jobs $(B)/tests/integration/check_jobs_restart
+CRASHFIX_OBJS = $(B)/tests/crash/crash_fixture.o
+CRASH_TESTS = $(B)/tests/crash/check_crash $(B)/tests/crash/check_disk_full \
+              $(B)/tests/crash/check_segments
 
 BINS = $(B)/protoqd $(B)/protoq $(B)/protoq-bench
 LIBA = $(B)/libprotoq.a
@@ -163,7 +176,8 @@ PY_PKG   = $(B)/python/protoq
 PY_STAMP = $(PY_PKG)/protoq_pb2.py
 
 ALL_OBJS = $(PROTO_OBJS) $(BROKER_OBJS) $(LIB_OBJS) $(CLI_OBJS) $(BENCH_OBJS) \
-           $(TESTUTIL_OBJS) $(QFIX_OBJS) $(SFIX_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
+           $(TESTUTIL_OBJS) $(QFIX_OBJS) $(SFIX_OBJS) $(SRVFIX_OBJS) $(JOBFIX_OBJS) \
+           $(CRASHFIX_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
 
 .PHONY: all run test pytest bench soak install uninstall test-install deb clean fuzz fuzz-build fuzz-corpus \
         check-includes format format-check
@@ -255,7 +269,13 @@ $(B)/tests/unit/check_auth: $(B)/tests/unit/check_auth.o $(B)/broker/auth.o $(CO
 $(B)/tests/integration/check_cli: $(B)/tests/integration/check_cli.o \
                                   $(B)/client/cli_json.o $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+$(SERVER_TESTS): %: %.o $(SRVFIX_OBJS) $(TESTUTIL_OBJS) $(LIBA)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+$(JOBS_TESTS): %: %.o $(JOBFIX_OBJS) $(TESTUTIL_OBJS) $(LIBA)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/integration/%: $(B)/tests/integration/%.o $(TESTUTIL_OBJS) $(LIBA)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+$(CRASH_TESTS): %: %.o $(CRASHFIX_OBJS) $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/crash/%: $(B)/tests/crash/%.o $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
