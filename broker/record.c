@@ -209,14 +209,26 @@ enc_atomic(struct wbuf *w, const struct rec_atomic *a)
 {
     struct record pub = {.type = REC_PUBLISH};
 
-    if (a->inner == NULL || a->inner->type != a->inner_type ||
-        !atomic_inner_ok(a->inner_type) || a->n == 0 || a->pubs == NULL) {
+    /* Either form: the encode form (inner, pubs), or what record_decode
+     * gave (inner_raw, pubs_raw), which encodes back to the same bytes. */
+    if (!atomic_inner_ok(a->inner_type) || a->n == 0 ||
+        (a->inner != NULL ? a->inner->type != a->inner_type
+                          : a->inner_raw.ptr == NULL) ||
+        (a->pubs == NULL && a->pubs_raw.ptr == NULL)) {
         w->invalid = true;
         return;
     }
     w_u8(w, a->inner_type);
-    w_nested(w, a->inner);
+    if (a->inner != NULL) {
+        w_nested(w, a->inner);
+    } else {
+        w_bytes(w, a->inner_raw);
+    }
     w_u32(w, a->n);
+    if (a->pubs == NULL) {
+        w_raw(w, a->pubs_raw.ptr, a->pubs_raw.len);
+        return;
+    }
     for (uint32_t i = 0; i < a->n; i++) {
         pub.u.publish = a->pubs[i];
         w_nested(w, &pub);
