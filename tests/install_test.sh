@@ -93,7 +93,7 @@ cc -Wall -Werror -o "$T/x" "$T/x.c" $CFL || fail "cc against the .pc (shared)"
 STATIC=$(pkg-config --static --cflags --libs protoq | sed 's/-lprotoq/-l:libprotoq.a/')
 cc -Wall -Werror -o "$T/x-static" "$T/x.c" $STATIC || fail "cc against the .pc (static)"
 LD_LIBRARY_PATH=$R/usr/lib ldd "$T/x" | grep -q "libprotoq.so.0 => $R/usr/lib/" ||
-    fail "x does not use the installed libprotoq.so.0"
+    { LD_LIBRARY_PATH=$R/usr/lib ldd "$T/x" >&2; fail "x does not use the installed libprotoq.so.0"; }
 ! ldd "$T/x-static" | grep -q libprotoq || fail "x-static links libprotoq.so"
 
 "$R/usr/bin/protoqd" --listen 127.0.0.1:0 --port-file "$T/port" \
