@@ -31,7 +31,10 @@ for f in usr/bin/protoqd usr/bin/protoq usr/bin/protoq-bench \
     [[ -e $R/$f ]] || fail "$f not installed"
 done
 [[ $(readlink "$R/usr/lib/libprotoq.so.0") == libprotoq.so.0.1.0 ]] || fail "soname link"
-readelf -d "$R/usr/lib/libprotoq.so.0.1.0" | grep -q 'SONAME.*\[libprotoq.so.0\]' || fail "soname"
+# (Outputs are captured before grep: with pipefail, `cmd | grep -q` fails
+# when grep exits at the first match and cmd then dies of SIGPIPE.)
+dyn=$(readelf -d "$R/usr/lib/libprotoq.so.0.1.0")
+grep -q 'SONAME.*\[libprotoq.so.0\]' <<<"$dyn" || fail "soname"
 grep -qx 'ExecStart=/usr/bin/protoqd -c /etc/protoq/protoqd.conf --data-dir /var/lib/protoq' \
     "$R/usr/lib/systemd/system/protoqd.service" || fail "ExecStart not from PREFIX"
 ! grep -q '^data_dir var/protoq' "$R/etc/protoq/protoqd.conf" || fail "conf keeps make run's data_dir"
@@ -92,9 +95,11 @@ CFL=$(pkg-config --cflags --libs protoq) || fail "pkg-config protoq"
 cc -Wall -Werror -o "$T/x" "$T/x.c" $CFL || fail "cc against the .pc (shared)"
 STATIC=$(pkg-config --static --cflags --libs protoq | sed 's/-lprotoq/-l:libprotoq.a/')
 cc -Wall -Werror -o "$T/x-static" "$T/x.c" $STATIC || fail "cc against the .pc (static)"
-LD_LIBRARY_PATH=$R/usr/lib ldd "$T/x" | grep -q "libprotoq.so.0 => $R/usr/lib/" ||
-    { LD_LIBRARY_PATH=$R/usr/lib ldd "$T/x" >&2; fail "x does not use the installed libprotoq.so.0"; }
-! ldd "$T/x-static" | grep -q libprotoq || fail "x-static links libprotoq.so"
+deps=$(LD_LIBRARY_PATH=$R/usr/lib ldd "$T/x")
+grep -q "libprotoq.so.0 => $R/usr/lib/" <<<"$deps" ||
+    { echo "$deps" >&2; fail "x does not use the installed libprotoq.so.0"; }
+deps=$(ldd "$T/x-static")
+! grep -q libprotoq <<<"$deps" || fail "x-static links libprotoq.so"
 
 "$R/usr/bin/protoqd" --listen 127.0.0.1:0 --port-file "$T/port" \
     --data-dir "$T/data" 2>"$T/protoqd.log" &
