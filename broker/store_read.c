@@ -53,17 +53,24 @@ pread_all(int fd, uint8_t *p, size_t n, uint64_t off)
     return 0;
 }
 
-/* store_read: see store.h. */
-int
-store_read(struct store *st, const struct store_loc *loc, uint8_t *type,
-           uint8_t **body, size_t *len)
+/* An open segment for reading, kept across the reads of one batch. */
+struct seg_fd {
+    uint32_t seg; /* 0: none */
+    int fd;
+};
+
+/* read_at: the record at loc, read through sf (opened or switched to
+ * loc->seg as needed); the same results as store_read. */
+static int
+read_at(struct store *st, struct seg_fd *sf, const struct store_loc *loc,
+        uint8_t *type, uint8_t **body, size_t *len)
 {
     char path[PATH_BUF];
     uint8_t hdr[STORE_REC_HDR_LEN];
     uint8_t *b = NULL;
     uint32_t rlen;
     bool written;
-    int fd, rc = PQ_OK;
+    int rc = PQ_OK;
 
     *body = NULL;
     *len = 0;
@@ -78,26 +85,30 @@ store_read(struct store *st, const struct store_loc *loc, uint8_t *type,
         return PQ_EAGAIN;
     }
     failpoint_delay("store-read");
-    seg_path(path, sizeof(path), st->dir, loc->seg);
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        return errno == ENOENT ? PQ_ENOTFOUND : store_errno_to_pq(errno);
+    if (sf->seg != loc->seg) {
+        if (sf->seg != 0) {
+            close(sf->fd);
+            sf->seg = 0;
+        }
+        seg_path(path, sizeof(path), st->dir, loc->seg);
+        sf->fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (sf->fd < 0) {
+            return errno == ENOENT ? PQ_ENOTFOUND : store_errno_to_pq(errno);
+        }
+        sf->seg = loc->seg;
     }
-    if (pread_all(fd, hdr, sizeof(hdr), loc->off) < 0) {
-        rc = errno ? store_errno_to_pq(errno) : PQ_ECORRUPT;
-        goto out_close;
+    if (pread_all(sf->fd, hdr, sizeof(hdr), loc->off) < 0) {
+        return errno ? store_errno_to_pq(errno) : PQ_ECORRUPT;
     }
     rlen = le32_get(hdr);
     if (rlen != loc->len - 8) {
-        rc = PQ_ECORRUPT;
-        goto out_close;
+        return PQ_ECORRUPT;
     }
     b = pq_malloc(rlen > 1 ? rlen - 1 : 1);
     if (b == NULL) {
-        rc = PQ_ENOMEM;
-        goto out_close;
+        return PQ_ENOMEM;
     }
-    if (rlen > 1 && pread_all(fd, b, rlen - 1, loc->off + 9) < 0) {
+    if (rlen > 1 && pread_all(sf->fd, b, rlen - 1, loc->off + 9) < 0) {
         rc = errno ? store_errno_to_pq(errno) : PQ_ECORRUPT;
         goto err_free;
     }
@@ -108,12 +119,31 @@ store_read(struct store *st, const struct store_loc *loc, uint8_t *type,
     *type = hdr[8];
     *body = b;
     *len = rlen - 1;
-    goto out_close;
+    return PQ_OK;
 
 err_free:
     pq_free(b);
-out_close:
-    close(fd);
+    return rc;
+}
+
+static void
+seg_fd_close(struct seg_fd *sf)
+{
+    if (sf->seg != 0) {
+        close(sf->fd);
+        sf->seg = 0;
+    }
+}
+
+/* store_read: see store.h. */
+int
+store_read(struct store *st, const struct store_loc *loc, uint8_t *type,
+           uint8_t **body, size_t *len)
+{
+    struct seg_fd sf = {0, -1};
+    int rc = read_at(st, &sf, loc, type, body, len);
+
+    seg_fd_close(&sf);
     return rc;
 }
 
@@ -123,7 +153,8 @@ static void *
 reader_main(void *arg)
 {
     struct store *st = arg;
-    struct store_rd *r;
+    struct store_rd *list, *last, *r;
+    struct seg_fd sf = {0, -1};
     uint64_t one = 1;
     ssize_t n;
 
@@ -135,23 +166,27 @@ reader_main(void *arg)
         if (st->rd_stop) {
             break;
         }
-        r = st->rd_head;
-        st->rd_head = r->next;
-        if (st->rd_head == NULL) {
-            st->rd_tail = NULL;
-        }
+        /* Everything asked for so far, in one go: one lock round and one
+         * wakeup of the loop for the batch, and a segment opened once for
+         * its consecutive reads. */
+        list = st->rd_head;
+        st->rd_head = st->rd_tail = NULL;
         pthread_mutex_unlock(&st->mu);
 
-        r->rc = store_read(st, &r->loc, &r->type, &r->body, &r->len);
-        r->next = NULL;
+        last = NULL;
+        for (r = list; r != NULL; r = r->next) {
+            r->rc = read_at(st, &sf, &r->loc, &r->type, &r->body, &r->len);
+            last = r;
+        }
+        seg_fd_close(&sf); /* a segment may be deleted once its reads end */
 
         pthread_mutex_lock(&st->mu);
         if (st->rd_done_tail != NULL) {
-            st->rd_done_tail->next = r;
+            st->rd_done_tail->next = list;
         } else {
-            st->rd_done_head = r;
+            st->rd_done_head = list;
         }
-        st->rd_done_tail = r;
+        st->rd_done_tail = last;
         n = write(st->efd, &one, sizeof(one));
         (void)n; /* EAGAIN: counter full, still readable */
     }
