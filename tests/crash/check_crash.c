@@ -644,16 +644,5 @@ crash_suite(void)
 int
 main(void)
 {
-    SRunner *sr;
-    int failed;
-
-    if (write_conf() != 0) {
-        return EXIT_FAILURE;
-    }
-    sr = srunner_create(crash_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    remove_conf();
-    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+    return crash_main(crash_suite());
 }

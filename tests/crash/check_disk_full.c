@@ -36,7 +36,7 @@
  */
 static char g_tmpfs[128];
 static char g_tmpfs_data[160];
-static const char *const g_tmpfs_args[] = {"-c", g_conf, "--data-dir",
+static const char *const g_tmpfs_args[] = {"-c", g_conf.path, "--data-dir",
                                            g_tmpfs_data, NULL};
 
 static bool
@@ -212,16 +212,5 @@ disk_full_suite(void)
 int
 main(void)
 {
-    SRunner *sr;
-    int failed;
-
-    if (write_conf() != 0) {
-        return EXIT_FAILURE;
-    }
-    sr = srunner_create(disk_full_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    remove_conf();
-    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+    return crash_main(disk_full_suite());
 }

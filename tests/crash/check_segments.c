@@ -27,8 +27,8 @@
 #include "testutil.h"
 #include "crash_fixture.h"
 
-static const char *const g_args_info[] = {"-c", g_conf, "--log-level", "info",
-                                          NULL};
+static const char *const g_args_info[] = {"-c", g_conf.path, "--log-level",
+                                          "info", NULL};
 
 /* --------------------------------------------------------- data files */
 
@@ -276,7 +276,7 @@ START_TEST(test_flipped_byte_in_early_segment_stops_start)
     i = 0;
     argv[i++] = protoqd_bin();
     argv[i++] = "-c";
-    argv[i++] = g_conf;
+    argv[i++] = g_conf.path;
     argv[i++] = "--listen";
     argv[i++] = "127.0.0.1:0";
     argv[i++] = "--port-file";
@@ -550,16 +550,5 @@ segments_suite(void)
 int
 main(void)
 {
-    SRunner *sr;
-    int failed;
-
-    if (write_conf() != 0) {
-        return EXIT_FAILURE;
-    }
-    sr = srunner_create(segments_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    remove_conf();
-    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+    return crash_main(segments_suite());
 }

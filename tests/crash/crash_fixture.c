@@ -26,9 +26,8 @@ const char QUEUE[] = "crash";
 /* ------------------------------------------------------------ fixture */
 
 struct srv g_srv;
-static char g_conf_dir[64];
-char g_conf[128];
-const char *const g_args[] = {"-c", g_conf, NULL};
+struct test_conf g_conf;
+const char *const g_args[] = {"-c", g_conf.path, NULL};
 
 static const char CONF_TEXT[] =
     "# check_crash: small segments (many rolls and deletions), fast retries\n"
@@ -37,33 +36,23 @@ static const char CONF_TEXT[] =
     "backoff_cap_ms 5\n"
     "max_attempts 1000\n";
 
-/* write_conf: the conf file shared by every test of this program (written
- * once by main, removed at its end, so a failed test leaks nothing). */
+/* crash_main: see the header. The conf file is written once here and
+ * removed at the end, so a failed test leaks nothing. */
 int
-write_conf(void)
+crash_main(Suite *s)
 {
-    FILE *f;
+    SRunner *sr;
+    int failed;
 
-    snprintf(g_conf_dir, sizeof(g_conf_dir), "/tmp/protoq-crashconf.XXXXXX");
-    if (mkdtemp(g_conf_dir) == NULL) {
-        perror("mkdtemp");
-        return -1;
+    if (test_conf_write(&g_conf, CONF_TEXT) != 0) {
+        return EXIT_FAILURE;
     }
-    snprintf(g_conf, sizeof(g_conf), "%s/protoqd.conf", g_conf_dir);
-    f = fopen(g_conf, "w");
-    if (f == NULL) {
-        perror(g_conf);
-        return -1;
-    }
-    fputs(CONF_TEXT, f);
-    return fclose(f) == 0 ? 0 : -1;
-}
-
-void
-remove_conf(void)
-{
-    unlink(g_conf);
-    rmdir(g_conf_dir);
+    sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    test_conf_remove(&g_conf);
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }
 
 void

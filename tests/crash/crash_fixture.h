@@ -34,14 +34,13 @@ enum {
 extern const char QUEUE[];
 /* The broker of the running test (started by setup). */
 extern struct srv g_srv;
-/* The conf file written by write_conf. */
-extern char g_conf[128];
-/* protoqd's extra arguments: -c g_conf. */
+/* The conf file (crash_main writes it). */
+extern struct test_conf g_conf;
+/* protoqd's extra arguments: -c g_conf.path. */
 extern const char *const g_args[];
-/* Write the conf file every test of the program uses (main, once); 0 or -1. */
-int write_conf(void);
-/* Remove what write_conf wrote (main, at its end). */
-void remove_conf(void);
+/* crash_main: the program's main: write the conf file every test uses,
+ * run s, remove the file; the exit status. */
+int crash_main(Suite *s);
 /* Checked fixture: start a fresh protoqd on the shared conf. */
 void setup(void);
 /* Checked fixture: stop the broker and remove its dir. */

@@ -538,16 +538,5 @@ jobs_restart_suite(void)
 int
 main(void)
 {
-    SRunner *sr;
-    int failed;
-
-    if (write_conf() != 0) {
-        return EXIT_FAILURE;
-    }
-    sr = srunner_create(jobs_restart_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    remove_conf();
-    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+    return jobs_main(jobs_restart_suite());
 }

@@ -20,9 +20,8 @@
 /* ------------------------------------------------------------ fixture */
 
 struct srv g_srv;
-static char g_conf_dir[64];
-static char g_conf[128];
-static const char *const g_args[] = {"-c", g_conf, NULL};
+static struct test_conf g_conf;
+static const char *const g_args[] = {"-c", g_conf.path, NULL};
 
 static const char CONF_TEXT[] =
     "# check_jobs: fast retries so redelivery tests stay short\n"
@@ -31,33 +30,23 @@ static const char CONF_TEXT[] =
     "heartbeat_ms 1000\n"
     "heartbeat_timeout_ms 5000\n";
 
-/* write_conf: the conf file shared by every test of this program (written
- * once by main, removed at its end, so a failed test leaks nothing). */
+/* jobs_main: see the header. The conf file is written once here and
+ * removed at the end, so a failed test leaks nothing. */
 int
-write_conf(void)
+jobs_main(Suite *s)
 {
-    FILE *f;
+    SRunner *sr;
+    int failed;
 
-    snprintf(g_conf_dir, sizeof(g_conf_dir), "/tmp/protoq-jobsconf.XXXXXX");
-    if (mkdtemp(g_conf_dir) == NULL) {
-        perror("mkdtemp");
-        return -1;
+    if (test_conf_write(&g_conf, CONF_TEXT) != 0) {
+        return EXIT_FAILURE;
     }
-    snprintf(g_conf, sizeof(g_conf), "%s/protoqd.conf", g_conf_dir);
-    f = fopen(g_conf, "w");
-    if (f == NULL) {
-        perror(g_conf);
-        return -1;
-    }
-    fputs(CONF_TEXT, f);
-    return fclose(f) == 0 ? 0 : -1;
-}
-
-void
-remove_conf(void)
-{
-    unlink(g_conf);
-    rmdir(g_conf_dir);
+    sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    test_conf_remove(&g_conf);
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }
 
 static void

@@ -64,10 +64,9 @@ struct cons {
 
 /* The broker of the running test (started by the fixture). */
 extern struct srv g_srv;
-/* Write the conf file every test of the program uses (main, once); 0 or -1. */
-int write_conf(void);
-/* Remove what write_conf wrote (main, at its end). */
-void remove_conf(void);
+/* jobs_main: the program's main: write the conf file every test uses,
+ * run s, remove the file; the exit status. */
+int jobs_main(Suite *s);
 /* Sleep ms milliseconds. */
 void sleep_ms(int ms);
 /* Queue attributes with a short backoff, everything else default. */
