@@ -794,13 +794,12 @@ handle_frame(protoq_client *c, Protoq__Frame *f)
 static int
 dispatch_input(protoq_client *c)
 {
-    int events;
+    int events = 0, rc;
 
     while (!c->dead) {
         size_t avail = c->in_end - c->in_start;
         ssize_t n = frame_check_header(c->in + c->in_start, avail, c->in_limit);
         Protoq__Frame *f;
-        int rc;
 
         if (n == PQ_EAGAIN) {
             break;
@@ -831,10 +830,17 @@ dispatch_input(protoq_client *c)
             c->in_start = c->in_end = 0;
         }
         handle_frame(c, f); /* an error there killed c */
+        /* Its callback runs before the next frame is decoded, so that
+         * decoded frames do not pile up (a read holds hundreds: keeping
+         * them all alive until the end of the read costs malloc its
+         * caches). Inside a callback this only queues. */
+        rc = run_deferred(c);
+        events += rc > 0 ? rc : 0;
     }
     /* Also on a dead connection: a confirm received before it died is
      * still a confirm. */
-    events = run_deferred(c);
+    rc = run_deferred(c);
+    events += rc > 0 ? rc : 0;
     if (c->dead) {
         return client_dead_err(c);
     }
