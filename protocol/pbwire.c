@@ -4,7 +4,7 @@
 #include "pbwire.h"
 
 bool
-pbwire_get_varint(const uint8_t **pp, const uint8_t *end, uint64_t *v)
+pbwire_get_varint_long(const uint8_t **pp, const uint8_t *end, uint64_t *v)
 {
     const uint8_t *p = *pp;
     uint64_t x = 0;

@@ -63,9 +63,23 @@ pbwire_put_varint(uint8_t *p, uint64_t v)
     return n;
 }
 
+/* pbwire_get_varint_long: pbwire_get_varint's loop, for any length. */
+bool pbwire_get_varint_long(const uint8_t **pp, const uint8_t *end,
+                            uint64_t *v);
+
 /* pbwire_get_varint: read a varint at *pp (before end) into *v and advance
- * *pp; false when it runs past end or over 10 bytes. */
-bool pbwire_get_varint(const uint8_t **pp, const uint8_t *end, uint64_t *v);
+ * *pp; false when it runs past end or over 10 bytes. Inline for the
+ * one-byte case (keys, small lengths and flags): the string check walks
+ * every field of every frame. */
+static inline bool
+pbwire_get_varint(const uint8_t **pp, const uint8_t *end, uint64_t *v)
+{
+    if (*pp < end && **pp < 0x80) {
+        *v = *(*pp)++;
+        return true;
+    }
+    return pbwire_get_varint_long(pp, end, v);
+}
 
 /* pbwire_next_field: read one field at *pp into *f and advance *pp past
  * it; false when the bytes do not parse (then *pp is unspecified). */
