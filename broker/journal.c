@@ -126,29 +126,12 @@ rstr(const char *s)
 }
 
 static void
-attrs_to_rec(struct rec_queue_attrs *r, const struct queue_attrs *a)
-{
-    r->transient = a->transient;
-    r->max_length = a->max_length;
-    r->max_bytes = a->max_bytes;
-    r->ack_timeout_ms = a->ack_timeout_ms;
-    r->max_attempts = a->max_attempts;
-    r->dead_letter = rstr(a->dead_letter);
-    r->backoff_base_ms = a->backoff_base_ms;
-    r->backoff_cap_ms = a->backoff_cap_ms;
-    r->ttl_ms = a->ttl_ms;
-    r->dedup_window_ms = a->dedup_window_ms;
-    r->max_lease_ms = a->max_lease_ms;
-    r->dead_letter_expired = a->dead_letter_expired;
-}
-
-static void
 queue_create_rec(struct record *r, const struct queue *q)
 {
     memset(r, 0, sizeof(*r));
     r->type = REC_QUEUE_CREATE;
     r->u.queue_create.name = rstr(queue_name(q));
-    attrs_to_rec(&r->u.queue_create.attrs, queue_attrs(q));
+    r->u.queue_create.attrs = *queue_attrs(q);
 }
 
 bool

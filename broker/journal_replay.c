@@ -239,34 +239,15 @@ replay_remove(struct journal *j, uint64_t id)
 static int
 replay_create(struct journal *j, const struct rec_queue_create *c)
 {
-    const struct rec_queue_attrs *ra = &c->attrs;
-    struct queue_attrs a = {0};
     char name[QUEUE_NAME_MAX + 1];
     int rc;
 
-    if (c->name.len == 0 || c->name.len > QUEUE_NAME_MAX ||
-        ra->dead_letter.len > QUEUE_NAME_MAX) {
+    if (c->name.len == 0 || c->name.len > QUEUE_NAME_MAX) {
         return PQ_ECORRUPT;
     }
     memcpy(name, c->name.ptr, c->name.len);
     name[c->name.len] = '\0';
-    a.transient = ra->transient;
-    a.max_length = ra->max_length;
-    a.max_bytes = ra->max_bytes;
-    a.ack_timeout_ms = ra->ack_timeout_ms;
-    a.max_attempts = ra->max_attempts;
-    memcpy(a.dead_letter, ra->dead_letter.ptr, ra->dead_letter.len);
-    a.dead_letter[ra->dead_letter.len] = '\0';
-    a.backoff_base_ms = ra->backoff_base_ms;
-    a.backoff_cap_ms = ra->backoff_cap_ms;
-    a.ttl_ms = ra->ttl_ms;
-    a.dedup_window_ms = ra->dedup_window_ms;
-    a.max_lease_ms = ra->max_lease_ms;
-    a.dead_letter_expired = ra->dead_letter_expired;
-    /* Records hold resolved attributes; no_backoff resolves both to 0,
-     * and only it does (a broker default base of 0 keeps its cap). */
-    a.no_backoff = ra->backoff_base_ms == 0 && ra->backoff_cap_ms == 0;
-    rc = qset_create(j->qs, name, &a, NULL);
+    rc = qset_create(j->qs, name, &c->attrs, NULL);
     /* A later definition of the same name (re-created with other
      * attributes after a delete in a segment since removed) wins. */
     if (rc == PQ_EEXIST) {

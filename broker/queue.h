@@ -86,8 +86,9 @@
 #include <stdint.h>
 
 #include "body.h"
+#include "queue_attrs.h"
 
-enum { QUEUE_NAME_MAX = 200, PRIORITY_LEVELS = 10 };
+enum { PRIORITY_LEVELS = 10 };
 
 struct queue;
 struct qset;
@@ -95,25 +96,6 @@ struct msg_ext;
 
 /* queue_name_valid: 1-200 chars of A-Z a-z 0-9 . _ - : */
 bool queue_name_valid(const char *name, size_t len);
-
-/* Queue attributes. 0 (or "") means "use the default" for the fields that
- * queue_defaults covers; 0 means "unlimited"/"none" for the others. */
-struct queue_attrs {
-    bool transient;          /* not logged (dispatcher's concern) */
-    uint64_t max_length;     /* ready+delayed+inflight cap; 0 = none */
-    uint64_t max_bytes;      /* payload bytes cap; 0 = none */
-    uint64_t ack_timeout_ms; /* lease per delivery/touch */
-    uint32_t max_attempts;   /* failures before dead-letter */
-    char dead_letter[QUEUE_NAME_MAX + 1]; /* "" = none */
-    uint64_t backoff_base_ms;
-    uint64_t backoff_cap_ms;
-    uint64_t ttl_ms; /* default message TTL; 0 = none */
-    uint64_t
-        dedup_window_ms;   /* idempotency key retention after the msg is gone */
-    uint64_t max_lease_ms; /* cap on one touch extension; 0 = none */
-    bool dead_letter_expired; /* expired messages go to dead_letter too */
-    bool no_backoff;          /* retry at once: backoff_* resolve to 0 */
-};
 
 struct queue_defaults {
     uint64_t ack_timeout_ms;  /* 30000 */

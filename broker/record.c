@@ -169,6 +169,26 @@ r_str(struct rbuf *r)
     return s;
 }
 
+/* r_name: a string into buf (a NUL-terminated copy); one that does not
+ * fit, or holds a NUL, makes the record bad. */
+static void
+r_name(struct rbuf *r, char *buf, size_t cap)
+{
+    uint32_t n;
+    const uint8_t *p = r_blob(r, &n);
+
+    buf[0] = '\0';
+    if (p == NULL) {
+        return;
+    }
+    if (n >= cap || memchr(p, '\0', n) != NULL) {
+        r->bad = true;
+        return;
+    }
+    memcpy(buf, p, n);
+    buf[n] = '\0';
+}
+
 static struct rec_bytes
 r_bytes(struct rbuf *r)
 {
@@ -354,7 +374,7 @@ enc_body(struct wbuf *w, const struct record *r)
         w_u64(w, q->attrs.max_bytes);
         w_u64(w, q->attrs.ack_timeout_ms);
         w_u32(w, q->attrs.max_attempts);
-        w_str(w, q->attrs.dead_letter);
+        w_blob(w, q->attrs.dead_letter, strlen(q->attrs.dead_letter));
         w_u64(w, q->attrs.backoff_base_ms);
         w_u64(w, q->attrs.backoff_cap_ms);
         w_u64(w, q->attrs.ttl_ms);
@@ -455,13 +475,15 @@ dec_body(struct rbuf *rb, struct record *r)
         q->attrs.max_bytes = r_u64(rb);
         q->attrs.ack_timeout_ms = r_u64(rb);
         q->attrs.max_attempts = r_u32(rb);
-        q->attrs.dead_letter = r_str(rb);
+        r_name(rb, q->attrs.dead_letter, sizeof(q->attrs.dead_letter));
         q->attrs.backoff_base_ms = r_u64(rb);
         q->attrs.backoff_cap_ms = r_u64(rb);
         q->attrs.ttl_ms = r_u64(rb);
         q->attrs.dedup_window_ms = r_u64(rb);
         q->attrs.max_lease_ms = r_u64(rb);
         q->attrs.dead_letter_expired = r_bool(rb);
+        q->attrs.no_backoff =
+            q->attrs.backoff_base_ms == 0 && q->attrs.backoff_cap_ms == 0;
         break;
     }
     case REC_QUEUE_DELETE:

@@ -78,6 +78,8 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "queue_attrs.h"
+
 enum record_type {
     REC_QUEUE_CREATE = 1,
     REC_QUEUE_DELETE = 2,
@@ -121,24 +123,9 @@ struct rec_kv {
 
 /* Queue attributes as stored (0 = "use the broker default" where noted by
  * the dispatcher; the store gives them no meaning). */
-struct rec_queue_attrs {
-    bool transient;
-    uint64_t max_length; /* messages; 0 = unlimited */
-    uint64_t max_bytes;  /* payload bytes; 0 = unlimited */
-    uint64_t ack_timeout_ms;
-    uint32_t max_attempts;
-    struct rec_str dead_letter; /* queue name; empty = none */
-    uint64_t backoff_base_ms;
-    uint64_t backoff_cap_ms;
-    uint64_t ttl_ms; /* default message TTL; 0 = none */
-    uint64_t dedup_window_ms;
-    uint64_t max_lease_ms;
-    bool dead_letter_expired; /* expired messages go to dead_letter */
-};
-
 struct rec_queue_create {
     struct rec_str name;
-    struct rec_queue_attrs attrs;
+    struct queue_attrs attrs; /* no_backoff: both backoffs 0 */
 };
 
 struct rec_queue_delete {

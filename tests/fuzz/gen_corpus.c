@@ -9,6 +9,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -211,7 +212,8 @@ record_seeds(void)
     r.type = REC_QUEUE_CREATE;
     r.u.queue_create.name = S("jobs");
     r.u.queue_create.attrs.max_length = 100;
-    r.u.queue_create.attrs.dead_letter = S("dlq");
+    snprintf(r.u.queue_create.attrs.dead_letter,
+             sizeof(r.u.queue_create.attrs.dead_letter), "dlq");
     r.u.queue_create.attrs.dead_letter_expired = true;
     record_seed("queue_create", &r);
 

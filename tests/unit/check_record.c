@@ -69,18 +69,18 @@ sample_records(struct record *r /* [9] */)
     r[0].type = REC_QUEUE_CREATE;
     r[0].u.queue_create.name = (struct rec_str){"jobs", 4};
     r[0].u.queue_create.attrs =
-        (struct rec_queue_attrs){.transient = true,
-                                 .max_length = 1,
-                                 .max_bytes = 2,
-                                 .ack_timeout_ms = 3,
-                                 .max_attempts = 4,
-                                 .dead_letter = {"dlq", 3},
-                                 .backoff_base_ms = 5,
-                                 .backoff_cap_ms = 6,
-                                 .ttl_ms = 7,
-                                 .dedup_window_ms = 8,
-                                 .max_lease_ms = UINT64_MAX,
-                                 .dead_letter_expired = true};
+        (struct queue_attrs){.transient = true,
+                             .max_length = 1,
+                             .max_bytes = 2,
+                             .ack_timeout_ms = 3,
+                             .max_attempts = 4,
+                             .dead_letter = "dlq",
+                             .backoff_base_ms = 5,
+                             .backoff_cap_ms = 6,
+                             .ttl_ms = 7,
+                             .dedup_window_ms = 8,
+                             .max_lease_ms = UINT64_MAX,
+                             .dead_letter_expired = true};
     r[1].type = REC_QUEUE_DELETE;
     r[1].u.queue_delete.name = (struct rec_str){"jobs", 4};
     r[2].type = REC_QUEUE_PURGE;
@@ -168,6 +168,8 @@ START_TEST(test_record_roundtrip_every_type)
         ck_assert_uint_eq(d.u.queue_create.attrs.max_lease_ms, UINT64_MAX);
         ck_assert_uint_eq(d.u.queue_create.attrs.max_attempts, 4);
         ck_assert(d.u.queue_create.attrs.dead_letter_expired);
+        ck_assert_str_eq(d.u.queue_create.attrs.dead_letter, "dlq");
+        ck_assert(!d.u.queue_create.attrs.no_backoff);
     }
 }
 END_TEST
