@@ -603,8 +603,12 @@ int
 journal_publish(struct journal *j, struct pending *items, uint32_t n,
                 uint64_t now_mono_ms, uint64_t *lsn)
 {
-    struct rec_kv(*req)[PQ_TAGS_MAX] = NULL;
-    struct rec_publish *recs = NULL;
+    /* One message (the common case) needs no heap: its record and
+     * requirements live here. */
+    struct rec_kv one_req[1][PQ_TAGS_MAX];
+    struct rec_publish one_rec;
+    struct rec_kv(*req)[PQ_TAGS_MAX] = one_req;
+    struct rec_publish *recs = &one_rec;
     struct store_loc loc;
     struct record r;
     uint32_t count;
@@ -624,11 +628,13 @@ journal_publish(struct journal *j, struct pending *items, uint32_t n,
     if (rc != PQ_OK) {
         return rc;
     }
-    recs = pq_calloc(count, sizeof(*recs));
-    req = pq_calloc(count, sizeof(*req));
-    if (recs == NULL || req == NULL) {
-        rc = PQ_ENOMEM;
-        goto out;
+    if (count > 1) {
+        recs = pq_calloc(count, sizeof(*recs));
+        req = pq_calloc(count, sizeof(*req));
+        if (recs == NULL || req == NULL) {
+            rc = PQ_ENOMEM;
+            goto out;
+        }
     }
     count = 0;
     for (uint32_t i = 0; i < n; i++) {
@@ -658,8 +664,10 @@ journal_publish(struct journal *j, struct pending *items, uint32_t n,
         }
     }
 out:
-    pq_free(recs);
-    pq_free(req);
+    if (recs != &one_rec) {
+        pq_free(recs);
+        pq_free(req);
+    }
     return rc;
 }
 
