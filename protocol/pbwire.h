@@ -40,13 +40,9 @@ struct pbwire_field {
 static inline size_t
 pbwire_varint_size(uint64_t v)
 {
-    size_t n = 1;
-
-    while (v >= 0x80) {
-        v >>= 7;
-        n++;
-    }
-    return n;
+    /* 7 bits a byte: the bits in use, rounded up to 7s (v | 1: 0 takes
+     * one byte). */
+    return (size_t)((64 - __builtin_clzll(v | 1)) + 6) / 7;
 }
 
 /* pbwire_put_varint: write v at p; returns bytes written. */

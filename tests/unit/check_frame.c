@@ -234,6 +234,14 @@ START_TEST(test_varint_sizes)
         ck_assert_uint_eq(back, vals[i]);
     }
     ck_assert_uint_eq(pbwire_varint_size(UINT64_MAX), 10);
+    /* Every bit length, at both ends: the size agrees with the encoder. */
+    for (unsigned s = 0; s < 64; s++) {
+        uint64_t v = (uint64_t)1 << s;
+
+        ck_assert_uint_eq(pbwire_varint_size(v), pbwire_put_varint(b, v));
+        ck_assert_uint_eq(pbwire_varint_size(v - 1),
+                          pbwire_put_varint(b, v - 1));
+    }
 }
 END_TEST
 
