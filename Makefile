@@ -288,20 +288,18 @@ $(B)/tests/model/check_model: $(B)/tests/model/check_model.o $(MODEL_OBJS) \
 # Each suite runs on its own; all run even if one fails, and the exit
 # status says whether any failed. Integration tests find the binaries
 # through PROTOQD / PROTOQ.
+# Suites run TEST_JOBS (default 2) at a time, the longest first
+# (tests/tools/run_suites.sh: one log each under $(B)/tests/logs).
+TEST_ORDER = $(MODEL_TESTS) $(CRASH_TESTS) $(filter-out $(MODEL_TESTS) $(CRASH_TESTS),$(TESTS))
 test: $(BINS) $(TESTS) $(PY_STAMP)
-	@failed=; rm -f $(B)/tests/failures.txt; for t in $(TESTS); do \
-	    echo "== $$t"; t0=$$(date +%s); \
-	    PROTOQD=$(CURDIR)/$(B)/protoqd PROTOQ=$(CURDIR)/$(B)/protoq \
-	        $(VALGRIND) ./$$t > $(B)/tests/last.log 2>&1; rc=$$?; \
-	    cat $(B)/tests/last.log; echo "   ($$(( $$(date +%s) - t0 )) s)"; \
-	    if [ $$rc -ne 0 ]; then failed="$$failed $$t"; \
-	        grep -E ':[EF]:' $(B)/tests/last.log >> $(B)/tests/failures.txt || \
-	        tail -5 $(B)/tests/last.log >> $(B)/tests/failures.txt; fi; \
-	done; \
+	@failed=; \
+	PROTOQD=$(CURDIR)/$(B)/protoqd PROTOQ=$(CURDIR)/$(B)/protoq \
+	    VALGRIND="$(VALGRIND)" tests/tools/run_suites.sh $(B)/tests/logs \
+	    $(TEST_ORDER) || failed="$$(cat $(B)/tests/logs/failed)"; \
 	$(MAKE) --no-print-directory pytest || failed="$$failed pytest"; \
 	$(if $(filter 1,$(SAN)),,$(MAKE) --no-print-directory test-install || failed="$$failed test-install";) \
 	if [ -n "$$failed" ]; then echo "== FAILED:$$failed"; \
-	    cat $(B)/tests/failures.txt 2>/dev/null; exit 1; fi
+	    cat $(B)/tests/logs/failures.txt 2>/dev/null; exit 1; fi
 
 # The Python client's suite alone (against this build's protoqd).
 pytest: $(BINS) $(PY_STAMP)
