@@ -143,8 +143,9 @@ int
 wire_strings_check(const ProtobufCMessageDescriptor *desc, const uint8_t *buf,
                    size_t len, char *what, size_t cap)
 {
-    struct path pt = {.depth = 0};
+    struct path pt; /* names[] is read only below depth: not zeroed */
 
+    pt.depth = 0;
     if (cap > 0) {
         what[0] = '\0';
     }
