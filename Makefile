@@ -226,9 +226,9 @@ $(LIBA): $(LIB_OBJS) $(PROTO_OBJS)
 
 # libprotoq.so.VERSION with soname libprotoq.so.SOVERSION; it needs only
 # protobuf-c (and pthreads) at run time.
-$(LIBSO): $(PIC_OBJS)
+$(LIBSO): $(PIC_OBJS) client/libprotoq.map
 	$(CC) $(LDFLAGS) -shared -Wl,-soname,$(LIBSO_NAME) -Wl,--as-needed \
-	    -o $@ $^ $(LDLIBS)
+	    -Wl,--version-script=client/libprotoq.map -o $@ $(PIC_OBJS) $(LDLIBS)
 	ln -sf libprotoq.so.$(VERSION) $(B)/$(LIBSO_NAME)
 	ln -sf $(LIBSO_NAME) $(B)/libprotoq.so
 

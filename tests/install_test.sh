@@ -35,6 +35,11 @@ done
 # when grep exits at the first match and cmd then dies of SIGPIPE.)
 dyn=$(readelf -d "$R/usr/lib/libprotoq.so.0.1.0")
 grep -q 'SONAME.*\[libprotoq.so.0\]' <<<"$dyn" || fail "soname"
+# The shared library exports protoq.h's functions and nothing else.
+syms=$(nm -D --defined-only "$R/usr/lib/libprotoq.so.0.1.0" | awk '{print $3}')
+extra=$(grep -v -e '^protoq_[a-z]' -e '^PROTOQ_0$' <<<"$syms" || true)
+[[ -z $extra ]] || fail "libprotoq.so exports more than its API: $(head -3 <<<"$extra")"
+grep -q '^protoq_connect@@PROTOQ_0$' <<<"$syms" || fail "protoq_connect not exported"
 grep -qx 'ExecStart=/usr/bin/protoqd -c /etc/protoq/protoqd.conf --data-dir /var/lib/protoq' \
     "$R/usr/lib/systemd/system/protoqd.service" || fail "ExecStart not from PREFIX"
 ! grep -q '^data_dir var/protoq' "$R/etc/protoq/protoqd.conf" || fail "conf keeps make run's data_dir"
