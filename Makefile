@@ -96,7 +96,7 @@ LDLIBS += $(PKG_LIBS)
 PROTO_GEN  = $(B)/protocol/protoq.pb-c.c $(B)/protocol/protoq.pb-c.h
 PROTO_OBJS = $(B)/protocol/protoq.pb-c.o $(B)/protocol/frame.o $(B)/protocol/pqerr.o \
              $(B)/protocol/units.o $(B)/protocol/strcheck.o $(B)/protocol/pbwire.o \
-             $(B)/protocol/tlsio.o
+             $(B)/protocol/tlsio.o $(B)/protocol/backoff.o
 
 CORE_OBJS  = $(B)/broker/mem.o $(B)/broker/log.o $(B)/broker/failpoint.o
 QUEUE_OBJS = $(B)/broker/queue.o $(B)/broker/queue_ready.o $(B)/broker/queue_dedup.o \
@@ -116,7 +116,8 @@ BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
 
 LIB_OBJS   = $(B)/client/client.o $(B)/client/client_admin.o \
              $(B)/client/client_pub.o $(B)/client/client_consume.o \
-             $(B)/client/client_job.o $(B)/client/client_tls.o
+             $(B)/client/client_job.o $(B)/client/client_tls.o \
+             $(B)/client/client_reconnect.o
 CLI_OBJS   = $(B)/client/cli.o $(B)/client/cli_queue.o $(B)/client/cli_pub.o \
              $(B)/client/cli_consume.o $(B)/client/cli_work.o $(B)/client/cli_job.o \
              $(B)/client/cli_json.o $(B)/client/cli_help.o $(B)/client/cli_route.o \
@@ -141,7 +142,7 @@ INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_a
               $(B)/tests/integration/check_metrics $(B)/tests/integration/check_systemd \
               $(B)/tests/integration/check_routes $(B)/tests/integration/check_visibility \
               $(B)/tests/integration/check_results $(B)/tests/integration/check_auth \
-              $(B)/tests/integration/check_tls \
+              $(B)/tests/integration/check_tls $(B)/tests/integration/check_reconnect \
               $(B)/tests/crash/check_crash $(B)/tests/crash/check_disk_full \
               $(B)/tests/crash/check_segments $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
