@@ -123,6 +123,8 @@ CLI_OBJS   = $(B)/client/cli.o $(B)/client/cli_queue.o $(B)/client/cli_pub.o \
              $(B)/client/cli_json.o $(B)/client/cli_help.o $(B)/client/cli_route.o \
              $(B)/client/cli_wait.o
 BENCH_OBJS = $(B)/client/bench.o
+# Example programs (client/examples): built by all, never installed.
+EXAMPLES   = $(B)/examples/worker_thread $(B)/examples/producer
 
 UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_structs \
               $(B)/tests/unit/check_queue $(B)/tests/unit/check_queue_compact \
@@ -143,6 +145,7 @@ INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_a
               $(B)/tests/integration/check_routes $(B)/tests/integration/check_visibility \
               $(B)/tests/integration/check_results $(B)/tests/integration/check_auth \
               $(B)/tests/integration/check_tls $(B)/tests/integration/check_reconnect \
+              $(B)/tests/integration/check_examples \
               $(B)/tests/crash/check_crash $(B)/tests/crash/check_disk_full \
               $(B)/tests/crash/check_segments $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
@@ -178,11 +181,12 @@ PY_STAMP = $(PY_PKG)/protoq_pb2.py
 
 ALL_OBJS = $(PROTO_OBJS) $(BROKER_OBJS) $(LIB_OBJS) $(CLI_OBJS) $(BENCH_OBJS) \
            $(TESTUTIL_OBJS) $(QFIX_OBJS) $(SFIX_OBJS) $(SRVFIX_OBJS) $(JOBFIX_OBJS) \
-           $(CRASHFIX_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
+           $(CRASHFIX_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o \
+           $(EXAMPLES:$(B)/examples/%=$(B)/client/examples/%.o)
 
 .PHONY: all run test pytest bench soak install uninstall test-install deb clean fuzz fuzz-build fuzz-corpus \
         check-includes format format-check
-all: $(BINS) $(LIBA) $(LIBSO) $(PY_STAMP)
+all: $(BINS) $(LIBA) $(LIBSO) $(PY_STAMP) $(EXAMPLES)
 
 # ---- generated protobuf-c code (never committed) ----
 # One protoc-c run writes both files (grouped target).
@@ -239,6 +243,10 @@ $(B)/protoq: $(CLI_OBJS) $(LIBA)
 $(B)/protoq-bench: $(BENCH_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lm
 
+$(B)/examples/%: $(B)/client/examples/%.o $(LIBA)
+	@mkdir -p $(@D)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
 # ---- tests ----
 $(B)/tests/%.o: override CFLAGS += $(CHECK_CFLAGS) -Itests
 
@@ -289,10 +297,11 @@ $(B)/tests/model/check_model: $(B)/tests/model/check_model.o $(MODEL_OBJS) \
 # Each suite runs on its own; all run even if one fails, and the exit
 # status says whether any failed. Integration tests find the binaries
 # through PROTOQD / PROTOQ.
-test: $(BINS) $(TESTS) $(PY_STAMP)
+test: $(BINS) $(TESTS) $(PY_STAMP) $(EXAMPLES)
 	@failed=; rm -f $(B)/tests/failures.txt; for t in $(TESTS); do \
 	    echo "== $$t"; t0=$$(date +%s); \
 	    PROTOQD=$(CURDIR)/$(B)/protoqd PROTOQ=$(CURDIR)/$(B)/protoq \
+	        PROTOQ_EXAMPLES=$(CURDIR)/$(B)/examples \
 	        $(VALGRIND) ./$$t > $(B)/tests/last.log 2>&1; rc=$$?; \
 	    cat $(B)/tests/last.log; echo "   ($$(( $$(date +%s) - t0 )) s)"; \
 	    if [ $$rc -ne 0 ]; then failed="$$failed $$t"; \
