@@ -552,7 +552,10 @@ drain_fd(struct work_state *ws, struct job *j, int *fd, FILE *to,
         n = read(*fd, buf, sizeof(buf));
         if (n > 0) {
             keep(ws, j, buf, (size_t)n);
+            /* At once, also into a file or a pipe: whoever reads our
+             * output follows the job while it runs. */
             fwrite(buf, 1, (size_t)n, to);
+            fflush(to);
             continue;
         }
         if (n < 0 && (errno == EINTR)) {
