@@ -58,7 +58,9 @@
  *    again by the library: async publishes get their confirm callback with
  *    that error, blocking ones return it. Such a publish may or may not
  *    have been stored; publishing it again is the caller's choice (at
- *    least once: give it an idempotency_key to make the retry harmless).
+ *    least once: give it an idempotency_key to make the retry harmless;
+ *    retry after the call that reported the loss returns: a publish made
+ *    from inside that confirm callback fails with PQ_ECLOSED too).
  *    Buffered acks, nacks and releases are dropped (the broker redelivers
  *    those jobs).
  *  - Deliveries of the old connection are the broker's again: it requeues
