@@ -38,8 +38,9 @@
  * every outstanding request, and is sticky, except on a reconnecting handle
  * (protoq_opts.reconnect): there it is also "down" (c->down), the old
  * connection's state is dropped at once (conn_drop), and the entry points
- * (client_pump, client_revive) connect again with conn_open, the same path
- * as protoq_connect, and subscribe again (reconnect_once).
+ * (client_pump, client_revive) connect again with client_conn_open, the
+ * same path as protoq_connect (one handshake builds every Hello), and
+ * subscribe again (reconnect_once).
  */
 #include "client_int.h"
 #include "clock.h"
@@ -1429,17 +1430,8 @@ do_connect(protoq_client *c, const char *hostport, int64_t deadline, char *host,
     return PQ_OK;
 }
 
-/* The one place a Hello is built, for the first connection and every
- * reconnect alike. Points into o's strings. */
-static void
-hello_build(Protoq__Hello *h, const struct protoq_opts *o)
-{
-    h->protocol_version = PROTOQ_PROTOCOL_VERSION;
-    h->client_name = S(o && o->client_name ? o->client_name : "libprotoq");
-    h->auth_token = S(o ? o->auth_token : NULL);
-    h->heartbeat_ms = o ? o->heartbeat_ms : 0;
-}
-
+/* Hello/Welcome: the one place a Hello is built, for the first connection
+ * and every reconnect alike (client_conn_open). */
 static int
 handshake(protoq_client *c, const struct protoq_opts *o)
 {
@@ -1449,7 +1441,10 @@ handshake(protoq_client *c, const struct protoq_opts *o)
     const Protoq__Welcome *w;
     int rc;
 
-    hello_build(&h, o);
+    h.protocol_version = PROTOQ_PROTOCOL_VERSION;
+    h.client_name = S(o && o->client_name ? o->client_name : "libprotoq");
+    h.auth_token = S(o ? o->auth_token : NULL);
+    h.heartbeat_ms = o ? o->heartbeat_ms : 0;
     f.kind_case = PROTOQ__FRAME__KIND_HELLO;
     f.hello = &h;
     rc = client_request(c, &f, PROTOQ__FRAME__KIND_WELCOME, &r);

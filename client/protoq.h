@@ -182,6 +182,11 @@ struct protoq_opts {
     int io_timeout_ms;       /* bound of each blocking request; 0 = 30000,
                                 < 0 = wait forever */
     uint32_t heartbeat_ms;   /* heartbeat interval wished; 0 = broker's */
+    /* Reconnect after a lost connection (see "Reconnect" at the top). */
+    bool reconnect;
+    uint32_t reconnect_min_ms; /* first delay (0 = 100); each try doubles */
+    uint32_t reconnect_max_ms; /* largest delay (0 = 5000); each delay is
+                                  drawn from [d/2, d] (jitter) */
     /*
      * TLS: on when tls is set or the address starts with "tls://". The
      * broker's certificate must chain to a CA in tls_ca_file (NULL: the
@@ -198,11 +203,6 @@ struct protoq_opts {
     const char *tls_server_name; /* name to verify and send as SNI */
     bool tls_no_verify_hostname; /* any name the CA signed: only for tests
                                     and private CAs that sign one broker */
-    /* Reconnect after a lost connection (see "Reconnect" at the top). */
-    bool reconnect;
-    uint32_t reconnect_min_ms; /* first delay (0 = 100); each try doubles */
-    uint32_t reconnect_max_ms; /* largest delay (0 = 5000); each delay is
-                                  drawn from [d/2, d] (jitter) */
 };
 
 /* What the broker said in its Welcome. */
