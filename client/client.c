@@ -1430,8 +1430,6 @@ do_connect(protoq_client *c, const char *hostport, int64_t deadline, char *host,
     return PQ_OK;
 }
 
-/* Hello/Welcome: the one place a Hello is built, for the first connection
- * and every reconnect alike (client_conn_open). */
 static int
 handshake(protoq_client *c, const struct protoq_opts *o)
 {
@@ -1523,7 +1521,7 @@ conn_drop(protoq_client *c)
 /*
  * client_conn_open: connect c to hostport with opts and do the handshake,
  * bounded by the connect timeout: the first connection (protoq_connect) and
- * every reconnect. Starts from fresh buffers and a live state; on failure
+ * every reconnect (so handshake() builds every Hello). Starts from fresh buffers and a live state; on failure
  * c is dead with the reason in errmsg and dead_msg.
  */
 int
