@@ -1521,8 +1521,9 @@ conn_drop(protoq_client *c)
 /*
  * client_conn_open: connect c to hostport with opts and do the handshake,
  * bounded by the connect timeout: the first connection (protoq_connect) and
- * every reconnect (so handshake() builds every Hello). Starts from fresh buffers and a live state; on failure
- * c is dead with the reason in errmsg and dead_msg.
+ * every reconnect (so handshake() builds every Hello). Starts from fresh
+ * buffers and a live state; on failure c is dead with the reason in errmsg and
+ * dead_msg.
  */
 int
 client_conn_open(protoq_client *c, const char *hostport,
