@@ -96,7 +96,7 @@ LDLIBS += $(PKG_LIBS)
 PROTO_GEN  = $(B)/protocol/protoq.pb-c.c $(B)/protocol/protoq.pb-c.h
 PROTO_OBJS = $(B)/protocol/protoq.pb-c.o $(B)/protocol/frame.o $(B)/protocol/pqerr.o \
              $(B)/protocol/units.o $(B)/protocol/strcheck.o $(B)/protocol/pbwire.o \
-             $(B)/protocol/tlsio.o
+             $(B)/protocol/tlsio.o $(B)/protocol/backoff.o
 
 CORE_OBJS  = $(B)/broker/mem.o $(B)/broker/log.o $(B)/broker/failpoint.o
 QUEUE_OBJS = $(B)/broker/queue.o $(B)/broker/queue_ready.o $(B)/broker/queue_dedup.o \
@@ -116,12 +116,15 @@ BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
 
 LIB_OBJS   = $(B)/client/client.o $(B)/client/client_admin.o \
              $(B)/client/client_pub.o $(B)/client/client_consume.o \
-             $(B)/client/client_job.o $(B)/client/client_tls.o
+             $(B)/client/client_job.o $(B)/client/client_tls.o \
+             $(B)/client/client_reconnect.o
 CLI_OBJS   = $(B)/client/cli.o $(B)/client/cli_queue.o $(B)/client/cli_pub.o \
              $(B)/client/cli_consume.o $(B)/client/cli_work.o $(B)/client/cli_job.o \
              $(B)/client/cli_json.o $(B)/client/cli_help.o $(B)/client/cli_route.o \
              $(B)/client/cli_wait.o
 BENCH_OBJS = $(B)/client/bench.o
+# Example programs (client/examples): built by all, never installed.
+EXAMPLES   = $(B)/examples/worker_thread $(B)/examples/producer
 
 UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_structs \
               $(B)/tests/unit/check_queue $(B)/tests/unit/check_queue_compact \
@@ -141,7 +144,8 @@ INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_a
               $(B)/tests/integration/check_metrics $(B)/tests/integration/check_systemd \
               $(B)/tests/integration/check_routes $(B)/tests/integration/check_visibility \
               $(B)/tests/integration/check_results $(B)/tests/integration/check_auth \
-              $(B)/tests/integration/check_tls \
+              $(B)/tests/integration/check_tls $(B)/tests/integration/check_reconnect \
+              $(B)/tests/integration/check_examples $(B)/tests/integration/check_walkthrough \
               $(B)/tests/crash/check_crash $(B)/tests/crash/check_disk_full \
               $(B)/tests/crash/check_segments $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
@@ -177,11 +181,12 @@ PY_STAMP = $(PY_PKG)/protoq_pb2.py
 
 ALL_OBJS = $(PROTO_OBJS) $(BROKER_OBJS) $(LIB_OBJS) $(CLI_OBJS) $(BENCH_OBJS) \
            $(TESTUTIL_OBJS) $(QFIX_OBJS) $(SFIX_OBJS) $(SRVFIX_OBJS) $(JOBFIX_OBJS) \
-           $(CRASHFIX_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o
+           $(CRASHFIX_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o \
+           $(EXAMPLES:$(B)/examples/%=$(B)/client/examples/%.o)
 
 .PHONY: all run test pytest bench soak install uninstall test-install deb clean fuzz fuzz-build fuzz-corpus \
         check-includes format format-check
-all: $(BINS) $(LIBA) $(LIBSO) $(PY_STAMP)
+all: $(BINS) $(LIBA) $(LIBSO) $(PY_STAMP) $(EXAMPLES)
 
 # ---- generated protobuf-c code (never committed) ----
 # One protoc-c run writes both files (grouped target).
@@ -238,6 +243,10 @@ $(B)/protoq: $(CLI_OBJS) $(LIBA)
 $(B)/protoq-bench: $(BENCH_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lm
 
+$(B)/examples/%: $(B)/client/examples/%.o $(LIBA)
+	@mkdir -p $(@D)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
 # ---- tests ----
 $(B)/tests/%.o: override CFLAGS += $(CHECK_CFLAGS) -Itests
 
@@ -291,9 +300,10 @@ $(B)/tests/model/check_model: $(B)/tests/model/check_model.o $(MODEL_OBJS) \
 # Suites run TEST_JOBS (default 2) at a time, the longest first
 # (tests/tools/run_suites.sh: one log each under $(B)/tests/logs).
 TEST_ORDER = $(MODEL_TESTS) $(CRASH_TESTS) $(filter-out $(MODEL_TESTS) $(CRASH_TESTS),$(TESTS))
-test: $(BINS) $(TESTS) $(PY_STAMP)
+test: $(BINS) $(TESTS) $(PY_STAMP) $(EXAMPLES)
 	@failed=; \
 	PROTOQD=$(CURDIR)/$(B)/protoqd PROTOQ=$(CURDIR)/$(B)/protoq \
+	    PROTOQ_EXAMPLES=$(CURDIR)/$(B)/examples \
 	    VALGRIND="$(VALGRIND)" tests/tools/run_suites.sh $(B)/tests/logs \
 	    $(TEST_ORDER) || failed="$$(cat $(B)/tests/logs/failed)"; \
 	$(MAKE) --no-print-directory pytest || failed="$$failed pytest"; \

@@ -75,7 +75,8 @@ dispatch_on_subscribe(struct conn *c, uint64_t rid, const Protoq__Subscribe *r)
         return;
     }
     s->conn = c;
-    s->cons.paused = c->output_full;
+    s->flow_paused = r->paused;
+    s->cons.paused = s->flow_paused || c->output_full;
     s->next = c->subs;
     c->subs = s;
     c->nsubs++;

@@ -34,6 +34,7 @@
  * the payload to stdin) sees its lifeline pipe close and stops the job's
  * process group the same way, so no job outlives its supervisor.
  */
+#include "backoff.h"
 #include "cli.h"
 #include "clock.h"
 #include "pqlimits.h"
@@ -61,8 +62,6 @@ enum {
     CHECKPOINT_MAX = 1024,
     PROGRESS_LINE_MAX = 2048,
     PROGRESS_MIN_GAP_MS = 1000, /* progress forwarded at most this often */
-    RECONNECT_MIN_MS = 100,
-    RECONNECT_MAX_MS = 5000,
     DEFAULT_SHUTDOWN_GRACE_MS = 30000,
     DEFAULT_KILL_GRACE_MS = 10000,
     DEFAULT_RESULT_MAX = 1024 * 1024, /* the broker's max_result_bytes */
@@ -553,7 +552,10 @@ drain_fd(struct work_state *ws, struct job *j, int *fd, FILE *to,
         n = read(*fd, buf, sizeof(buf));
         if (n > 0) {
             keep(ws, j, buf, (size_t)n);
+            /* At once, also into a file or a pipe: whoever reads our
+             * output follows the job while it runs. */
             fwrite(buf, 1, (size_t)n, to);
+            fflush(to);
             continue;
         }
         if (n < 0 && (errno == EINTR)) {
@@ -1042,7 +1044,7 @@ cmd_work(struct cli *cli, int argc, char **argv)
 {
     struct work_state ws;
     struct kvlist tags;
-    int64_t backoff = RECONNECT_MIN_MS;
+    struct backoff backoff;
     int handled = 0;
     int rc, ret;
 
@@ -1066,7 +1068,7 @@ cmd_work(struct cli *cli, int argc, char **argv)
         goto out;
     }
     install_signals();
-    srand((unsigned)getpid() ^ (unsigned)mono_ms());
+    backoff_init(&backoff, 0, 0, (uint64_t)getpid() ^ (uint64_t)mono_ms());
     /* The first connection must work: a typo in -s should not retry. */
     rc = connect_and_subscribe(&ws);
     if (rc != PQ_OK) {
@@ -1099,18 +1101,16 @@ cmd_work(struct cli *cli, int argc, char **argv)
                 nap(&ws, 100);
                 continue;
             }
-            nap(&ws, backoff / 2 + rand() % (backoff / 2 + 1));
+            nap(&ws, (int)backoff_next(&backoff));
             if (work_signals > handled) {
                 continue;
             }
             if (connect_and_subscribe(&ws) == PQ_OK) {
                 say(&ws, "connected again to %s", cli->server);
-                backoff = RECONNECT_MIN_MS;
+                backoff_reset(&backoff);
             } else {
                 protoq_close(cli->c);
                 cli->c = NULL;
-                backoff = backoff * 2 > RECONNECT_MAX_MS ? RECONNECT_MAX_MS
-                                                         : backoff * 2;
             }
             continue;
         }

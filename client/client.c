@@ -35,7 +35,12 @@
  * Invariants: the library never prints, never exits, keeps no globals, and
  * never keeps a pointer into an unpacked frame past the function that
  * handles it. A connection failure marks the handle dead (c->dead), fails
- * every outstanding request, and is sticky.
+ * every outstanding request, and is sticky, except on a reconnecting handle
+ * (protoq_opts.reconnect): there it is also "down" (c->down), the old
+ * connection's state is dropped at once (conn_drop), and the entry points
+ * (client_pump, client_revive) connect again with client_conn_open, the
+ * same path as protoq_connect (one handshake builds every Hello), and
+ * subscribe again (reconnect_once).
  */
 #include "client_int.h"
 #include "clock.h"
@@ -53,6 +58,9 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+
+static void conn_drop(protoq_client *c);
+
 /* ---- small helpers ---- */
 
 static int64_t
@@ -281,6 +289,14 @@ conn_fail(protoq_client *c, int err, const char *fmt, ...)
     c->dead = err;
     c->out_start = c->out_len = 0;
     pend_fail_all(c, err);
+    if (c->can_reconnect) {
+        conn_drop(c);
+        if (!c->in_reconnect && !c->down) {
+            c->down = true;
+            c->retry_at_ms = now_ms() + backoff_next(&c->backoff);
+            client_defer_event(c, PROTOQ_CONN_LOST, err, 0);
+        }
+    }
     return client_dead_err(c);
 }
 
@@ -484,8 +500,23 @@ kv_from_wire(struct protoq_kv *kv, Protoq__KeyValue *const *w, size_t n)
     }
 }
 
+/* The subscription of a Deliver: by the current connection's id. */
 static struct sub *
-sub_find(protoq_client *c, uint64_t id)
+sub_find_wire(protoq_client *c, uint64_t wire_id)
+{
+    size_t i;
+
+    for (i = 0; i < c->n_subs && wire_id != 0; i++) {
+        if (c->subs[i].wire_id == wire_id) {
+            return &c->subs[i];
+        }
+    }
+    return NULL;
+}
+
+/* The subscription the caller knows as id. */
+struct sub *
+client_sub_find(protoq_client *c, uint64_t id)
 {
     size_t i;
 
@@ -497,10 +528,58 @@ sub_find(protoq_client *c, uint64_t id)
     return NULL;
 }
 
+/* Forget subscription id (nothing is sent). */
+void
+client_sub_forget(protoq_client *c, uint64_t id)
+{
+    struct sub *s = client_sub_find(c, id);
+
+    if (s != NULL) {
+        free(s->queue);
+        free(s->tags);
+        *s = c->subs[--c->n_subs];
+    }
+}
+
+/* Keep queue, prefetch and tags of sub id for a reconnect: one allocation
+ * for the strings (queue first), one for the pairs. */
+int
+client_sub_remember(protoq_client *c, uint64_t id, const char *queue,
+                    uint32_t prefetch, const struct protoq_kv *tags,
+                    size_t n_tags)
+{
+    struct sub *s = client_sub_find(c, id);
+    size_t len = strlen(queue) + 1;
+    size_t i;
+    char *p;
+
+    if (s == NULL || !c->can_reconnect) {
+        return PQ_OK;
+    }
+    for (i = 0; i < n_tags; i++) {
+        len += strlen(tags[i].key) + strlen(tags[i].value) + 2;
+    }
+    s->queue = malloc(len);
+    s->tags = n_tags ? calloc(n_tags, sizeof(*s->tags)) : NULL;
+    if (s->queue == NULL || (n_tags > 0 && s->tags == NULL)) {
+        return client_set_err(c, PQ_ENOMEM, "out of memory (subscription)");
+    }
+    p = stpcpy(s->queue, queue) + 1;
+    for (i = 0; i < n_tags; i++) {
+        s->tags[i].key = p;
+        p = stpcpy(p, tags[i].key) + 1;
+        s->tags[i].value = p;
+        p = stpcpy(p, tags[i].value) + 1;
+    }
+    s->n_tags = n_tags;
+    s->prefetch = prefetch;
+    return PQ_OK;
+}
+
 static int
 sub_add(protoq_client *c, uint64_t id, protoq_deliver_fn cb, void *arg)
 {
-    struct sub *s = sub_find(c, id);
+    struct sub *s = client_sub_find(c, id);
 
     if (s == NULL) {
         if (c->n_subs == c->subs_cap) {
@@ -514,8 +593,10 @@ sub_add(protoq_client *c, uint64_t id, protoq_deliver_fn cb, void *arg)
             c->subs_cap = cap;
         }
         s = &c->subs[c->n_subs++];
+        memset(s, 0, sizeof(*s));
     }
     s->id = id;
+    s->wire_id = id;
     s->cb = cb;
     s->arg = arg;
     return PQ_OK;
@@ -530,7 +611,7 @@ on_deliver(protoq_client *c, const Protoq__Deliver *d)
     struct protoq_kv *kv = stack_kv;
     struct protoq_delivery dv;
     const Protoq__Message *m = d->message;
-    struct sub *s = sub_find(c, d->subscription_id);
+    struct sub *s = sub_find_wire(c, d->subscription_id);
     protoq_deliver_fn cb;
     void *arg;
 
@@ -541,7 +622,7 @@ on_deliver(protoq_client *c, const Protoq__Deliver *d)
     cb = s->cb; /* s may move if the callback subscribes */
     arg = s->arg;
     memset(&dv, 0, sizeof(dv));
-    dv.subscription_id = d->subscription_id;
+    dv.subscription_id = s->id;
     dv.queue = d->queue ? d->queue : "";
     dv.message_id = d->message_id;
     dv.attempt = d->attempt;
@@ -588,10 +669,10 @@ on_deliver(protoq_client *c, const Protoq__Deliver *d)
     return 1;
 }
 
-/* Put f on the callback FIFO (conf: its confirm entry, or NULL). Takes
- * ownership of f. Returns 0, or PQ_ENOMEM with the connection failed. */
-static int
-defer(protoq_client *c, Protoq__Frame *f, const struct pending *conf)
+/* A new zeroed slot at the tail of the callback FIFO, or NULL when out of
+ * memory. */
+static struct deferred *
+dq_push(protoq_client *c)
 {
     struct deferred *d;
 
@@ -600,8 +681,7 @@ defer(protoq_client *c, Protoq__Frame *f, const struct pending *conf)
         struct deferred *n = malloc(cap * sizeof(*n));
 
         if (n == NULL) {
-            frame_free(f);
-            return conn_fail(c, PQ_ENOMEM, "out of memory (callback queue)");
+            return NULL;
         }
         for (size_t i = 0; i < c->dq_len; i++) {
             n[i] = c->dq[(c->dq_head + i) % c->dq_cap];
@@ -612,13 +692,55 @@ defer(protoq_client *c, Protoq__Frame *f, const struct pending *conf)
         c->dq_head = 0;
     }
     d = &c->dq[(c->dq_head + c->dq_len) % c->dq_cap];
+    memset(d, 0, sizeof(*d));
+    c->dq_len++;
+    return d;
+}
+
+/* Put f on the callback FIFO (conf: its confirm entry, or NULL). Takes
+ * ownership of f. Returns 0, or PQ_ENOMEM with the connection failed. */
+static int
+defer(protoq_client *c, Protoq__Frame *f, const struct pending *conf)
+{
+    struct deferred *d = dq_push(c);
+
+    if (d == NULL) {
+        frame_free(f);
+        return conn_fail(c, PQ_ENOMEM, "out of memory (callback queue)");
+    }
     d->f = f;
-    memset(&d->conf, 0, sizeof(d->conf));
     if (conf != NULL) {
         d->conf = *conf;
     }
-    c->dq_len++;
     return 0;
+}
+
+/* Queue a connection event for the conn callback. Out of memory drops it:
+ * events are advisory (protoq_connected tells the same). */
+int
+client_defer_event(protoq_client *c, int event, int err, uint64_t sub_id)
+{
+    struct deferred *d = dq_push(c);
+
+    if (d == NULL) {
+        return PQ_ENOMEM;
+    }
+    d->event = event;
+    d->err = err;
+    d->sub_id = sub_id;
+    d->code = event == PROTOQ_CONN_SUB_LOST ? c->last_code : 0;
+    d->msg = strdup(event == PROTOQ_CONN_LOST       ? c->dead_msg
+                    : event == PROTOQ_CONN_SUB_LOST ? c->errmsg
+                                                    : "");
+    return 0;
+}
+
+/* Free what a FIFO entry owns. */
+static void
+deferred_fini(struct deferred *d)
+{
+    frame_free(d->f);
+    free(d->msg);
 }
 
 /* Run the user callback for one deferred frame. Returns 1 if a callback
@@ -629,6 +751,15 @@ run_one(protoq_client *c, const struct deferred *d)
     Protoq__Frame *f = d->f;
     const struct pending *e = &d->conf;
 
+    if (f == NULL) {
+        if (c->conn_cb == NULL) {
+            return 0;
+        }
+        client_copy_str(c->errmsg, sizeof(c->errmsg), d->msg);
+        c->last_code = d->code;
+        c->conn_cb(c->conn_arg, c, d->event, d->err, d->sub_id);
+        return 1;
+    }
     if (e->kind == PEND_CONFIRM) {
         if (f->kind_case == PROTOQ__FRAME__KIND_PUBLISH_OK) {
             const Protoq__PublishOk *ok = f->publish_ok;
@@ -692,7 +823,7 @@ run_deferred(protoq_client *c)
         c->cb_depth++;
         rc = run_one(c, &d);
         c->cb_depth--;
-        frame_free(d.f);
+        deferred_fini(&d);
         if (rc < 0) {
             return conn_fail(c, rc, "out of memory (delivery)");
         }
@@ -718,6 +849,13 @@ on_reply(protoq_client *c, struct pending *p, Protoq__Frame *f)
             if (sub_add(c, f->subscribe_ok->subscription_id, e.w->sub_cb,
                         e.w->sub_arg) != PQ_OK) {
                 e.w->err = PQ_ENOMEM;
+            }
+        } else if (f->kind_case == PROTOQ__FRAME__KIND_SUBSCRIBE_OK &&
+                   e.w->resub_id != 0) {
+            struct sub *s = client_sub_find(c, e.w->resub_id);
+
+            if (s != NULL) {
+                s->wire_id = f->subscribe_ok->subscription_id;
             }
         }
         e.w->reply = f; /* ownership passes to the waiter */
@@ -905,7 +1043,21 @@ client_pump(protoq_client *c, int timeout_ms, bool dispatch)
     int wait;
 
     if (c->dead) {
-        return client_dead_err(c);
+        if (!c->down || c->in_reconnect) {
+            return client_dead_err(c);
+        }
+        /* Reconnecting: tell of the loss first, then wait for the
+         * connection within timeout_ms. */
+        rc = dispatch ? run_deferred(c) : 0;
+        if (rc == 0) {
+            rc = client_revive_until(c, client_deadline_after(timeout_ms));
+            if (rc == PQ_ECLOSED && c->down) {
+                return dispatch ? run_deferred(c) : 0;
+            }
+        }
+        if (rc != PQ_OK) {
+            return rc;
+        }
     }
     if (dispatch) {
         rc = dispatch_input(c);
@@ -968,8 +1120,9 @@ client_flush_all(protoq_client *c, bool dispatch)
     int64_t deadline = client_deadline_after(c->io_timeout_ms);
     int rc;
 
-    if (c->dead) {
-        return client_dead_err(c);
+    rc = client_revive(c);
+    if (rc != PQ_OK) {
+        return rc;
     }
     rc = out_write(c);
     while (rc >= 0 && c->out_len > c->out_start) {
@@ -1036,8 +1189,9 @@ client_request_w(protoq_client *c, Protoq__Frame *f,
     int rc;
 
     *reply = NULL;
-    if (c->dead) {
-        return client_dead_err(c);
+    rc = client_revive(c);
+    if (rc != PQ_OK) {
+        return rc;
     }
     id = c->next_id++;
     f->request_id = id;
@@ -1128,8 +1282,10 @@ client_request_ok(protoq_client *c, Protoq__Frame *f, uint64_t *count)
 int
 client_send_noreply(protoq_client *c, Protoq__Frame *f)
 {
-    if (c->dead) {
-        return client_dead_err(c);
+    int rc = client_revive(c);
+
+    if (rc != PQ_OK) {
+        return rc;
     }
     f->request_id = c->next_id++;
     return client_send_frame(c, f);
@@ -1332,13 +1488,53 @@ handshake(protoq_client *c, const struct protoq_opts *o)
     return PQ_OK;
 }
 
-/* protoq_connect: connect, handshake; *out set even on failure (see protoq.h).
+/*
+ * conn_drop: a reconnecting handle lost its connection (conn_fail): close
+ * the socket and drop what belongs to that connection: its input and
+ * output, and the deliveries and cancel requests waiting for a callback
+ * (the broker has taken them back). Confirms, errors and events stay.
+ */
+static void
+conn_drop(protoq_client *c)
+{
+    size_t i, kept = 0;
+
+    client_tls_free(c);
+    if (c->fd >= 0) {
+        close(c->fd);
+        c->fd = -1;
+    }
+    c->in_start = c->in_end = 0;
+    c->out_start = c->out_len = 0;
+    c->tls_want_write = false;
+    for (i = 0; i < c->dq_len; i++) {
+        struct deferred *d = &c->dq[(c->dq_head + i) % c->dq_cap];
+
+        if (d->f != NULL && d->conf.kind != PEND_CONFIRM &&
+            (d->f->kind_case == PROTOQ__FRAME__KIND_DELIVER ||
+             d->f->kind_case == PROTOQ__FRAME__KIND_CANCEL_REQUESTED)) {
+            deferred_fini(d);
+            continue;
+        }
+        c->dq[(c->dq_head + kept++) % c->dq_cap] = *d;
+    }
+    c->dq_len = kept;
+    for (i = 0; i < c->n_subs; i++) {
+        c->subs[i].wire_id = 0;
+    }
+}
+
+/*
+ * client_conn_open: connect c to hostport with opts and do the handshake,
+ * bounded by the connect timeout: the first connection (protoq_connect) and
+ * every reconnect (so handshake() builds every Hello). Starts from fresh
+ * buffers and a live state; on failure c is dead with the reason in errmsg and
+ * dead_msg.
  */
 int
-protoq_connect(const char *hostport, const struct protoq_opts *opts,
-               protoq_client **out)
+client_conn_open(protoq_client *c, const char *hostport,
+                 const struct protoq_opts *opts)
 {
-    protoq_client *c = calloc(1, sizeof(*c));
     int connect_ms = opts && opts->connect_timeout_ms > 0
                          ? opts->connect_timeout_ms
                          : DEFAULT_CONNECT_MS;
@@ -1347,14 +1543,15 @@ protoq_connect(const char *hostport, const struct protoq_opts *opts,
     char host[256];
     int rc;
 
-    *out = c;
-    if (c == NULL) {
-        return PQ_ENOMEM;
+    client_tls_free(c); /* a reconnect after a refused Hello */
+    if (c->fd >= 0) {
+        close(c->fd);
+        c->fd = -1;
     }
-    c->fd = -1;
-    c->next_id = 1;
-    c->io_timeout_ms =
-        opts && opts->io_timeout_ms != 0 ? opts->io_timeout_ms : DEFAULT_IO_MS;
+    c->dead = 0;
+    c->dead_msg[0] = '\0';
+    c->in_start = c->in_end = 0;
+    c->out_start = c->out_len = 0;
     c->in_limit = PRE_WELCOME_MAX;
     c->info.max_frame_bytes = PRE_WELCOME_MAX;
     c->last_send_ms = now_ms();
@@ -1411,6 +1608,30 @@ protoq_connect(const char *hostport, const struct protoq_opts *opts,
     return PQ_OK;
 }
 
+/* protoq_connect: connect, handshake; *out set even on failure (see
+ * protoq.h). A reconnecting handle keeps copies of hostport and opts. */
+int
+protoq_connect(const char *hostport, const struct protoq_opts *opts,
+               protoq_client **out)
+{
+    protoq_client *c = calloc(1, sizeof(*c));
+    int rc;
+
+    *out = c;
+    if (c == NULL) {
+        return PQ_ENOMEM;
+    }
+    c->fd = -1;
+    c->next_id = 1;
+    c->io_timeout_ms =
+        opts && opts->io_timeout_ms != 0 ? opts->io_timeout_ms : DEFAULT_IO_MS;
+    rc = client_conn_open(c, hostport, opts);
+    if (rc == PQ_OK && opts != NULL && opts->reconnect) {
+        rc = client_reconnect_init(c, hostport, opts);
+    }
+    return rc;
+}
+
 /* protoq_close: close the socket and free the handle; no callbacks run. */
 void
 protoq_close(protoq_client *c)
@@ -1423,11 +1644,15 @@ protoq_close(protoq_client *c)
         close(c->fd);
     }
     for (size_t i = 0; i < c->dq_len; i++) {
-        frame_free(c->dq[(c->dq_head + i) % c->dq_cap].f);
+        deferred_fini(&c->dq[(c->dq_head + i) % c->dq_cap]);
     }
     free(c->dq);
     free(c->pend);
+    while (c->n_subs > 0) {
+        client_sub_forget(c, c->subs[0].id);
+    }
     free(c->subs);
+    client_reconnect_fini(c);
     free(c->out);
     free(c->in);
     free(c);

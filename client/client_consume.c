@@ -4,17 +4,18 @@
  */
 #include "client_int.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 /* ---- consuming ---- */
 
-/* protoq_subscribe: Subscribe; the callback is registered when SubscribeOk
- * arrives. */
+/* client_subscribe_wire: Subscribe and wait for SubscribeOk; w carries the
+ * hook that registers the subscription before any Deliver is handled. */
 int
-protoq_subscribe(protoq_client *c, const char *queue, uint32_t prefetch,
-                 const struct protoq_kv *tags, size_t n_tags,
-                 protoq_deliver_fn cb, void *arg, uint64_t *sub_id)
+client_subscribe_wire(protoq_client *c, const char *queue, uint32_t prefetch,
+                      bool paused, const struct protoq_kv *tags, size_t n_tags,
+                      struct waiter *w, uint64_t *wire_id)
 {
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__Subscribe s = PROTOQ__SUBSCRIBE__INIT;
@@ -23,18 +24,8 @@ protoq_subscribe(protoq_client *c, const char *queue, uint32_t prefetch,
     Protoq__KeyValue *kv = kv_inline;
     Protoq__KeyValue **kvp = kvp_inline;
     Protoq__Frame *r;
-    struct waiter w;
     int rc;
 
-    if (sub_id != NULL) {
-        *sub_id = 0;
-    }
-    if (!client_name_ok(c, "queue", queue)) {
-        return PQ_EINVAL;
-    }
-    if (cb == NULL || (n_tags > 0 && tags == NULL)) {
-        return client_set_err(c, PQ_EINVAL, "subscribe needs a callback");
-    }
     if (n_tags > KV_STACK) {
         kv = malloc(n_tags * sizeof(*kv));
         kvp = malloc(n_tags * sizeof(*kvp));
@@ -46,14 +37,12 @@ protoq_subscribe(protoq_client *c, const char *queue, uint32_t prefetch,
     }
     s.queue = S(queue);
     s.prefetch = prefetch;
+    s.paused = paused;
     s.n_tags = n_tags;
     s.tags = client_kv_to_wire(kv, kvp, tags, n_tags);
     f.kind_case = PROTOQ__FRAME__KIND_SUBSCRIBE;
     f.subscribe = &s;
-    memset(&w, 0, sizeof(w));
-    w.sub_cb = cb;
-    w.sub_arg = arg;
-    rc = client_request_w(c, &f, PROTOQ__FRAME__KIND_SUBSCRIBE_OK, &r, &w);
+    rc = client_request_w(c, &f, PROTOQ__FRAME__KIND_SUBSCRIBE_OK, &r, w);
     if (kv != kv_inline) {
         free(kv);
         free(kvp);
@@ -61,44 +50,96 @@ protoq_subscribe(protoq_client *c, const char *queue, uint32_t prefetch,
     if (rc != PQ_OK) {
         return rc;
     }
-    if (sub_id != NULL) {
-        *sub_id = r->subscribe_ok->subscription_id;
-    }
+    *wire_id = r->subscribe_ok->subscription_id;
     frame_free(r);
     return PQ_OK;
 }
 
-/* protoq_unsubscribe: forget the subscription, then Unsubscribe and wait for
- * Ok. */
+/* protoq_subscribe: Subscribe; the callback is registered when SubscribeOk
+ * arrives. A reconnecting handle also keeps queue, prefetch and tags. */
+int
+protoq_subscribe(protoq_client *c, const char *queue, uint32_t prefetch,
+                 const struct protoq_kv *tags, size_t n_tags,
+                 protoq_deliver_fn cb, void *arg, uint64_t *sub_id)
+{
+    struct waiter w;
+    uint64_t id;
+    int rc;
+
+    if (sub_id != NULL) {
+        *sub_id = 0;
+    }
+    if (!client_name_ok(c, "queue", queue)) {
+        return PQ_EINVAL;
+    }
+    if (cb == NULL || (n_tags > 0 && tags == NULL)) {
+        return client_set_err(c, PQ_EINVAL, "subscribe needs a callback");
+    }
+    memset(&w, 0, sizeof(w));
+    w.sub_cb = cb;
+    w.sub_arg = arg;
+    rc =
+        client_subscribe_wire(c, queue, prefetch, false, tags, n_tags, &w, &id);
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    rc = client_sub_remember(c, id, queue, prefetch, tags, n_tags);
+    if (rc != PQ_OK) {
+        /* It could not be renewed after a loss: do not keep it at all. */
+        char msg[sizeof(c->errmsg)];
+
+        snprintf(msg, sizeof(msg), "%s", c->errmsg);
+        protoq_unsubscribe(c, id);
+        return client_set_err(c, rc, "%s", msg);
+    }
+    if (sub_id != NULL) {
+        *sub_id = id;
+    }
+    return PQ_OK;
+}
+
+/* protoq_unsubscribe: forget the subscription, then Unsubscribe (by its id
+ * on the current connection) and wait for Ok. */
 int
 protoq_unsubscribe(protoq_client *c, uint64_t sub_id)
 {
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__Unsubscribe u = PROTOQ__UNSUBSCRIBE__INIT;
-    size_t i;
+    struct sub *s = client_sub_find(c, sub_id);
+    uint64_t wire_id = s != NULL ? s->wire_id : sub_id;
 
     /* Forget it first: deliveries that cross the Unsubscribe are dropped
      * (they return to the queue when their lease or the connection ends). */
-    for (i = 0; i < c->n_subs; i++) {
-        if (c->subs[i].id == sub_id) {
-            c->subs[i] = c->subs[--c->n_subs];
-            break;
-        }
+    client_sub_forget(c, sub_id);
+    if (c->down || (s != NULL && wire_id == 0)) {
+        return PQ_OK; /* the broker dropped it with the old connection */
     }
-    u.subscription_id = sub_id;
+    u.subscription_id = wire_id;
     f.kind_case = PROTOQ__FRAME__KIND_UNSUBSCRIBE;
     f.unsubscribe = &u;
     return client_request_ok(c, &f, NULL);
 }
 
-/* protoq_flow: Flow (prefetch 0 pauses), wait for Ok. */
+/* protoq_flow: Flow (prefetch 0 pauses), wait for Ok. The prefetch is kept
+ * first, so a reconnect that crosses the Flow subscribes with it. */
 int
 protoq_flow(protoq_client *c, uint64_t sub_id, uint32_t prefetch)
 {
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__Flow fl = PROTOQ__FLOW__INIT;
+    struct sub *s = client_sub_find(c, sub_id);
+    int rc;
 
-    fl.subscription_id = sub_id;
+    if (s != NULL) {
+        s->paused = prefetch == 0;
+        s->prefetch = prefetch ? prefetch : s->prefetch;
+    }
+    rc = client_revive(c);
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    s = client_sub_find(c, sub_id); /* the reconnect may have dropped it */
+    fl.subscription_id = s != NULL ? s->wire_id : sub_id;
     fl.prefetch = prefetch;
     f.kind_case = PROTOQ__FRAME__KIND_FLOW;
     f.flow = &fl;
@@ -115,6 +156,9 @@ protoq_poll(protoq_client *c, int timeout_ms)
     c->interrupted = false;
     for (;;) {
         rc = client_pump(c, client_remaining_ms(deadline), true);
+        if (rc < 0 && c->down) {
+            rc = 0; /* lost, reconnecting: the conn callback tells */
+        }
         if (rc != 0 || c->interrupted ||
             (deadline >= 0 && client_remaining_ms(deadline) == 0)) {
             return rc;

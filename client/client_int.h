@@ -9,6 +9,8 @@
  *   client_pub.c      packing messages, publishing (sync, async, batches)
  *   client_consume.c  subscriptions, flow, ack/nack/touch/release, cancel
  *   client_tls.c      TLS: the handshake and record I/O on the socket
+ *   client_reconnect.c  opt-in reconnect: backoff, connecting again,
+ *                     subscribing again, connection events
  *
  * Only client.c (and client_tls.c below it) touches the socket and the buffers;
  * the others build a Frame and hand it to client_request* / client_send_*.
@@ -23,6 +25,7 @@ struct ssl_ctx_st;
 
 /* pqerr.h before protoq.h: the real enum wins and client.c holds protoq.h's
  * standalone copy to it. */
+#include "backoff.h"
 #include "frame.h"
 #include "pqerr.h"
 #include "protoq.h"
@@ -60,6 +63,7 @@ struct waiter {
     Protoq__Frame *reply;     /* owned by the waiter once done */
     protoq_deliver_fn sub_cb; /* subscribe: registered on SubscribeOk */
     void *sub_arg;
+    uint64_t resub_id; /* reconnect: SubscribeOk renews this sub's wire id */
 };
 
 /* One outstanding request that expects a reply. */
@@ -73,16 +77,30 @@ struct pending {
 
 /* A frame whose user callback waits for the outermost dispatch (see
  * client.c: callbacks never nest). conf: the ring entry of an async
- * publish's confirm (kind PEND_CONFIRM), else kind PEND_FREE. */
+ * publish's confirm (kind PEND_CONFIRM), else kind PEND_FREE. f NULL: a
+ * connection event (enum protoq_conn_event) for the conn callback. */
 struct deferred {
     Protoq__Frame *f;
     struct pending conf;
+    int event, err, code; /* code: the wire code of a SUB_LOST */
+    uint64_t sub_id;
+    char *msg; /* an event's text (malloc'ed; NULL ok) */
 };
 
+/* A subscription. id is what the caller was given (the broker's id of the
+ * first Subscribe); wire_id the broker's id on the current connection (the
+ * same until a reconnect; 0 while disconnected). queue, tags and prefetch
+ * are kept on reconnecting handles only, to subscribe again. */
 struct sub {
-    uint64_t id; /* subscription_id */
+    uint64_t id;
+    uint64_t wire_id;
     protoq_deliver_fn cb;
     void *arg;
+    char *queue;            /* malloc'ed; with the tags' strings after it */
+    struct protoq_kv *tags; /* malloc'ed */
+    size_t n_tags;
+    uint32_t prefetch; /* the last Subscribe or non-zero Flow */
+    bool paused;       /* the last Flow was 0 */
 };
 
 struct protoq_client {
@@ -121,6 +139,19 @@ struct protoq_client {
     protoq_error_fn error_cb;
     void *error_arg;
     uint64_t async_errors;
+
+    /* Opt-in reconnect (protoq_opts.reconnect): what to connect with again
+     * (deep copies), and the state of an outage. */
+    bool can_reconnect; /* reconnect set and the first connect worked */
+    bool down;          /* dead, but reconnecting (dead is set too) */
+    bool in_reconnect;  /* reconnect_once runs */
+    char *r_hostport;
+    struct protoq_opts r_opts;
+    struct backoff backoff;
+    int64_t retry_at_ms; /* monotonic: next reconnect attempt */
+    uint64_t reconnects; /* connections restored */
+    protoq_conn_fn conn_cb;
+    void *conn_arg;
 
     int64_t last_send_ms; /* monotonic; for heartbeats */
     int last_code;        /* wire code of the last remote error */
@@ -168,6 +199,51 @@ int client_dead_err(protoq_client *c);
 void client_copy_str(char *dst, size_t cap, const char *src);
 /* A queue or route name the broker can accept (else PQ_EINVAL recorded). */
 bool client_name_ok(protoq_client *c, const char *what, const char *name);
+
+/* ---- client.c: subscriptions and reconnect ---- */
+
+/* The subscription the caller knows as id (NULL if none). */
+struct sub *client_sub_find(protoq_client *c, uint64_t id);
+/* Keep what a reconnect needs to subscribe sub id again (reconnecting
+ * handles only; a no-op otherwise). PQ_OK or PQ_ENOMEM. */
+int client_sub_remember(protoq_client *c, uint64_t id, const char *queue,
+                        uint32_t prefetch, const struct protoq_kv *tags,
+                        size_t n_tags);
+/* Forget subscription id (nothing sent). */
+void client_sub_forget(protoq_client *c, uint64_t id);
+/* Queue a connection event (enum protoq_conn_event) for the conn
+ * callback. 0 or PQ_ENOMEM (the event is dropped). */
+int client_defer_event(protoq_client *c, int event, int err, uint64_t sub_id);
+/* Connect to hostport and handshake (the first connection and every
+ * reconnect); on failure c is dead with the reason. */
+int client_conn_open(protoq_client *c, const char *hostport,
+                     const struct protoq_opts *opts);
+
+/* ---- client_reconnect.c ---- */
+
+/* Turn reconnect on for c, connected to hostport with opts (copied).
+ * PQ_OK, or PQ_ENOMEM recorded (c stays connected, without reconnect). */
+int client_reconnect_init(protoq_client *c, const char *hostport,
+                          const struct protoq_opts *opts);
+/* Free the copies (protoq_close). */
+void client_reconnect_fini(protoq_client *c);
+/* A handle whose connection is down and reconnecting: try to connect
+ * again (when the backoff allows) until connected or deadline (-1: none).
+ * PQ_OK when connected; PQ_ECLOSED while still down (deadline, or a
+ * signal: c->interrupted); the dead handle's error once it gave up. Not
+ * down: PQ_OK when live, the dead handle's error otherwise. */
+int client_revive_until(protoq_client *c, int64_t deadline);
+/* client_revive_until bounded by the I/O timeout (blocking calls). */
+int client_revive(protoq_client *c);
+
+/* ---- client_consume.c ---- */
+
+/* Send a Subscribe and wait for its SubscribeOk (w: the subscribe hooks);
+ * the broker's id goes to *wire_id. */
+int client_subscribe_wire(protoq_client *c, const char *queue,
+                          uint32_t prefetch, bool paused,
+                          const struct protoq_kv *tags, size_t n_tags,
+                          struct waiter *w, uint64_t *wire_id);
 
 /* ---- client.c: the pending-request ring ---- */
 

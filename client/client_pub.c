@@ -192,8 +192,9 @@ protoq_publish_async(protoq_client *c, const char *queue,
     uint64_t id;
     int rc;
 
-    if (c->dead) {
-        return client_dead_err(c);
+    rc = client_revive(c);
+    if (rc != PQ_OK) {
+        return rc;
     }
     if (!client_name_ok(c, "queue", queue) || !client_msg_ok(c, msg)) {
         return PQ_EINVAL;
@@ -367,10 +368,10 @@ int
 protoq_wait_confirms(protoq_client *c, size_t max_outstanding, int timeout_ms)
 {
     int64_t deadline = client_deadline_after(timeout_ms);
-    int rc;
+    int rc = client_revive(c);
 
-    if (c->dead) {
-        return client_dead_err(c);
+    if (rc != PQ_OK) {
+        return rc;
     }
     while (c->n_confirms > max_outstanding) {
         int left = client_remaining_ms(deadline);

@@ -41,7 +41,51 @@
  * After a connection failure (PQ_ECLOSED, PQ_EPROTO, PQ_ETIMEDOUT on a
  * read) the handle is dead: every later call returns the same code, and
  * every outstanding async publish got its callback with the error. Close it
- * and connect again.
+ * and connect again, or connect with protoq_opts.reconnect (see
+ * "Reconnect" below) to have the handle do that itself.
+ *
+ * Reconnect (opt-in, protoq_opts.reconnect): when the connection is lost
+ * after protoq_connect succeeded, the handle connects again (TCP, TLS,
+ * Hello with the same options and token) after a delay that grows from
+ * reconnect_min_ms to reconnect_max_ms with jitter, and subscribes again
+ * to every subscription it held, with the same queue, tags, callback and
+ * prefetch (the last protoq_flow: a paused subscription stays paused). The
+ * subscription ids the caller holds stay valid (the library maps them to
+ * the new connection's). What is lost, and how the caller hears of it:
+ *  - The call in progress when the loss is seen fails (PQ_ECLOSED, or
+ *    PQ_ETIMEDOUT when a heartbeat or write timed out); every request sent
+ *    or buffered on the old connection is failed likewise, never sent
+ *    again by the library: async publishes get their confirm callback with
+ *    that error, blocking ones return it. Such a publish may or may not
+ *    have been stored; publishing it again is the caller's choice (at
+ *    least once: give it an idempotency_key to make the retry harmless;
+ *    retry after the call that reported the loss returns: a publish made
+ *    from inside that confirm callback fails with PQ_ECLOSED too).
+ *    Buffered acks, nacks and releases are dropped (the broker redelivers
+ *    those jobs).
+ *  - Deliveries of the old connection are the broker's again: it requeues
+ *    them when the connection drops (a failed attempt each, as for any
+ *    disconnect) and delivers them again with a new attempt number. Their
+ *    old tokens are not refused locally: an ack, nack, touch or release
+ *    with one is sent and the broker answers PROTOQ_CODE_STALE_DELIVERY
+ *    (PQ_EREMOTE from the _sync calls and protoq_touch; the async error
+ *    callback for the pipelined ones; after a kill -9 of the broker a job
+ *    may come back with the same attempt, and then the same token is
+ *    current again). Deliveries that had arrived but not
+ *    yet reached their callback when the loss was seen are dropped, and so
+ *    are cancel requests for them.
+ *  - protoq_poll does not fail while the handle reconnects: it waits as
+ *    usual (returning 0 on timeout). Any other call made while the
+ *    connection is down waits for it up to io_timeout_ms (< 0: forever),
+ *    then fails with PQ_ECLOSED ("not connected"); the handle stays usable
+ *    and the next call tries again.
+ *  - The conn callback (protoq_set_conn_cb) hears PROTOQ_CONN_LOST,
+ *    PROTOQ_CONN_RESTORED and PROTOQ_CONN_SUB_LOST (a subscription that
+ *    could not be made again, e.g. its queue is gone: it is dropped), run
+ *    like the other callbacks. protoq_reconnects() counts restorations.
+ * A handshake the broker refuses on reconnect (UNAUTHORIZED, an other
+ * protocol version) ends the reconnecting: the handle is then dead as
+ * above. protoq_fd() changes across a reconnect and is -1 while down.
  */
 #ifndef PROTOQ_H
 #define PROTOQ_H
@@ -138,6 +182,11 @@ struct protoq_opts {
     int io_timeout_ms;       /* bound of each blocking request; 0 = 30000,
                                 < 0 = wait forever */
     uint32_t heartbeat_ms;   /* heartbeat interval wished; 0 = broker's */
+    /* Reconnect after a lost connection (see "Reconnect" at the top). */
+    bool reconnect;
+    uint32_t reconnect_min_ms; /* first delay (0 = 100); each try doubles */
+    uint32_t reconnect_max_ms; /* largest delay (0 = 5000); each delay is
+                                  drawn from [d/2, d] (jitter) */
     /*
      * TLS: on when tls is set or the address starts with "tls://". The
      * broker's certificate must chain to a CA in tls_ca_file (NULL: the
@@ -204,6 +253,30 @@ void protoq_server_info(const protoq_client *c, struct protoq_server_info *out);
  * TLS, bytes already read may wait decrypted inside the handle: call
  * protoq_poll(c, 0) until it returns 0 before sleeping on the fd. */
 int protoq_fd(const protoq_client *c);
+
+/* Connection events of a reconnecting handle. */
+enum protoq_conn_event {
+    PROTOQ_CONN_LOST = 1,     /* err: why; reconnecting */
+    PROTOQ_CONN_RESTORED = 2, /* connected again, subscriptions renewed */
+    PROTOQ_CONN_SUB_LOST = 3, /* sub_id could not be renewed (err; the wire
+                                 code in protoq_last_error_code): dropped */
+};
+
+/* Connection event callback: event is an enum protoq_conn_event; sub_id
+ * is 0 except for PROTOQ_CONN_SUB_LOST; protoq_errmsg(c) says why while it
+ * runs. */
+typedef void (*protoq_conn_fn)(void *arg, protoq_client *c, int event, int err,
+                               uint64_t sub_id);
+
+/* protoq_set_conn_cb: set (or clear with NULL) the conn callback. */
+void protoq_set_conn_cb(protoq_client *c, protoq_conn_fn cb, void *arg);
+
+/* protoq_reconnects: how many times the connection was restored. */
+uint64_t protoq_reconnects(const protoq_client *c);
+
+/* protoq_connected: the handle has a live connection (false while a
+ * reconnecting handle is down, and once a handle is dead). */
+bool protoq_connected(const protoq_client *c);
 
 /* ----------------------------------------------------------- queue admin */
 
