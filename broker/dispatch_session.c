@@ -253,11 +253,12 @@ dispatch_session_hello(struct conn *c, uint64_t rid, const Protoq__Hello *h,
                    PQ_SESSION_ID_MAX);
         return false;
     }
-    if (bk->cfg->disconnect_grace_ms == 0) {
-        return true; /* nothing is ever kept: no session needed */
-    }
     ident_of(c, ident, sizeof(ident));
     ss = hmap_str_get(&bk->sessions, h->session_id);
+    if (ss == NULL && bk->cfg->disconnect_grace_ms == 0) {
+        return true; /* nothing is ever kept: no session needed (one kept
+                        before a reload set the grace to 0 may resume) */
+    }
     if (ss != NULL && strcmp(ss->ident, ident) != 0) {
         conn_fatal(c, rid, PROTOQ__ERROR_CODE__FORBIDDEN,
                    "session %s belongs to another identity", h->session_id);

@@ -918,7 +918,6 @@ session_back(struct work_state *ws)
         lose_jobs(ws, "session not resumed by the broker");
         return;
     }
-    ws->gap_end_ms = 0;
     for (size_t i = 0; i < ws->n_jobs; i++) {
         struct job *j = &ws->jobs[i];
 
@@ -1188,6 +1187,8 @@ cmd_work(struct cli *cli, int argc, char **argv)
             }
             if (connect_and_subscribe(&ws) == PQ_OK) {
                 say(&ws, "connected again to %s", cli->server);
+                ws.gap_end_ms = 0; /* (a failed subscribe keeps the
+                                      earlier, safe end) */
                 backoff = RECONNECT_MIN_MS;
             } else {
                 protoq_close(cli->c);

@@ -442,6 +442,41 @@ START_TEST(test_bad_session_ids_refused)
 }
 END_TEST
 
+START_TEST(test_kept_session_resumes_after_grace_reload_to_zero)
+{
+    protoq_client *adm = connect_ok(NULL, NULL);
+    struct protoq_server_info si;
+    struct held a = {0}, b = {0};
+    FILE *f;
+
+    mkq(adm, "train", 5, 30000);
+    pub_n(adm, "train", 1);
+    a.c = connect_ok("reloaded", NULL);
+    take(&a, "train", 1, 1);
+    protoq_close(a.c);
+    sleep_ms(100);
+    /* SIGHUP with the grace off: new disconnects keep nothing, but what
+     * was kept stays resumable until its own grace ends. */
+    f = fopen(g_conf.path, "w");
+    ck_assert_ptr_nonnull(f);
+    fputs("disconnect_grace_ms 0\n", f);
+    fclose(f);
+    kill(g_srv.pid, SIGHUP);
+    sleep_ms(300);
+    f = fopen(g_conf.path, "w");
+    ck_assert_ptr_nonnull(f);
+    fputs(CONF_TEXT, f);
+    fclose(f);
+    b.c = connect_ok("reloaded", NULL);
+    protoq_server_info(b.c, &si);
+    ck_assert_uint_eq(si.disconnect_grace_ms, 0);
+    ck_assert(si.session_resumed);
+    pq_check_ok(b.c, protoq_ack_sync(b.c, a.id[0], a.attempt[0]));
+    protoq_close(b.c);
+    protoq_close(adm);
+}
+END_TEST
+
 /* ---- authentication: a session belongs to its token ---- */
 
 /* The tokens "example-gpu" (consume:train.*) and "example-ops" (admin),
@@ -720,6 +755,7 @@ main(void)
     tcase_add_test(tc, test_second_connection_takes_over);
     tcase_add_test(tc, test_fresh_session_ends_the_old_one);
     tcase_add_test(tc, test_bad_session_ids_refused);
+    tcase_add_test(tc, test_kept_session_resumes_after_grace_reload_to_zero);
     tcase_add_test(tc, test_auth_other_token_cannot_claim);
     suite_add_tcase(s, tc);
     tcase_add_checked_fixture(tw, setup, teardown);
