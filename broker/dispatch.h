@@ -27,9 +27,11 @@ struct wait;
 struct broker_stats {
     uint64_t batches_durable; /* store batches reported durable */
     uint64_t disk_full_refusals;
-    struct histo commit_msgs; /* messages confirmed per durable batch
-                                 that confirmed any (HISTO_BATCH_MSGS) */
-    uint64_t auth_failures;   /* Hellos refused UNAUTHORIZED */
+    struct histo commit_msgs;  /* messages confirmed per durable batch
+                                  that confirmed any (HISTO_BATCH_MSGS) */
+    uint64_t auth_failures;    /* Hellos refused UNAUTHORIZED */
+    uint64_t sessions_resumed; /* Hellos that took a kept session over */
+    uint64_t sessions_expired; /* disconnect graces that ran out */
 };
 
 struct routes;

@@ -283,6 +283,7 @@ dispatch_session_hello(struct conn *c, uint64_t rid, const Protoq__Hello *h,
     if (ss != NULL) {
         attach(bk, ss, c);
         *resumed = true;
+        bk->stats.sessions_resumed++;
         log_info("conn %llu %s: session %s resumed with %u subscription(s)",
                  (unsigned long long)c->id, c->peer, ss->id, ss->nheld);
         return true;
@@ -346,6 +347,7 @@ dispatch_session_tick(struct broker *bk)
         log_info("session %s: disconnect grace over: %u subscription(s) "
                  "end, their deliveries are failed attempts",
                  ss->id, ss->nheld);
+        bk->stats.sessions_expired++;
         session_end(bk, ss);
     }
 }

@@ -39,7 +39,8 @@ static const char CONF_TEXT[] = "# check_grace\n"
                                 "backoff_base_ms 10\n"
                                 "backoff_cap_ms 40\n"
                                 "heartbeat_ms 1000\n"
-                                "heartbeat_timeout_ms 5000\n";
+                                "heartbeat_timeout_ms 5000\n"
+                                "metrics 127.0.0.1:0\n";
 
 static void
 sleep_ms(int ms)
@@ -191,6 +192,40 @@ qstat(protoq_client *c, const char *q)
     return i;
 }
 
+/* The value of metric name (a scalar) on the broker's /metrics, or -1. */
+static long
+metric(const char *name)
+{
+    char path[320], buf[65536], key[128];
+    const char *p;
+    size_t n = 0;
+    long port = -1;
+    int fd;
+
+    snprintf(path, sizeof(path), "%s/port", g_srv.dir);
+    p = strstr(file_slurp(path, buf, sizeof(buf)), "metrics ");
+    if (p != NULL) {
+        port = strtol(p + 8, NULL, 10);
+    }
+    ck_assert_int_gt(port, 0);
+    fd = raw_connect((uint16_t)port);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(raw_send(fd, "GET /metrics HTTP/1.0\r\n\r\n", 27), 0);
+    for (;;) {
+        ssize_t r = read(fd, buf + n, sizeof(buf) - 1 - n);
+
+        if (r <= 0) {
+            break;
+        }
+        n += (size_t)r;
+    }
+    close(fd);
+    buf[n] = '\0';
+    snprintf(key, sizeof(key), "\n%s ", name);
+    p = strstr(buf, key);
+    return p != NULL ? strtol(p + strlen(key), NULL, 10) : -1;
+}
+
 /* ---- libprotoq sessions ---- */
 
 START_TEST(test_resume_keeps_deliveries)
@@ -214,9 +249,12 @@ START_TEST(test_resume_keeps_deliveries)
     qi = qstat(adm, "train");
     ck_assert_uint_eq(qi.inflight, 3);
     ck_assert_uint_eq(qi.ready, 0);
+    ck_assert_int_eq(metric("protoq_sessions_disconnected"), 1);
     b.c = connect_ok("worker-7-session", NULL);
     protoq_server_info(b.c, &si);
     ck_assert(si.session_resumed);
+    ck_assert_int_eq(metric("protoq_sessions_disconnected"), 0);
+    ck_assert_int_eq(metric("protoq_sessions_resumed_total"), 1);
     pq_check_ok(b.c, protoq_job_get(b.c, "train", a.id[0], &job));
     ck_assert_uint_eq(job.attempt, 1);
     protoq_job_fini(&job);
@@ -257,6 +295,7 @@ START_TEST(test_past_grace_failed_attempts)
     qi = qstat(adm, "train");
     ck_assert_uint_eq(qi.inflight, 0);
     ck_assert_uint_eq(qi.ready + qi.delayed, 3);
+    ck_assert_int_eq(metric("protoq_sessions_expired_total"), 1);
     /* Too late to resume: nothing was kept, the old tokens are stale. */
     b.c = connect_ok("late-session", NULL);
     protoq_server_info(b.c, &si);
