@@ -163,9 +163,10 @@ dispatch_session_closed(struct broker *bk, struct conn *c)
     if (bk->shutting_down || grace == 0 ||
         bk->ngap >= bk->cfg->max_held_sessions) {
         if (!bk->shutting_down && grace > 0) {
-            log_warn("conn %llu %s: session not kept: %u disconnected "
-                     "sessions already (max_held_sessions)",
-                     (unsigned long long)c->id, c->peer, bk->ngap);
+            conn_log_bad(c->set, LOG_WARN,
+                         "conn %llu %s: session not kept: %u disconnected "
+                         "sessions already (max_held_sessions)",
+                         (unsigned long long)c->id, c->peer, bk->ngap);
         }
         return false; /* the caller ends the subscriptions and ss */
     }

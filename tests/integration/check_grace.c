@@ -516,6 +516,41 @@ START_TEST(test_kept_session_resumes_after_grace_reload_to_zero)
 }
 END_TEST
 
+/* ---- tests with a broker of their own ---- */
+
+static struct test_conf g_own;
+static const char *const g_own_args[] = {"-c", g_own.path, NULL};
+
+/* A conf of CONF_TEXT and a printf of fmt in a dir of its own (g_own);
+ * the test removes it at its end. An argument may be g_own.dir: it is
+ * filled before fmt is printed. */
+__attribute__((format(printf, 1, 2))) static void
+own_conf(const char *fmt, ...)
+{
+    char text[1024], more[512];
+    va_list ap;
+    FILE *f;
+
+    ck_assert_int_eq(test_conf_write(&g_own, "\n"), 0);
+    va_start(ap, fmt);
+    vsnprintf(more, sizeof(more), fmt, ap);
+    va_end(ap);
+    snprintf(text, sizeof(text), "%s%s", CONF_TEXT, more);
+    f = fopen(g_own.path, "w");
+    ck_assert_ptr_nonnull(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+/* Replace the fixture's broker with one on g_own's conf (the teardown
+ * stops it). */
+static void
+own_start(void)
+{
+    srv_cleanup(&g_srv);
+    ck_assert_int_eq(srv_start(&g_srv, g_own_args), 0);
+}
+
 /* ---- authentication: a session belongs to its token ---- */
 
 /* The tokens "example-gpu" (consume:train.*) and "example-ops" (admin),
@@ -528,28 +563,18 @@ static const char AUTH_TEXT[] =
 
 START_TEST(test_auth_other_token_cannot_claim)
 {
-    struct test_conf tc;
-    char conf[512], auth[160];
-    const char *args[] = {"-c", tc.path, NULL};
-    struct srv s2;
     protoq_client *adm, *x = NULL;
     struct held a = {0}, b = {0};
+    char auth[160];
     FILE *f;
 
-    srv_cleanup(&g_srv); /* this test runs its own broker */
-    ck_assert_int_eq(test_conf_write(&tc, "\n"), 0);
-    snprintf(auth, sizeof(auth), "%s/tokens", tc.dir);
+    own_conf("auth_file %s/tokens\n", g_own.dir);
+    snprintf(auth, sizeof(auth), "%s/tokens", g_own.dir);
     f = fopen(auth, "w");
     ck_assert_ptr_nonnull(f);
     fputs(AUTH_TEXT, f);
     fclose(f);
-    snprintf(conf, sizeof(conf), "%sauth_file %s\n", CONF_TEXT, auth);
-    f = fopen(tc.path, "w");
-    ck_assert_ptr_nonnull(f);
-    fputs(conf, f);
-    fclose(f);
-    ck_assert_int_eq(srv_start(&s2, args), 0);
-    g_srv = s2; /* connect_as uses g_srv; the teardown cleans it */
+    own_start();
     adm = connect_ok(NULL, "example-ops");
     mkq(adm, "train.a", 5, 30000);
     pub_n(adm, "train.a", 1);
@@ -567,7 +592,38 @@ START_TEST(test_auth_other_token_cannot_claim)
     protoq_close(b.c);
     protoq_close(adm);
     unlink(auth);
-    test_conf_remove(&tc);
+    test_conf_remove(&g_own);
+}
+END_TEST
+
+START_TEST(test_max_held_sessions_bounds_the_gap)
+{
+    protoq_client *adm;
+    struct protoq_queue_info qi;
+    struct held a = {0}, b = {0};
+
+    own_conf("max_held_sessions 1\n");
+    own_start();
+    adm = connect_ok(NULL, NULL);
+    mkq(adm, "train", 5, 30000);
+    pub_n(adm, "train", 2);
+    a.c = connect_ok("first", NULL);
+    take(&a, "train", 1, 1);
+    b.c = connect_ok("second", NULL);
+    take(&b, "train", 1, 1);
+    protoq_close(a.c);
+    sleep_ms(200);
+    /* The one place is taken: the second disconnect keeps nothing, its
+     * job is a failed attempt at once. */
+    protoq_close(b.c);
+    sleep_ms(300);
+    qi = qstat(adm, "train");
+    ck_assert_uint_eq(qi.inflight, 1);
+    ck_assert_uint_eq(qi.ready + qi.delayed, 1);
+    ck_assert_int_eq(metric("protoq_sessions_disconnected"), 1);
+    ck_assert(srv_log_has(&g_srv, "max_held_sessions"));
+    protoq_close(adm);
+    test_conf_remove(&g_own);
 }
 END_TEST
 
@@ -796,6 +852,7 @@ main(void)
     tcase_add_test(tc, test_bad_session_ids_refused);
     tcase_add_test(tc, test_kept_session_resumes_after_grace_reload_to_zero);
     tcase_add_test(tc, test_auth_other_token_cannot_claim);
+    tcase_add_test(tc, test_max_held_sessions_bounds_the_gap);
     suite_add_tcase(s, tc);
     tcase_add_checked_fixture(tw, setup, teardown);
     tcase_set_timeout(tw, 40);
