@@ -196,6 +196,7 @@ qstat(protoq_client *c, const char *q)
 static long
 metric(const char *name)
 {
+    static const char get[] = "GET /metrics HTTP/1.0\r\n\r\n";
     char path[320], buf[65536], key[128];
     const char *p;
     size_t n = 0;
@@ -210,7 +211,7 @@ metric(const char *name)
     ck_assert_int_gt(port, 0);
     fd = raw_connect((uint16_t)port);
     ck_assert_int_ge(fd, 0);
-    ck_assert_int_eq(raw_send(fd, "GET /metrics HTTP/1.0\r\n\r\n", 27), 0);
+    ck_assert_int_eq(raw_send(fd, get, sizeof(get) - 1), 0);
     for (;;) {
         ssize_t r = read(fd, buf + n, sizeof(buf) - 1 - n);
 
