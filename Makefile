@@ -109,6 +109,7 @@ BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
               $(B)/broker/dispatch_publish.o $(B)/broker/dispatch_consume.o \
               $(B)/broker/dispatch_deliver.o $(B)/broker/dispatch_result.o \
               $(B)/broker/dispatch_route.o $(B)/broker/dispatch_job.o \
+              $(B)/broker/dispatch_session.o \
               $(B)/broker/journal.o $(B)/broker/journal_replay.o \
               $(B)/broker/route.o $(B)/broker/config.o $(B)/broker/auth.o \
               $(B)/broker/metrics.o $(B)/broker/tls.o \
@@ -146,6 +147,7 @@ INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_a
               $(B)/tests/integration/check_results $(B)/tests/integration/check_auth \
               $(B)/tests/integration/check_tls $(B)/tests/integration/check_reconnect \
               $(B)/tests/integration/check_examples $(B)/tests/integration/check_walkthrough \
+              $(B)/tests/integration/check_grace \
               $(B)/tests/crash/check_crash $(B)/tests/crash/check_disk_full \
               $(B)/tests/crash/check_segments $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden

@@ -226,6 +226,8 @@ static const struct key_def keys[] = {
     NUM(idle_conn_timeout_ms, KT_DURATION, 0, 7 * DAY_MS, true),
     NUM(max_connections_per_addr, KT_COUNT, 1, 1000000, true),
     NUM(max_handshake_connections, KT_COUNT, 1, 1000000, true),
+    NUM(disconnect_grace_ms, KT_DURATION, 0, 7 * DAY_MS, true),
+    NUM(max_held_sessions, KT_COUNT, 1, 1000000, true),
     /* ---- security (the file's tokens are re-read on SIGHUP; turning
      * authentication on or off takes a restart) ---- */
     STR(auth_file, str_path_opt, false),
@@ -285,6 +287,8 @@ config_defaults(struct config *c)
         .idle_conn_timeout_ms = HOUR_MS,
         .max_connections_per_addr = 1000,
         .max_handshake_connections = 1024,
+        .disconnect_grace_ms = 0,
+        .max_held_sessions = 10000,
         .auth_file = "",
         .allow_anonymous = 0,
         .tls_listen = "",

@@ -46,6 +46,10 @@ struct config {
     uint32_t max_connections_per_addr;  /* from one source address */
     uint32_t max_handshake_connections; /* before Hello (at most half of
                                            max_connections) */
+    uint32_t disconnect_grace_ms;       /* a session's deliveries are kept this
+                                           long after its connection goes; 0 =
+                                           off (a disconnect fails them) */
+    uint32_t max_held_sessions;         /* disconnected sessions kept at once */
     /* ---- security ---- */
     char auth_file[CONFIG_PATH_MAX]; /* token table; "" = no tokens */
     uint32_t allow_anonymous; /* 1: no auth_file on a non-loopback listen */
@@ -149,6 +153,7 @@ const char *config_key_name(size_t i);
  * max_hello_bytes, max_message_bytes, max_batch, conn_output_high_bytes,
  * heartbeat_ms, heartbeat_timeout_ms, idle_timeout_ms, frame_timeout_ms,
  * idle_conn_timeout_ms, max_connections_per_addr, max_handshake_connections,
+ * disconnect_grace_ms, max_held_sessions,
  * max_result_bytes, memory_high_bytes, tls_cert, tls_key, tls_client_ca,
  * tls_client_verify).
  * A key missing from the file goes back to its default, as on a restart.

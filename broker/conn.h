@@ -24,6 +24,7 @@
 struct config;
 struct conn;
 struct event_base;
+struct sess;
 struct sub;
 struct event;
 struct evbuffer;
@@ -117,6 +118,7 @@ struct conn {
     char name[64];            /* Hello.client_name, sanitised */
     struct conn *prev, *next; /* set->conns, then set->reap */
     struct sub *subs;         /* this connection's subscriptions */
+    struct sess *sess;        /* the session Hello named (dispatch) */
     uint32_t nsubs;
     uint32_t refs;                  /* waits that still hold this conn */
     uint32_t max_frame_bytes;       /* max_hello_bytes until Hello, then full */

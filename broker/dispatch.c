@@ -615,6 +615,7 @@ on_hello(struct conn *c, uint64_t rid, const Protoq__Hello *h)
     Protoq__Frame f = PROTOQ__FRAME__INIT;
     Protoq__Welcome w = PROTOQ__WELCOME__INIT;
     char broker_id[32];
+    bool resumed = false;
     size_t i;
 
     if (h->protocol_version != PROTOQ_PROTOCOL_VERSION) {
@@ -642,6 +643,9 @@ on_hello(struct conn *c, uint64_t rid, const Protoq__Hello *h)
                               ? h->heartbeat_ms
                               : bk->cfg->heartbeat_timeout_ms / 2;
     }
+    if (!dispatch_session_hello(c, rid, h, &resumed)) {
+        return;
+    }
     conn_set_state(c, CONN_READY);
     c->max_frame_bytes = bk->cfg->max_frame_bytes;
 
@@ -653,10 +657,15 @@ on_hello(struct conn *c, uint64_t rid, const Protoq__Hello *h)
     w.max_message_bytes = bk->cfg->max_message_bytes;
     w.heartbeat_ms = c->heartbeat_ms;
     w.max_batch = bk->cfg->max_batch;
+    w.session_resumed = resumed;
+    w.disconnect_grace_ms = bk->cfg->disconnect_grace_ms;
     f.request_id = rid;
     f.kind_case = PROTOQ__FRAME__KIND_WELCOME;
     f.welcome = &w;
     conn_send(c, &f);
+    if (resumed) {
+        dispatch_session_cancels(c);
+    }
     log_debug("conn %llu %s: hello from \"%s\"%s%s", (unsigned long long)c->id,
               c->peer, c->name, bk->auth ? ", token " : "",
               bk->auth ? c->auth_name : "");
@@ -832,6 +841,7 @@ dispatch_open(struct broker *bk, char *err, size_t errlen)
     hmap_u64_init(&bk->pending_room);
     hmap_u64_init(&bk->loading);
     hmap_str_init(&bk->pending_keys);
+    hmap_str_init(&bk->sessions);
     bk->store_fd = -1;
     queue_defaults_init(&d);
     d.ack_timeout_ms = bk->cfg->ack_timeout_ms;
@@ -906,12 +916,23 @@ void
 dispatch_housekeeping(struct broker *bk)
 {
     journal_compact(bk->journal, *bk->now_mono_ms);
+    dispatch_session_housekeeping(bk);
 }
 
 void
 dispatch_tick(struct broker *bk)
 {
     qset_tick(bk->qs, *bk->now_mono_ms);
+    dispatch_session_tick(bk);
+}
+
+uint64_t
+dispatch_next_deadline(const struct broker *bk)
+{
+    uint64_t q = qset_next_deadline(bk->qs);
+    uint64_t s = dispatch_session_deadline(bk);
+
+    return q < s ? q : s;
 }
 
 void
@@ -919,6 +940,9 @@ dispatch_close(struct broker *bk)
 {
     struct wait *w;
 
+    /* Held deliveries go back (released: a clean stop) while the log is
+     * still open to record it. */
+    dispatch_session_close_all(bk);
     journal_close(bk->journal);
     bk->journal = NULL;
     bk->store_fd = -1;

@@ -27,9 +27,11 @@ struct wait;
 struct broker_stats {
     uint64_t batches_durable; /* store batches reported durable */
     uint64_t disk_full_refusals;
-    struct histo commit_msgs; /* messages confirmed per durable batch
-                                 that confirmed any (HISTO_BATCH_MSGS) */
-    uint64_t auth_failures;   /* Hellos refused UNAUTHORIZED */
+    struct histo commit_msgs;  /* messages confirmed per durable batch
+                                  that confirmed any (HISTO_BATCH_MSGS) */
+    uint64_t auth_failures;    /* Hellos refused UNAUTHORIZED */
+    uint64_t sessions_resumed; /* Hellos that took a kept session over */
+    uint64_t sessions_expired; /* disconnect graces that ran out */
 };
 
 struct routes;
@@ -74,6 +76,11 @@ struct broker {
                                      publish is not durable yet */
     struct hmap_u64 loading;      /* message id -> the delivery waiting for its
                                      payload to be read back */
+    struct hmap_str sessions;     /* Hello.session_id -> struct sess, owned
+                                     (dispatch_session.c) */
+    struct sess *gap_head;        /* disconnected sessions in their grace, */
+    struct sess *gap_tail;        /* soonest end first */
+    uint32_t ngap;
     struct broker_stats stats;
 };
 
@@ -108,6 +115,10 @@ void dispatch_store_event(struct broker *b);
 
 /* dispatch_tick: the deadline timer fired: expire leases, wake delays. */
 void dispatch_tick(struct broker *b);
+
+/* dispatch_next_deadline: the earliest of the queues' deadlines and the
+ * end of a session's disconnect grace (mono ms), UINT64_MAX if none. */
+uint64_t dispatch_next_deadline(const struct broker *b);
 
 /* dispatch_housekeeping: once a second: compact the log if worth it. */
 void dispatch_housekeeping(struct broker *b);

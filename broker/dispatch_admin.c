@@ -244,18 +244,23 @@ dispatch_on_queue_create(struct conn *c, uint64_t rid,
     dispatch_finish_ok(c, rid, lsn, 0);
 }
 
-/* Unlink s from its connection's list (it stays allocated). */
+/* Unlink s from its connection's list, or its session's when it is held
+ * (it stays allocated). */
 void
 dispatch_sub_unlink(struct sub *s)
 {
-    struct conn *c = s->conn;
-    struct sub **pp;
+    struct sub **pp = s->sess ? dispatch_session_held(s->sess) : &s->conn->subs;
 
-    for (pp = &c->subs; *pp != s; pp = &(*pp)->next) {
+    for (; *pp != s; pp = &(*pp)->next) {
     }
     *pp = s->next;
     s->next = NULL;
-    c->nsubs--;
+    if (s->sess != NULL) {
+        dispatch_session_unheld(s->sess);
+        s->sess = NULL;
+    } else {
+        s->conn->nsubs--;
+    }
 }
 
 /*

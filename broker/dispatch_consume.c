@@ -140,9 +140,9 @@ dispatch_on_flow(struct conn *c, uint64_t rid, const Protoq__Flow *r)
     dispatch_reply_ok(c, rid, 0);
 }
 
-/* Give back what s holds without counting a failed attempt (clean stop). */
-static void
-release_held(struct broker *bk, struct sub *s)
+/* dispatch_release_held: see dispatch_int.h. */
+void
+dispatch_release_held(struct broker *bk, struct sub *s)
 {
     struct msg *m;
 
@@ -159,13 +159,19 @@ release_held(struct broker *bk, struct sub *s)
 void
 dispatch_conn_closed(void *arg, struct conn *c)
 {
+    struct broker *bk = broker_of(c);
+
     (void)arg;
-    while (c->subs) {
-        if (broker_of(c)->shutting_down) {
-            release_held(broker_of(c), c->subs);
-        }
-        dispatch_unsubscribe(broker_of(c), c->subs);
+    if (dispatch_session_closed(bk, c)) {
+        return; /* kept for the disconnect grace */
     }
+    while (c->subs) {
+        if (bk->shutting_down) {
+            dispatch_release_held(bk, c->subs);
+        }
+        dispatch_unsubscribe(bk, c->subs);
+    }
+    dispatch_session_end(bk, c);
 }
 
 void
@@ -592,15 +598,26 @@ dispatch_on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r)
     }
     if (held && held->holder) {
         struct sub *s = held->holder->owner;
-        Protoq__Frame f = PROTOQ__FRAME__INIT;
-        Protoq__CancelRequested cr = PROTOQ__CANCEL_REQUESTED__INIT;
 
-        cr.queue = (char *)queue_name(held->q);
-        cr.message_id = held->id;
-        cr.attempt = held->attempt;
-        f.kind_case = PROTOQ__FRAME__KIND_CANCEL_REQUESTED;
-        f.cancel_requested = &cr;
-        conn_send(s->conn, &f);
+        /* A session in its gap gets it when it resumes. */
+        if (s->conn != NULL) {
+            dispatch_send_cancel(s->conn, held);
+        }
     }
     dispatch_finish_since(c, rid, before);
+}
+
+/* dispatch_send_cancel: see dispatch_int.h. */
+void
+dispatch_send_cancel(struct conn *c, const struct msg *m)
+{
+    Protoq__Frame f = PROTOQ__FRAME__INIT;
+    Protoq__CancelRequested cr = PROTOQ__CANCEL_REQUESTED__INIT;
+
+    cr.queue = (char *)queue_name(m->q);
+    cr.message_id = m->id;
+    cr.attempt = m->attempt;
+    f.kind_case = PROTOQ__FRAME__KIND_CANCEL_REQUESTED;
+    f.cancel_requested = &cr;
+    conn_send(c, &f);
 }

@@ -194,6 +194,22 @@ defer(struct broker *bk, struct sub *s, struct msg *m)
     flush_outq(bk, s);
 }
 
+/* dispatch_sub_release_unsent: see dispatch_int.h. */
+void
+dispatch_sub_release_unsent(struct broker *bk, struct sub *s)
+{
+    for (struct outd *o = s->out_head; o != NULL; o = o->next) {
+        struct msg v;
+
+        if (qset_msg_peek(bk->qs, o->id, &v) && v.state == MSG_INFLIGHT &&
+            v.attempt == o->attempt && v.holder == &s->cons) {
+            (void)qset_release(bk->qs, o->id, o->attempt, NULL,
+                               *bk->now_mono_ms);
+        }
+    }
+    dispatch_sub_drop_outq(s);
+}
+
 void
 dispatch_sub_drop_outq(struct sub *s)
 {

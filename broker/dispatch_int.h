@@ -60,9 +60,11 @@ broker_of(const struct conn *c)
 /* One subscription of a connection. */
 struct sub {
     struct consumer cons; /* linked into its queue by queue.c */
-    struct conn *conn;
-    struct sub *next; /* conn->subs */
-    bool flow_paused; /* Flow{prefetch 0}: no new deliveries */
+    struct conn *conn;    /* NULL: held by a session in its gap */
+    struct sess *sess;    /* non-NULL: held by this session (the connection
+                             that made it went): paused for good */
+    struct sub *next;     /* conn->subs, or the session's held list */
+    bool flow_paused;     /* Flow{prefetch 0}: no new deliveries */
     /* deliveries waiting behind one whose payload is read back from disk
      * (dispatch_deliver.c) */
     struct outd *out_head, *out_tail;
@@ -305,6 +307,63 @@ void dispatch_sub_drop_outq(struct sub *s);
 /* dispatch_drop_loads: free the reads nobody waits for (at close, after
  * every subscription went). */
 void dispatch_drop_loads(struct broker *bk);
+
+/* dispatch_sub_release_unsent: give back (released, not failed) the
+ * deliveries waiting in s's out-queue, never sent, then drop it. */
+void dispatch_sub_release_unsent(struct broker *bk, struct sub *s);
+
+/* dispatch_release_held: give back what s holds without counting a failed
+ * attempt (a clean stop). */
+void dispatch_release_held(struct broker *bk, struct sub *s);
+
+/* dispatch_send_cancel: CancelRequested for m (in flight) to c. */
+void dispatch_send_cancel(struct conn *c, const struct msg *m);
+
+/* ---- sessions and the disconnect grace (dispatch_session.c) ---- */
+
+/* dispatch_session_hello: Hello's session: none, a new one, or one taken
+ * over (*resumed). false when c was refused (a bad id, another identity's
+ * session, no memory): closed with an Error. */
+bool dispatch_session_hello(struct conn *c, uint64_t rid,
+                            const Protoq__Hello *h, bool *resumed);
+
+/* dispatch_session_cancels: after the Welcome of a resumed session: a
+ * CancelRequested for each held delivery cancelled meanwhile. */
+void dispatch_session_cancels(struct conn *c);
+
+/* dispatch_session_closed: c goes: if its session is kept for the grace,
+ * move what holds deliveries to it, end the other subscriptions, and
+ * return true; false when nothing is kept (the caller ends c's
+ * subscriptions, then dispatch_session_end). */
+bool dispatch_session_closed(struct broker *bk, struct conn *c);
+
+/* dispatch_session_end: end c's session, if any: its held deliveries fail
+ * (released at a clean shutdown). */
+void dispatch_session_end(struct broker *bk, struct conn *c);
+
+/* dispatch_session_held / unheld: the held list of a session, and one
+ * less on it (for dispatch_sub_unlink). */
+struct sub **dispatch_session_held(struct sess *ss);
+void dispatch_session_unheld(struct sess *ss);
+
+/* dispatch_session_holder: the name and address to show for the holder
+ * of a delivery of s (its session's last connection in the gap). */
+void dispatch_session_holder(const struct sub *s, const char **name,
+                             const char **peer);
+
+/* dispatch_session_tick: end the sessions whose grace is over. */
+void dispatch_session_tick(struct broker *bk);
+
+/* dispatch_session_deadline: when the soonest grace ends (mono ms),
+ * UINT64_MAX if none. */
+uint64_t dispatch_session_deadline(const struct broker *bk);
+
+/* dispatch_session_housekeeping: free held subscriptions that hold
+ * nothing any more, and the disconnected sessions left with none. */
+void dispatch_session_housekeeping(struct broker *bk);
+
+/* dispatch_session_close_all: end every session (at close). */
+void dispatch_session_close_all(struct broker *bk);
 
 void dispatch_on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r);
 

@@ -100,8 +100,11 @@ fill_job(struct broker *bk, struct job_view *v, const struct msg *m,
 
         protoq__job_holder__init(&v->holder);
         v->holder.subscription_id = m->holder->id;
-        v->holder.client_name = (char *)s->conn->name;
-        v->holder.address = (char *)s->conn->peer;
+        const char *name, *peer;
+
+        dispatch_session_holder(s, &name, &peer);
+        v->holder.client_name = (char *)name;
+        v->holder.address = (char *)peer;
         v->holder.lease_left_ms = m->due_ms > now ? m->due_ms - now : 0;
         v->info.holder = &v->holder;
     }

@@ -275,6 +275,14 @@ render_broker(const struct metrics_src *src, struct evbuffer *b)
     scalar(b, "protoq_auth_failures_total", "counter",
            "Hellos refused for a missing or wrong token.",
            bk->stats.auth_failures);
+    scalar(b, "protoq_sessions_disconnected", "gauge",
+           "Sessions kept for their disconnect grace.", bk->ngap);
+    scalar(b, "protoq_sessions_resumed_total", "counter",
+           "Hellos that took over a session kept for its grace.",
+           bk->stats.sessions_resumed);
+    scalar(b, "protoq_sessions_expired_total", "counter",
+           "Disconnect graces that ran out (their deliveries failed).",
+           bk->stats.sessions_expired);
     scalar(b, "protoq_memory_bytes", "gauge",
            "Memory the broker allocated (what memory_high_bytes limits).",
            pq_mem_used());

@@ -683,7 +683,7 @@ server_init(struct server *srv, char *err, size_t errlen)
 static void
 arm_deadline(struct server *srv)
 {
-    uint64_t due = qset_next_deadline(srv->broker.qs);
+    uint64_t due = dispatch_next_deadline(&srv->broker);
     struct timeval tv;
     uint64_t wait_ms;
 

@@ -350,6 +350,7 @@ cli_connect(struct cli *cli)
     o.tls_ca_file = cli->tls_ca;
     o.tls_cert_file = cli->tls_cert;
     o.tls_key_file = cli->tls_key;
+    o.session_id = cli->session_id;
     rc = protoq_connect(cli->server, &o, &cli->c);
     if (rc != PQ_OK) {
         int ret = fail_pq(cli, rc);

@@ -41,12 +41,13 @@ enum {
 
 /* The global options and what every command needs. */
 struct cli {
-    const char *server;   /* HOST:PORT or tls://HOST:PORT */
-    const char *token;    /* -t TOKEN, else $PROTOQ_TOKEN; NULL = none */
-    const char *tls_ca;   /* --ca / $PROTOQ_CA; NULL = system CAs */
-    const char *tls_cert; /* --cert / $PROTOQ_CERT (mTLS) */
-    const char *tls_key;  /* --key / $PROTOQ_KEY */
-    const char *cmd;      /* e.g. "pub jobs", for error messages */
+    const char *server;     /* HOST:PORT or tls://HOST:PORT */
+    const char *token;      /* -t TOKEN, else $PROTOQ_TOKEN; NULL = none */
+    const char *tls_ca;     /* --ca / $PROTOQ_CA; NULL = system CAs */
+    const char *tls_cert;   /* --cert / $PROTOQ_CERT (mTLS) */
+    const char *tls_key;    /* --key / $PROTOQ_KEY */
+    const char *cmd;        /* e.g. "pub jobs", for error messages */
+    const char *session_id; /* Hello's session (protoq work); NULL = none */
     char cmdbuf[300];
     protoq_client *c;
 };

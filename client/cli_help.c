@@ -123,6 +123,8 @@ static const struct topic topics[] = {
      "Runs COMMAND once per job: payload on stdin, PROTOQ_MESSAGE_ID,\n"
      "PROTOQ_ATTEMPT, PROTOQ_HEADER_<KEY>, PROTOQ_PROGRESS in the\n"
      "environment. Exit 0 acks (stdout is the result); else nacks.\n"
+     "Running jobs survive a lost connection for the broker's\n"
+     "disconnect_grace_ms (work reconnects with the same session).\n"
      "  --concurrency N       jobs at once (1-4096; default 1)\n"
      "  --tag K=V             this worker's tags\n"
      "  --timeout D           per job\n"

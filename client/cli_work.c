@@ -20,9 +20,21 @@
  * Reasons: a CancelRequested (when the job is gone, a release ends the
  * cancel; the broker fences it), a touch answered STALE_DELIVERY (lease
  * lost: the job is someone else's, nothing is reported), the
- * connection lost (the broker gives the job to someone else; keeping it
- * would need the broker's disconnect grace, not built yet), --timeout (a
- * failed attempt), and the end of the shutdown grace (released).
+ * connection lost past the broker's disconnect grace (see below),
+ * --timeout (a failed attempt), and the end of the shutdown grace
+ * (released).
+ *
+ * Disconnect grace: work names a random session in its Hello. When the
+ * connection is lost and the broker has a disconnect grace (its Welcome
+ * said how long), the running jobs go on: work reconnects with the same
+ * session, and when the Welcome says it was resumed they are still ours
+ * (same delivery tokens), touched at once (a lease that ran out meanwhile
+ * answers STALE_DELIVERY: stopped) and reported as usual; a job that
+ * ended meanwhile is reported then. When the Welcome says not resumed, or
+ * the grace is over before work is back, they are stopped as lost. Jobs
+ * carried over from the old connection are held by the session's old
+ * subscription, so they count against the new one's credit as busy
+ * slots.
  *
  * Shutdown (SIGTERM, SIGINT, SIGHUP): pause the subscription, keep touching
  * running jobs for --shutdown-grace while they may finish (and are acked or
@@ -80,6 +92,8 @@ enum job_stop {
 struct job {
     bool used;
     bool held;      /* we hold its delivery (ack/nack/release) */
+    bool carried;   /* held by an earlier connection of our session: not
+                       counted in the current subscription's credit */
     pid_t pid;      /* the command; also its process group */
     pid_t watchdog; /* feeds stdin, guards against our death */
     int lifeline;   /* write end; closed with a byte when done */
@@ -124,6 +138,9 @@ struct work_state {
     char dir[64];        /* private dir for progress files */
     bool draining;       /* shutdown: paused, no new jobs */
     int64_t drain_end_ms;
+    char session[64];   /* our session id (protoq_session_id_new) */
+    int64_t gap_end_ms; /* disconnected: the broker's grace ends (0 when
+                           connected, or nothing is kept) */
 };
 
 static volatile sig_atomic_t work_signals;
@@ -186,7 +203,8 @@ count_jobs(const struct work_state *ws, bool held_only)
     size_t n = 0;
 
     for (size_t i = 0; i < ws->n_jobs; i++) {
-        if (ws->jobs[i].used && (!held_only || ws->jobs[i].held)) {
+        if (ws->jobs[i].used &&
+            (!held_only || (ws->jobs[i].held && !ws->jobs[i].carried))) {
             n++;
         }
     }
@@ -739,6 +757,23 @@ finish_job(struct work_state *ws, struct job *j)
     return rc;
 }
 
+/* Every held job is the broker's again (it goes to another worker): stop
+ * them all (why: for the log). */
+static void
+lose_jobs(struct work_state *ws, const char *why)
+{
+    for (size_t i = 0; i < ws->n_jobs; i++) {
+        struct job *j = &ws->jobs[i];
+
+        if (j->used && j->held) {
+            say(ws, "job %" PRIu64 ": %s: stopping it", j->message_id, why);
+            begin_stop(ws, j, JOB_LOST);
+            j->held = false; /* also when it was stopping already */
+        }
+    }
+    ws->gap_end_ms = 0;
+}
+
 /* Reap exited children; report finished jobs. */
 static int
 reap_jobs(struct work_state *ws)
@@ -766,6 +801,9 @@ reap_jobs(struct work_state *ws)
         drain_output(ws, j);
         /* Done when the command exited and, if it was being stopped, its
          * whole group is gone (or the kill grace is over). */
+        if (j->held && ws->cli->c == NULL) {
+            continue; /* reported once the session is back */
+        }
         if (j->exited && (j->stop == JOB_RUN || kill(-j->pid, 0) != 0 ||
                           mono_ms() >= j->kill_at_ms)) {
             int rc = finish_job(ws, j);
@@ -785,6 +823,9 @@ tend_jobs(struct work_state *ws)
     protoq_client *c = ws->cli->c;
     int64_t now = mono_ms();
 
+    if (c == NULL && ws->gap_end_ms > 0 && now >= ws->gap_end_ms) {
+        lose_jobs(ws, "not back within the broker's disconnect grace");
+    }
     for (size_t i = 0; i < ws->n_jobs; i++) {
         struct job *j = &ws->jobs[i];
         struct protoq_progress prog;
@@ -802,7 +843,7 @@ tend_jobs(struct work_state *ws)
         if (j->stop != JOB_RUN && now >= j->kill_at_ms) {
             kill(-j->pid, SIGKILL);
         }
-        if (!j->held || j->stop == JOB_CANCELLED) {
+        if (!j->held || j->stop == JOB_CANCELLED || c == NULL) {
             continue;
         }
         read_progress(ws, j);
@@ -837,24 +878,59 @@ tend_jobs(struct work_state *ws)
 
 /* ---- connection ---- */
 
-/* The connection is gone: every held job is the broker's again (it goes
- * to another worker), so stop them all. */
+/* The connection is gone. Without a disconnect grace the held jobs are
+ * lost at once; with one they run on until the grace ends or the session
+ * is back. */
 static void
 lose_connection(struct work_state *ws)
 {
-    for (size_t i = 0; i < ws->n_jobs; i++) {
-        struct job *j = &ws->jobs[i];
+    struct protoq_server_info si;
 
-        if (j->used && j->held) {
-            say(ws, "job %" PRIu64 ": connection lost: stopping it",
-                j->message_id);
-            begin_stop(ws, j, JOB_LOST);
+    protoq_server_info(ws->cli->c, &si);
+    if (si.disconnect_grace_ms == 0) {
+        lose_jobs(ws, "connection lost");
+    } else if (count_jobs(ws, false) > 0) {
+        /* Lost a little early: the broker noticed no sooner than us. */
+        ws->gap_end_ms = mono_ms() + (int64_t)si.disconnect_grace_ms;
+        for (size_t i = 0; i < ws->n_jobs; i++) {
+            ws->jobs[i].carried = ws->jobs[i].used && ws->jobs[i].held;
         }
+        say(ws,
+            "%zu job(s) keep running for the broker's disconnect grace "
+            "(%u ms)",
+            count_jobs(ws, false), si.disconnect_grace_ms);
     }
     protoq_close(ws->cli->c);
     ws->cli->c = NULL;
     ws->sub_id = 0;
     ws->credit = 0;
+}
+
+/* Connected again: the session's held jobs are still ours only if the
+ * broker says it resumed it. Touch them at once to learn whether their
+ * leases held. */
+static void
+session_back(struct work_state *ws)
+{
+    struct protoq_server_info si;
+    size_t n = 0;
+
+    protoq_server_info(ws->cli->c, &si);
+    if (!si.session_resumed) {
+        lose_jobs(ws, "session not resumed by the broker");
+        return;
+    }
+    for (size_t i = 0; i < ws->n_jobs; i++) {
+        struct job *j = &ws->jobs[i];
+
+        if (j->used && j->held) {
+            j->next_touch_ms = 0;
+            n++;
+        }
+    }
+    if (n > 0) {
+        say(ws, "session resumed: %zu job(s) kept", n);
+    }
 }
 
 /* Connect and subscribe with the credit the free slots allow. */
@@ -866,11 +942,13 @@ connect_and_subscribe(struct work_state *ws)
     uint32_t credit = (uint32_t)(ws->n_jobs - orphans);
     int rc;
 
+    cli->session_id = ws->session;
     rc = cli_connect(cli);
     if (rc != EXIT_OK) {
         return PQ_ECLOSED;
     }
     protoq_set_cancel_cb(cli->c, work_cancel, ws);
+    session_back(ws);
     /* Subscribe paused when every slot is busy, then let sync_credit
      * open it; prefetch 0 would mean 1. */
     rc = protoq_subscribe(cli->c, ws->queue, credit ? credit : 1, ws->tags->kv,
@@ -1069,6 +1147,10 @@ cmd_work(struct cli *cli, int argc, char **argv)
     }
     install_signals();
     backoff_init(&backoff, 0, 0, (uint64_t)getpid() ^ (uint64_t)mono_ms());
+    if (protoq_session_id_new(ws.session, sizeof(ws.session)) != PQ_OK) {
+        ret = fail(cli, "no random session id: %s", strerror(errno));
+        goto out;
+    }
     /* The first connection must work: a typo in -s should not retry. */
     rc = connect_and_subscribe(&ws);
     if (rc != PQ_OK) {
@@ -1107,6 +1189,8 @@ cmd_work(struct cli *cli, int argc, char **argv)
             }
             if (connect_and_subscribe(&ws) == PQ_OK) {
                 say(&ws, "connected again to %s", cli->server);
+                ws.gap_end_ms = 0; /* (a failed subscribe keeps the
+                                      earlier, safe end) */
                 backoff_reset(&backoff);
             } else {
                 protoq_close(cli->c);

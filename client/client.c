@@ -44,6 +44,8 @@
  */
 #include "client_int.h"
 #include "clock.h"
+#include "pqlimits.h"
+#include "strcheck.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -55,6 +57,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -1436,6 +1439,27 @@ do_connect(protoq_client *c, const char *hostport, int64_t deadline, char *host,
     return PQ_OK;
 }
 
+_Static_assert((int)PROTOQ_SESSION_ID_MAX == (int)PQ_SESSION_ID_MAX,
+               "session id limits differ");
+
+/* protoq_session_id_new: 128 random bits in hex. */
+int
+protoq_session_id_new(char *buf, size_t cap)
+{
+    uint8_t r[16];
+
+    if (cap < 2 * sizeof(r) + 1) {
+        return PQ_EINVAL;
+    }
+    if (getrandom(r, sizeof(r), 0) != (ssize_t)sizeof(r)) {
+        return PQ_ESYS;
+    }
+    for (size_t i = 0; i < sizeof(r); i++) {
+        snprintf(buf + 2 * i, 3, "%02x", r[i]);
+    }
+    return PQ_OK;
+}
+
 static int
 handshake(protoq_client *c, const struct protoq_opts *o)
 {
@@ -1449,9 +1473,23 @@ handshake(protoq_client *c, const struct protoq_opts *o)
     h.client_name = S(o && o->client_name ? o->client_name : "libprotoq");
     h.auth_token = S(o ? o->auth_token : NULL);
     h.heartbeat_ms = o ? o->heartbeat_ms : 0;
+    if (o != NULL && o->session_id != NULL) {
+        if (!session_id_valid(o->session_id)) {
+            return conn_fail(c, PQ_EINVAL,
+                             "session id: want 1-%d printable ASCII bytes",
+                             PROTOQ_SESSION_ID_MAX);
+        }
+        h.session_id = (char *)o->session_id;
+        h.session_resume = !o->session_fresh;
+    }
     f.kind_case = PROTOQ__FRAME__KIND_HELLO;
     f.hello = &h;
+    /* What comes right behind the Welcome (a resumed session's
+     * CancelRequested) waits for the first dispatching call: no callback
+     * can be set before protoq_connect returns. */
+    c->cb_depth++;
     rc = client_request(c, &f, PROTOQ__FRAME__KIND_WELCOME, &r);
+    c->cb_depth--;
     if (rc != PQ_OK) {
         if (rc == PQ_EREMOTE) {
             /* The broker closes after a refused Hello. */
@@ -1469,6 +1507,8 @@ handshake(protoq_client *c, const struct protoq_opts *o)
     c->info.max_message_bytes = w->max_message_bytes;
     c->info.heartbeat_ms = w->heartbeat_ms;
     c->info.max_batch = w->max_batch;
+    c->info.session_resumed = w->session_resumed;
+    c->info.disconnect_grace_ms = w->disconnect_grace_ms;
     frame_free(r);
     if (c->info.protocol_version != PROTOQ_PROTOCOL_VERSION) {
         return conn_fail(c, PQ_EVERSION,

@@ -33,7 +33,8 @@ opts_str(struct protoq_opts *o, size_t i)
 {
     const char **f[] = {&o->client_name,  &o->auth_token,
                         &o->tls_ca_file,  &o->tls_cert_file,
-                        &o->tls_key_file, &o->tls_server_name};
+                        &o->tls_key_file, &o->tls_server_name,
+                        &o->session_id};
 
     return i < sizeof(f) / sizeof(f[0]) ? f[i] : NULL;
 }
@@ -54,6 +55,9 @@ client_reconnect_init(protoq_client *c, const char *hostport,
             }
         }
     }
+    /* A reconnect resumes the session; session_fresh was for the first
+     * connection only. */
+    c->r_opts.session_fresh = false;
     c->r_hostport = strdup(hostport ? hostport : "");
     if (c->r_hostport == NULL) {
         goto nomem;

@@ -74,6 +74,13 @@
  *    current again). Deliveries that had arrived but not
  *    yet reached their callback when the loss was seen are dropped, and so
  *    are cancel requests for them.
+ *  - With a session_id (below) and a broker with a disconnect grace, the
+ *    reconnect resumes the session (never fresh, whatever session_fresh
+ *    said for the first connection): if protoq_server_info's
+ *    session_resumed is then true, the deliveries already handed to
+ *    callbacks are still the caller's under their old tokens (ack, touch
+ *    and so on work as before the loss); those dropped above stay leased
+ *    to the session and come back when their lease ends.
  *  - protoq_poll does not fail while the handle reconnects: it waits as
  *    usual (returning 0 on timeout). Any other call made while the
  *    connection is down waits for it up to io_timeout_ms (< 0: forever),
@@ -203,17 +210,39 @@ struct protoq_opts {
     const char *tls_server_name; /* name to verify and send as SNI */
     bool tls_no_verify_hostname; /* any name the CA signed: only for tests
                                     and private CAs that sign one broker */
+    /*
+     * Session (the broker's disconnect grace, README "Disconnect grace"):
+     * session_id names it, 1-PROTOQ_SESSION_ID_MAX printable ASCII bytes
+     * (protoq_session_id_new makes a random one); NULL = no session. A
+     * connection that names a session the broker still keeps takes over
+     * its deliveries (same tokens, same attempt) unless session_fresh,
+     * which ends that session (its deliveries fail as at a disconnect)
+     * and starts a new one. protoq_server_info says what happened.
+     */
+    const char *session_id;
+    bool session_fresh;
 };
+
+enum { PROTOQ_SESSION_ID_MAX = 64 };
+
+/* protoq_session_id_new: a random session id (32 hex digits, 128 bits)
+ * into buf (cap >= 33). PQ_OK, PQ_EINVAL (cap too small), PQ_ESYS. */
+int protoq_session_id_new(char *buf, size_t cap);
 
 /* What the broker said in its Welcome. */
 struct protoq_server_info {
     uint32_t protocol_version;
-    char broker_id[64];         /* truncated if longer */
-    char server_version[64];    /* truncated if longer */
-    uint32_t max_frame_bytes;   /* largest frame the broker accepts */
-    uint32_t max_message_bytes; /* largest payload */
-    uint32_t heartbeat_ms;      /* agreed interval; 0 = off */
-    uint32_t max_batch;         /* most messages in one batch; 0 = no limit */
+    char broker_id[64];           /* truncated if longer */
+    char server_version[64];      /* truncated if longer */
+    uint32_t max_frame_bytes;     /* largest frame the broker accepts */
+    uint32_t max_message_bytes;   /* largest payload */
+    uint32_t heartbeat_ms;        /* agreed interval; 0 = off */
+    uint32_t max_batch;           /* most messages in one batch; 0 = no limit */
+    bool session_resumed;         /* opts' session was kept: what it held is
+                                     this handle's (same tokens) */
+    uint32_t disconnect_grace_ms; /* how long the broker keeps a session's
+                                     deliveries after a disconnect; 0 = no
+                                     grace (sessions are not kept) */
 };
 
 /*

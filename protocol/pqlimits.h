@@ -23,6 +23,7 @@ enum {
     PQ_IDEMPOTENCY_KEY_MAX = 256,        /* Message.idempotency_key */
     PQ_CORRELATION_ID_MAX = 256,         /* Message.correlation_id */
     PQ_REPLY_TO_MAX = PQ_QUEUE_NAME_MAX, /* Message.reply_to (a queue) */
+    PQ_SESSION_ID_MAX = 64,              /* Hello.session_id */
     PQ_NACK_ERROR_MAX = 1024,            /* Nack.error, kept as x-death-error */
     PQ_PROGRESS_MAX = 2048,         /* an encoded Progress (Touch, Release) */
     PQ_DEAD_LETTER_REASON_MAX = 16, /* x-death-reason value ("max_attempts") */

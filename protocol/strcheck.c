@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "pqerr.h"
+#include "pqlimits.h"
 
 enum { MAX_DEPTH = 32 };
 
@@ -150,4 +151,21 @@ wire_strings_check(const ProtobufCMessageDescriptor *desc, const uint8_t *buf,
         what[0] = '\0';
     }
     return check(desc, buf, buf + len, &pt, what, cap);
+}
+
+/* session_id_valid: see strcheck.h. */
+bool
+session_id_valid(const char *id)
+{
+    size_t n = strlen(id);
+
+    if (n == 0 || n > PQ_SESSION_ID_MAX) {
+        return false;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (id[i] <= 0x20 || id[i] >= 0x7f) {
+            return false;
+        }
+    }
+    return true;
 }

@@ -18,6 +18,10 @@
  * code points past U+10FFFF) and holds no NUL. */
 bool utf8_valid(const uint8_t *s, size_t len);
 
+/* session_id_valid: a Hello.session_id the broker takes: 1 to
+ * PQ_SESSION_ID_MAX bytes of printable ASCII, no space. */
+bool session_id_valid(const char *id);
+
 /*
  * wire_strings_check: every string field of the encoded message desc in
  * buf[0..len), in nested messages too, passes utf8_valid. PQ_OK; or

@@ -188,6 +188,8 @@ START_TEST(test_key_table_is_complete_and_unique)
         "idle_conn_timeout_ms",
         "max_connections_per_addr",
         "max_handshake_connections",
+        "disconnect_grace_ms",
+        "max_held_sessions",
         "auth_file",
         "allow_anonymous",
         "tls_listen",
@@ -914,6 +916,8 @@ START_TEST(test_reloadable_flags)
         "idle_conn_timeout_ms",
         "max_connections_per_addr",
         "max_handshake_connections",
+        "disconnect_grace_ms",
+        "max_held_sessions",
         "max_result_bytes",
         "tls_cert",
         "tls_key",
@@ -1090,6 +1094,8 @@ START_TEST(test_dump_then_load_round_trips)
         {"idle_conn_timeout_ms", "7d"},
         {"max_connections_per_addr", "1"},
         {"max_handshake_connections", "1000000"},
+        {"disconnect_grace_ms", "7d"},
+        {"max_held_sessions", "1"},
         {"auth_file", "/etc/protoqd/tokens"},
         {"allow_anonymous", "yes"},
         {"tls_listen", "127.0.0.1:0"},
@@ -1153,7 +1159,7 @@ START_TEST(test_dump_then_load_round_trips)
     for (size_t i = 0; i < config_key_count(); i++) {
         nreload += config_key_reloadable(config_key_name(i));
     }
-    ck_assert_uint_eq(nreload, 20);
+    ck_assert_uint_eq(nreload, 22);
     ck_assert_uint_eq(commas + 1, config_key_count() - nreload);
     /* A short err buffer is cut, never overrun. */
     char tiny[8];

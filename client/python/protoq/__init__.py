@@ -19,7 +19,7 @@ from .errors import (  # noqa: F401
     StaleDelivery, SubscriptionNotFound, Internal, Unsupported)
 from .client import (  # noqa: F401
     Client, Delivery, Subscription, QueueInfo, JobInfo, Progress,
-    InvalidArgument,
+    InvalidArgument, new_session_id,
     parse_address, PROTOCOL_VERSION, DEFAULT_PORT)
 from .worker import Worker, Job, worker, decode_payload  # noqa: F401
 from . import protoq_pb2 as wire  # noqa: F401  the generated messages

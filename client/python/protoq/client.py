@@ -20,6 +20,7 @@ All durations in this API are seconds (int or float).
 import collections
 import errno
 import logging
+import os
 import queue as _queue
 import select
 import socket
@@ -101,6 +102,16 @@ def _kvs(name, pairs, out):
 def _check_name(name):
     if not isinstance(name, str):
         raise InvalidArgument("queue name: a str, not %s" % type(name).__name__)
+
+
+def _session_valid(s):
+    return (isinstance(s, str) and 1 <= len(s) <= 64 and
+            all(0x20 < ord(ch) < 0x7f for ch in s))
+
+
+def new_session_id():
+    """A random session id (32 hex digits, 128 bits) for Client(session=)."""
+    return os.urandom(16).hex()
 
 
 def parse_address(server):
@@ -489,7 +500,14 @@ class Client:
 
     Client(server="127.0.0.1:7650", token=None, tls=None, name=...,
     timeout=30, connect_timeout=5, heartbeat=None, on_error=None,
-    on_cancel=None)
+    on_cancel=None, session=None, session_fresh=False)
+
+    session: a session id (1-64 printable ASCII bytes, e.g.
+    protoq.new_session_id()) for the broker's disconnect grace: when this
+    connection breaks, what it holds stays leased to the session for the
+    broker's disconnect_grace_ms, and a new Client with the same session
+    takes it over (session_resumed; adopt() the old deliveries to settle
+    them). session_fresh ends what the broker still kept for the session.
 
     tls: None/False for plain TCP (unless server starts with tls://), True
     for the default SSLContext (certificate and hostname verified against
@@ -500,8 +518,12 @@ class Client:
 
     def __init__(self, server="127.0.0.1:7650", token=None, tls=None,
                  name="protoq-python", timeout=30.0, connect_timeout=5.0,
-                 heartbeat=None, on_error=None, on_cancel=None):
+                 heartbeat=None, on_error=None, on_cancel=None,
+                 session=None, session_fresh=False):
         host, port, want_tls = parse_address(server)
+        if session is not None and not _session_valid(session):
+            raise InvalidArgument("session: want 1-64 printable ASCII "
+                                  "bytes without spaces")
         self.server = server
         self.timeout = timeout
         self.on_error = on_error
@@ -513,6 +535,7 @@ class Client:
         self._pending = {}           # request_id -> (fn, arg)
         self._subs = {}              # subscription_id -> Subscription
         self._held = {}              # (message_id, attempt) -> Delivery
+        self._early_cancels = set()  # tokens cancelled before adopt()
         self._rid = 0
         self._dead = None            # the exception once the connection died
         self._last_send = time.monotonic()
@@ -534,12 +557,16 @@ class Client:
                 self._tls = sock
                 self._iolock = threading.Lock()
             self._sock = sock
-            self.info = self._handshake(token, name, heartbeat, connect_timeout)
+            self.info = self._handshake(token, name, heartbeat, connect_timeout,
+                                        session, session_fresh)
             sock.setblocking(False)
         except BaseException:
             sock.close()
             raise
         self.max_frame_bytes = self.info.max_frame_bytes or 4 * 1024 * 1024
+        self.session = session
+        self.session_resumed = self.info.session_resumed
+        self.disconnect_grace = _sec(self.info.disconnect_grace_ms)
         self._hb = self.info.heartbeat_ms / 1000.0
         self._reader = threading.Thread(target=self._read_loop,
                                         name="protoq-reader", daemon=True)
@@ -547,7 +574,8 @@ class Client:
 
     # ---- handshake (blocking socket, before the reader starts)
 
-    def _handshake(self, token, name, heartbeat, timeout):
+    def _handshake(self, token, name, heartbeat, timeout, session,
+                   session_fresh):
         f = pb.Frame()
         f.request_id = self._next_rid()
         h = f.hello
@@ -556,6 +584,9 @@ class Client:
         if token:
             h.auth_token = token
         h.heartbeat_ms = _ms("heartbeat", heartbeat)
+        if session is not None:
+            h.session_id = session
+            h.session_resume = not session_fresh
         data = f.SerializeToString()
         try:
             self._sock.settimeout(timeout)
@@ -829,15 +860,40 @@ class Client:
             if self.on_error is not None:
                 self.on_error(exc, f.request_id)
 
+    def adopt(self, delivery):
+        """Make a delivery of an earlier Client of this session (resumed:
+        session_resumed) this one's: its ack, nack, touch and release go
+        through this connection, and a cancel request for it (also one that
+        came while the session was disconnected) marks it and runs its
+        on_cancel callbacks. A delivery whose lease ran out meanwhile is
+        refused by the broker (StaleDelivery) when settled."""
+        token = (delivery.id, delivery.attempt)
+        delivery._client = self
+        with self._wlock:
+            self._held[token] = delivery
+            early = token in self._early_cancels
+            self._early_cancels.discard(token)
+        if early:
+            self._cancel_delivery(delivery)
+        return delivery
+
+    def _cancel_delivery(self, d):
+        d.cancelled = True
+        for fn in list(d._on_cancel):
+            try:
+                fn(d)
+            except Exception:
+                log.exception("protoq: cancel callback failed")
+
     def _on_cancel_requested(self, cr):
-        d = self._held.get((cr.message_id, cr.attempt))
+        with self._wlock:
+            d = self._held.get((cr.message_id, cr.attempt))
+            if d is None and self.session is not None and \
+                    len(self._early_cancels) < 100000:
+                # a resumed session's delivery not adopted yet
+                self._early_cancels.add((cr.message_id, cr.attempt))
         if d is not None:
-            d.cancelled = True
-            for fn in list(d._on_cancel):
-                try:
-                    fn(d)
-                except Exception:
-                    log.exception("protoq: cancel callback failed")
+            self._cancel_delivery(d)
         if self.on_cancel is not None:
             self.on_cancel(cr.queue, cr.message_id, cr.attempt)
 
