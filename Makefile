@@ -137,7 +137,7 @@ UNIT_TESTS  = $(B)/tests/unit/check_frame $(B)/tests/unit/check_structs \
 INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_admin \
               $(B)/tests/integration/check_delivery $(B)/tests/integration/check_requests \
               $(B)/tests/integration/check_durability $(B)/tests/integration/check_jobs \
-              $(B)/tests/integration/check_jobs_restart \
+              $(B)/tests/integration/check_jobs_restart $(B)/tests/integration/check_attempt_crash \
               $(B)/tests/integration/check_client $(B)/tests/integration/check_work \
               $(B)/tests/integration/check_loss $(B)/tests/integration/check_evict \
               $(B)/tests/integration/check_cli $(B)/tests/integration/check_ops \
@@ -162,7 +162,8 @@ SERVER_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_
                $(B)/tests/integration/check_delivery $(B)/tests/integration/check_requests \
                $(B)/tests/integration/check_durability
 JOBFIX_OBJS = $(B)/tests/integration/jobs_fixture.o
-JOBS_TESTS  = $(B)/tests/integration/check_jobs $(B)/tests/integration/check_jobs_restart
+JOBS_TESTS  = $(B)/tests/integration/check_jobs $(B)/tests/integration/check_jobs_restart \
+              $(B)/tests/integration/check_attempt_crash
 CRASHFIX_OBJS = $(B)/tests/crash/crash_fixture.o
 CRASH_TESTS = $(B)/tests/crash/check_crash $(B)/tests/crash/check_disk_full \
               $(B)/tests/crash/check_segments

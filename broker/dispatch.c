@@ -874,6 +874,8 @@ dispatch_open(struct broker *bk, char *err, size_t errlen)
     bk->next_msg_id = journal_next_id(bk->journal);
     bk->store_fd = journal_event_fd(bk->journal);
     qset_set_listener(bk->qs, on_qevent, bk);
+    /* replay may have taken a while: the clock, not the loop's "now" */
+    journal_resume(bk->journal, clock_mono_ms());
     return PQ_OK;
 }
 

@@ -258,6 +258,7 @@ dispatch_deliver(struct broker *bk, struct queue *q)
             return false;
         }
         s = to->owner;
+        journal_delivered(bk->journal, m);
         if (m->body != NULL && s->out_head == NULL) {
             emit(bk, s, m, m->body);
         } else {

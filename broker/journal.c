@@ -20,6 +20,15 @@
  *                 after the queue definitions of each new segment;
  *                 ROUTE_UNBIND on unbind. A QUEUE_DELETE removes the
  *                 queue's bindings on replay as it did when it happened.
+ *   DELIVER       the deliveries of one loop pass (id, attempt), appended
+ *                 before the next other record or at journal_submit, so
+ *                 the log keeps the order of events; nothing waits for
+ *                 it. Compaction writes one after the PUBLISH of each
+ *                 in-flight message it moves. It takes no segment
+ *                 reference: it is never older than its message's
+ *                 PUBLISH, which keeps its segment (deletion is
+ *                 oldest-first), and once the message has a later state
+ *                 record or is gone, replay ignores it.
  *
  * Segment references: every live durable message refs the segment of its
  * PUBLISH (or DEAD_LETTER) record (m->pub_seg) and of its latest state
@@ -101,12 +110,21 @@ encode(uint8_t **buf, size_t *cap, const struct record *r, size_t *len)
     return PQ_OK;
 }
 
+static void flush_delivered(struct journal *j);
+
 static int
 append(struct journal *j, const struct record *r, uint64_t *lsn,
        struct store_loc *loc)
 {
     size_t len;
-    int rc = encode(&j->buf, &j->cap, r, &len);
+    int rc;
+
+    /* The deliveries so far come first: replay reads a state record after
+     * a DELIVER as the end of that delivery. */
+    if (j->n_deliv > 0) {
+        flush_delivered(j);
+    }
+    rc = encode(&j->buf, &j->cap, r, &len);
 
     if (rc == PQ_OK) {
         rc = store_append(j->st, r->type, j->buf, len, lsn, loc);
@@ -1051,9 +1069,69 @@ journal_reap_loads(struct journal *j, journal_loaded_fn fn, void *arg)
     store_read_reap(j->st, loaded, &l);
 }
 
+/* ---- deliveries ---- */
+
+void
+journal_delivered(struct journal *j, const struct msg *m)
+{
+    if (!journal_durable(m->q)) {
+        return;
+    }
+    if (j->n_deliv == j->cap_deliv) {
+        uint32_t cap = j->cap_deliv ? j->cap_deliv * 2 : 256;
+        struct rec_deliver_item *d = pq_realloc(j->deliv, cap * sizeof(*d));
+
+        if (d == NULL) {
+            j->deliv_unwritten++; /* as a record that was not written */
+            return;
+        }
+        j->deliv = d;
+        j->cap_deliv = cap;
+    }
+    j->deliv[j->n_deliv].id = m->id;
+    j->deliv[j->n_deliv].attempt = m->attempt;
+    j->n_deliv++;
+}
+
+/* The pending deliveries as one REC_DELIVER. Its failure (a full disk) is
+ * no append error (a publish's confirm does not depend on it): logged at
+ * most every 10 s; those deliveries are then not counted after a crash. */
+static void
+flush_delivered(struct journal *j)
+{
+    struct record r = {.type = REC_DELIVER};
+    uint64_t now;
+    size_t len;
+    int rc;
+
+    r.u.deliver.n = j->n_deliv;
+    r.u.deliver.items = j->deliv;
+    j->n_deliv = 0;
+    rc = encode(&j->buf, &j->cap, &r, &len);
+    if (rc == PQ_OK) {
+        rc = store_append(j->st, r.type, j->buf, len, NULL, NULL);
+    }
+    if (rc == PQ_OK) {
+        return;
+    }
+    j->deliv_unwritten += r.u.deliver.n;
+    now = clock_mono_ms();
+    if (j->deliv_logged_ms == 0 || now - j->deliv_logged_ms >= 10000) {
+        log_warn("deliveries not recorded: %s (%llu since the last warning); "
+                 "after a crash those jobs come back with their attempt as "
+                 "before the delivery",
+                 pq_strerror(rc), (unsigned long long)j->deliv_unwritten);
+        j->deliv_unwritten = 0;
+        j->deliv_logged_ms = now;
+    }
+}
+
 void
 journal_submit(struct journal *j)
 {
+    if (j->n_deliv > 0) {
+        flush_delivered(j);
+    }
     store_submit(j->st);
 }
 
@@ -1093,11 +1171,16 @@ compact_cb(void *arg, struct msg *m)
     m->pub_off = (uint32_t)loc.off;
     m->pub_len = loc.len;
     journal_ref_msg(w->j, m);
+    if (m->state == MSG_INFLIGHT) {
+        /* Its DELIVER may go with the old segment: write it again after
+         * the new PUBLISH. */
+        journal_delivered(w->j, m);
+    }
     w->moved++;
     if (w->moved % 256 == 0) {
         /* Hand over what is moved so far: a long pass reaches the disk in
          * pieces. */
-        store_submit(w->j->st);
+        journal_submit(w->j);
     }
     failpoint("compaction");
 }
@@ -1130,6 +1213,9 @@ journal_close(struct journal *j)
     if (j == NULL) {
         return;
     }
+    if (j->st != NULL && j->n_deliv > 0) {
+        flush_delivered(j);
+    }
     if (j->st) {
         rc = store_close(j->st);
         if (rc != PQ_OK) {
@@ -1137,6 +1223,8 @@ journal_close(struct journal *j)
         }
     }
     pq_free(j->buf);
+    pq_free(j->deliv);
+    pq_free(j->interrupted);
     pq_free(j);
 }
 

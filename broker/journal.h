@@ -170,6 +170,26 @@ typedef void (*journal_loaded_fn)(void *arg, uint64_t id, struct body *b);
  * were started; call it when journal_event_fd is readable. */
 void journal_reap_loads(struct journal *j, journal_loaded_fn fn, void *arg);
 
+/*
+ * journal_delivered: m (in flight, attempt m->attempt) was just handed to
+ * a consumer. If its queue is durable the delivery goes into the REC_DELIVER
+ * of this loop pass (appended before any other record, or by
+ * journal_submit). Nothing waits for it: it reaches the disk with the next
+ * batch, and a crash before that forgets the delivery (the job then comes
+ * back with its attempt as before, as without this record).
+ */
+void journal_delivered(struct journal *j, const struct msg *m);
+
+/*
+ * journal_resume: call once after journal_open, with the queue listener
+ * set: each delivery the log shows still running when the broker stopped
+ * (a kill -9, a crash, a power loss) is a failed attempt now, as if its
+ * consumer was lost: attempt as delivered, failures + 1, then requeued
+ * after the backoff or dead-lettered at max_attempts (their records are
+ * written through the listener). Returns how many there were.
+ */
+uint32_t journal_resume(struct journal *j, uint64_t now_mono_ms);
+
 /* journal_submit: hand the pending records to the storage thread;
  * journal_reap: report completed batches (see store_reap). */
 void journal_submit(struct journal *j);

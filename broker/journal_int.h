@@ -20,6 +20,7 @@
 
 #include "hmap.h"
 #include "queue.h"
+#include "record.h"
 
 struct store;
 
@@ -46,6 +47,19 @@ struct journal {
     uint64_t last_bulk;           /* replay: j->replayed at the latest
                                      QUEUE_DELETE or QUEUE_PURGE */
     uint64_t now_mono_ms;         /* "now" of the call being served */
+    struct rec_deliver_item *deliv; /* deliveries not appended yet: one
+                                       REC_DELIVER per loop pass */
+    uint32_t n_deliv, cap_deliv;
+    uint64_t deliv_unwritten;     /* DELIVER records lost since the last
+                                     warning */
+    uint64_t deliv_logged_ms;     /* mono time of that warning */
+    struct hmap_u64 delivered;    /* replay: id -> its latest delivery
+                                     since its latest state record, packed
+                                     (deliver_pack) */
+    struct rec_deliver_item *interrupted; /* replay's result: deliveries
+                                             the log shows running at the
+                                             stop, for journal_resume */
+    uint32_t n_interrupted;
 };
 
 /* journal_durable: q exists and is not transient (its changes are logged). */

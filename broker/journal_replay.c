@@ -8,11 +8,20 @@
  * Nothing is in flight after a restart: every message comes back READY, or
  * DELAYED while its deliver-at time is in the future, with the attempt and
  * failure counts of its last record.
+ *
+ * Deliveries: a DELIVER names messages handed out (id, attempt). One that
+ * is live, at that attempt or later than its own record says, and has no
+ * state record after the DELIVER (PUBLISH, REQUEUE, DEAD_LETTER, ACK,
+ * DROP each end it) was running when the broker stopped: journal_resume
+ * makes it a failed attempt once the listener is set. A DELIVER about a
+ * message replay does not hold (acked, its PUBLISH in a deleted segment)
+ * is ignored: it never brings one back.
  */
 #include "journal_int.h"
 
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
@@ -175,6 +184,121 @@ suspects_free(struct journal *j)
         pq_free(s);
     }
     hmap_u64_fini(&j->suspects);
+}
+
+/* ---- deliveries (see the file comment) ---- */
+
+/* The map's value: the attempt in the high half and the low 32 bits of
+ * the record index in the low half (never NULL: attempt >= 1), so the
+ * interrupted deliveries go back in the order they were made. */
+static void *
+deliver_pack(uint32_t attempt, uint64_t idx)
+{
+    return (void *)(uintptr_t)(((uint64_t)attempt << 32) | (uint32_t)idx);
+}
+
+/* A state record about id ends whatever delivery of it came before. */
+static void
+delivered_clear(struct journal *j, uint64_t id)
+{
+    if (j->delivered.len > 0) {
+        (void)hmap_u64_del(&j->delivered, id);
+    }
+}
+
+static int
+replay_deliver(struct journal *j, const struct rec_deliver *d)
+{
+    struct msg view;
+
+    for (uint32_t i = 0; i < d->n; i++) {
+        struct rec_deliver_item it = record_deliver_item(d, i);
+
+        if (it.attempt == 0 || !qset_msg_peek(j->qs, it.id, &view) ||
+            it.attempt < view.attempt) {
+            continue;
+        }
+        (void)hmap_u64_del(&j->delivered, it.id);
+        if (hmap_u64_put(&j->delivered, it.id,
+                         deliver_pack(it.attempt, j->replayed)) != PQ_OK) {
+            return PQ_ENOMEM;
+        }
+    }
+    return PQ_OK;
+}
+
+static int
+interrupted_cmp(const void *a, const void *b)
+{
+    const uint64_t *x = a, *y = b;
+
+    return (uint32_t)x[1] < (uint32_t)y[1] ? -1 : (uint32_t)x[1] > (uint32_t)y[1];
+}
+
+/* After replay: the deliveries still running at the stop, in the order
+ * they were made, into j->interrupted; the map goes. */
+static int
+collect_interrupted(struct journal *j)
+{
+    size_t n = hmap_u64_len(&j->delivered), k = 0, it = 0;
+    uint64_t(*tmp)[2] = NULL, id;
+    struct msg view;
+    void *v;
+    int rc = PQ_OK;
+
+    if (n == 0) {
+        goto out;
+    }
+    tmp = pq_calloc(n, sizeof(*tmp));
+    j->interrupted = pq_calloc(n, sizeof(*j->interrupted));
+    if (tmp == NULL || j->interrupted == NULL) {
+        rc = PQ_ENOMEM;
+        goto out;
+    }
+    while ((v = hmap_u64_next(&j->delivered, &it, &id)) != NULL) {
+        if (qset_msg_peek(j->qs, id, &view)) {
+            tmp[k][0] = id;
+            tmp[k][1] = (uint64_t)(uintptr_t)v;
+            k++;
+        }
+    }
+    qsort(tmp, k, sizeof(*tmp), interrupted_cmp);
+    for (size_t i = 0; i < k; i++) {
+        j->interrupted[i].id = tmp[i][0];
+        j->interrupted[i].attempt = (uint32_t)(tmp[i][1] >> 32);
+    }
+    j->n_interrupted = (uint32_t)k;
+out:
+    pq_free(tmp);
+    hmap_u64_fini(&j->delivered);
+    return rc;
+}
+
+uint32_t
+journal_resume(struct journal *j, uint64_t now_mono_ms)
+{
+    uint32_t n = 0;
+
+    j->now_mono_ms = now_mono_ms;
+    /* Back to the front of their queues from the last delivered to the
+     * first, as a lost consumer's jobs go: they keep their order. */
+    for (uint32_t i = j->n_interrupted; i-- > 0;) {
+        const struct rec_deliver_item *it = &j->interrupted[i];
+
+        if (qset_interrupted(j->qs, it->id, it->attempt, now_mono_ms) ==
+            PQ_OK) {
+            n++;
+        }
+    }
+    if (n > 0) {
+        log_warn("%u jobs were running when protoqd stopped: each counts as "
+                 "a failed attempt (as a lost consumer's)",
+                 n);
+    }
+    pq_free(j->interrupted);
+    j->interrupted = NULL;
+    j->n_interrupted = 0;
+    return n;
 }
 
 /* check_suspects: after replay, refuse a log in which a message is live
@@ -603,6 +727,7 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
     }
     case REC_PUBLISH:
         suspect_clear(j, r.u.publish.id);
+        delivered_clear(j, r.u.publish.id);
         return replay_publish(j, &r.u.publish, loc);
     case REC_PUBLISH_BATCH: {
         struct rec_publish p;
@@ -611,6 +736,7 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
         rc = PQ_OK;
         while (rc == PQ_OK && record_batch_next(&r.u.batch, &cur, &p)) {
             suspect_clear(j, p.id);
+            delivered_clear(j, p.id);
             rc = replay_publish(j, &p, loc);
         }
         return rc;
@@ -620,13 +746,16 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
         return replay_route(j, &r);
     case REC_ACK:
         suspect_clear(j, r.u.ack.id);
+        delivered_clear(j, r.u.ack.id);
         replay_remove(j, r.u.ack.id);
         return PQ_OK;
     case REC_DROP:
         suspect_clear(j, r.u.drop.id);
+        delivered_clear(j, r.u.drop.id);
         replay_remove(j, r.u.drop.id);
         return PQ_OK;
     case REC_REQUEUE:
+        delivered_clear(j, r.u.requeue.id);
         if (!qset_msg_peek(qs, r.u.requeue.id, &view)) {
             return suspect_add(j, r.u.requeue.id, loc);
         }
@@ -636,6 +765,7 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
     case REC_DEAD_LETTER: {
         struct body *nb;
 
+        delivered_clear(j, r.u.dead_letter.id);
         q = replay_queue(j, r.u.dead_letter.target);
         if (!qset_msg_peek(qs, r.u.dead_letter.id, &view)) {
             /* Its PUBLISH went with a deleted segment: since the dead
@@ -669,6 +799,8 @@ replay_record(void *arg, uint8_t type, const uint8_t *body, size_t len,
         }
         return rc;
     }
+    case REC_DELIVER:
+        return replay_deliver(j, &r.u.deliver);
     case REC_PROGRESS:
         m = qset_msg(qs, r.u.progress.id);
         if (m == NULL && qset_msg_peek(qs, r.u.progress.id, &view)) {
@@ -759,11 +891,18 @@ journal_open(const struct journal_config *cfg, struct qset *qs,
     j->mono_at_open = j->now_mono_ms = clock_mono_ms();
     j->wall_at_open = clock_wall_ms();
     hmap_u64_init(&j->suspects);
+    hmap_u64_init(&j->delivered);
     rc = store_open(&sc, replay_record, j, &j->st, err, errlen);
     if (rc == PQ_OK) {
         rc = check_suspects(j, cfg->data_dir, err, errlen);
     }
     suspects_free(j);
+    if (rc == PQ_OK && collect_interrupted(j) != PQ_OK) {
+        snprintf(err, errlen, "out of memory listing the deliveries that "
+                              "were running at the stop");
+        rc = PQ_ENOMEM;
+    }
+    hmap_u64_fini(&j->delivered);
     if (rc != PQ_OK) {
         goto fail;
     }

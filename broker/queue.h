@@ -442,6 +442,16 @@ int qset_touch(struct qset *qs, uint64_t id, uint32_t attempt,
 int qset_release(struct qset *qs, uint64_t id, uint32_t attempt,
                  struct body *progress, uint64_t now_ms);
 
+/* qset_interrupted: message id (READY or DELAYED, as replay leaves every
+ * message) was delivered as `attempt` before a crash and its holder is
+ * gone with the old process: a failed attempt as a lost consumer's
+ * (attempt raised to `attempt`, failures+1, then QEV_REQUEUE "unsubscribe"
+ * after the backoff, or QEV_DEAD_LETTER / QEV_DROP "max_attempts").
+ * PQ_OK, PQ_ENOTFOUND (no such message), PQ_EINVAL (not READY/DELAYED),
+ * PQ_ENOMEM. */
+int qset_interrupted(struct qset *qs, uint64_t id, uint32_t attempt,
+                     uint64_t now_ms);
+
 /* qset_cancel: cancel message id. READY/DELAYED: QEV_DROP "cancelled",
  * freed, *inflight_out = NULL. INFLIGHT: marked cancelled (kept, still
  * counted against its holder's credit until the holder answers or the

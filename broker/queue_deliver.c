@@ -352,6 +352,33 @@ qset_nack(struct qset *qs, uint64_t id, uint32_t attempt,
     return PQ_OK;
 }
 
+/* qset_interrupted: see queue.h. */
+int
+qset_interrupted(struct qset *qs, uint64_t id, uint32_t attempt,
+                 uint64_t now_ms)
+{
+    struct msg *m, view;
+    struct queue *q;
+
+    queue_see_clock(qs, now_ms);
+    m = qset_msg(qs, id);
+    if (m == NULL) {
+        /* live but in the compact form, and no memory to expand it */
+        return qset_msg_peek(qs, id, &view) ? PQ_ENOMEM : PQ_ENOTFOUND;
+    }
+    if (m->state != MSG_READY && m->state != MSG_DELAYED) {
+        return PQ_EINVAL;
+    }
+    q = m->q;
+    queue_unlink_msg(m);
+    if (attempt > m->attempt) {
+        m->attempt = attempt;
+    }
+    queue_fail_attempt(m, now_ms, QR_UNSUBSCRIBE, NULL);
+    queue_hint_ready(q);
+    return PQ_OK;
+}
+
 int
 queue_keep_progress(struct msg *m, struct body *progress)
 {

@@ -17,6 +17,8 @@
 
 /* A writer that counts when buf is NULL (size pass) and stops writing,
  * but keeps counting, once cap is exceeded. */
+enum { DELIVER_ITEM_LEN = 12 }; /* a REC_DELIVER item: id u64, attempt u32 */
+
 struct wbuf {
     uint8_t *buf;
     size_t cap;
@@ -454,6 +456,21 @@ enc_body(struct wbuf *w, const struct record *r)
     case REC_ATOMIC:
         enc_atomic(w, &r->u.atomic);
         break;
+    case REC_DELIVER: {
+        const struct rec_deliver *d = &r->u.deliver;
+        if (d->n == 0 || (d->items == NULL && d->items_le == NULL)) {
+            w->invalid = true;
+            break;
+        }
+        w_u32(w, d->n);
+        for (uint32_t i = 0; i < d->n; i++) {
+            struct rec_deliver_item it = record_deliver_item(d, i);
+
+            w_u64(w, it.id);
+            w_u32(w, it.attempt);
+        }
+        break;
+    }
     case REC_SEG_START:
         w_u32(w, r->u.seg_start.prev_seq);
         w_u64(w, r->u.seg_start.prev_end);
@@ -557,6 +574,20 @@ dec_body(struct rbuf *rb, struct record *r)
     case REC_ATOMIC:
         dec_atomic(rb, &r->u.atomic);
         break;
+    case REC_DELIVER: {
+        struct rec_deliver *d = &r->u.deliver;
+        d->n = r_u32(rb);
+        d->items = NULL;
+        /* Divide instead of multiplying: n is untrusted. */
+        if (!rb->bad &&
+            (d->n == 0 || d->n > (rb->len - rb->off) / DELIVER_ITEM_LEN)) {
+            rb->bad = true;
+            break;
+        }
+        d->items_le = rb->p + rb->off;
+        rb->off += (size_t)d->n * DELIVER_ITEM_LEN;
+        break;
+    }
     case REC_SEG_START:
         r->u.seg_start.prev_seq = r_u32(rb);
         r->u.seg_start.prev_end = r_u64(rb);
@@ -572,7 +603,7 @@ type_known(uint8_t type)
 {
     return (type >= REC_QUEUE_CREATE && type <= REC_PROGRESS) ||
            type == REC_ATOMIC ||
-           (type >= REC_ROUTE_BIND && type <= REC_PUBLISH_BATCH) ||
+           (type >= REC_ROUTE_BIND && type <= REC_DELIVER) ||
            type == REC_SEG_START;
 }
 
@@ -659,6 +690,7 @@ record_type_name(uint8_t type)
         [REC_ROUTE_UNBIND] = "route_unbind",
         [REC_PUBLISH_BATCH] = "publish_batch",
         [REC_ATOMIC] = "atomic",
+        [REC_DELIVER] = "deliver",
         [REC_SEG_START] = "seg_start",
     };
 
@@ -681,6 +713,22 @@ record_purge_keep_id(const struct rec_queue_purge *p, uint32_t i)
         v |= (uint64_t)p->keep_le[(size_t)i * 8 + (size_t)k] << (8 * k);
     }
     return v;
+}
+
+/* record_deliver_item: see record.h. */
+struct rec_deliver_item
+record_deliver_item(const struct rec_deliver *d, uint32_t i)
+{
+    struct rec_deliver_item it;
+    const uint8_t *p;
+
+    if (d->items != NULL) {
+        return d->items[i];
+    }
+    p = d->items_le + (size_t)i * DELIVER_ITEM_LEN;
+    it.id = le64_get(p);
+    it.attempt = le32_get(p + 8);
+    return it;
 }
 
 /* record_publish_next_require: see record.h. In the encode form the

@@ -47,6 +47,12 @@
  *                        of a REC_PUBLISH): the messages of one publish
  *                        that stores several (a batch, a route's fan-out),
  *                        all or none of them as one record
+ *  16 REC_DELIVER        n u32 (>= 1), n x (id u64, attempt u32): the
+ *                        deliveries of one loop pass (message ids are
+ *                        unique across queues), each with the attempt it
+ *                        went out as. Not waited on: a delivery whose
+ *                        record reached the disk is, after a crash, a
+ *                        failed attempt (journal_replay.c).
  *  64 REC_SEG_START      prev_seq u32, prev_end u64: written by the store
  *                        (never by the dispatcher) as the first record of
  *                        every segment of format version 2: the segment
@@ -95,7 +101,8 @@ enum record_type {
     REC_ROUTE_BIND = 13,
     REC_ROUTE_UNBIND = 14,
     REC_PUBLISH_BATCH = 15,
-    /* 16..63 reserved for job-state records; see the comment above. */
+    REC_DELIVER = 16,
+    /* 17..63 reserved for job-state records; see the comment above. */
     REC_SEG_START = 64, /* store metadata (64..127) */
 };
 
@@ -230,6 +237,23 @@ struct rec_atomic {
     struct rec_bytes pubs_raw;      /* decode output */
 };
 
+/* One delivery of a REC_DELIVER. */
+struct rec_deliver_item {
+    uint64_t id;
+    uint32_t attempt; /* the attempt it was delivered as (>= 1) */
+};
+
+/*
+ * Deliveries. Encoding reads items[0..n); decoding sets items = NULL and
+ * items_le to the n*12 raw bytes in the body. Read either form with
+ * record_deliver_item().
+ */
+struct rec_deliver {
+    uint32_t n; /* >= 1 */
+    const struct rec_deliver_item *items; /* encode input */
+    const uint8_t *items_le;              /* decode output */
+};
+
 struct rec_seg_start {
     uint32_t prev_seq; /* 0: the first segment of a new log */
     uint64_t prev_end; /* end of prev_seq's records */
@@ -251,6 +275,7 @@ struct record {
         struct rec_route route; /* ROUTE_BIND, ROUTE_UNBIND */
         struct rec_publish_batch batch;
         struct rec_atomic atomic;
+        struct rec_deliver deliver;
         struct rec_seg_start seg_start;
     } u;
 };
@@ -288,6 +313,11 @@ const char *record_type_name(uint8_t type);
 /* record_purge_keep_id: the i-th (i < n_keep) surviving id of a purge,
  * from either the encode or the decode form. */
 uint64_t record_purge_keep_id(const struct rec_queue_purge *p, uint32_t i);
+
+/* record_deliver_item: the i-th (i < n) delivery of a REC_DELIVER, from
+ * either the encode or the decode form. */
+struct rec_deliver_item record_deliver_item(const struct rec_deliver *d,
+                                            uint32_t i);
 
 /*
  * record_publish_next_require: iterate a publish's requirements in either

@@ -70,8 +70,10 @@
  *    with one is sent and the broker answers PROTOQ_CODE_STALE_DELIVERY
  *    (PQ_EREMOTE from the _sync calls and protoq_touch; the async error
  *    callback for the pipelined ones; after a kill -9 of the broker a job
- *    may come back with the same attempt, and then the same token is
- *    current again). Deliveries that had arrived but not
+ *    comes back as its next attempt too, except one handed out in the
+ *    broker's last loop pass before the kill, whose delivery record had
+ *    not reached the log: it comes back with the same attempt, and then
+ *    the same token is current again). Deliveries that had arrived but not
  *    yet reached their callback when the loss was seen are dropped, and so
  *    are cancel requests for them.
  *  - With a session_id (below) and a broker with a disconnect grace, the

@@ -308,6 +308,16 @@ record_seeds(void)
         record_seed("publish_batch", &r);
     }
 
+    {
+        static const struct rec_deliver_item d[] = {{42, 1}, {43, 3}};
+
+        memset(&r, 0, sizeof(r));
+        r.type = REC_DELIVER;
+        r.u.deliver.n = 2;
+        r.u.deliver.items = d;
+        record_seed("deliver", &r);
+    }
+
     /* an ack with its result and a follow-up */
     memset(&inner, 0, sizeof(inner));
     inner.type = REC_ACK;

@@ -418,7 +418,7 @@ START_TEST(test_restart_expires_ttl_while_down)
     pub(p, "jobs", "long-lived");
     protoq_close(p);
     if (_i == 0) {
-        srv_stop(&g_srv);
+        ck_assert_int_eq(srv_stop(&g_srv), 0);
     } else {
         srv_kill9(&g_srv);
     }

@@ -172,8 +172,10 @@ one_op(struct hist *h)
 static int
 final_check(struct hist *h)
 {
+    /* the restart's timed events too (the backoff of jobs that were
+     * running at a kill -9) */
     if (op_restart(h, h->limit >= 0 ? 0 : (int)rn(h, 3)) != 0 ||
-        op_list(h, 0) != 0) {
+        flush_events(h) != 0 || op_list(h, 0) != 0) {
         return -1;
     }
     for (int q = 0; q < M_NQ; q++) {

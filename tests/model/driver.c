@@ -543,7 +543,8 @@ resolve_uncertain(struct hist *h)
             continue;
         }
         for (int k = 0; k < m->np; k++) {
-            ok |= !m->pend[k].exists || m->pend[k].dlong;
+            ok |= !m->pend[k].exists || m->pend[k].dlong ||
+                  m->pend[k].maybe_gone;
         }
         if (!ok) {
             return m_fail(w,
@@ -576,6 +577,7 @@ int
 op_restart(struct hist *h, int kind)
 {
     struct model *w = &h->w;
+    int64_t launch_ms;
     int rc;
 
     if (kind == 2 && (h->avoid & AV_KEYED_REQUEUE)) {
@@ -615,6 +617,9 @@ op_restart(struct hist *h, int kind)
     if (launch(h) != 0) {
         return -1;
     }
+    /* the start's backoff of interrupted jobs ended no later than this
+     * plus the backoff: the model's window ends there */
+    launch_ms = now_ms_mono();
     if (kind == 1) {
         m_restart_uncertain(w);
         if (resolve_uncertain(h) != 0) {
@@ -623,6 +628,6 @@ op_restart(struct hist *h, int kind)
         m_rebuild_keys(w);
         return 0;
     }
-    m_restart(w, kind == 2);
+    m_restart(w, kind == 2, launch_ms);
     return 0;
 }

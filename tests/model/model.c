@@ -189,11 +189,13 @@ m_new_msg(struct model *w)
     return w->nm++;
 }
 
-/* The broker wrote a record of m's current state. */
+/* The broker wrote a record of m's current state: a delivery's DELIVER
+ * while it is in flight (running), else the record that ended it. */
 void
 m_record(struct model *w, struct m_msg *m)
 {
     (void)w;
+    m->cur.running = m->st == ST_INFLIGHT && !m->cancelled && m->cur.exists;
     if (m->np == 0) {
         m->pend[0] = m->cur;
         m->np = 1;
@@ -432,6 +434,68 @@ m_fail_attempt(struct model *w, int mi, int64_t now, bool to_dl, bool has_delay,
         hi = backoff_hi(w, m->cur.q, m->cur.failures);
         requeue(w, mi, now, hi / 2, hi, hi == 0 ? 0 : grp);
     }
+}
+
+/* Message mi (unlinked) was running at a kill -9: the start fails that
+ * attempt as a lost consumer's (journal_resume). The broker returns them
+ * in its delivery order, which the model may not know across
+ * subscriptions: they share grp (dead letters dlgrp). */
+static void
+m_interrupted(struct model *w, int mi, int64_t now, uint32_t grp,
+              uint32_t dlgrp)
+{
+    struct m_msg *m = &w->m[mi];
+    struct protoq_queue_attrs a;
+    uint64_t hi;
+
+    m->cur.running = false;
+    m->sub = -1;
+    m_effective(w, m->cur.q, &a);
+    m->cur.failures++;
+    if (m->cur.failures >= a.max_attempts) {
+        m_dead_letter(w, mi, "max_attempts", dlgrp);
+    } else {
+        hi = backoff_hi(w, m->cur.q, m->cur.failures);
+        requeue(w, mi, now, hi / 2, hi, grp);
+    }
+}
+
+/* What the start makes of state p of a message of len bytes when p was
+ * running at a kill -9 (m_interrupted on a possible state): requeued,
+ * or dead-lettered (which may also have been a drop when the
+ * dead-letter queue has a limit), or dropped. */
+static void
+proj_interrupted(const struct model *w, struct m_proj *p)
+{
+    struct protoq_queue_attrs a;
+    int dst;
+
+    p->running = false;
+    m_effective(w, p->q, &a);
+    p->failures++;
+    if (p->failures < a.max_attempts) {
+        return;
+    }
+    dst = a.dead_letter[0] ? m_qindex(a.dead_letter) : -1;
+    if (dst < 0 || !w->q[dst].exists || w->q[dst].a.transient ||
+        p->ndl >= M_MAXDL) {
+        p->exists = false;
+        return;
+    }
+    p->maybe_gone =
+        w->q[dst].a.max_length != 0 || w->q[dst].a.max_bytes != 0;
+    memset(&p->dl[p->ndl], 0, sizeof(p->dl[p->ndl]));
+    snprintf(p->dl[p->ndl].reason, sizeof(p->dl[p->ndl].reason), "%s",
+             "max_attempts");
+    p->dl[p->ndl].attempts = p->attempt;
+    p->dl[p->ndl].q = p->q;
+    snprintf(p->dl[p->ndl].err, sizeof(p->dl[p->ndl].err), "%s", p->err);
+    p->ndl++;
+    p->q = dst;
+    p->attempt = 0;
+    p->failures = 0;
+    p->err[0] = '\0';
+    p->dlong = false;
 }
 
 void
@@ -749,6 +813,7 @@ deliver_uncertain(struct model *w, int si, int mi, const struct m_obs *o)
             if (m->cur.attempt > 1) {
                 w->q[q].n.redelivered++;
             }
+            m_record(w, m); /* its DELIVER */
             return 0;
         }
         /* try the next candidate */
@@ -810,6 +875,7 @@ deliver_now(struct model *w, int si, int mi, const struct m_obs *o)
     if (m->cur.attempt > 1) {
         Q->n.redelivered++;
     }
+    m_record(w, m); /* its DELIVER */
     return 0;
 }
 
@@ -935,10 +1001,11 @@ restart_queues(struct model *w)
 }
 
 void
-m_restart(struct model *w, bool clean)
+m_restart(struct model *w, bool clean, int64_t launch_ms)
 {
-    static int order[M_MAXM];
-    int n = 0;
+    static int order[M_MAXM], running[M_MAXM];
+    int n = 0, nrun = 0;
+    uint32_t grp, dlgrp;
 
     if (clean) {
         /* a clean stop releases held jobs (attempt and failures kept) and
@@ -949,6 +1016,7 @@ m_restart(struct model *w, bool clean)
             if (m->st == ST_INFLIGHT && m->cancelled) {
                 m_gone(w, i, false);
             } else if (m->st == ST_INFLIGHT) {
+                m->st = ST_READY; /* its REQUEUE ends the delivery */
                 m_record(w, m);
             }
         }
@@ -974,7 +1042,10 @@ m_restart(struct model *w, bool clean)
             continue;
         }
         m->st = m->cur.dlong ? ST_DLONG : ST_READY;
-        if (m->st == ST_READY) {
+        if (m->cur.running) {
+            m->st = ST_TIMED; /* unlinked until m_interrupted */
+            running[nrun++] = i;
+        } else if (m->st == ST_READY) {
             order[n++] = i;
         }
     }
@@ -984,6 +1055,12 @@ m_restart(struct model *w, bool clean)
         struct m_queue *Q = &w->q[w->m[order[k]].cur.q];
 
         Q->rd[Q->nrd++] = order[k];
+    }
+    /* then the start fails what was running (kill -9 only) */
+    grp = ++w->grp;
+    dlgrp = ++w->grp;
+    for (int k = 0; k < nrun; k++) {
+        m_interrupted(w, running[k], launch_ms, grp, dlgrp);
     }
     m_rebuild_keys(w);
 }
@@ -1003,6 +1080,9 @@ m_restart_uncertain(struct model *w)
 
             if (p->exists && (!w->q[p->q].exists || w->q[p->q].a.transient)) {
                 p->exists = false;
+            }
+            if (p->exists && p->running) {
+                proj_interrupted(w, p);
             }
             any |= p->exists;
         }

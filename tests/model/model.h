@@ -70,6 +70,10 @@ struct m_proj {
     struct m_dl dl[M_MAXDL];
     char err[24]; /* the last nack's error text */
     bool dlong;   /* delayed for an hour */
+    bool running; /* a DELIVER of this attempt that no later record ended:
+                     after a kill -9 the start fails that attempt */
+    bool maybe_gone; /* after a kill -9: this state's dead letter may have
+                        found its queue full (dropped) */
 };
 
 struct m_msg {
@@ -245,8 +249,11 @@ int m_deliver(struct model *w, int si, const struct m_obs *o);
 void m_headers_text(const struct model *w, const struct m_msg *m,
                     const struct m_proj *p, char *buf, size_t cap);
 
-/* Restarts. held_released: a clean stop gave held jobs back as released. */
-void m_restart(struct model *w, bool clean);
+/* Restarts. clean: a SIGTERM, which gives held jobs back as released;
+ * otherwise a kill -9, after which each job whose delivery the log holds
+ * (running) is a failed attempt at the start. launch_ms: when the broker
+ * started (its backoff of those jobs runs from about then). */
+void m_restart(struct model *w, bool clean, int64_t launch_ms);
 /* After a kill -9 without a barrier: every message may be in any state of
  * its pend[]; marked unc until a drain resolves it. */
 void m_restart_uncertain(struct model *w);

@@ -8,7 +8,8 @@
  * attempts and failures, acks, keyed jobs that were put back (a keyed job
  * nacked once used to vanish on restart and swallow the producer's retry),
  * progress kept across a release, dead letters, purges, and a log with
- * many rolled and reaped segments.
+ * many rolled and reaped segments; deliveries that were running at a
+ * crash (REC_DELIVER) counted as failed attempts, and only those.
  */
 #include <check.h>
 #include <fcntl.h>
@@ -69,8 +70,10 @@ jt_open(struct jt *t)
     ck_assert_msg(rc == PQ_OK, "journal_open: %s", err);
     t->next_id = journal_next_id(t->j);
     t->durable_upto = 0;
-    /* Like dispatch: the listener goes on after replay. */
+    /* Like dispatch: the listener goes on after replay, then the
+     * deliveries the log shows running fail. */
     qset_set_listener(t->qs, on_qevent, t);
+    journal_resume(t->j, clock_mono_ms());
 }
 
 static void
@@ -224,6 +227,28 @@ jt_deliver(struct jt *t, struct queue *q, struct consumer *c)
     return m;
 }
 
+/* jt_deliver, and its REC_DELIVER as dispatch writes it. */
+static struct msg *
+jt_deliver_rec(struct jt *t, struct queue *q, struct consumer *c)
+{
+    struct msg *m = jt_deliver(t, q, c);
+
+    journal_delivered(t->j, m);
+    return m;
+}
+
+/* The process dies with c holding what it holds: nothing more is written
+ * (the listener goes first, so c's unsubscribe writes no REQUEUE), then
+ * the log is opened again. */
+static void
+jt_crash(struct jt *t, struct consumer *c)
+{
+    qset_set_listener(t->qs, NULL, NULL);
+    queue_unsubscribe(c, clock_mono_ms());
+    queue_consumer_fini(c);
+    jt_restart(t);
+}
+
 static void
 jt_ack(struct jt *t, uint64_t id, uint32_t attempt)
 {
@@ -293,6 +318,33 @@ put_rec(struct store *st, const struct record *r)
     ck_assert_int_gt(n, 0);
     ck_assert_int_eq(store_append(st, r->type, buf, (size_t)n, NULL, NULL),
                      PQ_OK);
+}
+
+/* fill_and_ack: fill the first segment of a 64 KiB-segment log and more
+ * with 150 x 1000 bytes in fill, delivered (each with its DELIVER) and
+ * acked: what referenced the first segment before still does, nothing of
+ * fill does. */
+static void
+fill_and_ack(struct jt *t, struct queue *fill)
+{
+    struct consumer cf;
+    char pad[1001];
+
+    memset(pad, 'f', sizeof(pad) - 1);
+    pad[sizeof(pad) - 1] = '\0';
+    for (int i = 0; i < 150; i++) {
+        jt_publish(t, fill, pad, NULL);
+    }
+    queue_consumer_init(&cf, 2, NULL, 1000);
+    ck_assert_int_eq(queue_subscribe(fill, &cf), PQ_OK);
+    for (int i = 0; i < 150; i++) {
+        struct msg *m = jt_deliver(t, fill, &cf);
+
+        journal_delivered(t->j, m);
+        jt_ack(t, m->id, m->attempt);
+    }
+    queue_unsubscribe(&cf, clock_mono_ms());
+    queue_consumer_fini(&cf);
 }
 
 /* access_first_segment: 0 while segment 1 of the data dir exists, -1
@@ -500,9 +552,8 @@ START_TEST(test_replay_dead_letter_after_publish_segment_is_gone)
     struct nack_opts dl = {.dead_letter = true, .error = "boom"};
     struct jt t;
     struct queue *q, *fill;
-    struct consumer c, cf;
+    struct consumer c;
     struct msg *m;
-    char pad[1001];
 
     jt_init(&t, 65536);
     jt_queue(&t, "dlq", NULL);
@@ -511,21 +562,8 @@ START_TEST(test_replay_dead_letter_after_publish_segment_is_gone)
     q = jt_queue(&t, "jobs", &a);
     fill = jt_queue(&t, "fill", NULL);
     jt_publish(&t, q, "poison", NULL);
-    /* Fill the first segment and more, then ack it all: only "poison"
-     * still references the first segment. */
-    memset(pad, 'f', sizeof(pad) - 1);
-    pad[sizeof(pad) - 1] = '\0';
-    for (int i = 0; i < 150; i++) {
-        jt_publish(&t, fill, pad, NULL);
-    }
-    queue_consumer_init(&cf, 2, NULL, 1000);
-    ck_assert_int_eq(queue_subscribe(fill, &cf), PQ_OK);
-    for (int i = 0; i < 150; i++) {
-        m = jt_deliver(&t, fill, &cf);
-        jt_ack(&t, m->id, m->attempt);
-    }
-    queue_unsubscribe(&cf, clock_mono_ms());
-    queue_consumer_fini(&cf);
+    /* Only "poison" still references the first segment after this. */
+    fill_and_ack(&t, fill);
     /* Dead-letter it: its references move to the DEAD_LETTER record, in
      * the current segment; the first segment is then deleted. */
     queue_consumer_init(&c, 1, NULL, 1);
@@ -666,6 +704,201 @@ START_TEST(test_replay_across_rolled_segments)
 }
 END_TEST
 
+/* A delivery whose DELIVER record is in the log and that nothing ended
+ * (crash) is a failed attempt at the next start: attempt as delivered,
+ * failures + 1, so a job that takes the broker down each time counts up
+ * to max_attempts instead of looping at attempt 1. A job acked after its
+ * DELIVER does not come back. */
+START_TEST(test_replay_counts_interrupted_delivery)
+{
+    struct queue_attrs a = {.no_backoff = true, .max_attempts = 5};
+    struct jt t;
+    struct queue *q;
+    struct consumer c;
+    struct msg *m;
+    uint64_t id, done;
+
+    jt_init(&t, 1 << 20);
+    q = jt_queue(&t, "jobs", &a);
+    id = jt_publish(&t, q, "crashy", NULL);
+    done = jt_publish(&t, q, "done", NULL);
+    for (uint32_t n = 1; n <= 3; n++) {
+        queue_consumer_init(&c, 1, NULL, 2);
+        ck_assert_int_eq(queue_subscribe(q, &c), PQ_OK);
+        m = jt_deliver_rec(&t, q, &c);
+        ck_assert_uint_eq(m->id, id);
+        ck_assert_uint_eq(m->attempt, n);
+        if (n == 1) {
+            m = jt_deliver_rec(&t, q, &c);
+            ck_assert_uint_eq(m->id, done);
+            jt_ack(&t, done, 1);
+        }
+        jt_sync(&t);
+        jt_crash(&t, &c);
+        q = qset_find(t.qs, "jobs");
+        ck_assert_ptr_nonnull(q);
+        ck_assert_ptr_null(qset_msg(t.qs, done));
+        ck_assert_uint_eq(queue_ready_count(q), 1);
+        m = qset_msg(t.qs, id);
+        ck_assert_ptr_nonnull(m);
+        ck_assert_int_eq(m->state, MSG_READY);
+        ck_assert_msg(m->attempt == n && m->failures == n,
+                      "after crash %u: attempt %u failures %u, want %u %u", n,
+                      m->attempt, (unsigned)m->failures, n, n);
+    }
+    jt_fini(&t);
+}
+END_TEST
+
+/* The header key's value in an encoded message ("" if absent). */
+static const char *
+header_in(const struct body *b, const char *key, char *buf, size_t cap)
+{
+    Protoq__Message *m;
+
+    ck_assert_ptr_nonnull(b);
+    m = protoq__message__unpack(NULL, b->len, b->data);
+    ck_assert_ptr_nonnull(m);
+    buf[0] = '\0';
+    for (size_t i = 0; i < m->n_headers; i++) {
+        if (strcmp(m->headers[i]->key, key) == 0) {
+            snprintf(buf, cap, "%s", m->headers[i]->value);
+        }
+    }
+    protoq__message__free_unpacked(m, NULL);
+    return buf;
+}
+
+/* At max_attempts the interrupted delivery dead-letters the job with the
+ * reason a lost consumer's last attempt gives (max_attempts), once: the
+ * DEAD_LETTER record written at that start keeps it there. */
+START_TEST(test_replay_interrupted_delivery_dead_letters_at_max)
+{
+    struct queue_attrs a = {.no_backoff = true, .max_attempts = 1};
+    struct jt t;
+    struct queue *q;
+    struct consumer c;
+    struct msg *m;
+    char buf[64];
+    uint64_t id;
+
+    jt_init(&t, 1 << 20);
+    jt_queue(&t, "dlq", NULL);
+    snprintf(a.dead_letter, sizeof(a.dead_letter), "dlq");
+    q = jt_queue(&t, "jobs", &a);
+    id = jt_publish(&t, q, "poison", NULL);
+    queue_consumer_init(&c, 1, NULL, 1);
+    ck_assert_int_eq(queue_subscribe(q, &c), PQ_OK);
+    m = jt_deliver_rec(&t, q, &c);
+    ck_assert_uint_eq(m->attempt, 1);
+    jt_sync(&t);
+    jt_crash(&t, &c);
+    for (int round = 0; round < 2; round++) {
+        q = qset_find(t.qs, "jobs");
+        ck_assert_uint_eq(queue_total_count(q), 0);
+        ck_assert_uint_eq(queue_total_count(qset_find(t.qs, "dlq")), 1);
+        m = qset_msg(t.qs, id);
+        ck_assert_ptr_nonnull(m);
+        ck_assert_str_eq(queue_name(m->q), "dlq");
+        ck_assert_uint_eq(m->attempt, 0);
+        if (m->body == NULL) {
+            m->body = journal_load_body(t.j, m);
+        }
+        ck_assert_str_eq(header_in(m->body, "x-death-reason", buf, sizeof(buf)),
+                         "max_attempts");
+        ck_assert_str_eq(
+            header_in(m->body, "x-death-attempts", buf, sizeof(buf)), "1");
+        jt_sync(&t);
+        jt_restart(&t); /* the second round: as the first left it */
+    }
+    jt_fini(&t);
+}
+END_TEST
+
+/* A state record after the DELIVER ends that delivery: a nacked job (its
+ * REQUEUE) and a released one are not failed again by the next start. */
+START_TEST(test_replay_ended_delivery_is_not_interrupted)
+{
+    struct queue_attrs a = {.no_backoff = true, .max_attempts = 5};
+    struct jt t;
+    struct queue *q;
+    struct consumer c;
+    struct msg *m;
+    uint64_t nacked, released;
+
+    jt_init(&t, 1 << 20);
+    q = jt_queue(&t, "jobs", &a);
+    nacked = jt_publish(&t, q, "nacked", NULL);
+    released = jt_publish(&t, q, "released", NULL);
+    queue_consumer_init(&c, 1, NULL, 2);
+    ck_assert_int_eq(queue_subscribe(q, &c), PQ_OK);
+    m = jt_deliver_rec(&t, q, &c);
+    ck_assert_uint_eq(m->id, nacked);
+    m = jt_deliver_rec(&t, q, &c);
+    ck_assert_uint_eq(m->id, released);
+    ck_assert_int_eq(qset_nack(t.qs, nacked, 1, NULL, clock_mono_ms()), PQ_OK);
+    ck_assert_int_eq(
+        qset_release(t.qs, released, 1, NULL, clock_mono_ms()), PQ_OK);
+    jt_sync(&t);
+    jt_crash(&t, &c);
+    m = qset_msg(t.qs, nacked);
+    ck_assert_ptr_nonnull(m);
+    ck_assert_uint_eq(m->attempt, 1);
+    ck_assert_uint_eq(m->failures, 1);
+    m = qset_msg(t.qs, released);
+    ck_assert_ptr_nonnull(m);
+    ck_assert_uint_eq(m->attempt, 1);
+    ck_assert_uint_eq(m->failures, 0);
+    jt_fini(&t);
+}
+END_TEST
+
+/* Compaction moves a job in flight out of the oldest segment (a new
+ * PUBLISH, with its attempt) and writes its DELIVER again after it: once
+ * the old segment, which held the first DELIVER, is deleted, a crash
+ * still counts the running attempt as failed. The DELIVER itself keeps no
+ * segment: the first one goes once the job moved. */
+START_TEST(test_replay_deliver_survives_compaction)
+{
+    struct queue_attrs a = {.no_backoff = true, .max_attempts = 5};
+    struct jt t;
+    struct queue *q, *fill;
+    struct consumer c;
+    struct msg *m;
+    uint64_t id;
+
+    jt_init(&t, 65536);
+    q = jt_queue(&t, "jobs", &a);
+    fill = jt_queue(&t, "fill", NULL);
+    id = jt_publish(&t, q, "long-run", NULL);
+    queue_consumer_init(&c, 1, NULL, 1);
+    ck_assert_int_eq(queue_subscribe(q, &c), PQ_OK);
+    m = jt_deliver_rec(&t, q, &c);
+    ck_assert_uint_eq(m->attempt, 1);
+    jt_sync(&t);
+    /* Only the running job still references the first segment after
+     * this (the fill's deliveries are recorded, then acked). */
+    fill_and_ack(&t, fill);
+    journal_compact(t.j, clock_mono_ms());
+    m = qset_msg(t.qs, id);
+    ck_assert_ptr_nonnull(m);
+    ck_assert_uint_gt(m->pub_seg, 1); /* moved */
+    for (int i = 0; i < 200 && access_first_segment(&t) == 0; i++) {
+        jt_sync(&t);
+        usleep(10000);
+    }
+    ck_assert_int_eq(access_first_segment(&t), -1);
+    jt_crash(&t, &c);
+    m = qset_msg(t.qs, id);
+    ck_assert_ptr_nonnull(m);
+    ck_assert_msg(m->attempt == 1 && m->failures == 1,
+                  "attempt %u failures %u, want 1 1", m->attempt,
+                  (unsigned)m->failures);
+    ck_assert_uint_eq(queue_total_count(qset_find(t.qs, "fill")), 0);
+    jt_fini(&t);
+}
+END_TEST
+
 static Suite *
 journal_suite(void)
 {
@@ -683,6 +916,10 @@ journal_suite(void)
     tcase_add_loop_test(tc, test_replay_refuses_live_message_without_publish, 0,
                         2);
     tcase_add_test(tc, test_replay_across_rolled_segments);
+    tcase_add_test(tc, test_replay_counts_interrupted_delivery);
+    tcase_add_test(tc, test_replay_interrupted_delivery_dead_letters_at_max);
+    tcase_add_test(tc, test_replay_ended_delivery_is_not_interrupted);
+    tcase_add_test(tc, test_replay_deliver_survives_compaction);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -61,11 +61,15 @@ static const struct rec_kv kvs[] = {
     {{"zone", 4}, {"", 0}},
 };
 static const uint64_t keep_ids[] = {5, 1ull << 40, 77};
+static const struct rec_deliver_item delivered[] = {{42, 1},
+                                                    {1ull << 50, UINT32_MAX}};
+
+enum { N_SAMPLES = 10 }; /* one record of each body type */
 
 static void
-sample_records(struct record *r /* [9] */)
+sample_records(struct record *r /* [N_SAMPLES] */)
 {
-    memset(r, 0, 9 * sizeof(*r));
+    memset(r, 0, N_SAMPLES * sizeof(*r));
     r[0].type = REC_QUEUE_CREATE;
     r[0].u.queue_create.name = (struct rec_str){"jobs", 4};
     r[0].u.queue_create.attrs =
@@ -112,15 +116,17 @@ sample_records(struct record *r /* [9] */)
     r[7].u.drop = (struct rec_drop){42, {"expired", 7}};
     r[8].type = REC_PROGRESS;
     r[8].u.progress = (struct rec_progress){42, {(const uint8_t *)"", 0}};
+    r[9].type = REC_DELIVER;
+    r[9].u.deliver = (struct rec_deliver){.n = 2, .items = delivered};
 }
 
 START_TEST(test_record_roundtrip_every_type)
 {
-    struct record r[9], d, d2;
+    struct record r[N_SAMPLES], d, d2;
     uint8_t buf[1024], buf2[1024];
 
     sample_records(r);
-    for (int i = 0; i < 9; i++) {
+    for (int i = 0; i < N_SAMPLES; i++) {
         ssize_t n = record_encode(&r[i], buf, sizeof(buf));
         ck_assert_int_gt(n, 0);
         ck_assert_int_eq(n, record_encoded_size(&r[i]));
@@ -162,6 +168,19 @@ START_TEST(test_record_roundtrip_every_type)
         }
     }
     {
+        ssize_t n = record_encode(&r[9], buf, sizeof(buf));
+        ck_assert_int_eq(n, 4 + 2 * 12); /* small: 12 bytes a delivery */
+        ck_assert_pq_ok(record_decode(REC_DELIVER, buf, (size_t)n, &d));
+        ck_assert_uint_eq(d.u.deliver.n, 2);
+        for (uint32_t i = 0; i < 2; i++) {
+            struct rec_deliver_item it = record_deliver_item(&d.u.deliver, i);
+
+            ck_assert_uint_eq(it.id, delivered[i].id);
+            ck_assert_uint_eq(it.attempt, delivered[i].attempt);
+        }
+        ck_assert_str_eq(record_type_name(REC_DELIVER), "deliver");
+    }
+    {
         ssize_t n = record_encode(&r[0], buf, sizeof(buf));
         ck_assert_pq_ok(record_decode(REC_QUEUE_CREATE, buf, (size_t)n, &d));
         ck_assert(d.u.queue_create.attrs.transient);
@@ -176,11 +195,11 @@ END_TEST
 
 START_TEST(test_record_decode_truncated_or_overlong_is_corrupt)
 {
-    struct record r[9], d;
+    struct record r[N_SAMPLES], d;
     uint8_t buf[1024];
 
     sample_records(r);
-    for (int i = 0; i < 9; i++) {
+    for (int i = 0; i < N_SAMPLES; i++) {
         ssize_t n = record_encode(&r[i], buf, sizeof(buf) - 1);
         ck_assert_int_gt(n, 0);
         for (ssize_t cut = 0; cut < n; cut++) {
@@ -201,7 +220,7 @@ END_TEST
 
 START_TEST(test_record_decode_hostile_lengths_and_flags)
 {
-    struct record r[9], d;
+    struct record r[N_SAMPLES], d;
     uint8_t buf[1024];
     ssize_t n;
 
@@ -229,9 +248,17 @@ START_TEST(test_record_decode_hostile_lengths_and_flags)
         ck_assert_pq(record_decode(REC_PUBLISH, buf, (size_t)n, &d),
                      PQ_ECORRUPT);
     }
+    /* deliveries: a count far beyond the body, and none at all */
+    n = record_encode(&r[9], buf, sizeof(buf));
+    memset(buf, 0xff, 4);
+    ck_assert_pq(record_decode(REC_DELIVER, buf, (size_t)n, &d), PQ_ECORRUPT);
+    memset(buf, 0, 4);
+    ck_assert_pq(record_decode(REC_DELIVER, buf, 4, &d), PQ_ECORRUPT);
     /* inconsistent encode input */
     r[3].u.publish.requires = NULL; /* a count without pairs */
     ck_assert_pq(record_encoded_size(&r[3]), PQ_EINVAL);
+    r[9].u.deliver.n = 0;
+    ck_assert_pq(record_encoded_size(&r[9]), PQ_EINVAL);
 }
 END_TEST
 
