@@ -477,10 +477,10 @@ int protoq_flow(protoq_client *c, uint64_t sub_id, uint32_t prefetch);
  */
 int protoq_poll(protoq_client *c, int timeout_ms);
 
-/* protoq_ack: acknowledge a delivery (the message is removed). Buffered and
- * pipelined: the broker answers nothing on success; a failure (e.g.
- * PROTOQ_CODE_STALE_DELIVERY) arrives later and goes to the error callback
- * and protoq_async_errors(). */
+/* protoq_ack: acknowledge a delivery (the message is removed; a message with
+ * a reply_to sends it an empty result). Buffered and pipelined: the broker
+ * answers nothing on success; a failure (e.g. PROTOQ_CODE_STALE_DELIVERY)
+ * arrives later and goes to the error callback and protoq_async_errors(). */
 int protoq_ack(protoq_client *c, uint64_t message_id, uint32_t attempt);
 
 /* protoq_ack_sync: acknowledge and wait until the ack is durable. */
