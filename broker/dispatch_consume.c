@@ -234,6 +234,7 @@ ack_extras(struct conn *c, uint64_t rid, const Protoq__Ack *r)
         }
         w->n++;
     }
+    w->count = w->n;
     /* The result: only for the job in flight (any other ack is refused
      * below) that named a reply_to. */
     if (qset_msg_peek(bk->qs, r->message_id, &cur) &&

@@ -498,14 +498,17 @@ struct protoq_ack_opts {
     const struct protoq_message *follow_ups; /* published atomically with
                                                 the ack */
     size_t n_follow_ups;
+    uint64_t *follow_up_ids; /* with confirm: room for n_follow_ups ids,
+                                filled with the follow-ups' message ids in
+                                order (NULL: not wanted) */
 };
 
 /* protoq_ack_ex: acknowledge with a result and/or follow-up publishes;
  * waits for the Ok when opts->confirm, otherwise like protoq_ack. All or
  * nothing: a follow-up the broker refuses (e.g. QUEUE_NOT_FOUND,
  * QUEUE_FULL) or a result over max_result_bytes (MESSAGE_TOO_LARGE)
- * refuses the ack with that error, and the job stays held. The
- * follow-ups' message ids are not returned. */
+ * refuses the ack with that error, and the job stays held. A confirmed
+ * ack returns the follow-ups' message ids (opts->follow_up_ids). */
 int protoq_ack_ex(protoq_client *c, uint64_t message_id, uint32_t attempt,
                   const struct protoq_ack_opts *opts);
 

@@ -6,7 +6,8 @@
  * id and the protoq-* headers; a reply_to that does not exist is refused
  * at publish; one deleted later, or full, never makes the ack fail; a
  * result over max_result_bytes refuses the ack and leaves the job in
- * flight; follow-ups are published with the ack, and a refused one refuses
+ * flight; follow-ups are published with the ack (a confirmed ack returns
+ * their ids), and a refused one refuses
  * the ack and changes nothing; failure notices for a job dead-lettered
  * after max attempts, dropped by its TTL, or cancelled (ready and in
  * flight, with the last nack's error); a plain ack sends an empty result
@@ -273,6 +274,14 @@ START_TEST(test_follow_ups_are_published_with_the_ack)
     protoq_client *w = pq_connect_or_fail(&g_srv);
     const char *const fq[] = {"eval", "report"};
     struct protoq_message fu[2];
+    uint64_t ids[2] = {0, 0};
+    struct protoq_ack_opts ao = {
+        .confirm = true,
+        .follow_up_queues = fq,
+        .follow_ups = fu,
+        .n_follow_ups = 2,
+        .follow_up_ids = ids,
+    };
     struct one job, next;
 
     mkq(p, "jobs", 0);
@@ -285,11 +294,17 @@ START_TEST(test_follow_ups_are_published_with_the_ack)
     fu[1].payload = "report-it";
     fu[1].len = 9;
     ck_assert(take(w, "jobs", &job, 3000));
-    pq_check_ok(w, ack_result(w, &job, NULL, fq, fu, 2));
+    /* confirmed: AckOk names the follow-ups' ids, in order */
+    pq_check_ok(w, protoq_ack_ex(w, job.id, job.attempt, &ao));
+    ck_assert_uint_gt(ids[0], job.id);
+    ck_assert_uint_gt(ids[1], ids[0]);
     ck_assert_uint_eq(ready_count(p, "jobs"), 0);
     ck_assert(take(p, "eval", &next, 3000));
     ck_assert_str_eq(next.payload, "eval-it");
+    ck_assert_uint_eq(next.id, ids[0]);
     ck_assert_uint_eq(ready_count(p, "report"), 1);
+    ck_assert(take(w, "report", &next, 3000));
+    ck_assert_uint_eq(next.id, ids[1]);
     protoq_close(w);
     protoq_close(p);
 }
