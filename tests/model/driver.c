@@ -411,8 +411,9 @@ barrier(struct hist *h)
 }
 
 /* Results and notices are pushed once their record is durable: make sure
- * they are (a confirmed publish is answered after every earlier wait) before
- * an operation that sees a queue's contents or room. */
+ * they are (a confirmed publish is answered after every earlier wait), and
+ * delivered where the model says, before an operation that sees a queue's
+ * contents, room or consumers. */
 int
 sync_pushes(struct hist *h)
 {
@@ -423,7 +424,8 @@ sync_pushes(struct hist *h)
         return -1;
     }
     m_durable(&h->w);
-    return 0;
+    /* and a subscription on their queue has them before anything else */
+    return settle(h);
 }
 
 /* A confirmed publish to the harness's queue on connection 0: every record

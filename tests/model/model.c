@@ -897,9 +897,6 @@ bind_unbound(struct model *w, int si, const struct m_obs *o)
                 w->m[i].ordkey = o->id * 2 + 1;
             }
         }
-        w->seen_results += w->m[pick].made == MADE_RESULT;
-        w->seen_notices += w->m[pick].made == MADE_NOTICE;
-        w->seen_follow_ups += w->m[pick].made == MADE_FOLLOW_UP;
     }
     return pick;
 }
@@ -948,6 +945,8 @@ deliver_uncertain(struct model *w, int si, int mi, const struct m_obs *o)
                   "the %u states the log may hold for it",
                   m->id, m_qname(q), o->attempt, m->np);
 }
+
+static int deliver(struct model *w, int si, const struct m_obs *o);
 
 /* One try at matching a delivery against the model as it is now. */
 static int
@@ -1002,6 +1001,23 @@ deliver_now(struct model *w, int si, int mi, const struct m_obs *o)
 
 int
 m_deliver(struct model *w, int si, const struct m_obs *o)
+{
+    int rc = deliver(w, si, o);
+    int mi = rc == 0 ? find_msg(w, o->id) : -1;
+
+    if (mi >= 0 && !w->m[mi].checked) {
+        /* what a job's end made, checked at its first delivery */
+        w->m[mi].checked = true;
+        w->seen_results += w->m[mi].made == MADE_RESULT;
+        w->seen_notices += w->m[mi].made == MADE_NOTICE;
+        w->seen_follow_ups += w->m[mi].made == MADE_FOLLOW_UP;
+    }
+    return rc;
+}
+
+/* m_deliver without the counting. */
+static int
+deliver(struct model *w, int si, const struct m_obs *o)
 {
     struct m_sub *s = &w->s[si];
     int mi = find_msg(w, o->id);

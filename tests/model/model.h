@@ -108,6 +108,7 @@ struct m_msg {
                         its record is durable (m_durable, or a delivery) */
     uint64_t ordkey; /* id order while the id is unknown (2 * id + 1 of
                         the highest id known when it was made) */
+    bool checked;    /* made, and delivered as the model said */
     bool gvalid;     /* at a bare kill -9: both it and its cause were written
                         and not known durable (m_check_groups) */
     bool doomed;     /* TTL ends before its delay: never delivered */

@@ -1020,6 +1020,7 @@ op_ack(struct hist *h)
     struct protoq_ack_opts ao;
     struct follow f;
     char res[24];
+    uint64_t fids[2] = {0, 0};
 
     if (mi < 0) {
         return 0;
@@ -1047,6 +1048,7 @@ op_ack(struct hist *h)
     ao.follow_up_queues = f.qn;
     ao.follow_ups = f.pm;
     ao.n_follow_ups = (size_t)f.n;
+    ao.follow_up_ids = fids; /* AckOk, when confirmed */
     if (extras) {
         rc = protoq_ack_ex(h->c[ci].c, m->id, m->cur.attempt, &ao);
     } else if (confirm) {
@@ -1078,6 +1080,9 @@ op_ack(struct hist *h)
     durable = !w->q[q].a.transient;
     for (int i = 0; i < f.n; i++) {
         m_made_by(w, f.mi[i], mi, f.q[i]);
+        if (confirm) {
+            w->m[f.mi[i]].id = fids[i]; /* AckOk: checked at its delivery */
+        }
         w->n_follow_ups++;
         durable |= !w->q[f.q[i]].a.transient;
     }
