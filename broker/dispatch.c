@@ -776,6 +776,7 @@ dispatch_frame(void *arg, struct conn *c, const Protoq__Frame *f)
     case PROTOQ__FRAME__KIND_ROUTE_LIST_OK:
     case PROTOQ__FRAME__KIND_JOB_INFO:
     case PROTOQ__FRAME__KIND_JOB_LIST_OK:
+    case PROTOQ__FRAME__KIND_ACK_OK:
         conn_fatal(c, rid, PROTOQ__ERROR_CODE__UNEXPECTED_FRAME,
                    "frame kind %d is sent by the broker, not to it",
                    (int)f->kind_case);

@@ -241,6 +241,7 @@ ack_extras(struct conn *c, uint64_t rid, const Protoq__Ack *r)
         }
         w->n++;
     }
+    w->count = w->n;
     /* The result: only for the job in flight (any other ack is refused
      * below) that named a reply_to. */
     if (qset_msg_peek(bk->qs, r->message_id, &cur) &&
@@ -334,7 +335,10 @@ dispatch_on_ack(struct conn *c, uint64_t rid, const Protoq__Ack *r)
         reply_stale(c, rid, PQ_ESTALE, "ack", r->message_id, r->attempt);
         return;
     }
-    if (r->n_follow_ups > 0 || r->result.len > 0) {
+    /* A job with a reply_to is told its end by every ack, plain ones too
+     * (with an empty result). */
+    if (r->n_follow_ups > 0 || r->result.len > 0 ||
+        (qset_msg_peek(bk->qs, r->message_id, &cur) && msg_wants_reply(&cur))) {
         w = ack_extras(c, rid, r);
         if (w == NULL) {
             return; /* refused, nothing changed */
@@ -579,6 +583,7 @@ dispatch_on_cancel(struct conn *c, uint64_t rid, const Protoq__Cancel *r)
             .queue = queue_name(held->q),
             .attempt = held->attempt,
             .reason = qreason_name(QR_CANCELLED),
+            .error = msg_last_error(held),
         };
         struct mark at = dispatch_mark_now(bk);
         struct wait *notice = dispatch_notice(bk, held, &o);

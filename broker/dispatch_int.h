@@ -82,7 +82,8 @@ struct wait {
     struct conn *conn; /* ref held; NULL: nobody to answer */
     uint64_t request_id;
     enum wait_kind kind;
-    uint64_t count; /* WAIT_OK: Ok.count */
+    uint64_t count; /* WAIT_OK: Ok.count; WAIT_ACK: items[0..count) are
+                       the follow-ups (AckOk) */
     uint32_t n;     /* WAIT_PUBLISH: messages */
     struct pending items[];
 };

@@ -175,6 +175,7 @@ dispatch_prepare_one(struct conn *c, uint64_t rid, const Protoq__Publish *pub,
     p->mn.id = bk->next_msg_id++;
     p->mn.size = (uint32_t)m->payload.len;
     p->mn.priority = (uint8_t)m->priority;
+    p->mn.reply = m->reply_to != NULL && m->reply_to[0] != '\0';
     p->mn.published_wall_ms = wall_now;
     if (m->deliver_at_ms > wall_now) {
         p->mn.due_ms = *bk->now_mono_ms + (m->deliver_at_ms - wall_now);

@@ -208,6 +208,32 @@ dispatch_wait_after(struct broker *bk, struct wait *w, struct mark before)
     bk->later_tail = w;
 }
 
+/* AckOk: the ids of a confirmed ack's follow-ups (items[0..count)). */
+static void
+reply_ack_ok(struct wait *w)
+{
+    Protoq__Frame f = PROTOQ__FRAME__INIT;
+    Protoq__AckOk ok = PROTOQ__ACK_OK__INIT;
+    uint64_t *ids = pq_malloc(w->count * sizeof(*ids));
+
+    if (ids == NULL) {
+        dispatch_reply_err(w->conn, w->request_id, PQ_ENOMEM,
+                           "ack stored, but out of memory building the "
+                           "reply");
+        return;
+    }
+    for (uint64_t i = 0; i < w->count; i++) {
+        ids[i] = w->items[i].mn.id;
+    }
+    ok.n_follow_up_ids = w->count;
+    ok.follow_up_ids = ids;
+    f.request_id = w->request_id;
+    f.kind_case = PROTOQ__FRAME__KIND_ACK_OK;
+    f.ack_ok = &ok;
+    conn_send(w->conn, &f);
+    pq_free(ids);
+}
+
 /* dispatch_complete_ack: see dispatch_int.h. */
 void
 dispatch_complete_ack(struct broker *bk, struct wait *w)
@@ -215,8 +241,10 @@ dispatch_complete_ack(struct broker *bk, struct wait *w)
     for (uint32_t i = 0; i < w->n; i++) {
         dispatch_push_pending(bk, &w->items[i]);
     }
-    if (w->conn && conn_is_open(w->conn)) {
+    if (w->conn && conn_is_open(w->conn) && w->count == 0) {
         dispatch_reply_ok(w->conn, w->request_id, 0);
+    } else if (w->conn && conn_is_open(w->conn)) {
+        reply_ack_ok(w);
     }
 }
 

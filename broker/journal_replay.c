@@ -96,24 +96,38 @@ data_dir_ensure(const char *dir, char *err, size_t errlen)
     return PQ_OK;
 }
 
-/*
- * message_payload_size: the payload length inside an encoded
- * protoq.Message (field 1), for the max_bytes accounting of replayed
- * messages. Walks the top-level fields with bounds checks; 0 if absent
- * or malformed (the body was CRC-checked, so malformed means a bug).
- */
-static uint32_t
-message_payload_size(const uint8_t *data, size_t len)
+/* The length of the first length-delimited field num of an encoded
+ * protoq.Message, walking the top-level fields with bounds checks; 0 if
+ * absent or malformed (the body was CRC-checked, so malformed means a
+ * bug). */
+static size_t
+message_field_len(const uint8_t *data, size_t len, uint32_t num)
 {
     const uint8_t *p = data, *end = data + len;
     struct pbwire_field f;
 
     while (p < end && pbwire_next_field(&p, end, &f)) {
-        if (f.num == 1 && f.type == PBWIRE_LEN) {
-            return (uint32_t)f.len;
+        if (f.num == num && f.type == PBWIRE_LEN) {
+            return f.len;
         }
     }
     return 0;
+}
+
+/* message_payload_size: the payload length (field 1), for the max_bytes
+ * accounting of replayed messages. */
+static uint32_t
+message_payload_size(const uint8_t *data, size_t len)
+{
+    return (uint32_t)message_field_len(data, len, 1);
+}
+
+/* message_has_reply_to: the message names a reply_to (field 9, not
+ * empty): its end is told there (msg_new.reply). */
+static bool
+message_has_reply_to(const uint8_t *data, size_t len)
+{
+    return message_field_len(data, len, 9) > 0;
 }
 
 /* wall_to_mono: a wall-clock time from the log on this start's monotonic
@@ -468,6 +482,7 @@ replay_publish(struct journal *j, const struct rec_publish *p,
         goto out;
     }
     mn.priority = p->priority > 9 ? 9 : p->priority;
+    mn.reply = message_has_reply_to(p->body.ptr, p->body.len);
     mn.due_ms = wall_to_mono(j, p->deliver_at_wall_ms, false);
     mn.expire_ms = wall_to_mono(j, p->expire_wall_ms, true);
     mn.published_wall_ms = p->published_wall_ms;
@@ -529,6 +544,7 @@ replay_reset(struct journal *j, const struct msg *m, struct queue *to,
     mn.progress = body_ref(msg_progress(m));
     mn.size = m->size;
     mn.priority = m->priority;
+    mn.reply = msg_wants_reply(m);
     mn.due_ms = due_ms;
     /* A dead letter takes its new queue's TTL (queue_push applies it), as
      * dead_letter() does live; the source's TTL would drop it again. */
@@ -595,6 +611,7 @@ replay_orphan_dead_letter(struct journal *j, const struct rec_dead_letter *d,
     mn.id = d->id;
     mn.size = message_payload_size(d->body.ptr, d->body.len);
     mn.priority = message_priority(d->body.ptr, d->body.len);
+    mn.reply = message_has_reply_to(d->body.ptr, d->body.len);
     if (!journal_durable(q) || j->resident + mn.size <= j->budget) {
         mn.body = body_new(d->body.ptr, d->body.len);
         if (mn.body == NULL) {

@@ -370,6 +370,12 @@ msg_is_cancelled(const struct msg *m)
     return (m->flags & MSG_F_CANCELLED) != 0;
 }
 
+bool
+msg_wants_reply(const struct msg *m)
+{
+    return (m->flags & MSG_F_REPLY) != 0;
+}
+
 int
 queue_ensure_ext(struct msg *m)
 {
@@ -670,7 +676,7 @@ dead_letter(struct msg *m, uint64_t now_ms, enum qreason reason)
     dst->bytes += m->size;
     m->attempt = 0;
     m->failures = 0;
-    m->flags = 0;
+    m->flags &= MSG_F_REPLY; /* its end is still told to reply_to */
     m->due_ms = 0;
     m->expire_ms =
         dst->attrs.ttl_ms != 0 ? queue_sat_add(now_ms, dst->attrs.ttl_ms) : 0;
@@ -1248,6 +1254,9 @@ queue_push(struct queue *q, const struct msg_new *mn, uint64_t now_ms,
     }
     m->q = q; /* msg_free finds the slab through it */
     m->heap_pos = UINT32_MAX;
+    if (mn->reply) {
+        m->flags |= MSG_F_REPLY;
+    }
     if (mn->idem_key != NULL || mn->n_requires > 0 || mn->progress != NULL) {
         rc = queue_ensure_ext(m);
         if (rc != PQ_OK) {

@@ -133,7 +133,10 @@ struct queue_stats {
 
 enum msg_state { MSG_READY, MSG_DELAYED, MSG_INFLIGHT };
 
-enum { MSG_F_CANCELLED = 1u << 0 }; /* msg.flags */
+/* msg.flags (bits 1 and 2 are queue.c's own, queue_int.h). MSG_F_REPLY:
+ * its message names a reply_to, so its end is told there (never compact:
+ * the compact form has no flags). */
+enum { MSG_F_CANCELLED = 1u << 0, MSG_F_REPLY = 1u << 3 };
 
 /*
  * struct msg: the in-memory index entry of one live message (unless it is
@@ -182,6 +185,8 @@ const struct kv *msg_requires(const struct msg *m, size_t *n);
 struct body *msg_progress(const struct msg *m);
 /* msg_last_error: the error text of the latest nack, or NULL. */
 const char *msg_last_error(const struct msg *m);
+/* msg_wants_reply: its message names a reply_to (msg_new.reply). */
+bool msg_wants_reply(const struct msg *m);
 /* msg_is_cancelled: qset_cancel hit it while in flight. */
 bool msg_is_cancelled(const struct msg *m);
 
@@ -370,6 +375,7 @@ struct msg_new {
     size_t n_requires;
     uint32_t attempt, failures; /* log replay; 0 for a new publish */
     struct body *progress;      /* log replay; ref taken; NULL = none */
+    bool reply;                 /* the message names a reply_to */
     uint32_t pub_seg, state_seg;
     uint32_t pub_off, pub_len; /* where the body can be read back */
 };

@@ -541,7 +541,7 @@ queue_compactable_new(const struct queue *q, const struct msg_new *mn,
     return !want_ptr && mn->due_ms <= now_ms && mn->expire_ms == 0 &&
            q->attrs.ttl_ms == 0 && mn->idem_key == NULL &&
            mn->n_requires == 0 && mn->progress == NULL && mn->attempt == 0 &&
-           mn->failures == 0 && mn->state_seg == mn->pub_seg &&
+           mn->failures == 0 && !mn->reply && mn->state_seg == mn->pub_seg &&
            mn->published_wall_ms <= CS_WALL_MASK &&
            (lv->head == lv->tail ||
             mn->id > queue_slot_at(lv, lv->tail - 1)->id);
@@ -553,8 +553,8 @@ compactable_msg(const struct msg *m)
 {
     return m->state == MSG_READY && m->attempt == 0 && m->failures == 0 &&
            m->ext == NULL && m->expire_ms == 0 && m->heap_pos == UINT32_MAX &&
-           (m->flags & MSG_F_CANCELLED) == 0 && m->state_seg == m->pub_seg &&
-           m->published_wall_ms <= CS_WALL_MASK;
+           (m->flags & (MSG_F_CANCELLED | MSG_F_REPLY)) == 0 &&
+           m->state_seg == m->pub_seg && m->published_wall_ms <= CS_WALL_MASK;
 }
 
 /* ---- walking and restoring (for the journal) ---- */

@@ -166,6 +166,28 @@ protoq_poll(protoq_client *c, int timeout_ms)
     }
 }
 
+/* A confirmed Ack with n follow-ups: AckOk names their ids, into ids (when
+ * not NULL). */
+static int
+ack_with_ids(protoq_client *c, Protoq__Frame *f, size_t n, uint64_t *ids)
+{
+    Protoq__Frame *r = NULL;
+    int rc = client_request(c, f, PROTOQ__FRAME__KIND_ACK_OK, &r);
+
+    if (rc != PQ_OK) {
+        return rc;
+    }
+    if (r->ack_ok->n_follow_up_ids != n) {
+        rc = client_set_err(c, PQ_EPROTO,
+                            "AckOk with %zu ids for %zu follow-ups",
+                            r->ack_ok->n_follow_up_ids, n);
+    } else if (ids != NULL) {
+        memcpy(ids, r->ack_ok->follow_up_ids, n * sizeof(*ids));
+    }
+    frame_free(r);
+    return rc;
+}
+
 /* protoq_ack_ex: Ack with result/follow-ups; waits only when opts->confirm. */
 int
 protoq_ack_ex(protoq_client *c, uint64_t message_id, uint32_t attempt,
@@ -208,8 +230,12 @@ protoq_ack_ex(protoq_client *c, uint64_t message_id, uint32_t attempt,
     }
     a.n_follow_ups = n;
     a.follow_ups = n ? b.pubp : NULL;
-    rc = opts->confirm ? client_request_ok(c, &f, NULL)
-                       : client_send_noreply(c, &f);
+    if (opts->confirm && n > 0) {
+        rc = ack_with_ids(c, &f, n, opts->follow_up_ids);
+    } else {
+        rc = opts->confirm ? client_request_ok(c, &f, NULL)
+                           : client_send_noreply(c, &f);
+    }
     client_msgbuf_fini(&b);
     return rc;
 }

@@ -581,10 +581,10 @@ int protoq_flow(protoq_client *c, uint64_t sub_id, uint32_t prefetch);
  */
 int protoq_poll(protoq_client *c, int timeout_ms);
 
-/* protoq_ack: acknowledge a delivery (the message is removed). Buffered and
- * pipelined: the broker answers nothing on success; a failure (e.g.
- * PROTOQ_CODE_STALE_DELIVERY) arrives later and goes to the error callback
- * and protoq_async_errors(). */
+/* protoq_ack: acknowledge a delivery (the message is removed; a message with
+ * a reply_to sends it an empty result). Buffered and pipelined: the broker
+ * answers nothing on success; a failure (e.g. PROTOQ_CODE_STALE_DELIVERY)
+ * arrives later and goes to the error callback and protoq_async_errors(). */
 int protoq_ack(protoq_client *c, uint64_t message_id, uint32_t attempt);
 
 /* protoq_ack_sync: acknowledge and wait until the ack is durable. */
@@ -602,14 +602,17 @@ struct protoq_ack_opts {
     const struct protoq_message *follow_ups; /* published atomically with
                                                 the ack */
     size_t n_follow_ups;
+    uint64_t *follow_up_ids; /* with confirm: room for n_follow_ups ids,
+                                filled with the follow-ups' message ids in
+                                order (NULL: not wanted) */
 };
 
 /* protoq_ack_ex: acknowledge with a result and/or follow-up publishes;
  * waits for the Ok when opts->confirm, otherwise like protoq_ack. All or
  * nothing: a follow-up the broker refuses (e.g. QUEUE_NOT_FOUND,
  * QUEUE_FULL) or a result over max_result_bytes (MESSAGE_TOO_LARGE)
- * refuses the ack with that error, and the job stays held. The
- * follow-ups' message ids are not returned. */
+ * refuses the ack with that error, and the job stays held. A confirmed
+ * ack returns the follow-ups' message ids (opts->follow_up_ids). */
 int protoq_ack_ex(protoq_client *c, uint64_t message_id, uint32_t attempt,
                   const struct protoq_ack_opts *opts);
 

@@ -6,12 +6,14 @@
  * id and the protoq-* headers; a reply_to that does not exist is refused
  * at publish; one deleted later, or full, never makes the ack fail; a
  * result over max_result_bytes refuses the ack and leaves the job in
- * flight; follow-ups are published with the ack, and a refused one refuses
+ * flight; follow-ups are published with the ack (a confirmed ack returns
+ * their ids), and a refused one refuses
  * the ack and changes nothing; failure notices for a job dead-lettered
  * after max attempts, dropped by its TTL, or cancelled (ready and in
- * flight); across kill -9, a job's result and follow-up exist exactly when
- * its ack does; `protoq pub --wait` against `protoq work` and against a
- * poison job (exit 3).
+ * flight, with the last nack's error); a plain ack sends an empty result
+ * (also after a restart, and with every payload evicted); across kill -9,
+ * a job's result and follow-up exist exactly when its ack does; `protoq
+ * pub --wait` against `protoq work` and against a poison job (exit 3).
  */
 #include <check.h>
 #include <fcntl.h>
@@ -272,6 +274,14 @@ START_TEST(test_follow_ups_are_published_with_the_ack)
     protoq_client *w = pq_connect_or_fail(&g_srv);
     const char *const fq[] = {"eval", "report"};
     struct protoq_message fu[2];
+    uint64_t ids[2] = {0, 0};
+    struct protoq_ack_opts ao = {
+        .confirm = true,
+        .follow_up_queues = fq,
+        .follow_ups = fu,
+        .n_follow_ups = 2,
+        .follow_up_ids = ids,
+    };
     struct one job, next;
 
     mkq(p, "jobs", 0);
@@ -284,11 +294,17 @@ START_TEST(test_follow_ups_are_published_with_the_ack)
     fu[1].payload = "report-it";
     fu[1].len = 9;
     ck_assert(take(w, "jobs", &job, 3000));
-    pq_check_ok(w, ack_result(w, &job, NULL, fq, fu, 2));
+    /* confirmed: AckOk names the follow-ups' ids, in order */
+    pq_check_ok(w, protoq_ack_ex(w, job.id, job.attempt, &ao));
+    ck_assert_uint_gt(ids[0], job.id);
+    ck_assert_uint_gt(ids[1], ids[0]);
     ck_assert_uint_eq(ready_count(p, "jobs"), 0);
     ck_assert(take(p, "eval", &next, 3000));
     ck_assert_str_eq(next.payload, "eval-it");
+    ck_assert_uint_eq(next.id, ids[0]);
     ck_assert_uint_eq(ready_count(p, "report"), 1);
+    ck_assert(take(w, "report", &next, 3000));
+    ck_assert_uint_eq(next.id, ids[1]);
     protoq_close(w);
     protoq_close(p);
 }
@@ -424,6 +440,95 @@ START_TEST(test_notice_when_expired_or_cancelled)
     ck_assert_uint_eq(ready_count(p, "replies"), 0);
     protoq_close(w);
     protoq_close(p);
+}
+END_TEST
+
+/* A job nacked with an error, then cancelled while in flight again: its
+ * notice carries that error (protoq-error and the payload), as for a
+ * ready job and as PROTOCOL.md says ("the last Nack error text, when there
+ * was one"). The in-flight cancel built its notice without it. */
+START_TEST(test_inflight_cancel_notice_has_last_error)
+{
+    protoq_client *p = pq_connect_or_fail(&g_srv);
+    protoq_client *w = pq_connect_or_fail(&g_srv);
+    struct one job, res;
+    uint64_t id;
+
+    mkq(p, "jobs", 0);
+    mkq(p, "replies", 0);
+    id = submit(p, "jobs", "j", "replies", "cx");
+    ck_assert(take(w, "jobs", &job, 3000));
+    job.n = 0;
+    pq_check_ok(w, protoq_nack_sync(w, job.id, job.attempt, 1, false, "oom"));
+    for (int i = 0; i < 60 && job.n == 0; i++) {
+        ck_assert_int_ge(protoq_poll(w, 50), 0);
+    }
+    ck_assert_int_eq(job.n, 1);
+    ck_assert_uint_eq(job.attempt, 2);
+    ck_assert_uint_eq(job.id, id);
+    pq_check_ok(p, protoq_cancel(p, "jobs", id));
+    ck_assert_msg(take(p, "replies", &res, 3000), "no notice arrived");
+    ck_assert_str_eq(hdr(&res, "protoq-reason"), "cancelled");
+    ck_assert_str_eq(hdr(&res, "protoq-attempt"), "2");
+    ck_assert_str_eq(hdr(&res, "protoq-error"), "oom");
+    ck_assert_str_eq(res.payload, "oom");
+    protoq_close(w);
+    protoq_close(p);
+}
+END_TEST
+
+/* A plain ack (no result, no follow-ups) of a job with a reply_to sends
+ * its (empty) result, pipelined or confirmed, also for a job published
+ * before a restart: PROTOCOL.md "the Ack's result (it may be empty)", and
+ * `protoq pub --wait` on a job whose command prints nothing. It sent
+ * nothing (only an ack with extras built a result). */
+static void
+plain_ack_sends_empty_result(bool restart)
+{
+    protoq_client *p = pq_connect_or_fail(&g_srv);
+    protoq_client *w;
+    struct one job, res;
+    char idbuf[32];
+    uint64_t id[2];
+
+    mkq(p, "jobs", 0);
+    mkq(p, "replies", 0);
+    id[0] = submit(p, "jobs", "quiet", "replies", "q1");
+    id[1] = submit(p, "jobs", "quiet", "replies", "q2");
+    if (restart) {
+        protoq_close(p);
+        ck_assert_int_eq(srv_restart(&g_srv), 0);
+        p = pq_connect_or_fail(&g_srv);
+    }
+    w = pq_connect_or_fail(&g_srv);
+    for (int i = 0; i < 2; i++) {
+        ck_assert(take(w, "jobs", &job, 3000));
+        ck_assert_uint_eq(job.id, id[i]);
+        if (i == 0) {
+            pq_check_ok(w, protoq_ack_sync(w, job.id, job.attempt));
+        } else {
+            pq_check_ok(w, protoq_ack(w, job.id, job.attempt));
+            (void)ready_count(w, "jobs"); /* sent */
+        }
+        ck_assert_msg(take(p, "replies", &res, 3000),
+                      "no result arrived for job %d (attempt %u)", i,
+                      job.attempt);
+        snprintf(idbuf, sizeof(idbuf), "%" PRIu64, id[i]);
+        ck_assert_str_eq(hdr(&res, "protoq-status"), "ok");
+        ck_assert_str_eq(hdr(&res, "protoq-job-id"), idbuf);
+        ck_assert_str_eq(res.cid, i == 0 ? "q1" : "q2");
+        ck_assert_uint_eq(res.len, 0);
+        pq_check_ok(p, protoq_ack_sync(p, res.id, res.attempt));
+        protoq_close(w);
+        w = pq_connect_or_fail(&g_srv);
+    }
+    protoq_close(w);
+    protoq_close(p);
+}
+
+START_TEST(test_plain_ack_sends_empty_result)
+{
+    plain_ack_sends_empty_result(_i == 1);
 }
 END_TEST
 
@@ -620,9 +725,12 @@ START_TEST(test_kill9_result_and_follow_up_exactly_with_ack)
     nnext = ready_count(p, "next");
     ck_assert_uint_eq(left + nres, CRASH_JOBS);
     ck_assert_uint_eq(nres, nnext);
-    drain(p, "jobs", &dj, left);
     drain(p, "replies", &dres, nres);
     drain(p, "next", &dnext, nnext);
+    /* the drain's acks of jobs send results too: not to p's subscriptions */
+    protoq_close(p);
+    p = pq_connect_or_fail(&g_srv);
+    drain(p, "jobs", &dj, left);
     for (int i = 0; i < CRASH_JOBS; i++) {
         ck_assert_msg(t->jobs[i] + t->results[i] == 1 &&
                           t->results[i] == t->follows[i],
@@ -784,12 +892,15 @@ results_suite(void)
     tcase_add_test(tc, test_refused_follow_up_refuses_the_ack);
     tcase_add_test(tc, test_notice_when_dead_lettered_after_max_attempts);
     tcase_add_test(tc, test_notice_when_expired_or_cancelled);
+    tcase_add_test(tc, test_inflight_cancel_notice_has_last_error);
+    tcase_add_loop_test(tc, test_plain_ack_sends_empty_result, 0, 2);
     tcase_add_test(tc, test_pub_wait_returns_work_stdout);
     tcase_add_test(tc, test_pub_wait_poison_job_exits_3_with_its_failure);
     suite_add_tcase(s, tc);
 
     tcase_add_checked_fixture(te, setup_evicted, teardown);
     tcase_add_test(te, test_evicted_dead_letter_keeps_its_error_text);
+    tcase_add_loop_test(te, test_plain_ack_sends_empty_result, 0, 2);
     suite_add_tcase(s, te);
 
     tcase_add_checked_fixture(tk, setup, teardown);

@@ -403,8 +403,47 @@ barrier(struct hist *h)
     if (rc != PQ_OK) {
         return unexpected(h, 0, "barrier publish", rc, "PQ_OK");
     }
+    if (process_obs(h) != 0) {
+        return -1;
+    }
     m_durable(&h->w);
     return 0;
+}
+
+/* Results and notices are pushed once their record is durable: make sure
+ * they are (a confirmed publish is answered after every earlier wait), and
+ * delivered where the model says, before an operation that sees a queue's
+ * contents, room or consumers. */
+int
+sync_pushes(struct hist *h)
+{
+    if (!h->w.unpushed) {
+        return 0;
+    }
+    if (publish_sync(h) != 0 || process_obs(h) != 0) {
+        return -1;
+    }
+    m_durable(&h->w);
+    /* and a subscription on their queue has them before anything else */
+    return settle(h);
+}
+
+/* A confirmed publish to the harness's queue on connection 0: every record
+ * written before it is durable once it returns. */
+int
+publish_sync(struct hist *h)
+{
+    struct protoq_message pm;
+    int rc;
+
+    if (conn_get(h, 0) != 0) {
+        return -1;
+    }
+    memset(&pm, 0, sizeof(pm));
+    pm.payload = "sync";
+    pm.len = 4;
+    rc = protoq_publish(h->c[0].c, "zsync", &pm, NULL);
+    return rc == PQ_OK ? 0 : unexpected(h, 0, "sync publish", rc, "PQ_OK");
 }
 
 void
@@ -429,6 +468,54 @@ launch(struct hist *h)
                       h->srv.dir);
     }
     return 0;
+}
+
+/* Ack everything drain subscription si (on DRAIN_CONN) holds, and the
+ * results those acks put into its own queue, until it holds nothing. A
+ * result goes to the back of its queue once the ack is durable: a
+ * confirmed publish makes sure before the model pushes it. resolving:
+ * after a bare kill -9, where nothing else may be taken as durable. */
+int
+ack_held(struct hist *h, int si, bool resolving)
+{
+    struct model *w = &h->w;
+    int q = w->s[si].q;
+
+    for (int round = 0; round < 3; round++) {
+        int n = 0;
+
+        for (int i = 0; i < w->nm; i++) {
+            struct m_msg *m = &w->m[i];
+
+            if (m->st != ST_INFLIGHT || m->sub != si) {
+                continue;
+            }
+            if (protoq_ack(h->c[DRAIN_CONN].c, m->id, m->cur.attempt) !=
+                PQ_OK) {
+                return unexpected(h, DRAIN_CONN, "drain ack", -1, "PQ_OK");
+            }
+            w->q[q].n.acked++;
+            m_gone(w, i, !resolving);
+            if (resolving) {
+                m->np = 1;
+                m->pend[0] = m->cur;
+            }
+            m_reply(w, i, q, NULL, "", m->cur.attempt, -1);
+            n++;
+        }
+        if (n == 0) {
+            return 0;
+        }
+        if (expect_async(h, DRAIN_CONN, 0, "drain acks") != 0 ||
+            publish_sync(h) != 0 || process_obs(h) != 0) {
+            return -1;
+        }
+        m_push_limbo(w);
+        if (settle(h) != 0) {
+            return -1;
+        }
+    }
+    return m_fail(w, "drain %s: results keep coming", m_qname(q));
 }
 
 /* After a kill -9 without a barrier: drain every queue, accepting for each
@@ -470,24 +557,7 @@ resolve_uncertain(struct hist *h)
         if (poll_all(h, 2, -1) != 0) {
             return -1;
         }
-        for (int i = 0; i < w->nm; i++) {
-            struct m_msg *m = &w->m[i];
-
-            if (m->st == ST_INFLIGHT && m->sub == si) {
-                if (protoq_ack(h->c[DRAIN_CONN].c, m->id, m->cur.attempt) !=
-                    PQ_OK) {
-                    return unexpected(h, DRAIN_CONN, "ack", -1, "PQ_OK");
-                }
-                m->st = ST_GONE;
-                m->cur.exists = false;
-                m->sub = -1;
-                m->np = 1;
-                m->pend[0] = m->cur;
-                w->q[q].n.acked++;
-            }
-        }
-        w->s[si].held = 0;
-        if (expect_async(h, DRAIN_CONN, 0, "acks") != 0) {
+        if (ack_held(h, si, true) != 0) {
             return -1;
         }
         m_detach(w, si, 0, 0, 0);
@@ -532,6 +602,10 @@ resolve_uncertain(struct hist *h)
         w->q[q].n.expired = qi.expired;
         w->q[q].n.dead_lettered = qi.dead_lettered;
         w->q[q].n.dropped = qi.dropped;
+    }
+    /* a job's end and what it made are one record: all or nothing */
+    if (m_check_groups(w) != 0) {
+        return -1;
     }
     /* every message not seen must have a state in which it is gone (or
      * delayed, now purged) */

@@ -186,6 +186,8 @@ m_new_msg(struct model *w)
     memset(m, 0, sizeof(*m));
     m->sub = -1;
     m->ev = -1;
+    m->cause = -1;
+    m->rk = -1;
     return w->nm++;
 }
 
@@ -221,10 +223,23 @@ m_record_progress(struct model *w, struct m_msg *m)
     (void)w;
 }
 
-/* Everything written so far is durable. */
+void
+m_push_limbo(struct model *w)
+{
+    for (int i = 0; i < w->nm; i++) {
+        if (w->m[i].limbo) {
+            w->m[i].limbo = false;
+            m_insert_back(w, w->m[i].cur.q, i);
+        }
+    }
+}
+
+/* Everything written so far is durable, and so what job ends made is in
+ * its queues (in the order it was made). */
 void
 m_durable(struct model *w)
 {
+    m_push_limbo(w);
     for (int i = 0; i < w->nm; i++) {
         struct m_msg *m = &w->m[i];
 
@@ -233,6 +248,7 @@ m_durable(struct model *w)
             m->np = 1;
         }
     }
+    w->unpushed = false; /* durable means pushed (dispatch_result.c) */
 }
 
 static void
@@ -308,6 +324,7 @@ m_gone(struct model *w, int mi, bool record)
     }
     m_drop_event(w, mi);
     m->st = ST_GONE;
+    m->limbo = false;
     m->sub = -1;
     m->grp = 0;
     m->cancelled = false;
@@ -350,6 +367,7 @@ m_dead_letter(struct model *w, int mi, const char *reason, uint32_t grp)
         m->cur.ndl >= M_MAXDL) {
         w->q[src].n.dropped++;
         m_gone(w, mi, true);
+        m_reply(w, mi, src, reason, d.err, d.attempts, -1);
         return;
     }
     w->q[src].n.dead_lettered++;
@@ -364,6 +382,100 @@ m_dead_letter(struct model *w, int mi, const char *reason, uint32_t grp)
     m->grp = grp;
     m_insert_back(w, dst, mi);
     m_record(w, m);
+    m_reply(w, mi, src, reason, d.err, d.attempts, dst);
+}
+
+/* The highest message id the model knows. */
+static uint64_t
+max_id(const struct model *w)
+{
+    uint64_t id = 0;
+
+    for (int i = 0; i < w->nm; i++) {
+        id = w->m[i].id > id ? w->m[i].id : id;
+    }
+    return id;
+}
+
+void
+m_made_by(struct model *w, int ni, int mi, int q)
+{
+    struct m_msg *n = &w->m[ni];
+
+    n->cause = mi;
+    n->cause_k = (uint8_t)(w->m[mi].np > 0 ? w->m[mi].np - 1 : 0);
+    /* its id comes from the broker's counter after every id known now */
+    n->ordkey = max_id(w) * 2 + 1;
+    n->cur.q = q;
+    n->cur.exists = false;
+    m_record(w, n); /* the durable state: not there */
+    n->cur.exists = true;
+    m_record(w, n); /* written with the job's end */
+    n->grp = 0;
+    n->st = ST_READY;
+    n->limbo = true; /* in its queue once its record is durable */
+    w->q[q].n.published++;
+    w->unpushed = true;
+}
+
+int
+m_reply(struct model *w, int mi, int src, const char *reason, const char *text,
+        uint32_t attempt, int dl)
+{
+    const struct m_msg *j = &w->m[mi];
+    int rq = j->rto[0] ? m_qindex(j->rto) : -1, ni;
+    struct m_msg *n;
+    uint8_t k = 0;
+    char txt[sizeof(n->txt)], corr[sizeof(n->corr)];
+
+#define HDR(key, ...)                                                          \
+    do {                                                                       \
+        snprintf(n->hk[k], sizeof(n->hk[k]), "%s", key);                       \
+        snprintf(n->hv[k], sizeof(n->hv[k]), __VA_ARGS__);                     \
+        k++;                                                                   \
+    } while (0)
+    if (rq < 0 || !w->q[rq].exists) {
+        return -1; /* nobody asked, or the reply_to queue is gone */
+    }
+    ni = m_new_msg(w);
+    if (ni < 0) {
+        return m_fail(w, "model: too many messages for a reply");
+    }
+    j = &w->m[mi];
+    n = &w->m[ni];
+    snprintf(txt, sizeof(txt), "%s", text ? text : "");
+    snprintf(corr, sizeof(corr), "%s", j->corr);
+    n->made = reason ? MADE_NOTICE : MADE_RESULT;
+    n->text = true;
+    memcpy(n->txt, txt, sizeof(txt));
+    n->len = (uint32_t)strlen(txt);
+    n->prio = j->prio;
+    memcpy(n->corr, corr, sizeof(corr));
+    HDR("protoq-status", "%s", reason ? "failed" : "ok");
+    HDR("protoq-job-id", "%" PRIu64, j->id);
+    HDR("protoq-queue", "%s", m_qname(src));
+    HDR("protoq-attempt", "%" PRIu32, attempt);
+    if (corr[0]) {
+        HDR("protoq-correlation-id", "%s", corr);
+    }
+    if (reason) {
+        HDR("protoq-reason", "%s", reason);
+        if (txt[0]) {
+            HDR("protoq-error", "%s", txt);
+        }
+        if (dl >= 0) {
+            HDR("protoq-dead-letter", "%s", m_qname(dl));
+        }
+    }
+#undef HDR
+    n->nh = k;
+    if (reason) {
+        w->n_notices++;
+    } else {
+        w->n_results++;
+    }
+    m_made_by(w, ni, mi, rq);
+    return ni;
 }
 
 static uint64_t
@@ -617,6 +729,8 @@ m_apply_one_event(struct model *w)
         } else {
             m->st = ST_DLONG;
             m_gone(w, ev.m, true);
+            m_reply(w, ev.m, m->cur.q, "expired", m->cur.err, m->cur.attempt,
+                    -1);
         }
         break;
     case EV_LEASE:
@@ -736,7 +850,11 @@ check_fields(struct model *w, const struct m_msg *m, const struct m_proj *p,
         return m_fail(w, "message %" PRIu64 ": payload %u bytes, want %u",
                       m->id, o->len, m->len);
     }
-    m_payload(m->gen, m->len, buf);
+    if (m->text) {
+        memcpy(buf, m->txt, m->len);
+    } else {
+        m_payload(m->gen, m->len, buf);
+    }
     if (o->hash != m_hash(buf, m->len)) {
         return m_fail(w, "message %" PRIu64 ": payload differs", m->id);
     }
@@ -782,6 +900,71 @@ find_msg(const struct model *w, uint64_t id)
     return -1;
 }
 
+/* check_fields without failing. */
+static bool
+fields_match(struct model *w, const struct m_msg *m, const struct m_proj *p,
+             const struct m_obs *o)
+{
+    if (check_fields(w, m, p, o) == 0) {
+        return true;
+    }
+    w->failed = false;
+    w->err[0] = '\0';
+    return false;
+}
+
+/* Could unbound message m (its id not known yet) be observation o from
+ * queue q? */
+static bool
+unbound_fits(struct model *w, const struct m_msg *m, int q,
+             const struct m_obs *o)
+{
+    if (m->id != 0 || m->cause < 0) {
+        return false;
+    }
+    if (m->unc) {
+        for (int k = m->np - 1; k >= 0; k--) {
+            if (m->pend[k].exists && m->pend[k].q == q && !m->pend[k].dlong &&
+                fields_match(w, m, &m->pend[k], o)) {
+                return true;
+            }
+        }
+        return false;
+    }
+    return m->st == ST_READY && m->cur.q == q && fields_match(w, m, &m->cur, o);
+}
+
+/* A delivery of an id the model does not know: a result, notice or
+ * follow-up whose id it learns now. Prefer one the subscription may get
+ * next; any other that fits gets the order checked (and fails). */
+static int
+bind_unbound(struct model *w, int si, const struct m_obs *o)
+{
+    const struct m_queue *Q = &w->q[w->s[si].q];
+    int pick = -1;
+
+    for (int i = 0; i < Q->nrd && pick < 0; i++) {
+        if (unbound_fits(w, &w->m[Q->rd[i]], w->s[si].q, o)) {
+            pick = Q->rd[i];
+        }
+    }
+    for (int i = 0; i < w->nm && pick < 0; i++) {
+        if (unbound_fits(w, &w->m[i], w->s[si].q, o)) {
+            pick = i;
+        }
+    }
+    if (pick >= 0) {
+        w->m[pick].id = o->id;
+        /* the ones made after it have higher ids */
+        for (int i = pick + 1; i < w->nm; i++) {
+            if (w->m[i].id == 0 && w->m[i].ordkey < o->id * 2 + 1) {
+                w->m[i].ordkey = o->id * 2 + 1;
+            }
+        }
+    }
+    return pick;
+}
+
 /* A delivery of a message whose state is uncertain (after a kill -9). */
 static int
 deliver_uncertain(struct model *w, int si, int mi, const struct m_obs *o)
@@ -802,6 +985,7 @@ deliver_uncertain(struct model *w, int si, int mi, const struct m_obs *o)
         if (check_fields(w, m, p, o) == 0) {
             m->cur = *p;
             m->seen = true;
+            m->rk = (int8_t)k;
             m->unc = false;
             m->np = 1;
             m->pend[0] = *p;
@@ -826,6 +1010,8 @@ deliver_uncertain(struct model *w, int si, int mi, const struct m_obs *o)
                   "the %u states the log may hold for it",
                   m->id, m_qname(q), o->attempt, m->np);
 }
+
+static int deliver(struct model *w, int si, const struct m_obs *o);
 
 /* One try at matching a delivery against the model as it is now. */
 static int
@@ -882,6 +1068,23 @@ deliver_now(struct model *w, int si, int mi, const struct m_obs *o)
 int
 m_deliver(struct model *w, int si, const struct m_obs *o)
 {
+    int rc = deliver(w, si, o);
+    int mi = rc == 0 ? find_msg(w, o->id) : -1;
+
+    if (mi >= 0 && !w->m[mi].checked) {
+        /* what a job's end made, checked at its first delivery */
+        w->m[mi].checked = true;
+        w->seen_results += w->m[mi].made == MADE_RESULT;
+        w->seen_notices += w->m[mi].made == MADE_NOTICE;
+        w->seen_follow_ups += w->m[mi].made == MADE_FOLLOW_UP;
+    }
+    return rc;
+}
+
+/* m_deliver without the counting. */
+static int
+deliver(struct model *w, int si, const struct m_obs *o)
+{
     struct m_sub *s = &w->s[si];
     int mi = find_msg(w, o->id);
 
@@ -890,12 +1093,25 @@ m_deliver(struct model *w, int si, const struct m_obs *o)
             w, "delivery of %" PRIu64 " names queue %s, subscription is on %s",
             o->id, o->queue, m_qname(s->q));
     }
+    /* a notice made by a timed event the model has not applied yet */
+    mi = mi < 0 ? bind_unbound(w, si, o) : mi;
+    while (mi < 0 && m_events_pending(w)) {
+        m_apply_one_event(w);
+        mi = bind_unbound(w, si, o);
+    }
     if (mi < 0) {
-        return m_fail(w, "delivery of unknown message %" PRIu64 " from %s",
-                      o->id, o->queue);
+        return m_fail(w,
+                      "delivery of unknown message %" PRIu64
+                      " from %s (%u bytes, headers '%s')",
+                      o->id, o->queue, o->len, o->hdrs);
     }
     if (w->m[mi].unc) {
         return deliver_uncertain(w, si, mi, o);
+    }
+    if (w->m[mi].limbo) {
+        /* the broker pushed it: it went to the back of its level then */
+        w->m[mi].limbo = false;
+        m_insert_back(w, w->m[mi].cur.q, mi);
     }
     m_apply_events_for(w, mi);
     /* A timed event (a lease that ended, a delay) may have happened before
@@ -919,11 +1135,17 @@ id_cmp(const void *a, const void *b, void *arg)
 {
     const struct model *w = arg;
     const struct m_msg *x = &w->m[*(const int *)a], *y = &w->m[*(const int *)b];
+    uint64_t kx = x->id ? x->id * 2 : x->ordkey,
+             ky = y->id ? y->id * 2 : y->ordkey;
 
     if (x->prio != y->prio) {
         return x->prio > y->prio ? -1 : 1;
     }
-    return x->id < y->id ? -1 : x->id > y->id;
+    if (kx != ky) {
+        return kx < ky ? -1 : 1;
+    }
+    /* unbound ones made together: in the order they were made */
+    return *(const int *)a < *(const int *)b ? -1 : 1;
 }
 
 void
@@ -1031,6 +1253,7 @@ m_restart(struct model *w, bool clean, int64_t launch_ms)
         m->cur = m->pend[m->np - 1];
         m->np = 1;
         m->pend[0] = m->cur;
+        m->limbo = false;
         m->sub = -1;
         m->grp = 0;
         m->cancelled = false;
@@ -1065,9 +1288,66 @@ m_restart(struct model *w, bool clean, int64_t launch_ms)
     m_rebuild_keys(w);
 }
 
+/* Before a bare kill -9's restart: which made messages can be checked
+ * against their cause (m_check_groups): the made message was written (not
+ * known durable) with the job's end, record pend[cause_k] of the job. */
+static void
+mark_groups(struct model *w)
+{
+    for (int i = 0; i < w->nm; i++) {
+        struct m_msg *n = &w->m[i];
+        const struct m_msg *j = n->cause >= 0 ? &w->m[n->cause] : NULL;
+        const struct m_proj *p = &n->pend[1];
+
+        n->gvalid = j != NULL && n->np == 2 && !n->pend[0].exists &&
+                    p->exists && !p->dlong && w->q[p->q].exists &&
+                    !w->q[p->q].a.transient && j->np < M_MAXP &&
+                    n->cause_k >= 1 && n->cause_k < j->np;
+    }
+}
+
+int
+m_check_groups(struct model *w)
+{
+    for (int i = 0; i < w->nm && !w->failed; i++) {
+        const struct m_msg *n = &w->m[i];
+        const struct m_msg *j = n->gvalid ? &w->m[n->cause] : NULL;
+        bool kept = false, lost = false;
+
+        if (j == NULL || !(j->unc || j->seen)) {
+            continue; /* its job was not in doubt (a drain resolves unc) */
+        }
+        if (j->seen) {
+            kept = j->rk >= n->cause_k;
+            lost = !kept;
+        } else {
+            /* not delivered again: its end survived if every state before
+             * it would have been delivered */
+            kept = true;
+            for (int k = 0; k < n->cause_k; k++) {
+                kept &= j->pend[k].exists && !j->pend[k].dlong;
+            }
+        }
+        if ((kept && !n->seen) || (lost && n->seen)) {
+            return m_fail(w,
+                          "after kill -9: job %" PRIu64
+                          " %s its end, but the %s it made in %s is %s",
+                          j->id, kept ? "kept" : "lost",
+                          n->made == MADE_RESULT   ? "result"
+                          : n->made == MADE_NOTICE ? "failure notice"
+                                                   : "follow-up",
+                          m_qname(n->pend[1].q), n->seen ? "there" : "missing");
+        }
+        w->groups_kept += kept;
+        w->groups_lost += lost;
+    }
+    return w->failed ? -1 : 0;
+}
+
 void
 m_restart_uncertain(struct model *w)
 {
+    mark_groups(w);
     for (int i = 0; i < w->nm; i++) {
         struct m_msg *m = &w->m[i];
         bool any = false;
@@ -1089,8 +1369,10 @@ m_restart_uncertain(struct model *w)
         m->sub = -1;
         m->grp = 0;
         m->cancelled = false;
+        m->limbo = false;
         m->ev = -1;
         m->seen = false;
+        m->rk = -1;
         m->unc = any;
         w->unc_msgs += any;
         w->unc_multi += any && m->np > 1;

@@ -16,6 +16,13 @@
  * in an order the broker does not fix (backoff jitter, several
  * subscriptions detached by one disconnect) share a group number: a
  * contiguous run of one group may be delivered in any order.
+ *
+ * What a job's end makes (a result, failure notice or follow-up: m_reply,
+ * m_made_by) is a message like the others, with two differences: its id is
+ * the broker's to choose, so it is bound at its first delivery by content
+ * (ordered meanwhile by ordkey, after every id known when it was made);
+ * and it is in limbo (READY, not in its queue's order) until its record is
+ * known durable or it is delivered, since the broker pushes it only then.
  */
 #ifndef PQ_TEST_MODEL_H
 #define PQ_TEST_MODEL_H
@@ -28,6 +35,9 @@
 enum {
     M_NQ = 5,       /* queue slots q0..q4 */
     M_MAXM = 700,   /* messages per history */
+    M_PUBM = 560,   /* publishes stop here: results, notices and
+                       follow-ups take the rest */
+    M_NH = 8,       /* headers of a message (a notice has up to 8) */
     M_NC = 4,       /* connections; the last one is the drainer's */
     M_NS = 16,      /* subscriptions */
     M_MAXDL = 5,    /* dead-letter hops kept per message */
@@ -39,6 +49,8 @@ enum {
     M_NPAT = 4,     /* patterns a binding may have (m_pat) */
     M_NRKEY = 4,    /* routing keys a publish may use (m_rkey) */
 };
+
+enum { MADE_NONE, MADE_RESULT, MADE_NOTICE, MADE_FOLLOW_UP };
 
 enum m_state { ST_GONE, ST_READY, ST_DLONG, ST_INFLIGHT, ST_TIMED };
 
@@ -81,13 +93,28 @@ struct m_msg {
     uint32_t gen; /* payload generator index */
     uint32_t len;
     uint8_t nh;
-    char hk[3][8];
-    char hv[3][20];
+    char hk[M_NH][24];
+    char hv[M_NH][24];
     uint8_t prio;
     char key[24];
     char corr[12];
     char rto[12];
     uint8_t reqmask; /* required tags (bits over the universe) */
+    bool text;       /* payload is txt (a result or notice), not m_payload */
+    char txt[24];
+    /* A result, notice or follow-up: made by the end of job `cause` (its
+     * record pend[cause_k] of that job), -1 none. Its id is not known
+     * until it is delivered (0 until then): deliveries bind it by content. */
+    int cause;
+    uint8_t cause_k;
+    uint8_t made;    /* MADE_*: what a job's end made it as */
+    bool limbo;      /* READY, not yet pushed: the broker pushes it once
+                        its record is durable (m_durable, or a delivery) */
+    uint64_t ordkey; /* id order while the id is unknown (2 * id + 1 of
+                        the highest id known when it was made) */
+    bool checked;    /* made, and delivered as the model said */
+    bool gvalid;     /* at a bare kill -9: both it and its cause were written
+                        and not known durable (m_check_groups) */
     bool doomed;     /* TTL ends before its delay: never delivered */
     bool ttl_long;
     struct m_proj cur; /* the live state */
@@ -101,6 +128,7 @@ struct m_msg {
     struct m_proj pend[M_MAXP];
     bool unc;  /* after a kill -9: state is one of pend[] */
     bool seen; /* uncertain and observed */
+    int8_t rk; /* seen: the pend[] state it matched */
 };
 
 struct m_counters {
@@ -152,7 +180,7 @@ struct m_obs {
     uint32_t attempt;
     uint32_t len;
     uint64_t hash;
-    char hdrs[640];
+    char hdrs[1024];
     uint32_t prio;
     char corr[16], rto[16], key[32];
     struct m_prog pg;
@@ -178,7 +206,17 @@ struct model {
     uint64_t cfg_backoff_base, cfg_backoff_cap, cfg_ack_timeout, cfg_dedup;
     uint64_t unc_msgs, unc_multi; /* after bare kill -9s: messages, and
                                      those with more than one possible state */
-    char err[1024];               /* first mismatch */
+    /* What job ends made (results, failure notices, follow-ups), and how
+     * many of them a delivery matched; atomic groups (a job's end with
+     * what it made) checked after a bare kill -9, kept or lost whole. */
+    uint64_t n_results, n_notices, n_follow_ups;
+    uint64_t seen_results, seen_notices, seen_follow_ups;
+    uint64_t groups_kept, groups_lost;
+    /* Results or notices the broker may not have pushed yet (it pushes
+     * them once their record is durable): the test syncs before it looks. */
+    bool unpushed;
+
+    char err[1024]; /* first mismatch */
     bool failed;
 };
 
@@ -218,6 +256,8 @@ int m_new_msg(struct model *w);
 void m_record(struct model *w, struct m_msg *m);
 void m_record_progress(struct model *w, struct m_msg *m);
 void m_durable(struct model *w);
+/* What job ends made is in its queues now (their records are durable). */
+void m_push_limbo(struct model *w);
 void m_insert_back(struct model *w, int q, int mi);
 void m_insert_front(struct model *w, int q, int mi);
 void m_unlink_ready(struct model *w, int mi);
@@ -230,6 +270,21 @@ void m_fail_attempt(struct model *w, int mi, int64_t now, bool to_dl,
                     bool has_delay, uint64_t delay, uint32_t grp,
                     uint32_t dlgrp);
 void m_dead_letter(struct model *w, int mi, const char *reason, uint32_t grp);
+
+/* What job mi's end in queue src tells its producer (nothing without a
+ * reply_to, or when that queue is gone), as a new message at the back of
+ * the reply_to queue: a result (reason NULL: status "ok", payload text) or
+ * a failure notice (reason; text: the error, also its payload; dl: the
+ * dead-letter queue or -1). attempt: the attempt that ended it. Call after
+ * the job's end is recorded. Returns the new message's index or -1. */
+int m_reply(struct model *w, int mi, int src, const char *reason,
+            const char *text, uint32_t attempt, int dl);
+/* A message made by job mi's end (follow-up or reply) is in queue q now:
+ * written with that end, its id unknown. */
+void m_made_by(struct model *w, int ni, int mi, int q);
+/* After a bare kill -9 every drain is done: each atomic group (a job's end
+ * with its result/notice/follow-ups) must be there whole or not at all. */
+int m_check_groups(struct model *w);
 void m_release_held(struct model *w, int mi);
 /* A subscription ends (unsubscribe, disconnect, queue deleted). */
 void m_detach(struct model *w, int si, int64_t now, uint32_t grp,

@@ -393,6 +393,27 @@ find_key(const struct m_queue *Q, const char *key)
     return -1;
 }
 
+/* A queue slot: one that exists when existing and there is one. */
+static int
+pick_existing(struct hist *h, bool existing)
+{
+    int cand[M_NQ], n = 0;
+
+    for (int q = 0; q < M_NQ && existing; q++) {
+        if (h->w.q[q].exists) {
+            cand[n++] = q;
+        }
+    }
+    return n == 0 ? (int)rn(h, M_NQ) : cand[rn(h, (uint32_t)n)];
+}
+
+/* The message's reply_to (if any) exists. */
+static bool
+rto_ok(const struct model *w, const struct m_msg *m)
+{
+    return m->rto[0] == '\0' || w->q[m_qindex(m->rto)].exists;
+}
+
 /* Make message mi (not yet in any queue) and its wire form. */
 static void
 gen_msg(struct hist *h, int mi, int q, bool keyed, uint32_t maxlen,
@@ -416,13 +437,15 @@ gen_msg(struct hist *h, int mi, int q, bool keyed, uint32_t maxlen,
             snprintf(m->key, sizeof(m->key), "k%u", rn(h, 6));
         }
     }
-    if (chance(h, 20)) {
-        snprintf(m->corr, sizeof(m->corr), "c%u", rn(h, 100));
-        /* A reply_to must exist: zsync, the harness's own queue, which
-         * the model ignores. Acks then carry results (op_ack), and every
-         * end of such a job puts a message there: the atomic records of
-         * the log go through the model's restarts. */
-        snprintf(m->rto, sizeof(m->rto), "zsync");
+    if (chance(h, 40)) {
+        /* Every end of such a job puts a result or failure notice into
+         * reply_to, one of the model's queues (mostly one that exists: a
+         * missing one refuses the publish). */
+        if (chance(h, 70)) {
+            snprintf(m->corr, sizeof(m->corr), "c%u", rn(h, 100));
+        }
+        snprintf(m->rto, sizeof(m->rto), "%s",
+                 m_qname(pick_existing(h, chance(h, 90))));
     }
     if (chance(h, 20)) {
         m->reqmask = (uint8_t)(1u << rn(h, M_NTAGS));
@@ -527,7 +550,7 @@ op_publish(struct hist *h, int ci, int q)
     struct model *w = &h->w;
     struct protoq_message pm;
     struct pubbuf b = {.payload = payload};
-    int mi = m_new_msg(w), kind, k = -1, rc;
+    int mi = w->nm < M_PUBM ? m_new_msg(w) : -1, kind, k = -1, rc;
     bool dup = false;
     uint64_t id = 0;
     int64_t t0, t1;
@@ -546,18 +569,19 @@ op_publish(struct hist *h, int ci, int q)
     }
     oplog(h,
           "publish %s len=%u prio=%u key=%s req=%u delay=%" PRIu64
-          " ttl=%" PRIu64 " (c%d)",
+          " ttl=%" PRIu64 "%s%s (c%d)",
           m_qname(q), w->m[mi].len, w->m[mi].prio, w->m[mi].key,
-          w->m[mi].reqmask, pm.delay_ms, pm.ttl_ms, ci);
+          w->m[mi].reqmask, pm.delay_ms, pm.ttl_ms,
+          w->m[mi].rto[0] ? " reply_to=" : "", w->m[mi].rto, ci);
     t0 = now_ms_mono();
     rc = protoq_publish_ex(h->c[ci].c, m_qname(q), &pm, &id, &dup);
     t1 = now_ms_mono();
-    if (!w->q[q].exists) {
+    if (!w->q[q].exists || !rto_ok(w, &w->m[mi])) {
         w->nm--;
         return remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_NOT_FOUND)
                    ? 0
-                   : unexpected(h, ci, "publish to a missing queue", rc,
-                                "QUEUE_NOT_FOUND");
+                   : unexpected(h, ci, "publish to a missing queue or reply_to",
+                                rc, "QUEUE_NOT_FOUND");
     }
     if (k >= 0) {
         const struct m_msg *first = &w->m[w->q[q].keys[k].m];
@@ -616,7 +640,7 @@ op_batch(struct hist *h, int ci, int q0)
     char line[200];
     size_t ln = 0;
 
-    if (w->nm + n > M_MAXM) {
+    if (w->nm + n > M_PUBM) {
         return 0;
     }
     for (int i = 0; i < n; i++) {
@@ -630,14 +654,15 @@ op_batch(struct hist *h, int ci, int q0)
                 &b[i]);
         kinds[i] = gen_timing(h, mis[i], &pm[i], i);
         qn[i] = m_qname(qs[i]);
-        all_exist &= w->q[qs[i]].exists;
+        all_exist &= w->q[qs[i]].exists && rto_ok(w, &w->m[mis[i]]);
         need[qs[i]]++;
         bytes[qs[i]] += w->m[mis[i]].len;
         total += w->m[mis[i]].len;
-        ln += (size_t)snprintf(line + ln, sizeof(line) - ln,
-                               " %s/%u/p%u/d%" PRIu64 "/t%" PRIu64, qn[i],
-                               w->m[mis[i]].len, w->m[mis[i]].prio,
-                               pm[i].delay_ms, pm[i].ttl_ms);
+        ln += (size_t)snprintf(
+            line + ln, sizeof(line) - ln,
+            " %s/%u/p%u/d%" PRIu64 "/t%" PRIu64 "%s%s", qn[i], w->m[mis[i]].len,
+            w->m[mis[i]].prio, pm[i].delay_ms, pm[i].ttl_ms,
+            w->m[mis[i]].rto[0] ? "/r" : "", w->m[mis[i]].rto);
     }
     oplog(h, "batch%s (c%d)", line, ci);
     for (int q = 0; q < M_NQ && all_exist; q++) {
@@ -762,7 +787,7 @@ op_route_pub(struct hist *h, int ci)
     size_t got = 0;
     int64_t t0, t1;
 
-    if (w->nm + (n > 0 ? n : 1) > M_MAXM) {
+    if (w->nm + (n > 0 ? n : 1) > M_PUBM) {
         return 0;
     }
     if (n == 0 && chance(h, 75)) {
@@ -786,14 +811,16 @@ op_route_pub(struct hist *h, int ci)
     t0 = now_ms_mono();
     rc = protoq_publish_route(h->c[ci].c, "r", m_rkey[k], &pm, ids, M_NQ, &got);
     t1 = now_ms_mono();
-    if (n == 0 || !room) {
+    if (n == 0 || !rto_ok(w, &w->m[mis[0]]) || !room) {
+        bool nf = n == 0 || !rto_ok(w, &w->m[mis[0]]);
+
         w->nm = first;
-        if (n == 0 ? remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_NOT_FOUND)
-                   : remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_FULL)) {
+        if (nf ? remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_NOT_FOUND)
+               : remote_is(h, ci, rc, PROTOQ_CODE_QUEUE_FULL)) {
             return 0;
         }
         return unexpected(h, ci, "route pub", rc,
-                          n == 0 ? "QUEUE_NOT_FOUND" : "QUEUE_FULL");
+                          nf ? "QUEUE_NOT_FOUND" : "QUEUE_FULL");
     }
     if (rc != PQ_OK || got != (size_t)n) {
         w->nm = first;
@@ -915,57 +942,161 @@ expect_async(struct hist *h, int ci, uint64_t stale_want, const char *what)
     return 0;
 }
 
+/* When nothing is held: subscribe ci (every tag) to a queue with ready
+ * messages and no consumer, and take its deliveries. */
+int
+take_jobs(struct hist *h, int ci)
+{
+    struct model *w = &h->w;
+    int cand[M_NQ], n = 0, rc;
+
+    if (pick_held(h, true) >= 0) {
+        return 0;
+    }
+    for (int q = 0; q < M_NQ; q++) {
+        if (w->q[q].exists && w->q[q].sub < 0 && w->q[q].nrd > 0) {
+            cand[n++] = q;
+        }
+    }
+    if (n == 0) {
+        return 0;
+    }
+    rc = subscribe(h, ci, cand[rn(h, (uint32_t)n)], 1 + rn(h, 4),
+                   (1u << M_NTAGS) - 1);
+    return rc < 0 || settle(h) != 0 ? -1 : 0;
+}
+
+/* The follow-ups of an ack (up to 2): made into model messages (ids
+ * unknown) and their wire form; *code: the error the broker must refuse the
+ * ack with (a missing queue or reply_to, no room), or 0. */
+struct follow {
+    int n;
+    int mi[2];
+    int q[2];
+    const char *qn[2];
+    struct protoq_message pm[2];
+    struct pubbuf b[2];
+};
+
+static void
+gen_follow_ups(struct hist *h, struct follow *f, int *code)
+{
+    static char payloads[2][2048];
+    struct model *w = &h->w;
+    uint64_t need[M_NQ] = {0}, bytes[M_NQ] = {0};
+    bool exist = true, room = true;
+
+    *code = 0;
+    f->n = chance(h, 30) && w->nm + 4 <= M_MAXM ? 1 + (int)rn(h, 2) : 0;
+    for (int i = 0; i < f->n; i++) {
+        f->q[i] = pick_existing(h, chance(h, 90));
+        f->qn[i] = m_qname(f->q[i]);
+        f->mi[i] = m_new_msg(w);
+        f->b[i].payload = payloads[i];
+        gen_msg(h, f->mi[i], f->q[i], false, sizeof(payloads[i]), &f->pm[i],
+                &f->b[i]);
+        w->m[f->mi[i]].made = MADE_FOLLOW_UP;
+        exist &= w->q[f->q[i]].exists && rto_ok(w, &w->m[f->mi[i]]);
+        need[f->q[i]]++;
+        bytes[f->q[i]] += w->m[f->mi[i]].len;
+    }
+    for (int q = 0; q < M_NQ && exist; q++) {
+        room &= need[q] == 0 || m_room(w, q, need[q], bytes[q]);
+    }
+    *code = !exist  ? PROTOQ_CODE_QUEUE_NOT_FOUND
+            : !room ? PROTOQ_CODE_QUEUE_FULL
+                    : 0;
+}
+
+/* An ack: plain, with a result, with follow-ups (stored with the ack, all
+ * or nothing), confirmed or pipelined. */
 int
 op_ack(struct hist *h)
 {
     struct model *w = &h->w;
-    int mi = pick_held(h, true), ci, rc;
+    int mi = pick_held(h, true), ci, rc, q, code, first = w->nm;
     struct m_msg *m;
-    bool confirm = chance(h, 50), stale, result;
+    bool confirm = chance(h, 50), stale, result, extras, durable;
+    struct protoq_ack_opts ao;
+    struct follow f;
+    char res[24];
+    uint64_t fids[2] = {0, 0};
 
     if (mi < 0) {
         return 0;
     }
     m = &w->m[mi];
-    result = m->rto[0] != '\0' && chance(h, 50);
+    q = m->cur.q;
+    result = chance(h, m->rto[0] ? 60 : 15); /* none without a reply_to */
+    snprintf(res, sizeof(res), "r%u", rn(h, 100000));
+    gen_follow_ups(h, &f, &code);
+    extras = result || f.n > 0;
     ci = w->s[m->sub].conn;
     stale = m->cancelled;
-    oplog(h, "ack %" PRIu64 "/%u %s%s%s (c%d)", m->id, m->cur.attempt,
-          confirm ? "confirm" : "", result ? " result" : "",
+    /* follow-ups are checked before the delivery token */
+    code = code ? code : stale ? PROTOQ_CODE_STALE_DELIVERY : 0;
+    oplog(h, "ack %" PRIu64 "/%u %s%s%s%s%s%s (c%d)", m->id, m->cur.attempt,
+          confirm ? "confirm" : "", result ? " result=" : "", result ? res : "",
+          f.n > 0 ? " follow-ups to" : "", f.n > 0 ? f.qn[0] : "",
           stale ? " cancelled" : "", ci);
+    memset(&ao, 0, sizeof(ao));
+    ao.confirm = confirm;
     if (result) {
-        struct protoq_ack_opts ao = {
-            .confirm = confirm, .result = "done", .result_len = 4};
-
+        ao.result = res;
+        ao.result_len = strlen(res);
+    }
+    ao.follow_up_queues = f.qn;
+    ao.follow_ups = f.pm;
+    ao.n_follow_ups = (size_t)f.n;
+    ao.follow_up_ids = fids; /* AckOk, when confirmed */
+    if (extras) {
         rc = protoq_ack_ex(h->c[ci].c, m->id, m->cur.attempt, &ao);
-        if (confirm &&
-            (stale ? !remote_is(h, ci, rc, PROTOQ_CODE_STALE_DELIVERY)
-                   : rc != PQ_OK)) {
-            return unexpected(h, ci, "ack", rc,
-                              stale ? "STALE_DELIVERY" : "PQ_OK");
-        }
-        if (!confirm &&
-            (rc != PQ_OK || expect_async(h, ci, stale, "ack") != 0)) {
-            return rc != PQ_OK ? unexpected(h, ci, "ack", rc, "PQ_OK") : -1;
-        }
     } else if (confirm) {
         rc = protoq_ack_sync(h->c[ci].c, m->id, m->cur.attempt);
-        if (stale ? !remote_is(h, ci, rc, PROTOQ_CODE_STALE_DELIVERY)
-                  : rc != PQ_OK) {
-            return unexpected(h, ci, "ack", rc,
-                              stale ? "STALE_DELIVERY" : "PQ_OK");
-        }
     } else {
         rc = protoq_ack(h->c[ci].c, m->id, m->cur.attempt);
-        if (rc != PQ_OK || expect_async(h, ci, stale, "ack") != 0) {
-            return rc != PQ_OK ? unexpected(h, ci, "ack", rc, "PQ_OK") : -1;
+    }
+    if (confirm ? (code ? !remote_is(h, ci, rc, code) : rc != PQ_OK)
+                : rc != PQ_OK) {
+        w->nm = first;
+        return unexpected(h, ci, "ack", rc,
+                          confirm && code ? protoq_code_name(code) : "PQ_OK");
+    }
+    if (!confirm && expect_async(h, ci, code != 0, "ack") != 0) {
+        w->nm = first;
+        return -1;
+    }
+    if (code != 0 && code != PROTOQ_CODE_STALE_DELIVERY) {
+        w->nm = first; /* refused: nothing changed, the job is still held */
+        return 0;
+    }
+    if (stale) {
+        w->nm = first;
+        m_gone(w, mi, false);
+        return 0;
+    }
+    w->q[q].n.acked++;
+    m_gone(w, mi, true);
+    durable = !w->q[q].a.transient;
+    for (int i = 0; i < f.n; i++) {
+        m_made_by(w, f.mi[i], mi, f.q[i]);
+        if (confirm) {
+            w->m[f.mi[i]].id = fids[i]; /* AckOk: checked at its delivery */
         }
+        w->n_follow_ups++;
+        durable |= !w->q[f.q[i]].a.transient;
     }
-    if (!stale) {
-        w->q[m->cur.q].n.acked++;
+    /* every ack tells a job's reply_to, a plain one with an empty result */
+    {
+        int r = m_reply(w, mi, q, NULL, result ? res : "", m->cur.attempt, -1);
+
+        durable |= r >= 0 && !w->q[w->m[r].cur.q].a.transient;
     }
-    m_gone(w, mi, !stale);
-    if (confirm && !w->q[m->cur.q].a.transient) {
+    if (confirm && durable) {
+        /* deliveries that came before the Ok came before the push */
+        if (process_obs(h) != 0) {
+            return -1;
+        }
         m_durable(w);
     }
     return 0;
@@ -1013,6 +1144,9 @@ op_nack(struct hist *h)
     }
     m_fail_attempt(w, mi, now_ms_mono(), dl, delay != 0, delay, ++w->grp, 0);
     if (confirm && !w->q[q].a.transient) {
+        if (process_obs(h) != 0) { /* came before a notice's push */
+            return -1;
+        }
         m_durable(w);
     }
     return 0;
@@ -1135,8 +1269,9 @@ op_cancel(struct hist *h, int ci)
     }
     mi = (int)rn(h, (uint32_t)w->nm);
     m = &w->m[mi];
-    if (m->st == ST_INFLIGHT && m->ev >= 0) {
-        return 0; /* a lease about to end: the outcome would race */
+    if ((m->st == ST_INFLIGHT && m->ev >= 0) || m->id == 0) {
+        return 0; /* a lease about to end: the outcome would race; or a
+                     result whose id the model does not know yet */
     }
     oplog(h, "cancel %s %" PRIu64 " (state %d%s) (c%d)", m_qname(m->cur.q),
           m->id, m->st, m->cancelled ? " cancelled" : "", ci);
@@ -1160,8 +1295,9 @@ op_cancel(struct hist *h, int ci)
         }
         m->cancelled = true;
         m->cur.exists = false;
-        m_record(w, m); /* recorded at once */
+        m_record(w, m); /* recorded at once, with the notice */
         m->cur = save;
+        m_reply(w, mi, m->cur.q, "cancelled", m->cur.err, m->cur.attempt, -1);
         /* the holder is told */
         if (hc != ci && roundtrip(h, hc) != 0) {
             return -1;
@@ -1175,6 +1311,7 @@ op_cancel(struct hist *h, int ci)
         return 0;
     }
     m_gone(w, mi, true);
+    m_reply(w, mi, m->cur.q, "cancelled", m->cur.err, m->cur.attempt, -1);
     return 0;
 }
 
@@ -1351,19 +1488,7 @@ op_drain(struct hist *h, int q)
     if (settle(h) != 0) {
         return -1;
     }
-    for (int i = 0; i < w->nm; i++) {
-        struct m_msg *m = &w->m[i];
-
-        if (m->st == ST_INFLIGHT && m->sub == si) {
-            if (protoq_ack(h->c[DRAIN_CONN].c, m->id, m->cur.attempt) !=
-                PQ_OK) {
-                return unexpected(h, DRAIN_CONN, "drain ack", -1, "PQ_OK");
-            }
-            w->q[q].n.acked++;
-            m_gone(w, i, true);
-        }
-    }
-    if (expect_async(h, DRAIN_CONN, 0, "drain acks") != 0) {
+    if (ack_held(h, si, false) != 0) {
         return -1;
     }
     if (w->q[q].nrd != 0) {

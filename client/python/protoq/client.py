@@ -337,7 +337,8 @@ class Delivery:
         sent to the producer's reply_to queue. follow_ups: publishes stored
         in the same log record as the ack, each (queue, payload) or
         (queue, payload, {publish options}); any one refused refuses the ack
-        (it raises, and the job stays held). Both wait for the answer."""
+        (it raises, and the job stays held). Both wait for the answer.
+        Returns the follow-ups' message ids (a list, in order), else None."""
         if result is None and not follow_ups and not confirm:
             self._client._ack_lazy(self)
             return
@@ -354,7 +355,12 @@ class Delivery:
             _message(item.message, payload, **(fu[2] if len(fu) > 2 else {}))
             confirm = True
         f.ack.confirm = confirm
+        if follow_ups:
+            r = self._client._call(f, "ack_ok")
+            self._client._held.pop((self.id, self.attempt), None)
+            return list(r.ack_ok.follow_up_ids)
         self._client._settle(self, f, confirm)
+        return None
 
     def nack(self, delay=None, dead_letter=False, error=None, confirm=False):
         """A failed attempt: retry after delay seconds (None: the queue's

@@ -206,13 +206,15 @@ def test_ack_result_and_follow_ups(client):
     d = client.consume("q").get(timeout=5)
     with pytest.raises(protoq.QueueNotFound):
         d.ack(follow_ups=[("missing", b"step2")])
-    d.ack(result=b"accuracy=0.93", follow_ups=[("next", b"step2", {"priority": 3})])
+    ids = d.ack(result=b"accuracy=0.93",
+                follow_ups=[("next", b"step2", {"priority": 3})])
+    assert len(ids) == 1 and ids[0] > mid
     r = client.consume("replies").get(timeout=5)
     assert r.payload == b"accuracy=0.93" and r.correlation_id == "run-1"
     assert r.headers["protoq-status"] == "ok"
     assert r.headers["protoq-job-id"] == str(mid)
     n = client.consume("next").get(timeout=5)
-    assert n.payload == b"step2" and n.priority == 3
+    assert n.payload == b"step2" and n.priority == 3 and n.id == ids[0]
     assert client.stat_queue("q").acked == 1
 
 
