@@ -307,9 +307,10 @@ check_queue(struct hist *h, int q, bool counters, int retry_ms)
         if (qi.ready == r && qi.delayed == d && qi.inflight == f &&
             qi.bytes == b && qi.consumers == (uint64_t)(w->q[q].sub >= 0)) {
             if (!counters ||
-                (qi.published == n->published && qi.acked == n->acked &&
-                 qi.nacked == n->nacked && qi.redelivered == n->redelivered &&
-                 qi.expired == n->expired &&
+                (qi.published >= n->published &&
+                 qi.published <= n->published + n->pub_maybe &&
+                 qi.acked == n->acked && qi.nacked == n->nacked &&
+                 qi.redelivered == n->redelivered && qi.expired == n->expired &&
                  qi.dead_lettered == n->dead_lettered &&
                  qi.dropped == n->dropped)) {
                 return 0;
@@ -617,8 +618,8 @@ resolve_uncertain(struct hist *h)
             continue;
         }
         for (int k = 0; k < m->np; k++) {
-            ok |= !m->pend[k].exists || m->pend[k].dlong ||
-                  m->pend[k].maybe_gone;
+            ok |=
+                !m->pend[k].exists || m->pend[k].dlong || m->pend[k].maybe_gone;
         }
         if (!ok) {
             return m_fail(w,

@@ -418,9 +418,13 @@ m_made_by(struct model *w, int ni, int mi, int q)
     w->unpushed = true;
 }
 
-int
-m_reply(struct model *w, int mi, int src, const char *reason, const char *text,
-        uint32_t attempt, int dl)
+/* The result or notice that job mi's end sends to its reply_to: a new
+ * message whose content is set, its state not yet. Returns its index, -1
+ * when none is sent (no reply_to, or it is gone), or -1 with the model
+ * failed (full). */
+static int
+reply_new(struct model *w, int mi, int src, const char *reason,
+          const char *text, uint32_t attempt, int dl, int *rqp)
 {
     const struct m_msg *j = &w->m[mi];
     int rq = j->rto[0] ? m_qindex(j->rto) : -1, ni;
@@ -469,6 +473,20 @@ m_reply(struct model *w, int mi, int src, const char *reason, const char *text,
     }
 #undef HDR
     n->nh = k;
+    n->cause = mi;
+    *rqp = rq;
+    return ni;
+}
+
+int
+m_reply(struct model *w, int mi, int src, const char *reason, const char *text,
+        uint32_t attempt, int dl)
+{
+    int rq, ni = reply_new(w, mi, src, reason, text, attempt, dl, &rq);
+
+    if (ni < 0) {
+        return -1;
+    }
     if (reason) {
         w->n_notices++;
     } else {
@@ -476,6 +494,34 @@ m_reply(struct model *w, int mi, int src, const char *reason, const char *text,
     }
     m_made_by(w, ni, mi, rq);
     return ni;
+}
+
+/*
+ * Job mi's state p was running at a kill -9 whose records are in doubt,
+ * and the start ends it (max_attempts): the notice that end sends may be
+ * there or not (the job may as well have been in another state), so it is
+ * made uncertain: pend[0] not there, pend[1] in reply_to. dl: where the
+ * job went (-1 dropped). Not bound to the job's group (cause_k 0).
+ */
+static void
+proj_notice(struct model *w, int mi, const struct m_proj *before, int dl)
+{
+    int rq, ni = reply_new(w, mi, before->q, "max_attempts", before->err,
+                           before->attempt, dl, &rq);
+    struct m_msg *n;
+
+    if (ni < 0) {
+        return;
+    }
+    n = &w->m[ni];
+    n->cause_k = 0;
+    n->ordkey = max_id(w) * 2 + 1;
+    memset(&n->pend[0], 0, sizeof(n->pend[0]));
+    memset(&n->pend[1], 0, sizeof(n->pend[1]));
+    n->pend[1].exists = true;
+    n->pend[1].q = rq;
+    n->np = 2;
+    n->maybe_made = true; /* counted after restart_queues */
 }
 
 static uint64_t
@@ -594,8 +640,7 @@ proj_interrupted(const struct model *w, struct m_proj *p)
         p->exists = false;
         return;
     }
-    p->maybe_gone =
-        w->q[dst].a.max_length != 0 || w->q[dst].a.max_bytes != 0;
+    p->maybe_gone = w->q[dst].a.max_length != 0 || w->q[dst].a.max_bytes != 0;
     memset(&p->dl[p->ndl], 0, sizeof(p->dl[p->ndl]));
     snprintf(p->dl[p->ndl].reason, sizeof(p->dl[p->ndl].reason), "%s",
              "max_attempts");
@@ -986,6 +1031,11 @@ deliver_uncertain(struct model *w, int si, int mi, const struct m_obs *o)
             m->cur = *p;
             m->seen = true;
             m->rk = (int8_t)k;
+            if (m->maybe_made) { /* it was published after all */
+                m->maybe_made = false;
+                w->q[q].n.pub_maybe--;
+                w->q[q].n.published++;
+            }
             m->unc = false;
             m->np = 1;
             m->pend[0] = *p;
@@ -1273,6 +1323,9 @@ m_restart(struct model *w, bool clean, int64_t launch_ms)
         }
     }
     restart_queues(w);
+    for (int i = 0; i < w->nm; i++) {
+        w->m[i].maybe_made = false; /* the counters began again */
+    }
     qsort_r(order, (size_t)n, sizeof(int), id_cmp, w);
     for (int k = 0; k < n; k++) {
         struct m_queue *Q = &w->q[w->m[order[k]].cur.q];
@@ -1347,6 +1400,8 @@ m_check_groups(struct model *w)
 void
 m_restart_uncertain(struct model *w)
 {
+    int first_new = w->nm; /* proj_notice adds after it */
+
     mark_groups(w);
     for (int i = 0; i < w->nm; i++) {
         struct m_msg *m = &w->m[i];
@@ -1362,7 +1417,18 @@ m_restart_uncertain(struct model *w)
                 p->exists = false;
             }
             if (p->exists && p->running) {
+                struct m_proj before = *p;
+
                 proj_interrupted(w, p);
+                if (!p->exists || p->ndl > before.ndl) {
+                    /* its end at the start: a notice, maybe (the drop
+                     * of a full dead-letter queue's has no dead-letter
+                     * header: both forms may be there) */
+                    proj_notice(w, i, &before, p->exists ? p->q : -1);
+                    if (p->maybe_gone) {
+                        proj_notice(w, i, &before, -1);
+                    }
+                }
             }
             any |= p->exists;
         }
@@ -1380,6 +1446,14 @@ m_restart_uncertain(struct model *w)
         m->cur.exists = any;
     }
     restart_queues(w);
+    for (int i = 0; i < w->nm; i++) {
+        if (i >= first_new && w->m[i].maybe_made) {
+            w->q[w->m[i].pend[1].q].n.pub_maybe++;
+        } else {
+            w->m[i].maybe_made = false; /* an earlier start's: the
+                                           counters began again since */
+        }
+    }
 }
 
 void

@@ -80,10 +80,10 @@ struct m_proj {
     struct m_prog pg;
     uint8_t ndl;
     struct m_dl dl[M_MAXDL];
-    char err[24]; /* the last nack's error text */
-    bool dlong;   /* delayed for an hour */
-    bool running; /* a DELIVER of this attempt that no later record ended:
-                     after a kill -9 the start fails that attempt */
+    char err[24];    /* the last nack's error text */
+    bool dlong;      /* delayed for an hour */
+    bool running;    /* a DELIVER of this attempt that no later record ended:
+                        after a kill -9 the start fails that attempt */
     bool maybe_gone; /* after a kill -9: this state's dead letter may have
                         found its queue full (dropped) */
 };
@@ -113,6 +113,8 @@ struct m_msg {
     uint64_t ordkey; /* id order while the id is unknown (2 * id + 1 of
                         the highest id known when it was made) */
     bool checked;    /* made, and delivered as the model said */
+    bool maybe_made; /* a notice the start may have made (proj_notice);
+                        counted in its queue's pub_maybe until seen */
     bool gvalid;     /* at a bare kill -9: both it and its cause were written
                         and not known durable (m_check_groups) */
     bool doomed;     /* TTL ends before its delay: never delivered */
@@ -134,6 +136,9 @@ struct m_msg {
 struct m_counters {
     uint64_t published, acked, nacked, redelivered, expired, dead_lettered,
         dropped;
+    uint64_t pub_maybe; /* notices the start may have published here (a
+                           job running at a bare kill -9 that it ended):
+                           published is in [published, +pub_maybe] */
 };
 
 struct m_key {
