@@ -121,7 +121,7 @@ cmd_job(struct cli *cli, int argc, char **argv)
 static void
 print_job_json(const struct protoq_job *j)
 {
-    printf("{\"id\":%" PRIu64 ",\"queue\":", j->id);
+    printf("{\"id\":\"%" PRIu64 "\",\"queue\":", j->id);
     cli_json_str(stdout, j->queue, strlen(j->queue));
     printf(",\"state\":\"%s\",\"attempt\":%u,\"failures\":%u,"
            "\"priority\":%u,\"published_at_ms\":%" PRIu64

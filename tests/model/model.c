@@ -1301,6 +1301,7 @@ m_restart(struct model *w, bool clean, int64_t launch_ms)
             continue;
         }
         m->cur = m->pend[m->np - 1];
+        m->cur.err[0] = '\0'; /* a nack's error is not logged */
         m->np = 1;
         m->pend[0] = m->cur;
         m->limbo = false;
@@ -1416,6 +1417,7 @@ m_restart_uncertain(struct model *w)
             if (p->exists && (!w->q[p->q].exists || w->q[p->q].a.transient)) {
                 p->exists = false;
             }
+            p->err[0] = '\0'; /* a nack's error is not logged */
             if (p->exists && p->running) {
                 struct m_proj before = *p;
 
