@@ -39,23 +39,23 @@ struct journal {
     uint64_t unwritten;     /* state records lost since the last warning */
     uint64_t append_errors; /* appends that failed, ever */
     int last_error;         /* the latest one's PQ_* code */
-    uint64_t unwritten_logged_ms; /* mono time of that warning */
-    struct qset *qs;              /* the queues it journals (borrowed) */
-    struct routes *routes;        /* cfg->routes (borrowed), or NULL */
-    struct hmap_u64 suspects;     /* replay: id -> struct suspect, live by a
-                                     state record but no PUBLISH seen yet */
-    uint64_t last_bulk;           /* replay: j->replayed at the latest
-                                     QUEUE_DELETE or QUEUE_PURGE */
-    uint64_t now_mono_ms;         /* "now" of the call being served */
+    uint64_t unwritten_logged_ms;   /* mono time of that warning */
+    struct qset *qs;                /* the queues it journals (borrowed) */
+    struct routes *routes;          /* cfg->routes (borrowed), or NULL */
+    struct hmap_u64 suspects;       /* replay: id -> struct suspect, live by a
+                                       state record but no PUBLISH seen yet */
+    uint64_t last_bulk;             /* replay: j->replayed at the latest
+                                       QUEUE_DELETE or QUEUE_PURGE */
+    uint64_t now_mono_ms;           /* "now" of the call being served */
     struct rec_deliver_item *deliv; /* deliveries not appended yet: one
                                        REC_DELIVER per loop pass */
     uint32_t n_deliv, cap_deliv;
-    uint64_t deliv_unwritten;     /* DELIVER records lost since the last
-                                     warning */
-    uint64_t deliv_logged_ms;     /* mono time of that warning */
-    struct hmap_u64 delivered;    /* replay: id -> its latest delivery
-                                     since its latest state record, packed
-                                     (deliver_pack) */
+    uint64_t deliv_unwritten;             /* DELIVER records lost since the last
+                                             warning */
+    uint64_t deliv_logged_ms;             /* mono time of that warning */
+    struct hmap_u64 delivered;            /* replay: id -> its latest delivery
+                                             since its latest state record, packed
+                                             (deliver_pack) */
     struct rec_deliver_item *interrupted; /* replay's result: deliveries
                                              the log shows running at the
                                              stop, for journal_resume */

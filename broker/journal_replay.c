@@ -246,7 +246,8 @@ interrupted_cmp(const void *a, const void *b)
 {
     const uint64_t *x = a, *y = b;
 
-    return (uint32_t)x[1] < (uint32_t)y[1] ? -1 : (uint32_t)x[1] > (uint32_t)y[1];
+    return (uint32_t)x[1] < (uint32_t)y[1] ? -1
+                                           : (uint32_t)x[1] > (uint32_t)y[1];
 }
 
 /* After replay: the deliveries still running at the stop, in the order
@@ -915,8 +916,9 @@ journal_open(const struct journal_config *cfg, struct qset *qs,
     }
     suspects_free(j);
     if (rc == PQ_OK && collect_interrupted(j) != PQ_OK) {
-        snprintf(err, errlen, "out of memory listing the deliveries that "
-                              "were running at the stop");
+        snprintf(err, errlen,
+                 "out of memory listing the deliveries that "
+                 "were running at the stop");
         rc = PQ_ENOMEM;
     }
     hmap_u64_fini(&j->delivered);

@@ -249,7 +249,7 @@ struct rec_deliver_item {
  * record_deliver_item().
  */
 struct rec_deliver {
-    uint32_t n; /* >= 1 */
+    uint32_t n;                           /* >= 1 */
     const struct rec_deliver_item *items; /* encode input */
     const uint8_t *items_le;              /* decode output */
 };

@@ -407,10 +407,11 @@ srv_stop_clean(struct srv *s, const char *what, char *msg, size_t cap)
         return true;
     }
     dump_log(s);
-    snprintf(msg, cap, "%s (test %s): %s: protoqd %d (%s) %s %d after SIGTERM%s",
-             program_invocation_short_name,
-             tcase_name() ? tcase_name() : "?", what, (int)pid,
-             s->dir, rc > 128 ? "was killed by signal" : "exited with status",
+    snprintf(msg, cap,
+             "%s (test %s): %s: protoqd %d (%s) %s %d after SIGTERM%s",
+             program_invocation_short_name, tcase_name() ? tcase_name() : "?",
+             what, (int)pid, s->dir,
+             rc > 128 ? "was killed by signal" : "exited with status",
              rc > 128 ? rc - 128 : rc,
              rc == 128 + SIGKILL ? " (it ignored SIGTERM for 5 s)" : "");
     return false;

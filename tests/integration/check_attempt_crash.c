@@ -108,10 +108,9 @@ START_TEST(test_kill9_running_job_comes_back_as_next_attempt)
                       "after kill -9 number %u: job shows attempt %u failures "
                       "%u, want %u and %u",
                       n, j.attempt, j.failures, n, n);
-        ck_assert_msg(j.state == PROTOQ_JOB_READY ||
-                          j.state == PROTOQ_JOB_DELAYED,
-                      "state %s after the restart",
-                      protoq_job_state_name(j.state));
+        ck_assert_msg(
+            j.state == PROTOQ_JOB_READY || j.state == PROTOQ_JOB_DELAYED,
+            "state %s after the restart", protoq_job_state_name(j.state));
         protoq_job_fini(&j);
     }
     k = cons_open("jobs", 1);

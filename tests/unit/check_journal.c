@@ -837,8 +837,8 @@ START_TEST(test_replay_ended_delivery_is_not_interrupted)
     m = jt_deliver_rec(&t, q, &c);
     ck_assert_uint_eq(m->id, released);
     ck_assert_int_eq(qset_nack(t.qs, nacked, 1, NULL, clock_mono_ms()), PQ_OK);
-    ck_assert_int_eq(
-        qset_release(t.qs, released, 1, NULL, clock_mono_ms()), PQ_OK);
+    ck_assert_int_eq(qset_release(t.qs, released, 1, NULL, clock_mono_ms()),
+                     PQ_OK);
     jt_sync(&t);
     jt_crash(&t, &c);
     m = qset_msg(t.qs, nacked);
