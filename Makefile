@@ -118,7 +118,7 @@ BROKER_OBJS = $(B)/broker/main.o $(B)/broker/server.o $(B)/broker/conn.o \
 LIB_OBJS   = $(B)/client/client.o $(B)/client/client_admin.o \
              $(B)/client/client_pub.o $(B)/client/client_consume.o \
              $(B)/client/client_job.o $(B)/client/client_tls.o \
-             $(B)/client/client_reconnect.o
+             $(B)/client/client_reconnect.o $(B)/client/client_connect.o
 CLI_OBJS   = $(B)/client/cli.o $(B)/client/cli_queue.o $(B)/client/cli_pub.o \
              $(B)/client/cli_consume.o $(B)/client/cli_work.o $(B)/client/cli_job.o \
              $(B)/client/cli_json.o $(B)/client/cli_help.o $(B)/client/cli_route.o \

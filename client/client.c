@@ -44,22 +44,14 @@
  */
 #include "client_int.h"
 #include "clock.h"
-#include "pqlimits.h"
-#include "strcheck.h"
 
 #include <errno.h>
-#include <fcntl.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 #include <sys/socket.h>
-#include <time.h>
 #include <unistd.h>
 
 static void conn_drop(protoq_client *c);
@@ -276,10 +268,9 @@ pend_fail_all(protoq_client *c, int err)
     }
 }
 
-/* Mark the connection dead with err and a message; fail everything
- * outstanding. Returns err. */
-__attribute__((format(printf, 3, 4))) static int
-conn_fail(protoq_client *c, int err, const char *fmt, ...)
+/* client_conn_fail: see client_int.h. */
+int
+client_conn_fail(protoq_client *c, int err, const char *fmt, ...)
 {
     va_list ap;
 
@@ -349,7 +340,8 @@ send_some(protoq_client *c, const uint8_t *buf, size_t len)
     if (c->ssl != NULL) {
         n = client_tls_write(c, buf, len, msg, sizeof(msg));
         if (n < 0) {
-            return conn_fail(c, (int)n, "write to broker failed: %s", msg);
+            return client_conn_fail(c, (int)n, "write to broker failed: %s",
+                                    msg);
         }
         return n;
     }
@@ -362,8 +354,8 @@ send_some(protoq_client *c, const uint8_t *buf, size_t len)
             return 0;
         }
         if (errno != EINTR) {
-            return conn_fail(c, PQ_ECLOSED, "write to broker failed: %s",
-                             strerror(errno));
+            return client_conn_fail(c, PQ_ECLOSED, "write to broker failed: %s",
+                                    strerror(errno));
         }
     }
 }
@@ -420,7 +412,7 @@ in_reserve(protoq_client *c, size_t want)
     }
     p = realloc(c->in, cap);
     if (p == NULL) {
-        return conn_fail(c, PQ_ENOMEM, "out of memory (input buffer)");
+        return client_conn_fail(c, PQ_ENOMEM, "out of memory (input buffer)");
     }
     c->in = p;
     c->in_cap = cap;
@@ -440,11 +432,11 @@ in_read_tls(protoq_client *c)
                                     msg, sizeof(msg));
 
         if (n < 0) {
-            return conn_fail(c, (int)n,
-                             n == PQ_ECLOSED ? "%s"
-                                             : "read from broker "
-                                               "failed: %s",
-                             msg);
+            return client_conn_fail(c, (int)n,
+                                    n == PQ_ECLOSED ? "%s"
+                                                    : "read from broker "
+                                                      "failed: %s",
+                                    msg);
         }
         if (n == 0) {
             break;
@@ -476,7 +468,8 @@ in_read(protoq_client *c)
             return n;
         }
         if (n == 0) {
-            return conn_fail(c, PQ_ECLOSED, "connection closed by broker");
+            return client_conn_fail(c, PQ_ECLOSED,
+                                    "connection closed by broker");
         }
         if (errno == EINTR) {
             continue;
@@ -484,8 +477,8 @@ in_read(protoq_client *c)
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
             return 0;
         }
-        return conn_fail(c, PQ_ECLOSED, "read from broker failed: %s",
-                         strerror(errno));
+        return client_conn_fail(c, PQ_ECLOSED, "read from broker failed: %s",
+                                strerror(errno));
     }
 }
 
@@ -709,7 +702,7 @@ defer(protoq_client *c, Protoq__Frame *f, const struct pending *conf)
 
     if (d == NULL) {
         frame_free(f);
-        return conn_fail(c, PQ_ENOMEM, "out of memory (callback queue)");
+        return client_conn_fail(c, PQ_ENOMEM, "out of memory (callback queue)");
     }
     d->f = f;
     if (conf != NULL) {
@@ -828,7 +821,7 @@ run_deferred(protoq_client *c)
         c->cb_depth--;
         deferred_fini(&d);
         if (rc < 0) {
-            return conn_fail(c, rc, "out of memory (delivery)");
+            return client_conn_fail(c, rc, "out of memory (delivery)");
         }
         events += rc;
     }
@@ -916,8 +909,9 @@ handle_frame(protoq_client *c, Protoq__Frame *f)
 
         client_copy_str(msg, sizeof(msg), f->error->message);
         frame_free(f);
-        rc = conn_fail(c, PQ_EREMOTE, "broker closed the connection: %s (%s)",
-                       msg, protoq_code_name(code));
+        rc = client_conn_fail(c, PQ_EREMOTE,
+                              "broker closed the connection: %s (%s)", msg,
+                              protoq_code_name(code));
         c->last_code = code;
         return rc;
     }
@@ -946,11 +940,11 @@ dispatch_input(protoq_client *c)
             break;
         }
         if (n < 0) {
-            conn_fail(c, PQ_EPROTO,
-                      n == PQ_ETOOBIG
-                          ? "broker sent a frame over %u bytes"
-                          : "broker sent a frame of length 0 (limit %u)",
-                      c->in_limit);
+            client_conn_fail(c, PQ_EPROTO,
+                             n == PQ_ETOOBIG
+                                 ? "broker sent a frame over %u bytes"
+                                 : "broker sent a frame of length 0 (limit %u)",
+                             c->in_limit);
             break;
         }
         if (avail < FRAME_HEADER_LEN + (size_t)n) {
@@ -961,9 +955,9 @@ dispatch_input(protoq_client *c)
         rc = frame_unpack(c->in + c->in_start + FRAME_HEADER_LEN, (size_t)n,
                           frame_decode_budget((size_t)n), &f);
         if (rc != PQ_OK) {
-            conn_fail(c, PQ_EPROTO,
-                      "broker sent a frame that does not decode (%s)",
-                      pq_strerror(rc));
+            client_conn_fail(c, PQ_EPROTO,
+                             "broker sent a frame that does not decode (%s)",
+                             pq_strerror(rc));
             break;
         }
         c->in_start += FRAME_HEADER_LEN + (size_t)n;
@@ -1096,7 +1090,7 @@ client_pump(protoq_client *c, int timeout_ms, bool dispatch)
             c->interrupted = true;
             return 0;
         }
-        return conn_fail(c, PQ_ESYS, "poll: %s", strerror(errno));
+        return client_conn_fail(c, PQ_ESYS, "poll: %s", strerror(errno));
     }
     if (pfd.revents & POLLOUT) {
         rc = out_write(c);
@@ -1132,8 +1126,8 @@ client_flush_all(protoq_client *c, bool dispatch)
         int left = client_remaining_ms(deadline);
 
         if (left == 0) {
-            return conn_fail(c, PQ_ETIMEDOUT,
-                             "timed out writing to the broker");
+            return client_conn_fail(c, PQ_ETIMEDOUT,
+                                    "timed out writing to the broker");
         }
         rc = client_pump(c, left, dispatch);
     }
@@ -1294,243 +1288,9 @@ client_send_noreply(protoq_client *c, Protoq__Frame *f)
     return client_send_frame(c, f);
 }
 
-/* ---- connecting ---- */
-
-static const char TLS_SCHEME[] = "tls://"; /* 6 bytes */
-
-/* Split "host:port", "[v6]:port", "host" into host and port strings. */
-static int
-parse_hostport(const char *hp, char *host, size_t hostcap, char *port,
-               size_t portcap)
-{
-    const char *colon;
-    size_t hl;
-
-    if (hp == NULL || hp[0] == '\0') {
-        hp = "127.0.0.1";
-    }
-    if (hp[0] == '[') {
-        const char *end = strchr(hp, ']');
-
-        if (end == NULL) {
-            return PQ_EINVAL;
-        }
-        hl = (size_t)(end - hp - 1);
-        if (hl >= hostcap) {
-            return PQ_EINVAL;
-        }
-        memcpy(host, hp + 1, hl);
-        host[hl] = '\0';
-        if (end[1] == '\0') {
-            snprintf(port, portcap, "%d", PROTOQ_DEFAULT_PORT);
-            return PQ_OK;
-        }
-        if (end[1] != ':' || end[2] == '\0') {
-            return PQ_EINVAL;
-        }
-        snprintf(port, portcap, "%s", end + 2);
-        return PQ_OK;
-    }
-    colon = strrchr(hp, ':');
-    if (colon == NULL || strchr(hp, ':') != colon) {
-        /* no port, or a bare IPv6 address */
-        if (strlen(hp) >= hostcap) {
-            return PQ_EINVAL;
-        }
-        snprintf(host, hostcap, "%s", hp);
-        snprintf(port, portcap, "%d", PROTOQ_DEFAULT_PORT);
-        return PQ_OK;
-    }
-    hl = (size_t)(colon - hp);
-    if (hl == 0 || hl >= hostcap || colon[1] == '\0' ||
-        strlen(colon + 1) >= portcap) {
-        return PQ_EINVAL;
-    }
-    memcpy(host, hp, hl);
-    host[hl] = '\0';
-    snprintf(port, portcap, "%s", colon + 1);
-    return PQ_OK;
-}
-
-/* Connect a non-blocking socket to one address within deadline. Returns
- * the fd, or -1 with errno set. */
-static int
-connect_one(const struct addrinfo *ai, int64_t deadline)
-{
-    int fd =
-        socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
-               ai->ai_protocol);
-    int one = 1;
-    int err;
-    socklen_t len = sizeof(err);
-
-    if (fd < 0) {
-        return -1;
-    }
-    if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
-        struct pollfd pfd = {.fd = fd, .events = POLLOUT};
-        int rc;
-
-        if (errno != EINPROGRESS) {
-            goto err_close;
-        }
-        do {
-            rc = poll(&pfd, 1, client_remaining_ms(deadline));
-        } while (rc < 0 && errno == EINTR);
-        if (rc == 0) {
-            errno = ETIMEDOUT;
-            goto err_close;
-        }
-        if (rc < 0 || getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) {
-            goto err_close;
-        }
-        if (err != 0) {
-            errno = err;
-            goto err_close;
-        }
-    }
-    (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    return fd;
-
-err_close:
-    err = errno;
-    close(fd);
-    errno = err;
-    return -1;
-}
-
-static int
-do_connect(protoq_client *c, const char *hostport, int64_t deadline, char *host,
-           size_t hostcap)
-{
-    char port[32];
-    struct addrinfo hints;
-    struct addrinfo *res = NULL;
-    struct addrinfo *ai;
-    int rc;
-    int err = 0;
-
-    if (parse_hostport(hostport, host, hostcap, port, sizeof(port)) != PQ_OK) {
-        return conn_fail(c, PQ_EINVAL,
-                         "bad server address '%s' (want HOST:PORT or "
-                         "[IPV6]:PORT)",
-                         hostport);
-    }
-    memset(&hints, 0, sizeof(hints));
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    rc = getaddrinfo(host, port, &hints, &res);
-    if (rc != 0) {
-        return conn_fail(c, PQ_EINVAL, "cannot resolve %s port %s: %s", host,
-                         port, gai_strerror(rc));
-    }
-    for (ai = res; ai != NULL; ai = ai->ai_next) {
-        c->fd = connect_one(ai, deadline);
-        if (c->fd >= 0) {
-            break;
-        }
-        err = errno;
-    }
-    freeaddrinfo(res);
-    if (c->fd < 0) {
-        return conn_fail(c, err == ETIMEDOUT ? PQ_ETIMEDOUT : PQ_ECLOSED,
-                         "cannot connect to %s: %s", hostport, strerror(err));
-    }
-    return PQ_OK;
-}
-
-_Static_assert((int)PROTOQ_SESSION_ID_MAX == (int)PQ_SESSION_ID_MAX,
-               "session id limits differ");
-
-/* protoq_session_id_new: 128 random bits in hex. */
-int
-protoq_session_id_new(char *buf, size_t cap)
-{
-    uint8_t r[16];
-
-    if (cap < 2 * sizeof(r) + 1) {
-        return PQ_EINVAL;
-    }
-    if (getrandom(r, sizeof(r), 0) != (ssize_t)sizeof(r)) {
-        return PQ_ESYS;
-    }
-    for (size_t i = 0; i < sizeof(r); i++) {
-        snprintf(buf + 2 * i, 3, "%02x", r[i]);
-    }
-    return PQ_OK;
-}
-
-static int
-handshake(protoq_client *c, const struct protoq_opts *o)
-{
-    Protoq__Frame f = PROTOQ__FRAME__INIT;
-    Protoq__Hello h = PROTOQ__HELLO__INIT;
-    Protoq__Frame *r;
-    const Protoq__Welcome *w;
-    int rc;
-
-    h.protocol_version = PROTOQ_PROTOCOL_VERSION;
-    h.client_name = S(o && o->client_name ? o->client_name : "libprotoq");
-    h.auth_token = S(o ? o->auth_token : NULL);
-    h.heartbeat_ms = o ? o->heartbeat_ms : 0;
-    if (o != NULL && o->session_id != NULL) {
-        if (!session_id_valid(o->session_id)) {
-            return conn_fail(c, PQ_EINVAL,
-                             "session id: want 1-%d printable ASCII bytes",
-                             PROTOQ_SESSION_ID_MAX);
-        }
-        h.session_id = (char *)o->session_id;
-        h.session_resume = !o->session_fresh;
-    }
-    f.kind_case = PROTOQ__FRAME__KIND_HELLO;
-    f.hello = &h;
-    /* What comes right behind the Welcome (a resumed session's
-     * CancelRequested) waits for the first dispatching call: no callback
-     * can be set before protoq_connect returns. */
-    c->cb_depth++;
-    rc = client_request(c, &f, PROTOQ__FRAME__KIND_WELCOME, &r);
-    c->cb_depth--;
-    if (rc != PQ_OK) {
-        if (rc == PQ_EREMOTE) {
-            /* The broker closes after a refused Hello. */
-            c->dead = PQ_EREMOTE;
-            snprintf(c->dead_msg, sizeof(c->dead_msg), "%s", c->errmsg);
-        }
-        return rc;
-    }
-    w = r->welcome;
-    c->info.protocol_version = w->protocol_version;
-    client_copy_str(c->info.broker_id, sizeof(c->info.broker_id), w->broker_id);
-    client_copy_str(c->info.server_version, sizeof(c->info.server_version),
-                    w->server_version);
-    c->info.max_frame_bytes = w->max_frame_bytes;
-    c->info.max_message_bytes = w->max_message_bytes;
-    c->info.heartbeat_ms = w->heartbeat_ms;
-    c->info.max_batch = w->max_batch;
-    c->info.session_resumed = w->session_resumed;
-    c->info.disconnect_grace_ms = w->disconnect_grace_ms;
-    frame_free(r);
-    if (c->info.protocol_version != PROTOQ_PROTOCOL_VERSION) {
-        return conn_fail(c, PQ_EVERSION,
-                         "broker speaks protocol version %u, not %d",
-                         c->info.protocol_version, PROTOQ_PROTOCOL_VERSION);
-    }
-    if (c->info.max_frame_bytes == 0) {
-        c->info.max_frame_bytes = 1u << 20;
-    }
-    /* Deliveries carry a whole message; allow it even if the broker's
-     * request limit is smaller. */
-    c->in_limit = c->info.max_frame_bytes;
-    if (c->info.max_message_bytes > 0 &&
-        c->info.max_message_bytes + 65536u > c->in_limit) {
-        c->in_limit = c->info.max_message_bytes + 65536u;
-    }
-    return PQ_OK;
-}
-
 /*
- * conn_drop: a reconnecting handle lost its connection (conn_fail): close
- * the socket and drop what belongs to that connection: its input and
+ * conn_drop: a reconnecting handle lost its connection (client_conn_fail):
+ * close the socket and drop what belongs to that connection: its input and
  * output, and the deliveries and cancel requests waiting for a callback
  * (the broker has taken them back). Confirms, errors and events stay.
  */
@@ -1562,114 +1322,6 @@ conn_drop(protoq_client *c)
     for (i = 0; i < c->n_subs; i++) {
         c->subs[i].wire_id = 0;
     }
-}
-
-/*
- * client_conn_open: connect c to hostport with opts and do the handshake,
- * bounded by the connect timeout: the first connection (protoq_connect) and
- * every reconnect (so handshake() builds every Hello). Starts from fresh
- * buffers and a live state; on failure c is dead with the reason in errmsg and
- * dead_msg.
- */
-int
-client_conn_open(protoq_client *c, const char *hostport,
-                 const struct protoq_opts *opts)
-{
-    int connect_ms = opts && opts->connect_timeout_ms > 0
-                         ? opts->connect_timeout_ms
-                         : DEFAULT_CONNECT_MS;
-    int64_t deadline = now_ms() + connect_ms;
-    bool tls = opts != NULL && opts->tls;
-    char host[256];
-    int rc;
-
-    client_tls_free(c); /* a reconnect after a refused Hello */
-    if (c->fd >= 0) {
-        close(c->fd);
-        c->fd = -1;
-    }
-    c->dead = 0;
-    c->dead_msg[0] = '\0';
-    c->in_start = c->in_end = 0;
-    c->out_start = c->out_len = 0;
-    c->in_limit = PRE_WELCOME_MAX;
-    c->info.max_frame_bytes = PRE_WELCOME_MAX;
-    c->last_send_ms = now_ms();
-    if (hostport != NULL && strncmp(hostport, TLS_SCHEME, 6) == 0) {
-        hostport += 6;
-        tls = true;
-    }
-    rc = do_connect(c, hostport, deadline, host, sizeof(host));
-    if (rc != PQ_OK) {
-        return rc;
-    }
-    if (tls) {
-        static const struct protoq_opts none;
-        char msg[512];
-
-        rc = client_tls_connect(c, host, opts ? opts : &none, deadline, msg,
-                                sizeof(msg));
-        if (rc != PQ_OK) {
-            conn_fail(c, rc, "%s: %s", hostport, msg);
-            snprintf(c->errmsg, sizeof(c->errmsg), "%s", c->dead_msg);
-            return rc;
-        }
-    }
-    /* The handshake is bounded by the connect timeout, not the I/O one. */
-    c->io_timeout_ms = client_remaining_ms(deadline);
-    if (c->io_timeout_ms == 0) {
-        c->io_timeout_ms = 1;
-    }
-    rc = handshake(c, opts);
-    c->io_timeout_ms =
-        opts && opts->io_timeout_ms != 0 ? opts->io_timeout_ms : DEFAULT_IO_MS;
-    if (rc != PQ_OK) {
-        if (rc == PQ_ETIMEDOUT) {
-            conn_fail(c, rc, "no Welcome from %s within %d ms", hostport,
-                      connect_ms);
-        } else if (!c->dead) {
-            char msg[sizeof(c->errmsg)];
-
-            snprintf(msg, sizeof(msg), "%s", c->errmsg);
-            conn_fail(c, rc, "%s", msg);
-        }
-        c->errmsg[0] = '\0';
-        snprintf(c->errmsg, sizeof(c->errmsg), "%s", c->dead_msg);
-        if (tls && rc == PQ_ECLOSED &&
-            (opts == NULL || opts->tls_cert_file == NULL)) {
-            size_t n = strlen(c->errmsg);
-
-            snprintf(c->errmsg + n, sizeof(c->errmsg) - n,
-                     " (after the TLS handshake: does the broker want a "
-                     "client certificate?)");
-        }
-        return rc;
-    }
-    return PQ_OK;
-}
-
-/* protoq_connect: connect, handshake; *out set even on failure (see
- * protoq.h). A reconnecting handle keeps copies of hostport and opts. */
-int
-protoq_connect(const char *hostport, const struct protoq_opts *opts,
-               protoq_client **out)
-{
-    protoq_client *c = calloc(1, sizeof(*c));
-    int rc;
-
-    *out = c;
-    if (c == NULL) {
-        return PQ_ENOMEM;
-    }
-    c->fd = -1;
-    c->next_id = 1;
-    c->io_timeout_ms =
-        opts && opts->io_timeout_ms != 0 ? opts->io_timeout_ms : DEFAULT_IO_MS;
-    rc = client_conn_open(c, hostport, opts);
-    if (rc == PQ_OK && opts != NULL && opts->reconnect) {
-        rc = client_reconnect_init(c, hostport, opts);
-    }
-    return rc;
 }
 
 /* protoq_close: close the socket and free the handle; no callbacks run. */

@@ -137,17 +137,17 @@ do_connect(protoq_client *c, const char *hostport, int64_t deadline, char *host,
 
     if (parse_hostport(hostport, host, hostcap, port, sizeof(port)) != PQ_OK) {
         return client_conn_fail(c, PQ_EINVAL,
-                         "bad server address '%s' (want HOST:PORT or "
-                         "[IPV6]:PORT)",
-                         hostport);
+                                "bad server address '%s' (want HOST:PORT or "
+                                "[IPV6]:PORT)",
+                                hostport);
     }
     memset(&hints, 0, sizeof(hints));
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
     rc = getaddrinfo(host, port, &hints, &res);
     if (rc != 0) {
-        return client_conn_fail(c, PQ_EINVAL, "cannot resolve %s port %s: %s", host,
-                         port, gai_strerror(rc));
+        return client_conn_fail(c, PQ_EINVAL, "cannot resolve %s port %s: %s",
+                                host, port, gai_strerror(rc));
     }
     for (ai = res; ai != NULL; ai = ai->ai_next) {
         c->fd = connect_one(ai, deadline);
@@ -159,7 +159,8 @@ do_connect(protoq_client *c, const char *hostport, int64_t deadline, char *host,
     freeaddrinfo(res);
     if (c->fd < 0) {
         return client_conn_fail(c, err == ETIMEDOUT ? PQ_ETIMEDOUT : PQ_ECLOSED,
-                         "cannot connect to %s: %s", hostport, strerror(err));
+                                "cannot connect to %s: %s", hostport,
+                                strerror(err));
     }
     return PQ_OK;
 }
@@ -200,9 +201,9 @@ handshake(protoq_client *c, const struct protoq_opts *o)
     h.heartbeat_ms = o ? o->heartbeat_ms : 0;
     if (o != NULL && o->session_id != NULL) {
         if (!session_id_valid(o->session_id)) {
-            return client_conn_fail(c, PQ_EINVAL,
-                             "session id: want 1-%d printable ASCII bytes",
-                             PROTOQ_SESSION_ID_MAX);
+            return client_conn_fail(
+                c, PQ_EINVAL, "session id: want 1-%d printable ASCII bytes",
+                PROTOQ_SESSION_ID_MAX);
         }
         h.session_id = (char *)o->session_id;
         h.session_resume = !o->session_fresh;
@@ -236,9 +237,9 @@ handshake(protoq_client *c, const struct protoq_opts *o)
     c->info.disconnect_grace_ms = w->disconnect_grace_ms;
     frame_free(r);
     if (c->info.protocol_version != PROTOQ_PROTOCOL_VERSION) {
-        return client_conn_fail(c, PQ_EVERSION,
-                         "broker speaks protocol version %u, not %d",
-                         c->info.protocol_version, PROTOQ_PROTOCOL_VERSION);
+        return client_conn_fail(
+            c, PQ_EVERSION, "broker speaks protocol version %u, not %d",
+            c->info.protocol_version, PROTOQ_PROTOCOL_VERSION);
     }
     if (c->info.max_frame_bytes == 0) {
         c->info.max_frame_bytes = 1u << 20;
@@ -315,7 +316,7 @@ client_conn_open(protoq_client *c, const char *hostport,
     if (rc != PQ_OK) {
         if (rc == PQ_ETIMEDOUT) {
             client_conn_fail(c, rc, "no Welcome from %s within %d ms", hostport,
-                      connect_ms);
+                             connect_ms);
         } else if (!c->dead) {
             char msg[sizeof(c->errmsg)];
 
@@ -360,4 +361,3 @@ protoq_connect(const char *hostport, const struct protoq_opts *opts,
     }
     return rc;
 }
-

@@ -194,6 +194,10 @@ int64_t client_deadline_after(int timeout_ms);
 /* Record a local failure: code err, message fmt. Returns err. */
 __attribute__((format(printf, 3, 4))) int
 client_set_err(protoq_client *c, int err, const char *fmt, ...);
+/* Mark the connection lost with err and a message and fail everything
+ * outstanding (a reconnecting handle then reconnects). Returns err. */
+__attribute__((format(printf, 3, 4))) int
+client_conn_fail(protoq_client *c, int err, const char *fmt, ...);
 /* The failure to report when c is dead. */
 int client_dead_err(protoq_client *c);
 void client_copy_str(char *dst, size_t cap, const char *src);
@@ -214,6 +218,9 @@ void client_sub_forget(protoq_client *c, uint64_t id);
 /* Queue a connection event (enum protoq_conn_event) for the conn
  * callback. 0 or PQ_ENOMEM (the event is dropped). */
 int client_defer_event(protoq_client *c, int event, int err, uint64_t sub_id);
+
+/* ---- client_connect.c ---- */
+
 /* Connect to hostport and handshake (the first connection and every
  * reconnect); on failure c is dead with the reason. */
 int client_conn_open(protoq_client *c, const char *hostport,
