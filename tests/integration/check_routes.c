@@ -445,6 +445,31 @@ payloads_of(const char *queue, int want, char *buf, size_t cap)
     protoq_close(c);
 }
 
+static int
+cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* s ("a|b|c|") with its |-separated items sorted, in place. */
+static void
+sort_items(char *s)
+{
+    char *item[16], copy[256];
+    size_t n = 0, at = 0;
+
+    snprintf(copy, sizeof(copy), "%s", s);
+    for (char *save = NULL, *t = strtok_r(copy, "|", &save);
+         t != NULL && n < 16; t = strtok_r(NULL, "|", &save)) {
+        item[n++] = t;
+    }
+    qsort(item, n, sizeof(item[0]), cmp_str);
+    s[0] = '\0';
+    for (size_t i = 0; i < n; i++) {
+        at += (size_t)sprintf(s + at, "%s|", item[i]);
+    }
+}
+
 /* With no payload budget every durable body stays on disk: a delivery
  * reads it back from the one record of its publish, and finds its own
  * part of a batch or a fan-out, before and after a restart. */
@@ -474,10 +499,20 @@ START_TEST(test_evicted_bodies_come_back_from_a_shared_record)
     ck_assert_uint_eq(pub_route(c, "both", "", "fanned", NULL, 0), 2);
     protoq_close(c);
     for (int round = 0; round < 2; round++) {
+        /* After the kill -9 the order is not the subject: each reader's
+         * deliveries were running (failed attempts put back at the start)
+         * or requeued already, depending on which records made it. */
         payloads_of("e1", 3, got, sizeof(got));
-        ck_assert_str_eq(got, "first|third|fanned|");
+        if (round > 0) {
+            sort_items(got);
+        }
+        ck_assert_str_eq(got, round == 0 ? "first|third|fanned|"
+                                         : "fanned|first|third|");
         payloads_of("e2", 2, got, sizeof(got));
-        ck_assert_str_eq(got, "second|fanned|");
+        if (round > 0) {
+            sort_items(got);
+        }
+        ck_assert_str_eq(got, round == 0 ? "second|fanned|" : "fanned|second|");
         srv_kill9(&g_srv);
         ck_assert_int_eq(srv_launch(&g_srv), 0);
     }
