@@ -55,7 +55,8 @@ def test_past_grace_not_resumed_and_other_values(grace_broker):
     assert not b.session_resumed
     with pytest.raises(protoq.StaleDelivery):
         b.adopt(d).ack(confirm=True)
-    assert adm.stat_queue("train").ready + adm.stat_queue("train").delayed == 1
+    st = adm.stat_queue("train")  # one stat: its backoff may end between two
+    assert st.ready + st.delayed == 1
     with pytest.raises(protoq.InvalidArgument):
         protoq.Client(grace_broker.addr, session="has space")
     b.close()
