@@ -223,13 +223,43 @@ m_record_progress(struct model *w, struct m_msg *m)
     (void)w;
 }
 
+/*
+ * Link made message mi (in limbo) into its queue. The broker put it there
+ * when its record became durable, a moment the model does not see: after
+ * what was ready when it was made, but maybe before what became ready
+ * since (a delay or backoff that ended meanwhile). It and those are one
+ * unordered group.
+ */
+static void
+limbo_link(struct model *w, int mi)
+{
+    struct m_queue *Q = &w->q[w->m[mi].cur.q];
+    int pos, k;
+
+    w->m[mi].limbo = false;
+    m_insert_back(w, w->m[mi].cur.q, mi);
+    for (pos = 0; Q->rd[pos] != mi; pos++) {
+    }
+    k = pos;
+    while (k > 0 && w->m[Q->rd[k - 1]].prio == w->m[mi].prio &&
+           w->m[Q->rd[k - 1]].lseq > w->m[mi].mseq) {
+        k--;
+    }
+    if (k < pos) {
+        uint32_t g = ++w->grp;
+
+        for (int i = k; i <= pos; i++) {
+            w->m[Q->rd[i]].grp = g;
+        }
+    }
+}
+
 void
 m_push_limbo(struct model *w)
 {
     for (int i = 0; i < w->nm; i++) {
         if (w->m[i].limbo) {
-            w->m[i].limbo = false;
-            m_insert_back(w, w->m[i].cur.q, i);
+            limbo_link(w, i);
         }
     }
 }
@@ -270,6 +300,7 @@ m_insert_back(struct model *w, int q, int mi)
     }
     rd_insert(Q, pos, mi);
     w->m[mi].st = ST_READY;
+    w->m[mi].lseq = ++w->lseq;
 }
 
 void
@@ -283,6 +314,7 @@ m_insert_front(struct model *w, int q, int mi)
     }
     rd_insert(Q, pos, mi);
     w->m[mi].st = ST_READY;
+    w->m[mi].lseq = ++w->lseq;
 }
 
 void
@@ -414,6 +446,7 @@ m_made_by(struct model *w, int ni, int mi, int q)
     n->grp = 0;
     n->st = ST_READY;
     n->limbo = true; /* in its queue once its record is durable */
+    n->mseq = w->lseq;
     w->q[q].n.published++;
     w->unpushed = true;
 }
@@ -1159,9 +1192,7 @@ deliver(struct model *w, int si, const struct m_obs *o)
         return deliver_uncertain(w, si, mi, o);
     }
     if (w->m[mi].limbo) {
-        /* the broker pushed it: it went to the back of its level then */
-        w->m[mi].limbo = false;
-        m_insert_back(w, w->m[mi].cur.q, mi);
+        limbo_link(w, mi); /* the broker pushed it: it is in its queue */
     }
     m_apply_events_for(w, mi);
     /* A timed event (a lease that ended, a delay) may have happened before

@@ -124,6 +124,8 @@ struct m_msg {
     int sub;        /* INFLIGHT: holder */
     uint64_t dseq;  /* INFLIGHT: delivery order */
     uint32_t grp;   /* READY: unordered group, 0 = none */
+    uint64_t lseq;  /* when it was last linked into a ready list */
+    uint64_t mseq;  /* made: the lseq counter when its job's end made it */
     bool cancelled; /* INFLIGHT and cancelled */
     int ev;         /* TIMED: pending event index, -1 none */
     uint8_t np;     /* pend[0] durable, pend[1..np) written since */
@@ -207,6 +209,7 @@ struct model {
     struct m_event ev[M_MAXEV];
     uint64_t dseq;
     uint32_t grp;
+    uint64_t lseq;             /* ready-list links so far (m_msg.lseq) */
     uint32_t cfg_max_attempts; /* broker defaults the test configures */
     uint64_t cfg_backoff_base, cfg_backoff_cap, cfg_ack_timeout, cfg_dedup;
     uint64_t unc_msgs, unc_multi; /* after bare kill -9s: messages, and
