@@ -1429,6 +1429,34 @@ m_check_groups(struct model *w)
     return w->failed ? -1 : 0;
 }
 
+/*
+ * Made message mi is in limbo at a kill -9: the broker pushes it when its
+ * record is durable, a moment the model does not see, and a subscription
+ * on its queue (eligible, with room) may have had it before the client
+ * read it (the kill comes before sync_pushes). Its DELIVER may be in the
+ * log, and then the start fails that attempt (journal_resume): one more
+ * state, running at the next attempt. When that failed attempt may drop
+ * it, its job's kept end no longer implies it is there (gvalid off).
+ */
+static bool
+proj_pushed(struct model *w, int mi)
+{
+    struct m_msg *m = &w->m[mi];
+    int si = m->limbo && m->np >= 1 ? w->q[m->cur.q].sub : -1;
+    struct m_proj *p;
+
+    if (si < 0 || !w->s[si].used || w->s[si].held >= w->s[si].prefetch ||
+        !eligible(w, si, mi) || m->np >= M_MAXP || !m->pend[m->np - 1].exists) {
+        return false;
+    }
+    p = &m->pend[m->np];
+    *p = m->pend[m->np - 1];
+    p->attempt++;
+    p->running = true;
+    m->np++;
+    return true;
+}
+
 void
 m_restart_uncertain(struct model *w)
 {
@@ -1437,11 +1465,12 @@ m_restart_uncertain(struct model *w)
     mark_groups(w);
     for (int i = 0; i < w->nm; i++) {
         struct m_msg *m = &w->m[i];
-        bool any = false;
+        bool any = false, pushed;
 
         if (m->st == ST_GONE && m->np <= 1) {
             continue;
         }
+        pushed = i < first_new && proj_pushed(w, i);
         for (int k = 0; k < m->np; k++) {
             struct m_proj *p = &m->pend[k];
 
@@ -1464,6 +1493,10 @@ m_restart_uncertain(struct model *w)
                 }
             }
             any |= p->exists;
+        }
+        if (pushed &&
+            (!m->pend[m->np - 1].exists || m->pend[m->np - 1].maybe_gone)) {
+            m->gvalid = false;
         }
         m->sub = -1;
         m->grp = 0;
