@@ -526,7 +526,9 @@ resolve_uncertain(struct hist *h)
 {
     struct model *w = &h->w;
 
-    if (sleep_polling(h, now_ms_mono() + 60, -1) != 0) {
+    /* What the start wrote (a running job's failed attempt, its notice) is
+     * pushed once durable: a confirmed publish makes it so. */
+    if (publish_sync(h) != 0 || sleep_polling(h, now_ms_mono() + 60, -1) != 0) {
         return -1;
     }
     for (int q = 0; q < M_NQ; q++) {
