@@ -152,7 +152,8 @@ INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_a
               $(B)/tests/crash/check_segments $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
 MODEL_TESTS = $(B)/tests/model/check_model
-MODEL_OBJS  = $(B)/tests/model/model.o $(B)/tests/model/driver.o $(B)/tests/model/ops.o
+MODEL_OBJS  = $(B)/tests/model/model.o $(B)/tests/model/restart.o \
+              $(B)/tests/model/driver.o $(B)/tests/model/ops.o
 TESTS = $(UNIT_TESTS) $(INTEG_TESTS) $(MODEL_TESTS)
 TESTUTIL_OBJS = $(B)/tests/testutil.o
 QFIX_OBJS   = $(B)/tests/unit/queue_fixture.o

@@ -328,4 +328,15 @@ void m_add_key(struct m_queue *Q, const char *key, int mi);
 void m_gauges(const struct model *w, int q, uint64_t *ready, uint64_t *delayed,
               uint64_t *inflight, uint64_t *bytes);
 
+/* restart.c's helpers from model.c: the failure notice a start may have
+ * sent for job mi's state before (dl: where the job went, -1 dropped),
+ * made uncertain; and whether subscription si may take message mi. */
+void m_proj_notice(struct model *w, int mi, const struct m_proj *before,
+                   int dl);
+bool m_eligible(const struct model *w, int si, int mi);
+/* Message mi (unlinked) was running at a kill -9: the start fails that
+ * attempt as a lost consumer's. */
+void m_interrupted(struct model *w, int mi, int64_t now, uint32_t grp,
+                   uint32_t dlgrp);
+
 #endif
