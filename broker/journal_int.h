@@ -56,6 +56,8 @@ struct journal {
     struct hmap_u64 delivered;            /* replay: id -> its latest delivery
                                              since its latest state record, packed
                                              (deliver_pack) */
+    uint32_t delivered_seq;               /* replay: deliveries seen so far,
+                                             their order in the log */
     struct rec_deliver_item *interrupted; /* replay's result: deliveries
                                              the log shows running at the
                                              stop, for journal_resume */

@@ -202,9 +202,10 @@ suspects_free(struct journal *j)
 
 /* ---- deliveries (see the file comment) ---- */
 
-/* The map's value: the attempt in the high half and the low 32 bits of
- * the record index in the low half (never NULL: attempt >= 1), so the
- * interrupted deliveries go back in the order they were made. */
+/* The map's value: the attempt in the high half and the delivery's place
+ * in the log (each item of each DELIVER record counted) in the low half
+ * (never NULL: attempt >= 1), so the interrupted deliveries go back in
+ * the order they were made, also those of one record. */
 static void *
 deliver_pack(uint32_t attempt, uint64_t idx)
 {
@@ -234,7 +235,8 @@ replay_deliver(struct journal *j, const struct rec_deliver *d)
         }
         (void)hmap_u64_del(&j->delivered, it.id);
         if (hmap_u64_put(&j->delivered, it.id,
-                         deliver_pack(it.attempt, j->replayed)) != PQ_OK) {
+                         deliver_pack(it.attempt, ++j->delivered_seq)) !=
+            PQ_OK) {
             return PQ_ENOMEM;
         }
     }

@@ -750,6 +750,40 @@ START_TEST(test_replay_counts_interrupted_delivery)
 }
 END_TEST
 
+/* Deliveries written in one DELIVER record (one loop pass) and running at
+ * a crash go back in the order they were handed out, not in the order of
+ * the replay's hash table: the failure notices the start sends for them
+ * follow that order too. */
+START_TEST(test_replay_interrupted_keep_their_order)
+{
+    static const char *const want[] = {"j0",  "j1",  "j2",  "j3", "j4",  "j5",
+                                       "j6",  "j7",  "j8",  "j9", "j10", "j11",
+                                       "j12", "j13", "j14", "j15"};
+    enum { N = sizeof(want) / sizeof(want[0]) };
+    struct queue_attrs a = {.no_backoff = true, .max_attempts = 5};
+    uint32_t attempts[N];
+    struct jt t;
+    struct queue *q;
+    struct consumer c;
+
+    jt_init(&t, 1 << 20);
+    q = jt_queue(&t, "jobs", &a);
+    for (size_t i = 0; i < N; i++) {
+        jt_publish(&t, q, want[i], NULL);
+        attempts[i] = 2;
+    }
+    queue_consumer_init(&c, 1, NULL, N);
+    ck_assert_int_eq(queue_subscribe(q, &c), PQ_OK);
+    for (size_t i = 0; i < N; i++) {
+        (void)jt_deliver_rec(&t, q, &c); /* one record: no sync between */
+    }
+    jt_sync(&t);
+    jt_crash(&t, &c);
+    expect_queue(&t, "jobs", want, attempts, N);
+    jt_fini(&t);
+}
+END_TEST
+
 /* The header key's value in an encoded message ("" if absent). */
 static const char *
 header_in(const struct body *b, const char *key, char *buf, size_t cap)
@@ -917,6 +951,7 @@ journal_suite(void)
                         2);
     tcase_add_test(tc, test_replay_across_rolled_segments);
     tcase_add_test(tc, test_replay_counts_interrupted_delivery);
+    tcase_add_test(tc, test_replay_interrupted_keep_their_order);
     tcase_add_test(tc, test_replay_interrupted_delivery_dead_letters_at_max);
     tcase_add_test(tc, test_replay_ended_delivery_is_not_interrupted);
     tcase_add_test(tc, test_replay_deliver_survives_compaction);
