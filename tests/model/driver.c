@@ -429,6 +429,25 @@ sync_pushes(struct hist *h)
     return settle(h);
 }
 
+/*
+ * The confirm of a job's end (AckOk, a nack's Ok) came: what the end made
+ * (a result, notice, follow-ups) is in its queues now, pushed before the
+ * confirm was sent. But the end freed its holder's credit at once, and a
+ * delivery the broker chose then, before the push, may come after the
+ * confirm (a payload read back from disk is sent once read): take every
+ * delivery the model owes without the made messages first (one of those,
+ * delivered instead, is linked by its delivery).
+ */
+int
+push_after_ok(struct hist *h)
+{
+    if (settle(h) != 0) {
+        return -1;
+    }
+    m_durable(&h->w);
+    return 0;
+}
+
 /* A confirmed publish to the harness's queue on connection 0: every record
  * written before it is durable once it returns. */
 int

@@ -88,6 +88,7 @@ int check_queue(struct hist *h, int q, bool counters, int retry_ms);
 int flush_events(struct hist *h);
 void drop_all_conns(struct hist *h);
 int sync_pushes(struct hist *h);
+int push_after_ok(struct hist *h);
 int publish_sync(struct hist *h);
 int ack_held(struct hist *h, int si, bool resolving);
 int op_restart(struct hist *h, int kind);

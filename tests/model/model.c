@@ -996,8 +996,12 @@ bind_unbound(struct model *w, int si, const struct m_obs *o)
     }
     if (pick >= 0) {
         w->m[pick].id = o->id;
-        /* the ones made after it have higher ids */
+        /* the ones made after it have higher ids (not those one start
+         * pass made with it: their order is the broker's) */
         for (int i = pick + 1; i < w->nm; i++) {
+            if (w->m[i].upass != 0 && w->m[i].upass == w->m[pick].upass) {
+                continue;
+            }
             if (w->m[i].id == 0 && w->m[i].ordkey < o->id * 2 + 1) {
                 w->m[i].ordkey = o->id * 2 + 1;
             }
@@ -1085,6 +1089,17 @@ deliver_now(struct model *w, int si, int mi, const struct m_obs *o)
         }
     }
     if (at < 0) {
+        /* what the model has there, for whoever reads the failure */
+        for (int i = 0; i < Q->nrd; i++) {
+            const struct m_msg *x = &w->m[Q->rd[i]];
+
+            fprintf(stderr,
+                    "model: %s ready[%d]: id %" PRIu64
+                    " (0: made, not seen yet) made %d by m%d, %u bytes, "
+                    "prio %u, group %u\n",
+                    m_qname(s->q), i, x->id, x->made, x->cause, x->len, x->prio,
+                    x->grp);
+        }
         return m_fail(w,
                       "delivery of %" PRIu64
                       " (attempt %u) from %s, want %" PRIu64

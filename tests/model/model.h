@@ -112,6 +112,9 @@ struct m_msg {
                         its record is durable (m_durable, or a delivery) */
     uint64_t ordkey; /* id order while the id is unknown (2 * id + 1 of
                         the highest id known when it was made) */
+    uint32_t upass;  /* made by one start's pass over the jobs a kill -9
+                        interrupted (0: not): among those the broker's id
+                        order is not the model's to know */
     bool checked;    /* made, and delivered as the model said */
     bool maybe_made; /* a notice the start may have made (proj_notice);
                         counted in its queue's pub_maybe until seen */

@@ -1093,11 +1093,7 @@ op_ack(struct hist *h)
         durable |= r >= 0 && !w->q[w->m[r].cur.q].a.transient;
     }
     if (confirm && durable) {
-        /* deliveries that came before the Ok came before the push */
-        if (process_obs(h) != 0) {
-            return -1;
-        }
-        m_durable(w);
+        return push_after_ok(h);
     }
     return 0;
 }
@@ -1144,10 +1140,7 @@ op_nack(struct hist *h)
     }
     m_fail_attempt(w, mi, now_ms_mono(), dl, delay != 0, delay, ++w->grp, 0);
     if (confirm && !w->q[q].a.transient) {
-        if (process_obs(h) != 0) { /* came before a notice's push */
-            return -1;
-        }
-        m_durable(w);
+        return push_after_ok(h);
     }
     return 0;
 }

@@ -62,8 +62,36 @@ id_cmp(const void *a, const void *b, void *arg)
     if (kx != ky) {
         return kx < ky ? -1 : 1;
     }
-    /* unbound ones made together: in the order they were made */
+    /* unbound ones made together: in the order they were made (those of
+     * one start pass are grouped after the sort: group_upass) */
     return *(const int *)a < *(const int *)b ? -1 : 1;
+}
+
+/* Unbound messages next to each other in a ready list that one start pass
+ * made (failure notices of interrupted jobs) have ids in the order that
+ * start failed the jobs, which the model does not know: one unordered
+ * group each. */
+static void
+group_upass(struct model *w, struct m_queue *Q)
+{
+    for (int i = 0; i + 1 < Q->nrd;) {
+        const struct m_msg *x = &w->m[Q->rd[i]];
+        int j = i + 1;
+
+        while (j < Q->nrd && x->id == 0 && x->upass != 0 &&
+               w->m[Q->rd[j]].id == 0 && w->m[Q->rd[j]].upass == x->upass &&
+               w->m[Q->rd[j]].prio == x->prio) {
+            j++;
+        }
+        if (j - i > 1) {
+            uint32_t g = ++w->grp;
+
+            for (int k = i; k < j; k++) {
+                w->m[Q->rd[k]].grp = g;
+            }
+        }
+        i = j;
+    }
 }
 
 void
@@ -144,7 +172,7 @@ void
 m_restart(struct model *w, bool clean, int64_t launch_ms)
 {
     static int order[M_MAXM], running[M_MAXM];
-    int n = 0, nrun = 0;
+    int n = 0, nrun = 0, first_made;
     uint32_t grp, dlgrp;
 
     if (clean) {
@@ -201,11 +229,18 @@ m_restart(struct model *w, bool clean, int64_t launch_ms)
 
         Q->rd[Q->nrd++] = order[k];
     }
+    for (int q = 0; q < M_NQ; q++) {
+        group_upass(w, &w->q[q]);
+    }
     /* then the start fails what was running (kill -9 only) */
     grp = ++w->grp;
     dlgrp = ++w->grp;
+    first_made = w->nm;
     for (int k = 0; k < nrun; k++) {
         m_interrupted(w, running[k], launch_ms, grp, dlgrp);
+    }
+    for (int i = first_made; i < w->nm; i++) {
+        w->m[i].upass = grp;
     }
     m_rebuild_keys(w);
 }
