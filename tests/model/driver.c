@@ -691,6 +691,14 @@ op_restart(struct hist *h, int kind)
     if (kind == 0 && barrier(h) != 0) {
         return -1;
     }
+    /* What an unconfirmed job end made is pushed when its record is
+     * durable, maybe to a subscription that has it unread when the SIGTERM
+     * comes, and the clean stop then keeps that delivery's attempt: take
+     * those deliveries first (a limbo message's attempt at a clean stop is
+     * otherwise one of two). */
+    if (kind == 2 && sync_pushes(h) != 0) {
+        return -1;
+    }
     if (kind == 2) {
         rc = srv_stop(&h->srv);
         if (rc != 0) {

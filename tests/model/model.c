@@ -975,6 +975,29 @@ unbound_fits(struct model *w, const struct m_msg *m, int q,
     return m->st == ST_READY && m->cur.q == q && fields_match(w, m, &m->cur, o);
 }
 
+/* For whoever reads a failure: why no made message the model has unbound
+ * is observation o. */
+static void
+why_unbound(struct model *w, const struct m_obs *o)
+{
+    for (int i = 0; i < w->nm; i++) {
+        const struct m_msg *m = &w->m[i];
+
+        if (m->id != 0 || m->cause < 0) {
+            continue;
+        }
+        (void)check_fields(w, m, &m->cur, o);
+        fprintf(stderr,
+                "model: unbound m%d (made %d by m%d): state %d in %s%s, "
+                "limbo %d: %s\n",
+                i, m->made, m->cause, m->st, m_qname(m->cur.q),
+                m->unc ? " (uncertain)" : "", m->limbo,
+                w->err[0] ? w->err : "fields match");
+        w->failed = false;
+        w->err[0] = '\0';
+    }
+}
+
 /* A delivery of an id the model does not know: a result, notice or
  * follow-up whose id it learns now. Prefer one the subscription may get
  * next; any other that fits gets the order checked (and fails). */
@@ -1161,6 +1184,7 @@ deliver(struct model *w, int si, const struct m_obs *o)
         mi = bind_unbound(w, si, o);
     }
     if (mi < 0) {
+        why_unbound(w, o);
         return m_fail(w,
                       "delivery of unknown message %" PRIu64
                       " from %s (%u bytes, headers '%s')",
