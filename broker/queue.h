@@ -463,7 +463,8 @@ int qset_interrupted(struct qset *qs, uint64_t id, uint32_t attempt,
  * counted against its holder's credit until the holder answers or the
  * lease ends), *inflight_out = m so the caller can push CancelRequested to
  * m->holder. PQ_OK, or PQ_ENOTFOUND for an unknown id. inflight_out may be
- * NULL. Cancelling an already cancelled in-flight message is PQ_OK again. */
+ * NULL. Cancelling an already cancelled in-flight message is PQ_OK again
+ * with *inflight_out = NULL: it was recorded, told and noticed once. */
 int qset_cancel(struct qset *qs, uint64_t id, struct msg **inflight_out);
 
 /* queue_purge: drop every READY and DELAYED message (no events); returns the

@@ -472,6 +472,9 @@ qset_cancel(struct qset *qs, uint64_t id, struct msg **inflight_out)
         return PQ_OK;
     }
     if (m->state == MSG_INFLIGHT) {
+        if (m->flags & MSG_F_CANCELLED) {
+            return PQ_OK; /* once: one record, one notice, one request */
+        }
         m->flags |= MSG_F_CANCELLED;
         if (inflight_out != NULL) {
             *inflight_out = m;

@@ -430,6 +430,15 @@ START_TEST(test_notice_when_expired_or_cancelled)
     ck_assert_str_eq(hdr(&res, "protoq-reason"), "cancelled");
     ck_assert_str_eq(res.cid, "inflight");
     pq_check_ok(p, protoq_ack_sync(p, res.id, res.attempt));
+    /* cancelling it again is Ok and adds no second notice (it did: found
+     * by the model test, seed 1796158274819) */
+    pq_check_ok(p, protoq_cancel(p, "jobs", id));
+    res.n = 0;
+    for (int i = 0; i < 6; i++) {
+        protoq_poll(p, 50);
+    }
+    ck_assert_int_eq(res.n, 0);
+    ck_assert_uint_eq(ready_count(p, "replies"), 0);
     /* the holder's fenced answer adds no second notice */
     protoq_ack_sync(w, job.id, job.attempt);
     res.n = 0;

@@ -1180,7 +1180,9 @@ START_TEST(test_cancel_removes_ready_and_fences_inflight)
     ck_assert_ptr_eq(m, qset_msg(qs, 1));
     ck_assert_ptr_eq(m->holder, &c);
     ck_assert(msg_is_cancelled(m));
-    ck_assert_uint_eq(c.inflight, 1); /* the worker is still busy */
+    ck_assert_uint_eq(c.inflight, 1);        /* the worker is still busy */
+    ck_assert_pq_ok(qset_cancel(qs, 1, &m)); /* again: nothing more to do */
+    ck_assert_ptr_null(m);
     ck_assert_pq(qset_touch(qs, 1, 1, 0, NULL, now, NULL), PQ_ESTALE);
     ck_assert_pq(qset_ack(qs, 1, 1, &out), PQ_ESTALE); /* fenced */
     ck_assert_ptr_null(out);
