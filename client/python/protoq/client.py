@@ -1085,6 +1085,79 @@ class Client:
             raise first
         return batch.results
 
+    # ---- public: submitting a job and waiting for its end
+
+    def submit(self, queue, payload, wait=True, timeout=None, **opts):
+        """Publish a job; with wait, block until it ends, like `protoq pub
+        --wait`: return its result (the result message's payload, bytes;
+        b"" when the job was acked without one), or raise JobFailed with the
+        failure notice's reason and error text.
+
+        The answer comes back on a private reply queue
+        (protoq.reply.PID.RANDOM), created here and removed at the end,
+        also after a timeout or an exception. timeout: seconds to wait for
+        the end (None: for ever); past it protoq.Timeout is raised, with
+        .job_id: the job goes on, but its result is not kept. A connection
+        lost meanwhile raises ConnectionClosed and leaves the reply queue
+        behind (delete_queue it). With an auth_file the token needs manage
+        and publish on protoq.reply.*. opts: those of publish(), but not
+        reply_to. wait=False: publish() (returns the id)."""
+        if not wait:
+            return self.publish(queue, payload, **opts)
+        if opts.get("reply_to") is not None:
+            raise InvalidArgument("submit: wait=True makes its own reply "
+                                  "queue; reply_to is not allowed")
+        if timeout is not None:
+            _ms("timeout", timeout)  # a number >= 0
+        _check_name(queue)
+        end = None if timeout is None else time.monotonic() + timeout
+        rq = "protoq.reply.%d.%s" % (os.getpid(), os.urandom(6).hex())
+        self.create_queue(rq)
+        done = False
+        try:
+            job_id = self.publish(queue, payload, reply_to=rq, **opts)
+            with self.consume(rq, prefetch=1) as sub:
+                result = self._await_end(sub, job_id, end, timeout)
+            done = True
+            return result
+        finally:
+            self._drop_reply_queue(rq, done)
+
+    def _await_end(self, sub, job_id, end, timeout):
+        """The result or failure notice of job_id from reply queue sub."""
+        while True:
+            left = 1.0 if end is None else min(1.0, end - time.monotonic())
+            if left <= 0:
+                err = errors.Timeout("submit: no result within %ss; job %d "
+                                     "goes on, its result is not kept"
+                                     % (timeout, job_id))
+                err.job_id = job_id
+                raise err
+            d = sub.get(timeout=left)
+            if d is None:
+                continue
+            d.ack()
+            h = d.headers
+            if h.get("protoq-job-id") != str(job_id):
+                continue  # not ours: dropped, as `pub --wait` does
+            if h.get("protoq-status") == "ok":
+                return d.payload
+            raise errors.JobFailed(job_id, h)
+
+    def _drop_reply_queue(self, rq, raise_errors):
+        """Delete submit's reply queue; a failure is raised only when
+        nothing else is (raise_errors), else logged."""
+        if self._dead is not None:
+            log.warning("protoq: submit: reply queue %s left behind: %s",
+                        rq, self._dead)
+            return
+        try:
+            self.delete_queue(rq)
+        except errors.Error as e:
+            if raise_errors:
+                raise
+            log.warning("protoq: submit: reply queue %s left behind: %s", rq, e)
+
     # ---- public: consuming
 
     def consume(self, queue, prefetch=1, tags=None, timeout=None):
