@@ -142,8 +142,8 @@ WORKER_SCRIPT = textwrap.dedent("""
     addr, flag = sys.argv[1], sys.argv[2]
     def fn(job):
         job.progress(30, "epoch 3", checkpoint="file:///ck/3")
-        open(flag, "w").write(str(job.attempt))
-        try:
+        try:  # the flag inside: SIGTERM may come as soon as it exists
+            open(flag, "w").write(str(job.attempt))
             time.sleep(60)
         finally:
             open(flag + ".finally", "w").write("saved")  # training code's cleanup runs
