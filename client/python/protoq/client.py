@@ -557,11 +557,7 @@ class Client:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tls or want_tls:
-                ctx = tls if isinstance(tls, ssl.SSLContext) \
-                    else ssl.create_default_context()
-                sock = ctx.wrap_socket(sock, server_hostname=host)
-                self._tls = sock
-                self._iolock = threading.Lock()
+                sock = self._start_tls(sock, tls, host)
             self._sock = sock
             self.info = self._handshake(token, name, heartbeat, connect_timeout,
                                         session, session_fresh)
@@ -577,6 +573,26 @@ class Client:
         self._reader = threading.Thread(target=self._read_loop,
                                         name="protoq-reader", daemon=True)
         self._reader.start()
+
+    def _start_tls(self, sock, tls, host):
+        """The TLS handshake on connected sock (certificate and hostname
+        checked); returns the SSLSocket. Its failures (a certificate that
+        does not verify, a plain port, a timeout) are ConnectionClosed or
+        Timeout, with the ssl exception as __cause__. On failure the
+        caller closes sock."""
+        ctx = tls if isinstance(tls, ssl.SSLContext) else ssl.create_default_context()
+        try:
+            sock = ctx.wrap_socket(sock, server_hostname=host)
+        except socket.timeout as e:
+            raise errors.Timeout("TLS handshake with %s timed out"
+                                 % self.server) from e
+        except (OSError, ValueError) as e:
+            # ssl.SSLError is an OSError; ValueError: a bad context.
+            raise errors.ConnectionClosed("TLS handshake with %s: %s"
+                                          % (self.server, e)) from e
+        self._tls = sock
+        self._iolock = threading.Lock()
+        return sock
 
     # ---- handshake (blocking socket, before the reader starts)
 
