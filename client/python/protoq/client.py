@@ -544,6 +544,7 @@ class Client:
         self._early_cancels = set()  # tokens cancelled before adopt()
         self._rid = 0
         self._dead = None            # the exception once the connection died
+        self.closed_at = None        # time.monotonic() when it died
         self._last_send = time.monotonic()
         self._sock = None
         self._tls = None
@@ -923,6 +924,7 @@ class Client:
         if self._dead is not None:
             return
         self._dead = exc  # first: _send checks it after registering
+        self.closed_at = time.monotonic()
         pending, self._pending = self._pending, {}
         for fn, arg in pending.values():
             fn(arg, None, exc)
