@@ -40,6 +40,8 @@ _HELLO_LIMIT = 64 * 1024        # largest Welcome we accept
 _READ_LIMIT = 256 * 1024 * 1024  # largest frame we accept from a broker
 _LAZY_FLUSH_BYTES = 64 * 1024   # buffered acks are written past this
 _TICK = 0.05                    # reader wake-up: lazy flush and heartbeats
+_SILENT_BEATS = 3               # heartbeat intervals of broker silence = dead,
+_SILENT_SLACK = 1.0             # plus the broker's housekeeping tick (1 s)
 _LEN = struct.Struct(">I")
 
 Progress = collections.namedtuple("Progress", "percent text checkpoint")
@@ -571,6 +573,7 @@ class Client:
         self.session_resumed = self.info.session_resumed
         self.disconnect_grace = _sec(self.info.disconnect_grace_ms)
         self._hb = self.info.heartbeat_ms / 1000.0
+        self._last_recv = time.monotonic()
         self._reader = threading.Thread(target=self._read_loop,
                                         name="protoq-reader", daemon=True)
         self._reader.start()
@@ -796,6 +799,7 @@ class Client:
                     r, _, _ = select.select([sock], [], [], _TICK)
                     self._tick()
                     if not r:
+                        self._check_silence()
                         continue
                 try:
                     if iolock is None:
@@ -810,6 +814,7 @@ class Client:
                     exc = errors.ConnectionClosed("%s closed the connection"
                                                   % self.server)
                     break
+                self._last_recv = time.monotonic()
                 buf += chunk
                 off = self._parse(buf)
                 if off:
@@ -824,6 +829,21 @@ class Client:
             log.exception("protoq reader failed")
             exc = errors.ProtocolError("reader failed: %r" % e)
         self._die(exc or errors.ConnectionClosed("client closed"))
+
+    def _check_silence(self):
+        """Called when nothing is there to read. A broker silent for
+        _SILENT_BEATS heartbeat intervals (+ _SILENT_SLACK) is gone: it
+        sends a Heartbeat whenever it sent nothing for one, checked once a
+        second. Raise ConnectionClosed, as the
+        broker closes a silent client, so that a connection cut without a
+        FIN or RST (a network failure) is noticed in seconds. (Only when
+        the socket is empty: a reader that was not scheduled for a while
+        finds the broker's frames waiting.)"""
+        silent = time.monotonic() - self._last_recv
+        if self._hb and silent > _SILENT_BEATS * self._hb + _SILENT_SLACK:
+            raise errors.ConnectionClosed(
+                "%s sent nothing for %.1fs (heartbeat interval %gs): "
+                "connection lost" % (self.server, silent, self._hb))
 
     def _tick(self):
         """Flush lazy output and send a heartbeat when one is due; never

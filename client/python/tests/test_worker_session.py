@@ -14,14 +14,17 @@ from test_worker import run_worker
 
 class Proxy:
     """A TCP proxy on 127.0.0.1 to a broker's port, one thread per
-    direction. cut() closes every connection (both ends); while refuse is
-    set, new connections are closed at once."""
+    direction. cut() closes every connection (both ends); freeze() makes
+    every current connection a black hole (what either side sends is
+    dropped, nothing is closed: a network failure); while refuse is set,
+    new connections are closed at once."""
 
     def __init__(self, port):
         self.port = port
         self.refuse = False
         self.accepted = 0
         self._pairs = []
+        self._frozen = set()
         self._lock = threading.Lock()
         self._lsock = socket.create_server(("127.0.0.1", 0))
         self._lsock.settimeout(0.1)
@@ -54,21 +57,28 @@ class Proxy:
             for src, dst in ((a, b), (b, a)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
-    @staticmethod
-    def _pump(src, dst):
+    def _pump(self, src, dst):
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
-                dst.sendall(data)
+                if src not in self._frozen:
+                    dst.sendall(data)
         except OSError:
             pass
+        if src in self._frozen:
+            return  # a black hole forwards no close either
         for s in (src, dst):
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def freeze(self):
+        with self._lock:
+            for pair in self._pairs:
+                self._frozen.update(pair)
 
     def cut(self):
         with self._lock:
@@ -88,14 +98,16 @@ class Proxy:
         self.cut()
 
 
-def grace_broker(ms):
-    return Broker(conf="disconnect_grace_ms %d\n" % ms)
+GRACE = "disconnect_grace_ms 3000\n"
+# Fast heartbeats: a silent connection is given up in 1.6 s.
+SILENT = "heartbeat_ms 200\nheartbeat_timeout_ms 600\ndisconnect_grace_ms 5000\n"
 
 
 @pytest.fixture
-def proxied():
-    """A broker with a 3 s disconnect grace, an admin client, a proxy."""
-    b = grace_broker(3000)
+def proxied(request):
+    """A broker (conf: the test's parameter, else GRACE), an admin client
+    connected directly, a proxy to it."""
+    b = Broker(conf=getattr(request, "param", GRACE))
     p = Proxy(b.port)
     c = protoq.Client(b.addr, timeout=10)
     yield b, c, p
@@ -120,7 +132,11 @@ def finish(t, out):
     return out["n"]
 
 
-def test_job_runs_on_across_a_cut_within_the_grace(proxied):
+@pytest.mark.parametrize("proxied,how", [(GRACE, "cut"), (SILENT, "freeze")],
+                         indirect=["proxied"])
+def test_job_runs_on_across_a_cut_within_the_grace(proxied, how):
+    """how: cut (both ends closed) or freeze (a black hole: the client
+    notices the broker's silence)."""
     b, c, proxy = proxied
     # max_attempts 1: a failed attempt would dead-letter the job.
     c.create_queue("dlq")
@@ -141,7 +157,7 @@ def test_job_runs_on_across_a_cut_within_the_grace(proxied):
     w = protoq.Worker(proxy.addr, "train", fn, max_jobs=1, reconnect=(0.05, 0.2))
     t, out = start(w)
     assert started.wait(10)
-    proxy.cut()
+    getattr(proxy, how)()
     wait_for(lambda: proxy.accepted >= 2, 5, "the worker to reconnect")
     info = wait_for(lambda: (lambda j: j.holder is not None and j)(c.job("train", mid)),
                     5, "the job held again")
@@ -183,38 +199,49 @@ def test_job_whose_end_comes_in_the_gap_is_acked_after_it(proxied):
         c.job("train", mid)
 
 
-def test_past_the_grace_the_job_fails_as_at_any_disconnect():
-    b = grace_broker(800)
-    proxy = Proxy(b.port)
-    c = protoq.Client(b.addr, timeout=10)
-    try:
-        c.create_queue("train", max_attempts=3, no_backoff=True)
-        mid = c.publish("train", b"job")
-        runs = []
-        started = threading.Event()
+@pytest.mark.parametrize("proxied", ["disconnect_grace_ms 800\n"], indirect=True)
+def test_past_the_grace_the_job_fails_as_at_any_disconnect(proxied):
+    b, c, proxy = proxied
+    c.create_queue("train", max_attempts=3, no_backoff=True)
+    mid = c.publish("train", b"job")
+    runs = []
+    started = threading.Event()
 
-        def fn(job):
-            runs.append(job.attempt)
-            started.set()
-            if job.attempt == 1:
-                wait_for(lambda: job.lease_lost, 10, "the job lost")
-            return None
+    def fn(job):
+        runs.append(job.attempt)
+        started.set()
+        if job.attempt == 1:
+            wait_for(lambda: job.lease_lost, 10, "the job lost")
+        return None
 
-        w = protoq.Worker(proxy.addr, "train", fn, max_jobs=2, reconnect=(0.05, 0.2))
-        t, out = start(w)
-        assert started.wait(10)
-        proxy.refuse = True
-        proxy.cut()
-        info = wait_for(lambda: (lambda j: j.failures == 1 and j)(c.job("train", mid)),
-                        10, "the attempt failed by the broker")
-        assert info.attempt == 1
-        # Back now, the worker finds its session not resumed (or gave up).
-        proxy.refuse = False
-        assert finish(t, out) == 2
-        assert runs == [1, 2]
-        st = c.stat_queue("train")
-        assert (st.acked, st.redelivered, st.ready, st.inflight) == (1, 1, 0, 0)
-    finally:
-        c.close()
-        proxy.close()
-        b.close()
+    w = protoq.Worker(proxy.addr, "train", fn, max_jobs=2, reconnect=(0.05, 0.2))
+    t, out = start(w)
+    assert started.wait(10)
+    proxy.refuse = True
+    proxy.cut()
+    info = wait_for(lambda: (lambda j: j.failures == 1 and j)(c.job("train", mid)),
+                    10, "the attempt failed by the broker")
+    assert info.attempt == 1
+    # Back now, the worker finds its session not resumed (or gave up).
+    proxy.refuse = False
+    assert finish(t, out) == 2
+    assert runs == [1, 2]
+    st = c.stat_queue("train")
+    assert (st.acked, st.redelivered, st.ready, st.inflight) == (1, 1, 0, 0)
+
+
+@pytest.mark.parametrize("proxied", [SILENT], indirect=True)
+def test_silent_broker_is_noticed_after_three_heartbeats(proxied):
+    """A cut without FIN or RST: the client hears nothing, not even the
+    broker's heartbeats, and gives the connection up (as the broker does
+    with a silent client); a healthy idle connection stays."""
+    b, idle, proxy = proxied
+    c = protoq.Client(proxy.addr, timeout=10)
+    c.create_queue("q")
+    proxy.freeze()
+    wait_for(lambda: c.closed, 5, "the frozen connection given up")
+    with pytest.raises(protoq.ConnectionClosed) as e:
+        c.publish("q", b"x")
+    assert "sent nothing for" in str(e.value)
+    assert not idle.closed  # as long: 1.6 s, 8 heartbeat intervals
+    idle.publish("q", b"y")
