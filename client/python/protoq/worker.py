@@ -49,7 +49,7 @@ log = logging.getLogger("protoq.worker")
 
 _ERROR_TAIL = 1000  # bytes of traceback kept as the nack's error text
 _TOUCH_TICK = 0.1   # how often the touch thread looks at the connection
-_SETTLE_TRIES = 5   # connections an outcome may need (each one resumed)
+_RESUME_TRIES = 5   # resumed connections one touch or outcome may take
 
 
 def decode_payload(payload, headers, mode):
@@ -134,7 +134,7 @@ class Job:
         """Touch the lease (with progress). On a lost connection, resume
         (the touch thread) reconnects the worker's session and touches
         again; without, the progress waits in _unsent for that."""
-        for _ in range(_SETTLE_TRIES):
+        for _ in range(_RESUME_TRIES):
             if self.lease_lost:
                 return False
             try:
@@ -424,7 +424,7 @@ class Worker:
         producer hears why. A lost connection is resumed (_resume) and the
         outcome sent again; a job lost with it is logged."""
         try:
-            for _ in range(_SETTLE_TRIES):
+            for _ in range(_RESUME_TRIES):
                 try:
                     getattr(d, outcome)(confirm=True, **kw)
                     return
