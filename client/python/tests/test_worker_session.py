@@ -199,6 +199,34 @@ def test_job_whose_end_comes_in_the_gap_is_acked_after_it(proxied):
         c.job("train", mid)
 
 
+def test_cancel_sent_in_the_gap_reaches_the_job(proxied):
+    """A cancel that comes while the worker is disconnected is handed to
+    the resumed session: job.cancelled and on_cancel, and the job's end
+    is fenced (nothing acked, nothing failed)."""
+    b, c, proxy = proxied
+    c.create_queue("train")
+    mid = c.publish("train", b"job")
+    started, cancels = threading.Event(), []
+
+    def fn(job):
+        started.set()
+        wait_for(lambda: job.cancelled, 10, "the cancel")
+        return "not wanted"
+
+    w = protoq.Worker(proxy.addr, "train", fn, max_jobs=1, reconnect=(0.3, 0.3),
+                      on_cancel=lambda job: cancels.append(job.id))
+    t, out = start(w)
+    assert started.wait(10)
+    proxy.refuse = True
+    proxy.cut()
+    c.cancel("train", mid)
+    proxy.refuse = False
+    assert finish(t, out) == 1
+    assert cancels == [mid]
+    st = c.stat_queue("train")
+    assert (st.acked, st.redelivered, st.ready, st.inflight) == (0, 0, 0, 0)
+
+
 @pytest.mark.parametrize("proxied", ["disconnect_grace_ms 800\n"], indirect=True)
 def test_past_the_grace_the_job_fails_as_at_any_disconnect(proxied):
     b, c, proxy = proxied
