@@ -209,7 +209,9 @@ class Worker:
     protoq.Shutdown is raised inside it. on_cancel(job): called when a
     cancel request arrives (job.cancelled is set either way). reconnect:
     first and largest delay between connection attempts. max_jobs: stop
-    after that many jobs (None: run until stop() or SIGTERM).
+    after that many jobs (None: run until stop() or SIGTERM). jobs_done
+    counts the jobs fn ran, also one whose outcome was lost with the
+    connection (past the broker's disconnect grace).
     """
 
     def __init__(self, server, queue, fn, *, token=None, tls=None,

@@ -191,6 +191,8 @@ def test_reconnects_after_the_broker_restarts(client):
         t = threading.Thread(target=run_worker, args=(w, 30))
         t.start()
         wait_for(lambda: got == ["one"], 10, "the first job")
+        with protoq.Client(b.addr) as c:  # fn ran; its ack must land first
+            wait_for(lambda: c.stat_queue("train").acked == 1, 10, "the ack")
         b.stop()
         time.sleep(0.3)
         b.start(port)
