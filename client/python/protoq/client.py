@@ -1137,7 +1137,9 @@ class Client:
         the end (None: for ever); past it protoq.Timeout is raised, with
         .job_id: the job goes on, but its result is not kept. A connection
         lost meanwhile raises ConnectionClosed and leaves the reply queue
-        behind (delete_queue it). With an auth_file the token needs manage
+        behind (delete_queue it). An idempotency key (key=) that matches an
+        earlier job raises InvalidArgument with .job_id at once: that job
+        reports to its own publisher. With an auth_file the token needs manage
         and publish on protoq.reply.*. opts: those of publish(), but not
         reply_to. wait=False: publish() (returns the id)."""
         if not wait:
@@ -1153,7 +1155,16 @@ class Client:
         self.create_queue(rq)
         done = False
         try:
-            job_id = self.publish(queue, payload, reply_to=rq, **opts)
+            job_id, duplicate = self.publish_ex(queue, payload, reply_to=rq, **opts)
+            if duplicate:
+                # That job reports to the reply queue of its own publish:
+                # nothing would ever come here.
+                err = InvalidArgument("submit: idempotency key %r matched job "
+                                      "%d, published earlier: its result goes "
+                                      "to that publisher's reply_to, not here"
+                                      % (opts.get("key"), job_id))
+                err.job_id = job_id
+                raise err
             with self.consume(rq, prefetch=1) as sub:
                 result = self._await_end(sub, job_id, end, timeout)
             done = True

@@ -130,6 +130,12 @@ def test_wait_false_and_bad_arguments(broker, client):
         client.submit("train", b"x", timeout=-1)
     with pytest.raises(protoq.QueueNotFound):
         client.submit("nope", b"x", timeout=5)
+    # A key that matches a job published earlier: that job answers its own
+    # publisher, so waiting here would never end.
+    first = client.submit("train", b"first", key="job-1", wait=False)
+    with pytest.raises(protoq.InvalidArgument) as e:
+        client.submit("train", b"again", key="job-1", timeout=5)
+    assert e.value.job_id == first and "job-1" in str(e.value)
     assert reply_queues(client) == []
 
 
