@@ -12,7 +12,8 @@ See client/python/README.md and the README's Python section.
 """
 
 from .errors import (  # noqa: F401
-    Error, RemoteError, ConnectionClosed, Timeout, ProtocolError, Shutdown,
+    Error, RemoteError, ConnectionClosed, Timeout, ProtocolError, JobFailed,
+    Shutdown,
     Reject, BadRequest, UnsupportedVersion, FrameTooLarge, MalformedFrame,
     UnknownFrame, UnexpectedFrame, QueueNotFound, QueueExists, QueueFull,
     MessageTooLarge, Unauthorized, Forbidden, DiskFull, Overloaded,

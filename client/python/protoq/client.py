@@ -40,6 +40,8 @@ _HELLO_LIMIT = 64 * 1024        # largest Welcome we accept
 _READ_LIMIT = 256 * 1024 * 1024  # largest frame we accept from a broker
 _LAZY_FLUSH_BYTES = 64 * 1024   # buffered acks are written past this
 _TICK = 0.05                    # reader wake-up: lazy flush and heartbeats
+_SILENT_BEATS = 3               # heartbeat intervals of broker silence = dead,
+_SILENT_SLACK = 1.0             # plus the broker's housekeeping tick (1 s)
 _LEN = struct.Struct(">I")
 
 Progress = collections.namedtuple("Progress", "percent text checkpoint")
@@ -544,6 +546,7 @@ class Client:
         self._early_cancels = set()  # tokens cancelled before adopt()
         self._rid = 0
         self._dead = None            # the exception once the connection died
+        self.closed_at = None        # time.monotonic() when it died
         self._last_send = time.monotonic()
         self._sock = None
         self._tls = None
@@ -557,11 +560,7 @@ class Client:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tls or want_tls:
-                ctx = tls if isinstance(tls, ssl.SSLContext) \
-                    else ssl.create_default_context()
-                sock = ctx.wrap_socket(sock, server_hostname=host)
-                self._tls = sock
-                self._iolock = threading.Lock()
+                sock = self._start_tls(sock, tls, host)
             self._sock = sock
             self.info = self._handshake(token, name, heartbeat, connect_timeout,
                                         session, session_fresh)
@@ -574,9 +573,30 @@ class Client:
         self.session_resumed = self.info.session_resumed
         self.disconnect_grace = _sec(self.info.disconnect_grace_ms)
         self._hb = self.info.heartbeat_ms / 1000.0
+        self._last_recv = time.monotonic()
         self._reader = threading.Thread(target=self._read_loop,
                                         name="protoq-reader", daemon=True)
         self._reader.start()
+
+    def _start_tls(self, sock, tls, host):
+        """The TLS handshake on connected sock (certificate and hostname
+        checked); returns the SSLSocket. Its failures (a certificate that
+        does not verify, a plain port, a timeout) are ConnectionClosed or
+        Timeout, with the ssl exception as __cause__. On failure the
+        caller closes sock."""
+        ctx = tls if isinstance(tls, ssl.SSLContext) else ssl.create_default_context()
+        try:
+            sock = ctx.wrap_socket(sock, server_hostname=host)
+        except socket.timeout as e:
+            raise errors.Timeout("TLS handshake with %s timed out"
+                                 % self.server) from e
+        except (OSError, ValueError) as e:
+            # ssl.SSLError is an OSError; ValueError: a bad context.
+            raise errors.ConnectionClosed("TLS handshake with %s: %s"
+                                          % (self.server, e)) from e
+        self._tls = sock
+        self._iolock = threading.Lock()
+        return sock
 
     # ---- handshake (blocking socket, before the reader starts)
 
@@ -779,6 +799,7 @@ class Client:
                     r, _, _ = select.select([sock], [], [], _TICK)
                     self._tick()
                     if not r:
+                        self._check_silence()
                         continue
                 try:
                     if iolock is None:
@@ -793,6 +814,7 @@ class Client:
                     exc = errors.ConnectionClosed("%s closed the connection"
                                                   % self.server)
                     break
+                self._last_recv = time.monotonic()
                 buf += chunk
                 off = self._parse(buf)
                 if off:
@@ -807,6 +829,21 @@ class Client:
             log.exception("protoq reader failed")
             exc = errors.ProtocolError("reader failed: %r" % e)
         self._die(exc or errors.ConnectionClosed("client closed"))
+
+    def _check_silence(self):
+        """Called when nothing is there to read. A broker silent for
+        _SILENT_BEATS heartbeat intervals (+ _SILENT_SLACK) is gone: it
+        sends a Heartbeat whenever it sent nothing for one, checked once a
+        second. Raise ConnectionClosed, as the
+        broker closes a silent client, so that a connection cut without a
+        FIN or RST (a network failure) is noticed in seconds. (Only when
+        the socket is empty: a reader that was not scheduled for a while
+        finds the broker's frames waiting.)"""
+        silent = time.monotonic() - self._last_recv
+        if self._hb and silent > _SILENT_BEATS * self._hb + _SILENT_SLACK:
+            raise errors.ConnectionClosed(
+                "%s sent nothing for %.1fs (heartbeat interval %gs): "
+                "connection lost" % (self.server, silent, self._hb))
 
     def _tick(self):
         """Flush lazy output and send a heartbeat when one is due; never
@@ -907,6 +944,7 @@ class Client:
         if self._dead is not None:
             return
         self._dead = exc  # first: _send checks it after registering
+        self.closed_at = time.monotonic()
         pending, self._pending = self._pending, {}
         for fn, arg in pending.values():
             fn(arg, None, exc)
@@ -1084,6 +1122,90 @@ class Client:
             first.results = batch.results
             raise first
         return batch.results
+
+    # ---- public: submitting a job and waiting for its end
+
+    def submit(self, queue, payload, wait=True, timeout=None, **opts):
+        """Publish a job; with wait, block until it ends, like `protoq pub
+        --wait`: return its result (the result message's payload, bytes;
+        b"" when the job was acked without one), or raise JobFailed with the
+        failure notice's reason and error text.
+
+        The answer comes back on a private reply queue
+        (protoq.reply.PID.RANDOM), created here and removed at the end,
+        also after a timeout or an exception. timeout: seconds to wait for
+        the end (None: for ever); past it protoq.Timeout is raised, with
+        .job_id: the job goes on, but its result is not kept. A connection
+        lost meanwhile raises ConnectionClosed and leaves the reply queue
+        behind (delete_queue it). An idempotency key (key=) that matches an
+        earlier job raises InvalidArgument with .job_id at once: that job
+        reports to its own publisher. With an auth_file the token needs manage
+        and publish on protoq.reply.*. opts: those of publish(), but not
+        reply_to. wait=False: publish() (returns the id)."""
+        if not wait:
+            return self.publish(queue, payload, **opts)
+        if opts.get("reply_to") is not None:
+            raise InvalidArgument("submit: wait=True makes its own reply "
+                                  "queue; reply_to is not allowed")
+        if timeout is not None:
+            _ms("timeout", timeout)  # a number >= 0
+        _check_name(queue)
+        end = None if timeout is None else time.monotonic() + timeout
+        rq = "protoq.reply.%d.%s" % (os.getpid(), os.urandom(6).hex())
+        self.create_queue(rq)
+        done = False
+        try:
+            job_id, duplicate = self.publish_ex(queue, payload, reply_to=rq, **opts)
+            if duplicate:
+                # That job reports to the reply queue of its own publish:
+                # nothing would ever come here.
+                err = InvalidArgument("submit: idempotency key %r matched job "
+                                      "%d, published earlier: its result goes "
+                                      "to that publisher's reply_to, not here"
+                                      % (opts.get("key"), job_id))
+                err.job_id = job_id
+                raise err
+            with self.consume(rq, prefetch=1) as sub:
+                result = self._await_end(sub, job_id, end, timeout)
+            done = True
+            return result
+        finally:
+            self._drop_reply_queue(rq, done)
+
+    def _await_end(self, sub, job_id, end, timeout):
+        """The result or failure notice of job_id from reply queue sub."""
+        while True:
+            left = 1.0 if end is None else min(1.0, end - time.monotonic())
+            if left <= 0:
+                err = errors.Timeout("submit: no result within %ss; job %d "
+                                     "goes on, its result is not kept"
+                                     % (timeout, job_id))
+                err.job_id = job_id
+                raise err
+            d = sub.get(timeout=left)
+            if d is None:
+                continue
+            d.ack()
+            h = d.headers
+            if h.get("protoq-job-id") != str(job_id):
+                continue  # not ours: dropped, as `pub --wait` does
+            if h.get("protoq-status") == "ok":
+                return d.payload
+            raise errors.JobFailed(job_id, h)
+
+    def _drop_reply_queue(self, rq, raise_errors):
+        """Delete submit's reply queue; a failure is raised only when
+        nothing else is (raise_errors), else logged."""
+        if self._dead is not None:
+            log.warning("protoq: submit: reply queue %s left behind: %s",
+                        rq, self._dead)
+            return
+        try:
+            self.delete_queue(rq)
+        except errors.Error as e:
+            if raise_errors:
+                raise
+            log.warning("protoq: submit: reply queue %s left behind: %s", rq, e)
 
     # ---- public: consuming
 

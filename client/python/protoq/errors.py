@@ -107,6 +107,28 @@ class ProtocolError(Error):
     """The broker sent something this client cannot understand."""
 
 
+class JobFailed(Error):
+    """Client.submit(wait=True): the job ended without a result. From its
+    failure notice (PROTOCOL.md, "Results and failure notices"): job_id,
+    queue (where it ended), reason ("max_attempts", "nack", "expired",
+    "cancelled"), error (the last nack's error text, "" when none),
+    attempt (the last attempt made), dead_letter (the dead-letter queue it
+    went to, or None) and headers (all of the notice's)."""
+
+    def __init__(self, job_id, headers):
+        self.job_id = job_id
+        self.headers = headers
+        self.queue = headers.get("protoq-queue", "")
+        self.reason = headers.get("protoq-reason", "") or "unknown"
+        self.error = headers.get("protoq-error", "")
+        self.attempt = int(headers.get("protoq-attempt", "0") or 0)
+        self.dead_letter = headers.get("protoq-dead-letter") or None
+        text = "job %d failed: %s" % (job_id, self.reason)
+        if self.error.strip():
+            text += ": " + self.error.strip()
+        super().__init__(text)
+
+
 class Shutdown(BaseException):
     """Raised inside a Worker's job function when the worker must stop
     (SIGTERM): the job is released, not failed. A BaseException, like

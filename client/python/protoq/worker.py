@@ -21,6 +21,16 @@ max_attempts) with the traceback's tail as the error text; protoq.Reject
 dead-letters it at once. SIGTERM (pre-emption) releases the job without
 counting a failed attempt and stops the worker. A lost connection is
 re-established with exponential backoff.
+
+Sessions: every connection of a Worker names the Worker's random session
+(PROTOCOL.md, "Sessions and the disconnect grace"), like `protoq work`.
+When the connection that holds the running job is lost and the broker has
+a disconnect grace, the job goes on: the touch thread reconnects with the
+session, and when the broker says it resumed it, the job is adopted by
+the new connection (same delivery token: its touches, progress and final
+ack go there, and nothing counts as a failed attempt). Past the grace, or
+without one, the job is lost as at any disconnect (job.lease_lost: the
+broker fails the attempt and hands the job out again).
 """
 
 import json
@@ -33,11 +43,13 @@ import time
 import traceback
 
 from . import errors
-from .client import Client, Progress
+from .client import Client, Progress, new_session_id
 
 log = logging.getLogger("protoq.worker")
 
 _ERROR_TAIL = 1000  # bytes of traceback kept as the nack's error text
+_TOUCH_TICK = 0.1   # how often the touch thread looks at the connection
+_RESUME_TRIES = 5   # resumed connections one touch or outcome may take
 
 
 def decode_payload(payload, headers, mode):
@@ -73,7 +85,8 @@ class Job:
     previous_progress (the Progress an earlier attempt reported, or None),
     checkpoint (the latest checkpoint: an earlier attempt's until this one
     reports its own), cancelled (a cancel request arrived), lease_lost (a
-    touch was refused: another worker may hold the job now), stopping (the
+    touch was refused, or the connection was lost past the broker's
+    disconnect grace: another worker may hold the job now), stopping (the
     worker got SIGTERM and is in its shutdown grace).
     """
 
@@ -91,6 +104,7 @@ class Job:
         self.checkpoint = p.checkpoint if p is not None and p.checkpoint else None
         self.lease_lost = False
         self._lock = threading.Lock()
+        self._unsent = None  # progress reported while disconnected
 
     @property
     def cancelled(self):
@@ -109,33 +123,59 @@ class Job:
         """Report progress (percent 0-100, text, checkpoint URI) now; the
         broker keeps the latest with the job and hands it to the next
         attempt. Also extends the lease. Returns False if the lease was
-        lost (the job may be running elsewhere)."""
+        lost (the job may be running elsewhere). While the connection is
+        down (within the broker's disconnect grace) it does not wait: the
+        touch thread sends the latest progress once the session is back."""
         if checkpoint is not None:
             self.checkpoint = checkpoint
         return self._touch(Progress(percent, text, checkpoint))
 
-    def _touch(self, progress=None):
-        if self.lease_lost:
-            return False
-        try:
-            with self._lock:
-                if progress is None:
-                    self.delivery.touch()
-                else:
-                    self.delivery.touch(progress)
-        except errors.StaleDelivery as e:
-            self.lease_lost = True
-            log.warning("job %d: lease lost: %s", self.id, e)
-            return False
-        except errors.ConnectionClosed as e:
-            self.lease_lost = True
-            log.warning("job %d: connection lost: %s", self.id, e)
-            return False
+    def _touch(self, progress=None, resume=False):
+        """Touch the lease (with progress). On a lost connection, resume
+        (the touch thread) reconnects the worker's session and touches
+        again; without, the progress waits in _unsent for that."""
+        for _ in range(_RESUME_TRIES):
+            if self.lease_lost:
+                return False
+            try:
+                with self._lock:
+                    p = _merge(self._unsent, progress)
+                    if p is None:
+                        self.delivery.touch()
+                    else:
+                        self.delivery.touch(p)
+                    self._unsent = None
+                return True
+            except errors.StaleDelivery as e:
+                self.lease_lost = True
+                log.warning("job %d: lease lost: %s", self.id, e)
+                return False
+            except errors.Timeout as e:
+                log.warning("job %d: touch: %s", self.id, e)
+                return True  # tried again at the next interval
+            except errors.ConnectionClosed as e:
+                with self._lock:
+                    self._unsent = _merge(self._unsent, progress)
+                progress = None
+                if not resume:
+                    return True
+                if not self._worker._resume(self.delivery):
+                    self.lease_lost = True
+                    log.warning("job %d: connection lost: %s", self.id, e)
+                    return False
         return True
 
 
+def _merge(old, new):
+    """Two Progress reports (or None) as one: new's fields win where set."""
+    if old is None or new is None:
+        return new if old is None else old
+    return Progress(*(n if n is not None else o for o, n in zip(old, new)))
+
+
 class _Toucher(threading.Thread):
-    """Touches a job's lease every lease/3 seconds until stopped."""
+    """Touches a job's lease every interval seconds until stopped, and
+    resumes the worker's session as soon as the job's connection is lost."""
 
     def __init__(self, job, interval):
         super().__init__(name="protoq-touch-%d" % job.id, daemon=True)
@@ -144,9 +184,14 @@ class _Toucher(threading.Thread):
         self.done = threading.Event()
 
     def run(self):
-        while not self.done.wait(self.interval):
-            if not self.job._touch():
+        job = self.job
+        next_at = time.monotonic() + self.interval
+        while not self.done.wait(min(self.interval, _TOUCH_TICK)):
+            if time.monotonic() < next_at and not job.delivery._client.closed:
+                continue
+            if not job._touch(resume=True):
                 return
+            next_at = time.monotonic() + self.interval
 
     def stop(self):
         self.done.set()
@@ -164,7 +209,9 @@ class Worker:
     protoq.Shutdown is raised inside it. on_cancel(job): called when a
     cancel request arrives (job.cancelled is set either way). reconnect:
     first and largest delay between connection attempts. max_jobs: stop
-    after that many jobs (None: run until stop() or SIGTERM).
+    after that many jobs (None: run until stop() or SIGTERM). jobs_done
+    counts the jobs fn ran, also one whose outcome was lost with the
+    connection (past the broker's disconnect grace).
     """
 
     def __init__(self, server, queue, fn, *, token=None, tls=None,
@@ -185,6 +232,9 @@ class Worker:
         self._stopping = False
         self._in_job = False
         self._term_timer = None
+        self.session = new_session_id()  # every connection's, resumed
+        self._client = None              # the current connection
+        self._link_lock = threading.Lock()  # replacing _client
 
     def stop(self):
         """Stop after the current job (from any thread)."""
@@ -233,6 +283,10 @@ class Worker:
                 self._term_timer.cancel()
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
+            with self._link_lock:
+                if self._client is not None:
+                    self._client.close()
+                    self._client = None
         return self.jobs_done
 
     def _sleep(self, seconds):
@@ -240,28 +294,86 @@ class Worker:
         while not self._stopping and time.monotonic() < end:
             time.sleep(min(0.1, end - time.monotonic()))
 
-    def _session(self):
-        with Client(self.server, token=self.token, tls=self.tls,
-                    name=self.name) as c:
-            sub = c.consume(self.queue, prefetch=1, tags=self.tags)
-            while not self._stopping:
-                d = sub.get(timeout=0.2)
-                if d is None:
-                    continue
-                self._run_job(sub, d)
-                self.jobs_done += 1
-                if self.max_jobs is not None and self.jobs_done >= self.max_jobs:
-                    self._stopping = True
-            # Clean stop, as PROTOCOL.md says: Flow 0 first (nothing more
-            # comes after its Ok), then release what was pushed meanwhile
-            # (no failed attempt), then unsubscribe.
-            sub.pause()
+    # ---- the connection
+
+    def _connect(self):
+        """A new connection of the worker's session, replacing (closing)
+        the current one. The caller holds _link_lock."""
+        old, self._client = self._client, None
+        if old is not None:
+            old.close()
+        self._client = Client(self.server, token=self.token, tls=self.tls,
+                              name=self.name, session=self.session)
+        return self._client
+
+    def _link(self):
+        """The current connection, made anew if there is none alive."""
+        with self._link_lock:
+            c = self._client
+            if c is None or c.closed:
+                c = self._connect()
+            return c
+
+    def _resume(self, d):
+        """The connection holding delivery d (of the running job) is lost.
+        Reconnect with the session, with backoff, until the broker's
+        disconnect grace is over (counted from when the connection died).
+        True when the broker resumed the session: d is adopted by the new
+        connection. False when the job is lost: no grace, not back within
+        it, or not resumed. Both the touch thread and the main thread may
+        call it: the second finds the connection the first made."""
+        with self._link_lock:
+            dead = d._client
+            end = (dead.closed_at or time.monotonic()) + dead.disconnect_grace
+            delay = self.reconnect[0]
             while True:
-                d = sub.get(timeout=0)
-                if d is None:
-                    break
-                self._settle(d, "release", reason="shutdown")
-            sub.close()
+                c = self._client
+                if c is not None and c is not dead and not c.closed:
+                    if not c.session_resumed:
+                        return False
+                    c.adopt(d)
+                    log.info("job %d: session resumed, the job goes on", d.id)
+                    return True
+                left = end - time.monotonic()
+                if not dead.disconnect_grace or left <= 0:
+                    return False
+                try:
+                    self._connect()
+                except (errors.ConnectionClosed, errors.Timeout) as e:
+                    pause = min(delay * (0.5 + random.random() / 2), left)
+                    log.warning("job %d: reconnecting: %s; again in %.1fs",
+                                d.id, e, pause)
+                    time.sleep(pause)
+                    delay = min(delay * 2, self.reconnect[1])
+
+    # ---- jobs
+
+    def _session(self):
+        """Subscribe on the current connection and run jobs until stopping
+        or until a job's connection was replaced (then the caller comes
+        back at once to subscribe on the new one)."""
+        c = self._link()
+        sub = c.consume(self.queue, prefetch=1, tags=self.tags)
+        while not self._stopping:
+            d = sub.get(timeout=0.2)
+            if d is None:
+                continue
+            self._run_job(sub, d)
+            self.jobs_done += 1
+            if self.max_jobs is not None and self.jobs_done >= self.max_jobs:
+                self._stopping = True
+            if self._client is not c:
+                return
+        # Clean stop, as PROTOCOL.md says: Flow 0 first (nothing more
+        # comes after its Ok), then release what was pushed meanwhile
+        # (no failed attempt), then unsubscribe.
+        sub.pause()
+        while True:
+            d = sub.get(timeout=0)
+            if d is None:
+                break
+            self._settle(d, "release", reason="shutdown")
+        sub.close()
 
     def _run_job(self, sub, d):
         try:
@@ -300,17 +412,32 @@ class Worker:
             toucher.stop()
         if job.cancelled:
             log.info("job %d was cancelled", job.id)
-        if outcome == "release":
-            sub.pause()  # else the broker pushes the job right back to us
+        if outcome == "release" and d._client is sub._client:
+            try:
+                sub.pause()  # else the broker pushes the job right back to us
+            except errors.ConnectionClosed:
+                pass  # (the release below resumes the session)
         self._settle(d, outcome, **kw)
 
     def _settle(self, d, outcome, **kw):
         """Ack, nack or release with a durable confirm; a fenced token (lease
         lost, cancelled) is logged, not raised. A result the broker refuses
         (over its max_result_bytes) fails the job for good, so that its
-        producer hears why."""
+        producer hears why. A lost connection is resumed (_resume) and the
+        outcome sent again; a job lost with it is logged."""
         try:
-            getattr(d, outcome)(confirm=True, **kw)
+            for _ in range(_RESUME_TRIES):
+                try:
+                    getattr(d, outcome)(confirm=True, **kw)
+                    return
+                except errors.ConnectionClosed as e:
+                    if not self._resume(d):
+                        log.warning("job %d: connection lost, %s not sent "
+                                    "(the broker fails the attempt): %s",
+                                    d.id, outcome, e)
+                        return
+            log.warning("job %d: %s not sent: the connection keeps failing",
+                        d.id, outcome)
         except errors.StaleDelivery as e:
             log.info("job %d: %s not applied: %s", d.id, outcome, e)
         except errors.MessageTooLarge as e:

@@ -44,15 +44,16 @@ def pki(tmp_path_factory):
     _ca(d, "ca")
     _ca(d, "rogue")
     _leaf(d, "srv", "localhost", "DNS:localhost,IP:127.0.0.1", "ca")
+    _leaf(d, "other", "other.example", "DNS:other.example", "ca")
     _leaf(d, "client", "worker-7", "", "ca")
     return d
 
 
-def _tls_broker(pki, tmp_path, extra=""):
-    portfile = tmp_path / "tlsport"
+def _tls_broker(pki, tmp_path, extra="", leaf="srv"):
+    portfile = tmp_path / ("tlsport." + leaf)
     b = Broker(conf="tls_listen 127.0.0.1:0\ntls_port_file %s\n"
                     "tls_cert %s\ntls_key %s\n%s"
-               % (portfile, pki / "srv.pem", pki / "srv.key", extra))
+               % (portfile, pki / (leaf + ".pem"), pki / (leaf + ".key"), extra))
     b.tls_port = wait_for(lambda: portfile.exists() and
                           int(portfile.read_text().strip() or 0),
                           5, "the TLS port file")
@@ -94,9 +95,10 @@ def test_client_certificate(pki, tmp_path):
         with protoq.Client(b.tls_addr, tls=ctx, timeout=10) as c:
             _round_trip(c, "m", 50)
         bare = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-        with pytest.raises((protoq.Error, ssl.SSLError, OSError)):
+        with pytest.raises(protoq.ConnectionClosed) as e:
             with protoq.Client(b.tls_addr, tls=bare, timeout=5) as c:
                 c.create_queue("never")
+        assert isinstance(e.value.__cause__, OSError)
     finally:
         b.close()
 
@@ -104,9 +106,23 @@ def test_client_certificate(pki, tmp_path):
 def test_wrong_ca_and_plain_client_refused(pki, tmp_path):
     b = _tls_broker(pki, tmp_path)
     try:
+        # Certificate failures are protoq errors too, the ssl one their cause.
         rogue = ssl.create_default_context(cafile=str(pki / "rogue.pem"))
-        with pytest.raises(ssl.SSLCertVerificationError):
+        with pytest.raises(protoq.ConnectionClosed) as e:
             protoq.Client(b.tls_addr, tls=rogue, timeout=5)
+        assert isinstance(e.value.__cause__, ssl.SSLCertVerificationError)
+        assert "certificate verify failed" in str(e.value)
+        assert b.tls_addr in str(e.value)
+        # A certificate of our CA for another name: the hostname check.
+        other = _tls_broker(pki, tmp_path, leaf="other")
+        try:
+            ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+            with pytest.raises(protoq.ConnectionClosed) as e:
+                protoq.Client(other.tls_addr, tls=ctx, timeout=5)
+            assert isinstance(e.value.__cause__, ssl.SSLCertVerificationError)
+            assert "mismatch" in str(e.value)
+        finally:
+            other.close()
         with pytest.raises(protoq.Error) as e:
             protoq.Client("127.0.0.1:%d" % b.tls_port, timeout=5)
         assert "tls://" in str(e.value)

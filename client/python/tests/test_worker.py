@@ -142,8 +142,8 @@ WORKER_SCRIPT = textwrap.dedent("""
     addr, flag = sys.argv[1], sys.argv[2]
     def fn(job):
         job.progress(30, "epoch 3", checkpoint="file:///ck/3")
-        open(flag, "w").write(str(job.attempt))
-        try:
+        try:  # the flag inside: SIGTERM may come as soon as it exists
+            open(flag, "w").write(str(job.attempt))
             time.sleep(60)
         finally:
             open(flag + ".finally", "w").write("saved")  # training code's cleanup runs
@@ -191,6 +191,8 @@ def test_reconnects_after_the_broker_restarts(client):
         t = threading.Thread(target=run_worker, args=(w, 30))
         t.start()
         wait_for(lambda: got == ["one"], 10, "the first job")
+        with protoq.Client(b.addr) as c:  # fn ran; its ack must land first
+            wait_for(lambda: c.stat_queue("train").acked == 1, 10, "the ack")
         b.stop()
         time.sleep(0.3)
         b.start(port)
