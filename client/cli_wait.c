@@ -120,6 +120,7 @@ pub_wait(struct cli *cli, const char *queue, struct protoq_message *m,
     char rq[PROTOQ_NAME_MAX + 1];
     int64_t end = timeout_ms >= 0 ? mono_ms() + timeout_ms : -1;
     int rc, status = EXIT_ERR;
+    bool dup = false;
 
     memset(&r, 0, sizeof(r));
     memset(&attrs, 0, sizeof(attrs));
@@ -136,7 +137,16 @@ pub_wait(struct cli *cli, const char *queue, struct protoq_message *m,
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGHUP, &sa, NULL);
     m->reply_to = rq;
-    rc = protoq_publish(cli->c, queue, m, &r.job_id);
+    rc = protoq_publish_ex(cli->c, queue, m, &r.job_id, &dup);
+    if (rc == PQ_OK && dup) {
+        /* nothing stored: that job's end goes to its own reply queue */
+        status = fail(cli,
+                      "key %s: job %" PRIu64
+                      " was published with it before; nothing was stored and "
+                      "no result will come here",
+                      m->idempotency_key, r.job_id);
+        goto out;
+    }
     if (rc == PQ_OK) {
         rc = protoq_subscribe(cli->c, rq, 1, NULL, 0, on_reply, &r, NULL);
     }

@@ -881,6 +881,39 @@ START_TEST(test_pub_wait_poison_job_exits_3_with_its_failure)
 }
 END_TEST
 
+/* pub --wait with an idempotency key an earlier job holds: the broker
+ * answers with that job's id (duplicate) and stores nothing, so no result
+ * would ever reach this reply queue. It waited for nothing until its
+ * timeout (forever without one); now it fails at once naming the job. */
+START_TEST(test_pub_wait_duplicate_key_fails_at_once)
+{
+    protoq_client *p = pq_connect_or_fail(&g_srv);
+    const char *const first[] = {protoq_bin(), "-s",    g_srv.addr,
+                                 "pub",        "train", "one",
+                                 "--key",      "k1",    NULL};
+    const char *const again[] = {protoq_bin(), "-s",  g_srv.addr, "pub",
+                                 "train",      "two", "--key",    "k1",
+                                 "--wait",     "20s", NULL};
+    char path[320], out[512];
+    int64_t t0;
+    int st;
+
+    mkq(p, "train", 0);
+    snprintf(path, sizeof(path), "%s/pub.out", g_srv.dir);
+    ck_assert_int_eq(prog_run(first, path, 10000), 0);
+    t0 = now_ms_mono();
+    st = prog_run(again, path, 30000);
+    file_slurp(path, out, sizeof(out));
+    ck_assert_msg(st == 1, "exit %d: %s", st, out);
+    ck_assert_msg(now_ms_mono() - t0 < 10000, "waited %lld ms",
+                  (long long)(now_ms_mono() - t0));
+    ck_assert_msg(strstr(out, "k1") != NULL, "%s", out);
+    ck_assert_uint_eq(ready_count(p, "train"), 1);
+    assert_only_queue(p, "train");
+    protoq_close(p);
+}
+END_TEST
+
 /* ------------------------------------------------------------ main */
 
 static Suite *
@@ -905,6 +938,7 @@ results_suite(void)
     tcase_add_loop_test(tc, test_plain_ack_sends_empty_result, 0, 2);
     tcase_add_test(tc, test_pub_wait_returns_work_stdout);
     tcase_add_test(tc, test_pub_wait_poison_job_exits_3_with_its_failure);
+    tcase_add_test(tc, test_pub_wait_duplicate_key_fails_at_once);
     suite_add_tcase(s, tc);
 
     tcase_add_checked_fixture(te, setup_evicted, teardown);
