@@ -1092,12 +1092,9 @@ op_ack(struct hist *h)
 
         durable |= r >= 0 && !w->q[w->m[r].cur.q].a.transient;
     }
-    if (confirm && durable) {
-        /* deliveries that came before the Ok came before the push */
-        if (process_obs(h) != 0) {
-            return -1;
-        }
-        m_durable(w);
+    /* deliveries that came before the Ok came before the push */
+    if (confirm && durable && sync_observed(h) != 0) {
+        return -1;
     }
     return 0;
 }
@@ -1143,11 +1140,9 @@ op_nack(struct hist *h)
         snprintf(m->cur.err, sizeof(m->cur.err), "%s", err);
     }
     m_fail_attempt(w, mi, now_ms_mono(), dl, delay != 0, delay, ++w->grp, 0);
-    if (confirm && !w->q[q].a.transient) {
-        if (process_obs(h) != 0) { /* came before a notice's push */
-            return -1;
-        }
-        m_durable(w);
+    /* deliveries that came before the Ok came before a notice's push */
+    if (confirm && !w->q[q].a.transient && sync_observed(h) != 0) {
+        return -1;
     }
     return 0;
 }
