@@ -307,6 +307,8 @@ $(B)/tests/model/check_powerloss: $(B)/tests/model/check_powerloss.o \
                                   $(B)/tests/model/powerloss.o $(TESTUTIL_OBJS) \
                                   $(LIBA) | $(PL_PROTOQD)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+# check_crash's power-loss loop runs protoqd-pl too.
+$(B)/tests/crash/check_crash: $(B)/tests/model/powerloss.o | $(PL_PROTOQD)
 $(PL_PROTOQD): $(BROKER_OBJS) $(PROTO_OBJS) $(PL_SEAM_OBJ)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
@@ -335,7 +337,8 @@ pytest: $(BINS) $(PY_STAMP)
 	    $(PYTHON) -m pytest -q -p no:cacheprovider client/python/tests
 
 soak: $(BINS) $(B)/tests/crash/check_crash $(B)/tests/model/check_model
-	PROTOQD=$(CURDIR)/$(B)/protoqd CRASH_CYCLES=$${CRASH_CYCLES:-200} \
+	PROTOQD=$(CURDIR)/$(B)/protoqd PROTOQD_PL=$(CURDIR)/$(PL_PROTOQD) \
+	    CRASH_CYCLES=$${CRASH_CYCLES:-200} PL_CYCLES=$${PL_CYCLES:-100} \
 	    CK_DEFAULT_TIMEOUT=3600 ./$(B)/tests/crash/check_crash
 	PROTOQD=$(CURDIR)/$(B)/protoqd PROTOQD_PL=$(CURDIR)/$(PL_PROTOQD) \
 	    MODEL_HISTORIES=$${MODEL_HISTORIES:-5000} \
