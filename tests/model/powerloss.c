@@ -263,11 +263,12 @@ crash_file(struct plan *p, struct file *f, unsigned *seed, bool all,
     int fd = -1, rc = -1;
 
     if (f->created && f->created_at >= p->dir_durable) {
-        if (unlink(f->path) < 0 && errno != ENOENT) {
+        if (unlink(f->path) == 0) {
+            res->vanished++;
+        } else if (errno != ENOENT) { /* ENOENT: removed already */
             seterr(err, errlen, "unlink %s: %s", f->path, strerror(errno));
             return -1;
         }
-        res->vanished++;
         return 0;
     }
     if (f->removed && (f->removed_at < p->dir_durable || f->removal == NULL)) {
