@@ -4,14 +4,17 @@
  * not: an ack written but not yet fsynced (acks without confirm are synced
  * with the next confirmed write or within fsync_interval_ms) is undone,
  * so its message comes back, while a bare kill -9 keeps it; confirmed
- * publishes survive both. And the production protoqd ignores the seam's
- * variable: it links no seam.
+ * publishes survive both. The production protoqd ignores the seam's
+ * variable: it links no seam. And pl_apply reads a journal as the seam
+ * means it (one written here by hand): synced writes stay, unsynced ones
+ * go, names stand or fall with the directory fsyncs.
  *
  * PROTOQD names the production broker, PROTOQD_PL the test build (else
  * tests/model/protoqd-pl beside PROTOQD). Every wait is bounded.
  */
 #include <check.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -156,6 +159,120 @@ START_TEST(test_power_loss_undoes_an_unsynced_ack_kill9_keeps_it)
 }
 END_TEST
 
+/* One record of a hand-made journal: rec in dir d's file name. */
+static void
+jput(int jfd, const char *d, uint32_t type, const char *name, struct pl_rec r,
+     const char *data)
+{
+    char path[512];
+    size_t plen = 0;
+
+    r.type = type;
+    r.data_len = data ? strlen(data) : 0;
+    if (name != NULL) {
+        plen = (size_t)snprintf(path, sizeof(path), "%s/%s", d, name);
+    }
+    r.path_len = (uint32_t)plen;
+    ck_assert_int_eq(write(jfd, &r, sizeof(r)), (ssize_t)sizeof(r));
+    ck_assert_int_eq(write(jfd, path, plen), (ssize_t)plen);
+    ck_assert_int_eq(write(jfd, data ? data : "", r.data_len),
+                     (ssize_t)r.data_len);
+}
+
+/* put: file name of dir d now holds text (NULL: removed). */
+static void
+put(const char *d, const char *name, const char *text)
+{
+    char path[512];
+    FILE *f;
+
+    snprintf(path, sizeof(path), "%s/%s", d, name);
+    if (text == NULL) {
+        ck_assert_int_eq(unlink(path), 0);
+        return;
+    }
+    f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_int_eq(fputs(text, f), text[0] ? 1 : 0);
+    fclose(f);
+}
+
+/* has: what file name of dir d holds ("-" when it does not exist). */
+static const char *
+has(const char *d, const char *name, char *buf, size_t cap)
+{
+    char path[512];
+    struct stat sb;
+
+    snprintf(path, sizeof(path), "%s/%s", d, name);
+    return stat(path, &sb) == 0 ? file_slurp(path, buf, cap) : "-";
+}
+
+/*
+ * A journal as the seam writes it, with the I/O it describes done by
+ * hand, and pl_apply with every unsynced record undone: a synced write
+ * stays and an unsynced one goes; a name created before a directory fsync
+ * stays, one created after it vanishes; a file removed before a directory
+ * fsync stays removed, one removed after it comes back as it was.
+ */
+START_TEST(test_apply_follows_syncs_and_directory_syncs)
+{
+    char d[] = "/tmp/protoq-pl-apply.XXXXXX", jpath[600], buf[64], err[300];
+    struct pl_result res = {0};
+    int jfd;
+
+    ck_assert_ptr_nonnull(mkdtemp(d));
+    snprintf(jpath, sizeof(jpath), "%s/journal", d);
+    jfd = open(jpath, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ck_assert_int_ge(jfd, 0);
+    put(d, "kept", "AAAA");
+    put(d, "gone", "GGGG");
+    put(d, "gone-durable", "DDDD");
+    /* 0, 1: a write, synced */
+    jput(jfd, d, PL_WRITE, "kept", (struct pl_rec){.len = 4, .old_size = 4},
+         "AAAA");
+    put(d, "kept", "BBBB");
+    jput(jfd, d, PL_SYNC, "kept", (struct pl_rec){.upto = 1}, NULL);
+    /* 2, 3: a name made durable */
+    jput(jfd, d, PL_CREATE, "new-named", (struct pl_rec){0}, NULL);
+    put(d, "new-named", "N");
+    jput(jfd, d, PL_DIRSYNC, NULL, (struct pl_rec){.upto = 3}, NULL);
+    /* 4, 5: a removal made durable */
+    jput(jfd, d, PL_UNLINK, "gone-durable", (struct pl_rec){.old_size = 4},
+         "DDDD");
+    put(d, "gone-durable", NULL);
+    jput(jfd, d, PL_DIRSYNC, NULL, (struct pl_rec){.upto = 5}, NULL);
+    /* 6, 7, 8: an append, a creation and a removal no sync covers */
+    jput(jfd, d, PL_WRITE, "kept",
+         (struct pl_rec){.off = 4, .len = 4, .old_size = 4}, NULL);
+    put(d, "kept", "BBBBCCCC");
+    jput(jfd, d, PL_CREATE, "new-unnamed", (struct pl_rec){0}, NULL);
+    put(d, "new-unnamed", "U");
+    jput(jfd, d, PL_UNLINK, "gone", (struct pl_rec){.old_size = 4}, "GGGG");
+    put(d, "gone", NULL);
+    close(jfd);
+
+    ck_assert_msg(pl_apply(jpath, 1, true, &res, err, sizeof(err)) == 0, "%s",
+                  err);
+    ck_assert_str_eq(has(d, "kept", buf, sizeof(buf)), "BBBB");
+    ck_assert_str_eq(has(d, "new-named", buf, sizeof(buf)), "N");
+    ck_assert_str_eq(has(d, "gone-durable", buf, sizeof(buf)), "-");
+    ck_assert_str_eq(has(d, "new-unnamed", buf, sizeof(buf)), "-");
+    ck_assert_str_eq(has(d, "gone", buf, sizeof(buf)), "GGGG");
+    ck_assert_int_eq(res.records, 9);
+    ck_assert_int_eq(res.unsynced, 1);
+    ck_assert_int_eq(res.undone, 1);
+    ck_assert_int_eq(res.vanished, 1);
+    ck_assert_int_eq(res.revived, 1);
+    for (const char *const *n = (const char *const[]){"kept", "new-named",
+                                                      "gone", "journal", NULL};
+         *n != NULL; n++) {
+        put(d, *n, NULL);
+    }
+    ck_assert_int_eq(rmdir(d), 0);
+}
+END_TEST
+
 /* The production protoqd runs no seam: the journal stays empty. */
 START_TEST(test_production_protoqd_has_no_seam)
 {
@@ -209,6 +326,7 @@ main(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_power_loss_undoes_an_unsynced_ack_kill9_keeps_it);
     tcase_add_test(tc, test_production_protoqd_has_no_seam);
+    tcase_add_test(tc, test_apply_follows_syncs_and_directory_syncs);
     suite_add_tcase(s, tc);
     sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
