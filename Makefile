@@ -151,9 +151,15 @@ INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_a
               $(B)/tests/crash/check_crash $(B)/tests/crash/check_disk_full \
               $(B)/tests/crash/check_segments $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden
-MODEL_TESTS = $(B)/tests/model/check_model
+MODEL_TESTS = $(B)/tests/model/check_model $(B)/tests/model/check_powerloss
 MODEL_OBJS  = $(B)/tests/model/model.o $(B)/tests/model/restart.o \
-              $(B)/tests/model/driver.o $(B)/tests/model/ops.o
+              $(B)/tests/model/driver.o $(B)/tests/model/ops.o \
+              $(B)/tests/model/powerloss.o
+# The model test's protoqd: the broker plus the power-loss seam, which
+# journals what a power loss would undo (tests/model/pl_seam.c); never
+# installed, and the production protoqd does not link it.
+PL_PROTOQD  = $(B)/tests/model/protoqd-pl
+PL_SEAM_OBJ = $(B)/tests/model/pl_seam.o
 TESTS = $(UNIT_TESTS) $(INTEG_TESTS) $(MODEL_TESTS)
 TESTUTIL_OBJS = $(B)/tests/testutil.o
 QFIX_OBJS   = $(B)/tests/unit/queue_fixture.o
@@ -185,7 +191,7 @@ PY_STAMP = $(PY_PKG)/protoq_pb2.py
 
 ALL_OBJS = $(PROTO_OBJS) $(BROKER_OBJS) $(LIB_OBJS) $(CLI_OBJS) $(BENCH_OBJS) \
            $(TESTUTIL_OBJS) $(QFIX_OBJS) $(SFIX_OBJS) $(SRVFIX_OBJS) $(JOBFIX_OBJS) \
-           $(CRASHFIX_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(B)/tests/fuzz/gen_corpus.o \
+           $(CRASHFIX_OBJS) $(TESTS:=.o) $(MODEL_OBJS) $(PL_SEAM_OBJ) $(B)/tests/fuzz/gen_corpus.o \
            $(EXAMPLES:$(B)/examples/%=$(B)/client/examples/%.o)
 
 .PHONY: all run test pytest bench soak install uninstall test-install deb clean fuzz fuzz-build fuzz-corpus \
@@ -295,8 +301,16 @@ $(B)/tests/crash/%: $(B)/tests/crash/%.o $(TESTUTIL_OBJS) $(LIBA)
 $(B)/tests/golden/%: $(B)/tests/golden/%.o $(TESTUTIL_OBJS) $(LIBA)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
 $(B)/tests/model/check_model: $(B)/tests/model/check_model.o $(MODEL_OBJS) \
-                              $(TESTUTIL_OBJS) $(LIBA)
+                              $(TESTUTIL_OBJS) $(LIBA) | $(PL_PROTOQD)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+$(B)/tests/model/check_powerloss: $(B)/tests/model/check_powerloss.o \
+                                  $(B)/tests/model/powerloss.o $(TESTUTIL_OBJS) \
+                                  $(LIBA) | $(PL_PROTOQD)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+# check_crash's power-loss loop runs protoqd-pl too.
+$(B)/tests/crash/check_crash: $(B)/tests/model/powerloss.o | $(PL_PROTOQD)
+$(PL_PROTOQD): $(BROKER_OBJS) $(PROTO_OBJS) $(PL_SEAM_OBJ)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 # Each suite runs on its own; all run even if one fails, and the exit
 # status says whether any failed. Integration tests find the binaries
@@ -307,7 +321,7 @@ TEST_ORDER = $(MODEL_TESTS) $(CRASH_TESTS) $(filter-out $(MODEL_TESTS) $(CRASH_T
 test: $(BINS) $(TESTS) $(PY_STAMP) $(EXAMPLES)
 	@failed=; \
 	PROTOQD=$(CURDIR)/$(B)/protoqd PROTOQ=$(CURDIR)/$(B)/protoq \
-	    PROTOQ_EXAMPLES=$(CURDIR)/$(B)/examples \
+	    PROTOQD_PL=$(CURDIR)/$(PL_PROTOQD) PROTOQ_EXAMPLES=$(CURDIR)/$(B)/examples \
 	    VALGRIND="$(VALGRIND)" tests/tools/run_suites.sh $(B)/tests/logs \
 	    $(TEST_ORDER) || failed="$$(cat $(B)/tests/logs/failed)"; \
 	$(MAKE) --no-print-directory pytest || failed="$$failed pytest"; \
@@ -323,9 +337,11 @@ pytest: $(BINS) $(PY_STAMP)
 	    $(PYTHON) -m pytest -q -p no:cacheprovider client/python/tests
 
 soak: $(BINS) $(B)/tests/crash/check_crash $(B)/tests/model/check_model
-	PROTOQD=$(CURDIR)/$(B)/protoqd CRASH_CYCLES=$${CRASH_CYCLES:-200} \
+	PROTOQD=$(CURDIR)/$(B)/protoqd PROTOQD_PL=$(CURDIR)/$(PL_PROTOQD) \
+	    CRASH_CYCLES=$${CRASH_CYCLES:-200} PL_CYCLES=$${PL_CYCLES:-100} \
 	    CK_DEFAULT_TIMEOUT=3600 ./$(B)/tests/crash/check_crash
-	PROTOQD=$(CURDIR)/$(B)/protoqd MODEL_HISTORIES=$${MODEL_HISTORIES:-5000} \
+	PROTOQD=$(CURDIR)/$(B)/protoqd PROTOQD_PL=$(CURDIR)/$(PL_PROTOQD) \
+	    MODEL_HISTORIES=$${MODEL_HISTORIES:-5000} \
 	    ./$(B)/tests/model/check_model
 
 # The tree is formatted by .clang-format (clang-format 14): `make format`

@@ -6,8 +6,8 @@
  * subscribe, flow, ack, nack, touch with progress, release, cancel,
  * unsubscribe, lease expiry, disconnect, heartbeat loss) and restarts the
  * broker at random points (kill -9 after a durability barrier, kill -9 at
- * any moment, SIGTERM). The reference model (model.c) predicts every
- * delivery (order, attempt, payload, headers with x-death-*, progress),
+ * any moment, SIGTERM, power loss). The reference model (model.c) predicts
+ * every delivery (order, attempt, payload, headers with x-death-*, progress),
  * every publish answer (ids, duplicates, QUEUE_FULL), queue gauges and
  * counters, and what each restart brings back; after a bare kill -9 it
  * tracks the records that may or may not have reached the log and accepts
@@ -29,9 +29,17 @@
  * 64 KiB and the payload budget 4 KiB, so rolls, compaction, segment deletion
  * and payload read-back happen all the time.
  *
- * Power loss is not simulated: the store's I/O seam (broker/store.h) exists
- * only in-process (tests/unit/check_store.c); a real protoqd has no way to
- * drop its unsynced writes.
+ * Power loss: the test runs protoqd-pl, the broker with the power-loss seam
+ * (pl_seam.c), which journals what a power loss must undo; after a kill -9
+ * powerloss.c undoes what no fsync covered (a seeded prefix kept, maybe
+ * one write torn; names no directory fsync covered gone or back) before
+ * the restart. PL_PCT percent of the kill -9s the generator picks (more,
+ * PL_UNSYNCED_PCT, while records are written but not known durable) are
+ * power losses. The model expects what it does of a bare kill -9 (with
+ * fsync always anything confirmed was fsynced), except that records the
+ * broker wrote after a confirm's fsync but the client saw before the
+ * confirm (a sync window: the DELIVER of a result pushed once durable) may
+ * be lost too (m_power_loss).
  *
  * Environment:
  *   MODEL_HISTORIES   histories to run (default 200; `make soak`: 5000)
@@ -39,15 +47,18 @@
  *   MODEL_OPS         operations per history (default 40)
  *   MODEL_VERBOSE     1: print every operation
  *   MODEL_KEEP        set: keep the data dir and log of a failed history
+ *   PROTOQD_PL        the test build protoqd-pl (default: beside PROTOQD)
  *   PROTOQ_MODEL_AVOID  comma list of known-bug paths to stay off (default:
  *                     see DEFAULT_AVOID; "none" = avoid nothing)
  * On a mismatch it prints the seed, shrinks to the shortest failing prefix
  * of operations (every run of a prefix ends with a restart and a full
  * drain) and prints that prefix.
  *
- * Files: model.c (the reference model, no I/O), driver.c (connections,
- * deliveries, settling, observation, restarts), ops.c (the operations),
- * this file (the generator, histories, shrinking, the Check suite).
+ * Files: model.c (the reference model, no I/O), restart.c (what it expects
+ * of restarts), driver.c (connections, deliveries, settling, observation,
+ * restarts), ops.c (the operations), powerloss.c (a power loss from the
+ * seam's journal), this file (the generator, histories, shrinking, the
+ * Check suite). check_powerloss.c tests the power-loss simulation itself.
  */
 #include <check.h>
 #include <errno.h>
@@ -60,6 +71,7 @@
 #include <unistd.h>
 
 #include "driver.h"
+#include "pl_journal.h"
 
 /* A consumer's connection is idle while the test waits on another one (a
  * confirmed publish waits for an fsync, which a loaded disk can stretch):
@@ -67,8 +79,26 @@
 #define HB_MS 400
 #define HB_TIMEOUT_MS 2000
 
+/* Of the kill -9s the generator picks, the share that are power losses
+ * (the records no fsync covered are then undone, in part or torn). */
+#define PL_PCT 30
+/* ... and of the bare kill -9s that come while records are written but
+ * not known durable (the case a power loss differs in) */
+#define PL_UNSYNCED_PCT 50
+
 static char g_conf[256];
 static const char *g_args[4];
+static char g_journal[256];
+
+/* pick_restart: barrier + kill -9, bare kill -9 or SIGTERM alike; of the
+ * kill -9s, PL_PCT percent become power losses. */
+static int
+pick_restart(struct hist *h)
+{
+    int kind = (int)rn(h, 3);
+
+    return kind != 2 && chance(h, PL_PCT) ? 3 : kind;
+}
 
 /* ------------------------------------------------------------- histories */
 
@@ -101,7 +131,7 @@ one_op(struct hist *h)
      * in between. */
     for (int i = 0; i < w->nm; i++) {
         if (w->m[i].np > 1 && chance(h, 35)) {
-            return op_restart(h, 1);
+            return op_restart(h, chance(h, PL_UNSYNCED_PCT) ? 3 : 1);
         }
         if (w->m[i].np > 1) {
             break;
@@ -185,7 +215,7 @@ one_op(struct hist *h)
     } else if (r < 960) {
         return op_churn(h, ci, q);
     }
-    return op_restart(h, (int)rn(h, 3));
+    return op_restart(h, pick_restart(h));
 }
 
 /* The end of every history: a restart and a drain of everything. */
@@ -194,7 +224,7 @@ final_check(struct hist *h)
 {
     /* the restart's timed events too (the backoff of jobs that were
      * running at a kill -9) */
-    if (op_restart(h, h->limit >= 0 ? 0 : (int)rn(h, 3)) != 0 ||
+    if (op_restart(h, h->limit >= 0 ? 0 : pick_restart(h)) != 0 ||
         flush_events(h) != 0 || op_list(h, 0) != 0) {
         return -1;
     }
@@ -231,6 +261,37 @@ write_conf(void)
     g_args[0] = "-c";
     g_args[1] = g_conf;
     g_args[2] = NULL;
+}
+
+/*
+ * pl_setup: run the test build protoqd-pl (pl_binary) with its undo
+ * journal in a temp file, so that any kill -9 can become a power loss.
+ * Without it, power losses are bare kill -9s (said once).
+ */
+static void
+pl_setup(void)
+{
+    const char *pl;
+    int fd;
+
+    if (g_journal[0] != '\0') {
+        return;
+    }
+    pl = pl_binary();
+    if (pl == NULL) {
+        fprintf(stderr,
+                "model: no protoqd-pl (%s): power losses are run as bare kill "
+                "-9s\n",
+                strerror(errno));
+        return;
+    }
+    setenv("PROTOQD", pl, 1);
+    snprintf(g_journal, sizeof(g_journal), "/tmp/protoq-model-pl.XXXXXX");
+    fd = mkstemp(g_journal);
+    ck_assert_msg(fd >= 0, "mkstemp: %s", strerror(errno));
+    close(fd);
+    setenv(PL_JOURNAL_ENV, g_journal, 1);
+    g_pl_journal = g_journal;
 }
 
 /* Run history seed for limit operations (-1: MODEL_OPS). 0 passed, 1
@@ -353,12 +414,15 @@ START_TEST(histories)
     uint64_t base = (uint64_t)time(NULL) * 1000u + (uint64_t)getpid() % 1000u;
     int64_t t0 = now_ms_mono();
     long restarts = 0, nops = 0, launches = 0, unc = 0, unc_multi = 0;
+    long power_losses = 0, pl_alts = 0;
+    struct pl_result pl = {0};
     /* made / delivered and checked: results, notices, follow-ups; atomic
      * groups checked after bare kill -9s (kept, lost) */
     long made[3] = {0}, seen[3] = {0}, kept = 0, lost = 0;
     int64_t launch_ms = 0;
 
     write_conf();
+    pl_setup();
     if (one && *one) {
         base = strtoull(one, NULL, 10);
         n = 1;
@@ -379,9 +443,18 @@ START_TEST(histories)
         if (rc == 1) {
             report(&h, seed, ops);
             unlink(g_conf);
+            unlink(g_journal);
             ck_abort_msg("model: seed %" PRIu64 ": %s", seed, h.w.err);
         }
         restarts += h.restarts;
+        power_losses += h.power_losses;
+        pl.records += h.pl.records;
+        pl.unsynced += h.pl.unsynced;
+        pl.undone += h.pl.undone;
+        pl.torn += h.pl.torn;
+        pl.vanished += h.pl.vanished;
+        pl.revived += h.pl.revived;
+        pl_alts += (long)h.w.pl_alts;
         nops += h.nops;
         launches += h.launches;
         launch_ms += h.launch_ms;
@@ -412,7 +485,16 @@ START_TEST(histories)
             "kill -9s, %ld made with a job's end were checked kept with it, "
             "%ld lost with it\n",
             made[0], made[1], made[2], seen[0], seen[1], seen[2], kept, lost);
+    fprintf(stderr,
+            "model: %ld power losses%s: %ld journal records, %ld writes and "
+            "size changes no fsync covered, %ld of them undone (%ld torn), "
+            "%ld files vanished, %ld came back; %ld messages had a state "
+            "older than the model's durable one\n",
+            power_losses, g_pl_journal ? "" : " (run as bare kill -9s)",
+            pl.records, pl.unsynced, pl.undone, pl.torn, pl.vanished,
+            pl.revived, pl_alts);
     unlink(g_conf);
+    unlink(g_journal);
     if (n >= 50) {
         /* every path of the results, notices and follow-ups is reached
          * (a kill -9 loses a written record only while an fsync runs:

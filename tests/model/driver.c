@@ -11,8 +11,10 @@
 #include <unistd.h>
 
 #include "driver.h"
+#include "powerloss.h"
 
 struct hist *g_h;
+const char *g_pl_journal;
 static struct m_obs g_obs[MAX_OBS];
 static int g_nobs;
 static bool g_obs_overflow;
@@ -421,10 +423,9 @@ sync_pushes(struct hist *h)
     if (!h->w.unpushed) {
         return 0;
     }
-    if (publish_sync(h) != 0 || process_obs(h) != 0) {
+    if (publish_sync(h) != 0 || sync_observed(h) != 0) {
         return -1;
     }
-    m_durable(&h->w);
     /* and a subscription on their queue has them before anything else */
     return settle(h);
 }
@@ -436,16 +437,38 @@ sync_pushes(struct hist *h)
  * delivery the broker chose then, before the push, may come after the
  * confirm (a payload read back from disk is sent once read): take every
  * delivery the model owes without the made messages first (one of those,
- * delivered instead, is linked by its delivery).
+ * delivered instead, is linked by its delivery). Their DELIVER records may
+ * follow the confirm's fsync: a sync window, as in sync_observed.
  */
 int
 push_after_ok(struct hist *h)
 {
-    if (settle(h) != 0) {
-        return -1;
+    int rc;
+
+    m_sync_window(&h->w, true);
+    rc = settle(h);
+    if (rc == 0) {
+        m_durable(&h->w);
     }
-    m_durable(&h->w);
-    return 0;
+    m_sync_window(&h->w, false);
+    return rc;
+}
+
+/* After a confirm: the deliveries that came before it, then everything
+ * written before it is durable. The broker may have written their records
+ * after the fsync (a result pushed once durable): a sync window. */
+int
+sync_observed(struct hist *h)
+{
+    int rc;
+
+    m_sync_window(&h->w, true);
+    rc = process_obs(h);
+    if (rc == 0) {
+        m_durable(&h->w);
+    }
+    m_sync_window(&h->w, false);
+    return rc;
 }
 
 /* A confirmed publish to the harness's queue on connection 0: every record
@@ -668,7 +691,46 @@ resolve_uncertain(struct hist *h)
     return 0;
 }
 
-/* kind: 0 kill -9 after a barrier, 1 bare kill -9, 2 SIGTERM. */
+/* power_loss: after the kill -9, leave the data dir as a power loss
+ * would have (what no fsync covered undone, in part or torn), seeded by
+ * the history's seed and the restart's number. */
+static int
+power_loss(struct hist *h)
+{
+    unsigned seed = (unsigned)(h->seed * 2654435761u) + (unsigned)h->restarts;
+    struct pl_result r = {0};
+    char err[300];
+
+    h->power_losses++;
+    if (getenv("MODEL_KEEP") != NULL) {
+        /* debugging: the journal of each power loss */
+        char cmd[800];
+
+        snprintf(cmd, sizeof(cmd), "cp %s %s/pl.journal.restart%d",
+                 g_pl_journal, h->srv.dir, h->restarts);
+        if (system(cmd) != 0) {
+            return m_fail(&h->w, "%s failed", cmd);
+        }
+    }
+    if (pl_apply(g_pl_journal, seed, false, &r, err, sizeof(err)) != 0) {
+        return m_fail(&h->w, "power loss: %s", err);
+    }
+    oplog(h,
+          "  (power loss: of %ld journal records, %ld unsynced: %ld undone, "
+          "%ld torn; %ld files vanished, %ld came back)",
+          r.records, r.unsynced, r.undone, r.torn, r.vanished, r.revived);
+    h->pl.records += r.records;
+    h->pl.unsynced += r.unsynced;
+    h->pl.undone += r.undone;
+    h->pl.torn += r.torn;
+    h->pl.vanished += r.vanished;
+    h->pl.revived += r.revived;
+    return 0;
+}
+
+/* kind: 0 kill -9 after a barrier, 1 bare kill -9, 2 SIGTERM, 3 power
+ * loss (a bare kill -9 whose unsynced writes are then undone; a bare kill
+ * -9 when the test build protoqd-pl is missing). */
 int
 op_restart(struct hist *h, int kind)
 {
@@ -676,6 +738,9 @@ op_restart(struct hist *h, int kind)
     int64_t launch_ms;
     int rc;
 
+    if (kind == 3 && g_pl_journal == NULL) {
+        kind = 1;
+    }
     if (kind == 2 && (h->avoid & AV_KEYED_REQUEUE)) {
         for (int ci = 0; ci < M_NC; ci++) {
             if (conn_holds_keyed(h, ci)) {
@@ -686,7 +751,8 @@ op_restart(struct hist *h, int kind)
     oplog(h, "restart: %s",
           kind == 0   ? "barrier + kill -9"
           : kind == 1 ? "kill -9"
-                      : "SIGTERM");
+          : kind == 2 ? "SIGTERM"
+                      : "power loss");
     h->restarts++;
     if (kind == 0 && barrier(h) != 0) {
         return -1;
@@ -708,6 +774,9 @@ op_restart(struct hist *h, int kind)
         srv_kill9(&h->srv);
     }
     drop_all_conns(h);
+    if (kind == 3 && power_loss(h) != 0) {
+        return -1;
+    }
     if (getenv("MODEL_KEEP") != NULL) {
         /* debugging: the data dir as each restart found it */
         char cmd[800];
@@ -724,7 +793,13 @@ op_restart(struct hist *h, int kind)
     /* the start's backoff of interrupted jobs ended no later than this
      * plus the backoff: the model's window ends there */
     launch_ms = now_ms_mono();
-    if (kind == 1) {
+    if (kind == 3) {
+        m_power_loss(w);
+    }
+    if (kind == 1 || kind == 3) {
+        /* With fsync always, whatever was confirmed was fsynced: a power
+         * loss promises what a bare kill -9 does, except for what a sync
+         * window took as durable (m_power_loss). */
         m_restart_uncertain(w);
         if (resolve_uncertain(h) != 0) {
             return -1;

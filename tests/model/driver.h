@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "model.h"
+#include "powerloss.h"
 #include "testutil.h"
 
 /*
@@ -59,7 +60,9 @@ struct hist {
     int nops, limit;
     unsigned avoid;
     int restarts;
-    int64_t launch_ms; /* time spent in srv_launch */
+    int power_losses;
+    struct pl_result pl; /* what the power losses did */
+    int64_t launch_ms;   /* time spent in srv_launch */
     int launches;
     uint32_t pubgen;
     char log[MAX_OPS][200];
@@ -68,6 +71,8 @@ struct hist {
 };
 
 extern struct hist *g_h; /* the history running (for callbacks) */
+/* The undo journal protoqd-pl writes (NULL: power loss not simulated). */
+extern const char *g_pl_journal;
 
 /* driver.c */
 uint64_t rnd(struct hist *h);
@@ -90,6 +95,7 @@ void drop_all_conns(struct hist *h);
 int sync_pushes(struct hist *h);
 int push_after_ok(struct hist *h);
 int publish_sync(struct hist *h);
+int sync_observed(struct hist *h);
 int ack_held(struct hist *h, int si, bool resolving);
 int op_restart(struct hist *h, int kind);
 void on_deliver(void *arg, protoq_client *c, const struct protoq_delivery *d);

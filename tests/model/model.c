@@ -196,7 +196,12 @@ m_new_msg(struct model *w)
 void
 m_record(struct model *w, struct m_msg *m)
 {
-    (void)w;
+    if (w->pl_window && m->np > 0 &&
+        (!m->pl_alt_ok || m->pl_alt_gen != w->pl_gen)) {
+        m->pl_alt = m->pend[m->np - 1];
+        m->pl_alt_ok = true;
+        m->pl_alt_gen = w->pl_gen;
+    }
     m->cur.running = m->st == ST_INFLIGHT && !m->cancelled && m->cur.exists;
     if (m->np == 0) {
         m->pend[0] = m->cur;
@@ -277,6 +282,8 @@ m_durable(struct model *w)
             m->pend[0] = m->pend[m->np - 1];
             m->np = 1;
         }
+        /* a window's records are covered by the next fsync, not its own */
+        m->pl_alt_ok &= w->pl_window && m->pl_alt_gen == w->pl_gen;
     }
     w->unpushed = false; /* durable means pushed (dispatch_result.c) */
 }

@@ -133,7 +133,15 @@ struct m_msg {
     int ev;         /* TIMED: pending event index, -1 none */
     uint8_t np;     /* pend[0] durable, pend[1..np) written since */
     struct m_proj pend[M_MAXP];
-    bool unc;  /* after a kill -9: state is one of pend[] */
+    bool unc; /* after a kill -9: state is one of pend[] */
+    /* Power loss only: the state before the first record the model saw in
+     * a sync window (m_sync_window), which its m_durable took as durable
+     * although the broker may have written it after the fsync (a DELIVER
+     * of a result pushed once the ack was durable): a kill -9 keeps such
+     * a record, a power loss may not (m_power_loss). */
+    bool pl_alt_ok;
+    uint32_t pl_alt_gen;
+    struct m_proj pl_alt;
     bool seen; /* uncertain and observed */
     int8_t rk; /* seen: the pend[] state it matched */
 };
@@ -226,6 +234,10 @@ struct model {
     /* Results or notices the broker may not have pushed yet (it pushes
      * them once their record is durable): the test syncs before it looks. */
     bool unpushed;
+    /* A sync window is open (m_sync_window): records go on pl_alt. */
+    bool pl_window;
+    uint32_t pl_gen;
+    uint64_t pl_alts; /* pl_alt states added at power losses */
 
     char err[1024]; /* first mismatch */
     bool failed;
@@ -323,6 +335,14 @@ void m_restart(struct model *w, bool clean, int64_t launch_ms);
 /* After a kill -9 without a barrier: every message may be in any state of
  * its pend[]; marked unc until a drain resolves it. */
 void m_restart_uncertain(struct model *w);
+/* Before m_restart_uncertain at a power loss: a message may also be in
+ * its pl_alt state (its records of the last sync window lost). */
+void m_power_loss(struct model *w);
+/* Open (true) or close a sync window: the deliveries and events the test
+ * processes between a confirmed request and its m_durable came before the
+ * confirm, but the broker may have written their records after the fsync
+ * that confirmed it (a kill -9 keeps them; a power loss may not). */
+void m_sync_window(struct model *w, bool open);
 void m_rebuild_keys(struct model *w);
 /* Remember key (message mi, -1 = unknown) in Q's dedup table. */
 void m_add_key(struct m_queue *Q, const char *key, int mi);

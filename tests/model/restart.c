@@ -163,6 +163,9 @@ restart_queues(struct model *w)
     for (int i = 0; i < M_NS; i++) {
         w->s[i].used = false;
     }
+    for (int i = 0; i < w->nm; i++) {
+        w->m[i].pl_alt_ok = false;
+    }
     for (int i = 0; i < M_MAXEV; i++) {
         w->ev[i].used = false;
     }
@@ -328,6 +331,38 @@ proj_pushed(struct model *w, int mi)
     p->running = true;
     m->np++;
     return true;
+}
+
+void
+m_sync_window(struct model *w, bool open)
+{
+    w->pl_window = open;
+    w->pl_gen += open;
+}
+
+/* The log a power loss leaves is a prefix of what was written: with the
+ * records of a sync window gone, so is everything after them, and the
+ * message is in its pl_alt state, older than pend[0]. What its job's end
+ * made refers to pend[] by index (cause_k): shifted with it. */
+void
+m_power_loss(struct model *w)
+{
+    for (int i = 0; i < w->nm; i++) {
+        struct m_msg *m = &w->m[i];
+
+        if (!m->pl_alt_ok || m->np >= M_MAXP) {
+            continue;
+        }
+        memmove(&m->pend[1], &m->pend[0], (size_t)m->np * sizeof(m->pend[0]));
+        m->pend[0] = m->pl_alt;
+        m->np++;
+        w->pl_alts++;
+        for (int k = 0; k < w->nm; k++) {
+            if (w->m[k].cause == i) {
+                w->m[k].cause_k++;
+            }
+        }
+    }
 }
 
 void
