@@ -757,11 +757,27 @@ strict_queue(void)
     return adm;
 }
 
+/* The job ran once and was acked by the resumed session: never
+ * redelivered, never failed. */
+static void
+check_done_once(protoq_client *adm)
+{
+    char path[320], runs[256];
+
+    for (int i = 0; i < 100 && qstat(adm, "jobs").acked == 0; i++) {
+        sleep_ms(50);
+    }
+    ck_assert_uint_eq(qstat(adm, "jobs").acked, 1);
+    ck_assert_uint_eq(qstat(adm, "jobs").redelivered, 0);
+    ck_assert_uint_eq(qstat(adm, "dlq").ready, 0);
+    snprintf(path, sizeof(path), "%s/runs", g_srv.dir);
+    ck_assert_str_eq(file_slurp(path, runs, sizeof(runs)), "run 1\ndone\n");
+}
+
 START_TEST(test_work_keeps_job_across_cut)
 {
     protoq_client *adm = strict_queue();
     struct proxy px;
-    char path[320], runs[256];
     pid_t w;
 
     proxy_start(&px, 0, g_srv.port);
@@ -772,14 +788,32 @@ START_TEST(test_work_keeps_job_across_cut)
     proxy_start(&px, px.port, g_srv.port);
     ck_assert(file_has("runs", "done", 6000));
     ck_assert(file_has("work.err", "resumed", 3000));
-    /* Acked by the resumed session: not redelivered, never failed. */
-    for (int i = 0; i < 100 && qstat(adm, "jobs").acked == 0; i++) {
-        sleep_ms(50);
-    }
-    ck_assert_uint_eq(qstat(adm, "jobs").acked, 1);
-    ck_assert_uint_eq(qstat(adm, "dlq").ready, 0);
-    snprintf(path, sizeof(path), "%s/runs", g_srv.dir);
-    ck_assert_str_eq(file_slurp(path, runs, sizeof(runs)), "run 1\ndone\n");
+    check_done_once(adm);
+    work_stop(w);
+    proxy_kill(&px);
+    protoq_close(adm);
+}
+END_TEST
+
+/* A cut that closes nothing (a partition, a NAT that forgot the flow):
+ * work hears of it only by the broker's silence (3 heartbeats + 1 s: 4 s
+ * here), within the grace (the broker itself waits heartbeat_timeout_ms,
+ * 5 s, then the grace, 1.5 s), and resumes its session on a new
+ * connection: the job runs once and its ack is taken. */
+START_TEST(test_work_resumes_after_silent_cut)
+{
+    protoq_client *adm = strict_queue();
+    struct proxy px;
+    pid_t w;
+
+    proxy_start(&px, 0, g_srv.port);
+    w = work_start(px.port, "5");
+    ck_assert(file_has("runs", "run 1", 5000));
+    proxy_freeze(&px); /* new connections still go through */
+    ck_assert(file_has("work.err", "no frame from the broker", 6000));
+    ck_assert(file_has("work.err", "resumed", 3000));
+    ck_assert(file_has("runs", "done", 6000));
+    check_done_once(adm);
     work_stop(w);
     proxy_kill(&px);
     protoq_close(adm);
@@ -838,6 +872,7 @@ main(void)
     tcase_set_timeout(tw, 40);
     tcase_add_test(tw, test_work_keeps_job_across_cut);
     tcase_add_test(tw, test_work_stops_job_past_grace);
+    tcase_add_test(tw, test_work_resumes_after_silent_cut);
     suite_add_tcase(s, tw);
     sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
