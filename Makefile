@@ -147,7 +147,7 @@ INTEG_TESTS = $(B)/tests/integration/check_server $(B)/tests/integration/check_a
               $(B)/tests/integration/check_results $(B)/tests/integration/check_auth \
               $(B)/tests/integration/check_tls $(B)/tests/integration/check_reconnect \
               $(B)/tests/integration/check_examples $(B)/tests/integration/check_walkthrough \
-              $(B)/tests/integration/check_grace \
+              $(B)/tests/integration/check_grace $(B)/tests/integration/check_silence \
               $(B)/tests/crash/check_crash $(B)/tests/crash/check_disk_full \
               $(B)/tests/crash/check_segments $(B)/tests/crash/check_datadir \
               $(B)/tests/golden/check_golden

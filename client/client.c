@@ -442,6 +442,7 @@ in_read_tls(protoq_client *c)
             break;
         }
         c->in_end += (size_t)n;
+        c->last_recv_ms = now_ms();
         total += n;
     } while (c->in_end < c->in_cap && client_tls_pending(c));
     return total;
@@ -465,6 +466,7 @@ in_read(protoq_client *c)
         n = recv(c->fd, c->in + c->in_end, c->in_cap - c->in_end, 0);
         if (n > 0) {
             c->in_end += (size_t)n;
+            c->last_recv_ms = now_ms();
             return n;
         }
         if (n == 0) {
@@ -1006,16 +1008,27 @@ maybe_heartbeat(protoq_client *c)
     return out_write(c);
 }
 
-/* How long poll() may sleep before a heartbeat is due (-1: no limit). */
+/*
+ * How long poll() may sleep (-1: no limit): up to timeout, but no later
+ * than our next heartbeat is due, nor than the moment the broker's silence
+ * reaches c->silent_max_ms (so that check_silence() runs in time even in a
+ * call that waits forever).
+ */
 static int
 heartbeat_wait_ms(protoq_client *c, int timeout)
 {
-    int64_t due;
+    int64_t due = INT64_MAX;
 
-    if (c->info.heartbeat_ms == 0) {
+    if (c->info.heartbeat_ms != 0) {
+        due = c->last_send_ms + c->info.heartbeat_ms - now_ms();
+    }
+    if (c->silent_max_ms != 0 &&
+        c->last_recv_ms + c->silent_max_ms - now_ms() < due) {
+        due = c->last_recv_ms + c->silent_max_ms - now_ms();
+    }
+    if (due == INT64_MAX) {
         return timeout;
     }
-    due = c->last_send_ms + c->info.heartbeat_ms - now_ms();
     if (due < 0) {
         due = 0;
     }
@@ -1023,6 +1036,43 @@ heartbeat_wait_ms(protoq_client *c, int timeout)
         return (int)due;
     }
     return timeout;
+}
+
+/*
+ * check_silence: fail the connection with PQ_ETIMEDOUT when the broker sent
+ * nothing for c->silent_max_ms (its heartbeats stopped too): a cut without
+ * FIN or RST (partition, NAT or firewall state dropped, frozen peer) is
+ * noticed in seconds, not when TCP gives up, and a reconnecting handle
+ * reconnects as after any loss. PQ_OK otherwise. Called only after poll()
+ * found nothing to read, so bytes waiting in the socket or in the SSL are
+ * never taken for silence, however long the caller stayed away from the
+ * handle; nor is a whole frame waiting undispatched (a pump without
+ * dispatch).
+ */
+static int
+check_silence(protoq_client *c)
+{
+    size_t avail = c->in_end - c->in_start;
+    int64_t silent;
+
+    if (c->silent_max_ms == 0) {
+        return PQ_OK;
+    }
+    if (avail > FRAME_HEADER_LEN) {
+        ssize_t n = frame_check_header(c->in + c->in_start, avail, c->in_limit);
+
+        if (n > 0 && avail >= FRAME_HEADER_LEN + (size_t)n) {
+            return PQ_OK;
+        }
+    }
+    silent = now_ms() - c->last_recv_ms;
+    if (silent < c->silent_max_ms) {
+        return PQ_OK;
+    }
+    return client_conn_fail(
+        c, PQ_ETIMEDOUT,
+        "no frame from the broker for %lld ms (heartbeat %u ms)",
+        (long long)silent, c->info.heartbeat_ms);
 }
 
 /*
@@ -1103,6 +1153,11 @@ client_pump(protoq_client *c, int timeout_ms, bool dispatch)
 
         if (n < 0) {
             return (int)n;
+        }
+    } else {
+        rc = check_silence(c);
+        if (rc != PQ_OK) {
+            return rc;
         }
     }
     return dispatch ? dispatch_input(c) : 0;

@@ -235,6 +235,10 @@ handshake(protoq_client *c, const struct protoq_opts *o)
     c->info.max_batch = w->max_batch;
     c->info.session_resumed = w->session_resumed;
     c->info.disconnect_grace_ms = w->disconnect_grace_ms;
+    c->silent_max_ms =
+        w->heartbeat_ms == 0
+            ? 0
+            : (int64_t)w->heartbeat_ms * SILENT_BEATS + SILENT_SLACK_MS;
     frame_free(r);
     if (c->info.protocol_version != PROTOQ_PROTOCOL_VERSION) {
         return client_conn_fail(
@@ -284,7 +288,8 @@ client_conn_open(protoq_client *c, const char *hostport,
     c->out_start = c->out_len = 0;
     c->in_limit = PRE_WELCOME_MAX;
     c->info.max_frame_bytes = PRE_WELCOME_MAX;
-    c->last_send_ms = (int64_t)clock_mono_ms();
+    c->last_send_ms = c->last_recv_ms = (int64_t)clock_mono_ms();
+    c->silent_max_ms = 0; /* the handshake has its own bound */
     if (hostport != NULL && strncmp(hostport, TLS_SCHEME, 6) == 0) {
         hostport += 6;
         tls = true;

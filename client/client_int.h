@@ -47,6 +47,12 @@ enum {
     KV_STACK = 16,                /* key/values converted without malloc */
     DEFAULT_CONNECT_MS = 5000,
     DEFAULT_IO_MS = 30000,
+    /* A broker that sent nothing for SILENT_BEATS heartbeat intervals +
+     * SILENT_SLACK_MS is gone (the broker sends a Heartbeat whenever it
+     * sent nothing for an interval, checked each second: hence the
+     * slack). The Python client uses the same rule. */
+    SILENT_BEATS = 3,
+    SILENT_SLACK_MS = 1000,
 };
 
 enum pend_kind {
@@ -153,8 +159,11 @@ struct protoq_client {
     protoq_conn_fn conn_cb;
     void *conn_arg;
 
-    int64_t last_send_ms; /* monotonic; for heartbeats */
-    int last_code;        /* wire code of the last remote error */
+    int64_t last_send_ms;  /* monotonic; for heartbeats */
+    int64_t last_recv_ms;  /* monotonic: the last byte from the broker */
+    int64_t silent_max_ms; /* broker silence that fails the connection
+                              (3 heartbeats + 1 s); 0 = not watched */
+    int last_code;         /* wire code of the last remote error */
     char errmsg[512];
 };
 

@@ -37,12 +37,20 @@
  * subscriptions and stays silent for ~3 intervals, so a consumer must call
  * into the handle (protoq_poll is enough) at least that often; run long
  * jobs outside the delivery callback and protoq_touch their leases.
+ * The other way round, a connection on which the broker sent nothing for
+ * 3 intervals + 1 s fails with PQ_ETIMEDOUT ("no frame from the broker for
+ * N ms (heartbeat M ms)"), in protoq_poll as in a blocking call (poll()
+ * wakes up in time): a cut without FIN or RST is noticed in seconds, and
+ * a reconnecting handle reconnects. Only a wait that finds nothing to
+ * read can fail it: bytes that arrived while the program was away from
+ * the handle count as received.
  *
- * After a connection failure (PQ_ECLOSED, PQ_EPROTO, PQ_ETIMEDOUT on a
- * read) the handle is dead: every later call returns the same code, and
- * every outstanding async publish got its callback with the error. Close it
- * and connect again, or connect with protoq_opts.reconnect (see
- * "Reconnect" below) to have the handle do that itself.
+ * After a connection failure (PQ_ECLOSED, PQ_EPROTO, PQ_ETIMEDOUT for a
+ * silent broker or a write that timed out) the handle is dead: every later
+ * call returns the same code, and every outstanding async publish got its
+ * callback with the error. Close it and connect again, or connect with
+ * protoq_opts.reconnect (see "Reconnect" below) to have the handle do
+ * that itself.
  *
  * Reconnect (opt-in, protoq_opts.reconnect): when the connection is lost
  * after protoq_connect succeeded, the handle connects again (TCP, TLS,
@@ -53,16 +61,15 @@
  * subscription ids the caller holds stay valid (the library maps them to
  * the new connection's). What is lost, and how the caller hears of it:
  *  - The call in progress when the loss is seen fails (PQ_ECLOSED, or
- *    PQ_ETIMEDOUT when a heartbeat or write timed out); every request sent
- *    or buffered on the old connection is failed likewise, never sent
- *    again by the library: async publishes get their confirm callback with
- *    that error, blocking ones return it. Such a publish may or may not
- *    have been stored; publishing it again is the caller's choice (at
- *    least once: give it an idempotency_key to make the retry harmless;
- *    retry after the call that reported the loss returns: a publish made
- *    from inside that confirm callback fails with PQ_ECLOSED too).
- *    Buffered acks, nacks and releases are dropped (the broker redelivers
- *    those jobs).
+ *    PQ_ETIMEDOUT when the broker went silent or a write timed out);
+ *    every request sent or buffered on the old connection is failed
+ *    likewise, never sent again by the library: async publishes get their
+ *    confirm callback with that error, blocking ones return it. Such a publish
+ * may or may not have been stored; publishing it again is the caller's choice
+ * (at least once: give it an idempotency_key to make the retry harmless; retry
+ * after the call that reported the loss returns: a publish made from inside
+ * that confirm callback fails with PQ_ECLOSED too). Buffered acks, nacks and
+ * releases are dropped (the broker redelivers those jobs).
  *  - Deliveries of the old connection are the broker's again: it requeues
  *    them when the connection drops (a failed attempt each, as for any
  *    disconnect) and delivers them again with a new attempt number. Their

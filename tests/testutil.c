@@ -721,3 +721,173 @@ raw_hello(int fd, int timeout_ms)
     frame_free(r);
     return rc;
 }
+
+/* ---- a TCP proxy, to cut or freeze a connection ---- */
+
+enum { PROXY_PAIRS = 16 };
+
+/* One proxied connection: fd[0] the client's, fd[1] the broker's. */
+struct proxy_pair {
+    int fd[2];   /* -1 when the slot is free */
+    bool frozen; /* held open, never read again */
+};
+
+static void
+pair_close(struct proxy_pair *pp)
+{
+    close(pp->fd[0]);
+    close(pp->fd[1]);
+    pp->fd[0] = pp->fd[1] = -1;
+    pp->frozen = false;
+}
+
+static void
+proxy_accept(int lfd, uint16_t backend, struct proxy_pair *pairs)
+{
+    int cfd = accept(lfd, NULL, NULL), bfd;
+    size_t i;
+
+    if (cfd < 0) {
+        return;
+    }
+    bfd = raw_connect(backend);
+    for (i = 0; i < PROXY_PAIRS && pairs[i].fd[0] >= 0; i++) {
+    }
+    if (bfd < 0 || i == PROXY_PAIRS) {
+        close(cfd);
+        if (bfd >= 0) {
+            close(bfd);
+        }
+        return;
+    }
+    pairs[i].fd[0] = cfd;
+    pairs[i].fd[1] = bfd;
+    pairs[i].frozen = false;
+}
+
+/* The child: forward until killed or until the control socket closes. */
+static void
+proxy_run(int lfd, int ctl, uint16_t backend)
+{
+    struct proxy_pair pairs[PROXY_PAIRS];
+    struct pollfd p[2 + 2 * PROXY_PAIRS];
+    size_t at[2 + 2 * PROXY_PAIRS]; /* p[k] is pairs[at[k] / 2].fd[at[k] % 2] */
+    static char buf[65536];
+
+    for (size_t i = 0; i < PROXY_PAIRS; i++) {
+        pairs[i].fd[0] = pairs[i].fd[1] = -1;
+        pairs[i].frozen = false;
+    }
+    for (;;) {
+        nfds_t n = 2;
+        char cmd;
+
+        p[0] = (struct pollfd){.fd = lfd, .events = POLLIN};
+        p[1] = (struct pollfd){.fd = ctl, .events = POLLIN};
+        for (size_t i = 0; i < PROXY_PAIRS; i++) {
+            if (pairs[i].fd[0] < 0 || pairs[i].frozen) {
+                continue;
+            }
+            for (size_t side = 0; side < 2; side++) {
+                p[n] =
+                    (struct pollfd){.fd = pairs[i].fd[side], .events = POLLIN};
+                at[n++] = i * 2 + side;
+            }
+        }
+        if (poll(p, n, -1) < 0) {
+            continue;
+        }
+        if (p[1].revents != 0) {
+            if (read(ctl, &cmd, 1) != 1) {
+                return; /* the test is gone */
+            }
+            for (size_t i = 0; i < PROXY_PAIRS; i++) {
+                pairs[i].frozen = pairs[i].fd[0] >= 0;
+            }
+            if (write(ctl, "k", 1) != 1) {
+                return;
+            }
+            continue; /* frozen pairs' revents are stale now */
+        }
+        for (nfds_t k = 2; k < n; k++) {
+            struct proxy_pair *pp = &pairs[at[k] / 2];
+            size_t side = at[k] % 2;
+            ssize_t got;
+
+            if (p[k].revents == 0 || pp->fd[0] < 0) {
+                continue;
+            }
+            got = read(pp->fd[side], buf, sizeof(buf));
+            if (got <= 0 || raw_send(pp->fd[1 - side], buf, (size_t)got) != 0) {
+                pair_close(pp);
+            }
+        }
+        if (p[0].revents != 0) {
+            proxy_accept(lfd, backend, pairs);
+        }
+    }
+}
+
+/* proxy_start: see testutil.h. */
+void
+proxy_start(struct proxy *p, uint16_t port, uint16_t backend)
+{
+    struct sockaddr_in a;
+    socklen_t len = sizeof(a);
+    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
+    int sv[2];
+    char ready;
+
+    ck_assert_int_ge(lfd, 0);
+    setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    memset(&a, 0, sizeof(a));
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(port);
+    ck_assert_msg(bind(lfd, (struct sockaddr *)&a, sizeof(a)) == 0,
+                  "proxy: bind 127.0.0.1:%u: %s", port, strerror(errno));
+    ck_assert_int_eq(listen(lfd, 8), 0);
+    ck_assert_int_eq(getsockname(lfd, (struct sockaddr *)&a, &len), 0);
+    ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    p->port = ntohs(a.sin_port);
+    p->pid = fork();
+    ck_assert_int_ge(p->pid, 0);
+    if (p->pid == 0) {
+        close(sv[0]);
+        prctl(PR_SET_PDEATHSIG, SIGKILL); /* CK_FORK=no leaves none behind */
+        if (write(sv[1], "r", 1) == 1) {
+            proxy_run(lfd, sv[1], backend);
+        }
+        _exit(0);
+    }
+    close(lfd);
+    close(sv[1]);
+    p->ctl = sv[0];
+    ck_assert_msg(read(p->ctl, &ready, 1) == 1, "proxy did not start");
+}
+
+/* proxy_freeze: see testutil.h. */
+void
+proxy_freeze(struct proxy *p)
+{
+    struct pollfd pfd = {.fd = p->ctl, .events = POLLIN};
+    char ack;
+
+    ck_assert_int_eq(write(p->ctl, "f", 1), 1);
+    ck_assert_msg(poll(&pfd, 1, 5000) == 1 && read(p->ctl, &ack, 1) == 1,
+                  "proxy did not freeze");
+}
+
+/* proxy_kill: see testutil.h. */
+void
+proxy_kill(struct proxy *p)
+{
+    if (p->pid <= 0) {
+        return;
+    }
+    kill(p->pid, SIGKILL);
+    waitpid(p->pid, NULL, 0);
+    close(p->ctl);
+    p->pid = 0;
+    p->ctl = -1;
+}

@@ -170,4 +170,33 @@ uint8_t *raw_pack(const Protoq__Frame *f, size_t *len);
  * Returns 0 when a Welcome came back. */
 int raw_hello(int fd, int timeout_ms);
 
+/* ---- a TCP proxy, to cut or freeze a connection ---- */
+
+/*
+ * A proxy child process between clients and a broker: it accepts on
+ * 127.0.0.1:port and forwards each connection, both ways, to
+ * 127.0.0.1:backend. proxy_kill cuts (both sockets close at once: FIN
+ * both ways); proxy_freeze partitions (the connections open at that moment
+ * stop forwarding and are held open, never closed: no FIN, no RST, the
+ * way a partitioned node, a NAT that dropped its state or a frozen peer
+ * looks) while later connections flow normally.
+ */
+struct proxy {
+    pid_t pid;     /* 0 when not running */
+    uint16_t port; /* where clients connect */
+    int ctl;       /* our end of the control socketpair */
+};
+
+/* proxy_start: listen on 127.0.0.1:port (0: any; an earlier proxy's port
+ * may be taken again) and start forwarding to backend. ck_asserts that it
+ * started; returns when the child is ready for proxy_freeze. */
+void proxy_start(struct proxy *p, uint16_t port, uint16_t backend);
+
+/* proxy_freeze: stop forwarding on every connection open now; returns
+ * once the child has frozen them. */
+void proxy_freeze(struct proxy *p);
+
+/* proxy_kill: SIGKILL the child and reap it (no-op when not running). */
+void proxy_kill(struct proxy *p);
+
 #endif

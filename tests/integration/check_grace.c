@@ -8,8 +8,8 @@
  * session reconnecting within it takes the deliveries over (same tokens,
  * same attempt). Past the grace they are failed attempts as at any
  * disconnect. `protoq work` uses a session, so a running job survives a
- * cut connection: the test puts a TCP proxy (a child process) between
- * work and the broker and kills it. Every wait is bounded.
+ * cut connection: the test puts a TCP proxy (testutil.h's proxy_start)
+ * between work and the broker and kills it. Every wait is bounded.
  */
 #include <check.h>
 #include <errno.h>
@@ -680,72 +680,6 @@ protoq_bin(void)
     return bin != NULL && bin[0] != '\0' ? bin : "build/protoq";
 }
 
-/* A listening socket on 127.0.0.1:port (0: any); its port in *port. */
-static int
-listen_on(uint16_t *port)
-{
-    struct sockaddr_in a;
-    socklen_t len = sizeof(a);
-    int fd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
-
-    ck_assert_int_ge(fd, 0);
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    memset(&a, 0, sizeof(a));
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    a.sin_port = htons(*port);
-    ck_assert_int_eq(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
-    ck_assert_int_eq(listen(fd, 8), 0);
-    ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&a, &len), 0);
-    *port = ntohs(a.sin_port);
-    return fd;
-}
-
-/* The proxy's child: one client at a time, bytes both ways, until killed
- * (SIGKILL closes both sockets at once: the cut). */
-static void
-proxy_run(int lfd)
-{
-    for (;;) {
-        int cfd = accept(lfd, NULL, NULL), bfd = raw_connect(g_srv.port);
-        struct pollfd p[2] = {{cfd, POLLIN, 0}, {bfd, POLLIN, 0}};
-        char buf[65536];
-
-        while (cfd >= 0 && bfd >= 0 && poll(p, 2, -1) > 0) {
-            int from = (p[0].revents != 0) ? 0 : 1;
-            ssize_t n = read(p[from].fd, buf, sizeof(buf));
-
-            if (n <= 0 || raw_send(p[1 - from].fd, buf, (size_t)n) != 0) {
-                break;
-            }
-        }
-        close(cfd);
-        close(bfd);
-    }
-}
-
-static pid_t
-proxy_start(uint16_t *port)
-{
-    int lfd = listen_on(port);
-    pid_t pid = fork();
-
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        proxy_run(lfd);
-        _exit(0);
-    }
-    close(lfd);
-    return pid;
-}
-
-static void
-proxy_kill(pid_t pid)
-{
-    kill(pid, SIGKILL);
-    waitpid(pid, NULL, 0);
-}
-
 /* Wait up to ms for DIR/name to contain needle. */
 static bool
 file_has(const char *name, const char *needle, int ms)
@@ -823,30 +757,65 @@ strict_queue(void)
     return adm;
 }
 
-START_TEST(test_work_keeps_job_across_cut)
+/* The job ran once and was acked by the resumed session: never
+ * redelivered, never failed. */
+static void
+check_done_once(protoq_client *adm)
 {
-    protoq_client *adm = strict_queue();
-    uint16_t port = 0;
-    pid_t px = proxy_start(&port), w;
     char path[320], runs[256];
 
-    w = work_start(port, "2");
-    ck_assert(file_has("runs", "run 1", 5000));
-    proxy_kill(px); /* the switch reboots */
-    sleep_ms(300);
-    px = proxy_start(&port);
-    ck_assert(file_has("runs", "done", 6000));
-    ck_assert(file_has("work.err", "resumed", 3000));
-    /* Acked by the resumed session: not redelivered, never failed. */
     for (int i = 0; i < 100 && qstat(adm, "jobs").acked == 0; i++) {
         sleep_ms(50);
     }
     ck_assert_uint_eq(qstat(adm, "jobs").acked, 1);
+    ck_assert_uint_eq(qstat(adm, "jobs").redelivered, 0);
     ck_assert_uint_eq(qstat(adm, "dlq").ready, 0);
     snprintf(path, sizeof(path), "%s/runs", g_srv.dir);
     ck_assert_str_eq(file_slurp(path, runs, sizeof(runs)), "run 1\ndone\n");
+}
+
+START_TEST(test_work_keeps_job_across_cut)
+{
+    protoq_client *adm = strict_queue();
+    struct proxy px;
+    pid_t w;
+
+    proxy_start(&px, 0, g_srv.port);
+    w = work_start(px.port, "2");
+    ck_assert(file_has("runs", "run 1", 5000));
+    proxy_kill(&px); /* the switch reboots */
+    sleep_ms(300);
+    proxy_start(&px, px.port, g_srv.port);
+    ck_assert(file_has("runs", "done", 6000));
+    ck_assert(file_has("work.err", "resumed", 3000));
+    check_done_once(adm);
     work_stop(w);
-    proxy_kill(px);
+    proxy_kill(&px);
+    protoq_close(adm);
+}
+END_TEST
+
+/* A cut that closes nothing (a partition, a NAT that forgot the flow):
+ * work hears of it only by the broker's silence (3 heartbeats + 1 s: 4 s
+ * here), within the grace (the broker itself waits heartbeat_timeout_ms,
+ * 5 s, then the grace, 1.5 s), and resumes its session on a new
+ * connection: the job runs once and its ack is taken. */
+START_TEST(test_work_resumes_after_silent_cut)
+{
+    protoq_client *adm = strict_queue();
+    struct proxy px;
+    pid_t w;
+
+    proxy_start(&px, 0, g_srv.port);
+    w = work_start(px.port, "5");
+    ck_assert(file_has("runs", "run 1", 5000));
+    proxy_freeze(&px); /* new connections still go through */
+    ck_assert(file_has("work.err", "no frame from the broker", 6000));
+    ck_assert(file_has("work.err", "resumed", 3000));
+    ck_assert(file_has("runs", "done", 6000));
+    check_done_once(adm);
+    work_stop(w);
+    proxy_kill(&px);
     protoq_close(adm);
 }
 END_TEST
@@ -854,12 +823,13 @@ END_TEST
 START_TEST(test_work_stops_job_past_grace)
 {
     protoq_client *adm = strict_queue();
-    uint16_t port = 0;
-    pid_t px = proxy_start(&port), w;
+    struct proxy px;
+    pid_t w;
 
-    w = work_start(port, "30");
+    proxy_start(&px, 0, g_srv.port);
+    w = work_start(px.port, "30");
     ck_assert(file_has("runs", "run 1", 5000));
-    proxy_kill(px);
+    proxy_kill(&px);
     /* Past the grace the broker fails the attempt (dead-lettered here:
      * max_attempts 1), and work stops the job on its own. */
     ck_assert(file_has("work.err", "stopping it", GRACE_MS + 3000));
@@ -902,6 +872,7 @@ main(void)
     tcase_set_timeout(tw, 40);
     tcase_add_test(tw, test_work_keeps_job_across_cut);
     tcase_add_test(tw, test_work_stops_job_past_grace);
+    tcase_add_test(tw, test_work_resumes_after_silent_cut);
     suite_add_tcase(s, tw);
     sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
