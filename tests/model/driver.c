@@ -430,23 +430,17 @@ sync_pushes(struct hist *h)
     return settle(h);
 }
 
-/*
- * The confirm of a job's end (AckOk, a nack's Ok) came: what the end made
- * (a result, notice, follow-ups) is in its queues now, pushed before the
- * confirm was sent. But the end freed its holder's credit at once, and a
- * delivery the broker chose then, before the push, may come after the
- * confirm (a payload read back from disk is sent once read): take every
- * delivery the model owes without the made messages first (one of those,
- * delivered instead, is linked by its delivery). Their DELIVER records may
- * follow the confirm's fsync: a sync window, as in sync_observed.
- */
-int
-push_after_ok(struct hist *h)
+/* take (process_obs or settle) the deliveries that came with a confirm,
+ * then everything written before it is durable. The broker may have
+ * written their records after the fsync (a result pushed once durable):
+ * a sync window (m_sync_window). */
+static int
+observe_durable(struct hist *h, int (*take)(struct hist *))
 {
     int rc;
 
     m_sync_window(&h->w, true);
-    rc = settle(h);
+    rc = take(h);
     if (rc == 0) {
         m_durable(&h->w);
     }
@@ -454,21 +448,27 @@ push_after_ok(struct hist *h)
     return rc;
 }
 
+/*
+ * The confirm of a job's end (AckOk, a nack's Ok) came: what the end made
+ * (a result, notice, follow-ups) is in its queues now, pushed before the
+ * confirm was sent. But the end freed its holder's credit at once, and a
+ * delivery the broker chose then, before the push, may come after the
+ * confirm (a payload read back from disk is sent once read): take every
+ * delivery the model owes without the made messages first (one of those,
+ * delivered instead, is linked by its delivery).
+ */
+int
+push_after_ok(struct hist *h)
+{
+    return observe_durable(h, settle);
+}
+
 /* After a confirm: the deliveries that came before it, then everything
- * written before it is durable. The broker may have written their records
- * after the fsync (a result pushed once durable): a sync window. */
+ * written before it is durable. */
 int
 sync_observed(struct hist *h)
 {
-    int rc;
-
-    m_sync_window(&h->w, true);
-    rc = process_obs(h);
-    if (rc == 0) {
-        m_durable(&h->w);
-    }
-    m_sync_window(&h->w, false);
-    return rc;
+    return observe_durable(h, process_obs);
 }
 
 /* A confirmed publish to the harness's queue on connection 0: every record
