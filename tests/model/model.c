@@ -1108,9 +1108,20 @@ deliver_uncertain(struct model *w, int si, int mi, const struct m_obs *o)
             m_record(w, m); /* its DELIVER */
             return 0;
         }
-        /* try the next candidate */
+        /* try the next candidate: say why not, for a failure */
+        fprintf(stderr, "model: m%d state %d (of %u): %s\n", mi, k, m->np,
+                w->err);
         w->failed = false;
         w->err[0] = '\0';
+    }
+    for (int k = 0; k < m->np; k++) {
+        const struct m_proj *p = &m->pend[k];
+
+        fprintf(stderr,
+                "model: m%d state %d: exists %d in %s, attempt %u, "
+                "failures %u, progress %d, running %d, delayed an hour %d\n",
+                mi, k, p->exists, m_qname(p->q), p->attempt, p->failures,
+                p->pg.has, p->running, p->dlong);
     }
     return m_fail(w,
                   "message %" PRIu64

@@ -344,12 +344,52 @@ m_sync_window(struct model *w, bool open)
  * records of a sync window gone, so is everything after them, and the
  * message is in its pl_alt state, older than pend[0]. What its job's end
  * made refers to pend[] by index (cause_k): shifted with it. */
+/* pend[k] is new: what the pend[] indexes of message mi's made messages
+ * point at moves up. */
+static void
+pend_inserted(struct model *w, int mi, int k)
+{
+    for (int j = 0; j < w->nm; j++) {
+        if (w->m[j].cause == mi && w->m[j].cause_k >= k) {
+            w->m[j].cause_k++;
+        }
+    }
+}
+
+/* A release with progress is two records in one write (REQUEUE, then
+ * PROGRESS): a kill -9 keeps both or neither, a torn write may keep the
+ * REQUEUE alone. So after a power loss a released state may also be there
+ * with the progress it had before the release. */
+static void
+split_release(struct model *w, int mi)
+{
+    struct m_msg *m = &w->m[mi];
+
+    for (int k = m->np - 1; k >= 1 && m->np < M_MAXP; k--) {
+        const struct m_proj *a = &m->pend[k - 1], *b = &m->pend[k];
+
+        if (!a->running || b->running || !b->exists || a->q != b->q ||
+            a->attempt != b->attempt || a->failures != b->failures ||
+            (a->pg.has == b->pg.has && a->pg.pct == b->pg.pct &&
+             strcmp(a->pg.text, b->pg.text) == 0 &&
+             strcmp(a->pg.ckpt, b->pg.ckpt) == 0)) {
+            continue;
+        }
+        memmove(&m->pend[k + 1], &m->pend[k],
+                (size_t)(m->np - k) * sizeof(m->pend[0]));
+        m->pend[k].pg = m->pend[k - 1].pg;
+        m->np++;
+        pend_inserted(w, mi, k);
+    }
+}
+
 void
 m_power_loss(struct model *w)
 {
     for (int i = 0; i < w->nm; i++) {
         struct m_msg *m = &w->m[i];
 
+        split_release(w, i);
         if (!m->pl_alt_ok || m->np >= M_MAXP) {
             continue;
         }
@@ -357,11 +397,7 @@ m_power_loss(struct model *w)
         m->pend[0] = m->pl_alt;
         m->np++;
         w->pl_alts++;
-        for (int k = 0; k < w->nm; k++) {
-            if (w->m[k].cause == i) {
-                w->m[k].cause_k++;
-            }
-        }
+        pend_inserted(w, i, 0);
     }
 }
 
