@@ -1108,20 +1108,23 @@ deliver_uncertain(struct model *w, int si, int mi, const struct m_obs *o)
             m_record(w, m); /* its DELIVER */
             return 0;
         }
-        /* try the next candidate: say why not, for a failure */
-        fprintf(stderr, "model: m%d state %d (of %u): %s\n", mi, k, m->np,
-                w->err);
+        /* try the next candidate */
         w->failed = false;
         w->err[0] = '\0';
     }
+    /* for whoever reads the failure: each state, and why it does not fit */
     for (int k = 0; k < m->np; k++) {
         const struct m_proj *p = &m->pend[k];
 
+        (void)check_fields(w, m, p, o);
         fprintf(stderr,
                 "model: m%d state %d: exists %d in %s, attempt %u, "
-                "failures %u, progress %d, running %d, delayed an hour %d\n",
+                "failures %u, progress %d, running %d, delayed an hour %d: "
+                "%s\n",
                 mi, k, p->exists, m_qname(p->q), p->attempt, p->failures,
-                p->pg.has, p->running, p->dlong);
+                p->pg.has, p->running, p->dlong, w->err);
+        w->failed = false;
+        w->err[0] = '\0';
     }
     return m_fail(w,
                   "message %" PRIu64
