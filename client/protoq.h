@@ -64,12 +64,13 @@
  *    PQ_ETIMEDOUT when the broker went silent or a write timed out);
  *    every request sent or buffered on the old connection is failed
  *    likewise, never sent again by the library: async publishes get their
- *    confirm callback with that error, blocking ones return it. Such a publish
- * may or may not have been stored; publishing it again is the caller's choice
- * (at least once: give it an idempotency_key to make the retry harmless; retry
- * after the call that reported the loss returns: a publish made from inside
- * that confirm callback fails with PQ_ECLOSED too). Buffered acks, nacks and
- * releases are dropped (the broker redelivers those jobs).
+ *    confirm callback with that error, blocking ones return it. Such a
+ *    publish may or may not have been stored; publishing it again is the
+ *    caller's choice (at least once: give it an idempotency_key to make
+ *    the retry harmless; retry after the call that reported the loss
+ *    returns: a publish made from inside that confirm callback fails with
+ *    PQ_ECLOSED too). Buffered acks, nacks and releases are dropped (the
+ *    broker redelivers those jobs).
  *  - Deliveries of the old connection are the broker's again: it requeues
  *    them when the connection drops (a failed attempt each, as for any
  *    disconnect) and delivers them again with a new attempt number. Their
