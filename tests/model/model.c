@@ -250,6 +250,13 @@ limbo_link(struct model *w, int mi)
            w->m[Q->rd[k - 1]].lseq > w->m[mi].mseq) {
         k--;
     }
+    /* a group this one overlaps (an earlier link of the same pass) is
+     * merged into it, not split: its members before k stay unordered with
+     * the rest */
+    while (k < pos && k > 0 && w->m[Q->rd[k]].grp != 0 &&
+           w->m[Q->rd[k - 1]].grp == w->m[Q->rd[k]].grp) {
+        k--;
+    }
     if (k < pos) {
         uint32_t g = ++w->grp;
 
